@@ -1,0 +1,98 @@
+"""Base images bootstrapped from Debian packages (mmdebstrap, minbase), cached by their inputs.
+
+No registry is reachable on our machines, so the default recipes start from here. The rootfs tarball is
+kept in the cache, so a second engine imports it without bootstrapping again.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from builder.engines import Engine
+from builder.errors import EngineError
+from builder.models import BootstrapBase, ImageBase
+from builder.paths import cache_subdir
+from builder.run import run, run_logged
+
+# Bump when the way a base is made changes, so old cached bases are not reused.
+BOOTSTRAP_VERSION = "2"
+BASE_REPOSITORY = "localhost/builder-base"
+
+# Documentation, man pages and translations are not needed in images: keep copyright files only.
+_DPKG_EXCLUDES = [
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/lintian/*",
+]
+
+
+def host_arch() -> str:
+    machine = os.uname().machine
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+def bootstrap_key(spec: BootstrapBase) -> str:
+    inputs = {"v": BOOTSTRAP_VERSION, "arch": host_arch(), **spec.model_dump()}
+    inputs["packages"] = sorted(set(spec.packages))
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def base_ref(spec: ImageBase | BootstrapBase) -> str:
+    """The reference a Containerfile's FROM uses for this base."""
+    if isinstance(spec, ImageBase):
+        return spec.ref
+    return f"{BASE_REPOSITORY}:{spec.suite}-{bootstrap_key(spec)[:16]}"
+
+
+def mmdebstrap_argv(spec: BootstrapBase, out: Path) -> list[str]:
+    argv = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar", f"--architectures={host_arch()}",
+            "--aptopt=Acquire::Languages \"none\"", "--aptopt=APT::Install-Recommends \"false\"",
+            # merged /usr without the usrmerge package, which would pull perl into every image
+            "--hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr"]
+    argv += [f"--dpkgopt={rule}" for rule in _DPKG_EXCLUDES]
+    if spec.packages:
+        argv.append("--include=" + ",".join(sorted(set(spec.packages))))
+    argv.append("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/log/*.log")
+    argv += [spec.suite, str(out)]
+    if spec.mirror:
+        argv.append(spec.mirror)
+    return argv
+
+
+def _rootfs_tarball(spec: BootstrapBase) -> Path:
+    bases = cache_subdir("bases")
+    key = bootstrap_key(spec)
+    tarball = bases / f"{spec.suite}-{key[:16]}.tar"
+    if tarball.is_file():
+        return tarball
+    if not shutil.which("mmdebstrap"):
+        raise EngineError("mmdebstrap is not installed; it bootstraps base images from Debian packages",
+                          "apt-get install mmdebstrap")
+    tmp = Path(tempfile.mkdtemp(dir=bases, prefix=".bootstrap-"))
+    try:
+        partial = tmp / "rootfs.tar"
+        run_logged(mmdebstrap_argv(spec, partial), bases / f"{spec.suite}-{key[:16]}.log",
+                   title=f"bootstrap {spec.suite} base ({len(spec.packages)} extra packages)")
+        os.replace(partial, tarball)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tarball
+
+
+def ensure_base(engine: Engine, spec: ImageBase | BootstrapBase) -> str:
+    """Make the base available to the engine; returns the reference to build FROM."""
+    ref = base_ref(spec)
+    if isinstance(spec, ImageBase):
+        if engine.inspect(ref) is None:
+            run([*engine.command(), "pull", ref], timeout=1800)
+        return ref
+    if engine.inspect(ref) is None:
+        engine.import_rootfs(_rootfs_tarball(spec), ref)
+    return ref

@@ -1,0 +1,122 @@
+"""Orchestrates one image: resolve the recipe and source, render, build, smoke-test, tag."""
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.bootstrap import ensure_base
+from builder.ccache_store import CcacheStore
+from builder.engines import Engine
+from builder.errors import CommandError, RecipeError
+from builder.models import BuildPlan
+from builder.paths import cache_subdir
+from builder.plan import LABEL_PREFIX, make_plan
+from builder.recipes import display_path, load_recipe, recipe_path_for
+from builder.render import fingerprint, floating_tag, image_tag, render_files, stage_source, write_context
+from builder.run import run
+from builder.source import SourceTree, resolve, resolve_override
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A plan with its rendered files and fingerprint, and the source tree it needs."""
+
+    plan: BuildPlan
+    tree: SourceTree
+    files: dict[str, bytes]
+    fingerprint: str
+
+    @property
+    def tag(self) -> str:
+        return image_tag(self.plan, self.fingerprint)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    ref: str
+    digest: str
+    size: int
+    built: bool
+    seconds: float
+    log: Path | None
+
+
+def recipe_file(target: str | None, recipe: Path | None) -> Path:
+    if recipe is not None:
+        return recipe
+    if target:
+        return recipe_path_for(target)
+    raise RecipeError("no recipe chosen", "pass --target NAME (see `builder targets`) or --recipe PATH")
+
+
+def _source_date_epoch() -> int | None:
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise RecipeError(f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds")
+    return int(value)
+
+
+def prepare(path: Path, variant: str | None = None, source_override: str | None = None) -> Prepared:
+    recipe = load_recipe(path)
+    tree = resolve_override(source_override) if source_override else resolve(recipe.llama_cpp.source)
+    plan = make_plan(recipe, display_path(path), tree.info, variant=variant,
+                     source_date_epoch=_source_date_epoch())
+    files = render_files(plan)
+    return Prepared(plan, tree, files, fingerprint(plan, files))
+
+
+def context_dir(plan: BuildPlan) -> Path:
+    return cache_subdir("contexts") / f"{plan.target}-{plan.variant}"
+
+
+def smoke_test(engine: Engine, ref: str) -> str:
+    """Run the image's smoke role (no network); returns its report."""
+    return run([*engine.command(), "run", "--rm", "--network", "none", ref, "smoke"], timeout=300).stdout
+
+
+def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: bool = True) -> BuildResult:
+    """Build the image unless one with the same content tag exists; smoke-test it; tag it."""
+    started = time.monotonic()
+    plan, tag = prep.plan, prep.tag
+    existing = None if no_cache else engine.inspect(tag)
+    if existing is not None:
+        engine.tag(tag, floating_tag(plan))
+        return BuildResult(tag, existing.id, existing.size, False, time.monotonic() - started, None)
+
+    ensure_base(engine, plan.toolchain)
+    ensure_base(engine, plan.runtime)
+    context = context_dir(plan)
+    write_context(context, plan, prep.files, prep.fingerprint)
+    stage_source(prep.tree.path, context)
+    log = cache_subdir("logs") / f"{plan.target}-{plan.variant}-{engine.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    labels = {f"{LABEL_PREFIX}.fingerprint": prep.fingerprint}
+    if ccache:
+        with CcacheStore(cache_subdir("ccache")) as store:
+            engine.build(context, tag, build_args={"CCACHE_REMOTE_STORAGE": store.url}, labels=labels,
+                         log=log, no_cache=no_cache)
+    else:
+        engine.build(context, tag, build_args={}, labels=labels, log=log, no_cache=no_cache)
+    try:
+        smoke_test(engine, tag)
+    except CommandError as exc:
+        # A content tag must only ever name a working image, or the next build would skip it.
+        engine.remove(tag)
+        raise CommandError(f"smoke test of {tag} failed", hint=f"build log: {log}", tail=exc.tail) from None
+    engine.tag(tag, floating_tag(plan))
+    info = engine.inspect(tag)
+    assert info is not None
+    return BuildResult(tag, info.id, info.size, True, time.monotonic() - started, log)
+
+
+def image_for_run(engine: Engine, prep: Prepared) -> str:
+    """The image `builder run` starts: the exact content tag, else the last build of the target."""
+    for ref in (prep.tag, floating_tag(prep.plan)):
+        if engine.inspect(ref) is not None:
+            return ref
+    raise RecipeError(
+        f"no image for {prep.plan.target}/{prep.plan.variant} in {engine.name}",
+        f"build it first: builder build --target {prep.plan.target} --engine {engine.name}",
+    )

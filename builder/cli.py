@@ -1,0 +1,211 @@
+"""The `builder` command: thin verbs over the pipeline, and the only place errors become exit codes."""
+
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from builder import __version__
+from builder.build import BuildResult, build, context_dir, image_for_run, prepare, recipe_file
+from builder.engines import ENGINE_CHOICES, get_engine
+from builder.errors import BuilderError, CommandError
+from builder.launch import container_argv
+from builder.models import Recipe
+from builder.recipes import select
+from builder.render import plan_document, stage_source, write_context
+from builder.targets import TARGETS
+
+app = typer.Typer(
+    help="Build llama.cpp inference images (RPC workers and servers) from recipes, for every accelerator.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_debug = False
+
+TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name: picks recipes/NAME.yaml.")]
+RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Any recipe file instead of --target.")]
+VariantOpt = Annotated[str | None, typer.Option("--variant", help="Variant of the target (default: its first).")]
+SourceOpt = Annotated[
+    str | None,
+    typer.Option("--llama-cpp-source", metavar="PATH_OR_ARCHIVE",
+                 help="A local llama.cpp tree or tar archive instead of the recipe's pinned source."),
+]
+EngineOpt = Annotated[
+    str, typer.Option("--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)}.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Log every command and show tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
+    if version:
+        typer.echo(f"builder {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def targets() -> None:
+    """List targets and their variants (the default variant is marked *)."""
+    rows = [("TARGET", "VARIANTS", "DESCRIPTION")]
+    for target in TARGETS.values():
+        variants = ", ".join(f"{v}*" if v == target.default_variant else v for v in target.variants)
+        rows.append((target.name, variants, target.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for name, variants, description in rows:
+        typer.echo(f"{name:<{widths[0]}}  {variants:<{widths[1]}}  {description}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON Schema."""
+    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+@app.command()
+def plan(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    llama_cpp_source: SourceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Resolve a recipe into a build plan: bases, pinned source, flags, labels and the image tag."""
+    prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
+    doc = plan_document(prep.plan, prep.fingerprint)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    p = prep.plan
+    lines = {
+        "recipe": p.recipe,
+        "target": f"{p.target}/{p.variant}",
+        "image": prep.tag,
+        "toolchain": p.toolchain_ref,
+        "runtime": p.runtime_ref,
+        "llama.cpp": f"{p.source.locator} ({p.source.identity})",
+        "cmake": " ".join(f"-D{k}={v}" for k, v in p.cmake.items()),
+        "binaries": " ".join(p.binaries),
+    }
+    for key, value in lines.items():
+        typer.echo(f"{key:<10} {value}")
+
+
+@app.command()
+def render(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the build context.")],
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    llama_cpp_source: SourceOpt = None,
+    with_source: Annotated[bool, typer.Option(help="Also place the llama.cpp tree, ready to build.")] = False,
+) -> None:
+    """Write the build context (Containerfile, scripts, plan.json) without building anything."""
+    prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
+    changed = write_context(out, prep.plan, prep.files, prep.fingerprint)
+    if with_source:
+        stage_source(prep.tree.path, out)
+    typer.echo(f"rendered {prep.plan.target}/{prep.plan.variant} into {out} "
+               f"({len(changed)} file(s) changed); image tag {prep.tag}")
+
+
+def _print_build(result: BuildResult, as_json: bool) -> None:
+    doc = {"image": result.ref, "digest": result.digest, "size": result.size, "built": result.built,
+           "seconds": round(result.seconds, 1), "log": str(result.log) if result.log else None}
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    state = f"built in {result.seconds:.0f} s" if result.built else "up to date, nothing to build"
+    typer.echo(f"image   {result.ref} ({state})")
+    typer.echo(f"digest  {result.digest}")
+    typer.echo(f"size    {result.size / 1e6:.1f} MB")
+    if result.log:
+        typer.echo(f"log     {result.log}")
+
+
+@app.command("build")
+def build_cmd(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    engine: EngineOpt = "auto",
+    llama_cpp_source: SourceOpt = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild even if the image exists.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Render, build and smoke-test an image; print its reference and digest.
+
+    The tag is a hash of everything that determines the image, so an unchanged recipe builds nothing.
+    The full build log is saved; its path is printed.
+    """
+    prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
+    chosen = get_engine(engine)
+    err.print(f"building {prep.tag} with {chosen.name} (context {context_dir(prep.plan)})")
+    _print_build(build(prep, chosen, no_cache=no_cache), as_json)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    role: Annotated[str, typer.Argument(help="rpc-worker, server, bench, shell or smoke.")],
+    args: Annotated[list[str] | None, typer.Argument(help="Arguments for the role.")] = None,
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    engine: EngineOpt = "auto",
+    image: Annotated[str | None, typer.Option(help="Run this image reference instead.")] = None,
+    name: Annotated[str | None, typer.Option(help="Container name.")] = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
+    print_only: Annotated[bool, typer.Option("--print", help="Print the engine command, run nothing.")] = False,
+) -> None:
+    """Run an image in a role on the host network (model files given with --model are mounted).
+
+    Example: builder run --target cpu rpc-worker --host 10.0.0.5 --port 50052
+    """
+    chosen = get_engine(engine)
+    if image is None:
+        prep = prepare(recipe_file(target, recipe), variant)
+        image = image_for_run(chosen, prep)
+        _, variant_entry = select(prep.plan.target, prep.plan.variant)
+    argv = container_argv(chosen, image, role, list(args or []), name=name, detach=detach)
+    if print_only:
+        typer.echo(" ".join(argv))
+        return
+    logging.getLogger("builder").debug("$ %s", " ".join(argv))
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+def _report(exc: BuilderError) -> None:
+    err.print(f"error: {exc.message}", markup=False)
+    if isinstance(exc, CommandError) and exc.tail:
+        err.print("last lines of output:", markup=False)
+        for line in exc.tail.splitlines():
+            err.print(f"  | {line}", markup=False)
+    if exc.hint:
+        err.print(f"hint: {exc.hint}", markup=False)
+
+
+def main() -> None:
+    try:
+        app(prog_name="builder")
+    except BuilderError as exc:
+        if _debug:
+            traceback.print_exc()
+        _report(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,49 @@
+"""The engine interface: the handful of operations builder needs from podman or docker."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    ref: str
+    id: str  # sha256:<hex> of the image config: the local content address of the image
+    labels: dict[str, str]
+    size: int  # uncompressed bytes
+
+
+class Engine(Protocol):
+    """A container engine driven through its CLI (builds) and its API or CLI (inspection)."""
+
+    name: str
+
+    def available(self) -> str | None:
+        """None when usable now, else the reason it is not."""
+
+    def build(
+        self,
+        context: Path,
+        tag: str,
+        *,
+        build_args: dict[str, str],
+        labels: dict[str, str],
+        log: Path,
+        no_cache: bool = False,
+    ) -> None:
+        """Build context/Containerfile into `tag` on the host network; output goes to `log`."""
+
+    def inspect(self, ref: str) -> ImageInfo | None:
+        """The image's id, labels and size, or None when the engine has no such image."""
+
+    def tag(self, ref: str, new_ref: str) -> None:
+        """Add another name to an image."""
+
+    def remove(self, ref: str) -> None:
+        """Untag/remove an image by reference; no error when it is absent."""
+
+    def import_rootfs(self, tarball: Path, ref: str) -> None:
+        """Import a root filesystem tarball as an image."""
+
+    def command(self) -> list[str]:
+        """argv prefix of the engine's CLI, e.g. ['podman'], for `run` and friends."""

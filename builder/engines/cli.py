@@ -1,0 +1,49 @@
+"""What podman and docker share: their build and run CLIs take the same flags for what we use."""
+
+import shutil
+from pathlib import Path
+
+from builder.run import run, run_logged
+
+
+class CliEngine:
+    name = ""
+    binary = ""
+
+    def command(self) -> list[str]:
+        return [self.binary]
+
+    def _installed(self) -> str | None:
+        return None if shutil.which(self.binary) else f"{self.binary} is not installed"
+
+    def _build_env(self) -> dict[str, str] | None:
+        return None
+
+    def build(
+        self,
+        context: Path,
+        tag: str,
+        *,
+        build_args: dict[str, str],
+        labels: dict[str, str],
+        log: Path,
+        no_cache: bool = False,
+    ) -> None:
+        argv = [*self.command(), "build", "--network", "host", "-f", str(context / "Containerfile"), "-t", tag]
+        for key, value in build_args.items():
+            argv += ["--build-arg", f"{key}={value}"]
+        for key, value in labels.items():
+            argv += ["--label", f"{key}={value}"]
+        if no_cache:
+            argv.append("--no-cache")
+        argv.append(str(context))
+        run_logged(argv, log, title=f"{self.name} build {tag}", env=self._build_env())
+
+    def import_rootfs(self, tarball: Path, ref: str) -> None:
+        run([*self.command(), "import", "--change", 'CMD ["/bin/bash"]', str(tarball), ref], timeout=600)
+
+    def tag(self, ref: str, new_ref: str) -> None:
+        run([*self.command(), "tag", ref, new_ref])
+
+    def remove(self, ref: str) -> None:
+        run([*self.command(), "rmi", "--force", ref], check=False)

@@ -1,0 +1,50 @@
+"""Docker: the CLI builds (BuildKit when buildx is there, else the legacy builder); the SDK inspects."""
+
+import os
+
+import docker
+import docker.errors
+
+from builder.engines.base import ImageInfo
+from builder.engines.cli import CliEngine
+from builder.run import run
+
+
+class DockerEngine(CliEngine):
+    name = "docker"
+    binary = "docker"
+
+    def __init__(self) -> None:
+        self._client: docker.DockerClient | None = None
+
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = docker.from_env(timeout=120)
+        return self._client
+
+    def available(self) -> str | None:
+        missing = self._installed()
+        if missing:
+            return missing
+        try:
+            self.client().ping()
+        except docker.errors.DockerException as exc:
+            return f"the docker daemon is not reachable ({str(exc)[:120]}); start dockerd"
+        return None
+
+    def _build_env(self) -> dict[str, str] | None:
+        # Checked at call time: Debian's docker.io ships no buildx, and newer CLIs refuse to fall back to
+        # the legacy builder unless told. Our Containerfiles build on both.
+        env = dict(os.environ)
+        if run(["docker", "buildx", "version"], check=False).returncode != 0:
+            env["DOCKER_BUILDKIT"] = "0"
+        return env
+
+    def inspect(self, ref: str) -> ImageInfo | None:
+        try:
+            image = self.client().images.get(ref)
+        except docker.errors.ImageNotFound:
+            return None
+        attrs = image.attrs
+        labels = (attrs.get("Config") or {}).get("Labels") or {}
+        return ImageInfo(ref=ref, id=str(image.id), labels=labels, size=int(attrs.get("Size", 0)))

@@ -1,0 +1,59 @@
+"""`builder run`: the engine command line that starts an image in a role, on the host network."""
+
+import sys
+from pathlib import Path
+
+from builder.engines import Engine
+
+_MODEL_FLAGS = ("-m", "--model")
+
+
+def _mount_models(args: list[str]) -> tuple[list[str], list[str]]:
+    """Host model files named by -m/--model are mounted read-only under /models; paths rewritten."""
+    out: list[str] = []
+    volumes: list[str] = []
+
+    def mount(value: str) -> str:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            return value
+        inside = f"/models/{path.name}"
+        volumes.append(f"{path.resolve()}:{inside}:ro")
+        return inside
+
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in _MODEL_FLAGS and i + 1 < len(args):
+            out += [arg, mount(args[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--model="):
+            arg = "--model=" + mount(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out, volumes
+
+
+def container_argv(
+    engine: Engine,
+    image: str,
+    role: str,
+    args: list[str],
+    *,
+    name: str | None = None,
+    detach: bool = False,
+    run_flags: tuple[str, ...] = (),
+) -> list[str]:
+    args, volumes = _mount_models(args)
+    argv = [*engine.command(), "run", "--rm", "--network", "host"]
+    if detach:
+        argv.append("--detach")
+    elif role == "shell" and sys.stdin.isatty():
+        argv += ["--interactive", "--tty"]
+    if name:
+        argv += ["--name", name]
+    for volume in volumes:
+        argv += ["--volume", volume]
+    argv += list(run_flags)
+    return [*argv, image, role, *args]

@@ -1,0 +1,59 @@
+"""recipe + resolved source -> BuildPlan. Pure: no I/O, same inputs give the same plan."""
+
+from datetime import UTC, datetime
+
+from builder.bootstrap import base_ref
+from builder.models import BuildPlan, Recipe, SourceInfo
+from builder.recipes import select
+from builder.targets import COMMON_CMAKE
+
+LABEL_PREFIX = "dev.builder"
+
+
+def _created(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_plan(
+    recipe: Recipe,
+    recipe_path: str,
+    source: SourceInfo,
+    *,
+    variant: str | None = None,
+    source_date_epoch: int | None = None,
+) -> BuildPlan:
+    target, chosen = select(recipe.target, variant or recipe.variant, recipe_path)
+    cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake}
+    # Shown by `--version` of every binary, so a node tells which source it runs.
+    cmake["LLAMA_BUILD_COMMIT"] = source.identity.split(":")[-1][:12]
+    labels = {
+        "org.opencontainers.image.title": f"builder {target.name}/{chosen.name}",
+        "org.opencontainers.image.description": recipe.description or target.description,
+        "org.opencontainers.image.source": source.locator,
+        "org.opencontainers.image.revision": source.identity,
+        "org.opencontainers.image.version": source.version,
+        "org.opencontainers.image.created": _created(
+            source.epoch if source_date_epoch is None else source_date_epoch
+        ),
+        f"{LABEL_PREFIX}.target": target.name,
+        f"{LABEL_PREFIX}.variant": chosen.name,
+        f"{LABEL_PREFIX}.llama-cpp.ref": source.locator,
+        "com.github.containers.toolbox": "true",
+        **recipe.labels,
+    }
+    return BuildPlan(
+        recipe=recipe_path,
+        target=target.name,
+        variant=chosen.name,
+        description=recipe.description or target.description,
+        toolchain_ref=base_ref(recipe.base.toolchain),
+        runtime_ref=base_ref(recipe.base.runtime),
+        toolchain=recipe.base.toolchain,
+        runtime=recipe.base.runtime,
+        source=source,
+        cmake=cmake,
+        binaries=list(recipe.llama_cpp.binaries),
+        labels=labels,
+        smoke_device=chosen.smoke_device,
+        repository=f"localhost/builder/{target.name}",
+    )

@@ -1,0 +1,64 @@
+"""Shared fixtures: the CLI as a real process, the pinned llama.cpp source, a tiny model, engines."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.build import Prepared, prepare
+from builder.engines import ENGINES
+from builder.recipes import recipe_path_for
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tinymodel import make_tiny_model  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden from the renderer")
+
+
+def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """`builder ARGS` as a user runs it: a separate process, its exit code and both streams."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_engine(name: str) -> None:
+    """Engines are real here; CI installs both, so a missing one fails in CI and skips elsewhere."""
+    reason = ENGINES[name]().available()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} must work in CI: {reason}")
+    pytest.skip(f"{name} is not usable on this machine: {reason}")
+
+
+@pytest.fixture(scope="session")
+def cpu_prepared() -> Prepared:
+    """The cpu recipe resolved with its pinned source (fetched once into the builder cache)."""
+    return prepare(recipe_path_for("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cpu_prepared: Prepared, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    vocab = cpu_prepared.tree.path / "models" / "ggml-vocab-llama-spm.gguf"
+    return make_tiny_model(vocab, tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture
+def engine_cli() -> str:
+    return shutil.which("podman") or shutil.which("docker") or "podman"

@@ -1,0 +1,117 @@
+"""Recipes: valid ones load; bad ones give one line naming file and field, exit 2, no traceback."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+
+CPU = yaml.safe_load((ROOT / "recipes" / "cpu.yaml").read_text())
+
+
+def write_recipe(tmp_path: Path, data: object, name: str = "bad.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def with_change(path: list[str], value: object) -> dict[str, object]:
+    data = json.loads(json.dumps(CPU))
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return data
+
+
+def assert_one_clear_error(proc, *needles: str) -> None:  # type: ignore[no-untyped-def]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("error: ")
+    for needle in needles:
+        assert needle in first, first
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("change", "needles"),
+    [
+        ((["llama_cpp", "flavour"], "x"), ["llama_cpp.flavour", "unknown key"]),
+        ((["base", "toolchain", "packages"], 5), ["base.toolchain.bootstrap.packages", "valid list"]),
+        ((["target"], "tpu"), ["target", "unknown target 'tpu'"]),
+        ((["variant"], "cuda"), ["variant", "cpu has no variant 'cuda'"]),
+        ((["llama_cpp", "source", "sha256"], "abc"), ["llama_cpp.source.pypi.sha256"]),
+        ((["base", "runtime"], {"kind": "image", "ref": "debian:bookworm"}), ["base.runtime.image.ref", "digest"]),
+        ((["base", "runtime"], {"kind": "tarball"}), ["base.runtime", "unknown kind 'tarball'"]),
+        ((["llama_cpp", "source", "subdir"], "../etc"), ["llama_cpp.source.pypi.subdir", "relative path"]),
+    ],
+)
+def test_bad_recipe_is_one_line_naming_file_and_field(tmp_path: Path, change, needles) -> None:  # type: ignore[no-untyped-def]
+    path = write_recipe(tmp_path, with_change(*change))
+    proc = run_cli("plan", "--recipe", str(path))
+    assert_one_clear_error(proc, "bad.yaml", *needles)
+
+
+def test_unknown_target_lists_known_ones() -> None:
+    proc = run_cli("plan", "--target", "tpu")
+    assert_one_clear_error(proc, "unknown target 'tpu'")
+    assert "hint: known targets: cpu" in proc.stderr
+
+
+def test_unknown_variant_on_command_line_lists_valid_ones() -> None:
+    proc = run_cli("render", "--target", "cpu", "--variant", "rocm", "--out", "/nonexistent/never-written")
+    assert_one_clear_error(proc, "cpu has no variant 'rocm'")
+    assert "variants of cpu: cpu" in proc.stderr
+    assert not Path("/nonexistent/never-written").exists()
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    proc = run_cli("plan", "--recipe", str(tmp_path / "nope.yaml"))
+    assert_one_clear_error(proc, "nope.yaml", "not found")
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, "target: cpu\nbase: [unclosed\n")
+    proc = run_cli("plan", "--recipe", str(path))
+    assert_one_clear_error(proc, "bad.yaml", "line")
+
+
+def test_recipe_must_be_a_mapping(tmp_path: Path) -> None:
+    proc = run_cli("plan", "--recipe", str(write_recipe(tmp_path, "- just\n- a list\n")))
+    assert_one_clear_error(proc, "bad.yaml", "expected a mapping")
+
+
+def test_no_recipe_chosen() -> None:
+    proc = run_cli("plan")
+    assert_one_clear_error(proc, "no recipe chosen")
+
+
+def test_schema_is_json_schema_that_forbids_unknown_keys() -> None:
+    proc = run_cli("schema")
+    assert proc.returncode == 0
+    schema = json.loads(proc.stdout)
+    assert set(schema["required"]) >= {"target", "base", "llama_cpp"}
+    assert schema["additionalProperties"] is False
+    kinds = json.dumps(schema["$defs"])
+    for kind in ("bootstrap", "image", "git", "archive", "pypi"):
+        assert f'"const": "{kind}"' in kinds
+
+
+def test_every_recipe_field_is_documented() -> None:
+    """Each key of the recipe schema appears in the README's recipe reference."""
+    readme = (ROOT / "README.md").read_text()
+    schema = json.loads(run_cli("schema").stdout)
+    keys = set(schema["properties"])
+    for definition in schema["$defs"].values():
+        keys |= set(definition.get("properties", {}))
+    missing = sorted(k for k in keys if f"`{k}`" not in readme)
+    assert not missing, f"README.md does not document recipe keys: {missing}"
+
+
+def test_targets_lists_cpu() -> None:
+    proc = run_cli("targets")
+    assert proc.returncode == 0
+    assert any(line.split()[:2] == ["cpu", "cpu*"] for line in proc.stdout.splitlines())

@@ -1,0 +1,120 @@
+"""Planning and rendering: golden contexts, content-addressed tags, minimal rewrites, source staging."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from builder.build import Prepared
+from builder.models import SourceInfo
+from builder.plan import make_plan
+from builder.recipes import load_recipe, recipe_path_for
+from builder.render import fingerprint, image_tag, render_files, stage_source, write_context
+from conftest import ROOT, run_cli
+
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def test_golden_context_for_every_target(cpu_prepared: Prepared, tmp_path: Path,
+                                         request: pytest.FixtureRequest) -> None:
+    """The whole rendered context (Containerfile, scripts, plan.json) equals tests/golden/<target>/<variant>."""
+    out = tmp_path / "ctx"
+    proc = run_cli("render", "--target", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    golden = GOLDEN / "cpu" / "cpu"
+    rendered = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if request.config.getoption("--update-golden"):
+        for name, data in rendered.items():
+            (golden / name).parent.mkdir(parents=True, exist_ok=True)
+            (golden / name).write_bytes(data)
+    expected = {p.relative_to(golden).as_posix(): p.read_bytes() for p in golden.rglob("*") if p.is_file()}
+    assert sorted(rendered) == sorted(expected)
+    for name in expected:
+        assert rendered[name] == expected[name], f"{name} differs from golden (run pytest --update-golden)"
+
+
+def test_plan_json_names_image_tag_and_pinned_inputs(cpu_prepared: Prepared) -> None:
+    proc = run_cli("plan", "--target", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["image"] == cpu_prepared.tag
+    assert doc["image"].startswith("localhost/builder/cpu:cpu-")
+    assert doc["source"]["identity"] == "sha256:832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+    for flag in ("GGML_RPC", "GGML_BACKEND_DL", "GGML_CPU_ALL_VARIANTS"):
+        assert doc["cmake"][flag] == "ON"
+    assert doc["cmake"]["GGML_NATIVE"] == "OFF" and doc["cmake"]["LLAMA_CURL"] == "OFF"
+    assert doc["binaries"] == ["llama-server", "ggml-rpc-server", "llama-cli", "llama-bench"]
+
+
+def _plan_with(source_identity: str = "sha256:" + "a" * 64, cmake: dict[str, str] | None = None,
+               epoch: int | None = None) -> tuple[str, str]:
+    recipe = load_recipe(recipe_path_for("cpu"))
+    if cmake:
+        recipe = recipe.model_copy(update={"llama_cpp": recipe.llama_cpp.model_copy(update={"cmake": cmake})})
+    source = SourceInfo(locator="x", identity=source_identity, version="1", epoch=1_700_000_000)
+    plan = make_plan(recipe, "recipes/cpu.yaml", source, source_date_epoch=epoch)
+    files = render_files(plan)
+    return image_tag(plan, fingerprint(plan, files)), files["Containerfile"].decode()
+
+
+def test_tag_is_stable_and_follows_every_input() -> None:
+    base, _ = _plan_with()
+    assert _plan_with()[0] == base
+    assert _plan_with(source_identity="sha256:" + "b" * 64)[0] != base
+    assert _plan_with(cmake={"GGML_AVX512": "OFF"})[0] != base
+    assert _plan_with(epoch=0)[0] != base
+
+
+def test_source_date_epoch_sets_created_label() -> None:
+    _, containerfile = _plan_with(epoch=1_600_000_000)
+    assert '"org.opencontainers.image.created"="2020-09-13T12:26:40Z"' in containerfile
+    _, containerfile = _plan_with()
+    assert '"org.opencontainers.image.created"="2023-11-14T22:13:20Z"' in containerfile
+
+
+def test_recipe_cmake_overrides_defaults() -> None:
+    _, containerfile = _plan_with(cmake={"GGML_CPU_ALL_VARIANTS": "OFF", "GGML_BLAS": "ON"})
+    assert "-DGGML_CPU_ALL_VARIANTS=OFF" in containerfile and "-DGGML_CPU_ALL_VARIANTS=ON" not in containerfile
+    assert "-DGGML_BLAS=ON" in containerfile
+
+
+def test_rerender_rewrites_only_changed_files(cpu_prepared: Prepared, tmp_path: Path) -> None:
+    p = cpu_prepared
+    assert len(write_context(tmp_path, p.plan, p.files, p.fingerprint)) == len(p.files) + 1
+    before = {f: os.stat(tmp_path / f).st_mtime_ns for f in p.files}
+    assert write_context(tmp_path, p.plan, p.files, p.fingerprint) == []
+    changed = dict(p.files, **{"scripts/entrypoint.sh": p.files["scripts/entrypoint.sh"] + b"# edit\n"})
+    assert write_context(tmp_path, p.plan, changed, p.fingerprint) == ["scripts/entrypoint.sh"]
+    assert os.stat(tmp_path / "Containerfile").st_mtime_ns == before["Containerfile"]
+    assert os.access(tmp_path / "scripts" / "entrypoint.sh", os.X_OK)
+
+
+def test_stage_source_prunes_and_removes_stale_files(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "models").mkdir(parents=True)
+    (tree / "models" / "big.gguf").write_bytes(b"x" * 1000)
+    (tree / "src").mkdir()
+    (tree / "src" / "a.cpp").write_text("int a;\n")
+    (tree / "CMakeLists.txt").write_text("project(llama.cpp)\n")
+    out = tmp_path / "ctx"
+    stage_source(tree, out)
+    assert (out / "llama.cpp" / "src" / "a.cpp").read_text() == "int a;\n"
+    assert not (out / "llama.cpp" / "models").exists()
+    (tree / "src" / "a.cpp").unlink()
+    (tree / "src" / "b.cpp").write_text("int b;\n")
+    stage_source(tree, out)
+    assert not (out / "llama.cpp" / "src" / "a.cpp").exists()
+    assert (out / "llama.cpp" / "src" / "b.cpp").exists()
+
+
+def test_render_with_source_writes_a_buildable_context(tmp_path: Path) -> None:
+    proc = run_cli("render", "--target", "cpu", "--out", str(tmp_path), "--with-source")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "llama.cpp" / "CMakeLists.txt").is_file()
+    assert (tmp_path / "llama.cpp" / "tools" / "rpc" / "rpc-server.cpp").is_file()
+    assert not (tmp_path / "llama.cpp" / "models").exists()
+    containerfile = (tmp_path / "Containerfile").read_text()
+    for line in containerfile.splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            assert (tmp_path / line.split()[1]).exists(), line
