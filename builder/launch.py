@@ -46,7 +46,7 @@ def container_argv(
     run_flags: tuple[str, ...] = (),
 ) -> list[str]:
     args, volumes = _mount_models(args)
-    argv = [*engine.command(), "run", "--rm", "--network", "host"]
+    argv = [*engine.run_argv(), "--rm", "--network", "host"]
     if detach:
         argv.append("--detach")
     elif role == "shell" and sys.stdin.isatty():

@@ -19,8 +19,8 @@ log = logging.getLogger("builder")
 TAIL_LINES = 30
 
 # Lines worth showing when output is not a terminal: engine steps, our script's markers, ninja progress.
-_STEP = re.compile(r"^(STEP \d+/\d+|Step \d+/\d+|\[builder\]|COMMIT|Successfully tagged)")
-_NINJA = re.compile(r"^\[(\d+)/(\d+)\]")
+_STEP = re.compile(r"^(\[\d+/\d+\] )?(STEP \d+/\d+|Step \d+/\d+|\[builder\]|COMMIT|Successfully tagged)")
+_NINJA = re.compile(r"^\[(\d+)/(\d+)\] (Building|Linking)")
 
 
 def _fmt(argv: Sequence[str]) -> str:
@@ -83,7 +83,7 @@ class _Reporter:
         if self.live is not None:
             self.live.update(Text(f"{self.title}: {text[:150]}", overflow="ellipsis", no_wrap=True))
             return
-        ninja = _NINJA.match(text)
+        ninja = None if _STEP.match(text) else _NINJA.match(text)
         if ninja:
             decile = int(ninja.group(1)) * 10 // max(int(ninja.group(2)), 1)
             if decile <= self.ninja_decile:

@@ -46,4 +46,7 @@ class Engine(Protocol):
         """Import a root filesystem tarball as an image."""
 
     def command(self) -> list[str]:
-        """argv prefix of the engine's CLI, e.g. ['podman'], for `run` and friends."""
+        """argv prefix of the engine's CLI, e.g. ['podman'], for `stop`, `logs` and friends."""
+
+    def run_argv(self) -> list[str]:
+        """argv prefix that starts a container, with the flags this host needs."""

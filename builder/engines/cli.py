@@ -13,6 +13,13 @@ class CliEngine:
     def command(self) -> list[str]:
         return [self.binary]
 
+    def container_flags(self) -> list[str]:
+        """Flags every container this engine starts needs on this host (builds included)."""
+        return []
+
+    def run_argv(self) -> list[str]:
+        return [*self.command(), "run", *self.container_flags()]
+
     def _installed(self) -> str | None:
         return None if shutil.which(self.binary) else f"{self.binary} is not installed"
 
@@ -29,7 +36,8 @@ class CliEngine:
         log: Path,
         no_cache: bool = False,
     ) -> None:
-        argv = [*self.command(), "build", "--network", "host", "-f", str(context / "Containerfile"), "-t", tag]
+        argv = [*self.command(), "build", *self.container_flags(), "--network", "host",
+                "-f", str(context / "Containerfile"), "-t", tag]
         for key, value in build_args.items():
             argv += ["--build-arg", f"{key}={value}"]
         for key, value in labels.items():

@@ -1,20 +1,65 @@
-"""Podman (rootful or rootless): CLI for everything."""
+"""Podman (rootful or rootless): CLI for everything, with host quirks detected at call time."""
 
 import json
+import os
+import resource
+import shutil
+from functools import cache
 
 from builder.engines.base import ImageInfo
 from builder.engines.cli import CliEngine
 from builder.run import run
+
+# Podman raises these limits in every container by default; a host with lower hard limits (and no
+# CAP_SYS_RESOURCE) makes the OCI runtime fail with "setrlimit: Operation not permitted".
+_PODMAN_NOFILE = 1_048_576
+_PODMAN_NPROC = 4_194_304
+
+
+def _hybrid_cgroups() -> bool:
+    """cgroup v1 with a v2 hierarchy beside it: crun refuses to start containers there."""
+    return os.path.ismount("/sys/fs/cgroup/unified") and not os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+
+
+def _pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except OSError:
+        return _PODMAN_NPROC
+
+
+@cache
+def _ulimit_flags() -> tuple[str, ...]:
+    flags: list[str] = []
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if 0 < nofile < _PODMAN_NOFILE:
+        flags += ["--ulimit", f"nofile={nofile}:{nofile}"]
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    nproc = min(nproc if nproc > 0 else _PODMAN_NPROC, _pid_max())
+    if nproc < _PODMAN_NPROC:
+        flags += ["--ulimit", f"nproc={nproc}:{nproc}"]
+    return tuple(flags)
 
 
 class PodmanEngine(CliEngine):
     name = "podman"
     binary = "podman"
 
+    def command(self) -> list[str]:
+        if _hybrid_cgroups() and shutil.which("runc"):
+            return ["podman", "--runtime", "runc"]
+        return ["podman"]
+
+    def container_flags(self) -> list[str]:
+        return list(_ulimit_flags())
+
     def available(self) -> str | None:
         missing = self._installed()
         if missing:
             return missing
+        if _hybrid_cgroups() and not shutil.which("runc"):
+            return "podman's crun cannot run containers on this host's hybrid cgroups; apt-get install runc"
         proc = run(["podman", "info", "--format", "{{.Store.GraphDriverName}}"], check=False, timeout=60)
         return None if proc.returncode == 0 else f"podman does not work: {proc.stderr.strip()[:200]}"
 

@@ -1,0 +1,59 @@
+"""The ccache remote store: a real HTTP server on 127.0.0.1 and the real ccache binary using it."""
+
+import http.client
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+from builder.ccache_store import CcacheStore
+
+
+def test_put_get_head_delete_round_trip(tmp_path: Path) -> None:
+    with CcacheStore(tmp_path / "store") as store:
+        url = store.url + "ab/cdef0123"
+        assert requests.get(url, timeout=5).status_code == 404
+        assert requests.put(url, data=b"object bytes", timeout=5).status_code == 201
+        assert requests.get(url, timeout=5).content == b"object bytes"
+        assert requests.head(url, timeout=5).status_code == 200
+        assert requests.delete(url, timeout=5).status_code == 200
+        assert requests.head(url, timeout=5).status_code == 404
+    assert store.url.startswith("http://127.0.0.1:")
+
+
+def test_paths_outside_the_store_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("no")
+    with CcacheStore(tmp_path / "store") as store:
+        host, port = store.server.server_address[:2]
+        for path in ("/../secret", "/a/../../secret", "/%2e%2e/secret"):
+            for method in ("GET", "PUT"):
+                conn = http.client.HTTPConnection(str(host), port, timeout=5)
+                conn.request(method, path, body=b"x" if method == "PUT" else None)
+                assert conn.getresponse().status == 400, (method, path)
+                conn.close()
+    assert (tmp_path / "secret").read_text() == "no"
+
+
+@pytest.mark.skipif(shutil.which("ccache") is None, reason="ccache is installed by .ci/run")
+def test_real_ccache_hits_through_the_store(tmp_path: Path) -> None:
+    """Two compiles with empty local caches: the second is a remote hit, served by the store."""
+    source = tmp_path / "unit.c"
+    source.write_text("int answer(void) { return 42; }\n")
+
+    def compile_once(store_url: str, local: Path) -> str:
+        env = {**os.environ, "CCACHE_DIR": str(local), "CCACHE_REMOTE_STORAGE": store_url,
+               "CCACHE_REMOTE_ONLY": "true", "CCACHE_COMPILERCHECK": "content"}
+        subprocess.run(["ccache", "gcc", "-c", str(source), "-o", str(tmp_path / "unit.o")],
+                       check=True, env=env, cwd=tmp_path)
+        return subprocess.run(["ccache", "--print-stats"], check=True, env=env, capture_output=True,
+                              text=True).stdout
+
+    with CcacheStore(tmp_path / "store") as store:
+        first = dict(line.split("\t") for line in compile_once(store.url, tmp_path / "a").splitlines())
+        second = dict(line.split("\t") for line in compile_once(store.url, tmp_path / "b").splitlines())
+    assert int(first["cache_miss"]) == 1
+    assert int(second["remote_storage_hit"]) == 1 and int(second["cache_miss"]) == 0
+    assert any((tmp_path / "store").rglob("*")), "the store kept no objects"

@@ -1,0 +1,171 @@
+"""The cpu image built and run for real with podman and with docker.
+
+Each engine builds the image (engine layer cache off; the compiler cache is builder's shared one, cold on
+a fresh machine), then a head and two RPC workers serve a tiny random-weight model over the host network on
+127.0.0.1, and the split must produce exactly the single-node text.
+"""
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from builder.engines import ENGINES
+from builder.paths import cache_dir
+from conftest import free_port, require_engine, run_cli
+
+pytestmark = pytest.mark.engine
+
+BUILD_TIMEOUT = 3600
+PROMPT = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "seed": 42}
+
+
+@dataclass(frozen=True)
+class Built:
+    engine: str
+    image: str
+    digest: str
+
+    def cli(self) -> list[str]:
+        return ENGINES[self.engine]().command()
+
+
+@pytest.fixture(scope="module", params=["podman", "docker"])
+def built(request: pytest.FixtureRequest) -> Built:
+    engine = request.param
+    require_engine(engine)
+    proc = run_cli("build", "--target", "cpu", "--engine", engine, "--no-cache", "--json", timeout=BUILD_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    doc = json.loads(proc.stdout)
+    assert doc["built"] is True
+    return Built(engine, doc["image"], doc["digest"])
+
+
+def inspect_labels(b: Built) -> dict[str, str]:
+    out = subprocess.run([*b.cli(), "image", "inspect", b.image], check=True, capture_output=True, text=True)
+    data = json.loads(out.stdout)[0]
+    return data.get("Labels") or data["Config"]["Labels"]
+
+
+def test_build_prints_digest_and_labels_the_image(built: Built) -> None:
+    assert built.digest.startswith("sha256:") and len(built.digest) == 71
+    labels = inspect_labels(built)
+    assert labels["dev.builder.target"] == "cpu" and labels["dev.builder.variant"] == "cpu"
+    assert labels["dev.builder.llama-cpp.ref"] == "pypi:llama-cpp-python==0.3.36#vendor/llama.cpp"
+    assert labels["org.opencontainers.image.revision"].startswith("sha256:832db069")
+    assert labels["org.opencontainers.image.version"] == "0.3.36"
+    assert labels["org.opencontainers.image.created"].endswith("Z")
+    assert labels["com.github.containers.toolbox"] == "true"
+    assert built.image.endswith(labels["dev.builder.fingerprint"][:16])
+
+
+def test_unchanged_rebuild_runs_no_build_step(built: Built) -> None:
+    logs_before = set((cache_dir() / "logs").iterdir())
+    proc = run_cli("build", "--target", "cpu", "--engine", built.engine, "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["built"] is False and doc["image"] == built.image and doc["digest"] == built.digest
+    assert doc["log"] is None and set((cache_dir() / "logs").iterdir()) == logs_before
+
+
+def test_smoke_role_lists_the_cpu_device(built: Built) -> None:
+    proc = run_cli("run", "--target", "cpu", "--engine", built.engine, "smoke", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "smoke: ok   device CPU" in proc.stdout
+    for binary in ("llama-server", "ggml-rpc-server", "llama-cli", "llama-bench"):
+        assert f"smoke: ok   {binary}" in proc.stdout
+
+
+def test_rpc_worker_refuses_a_wildcard_address(built: Built) -> None:
+    proc = run_cli("run", "--target", "cpu", "--engine", built.engine, "rpc-worker", "--host", "0.0.0.0",
+                   timeout=120)
+    assert proc.returncode == 2
+    assert "refusing to listen on '0.0.0.0'" in proc.stderr and "--allow-public-bind" in proc.stderr
+
+
+@contextmanager
+def container(b: Built, logs: Path, name: str, role: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`builder run` in the foreground, as a user would, output to a log file."""
+    log = open(logs / f"{name}.log", "wb")
+    proc = subprocess.Popen(
+        [*run_cli_argv(), "run", "--target", "cpu", "--engine", b.engine, "--name", name, role, *args],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        yield proc
+    finally:
+        subprocess.run([*b.cli(), "rm", "--force", name], capture_output=True)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def run_cli_argv() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "builder"]
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server on {port} not healthy after {seconds} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def complete(port: int, timeout: float = 60) -> str:
+    resp = requests.post(f"http://127.0.0.1:{port}/v1/completions", json=PROMPT, timeout=timeout)
+    resp.raise_for_status()
+    return str(resp.json()["choices"][0]["text"])
+
+
+def test_rpc_split_matches_single_node_and_fails_clearly_without_a_worker(
+    built: Built, tiny_model: Path, tmp_path: Path
+) -> None:
+    single, head, w1, w2 = free_port(), free_port(), free_port(), free_port()
+    tag = f"builder-test-{built.engine}-{head}"
+    common = ["-m", str(tiny_model), "-c", "256", "-t", "2"]
+    with container(built, tmp_path, f"{tag}-single", "server", *common, "--port", str(single)) as s:
+        wait_healthy(single, s, tmp_path / f"{tag}-single.log")
+        expected = complete(single)
+    assert len(set(expected.split())) > 5, f"degenerate reference text: {expected!r}"
+
+    with (
+        container(built, tmp_path, f"{tag}-w1", "rpc-worker", "--port", str(w1)),
+        container(built, tmp_path, f"{tag}-w2", "rpc-worker", "--port", str(w2)) as worker2,
+    ):
+        time.sleep(2)
+        assert worker2.poll() is None, (tmp_path / f"{tag}-w2.log").read_text()
+        head_log = tmp_path / f"{tag}-head.log"
+        with container(built, tmp_path, f"{tag}-head", "server", *common, "--port", str(head),
+                       "--rpc", f"127.0.0.1:{w1},127.0.0.1:{w2}", "-ngl", "99", "-lv", "4") as h:
+            wait_healthy(head, h, head_log)
+            assert complete(head) == expected
+            log = head_log.read_text(errors="replace")
+            # Evidence that the layers really ran on the workers, not silently on the head.
+            assert "offloaded 5/5 layers" in log
+            assert f"RPC0[127.0.0.1:{w1}] model buffer size" in log
+            assert f"RPC0[127.0.0.1:{w2}] model buffer size" in log
+
+            subprocess.run([*built.cli(), "kill", f"{tag}-w2"], check=True, capture_output=True)
+            started = time.monotonic()
+            with pytest.raises(requests.RequestException):
+                complete(head, timeout=60)
+            assert time.monotonic() - started < 60
+            assert h.wait(timeout=60) != 0
+            assert "Remote RPC server crashed" in head_log.read_text(errors="replace")
