@@ -56,7 +56,8 @@ def load_recipe(path: Path) -> Recipe:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise RecipeError(f"{where}: recipe file not found", "pass --target NAME or an existing --recipe PATH")
+        hint = "pass --target NAME or an existing --recipe PATH"
+        raise RecipeError(f"{where}: recipe file not found", hint) from None
     except OSError as exc:
         raise RecipeError(f"{where}: cannot read: {exc.strerror}") from None
     try:

@@ -1,6 +1,7 @@
 """The one place that starts external commands: logs argv, streams output to a log, raises on failure."""
 
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -23,12 +24,15 @@ _STEP = re.compile(r"^(\[\d+/\d+\] )?(STEP \d+/\d+|Step \d+/\d+|\[builder\]|COMM
 _NINJA = re.compile(r"^\[(\d+)/(\d+)\] (Building|Linking)")
 
 
-def _fmt(argv: Sequence[str]) -> str:
+Argv = Sequence[str | os.PathLike[str]]
+
+
+def _fmt(argv: Argv) -> str:
     return shlex.join(str(a) for a in argv)
 
 
 def run(
-    argv: Sequence[str],
+    argv: Argv,
     *,
     check: bool = True,
     capture: bool = True,
@@ -50,7 +54,7 @@ def run(
             timeout=timeout,
         )
     except FileNotFoundError:
-        raise EngineError(f"command not found: {argv[0]}", "install it or put it on PATH") from None
+        raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
     except subprocess.TimeoutExpired:
         raise CommandError(f"`{_fmt(argv)}` did not finish within {timeout:.0f} s") from None
     if check and proc.returncode != 0:
@@ -99,7 +103,7 @@ class _Reporter:
 
 
 def run_logged(
-    argv: Sequence[str],
+    argv: Argv,
     log_path: Path,
     *,
     title: str,
@@ -124,7 +128,7 @@ def run_logged(
                 cwd=cwd,
             )
         except FileNotFoundError:
-            raise EngineError(f"command not found: {argv[0]}", "install it or put it on PATH") from None
+            raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
         assert proc.stdout is not None
         for raw in proc.stdout:
             logfile.write(raw)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import free_port, require_engine, run_cli
 
 from builder.engines import ENGINES
 from builder.paths import cache_dir
-from conftest import free_port, require_engine, run_cli
 
 pytestmark = pytest.mark.engine
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_cli
 
 CPU = yaml.safe_load((ROOT / "recipes" / "cpu.yaml").read_text())

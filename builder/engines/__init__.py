@@ -1,11 +1,13 @@
 """Pick an engine by name, or the first usable one for `auto`."""
 
+from collections.abc import Callable
+
 from builder.engines.base import Engine, ImageInfo
 from builder.engines.docker import DockerEngine
 from builder.engines.podman import PodmanEngine
 from builder.errors import EngineError
 
-ENGINES = {"podman": PodmanEngine, "docker": DockerEngine}
+ENGINES: dict[str, Callable[[], Engine]] = {"podman": PodmanEngine, "docker": DockerEngine}
 ENGINE_CHOICES = ("auto", *ENGINES)
 
 __all__ = ["ENGINES", "ENGINE_CHOICES", "Engine", "ImageInfo", "get_engine"]
