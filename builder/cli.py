@@ -157,7 +157,9 @@ def build_cmd(
     _print_build(build(prep, chosen, no_cache=no_cache), as_json)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False}
+)
 def run(
     role: Annotated[str, typer.Argument(help="rpc-worker, server, bench, shell or smoke.")],
     args: Annotated[list[str] | None, typer.Argument(help="Arguments for the role.")] = None,

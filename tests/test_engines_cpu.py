@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, require_engine, run_cli
 
 from builder.engines import ENGINES
 from builder.paths import cache_dir
+from conftest import free_port, require_engine, run_cli
 
 pytestmark = pytest.mark.engine
 
@@ -169,3 +169,41 @@ def test_rpc_split_matches_single_node_and_fails_clearly_without_a_worker(
             assert time.monotonic() - started < 60
             assert h.wait(timeout=60) != 0
             assert "Remote RPC server crashed" in head_log.read_text(errors="replace")
+
+
+def test_base_pinned_by_digest_is_used_as_given(tmp_path: Path) -> None:
+    """A recipe whose runtime base is an image reference pinned by digest (the users' usual kind).
+
+    No registry is reachable here, so the digest names a local podman image (the bootstrapped base);
+    docker cannot address an image it imported by digest, so this runs on podman.
+    """
+    require_engine("podman")
+    import yaml
+
+    from builder.bootstrap import base_ref, ensure_base
+    from builder.engines.podman import PodmanEngine
+    from builder.recipes import load_recipe, recipe_path_for
+
+    recipe = load_recipe(recipe_path_for("cpu"))
+    engine = PodmanEngine()
+    bootstrap_ref = ensure_base(engine, recipe.base.runtime)
+    digest = subprocess.run([*engine.command(), "image", "inspect", "--format", "{{.Digest}}", bootstrap_ref],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    pinned = f"{bootstrap_ref.split(':')[0]}@{digest}"
+    data = yaml.safe_load(recipe_path_for("cpu").read_text())
+    data["base"]["runtime"] = {"kind": "image", "ref": pinned}
+    path = tmp_path / "pinned.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    plan = json.loads(run_cli("plan", "--recipe", str(path), "--json").stdout)
+    assert plan["runtime_ref"] == pinned and plan["toolchain_ref"] == base_ref(recipe.base.toolchain)
+    proc = run_cli("build", "--recipe", str(path), "--engine", "podman", "--json", timeout=BUILD_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    image = json.loads(proc.stdout)["image"]
+    try:
+        assert image == plan["image"]
+        smoke = subprocess.run([*engine.run_argv(), "--rm", "--network", "none", image, "smoke"],
+                               capture_output=True, text=True)
+        assert smoke.returncode == 0 and "smoke: ok   device CPU" in smoke.stdout
+    finally:
+        engine.remove(image)

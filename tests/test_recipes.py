@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import ROOT, run_cli
 
 CPU = yaml.safe_load((ROOT / "recipes" / "cpu.yaml").read_text())

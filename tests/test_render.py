@@ -5,13 +5,13 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
 
 from builder.build import Prepared
 from builder.models import SourceInfo
 from builder.plan import make_plan
 from builder.recipes import load_recipe, recipe_path_for
 from builder.render import fingerprint, image_tag, render_files, stage_source, write_context
+from conftest import ROOT, run_cli
 
 GOLDEN = ROOT / "tests" / "golden"
 
