@@ -7,6 +7,7 @@ a fresh machine), then a head and two RPC workers serve a tiny random-weight mod
 
 import json
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,6 +88,17 @@ def test_rpc_worker_refuses_a_wildcard_address(built: Built) -> None:
                    timeout=120)
     assert proc.returncode == 2
     assert "refusing to listen on '0.0.0.0'" in proc.stderr and "--allow-public-bind" in proc.stderr
+
+
+def test_export_gives_the_image_root_filesystem(built: Built, tmp_path: Path) -> None:
+    out = tmp_path / "root.tar"
+    ENGINES[built.engine]().export_rootfs(built.image, out)
+    with tarfile.open(out) as tar:
+        names = {name.lstrip("./") for name in tar.getnames()}
+    for path in ("opt/llama/bin/llama-server", "opt/llama/bin/ggml-rpc-server", "opt/llama/bin/libggml-cpu-x64.so",
+                 "usr/local/bin/llama-entrypoint", "usr/lib/x86_64-linux-gnu/libgomp.so.1"):
+        assert path in names, path
+    assert not list(tmp_path.glob(".*.part"))
 
 
 @contextmanager

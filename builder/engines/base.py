@@ -45,6 +45,9 @@ class Engine(Protocol):
     def import_rootfs(self, tarball: Path, ref: str) -> None:
         """Import a root filesystem tarball as an image."""
 
+    def export_rootfs(self, ref: str, tarball: Path) -> None:
+        """Write the image's flattened root filesystem to a tarball (for netboot roots)."""
+
     def command(self) -> list[str]:
         """argv prefix of the engine's CLI, e.g. ['podman'], for `stop`, `logs` and friends."""
 

@@ -1,5 +1,6 @@
 """What podman and docker share: their build and run CLIs take the same flags for what we use."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,16 @@ class CliEngine:
 
     def import_rootfs(self, tarball: Path, ref: str) -> None:
         run([*self.command(), "import", "--change", 'CMD ["/bin/bash"]', str(tarball), ref], timeout=600)
+
+    def export_rootfs(self, ref: str, tarball: Path) -> None:
+        container = run([*self.command(), "create", ref]).stdout.strip().splitlines()[-1]
+        partial = tarball.with_name(f".{tarball.name}.part")
+        try:
+            run([*self.command(), "export", "-o", str(partial), container], timeout=1800)
+            os.replace(partial, tarball)
+        finally:
+            partial.unlink(missing_ok=True)
+            run([*self.command(), "rm", "--force", container], check=False)
 
     def tag(self, ref: str, new_ref: str) -> None:
         run([*self.command(), "tag", ref, new_ref])
