@@ -13,13 +13,14 @@ from rich.console import Console
 
 from builder import __version__
 from builder.build import BuildResult, build, context_dir, image_for_run, prepare, recipe_file
+from builder.doctor import diagnose
 from builder.engines import ENGINE_CHOICES, get_engine
-from builder.errors import BuilderError, CommandError
+from builder.errors import BuilderError, CommandError, RecipeError
 from builder.launch import container_argv
 from builder.models import Recipe
 from builder.recipes import select
 from builder.render import plan_document, stage_source, write_context
-from builder.targets import TARGETS
+from builder.targets import TARGETS, Host
 
 app = typer.Typer(
     help="Build llama.cpp inference images (RPC workers and servers) from recipes, for every accelerator.",
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _debug = False
+ROLES = ("rpc-worker", "server", "bench", "shell", "smoke", "help")
 
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name: picks recipes/NAME.yaml.")]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Any recipe file instead of --target.")]
@@ -174,20 +176,53 @@ def run(
 ) -> None:
     """Run an image in a role on the host network (model files given with --model are mounted).
 
+    Options go before ROLE; everything after ROLE is passed to the role.
     Example: builder run --target cpu rpc-worker --host 10.0.0.5 --port 50052
     """
+    if role not in ROLES:
+        raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(ROLES)}")
     chosen = get_engine(engine)
+    host = Host()
     if image is None:
         prep = prepare(recipe_file(target, recipe), variant)
         image = image_for_run(chosen, prep)
-        _, variant_entry = select(prep.plan.target, prep.plan.variant)
-    argv = container_argv(chosen, image, role, list(args or []), name=name, detach=detach)
+        entry, variant_entry = select(prep.plan.target, prep.plan.variant)
+        host = variant_entry.host
+        missing = [d for d in host.devices if not Path(d).exists()]
+        if missing:
+            err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {entry.name}`")
+    argv = container_argv(chosen, image, role, list(args or []), name=name, detach=detach,
+                          run_flags=tuple(chosen.device_flags(host)))
     if print_only:
         typer.echo(" ".join(argv))
         return
     logging.getLogger("builder").debug("$ %s", " ".join(argv))
     sys.stdout.flush()
     os.execvp(argv[0], argv)
+
+
+@app.command()
+def doctor(
+    target: Annotated[str, typer.Option("--target", "-t", help="Target to check the host for.")] = "cpu",
+    variant: VariantOpt = None,
+    model: Annotated[Path | None, typer.Option(help="A model file: is there memory for it?")] = None,
+    root: Annotated[Path, typer.Option(help="Read /proc, /sys and /dev under this folder.")] = Path("/"),
+) -> None:
+    """Check that this host can run a target's image: one PASS/FAIL line per check, with the fix.
+
+    Checks devices and access to them, kernel version and modules, Strix Halo unified-memory kernel
+    parameters, CDI for NVIDIA, and free memory against a model's size. Exit code 1 when a check fails.
+    """
+    entry, chosen = select(target, variant, variant_from_cli=variant is not None)
+    checks = diagnose(entry, chosen, root=root, model=model)
+    typer.echo(f"doctor: {entry.name}/{chosen.name} on {root}")
+    for check in checks:
+        typer.echo(check.line())
+    failed = sum(1 for c in checks if c.required and not c.ok)
+    warned = sum(1 for c in checks if not c.required and not c.ok)
+    typer.echo(f"doctor: {sum(c.ok for c in checks)} ok, {failed} failing, {warned} warning(s)")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _report(exc: BuilderError) -> None:

@@ -22,7 +22,7 @@ def make_plan(
     variant: str | None = None,
     source_date_epoch: int | None = None,
 ) -> BuildPlan:
-    target, chosen = select(recipe.target, variant or recipe.variant, recipe_path)
+    target, chosen = select(recipe.target, variant or recipe.variant, recipe_path, variant_from_cli=bool(variant))
     cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake}
     # Shown by `--version` of every binary, so a node tells which source it runs.
     cmake["LLAMA_BUILD_COMMIT"] = source.identity.split(":")[-1][:12]

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from builder import PROJECT_ROOT
 from builder.errors import RecipeError
 from builder.models import Recipe
-from builder.targets import TARGETS, Target, Variant, known_targets
+from builder.targets import TARGETS, Target, Variant, known_targets, why_not
 
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 
@@ -46,9 +46,12 @@ def format_validation_error(where: str, err: ValidationError) -> str:
 
 def recipe_path_for(target: str) -> Path:
     path = RECIPES_DIR / f"{target}.yaml"
-    if not path.is_file():
-        raise RecipeError(f"unknown target {target!r}: no {display_path(path)}", f"known targets: {known_targets()}")
-    return path
+    if path.is_file():
+        return path
+    if target in TARGETS:
+        raise RecipeError(f"target {target!r} has no recipe yet: {display_path(path)} is missing",
+                          f"targets with recipes: {', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.yaml')))}")
+    raise RecipeError(f"unknown target {target!r}", f"known targets: {known_targets()}")
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -77,7 +80,7 @@ def load_recipe(path: Path) -> Recipe:
     return recipe
 
 
-def select(target: str, variant: str | None, where: str = "") -> tuple[Target, Variant]:
+def select(target: str, variant: str | None, where: str = "", variant_from_cli: bool = False) -> tuple[Target, Variant]:
     """The table entries for a target and variant; unknown names list the valid ones."""
     prefix = f"{where}: " if where else ""
     if target not in TARGETS:
@@ -85,8 +88,6 @@ def select(target: str, variant: str | None, where: str = "") -> tuple[Target, V
     entry = TARGETS[target]
     name = variant or entry.default_variant
     if name not in entry.variants:
-        raise RecipeError(
-            f"{prefix}variant: {target} has no variant {name!r}",
-            f"variants of {target}: {', '.join(entry.variants)}",
-        )
+        field = "--variant" if variant_from_cli else f"{prefix}variant"
+        raise RecipeError(f"{field}: {target} has no variant {name!r}", why_not(entry, name))
     return entry, entry.variants[name]

@@ -1,4 +1,7 @@
-"""The target x variant table: data that drives planning, rendering and running (no branches elsewhere)."""
+"""The target x variant table: data that drives planning, rendering, running and `doctor`.
+
+No other module branches on a target or variant name; they read these entries.
+"""
 
 from dataclasses import dataclass, field
 
@@ -22,12 +25,26 @@ DEFAULT_BINARIES: tuple[str, ...] = ("llama-server", "ggml-rpc-server", "llama-c
 
 
 @dataclass(frozen=True)
+class Host:
+    """What a node needs from its host kernel for a variant: checked by `doctor`, used by `run`."""
+
+    devices: tuple[str, ...] = ()  # device nodes (or folders of them) passed into containers
+    modules: tuple[tuple[str, ...], ...] = ()  # kernel modules; each inner tuple: any one of them
+    min_kernel: tuple[int, int] | None = None
+    kernel_params: tuple[str, ...] = ()  # kernel command-line keys that should be set
+    security: tuple[str, ...] = ()  # --security-opt values
+    env: dict[str, str] = field(default_factory=dict)
+    cdi: str | None = None  # CDI device name (NVIDIA): podman --device NAME, docker --gpus all
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str
     description: str
     cmake: dict[str, str] = field(default_factory=dict)
     # The device name llama.cpp must list inside the image for the smoke test to pass.
     smoke_device: str = "CPU"
+    host: Host = field(default_factory=Host)
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,16 @@ def _target(name: str, description: str, *variants: Variant) -> Target:
     return Target(name, description, {v.name: v for v in variants}, variants[0].name)
 
 
+_AMD_GPU = Host(
+    devices=("/dev/dri", "/dev/kfd"),
+    modules=(("amdgpu",),),
+    # Unified memory: let the iGPU map ~124 GiB of the 128 GiB (GTT pages of 4 KiB).
+    kernel_params=("amdgpu.gttsize", "ttm.pages_limit"),
+    min_kernel=(6, 16),
+    security=("seccomp=unconfined",),
+)
+_INTEL_GPU = Host(devices=("/dev/dri",), modules=(("xe", "i915"),))
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -50,9 +77,52 @@ TARGETS: dict[str, Target] = {
             "Any x86-64 or arm64 machine; portable CPU backends chosen at run time",
             Variant("cpu", "llama.cpp CPU backends (all ISA variants) with RPC"),
         ),
+        _target(
+            "strix-halo",
+            "AMD Ryzen AI Max+ 395 (Radeon 8060S iGPU, gfx1151), up to 128 GB unified memory",
+            Variant("rocm", "ROCm/HIP for gfx1151", {"GGML_HIP": "ON", "AMDGPU_TARGETS": "gfx1151"}, "ROCm", _AMD_GPU),
+            Variant("vulkan", "Vulkan on Mesa RADV", {"GGML_VULKAN": "ON"}, "Vulkan",
+                    Host(devices=("/dev/dri",), modules=(("amdgpu",),), kernel_params=_AMD_GPU.kernel_params,
+                         min_kernel=(6, 16), security=("seccomp=unconfined",))),
+        ),
+        _target(
+            "intel-arc",
+            "Intel Arc A770 (16 GB) and other Xe discrete GPUs",
+            Variant("sycl", "oneAPI SYCL (icx/icpx) with Level Zero",
+                    {"GGML_SYCL": "ON", "GGML_SYCL_F16": "ON", "CMAKE_C_COMPILER": "icx",
+                     "CMAKE_CXX_COMPILER": "icpx"}, "SYCL", _INTEL_GPU),
+            Variant("vulkan", "Vulkan on Mesa ANV", {"GGML_VULKAN": "ON"}, "Vulkan", _INTEL_GPU),
+        ),
+        _target(
+            "intel-npu",
+            "Intel Core Ultra NPU (/dev/accel, intel_vpu) through OpenVINO",
+            Variant("openvino", "OpenVINO backend, NPU as the default device",
+                    # The OpenVINO backend cannot be built as a loadable module.
+                    {"GGML_OPENVINO": "ON", "GGML_BACKEND_DL": "OFF", "GGML_CPU_ALL_VARIANTS": "OFF"},
+                    "OPENVINO",
+                    Host(devices=("/dev/accel",), modules=(("intel_vpu",),),
+                         env={"GGML_OPENVINO_DEVICE": "NPU"})),
+        ),
+        _target(
+            "nvidia",
+            "NVIDIA GeForce RTX 3060 (12 GB, sm_86) class GPUs",
+            Variant("cuda", "CUDA for compute capability 8.6",
+                    {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "86",
+                     # libcuda comes from the host driver at run time, not from the build image.
+                     "CMAKE_EXE_LINKER_FLAGS": "-Wl,--allow-shlib-undefined"},
+                    "CUDA",
+                    Host(modules=(("nvidia",),), cdi="nvidia.com/gpu=all")),
+        ),
     )
 }
 
 
 def known_targets() -> str:
     return ", ".join(sorted(TARGETS))
+
+
+def why_not(target: Target, variant: str) -> str:
+    """Why `variant` does not fit `target`: which targets it belongs to, and what this target offers."""
+    owners = [f"{t.name} ({t.description})" for t in TARGETS.values() if variant in t.variants]
+    offers = f"{target.name} offers: {', '.join(target.variants)}"
+    return f"{variant} belongs to {'; '.join(owners)}; {offers}" if owners else offers

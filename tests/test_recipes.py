@@ -58,13 +58,18 @@ def test_bad_recipe_is_one_line_naming_file_and_field(tmp_path: Path, change, ne
 def test_unknown_target_lists_known_ones() -> None:
     proc = run_cli("plan", "--target", "tpu")
     assert_one_clear_error(proc, "unknown target 'tpu'")
-    assert "hint: known targets: cpu" in proc.stderr
+    assert "hint: known targets: cpu, intel-arc, intel-npu, nvidia, strix-halo" in proc.stderr
+
+
+def test_target_without_a_recipe_yet_says_so() -> None:
+    proc = run_cli("plan", "--target", "nvidia")
+    assert_one_clear_error(proc, "target 'nvidia' has no recipe yet", "recipes/nvidia.yaml")
 
 
 def test_unknown_variant_on_command_line_lists_valid_ones() -> None:
     proc = run_cli("render", "--target", "cpu", "--variant", "rocm", "--out", "/nonexistent/never-written")
-    assert_one_clear_error(proc, "cpu has no variant 'rocm'")
-    assert "variants of cpu: cpu" in proc.stderr
+    assert_one_clear_error(proc, "--variant: cpu has no variant 'rocm'")
+    assert "rocm belongs to strix-halo" in proc.stderr and "cpu offers: cpu" in proc.stderr
     assert not Path("/nonexistent/never-written").exists()
 
 

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from builder.targets import Host
+
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -50,6 +52,9 @@ class Engine(Protocol):
 
     def command(self) -> list[str]:
         """argv prefix of the engine's CLI, e.g. ['podman'], for `stop`, `logs` and friends."""
+
+    def device_flags(self, host: Host) -> list[str]:
+        """Flags that give a container the devices, groups and environment a variant needs."""
 
     def run_argv(self) -> list[str]:
         """argv prefix that starts a container, with the flags this host needs."""

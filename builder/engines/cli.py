@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 from builder.run import run, run_logged
+from builder.targets import Host
 
 
 class CliEngine:
@@ -17,6 +18,37 @@ class CliEngine:
     def container_flags(self) -> list[str]:
         """Flags every container this engine starts needs on this host (builds included)."""
         return []
+
+    def device_flags(self, host: Host) -> list[str]:
+        """Devices, groups, security options and environment a variant's container needs on this host.
+
+        Devices missing on the host are left out (`builder doctor` explains them). Access goes through the
+        device nodes' own group ids, which need not exist by name inside the image.
+        """
+        flags: list[str] = []
+        gids: set[int] = set()
+        for device in host.devices:
+            path = Path(device)
+            if not path.exists():
+                continue
+            flags += ["--device", device]
+            nodes = [p for p in path.iterdir() if not p.is_dir()] if path.is_dir() else [path]
+            gids |= {node.stat().st_gid for node in nodes}
+        if gids:
+            flags += self._group_flags(sorted(gids))
+        for option in host.security:
+            flags += ["--security-opt", option]
+        for key, value in host.env.items():
+            flags += ["--env", f"{key}={value}"]
+        if host.cdi:
+            flags += self._cdi_flags(host.cdi)
+        return flags
+
+    def _group_flags(self, gids: list[int]) -> list[str]:
+        return [flag for gid in gids for flag in ("--group-add", str(gid))]
+
+    def _cdi_flags(self, name: str) -> list[str]:
+        return ["--device", name]
 
     def run_argv(self) -> list[str]:
         return [*self.command(), "run", *self.container_flags()]

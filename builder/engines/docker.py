@@ -40,6 +40,10 @@ class DockerEngine(CliEngine):
             env["DOCKER_BUILDKIT"] = "0"
         return env
 
+    def _cdi_flags(self, name: str) -> list[str]:
+        # Debian's docker 20.10 predates CDI; the NVIDIA runtime hook takes --gpus.
+        return ["--gpus", "all"]
+
     def inspect(self, ref: str) -> ImageInfo | None:
         try:
             image = self.client().images.get(ref)

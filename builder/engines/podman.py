@@ -54,6 +54,10 @@ class PodmanEngine(CliEngine):
     def container_flags(self) -> list[str]:
         return list(_ulimit_flags())
 
+    def _group_flags(self, gids: list[int]) -> list[str]:
+        # Rootless podman cannot map named or numeric host groups; keep-groups passes the user's own.
+        return ["--group-add", "keep-groups"] if os.geteuid() != 0 else super()._group_flags(gids)
+
     def available(self) -> str | None:
         missing = self._installed()
         if missing:

@@ -1,0 +1,110 @@
+"""`builder doctor` against fixture trees of each kind of node: a line per check, and the fix when failing."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from builder.doctor import diagnose
+from builder.recipes import select
+from conftest import run_cli
+
+GOOD_STRIX_CMDLINE = "BOOT_IMAGE=/vmlinuz root=/dev/nvme0n1p2 amdgpu.gttsize=126976 ttm.pages_limit=32505856 iommu=pt"
+
+
+def make_host(root: Path, *, kernel: str = "6.17.1-1-amd64", modules: tuple[str, ...] = (),
+              devices: tuple[str, ...] = (), cmdline: str = "BOOT_IMAGE=/vmlinuz quiet",
+              available_kib: int = 120 * 2**20, device_gid: int = 0, cdi: str = "") -> Path:
+    """A fake host root: /proc, /sys/module, /dev nodes (plain files), /etc/group."""
+    (root / "proc/sys/kernel").mkdir(parents=True)
+    (root / "proc/sys/kernel/osrelease").write_text(kernel + "\n")
+    (root / "proc/cmdline").write_text(cmdline + "\n")
+    (root / "proc/meminfo").write_text(f"MemTotal: {available_kib + 1000} kB\nMemAvailable: {available_kib} kB\n")
+    for module in modules:
+        (root / "sys/module" / module).mkdir(parents=True)
+    for device in devices:
+        node = root / device.lstrip("/")
+        node.parent.mkdir(parents=True, exist_ok=True)
+        node.write_text("")
+        if os.geteuid() == 0:
+            os.chown(node, -1, device_gid)
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/group").write_text("root:x:0:\nvideo:x:44:\nrender:x:993:\n")
+    if cdi:
+        (root / "etc/cdi").mkdir(parents=True)
+        (root / "etc/cdi/nvidia.yaml").write_text(cdi)
+    return root
+
+
+def lines(target: str, root: Path, variant: str | None = None, **kw) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    entry, chosen = select(target, variant)
+    return {c.name: c.line() for c in diagnose(entry, chosen, root=root, **kw)}
+
+
+def test_ready_strix_halo_node_passes_every_check(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("amdgpu",), devices=("/dev/dri/renderD128", "/dev/dri/card0", "/dev/kfd"),
+                     cmdline=GOOD_STRIX_CMDLINE)
+    result = lines("strix-halo", root, uid=1000, groups={0})
+    assert all(line.startswith("PASS") for line in result.values()), result
+    assert set(result) >= {"kernel", "module amdgpu", "device /dev/dri", "device /dev/kfd",
+                           "kernel parameter amdgpu.gttsize", "kernel parameter ttm.pages_limit", "memory"}
+
+
+def test_strix_halo_without_unified_memory_params_or_new_kernel(tmp_path: Path) -> None:
+    root = make_host(tmp_path, kernel="6.8.0-45-generic", modules=("amdgpu",), devices=("/dev/kfd",))
+    result = lines("strix-halo", root, uid=0, groups=set())
+    assert result["kernel"].startswith("FAIL  kernel: 6.8.0-45-generic (need >= 6.16)")
+    assert "amdgpu.gttsize=126976 ttm.pages_limit=32505856" in result["kernel parameter amdgpu.gttsize"]
+    assert result["device /dev/dri"].startswith("FAIL") and "missing" in result["device /dev/dri"]
+    assert result["kernel parameter iommu"].startswith("WARN")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give fixture nodes another group (CI runs as root)")
+def test_device_in_a_group_the_user_lacks_names_the_group(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("xe",), devices=("/dev/dri/renderD128",), device_gid=993)
+    result = lines("intel-arc", root, uid=1000, groups={1000, 44})
+    assert result["device /dev/dri"] == (
+        "FAIL  device /dev/dri: renderD128 belongs to group render (993), which you are not in"
+        " -> fix: sudo usermod -aG render $USER, then log in again"
+    )
+    assert result["module xe or i915"].startswith("PASS  module xe or i915: xe loaded")
+    assert lines("intel-arc", root, uid=1000, groups={993})["device /dev/dri"].startswith("PASS")
+
+
+def test_npu_node_needs_intel_vpu_and_accel(tmp_path: Path) -> None:
+    root = make_host(tmp_path, devices=("/dev/accel/accel0",))
+    result = lines("intel-npu", root, uid=0, groups=set())
+    assert result["module intel_vpu"].startswith("FAIL") and "modprobe intel_vpu" in result["module intel_vpu"]
+    assert result["device /dev/accel"].startswith("PASS")
+
+
+def test_nvidia_needs_a_cdi_spec(tmp_path: Path) -> None:
+    root = make_host(tmp_path / "a", modules=("nvidia",))
+    assert "nvidia-ctk cdi generate" in lines("nvidia", root)["CDI spec for nvidia.com/gpu=all"]
+    root = make_host(tmp_path / "b", modules=("nvidia",), cdi="kind: nvidia.com/gpu\n")
+    assert lines("nvidia", root)["CDI spec for nvidia.com/gpu=all"].startswith("PASS")
+
+
+def test_memory_against_model_size(tmp_path: Path) -> None:
+    model = tmp_path / "model.gguf"
+    with open(model, "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: 3 GiB apparent size
+    root = make_host(tmp_path / "host", available_kib=2 * 2**20)
+    assert lines("cpu", root, model=model)["memory"].startswith("FAIL  memory: 2.0 GiB available, model model.gguf")
+    root = make_host(tmp_path / "big", available_kib=8 * 2**20)
+    assert lines("cpu", root, model=model)["memory"].startswith("PASS")
+
+
+def test_doctor_cli_exit_codes_and_lines(tmp_path: Path) -> None:
+    good = make_host(tmp_path / "good", modules=("amdgpu",), devices=("/dev/dri/renderD128", "/dev/kfd"),
+                     cmdline=GOOD_STRIX_CMDLINE)
+    proc = run_cli("doctor", "--target", "strix-halo", "--variant", "vulkan", "--root", str(good))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0] == f"doctor: strix-halo/vulkan on {good}"
+    bad = make_host(tmp_path / "bad")
+    proc = run_cli("doctor", "--target", "strix-halo", "--root", str(bad))
+    assert proc.returncode == 1
+    assert "FAIL  module amdgpu: not loaded -> fix: modprobe amdgpu" in proc.stdout
+    proc = run_cli("doctor", "--target", "strix-halo", "--variant", "cuda")
+    assert proc.returncode == 2 and "cuda belongs to nvidia" in proc.stderr
+    assert "strix-halo offers: rocm, vulkan" in proc.stderr
