@@ -61,6 +61,7 @@ def _source_date_epoch() -> int | None:
 
 def prepare(path: Path, variant: str | None = None, source_override: str | None = None) -> Prepared:
     recipe = load_recipe(path)
+    assert recipe.llama_cpp is not None
     tree = resolve_override(source_override) if source_override else resolve(recipe.llama_cpp.source)
     plan = make_plan(recipe, display_path(path), tree.info, variant=variant,
                      source_date_epoch=_source_date_epoch())

@@ -92,14 +92,20 @@ class LlamaCpp(Strict):
     binaries: list[str] = Field(default_factory=lambda: list(DEFAULT_BINARIES))
 
 
+class VariantRecipe(Strict):
+    """How one variant of the target is built: its bases and any extra CMake flags."""
+
+    base: Bases
+    cmake: dict[str, str] = Field(default_factory=dict, description="extra -D flags for this variant")
+
+
 class Recipe(Strict):
-    """One image recipe: recipes/<target>.yaml."""
+    """One recipe per target: recipes/<target>.yaml, with a section per variant it can build."""
 
     target: str = Field(description="a target from `builder targets`")
-    variant: str | None = Field(None, description="a variant of the target; default: the target's first")
     description: str = ""
-    base: Bases
-    llama_cpp: LlamaCpp
+    variants: dict[str, VariantRecipe] = Field(min_length=1, description="variant name -> how to build it")
+    llama_cpp: LlamaCpp | None = Field(None, description="default: the shared pin in recipes/llama-cpp.yaml")
     labels: dict[str, str] = Field(default_factory=dict, description="extra OCI labels")
 
 

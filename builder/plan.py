@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 from builder.bootstrap import base_ref
 from builder.models import BuildPlan, Recipe, SourceInfo
-from builder.recipes import select
+from builder.recipes import choose_variant
 from builder.targets import COMMON_CMAKE
 
 LABEL_PREFIX = "dev.builder"
@@ -22,8 +22,9 @@ def make_plan(
     variant: str | None = None,
     source_date_epoch: int | None = None,
 ) -> BuildPlan:
-    target, chosen = select(recipe.target, variant or recipe.variant, recipe_path, variant_from_cli=bool(variant))
-    cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake}
+    target, chosen, section = choose_variant(recipe, variant, recipe_path)
+    assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
+    cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake, **section.cmake}
     # Shown by `--version` of every binary, so a node tells which source it runs.
     cmake["LLAMA_BUILD_COMMIT"] = source.identity.split(":")[-1][:12]
     labels = {
@@ -46,10 +47,10 @@ def make_plan(
         target=target.name,
         variant=chosen.name,
         description=recipe.description or target.description,
-        toolchain_ref=base_ref(recipe.base.toolchain),
-        runtime_ref=base_ref(recipe.base.runtime),
-        toolchain=recipe.base.toolchain,
-        runtime=recipe.base.runtime,
+        toolchain_ref=base_ref(section.base.toolchain),
+        runtime_ref=base_ref(section.base.runtime),
+        toolchain=section.base.toolchain,
+        runtime=section.base.runtime,
         source=source,
         cmake=cmake,
         binaries=list(recipe.llama_cpp.binaries),

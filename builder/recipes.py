@@ -2,17 +2,20 @@
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from builder import PROJECT_ROOT
 from builder.errors import RecipeError
-from builder.models import Recipe
+from builder.models import LlamaCpp, Recipe, VariantRecipe
 from builder.targets import TARGETS, Target, Variant, known_targets, why_not
 
+M = TypeVar("M", bound=BaseModel)
 RECIPES_DIR = PROJECT_ROOT / "recipes"
+# The one llama.cpp pin every shipped recipe builds: nodes with different builds fail the RPC handshake.
+SHARED_PIN = RECIPES_DIR / "llama-cpp.yaml"
 
 _FRIENDLY = {
     "extra_forbidden": "unknown key (see `builder schema` for the allowed keys)",
@@ -45,16 +48,17 @@ def format_validation_error(where: str, err: ValidationError) -> str:
 
 
 def recipe_path_for(target: str) -> Path:
+    if target not in TARGETS:
+        raise RecipeError(f"unknown target {target!r}", f"known targets: {known_targets()}")
     path = RECIPES_DIR / f"{target}.yaml"
-    if path.is_file():
-        return path
-    if target in TARGETS:
+    if not path.is_file():
+        with_recipes = sorted(t for t in TARGETS if (RECIPES_DIR / f"{t}.yaml").is_file())
         raise RecipeError(f"target {target!r} has no recipe yet: {display_path(path)} is missing",
-                          f"targets with recipes: {', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.yaml')))}")
-    raise RecipeError(f"unknown target {target!r}", f"known targets: {known_targets()}")
+                          f"targets with recipes: {', '.join(with_recipes)}")
+    return path
 
 
-def load_recipe(path: Path) -> Recipe:
+def _load_yaml(path: Path) -> dict[str, Any]:
     where = display_path(path)
     try:
         text = path.read_text()
@@ -72,12 +76,37 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(f"{where}:{line}: {problem}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: (top level): expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _validated(model: type[M], path: Path, data: dict[str, Any]) -> M:
     try:
-        recipe = Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(where, exc)) from None
-    select(recipe.target, recipe.variant, where)
+        raise RecipeError(format_validation_error(display_path(path), exc)) from None
+
+
+def load_recipe(path: Path) -> Recipe:
+    """A validated recipe; without its own llama_cpp block it gets the shared pin."""
+    recipe = _validated(Recipe, path, _load_yaml(path))
+    where = display_path(path)
+    select(recipe.target, None, where)
+    for name in recipe.variants:
+        entry = TARGETS[recipe.target]
+        if name not in entry.variants:
+            raise RecipeError(f"{where}: variants.{name}: {entry.name} has no variant {name!r}", why_not(entry, name))
+    if recipe.llama_cpp is None:
+        recipe = recipe.model_copy(update={"llama_cpp": _validated(LlamaCpp, SHARED_PIN, _load_yaml(SHARED_PIN))})
     return recipe
+
+
+def choose_variant(recipe: Recipe, variant: str | None, where: str) -> tuple[Target, Variant, VariantRecipe]:
+    """The variant to build: --variant, else the target's default; it must be in the table and the recipe."""
+    entry, chosen = select(recipe.target, variant, where, variant_from_cli=variant is not None)
+    if chosen.name not in recipe.variants:
+        raise RecipeError(f"{where}: variants: no {chosen.name!r} section in this recipe yet",
+                          f"this recipe builds: {', '.join(recipe.variants)} (pass --variant)")
+    return entry, chosen, recipe.variants[chosen.name]
 
 
 def select(target: str, variant: str | None, where: str = "", variant_from_cli: bool = False) -> tuple[Target, Variant]:

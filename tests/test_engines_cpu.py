@@ -198,17 +198,17 @@ def test_base_pinned_by_digest_is_used_as_given(tmp_path: Path) -> None:
 
     recipe = load_recipe(recipe_path_for("cpu"))
     engine = PodmanEngine()
-    bootstrap_ref = ensure_base(engine, recipe.base.runtime)
+    bootstrap_ref = ensure_base(engine, recipe.variants["cpu"].base.runtime)
     digest = subprocess.run([*engine.command(), "image", "inspect", "--format", "{{.Digest}}", bootstrap_ref],
                             check=True, capture_output=True, text=True).stdout.strip()
     pinned = f"{bootstrap_ref.split(':')[0]}@{digest}"
     data = yaml.safe_load(recipe_path_for("cpu").read_text())
-    data["base"]["runtime"] = {"kind": "image", "ref": pinned}
+    data["variants"]["cpu"]["base"]["runtime"] = {"kind": "image", "ref": pinned}
     path = tmp_path / "pinned.yaml"
     path.write_text(yaml.safe_dump(data))
 
     plan = json.loads(run_cli("plan", "--recipe", str(path), "--json").stdout)
-    assert plan["runtime_ref"] == pinned and plan["toolchain_ref"] == base_ref(recipe.base.toolchain)
+    assert plan["runtime_ref"] == pinned and plan["toolchain_ref"] == base_ref(recipe.variants["cpu"].base.toolchain)
     proc = run_cli("build", "--recipe", str(path), "--engine", "podman", "--json", timeout=BUILD_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     image = json.loads(proc.stdout)["image"]

@@ -36,17 +36,27 @@ def assert_one_clear_error(proc, *needles: str) -> None:  # type: ignore[no-unty
     assert proc.stdout == ""
 
 
+PIN = {"source": {"kind": "pypi", "package": "llama-cpp-python", "version": "0.3.36", "sha256": "a" * 64,
+                  "subdir": "vendor/llama.cpp"}}
+CPU_SECTION = CPU["variants"]["cpu"]
+
+
 @pytest.mark.parametrize(
     ("change", "needles"),
     [
-        ((["llama_cpp", "flavour"], "x"), ["llama_cpp.flavour", "unknown key"]),
-        ((["base", "toolchain", "packages"], 5), ["base.toolchain.bootstrap.packages", "valid list"]),
+        ((["variants", "cpu", "flavour"], "x"), ["variants.cpu.flavour", "unknown key"]),
+        ((["variants", "cpu", "base", "toolchain", "packages"], 5),
+         ["variants.cpu.base.toolchain.bootstrap.packages", "valid list"]),
         ((["target"], "tpu"), ["target", "unknown target 'tpu'"]),
-        ((["variant"], "cuda"), ["variant", "cpu has no variant 'cuda'"]),
-        ((["llama_cpp", "source", "sha256"], "abc"), ["llama_cpp.source.pypi.sha256"]),
-        ((["base", "runtime"], {"kind": "image", "ref": "debian:bookworm"}), ["base.runtime.image.ref", "digest"]),
-        ((["base", "runtime"], {"kind": "tarball"}), ["base.runtime", "unknown kind 'tarball'"]),
-        ((["llama_cpp", "source", "subdir"], "../etc"), ["llama_cpp.source.pypi.subdir", "relative path"]),
+        ((["variants", "cuda"], CPU_SECTION), ["variants.cuda", "cpu has no variant 'cuda'"]),
+        ((["variants"], {}), ["variants", "at least 1"]),
+        ((["llama_cpp"], {"source": {**PIN["source"], "sha256": "abc"}}), ["llama_cpp.source.pypi.sha256"]),
+        ((["variants", "cpu", "base", "runtime"], {"kind": "image", "ref": "debian:bookworm"}),
+         ["variants.cpu.base.runtime.image.ref", "digest"]),
+        ((["variants", "cpu", "base", "runtime"], {"kind": "tarball"}),
+         ["variants.cpu.base.runtime", "unknown kind 'tarball'"]),
+        ((["llama_cpp"], {"source": {**PIN["source"], "subdir": "../etc"}}),
+         ["llama_cpp.source.pypi.subdir", "relative path"]),
     ],
 )
 def test_bad_recipe_is_one_line_naming_file_and_field(tmp_path: Path, change, needles) -> None:  # type: ignore[no-untyped-def]
@@ -59,6 +69,14 @@ def test_unknown_target_lists_known_ones() -> None:
     proc = run_cli("plan", "--target", "tpu")
     assert_one_clear_error(proc, "unknown target 'tpu'")
     assert "hint: known targets: cpu, intel-arc, intel-npu, nvidia, strix-halo" in proc.stderr
+
+
+def test_variant_missing_from_the_recipe_says_what_it_builds(tmp_path: Path) -> None:
+    data = {"target": "strix-halo", "variants": {"vulkan": CPU_SECTION}}
+    path = write_recipe(tmp_path, data)
+    proc = run_cli("plan", "--recipe", str(path))
+    assert_one_clear_error(proc, "bad.yaml: variants: no 'rocm' section in this recipe yet")
+    assert "this recipe builds: vulkan (pass --variant)" in proc.stderr
 
 
 def test_target_without_a_recipe_yet_says_so() -> None:
@@ -98,7 +116,7 @@ def test_schema_is_json_schema_that_forbids_unknown_keys() -> None:
     proc = run_cli("schema")
     assert proc.returncode == 0
     schema = json.loads(proc.stdout)
-    assert set(schema["required"]) >= {"target", "base", "llama_cpp"}
+    assert set(schema["required"]) >= {"target", "variants"}
     assert schema["additionalProperties"] is False
     kinds = json.dumps(schema["$defs"])
     for kind in ("bootstrap", "image", "git", "archive", "pypi"):
