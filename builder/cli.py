@@ -173,6 +173,7 @@ def run(
     name: Annotated[str | None, typer.Option(help="Container name.")] = None,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
     print_only: Annotated[bool, typer.Option("--print", help="Print the engine command, run nothing.")] = False,
+    env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the container (repeatable).")] = None,
 ) -> None:
     """Run an image in a role on the host network (model files given with --model are mounted).
 
@@ -191,8 +192,12 @@ def run(
         missing = [d for d in host.devices if not Path(d).exists()]
         if missing:
             err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {entry.name}`")
+    for item in env or []:
+        if "=" not in item:
+            raise RecipeError(f"--env {item!r}: expected KEY=VALUE")
+    env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
     argv = container_argv(chosen, image, role, list(args or []), name=name, detach=detach,
-                          run_flags=tuple(chosen.device_flags(host)))
+                          run_flags=(*chosen.device_flags(host), *env_flags))
     if print_only:
         typer.echo(" ".join(argv))
         return

@@ -9,8 +9,6 @@ import json
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +18,11 @@ import requests
 from builder.engines import ENGINES
 from builder.paths import cache_dir
 from conftest import free_port, require_engine, run_cli
+from containers import complete, container, wait_healthy
 
 pytestmark = pytest.mark.engine
 
 BUILD_TIMEOUT = 3600
-PROMPT = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "seed": 42}
 
 
 @dataclass(frozen=True)
@@ -101,70 +99,25 @@ def test_export_gives_the_image_root_filesystem(built: Built, tmp_path: Path) ->
     assert not list(tmp_path.glob(".*.part"))
 
 
-@contextmanager
-def container(b: Built, logs: Path, name: str, role: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`builder run` in the foreground, as a user would, output to a log file."""
-    log = open(logs / f"{name}.log", "wb")
-    proc = subprocess.Popen(
-        [*run_cli_argv(), "run", "--target", "cpu", "--engine", b.engine, "--name", name, role, *args],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        yield proc
-    finally:
-        subprocess.run([*b.cli(), "rm", "--force", name], capture_output=True)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def run_cli_argv() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "builder"]
-
-
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited early ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"server on {port} not healthy after {seconds} s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def complete(port: int, timeout: float = 60) -> str:
-    resp = requests.post(f"http://127.0.0.1:{port}/v1/completions", json=PROMPT, timeout=timeout)
-    resp.raise_for_status()
-    return str(resp.json()["choices"][0]["text"])
-
-
 def test_rpc_split_matches_single_node_and_fails_clearly_without_a_worker(
     built: Built, tiny_model: Path, tmp_path: Path
 ) -> None:
     single, head, w1, w2 = free_port(), free_port(), free_port(), free_port()
     tag = f"builder-test-{built.engine}-{head}"
     common = ["-m", str(tiny_model), "-c", "256", "-t", "2"]
-    with container(built, tmp_path, f"{tag}-single", "server", *common, "--port", str(single)) as s:
+    with container(built.engine, tmp_path, f"{tag}-single", "server", *common, "--port", str(single)) as s:
         wait_healthy(single, s, tmp_path / f"{tag}-single.log")
         expected = complete(single)
     assert len(set(expected.split())) > 5, f"degenerate reference text: {expected!r}"
 
     with (
-        container(built, tmp_path, f"{tag}-w1", "rpc-worker", "--port", str(w1)),
-        container(built, tmp_path, f"{tag}-w2", "rpc-worker", "--port", str(w2)) as worker2,
+        container(built.engine, tmp_path, f"{tag}-w1", "rpc-worker", "--port", str(w1)),
+        container(built.engine, tmp_path, f"{tag}-w2", "rpc-worker", "--port", str(w2)) as worker2,
     ):
         time.sleep(2)
         assert worker2.poll() is None, (tmp_path / f"{tag}-w2.log").read_text()
         head_log = tmp_path / f"{tag}-head.log"
-        with container(built, tmp_path, f"{tag}-head", "server", *common, "--port", str(head),
+        with container(built.engine, tmp_path, f"{tag}-head", "server", *common, "--port", str(head),
                        "--rpc", f"127.0.0.1:{w1},127.0.0.1:{w2}", "-ngl", "99", "-lv", "4") as h:
             wait_healthy(head, h, head_log)
             assert complete(head) == expected

@@ -11,18 +11,30 @@ from builder.models import SourceInfo
 from builder.plan import make_plan
 from builder.recipes import load_recipe, recipe_path_for
 from builder.render import fingerprint, image_tag, render_files, stage_source, write_context
+from builder.targets import TARGETS
 from conftest import ROOT, run_cli
 
 GOLDEN = ROOT / "tests" / "golden"
 
 
-def test_golden_context_for_every_target(cpu_prepared: Prepared, tmp_path: Path,
-                                         request: pytest.FixtureRequest) -> None:
+RECIPE_VARIANTS = [(path.stem, variant) for path in sorted((ROOT / "recipes").glob("*.yaml"))
+                   if path.stem in TARGETS for variant in load_recipe(path).variants]
+
+
+def test_every_shipped_recipe_variant_has_a_golden_context() -> None:
+    assert ("cpu", "cpu") in RECIPE_VARIANTS and ("strix-halo", "vulkan") in RECIPE_VARIANTS
+    goldens = {(p.parent.name, p.name) for p in GOLDEN.glob("*/*") if p.is_dir()}
+    assert goldens == set(RECIPE_VARIANTS), "run pytest --update-golden after adding or removing a variant"
+
+
+@pytest.mark.parametrize(("target", "variant"), RECIPE_VARIANTS, ids=lambda v: str(v))
+def test_golden_context(target: str, variant: str, cpu_prepared: Prepared, tmp_path: Path,
+                        request: pytest.FixtureRequest) -> None:
     """The whole rendered context (Containerfile, scripts, plan.json) equals tests/golden/<target>/<variant>."""
     out = tmp_path / "ctx"
-    proc = run_cli("render", "--target", "cpu", "--out", str(out))
+    proc = run_cli("render", "--target", target, "--variant", variant, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    golden = GOLDEN / "cpu" / "cpu"
+    golden = GOLDEN / target / variant
     rendered = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     if request.config.getoption("--update-golden"):
         for name, data in rendered.items():

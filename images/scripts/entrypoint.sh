@@ -82,7 +82,8 @@ smoke() {
         fi
     done
     # An unknown device makes ggml-rpc-server list the devices its backends found, then exit.
-    out=$(ggml-rpc-server -d smoke-list-devices 2>&1 || true)
+    # GGML_VK_VISIBLE_DEVICES=0 lets ggml-vulkan list a software device too (a build host has no GPU).
+    out=$(GGML_VK_VISIBLE_DEVICES="${GGML_VK_VISIBLE_DEVICES:-0}" ggml-rpc-server -d smoke-list-devices 2>&1 || true)
     if grep -qE "^  ${LLAMA_SMOKE_DEVICE:-CPU}[0-9]*: " <<<"$out"; then
         echo "smoke: ok   device $(grep -E "^  ${LLAMA_SMOKE_DEVICE:-CPU}[0-9]*: " <<<"$out" | head -n1 | sed 's/^ *//')"
     else

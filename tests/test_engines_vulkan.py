@@ -1,0 +1,83 @@
+"""The Vulkan variant, built from Debian trixie's packages and run on Mesa's software Vulkan device.
+
+No GPU here: lavapipe (llvmpipe) is a real Vulkan implementation that runs on the CPU. ggml-vulkan skips
+CPU-type devices unless told otherwise, so the runs set GGML_VK_VISIBLE_DEVICES=0, and the tests assert
+that the log names llvmpipe as the Vulkan0 device and puts the model's buffers on it (the offload line
+alone would also appear when ggml silently fell back to the CPU backend).
+
+Why comparing text with the cpu image is sound: both images build the same llama.cpp source; the model
+is f16 with weights drawn at a large spread, so greedy decoding is far from ties, and lavapipe computes
+in f32 like the CPU backend. A Vulkan backend that computed wrong results, or one that did not run,
+would diverge within a few tokens or fail the log checks.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder.engines import ENGINES
+from conftest import free_port, require_engine, run_cli
+from containers import complete, container, wait_healthy
+
+pytestmark = pytest.mark.engine
+# One engine proves the variant; both engines are proven on the same Containerfile by the cpu tests.
+ENGINE = "podman"
+SOFTWARE_VULKAN = ("GGML_VK_VISIBLE_DEVICES=0",)
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    require_engine(ENGINE)
+    out = {}
+    for target, variant in (("cpu", "cpu"), ("strix-halo", "vulkan")):
+        proc = run_cli("build", "--target", target, "--variant", variant, "--engine", ENGINE, "--json", timeout=3600)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        out[variant] = json.loads(proc.stdout)["image"]
+    return out
+
+
+def test_vulkan_image_lists_a_vulkan_device(images: dict[str, str]) -> None:
+    proc = run_cli("run", "--target", "strix-halo", "--variant", "vulkan", "--engine", ENGINE, "smoke")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "smoke: ok   device Vulkan0: llvmpipe" in proc.stdout
+
+
+def test_llama_bench_runs_on_vulkan(images: dict[str, str], tiny_model: Path) -> None:
+    proc = run_cli("run", "--target", "strix-halo", "--variant", "vulkan", "--engine", ENGINE,
+                   "--env", SOFTWARE_VULKAN[0], "bench", "-m", str(tiny_model), "-p", "32", "-n", "8", "-r", "1",
+                   "-ngl", "99", "-o", "json", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert {row["backends"] for row in rows} == {"Vulkan"}
+    assert all(row["avg_ts"] > 0 for row in rows)
+
+
+def test_greedy_text_on_lavapipe_matches_the_cpu_image(images: dict[str, str], tiny_model: Path,
+                                                      tmp_path: Path) -> None:
+    common = ["-m", str(tiny_model), "-c", "256", "-t", "2"]
+    cpu_port, vk_port = free_port(), free_port()
+    with container(ENGINE, tmp_path, f"builder-test-cpu-{cpu_port}", "server", *common, "--port", str(cpu_port)) as c:
+        wait_healthy(cpu_port, c, tmp_path / f"builder-test-cpu-{cpu_port}.log")
+        expected = complete(cpu_port)
+    name = f"builder-test-vulkan-{vk_port}"
+    with container(ENGINE, tmp_path, name, "server", *common, "--port", str(vk_port), "-ngl", "99", "-lv", "4",
+                   target="strix-halo", variant="vulkan", env=SOFTWARE_VULKAN) as v:
+        wait_healthy(vk_port, v, tmp_path / f"{name}.log", seconds=180)
+        text = complete(vk_port, timeout=180)
+    log = (tmp_path / f"{name}.log").read_text(errors="replace")
+    assert "Vulkan0 : llvmpipe" in log
+    assert "using device Vulkan0 (llvmpipe" in log
+    assert "Vulkan0 model buffer size" in log
+    assert text == expected
+    assert len(set(expected.split())) > 5
+
+
+def test_vulkan_run_contract_reaches_the_engine(images: dict[str, str]) -> None:
+    proc = run_cli("run", "--target", "strix-halo", "--variant", "vulkan", "--engine", ENGINE, "--print", "shell")
+    assert proc.returncode == 0
+    assert "--security-opt seccomp=unconfined" in proc.stdout
+    podman = ENGINES[ENGINE]()
+    assert proc.stdout.startswith(" ".join(podman.run_argv()))
+    subprocess.run([*podman.command(), "image", "exists", images["vulkan"]], check=True)
