@@ -75,6 +75,9 @@ def _rootfs_tarball(spec: BootstrapBase) -> Path:
     if not shutil.which("mmdebstrap"):
         raise EngineError("mmdebstrap is not installed; it bootstraps base images from Debian packages",
                           "apt-get install mmdebstrap")
+    if os.geteuid() != 0:
+        raise EngineError(f"bootstrapping the {spec.suite} base needs root (mmdebstrap --mode=root)",
+                          "run builder as root once to create it, or use a registry base pinned by digest")
     tmp = Path(tempfile.mkdtemp(dir=bases, prefix=".bootstrap-"))
     try:
         partial = tmp / "rootfs.tar"

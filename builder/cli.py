@@ -18,7 +18,7 @@ from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import BuilderError, CommandError, RecipeError
 from builder.launch import container_argv
 from builder.models import Recipe
-from builder.recipes import select
+from builder.recipes import RECIPES_DIR, load_recipe, select
 from builder.render import plan_document, stage_source, write_context
 from builder.targets import TARGETS, Host
 
@@ -61,14 +61,16 @@ def _options(
 
 @app.command()
 def targets() -> None:
-    """List targets and their variants (the default variant is marked *)."""
-    rows = [("TARGET", "VARIANTS", "DESCRIPTION")]
+    """List targets, their variants (the default marked *) and which variants the shipped recipes build."""
+    rows = [("TARGET", "VARIANTS", "IN RECIPE", "DESCRIPTION")]
     for target in TARGETS.values():
         variants = ", ".join(f"{v}*" if v == target.default_variant else v for v in target.variants)
-        rows.append((target.name, variants, target.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    for name, variants, description in rows:
-        typer.echo(f"{name:<{widths[0]}}  {variants:<{widths[1]}}  {description}")
+        path = RECIPES_DIR / f"{target.name}.yaml"
+        built = ", ".join(load_recipe(path).variants) if path.is_file() else "-"
+        rows.append((target.name, variants, built, target.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for name, variants, built, description in rows:
+        typer.echo(f"{name:<{widths[0]}}  {variants:<{widths[1]}}  {built:<{widths[2]}}  {description}")
 
 
 @app.command()

@@ -7,6 +7,7 @@ directory or archive given on the command line overrides the recipe's pin (for d
 import hashlib
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ def _fetch_pypi(spec: PypiSource) -> Path:
     if cached.is_file():
         return cached
     with tempfile.TemporaryDirectory() as tmp:
-        run(["python3", "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
              "--dest", tmp, f"{spec.package}=={spec.version}"], timeout=900)
         files = list(Path(tmp).iterdir())
         if len(files) != 1:

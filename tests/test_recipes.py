@@ -134,7 +134,11 @@ def test_every_recipe_field_is_documented() -> None:
     assert not missing, f"README.md does not document recipe keys: {missing}"
 
 
-def test_targets_lists_cpu() -> None:
+def test_targets_lists_variants_and_what_the_recipes_build() -> None:
     proc = run_cli("targets")
     assert proc.returncode == 0
-    assert any(line.split()[:2] == ["cpu", "cpu*"] for line in proc.stdout.splitlines())
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"cpu", "strix-halo", "intel-arc", "intel-npu", "nvidia"}
+    assert rows["cpu"].split()[:3] == ["cpu", "cpu*", "cpu"]
+    assert rows["strix-halo"].split()[:4] == ["strix-halo", "rocm*,", "vulkan", "vulkan"]
+    assert rows["nvidia"].split()[:3] == ["nvidia", "cuda*", "-"]
