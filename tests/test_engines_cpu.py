@@ -172,3 +172,25 @@ def test_base_pinned_by_digest_is_used_as_given(tmp_path: Path) -> None:
         assert smoke.returncode == 0 and "smoke: ok   device CPU" in smoke.stdout
     finally:
         engine.remove(image)
+
+
+def test_failed_build_shows_the_failing_step_and_leaves_no_image(tmp_path: Path) -> None:
+    """A build step that fails: the last lines of its output, the log path, exit 1, and no tag left behind."""
+    require_engine("podman")
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "cpu.yaml").read_text())
+    data["llama_cpp"] = {**yaml.safe_load((Path(__file__).parent.parent / "recipes" / "llama-cpp.yaml").read_text()),
+                         "binaries": ["llama-server", "no-such-binary"]}
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(data))
+    image = json.loads(run_cli("plan", "--recipe", str(path), "--json").stdout)["image"]
+    proc = run_cli("build", "--recipe", str(path), "--engine", "podman", timeout=BUILD_TIMEOUT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert any(line.startswith("error: podman build") and "failed (exit code" in line for line in lines)
+    tail = proc.stderr.split("last lines of output:", 1)[1]
+    assert "no-such-binary" in tail
+    log = Path(proc.stderr.split("hint: full log: ", 1)[1].split()[0])
+    assert log.is_file() and "no-such-binary" in log.read_text(errors="replace")
+    assert ENGINES["podman"]().inspect(image) is None
