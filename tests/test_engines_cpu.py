@@ -17,7 +17,7 @@ import requests
 
 from builder.engines import ENGINES
 from builder.paths import cache_dir
-from conftest import free_port, require_engine, run_cli
+from conftest import ROOT, free_port, require_engine, run_cli
 from containers import complete, container, wait_healthy
 
 pytestmark = pytest.mark.engine
@@ -179,9 +179,9 @@ def test_failed_build_shows_the_failing_step_and_leaves_no_image(tmp_path: Path)
     require_engine("podman")
     import yaml
 
-    data = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "cpu.yaml").read_text())
-    data["llama_cpp"] = {**yaml.safe_load((Path(__file__).parent.parent / "recipes" / "llama-cpp.yaml").read_text()),
-                         "binaries": ["llama-server", "no-such-binary"]}
+    data = yaml.safe_load((ROOT / "recipes" / "cpu.yaml").read_text())
+    pin = yaml.safe_load((ROOT / "recipes" / "llama-cpp.yaml").read_text())
+    data["llama_cpp"] = {**pin, "binaries": ["llama-server", "no-such-binary"]}
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(data))
     image = json.loads(run_cli("plan", "--recipe", str(path), "--json").stdout)["image"]
