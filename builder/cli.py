@@ -12,14 +12,19 @@ import typer
 from rich.console import Console
 
 from builder import __version__
+from builder import lock as lockfile
 from builder.build import BuildResult, build, context_dir, image_for_run, prepare, recipe_file
+from builder.cli_pxe import pxe_app
 from builder.doctor import diagnose
 from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import BuilderError, CommandError, RecipeError
 from builder.launch import container_argv
 from builder.models import Recipe
+from builder.publish import publish as publish_image
 from builder.recipes import RECIPES_DIR, load_recipe, select
+from builder.registry import Repository
 from builder.render import plan_document, stage_source, write_context
+from builder.sbom import make_sbom, read_packages, sbom_bytes
 from builder.targets import TARGETS, Host
 
 app = typer.Typer(
@@ -28,6 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(pxe_app, name="pxe")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _debug = False
 ROLES = ("rpc-worker", "server", "bench", "shell", "smoke", "help")
@@ -155,10 +161,102 @@ def build_cmd(
     The tag is a hash of everything that determines the image, so an unchanged recipe builds nothing.
     The full build log is saved; its path is printed.
     """
-    prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
+    path = recipe_file(target, recipe)
+    prep = prepare(path, variant, llama_cpp_source)
+    if llama_cpp_source is None:
+        lockfile.require(load_recipe(path), prep.plan.variant, strict=False)
     chosen = get_engine(engine)
     err.print(f"building {prep.tag} with {chosen.name} (context {context_dir(prep.plan)})")
     _print_build(build(prep, chosen, no_cache=no_cache), as_json)
+
+
+@app.command()
+def publish(
+    registry: Annotated[str, typer.Option("--registry", "-r", metavar="HOST/REPO",
+                                          help="Where to publish, e.g. ghcr.io/OWNER/builder.")],
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    engine: EngineOpt = "auto",
+    sbom: Annotated[bool, typer.Option(help="Attach an SPDX SBOM to the pushed image.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build if needed, push by digest, verify the registry's digest, then tag; skip if already published.
+
+    Tags: an immutable content tag (target-variant-llama<version>-<content hash>) and a floating one
+    (target-variant). Credentials come only from podman's auth.json or docker's config.json
+    (podman login / docker login). The inputs must agree with builder.lock.
+    """
+    repo = Repository.parse(registry)
+    path = recipe_file(target, recipe)
+    prep = prepare(path, variant)
+    lockfile.require(load_recipe(path), prep.plan.variant, strict=True)
+    chosen = get_engine(engine)
+    result = publish_image(prep, chosen, repo, sbom=sbom)
+    doc = {"repository": result.repository, "digest": result.digest, "reference": result.reference,
+           "tags": list(result.tags), "pushed": result.pushed, "built": result.built, "sbom": result.sbom,
+           "seconds": round(result.seconds, 1)}
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    state = "published" if result.pushed else "already published, nothing built or pushed"
+    typer.echo(f"{state}: {result.reference}")
+    for tag in result.tags:
+        typer.echo(f"tag     {result.repository}:{tag}")
+    if result.sbom:
+        typer.echo(f"sbom    {result.sbom}")
+
+
+@app.command()
+def lock(
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 when recipes and lock disagree.")] = False,
+    lock_path: Annotated[Path, typer.Option("--lock", help="The lock file.")] = lockfile.LOCK_FILE,
+    recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
+) -> None:
+    """Record every pinned input of every image (bases, llama.cpp source, vendor pins) in builder.lock.
+
+    With --check, change nothing: print one line per disagreement and exit 1 if there is any.
+    """
+    if check:
+        lines = lockfile.check(lock_path, recipes)
+        for line in lines:
+            typer.echo(line)
+        if lines:
+            raise typer.Exit(1)
+        typer.echo(f"{lock_path.name}: matches the recipes")
+        return
+    written = lockfile.write(lock_path, recipes)
+    typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s))")
+
+
+@app.command()
+def matrix(
+    recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
+) -> None:
+    """Print the CI build matrix (one entry per target/variant the recipes build) as JSON."""
+    typer.echo(json.dumps(lockfile.matrix(recipes), separators=(",", ":")))
+
+
+@app.command()
+def sbom(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    engine: EngineOpt = "auto",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write the SPDX 2.3 SBOM of the built image: its Debian packages, llama.cpp and its bases."""
+    prep = prepare(recipe_file(target, recipe), variant)
+    chosen = get_engine(engine)
+    ref = image_for_run(chosen, prep)
+    info = chosen.inspect(ref)
+    assert info is not None
+    data = sbom_bytes(make_sbom(prep.plan, ref, info.id, read_packages(chosen, ref)))
+    if out is None:
+        sys.stdout.write(data.decode())
+    else:
+        out.write_bytes(data)
+        err.print(f"wrote {out}")
 
 
 @app.command(

@@ -33,3 +33,14 @@ class CommandError(BuilderError):
         super().__init__(message, hint)
         self.tail = tail
         self.log = log
+
+
+class RegistryError(BuilderError):
+    """A registry refused, failed or could not be reached; nothing is recorded as published."""
+
+
+class LockError(BuilderError):
+    """The lock file and the recipes disagree, or the lock file is unreadable."""
+
+    exit_code = 2
+

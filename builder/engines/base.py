@@ -50,6 +50,9 @@ class Engine(Protocol):
     def export_rootfs(self, ref: str, tarball: Path) -> None:
         """Write the image's flattened root filesystem to a tarball (for netboot roots)."""
 
+    def export_oci(self, ref: str, layout: Path) -> None:
+        """Write the image as an OCI layout (index.json, blobs/) into the empty folder `layout`."""
+
     def command(self) -> list[str]:
         """argv prefix of the engine's CLI, e.g. ['podman'], for `stop`, `logs` and friends."""
 

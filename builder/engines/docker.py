@@ -1,12 +1,14 @@
 """Docker: the CLI builds (BuildKit when buildx is there, else the legacy builder); the SDK inspects."""
 
 import os
+from pathlib import Path
 
 import docker
 import docker.errors
 
 from builder.engines.base import ImageInfo
 from builder.engines.cli import CliEngine
+from builder.oci import layout_from_docker_archive
 from builder.run import run
 
 
@@ -43,6 +45,14 @@ class DockerEngine(CliEngine):
     def _cdi_flags(self, name: str) -> list[str]:
         # Debian's docker 20.10 predates CDI; the NVIDIA runtime hook takes --gpus.
         return ["--gpus", "all"]
+
+    def export_oci(self, ref: str, layout: Path) -> None:
+        archive = layout / ".save.tar"
+        try:
+            run([*self.command(), "save", "-o", str(archive), ref], timeout=1800)
+            layout_from_docker_archive(archive, layout)
+        finally:
+            archive.unlink(missing_ok=True)
 
     def inspect(self, ref: str) -> ImageInfo | None:
         try:

@@ -5,6 +5,7 @@ import os
 import resource
 import shutil
 from functools import cache
+from pathlib import Path
 
 from builder.engines.base import ImageInfo
 from builder.engines.cli import CliEngine
@@ -66,6 +67,11 @@ class PodmanEngine(CliEngine):
             return "podman's crun cannot run containers on this host's hybrid cgroups; apt-get install runc"
         proc = run(["podman", "info", "--format", "{{.Store.GraphDriverName}}"], check=False, timeout=60)
         return None if proc.returncode == 0 else f"podman does not work: {proc.stderr.strip()[:200]}"
+
+    def export_oci(self, ref: str, layout: Path) -> None:
+        # gzip layers: what every registry and engine accepts; podman reuses compressed blobs it made before.
+        run([*self.command(), "push", "--quiet", "--compression-format", "gzip", ref, f"oci:{layout}:image"],
+            timeout=1800)
 
     def inspect(self, ref: str) -> ImageInfo | None:
         proc = run(["podman", "image", "inspect", ref], check=False)

@@ -1,0 +1,141 @@
+"""builder.lock: every pinned input of every image the recipes build, so CI and users build the same thing.
+
+The recipes say what to build; the lock records what was reviewed and published. `builder build` and
+`builder publish` refuse to go on when the two disagree for the image they make (publish also when the
+image has no lock entry), and `builder lock --check` lists every disagreement. `builder lock` rewrites the
+file from the recipes. Entries hold whole variant sections, so a pin added to recipes later (a ROCm or
+vLLM version) is locked without changing this module.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from builder import PROJECT_ROOT
+from builder.errors import LockError
+from builder.models import Recipe
+from builder.recipes import RECIPES_DIR, SHARED_PIN, display_path, load_recipe
+
+LOCK_FILE = PROJECT_ROOT / "builder.lock"
+LOCK_VERSION = 1
+HINT = "run `builder lock` to record the recipes' pins, review the diff and commit builder.lock"
+
+
+def entry(recipe: Recipe, variant: str) -> dict[str, Any]:
+    """The pinned inputs of one image: the variant section (bases, flags, vendor pins) and llama.cpp."""
+    assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
+    section = recipe.variants[variant].model_dump(mode="json")
+    for base in section["base"].values():
+        if base.get("kind") == "bootstrap":
+            base["packages"] = sorted(set(base["packages"]))
+    return {**section, "llama_cpp": recipe.llama_cpp.model_dump(mode="json")}
+
+
+def recipe_files(recipes_dir: Path = RECIPES_DIR) -> list[Path]:
+    return sorted(p for p in recipes_dir.glob("*.yaml") if p.resolve() != SHARED_PIN.resolve())
+
+
+def built_images(recipes_dir: Path = RECIPES_DIR) -> list[tuple[Path, Recipe, str]]:
+    """(recipe file, recipe, variant) for every image the recipes build."""
+    out = []
+    for path in recipe_files(recipes_dir.resolve()):
+        recipe = load_recipe(path)
+        out += [(path, recipe, variant) for variant in recipe.variants]
+    return out
+
+
+def matrix(recipes_dir: Path = RECIPES_DIR) -> dict[str, list[dict[str, str]]]:
+    """The CI build matrix: one job per image the recipes build."""
+    return {"include": [{"target": r.target, "variant": v} for _, r, v in built_images(recipes_dir)]}
+
+
+def compute(recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
+    images = {f"{recipe.target}/{variant}": {"recipe": str(path.relative_to(recipes_dir.resolve().parent)),
+                                            **entry(recipe, variant)}
+              for path, recipe, variant in built_images(recipes_dir)}
+    return {"version": LOCK_VERSION, "images": images}
+
+
+def dumps(lock: dict[str, Any]) -> str:
+    return json.dumps(lock, indent=2, sort_keys=True) + "\n"
+
+
+def read(path: Path = LOCK_FILE) -> dict[str, Any] | None:
+    """The lock file's content, None when there is none; LockError when it is unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LockError(f"{display_path(path)}: cannot read the lock file: {exc}", HINT) from None
+    if not isinstance(data, dict) or data.get("version") != LOCK_VERSION or not isinstance(data.get("images"), dict):
+        raise LockError(f"{display_path(path)}: version: expected a lock file of version {LOCK_VERSION}", HINT)
+    return data
+
+
+def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
+    lock = compute(recipes_dir)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dumps(lock))
+    tmp.replace(path)
+    return lock
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def differences(locked: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """`path: lock has X, recipes have Y` for every pinned value that differs."""
+    old, new = _flatten(locked), _flatten(wanted)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if key == "recipe":
+            continue
+        if key not in old:
+            lines.append(f"{key}: not in the lock, recipes have {json.dumps(new[key])}")
+        elif key not in new:
+            lines.append(f"{key}: lock has {json.dumps(old[key])}, recipes have none")
+        elif old[key] != new[key]:
+            lines.append(f"{key}: lock has {json.dumps(old[key])}, recipes have {json.dumps(new[key])}")
+    return lines
+
+
+def check(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR) -> list[str]:
+    """One line per disagreement between the lock file and the recipes; empty when they agree."""
+    where = display_path(path)
+    lock = read(path)
+    if lock is None:
+        return [f"{where}: no lock file"]
+    wanted = compute(recipes_dir)["images"]
+    locked = lock["images"]
+    lines = []
+    for image in sorted(set(locked) | set(wanted)):
+        if image not in locked:
+            lines.append(f"{where}: {image}: not in the lock (built by {wanted[image]['recipe']})")
+        elif image not in wanted:
+            lines.append(f"{where}: {image}: in the lock, but no recipe builds it")
+        else:
+            lines += [f"{where}: {image}: {line}" for line in differences(locked[image], wanted[image])]
+    return lines
+
+
+def require(recipe: Recipe, variant: str, *, strict: bool, path: Path = LOCK_FILE) -> None:
+    """Fail when the lock disagrees with this image's recipe; with `strict`, also when it has no entry."""
+    where = display_path(path)
+    image = f"{recipe.target}/{variant}"
+    lock = read(path)
+    locked = (lock or {}).get("images", {}).get(image)
+    if locked is None:
+        if strict:
+            raise LockError(f"{where}: {image}: not in the lock; publishing needs locked inputs", HINT)
+        return
+    lines = differences(locked, entry(recipe, variant))
+    if lines:
+        more = f" (and {len(lines) - 1} more; see `builder lock --check`)" if len(lines) > 1 else ""
+        raise LockError(f"{where}: {image}: {lines[0]}{more}", HINT)

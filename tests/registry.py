@@ -1,0 +1,196 @@
+"""A real OCI registry for tests (Debian's docker-registry: the CNCF distribution registry) on 127.0.0.1,
+optionally behind htpasswd, and a small fault-injecting proxy in front of it."""
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import free_port
+
+BINARY = "docker-registry"
+
+
+@dataclass
+class Registry:
+    host: str  # 127.0.0.1:PORT
+    proc: subprocess.Popen[bytes]
+    root: Path
+    auth: tuple[str, str] | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}/v2/{path}"
+
+    def digest(self, repo: str, ref: str) -> str | None:
+        """What the registry serves for repo:ref, read directly (bypassing builder's client)."""
+        accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+        resp = requests.head(self.url(f"{repo}/manifests/{ref}"), headers={"Accept": accept},
+                             auth=self.auth, timeout=10)
+        return resp.headers["Docker-Content-Digest"] if resp.status_code == 200 else None
+
+    def tags(self, repo: str) -> list[str]:
+        resp = requests.get(self.url(f"{repo}/tags/list"), auth=self.auth, timeout=10)
+        return list(resp.json().get("tags") or []) if resp.status_code == 200 else []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def require_registry() -> None:
+    import os
+    if shutil.which(BINARY):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{BINARY} must be installed in CI (apt-get install docker-registry)")
+    pytest.skip(f"{BINARY} is not installed (apt-get install docker-registry)")
+
+
+@contextmanager
+def start_registry(root: Path, auth: tuple[str, str] | None = None) -> Iterator[Registry]:
+    """docker-registry serving root/storage on 127.0.0.1:<free port>; with auth, htpasswd (bcrypt)."""
+    require_registry()
+    port = free_port()
+    config = {
+        "version": 0.1,
+        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(root / "storage")}, "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }
+    if auth:
+        htpasswd = root / "htpasswd"
+        subprocess.run(["htpasswd", "-Bbc", str(htpasswd), auth[0], auth[1]], check=True, capture_output=True)
+        config["auth"] = {"htpasswd": {"realm": "test", "path": str(htpasswd)}}
+    (root / "config.yml").write_text(json.dumps(config))  # JSON is YAML
+    log = open(root / "registry.log", "wb")
+    proc = subprocess.Popen([BINARY, "serve", str(root / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
+    registry = Registry(f"127.0.0.1:{port}", proc, root, auth)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(registry.url(""), timeout=2).status_code in (200, 401):
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"registry did not start:\n{(root / 'registry.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield registry
+    finally:
+        registry.stop()
+        log.close()
+
+
+@dataclass
+class Proxy:
+    """Forwards 127.0.0.1:port to the registry; `fault` decides per request what goes wrong."""
+
+    upstream: str
+    fault: Callable[[str, str], str | None] = lambda method, path: None  # -> None | "500" | "cut"
+    cut_after: int = 64 * 1024  # bytes of a request body forwarded before a "cut"
+    on_cut: Callable[[], None] = lambda: None
+    seen: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, what happened)
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.stopped = True
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        with client:
+            client.settimeout(30)
+            while True:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                raw_head, _, body = head.partition(b"\r\n\r\n")
+                lines = raw_head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+                length = int(headers.get("content-length", "0"))
+                action = self.fault(method, path)
+                if action == "500":
+                    while len(body) < length:
+                        more = client.recv(min(65536, length - len(body)))
+                        if not more:
+                            return
+                        body += more
+                    self.seen.append((method, path, "500"))
+                    client.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 2\r\n\r\n{}")
+                    continue
+                if action == "cut":
+                    while len(body) < min(length, self.cut_after):
+                        more = client.recv(65536)
+                        if not more:
+                            break
+                        body += more
+                    self.seen.append((method, path, "cut"))
+                    self.on_cut()
+                    return  # connection dropped mid-request
+                self.seen.append((method, path, "forwarded"))
+                if not self._forward(client, method, path, headers, body, length):
+                    return
+
+    def _forward(self, client: socket.socket, method: str, path: str, headers: dict[str, str], body: bytes,
+                 length: int) -> bool:
+        while len(body) < length:
+            more = client.recv(min(1 << 20, length - len(body)))
+            if not more:
+                return False
+            body += more
+        forward = {k: v for k, v in headers.items() if k not in ("host", "connection", "content-length")}
+        try:
+            resp = requests.request(method, f"http://{self.upstream}{path}", headers=forward,
+                                    data=body if length else None, allow_redirects=False, timeout=60)
+        except requests.RequestException:
+            return False
+        out = [f"HTTP/1.1 {resp.status_code} {resp.reason}"]
+        content = resp.content
+        for key, value in resp.headers.items():
+            if key.lower() in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                continue
+            if key.lower() == "location":
+                value = value.replace(self.upstream, self.host)
+            out.append(f"{key}: {value}")
+        out.append(f"Content-Length: {len(content)}")
+        client.sendall(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + (b"" if method == "HEAD" else content))
+        return True
