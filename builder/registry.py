@@ -100,6 +100,11 @@ def check_tag(tag: str) -> str:
     return tag
 
 
+def at(repo: Repository, ref: str) -> str:
+    """repo:tag or repo@digest, for messages."""
+    return f"{repo}{'@' if ref.startswith('sha256:') else ':'}{ref}"
+
+
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -275,7 +280,7 @@ class RegistryClient:
             if digest:
                 return digest
             return sha256_digest(self.get_manifest(ref)[0])
-        return self.attempt(f"looking up {self.repo}:{ref}", head)
+        return self.attempt(f"looking up {at(self.repo, ref)}", head)
 
     def get_manifest(self, ref: str) -> tuple[bytes, str]:
         """(bytes, media type) of a manifest; RegistryError when it is absent."""
@@ -285,7 +290,7 @@ class RegistryClient:
             if resp.status_code == 404:
                 raise RegistryError(f"registry {self.repo.host}: {self.repo.name} has no manifest {ref!r}")
             return resp.content, resp.headers.get("Content-Type", "").split(";")[0]
-        return self.attempt(f"fetching manifest {self.repo}:{ref}", get)
+        return self.attempt(f"fetching manifest {at(self.repo, ref)}", get)
 
     def put_manifest(self, ref: str, data: bytes, media_type: str) -> str:
         """Store a manifest under a tag or its digest; returns the digest the registry computed."""
@@ -295,7 +300,7 @@ class RegistryClient:
             resp = self.request("PUT", f"manifests/{ref}", ok=(201, 200), headers={"Content-Type": media_type},
                                 body=data, what=f"manifest {ref}")
             return resp.headers.get("Docker-Content-Digest") or expected
-        digest = self.attempt(f"storing manifest {self.repo}:{ref}", put)
+        digest = self.attempt(f"storing manifest {at(self.repo, ref)}", put)
         if digest != expected:
             raise RegistryError(f"registry {self.repo.host} stored manifest {ref} as {digest}, expected {expected}")
         return digest

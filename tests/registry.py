@@ -63,6 +63,7 @@ def require_registry() -> None:
 def start_registry(root: Path, auth: tuple[str, str] | None = None) -> Iterator[Registry]:
     """docker-registry serving root/storage on 127.0.0.1:<free port>; with auth, htpasswd (bcrypt)."""
     require_registry()
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {
         "version": 0.1,
@@ -100,7 +101,7 @@ class Proxy:
     """Forwards 127.0.0.1:port to the registry; `fault` decides per request what goes wrong."""
 
     upstream: str
-    fault: Callable[[str, str], str | None] = lambda method, path: None  # -> None | "500" | "cut"
+    fault: Callable[[str, str, int], str | None] = lambda method, path, length: None  # None | "500" | "cut"
     cut_after: int = 64 * 1024  # bytes of a request body forwarded before a "cut"
     on_cut: Callable[[], None] = lambda: None
     seen: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, what happened)
@@ -146,7 +147,7 @@ class Proxy:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
                 length = int(headers.get("content-length", "0"))
-                action = self.fault(method, path)
+                action = self.fault(method, path, length)
                 if action == "500":
                     while len(body) < length:
                         more = client.recv(min(65536, length - len(body)))
@@ -163,7 +164,7 @@ class Proxy:
                         if not more:
                             break
                         body += more
-                    self.seen.append((method, path, "cut"))
+                    self.seen.append((method, path, f"cut after {len(body)} of {length} bytes"))
                     self.on_cut()
                     return  # connection dropped mid-request
                 self.seen.append((method, path, "forwarded"))
