@@ -32,14 +32,14 @@ def entry(recipe: Recipe, variant: str) -> dict[str, Any]:
 
 
 def recipe_files(recipes_dir: Path = RECIPES_DIR) -> list[Path]:
-    return sorted(p for p in recipes_dir.glob("*.yaml") if p.resolve() != SHARED_PIN.resolve())
+    return sorted(p for p in recipes_dir.glob("*.yaml") if p.name != SHARED_PIN.name)
 
 
 def built_images(recipes_dir: Path = RECIPES_DIR) -> list[tuple[Path, Recipe, str]]:
     """(recipe file, recipe, variant) for every image the recipes build."""
     out = []
     for path in recipe_files(recipes_dir.resolve()):
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, recipes_dir / SHARED_PIN.name)
         out += [(path, recipe, variant) for variant in recipe.variants]
     return out
 

@@ -86,7 +86,7 @@ def _validated(model: type[M], path: Path, data: dict[str, Any]) -> M:
         raise RecipeError(format_validation_error(display_path(path), exc)) from None
 
 
-def load_recipe(path: Path) -> Recipe:
+def load_recipe(path: Path, shared_pin: Path = SHARED_PIN) -> Recipe:
     """A validated recipe; without its own llama_cpp block it gets the shared pin."""
     recipe = _validated(Recipe, path, _load_yaml(path))
     where = display_path(path)
@@ -96,7 +96,7 @@ def load_recipe(path: Path) -> Recipe:
         if name not in entry.variants:
             raise RecipeError(f"{where}: variants.{name}: {entry.name} has no variant {name!r}", why_not(entry, name))
     if recipe.llama_cpp is None:
-        recipe = recipe.model_copy(update={"llama_cpp": _validated(LlamaCpp, SHARED_PIN, _load_yaml(SHARED_PIN))})
+        recipe = recipe.model_copy(update={"llama_cpp": _validated(LlamaCpp, shared_pin, _load_yaml(shared_pin))})
     return recipe
 
 

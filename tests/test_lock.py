@@ -1,0 +1,118 @@
+"""builder.lock, the CI matrix, credentials lookup and the SBOM parser: quick, no engine, no network."""
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from builder.registry import Repository, find_credentials
+from builder.sbom import parse_dpkg_status
+from conftest import ROOT, run_cli
+
+
+def test_the_shipped_lock_matches_the_recipes() -> None:
+    proc = run_cli("lock", "--check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def recipes(tmp_path: Path) -> Path:
+    copy = tmp_path / "recipes"
+    shutil.copytree(ROOT / "recipes", copy)
+    assert run_cli("lock", "--lock", str(tmp_path / "builder.lock"), "--recipes", str(copy)).returncode == 0
+    return copy
+
+
+def test_check_lists_every_disagreement(recipes: Path, tmp_path: Path) -> None:
+    pin = recipes / "llama-cpp.yaml"
+    pin.write_text(pin.read_text().replace("832db0699007f1be", "0000000000000000"))
+    cpu = recipes / "cpu.yaml"
+    cpu.write_text(cpu.read_text().replace("packages: [libgomp1]", "packages: [libgomp1, curl]"))
+    proc = run_cli("lock", "--check", "--lock", str(tmp_path / "builder.lock"), "--recipes", str(recipes))
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    # The shared llama.cpp pin moved for all three images, and one base gained a package.
+    assert sum("llama_cpp.source.sha256: lock has \"832db069" in line for line in lines) == 3
+    expected = 'builder.lock: cpu/cpu: base.runtime.packages: lock has ["libgomp1"], recipes have ["curl", "libgomp1"]'
+    assert [line for line in lines if line.endswith(expected)]
+    assert len(lines) == 4
+
+
+def test_new_and_removed_images_are_reported(recipes: Path, tmp_path: Path) -> None:
+    (recipes / "intel-arc.yaml").unlink()
+    proc = run_cli("lock", "--check", "--lock", str(tmp_path / "builder.lock"), "--recipes", str(recipes))
+    assert proc.returncode == 1
+    assert proc.stdout.strip().endswith("intel-arc/vulkan: in the lock, but no recipe builds it")
+
+
+def test_build_refuses_a_recipe_that_disagrees_with_the_lock(tmp_path: Path) -> None:
+    recipe = tmp_path / "cpu.yaml"
+    recipe.write_text((ROOT / "recipes" / "cpu.yaml").read_text().replace("libgomp1", "libgomp1, curl"))
+    proc = run_cli("build", "--recipe", str(recipe), "--engine", "podman")
+    assert proc.returncode == 2
+    assert "builder.lock: cpu/cpu: base.runtime.packages" in proc.stderr and "builder lock" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_matrix_lists_every_variant_the_recipes_build() -> None:
+    proc = run_cli("matrix")
+    assert proc.returncode == 0
+    jobs = json.loads(proc.stdout)["include"]
+    lock = json.loads((ROOT / "builder.lock").read_text())
+    assert sorted(f"{j['target']}/{j['variant']}" for j in jobs) == sorted(lock["images"])
+    assert {"target": "cpu", "variant": "cpu"} in jobs
+
+
+def test_credentials_come_from_the_standard_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    repo = Repository.parse("ghcr.io/owner/builder")
+    assert find_credentials(repo) is None
+    (tmp_path / "docker").mkdir()
+    token = base64.b64encode(b"dock:er-secret").decode()
+    (tmp_path / "docker" / "config.json").write_text(json.dumps({"auths": {"https://ghcr.io": {"auth": token}}}))
+    assert find_credentials(repo)[:2] == ("dock", "er-secret")  # type: ignore[index]
+    # podman's file comes first, and a namespace entry beats the host entry.
+    (tmp_path / "config" / "containers").mkdir(parents=True)
+    entries = {"ghcr.io": {"auth": base64.b64encode(b"host:h").decode()},
+               "ghcr.io/owner": {"auth": base64.b64encode(b"owner:o").decode()}}
+    (tmp_path / "config" / "containers" / "auth.json").write_text(json.dumps({"auths": entries}))
+    assert find_credentials(repo)[:2] == ("owner", "o")  # type: ignore[index]
+    assert find_credentials(Repository.parse("ghcr.io/other/x"))[:2] == ("host", "h")  # type: ignore[index]
+
+
+def test_registry_option_must_name_a_host_and_a_valid_repository() -> None:
+    proc = run_cli("publish", "--target", "cpu", "--registry", "builder")
+    assert proc.returncode == 2 and "expected HOST/REPOSITORY" in proc.stderr
+    proc = run_cli("publish", "--target", "cpu", "--registry", "ghcr.io/Owner/Builder")
+    assert proc.returncode == 2 and "not a valid repository name" in proc.stderr
+    assert Repository.parse("127.0.0.1:5000/x").plain_http and not Repository.parse("ghcr.io/x").plain_http
+
+
+def test_dpkg_status_gives_installed_packages_only() -> None:
+    status = """Package: libc6
+Status: install ok installed
+Architecture: amd64
+Source: glibc
+Version: 2.36-9+deb12u10
+Description: GNU C Library
+ multi-line description
+
+Package: removed-one
+Status: deinstall ok config-files
+Version: 1.0
+
+Package: libgomp1
+Status: install ok installed
+Architecture: amd64
+Source: gcc-12 (12.2.0-14)
+Version: 12.2.0-14
+"""
+    assert parse_dpkg_status(status) == [
+        {"name": "libc6", "version": "2.36-9+deb12u10", "arch": "amd64", "source": "glibc"},
+        {"name": "libgomp1", "version": "12.2.0-14", "arch": "amd64", "source": "gcc-12"},
+    ]
