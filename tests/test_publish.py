@@ -188,3 +188,23 @@ def test_registry_stopped_mid_push_gives_a_clear_error_and_records_nothing(regis
     assert [s for s in proxy.seen if s[2].startswith("cut")][0][2].startswith("cut after ")
     tags = registry.root / "storage" / "docker" / "registry" / "v2" / "repositories" / "builder" / "_manifests"
     assert not (tags / "tags").exists()
+
+
+def test_docker_push_pull_back_gives_the_same_image(registry: Registry) -> None:
+    require_engine("docker")
+    built = run_cli("build", "--target", "cpu", "--engine", "docker", "--json", timeout=3600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    local_id = json.loads(built.stdout)["digest"]
+    proc = run_cli("publish", "--target", "cpu", "--engine", "docker", "--registry", f"{registry.host}/builder",
+                   "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digest = json.loads(proc.stdout)["digest"]
+    assert registry.digest("builder", "cpu-cpu") == digest
+    pulled = f"{registry.host}/builder:cpu-cpu"
+    subprocess.run(["docker", "pull", "-q", pulled], check=True, capture_output=True)
+    try:
+        info = json.loads(subprocess.run(["docker", "image", "inspect", pulled], check=True, capture_output=True,
+                                         text=True).stdout)[0]
+        assert info["Id"] == local_id and f"{registry.host}/builder@{digest}" in info["RepoDigests"]
+    finally:
+        subprocess.run(["docker", "rmi", pulled], capture_output=True)
