@@ -50,6 +50,7 @@ EngineOpt = Annotated[
     str, typer.Option("--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)}.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+LockOpt = Annotated[Path, typer.Option("--lock", help="The lock file (default: builder.lock of the project).")]
 
 
 @app.callback()
@@ -154,6 +155,7 @@ def build_cmd(
     engine: EngineOpt = "auto",
     llama_cpp_source: SourceOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild even if the image exists.")] = False,
+    lock_path: LockOpt = lockfile.LOCK_FILE,
     as_json: JsonOpt = False,
 ) -> None:
     """Render, build and smoke-test an image; print its reference and digest.
@@ -163,8 +165,9 @@ def build_cmd(
     """
     path = recipe_file(target, recipe)
     prep = prepare(path, variant, llama_cpp_source)
-    if llama_cpp_source is None:
-        lockfile.require(load_recipe(path), prep.plan.variant, strict=False)
+    # The lock pins the shipped recipes; a recipe file of your own or a local llama.cpp tree is development.
+    if llama_cpp_source is None and path.resolve().parent == RECIPES_DIR.resolve():
+        lockfile.require(load_recipe(path), prep.plan.variant, strict=False, path=lock_path)
     chosen = get_engine(engine)
     err.print(f"building {prep.tag} with {chosen.name} (context {context_dir(prep.plan)})")
     _print_build(build(prep, chosen, no_cache=no_cache), as_json)
@@ -179,6 +182,7 @@ def publish(
     variant: VariantOpt = None,
     engine: EngineOpt = "auto",
     sbom: Annotated[bool, typer.Option(help="Attach an SPDX SBOM to the pushed image.")] = True,
+    lock_path: LockOpt = lockfile.LOCK_FILE,
     as_json: JsonOpt = False,
 ) -> None:
     """Build if needed, push by digest, verify the registry's digest, then tag; skip if already published.
@@ -190,7 +194,7 @@ def publish(
     repo = Repository.parse(registry)
     path = recipe_file(target, recipe)
     prep = prepare(path, variant)
-    lockfile.require(load_recipe(path), prep.plan.variant, strict=True)
+    lockfile.require(load_recipe(path), prep.plan.variant, strict=True, path=lock_path)
     chosen = get_engine(engine)
     result = publish_image(prep, chosen, repo, sbom=sbom)
     doc = {"repository": result.repository, "digest": result.digest, "reference": result.reference,
@@ -210,7 +214,7 @@ def publish(
 @app.command()
 def lock(
     check: Annotated[bool, typer.Option("--check", help="Exit 1 when recipes and lock disagree.")] = False,
-    lock_path: Annotated[Path, typer.Option("--lock", help="The lock file.")] = lockfile.LOCK_FILE,
+    lock_path: LockOpt = lockfile.LOCK_FILE,
     recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
 ) -> None:
     """Record every pinned input of every image (bases, llama.cpp source, vendor pins) in builder.lock.

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from registry import Registry, start_registry
 
 from builder.artifacts import NETBOOT_FILES, NETBOOT_TYPE, push_artifact
 from builder.registry import RegistryClient, Repository
 from conftest import run_cli
-from registry import Registry, start_registry
 
 IMAGE_DIGEST = "sha256:" + "ab" * 32
 

@@ -47,13 +47,28 @@ def test_new_and_removed_images_are_reported(recipes: Path, tmp_path: Path) -> N
     assert proc.stdout.strip().endswith("intel-arc/vulkan: in the lock, but no recipe builds it")
 
 
-def test_build_refuses_a_recipe_that_disagrees_with_the_lock(tmp_path: Path) -> None:
+def test_build_and_publish_refuse_inputs_that_disagree_with_the_lock(tmp_path: Path) -> None:
+    lock = json.loads((ROOT / "builder.lock").read_text())
+    lock["images"]["cpu/cpu"]["base"]["runtime"]["packages"] = ["curl", "libgomp1"]
+    stale = tmp_path / "builder.lock"
+    stale.write_text(json.dumps(lock))
+    for verb in (["build", "--engine", "podman"], ["publish", "--registry", "127.0.0.1:9/x"]):
+        proc = run_cli(*verb, "--target", "cpu", "--lock", str(stale))
+        assert proc.returncode == 2, proc.stderr
+        assert 'cpu/cpu: base.runtime.packages: lock has ["curl", "libgomp1"], recipes have ["libgomp1"]' \
+            in proc.stderr and "builder lock" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_publish_needs_a_lock_entry_even_for_a_recipe_file_of_ones_own(tmp_path: Path) -> None:
     recipe = tmp_path / "cpu.yaml"
     recipe.write_text((ROOT / "recipes" / "cpu.yaml").read_text().replace("libgomp1", "libgomp1, curl"))
-    proc = run_cli("build", "--recipe", str(recipe), "--engine", "podman")
-    assert proc.returncode == 2
-    assert "builder.lock: cpu/cpu: base.runtime.packages" in proc.stderr and "builder lock" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    proc = run_cli("publish", "--recipe", str(recipe), "--registry", "127.0.0.1:9/x")
+    assert proc.returncode == 2 and "cpu/cpu: base.runtime.packages" in proc.stderr
+    empty = tmp_path / "empty.lock"
+    empty.write_text(json.dumps({"version": 1, "images": {}}))
+    proc = run_cli("publish", "--target", "cpu", "--registry", "127.0.0.1:9/x", "--lock", str(empty))
+    assert proc.returncode == 2 and "cpu/cpu: not in the lock; publishing needs locked inputs" in proc.stderr
 
 
 def test_matrix_lists_every_variant_the_recipes_build() -> None:

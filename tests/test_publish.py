@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from registry import Proxy, Registry, start_registry
 
 from builder.paths import cache_dir
 from builder.registry import ATTEMPTS
 from conftest import require_engine, run_cli
-from registry import Proxy, Registry, start_registry
 
 pytestmark = pytest.mark.engine
 
