@@ -13,6 +13,7 @@ from rich.console import Console
 
 from builder import __version__
 from builder.build import BuildResult, build, context_dir, image_for_run, prepare, recipe_file
+from builder.cli_pxe import pxe_app
 from builder.doctor import diagnose
 from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import BuilderError, CommandError, RecipeError
@@ -28,6 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(pxe_app, name="pxe")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _debug = False
 ROLES = ("rpc-worker", "server", "bench", "shell", "smoke", "help")

@@ -59,7 +59,7 @@ start_role() {
             port=${port:-50052}
             /usr/local/bin/llama-entrypoint rpc-worker --host "$NODE_IP" --port "$port" &
             ;;
-        server)
+        head | server)
             port=${port:-8080}
             local path args=()
             path=$(fetch_model) || { say "no model: cannot start the server"; return 1; }
@@ -77,7 +77,7 @@ start_role() {
 
 # Ready means the role answers: a TCP connection for a worker, /health saying ok for the server.
 is_ready() {
-    if [ "$role" = server ]; then
+    if [ "$role" != rpc-worker ]; then
         exec 3<>"/dev/tcp/$NODE_IP/$port" || return 1
         printf 'GET /health HTTP/1.0\r\nHost: %s\r\n\r\n' "$NODE_IP" >&3
         local status
