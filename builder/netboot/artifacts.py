@@ -102,12 +102,12 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     (lib / "modules.load").write_text("".join(f"{n}\n" for n in names))
     source = firmware_dir(tree)
     if spec.firmware_globs and source.is_dir():
-        for path in sorted(source.rglob("*")):
-            rel = path.relative_to(source).as_posix()
-            if path.is_file() and any(fnmatch.fnmatch(rel, g) for g in spec.firmware_globs):
+        for blob in sorted(source.rglob("*")):
+            rel = blob.relative_to(source).as_posix()
+            if blob.is_file() and any(fnmatch.fnmatch(rel, g) for g in spec.firmware_globs):
                 dest = root / "lib/firmware" / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
+                shutil.copy2(blob, dest)
     for folder in ("dev", "proc", "sys", "run", "tmp"):
         (root / folder).mkdir(exist_ok=True)
     return missing
