@@ -21,8 +21,10 @@ from builder.errors import EngineError, RecipeError
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
     KernelSpec,
+    busybox,
     fetch_kernel_tree,
     firmware_dir,
+    kernel_image,
     kernel_version,
     modules_dir,
     version_tuple,
@@ -88,7 +90,7 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     lib = root / "usr/lib/builder"
     lib.mkdir(parents=True, exist_ok=True)
     shutil.copy2(NODE_SCRIPTS / "node-init.sh", lib / "node-init")
-    shutil.copy2(tree / "bin/busybox", lib / "busybox")
+    shutil.copy2(busybox(tree), lib / "busybox")
     (lib / "image.env").write_text("".join(f"{shlex_env(item)}\n" for item in env))
     moddir = modules_dir(tree, kver)
     order, missing = load_order(moddir, spec.accel_modules)
@@ -157,7 +159,7 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
         squash_seconds = time.monotonic() - squash_started
         initrd, initrd_missing = initramfs(tree, modules_dir(tree, kver))
         (staged / "initrd.img").write_bytes(initrd)
-        shutil.copyfile(tree / "boot" / f"vmlinuz-{kver}", staged / "vmlinuz")
+        shutil.copyfile(kernel_image(tree, kver), staged / "vmlinuz")
         files = {name: {"sha256": sha256_file(staged / name), "size": (staged / name).stat().st_size}
                  for name in FILES}
         manifest = {

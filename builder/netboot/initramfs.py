@@ -8,7 +8,7 @@ checks the root's sha256 before mounting it and starts in seconds (see docs/netb
 from pathlib import Path
 
 from builder.netboot import cpio
-from builder.netboot.kernels import NET_MODULES, ROOT_MODULES
+from builder.netboot.kernels import NET_MODULES, ROOT_MODULES, busybox
 from builder.netboot.modules import load_order, module_bytes, plain_name
 from builder.render import IMAGES_DIR
 
@@ -21,10 +21,7 @@ def initramfs(kernel_tree: Path, moddir: Path) -> tuple[bytes, list[str]]:
     entries = [cpio.directory(d) for d in ("bin", "dev", "etc", "etc/builder", "lib", "lib/modules", "proc",
                                            "run", "sys", "tmp", "newroot")]
     entries += [cpio.chardev("dev/console", 5, 1), cpio.chardev("dev/null", 1, 3, 0o666)]
-    busybox = kernel_tree / "bin/busybox"
-    if not busybox.is_file():
-        busybox = kernel_tree / "usr/bin/busybox"
-    entries.append(cpio.file("bin/busybox", busybox.read_bytes(), 0o755))
+    entries.append(cpio.file("bin/busybox", busybox(kernel_tree).read_bytes(), 0o755))
     entries.append(cpio.file("init", (NODE_SCRIPTS / "init.sh").read_bytes(), 0o755))
     entries.append(cpio.file("etc/builder/udhcpc.sh", (NODE_SCRIPTS / "udhcpc.sh").read_bytes(), 0o755))
     names = []

@@ -84,7 +84,11 @@ def kernel_spec(target: str) -> KernelSpec:
 def _extract_argv(spec: KernelSpec, out: Path) -> list[str]:
     argv = ["mmdebstrap", "--variant=extract", "--mode=root", "--format=directory",
             f"--architectures={host_arch()}", f"--components={','.join(spec.components)}",
-            "--aptopt=Acquire::Languages \"none\"", "--include=" + ",".join(spec.packages), spec.suite, str(out)]
+            "--aptopt=Acquire::Languages \"none\"",
+            # sid's Release file is valid for a week only: a lagging mirror must not stop the fetch
+            # (signatures are still checked)
+            "--aptopt=Acquire::Check-Valid-Until \"false\"", "--include=" + ",".join(spec.packages),
+            spec.suite, str(out)]
     if spec.mirror:
         argv.append(spec.mirror)
     return argv
@@ -106,7 +110,11 @@ def fetch_kernel_tree(spec: KernelSpec) -> Path:
     try:
         run_logged(_extract_argv(spec, tmp / "root"), trees / f"{tree.name}.log",
                    title=f"fetch {spec.suite} kernel ({', '.join(spec.packages)})")
-        # extract runs no maintainer scripts, so the module index is made here
+        # extract makes no merged-/usr links and runs no maintainer scripts: add the link depmod
+        # looks through, and make the module index here
+        extracted = tmp / "root"
+        if (extracted / "usr/lib/modules").is_dir() and not (extracted / "lib").exists():
+            (extracted / "lib").symlink_to("usr/lib")
         run(["depmod", "-b", str(tmp / "root"), kernel_version(tmp / "root")])
         (tmp / "root" / ".complete").touch()
         shutil.rmtree(tree, ignore_errors=True)
@@ -116,12 +124,31 @@ def fetch_kernel_tree(spec: KernelSpec) -> Path:
     return tree
 
 
+def _kernels(tree: Path) -> dict[str, Path]:
+    """version -> kernel image: /boot/vmlinuz-V (bookworm, trixie) or /usr/lib/modules/V/vmlinuz (newer)."""
+    found = {p.name.removeprefix("vmlinuz-"): p for p in (tree / "boot").glob("vmlinuz-*")}
+    for base in (tree / "lib/modules", tree / "usr/lib/modules"):
+        found.update({p.parent.name: p for p in base.glob("*/vmlinuz")})
+    return found
+
+
 def kernel_version(tree: Path) -> str:
     """The version of the one kernel in an extracted tree, e.g. 6.1.0-50-amd64."""
-    found = sorted(p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*"))
+    found = _kernels(tree)
     if len(found) != 1:
-        raise EngineError(f"expected one kernel in {tree / 'boot'}, found {found or 'none'}")
-    return found[0]
+        raise EngineError(f"expected one kernel in {tree}, found {sorted(found) or 'none'}")
+    return next(iter(found))
+
+
+def kernel_image(tree: Path, version: str) -> Path:
+    return _kernels(tree)[version]
+
+
+def busybox(tree: Path) -> Path:
+    for candidate in (tree / "bin/busybox", tree / "usr/bin/busybox"):
+        if candidate.is_file():
+            return candidate
+    raise EngineError(f"no busybox in {tree}", "the kernel tree includes busybox-static; remove it to fetch again")
 
 
 def version_tuple(version: str) -> tuple[int, int]:

@@ -38,6 +38,8 @@ set +a
 
 if [ -s /usr/lib/builder/modules.load ]; then
     while read -r module; do
+        loaded=${module%.ko}
+        [ -d "/sys/module/${loaded//-/_}" ] && continue  # already loaded by the initramfs
         "$bb" insmod "/lib/modules/$module" 2>/dev/null || say "could not load ${module##*/}"
     done </usr/lib/builder/modules.load
 fi
