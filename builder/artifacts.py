@@ -166,8 +166,8 @@ def push_netboot(folder: Path, repo: Repository) -> tuple[str, tuple[str, ...]]:
 
 
 def pull_netboot(reference: str, dest: Path) -> Path:
-    """Fetch a netboot artifact into dest/generations/<name>-<digest>, checked file by file, then point
-    dest/<target>-<variant> at it (an atomic symlink switch). Returns the generation folder."""
+    """Fetch a netboot artifact into dest/sets/<name>-<digest>, checked file by file, then point
+    dest/<target>-<variant> at it (an atomic symlink switch). Returns the set's folder."""
     repo, ref = parse_reference(reference)
     client = RegistryClient(repo)
     data, _ = client.get_manifest(ref)
@@ -179,7 +179,7 @@ def pull_netboot(reference: str, dest: Path) -> Path:
     for name, media in NETBOOT_FILES.items():
         if name not in layers or layers[name]["mediaType"] != media:
             raise RegistryError(f"{reference}: the artifact has no {name} of type {media}")
-    generations = dest / "generations"
+    generations = dest / "sets"
     generations.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=generations, prefix=".pull-"))
     try:

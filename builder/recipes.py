@@ -58,13 +58,14 @@ def recipe_path_for(target: str) -> Path:
     return path
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path, what: str = "recipe", hint: str = "pass --target NAME or an existing --recipe PATH"
+              ) -> dict[str, Any]:
+    """A YAML mapping from `path`; any problem is one RecipeError line naming the file (and line)."""
     where = display_path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        hint = "pass --target NAME or an existing --recipe PATH"
-        raise RecipeError(f"{where}: recipe file not found", hint) from None
+        raise RecipeError(f"{where}: {what} file not found", hint) from None
     except OSError as exc:
         raise RecipeError(f"{where}: cannot read: {exc.strerror}") from None
     try:
@@ -79,7 +80,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _validated(model: type[M], path: Path, data: dict[str, Any]) -> M:
+def validated(model: type[M], path: Path, data: dict[str, Any]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -88,7 +89,7 @@ def _validated(model: type[M], path: Path, data: dict[str, Any]) -> M:
 
 def load_recipe(path: Path, shared_pin: Path = SHARED_PIN) -> Recipe:
     """A validated recipe; without its own llama_cpp block it gets the shared pin."""
-    recipe = _validated(Recipe, path, _load_yaml(path))
+    recipe = validated(Recipe, path, load_yaml(path))
     where = display_path(path)
     select(recipe.target, None, where)
     for name in recipe.variants:
@@ -96,7 +97,7 @@ def load_recipe(path: Path, shared_pin: Path = SHARED_PIN) -> Recipe:
         if name not in entry.variants:
             raise RecipeError(f"{where}: variants.{name}: {entry.name} has no variant {name!r}", why_not(entry, name))
     if recipe.llama_cpp is None:
-        recipe = recipe.model_copy(update={"llama_cpp": _validated(LlamaCpp, shared_pin, _load_yaml(shared_pin))})
+        recipe = recipe.model_copy(update={"llama_cpp": validated(LlamaCpp, shared_pin, load_yaml(shared_pin))})
     return recipe
 
 

@@ -64,6 +64,17 @@ def test_push_then_pull_places_identical_files_and_switches_the_link(registry: R
     assert (current / "root.squashfs").read_bytes() == (second / "root.squashfs").read_bytes()
     assert (old_generation / "root.squashfs").read_bytes() == (first / "root.squashfs").read_bytes()
 
+    # The control node boots nodes from the pulled set without building anything itself.
+    inventory = tmp_path / "cluster.yaml"
+    inventory.write_text("control: {address: 10.0.2.2}\n"
+                         "nodes: [{name: n1, mac: '52:54:00:12:34:56', target: cpu, role: rpc-worker}]\n")
+    root = tmp_path / "boot-root"
+    proc = run_cli("pxe", "publish", "--inventory", str(inventory), "--root", str(root), "--artifacts", str(dest))
+    assert proc.returncode == 0, proc.stderr
+    squash = hashlib.sha256((second / "root.squashfs").read_bytes()).hexdigest()
+    assert f"builder.sha256={squash}" in (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text()
+    assert (root / "blobs" / "sha256" / squash).read_bytes() == (second / "root.squashfs").read_bytes()
+
 
 def test_artifact_carries_media_types_and_the_image_digest(registry: Registry, tmp_path: Path) -> None:
     folder = netboot_set(tmp_path / "nb", seed=3)
@@ -102,7 +113,7 @@ def test_pull_refuses_files_that_disagree_with_the_manifest_and_places_nothing(r
     assert proc.returncode == 1
     assert "root.squashfs: does not match manifest.json" in proc.stderr and "Traceback" not in proc.stderr
     assert not (dest / "cpu-cpu").exists()
-    assert os.listdir(dest / "generations") == []
+    assert os.listdir(dest / "sets") == []
 
 
 def test_pull_of_something_else_is_a_clear_error(registry: Registry, tmp_path: Path) -> None:

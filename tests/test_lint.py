@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = sorted((ROOT / "images" / "scripts").glob("*.sh")) + [ROOT / ".ci" / "run"]
+SCRIPTS = sorted((ROOT / "images").glob("*/*.sh")) + [ROOT / ".ci" / "run"]
 
 
 def check(*argv: str) -> None:

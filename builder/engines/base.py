@@ -13,6 +13,7 @@ class ImageInfo:
     id: str  # sha256:<hex> of the image config: the local content address of the image
     labels: dict[str, str]
     size: int  # uncompressed bytes
+    env: tuple[str, ...] = ()  # the image's ENV as KEY=VALUE, for roots that run without an engine (netboot)
 
 
 class Engine(Protocol):

@@ -61,4 +61,5 @@ class DockerEngine(CliEngine):
             return None
         attrs = image.attrs
         labels = (attrs.get("Config") or {}).get("Labels") or {}
-        return ImageInfo(ref=ref, id=str(image.id), labels=labels, size=int(attrs.get("Size", 0)))
+        env = tuple((attrs.get("Config") or {}).get("Env") or ())
+        return ImageInfo(ref=ref, id=str(image.id), labels=labels, size=int(attrs.get("Size", 0)), env=env)

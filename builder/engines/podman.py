@@ -79,4 +79,6 @@ class PodmanEngine(CliEngine):
             return None
         data = json.loads(proc.stdout)[0]
         image_id = data["Id"] if data["Id"].startswith("sha256:") else f"sha256:{data['Id']}"
-        return ImageInfo(ref=ref, id=image_id, labels=data.get("Labels") or {}, size=int(data.get("Size", 0)))
+        env = tuple((data.get("Config") or {}).get("Env") or ())
+        return ImageInfo(ref=ref, id=image_id, labels=data.get("Labels") or {}, size=int(data.get("Size", 0)),
+                         env=env)

@@ -1,0 +1,193 @@
+"""The netboot flavour of an image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS and manifest.json.
+
+The root is the image's own filesystem (exported from the engine) plus node-init, busybox, the image's
+environment, and the accelerator's kernel modules and firmware. Artifacts are cached by everything that
+goes into them, so a second `pxe build` of the same image is immediate.
+"""
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.engines import Engine
+from builder.errors import EngineError, RecipeError
+from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
+from builder.netboot.kernels import (
+    KernelSpec,
+    busybox,
+    fetch_kernel_tree,
+    firmware_dir,
+    kernel_image,
+    kernel_version,
+    modules_dir,
+    version_tuple,
+)
+from builder.netboot.modules import load_order, module_bytes, plain_name
+from builder.paths import cache_subdir
+from builder.run import run, run_logged
+
+NETBOOT_VERSION = "1"  # bump when the artifacts' layout or node scripts' contract changes
+FILES = ("vmlinuz", "initrd.img", "root.squashfs")
+COMPRESSORS = ("zstd", "xz", "gzip", "lzo", "lz4")
+
+
+@dataclass(frozen=True)
+class Squash:
+    """mksquashfs compression: `zstd`, `zstd:19`, `xz`, ..."""
+
+    algorithm: str = "zstd"
+    level: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Squash":
+        algorithm, _, level = text.partition(":")
+        if algorithm not in COMPRESSORS:
+            raise RecipeError(f"--compression {text!r}: unknown algorithm", f"one of {', '.join(COMPRESSORS)}")
+        if level and not level.isdigit():
+            raise RecipeError(f"--compression {text!r}: the level must be a number, e.g. zstd:15")
+        return cls(algorithm, int(level) if level else None)
+
+    def flags(self) -> list[str]:
+        flags = ["-comp", self.algorithm]
+        if self.level is not None:
+            flags += ["-Xcompression-level", str(self.level)]
+        return flags
+
+    def __str__(self) -> str:
+        return self.algorithm if self.level is None else f"{self.algorithm}:{self.level}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _artifact_key(image_id: str, spec: KernelSpec, squash: Squash) -> str:
+    scripts = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NODE_SCRIPTS.iterdir())}
+    inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "squash": str(squash),
+              "scripts": scripts}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _extract(tarball: Path, dest: Path) -> None:
+    # The engine's export is trusted (our own image), but keep entries inside dest all the same.
+    with tarfile.open(tarball) as archive:
+        archive.extractall(dest, filter="fully_trusted" if os.geteuid() == 0 else "tar")
+
+
+def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tuple[str, ...]) -> list[str]:
+    """node-init, busybox, the image's environment, accelerator modules and firmware; returns missing modules."""
+    lib = root / "usr/lib/builder"
+    lib.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(NODE_SCRIPTS / "node-init.sh", lib / "node-init")
+    shutil.copy2(busybox(tree), lib / "busybox")
+    (lib / "image.env").write_text("".join(f"{shlex_env(item)}\n" for item in env))
+    moddir = modules_dir(tree, kver)
+    order, missing = load_order(moddir, spec.accel_modules)
+    target_modules = root / "lib/modules"
+    target_modules.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path in order:
+        name = plain_name(path)
+        (target_modules / name).write_bytes(module_bytes(moddir / path))
+        names.append(name)
+    (lib / "modules.load").write_text("".join(f"{n}\n" for n in names))
+    source = firmware_dir(tree)
+    if spec.firmware_globs and source.is_dir():
+        for blob in sorted(source.rglob("*")):
+            rel = blob.relative_to(source).as_posix()
+            if blob.is_file() and any(fnmatch.fnmatch(rel, g) for g in spec.firmware_globs):
+                dest = root / "lib/firmware" / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(blob, dest)
+    for folder in ("dev", "proc", "sys", "run", "tmp"):
+        (root / folder).mkdir(exist_ok=True)
+    return missing
+
+
+def shlex_env(item: str) -> str:
+    key, _, value = item.partition("=")
+    return f"{key}='" + value.replace("'", "'\\''") + "'"
+
+
+def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec: KernelSpec,
+                    squash: Squash, out: Path | None = None) -> tuple[Path, dict[str, object]]:
+    """Make (or reuse) the netboot artifacts of `image`; returns their folder and manifest."""
+    info = engine.inspect(image)
+    if info is None:
+        raise RecipeError(f"no image {image} in {engine.name}", f"build it first: builder build --target {target}")
+    if not shutil.which("mksquashfs"):
+        raise EngineError("mksquashfs is not installed", "apt-get install squashfs-tools")
+    tree = fetch_kernel_tree(spec)
+    kver = kernel_version(tree)
+    if version_tuple(kver) < spec.min_version:
+        raise EngineError(f"kernel {kver} from {spec.suite} is older than {target} needs "
+                          f"({'.'.join(map(str, spec.min_version))})", spec.why)
+    key = _artifact_key(info.id, spec, squash)
+    folder = out or cache_subdir("netboot") / "artifacts" / f"{target}-{variant}-{key[:16]}"
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        manifest: dict[str, object] = json.loads(manifest_path.read_text())
+        if manifest.get("key") == key:
+            return folder, manifest
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".netboot-"))
+    try:
+        started = time.monotonic()
+        staged = work / "out"
+        staged.mkdir()
+        engine.export_rootfs(image, work / "rootfs.tar")
+        root = work / "root"
+        root.mkdir()
+        _extract(work / "rootfs.tar", root)
+        (work / "rootfs.tar").unlink()
+        missing = _add_node_files(root, tree, kver, spec, info.env)
+        squash_started = time.monotonic()
+        run_logged(["mksquashfs", str(root), str(staged / "root.squashfs"), "-noappend", "-no-xattrs",
+                    "-mkfs-time", "0", "-all-time", "0", "-no-progress", *squash.flags()],
+                   work / "mksquashfs.log", title=f"squashfs ({squash}) of {image}")
+        squash_seconds = time.monotonic() - squash_started
+        initrd, initrd_missing = initramfs(tree, modules_dir(tree, kver))
+        (staged / "initrd.img").write_bytes(initrd)
+        shutil.copyfile(kernel_image(tree, kver), staged / "vmlinuz")
+        files = {name: {"sha256": sha256_file(staged / name), "size": (staged / name).stat().st_size}
+                 for name in FILES}
+        manifest = {
+            "schema": 1, "key": key, "target": target, "variant": variant, "image": image,
+            "image_digest": info.id, "kernel_version": kver, "kernel_suite": spec.suite,
+            "compression": str(squash), "files": files,
+            "rootfs_bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()),
+            "missing_modules": sorted(set(missing + initrd_missing)),
+            "seconds": {"total": round(time.monotonic() - started, 1), "squashfs": round(squash_seconds, 1)},
+        }
+        (staged / "SHA256SUMS").write_text("".join(f"{f['sha256']}  {n}\n" for n, f in files.items()))
+        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staged, folder)
+    finally:
+        run(["rm", "-rf", str(work)], check=False)
+    return folder, manifest
+
+
+def read_artifacts(folder: Path) -> tuple[Path, dict[str, object]]:
+    """A netboot set made elsewhere (pulled from a registry): its folder and manifest."""
+    try:
+        manifest: dict[str, object] = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{folder}: no readable manifest.json ({exc})",
+                          "pull the set first: builder pxe pull HOST/REPO:netboot-TARGET-VARIANT --dest DIR") from None
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing or not isinstance(manifest.get("files"), dict):
+        raise RecipeError(f"{folder}: incomplete netboot set (missing {', '.join(missing) or 'files in manifest'})")
+    return folder.resolve(), manifest

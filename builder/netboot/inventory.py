@@ -1,0 +1,140 @@
+"""cluster.yaml: the control node and the compute nodes it netboots, validated like recipes."""
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from builder.errors import RecipeError
+from builder.models import Strict
+from builder.netboot.kernels import KERNELS
+from builder.recipes import display_path, load_yaml, select, validated
+
+_HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_MAC = re.compile(r"^([0-9a-f]{2})([:-][0-9a-f]{2}){5}$")
+DEFAULT_PORTS = {"head": 8080, "rpc-worker": 50052}
+
+
+def _address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not re.match(r"^[A-Za-z0-9.-]+$", value):
+            raise ValueError("must be an IP address or a host name") from None
+    return value
+
+
+class Control(Strict):
+    """The control node: serves the boot files over HTTP (and proxy-DHCP/TFTP with dnsmasq)."""
+
+    address: str = Field(description="address the compute nodes reach the control node at")
+    http_port: int = Field(8000, ge=1, le=65535, description="port of `builder pxe serve`'s HTTP server")
+    interface: str | None = Field(None, description="network interface dnsmasq answers PXE requests on")
+    subnet: str | None = Field(None, description="the nodes' IPv4 network (e.g. 192.168.50.0), for proxy-DHCP")
+
+    _check_address = field_validator("address")(classmethod(lambda cls, v: _address(v)))
+
+    @field_validator("subnet")
+    @classmethod
+    def _ipv4(cls, value: str | None) -> str | None:
+        if value is not None:
+            ipaddress.IPv4Address(value)
+        return value
+
+
+class Node(Strict):
+    """One compute node, found by the MAC address it netboots from."""
+
+    name: str = Field(pattern=_HOSTNAME, description="host name (lowercase letters, digits, '-')")
+    mac: str = Field(description="MAC address of the boot interface, e.g. 52:54:00:12:34:56")
+    target: str = Field(description="target whose image the node boots (see `builder targets`)")
+    variant: str | None = Field(None, description="variant of the target (default: the target's default)")
+    role: Literal["head", "rpc-worker"] = Field(description="head: llama-server --rpc to the workers")
+    port: int | None = Field(None, ge=1, le=65535, description="role port (head 8080, rpc-worker 50052)")
+    address: str | None = Field(None, description="the node's reserved address; workers need one if there is a head")
+    kernel_args: list[str] = Field(default_factory=list, description="extra kernel command-line words")
+
+    @field_validator("mac", mode="before")
+    @classmethod
+    def _sexagesimal(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted all-digit MAC such as 52:54:00:12:34:56 as a base-60 number;
+        # every pair is then below 60, so the pairs can be recovered exactly.
+        if isinstance(value, int) and value >= 0:
+            pairs = []
+            for _ in range(6):
+                value, pair = divmod(value, 60)
+                pairs.append(f"{pair:02d}")
+            return ":".join(reversed(pairs)) if value == 0 else str(value)
+        return value
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str) -> str:
+        value = value.lower()
+        if not _MAC.match(value):
+            raise ValueError("must be six hex pairs separated by ':' or '-', e.g. 52:54:00:12:34:56")
+        return value.replace("-", ":")
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, value: str | None) -> str | None:
+        return None if value is None else _address(value)
+
+    @property
+    def role_port(self) -> int:
+        return self.port or DEFAULT_PORTS[self.role]
+
+    @property
+    def file_stem(self) -> str:
+        """How iPXE's ${mac:hexhyp} spells the MAC: the node's boot script is nodes/<stem>.ipxe."""
+        return self.mac.replace(":", "-")
+
+
+class Cluster(Strict):
+    """The inventory: what `builder pxe publish` turns into boot scripts for every node."""
+
+    control: Control
+    model: str | None = Field(None, description="the head's model: a GGUF path on the control node or an http URL")
+    context: int | None = Field(None, ge=64, description="the head's context size (-c)")
+    kernel_args: list[str] = Field(default_factory=lambda: ["console=tty0", "console=ttyS0,115200"],
+                                   description="kernel command-line words for every node")
+    nodes: list[Node] = Field(min_length=1)
+
+
+def _check(cluster: Cluster, where: str, base: Path) -> None:
+    seen_names: dict[str, int] = {}
+    seen_macs: dict[str, int] = {}
+    for i, node in enumerate(cluster.nodes):
+        if node.name in seen_names:
+            raise RecipeError(f"{where}: nodes[{i}].name: {node.name!r} is already nodes[{seen_names[node.name]}]")
+        if node.mac in seen_macs:
+            raise RecipeError(f"{where}: nodes[{i}].mac: {node.mac} is already nodes[{seen_macs[node.mac]}]")
+        seen_names[node.name], seen_macs[node.mac] = i, i
+        select(node.target, node.variant, f"{where}: nodes[{i}]")
+        if node.target not in KERNELS:
+            raise RecipeError(f"{where}: nodes[{i}].target: {node.target} cannot be netbooted yet",
+                              f"netboot targets: {', '.join(KERNELS)}")
+    heads = [i for i, n in enumerate(cluster.nodes) if n.role == "head"]
+    if len(heads) > 1:
+        raise RecipeError(f"{where}: nodes[{heads[1]}].role: only one head per cluster (nodes[{heads[0]}] is one)")
+    if heads:
+        if not cluster.model:
+            raise RecipeError(f"{where}: model: the head (nodes[{heads[0]}]) needs a model",
+                              "model: /srv/models/NAME.gguf (served by `builder pxe serve`) or an http URL")
+        if not cluster.model.startswith("http://") and not (base / cluster.model).is_file():
+            raise RecipeError(f"{where}: model: {cluster.model} is not a file",
+                              "give a GGUF file on the control node, or an http:// URL")
+        for i, node in enumerate(cluster.nodes):
+            if node.role == "rpc-worker" and not node.address:
+                raise RecipeError(f"{where}: nodes[{i}].address: the head needs every worker's address",
+                                  "reserve an address for the node in your DHCP server and write it here")
+
+
+def load_inventory(path: Path) -> Cluster:
+    """A validated cluster.yaml; every problem is one line naming the file and the field."""
+    where = display_path(path)
+    cluster = validated(Cluster, path, load_yaml(path, "inventory", "pass --inventory PATH to your cluster.yaml"))
+    _check(cluster, where, path.parent)
+    return cluster

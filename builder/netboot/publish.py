@@ -1,0 +1,244 @@
+"""pxe-root/: immutable, content-addressed generations of boot files, switched atomically.
+
+    pxe-root/
+      blobs/sha256/<hex>          kernels, initrds, root squashfs images, models: by content
+      generations/<id>/           boot.ipxe, nodes/<mac>.ipxe, manifests/, cluster.yaml, generation.json
+      current -> generations/<id> the live generation: one symlink, replaced with rename(2)
+      history.json                generations in publish order (rollback goes back along it)
+      tftp/                       iPXE binaries and boot.ipxe for PXE ROMs that load over TFTP
+
+Node scripts name blobs by hash, so a node that is booting while `current` switches still gets one
+consistent set of files.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.errors import EngineError, RecipeError
+from builder.netboot.inventory import Cluster, Node
+from builder.recipes import select
+
+IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
+IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
+
+
+@dataclass(frozen=True)
+class Generation:
+    id: str
+    published: float
+    current: bool
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def add_blob(root: Path, source: Path, expected: str | None = None) -> str:
+    """Copy `source` into blobs/ under its sha256 (checked against `expected`); returns the hex digest."""
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    if expected and (blobs / expected).is_file():
+        return expected
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".blob-")
+    try:
+        with source.open("rb") as src, os.fdopen(fd, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                dst.write(block)
+        hexdigest = digest.hexdigest()
+        if expected and hexdigest != expected:
+            raise EngineError(f"{source}: sha256 {hexdigest} does not match its manifest ({expected})",
+                              "rebuild the artifacts: builder pxe build --target …")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, blobs / hexdigest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return hexdigest
+
+
+def _base_url(cluster: Cluster) -> str:
+    return f"http://{cluster.control.address}:{cluster.control.http_port}"
+
+
+def boot_script(cluster: Cluster) -> str:
+    base = _base_url(cluster)
+    return (
+        "#!ipxe\n"
+        "# builder netboot: each node chains its own script, named by the MAC address it booted from\n"
+        f"chain {base}/current/nodes/${{mac:hexhyp}}.ipxe || goto unknown\n"
+        ":unknown\n"
+        "echo builder: no node with MAC ${mac} in this generation; add it to cluster.yaml and publish\n"
+        "sleep 30\n"
+        "exit 1\n"
+    )
+
+
+def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], generation_note: str,
+                model_url: str | None) -> str:
+    base = _base_url(cluster)
+    files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
+    kernel, initrd, squash = (files[n]["sha256"] for n in ("vmlinuz", "initrd.img", "root.squashfs"))
+    args = [f"initrd={initrd}", "BOOTIF=01-${mac:hexhyp}", f"builder.root={base}/blobs/sha256/{squash}",
+            f"builder.sha256={squash}", f"builder.name={node.name}", f"builder.role={node.role}",
+            f"builder.port={node.role_port}"]
+    if node.role == "head":
+        workers = [f"{n.address}:{n.role_port}" for n in cluster.nodes if n.role == "rpc-worker"]
+        if workers:
+            args.append(f"builder.rpc={','.join(workers)}")
+        if model_url:
+            args.append(f"builder.model={model_url}")
+        if cluster.context:
+            args.append(f"builder.ctx={cluster.context}")
+    args += [*cluster.kernel_args, *node.kernel_args]
+    return (
+        "#!ipxe\n"
+        f"echo builder: {node.name} ({node.role}, {manifest['target']}/{manifest['variant']}) {generation_note}\n"
+        f"kernel {base}/blobs/sha256/{kernel} {' '.join(args)}\n"
+        f"initrd {base}/blobs/sha256/{initrd}\n"
+        "boot\n"
+    )
+
+
+def _history(root: Path) -> list[dict[str, object]]:
+    path = root / "history.json"
+    return list(json.loads(path.read_text())) if path.is_file() else []
+
+
+def current_id(root: Path) -> str | None:
+    link = root / "current"
+    return os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
+
+
+def switch(root: Path, generation: str) -> None:
+    """Point `current` at a generation with one rename: HTTP clients see the old or the new, never a mix."""
+    if not (root / "generations" / generation).is_dir():
+        raise RecipeError(f"no generation {generation} in {root}", "see `builder pxe list`")
+    tmp = root / f".current-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(f"generations/{generation}", tmp)
+    os.replace(tmp, root / "current")
+
+
+def _install_tftp(root: Path, cluster: Cluster) -> None:
+    tftp = root / "tftp"
+    tftp.mkdir(parents=True, exist_ok=True)
+    for name in IPXE_BINARIES:
+        if (tftp / name).is_file():
+            continue
+        found = next((d / name for d in IPXE_DIRS if (d / name).is_file()), None)
+        if found is None:
+            raise EngineError(f"iPXE binary {name} not found in {', '.join(map(str, IPXE_DIRS))}",
+                              "apt-get install ipxe")
+        _write_atomic(tftp / name, found.read_bytes())
+    _write_atomic(tftp / "boot.ipxe", boot_script(cluster).encode())
+
+
+Artifacts = dict[tuple[str, str], tuple[Path, dict[str, object]]]
+
+
+def publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts, keep: int = 3) -> tuple[str, bool]:
+    """Write a generation for `cluster` and make it current; returns (id, whether it is new)."""
+    root.mkdir(parents=True, exist_ok=True)
+    manifests = {}
+    for (target, variant), (folder, manifest) in sorted(artifacts.items()):
+        files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
+        for name, entry in files.items():
+            add_blob(root, folder / name, entry["sha256"])
+        manifests[f"{target}-{variant}"] = manifest
+    model_url = None
+    if cluster.model:
+        if cluster.model.startswith("http://"):
+            model_url = cluster.model
+        else:
+            model_url = f"{_base_url(cluster)}/blobs/sha256/{add_blob(root, inventory.parent / cluster.model)}"
+    files_out: dict[str, bytes] = {"boot.ipxe": boot_script(cluster).encode(),
+                                   "cluster.yaml": inventory.read_bytes()}
+    for key, manifest in manifests.items():
+        files_out[f"manifests/{key}.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    nodes = {}
+    for node in cluster.nodes:
+        key = f"{node.target}-{select(node.target, node.variant)[1].name}"
+        manifest = manifests[key]
+        note = f"image {manifest['image_digest']}"
+        files_out[f"nodes/{node.file_stem}.ipxe"] = node_script(cluster, node, manifest, note, model_url).encode()
+        nodes[node.name] = {"mac": node.mac, "role": node.role, "artifacts": key}
+    files_out["nodes.json"] = (json.dumps(nodes, indent=2, sort_keys=True) + "\n").encode()
+    digest = hashlib.sha256()
+    for name in sorted(files_out):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files_out[name]).digest())
+    generation = digest.hexdigest()[:16]
+    target_dir = root / "generations" / generation
+    new = not target_dir.is_dir()
+    if new:
+        target_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target_dir.parent, prefix=".staging-"))
+        try:
+            for name, data in files_out.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                (staging / name).write_bytes(data)
+            staging.chmod(0o755)
+            os.replace(staging, target_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    _install_tftp(root, cluster)
+    history = [h for h in _history(root) if h["id"] != generation]
+    history.append({"id": generation, "published": time.time()})
+    _write_atomic(root / "history.json", (json.dumps(history, indent=2) + "\n").encode())
+    switch(root, generation)
+    prune(root, keep)
+    return generation, new
+
+
+def generations(root: Path) -> list[Generation]:
+    live = current_id(root)
+    return [Generation(str(h["id"]), float(h["published"]), h["id"] == live) for h in _history(root)]  # type: ignore[arg-type]
+
+
+def rollback(root: Path, to: str | None = None) -> str:
+    """Make the generation published before the current one (or `to`) current again."""
+    ids = [g.id for g in generations(root)]
+    live = current_id(root)
+    if to is None:
+        if live not in ids or ids.index(live) == 0:
+            raise RecipeError(f"no generation before {live or 'the current one'} in {root}",
+                              "see `builder pxe list`")
+        to = ids[ids.index(live) - 1]
+    elif to not in ids:
+        raise RecipeError(f"no generation {to} in {root}", f"generations: {', '.join(ids) or 'none'}")
+    switch(root, to)
+    return to
+
+
+def prune(root: Path, keep: int) -> list[str]:
+    """Keep the current generation and the `keep` before it; drop the rest and blobs nobody names."""
+    history = _history(root)
+    ids = [str(h["id"]) for h in history]
+    live = current_id(root)
+    upto = ids.index(live) + 1 if live in ids else len(ids)
+    kept = set(ids[max(0, upto - 1 - keep):upto]) | ({live} if live else set())
+    removed = [g for g in ids if g not in kept]
+    for gen in removed:
+        shutil.rmtree(root / "generations" / gen, ignore_errors=True)
+    if removed:
+        _write_atomic(root / "history.json",
+                      (json.dumps([h for h in history if h["id"] in kept], indent=2) + "\n").encode())
+    used: set[str] = set()
+    for gen in kept:
+        for script in (root / "generations" / gen / "nodes").glob("*.ipxe"):
+            used.update(word.rsplit("/", 1)[-1] for word in script.read_text().split() if "/blobs/sha256/" in word)
+    for blob in (root / "blobs" / "sha256").glob("*"):
+        if blob.name not in used and not blob.name.startswith("."):
+            blob.unlink()
+    return removed

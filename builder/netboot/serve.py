@@ -1,0 +1,83 @@
+"""The control node's side: an HTTP server for pxe-root/, and dnsmasq's proxy-DHCP + TFTP configuration."""
+
+import shutil
+import subprocess
+import sys
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from builder.errors import EngineError, RecipeError
+from builder.netboot.inventory import Cluster
+
+SERVED = ("/current/", "/blobs/sha256/", "/tftp/")
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Files under current/, blobs/ and tftp/ only; no listings. `current` is resolved on every request."""
+
+    def send_head(self) -> Any:
+        if not self.path.startswith(SERVED) or self.path.endswith("/"):
+            self.send_error(404, "not a boot file")
+            return None
+        return super().send_head()
+
+    def list_directory(self, path: Any) -> Any:
+        self.send_error(404, "no listings")
+        return None
+
+    def log_message(self, format: str, *args: Any) -> None:
+        sys.stdout.write(f"pxe-http: {self.client_address[0]} {format % args}\n")
+        sys.stdout.flush()
+
+
+def http_server(root: Path, bind: str, port: int) -> ThreadingHTTPServer:
+    if not (root / "current").exists():
+        raise RecipeError(f"{root} has no current generation", "run `builder pxe publish --inventory cluster.yaml`")
+    try:
+        server = ThreadingHTTPServer((bind, port), partial(_Handler, directory=str(root)))
+    except OSError as exc:
+        raise EngineError(f"cannot listen on {bind}:{port}: {exc.strerror}",
+                          "pick another --port, or --bind an address of this machine") from None
+    server.daemon_threads = True
+    return server
+
+
+def dnsmasq_config(root: Path, cluster: Cluster) -> str:
+    """Proxy-DHCP (beside the site's DHCP server) + TFTP of iPXE, then HTTP for iPXE itself.
+
+    Plain PXE ROMs get undionly.kpxe (BIOS) or ipxe.efi (UEFI) over TFTP; iPXE, recognised by its user
+    class, is sent straight to boot.ipxe over HTTP, which chains the node's own script by MAC.
+    """
+    control = cluster.control
+    if not control.subnet:
+        raise RecipeError("cluster.yaml: control.subnet: needed for proxy-DHCP (the nodes' network, e.g. 192.168.50.0)")
+    url = f"http://{control.address}:{control.http_port}/current/boot.ipxe"
+    lines = [
+        "# written by `builder pxe serve`; proxy-DHCP only: addresses still come from the site's DHCP server",
+        "port=0",
+        "log-dhcp",
+        *([f"interface={control.interface}", "bind-interfaces"] if control.interface else []),
+        f"dhcp-range={control.subnet},proxy",
+        "enable-tftp",
+        f"tftp-root={(root / 'tftp').resolve()}",
+        "dhcp-userclass=set:ipxe,iPXE",
+        'pxe-prompt="builder netboot",0',
+        'pxe-service=tag:!ipxe,x86PC,"iPXE (BIOS)",undionly.kpxe',
+        'pxe-service=tag:!ipxe,BC_EFI,"iPXE (UEFI)",ipxe.efi',
+        'pxe-service=tag:!ipxe,X86-64_EFI,"iPXE (UEFI)",ipxe.efi',
+        f'pxe-service=tag:ipxe,x86PC,"builder",{url}',
+        f'pxe-service=tag:ipxe,BC_EFI,"builder",{url}',
+        f'pxe-service=tag:ipxe,X86-64_EFI,"builder",{url}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def check_dnsmasq(config: Path) -> None:
+    """dnsmasq's own syntax check of the file (starts nothing)."""
+    if not shutil.which("dnsmasq"):
+        raise EngineError("dnsmasq is not installed", "apt-get install dnsmasq-base")
+    proc = subprocess.run(["dnsmasq", "--test", f"--conf-file={config}"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise EngineError(f"dnsmasq rejects {config}: {proc.stderr.strip()}")

@@ -1,0 +1,109 @@
+#!/bin/bash
+# PID 1 of a netbooted node, inside the image's root (read-only squashfs under a tmpfs overlay).
+# It applies the hostname, loads the accelerator's modules, starts the node's role through the image's own
+# entrypoint, prints a ready line on the console once the role accepts connections, and restarts the role
+# if it exits. The role binds the node's own address, never a wildcard one.
+set -u
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /tmp
+exec </dev/console >/dev/console 2>&1
+bb=/usr/lib/builder/busybox
+
+say() { echo "builder-node: $*"; }
+
+name=node role=rpc-worker port="" rpc="" model="" ctx=""
+read -r -a words </proc/cmdline
+for word in "${words[@]}"; do
+    case "$word" in
+        builder.name=*) name=${word#*=} ;;
+        builder.role=*) role=${word#*=} ;;
+        builder.port=*) port=${word#*=} ;;
+        builder.rpc=*) rpc=${word#*=} ;;
+        builder.model=*) model=${word#*=} ;;
+        builder.ctx=*) ctx=${word#*=} ;;
+    esac
+done
+
+# shellcheck disable=SC1091
+. /run/builder/net.env
+cp /run/builder/resolv.conf /etc/resolv.conf 2>/dev/null || true
+hostname "$name"
+echo "$name" >/etc/hostname
+echo "$NODE_IP $name" >>/etc/hosts
+set -a
+# shellcheck disable=SC1091
+. /usr/lib/builder/image.env
+set +a
+
+if [ -s /usr/lib/builder/modules.load ]; then
+    while read -r module; do
+        loaded=${module%.ko}
+        [ -d "/sys/module/${loaded//-/_}" ] && continue  # already loaded by the initramfs
+        "$bb" insmod "/lib/modules/$module" 2>/dev/null || say "could not load ${module##*/}"
+    done </usr/lib/builder/modules.load
+fi
+
+fetch_model() {
+    local dest=/var/cache/llama.cpp/models/${model##*/} attempt
+    mkdir -p "${dest%/*}"
+    for attempt in 1 2 3 4 5; do
+        "$bb" wget -q -O "$dest.part" "$model" && mv "$dest.part" "$dest" && { echo "$dest"; return 0; }
+        say "download of $model failed (attempt $attempt of 5)" >&2
+        sleep $((attempt * 2))
+    done
+    return 1
+}
+
+start_role() {
+    case "$role" in
+        rpc-worker)
+            port=${port:-50052}
+            /usr/local/bin/llama-entrypoint rpc-worker --host "$NODE_IP" --port "$port" &
+            ;;
+        head | server)
+            port=${port:-8080}
+            local path args=()
+            path=$(fetch_model) || { say "no model: cannot start the server"; return 1; }
+            [ -n "$rpc" ] && args+=(--rpc "$rpc" -ngl 999)
+            [ -n "$ctx" ] && args+=(-c "$ctx")
+            /usr/local/bin/llama-entrypoint server --model "$path" --host "$NODE_IP" --port "$port" "${args[@]}" &
+            ;;
+        *)
+            say "unknown role '$role'"
+            return 1
+            ;;
+    esac
+    child=$!
+}
+
+# Ready means the role answers: a TCP connection for a worker, /health saying ok for the server.
+is_ready() {
+    if [ "$role" != rpc-worker ]; then
+        exec 3<>"/dev/tcp/$NODE_IP/$port" || return 1
+        printf 'GET /health HTTP/1.0\r\nHost: %s\r\n\r\n' "$NODE_IP" >&3
+        local status
+        read -r _ status _ <&3
+        exec 3<&-
+        [ "$status" = 200 ]
+    else
+        (exec 3<>"/dev/tcp/$NODE_IP/$port") 2>/dev/null
+    fi
+}
+
+while :; do
+    child=""
+    if start_role; then
+        for _ in $(seq 1 600); do
+            if is_ready 2>/dev/null; then
+                say "$name $role ready on $NODE_IP:$port"
+                break
+            fi
+            kill -0 "$child" 2>/dev/null || break
+            sleep 0.5
+        done
+        wait "$child"
+        say "$role exited with status $?; restarting in 5 s"
+    fi
+    sleep 5
+done

@@ -1,0 +1,184 @@
+"""Netboot without booting: inventory validation, generations, rollback, the HTTP server, dnsmasq's config."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from builder.netboot import cpio
+from builder.netboot.inventory import load_inventory
+from builder.netboot.modules import load_order
+from builder.netboot.publish import current_id, generations, publish, rollback
+from builder.netboot.serve import check_dnsmasq, dnsmasq_config
+from conftest import free_port, run_cli
+
+MAC = "52:54:00:12:34:56"
+
+
+def inventory(tmp_path: Path, **changes: object) -> Path:
+    data: dict[str, object] = {
+        "control": {"address": "10.0.2.2", "http_port": 8000, "subnet": "10.0.2.0"},
+        "nodes": [{"name": "node1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}],
+    }
+    data.update(changes)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def fake_artifacts(tmp_path: Path, seed: str) -> tuple[Path, dict[str, object]]:
+    """Artifact folders as `pxe build` writes them, with small stand-in files."""
+    folder = tmp_path / f"artifacts-{seed}"
+    folder.mkdir()
+    files = {}
+    for name in ("vmlinuz", "initrd.img", "root.squashfs"):
+        data = f"{name} {seed}".encode()
+        (folder / name).write_bytes(data)
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest = {"schema": 1, "target": "cpu", "variant": "cpu", "image": "localhost/builder/cpu:cpu",
+                "image_digest": "sha256:" + "0" * 64, "kernel_version": "6.1.0-0-amd64", "files": files}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder, manifest
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"nodes": [{"name": "n1", "mac": "52:54:00:zz:34:56", "target": "cpu", "role": "rpc-worker"}]},
+     "nodes[0].mac: Value error, must be six hex pairs"),
+    ({"nodes": [{"name": "n1", "mac": MAC, "target": "cpu", "role": "rpc-worker"},
+                {"name": "n2", "mac": MAC.upper(), "target": "cpu", "role": "rpc-worker"}]},
+     f"nodes[1].mac: {MAC} is already nodes[0]"),
+    ({"nodes": [{"name": "n1", "mac": MAC, "target": "tpu", "role": "rpc-worker"}]},
+     "nodes[0]: target: unknown target 'tpu'"),
+    ({"nodes": [{"name": "n1", "mac": MAC, "target": "nvidia", "role": "rpc-worker"}]},
+     "nodes[0].target: nvidia cannot be netbooted yet"),
+    ({"nodes": [{"name": "n1", "mac": MAC, "target": "cpu", "role": "boss"}]},
+     "nodes[0].role: Input should be 'head' or 'rpc-worker'"),
+    ({"nodes": [{"name": "h", "mac": MAC, "target": "cpu", "role": "head"}]},
+     "model: the head (nodes[0]) needs a model"),
+    ({"model": "http://10.0.2.2:8000/m.gguf",
+      "nodes": [{"name": "h", "mac": MAC, "target": "cpu", "role": "head"},
+                {"name": "w", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker"}]},
+     "nodes[1].address: the head needs every worker's address"),
+    ({"control": {"address": "10.0.2.2", "http_port": 99999}}, "control.http_port:"),
+    ({"extra": 1}, "extra: unknown key"),
+])
+def test_bad_inventory_is_one_line_and_exit_2(tmp_path: Path, change: dict[str, object], message: str) -> None:
+    proc = run_cli("pxe", "publish", "--inventory", str(inventory(tmp_path, **change)), "--root",
+                   str(tmp_path / "pxe-root"))
+    assert proc.returncode == 2, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("error: ") and "cluster.yaml" in first and message in first, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "pxe-root").exists()
+
+
+def test_unquoted_digit_only_mac_survives_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text("control: {address: 10.0.2.2}\n"
+                    "nodes: [{name: n1, mac: 52:54:00:12:34:56, target: cpu, role: rpc-worker}]\n")
+    assert load_inventory(path).nodes[0].mac == MAC
+
+
+def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
+    (tmp_path / "modules.dep").write_text(
+        "kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko\n"
+        "kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko\n"
+        "kernel/net/core/failover.ko:\n"
+        "kernel/fs/squashfs/squashfs.ko.xz:\n")
+    (tmp_path / "modules.builtin").write_text("kernel/fs/overlayfs/overlay.ko\n")
+    order, missing = load_order(tmp_path, ("virtio_net", "squashfs", "overlay", "r8169"))
+    assert order == ["kernel/net/core/failover.ko", "kernel/drivers/net/net_failover.ko",
+                     "kernel/drivers/net/virtio_net.ko", "kernel/fs/squashfs/squashfs.ko.xz"]
+    assert missing == ["r8169"]
+
+
+def test_cpio_archive_is_read_back_by_cpio(tmp_path: Path) -> None:
+    data = cpio.archive([cpio.directory("etc"), cpio.file("etc/x", b"hello\n", 0o600), cpio.symlink("y", "etc/x"),
+                         cpio.chardev("console", 5, 1)])
+    listing = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True).stdout.decode()
+    assert [line.split()[-1] for line in listing.splitlines()] == ["etc", "etc/x", "etc/x", "console"]
+    assert "crw-------" in listing and "lrwxrwxrwx" in listing
+
+
+def test_generations_switch_atomically_roll_back_and_prune(tmp_path: Path) -> None:
+    root, path = tmp_path / "pxe-root", inventory(tmp_path)
+    cluster = load_inventory(path)
+    ids = []
+    for seed in ("a", "b", "c"):
+        folder, manifest = fake_artifacts(tmp_path, seed)
+        gen, new = publish(root, cluster, path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+        assert new
+        ids.append(gen)
+        script = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text()
+        squash = manifest["files"]["root.squashfs"]["sha256"]  # type: ignore[index]
+        assert f"builder.sha256={squash}" in script and "builder.role=rpc-worker" in script
+        assert (root / "blobs" / "sha256" / squash).read_bytes() == f"root.squashfs {seed}".encode()
+    assert len(set(ids)) == 3 and current_id(root) == ids[2]
+    # keep=1: the current generation and one before it; the oldest and its blobs are gone
+    assert [g.id for g in generations(root)] == ids[1:]
+    assert not (root / "generations" / ids[0]).exists()
+    assert len(list((root / "blobs" / "sha256").iterdir())) == 6
+
+    again = tmp_path / "again"
+    again.mkdir()
+    folder, manifest = fake_artifacts(again, "c")
+    gen, new = publish(root, cluster, path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+    assert (gen, new) == (ids[2], False)
+
+    assert rollback(root) == ids[1] and current_id(root) == ids[1]
+    assert (root / "current").is_symlink()
+    proc = run_cli("pxe", "rollback", "--root", str(root))
+    assert proc.returncode == 2 and "no generation before" in proc.stderr
+    proc = run_cli("pxe", "rollback", "--root", str(root), "--to", ids[2])
+    assert proc.returncode == 0 and current_id(root) == ids[2]
+    listing = run_cli("pxe", "list", "--root", str(root)).stdout
+    assert f"* {ids[2]}" in listing and f"  {ids[1]}" in listing
+
+
+def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:
+    root, path = tmp_path / "pxe-root", inventory(tmp_path)
+    folder, manifest = fake_artifacts(tmp_path, "a")
+    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)})
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root", str(root),
+                               "--bind", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                boot = requests.get(f"{base}/current/boot.ipxe", timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        assert boot.status_code == 200 and "${mac:hexhyp}.ipxe" in boot.text
+        assert "http://10.0.2.2:8000/current/nodes/" in boot.text
+        node = requests.get(f"{base}/current/nodes/52-54-00-12-34-56.ipxe", timeout=5)
+        assert node.status_code == 200 and node.text.startswith("#!ipxe")
+        squash = manifest["files"]["root.squashfs"]["sha256"]  # type: ignore[index]
+        assert requests.get(f"{base}/blobs/sha256/{squash}", timeout=5).content == b"root.squashfs a"
+        for hidden in ("/history.json", "/generations/", "/blobs/sha256/", "/current/cluster.yaml/../../history.json"):
+            assert requests.get(base + hidden, timeout=5).status_code == 404, hidden
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert "dnsmasq config" in server.stderr.read().decode()  # type: ignore[union-attr]
+    check_dnsmasq(root / "dnsmasq.conf")
+
+
+def test_dnsmasq_config_chains_plain_pxe_to_ipxe_then_http(tmp_path: Path) -> None:
+    path = inventory(tmp_path)
+    text = dnsmasq_config(tmp_path, load_inventory(path))
+    assert "dhcp-range=10.0.2.0,proxy" in text and "port=0" in text
+    assert 'pxe-service=tag:!ipxe,x86PC,"iPXE (BIOS)",undionly.kpxe' in text
+    assert 'pxe-service=tag:!ipxe,X86-64_EFI,"iPXE (UEFI)",ipxe.efi' in text
+    assert 'pxe-service=tag:ipxe,x86PC,"builder",http://10.0.2.2:8000/current/boot.ipxe' in text
+    (tmp_path / "tftp").mkdir()
+    (tmp_path / "dnsmasq.conf").write_text(text)
+    check_dnsmasq(tmp_path / "dnsmasq.conf")

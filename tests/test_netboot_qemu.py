@@ -1,0 +1,123 @@
+"""Netboot for real: the cpu image's netboot artifacts, served by `builder pxe serve`, booted by QEMU
+(BIOS, iPXE ROM -> TFTP boot.ipxe -> HTTP node script -> kernel + initrd -> sha256-checked squashfs),
+coming up as an RPC worker that a head on the host uses. Software emulation (TCG): no KVM here.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port, require_engine, run_cli
+from containers import complete, container, wait_healthy
+from qemu import OVMF, node, wait_for
+
+pytestmark = pytest.mark.engine
+MAC = "52:54:00:12:34:56"
+BOOT_SECONDS = 240  # TCG on 2 busy cores; a quiet machine needs about 40 s (docs/benchmarks.md)
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> dict[str, object]:
+    require_engine("podman")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86 is not installed (.ci/run installs it)")
+    proc = run_cli("pxe", "build", "--target", "cpu", "--engine", "podman", "--json", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest: dict[str, object] = json.loads(proc.stdout)
+    return manifest
+
+
+@pytest.fixture
+def served(tmp_path: Path, artifacts: dict[str, object]) -> Iterator[tuple[Path, int]]:
+    """A published generation for one rpc-worker node, served on 127.0.0.1 (10.0.2.2 to the guest)."""
+    port = free_port()
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({
+        "control": {"address": "10.0.2.2", "http_port": port},
+        "kernel_args": ["console=ttyS0"],
+        "nodes": [{"name": "node1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}],
+    }))
+    root = tmp_path / "pxe-root"
+    proc = run_cli("pxe", "publish", "--inventory", str(path), "--root", str(root), "--engine", "podman",
+                   timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root", str(root),
+                               "--bind", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+    time.sleep(1)
+    try:
+        yield root, port
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+
+
+def test_artifacts_manifest_matches_files(artifacts: dict[str, object]) -> None:
+    folder = Path(str(run_cli("pxe", "build", "--target", "cpu", "--engine", "podman").stdout.split()[1]))
+    assert json.loads((folder / "manifest.json").read_text())["files"] == artifacts["files"]
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=folder, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 3, check.stdout + check.stderr
+    assert str(artifacts["image_digest"]).startswith("sha256:") and str(artifacts["kernel_version"]).startswith("6.")
+    listing = subprocess.run(f"zcat {folder / 'initrd.img'} | cpio -it", shell=True, capture_output=True,
+                             text=True, check=True).stdout.split()
+    for wanted in ("init", "bin/busybox", "lib/modules/virtio_net.ko", "lib/modules/squashfs.ko",
+                   "lib/modules/overlay.ko", "etc/builder/udhcpc.sh"):
+        assert wanted in listing, wanted
+    files: dict[str, dict[str, int]] = artifacts["files"]  # type: ignore[assignment]
+    assert files["initrd.img"]["size"] < 8_000_000 and files["root.squashfs"]["size"] < 100_000_000
+
+
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_netbooted_worker_serves_a_head_on_the_host(
+    served: tuple[Path, int], tiny_model: Path, tmp_path: Path, firmware: str
+) -> None:
+    if firmware == "uefi" and not OVMF.is_file():
+        pytest.fail("OVMF is not installed (.ci/run installs ovmf)")
+    root, _ = served
+    rpc, single, head = free_port(), free_port(), free_port()
+    console = tmp_path / "console.log"
+    common = ["-m", str(tiny_model), "-c", "256", "-t", "2"]
+    with container("podman", tmp_path, f"builder-netboot-single-{single}", "server", *common,
+                   "--port", str(single)) as s:
+        wait_healthy(single, s, tmp_path / f"builder-netboot-single-{single}.log")
+        expected = complete(single)
+
+    with node(root / "tftp", MAC, console, forward=(rpc, 50052), uefi=firmware == "uefi") as vm:
+        ready = wait_for(console, r"builder-node: node1 rpc-worker ready on (\S+)", vm, BOOT_SECONDS)
+        assert ready.group(1) == "10.0.2.15:50052"  # the node's own address, not a wildcard
+        text = console.read_text(errors="replace")
+        assert "root image verified: sha256" in text
+        name = f"builder-netboot-head-{head}"
+        with container("podman", tmp_path, name, "server", *common, "--port", str(head),
+                       "--rpc", f"127.0.0.1:{rpc}", "-ngl", "99", "-lv", "4") as h:
+            wait_healthy(head, h, tmp_path / f"{name}.log", seconds=180)
+            assert complete(head, timeout=300) == expected
+            log = (tmp_path / f"{name}.log").read_text(errors="replace")
+            assert "offloaded 5/5 layers" in log and f"RPC0[127.0.0.1:{rpc}] model buffer size" in log
+
+
+def test_corrupted_root_is_refused_and_retried(served: tuple[Path, int], tmp_path: Path,
+                                               artifacts: dict[str, object]) -> None:
+    root, _ = served
+    squash: str = artifacts["files"]["root.squashfs"]["sha256"]  # type: ignore[index]
+    blob = root / "blobs" / "sha256" / squash
+    good = blob.read_bytes()
+    blob.write_bytes(good[:4096] + bytes(b ^ 0xFF for b in good[4096:8192]) + good[8192:])
+    console = tmp_path / "console.log"
+    with node(root / "tftp", MAC, console) as vm:
+        mismatch = wait_for(console, r"root image sha256 mismatch: got (\w+), expected (\w+) \(attempt 1 of 5\)",
+                            vm, BOOT_SECONDS)
+        assert mismatch.group(2) == squash and mismatch.group(1) != squash
+        text = console.read_text(errors="replace")
+        assert "root image verified" not in text and "builder-node:" not in text
+        blob.write_bytes(good)  # the control node is fixed: the node's next attempt must boot
+        wait_for(console, r"root image verified: sha256 " + squash, vm, 120)
+        wait_for(console, r"builder-node: node1 rpc-worker ready", vm, 120)
