@@ -19,7 +19,7 @@ from builder.errors import BuilderError, CommandError, RecipeError
 from builder.launch import container_argv
 from builder.models import Recipe
 from builder.recipes import RECIPES_DIR, load_recipe, select
-from builder.render import plan_document, stage_source, write_context
+from builder.render import plan_document, stage_apt_files, stage_sdks, stage_source, write_context
 from builder.targets import TARGETS, Host
 
 app = typer.Typer(
@@ -115,13 +115,17 @@ def render(
     recipe: RecipeOpt = None,
     variant: VariantOpt = None,
     llama_cpp_source: SourceOpt = None,
-    with_source: Annotated[bool, typer.Option(help="Also place the llama.cpp tree, ready to build.")] = False,
+    with_source: Annotated[
+        bool, typer.Option(help="Also place the llama.cpp tree and the recipe's SDKs, ready to build.")
+    ] = False,
 ) -> None:
     """Write the build context (Containerfile, scripts, plan.json) without building anything."""
     prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
     changed = write_context(out, prep.plan, prep.files, prep.fingerprint)
     if with_source:
         stage_source(prep.tree.path, out)
+        stage_sdks(prep.plan, out)
+        stage_apt_files(prep.plan, out)
     typer.echo(f"rendered {prep.plan.target}/{prep.plan.variant} into {out} "
                f"({len(changed)} file(s) changed); image tag {prep.tag}")
 
