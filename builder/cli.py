@@ -12,7 +12,15 @@ import typer
 from rich.console import Console
 
 from builder import __version__
-from builder.build import BuildResult, build, context_dir, image_for_run, prepare, recipe_file
+from builder.build import (
+    BuildResult,
+    build,
+    context_dir,
+    image_for_run,
+    prepare,
+    recipe_file,
+    refuse_placeholders,
+)
 from builder.doctor import diagnose
 from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import BuilderError, CommandError, RecipeError
@@ -160,6 +168,7 @@ def build_cmd(
     The full build log is saved; its path is printed.
     """
     prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
+    refuse_placeholders(prep.plan)
     chosen = get_engine(engine)
     err.print(f"building {prep.tag} with {chosen.name} (context {context_dir(prep.plan)})")
     _print_build(build(prep, chosen, no_cache=no_cache), as_json)
