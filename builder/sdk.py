@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from builder.errors import SourceError
+from builder.errors import CommandError, SourceError
 from builder.models import WheelSdk, wheel_tags
 from builder.paths import cache_subdir
 from builder.run import run
@@ -44,7 +44,13 @@ def fetch_wheel(spec: WheelSdk) -> Path:
     if cached.is_file():
         return cached
     with tempfile.TemporaryDirectory() as tmp:
-        run(pip_download_argv(spec, Path(tmp)), timeout=900)
+        try:
+            run(pip_download_argv(spec, Path(tmp)), timeout=900)
+        except CommandError as exc:
+            last = (exc.tail.strip().splitlines() or [exc.message])[-1]
+            raise SourceError(f"cannot fetch {spec.file}: {last}",
+                              "check package, version and file in the recipe, and that the package index is "
+                              "reachable") from None
         got = Path(tmp) / spec.file
         if not got.is_file():
             names = ", ".join(sorted(p.name for p in Path(tmp).iterdir())) or "nothing"
