@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from builder.engines import Engine
-from builder.errors import EngineError
+from builder.errors import CommandError, EngineError
 from builder.models import BootstrapBase, ImageBase
 from builder.paths import cache_subdir
 from builder.run import run, run_logged
@@ -94,7 +94,13 @@ def ensure_base(engine: Engine, spec: ImageBase | BootstrapBase) -> str:
     ref = base_ref(spec)
     if isinstance(spec, ImageBase):
         if engine.inspect(ref) is None:
-            run([*engine.command(), "pull", ref], timeout=1800)
+            try:
+                run([*engine.command(), "pull", ref], timeout=1800)
+            except CommandError as exc:
+                last = (exc.tail.strip().splitlines() or [exc.message])[-1]
+                raise EngineError(f"cannot pull base image {ref}: {last}",
+                                  f"make the registry reachable, or `{engine.name} load` the image from a machine "
+                                  "that can pull it") from None
         return ref
     if engine.inspect(ref) is None:
         engine.import_rootfs(_rootfs_tarball(spec), ref)

@@ -9,11 +9,20 @@ from builder.bootstrap import ensure_base
 from builder.ccache_store import CcacheStore
 from builder.engines import Engine
 from builder.errors import CommandError, RecipeError
-from builder.models import BuildPlan
+from builder.models import PLACEHOLDER_SHA256, BuildPlan, ImageBase
 from builder.paths import cache_subdir
 from builder.plan import LABEL_PREFIX, make_plan
 from builder.recipes import display_path, load_recipe, recipe_path_for
-from builder.render import fingerprint, floating_tag, image_tag, render_files, stage_source, write_context
+from builder.render import (
+    fingerprint,
+    floating_tag,
+    image_tag,
+    render_files,
+    stage_apt_files,
+    stage_sdks,
+    stage_source,
+    write_context,
+)
 from builder.run import run
 from builder.source import SourceTree, resolve, resolve_override
 
@@ -73,6 +82,32 @@ def context_dir(plan: BuildPlan) -> Path:
     return cache_subdir("contexts") / f"{plan.target}-{plan.variant}"
 
 
+def placeholder_pins(plan: BuildPlan) -> list[str]:
+    """Recipe fields that still hold the all-zeros placeholder instead of a checked digest or sha256."""
+    where = f"variants.{plan.variant}"
+    found = []
+    for stage, base in (("toolchain", plan.toolchain), ("runtime", plan.runtime)):
+        if isinstance(base, ImageBase):
+            if base.ref.endswith(PLACEHOLDER_SHA256):
+                found.append(f"{where}.base.{stage}.ref")
+            found += [f"{where}.base.{stage}.repositories[{i}].key_sha256"
+                      for i, repo in enumerate(base.repositories) if repo.key_sha256 == PLACEHOLDER_SHA256]
+            found += [f"{where}.base.{stage}.debs[{i}].sha256"
+                      for i, deb in enumerate(base.debs) if deb.sha256 == PLACEHOLDER_SHA256]
+    found += [f"{where}.sdks.{name}.sha256" for name, sdk in plan.sdks.items() if sdk.sha256 == PLACEHOLDER_SHA256]
+    return found
+
+
+def refuse_placeholders(plan: BuildPlan) -> None:
+    found = placeholder_pins(plan)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise RecipeError(f"{plan.recipe}: {found[0]}{more}: placeholder pin (all zeros), never checked; "
+                          "refusing to build",
+                          "pin the real value: `skopeo inspect --format '{{.Digest}}' docker://IMAGE:TAG` for an "
+                          "image, `sha256sum` of the downloaded file for a key")
+
+
 def smoke_test(engine: Engine, ref: str) -> str:
     """Run the image's smoke role (no network); returns its report."""
     return run([*engine.run_argv(), "--rm", "--network", "none", ref, "smoke"], timeout=300).stdout
@@ -87,11 +122,16 @@ def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: boo
         engine.tag(tag, floating_tag(plan))
         return BuildResult(tag, existing.id, existing.size, False, time.monotonic() - started, None)
 
-    ensure_base(engine, plan.toolchain)
-    ensure_base(engine, plan.runtime)
+    refuse_placeholders(plan)
+    # The context first: a bad SDK pin or an unreachable vendor repository fails here, before minutes of
+    # bootstrapping or pulling.
     context = context_dir(plan)
     write_context(context, plan, prep.files, prep.fingerprint)
     stage_source(prep.tree.path, context)
+    stage_sdks(plan, context)
+    stage_apt_files(plan, context)
+    ensure_base(engine, plan.toolchain)
+    ensure_base(engine, plan.runtime)
     log = cache_subdir("logs") / f"{plan.target}-{plan.variant}-{engine.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     labels = {f"{LABEL_PREFIX}.fingerprint": prep.fingerprint}
     if ccache:

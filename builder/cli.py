@@ -13,7 +13,15 @@ from rich.console import Console
 
 from builder import __version__
 from builder import lock as lockfile
-from builder.build import BuildResult, build, context_dir, image_for_run, prepare, recipe_file
+from builder.build import (
+    BuildResult,
+    build,
+    context_dir,
+    image_for_run,
+    prepare,
+    recipe_file,
+    refuse_placeholders,
+)
 from builder.cli_pxe import pxe_app
 from builder.doctor import diagnose
 from builder.engines import ENGINE_CHOICES, get_engine
@@ -23,7 +31,7 @@ from builder.models import Recipe
 from builder.publish import publish as publish_image
 from builder.recipes import RECIPES_DIR, load_recipe, select
 from builder.registry import Repository
-from builder.render import plan_document, stage_source, write_context
+from builder.render import plan_document, stage_apt_files, stage_sdks, stage_source, write_context
 from builder.sbom import make_sbom, read_packages, sbom_bytes
 from builder.targets import TARGETS, Host
 
@@ -122,13 +130,17 @@ def render(
     recipe: RecipeOpt = None,
     variant: VariantOpt = None,
     llama_cpp_source: SourceOpt = None,
-    with_source: Annotated[bool, typer.Option(help="Also place the llama.cpp tree, ready to build.")] = False,
+    with_source: Annotated[
+        bool, typer.Option(help="Also place the llama.cpp tree and the recipe's SDKs, ready to build.")
+    ] = False,
 ) -> None:
     """Write the build context (Containerfile, scripts, plan.json) without building anything."""
     prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
     changed = write_context(out, prep.plan, prep.files, prep.fingerprint)
     if with_source:
         stage_source(prep.tree.path, out)
+        stage_sdks(prep.plan, out)
+        stage_apt_files(prep.plan, out)
     typer.echo(f"rendered {prep.plan.target}/{prep.plan.variant} into {out} "
                f"({len(changed)} file(s) changed); image tag {prep.tag}")
 
@@ -165,6 +177,7 @@ def build_cmd(
     """
     path = recipe_file(target, recipe)
     prep = prepare(path, variant, llama_cpp_source)
+    refuse_placeholders(prep.plan)
     # The lock pins the shipped recipes; a recipe file of your own or a local llama.cpp tree is development.
     if llama_cpp_source is None and path.resolve().parent == RECIPES_DIR.resolve():
         lockfile.require(load_recipe(path), prep.plan.variant, strict=False, path=lock_path)

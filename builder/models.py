@@ -3,7 +3,7 @@
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from builder.targets import DEFAULT_BINARIES
 
@@ -24,11 +24,41 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A digest or sha256 of all zeros marks a pin nobody has checked yet: recipes may render with it, builds refuse it.
+PLACEHOLDER_SHA256 = "0" * 64
+AptPackage = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$",
+                                  description="an apt package, optionally pinned: NAME=VERSION")]
+
+
+class AptRepository(Strict):
+    """A vendor apt repository added to an image base; its signing key is pinned by sha256."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="file name for its .list and key")
+    url: str = Field(pattern=r"^https?://\S+$", description="the repository's base URL")
+    suite: str = Field(pattern=r"^\S+$")
+    components: list[str] = Field(default_factory=lambda: ["main"])
+    key_url: str = Field(pattern=r"^https?://\S+$", description="its ASCII-armored OpenPGP signing key")
+    key_sha256: Sha256
+
+
+class DebFile(Strict):
+    """A .deb file installed into an image base, pinned by URL and sha256 (vendor releases outside any repo)."""
+
+    url: str = Field(pattern=r"^https?://\S+\.deb$")
+    sha256: Sha256
+
+
 class ImageBase(Strict):
-    """A base image from a registry, pinned by digest (what users normally use)."""
+    """A base image from a registry, pinned by digest (what users normally use).
+
+    `packages` (and any vendor `repositories` they come from) are installed with apt on top of it.
+    """
 
     kind: Literal["image"]
     ref: str = Field(description="registry reference with @sha256:<digest>, e.g. debian:bookworm-slim@sha256:…")
+    repositories: list[AptRepository] = Field(default_factory=list, description="vendor apt repositories to add")
+    packages: list[AptPackage] = Field(default_factory=list, description="apt packages installed on top")
+    debs: list[DebFile] = Field(default_factory=list, description=".deb files installed on top, with their deps")
 
     @field_validator("ref")
     @classmethod
@@ -92,11 +122,63 @@ class LlamaCpp(Strict):
     binaries: list[str] = Field(default_factory=lambda: list(DEFAULT_BINARIES))
 
 
+WHEEL_FILE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[A-Za-z0-9_.+!]+)(-(?P<build>[0-9][A-Za-z0-9_]*))?"
+                        r"-(?P<python>[a-z0-9_.]+)-(?P<abi>[a-z0-9_.]+)-(?P<platform>[a-z0-9_.]+)\.whl$")
+SDK_NAME = r"^[a-z0-9][a-z0-9_-]*$"
+
+
+def wheel_tags(file: str) -> dict[str, str]:
+    """The parts of a wheel file name (name, version, build, python, abi, platform)."""
+    match = WHEEL_FILE.match(file)
+    if match is None:
+        raise ValueError(f"{file}: not a wheel file name")
+    return {key: value or "" for key, value in match.groupdict().items()}
+
+
+class WheelSdk(Strict):
+    """A binary wheel (e.g. OpenVINO's runtime from PyPI) pinned by file name and sha256.
+
+    Fetched with `pip download` once, unpacked by builder, and copied into the build stage at
+    /opt/sdk/<name>; the files matching `ship` go into the runtime image next to the binaries.
+    """
+
+    kind: Literal["wheel"]
+    package: PackageName
+    version: str = Field(pattern=r"^[0-9A-Za-z.+-]+$")
+    file: str = Field(description="the exact wheel file: NAME-VERSION[-BUILD]-PYTHON-ABI-PLATFORM.whl")
+    sha256: Sha256
+    ship: list[RelPath] = Field(default_factory=list,
+                                description="globs inside the unpacked wheel that the runtime image needs")
+
+    @field_validator("file")
+    @classmethod
+    def _wheel_name(cls, file: str) -> str:
+        if not WHEEL_FILE.match(file):
+            raise ValueError("must be a wheel file name: NAME-VERSION[-BUILD]-PYTHON-ABI-PLATFORM.whl")
+        return file
+
+    @model_validator(mode="after")
+    def _file_matches(self) -> "WheelSdk":
+        tags = wheel_tags(self.file)
+        if tags["name"].lower() != re.sub(r"[-_.]+", "_", self.package).lower() or tags["version"] != self.version:
+            raise ValueError(f"file {self.file} is not {self.package} {self.version}")
+        return self
+
+
+SdkSpec = Annotated[WheelSdk, Field(discriminator="kind")]
+
+
 class VariantRecipe(Strict):
-    """How one variant of the target is built: its bases and any extra CMake flags."""
+    """How one variant of the target is built: its bases, any extra CMake flags and pinned SDKs."""
 
     base: Bases
     cmake: dict[str, str] = Field(default_factory=dict, description="extra -D flags for this variant")
+    sdks: dict[Annotated[str, Field(pattern=SDK_NAME)], SdkSpec] = Field(
+        default_factory=dict, description="name -> a pinned SDK the build needs, placed at /opt/sdk/<name>")
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(
+        default_factory=dict, description="environment of the runtime image (on top of the target's)")
+    ship: list[Annotated[str, Field(pattern=r"^/\S+$")]] = Field(
+        default_factory=list, description="globs of files in the toolchain stage the runtime image needs")
 
 
 class Recipe(Strict):
@@ -135,3 +217,6 @@ class BuildPlan(Strict):
     labels: dict[str, str]
     smoke_device: str
     repository: str
+    sdks: dict[str, SdkSpec] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="image environment defaults of the variant")
+    ship: list[str] = Field(default_factory=list, description="toolchain-stage globs installed with the binaries")

@@ -39,6 +39,7 @@ def make_plan(
         f"{LABEL_PREFIX}.target": target.name,
         f"{LABEL_PREFIX}.variant": chosen.name,
         f"{LABEL_PREFIX}.llama-cpp.ref": source.locator,
+        **{f"{LABEL_PREFIX}.sdk.{name}": f"{sdk.file} sha256:{sdk.sha256}" for name, sdk in section.sdks.items()},
         "com.github.containers.toolbox": "true",
         **recipe.labels,
     }
@@ -57,4 +58,8 @@ def make_plan(
         labels=labels,
         smoke_device=chosen.smoke_device,
         repository=f"localhost/builder/{target.name}",
+        sdks=dict(section.sdks),
+        env={**chosen.host.env, **section.env},
+        ship=[f"/opt/sdk/{name}/{pattern}" for name, sdk in section.sdks.items() for pattern in sdk.ship]
+        + list(section.ship),
     )

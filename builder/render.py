@@ -9,16 +9,23 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import unquote
 
 import jinja2
 
 from builder import PROJECT_ROOT
-from builder.models import BuildPlan
-from builder.source import iter_tree
+from builder.errors import RecipeError
+from builder.models import BuildPlan, ImageBase
+from builder.sdk import SDK_DIR, missing_ship_patterns, unpacked
+from builder.source import fetch_file, iter_tree
 
 IMAGES_DIR = PROJECT_ROOT / "images"
 SOURCE_DIR = "llama.cpp"  # where the llama.cpp tree lands in the context
+APT_DIR = "apt"  # vendor apt sources (rendered) and their signing keys and .deb files (fetched at build time)
+# Folders of a context that `build` (and `render --with-source`) fill from pinned inputs; not in plain renders.
+STAGED_AT_BUILD = (SOURCE_DIR, SDK_DIR, APT_DIR)
 # Bump when the meaning of a context changes in a way its bytes do not show.
 CONTEXT_VERSION = "1"
 
@@ -41,11 +48,30 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def apt_packages(plan: BuildPlan) -> bool:
+    """Whether a base of the plan is a registry image with apt packages to add."""
+    return any(isinstance(b, ImageBase) and (b.packages or b.debs) for b in (plan.toolchain, plan.runtime))
+
+
+def _apt_sources(plan: BuildPlan) -> dict[str, bytes]:
+    """apt/<stage>/sources.list.d/<name>.list for the vendor repositories of image bases."""
+    files = {}
+    for stage, base in (("toolchain", plan.toolchain), ("runtime", plan.runtime)):
+        for repo in base.repositories if isinstance(base, ImageBase) else []:
+            components = " ".join(repo.components)
+            line = f"deb [signed-by=/etc/apt/keyrings/{repo.name}.asc] {repo.url} {repo.suite} {components}\n"
+            files[f"{APT_DIR}/{stage}/sources.list.d/{repo.name}.list"] = line.encode()
+    return files
+
+
 def render_files(plan: BuildPlan) -> dict[str, bytes]:
     """The rendered context without the source tree: relative path -> bytes."""
     files = {"Containerfile": _environment().get_template("Containerfile.j2").render(plan=plan).encode()}
-    for script in sorted((IMAGES_DIR / "scripts").iterdir()):
-        files[f"scripts/{script.name}"] = script.read_bytes()
+    files.update(_apt_sources(plan))
+    # Only the scripts this Containerfile uses: everything in a context is used (see .containerignore).
+    scripts = ["build-llama.sh", "entrypoint.sh"] + (["apt-install.sh"] if apt_packages(plan) else [])
+    for script in sorted(scripts):
+        files[f"scripts/{script}"] = (IMAGES_DIR / "scripts" / script).read_bytes()
     files[".containerignore"] = b"# everything in this context is used by the Containerfile\n"
     files[".dockerignore"] = files[".containerignore"]
     return files
@@ -53,6 +79,9 @@ def render_files(plan: BuildPlan) -> dict[str, bytes]:
 
 def fingerprint(plan: BuildPlan, files: dict[str, bytes]) -> str:
     digest = hashlib.sha256(f"context-v{CONTEXT_VERSION}\0{plan.source.identity}\0".encode())
+    # SDK trees are not hashed: their pinned sha256 stands for them, as the source's does.
+    for name, sdk in sorted(plan.sdks.items()):
+        digest.update(f"sdk\0{name}\0{sdk.sha256}\0".encode())
     for name in sorted(files):
         digest.update(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\0".encode())
     return digest.hexdigest()
@@ -100,8 +129,42 @@ def write_context(out: Path, plan: BuildPlan, files: dict[str, bytes], fp: str) 
 
 def stage_source(tree: Path, out: Path) -> None:
     """Mirror the llama.cpp tree (minus pruned folders) into out/llama.cpp with hard links."""
-    dest = out / SOURCE_DIR
-    wanted = set(iter_tree(tree))
+    _mirror(tree, out / SOURCE_DIR, set(iter_tree(tree)), iter_tree)
+
+
+def _all_files(root: Path) -> list[Path]:
+    return [p.relative_to(root) for p in root.rglob("*") if p.is_file() or p.is_symlink()]
+
+
+def stage_sdks(plan: BuildPlan, out: Path) -> None:
+    """Unpack (once, into the cache) every SDK of the plan and mirror it into out/sdk/<name>."""
+    for name, spec in plan.sdks.items():
+        tree = unpacked(spec)
+        missing = missing_ship_patterns(spec, tree)
+        if missing:
+            raise RecipeError(f"{plan.recipe}: sdks.{name}.ship: {', '.join(missing)} match nothing in {spec.file}",
+                              "list the files the runtime needs as they are named inside the wheel")
+        _mirror(tree, out / SDK_DIR / name, set(_all_files(tree)), _all_files)
+    if (out / SDK_DIR).is_dir():
+        for stale in (out / SDK_DIR).iterdir():
+            if stale.name not in plan.sdks:
+                shutil.rmtree(stale)
+
+
+def stage_apt_files(plan: BuildPlan, out: Path) -> None:
+    """Fetch (once, checked by sha256) vendor repository keys and .deb files into apt/<stage>/."""
+    for stage, base in (("toolchain", plan.toolchain), ("runtime", plan.runtime)):
+        for repo in base.repositories if isinstance(base, ImageBase) else []:
+            key = fetch_file(repo.key_url, repo.key_sha256)
+            _write_if_changed(out / APT_DIR / stage / "keyrings" / f"{repo.name}.asc", key.read_bytes(), 0o644)
+        for deb in base.debs if isinstance(base, ImageBase) else []:
+            name = unquote(deb.url.rsplit("/", 1)[-1])
+            data = fetch_file(deb.url, deb.sha256).read_bytes()
+            _write_if_changed(out / APT_DIR / stage / "debs" / name, data, 0o644)
+
+
+def _mirror(tree: Path, dest: Path, wanted: set[Path], listing: Callable[[Path], list[Path]]) -> None:
+    """Make dest hold exactly `wanted` (paths relative to tree), hard-linked where possible."""
     for rel in wanted:
         src, dst = tree / rel, dest / rel
         if dst.exists() and os.path.samefile(src, dst):
@@ -113,5 +176,5 @@ def stage_source(tree: Path, out: Path) -> None:
         except OSError:
             shutil.copy2(src, dst)
     if dest.is_dir():
-        for rel in set(iter_tree(dest)) - wanted:
+        for rel in set(listing(dest)) - wanted:
             (dest / rel).unlink()

@@ -146,6 +146,15 @@ def _fetch_archive(spec: ArchiveSource) -> Path:
     return _verified(cached, spec.sha256, spec.url)
 
 
+def fetch_file(url: str, sha256: str) -> Path:
+    """A single pinned file (an apt signing key, say), downloaded once and checked."""
+    cached = cache_subdir("sources/files") / sha256
+    if not cached.is_file():
+        _download(url, cached)
+        _verified(cached, sha256, url)
+    return cached
+
+
 def _fetch_pypi(spec: PypiSource) -> Path:
     cached = cache_subdir("sources/archives") / f"{spec.sha256}.tar"
     if cached.is_file():

@@ -97,8 +97,12 @@ TARGETS: dict[str, Target] = {
             "intel-npu",
             "Intel Core Ultra NPU (/dev/accel, intel_vpu) through OpenVINO",
             Variant("openvino", "OpenVINO backend, NPU as the default device",
-                    # The OpenVINO backend cannot be built as a loadable module.
-                    {"GGML_OPENVINO": "ON", "GGML_BACKEND_DL": "OFF", "GGML_CPU_ALL_VARIANTS": "OFF"},
+                    # The OpenVINO backend cannot be built as a loadable module, so this image links every
+                    # backend into libggml and carries one CPU backend: AVX2 (Haswell and newer, every Core
+                    # Ultra), spelled out because ggml's default depends on the build environment.
+                    {"GGML_OPENVINO": "ON", "GGML_BACKEND_DL": "OFF", "GGML_CPU_ALL_VARIANTS": "OFF",
+                     "GGML_SSE42": "ON", "GGML_AVX": "ON", "GGML_AVX2": "ON", "GGML_BMI2": "ON", "GGML_FMA": "ON",
+                     "GGML_F16C": "ON"},
                     "OPENVINO",
                     Host(devices=("/dev/accel",), modules=(("intel_vpu",),),
                          env={"GGML_OPENVINO_DEVICE": "NPU"})),

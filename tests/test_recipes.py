@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builder import recipes
+from builder.errors import RecipeError
+from builder.targets import TARGETS
 from conftest import ROOT, run_cli
 
 CPU = yaml.safe_load((ROOT / "recipes" / "cpu.yaml").read_text())
@@ -79,9 +82,38 @@ def test_variant_missing_from_the_recipe_says_what_it_builds(tmp_path: Path) -> 
     assert "this recipe builds: vulkan (pass --variant)" in proc.stderr
 
 
-def test_target_without_a_recipe_yet_says_so() -> None:
-    proc = run_cli("plan", "--target", "nvidia")
-    assert_one_clear_error(proc, "target 'nvidia' has no recipe yet", "recipes/nvidia.yaml")
+def test_target_without_a_recipe_yet_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cpu.yaml").write_text("target: cpu\n")
+    monkeypatch.setattr(recipes, "RECIPES_DIR", tmp_path)
+    with pytest.raises(RecipeError, match="target 'nvidia' has no recipe yet: .*nvidia.yaml is missing") as caught:
+        recipes.recipe_path_for("nvidia")
+    assert caught.value.hint == "targets with recipes: cpu"
+
+
+def test_every_target_has_a_recipe() -> None:
+    assert sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if p.stem != "llama-cpp") == sorted(TARGETS)
+
+
+@pytest.mark.parametrize("verb", [["plan"], ["render", "--out", "/nonexistent/never-written"], ["build"],
+                                  ["run", "shell"], ["doctor"]], ids=lambda v: v[0])
+def test_variant_of_another_target_says_whose_it_is(verb: list[str]) -> None:
+    """cuda on strix-halo: every verb says where cuda belongs and what strix-halo offers, exit 2, nothing done."""
+    options = ["--target", "strix-halo", "--variant", "cuda"]
+    proc = run_cli(verb[0], *options, *verb[1:]) if verb[0] == "run" else run_cli(*verb, *options)
+    assert_one_clear_error(proc, "--variant: strix-halo has no variant 'cuda'")
+    assert "hint: cuda belongs to nvidia (NVIDIA GeForce RTX 3060" in proc.stderr
+    assert "strix-halo offers: rocm, vulkan" in proc.stderr
+    assert not Path("/nonexistent/never-written").exists()
+
+
+@pytest.mark.parametrize("verb", ["plan", "build", "doctor"])
+def test_unknown_target_or_variant_lists_the_valid_ones_on_every_verb(verb: str) -> None:
+    proc = run_cli(verb, "--target", "tpu")
+    assert_one_clear_error(proc, "unknown target 'tpu'")
+    assert "known targets: cpu, intel-arc, intel-npu, nvidia, strix-halo" in proc.stderr
+    proc = run_cli(verb, "--target", "intel-npu", "--variant", "npu")
+    assert_one_clear_error(proc, "intel-npu has no variant 'npu'")
+    assert "intel-npu offers: openvino" in proc.stderr
 
 
 def test_unknown_variant_on_command_line_lists_valid_ones() -> None:
@@ -140,5 +172,7 @@ def test_targets_lists_variants_and_what_the_recipes_build() -> None:
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
     assert set(rows) == {"cpu", "strix-halo", "intel-arc", "intel-npu", "nvidia"}
     assert rows["cpu"].split()[:3] == ["cpu", "cpu*", "cpu"]
-    assert rows["strix-halo"].split()[:4] == ["strix-halo", "rocm*,", "vulkan", "vulkan"]
-    assert rows["nvidia"].split()[:3] == ["nvidia", "cuda*", "-"]
+    assert rows["strix-halo"].split()[:5] == ["strix-halo", "rocm*,", "vulkan", "rocm,", "vulkan"]
+    assert rows["intel-arc"].split()[:5] == ["intel-arc", "sycl*,", "vulkan", "sycl,", "vulkan"]
+    assert rows["intel-npu"].split()[:3] == ["intel-npu", "openvino*", "openvino"]
+    assert rows["nvidia"].split()[:3] == ["nvidia", "cuda*", "cuda"]

@@ -1,0 +1,95 @@
+"""Pinned SDKs a variant's build needs (OpenVINO's runtime wheel, for one): fetched once, checked, unpacked.
+
+A wheel is fetched with `pip download` for exactly the tags its file name states, so the pin does not depend
+on the Python that runs builder. Its sha256 is checked before it is unpacked into the cache; build contexts
+get hard links to the unpacked tree (sdk/<name>), so rendering again neither downloads nor copies.
+"""
+
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from builder.errors import CommandError, SourceError
+from builder.models import WheelSdk, wheel_tags
+from builder.paths import cache_subdir
+from builder.run import run
+from builder.source import sha256_file
+
+SDK_DIR = "sdk"  # where SDK trees land in a build context; /opt/sdk/<name> in the build stage
+
+
+def pip_download_argv(spec: WheelSdk, dest: Path) -> list[str]:
+    """`pip download` of exactly this wheel: its platform, ABI and Python tags, no dependencies."""
+    tags = wheel_tags(spec.file)
+    argv = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+            "--dest", str(dest)]
+    python = tags["python"].split(".")[0]
+    if python.startswith("cp"):
+        argv += ["--implementation", "cp", "--python-version", python[2:]]
+    elif python.startswith("py") and python[2:].isdigit():
+        argv += ["--python-version", python[2:]]
+    argv += ["--abi", tags["abi"]]
+    for platform in tags["platform"].split("."):
+        argv += ["--platform", platform]
+    return [*argv, f"{spec.package}=={spec.version}"]
+
+
+def fetch_wheel(spec: WheelSdk) -> Path:
+    """The wheel file, downloaded once into the cache and checked against its pin."""
+    cached = cache_subdir("sdks/wheels") / f"{spec.sha256}.whl"
+    if cached.is_file():
+        return cached
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            run(pip_download_argv(spec, Path(tmp)), timeout=900)
+        except CommandError as exc:
+            last = (exc.tail.strip().splitlines() or [exc.message])[-1]
+            raise SourceError(f"cannot fetch {spec.file}: {last}",
+                              "check package, version and file in the recipe, and that the package index is "
+                              "reachable") from None
+        got = Path(tmp) / spec.file
+        if not got.is_file():
+            names = ", ".join(sorted(p.name for p in Path(tmp).iterdir())) or "nothing"
+            raise SourceError(f"pip download of {spec.package}=={spec.version} gave {names}, not {spec.file}",
+                              "check the wheel's file name in the recipe (sdks.<name>.file)")
+        actual = sha256_file(got)
+        if actual != spec.sha256:
+            raise SourceError(f"{spec.file}: sha256 mismatch: expected {spec.sha256}, got {actual}",
+                              "the pin in the recipe is wrong or the download was altered")
+        shutil.move(got, cached)
+    return cached
+
+
+def _extract(wheel: Path, dest: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        for member in archive.infolist():
+            path = Path(archive.extract(member, dest))
+            mode = (member.external_attr >> 16) & 0o777
+            if not member.is_dir() and mode:
+                path.chmod(mode | stat.S_IRUSR)
+
+
+def unpacked(spec: WheelSdk) -> Path:
+    """The wheel's contents, unpacked once per sha256 into the cache."""
+    trees = cache_subdir("sdks/trees")
+    final = trees / spec.sha256
+    if final.is_dir():
+        return final
+    wheel = fetch_wheel(spec)
+    tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".unpack-"))
+    try:
+        _extract(wheel, tmp)
+        os.replace(tmp, final)
+    except (zipfile.BadZipFile, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SourceError(f"{spec.file}: cannot unpack: {exc}") from None
+    return final
+
+
+def missing_ship_patterns(spec: WheelSdk, tree: Path) -> list[str]:
+    """`ship` globs that match nothing in the unpacked wheel (a newer wheel may rename its libraries)."""
+    return [pattern for pattern in spec.ship if not any(tree.glob(pattern))]
