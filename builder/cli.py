@@ -18,9 +18,24 @@ from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import BuilderError, CommandError, RecipeError
 from builder.launch import container_argv
 from builder.models import Recipe
-from builder.recipes import RECIPES_DIR, load_recipe, select
+from builder.vllm_models import VllmRecipe
+from builder.recipes import RECIPES_DIR, display_path, load_recipe, select
 from builder.render import plan_document, stage_source, write_context
 from builder.targets import TARGETS, Host
+from builder.vllm import (
+    FLAVOURS,
+    build_vllm,
+    image_for_run_vllm,
+    load_vllm_recipe,
+    lock_variant,
+    mount_served_model,
+    prepare_vllm,
+    require_lock,
+    vllm_recipe_path,
+    vllm_shm_flags,
+    vllm_variants,
+    write_vllm_context,
+)
 
 app = typer.Typer(
     help="Build llama.cpp inference images (RPC workers and servers) from recipes, for every accelerator.",
@@ -31,6 +46,9 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _debug = False
 ROLES = ("rpc-worker", "server", "bench", "shell", "smoke", "help")
+VLLM_ROLES = ("serve", "ray-head", "ray-worker", "shell", "smoke", "help")
+# vLLM's workers share tensors through /dev/shm; engines give containers 64 MB by default.
+DEFAULT_SHM = "16g"
 
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name: picks recipes/NAME.yaml.")]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Any recipe file instead of --target.")]
@@ -44,6 +62,23 @@ EngineOpt = Annotated[
     str, typer.Option("--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)}.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+FlavourOpt = Annotated[
+    str, typer.Option("--flavour", help=f"What the image serves with: {', '.join(FLAVOURS)} (recipes/vllm/).")
+]
+
+
+def _vllm(flavour: str) -> bool:
+    if flavour not in FLAVOURS:
+        raise RecipeError(f"--flavour: unknown flavour {flavour!r}", f"flavours: {', '.join(FLAVOURS)}")
+    return flavour == "vllm"
+
+
+def _vllm_recipe(target: str | None, recipe: Path | None) -> Path:
+    if recipe is not None:
+        return recipe
+    if target:
+        return vllm_recipe_path(target)
+    raise RecipeError("no recipe chosen", "pass --target NAME (see `builder targets`) or --recipe PATH")
 
 
 @app.callback()
@@ -61,22 +96,28 @@ def _options(
 
 @app.command()
 def targets() -> None:
-    """List targets, their variants (the default marked *) and which variants the shipped recipes build."""
-    rows = [("TARGET", "VARIANTS", "IN RECIPE", "DESCRIPTION")]
+    """List targets, their variants (the default marked *) and which variants the shipped recipes build.
+
+    IN RECIPE: llama.cpp images (recipes/NAME.yaml); VLLM: vLLM images (recipes/vllm/NAME.yaml, --flavour vllm).
+    """
+    rows = [("TARGET", "VARIANTS", "IN RECIPE", "VLLM", "DESCRIPTION")]
     for target in TARGETS.values():
         variants = ", ".join(f"{v}*" if v == target.default_variant else v for v in target.variants)
         path = RECIPES_DIR / f"{target.name}.yaml"
         built = ", ".join(load_recipe(path).variants) if path.is_file() else "-"
-        rows.append((target.name, variants, built, target.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for name, variants, built, description in rows:
-        typer.echo(f"{name:<{widths[0]}}  {variants:<{widths[1]}}  {built:<{widths[2]}}  {description}")
+        vllm = ", ".join(vllm_variants(target.name)) or "-"
+        rows.append((target.name, variants, built, vllm, target.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for name, variants, built, vllm, description in rows:
+        typer.echo(f"{name:<{widths[0]}}  {variants:<{widths[1]}}  {built:<{widths[2]}}  {vllm:<{widths[3]}}  "
+                   f"{description}")
 
 
 @app.command()
-def schema() -> None:
-    """Print the recipe JSON Schema."""
-    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+def schema(flavour: FlavourOpt = "llama.cpp") -> None:
+    """Print the recipe JSON Schema (--flavour vllm: the vLLM recipe's)."""
+    model = VllmRecipe if _vllm(flavour) else Recipe
+    typer.echo(json.dumps(model.model_json_schema(), indent=2))
 
 
 @app.command()
@@ -86,8 +127,22 @@ def plan(
     variant: VariantOpt = None,
     llama_cpp_source: SourceOpt = None,
     as_json: JsonOpt = False,
+    flavour: FlavourOpt = "llama.cpp",
 ) -> None:
     """Resolve a recipe into a build plan: bases, pinned source, flags, labels and the image tag."""
+    if _vllm(flavour):
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        if as_json:
+            typer.echo(json.dumps(vprep.document(), indent=2, sort_keys=True))
+            return
+        v = vprep.plan
+        for key, value in {"recipe": v.recipe, "target": f"{v.target}/{v.variant} (vLLM device {v.device})",
+                           "image": vprep.tag, "base": v.base_ref, "python": v.python,
+                           "vllm": v.vllm_version, "pins": " ".join(v.requirements),
+                           "lock": f"{v.lock_file} ({len(v.lock_pins)} wheels)" if v.lock_file else
+                           "none: render-only"}.items():
+            typer.echo(f"{key:<10} {value}")
+        return
     prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
     doc = plan_document(prep.plan, prep.fingerprint)
     if as_json:
@@ -116,8 +171,15 @@ def render(
     variant: VariantOpt = None,
     llama_cpp_source: SourceOpt = None,
     with_source: Annotated[bool, typer.Option(help="Also place the llama.cpp tree, ready to build.")] = False,
+    flavour: FlavourOpt = "llama.cpp",
 ) -> None:
     """Write the build context (Containerfile, scripts, plan.json) without building anything."""
+    if _vllm(flavour):
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        changed = write_vllm_context(out, vprep)
+        typer.echo(f"rendered {vprep.plan.target}/vllm-{vprep.plan.variant} into {out} "
+                   f"({len(changed)} file(s) changed); image tag {vprep.tag}")
+        return
     prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
     changed = write_context(out, prep.plan, prep.files, prep.fingerprint)
     if with_source:
@@ -149,23 +211,49 @@ def build_cmd(
     llama_cpp_source: SourceOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild even if the image exists.")] = False,
     as_json: JsonOpt = False,
+    flavour: FlavourOpt = "llama.cpp",
 ) -> None:
     """Render, build and smoke-test an image; print its reference and digest.
 
     The tag is a hash of everything that determines the image, so an unchanged recipe builds nothing.
     The full build log is saved; its path is printed.
     """
+    if _vllm(flavour):
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        require_lock(vprep.plan)
+        chosen = get_engine(engine)
+        err.print(f"building {vprep.tag} with {chosen.name}")
+        _print_build(build_vllm(vprep, chosen, no_cache=no_cache), as_json)
+        return
     prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
     chosen = get_engine(engine)
     err.print(f"building {prep.tag} with {chosen.name} (context {context_dir(prep.plan)})")
     _print_build(build(prep, chosen, no_cache=no_cache), as_json)
 
 
+@app.command()
+def lock(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    flavour: FlavourOpt = "vllm",
+) -> None:
+    """Resolve a vLLM recipe's requirements for the image's Python and write its lock (versions + sha256).
+
+    The lock is what `build` installs, with pip's --require-hashes; commit it beside the recipe.
+    """
+    if not _vllm(flavour):
+        raise RecipeError("--flavour: only vLLM recipes have locks", "llama.cpp is pinned in recipes/llama-cpp.yaml")
+    path, pinned = lock_variant(_vllm_recipe(target, recipe), variant)
+    typer.echo(f"locked {len(pinned.pins)} packages into {display_path(path)}")
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False}
 )
 def run(
-    role: Annotated[str, typer.Argument(help="rpc-worker, server, bench, shell or smoke.")],
+    role: Annotated[str, typer.Argument(help="rpc-worker, server, bench, shell or smoke; vLLM: serve, ray-head, "
+                                             "ray-worker, shell or smoke.")],
     args: Annotated[list[str] | None, typer.Argument(help="Arguments for the role.")] = None,
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -176,17 +264,35 @@ def run(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
     print_only: Annotated[bool, typer.Option("--print", help="Print the engine command, run nothing.")] = False,
     env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the container (repeatable).")] = None,
+    flavour: FlavourOpt = "llama.cpp",
+    shm_size: Annotated[str, typer.Option(
+        "--shm-size", help="vLLM: size of /dev/shm (e.g. 16g), or `host` to share the host's IPC namespace.")
+    ] = DEFAULT_SHM,
 ) -> None:
     """Run an image in a role on the host network (model files given with --model are mounted).
 
     Options go before ROLE; everything after ROLE is passed to the role.
     Example: builder run --target cpu rpc-worker --host 10.0.0.5 --port 50052
+    vLLM images (--flavour vllm) get a 16 GB /dev/shm (--shm-size); a host model folder given as
+    `serve PATH` is mounted read-only under /models.
     """
-    if role not in ROLES:
-        raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(ROLES)}")
+    is_vllm = _vllm(flavour)
+    roles = VLLM_ROLES if is_vllm else ROLES
+    if role not in roles:
+        raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(roles)}")
     chosen = get_engine(engine)
     host = Host()
-    if image is None:
+    extra_flags: tuple[str, ...] = ()
+    if is_vllm:
+        shm_flags = vllm_shm_flags(shm_size)
+        args, volumes = mount_served_model(role, list(args or []))
+        extra_flags = (*shm_flags, *(flag for volume in volumes for flag in ("--volume", volume)))
+    if image is None and is_vllm:
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        image = image_for_run_vllm(chosen, vprep)
+        entry, variant_entry = select(vprep.plan.target, vprep.plan.variant)
+        host = variant_entry.host
+    elif image is None:
         prep = prepare(recipe_file(target, recipe), variant)
         image = image_for_run(chosen, prep)
         entry, variant_entry = select(prep.plan.target, prep.plan.variant)
@@ -199,7 +305,7 @@ def run(
             raise RecipeError(f"--env {item!r}: expected KEY=VALUE")
     env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
     argv = container_argv(chosen, image, role, list(args or []), name=name, detach=detach,
-                          run_flags=(*chosen.device_flags(host), *env_flags))
+                          run_flags=(*chosen.device_flags(host), *env_flags, *extra_flags))
     if print_only:
         typer.echo(" ".join(argv))
         return
