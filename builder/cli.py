@@ -18,7 +18,6 @@ from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import BuilderError, CommandError, RecipeError
 from builder.launch import container_argv
 from builder.models import Recipe
-from builder.vllm_models import VllmRecipe
 from builder.recipes import RECIPES_DIR, display_path, load_recipe, select
 from builder.render import plan_document, stage_source, write_context
 from builder.targets import TARGETS, Host
@@ -26,7 +25,6 @@ from builder.vllm import (
     FLAVOURS,
     build_vllm,
     image_for_run_vllm,
-    load_vllm_recipe,
     lock_variant,
     mount_served_model,
     prepare_vllm,
@@ -36,6 +34,7 @@ from builder.vllm import (
     vllm_variants,
     write_vllm_context,
 )
+from builder.vllm_models import VllmRecipe
 
 app = typer.Typer(
     help="Build llama.cpp inference images (RPC workers and servers) from recipes, for every accelerator.",

@@ -240,7 +240,7 @@ def require_lock(plan: VllmPlan) -> None:
         raise RecipeError(
             f"{plan.recipe}: variants.{plan.variant}: vLLM for {plan.device} is render-only here: it has no lock, "
             f"and its wheels come from {plan.index or 'a package index'}, which this machine cannot reach",
-            f"on a machine that reaches it: builder lock --flavour vllm --target {plan.target} --variant {plan.variant}")
+            f"where it is reachable: builder lock --flavour vllm --target {plan.target} --variant {plan.variant}")
 
 
 def build_vllm(prep: PreparedVllm, engine: Engine, *, no_cache: bool = False) -> BuildResult:
@@ -279,8 +279,9 @@ def image_for_run_vllm(engine: Engine, prep: PreparedVllm) -> str:
     for ref in (prep.tag, prep.floating):
         if engine.inspect(ref) is not None:
             return ref
-    raise RecipeError(f"no vLLM image for {prep.plan.target}/{prep.plan.variant} in {engine.name}",
-                      f"build it first: builder build --flavour vllm --target {prep.plan.target} --engine {engine.name}")
+    plan = prep.plan
+    raise RecipeError(f"no vLLM image for {plan.target}/{plan.variant} in {engine.name}",
+                      f"build it first: builder build --flavour vllm --target {plan.target} --engine {engine.name}")
 
 
 def vllm_shm_flags(size: str) -> list[str]:

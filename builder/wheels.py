@@ -146,7 +146,8 @@ def resolve_lock(python: str, requirements: list[str], index: str | None, arch: 
     for item in installs:
         hashes = item["download_info"].get("archive_info", {}).get("hashes", {})
         if "sha256" not in hashes:
-            raise SourceError(f"{item['metadata']['name']}: the index gave no sha256 for {item['download_info']['url']}")
+            url = item["download_info"]["url"]
+            raise SourceError(f"{item['metadata']['name']}: the index gave no sha256 for {url}")
         pins.append(Pin(item["metadata"]["name"], item["metadata"]["version"], hashes["sha256"]))
     pins.sort(key=lambda p: canonical(p.name))
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
