@@ -90,7 +90,7 @@ def lock_path(recipe_path: Path, variant: str, section: VllmVariant) -> Path:
 
 
 def _inputs(section: VllmVariant) -> str:
-    return inputs_key(section.python, list(section.requirements), section.index, host_arch())
+    return inputs_key(section.python, list(section.requirements), section.index, _pip_arch(), section.leave_out)
 
 
 def read_lock(recipe_path: Path, variant: str, section: VllmVariant) -> Lock | None:
@@ -152,7 +152,8 @@ def make_vllm_plan(recipe: VllmRecipe, recipe_path: Path, variant: str | None = 
         toolchain_ref=base_ref(section.toolchain) if section.toolchain else None, toolchain=section.toolchain,
         python=section.python, requirements=list(section.requirements), index=section.index,
         lock_file=display_path(lock_path(recipe_path, name, section)) if lock else None,
-        lock_pins=[p.line() for p in lock.pins] if lock else [], compile=section.compile, env=dict(section.env),
+        lock_pins=[p.line() for p in lock.pins] if lock else [], compile=section.compile,
+        leave_out=list(section.leave_out), alias=section.alias, env=dict(section.env),
         vllm_version=version, labels=labels, repository=f"localhost/builder/{recipe.target}",
     )
 
@@ -224,7 +225,10 @@ def lock_variant(path: Path, variant: str | None) -> tuple[Path, Lock]:
         "requirements": " ".join(section.requirements),
         "inputs": _inputs(section),
     }
-    lock = resolve_lock(section.python, list(section.requirements), section.index, _pip_arch(), header)
+    if section.leave_out:
+        header["left-out"] = " ".join(section.leave_out)
+    lock = resolve_lock(section.python, list(section.requirements), section.index, _pip_arch(), header,
+                        section.leave_out)
     out = lock_path(path, name, section)
     out.write_text(lock.text())
     return out, lock

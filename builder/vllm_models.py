@@ -32,6 +32,9 @@ class VllmVariant(_Strict):
     index: str | None = Field(None, description="an extra package index (vendor wheels); default: PyPI only")
     lock: RelPath | None = Field(None, description="lock file beside the recipe; default <recipe>-<variant>.lock")
     compile: Compile | None = None
+    leave_out: list[str] = Field(default_factory=list, description="packages dropped from the lock (installed with "
+                                 "--no-deps): dependencies whose index builds cannot work in this image")
+    alias: str | None = Field(None, description="another distribution name the vLLM package must answer to")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables set in the image")
 
     @model_validator(mode="after")
@@ -77,6 +80,8 @@ class VllmPlan(_Strict):
     lock_file: str | None = Field(description="the lock (exact versions + sha256) or None: unlocked, render-only")
     lock_pins: list[str]
     compile: Compile | None
+    leave_out: list[str]
+    alias: str | None
     env: dict[str, str]
     vllm_version: str
     labels: dict[str, str]

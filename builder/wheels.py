@@ -73,9 +73,11 @@ class Lock:
         return int(datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
 
 
-def inputs_key(python: str, requirements: list[str], index: str | None, arch: str) -> str:
+def inputs_key(python: str, requirements: list[str], index: str | None, arch: str, leave_out: list[str]) -> str:
     """What a lock was resolved from; a recipe whose inputs differ has a stale lock."""
-    doc = {"python": python, "requirements": requirements, "index": index, "arch": arch}
+    doc: dict[str, object] = {"python": python, "requirements": requirements, "index": index, "arch": arch}
+    if leave_out:
+        doc["leave_out"] = sorted(canonical(n) for n in leave_out)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -124,7 +126,8 @@ def _target_flags(python: str, arch: str) -> list[str]:
             *_platform_flags(arch)]
 
 
-def resolve_lock(python: str, requirements: list[str], index: str | None, arch: str, header: dict[str, str]) -> Lock:
+def resolve_lock(python: str, requirements: list[str], index: str | None, arch: str, header: dict[str, str],
+                 leave_out: list[str]) -> Lock:
     """Resolve requirements with pip for the image's Python and platform; returns pins with the index's hashes.
 
     pip evaluates environment markers with the interpreter it runs under, so the lock must be made under
@@ -149,6 +152,8 @@ def resolve_lock(python: str, requirements: list[str], index: str | None, arch: 
             url = item["download_info"]["url"]
             raise SourceError(f"{item['metadata']['name']}: the index gave no sha256 for {url}")
         pins.append(Pin(item["metadata"]["name"], item["metadata"]["version"], hashes["sha256"]))
+    dropped = {canonical(n) for n in leave_out}
+    pins = [p for p in pins if canonical(p.name) not in dropped]
     pins.sort(key=lambda p: canonical(p.name))
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return Lock({**header, "locked": stamp}, tuple(pins))

@@ -102,8 +102,8 @@ smoke() {
     check "vllm --version: $(tail -n 1 <<<"$version")" "^${VLLM_SMOKE_VERSION:-none}" "$(tail -n 1 <<<"$version")"
     out=$(python3 -c 'import vllm, torch; print("import vllm", vllm.__version__, "torch", torch.__version__)' 2>&1 || true)
     check "$(tail -n 1 <<<"$out")" "^import vllm " "$out"
-    out=$(timeout 300 vllm serve --help 2>&1 || true)
-    check "vllm serve --help" "--host" "$out"
+    out=$(timeout 300 vllm serve --help=host 2>&1 || true)
+    check "vllm serve --help" "--host HOST" "$out"
     out=$(ray --version 2>&1 || true)
     check "$(tail -n 1 <<<"$out")" "^ray, version " "$out"
     return "$failed"
