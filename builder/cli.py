@@ -29,11 +29,25 @@ from builder.errors import BuilderError, CommandError, RecipeError
 from builder.launch import container_argv
 from builder.models import Recipe
 from builder.publish import publish as publish_image
-from builder.recipes import RECIPES_DIR, load_recipe, select
+from builder.recipes import RECIPES_DIR, display_path, load_recipe, select
 from builder.registry import Repository
 from builder.render import plan_document, stage_apt_files, stage_sdks, stage_source, write_context
 from builder.sbom import make_sbom, read_packages, sbom_bytes
 from builder.targets import TARGETS, Host
+from builder.vllm import (
+    FLAVOURS,
+    build_vllm,
+    image_for_run_vllm,
+    lock_variant,
+    mount_served_model,
+    prepare_vllm,
+    require_lock,
+    vllm_recipe_path,
+    vllm_shm_flags,
+    vllm_variants,
+    write_vllm_context,
+)
+from builder.vllm_models import VllmRecipe
 
 app = typer.Typer(
     help="Build llama.cpp inference images (RPC workers and servers) from recipes, for every accelerator.",
@@ -45,6 +59,9 @@ app.add_typer(pxe_app, name="pxe")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _debug = False
 ROLES = ("rpc-worker", "server", "bench", "shell", "smoke", "help")
+VLLM_ROLES = ("serve", "ray-head", "ray-worker", "shell", "smoke", "help")
+# vLLM's workers share tensors through /dev/shm; engines give containers 64 MB by default.
+DEFAULT_SHM = "16g"
 
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name: picks recipes/NAME.yaml.")]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Any recipe file instead of --target.")]
@@ -59,6 +76,23 @@ EngineOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 LockOpt = Annotated[Path, typer.Option("--lock", help="The lock file (default: builder.lock of the project).")]
+FlavourOpt = Annotated[
+    str, typer.Option("--flavour", help=f"What the image serves with: {', '.join(FLAVOURS)} (recipes/vllm/).")
+]
+
+
+def _vllm(flavour: str) -> bool:
+    if flavour not in FLAVOURS:
+        raise RecipeError(f"--flavour: unknown flavour {flavour!r}", f"flavours: {', '.join(FLAVOURS)}")
+    return flavour == "vllm"
+
+
+def _vllm_recipe(target: str | None, recipe: Path | None) -> Path:
+    if recipe is not None:
+        return recipe
+    if target:
+        return vllm_recipe_path(target)
+    raise RecipeError("no recipe chosen", "pass --target NAME (see `builder targets`) or --recipe PATH")
 
 
 @app.callback()
@@ -76,22 +110,28 @@ def _options(
 
 @app.command()
 def targets() -> None:
-    """List targets, their variants (the default marked *) and which variants the shipped recipes build."""
-    rows = [("TARGET", "VARIANTS", "IN RECIPE", "DESCRIPTION")]
+    """List targets, their variants (the default marked *) and which variants the shipped recipes build.
+
+    IN RECIPE: llama.cpp images (recipes/NAME.yaml); VLLM: vLLM images (recipes/vllm/NAME.yaml, --flavour vllm).
+    """
+    rows = [("TARGET", "VARIANTS", "IN RECIPE", "VLLM", "DESCRIPTION")]
     for target in TARGETS.values():
         variants = ", ".join(f"{v}*" if v == target.default_variant else v for v in target.variants)
         path = RECIPES_DIR / f"{target.name}.yaml"
         built = ", ".join(load_recipe(path).variants) if path.is_file() else "-"
-        rows.append((target.name, variants, built, target.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for name, variants, built, description in rows:
-        typer.echo(f"{name:<{widths[0]}}  {variants:<{widths[1]}}  {built:<{widths[2]}}  {description}")
+        vllm = ", ".join(vllm_variants(target.name)) or "-"
+        rows.append((target.name, variants, built, vllm, target.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for name, variants, built, vllm, description in rows:
+        typer.echo(f"{name:<{widths[0]}}  {variants:<{widths[1]}}  {built:<{widths[2]}}  {vllm:<{widths[3]}}  "
+                   f"{description}")
 
 
 @app.command()
-def schema() -> None:
-    """Print the recipe JSON Schema."""
-    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+def schema(flavour: FlavourOpt = "llama.cpp") -> None:
+    """Print the recipe JSON Schema (--flavour vllm: the vLLM recipe's)."""
+    model = VllmRecipe if _vllm(flavour) else Recipe
+    typer.echo(json.dumps(model.model_json_schema(), indent=2))
 
 
 @app.command()
@@ -101,8 +141,22 @@ def plan(
     variant: VariantOpt = None,
     llama_cpp_source: SourceOpt = None,
     as_json: JsonOpt = False,
+    flavour: FlavourOpt = "llama.cpp",
 ) -> None:
     """Resolve a recipe into a build plan: bases, pinned source, flags, labels and the image tag."""
+    if _vllm(flavour):
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        if as_json:
+            typer.echo(json.dumps(vprep.document(), indent=2, sort_keys=True))
+            return
+        v = vprep.plan
+        for key, value in {"recipe": v.recipe, "target": f"{v.target}/{v.variant} (vLLM device {v.device})",
+                           "image": vprep.tag, "base": v.base_ref, "python": v.python,
+                           "vllm": v.vllm_version, "pins": " ".join(v.requirements),
+                           "lock": f"{v.lock_file} ({len(v.lock_pins)} wheels)" if v.lock_file else
+                           "none: render-only"}.items():
+            typer.echo(f"{key:<10} {value}")
+        return
     prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
     doc = plan_document(prep.plan, prep.fingerprint)
     if as_json:
@@ -133,8 +187,15 @@ def render(
     with_source: Annotated[
         bool, typer.Option(help="Also place the llama.cpp tree and the recipe's SDKs, ready to build.")
     ] = False,
+    flavour: FlavourOpt = "llama.cpp",
 ) -> None:
     """Write the build context (Containerfile, scripts, plan.json) without building anything."""
+    if _vllm(flavour):
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        changed = write_vllm_context(out, vprep)
+        typer.echo(f"rendered {vprep.plan.target}/vllm-{vprep.plan.variant} into {out} "
+                   f"({len(changed)} file(s) changed); image tag {vprep.tag}")
+        return
     prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
     changed = write_context(out, prep.plan, prep.files, prep.fingerprint)
     if with_source:
@@ -169,12 +230,20 @@ def build_cmd(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild even if the image exists.")] = False,
     lock_path: LockOpt = lockfile.LOCK_FILE,
     as_json: JsonOpt = False,
+    flavour: FlavourOpt = "llama.cpp",
 ) -> None:
     """Render, build and smoke-test an image; print its reference and digest.
 
     The tag is a hash of everything that determines the image, so an unchanged recipe builds nothing.
     The full build log is saved; its path is printed.
     """
+    if _vllm(flavour):
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        require_lock(vprep.plan)
+        chosen = get_engine(engine)
+        err.print(f"building {vprep.tag} with {chosen.name}")
+        _print_build(build_vllm(vprep, chosen, no_cache=no_cache), as_json)
+        return
     path = recipe_file(target, recipe)
     prep = prepare(path, variant, llama_cpp_source)
     refuse_placeholders(prep.plan)
@@ -229,11 +298,21 @@ def lock(
     check: Annotated[bool, typer.Option("--check", help="Exit 1 when recipes and lock disagree.")] = False,
     lock_path: LockOpt = lockfile.LOCK_FILE,
     recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    flavour: FlavourOpt = "llama.cpp",
 ) -> None:
     """Record every pinned input of every image (bases, llama.cpp source, vendor pins) in builder.lock.
 
     With --check, change nothing: print one line per disagreement and exit 1 if there is any.
+    With --flavour vllm --target T: resolve that vLLM recipe's requirements for the image's Python and
+    write its lock beside it (exact versions + sha256, installed with pip's --require-hashes).
     """
+    if _vllm(flavour):
+        path, pinned = lock_variant(_vllm_recipe(target, recipe), variant)
+        typer.echo(f"locked {len(pinned.pins)} packages into {display_path(path)}")
+        return
     if check:
         lines = lockfile.check(lock_path, recipes)
         for line in lines:
@@ -280,7 +359,8 @@ def sbom(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False}
 )
 def run(
-    role: Annotated[str, typer.Argument(help="rpc-worker, server, bench, shell or smoke.")],
+    role: Annotated[str, typer.Argument(help="rpc-worker, server, bench, shell or smoke; vLLM: serve, ray-head, "
+                                             "ray-worker, shell or smoke.")],
     args: Annotated[list[str] | None, typer.Argument(help="Arguments for the role.")] = None,
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -291,17 +371,35 @@ def run(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
     print_only: Annotated[bool, typer.Option("--print", help="Print the engine command, run nothing.")] = False,
     env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the container (repeatable).")] = None,
+    flavour: FlavourOpt = "llama.cpp",
+    shm_size: Annotated[str, typer.Option(
+        "--shm-size", help="vLLM: size of /dev/shm (e.g. 16g), or `host` to share the host's IPC namespace.")
+    ] = DEFAULT_SHM,
 ) -> None:
     """Run an image in a role on the host network (model files given with --model are mounted).
 
     Options go before ROLE; everything after ROLE is passed to the role.
     Example: builder run --target cpu rpc-worker --host 10.0.0.5 --port 50052
+    vLLM images (--flavour vllm) get a 16 GB /dev/shm (--shm-size); a host model folder given as
+    `serve PATH` is mounted read-only under /models.
     """
-    if role not in ROLES:
-        raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(ROLES)}")
+    is_vllm = _vllm(flavour)
+    roles = VLLM_ROLES if is_vllm else ROLES
+    if role not in roles:
+        raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(roles)}")
     chosen = get_engine(engine)
     host = Host()
-    if image is None:
+    extra_flags: tuple[str, ...] = ()
+    if is_vllm:
+        shm_flags = vllm_shm_flags(shm_size)
+        args, volumes = mount_served_model(role, list(args or []))
+        extra_flags = (*shm_flags, *(flag for volume in volumes for flag in ("--volume", volume)))
+    if image is None and is_vllm:
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        image = image_for_run_vllm(chosen, vprep)
+        entry, variant_entry = select(vprep.plan.target, vprep.plan.variant)
+        host = variant_entry.host
+    elif image is None:
         prep = prepare(recipe_file(target, recipe), variant)
         image = image_for_run(chosen, prep)
         entry, variant_entry = select(prep.plan.target, prep.plan.variant)
@@ -314,7 +412,7 @@ def run(
             raise RecipeError(f"--env {item!r}: expected KEY=VALUE")
     env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
     argv = container_argv(chosen, image, role, list(args or []), name=name, detach=detach,
-                          run_flags=(*chosen.device_flags(host), *env_flags))
+                          run_flags=(*chosen.device_flags(host), *env_flags, *extra_flags))
     if print_only:
         typer.echo(" ".join(argv))
         return

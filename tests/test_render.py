@@ -12,6 +12,7 @@ from builder.plan import make_plan
 from builder.recipes import load_recipe, recipe_path_for
 from builder.render import fingerprint, image_tag, render_files, stage_source, write_context
 from builder.targets import TARGETS
+from builder.vllm import VLLM_RECIPES, load_vllm_recipe
 from conftest import ROOT, run_cli
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -24,7 +25,8 @@ RECIPE_VARIANTS = [(path.stem, variant) for path in sorted((ROOT / "recipes").gl
 def test_every_shipped_recipe_variant_has_a_golden_context() -> None:
     assert ("cpu", "cpu") in RECIPE_VARIANTS and ("strix-halo", "vulkan") in RECIPE_VARIANTS
     goldens = {(p.parent.name, p.name) for p in GOLDEN.glob("*/*") if p.is_dir()}
-    assert goldens == set(RECIPE_VARIANTS), "run pytest --update-golden after adding or removing a variant"
+    vllm = {(p.stem, f"vllm-{v}") for p in VLLM_RECIPES.glob("*.yaml") for v in load_vllm_recipe(p).variants}
+    assert goldens == set(RECIPE_VARIANTS) | vllm, "run pytest --update-golden after adding or removing a variant"
 
 
 @pytest.mark.parametrize(("target", "variant"), RECIPE_VARIANTS, ids=lambda v: str(v))

@@ -47,6 +47,10 @@ def test_containerfile_parses_pins_bases_and_copies_what_exists(context: Path) -
         elif command.cmd == "RUN":
             assert not command.flags, f"BuildKit-only RUN flags: {command.original}"
             assert "<<" not in command.value[0], "heredocs need BuildKit"
+    if context.name.startswith("vllm-"):
+        # vLLM images install pinned wheels in one stage, or compile vLLM in a toolchain stage first
+        assert commands[-2].cmd == "ENTRYPOINT" and commands[-2].value == ("/usr/local/bin/vllm-entrypoint",)
+        return
     assert [c.cmd for c in commands].count("FROM") >= 2, "a toolchain stage and a runtime stage"
     assert commands[-2].cmd == "ENTRYPOINT" and commands[-2].value == ("/usr/local/bin/llama-entrypoint",)
 

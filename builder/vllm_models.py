@@ -1,0 +1,88 @@
+"""Pydantic models of the vLLM flavour: recipes/vllm/<target>.yaml and the plan made from it. No I/O here."""
+
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from builder.models import BaseSpec, RelPath
+
+Requirement = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?(==|===)[^\s;]+$",
+                                   description="an exact pin: NAME==VERSION (=== for a version without a local tag)")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Compile(_Strict):
+    """Build vLLM from its source distribution against the installed torch (vendor torch builds)."""
+
+    package: Requirement = Field(description="the vLLM sdist to build, e.g. vllm==0.32.0")
+    env: dict[str, str] = Field(default_factory=dict, description="build environment, e.g. VLLM_TARGET_DEVICE")
+
+
+class VllmVariant(_Strict):
+    """How the vLLM image of one variant is made: a base with Python, and pinned Python packages."""
+
+    base: BaseSpec = Field(description="the image's base; it must carry python3 and python3-venv")
+    toolchain: BaseSpec | None = Field(None, description="base of the stage that compiles vLLM (with `compile`)")
+    python: str = Field(pattern=r"^3\.[0-9]+$", description="the base's Python version, e.g. 3.11")
+    requirements: list[Requirement] = Field(min_length=1, description="exact top-level pins the lock resolves")
+    index: str | None = Field(None, description="an extra package index (vendor wheels); default: PyPI only")
+    lock: RelPath | None = Field(None, description="lock file beside the recipe; default <recipe>-<variant>.lock")
+    compile: Compile | None = None
+    leave_out: list[str] = Field(default_factory=list, description="packages dropped from the lock (installed with "
+                                 "--no-deps): dependencies whose index builds cannot work in this image")
+    alias: str | None = Field(None, description="another distribution name the vLLM package must answer to")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables set in the image")
+
+    @model_validator(mode="after")
+    def _toolchain_for_compile(self) -> "VllmVariant":
+        if self.compile is not None and self.toolchain is None:
+            raise ValueError("`compile` needs a `toolchain` base to compile in")
+        return self
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not re.match(r"^[A-Z_][A-Z0-9_]*$", key):
+                raise ValueError(f"{key!r} is not an environment variable name")
+        return env
+
+
+class VllmRecipe(_Strict):
+    """One vLLM recipe per target: recipes/vllm/<target>.yaml, a section per variant vLLM runs on."""
+
+    target: str = Field(description="a target from `builder targets`")
+    description: str = ""
+    variants: dict[str, VllmVariant] = Field(min_length=1)
+    labels: dict[str, str] = Field(default_factory=dict, description="extra OCI labels")
+
+
+class VllmPlan(_Strict):
+    """Everything that determines a vLLM image; rendering and building read only this."""
+
+    flavour: str = "vllm"
+    recipe: str
+    target: str
+    variant: str
+    device: str = Field(description="vLLM's name for the device: cpu, cuda, rocm, xpu")
+    description: str
+    base_ref: str
+    base: BaseSpec
+    toolchain_ref: str | None
+    toolchain: BaseSpec | None
+    python: str
+    requirements: list[str]
+    index: str | None
+    lock_file: str | None = Field(description="the lock (exact versions + sha256) or None: unlocked, render-only")
+    lock_pins: list[str]
+    compile: Compile | None
+    leave_out: list[str]
+    alias: str | None
+    env: dict[str, str]
+    vllm_version: str
+    labels: dict[str, str]
+    repository: str

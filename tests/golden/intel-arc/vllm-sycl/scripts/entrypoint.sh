@@ -1,0 +1,125 @@
+#!/bin/bash
+# One entrypoint for every vLLM image: `vllm-entrypoint ROLE [ARGS...]`.
+# The API server and Ray listen on loopback unless told otherwise. Ray has no authentication: anyone who
+# reaches its ports runs code on the cluster, so wildcard addresses need --allow-public-bind.
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+usage: ROLE [ARGS...]
+
+roles:
+  serve      MODEL [--host ADDR] [--port N] [vllm serve args...]
+             vLLM's OpenAI-compatible server, default 127.0.0.1:8000.
+  ray-head   [--host ADDR] [--port N] [--allow-public-bind] [ray start args...]
+             the Ray head of a multi-node vLLM (--distributed-executor-backend ray), default 127.0.0.1:6379.
+  ray-worker --head ADDR:PORT [--host ADDR] [--allow-public-bind] [ray start args...]
+             a Ray worker node that joins the head; --host is this node's own address (default 127.0.0.1).
+             Ray is unauthenticated: wildcard addresses (0.0.0.0, ::) are refused unless --allow-public-bind
+             is given. Bind each node's private cluster address instead.
+  shell      [bash args...]
+  smoke      check vllm --version, the import, the server's --help, Ray and the Python version
+  help       this text
+USAGE
+}
+
+is_wildcard() {
+    case "$1" in
+        0.0.0.0 | :: | "[::]" | "") return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+refuse_wildcard() {
+    local role=$1 host=$2 allow=$3
+    if is_wildcard "$host" && [ "$allow" != 1 ]; then
+        echo "$role: refusing to listen on '$host': Ray is unauthenticated and would be open to every network;" \
+            "bind a private address (--host 10.0.0.5) or pass --allow-public-bind" >&2
+        exit 2
+    fi
+}
+
+serve() {
+    local have_host=0 have_port=0 arg
+    for arg in "$@"; do
+        case "$arg" in
+            --host | --host=*) have_host=1 ;;
+            --port | --port=*) have_port=1 ;;
+        esac
+    done
+    local defaults=()
+    [ "$have_host" = 1 ] || defaults+=(--host 127.0.0.1)
+    [ "$have_port" = 1 ] || defaults+=(--port 8000)
+    exec vllm serve "$@" "${defaults[@]}"
+}
+
+ray_node() {
+    local role=$1
+    shift
+    local host=127.0.0.1 port=6379 head="" allow=${VLLM_RAY_ALLOW_PUBLIC:-0}
+    local extra=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            -H | --host | --node-ip-address) host=${2:?$1 needs an address}; shift 2 ;;
+            --node-ip-address=*) host=${1#*=}; shift ;;
+            -p | --port) port=${2:?--port needs a number}; shift 2 ;;
+            --head | --address) head=${2:?$1 needs ADDR:PORT}; shift 2 ;;
+            --allow-public-bind) allow=1; shift ;;
+            *) extra+=("$1"); shift ;;
+        esac
+    done
+    refuse_wildcard "$role" "$host" "$allow"
+    local args=(--block --node-ip-address "$host" --disable-usage-stats)
+    if [ "$role" = ray-head ]; then
+        args+=(--head --port "$port" --include-dashboard false)
+        echo "ray-head: Ray head on $host:$port; workers join with: ray-worker --head $host:$port --host <their address>" >&2
+    else
+        if [ -z "$head" ]; then
+            echo "ray-worker: --head ADDR:PORT (the head's address) is required" >&2
+            exit 2
+        fi
+        args+=(--address "$head")
+        echo "ray-worker: joining $head as $host" >&2
+    fi
+    exec ray start "${args[@]}" "${extra[@]}"
+}
+
+smoke() {
+    local failed=0 out python version
+    check() {
+        local what=$1 pattern=$2 text=$3
+        if grep -qE "cannot be preloaded|^Traceback" <<<"$text" || ! grep -qE -- "$pattern" <<<"$text"; then
+            echo "smoke: FAIL $what:" >&2
+            tail -n 20 <<<"$text" >&2
+            failed=1
+        else
+            echo "smoke: ok   $what"
+        fi
+    }
+    python=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>&1 || true)
+    check "python $python (expected ${VLLM_SMOKE_PYTHON:-?})" "^${VLLM_SMOKE_PYTHON:-none}$" "$python"
+    version=$(vllm --version 2>&1 || true)
+    check "vllm --version: $(tail -n 1 <<<"$version")" "^${VLLM_SMOKE_VERSION:-none}" "$(tail -n 1 <<<"$version")"
+    out=$(python3 -c 'import vllm, torch; print("import vllm", vllm.__version__, "torch", torch.__version__)' 2>&1 || true)
+    check "$(tail -n 1 <<<"$out")" "^import vllm " "$out"
+    out=$(timeout 300 vllm serve --help=host 2>&1 || true)
+    check "vllm serve --help" "--host HOST" "$out"
+    out=$(ray --version 2>&1 || true)
+    check "$(tail -n 1 <<<"$out")" "^ray, version " "$out"
+    return "$failed"
+}
+
+role=${1:-help}
+[ $# -gt 0 ] && shift
+case "$role" in
+    serve) serve "$@" ;;
+    ray-head | ray-worker) ray_node "$role" "$@" ;;
+    shell) exec bash "$@" ;;
+    smoke) smoke ;;
+    help | -h | --help) usage ;;
+    *)
+        echo "unknown role '$role'" >&2
+        usage >&2
+        exit 2
+        ;;
+esac
