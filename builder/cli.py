@@ -253,11 +253,12 @@ def _box(tool: str, target: str | None, recipe: Path | None, variant: str | None
         if name is None or (need_image and image is None):
             raise RecipeError("no target chosen", "pass --target NAME, or --name (and --image for create)")
         return Box(chosen, name, image or "")
-    path = recipe_file(target, recipe)
-    entry, variant_entry = select(load_recipe(path).target, variant, variant_from_cli=variant is not None)
+    # The run contract comes from the target table; the recipe is read only when its image is needed.
+    entry, variant_entry = select(load_recipe(recipe).target if recipe else str(target), variant,
+                                  variant_from_cli=variant is not None)
     box = Box(chosen, name or f"builder-{entry.name}-{variant_entry.name}", image or "", variant_entry.host)
     if need_image and image is None:
-        prep = prepare(path, variant_entry.name)
+        prep = prepare(recipe_file(target, recipe), variant_entry.name)
         box = Box(chosen, box.name, image_for_run(box.engine, prep), box.host)
     missing = [d for d in box.host.devices if not Path(d).exists()]
     if missing:

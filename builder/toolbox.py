@@ -96,7 +96,7 @@ class Box:
             inner = command or ["bash", "--login"]
             return [["toolbox", "run", "--container", self.name, *(["env", *env] if env else []), *inner]]
         if self.tool is Tool.DISTROBOX:
-            return [["distrobox", "enter", self.name, *(["--", *command] if command else [])]]
+            return [["distrobox", "enter", "--name", self.name, *(["--", *command] if command else [])]]
         home = str(Path.home())
         cwd = Path.cwd()
         workdir = str(cwd) if cwd == Path(home) or Path(home) in cwd.parents else home
