@@ -66,7 +66,8 @@ class Box:
         if self.tool is Tool.TOOLBOX:
             return [["toolbox", "create", "--image", self.image, self.name]]
         if self.tool is Tool.DISTROBOX:
-            argv = ["distrobox", "create", "--yes", "--image", self.image, "--name", self.name]
+            # --no-entry: no desktop launcher, whose icon distrobox would otherwise download from the internet.
+            argv = ["distrobox", "create", "--yes", "--no-entry", "--image", self.image, "--name", self.name]
             flags = self.contract_flags()
             return [argv + (["--additional-flags", shlex.join(flags)] if flags else [])]
         return [self._podman_create(), [*self.engine.command(), "start", self.name]]

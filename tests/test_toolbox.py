@@ -65,7 +65,7 @@ def test_toolbx_gets_no_flags_and_the_environment_goes_on_the_command() -> None:
 
 def test_distrobox_gets_the_contract_through_additional_flags() -> None:
     create = printed("create", "-t", "intel-npu", "--image", IMAGE, "--tool", "distrobox")[-1]
-    assert create.endswith(f"distrobox create --yes --image {IMAGE} --name builder-intel-npu-openvino "
+    assert create.endswith(f"distrobox create --yes --no-entry --image {IMAGE} --name builder-intel-npu-openvino "
                            "--additional-flags '--env GGML_OPENVINO_DEVICE=NPU'")
     assert printed("create", "-t", "cpu", "--image", IMAGE, "--tool", "distrobox")[-1].endswith(
         "--name builder-cpu-cpu")
