@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -22,7 +23,7 @@ from builder.models import Recipe
 from builder.recipes import RECIPES_DIR, load_recipe, select
 from builder.render import plan_document, stage_source, write_context
 from builder.targets import TARGETS, Host
-from builder.toolbox import TOOL_CHOICES, Box, check_tool, exists, pick_tool, run_steps
+from builder.toolbox import TOOL_CHOICES, Box, Tool, check_tool, exists, pick_tool, run_steps, tool_of
 
 app = typer.Typer(
     help="Build llama.cpp inference images (RPC workers and servers) from recipes, for every accelerator.",
@@ -248,7 +249,17 @@ PrintOpt = Annotated[bool, typer.Option("--print", help="Print the commands, run
 
 def _box(tool: str, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
          image: str | None = None, need_image: bool = False) -> Box:
-    chosen = pick_tool(tool)
+    box = _resolve_box(pick_tool(tool), target, recipe, variant, name, image, need_image)
+    if tool == "auto" and not need_image and shutil.which("podman"):
+        # enter and rm go through the tool that made the container, whatever is installed now.
+        made_by = tool_of(box.name)
+        if made_by is not None and made_by is not box.tool:
+            box = Box(made_by, box.name, box.image, box.host)
+    return box
+
+
+def _resolve_box(chosen: Tool, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
+                 image: str | None, need_image: bool) -> Box:
     if target is None and recipe is None:
         if name is None or (need_image and image is None):
             raise RecipeError("no target chosen", "pass --target NAME, or --name (and --image for create)")

@@ -10,6 +10,7 @@ security options, environment, CDI) goes in the same way `builder run` passes it
   --userns=keep-id when rootless.
 """
 
+import json
 import os
 import shlex
 import shutil
@@ -25,6 +26,9 @@ from builder.run import run
 from builder.targets import Host
 
 LABEL = "dev.builder.toolbox"
+# Our images carry Toolbx's label, and containers inherit image labels: containers that Toolbx did not create
+# say so, or `toolbox list` would show them and `toolbox enter` would fail on them.
+NOT_TOOLBX = "com.github.containers.toolbox=false"
 
 
 class Tool(StrEnum):
@@ -68,14 +72,14 @@ class Box:
         if self.tool is Tool.DISTROBOX:
             # --no-entry: no desktop launcher, whose icon distrobox would otherwise download from the internet.
             argv = ["distrobox", "create", "--yes", "--no-entry", "--image", self.image, "--name", self.name]
-            flags = self.contract_flags()
-            return [argv + (["--additional-flags", shlex.join(flags)] if flags else [])]
+            flags = ["--label", NOT_TOOLBX, *self.contract_flags()]
+            return [argv + ["--additional-flags", shlex.join(flags)]]
         return [self._podman_create(), [*self.engine.command(), "start", self.name]]
 
     def _podman_create(self) -> list[str]:
         home = str(Path.home())
         argv = [*self.engine.command(), "create", *self.engine.container_flags(),
-                "--name", self.name, "--hostname", self.name, "--label", f"{LABEL}=true",
+                "--name", self.name, "--hostname", self.name, "--label", f"{LABEL}=true", "--label", NOT_TOOLBX,
                 "--network", "host",
                 # The home folder must stay as it is on the host: no SELinux relabelling of it.
                 "--security-opt", "label=disable",
@@ -142,6 +146,20 @@ def check_tool(tool: Tool) -> None:
 
 def exists(box: Box) -> bool:
     return run([*box.engine.command(), "container", "exists", box.name], check=False).returncode == 0
+
+
+def tool_of(name: str) -> Tool | None:
+    """Which tool made an existing container, from its labels; None when there is no such container."""
+    proc = run([*PodmanEngine().command(), "container", "inspect", "--format", "{{json .Config.Labels}}", name],
+               check=False)
+    if proc.returncode != 0:
+        return None
+    labels = json.loads(proc.stdout or "{}") or {}
+    if labels.get(LABEL) == "true":
+        return Tool.PODMAN
+    if labels.get("manager") == "distrobox":
+        return Tool.DISTROBOX
+    return Tool.TOOLBOX if labels.get("com.github.containers.toolbox") == "true" else None
 
 
 def run_steps(steps: list[list[str]], env: dict[str, str] | None = None) -> None:

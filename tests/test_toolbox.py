@@ -66,9 +66,10 @@ def test_toolbx_gets_no_flags_and_the_environment_goes_on_the_command() -> None:
 def test_distrobox_gets_the_contract_through_additional_flags() -> None:
     create = printed("create", "-t", "intel-npu", "--image", IMAGE, "--tool", "distrobox")[-1]
     assert create.endswith(f"distrobox create --yes --no-entry --image {IMAGE} --name builder-intel-npu-openvino "
-                           "--additional-flags '--env GGML_OPENVINO_DEVICE=NPU'")
+                           "--additional-flags '--label com.github.containers.toolbox=false "
+                           "--env GGML_OPENVINO_DEVICE=NPU'")
     assert printed("create", "-t", "cpu", "--image", IMAGE, "--tool", "distrobox")[-1].endswith(
-        "--name builder-cpu-cpu")
+        "--name builder-cpu-cpu --additional-flags '--label com.github.containers.toolbox=false'")
     assert printed("enter", "-t", "cpu", "--tool", "distrobox", "--", "id") == \
         ["distrobox enter --name builder-cpu-cpu -- id"]
 
@@ -106,7 +107,15 @@ def test_podman_toolbox_of_the_cpu_image_end_to_end(tmp_path: Path) -> None:
                                capture_output=True, text=True)
         assert state.stdout.strip() == "true"
 
-        version = run_cli("toolbox", "enter", *common, "--", "llama-cli", "--version", timeout=120)
+        # Not Toolbx's, though the image carries Toolbx's label: `toolbox list` must not show it.
+        label = subprocess.run([*podman, "container", "inspect", "-f",
+                                '{{index .Config.Labels "com.github.containers.toolbox"}}', name],
+                               capture_output=True, text=True)
+        assert label.stdout.strip() == "false"
+
+        # --tool auto (the default) enters through the tool that made the container, whatever is installed.
+        version = run_cli("toolbox", "enter", "--target", "cpu", "--name", name, "--", "llama-cli", "--version",
+                          timeout=120)
         assert version.returncode == 0, version.stderr
         assert "version:" in version.stdout + version.stderr
         assert "832db0699007" in version.stdout + version.stderr
