@@ -55,9 +55,10 @@ CUDA = VendorToolchain(
     name="cuda",
     target="nvidia",
     variant="cuda",
-    # trixie non-free: nvidia-cuda-toolkit 12.4. nvcc 12.4 accepts host compilers up to gcc 13, trixie's default
-    # is gcc 14, hence g++-13 as CUDA's host compiler (the rest of ggml builds with the default compiler).
-    base=BootstrapBase(kind="bootstrap", suite="trixie", components=["main", "non-free"],
+    # trixie non-free: nvidia-cuda-toolkit 12.4 (its libcuda1 needs nvidia-support, from contrib). nvcc 12.4
+    # accepts host compilers up to gcc 13 and trixie's default is gcc 14, hence g++-13 as CUDA's host compiler
+    # (the rest of ggml builds with the default compiler).
+    base=BootstrapBase(kind="bootstrap", suite="trixie", components=["main", "contrib", "non-free"],
                        packages=[*_COMMON, "nvidia-cuda-toolkit", "g++-13"]),
     cmake={"CMAKE_CUDA_HOST_COMPILER": "/usr/bin/g++-13"},
     module="libggml-cuda.so",
