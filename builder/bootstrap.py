@@ -39,8 +39,11 @@ def host_arch() -> str:
 
 
 def bootstrap_key(spec: BootstrapBase) -> str:
-    inputs = {"v": BOOTSTRAP_VERSION, "arch": host_arch(), **spec.model_dump()}
+    inputs = {"v": BOOTSTRAP_VERSION, "arch": host_arch(), **spec.model_dump(exclude={"components"})}
     inputs["packages"] = sorted(set(spec.packages))
+    # Only non-default components enter the key, so bases made before the field existed keep their names.
+    if spec.components != ["main"]:
+        inputs["components"] = sorted(set(spec.components))
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -54,11 +57,16 @@ def base_ref(spec: ImageBase | BootstrapBase) -> str:
 def mmdebstrap_argv(spec: BootstrapBase, out: Path) -> list[str]:
     argv = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar", f"--architectures={host_arch()}",
             "--aptopt=Acquire::Languages \"none\"", "--aptopt=APT::Install-Recommends \"false\"",
+            # sid's Release file is valid for a week only; a mirror that lags (or a snapshot) would fail
+            # with "Release file … is expired". Signatures are still checked.
+            "--aptopt=Acquire::Check-Valid-Until \"false\"",
             # merged /usr without the usrmerge package, which would pull perl into every image
             "--hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr"]
     argv += [f"--dpkgopt={rule}" for rule in _DPKG_EXCLUDES]
     if spec.packages:
         argv.append("--include=" + ",".join(sorted(set(spec.packages))))
+    if spec.components != ["main"]:
+        argv.append("--components=" + ",".join(spec.components))
     argv.append("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/log/*.log")
     argv += [spec.suite, str(out)]
     if spec.mirror:

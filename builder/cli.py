@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import shlex
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -34,6 +36,7 @@ from builder.registry import Repository
 from builder.render import plan_document, stage_apt_files, stage_sdks, stage_source, write_context
 from builder.sbom import make_sbom, read_packages, sbom_bytes
 from builder.targets import TARGETS, Host
+from builder.toolbox import TOOL_CHOICES, Box, Tool, check_tool, exists, pick_tool, run_steps, tool_of
 from builder.vllm import (
     FLAVOURS,
     build_vllm,
@@ -443,6 +446,126 @@ def doctor(
     typer.echo(f"doctor: {sum(c.ok for c in checks)} ok, {failed} failing, {warned} warning(s)")
     if failed:
         raise typer.Exit(1)
+
+
+toolbox_app = typer.Typer(
+    help="An image as an interactive container with your home folder: Toolbx, distrobox or plain podman.",
+    no_args_is_help=True,
+)
+app.add_typer(toolbox_app, name="toolbox")
+
+ToolOpt = Annotated[str, typer.Option("--tool", help=f"{', '.join(TOOL_CHOICES)} (auto: toolbox, then distrobox, "
+                                      "then podman).")]
+BoxNameOpt = Annotated[str | None, typer.Option("--name", help="Container name (default builder-TARGET-VARIANT).")]
+PrintOpt = Annotated[bool, typer.Option("--print", help="Print the commands, run nothing.")]
+
+
+def _box(tool: str, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
+         image: str | None = None, need_image: bool = False) -> Box:
+    box = _resolve_box(pick_tool(tool), target, recipe, variant, name, image, need_image)
+    if tool == "auto" and not need_image and shutil.which("podman"):
+        # enter and rm go through the tool that made the container, whatever is installed now.
+        made_by = tool_of(box.name)
+        if made_by is not None and made_by is not box.tool:
+            box = Box(made_by, box.name, box.image, box.host)
+    return box
+
+
+def _resolve_box(chosen: Tool, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
+                 image: str | None, need_image: bool) -> Box:
+    if target is None and recipe is None:
+        if name is None or (need_image and image is None):
+            raise RecipeError("no target chosen", "pass --target NAME, or --name (and --image for create)")
+        return Box(chosen, name, image or "")
+    # The run contract comes from the target table; the recipe is read only when its image is needed.
+    entry, variant_entry = select(load_recipe(recipe).target if recipe else str(target), variant,
+                                  variant_from_cli=variant is not None)
+    box = Box(chosen, name or f"builder-{entry.name}-{variant_entry.name}", image or "", variant_entry.host)
+    if need_image and image is None:
+        prep = prepare(recipe_file(target, recipe), variant_entry.name)
+        box = Box(chosen, box.name, image_for_run(box.engine, prep), box.host)
+    missing = [d for d in box.host.devices if not Path(d).exists()]
+    if missing:
+        err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {entry.name}`")
+    return box
+
+
+def _steps(box: Box, steps: list[list[str]], print_only: bool, env: dict[str, str] | None = None) -> None:
+    if print_only:
+        prefix = f"CONTAINERS_CONF={env['CONTAINERS_CONF']} " if env else ""
+        for argv in steps:
+            typer.echo(prefix + shlex.join(argv))
+        return
+    run_steps(steps, env)
+
+
+@toolbox_app.command("create")
+def toolbox_create(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    name: BoxNameOpt = None,
+    image: Annotated[str | None, typer.Option(help="Use this image reference instead of the target's.")] = None,
+    tool: ToolOpt = "auto",
+    print_only: PrintOpt = False,
+) -> None:
+    """Create a toolbox container from a target's image, with the variant's devices, groups and environment.
+
+    Toolbx and distrobox share /dev and run privileged; plain podman gets the same flags as `builder run`.
+    """
+    box = _box(tool, target, recipe, variant, name, image, need_image=True)
+    if not print_only:
+        check_tool(box.tool)
+        if exists(box):
+            raise RecipeError(f"container {box.name} already exists",
+                              f"enter it with `builder toolbox enter --name {box.name}`, or remove it first "
+                              f"with `builder toolbox rm --name {box.name} --tool {box.tool}`")
+    _steps(box, box.create(), print_only, box.tool_env())
+
+
+@toolbox_app.command(
+    "enter", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False}
+)
+def toolbox_enter(
+    command: Annotated[list[str] | None, typer.Argument(help="A command to run instead of a login shell.")] = None,
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    name: BoxNameOpt = None,
+    tool: ToolOpt = "auto",
+    print_only: PrintOpt = False,
+) -> None:
+    """Enter a toolbox container: a login shell, or the command after `--`.
+
+    Example: builder toolbox enter --target cpu -- llama-cli --version
+    """
+    box = _box(tool, target, recipe, variant, name)
+    if not print_only:
+        check_tool(box.tool)
+        if not exists(box):
+            hint = f"builder toolbox create --target {target}" if target else "builder toolbox create"
+            raise RecipeError(f"no container {box.name}", f"create it first: {hint}")
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    _steps(box, box.enter(list(command or []), tty), print_only)
+
+
+@toolbox_app.command("rm")
+def toolbox_rm(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    name: BoxNameOpt = None,
+    tool: ToolOpt = "auto",
+    print_only: PrintOpt = False,
+) -> None:
+    """Remove a toolbox container (stopping it first); the image stays."""
+    box = _box(tool, target, recipe, variant, name)
+    if not print_only:
+        check_tool(box.tool)
+        if not exists(box):
+            raise RecipeError(f"no container {box.name}", "`podman ps --all` lists the containers")
+    _steps(box, box.remove(), print_only)
 
 
 def _report(exc: BuilderError) -> None:

@@ -75,6 +75,9 @@ class BootstrapBase(Strict):
     suite: str = Field("bookworm", pattern=r"^[a-z][a-z-]+$", description="Debian suite, e.g. bookworm")
     mirror: str | None = Field(None, description="Debian mirror URL; default: mmdebstrap's default")
     packages: list[PackageName] = Field(default_factory=list, description="packages on top of minbase")
+    components: list[Annotated[str, Field(pattern=r"^[a-z][a-z-]*$")]] = Field(
+        default_factory=lambda: ["main"], min_length=1,
+        description="archive components, e.g. [main, non-free] for NVIDIA's CUDA toolkit")
 
 
 BaseSpec = Annotated[ImageBase | BootstrapBase, Field(discriminator="kind")]

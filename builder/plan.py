@@ -3,15 +3,23 @@
 from datetime import UTC, datetime
 
 from builder.bootstrap import base_ref
-from builder.models import BuildPlan, Recipe, SourceInfo
+from builder.models import BootstrapBase, BuildPlan, ImageBase, Recipe, SourceInfo
 from builder.recipes import choose_variant
-from builder.targets import COMMON_CMAKE
+from builder.targets import COMMON_CMAKE, TOOLBOX_PACKAGES
 
 LABEL_PREFIX = "dev.builder"
 
 
 def _created(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _runtime_base(spec: ImageBase | BootstrapBase) -> ImageBase | BootstrapBase:
+    """A bootstrapped runtime base with the packages Toolbx needs; a registry base is taken as it is."""
+    if isinstance(spec, ImageBase):
+        return spec
+    packages = spec.packages + [p for p in TOOLBOX_PACKAGES if p not in spec.packages]
+    return spec.model_copy(update={"packages": packages})
 
 
 def make_plan(
@@ -24,6 +32,7 @@ def make_plan(
 ) -> BuildPlan:
     target, chosen, section = choose_variant(recipe, variant, recipe_path)
     assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
+    runtime = _runtime_base(section.base.runtime)
     cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake, **section.cmake}
     # Shown by `--version` of every binary, so a node tells which source it runs.
     cmake["LLAMA_BUILD_COMMIT"] = source.identity.split(":")[-1][:12]
@@ -49,9 +58,9 @@ def make_plan(
         variant=chosen.name,
         description=recipe.description or target.description,
         toolchain_ref=base_ref(section.base.toolchain),
-        runtime_ref=base_ref(section.base.runtime),
+        runtime_ref=base_ref(runtime),
         toolchain=section.base.toolchain,
-        runtime=section.base.runtime,
+        runtime=runtime,
         source=source,
         cmake=cmake,
         binaries=list(recipe.llama_cpp.binaries),

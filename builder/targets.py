@@ -23,6 +23,10 @@ COMMON_CMAKE: dict[str, str] = {
 
 DEFAULT_BINARIES: tuple[str, ...] = ("llama-server", "ggml-rpc-server", "llama-cli", "llama-bench")
 
+# Every bootstrapped runtime base gets these, so the images work as Toolbx containers: `toolbox enter` and
+# `toolbox run` start every command through capsh, and Toolbx gives its user sudo (group sudo, no password).
+TOOLBOX_PACKAGES: tuple[str, ...] = ("libcap2-bin", "sudo")
+
 
 @dataclass(frozen=True)
 class Host:

@@ -43,6 +43,20 @@ def _ulimit_flags() -> tuple[str, ...]:
     return tuple(flags)
 
 
+def quirk_containers_conf() -> str | None:
+    """This host's quirks as a containers.conf, for tools that run podman themselves (Toolbx, distrobox).
+
+    None on a host without them: the file replaces the system's containers.conf while it is in use.
+    """
+    lines: list[str] = []
+    limits = [flag for flag in _ulimit_flags() if flag != "--ulimit"]
+    if limits:
+        lines += ["[containers]", f"default_ulimits = {json.dumps(limits)}"]
+    if _hybrid_cgroups() and shutil.which("runc"):
+        lines += ["[engine]", 'runtime = "runc"']
+    return "\n".join(["# written by builder toolbox: this host's podman quirks", *lines, ""]) if lines else None
+
+
 class PodmanEngine(CliEngine):
     name = "podman"
     binary = "podman"

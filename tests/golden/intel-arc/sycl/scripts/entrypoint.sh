@@ -103,6 +103,9 @@ case "$role" in
     bench) exec llama-bench "$@" ;;
     shell) exec bash "$@" ;;
     smoke) smoke ;;
+    # Toolbx starts its containers with `toolbox init-container …` as the command (the binary is mounted
+    # from the host), not as an entrypoint.
+    toolbox) exec toolbox "$@" ;;
     help | -h | --help) usage ;;
     *)
         echo "unknown role '$role'" >&2
