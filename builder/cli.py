@@ -411,8 +411,9 @@ def run(
         if missing:
             err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {entry.name}`")
     for item in env or []:
-        if "=" not in item:
-            raise RecipeError(f"--env {item!r}: expected KEY=VALUE")
+        # KEY alone passes builder's own value through (kept out of the command line, e.g. a secret)
+        if "=" not in item and item not in os.environ:
+            raise RecipeError(f"--env {item!r}: expected KEY=VALUE, or KEY set in this environment")
     env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
     argv = container_argv(chosen, image, role, list(args or []), name=name, detach=detach,
                           run_flags=(*chosen.device_flags(host), *env_flags, *extra_flags))

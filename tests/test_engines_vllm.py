@@ -7,7 +7,9 @@ tests build them with one engine only.
 
 import json
 import os
+import secrets
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,9 +98,21 @@ def _image_listeners() -> dict[int, str]:
     return found
 
 
-def test_ray_head_and_worker_form_a_cluster_on_loopback(cpu_image: str, tmp_path: Path) -> None:
-    """A Ray head and a worker on 127.0.0.1 form a two-node cluster; whether any Ray port listens on every
-    address is reported (xfail while Ray does)."""
+def test_ray_roles_refuse_to_start_without_the_cluster_token(cpu_image: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    proc = subprocess.run([sys.executable, "-m", "builder", "run", "--flavour", "vllm", "--target", "cpu",
+                           "--shm-size", "1g", "ray-head", "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Ray token authentication is on and no token was given" in proc.stderr
+
+
+def test_ray_head_and_worker_form_a_cluster_on_loopback(cpu_image: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray head and a worker on 127.0.0.1, sharing a token (Ray's token authentication), form a two-node
+    cluster; a client with another token is refused; whether any Ray port listens on every address is
+    reported (xfail while Ray does)."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))  # passed through with --env RAY_AUTH_TOKEN
     port = free_port()
     suffix = f"{port}"
     head_name = f"vllm-ray-head-{suffix}"
@@ -118,12 +132,21 @@ def test_ray_head_and_worker_form_a_cluster_on_loopback(cpu_image: str, tmp_path
             nodes = alive_nodes()
         return nodes
 
+    token = ("RAY_AUTH_TOKEN",)
     with container("podman", tmp_path, head_name, "ray-head", "--port", str(port),
-                   target="cpu", flavour="vllm", extra=("--shm-size", "1g")) as head:
+                   target="cpu", flavour="vllm", extra=("--shm-size", "1g"), env=token) as head:
         assert wait_for(1, head) == 1, (tmp_path / f"{head_name}.log").read_text()[-3000:]
+        assert os.environ["RAY_AUTH_TOKEN"] not in (tmp_path / f"{head_name}.log").read_text()
         with container("podman", tmp_path, f"vllm-ray-worker-{suffix}", "ray-worker", "--head",
-                       f"127.0.0.1:{port}", target="cpu", flavour="vllm", extra=("--shm-size", "1g")) as worker:
+                       f"127.0.0.1:{port}", target="cpu", flavour="vllm", extra=("--shm-size", "1g"),
+                       env=token) as worker:
             assert wait_for(2, worker) == 2, (tmp_path / f"vllm-ray-worker-{suffix}.log").read_text()[-3000:]
+            stranger = subprocess.run(
+                [*ENGINES["podman"]().command(), "exec", "--env", f"RAY_AUTH_TOKEN={secrets.token_hex(32)}",
+                 head_name, "timeout", "90", "python3", "-c",
+                 f"import ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR')"],
+                capture_output=True, text=True, timeout=120)
+            assert stranger.returncode != 0, "a client with the wrong token joined the cluster"
             opened = _image_listeners()
             assert port in opened and len(opened) > 3, opened
             wildcard = sorted(p for p, address in opened.items() if address == "wildcard")
