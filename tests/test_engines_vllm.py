@@ -118,7 +118,9 @@ def test_ray_head_and_worker_form_a_cluster_on_loopback(cpu_image: str, tmp_path
     head_name = f"vllm-ray-head-{suffix}"
 
     def alive_nodes() -> int:
-        proc = subprocess.run([*ENGINES["podman"]().command(), "exec", head_name, "python3", "-c",
+        # exec bypasses the entrypoint, which sets RAY_AUTH_MODE for what the roles start
+        proc = subprocess.run([*ENGINES["podman"]().command(), "exec", "--env", "RAY_AUTH_MODE=token",
+                               head_name, "python3", "-c",
                                f"import ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR'); "
                                "print(sum(n['Alive'] for n in ray.nodes()))"],
                               capture_output=True, text=True, timeout=120)
@@ -142,7 +144,8 @@ def test_ray_head_and_worker_form_a_cluster_on_loopback(cpu_image: str, tmp_path
                        env=token) as worker:
             assert wait_for(2, worker) == 2, (tmp_path / f"vllm-ray-worker-{suffix}.log").read_text()[-3000:]
             stranger = subprocess.run(
-                [*ENGINES["podman"]().command(), "exec", "--env", f"RAY_AUTH_TOKEN={secrets.token_hex(32)}",
+                [*ENGINES["podman"]().command(), "exec", "--env", "RAY_AUTH_MODE=token",
+                 "--env", f"RAY_AUTH_TOKEN={secrets.token_hex(32)}",
                  head_name, "timeout", "90", "python3", "-c",
                  f"import ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR')"],
                 capture_output=True, text=True, timeout=120)

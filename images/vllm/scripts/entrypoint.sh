@@ -70,17 +70,6 @@ ray_node() {
         esac
     done
     refuse_wildcard "$role" "$host" "$allow"
-    # Ray's servers listen on more addresses than the one given, so every node must prove it holds the
-    # cluster's shared token (Ray's token authentication); turning it off has to be said explicitly.
-    if [ "${RAY_AUTH_MODE:-token}" != disabled ]; then
-        export RAY_AUTH_MODE=token
-        if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
-            echo "$role: Ray token authentication is on and no token was given: pass the same secret to every node," \
-                "e.g. export RAY_AUTH_TOKEN=\$(openssl rand -hex 32) and builder run --env RAY_AUTH_TOKEN ...;" \
-                "RAY_AUTH_MODE=disabled turns authentication off" >&2
-            exit 2
-        fi
-    fi
     local args=(--block --node-ip-address "$host" --disable-usage-stats)
     if [ "$role" = ray-head ]; then
         args+=(--head --port "$port" --include-dashboard false)
@@ -92,6 +81,17 @@ ray_node() {
         fi
         args+=(--address "$head")
         echo "ray-worker: joining $head as $host" >&2
+    fi
+    # Ray's servers listen on more addresses than the one given, so every node must prove it holds the
+    # cluster's shared token (Ray's token authentication); turning it off has to be said explicitly.
+    if [ "$RAY_AUTH_MODE" != disabled ]; then
+        export RAY_AUTH_MODE=token
+        if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+            echo "$role: Ray token authentication is on and no token was given: pass the same secret to every node," \
+                "e.g. export RAY_AUTH_TOKEN=\$(openssl rand -hex 32) and builder run --env RAY_AUTH_TOKEN ...;" \
+                "RAY_AUTH_MODE=disabled turns authentication off" >&2
+            exit 2
+        fi
     fi
     exec ray start "${args[@]}" "${extra[@]}"
 }
@@ -122,6 +122,9 @@ smoke() {
 }
 
 role=${1:-help}
+# Every Ray client and server started from a role (vllm serve with the ray backend, a shell) uses the
+# token authentication the ray roles turn on.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 [ $# -gt 0 ] && shift
 case "$role" in
     serve) serve "$@" ;;

@@ -12,6 +12,7 @@ roles:
   serve      MODEL [--host ADDR] [--port N] [vllm serve args...]
              vLLM's OpenAI-compatible server, default 127.0.0.1:8000.
   ray-head   [--host ADDR] [--port N] [--allow-public-bind] [ray start args...]
+             (Ray token authentication: every node needs the same RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)
              the Ray head of a multi-node vLLM (--distributed-executor-backend ray), default 127.0.0.1:6379.
   ray-worker --head ADDR:PORT [--host ADDR] [--allow-public-bind] [ray start args...]
              a Ray worker node that joins the head; --host is this node's own address (default 127.0.0.1).
@@ -81,6 +82,17 @@ ray_node() {
         args+=(--address "$head")
         echo "ray-worker: joining $head as $host" >&2
     fi
+    # Ray's servers listen on more addresses than the one given, so every node must prove it holds the
+    # cluster's shared token (Ray's token authentication); turning it off has to be said explicitly.
+    if [ "$RAY_AUTH_MODE" != disabled ]; then
+        export RAY_AUTH_MODE=token
+        if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+            echo "$role: Ray token authentication is on and no token was given: pass the same secret to every node," \
+                "e.g. export RAY_AUTH_TOKEN=\$(openssl rand -hex 32) and builder run --env RAY_AUTH_TOKEN ...;" \
+                "RAY_AUTH_MODE=disabled turns authentication off" >&2
+            exit 2
+        fi
+    fi
     exec ray start "${args[@]}" "${extra[@]}"
 }
 
@@ -110,6 +122,9 @@ smoke() {
 }
 
 role=${1:-help}
+# Every Ray client and server started from a role (vllm serve with the ray backend, a shell) uses the
+# token authentication the ray roles turn on.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 [ $# -gt 0 ] && shift
 case "$role" in
     serve) serve "$@" ;;
