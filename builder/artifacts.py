@@ -21,6 +21,7 @@ from typing import Any
 
 from builder.errors import RecipeError, RegistryError
 from builder.registry import OCI_MANIFEST, RegistryClient, Repository, check_tag, parse_reference, sha256_digest
+from builder.source import sha256_file
 
 EMPTY_CONFIG = b"{}"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
@@ -90,10 +91,6 @@ class NetbootSet:
         return str(self.manifest["image_digest"])
 
 
-def _sha256_file(path: Path) -> str:
-    return _digest_of(path)[0].split(":", 1)[1]
-
-
 def _parse_sums(text: str, where: str) -> dict[str, str]:
     sums = {}
     for line in text.splitlines():
@@ -131,7 +128,7 @@ def check_netboot(folder: Path, where: str | None = None) -> NetbootSet:
             raise RecipeError(f"{where}/manifest.json: files.{name}: needs sha256 and size")
         if not path.is_file():
             raise RecipeError(f"{where}: {name} is missing")
-        if path.stat().st_size != entry["size"] or _sha256_file(path) != entry["sha256"]:
+        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise RegistryError(f"{where}/{name}: does not match manifest.json (size or sha256)",
                                 "the netboot set is damaged or half-written; build it again")
         if sums.get(name) != entry["sha256"]:

@@ -17,7 +17,7 @@ from builder.netboot.inventory import load_inventory
 from builder.netboot.kernels import kernel_spec
 from builder.netboot.publish import generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
-from builder.recipes import recipe_path_for, select
+from builder.recipes import select
 from builder.registry import Repository
 
 pxe_app = typer.Typer(help="Netboot compute nodes: build boot artifacts, publish generations, serve them.",
@@ -88,7 +88,6 @@ def publish_cmd(
         if pulled is not None:
             artifacts[(target, variant)] = read_artifacts(pulled / f"{target}-{variant}")
             continue
-        recipe_path_for(target)
         artifacts[(target, variant)] = _artifacts(engine, target, variant, compression)
     generation, new = publish(root, cluster, inventory, artifacts, keep=keep)
     typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")

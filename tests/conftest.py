@@ -37,14 +37,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def require_engine(name: str) -> None:
-    """Engines are real here; CI installs both, so a missing one fails in CI and skips elsewhere."""
-    reason = ENGINES[name]().available()
-    if reason is None:
+def require(missing: str | None) -> None:
+    """A tool the real path needs: .ci/run installs it, so its absence fails in CI and skips elsewhere."""
+    if missing is None:
         return
     if os.environ.get("CI"):
-        pytest.fail(f"{name} must work in CI: {reason}")
-    pytest.skip(f"{name} is not usable on this machine: {reason}")
+        pytest.fail(f"must work in CI: {missing}")
+    pytest.skip(missing)
+
+
+def require_engine(name: str) -> None:
+    reason = ENGINES[name]().available()
+    require(None if reason is None else f"{name} is not usable on this machine: {reason}")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port
+from conftest import free_port, require
 
 BINARY = "docker-registry"
 
@@ -51,12 +51,7 @@ class Registry:
 
 
 def require_registry() -> None:
-    import os
-    if shutil.which(BINARY):
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{BINARY} must be installed in CI (apt-get install docker-registry)")
-    pytest.skip(f"{BINARY} is not installed (apt-get install docker-registry)")
+    require(None if shutil.which(BINARY) else f"{BINARY} is not installed (apt-get install docker-registry)")
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from builder.engines.podman import PodmanEngine
-from conftest import require_engine, run_cli
+from conftest import require, require_engine, run_cli
 
 IMAGE = "localhost/example/tool:1"
 
@@ -150,10 +150,9 @@ def test_podman_toolbox_of_the_cpu_image_end_to_end(tmp_path: Path) -> None:
 def test_toolbx_runs_the_cpu_image() -> None:
     """Real Toolbx: its init-container starts in our image (entrypoint passes it through, capsh is there) and
     `toolbox run` finds the binaries in its login shell. Toolbx needs the system D-Bus socket to create."""
-    if not shutil.which("toolbox"):
-        pytest.skip("Toolbx is not installed (apt-get install podman-toolbox)")
-    if not Path("/run/dbus/system_bus_socket").exists():
-        pytest.skip("Toolbx needs the system D-Bus socket (/run/dbus/system_bus_socket)")
+    require(None if shutil.which("toolbox") else "Toolbx is not installed (apt-get install podman-toolbox)")
+    require(None if Path("/run/dbus/system_bus_socket").exists()
+            else "Toolbx needs the system D-Bus socket (/run/dbus/system_bus_socket; .ci/run starts the bus)")
     require_engine("podman")
     build = run_cli("build", "--target", "cpu", "--engine", "podman", timeout=3600)
     assert build.returncode == 0, build.stderr[-3000:]

@@ -32,6 +32,7 @@ from builder.netboot.kernels import (
 from builder.netboot.modules import load_order, module_bytes, plain_name
 from builder.paths import cache_subdir
 from builder.run import run, run_logged
+from builder.source import sha256_file
 
 NETBOOT_VERSION = "1"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")
@@ -64,14 +65,6 @@ class Squash:
         return self.algorithm if self.level is None else f"{self.algorithm}:{self.level}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _artifact_key(image_id: str, spec: KernelSpec, squash: Squash) -> str:
     scripts = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NODE_SCRIPTS.iterdir())}
     inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "squash": str(squash),
@@ -91,7 +84,7 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     lib.mkdir(parents=True, exist_ok=True)
     shutil.copy2(NODE_SCRIPTS / "node-init.sh", lib / "node-init")
     shutil.copy2(busybox(tree), lib / "busybox")
-    (lib / "image.env").write_text("".join(f"{shlex_env(item)}\n" for item in env))
+    (lib / "image.env").write_text("".join(f"{_env_line(item)}\n" for item in env))
     moddir = modules_dir(tree, kver)
     order, missing = load_order(moddir, spec.accel_modules)
     target_modules = root / "lib/modules"
@@ -115,7 +108,7 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     return missing
 
 
-def shlex_env(item: str) -> str:
+def _env_line(item: str) -> str:
     key, _, value = item.partition("=")
     return f"{key}='" + value.replace("'", "'\\''") + "'"
 
