@@ -491,9 +491,10 @@ def _resolve_box(chosen: Tool, target: str | None, recipe: Path | None, variant:
     return box
 
 
-def _steps(box: Box, steps: list[list[str]], print_only: bool, env: dict[str, str] | None = None) -> None:
+def _steps(box: Box, steps: list[list[str]], print_only: bool) -> None:
+    env = box.tool_env()
     if print_only:
-        prefix = f"CONTAINERS_CONF={env['CONTAINERS_CONF']} " if env else ""
+        prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
         for argv in steps:
             typer.echo(prefix + shlex.join(argv))
         return
@@ -521,7 +522,7 @@ def toolbox_create(
             raise RecipeError(f"container {box.name} already exists",
                               f"enter it with `builder toolbox enter --name {box.name}`, or remove it first "
                               f"with `builder toolbox rm --name {box.name} --tool {box.tool}`")
-    _steps(box, box.create(), print_only, box.tool_env())
+    _steps(box, box.create(), print_only)
 
 
 @toolbox_app.command(

@@ -12,6 +12,7 @@ security options, environment, CDI) goes in the same way `builder run` passes it
 
 import json
 import os
+import pwd
 import shlex
 import shutil
 import sys
@@ -117,18 +118,25 @@ class Box:
             return [["distrobox", "rm", "--force", self.name]]
         return [[*self.engine.command(), "rm", "--force", "--time", "0", self.name]]
 
-    def tool_env(self) -> dict[str, str] | None:
-        """Environment for Toolbx and distrobox: this host's podman quirks, which they cannot pass as flags.
+    def tool_env(self) -> dict[str, str]:
+        """Variables Toolbx and distrobox need on top of the caller's environment (none for plain podman).
 
-        podman records the runtime and limits in the container, so only `create` needs them.
+        This host's podman quirks go in a containers.conf, as the tools cannot pass them as flags; podman
+        records the runtime and limits in the container, so they only matter at `create`.
         """
+        if self.tool is Tool.PODMAN:
+            return {}
+        extra: dict[str, str] = {}
+        # Toolbx takes the user's shell from $SHELL only and refuses to work without it (cron, CI, su -c).
+        if self.tool is Tool.TOOLBOX and not os.environ.get("SHELL"):
+            extra["SHELL"] = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
         conf = quirk_containers_conf()
-        if self.tool is Tool.PODMAN or conf is None or "CONTAINERS_CONF" in os.environ:
-            return None
-        path = cache_subdir("toolbox") / "containers.conf"
-        if not path.is_file() or path.read_text() != conf:
-            path.write_text(conf)
-        return {**os.environ, "CONTAINERS_CONF": str(path)}
+        if conf is not None and "CONTAINERS_CONF" not in os.environ:
+            path = cache_subdir("toolbox") / "containers.conf"
+            if not path.is_file() or path.read_text() != conf:
+                path.write_text(conf)
+            extra["CONTAINERS_CONF"] = str(path)
+        return extra
 
 
 def check_tool(tool: Tool) -> None:
@@ -162,8 +170,9 @@ def tool_of(name: str) -> Tool | None:
     return Tool.TOOLBOX if labels.get("com.github.containers.toolbox") == "true" else None
 
 
-def run_steps(steps: list[list[str]], env: dict[str, str] | None = None) -> None:
+def run_steps(steps: list[list[str]], extra_env: dict[str, str] | None = None) -> None:
     """Run every step but the last, then replace this process with the last (an interactive tool)."""
+    env = {**os.environ, **extra_env} if extra_env else None
     for argv in steps[:-1]:
         run(argv, env=env, timeout=600)
     last = steps[-1]

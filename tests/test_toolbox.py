@@ -1,6 +1,7 @@
 """`builder toolbox`: the commands each tool gets (--print), and the plain-podman path for real with the cpu image."""
 
 import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,14 +54,29 @@ def test_podman_enter_starts_then_execs_a_command_or_a_login_shell() -> None:
 
 
 def test_toolbx_gets_no_flags_and_the_environment_goes_on_the_command() -> None:
-    # On a host with podman quirks (hybrid cgroups, low limits) the line starts with CONTAINERS_CONF=FILE.
-    assert printed("create", "-t", "cpu", "--image", IMAGE, "--tool", "toolbox")[-1].endswith(
-        f"toolbox create --image {IMAGE} builder-cpu-cpu")
-    assert printed("enter", "-t", "cpu", "--tool", "toolbox") == ["toolbox enter builder-cpu-cpu"]
-    npu = printed("enter", "-t", "intel-npu", "--tool", "toolbox", "--", "llama-cli", "--version")
-    assert npu == ["toolbox run --container builder-intel-npu-openvino env GGML_OPENVINO_DEVICE=NPU "
-                   "llama-cli --version"]
-    assert printed("rm", "-t", "cpu", "--tool", "toolbox") == ["toolbox rm --force builder-cpu-cpu"]
+    # On a host with podman quirks (hybrid cgroups, low limits) each line starts with CONTAINERS_CONF=FILE.
+    [create] = printed("create", "-t", "cpu", "--image", IMAGE, "--tool", "toolbox")
+    assert create.endswith(f"toolbox create --image {IMAGE} builder-cpu-cpu")
+    [enter] = printed("enter", "-t", "cpu", "--tool", "toolbox")
+    assert enter.endswith("toolbox enter builder-cpu-cpu")
+    [npu] = printed("enter", "-t", "intel-npu", "--tool", "toolbox", "--", "llama-cli", "--version")
+    assert npu.endswith("toolbox run --container builder-intel-npu-openvino env GGML_OPENVINO_DEVICE=NPU "
+                        "llama-cli --version")
+    [rm] = printed("rm", "-t", "cpu", "--tool", "toolbox")
+    assert rm.endswith("toolbox rm --force builder-cpu-cpu")
+
+
+def test_toolbx_gets_the_login_shell_when_shell_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Toolbx refuses to create without $SHELL (as under cron or CI); builder passes the account's login shell."""
+    login_shell = pwd.getpwuid(os.getuid()).pw_shell
+    monkeypatch.delenv("SHELL", raising=False)
+    [create] = printed("create", "-t", "cpu", "--image", IMAGE, "--tool", "toolbox")
+    assert create.split()[:create.split().index("toolbox")].count(f"SHELL={login_shell}") == 1
+    monkeypatch.setenv("SHELL", "/bin/zsh")
+    [create] = printed("create", "-t", "cpu", "--image", IMAGE, "--tool", "toolbox")
+    assert "SHELL=" not in create
+    [podman_create, _] = printed("create", "-t", "cpu", "--image", IMAGE, "--tool", "podman")
+    assert not podman_create.startswith(("SHELL=", "CONTAINERS_CONF="))
 
 
 def test_distrobox_gets_the_contract_through_additional_flags() -> None:
@@ -70,14 +86,14 @@ def test_distrobox_gets_the_contract_through_additional_flags() -> None:
                            "--env GGML_OPENVINO_DEVICE=NPU'")
     assert printed("create", "-t", "cpu", "--image", IMAGE, "--tool", "distrobox")[-1].endswith(
         "--name builder-cpu-cpu --additional-flags '--label com.github.containers.toolbox=false'")
-    assert printed("enter", "-t", "cpu", "--tool", "distrobox", "--", "id") == \
-        ["distrobox enter --name builder-cpu-cpu -- id"]
+    [enter] = printed("enter", "-t", "cpu", "--tool", "distrobox", "--", "id")
+    assert enter.endswith("distrobox enter --name builder-cpu-cpu -- id")
 
 
 def test_auto_prefers_toolbx_then_distrobox_then_podman() -> None:
     expected = "toolbox" if shutil.which("toolbox") else "distrobox" if shutil.which("distrobox") else "podman"
     first = printed("rm", "--name", "x")[0]
-    assert first.split()[0] == expected
+    assert [word for word in first.split() if "=" not in word][0] == expected
 
 
 @pytest.mark.parametrize("args, message", [
@@ -147,9 +163,11 @@ def test_podman_toolbox_of_the_cpu_image_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.engine
-def test_toolbx_runs_the_cpu_image() -> None:
+def test_toolbx_runs_the_cpu_image(monkeypatch: pytest.MonkeyPatch) -> None:
     """Real Toolbx: its init-container starts in our image (entrypoint passes it through, capsh is there) and
-    `toolbox run` finds the binaries in its login shell. Toolbx needs the system D-Bus socket to create."""
+    `toolbox run` finds the binaries in its login shell. Toolbx needs the system D-Bus socket to create.
+    $SHELL is unset, as under CI and cron, where Toolbx alone would refuse."""
+    monkeypatch.delenv("SHELL", raising=False)
     require(None if shutil.which("toolbox") else "Toolbx is not installed (apt-get install podman-toolbox)")
     require(None if Path("/run/dbus/system_bus_socket").exists()
             else "Toolbx needs the system D-Bus socket (/run/dbus/system_bus_socket; .ci/run starts the bus)")
