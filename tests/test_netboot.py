@@ -141,6 +141,32 @@ def test_generations_switch_atomically_roll_back_and_prune(tmp_path: Path) -> No
     assert f"* {ids[2]}" in listing and f"  {ids[1]}" in listing
 
 
+def test_head_script_names_the_workers_and_the_model_with_its_hash(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF tiny")
+    nodes = [{"name": "head", "mac": MAC, "target": "cpu", "role": "head"},
+             {"name": "w1", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker",
+              "address": "10.0.2.20"},
+             {"name": "w2", "mac": "52:54:00:12:34:58", "target": "cpu", "role": "rpc-worker",
+              "address": "10.0.2.21", "port": 50100}]
+    root, path = tmp_path / "pxe-root", inventory(tmp_path, nodes=nodes, model="m.gguf", context=512)
+    folder, manifest = fake_artifacts(tmp_path, "a")
+    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+    words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
+    digest = hashlib.sha256(b"GGUF tiny").hexdigest()
+    assert "builder.rpc=10.0.2.20:50052,10.0.2.21:50100" in words and "builder.ctx=512" in words
+    assert f"builder.model=http://10.0.2.2:8000/blobs/sha256/{digest}" in words
+    assert f"builder.model_sha256={digest}" in words
+    assert (root / "blobs" / "sha256" / digest).read_bytes() == b"GGUF tiny"
+    worker = (root / "current" / "nodes" / "52-54-00-12-34-57.ipxe").read_text()
+    assert "builder.role=rpc-worker" in worker and "builder.model" not in worker
+    # A model given as a URL is fetched as it is: no hash to check it against.
+    path = inventory(tmp_path, nodes=nodes, model="http://10.0.2.2:9000/m.gguf")
+    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+    words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
+    assert "builder.model=http://10.0.2.2:9000/m.gguf" in words
+    assert not any(word.startswith("builder.model_sha256=") for word in words)
+
+
 def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:
     root, path = tmp_path / "pxe-root", inventory(tmp_path)
     folder, manifest = fake_artifacts(tmp_path, "a")

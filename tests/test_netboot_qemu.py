@@ -3,12 +3,14 @@
 coming up as an RPC worker that a head on the host uses. Software emulation (TCG): no KVM here.
 """
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,30 +36,39 @@ def artifacts() -> dict[str, object]:
     return manifest
 
 
-@pytest.fixture
-def served(tmp_path: Path, artifacts: dict[str, object]) -> Iterator[tuple[Path, int]]:
-    """A published generation for one rpc-worker node, served on 127.0.0.1 (10.0.2.2 to the guest)."""
-    port = free_port()
+@contextmanager
+def published(tmp_path: Path, port: int, nodes: list[dict[str, object]],
+              model: Path | None = None) -> Iterator[Path]:
+    """A generation for these nodes, published and served by `builder pxe serve` on 127.0.0.1:PORT
+    (10.0.2.2:PORT to the guest)."""
+    doc: dict[str, object] = {"control": {"address": "10.0.2.2", "http_port": port},
+                              "kernel_args": ["console=ttyS0"], "nodes": nodes}
+    if model:
+        doc["model"] = str(model)
     path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.safe_dump({
-        "control": {"address": "10.0.2.2", "http_port": port},
-        "kernel_args": ["console=ttyS0"],
-        "nodes": [{"name": "node1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}],
-    }))
+    path.write_text(yaml.safe_dump(doc))
     root = tmp_path / "pxe-root"
     proc = run_cli("pxe", "publish", "--inventory", str(path), "--root", str(root), "--engine", "podman",
                    timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = open(tmp_path / "serve.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root", str(root),
-                               "--bind", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+                               "--bind", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     time.sleep(1)
     try:
-        yield root, port
+        yield root
     finally:
         server.terminate()
         server.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path, artifacts: dict[str, object]) -> Iterator[tuple[Path, int]]:
+    """A published generation for one rpc-worker node."""
+    port = free_port()
+    with published(tmp_path, port, [{"name": "node1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}]) as root:
+        yield root, port
 
 
 def test_artifacts_manifest_matches_files(artifacts: dict[str, object]) -> None:
@@ -121,3 +132,39 @@ def test_corrupted_root_is_refused_and_retried(served: tuple[Path, int], tmp_pat
         blob.write_bytes(good)  # the control node is fixed: the node's next attempt must boot
         wait_for(console, r"root image verified: sha256 " + squash, vm, 120)
         wait_for(console, r"builder-node: node1 rpc-worker ready", vm, 120)
+
+
+def test_netbooted_head_fetches_the_model_and_serves_with_a_worker_on_the_host(
+    tiny_model: Path, tmp_path: Path, artifacts: dict[str, object]
+) -> None:
+    """The head role on a netbooted node: it downloads the model from the control node, starts llama-server
+    with --rpc to the cluster's worker (a container on the host, which the guest reaches as 10.0.2.2) and is
+    ready once /health answers. Its completion equals the single-node one."""
+    rpc, single, http, head = free_port(), free_port(), free_port(), free_port()
+    common = ["-m", str(tiny_model), "-c", "256", "-t", "2"]
+    with container("podman", tmp_path, f"builder-netboot-single-{single}", "server", *common,
+                   "--port", str(single)) as s:
+        wait_healthy(single, s, tmp_path / f"builder-netboot-single-{single}.log")
+        expected = complete(single)
+    nodes: list[dict[str, object]] = [
+        {"name": "head1", "mac": MAC, "target": "cpu", "role": "head"},
+        # Stands for a worker node: the host's container, which the guest reaches at 10.0.2.2.
+        {"name": "worker1", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker",
+         "address": "10.0.2.2", "port": rpc},
+    ]
+    model = tmp_path / "tiny.gguf"
+    shutil.copyfile(tiny_model, model)
+    worker = f"builder-netboot-worker-{rpc}"
+    with published(tmp_path, http, nodes, model=model) as root, \
+            container("podman", tmp_path, worker, "rpc-worker", "--host", "127.0.0.1", "--port", str(rpc)), \
+            node(root / "tftp", MAC, tmp_path / "console.log", forward=(head, 8080)) as vm:
+        ready = wait_for(tmp_path / "console.log", r"builder-node: head1 head ready on (\S+)", vm, BOOT_SECONDS)
+        assert ready.group(1) == "10.0.2.15:8080"
+        text = (tmp_path / "console.log").read_text(errors="replace")
+        assert f"builder.rpc=10.0.2.2:{rpc}" in (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text()
+        model_hash = hashlib.sha256(model.read_bytes()).hexdigest()
+        assert f"builder-node: model verified: sha256 {model_hash}" in text
+        assert "download of" not in text and "mismatch" not in text  # the model came on the first attempt
+        assert complete(head, timeout=300) == expected
+        worker_log = (tmp_path / f"{worker}.log").read_text(errors="replace")
+        assert "Accepted client connection" in worker_log, worker_log[-2000:]

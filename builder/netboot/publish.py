@@ -86,7 +86,7 @@ def boot_script(cluster: Cluster) -> str:
 
 
 def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], generation_note: str,
-                model_url: str | None) -> str:
+                model_url: str | None, model_sha256: str | None = None) -> str:
     base = _base_url(cluster)
     files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
     kernel, initrd, squash = (files[n]["sha256"] for n in ("vmlinuz", "initrd.img", "root.squashfs"))
@@ -99,6 +99,8 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
             args.append(f"builder.rpc={','.join(workers)}")
         if model_url:
             args.append(f"builder.model={model_url}")
+        if model_sha256:
+            args.append(f"builder.model_sha256={model_sha256}")
         if cluster.context:
             args.append(f"builder.ctx={cluster.context}")
     args += [*cluster.kernel_args, *node.kernel_args]
@@ -157,12 +159,14 @@ def publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts,
         for name, entry in files.items():
             add_blob(root, folder / name, entry["sha256"])
         manifests[f"{target}-{variant}"] = manifest
-    model_url = None
+    model_url = model_sha256 = None
     if cluster.model:
         if cluster.model.startswith("http://"):
             model_url = cluster.model
         else:
-            model_url = f"{_base_url(cluster)}/blobs/sha256/{add_blob(root, inventory.parent / cluster.model)}"
+            # A model on the control node is a blob like the root image, and the head checks its hash too.
+            model_sha256 = add_blob(root, inventory.parent / cluster.model)
+            model_url = f"{_base_url(cluster)}/blobs/sha256/{model_sha256}"
     files_out: dict[str, bytes] = {"boot.ipxe": boot_script(cluster).encode(),
                                    "cluster.yaml": inventory.read_bytes()}
     for key, manifest in manifests.items():
@@ -172,7 +176,8 @@ def publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts,
         key = f"{node.target}-{select(node.target, node.variant)[1].name}"
         manifest = manifests[key]
         note = f"image {manifest['image_digest']}"
-        files_out[f"nodes/{node.file_stem}.ipxe"] = node_script(cluster, node, manifest, note, model_url).encode()
+        files_out[f"nodes/{node.file_stem}.ipxe"] = node_script(cluster, node, manifest, note, model_url,
+                                                                 model_sha256).encode()
         nodes[node.name] = {"mac": node.mac, "role": node.role, "artifacts": key}
     files_out["nodes.json"] = (json.dumps(nodes, indent=2, sort_keys=True) + "\n").encode()
     digest = hashlib.sha256()

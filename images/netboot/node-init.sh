@@ -12,7 +12,7 @@ bb=/usr/lib/builder/busybox
 
 say() { echo "builder-node: $*"; }
 
-name=node role=rpc-worker port="" rpc="" model="" ctx=""
+name=node role=rpc-worker port="" rpc="" model="" model_sha256="" ctx=""
 read -r -a words </proc/cmdline
 for word in "${words[@]}"; do
     case "$word" in
@@ -21,6 +21,7 @@ for word in "${words[@]}"; do
         builder.port=*) port=${word#*=} ;;
         builder.rpc=*) rpc=${word#*=} ;;
         builder.model=*) model=${word#*=} ;;
+        builder.model_sha256=*) model_sha256=${word#*=} ;;
         builder.ctx=*) ctx=${word#*=} ;;
     esac
 done
@@ -44,12 +45,24 @@ if [ -s /usr/lib/builder/modules.load ]; then
     done </usr/lib/builder/modules.load
 fi
 
+# The model goes to the overlay's tmpfs; one published on the control node comes with its sha256.
 fetch_model() {
-    local dest=/var/cache/llama.cpp/models/${model##*/} attempt
+    local dest=/var/cache/llama.cpp/models/${model##*/} attempt got
     mkdir -p "${dest%/*}"
     for attempt in 1 2 3 4 5; do
-        "$bb" wget -q -O "$dest.part" "$model" && mv "$dest.part" "$dest" && { echo "$dest"; return 0; }
-        say "download of $model failed (attempt $attempt of 5)" >&2
+        if "$bb" wget -q -O "$dest.part" "$model"; then
+            got=$(sha256sum "$dest.part") && got=${got%% *}
+            if [ -z "$model_sha256" ] || [ "$got" = "$model_sha256" ]; then
+                mv "$dest.part" "$dest"
+                [ -n "$model_sha256" ] && say "model verified: sha256 $got" >&2
+                echo "$dest"
+                return 0
+            fi
+            say "model sha256 mismatch: got $got, expected $model_sha256 (attempt $attempt of 5)" >&2
+            rm -f "$dest.part"
+        else
+            say "download of $model failed (attempt $attempt of 5)" >&2
+        fi
         sleep $((attempt * 2))
     done
     return 1

@@ -96,6 +96,34 @@ ray_node() {
     exec ray start "${args[@]}" "${extra[@]}"
 }
 
+# vLLM's CUDA kernel libraries: loaded where the GPU is; without it (no libcuda.so.1, which the driver
+# brings), every other library they need must still resolve within the image (CUDA runtime, torch).
+cuda_kernels() {
+    local no_gpu=$1
+    python3 - "$no_gpu" <<'PY'
+import glob, os, subprocess, sys, sysconfig
+import torch
+if not torch.version.cuda:
+    sys.exit(f"torch {torch.__version__} is not a CUDA build")
+site = sysconfig.get_paths()["purelib"]
+libs = sorted(glob.glob(os.path.join(site, "vllm", "*.so")))
+if sys.argv[1] == "0":
+    import vllm._C_stable_libtorch  # noqa: F401
+    print("cuda kernels load; torch CUDA", torch.version.cuda, "with", torch.cuda.device_count(), "GPU(s)")
+    sys.exit(0)
+dirs = [os.path.join(site, "torch", "lib"), *glob.glob(os.path.join(site, "nvidia", "**", "lib"), recursive=True)]
+env = {**os.environ, "LD_LIBRARY_PATH": ":".join(dirs)}
+missing = set()
+for lib in libs:
+    out = subprocess.run(["ldd", lib], env=env, capture_output=True, text=True, check=True).stdout
+    missing |= {line.split()[0] for line in out.splitlines() if "not found" in line}
+if not libs or missing - {"libcuda.so.1"}:
+    sys.exit(f"{len(libs)} kernel libraries; unresolved: {', '.join(sorted(missing)) or 'none'}")
+print(f"cuda kernels link: {len(libs)} libraries, torch CUDA {torch.version.cuda}; "
+      "only the driver's libcuda.so.1 is left to the GPU node")
+PY
+}
+
 smoke() {
     local failed=0 out python version
     check() {
@@ -108,13 +136,30 @@ smoke() {
             echo "smoke: ok   $what"
         fi
     }
+    # vLLM picks its platform when the CLI starts and stops without the device's driver. Without the device,
+    # the CLI checks run on vLLM's CPU platform (its own switch for accelerator wheels on CPU-only machines),
+    # and the device build is checked by loading its kernels library.
+    local node="" cli=()
+    case "${VLLM_SMOKE_DEVICE:-cpu}" in
+        cuda) node=/dev/nvidiactl ;;
+        rocm) node=/dev/kfd ;;
+        xpu) node=/dev/dri ;;
+    esac
+    if [ -n "$node" ] && [ ! -e "$node" ]; then
+        echo "smoke: note no $node here: the CLI checks run with VLLM_TARGET_DEVICE=cpu"
+        cli=(env VLLM_TARGET_DEVICE=cpu)
+    fi
     python=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>&1 || true)
     check "python $python (expected ${VLLM_SMOKE_PYTHON:-?})" "^${VLLM_SMOKE_PYTHON:-none}$" "$python"
-    version=$(vllm --version 2>&1 || true)
+    if [ "${VLLM_SMOKE_DEVICE:-cpu}" = cuda ]; then
+        out=$(cuda_kernels "${#cli[@]}" 2>&1 || true)
+        check "$(tail -n 1 <<<"$out")" "^cuda kernels (load|link)" "$out"
+    fi
+    version=$("${cli[@]}" vllm --version 2>&1 || true)
     check "vllm --version: $(tail -n 1 <<<"$version")" "^${VLLM_SMOKE_VERSION:-none}" "$(tail -n 1 <<<"$version")"
     out=$(python3 -c 'import vllm, torch; print("import vllm", vllm.__version__, "torch", torch.__version__)' 2>&1 || true)
     check "$(tail -n 1 <<<"$out")" "^import vllm " "$out"
-    out=$(timeout 300 vllm serve --help=host 2>&1 || true)
+    out=$("${cli[@]}" timeout 300 vllm serve --help=host 2>&1 || true)
     check "vllm serve --help" "--host HOST" "$out"
     out=$(ray --version 2>&1 || true)
     check "$(tail -n 1 <<<"$out")" "^ray, version " "$out"
