@@ -172,3 +172,11 @@ def test_cuda_image_builds_and_passes_its_smoke_test_without_a_gpu() -> None:
     proc = run_cli("run", "--flavour", "vllm", "--image", image, "--engine", "podman", "smoke", timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "smoke: ok   import vllm 0.32.0 torch 2.13.0" in proc.stdout and "+cpu" not in proc.stdout
+    # No GPU here: vLLM's CLI is checked on its CPU platform, and the CUDA kernels by what they link.
+    assert "smoke: note no /dev/nvidiactl here" in proc.stdout
+    assert "smoke: ok   cuda kernels link:" in proc.stdout and "only the driver's libcuda.so.1" in proc.stdout
+    # The same check fails on an image whose torch has no CUDA.
+    cpu_image = str(_build("cpu")["image"])
+    cpu = run_cli("run", "--flavour", "vllm", "--image", cpu_image, "--engine", "podman",
+                  "--env", "VLLM_SMOKE_DEVICE=cuda", "smoke", timeout=900)
+    assert cpu.returncode != 0 and "is not a CUDA build" in cpu.stdout + cpu.stderr, cpu.stdout + cpu.stderr
