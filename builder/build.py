@@ -104,8 +104,8 @@ def refuse_placeholders(plan: BuildPlan) -> None:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise RecipeError(f"{plan.recipe}: {found[0]}{more}: placeholder pin (all zeros), never checked; "
                           "refusing to build",
-                          "pin the real value: `skopeo inspect --format '{{.Digest}}' docker://IMAGE:TAG` for an "
-                          "image, `sha256sum` of the downloaded file for a key")
+                          f"where the registry and vendor sites are reachable, `builder pin --target {plan.target}` "
+                          "reads the real values into the recipe (then run `builder lock`)")
 
 
 def smoke_test(engine: Engine, ref: str) -> str:

@@ -37,6 +37,7 @@ from builder.render import plan_document, stage_apt_files, stage_sdks, stage_sou
 from builder.sbom import make_sbom, read_packages, sbom_bytes
 from builder.targets import TARGETS, Host
 from builder.toolbox import TOOL_CHOICES, Box, Tool, check_tool, exists, pick_tool, run_steps, tool_of
+from builder.pin import pin_recipe
 from builder.vllm import (
     FLAVOURS,
     build_vllm,
@@ -326,6 +327,34 @@ def lock(
         return
     written = lockfile.write(lock_path, recipes)
     typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s))")
+
+
+@app.command()
+def pin(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="Only this variant (default: all).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and print the values; write nothing.")] = False,
+) -> None:
+    """Fill the recipe's placeholder pins (all zeros) with values read from their sources.
+
+    An image's digest comes from its registry, a signing key's or .deb's sha256 from its download. Run it
+    where those sites are reachable, review the diff, then `builder lock`. Nothing is written unless every
+    value was read; comments and layout of the recipe stay as they are.
+    """
+    path = recipe_file(target, recipe)
+    values = pin_recipe(path, variant, dry_run)
+    if not values:
+        typer.echo(f"{display_path(path)}: no placeholder pins")
+        return
+    for placeholder, value in values.items():
+        typer.echo(f"{placeholder.field}: {placeholder.source} -> sha256:{value}")
+    if dry_run:
+        typer.echo(f"{len(values)} value(s) read; --dry-run: {display_path(path)} unchanged")
+        return
+    typer.echo(f"wrote {len(values)} pin(s) into {display_path(path)}")
+    if path.resolve().parent == RECIPES_DIR.resolve():
+        typer.echo(f"next: review the diff, then {lockfile.HINT.removeprefix('run ')}")
 
 
 @app.command()

@@ -75,7 +75,9 @@ class Repository:
 
     @property
     def base_url(self) -> str:
-        return f"{'http' if self.plain_http else 'https'}://{self.host}/v2/{self.name}"
+        # Docker Hub's references say docker.io; its registry API answers on another host.
+        host = "registry-1.docker.io" if self.host == "docker.io" else self.host
+        return f"{'http' if self.plain_http else 'https'}://{host}/v2/{self.name}"
 
 
 def parse_reference(text: str) -> tuple[Repository, str]:

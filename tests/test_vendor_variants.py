@@ -59,7 +59,7 @@ def test_sycl_uses_intels_compilers_and_ships_level_zero() -> None:
 def test_build_refuses_placeholder_pins_before_anything_runs(target: str, field: str) -> None:
     proc = run_cli("build", "--target", target)
     assert_one_clear_error(proc, f"recipes/{target}.yaml: {field}: placeholder pin (all zeros)")
-    assert "skopeo inspect" in proc.stderr
+    assert f"`builder pin --target {target}`" in proc.stderr
     assert "building" not in proc.stderr
 
 
