@@ -30,6 +30,7 @@ from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import BuilderError, CommandError, RecipeError
 from builder.launch import container_argv
 from builder.models import Recipe
+from builder.pin import pin_recipe
 from builder.publish import publish as publish_image
 from builder.recipes import RECIPES_DIR, display_path, load_recipe, select
 from builder.registry import Repository
@@ -37,7 +38,6 @@ from builder.render import plan_document, stage_apt_files, stage_sdks, stage_sou
 from builder.sbom import make_sbom, read_packages, sbom_bytes
 from builder.targets import TARGETS, Host
 from builder.toolbox import TOOL_CHOICES, Box, Tool, check_tool, exists, pick_tool, run_steps, tool_of
-from builder.pin import pin_recipe
 from builder.vllm import (
     FLAVOURS,
     build_vllm,
