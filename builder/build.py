@@ -9,7 +9,7 @@ from builder.bootstrap import ensure_base
 from builder.ccache_store import CcacheStore
 from builder.engines import Engine
 from builder.errors import CommandError, RecipeError
-from builder.models import PLACEHOLDER_SHA256, BuildPlan, ImageBase
+from builder.models import BuildPlan, placeholders_of
 from builder.paths import cache_subdir
 from builder.plan import LABEL_PREFIX, make_plan
 from builder.recipes import display_path, load_recipe, recipe_path_for
@@ -84,18 +84,7 @@ def context_dir(plan: BuildPlan) -> Path:
 
 def placeholder_pins(plan: BuildPlan) -> list[str]:
     """Recipe fields that still hold the all-zeros placeholder instead of a checked digest or sha256."""
-    where = f"variants.{plan.variant}"
-    found = []
-    for stage, base in (("toolchain", plan.toolchain), ("runtime", plan.runtime)):
-        if isinstance(base, ImageBase):
-            if base.ref.endswith(PLACEHOLDER_SHA256):
-                found.append(f"{where}.base.{stage}.ref")
-            found += [f"{where}.base.{stage}.repositories[{i}].key_sha256"
-                      for i, repo in enumerate(base.repositories) if repo.key_sha256 == PLACEHOLDER_SHA256]
-            found += [f"{where}.base.{stage}.debs[{i}].sha256"
-                      for i, deb in enumerate(base.debs) if deb.sha256 == PLACEHOLDER_SHA256]
-    found += [f"{where}.sdks.{name}.sha256" for name, sdk in plan.sdks.items() if sdk.sha256 == PLACEHOLDER_SHA256]
-    return found
+    return [p.field for p in placeholders_of(f"variants.{plan.variant}", plan.toolchain, plan.runtime, plan.sdks)]
 
 
 def refuse_placeholders(plan: BuildPlan) -> None:

@@ -6,14 +6,13 @@ talks to this small server, which keeps the objects in the host's cache folder. 
 builds of the same context then share one cache, and a cold second engine compiles almost nothing.
 """
 
-import hashlib
 import os
 import re
 import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
+
+from builder.loopback import LoopbackServer, stable_port
 
 _KEY = re.compile(r"^/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
@@ -77,38 +76,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def _preferred_port(root: Path) -> int:
-    # Stable per cache folder, so the build argument (and the engine's layer cache) stays the same.
-    return 20000 + int(hashlib.sha256(str(root).encode()).hexdigest()[:8], 16) % 30000
-
-
-class CcacheStore:
+class CcacheStore(LoopbackServer):
     """Serve `root` as ccache remote storage on 127.0.0.1 while the `with` block runs."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        handler = type("Handler", (_Handler,), {"root": root})
-        try:
-            self.server = ThreadingHTTPServer(("127.0.0.1", _preferred_port(root)), handler)
-        except OSError:
-            self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/"
-
-    def __enter__(self) -> "CcacheStore":
-        self.thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
+        # The port is keyed by the folder alone, as it always was, so existing layer caches stay valid.
+        super().__init__(type("Handler", (_Handler,), {"root": root}), stable_port(str(root)))

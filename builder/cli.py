@@ -520,6 +520,13 @@ def _resolve_box(chosen: Tool, target: str | None, recipe: Path | None, variant:
     return box
 
 
+def _require_box(box: Box, hint: str) -> None:
+    """The tool works and the container is there (what enter and rm need before running anything)."""
+    check_tool(box.tool)
+    if not exists(box):
+        raise RecipeError(f"no container {box.name}", hint)
+
+
 def _steps(box: Box, steps: list[list[str]], print_only: bool) -> None:
     env = box.tool_env()
     if print_only:
@@ -573,10 +580,8 @@ def toolbox_enter(
     """
     box = _box(tool, target, recipe, variant, name)
     if not print_only:
-        check_tool(box.tool)
-        if not exists(box):
-            hint = f"builder toolbox create --target {target}" if target else "builder toolbox create"
-            raise RecipeError(f"no container {box.name}", f"create it first: {hint}")
+        create = f"builder toolbox create --target {target}" if target else "builder toolbox create"
+        _require_box(box, f"create it first: {create}")
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     _steps(box, box.enter(list(command or []), tty), print_only)
 
@@ -593,9 +598,7 @@ def toolbox_rm(
     """Remove a toolbox container (stopping it first); the image stays."""
     box = _box(tool, target, recipe, variant, name)
     if not print_only:
-        check_tool(box.tool)
-        if not exists(box):
-            raise RecipeError(f"no container {box.name}", "`podman ps --all` lists the containers")
+        _require_box(box, "`podman ps --all` lists the containers")
     _steps(box, box.remove(), print_only)
 
 

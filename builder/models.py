@@ -1,6 +1,7 @@
 """Pydantic models: recipes as written by users, and the build plan derived from them. No I/O here."""
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -201,6 +202,32 @@ class SourceInfo(Strict):
     identity: str = Field(description="content identity: sha256 of the archive, git commit or tree hash")
     version: str
     epoch: int = Field(description="the source's own timestamp, used when SOURCE_DATE_EPOCH is unset")
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    """A pin still holding PLACEHOLDER_SHA256, with what it pins."""
+
+    field: str  # e.g. variants.rocm.base.toolchain.repositories[0].key_sha256
+    source: str  # the image reference without its digest, a file's URL, or an SDK wheel's file name
+    kind: Literal["image", "file", "wheel"]
+
+
+def placeholders_of(where: str, toolchain: BaseSpec, runtime: BaseSpec, sdks: dict[str, SdkSpec]) -> list[Placeholder]:
+    """Every placeholder pin of one variant (`where` is its field path), in recipe order."""
+    found = []
+    for stage, base in (("toolchain", toolchain), ("runtime", runtime)):
+        if not isinstance(base, ImageBase):
+            continue
+        if base.ref.endswith(PLACEHOLDER_SHA256):
+            found.append(Placeholder(f"{where}.base.{stage}.ref", base.ref.rsplit("@", 1)[0], "image"))
+        found += [Placeholder(f"{where}.base.{stage}.repositories[{i}].key_sha256", repo.key_url, "file")
+                  for i, repo in enumerate(base.repositories) if repo.key_sha256 == PLACEHOLDER_SHA256]
+        found += [Placeholder(f"{where}.base.{stage}.debs[{i}].sha256", deb.url, "file")
+                  for i, deb in enumerate(base.debs) if deb.sha256 == PLACEHOLDER_SHA256]
+    found += [Placeholder(f"{where}.sdks.{name}.sha256", sdk.file, "wheel")
+              for name, sdk in sdks.items() if sdk.sha256 == PLACEHOLDER_SHA256]
+    return found
 
 
 class BuildPlan(Strict):

@@ -4,53 +4,31 @@ A placeholder stands where the people who wrote the recipe could not reach the s
 download site), and `builder build` refuses it. Where the source is reachable, this reads each value: an
 image's manifest digest from its registry, a signing key's or a .deb's sha256 from its download. Only the
 placeholder text in the recipe changes (comments and layout stay), and nothing is written unless every
-value was read.
+value was read. Downloaded files stay in the cache under their sha256, where the build's fetch_file finds them.
 """
 
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
-from builder.errors import BuilderError, RecipeError
-from builder.models import PLACEHOLDER_SHA256, ImageBase, Recipe
+from builder.errors import RecipeError
+from builder.models import PLACEHOLDER_SHA256, Placeholder, Recipe, placeholders_of
+from builder.paths import cache_subdir
 from builder.recipes import display_path, load_recipe
 from builder.registry import RegistryClient, parse_reference
-
-DOWNLOAD_TIMEOUT = (10, 300)  # connect, read
-
-
-@dataclass(frozen=True)
-class Placeholder:
-    field: str  # e.g. variants.rocm.base.toolchain.repositories[0].key_sha256
-    source: str  # the image reference without its digest, or the file's URL
-    image: bool
+from builder.source import download, sha256_file
 
 
 def placeholders(recipe: Recipe, variant: str | None = None) -> list[Placeholder]:
-    """Every placeholder pin of the recipe (or of one variant), each source once."""
+    """The placeholder pins of the recipe (or of one variant) that can be read from a registry or a URL,
+    each source once (SDK wheels are pinned by hand)."""
     found: dict[str, Placeholder] = {}
     for name, spec in recipe.variants.items():
-        if variant is not None and name != variant:
-            continue
-        for stage in ("toolchain", "runtime"):
-            base = getattr(spec.base, stage)
-            if not isinstance(base, ImageBase):
-                continue
-            where = f"variants.{name}.base.{stage}"
-            if base.ref.endswith(PLACEHOLDER_SHA256):
-                ref = base.ref.rsplit("@", 1)[0]
-                found.setdefault(ref, Placeholder(f"{where}.ref", ref, True))
-            for i, repo in enumerate(base.repositories):
-                if repo.key_sha256 == PLACEHOLDER_SHA256:
-                    found.setdefault(repo.key_url, Placeholder(f"{where}.repositories[{i}].key_sha256",
-                                                               repo.key_url, False))
-            for i, deb in enumerate(base.debs):
-                if deb.sha256 == PLACEHOLDER_SHA256:
-                    found.setdefault(deb.url, Placeholder(f"{where}.debs[{i}].sha256", deb.url, False))
+        if variant in (None, name):
+            for pin in placeholders_of(f"variants.{name}", spec.base.toolchain, spec.base.runtime, spec.sdks):
+                if pin.kind != "wheel":
+                    found.setdefault(pin.source, pin)
     return list(found.values())
 
 
@@ -64,29 +42,24 @@ def image_digest(ref: str) -> str:
 
 
 def file_sha256(url: str) -> str:
-    digest = hashlib.sha256()
-    try:
-        with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT) as resp:
-            if resp.status_code != 200:
-                raise BuilderError(f"could not download {url}: the server answered {resp.status_code}",
-                                   "check the URL in the recipe")
-            for chunk in resp.iter_content(1 << 20):
-                digest.update(chunk)
-    except requests.RequestException as exc:
-        raise BuilderError(f"could not download {url}: {type(exc).__name__}",
-                           "run `builder pin` where that site is reachable") from None
-    return digest.hexdigest()
+    """Download the file into the cache where the build's fetch_file looks for it, and return its sha256."""
+    files = cache_subdir("sources/files")
+    part = files / f"pin-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    download(url, part)
+    digest = sha256_file(part)
+    os.replace(part, files / digest)
+    return digest
 
 
 def read_value(pin: Placeholder) -> str:
-    return image_digest(pin.source) if pin.image else file_sha256(pin.source)
+    return image_digest(pin.source) if pin.kind == "image" else file_sha256(pin.source)
 
 
 def rewrite(text: str, values: dict[Placeholder, str]) -> str:
     """The recipe text with each placeholder replaced: the image reference's digest, or the first
     all-zeros sha256 after the (uncommented) line that names the file's URL."""
     for pin, value in values.items():
-        if pin.image:
+        if pin.kind == "image":
             old = f"{pin.source}@sha256:{PLACEHOLDER_SHA256}"
             if old not in text:
                 raise RecipeError(f"{pin.field}: cannot find {old} in the recipe text", "edit the recipe by hand")

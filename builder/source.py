@@ -110,17 +110,21 @@ def _extract(archive: Path, identity: str, subdir: str) -> Path:
     return find_llama_root(final)
 
 
-def _download(url: str, dest: Path) -> None:
+def download(url: str, dest: Path) -> None:
+    """url to dest, whole or not at all; one line on failure."""
     tmp = dest.with_suffix(".part")
     try:
         with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT) as resp:
-            resp.raise_for_status()
+            if resp.status_code != 200:
+                raise SourceError(f"could not download {url}: the server answered {resp.status_code}",
+                                  "check the URL in the recipe")
             with open(tmp, "wb") as f:
                 for chunk in resp.iter_content(1 << 20):
                     f.write(chunk)
     except requests.RequestException as exc:
         tmp.unlink(missing_ok=True)
-        raise SourceError(f"cannot download {url}: {exc}") from None
+        raise SourceError(f"could not download {url}: {type(exc).__name__}",
+                          "check that the site is reachable from this machine") from None
     os.replace(tmp, dest)
 
 
@@ -140,7 +144,7 @@ def _fetch_archive(spec: ArchiveSource) -> Path:
     if cached.is_file():
         return cached
     if "://" in spec.url:
-        _download(spec.url, cached)
+        download(spec.url, cached)
     else:
         shutil.copyfile(Path(spec.url).expanduser(), cached)
     return _verified(cached, spec.sha256, spec.url)
@@ -150,7 +154,7 @@ def fetch_file(url: str, sha256: str) -> Path:
     """A single pinned file (an apt signing key, say), downloaded once and checked."""
     cached = cache_subdir("sources/files") / sha256
     if not cached.is_file():
-        _download(url, cached)
+        download(url, cached)
         _verified(cached, sha256, url)
     return cached
 

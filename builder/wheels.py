@@ -12,15 +12,14 @@ import json
 import re
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 
 from builder.errors import RecipeError, SourceError
+from builder.loopback import LoopbackServer, stable_port
 from builder.paths import cache_subdir
 from builder.run import run
 
@@ -189,35 +188,8 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def _preferred_port(root: Path) -> int:
-    # Stable per folder, so the build argument (and with it the engine's layer cache) stays the same.
-    return 20000 + int(hashlib.sha256(f"wheels\0{root}".encode()).hexdigest()[:8], 16) % 30000
-
-
-class Wheelhouse:
+class Wheelhouse(LoopbackServer):
     """Serve a folder of wheels (with an index page pip's --find-links reads) on 127.0.0.1."""
 
     def __init__(self, root: Path) -> None:
-        handler = partial(_QuietHandler, directory=str(root))
-        try:
-            self.server = ThreadingHTTPServer(("127.0.0.1", _preferred_port(root)), handler)
-        except OSError:
-            self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/"
-
-    def __enter__(self) -> "Wheelhouse":
-        self.thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().__init__(partial(_QuietHandler, directory=str(root)), stable_port(f"wheels\0{root}"))

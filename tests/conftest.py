@@ -46,6 +46,10 @@ def require(missing: str | None) -> None:
     pytest.skip(missing)
 
 
+def require_tool(command: str, package: str) -> None:
+    require(None if shutil.which(command) else f"{command} is not installed (apt-get install {package})")
+
+
 def require_engine(name: str) -> None:
     reason = ENGINES[name]().available()
     require(None if reason is None else f"{name} is not usable on this machine: {reason}")

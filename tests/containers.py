@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from builder.engines import ENGINES
+from conftest import free_port
 
 PROMPT = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "seed": 42}
 
@@ -56,3 +57,13 @@ def complete(port: int, timeout: float = 60) -> str:
     resp = requests.post(f"http://127.0.0.1:{port}/v1/completions", json=PROMPT, timeout=timeout)
     resp.raise_for_status()
     return str(resp.json()["choices"][0]["text"])
+
+
+def cpu_reference_text(engine: str, logs: Path, model: Path) -> str:
+    """The greedy completion of the cpu image on its own: the text every other path must reproduce."""
+    port = free_port()
+    name = f"builder-test-cpu-{port}"
+    with container(engine, logs, name, "server", "-m", str(model), "-c", "256", "-t", "2",
+                   "--port", str(port)) as proc:
+        wait_healthy(port, proc, logs / f"{name}.log")
+        return complete(port)

@@ -2,7 +2,6 @@
 optionally behind htpasswd, and a small fault-injecting proxy in front of it."""
 
 import json
-import shutil
 import socket
 import subprocess
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port, require
+from conftest import free_port, require_tool
 
 BINARY = "docker-registry"
 
@@ -51,7 +50,7 @@ class Registry:
 
 
 def require_registry() -> None:
-    require(None if shutil.which(BINARY) else f"{BINARY} is not installed (apt-get install docker-registry)")
+    require_tool(BINARY, "docker-registry")
 
 
 @contextmanager

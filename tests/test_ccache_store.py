@@ -2,14 +2,13 @@
 
 import http.client
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import requests
 
 from builder.ccache_store import CcacheStore
+from conftest import require_tool
 
 
 def test_put_get_head_delete_round_trip(tmp_path: Path) -> None:
@@ -37,9 +36,9 @@ def test_paths_outside_the_store_are_refused(tmp_path: Path) -> None:
     assert (tmp_path / "secret").read_text() == "no"
 
 
-@pytest.mark.skipif(shutil.which("ccache") is None, reason="ccache is installed by .ci/run")
 def test_real_ccache_hits_through_the_store(tmp_path: Path) -> None:
     """Two compiles with empty local caches: the second is a remote hit, served by the store."""
+    require_tool("ccache", "ccache")
     source = tmp_path / "unit.c"
     source.write_text("int answer(void) { return 42; }\n")
 

@@ -1,13 +1,12 @@
 """Static checks that are part of the suite: ruff, strict mypy, shellcheck on every shipped script."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, require_tool
 
 SCRIPTS = sorted((ROOT / "images").glob("*/*.sh")) + [ROOT / ".ci" / "run"]
 
@@ -25,7 +24,7 @@ def test_mypy_strict() -> None:
     check(sys.executable, "-m", "mypy")
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is installed by .ci/run")
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck(script: Path) -> None:
+    require_tool("shellcheck", "shellcheck")
     check("shellcheck", "--severity=info", str(script))

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import free_port, require_engine, run_cli
-from containers import complete, container, wait_healthy
+from containers import complete, container, cpu_reference_text, wait_healthy
 from qemu import OVMF, node, wait_for
 
 pytestmark = pytest.mark.engine
@@ -93,13 +93,10 @@ def test_netbooted_worker_serves_a_head_on_the_host(
     if firmware == "uefi" and not OVMF.is_file():
         pytest.fail("OVMF is not installed (.ci/run installs ovmf)")
     root, _ = served
-    rpc, single, head = free_port(), free_port(), free_port()
+    rpc, head = free_port(), free_port()
     console = tmp_path / "console.log"
     common = ["-m", str(tiny_model), "-c", "256", "-t", "2"]
-    with container("podman", tmp_path, f"builder-netboot-single-{single}", "server", *common,
-                   "--port", str(single)) as s:
-        wait_healthy(single, s, tmp_path / f"builder-netboot-single-{single}.log")
-        expected = complete(single)
+    expected = cpu_reference_text("podman", tmp_path, tiny_model)
 
     with node(root / "tftp", MAC, console, forward=(rpc, 50052), uefi=firmware == "uefi") as vm:
         ready = wait_for(console, r"builder-node: node1 rpc-worker ready on (\S+)", vm, BOOT_SECONDS)
@@ -140,12 +137,8 @@ def test_netbooted_head_fetches_the_model_and_serves_with_a_worker_on_the_host(
     """The head role on a netbooted node: it downloads the model from the control node, starts llama-server
     with --rpc to the cluster's worker (a container on the host, which the guest reaches as 10.0.2.2) and is
     ready once /health answers. Its completion equals the single-node one."""
-    rpc, single, http, head = free_port(), free_port(), free_port(), free_port()
-    common = ["-m", str(tiny_model), "-c", "256", "-t", "2"]
-    with container("podman", tmp_path, f"builder-netboot-single-{single}", "server", *common,
-                   "--port", str(single)) as s:
-        wait_healthy(single, s, tmp_path / f"builder-netboot-single-{single}.log")
-        expected = complete(single)
+    rpc, http, head = free_port(), free_port(), free_port()
+    expected = cpu_reference_text("podman", tmp_path, tiny_model)
     nodes: list[dict[str, object]] = [
         {"name": "head1", "mac": MAC, "target": "cpu", "role": "head"},
         # Stands for a worker node: the host's container, which the guest reaches at 10.0.2.2.

@@ -8,7 +8,6 @@ and every shell script passes shellcheck.
 """
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from builder.bootstrap import BASE_REPOSITORY
 from builder.render import STAGED_AT_BUILD
-from conftest import ROOT
+from conftest import ROOT, require_tool
 
 CONTEXTS = sorted(p for p in (ROOT / "tests" / "golden").glob("*/*") if p.is_dir())
 PINNED = re.compile(r"@sha256:[0-9a-f]{64}$")
@@ -55,9 +54,9 @@ def test_containerfile_parses_pins_bases_and_copies_what_exists(context: Path) -
     assert commands[-2].cmd == "ENTRYPOINT" and commands[-2].value == ("/usr/local/bin/llama-entrypoint",)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is installed by .ci/run")
 @pytest.mark.parametrize("context", CONTEXTS, ids=ids)
 def test_context_scripts_pass_shellcheck(context: Path) -> None:
+    require_tool("shellcheck", "shellcheck")
     scripts = sorted(str(p) for p in (context / "scripts").iterdir())
     proc = subprocess.run(["shellcheck", "--severity=info", *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder.engines.podman import PodmanEngine
-from conftest import require, require_engine, run_cli
+from conftest import require, require_engine, require_tool, run_cli
 
 IMAGE = "localhost/example/tool:1"
 
@@ -168,7 +168,7 @@ def test_toolbx_runs_the_cpu_image(monkeypatch: pytest.MonkeyPatch) -> None:
     `toolbox run` finds the binaries in its login shell. Toolbx needs the system D-Bus socket to create.
     $SHELL is unset, as under CI and cron, where Toolbx alone would refuse."""
     monkeypatch.delenv("SHELL", raising=False)
-    require(None if shutil.which("toolbox") else "Toolbx is not installed (apt-get install podman-toolbox)")
+    require_tool("toolbox", "podman-toolbox")
     require(None if Path("/run/dbus/system_bus_socket").exists()
             else "Toolbx needs the system D-Bus socket (/run/dbus/system_bus_socket; .ci/run starts the bus)")
     require_engine("podman")

