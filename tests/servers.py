@@ -73,6 +73,7 @@ class Crafted:
 
     def __init__(self) -> None:
         self.routes: dict[tuple[str, str], Route] = {}
+        self.fallback: Callable[[Seen], Reply | None] = lambda seen: None  # asked when no route matches
         self.seen: list[Seen] = []
         crafted = self
 
@@ -91,8 +92,8 @@ class Crafted:
                 if route is None and self.command == "HEAD":
                     route = crafted.routes.get(("GET", urlsplit(self.path).path))
                 reply = (route(seen) if callable(route) else route) if route is not None else \
-                    Reply(404, {"Content-Type": "application/json"},
-                          b'{"errors":[{"code":"NAME_UNKNOWN","message":"not here"}]}')
+                    crafted.fallback(seen) or Reply(404, {"Content-Type": "application/json"},
+                                                    b'{"errors":[{"code":"NAME_UNKNOWN","message":"not here"}]}')
                 self.send_response(reply.status)
                 for key, value in reply.headers.items():
                     self.send_header(key, value)

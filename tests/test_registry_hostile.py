@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from registry import Registry, start_registry
-from servers import Crafted, Reply
+from servers import Crafted, Reply, Seen
 from test_artifacts import IMAGE_DIGEST, netboot_set
 
 from builder.artifacts import ANNOTATION, NETBOOT_FILES, NETBOOT_TYPE, TITLE, push_artifact
@@ -324,3 +324,77 @@ def test_a_planted_set_is_refused_by_pxe_publish(tmp_path: Path) -> None:
     proc = run_cli("pxe", "publish", "--inventory", str(inventory), "--root", str(root), "--artifacts", str(pulled))
     assert proc.returncode == 2 and "files: expected exactly" in proc.stderr and "Traceback" not in proc.stderr
     assert not (root / "blobs").exists() and not (root / "current").exists()
+
+
+# --- push: a registry that lies about what it stored ---------------------------------------------------
+
+class CraftedPushTarget:
+    """Enough of a registry for `pxe push`: uploads land in `blobs`, manifests in `manifests`; `lie` bends
+    one of its answers. Tags are the manifest PUTs whose reference is not a digest."""
+
+    def __init__(self, server: Crafted, lie: str) -> None:
+        self.lie = lie
+        self.blobs: dict[str, bytes] = {}
+        self.manifests: dict[str, bytes] = {}
+        location = "ftp://elsewhere/upload" if lie == "ftp-location" else "/v2/nb/uploads/1"
+        server.routes[("POST", "/v2/nb/blobs/uploads/")] = Reply(202, {"Location": location})
+        server.routes[("PUT", "/v2/nb/uploads/1")] = self._upload
+        server.fallback = self._route
+
+    def _upload(self, seen: Seen) -> Reply:
+        if self.lie == "upload-500":
+            return Reply(500)
+        digest = seen.path.split("digest=")[1]
+        self.blobs[digest] = seen.body
+        return Reply(201, {"Docker-Content-Digest": digest})
+
+    def _route(self, seen: Seen) -> Reply | None:
+        kind, _, ref = seen.path.removeprefix("/v2/nb/").partition("/")
+        if kind == "blobs" and seen.method == "HEAD":
+            return Reply(200 if ref in self.blobs else 404)
+        if kind != "manifests":
+            return None
+        if seen.method == "PUT":
+            self.manifests[ref] = seen.body
+            stored = "sha256:" + "0" * 64 if self.lie == "put-digest" else sha256_digest(seen.body)
+            return Reply(201, {"Docker-Content-Digest": stored})
+        if ref not in self.manifests:
+            return Reply(404)
+        served = "sha256:" + "9" * 64 if self.lie == "head-digest" else sha256_digest(self.manifests[ref])
+        return Reply(200, {"Docker-Content-Digest": served, "Content-Type": OCI_MANIFEST}, self.manifests[ref])
+
+    @property
+    def tags(self) -> list[str]:
+        return [ref for ref in self.manifests if not ref.startswith("sha256:")]
+
+
+@pytest.mark.parametrize(("lie", "message"), [
+    ("put-digest", "stored manifest sha256:"),
+    ("head-digest", "announced digest sha256:9999"),
+    ("ftp-location", "not an http(s) URL"),
+    ("upload-500", "failed after 3 attempts"),
+])
+def test_push_to_a_registry_that_lies_tags_nothing(tmp_path: Path, lie: str, message: str) -> None:
+    folder = netboot_set(tmp_path / "nb", seed=31)
+    server = Crafted()
+    try:
+        target = CraftedPushTarget(server, lie)
+        proc = run_cli("pxe", "push", "--dir", str(folder), "--registry", f"{server.host}/nb", timeout=120)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) <= 2
+        assert target.tags == []
+    finally:
+        server.close()
+
+
+def test_the_crafted_push_target_accepts_an_honest_push(tmp_path: Path) -> None:
+    folder = netboot_set(tmp_path / "nb", seed=32)
+    server = Crafted()
+    try:
+        target = CraftedPushTarget(server, "none")
+        proc = run_cli("pxe", "push", "--dir", str(folder), "--registry", f"{server.host}/nb", timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(target.tags) == sorted(["netboot-cpu-cpu", f"netboot-cpu-cpu-{'ab' * 8}"])
+    finally:
+        server.close()
