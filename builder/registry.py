@@ -395,6 +395,8 @@ class RegistryClient:
                 while state["offset"] < size:
                     f.seek(state["offset"])
                     chunk = f.read(min(CHUNK, size - state["offset"]))
+                    if not chunk:
+                        raise RegistryError(f"{path}: shorter than the {size} bytes it had when the push began")
                     end = state["offset"] + len(chunk) - 1
                     resp = self.request("PATCH", state["url"], ok=(202,), body=chunk,
                                         what=f"blob {digest[:19]} bytes {state['offset']}-{end}",
