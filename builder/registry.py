@@ -274,7 +274,9 @@ class RegistryClient:
             if status not in ok:
                 raise RegistryError(f"registry {self.repo.host}: {method} {label} answered {status}: "
                                     f"{_error_text(resp)}")
-            if not stream:
+            if method == "HEAD":  # no body; its Content-Length is the size of what a GET would send
+                resp.close()
+            elif not stream:
                 read_capped(resp, MAX_JSON, f"registry {self.repo.host}: {method} {label}")
             return resp
 

@@ -276,10 +276,10 @@ def test_no_proxy_reaches_a_local_registry_directly(tmp_path: Path, isolated: di
 
 def test_a_large_blob_goes_in_chunks_and_resumes_after_a_cut(tmp_path: Path, isolated: dict[str, str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry_module, "MONOLITHIC", 256 << 10)
-    monkeypatch.setattr(registry_module, "CHUNK", 256 << 10)
+    monkeypatch.setattr(registry_module, "MONOLITHIC", 1 << 20)
+    monkeypatch.setattr(registry_module, "CHUNK", 1 << 20)
     blob = tmp_path / "blob"
-    blob.write_bytes(os.urandom((1 << 20) + 12345))  # 5 chunks, the last one short
+    blob.write_bytes(os.urandom((5 << 20) + 12345))  # 6 chunks, the last one short; more than the 4 MiB JSON cap
     digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
     patches: list[str] = []
 
@@ -298,6 +298,9 @@ def test_a_large_blob_goes_in_chunks_and_resumes_after_a_cut(tmp_path: Path, iso
         # Resumed, not restarted: one upload session, the status asked once, every chunk but the cut one sent once.
         assert [s for s in proxy.seen if s[0] == "POST"] and len([s for s in proxy.seen if s[0] == "POST"]) == 1
         assert len([s for s in proxy.seen if s[0] == "GET" and "/blobs/uploads/" in s[1]]) == 1
-        assert len(patches) == 6
+        assert len(patches) == 7
+        # Present now: HEAD says so (its Content-Length is the blob's size, not a reply body to cap).
+        direct = RegistryClient(Repository.parse(f"{registry.host}/x"), push=True)
+        assert direct.has_blob(digest) and direct.push_blob(digest, blob.stat().st_size, blob) is False
         served = requests.get(registry.url(f"x/blobs/{digest}"), timeout=10).content
         assert served == blob.read_bytes()
