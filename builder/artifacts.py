@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.errors import RecipeError, RegistryError
+from builder.errors import BuilderError, RecipeError, RegistryError
+from builder.netboot.artifacts import check_set_manifest
+from builder.paths import inside
 from builder.registry import OCI_MANIFEST, RegistryClient, Repository, check_tag, parse_reference, sha256_digest
 from builder.source import sha256_file
 
@@ -96,38 +98,34 @@ def _parse_sums(text: str, where: str) -> dict[str, str]:
     for line in text.splitlines():
         match = re.match(r"^([0-9a-f]{64}) [ *](\S+)$", line.strip())
         if not match:
-            raise RegistryError(f"{where}: line {line!r} is not in sha256sum format")
+            raise RegistryError(f"{where}: line {line[:80]!r} is not in sha256sum format")
         sums[match.group(2)] = match.group(1)
     return sums
 
 
-def check_netboot(folder: Path, where: str | None = None) -> NetbootSet:
-    """A netboot folder whose files all match manifest.json and SHA256SUMS, else one clear error."""
+def check_netboot(folder: Path, where: str | None = None, error: type[BuilderError] = RecipeError) -> NetbootSet:
+    """A netboot folder whose files all match manifest.json and SHA256SUMS, else one clear error
+    (`error`: RecipeError for a local folder, RegistryError for what a registry sent)."""
     where = where or str(folder)
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = check_set_manifest(json.loads((folder / "manifest.json").read_text()), where, error)
     except FileNotFoundError:
-        raise RecipeError(f"{where}: manifest.json is missing", "point at a folder `builder pxe build` wrote") from None
-    except ValueError as exc:
-        raise RecipeError(f"{where}/manifest.json: not JSON: {exc}") from None
-    for key in ("schema", "target", "variant", "image", "image_digest", "kernel_version", "files"):
-        if key not in manifest:
-            raise RecipeError(f"{where}/manifest.json: {key}: required key is missing")
-    if manifest["schema"] != 1:
-        raise RecipeError(f"{where}/manifest.json: schema: expected 1, got {manifest['schema']!r}")
-    if not re.match(r"^sha256:[0-9a-f]{64}$", str(manifest["image_digest"])):
-        raise RecipeError(f"{where}/manifest.json: image_digest: expected sha256:<64 hex>")
+        raise error(f"{where}: manifest.json is missing", "point at a folder `builder pxe build` wrote") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"{where}/manifest.json: not JSON: {str(exc)[:120]}") from None
     sums_path = folder / "SHA256SUMS"
-    sums = _parse_sums(sums_path.read_text(), f"{where}/SHA256SUMS") if sums_path.is_file() else None
-    if sums is None:
-        raise RecipeError(f"{where}: SHA256SUMS is missing")
+    if not sums_path.is_file():
+        raise error(f"{where}: SHA256SUMS is missing")
+    try:
+        sums = _parse_sums(sums_path.read_text(), f"{where}/SHA256SUMS")
+    except UnicodeDecodeError:
+        raise error(f"{where}/SHA256SUMS: not text") from None
+    files: dict[str, dict[str, Any]] = manifest["files"]  # type: ignore[assignment]
     for name in PAYLOAD:
-        entry = manifest["files"].get(name)
+        entry = files[name]
         path = folder / name
-        if not isinstance(entry, dict) or "sha256" not in entry or "size" not in entry:
-            raise RecipeError(f"{where}/manifest.json: files.{name}: needs sha256 and size")
         if not path.is_file():
-            raise RecipeError(f"{where}: {name} is missing")
+            raise error(f"{where}: {name} is missing")
         if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise RegistryError(f"{where}/{name}: does not match manifest.json (size or sha256)",
                                 "the netboot set is damaged or half-written; build it again")
@@ -162,31 +160,57 @@ def push_netboot(folder: Path, repo: Repository) -> tuple[str, tuple[str, ...]]:
     return digest, tags
 
 
+def _netboot_layers(data: bytes, reference: str) -> dict[str, dict[str, Any]]:
+    """The artifact manifest's layers by file name; every name, type, digest and size checked first."""
+    manifest = json.loads(data)  # get_manifest made sure it is a JSON object
+    if manifest.get("artifactType") != NETBOOT_TYPE:
+        raise RegistryError(f"{reference}: not a netboot artifact (artifactType "
+                            f"{str(manifest.get('artifactType'))[:80]!r}, expected {NETBOOT_TYPE})")
+    layers: dict[str, dict[str, Any]] = {}
+    entries = manifest.get("layers")
+    for layer in entries if isinstance(entries, list) else [None]:
+        annotations = layer.get("annotations") if isinstance(layer, dict) else None
+        title = annotations.get(TITLE) if isinstance(annotations, dict) else None
+        if not isinstance(layer, dict) or not isinstance(title, str):
+            raise RegistryError(f"{reference}: every layer needs a {TITLE} annotation naming its file")
+        if title not in NETBOOT_FILES:  # an allow-list: a name from a registry never becomes a path otherwise
+            raise RegistryError(f"{reference}: layer title {title[:80]!r} is not one of the netboot files",
+                                f"a netboot artifact holds {', '.join(NETBOOT_FILES)}")
+        if title in layers:
+            raise RegistryError(f"{reference}: two layers are titled {title}")
+        size = layer.get("size")
+        if not re.match(r"^sha256:[0-9a-f]{64}$", str(layer.get("digest"))) or type(size) is not int or size < 0:
+            raise RegistryError(f"{reference}: layer {title}: needs a sha256 digest and a size")
+        if layer.get("mediaType") != NETBOOT_FILES[title]:
+            raise RegistryError(f"{reference}: layer {title}: media type {str(layer.get('mediaType'))[:80]!r}, "
+                                f"expected {NETBOOT_FILES[title]}")
+        layers[title] = layer
+    missing = [name for name in NETBOOT_FILES if name not in layers]
+    if missing:
+        raise RegistryError(f"{reference}: the artifact has no {', '.join(missing)}")
+    return layers
+
+
 def pull_netboot(reference: str, dest: Path) -> Path:
     """Fetch a netboot artifact into dest/sets/<name>-<digest>, checked file by file, then point
     dest/<target>-<variant> at it (an atomic symlink switch). Returns the set's folder."""
     repo, ref = parse_reference(reference)
     client = RegistryClient(repo)
     data, _ = client.get_manifest(ref)
-    manifest = json.loads(data)
-    if manifest.get("artifactType") != NETBOOT_TYPE:
-        raise RegistryError(f"{reference}: not a netboot artifact (artifactType "
-                            f"{manifest.get('artifactType')!r}, expected {NETBOOT_TYPE})")
-    layers = {str(layer.get("annotations", {}).get(TITLE)): layer for layer in manifest["layers"]}
-    for name, media in NETBOOT_FILES.items():
-        if name not in layers or layers[name]["mediaType"] != media:
-            raise RegistryError(f"{reference}: the artifact has no {name} of type {media}")
+    layers = _netboot_layers(data, reference)
+    announced = json.loads(data).get("annotations", {})
     generations = dest / "sets"
     generations.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=generations, prefix=".pull-"))
     try:
         for name in NETBOOT_FILES:
-            client.fetch_blob(layers[name]["digest"], tmp / name)
-        nb = check_netboot(tmp, where=reference)
-        announced = manifest.get("annotations", {}).get(f"{ANNOTATION}.image.digest")
-        if announced != nb.image_digest:
-            raise RegistryError(f"{reference}: annotation names image {announced}, manifest.json {nb.image_digest}")
-        final = generations / f"{nb.name}-{sha256_digest(data).split(':')[1][:16]}"
+            client.fetch_blob(layers[name]["digest"], inside(tmp, tmp / name, reference), layers[name]["size"])
+        nb = check_netboot(tmp, where=reference, error=RegistryError)
+        image = announced.get(f"{ANNOTATION}.image.digest") if isinstance(announced, dict) else None
+        if image != nb.image_digest:
+            raise RegistryError(f"{reference}: annotation names image {str(image)[:80]}, "
+                                f"manifest.json {nb.image_digest}")
+        final = inside(generations, generations / f"{nb.name}-{sha256_digest(data).split(':')[1][:16]}", reference)
         if final.exists():
             shutil.rmtree(tmp)
         else:
@@ -194,7 +218,7 @@ def pull_netboot(reference: str, dest: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    link = dest / nb.name
+    link = inside(dest, dest / nb.name, reference)
     staged = dest / f".{nb.name}.link"
     staged.unlink(missing_ok=True)
     staged.symlink_to(final.relative_to(dest))

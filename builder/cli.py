@@ -35,7 +35,7 @@ from builder.publish import publish as publish_image
 from builder.recipes import RECIPES_DIR, display_path, load_recipe, select
 from builder.registry import Repository
 from builder.render import plan_document, stage_apt_files, stage_sdks, stage_source, write_context
-from builder.sbom import make_sbom, read_packages, sbom_bytes
+from builder.sbom import make_sbom, make_vllm_sbom, read_contents, sbom_bytes
 from builder.targets import TARGETS, Host
 from builder.toolbox import TOOL_CHOICES, Box, Tool, check_tool, exists, pick_tool, run_steps, tool_of
 from builder.vllm import (
@@ -372,14 +372,23 @@ def sbom(
     variant: VariantOpt = None,
     engine: EngineOpt = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+    flavour: FlavourOpt = "llama.cpp",
 ) -> None:
-    """Write the SPDX 2.3 SBOM of the built image: its Debian packages, llama.cpp and its bases."""
-    prep = prepare(recipe_file(target, recipe), variant)
+    """Write the SPDX 2.3 SBOM of the built image: its OS (from its os-release) and packages, its Python
+    packages, llama.cpp or vLLM, SDK wheels and vendor .debs."""
     chosen = get_engine(engine)
-    ref = image_for_run(chosen, prep)
-    info = chosen.inspect(ref)
-    assert info is not None
-    data = sbom_bytes(make_sbom(prep.plan, ref, info.id, read_packages(chosen, ref)))
+    if _vllm(flavour):
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        ref = image_for_run_vllm(chosen, vprep)
+        info = chosen.inspect(ref)
+        assert info is not None
+        data = sbom_bytes(make_vllm_sbom(vprep.plan, ref, info.id, read_contents(chosen, ref)))
+    else:
+        prep = prepare(recipe_file(target, recipe), variant)
+        ref = image_for_run(chosen, prep)
+        info = chosen.inspect(ref)
+        assert info is not None
+        data = sbom_bytes(make_sbom(prep.plan, ref, info.id, read_contents(chosen, ref)))
     if out is None:
         sys.stdout.write(data.decode())
     else:

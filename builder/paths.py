@@ -16,3 +16,14 @@ def cache_subdir(name: str) -> Path:
     path = cache_dir() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def inside(root: Path, path: Path, what: str) -> Path:
+    """`path`, after checking that it resolves to a place under `root` (names from elsewhere build it)."""
+    from builder.errors import RegistryError  # paths stays importable without the rest of builder
+
+    base = root.resolve()
+    resolved = path.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise RegistryError(f"{what}: {path} would lie outside {root}", "refused; nothing was placed")
+    return path

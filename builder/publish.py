@@ -22,7 +22,7 @@ from builder.oci import LocalImage, read_layout
 from builder.paths import cache_subdir
 from builder.registry import OCI_MANIFEST, RegistryClient, Repository, check_tag
 from builder.sbom import MEDIA_TYPE as SBOM_TYPE
-from builder.sbom import make_sbom, read_packages, sbom_bytes
+from builder.sbom import make_sbom, read_contents, sbom_bytes
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,7 @@ def publish(prep: Prepared, engine: Engine, repo: Repository, *, sbom: bool = Tr
     built = build(prep, engine)
 
     def sbom_document(digest: str) -> bytes:
-        packages = read_packages(engine, built.ref)
-        return sbom_bytes(make_sbom(prep.plan, f"{repo}:{immutable}", digest, packages))
+        return sbom_bytes(make_sbom(prep.plan, f"{repo}:{immutable}", digest, read_contents(engine, built.ref)))
     digest, attached = push_image(engine, built.ref, client, [floating, immutable],
                                   sbom_document if sbom else None)
     result = Published(str(repo), digest, (floating, immutable), True, built.built, attached,

@@ -2,6 +2,7 @@
 optionally behind htpasswd, and a small fault-injecting proxy in front of it."""
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -54,8 +56,10 @@ def require_registry() -> None:
 
 
 @contextmanager
-def start_registry(root: Path, auth: tuple[str, str] | None = None) -> Iterator[Registry]:
-    """docker-registry serving root/storage on 127.0.0.1:<free port>; with auth, htpasswd (bcrypt)."""
+def start_registry(root: Path, auth: tuple[str, str] | None = None, *, token_auth: dict[str, Any] | None = None,
+                   tls: tuple[Path, Path, Path] | None = None) -> Iterator[Registry]:
+    """docker-registry serving root/storage on 127.0.0.1:<free port>; with auth, htpasswd (bcrypt); with
+    token_auth, distribution's `auth: token` section; with tls (certificate, key, CA), https only."""
     require_registry()
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -69,15 +73,23 @@ def start_registry(root: Path, auth: tuple[str, str] | None = None) -> Iterator[
         htpasswd = root / "htpasswd"
         subprocess.run(["htpasswd", "-Bbc", str(htpasswd), auth[0], auth[1]], check=True, capture_output=True)
         config["auth"] = {"htpasswd": {"realm": "test", "path": str(htpasswd)}}
+    if token_auth:
+        config["auth"] = token_auth
+    if tls:
+        config["http"] = {"addr": f"127.0.0.1:{port}", "tls": {"certificate": str(tls[0]), "key": str(tls[1])}}
     (root / "config.yml").write_text(json.dumps(config))  # JSON is YAML
     log = open(root / "registry.log", "wb")
-    proc = subprocess.Popen([BINARY, "serve", str(root / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
+    # The registry reads REGISTRY_* variables as configuration (REGISTRY_AUTH_FILE would become auth.file).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    proc = subprocess.Popen([BINARY, "serve", str(root / "config.yml")], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
     registry = Registry(f"127.0.0.1:{port}", proc, root, auth)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if requests.get(registry.url(""), timeout=2).status_code in (200, 401):
+                probe = f"https://{registry.host}/v2/" if tls else registry.url("")
+                if requests.get(probe, timeout=2, verify=str(tls[2]) if tls else True).status_code in (200, 401):
                     break
             except requests.ConnectionError:
                 pass

@@ -9,6 +9,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.engines import Engine
-from builder.errors import EngineError, RecipeError
+from builder.errors import BuilderError, EngineError, RecipeError
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
     KernelSpec,
@@ -37,6 +38,43 @@ from builder.source import sha256_file
 NETBOOT_VERSION = "1"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")
 COMPRESSORS = ("zstd", "xz", "gzip", "lzo", "lz4")
+SET_FILES = (*FILES, "SHA256SUMS", "manifest.json")  # every file name a netboot set may have
+# Target, variant, kernel version, suite: one plain path component (no "/", no leading dot), and a word
+# that cannot break a boot script or a kernel command line.
+_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+~-]{0,127}$")
+_IMAGE = re.compile(r"^[\x21-\x7e]{1,512}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_set_manifest(manifest: object, where: str, error: type[BuilderError] = RecipeError) -> dict[str, object]:
+    """A netboot set's manifest.json, checked field by field before any value names a path or reaches a
+    boot script: the set may come from a registry or a folder someone else filled."""
+    if not isinstance(manifest, dict):
+        raise error(f"{where}/manifest.json: expected a JSON object")
+    for key in ("schema", "target", "variant", "image", "image_digest", "kernel_version", "files"):
+        if key not in manifest:
+            raise error(f"{where}/manifest.json: {key}: required key is missing")
+    if manifest["schema"] != 1:
+        raise error(f"{where}/manifest.json: schema: expected 1, got {str(manifest['schema'])[:40]!r}")
+    for key in ("target", "variant", "kernel_version", "kernel_suite"):
+        value = manifest.get(key, "x")
+        if not isinstance(value, str) or not _WORD.match(value):
+            raise error(f"{where}/manifest.json: {key}: {str(value)[:60]!r} is not a plain name",
+                        "letters, digits and . _ + ~ -, not starting with a dot; no / or spaces")
+    if not isinstance(manifest["image"], str) or not _IMAGE.match(manifest["image"]):
+        raise error(f"{where}/manifest.json: image: expected an image reference without spaces or control characters")
+    digest = manifest["image_digest"]
+    if not isinstance(digest, str) or not re.match(r"^sha256:[0-9a-f]{64}$", digest):
+        raise error(f"{where}/manifest.json: image_digest: expected sha256:<64 hex>")
+    files = manifest["files"]
+    if not isinstance(files, dict) or sorted(files) != sorted(FILES):
+        raise error(f"{where}/manifest.json: files: expected exactly {', '.join(FILES)}",
+                    f"got {', '.join(repr(str(k)[:40]) for k in files) if isinstance(files, dict) else 'no object'}")
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or \
+                not _SHA256.match(entry["sha256"]) or type(entry.get("size")) is not int or entry["size"] < 0:
+            raise error(f"{where}/manifest.json: files.{name}: needs sha256 (64 hex) and size (bytes)")
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -176,7 +214,7 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
 def read_artifacts(folder: Path) -> tuple[Path, dict[str, object]]:
     """A netboot set made elsewhere (pulled from a registry): its folder and manifest."""
     try:
-        manifest: dict[str, object] = json.loads((folder / "manifest.json").read_text())
+        manifest = check_set_manifest(json.loads((folder / "manifest.json").read_text()), str(folder))
     except (OSError, ValueError) as exc:
         raise RecipeError(f"{folder}: no readable manifest.json ({exc})",
                           "pull the set first: builder pxe pull HOST/REPO:netboot-TARGET-VARIANT --dest DIR") from None
