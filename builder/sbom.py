@@ -40,7 +40,7 @@ def parse_dpkg_status(text: str) -> list[dict[str, str]]:
 
 def read_packages(engine: Engine, ref: str) -> list[dict[str, str]]:
     """The image's installed Debian packages (its entrypoint is a role dispatcher, so bypass it)."""
-    proc = run([*engine.run_argv(), "--rm", "--network", "none", "--entrypoint", "cat", ref, DPKG_STATUS],
+    proc = run([*engine.run_argv(), "--rm", "--network", "none", "--entrypoint", "cat", "--", ref, DPKG_STATUS],
                timeout=300)
     return parse_dpkg_status(proc.stdout)
 

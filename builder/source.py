@@ -96,6 +96,7 @@ def _extract(archive: Path, identity: str, subdir: str) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".extract-"))
         try:
             with tarfile.open(archive) as tar:
+                # "data": no absolute names, no '..', no links that leave the folder, no device files.
                 tar.extractall(tmp, filter="data")
             os.replace(tmp, final)
         except (tarfile.TarError, OSError) as exc:
@@ -165,7 +166,7 @@ def _fetch_pypi(spec: PypiSource) -> Path:
         return cached
     with tempfile.TemporaryDirectory() as tmp:
         run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "--dest", tmp, f"{spec.package}=={spec.version}"], timeout=900)
+             "--dest", tmp, "--", f"{spec.package}=={spec.version}"], timeout=900)
         files = list(Path(tmp).iterdir())
         if len(files) != 1:
             raise SourceError(f"pip download of {spec.package}=={spec.version} gave {len(files)} files")
@@ -179,8 +180,9 @@ def _fetch_git(spec: GitSource) -> SourceTree:
     checkout = trees / key
     if not (checkout / ".git").is_dir():
         tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".clone-"))
-        run(["git", "init", "-q", tmp])
-        run(["git", "-C", tmp, "fetch", "-q", "--depth", "1", spec.url, spec.ref], timeout=1800)
+        run(["git", "init", "-q", "--", tmp])
+        # `--`: a URL or ref that looks like an option (--upload-pack=…) must stay an argument.
+        run(["git", "-C", tmp, "fetch", "-q", "--depth", "1", "--", spec.url, spec.ref], timeout=1800)
         run(["git", "-C", tmp, "checkout", "-q", "FETCH_HEAD"])
         os.replace(tmp, checkout)
     commit = run(["git", "-C", checkout, "rev-parse", "HEAD"]).stdout.strip()

@@ -145,7 +145,7 @@ def resolve_lock(python: str, requirements: list[str], index: str | None, arch: 
                 "--report", str(report), "--target", str(Path(tmp) / "unused"), *_target_flags(python, arch)]
         if index:
             argv += ["--extra-index-url", index]
-        run([*argv, *requirements], timeout=900)
+        run([*argv, "--", *requirements], timeout=900)
         installs = json.loads(report.read_text())["install"]
     pins = []
     for item in installs:

@@ -169,7 +169,7 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
             shutil.rmtree(folder)
         os.replace(staged, folder)
     finally:
-        run(["rm", "-rf", str(work)], check=False)
+        run(["rm", "-rf", "--", str(work)], check=False)
     return folder, manifest
 
 
