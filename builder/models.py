@@ -206,12 +206,16 @@ class VariantRecipe(Strict):
         default_factory=list, description="globs of files in the toolchain stage the runtime image needs")
 
 
+# Target and variant names come from the table in targets.py; the charset keeps a wrong one printable.
+TableName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+
+
 class Recipe(Strict):
     """One recipe per target: recipes/<target>.yaml, with a section per variant it can build."""
 
-    target: str = Field(description="a target from `builder targets`")
+    target: TableName = Field(description="a target from `builder targets`")
     description: OneLine = ""
-    variants: dict[str, VariantRecipe] = Field(min_length=1, description="variant name -> how to build it")
+    variants: dict[TableName, VariantRecipe] = Field(min_length=1, description="variant name -> how to build it")
     llama_cpp: LlamaCpp | None = Field(None, description="default: the shared pin in recipes/llama-cpp.yaml")
     labels: dict[LabelKey, OneLine] = Field(default_factory=dict, description="extra OCI labels")
 

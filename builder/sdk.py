@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from builder.errors import CommandError, SourceError
+from builder.errors import ArchiveError, CommandError, SourceError
 from builder.models import WheelSdk, wheel_tags
 from builder.paths import cache_subdir
 from builder.run import run
@@ -81,7 +81,7 @@ def _extract(wheel: Path, dest: Path) -> None:
         for member in archive.infolist():
             why = _unsafe_member(member)
             if why:
-                raise SourceError(f"{wheel.name}: member {member.filename!r}: refused, {why}",
+                raise ArchiveError(f"{wheel.name}: member {member.filename!r}: refused, {why}",
                                   "the wheel is damaged or hostile; check its pin and where it came from")
         for member in archive.infolist():
             path = Path(archive.extract(member, dest))

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import requests
 
-from builder.errors import SourceError
+from builder.errors import ArchiveError, SourceError
 from builder.models import ArchiveSource, GitSource, PypiSource, SourceInfo
 from builder.paths import cache_subdir
 from builder.run import run
@@ -88,6 +88,10 @@ def _tar_epoch(archive: Path, identity: str) -> int:
     return epoch
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def _extract(archive: Path, identity: str, subdir: str) -> Path:
     """Extract once into sources/trees/<identity>; returns the llama.cpp root inside it."""
     trees = cache_subdir("sources/trees")
@@ -99,9 +103,13 @@ def _extract(archive: Path, identity: str, subdir: str) -> Path:
                 # "data": no absolute names, no '..', no links that leave the folder, no device files.
                 tar.extractall(tmp, filter="data")
             os.replace(tmp, final)
+        except tarfile.FilterError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArchiveError(f"{archive}: refused, {_one_line(exc)}",
+                               "the archive is damaged or hostile; check its pin and where it came from") from None
         except (tarfile.TarError, OSError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SourceError(f"{archive}: cannot extract: {exc}") from None
+            raise SourceError(f"{archive}: cannot extract: {_one_line(exc)}") from None
     if subdir:
         tops = [p for p in final.iterdir() if p.is_dir()]
         for base in [final, *tops]:

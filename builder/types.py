@@ -98,6 +98,13 @@ def _url(schemes: tuple[str, ...], local_paths: bool) -> Callable[[str], str]:
             raise ValueError(f"must start with {allowed}")
         if parts.scheme != "file" and not parts.hostname:
             raise ValueError("must name a host, e.g. https://example.org/…")
+        # A host that looks like an option (ssh://-oProxyCommand=…) must never reach a transport.
+        if parts.hostname and not re.fullmatch(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9])?|[0-9a-f:.]+", parts.hostname):
+            raise ValueError("must name a host of letters, digits, '.' and '-'")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("must have a numeric port") from None
         if parts.scheme == "file" and not parts.path.startswith("/"):
             raise ValueError("a file:// URL must hold an absolute path, e.g. file:///srv/llama.cpp")
         if parts.username or parts.password:

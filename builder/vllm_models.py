@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from builder.models import BaseSpec, RelPath
+from builder.models import BaseSpec, RelPath, TableName
 from builder.types import CommandWord, DistName, EnvName, HttpUrl, LabelKey, OneLine, Version
 
 # The version part takes a shell's safe characters only: the compiled package reaches a RUN line.
@@ -70,9 +70,9 @@ class VllmVariant(_Strict):
 class VllmRecipe(_Strict):
     """One vLLM recipe per target: recipes/vllm/<target>.yaml, a section per variant vLLM runs on."""
 
-    target: str = Field(description="a target from `builder targets`")
+    target: TableName = Field(description="a target from `builder targets`")
     description: OneLine = ""
-    variants: dict[str, VllmVariant] = Field(min_length=1)
+    variants: dict[TableName, VllmVariant] = Field(min_length=1)
     labels: dict[LabelKey, OneLine] = Field(default_factory=dict, description="extra OCI labels")
 
 
