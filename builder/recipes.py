@@ -36,6 +36,8 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif part == "[key]":
+            out += " (key)"  # pydantic's marker: the key of a mapping is wrong, not its value
         elif not re.fullmatch(r"[A-Za-z0-9_.:/@+-]{1,80}", part):
             out += f"[{part[:40]!r}]"  # a key from the file: shown quoted, so it cannot break the line
         else:
