@@ -76,12 +76,12 @@ def _unsafe_member(member: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _extract(wheel: Path, dest: Path) -> None:
+def _extract(wheel: Path, dest: Path, name: str) -> None:
     with zipfile.ZipFile(wheel) as archive:
         for member in archive.infolist():
             why = _unsafe_member(member)
             if why:
-                raise ArchiveError(f"{wheel.name}: member {member.filename!r}: refused, {why}",
+                raise ArchiveError(f"{name}: member {member.filename!r}: refused, {why}",
                                   "the wheel is damaged or hostile; check its pin and where it came from")
         for member in archive.infolist():
             path = Path(archive.extract(member, dest))
@@ -99,7 +99,7 @@ def unpacked(spec: WheelSdk) -> Path:
     wheel = fetch_wheel(spec)
     tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".unpack-"))
     try:
-        _extract(wheel, tmp)
+        _extract(wheel, tmp, spec.file)
         os.replace(tmp, final)
     except (zipfile.BadZipFile, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -88,6 +88,14 @@ def _tar_epoch(archive: Path, identity: str) -> int:
     return epoch
 
 
+def _strict_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's "data" filter (no '..', no links that leave the folder, no device files or FIFOs), and
+    absolute names refused rather than made relative: an archive that has them is not a source release."""
+    if member.name.startswith(("/", "\\")):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
+
+
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
@@ -100,8 +108,7 @@ def _extract(archive: Path, identity: str, subdir: str) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".extract-"))
         try:
             with tarfile.open(archive) as tar:
-                # "data": no absolute names, no '..', no links that leave the folder, no device files.
-                tar.extractall(tmp, filter="data")
+                tar.extractall(tmp, filter=_strict_filter)
             os.replace(tmp, final)
         except tarfile.FilterError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
