@@ -16,6 +16,7 @@ from builder.types import (
     GitRef,
     GitUrl,
     HttpUrl,
+    ImageRef,
     LabelKey,
     OneLine,
     PinnedImageRef,
@@ -262,8 +263,8 @@ class BuildPlan(Strict):
     target: str
     variant: str
     description: str
-    toolchain_ref: str
-    runtime_ref: str
+    toolchain_ref: ImageRef
+    runtime_ref: ImageRef
     toolchain: BaseSpec
     runtime: BaseSpec
     source: SourceInfo

@@ -165,7 +165,14 @@ def _pinned_image_ref(value: str) -> str:
     return value
 
 
+def _image_ref(value: str) -> str:
+    parse_image_ref(value)
+    return value
+
+
 PinnedImageRef = Annotated[str, AfterValidator(_pinned_image_ref)]
+# Any well-formed reference (a bootstrapped base is local and has no digest): what a FROM line may hold.
+ImageRef = Annotated[str, AfterValidator(_image_ref)]
 
 
 # --- netboot ----------------------------------------------------------------------------------------------

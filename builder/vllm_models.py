@@ -6,7 +6,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from builder.models import BaseSpec, RelPath, TableName
-from builder.types import CommandWord, DistName, EnvName, HttpUrl, LabelKey, OneLine, Version
+from builder.types import CommandWord, DistName, EnvName, HttpUrl, ImageRef, LabelKey, OneLine, Version
 
 # The version part takes a shell's safe characters only: the compiled package reaches a RUN line.
 Requirement = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?(==|===)"
@@ -85,9 +85,9 @@ class VllmPlan(_Strict):
     variant: str
     device: str = Field(description="vLLM's name for the device: cpu, cuda, rocm, xpu")
     description: str
-    base_ref: str
+    base_ref: ImageRef
     base: BaseSpec
-    toolchain_ref: str | None
+    toolchain_ref: ImageRef | None
     toolchain: BaseSpec | None
     python: str
     requirements: list[str]
