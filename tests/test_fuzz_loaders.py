@@ -7,6 +7,7 @@ by a plain word. Examples are bounded and derandomized so CI stays short and rep
 """
 
 import json
+import shlex
 import string
 import tempfile
 from collections.abc import Callable
@@ -259,3 +260,40 @@ def test_fuzzing_reaches_both_outcomes() -> None:
         path.write_text(yaml.safe_dump({**CPU, "labels": {"x": "\nRUN id"}}))
         with pytest.raises(BuilderError):
             load_recipe(path)
+
+
+NASTY = ['x" \\', "$(touch /tmp/PWNED)", "`id`", "a'b", "${IFS}", "\\", "\\\\\"", "é \u202e", "a && b || c; d",
+         "#not a comment", "\\$HOME"]
+
+
+def test_named_hostile_values_render_only_the_template_instructions(tmp_path: Path) -> None:
+    """The known tricks in every free-text field and quoted shell value: the same instructions as plain text,
+    and the shell sees each build-environment value as one word, exactly as written."""
+    recipe = {**CPU, "description": NASTY[0], "labels": {f"org.example.k{i}": v for i, v in enumerate(NASTY)},
+              "variants": {"cpu": {**CPU["variants"]["cpu"], "env": {f"K{i}": v for i, v in enumerate(NASTY)}}}}
+    path = tmp_path / "nasty.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    plan = make_plan(load_recipe(path), "nasty.yaml", SOURCE)
+    plain = plan.model_copy(update={"labels": _plain_text(plan.labels), "env": _plain_text(plan.env),
+                                    "description": "x"})
+    hostile = render_files(plan)["Containerfile"].decode()
+    assert _instructions(hostile) == _instructions(render_files(plain)["Containerfile"].decode())
+
+    vllm = json.loads(json.dumps(VLLM_CPU))
+    section = vllm["variants"]["cpu"]
+    section["index"] = "https://example.org/simple?a=1&b=$(touch${IFS}/tmp/PWNED)"
+    section["toolchain"] = section["base"]
+    section["compile"] = {"package": "vllm==0.32.0", "env": {f"K{i}": v for i, v in enumerate(NASTY)}}
+    vllm["labels"] = {"org.example.k": NASTY[1]}
+    path.write_text(yaml.safe_dump(vllm, allow_unicode=True))
+    vplan = make_vllm_plan(load_vllm_recipe(path), path, "cpu", 0)
+    text = render_vllm_files(vplan)["Containerfile"].decode()
+    compiled = render_vllm_files(vplan.model_copy(update={
+        "compile": vplan.compile.model_copy(update={"env": _plain_text(vplan.compile.env)}),  # type: ignore[union-attr]
+        "index": "https://example.org/simple", "labels": {"org.example.k": "x"}}))["Containerfile"].decode()
+    assert _instructions(text) == _instructions(compiled)
+    run = next(c.value[0] for c in dockerfile.parse_string(text) if c.cmd == "RUN" and "--no-binary" in c.value[0])
+    words = shlex.split(run)
+    for i, value in enumerate(NASTY):
+        assert f"K{i}={value}" in words
+    assert section["index"] in words
