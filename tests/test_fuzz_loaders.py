@@ -58,8 +58,13 @@ ONE_LINE = st.lists(st.one_of(st.sampled_from(list(" \"'`$\\;|&<>(){}[]#*?!~%=:,
                                               ["${IFS}", "$(id)", "\\", "é", "\u202e", "\U0001f600"]),
                               st.text(string.ascii_letters, max_size=4)), max_size=8).map("".join)
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2, 2**40), st.floats(allow_nan=True), TEXT)
-YAMLISH = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(TEXT, inner, max_size=3)), max_leaves=12)
+
+
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3))
+
+
+YAMLISH = st.recursive(SCALARS, _nested, max_leaves=12)
 
 
 def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -214,9 +219,7 @@ def test_vllm_lock_parser_never_crashes(lines: list[str]) -> None:
             assert all("\n" not in p.line() and "$" not in p.line() for p in lock.pins)
 
 
-JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), TEXT),
-                       lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
-                       max_leaves=12)
+JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), TEXT), _nested, max_leaves=12)
 
 
 @FUZZ
