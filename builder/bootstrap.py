@@ -68,7 +68,7 @@ def mmdebstrap_argv(spec: BootstrapBase, out: Path) -> list[str]:
     if spec.components != ["main"]:
         argv.append("--components=" + ",".join(spec.components))
     argv.append("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/log/*.log")
-    argv += [spec.suite, str(out)]
+    argv += ["--", spec.suite, str(out)]
     if spec.mirror:
         argv.append(spec.mirror)
     return argv
@@ -103,7 +103,7 @@ def ensure_base(engine: Engine, spec: ImageBase | BootstrapBase) -> str:
     if isinstance(spec, ImageBase):
         if engine.inspect(ref) is None:
             try:
-                run([*engine.command(), "pull", ref], timeout=1800)
+                run([*engine.command(), "pull", "--", ref], timeout=1800)
             except CommandError as exc:
                 last = (exc.tail.strip().splitlines() or [exc.message])[-1]
                 raise EngineError(f"cannot pull base image {ref}: {last}",

@@ -99,7 +99,7 @@ def refuse_placeholders(plan: BuildPlan) -> None:
 
 def smoke_test(engine: Engine, ref: str) -> str:
     """Run the image's smoke role (no network); returns its report."""
-    return run([*engine.run_argv(), "--rm", "--network", "none", ref, "smoke"], timeout=300).stdout
+    return run([*engine.run_argv(), "--rm", "--network", "none", "--", ref, "smoke"], timeout=300).stdout
 
 
 def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: bool = True) -> BuildResult:

@@ -22,6 +22,12 @@ class SourceError(BuilderError):
     """The llama.cpp source could not be fetched or does not match its pin."""
 
 
+class ArchiveError(SourceError):
+    """An archive holds a member that would land outside its folder, or a device file: nothing is unpacked."""
+
+    exit_code = 2
+
+
 class EngineError(BuilderError):
     """A container engine is missing or a command it ran failed."""
 

@@ -56,4 +56,4 @@ def container_argv(
     for volume in volumes:
         argv += ["--volume", volume]
     argv += list(run_flags)
-    return [*argv, image, role, *args]
+    return [*argv, "--", image, role, *args]

@@ -8,6 +8,7 @@ vLLM version) is locked without changing this module.
 """
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,43 @@ def dumps(lock: dict[str, Any]) -> str:
     return json.dumps(lock, indent=2, sort_keys=True) + "\n"
 
 
+def _plain(value: Any, where: str, field: str, depth: int = 0) -> None:
+    """Every key and string of a lock entry is one plain line (they are printed in messages)."""
+    if depth > 16:
+        raise LockError(f"{where}: {field}: nested too deeply for a lock entry", HINT)
+    if isinstance(value, str) and re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", value):
+        raise LockError(f"{where}: {field}: control characters in a value", HINT)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.:/@+-]{1,128}", key):
+                raise LockError(f"{where}: {field}: key {key[:40]!r} is not a plain name", HINT)
+            _plain(item, where, f"{field}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain(item, where, f"{field}[{i}]", depth + 1)
+
+
 def read(path: Path = LOCK_FILE) -> dict[str, Any] | None:
-    """The lock file's content, None when there is none; LockError when it is unreadable."""
+    """The lock file's content, None when there is none; LockError when it is unreadable or malformed."""
+    where = display_path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise LockError(f"{display_path(path)}: cannot read the lock file: {exc}", HINT) from None
+    except UnicodeDecodeError:
+        raise LockError(f"{where}: not a text file (invalid UTF-8)", HINT) from None
+    except OSError as exc:
+        raise LockError(f"{where}: cannot read the lock file: {exc.strerror}", HINT) from None
+    except ValueError as exc:
+        raise LockError(f"{where}: not JSON: {str(exc).splitlines()[0][:120]}", HINT) from None
+    except RecursionError:
+        raise LockError(f"{where}: nested too deeply to be a lock file", HINT) from None
     if not isinstance(data, dict) or data.get("version") != LOCK_VERSION or not isinstance(data.get("images"), dict):
-        raise LockError(f"{display_path(path)}: version: expected a lock file of version {LOCK_VERSION}", HINT)
+        raise LockError(f"{where}: version: expected a lock file of version {LOCK_VERSION}", HINT)
+    for image, item in data["images"].items():
+        if not isinstance(item, dict):
+            raise LockError(f"{where}: images.{image[:40]!r}: expected a mapping of pinned inputs", HINT)
+    _plain(data["images"], where, "images")
     return data
 
 

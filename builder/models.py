@@ -3,10 +3,28 @@
 import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
+from urllib.parse import unquote
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from builder.targets import DEFAULT_BINARIES
+from builder.types import (
+    ArchiveUrl,
+    BinaryName,
+    CmakeName,
+    EnvName,
+    GitRef,
+    GitUrl,
+    HttpUrl,
+    ImageRef,
+    LabelKey,
+    OneLine,
+    PinnedImageRef,
+    RelativeGlob,
+    ShipGlob,
+    one_line,
+    parse_image_ref,
+)
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")]
 PackageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]
@@ -15,7 +33,7 @@ PackageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]
 def _relative_path(value: str) -> str:
     if value.startswith("/") or ".." in value.split("/"):
         raise ValueError("must be a relative path inside the source, without '..'")
-    return value
+    return one_line(value)
 
 
 RelPath = Annotated[str, AfterValidator(_relative_path)]
@@ -35,18 +53,28 @@ class AptRepository(Strict):
     """A vendor apt repository added to an image base; its signing key is pinned by sha256."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="file name for its .list and key")
-    url: str = Field(pattern=r"^https?://\S+$", description="the repository's base URL")
-    suite: str = Field(pattern=r"^\S+$")
-    components: list[str] = Field(default_factory=lambda: ["main"])
-    key_url: str = Field(pattern=r"^https?://\S+$", description="its ASCII-armored OpenPGP signing key")
+    url: HttpUrl = Field(description="the repository's base URL")
+    suite: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", description="e.g. noble, or a path ending in /")
+    components: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]] = Field(
+        default_factory=lambda: ["main"])
+    key_url: HttpUrl = Field(description="its ASCII-armored OpenPGP signing key")
     key_sha256: Sha256
 
 
 class DebFile(Strict):
     """A .deb file installed into an image base, pinned by URL and sha256 (vendor releases outside any repo)."""
 
-    url: str = Field(pattern=r"^https?://\S+\.deb$")
+    url: HttpUrl = Field(description="where the .deb is downloaded from; its last part names the file")
     sha256: Sha256
+
+    @field_validator("url")
+    @classmethod
+    def _deb_file(cls, url: str) -> str:
+        # The file is saved under this name in the build context: no '..', no encoded '/'.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+~%-]*\.deb", url.rsplit("/", 1)[-1]) or \
+                not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+~-]*\.deb", unquote(url.rsplit("/", 1)[-1])):
+            raise ValueError("must end in a .deb file name (letters, digits and . _ + ~ -)")
+        return url
 
 
 class ImageBase(Strict):
@@ -56,17 +84,11 @@ class ImageBase(Strict):
     """
 
     kind: Literal["image"]
-    ref: str = Field(description="registry reference with @sha256:<digest>, e.g. debian:bookworm-slim@sha256:…")
+    ref: PinnedImageRef = Field(description="registry reference with @sha256:<digest>, "
+                                "e.g. debian:bookworm-slim@sha256:…")
     repositories: list[AptRepository] = Field(default_factory=list, description="vendor apt repositories to add")
     packages: list[AptPackage] = Field(default_factory=list, description="apt packages installed on top")
     debs: list[DebFile] = Field(default_factory=list, description=".deb files installed on top, with their deps")
-
-    @field_validator("ref")
-    @classmethod
-    def _pinned(cls, ref: str) -> str:
-        if not re.search(r"@sha256:[0-9a-f]{64}$", ref):
-            raise ValueError("must be pinned by digest: NAME[:TAG]@sha256:<64 hex digits>")
-        return ref
 
 
 class BootstrapBase(Strict):
@@ -74,7 +96,7 @@ class BootstrapBase(Strict):
 
     kind: Literal["bootstrap"]
     suite: str = Field("bookworm", pattern=r"^[a-z][a-z-]+$", description="Debian suite, e.g. bookworm")
-    mirror: str | None = Field(None, description="Debian mirror URL; default: mmdebstrap's default")
+    mirror: HttpUrl | None = Field(None, description="Debian mirror URL; default: mmdebstrap's default")
     packages: list[PackageName] = Field(default_factory=list, description="packages on top of minbase")
     components: list[Annotated[str, Field(pattern=r"^[a-z][a-z-]*$")]] = Field(
         default_factory=lambda: ["main"], min_length=1,
@@ -93,8 +115,8 @@ class GitSource(Strict):
     """llama.cpp from a git repository at a pinned ref (a commit id is best)."""
 
     kind: Literal["git"]
-    url: str
-    ref: str = Field(min_length=1)
+    url: GitUrl = Field(description="https://, http://, ssh://, git://, file:// or an absolute path")
+    ref: GitRef
     subdir: RelPath = ""
 
 
@@ -102,7 +124,7 @@ class ArchiveSource(Strict):
     """llama.cpp from a tar archive (URL or local path) checked against its sha256."""
 
     kind: Literal["archive"]
-    url: str
+    url: ArchiveUrl = Field(description="https://, http:// or an absolute path")
     sha256: Sha256
     subdir: RelPath = ""
 
@@ -122,8 +144,8 @@ SourceSpec = Annotated[GitSource | ArchiveSource | PypiSource, Field(discriminat
 
 class LlamaCpp(Strict):
     source: SourceSpec
-    cmake: dict[str, str] = Field(default_factory=dict, description="extra -D flags, override the defaults")
-    binaries: list[str] = Field(default_factory=lambda: list(DEFAULT_BINARIES))
+    cmake: dict[CmakeName, OneLine] = Field(default_factory=dict, description="extra -D flags, override the defaults")
+    binaries: list[BinaryName] = Field(default_factory=lambda: list(DEFAULT_BINARIES))
 
 
 WHEEL_FILE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[A-Za-z0-9_.+!]+)(-(?P<build>[0-9][A-Za-z0-9_]*))?"
@@ -151,7 +173,7 @@ class WheelSdk(Strict):
     version: str = Field(pattern=r"^[0-9A-Za-z.+-]+$")
     file: str = Field(description="the exact wheel file: NAME-VERSION[-BUILD]-PYTHON-ABI-PLATFORM.whl")
     sha256: Sha256
-    ship: list[RelPath] = Field(default_factory=list,
+    ship: list[RelativeGlob] = Field(default_factory=list,
                                 description="globs inside the unpacked wheel that the runtime image needs")
 
     @field_validator("file")
@@ -176,23 +198,27 @@ class VariantRecipe(Strict):
     """How one variant of the target is built: its bases, any extra CMake flags and pinned SDKs."""
 
     base: Bases
-    cmake: dict[str, str] = Field(default_factory=dict, description="extra -D flags for this variant")
+    cmake: dict[CmakeName, OneLine] = Field(default_factory=dict, description="extra -D flags for this variant")
     sdks: dict[Annotated[str, Field(pattern=SDK_NAME)], SdkSpec] = Field(
         default_factory=dict, description="name -> a pinned SDK the build needs, placed at /opt/sdk/<name>")
-    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(
+    env: dict[EnvName, OneLine] = Field(
         default_factory=dict, description="environment of the runtime image (on top of the target's)")
-    ship: list[Annotated[str, Field(pattern=r"^/\S+$")]] = Field(
+    ship: list[ShipGlob] = Field(
         default_factory=list, description="globs of files in the toolchain stage the runtime image needs")
+
+
+# Target and variant names come from the table in targets.py; the charset keeps a wrong one printable.
+TableName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
 
 
 class Recipe(Strict):
     """One recipe per target: recipes/<target>.yaml, with a section per variant it can build."""
 
-    target: str = Field(description="a target from `builder targets`")
-    description: str = ""
-    variants: dict[str, VariantRecipe] = Field(min_length=1, description="variant name -> how to build it")
+    target: TableName = Field(description="a target from `builder targets`")
+    description: OneLine = ""
+    variants: dict[TableName, VariantRecipe] = Field(min_length=1, description="variant name -> how to build it")
     llama_cpp: LlamaCpp | None = Field(None, description="default: the shared pin in recipes/llama-cpp.yaml")
-    labels: dict[str, str] = Field(default_factory=dict, description="extra OCI labels")
+    labels: dict[LabelKey, OneLine] = Field(default_factory=dict, description="extra OCI labels")
 
 
 class SourceInfo(Strict):
@@ -219,7 +245,7 @@ def placeholders_of(where: str, toolchain: BaseSpec, runtime: BaseSpec, sdks: di
     for stage, base in (("toolchain", toolchain), ("runtime", runtime)):
         if not isinstance(base, ImageBase):
             continue
-        if base.ref.endswith(PLACEHOLDER_SHA256):
+        if parse_image_ref(base.ref).digest == f"sha256:{PLACEHOLDER_SHA256}":
             found.append(Placeholder(f"{where}.base.{stage}.ref", base.ref.rsplit("@", 1)[0], "image"))
         found += [Placeholder(f"{where}.base.{stage}.repositories[{i}].key_sha256", repo.key_url, "file")
                   for i, repo in enumerate(base.repositories) if repo.key_sha256 == PLACEHOLDER_SHA256]
@@ -237,16 +263,16 @@ class BuildPlan(Strict):
     target: str
     variant: str
     description: str
-    toolchain_ref: str
-    runtime_ref: str
+    toolchain_ref: ImageRef
+    runtime_ref: ImageRef
     toolchain: BaseSpec
     runtime: BaseSpec
     source: SourceInfo
-    cmake: dict[str, str]
-    binaries: list[str]
-    labels: dict[str, str]
+    cmake: dict[CmakeName, OneLine]
+    binaries: list[BinaryName]
+    labels: dict[LabelKey, OneLine]
     smoke_device: str
     repository: str
     sdks: dict[str, SdkSpec] = Field(default_factory=dict)
-    env: dict[str, str] = Field(default_factory=dict, description="image environment defaults of the variant")
-    ship: list[str] = Field(default_factory=list, description="toolchain-stage globs installed with the binaries")
+    env: dict[EnvName, OneLine] = Field(default_factory=dict, description="image environment defaults of the variant")
+    ship: list[ShipGlob] = Field(default_factory=list, description="toolchain-stage globs installed with the binaries")

@@ -1,6 +1,7 @@
 """Load recipe YAML into a validated Recipe; every failure becomes one line naming the file and field."""
 
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +34,14 @@ def display_path(path: Path) -> str:
 def _field_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            out += " (key)"  # pydantic's marker: the key of a mapping is wrong, not its value
+        elif not re.fullmatch(r"[A-Za-z0-9_.:/@+-]{1,80}", part):
+            out += f"[{part[:40]!r}]"  # a key from the file: shown quoted, so it cannot break the line
+        else:
+            out += f".{part}" if out else part
     return out or "(top level)"
 
 
@@ -63,13 +71,17 @@ def load_yaml(path: Path, what: str = "recipe", hint: str = "pass --target NAME 
     """A YAML mapping from `path`; any problem is one RecipeError line naming the file (and line)."""
     where = display_path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{where}: {what} file not found", hint) from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{where}: not a text file (invalid UTF-8)") from None
     except OSError as exc:
         raise RecipeError(f"{where}: cannot read: {exc.strerror}") from None
     try:
         data: Any = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(f"{where}: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

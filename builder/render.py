@@ -8,6 +8,7 @@ change, and the source tree is hard-linked, so engine layer caches and mtimes su
 import hashlib
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from builder.errors import RecipeError
 from builder.models import BuildPlan, ImageBase
 from builder.sdk import SDK_DIR, missing_ship_patterns, unpacked
 from builder.source import fetch_file, iter_tree
+from builder.types import one_line
 
 IMAGES_DIR = PROJECT_ROOT / "images"
 SOURCE_DIR = "llama.cpp"  # where the llama.cpp tree lands in the context
@@ -31,10 +33,14 @@ CONTEXT_VERSION = "1"
 
 
 def _quote(value: str) -> str:
-    """A double-quoted Containerfile string (LABEL/ENV values)."""
-    if "\n" in value:
-        raise ValueError("label and env values must be one line")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A double-quoted Containerfile string (LABEL/ENV values), taken literally: no `$` expansion."""
+    try:
+        one_line(value)
+    except ValueError:
+        # The loaders check every value; this is the last guard before a Containerfile line.
+        raise RecipeError(f"{value[:40]!r}…: label and env values must be one line without control characters",
+                          "fix the recipe's labels, env or description") from None
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
 
 def _environment() -> jinja2.Environment:
@@ -45,6 +51,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["q"] = _quote
+    env.filters["sh"] = shlex.quote
     return env
 
 

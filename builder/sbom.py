@@ -111,7 +111,7 @@ def parse_contents(output: str) -> ImageContents:
 
 def read_contents(engine: Engine, ref: str) -> ImageContents:
     """Run the image once (no network, its entrypoint bypassed) to read what it holds."""
-    proc = run([*engine.run_argv(), "--rm", "--network", "none", "--entrypoint", "sh", ref, "-c", SCRIPT],
+    proc = run([*engine.run_argv(), "--rm", "--network", "none", "--entrypoint", "sh", "--", ref, "-c", SCRIPT],
                timeout=300)
     return parse_contents(proc.stdout)
 

@@ -6,6 +6,7 @@ get hard links to the unpacked tree (sdk/<name>), so rendering again neither dow
 """
 
 import os
+import re
 import shutil
 import stat
 import sys
@@ -13,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from builder.errors import CommandError, SourceError
+from builder.errors import ArchiveError, CommandError, SourceError
 from builder.models import WheelSdk, wheel_tags
 from builder.paths import cache_subdir
 from builder.run import run
@@ -35,7 +36,7 @@ def pip_download_argv(spec: WheelSdk, dest: Path) -> list[str]:
     argv += ["--abi", tags["abi"]]
     for platform in tags["platform"].split("."):
         argv += ["--platform", platform]
-    return [*argv, f"{spec.package}=={spec.version}"]
+    return [*argv, "--", f"{spec.package}=={spec.version}"]
 
 
 def fetch_wheel(spec: WheelSdk) -> Path:
@@ -64,8 +65,24 @@ def fetch_wheel(spec: WheelSdk) -> Path:
     return cached
 
 
-def _extract(wheel: Path, dest: Path) -> None:
+def _unsafe_member(member: zipfile.ZipInfo) -> str | None:
+    """Why a wheel member must not be unpacked, or None: it would land outside the folder or is not a file."""
+    name = member.filename
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
+        return "its name leaves the folder"
+    kind = stat.S_IFMT(member.external_attr >> 16)
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        return "it is a link or a special file"
+    return None
+
+
+def _extract(wheel: Path, dest: Path, name: str) -> None:
     with zipfile.ZipFile(wheel) as archive:
+        for member in archive.infolist():
+            why = _unsafe_member(member)
+            if why:
+                raise ArchiveError(f"{name}: member {member.filename!r}: refused, {why}",
+                                  "the wheel is damaged or hostile; check its pin and where it came from")
         for member in archive.infolist():
             path = Path(archive.extract(member, dest))
             mode = (member.external_attr >> 16) & 0o777
@@ -82,11 +99,14 @@ def unpacked(spec: WheelSdk) -> Path:
     wheel = fetch_wheel(spec)
     tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".unpack-"))
     try:
-        _extract(wheel, tmp)
+        _extract(wheel, tmp, spec.file)
         os.replace(tmp, final)
     except (zipfile.BadZipFile, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SourceError(f"{spec.file}: cannot unpack: {exc}") from None
+    except SourceError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

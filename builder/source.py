@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import requests
 
-from builder.errors import SourceError
+from builder.errors import ArchiveError, SourceError
 from builder.models import ArchiveSource, GitSource, PypiSource, SourceInfo
 from builder.paths import cache_subdir
 from builder.run import run
@@ -88,6 +88,18 @@ def _tar_epoch(archive: Path, identity: str) -> int:
     return epoch
 
 
+def _strict_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's "data" filter (no '..', no links that leave the folder, no device files or FIFOs), and
+    absolute names refused rather than made relative: an archive that has them is not a source release."""
+    if member.name.startswith(("/", "\\")):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def _extract(archive: Path, identity: str, subdir: str) -> Path:
     """Extract once into sources/trees/<identity>; returns the llama.cpp root inside it."""
     trees = cache_subdir("sources/trees")
@@ -96,11 +108,15 @@ def _extract(archive: Path, identity: str, subdir: str) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".extract-"))
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
+                tar.extractall(tmp, filter=_strict_filter)
             os.replace(tmp, final)
+        except tarfile.FilterError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArchiveError(f"{archive}: refused, {_one_line(exc)}",
+                               "the archive is damaged or hostile; check its pin and where it came from") from None
         except (tarfile.TarError, OSError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SourceError(f"{archive}: cannot extract: {exc}") from None
+            raise SourceError(f"{archive}: cannot extract: {_one_line(exc)}") from None
     if subdir:
         tops = [p for p in final.iterdir() if p.is_dir()]
         for base in [final, *tops]:
@@ -165,7 +181,7 @@ def _fetch_pypi(spec: PypiSource) -> Path:
         return cached
     with tempfile.TemporaryDirectory() as tmp:
         run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "--dest", tmp, f"{spec.package}=={spec.version}"], timeout=900)
+             "--dest", tmp, "--", f"{spec.package}=={spec.version}"], timeout=900)
         files = list(Path(tmp).iterdir())
         if len(files) != 1:
             raise SourceError(f"pip download of {spec.package}=={spec.version} gave {len(files)} files")
@@ -179,8 +195,9 @@ def _fetch_git(spec: GitSource) -> SourceTree:
     checkout = trees / key
     if not (checkout / ".git").is_dir():
         tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".clone-"))
-        run(["git", "init", "-q", tmp])
-        run(["git", "-C", tmp, "fetch", "-q", "--depth", "1", spec.url, spec.ref], timeout=1800)
+        run(["git", "init", "-q", "--", tmp])
+        # `--`: a URL or ref that looks like an option (--upload-pack=…) must stay an argument.
+        run(["git", "-C", tmp, "fetch", "-q", "--depth", "1", "--", spec.url, spec.ref], timeout=1800)
         run(["git", "-C", tmp, "checkout", "-q", "FETCH_HEAD"])
         os.replace(tmp, checkout)
     commit = run(["git", "-C", checkout, "rev-parse", "HEAD"]).stdout.strip()

@@ -90,7 +90,7 @@ class Box:
         argv += self.contract_flags()
         # The image's entrypoint runs roles; a toolbox only needs a process that keeps the container up.
         # sleep as PID 1 ignores SIGTERM, so stop with SIGKILL right away instead of after a timeout.
-        return [*argv, "--stop-signal", "SIGKILL", "--entrypoint", "sleep", self.image, "infinity"]
+        return [*argv, "--stop-signal", "SIGKILL", "--entrypoint", "sleep", "--", self.image, "infinity"]
 
     def enter(self, command: list[str], tty: bool) -> list[list[str]]:
         """The commands that enter the container; the last one replaces builder's process."""

@@ -5,9 +5,12 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from builder.models import BaseSpec, RelPath
+from builder.models import BaseSpec, RelPath, TableName
+from builder.types import CommandWord, DistName, EnvName, HttpUrl, ImageRef, LabelKey, OneLine, Version
 
-Requirement = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?(==|===)[^\s;]+$",
+# The version part takes a shell's safe characters only: the compiled package reaches a RUN line.
+Requirement = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?(==|===)"
+                                           r"[A-Za-z0-9][A-Za-z0-9.+!_-]*$",
                                    description="an exact pin: NAME==VERSION (=== for a version without a local tag)")]
 
 
@@ -19,7 +22,19 @@ class Compile(_Strict):
     """Build vLLM from its source distribution against the installed torch (vendor torch builds)."""
 
     package: Requirement = Field(description="the vLLM sdist to build, e.g. vllm==0.32.0")
-    env: dict[str, str] = Field(default_factory=dict, description="build environment, e.g. VLLM_TARGET_DEVICE")
+    env: dict[EnvName, OneLine] = Field(default_factory=dict, description="build environment, e.g. VLLM_TARGET_DEVICE")
+    env_from: dict[EnvName, Annotated[list[CommandWord], Field(min_length=1)]] = Field(
+        default_factory=dict, description="build environment from the output of a program in the virtual "
+        "environment's bin/ folder: NAME: [PROGRAM, ARG, …], e.g. ROCM_PATH: [rocm-sdk, path, --root]")
+
+
+    @field_validator("env_from")
+    @classmethod
+    def _programs(cls, env_from: dict[str, list[str]]) -> dict[str, list[str]]:
+        for key, argv in env_from.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", argv[0]):
+                raise ValueError(f"{key}: {argv[0]!r} must be a program name in the virtual environment's bin/ folder")
+        return env_from
 
 
 class VllmVariant(_Strict):
@@ -29,13 +44,13 @@ class VllmVariant(_Strict):
     toolchain: BaseSpec | None = Field(None, description="base of the stage that compiles vLLM (with `compile`)")
     python: str = Field(pattern=r"^3\.[0-9]+$", description="the base's Python version, e.g. 3.11")
     requirements: list[Requirement] = Field(min_length=1, description="exact top-level pins the lock resolves")
-    index: str | None = Field(None, description="an extra package index (vendor wheels); default: PyPI only")
+    index: HttpUrl | None = Field(None, description="an extra package index (vendor wheels); default: PyPI only")
     lock: RelPath | None = Field(None, description="lock file beside the recipe; default <recipe>-<variant>.lock")
     compile: Compile | None = None
-    leave_out: list[str] = Field(default_factory=list, description="packages dropped from the lock (installed with "
-                                 "--no-deps): dependencies whose index builds cannot work in this image")
-    alias: str | None = Field(None, description="another distribution name the vLLM package must answer to")
-    env: dict[str, str] = Field(default_factory=dict, description="environment variables set in the image")
+    leave_out: list[DistName] = Field(default_factory=list, description="packages dropped from the lock (installed "
+                                      "with --no-deps): dependencies whose index builds cannot work in this image")
+    alias: DistName | None = Field(None, description="another distribution name the vLLM package must answer to")
+    env: dict[str, OneLine] = Field(default_factory=dict, description="environment variables set in the image")
 
     @model_validator(mode="after")
     def _toolchain_for_compile(self) -> "VllmVariant":
@@ -55,10 +70,10 @@ class VllmVariant(_Strict):
 class VllmRecipe(_Strict):
     """One vLLM recipe per target: recipes/vllm/<target>.yaml, a section per variant vLLM runs on."""
 
-    target: str = Field(description="a target from `builder targets`")
-    description: str = ""
-    variants: dict[str, VllmVariant] = Field(min_length=1)
-    labels: dict[str, str] = Field(default_factory=dict, description="extra OCI labels")
+    target: TableName = Field(description="a target from `builder targets`")
+    description: OneLine = ""
+    variants: dict[TableName, VllmVariant] = Field(min_length=1)
+    labels: dict[LabelKey, OneLine] = Field(default_factory=dict, description="extra OCI labels")
 
 
 class VllmPlan(_Strict):
@@ -70,19 +85,19 @@ class VllmPlan(_Strict):
     variant: str
     device: str = Field(description="vLLM's name for the device: cpu, cuda, rocm, xpu")
     description: str
-    base_ref: str
+    base_ref: ImageRef
     base: BaseSpec
-    toolchain_ref: str | None
+    toolchain_ref: ImageRef | None
     toolchain: BaseSpec | None
     python: str
     requirements: list[str]
-    index: str | None
+    index: HttpUrl | None
     lock_file: str | None = Field(description="the lock (exact versions + sha256) or None: unlocked, render-only")
     lock_pins: list[str]
     compile: Compile | None
-    leave_out: list[str]
-    alias: str | None
-    env: dict[str, str]
-    vllm_version: str
-    labels: dict[str, str]
+    leave_out: list[DistName]
+    alias: DistName | None
+    env: dict[EnvName, OneLine]
+    vllm_version: Version
+    labels: dict[LabelKey, OneLine]
     repository: str

@@ -23,8 +23,11 @@ from builder.loopback import LoopbackServer, stable_port
 from builder.paths import cache_subdir
 from builder.run import run
 
-_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)===(\S+) --hash=sha256:([0-9a-f]{64})$")
-_HEADER = re.compile(r"^# ([a-z]+): (.*)$")
+# Names and versions of a lock reach requirements files and RUN lines: plain characters only, matched whole.
+_LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})===([A-Za-z0-9][A-Za-z0-9.+!_-]{0,127}) "
+                   r"--hash=sha256:([0-9a-f]{64})")
+_HEADER = re.compile(r"# ([a-z]+): ([^\x00-\x1f\x7f]*)")
+_STAMP = "%Y-%m-%dT%H:%M:%SZ"
 # pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself.
 _GLIBC_MINORS = range(17, 37)  # manylinux_2_17 (CentOS 7 era) up to glibc 2.36 (Debian bookworm)
 
@@ -71,7 +74,7 @@ class Lock:
     @property
     def epoch(self) -> int:
         stamp = self.header.get("locked", "1970-01-01T00:00:00Z")
-        return int(datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
+        return int(datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC).timestamp())
 
 
 def inputs_key(python: str, requirements: list[str], index: str | None, arch: str, leave_out: list[str]) -> str:
@@ -83,26 +86,38 @@ def inputs_key(python: str, requirements: list[str], index: str | None, arch: st
 
 
 def parse_lock(path: Path, where: str) -> Lock:
+    """A lock file, every line checked; anything else is one line naming the file and the line."""
+    hint = "regenerate it with `builder lock --flavour vllm --target TARGET`"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{where}: not a text file (invalid UTF-8)", hint) from None
+    except OSError as exc:
+        raise RecipeError(f"{where}: cannot read: {exc.strerror}", hint) from None
     header: dict[str, str] = {}
     pins: list[Pin] = []
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
+    for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line:
             continue
-        head = _HEADER.match(line)
+        head = _HEADER.fullmatch(line)
         if head:
             header[head.group(1)] = head.group(2)
             continue
-        if line.startswith("#"):
+        if line.startswith("#") and not re.search(r"[\x00-\x1f\x7f]", line):
             continue
-        pin = _LINE.match(line)
+        pin = _LINE.fullmatch(line)
         if not pin:
-            raise RecipeError(f"{where} line {number}: expected `NAME===VERSION --hash=sha256:HEX`",
-                              "regenerate it with `builder lock --flavour vllm --target TARGET`")
+            raise RecipeError(f"{where} line {number}: expected `NAME===VERSION --hash=sha256:HEX`", hint)
         pins.append(Pin(*pin.groups()))
     if not pins:
-        raise RecipeError(f"{where}: the lock pins no packages",
-                          "regenerate it with `builder lock --flavour vllm --target TARGET`")
+        raise RecipeError(f"{where}: the lock pins no packages", hint)
+    if "locked" in header:
+        try:
+            datetime.strptime(header["locked"], _STAMP)
+        except ValueError:
+            raise RecipeError(f"{where}: locked: {header['locked'][:40]!r} is not a time like 2026-01-31T12:00:00Z",
+                              hint) from None
     return Lock(header, tuple(pins))
 
 
@@ -110,7 +125,7 @@ def pins_from_lines(lines: list[str]) -> tuple[Pin, ...]:
     """Pins from lock lines that were already checked (a plan's lock_pins)."""
     pins = []
     for line in lines:
-        match = _LINE.match(line)
+        match = _LINE.fullmatch(line)
         if not match:
             raise RecipeError(f"not a lock line: {line!r}")
         pins.append(Pin(*match.groups()))
@@ -145,7 +160,7 @@ def resolve_lock(python: str, requirements: list[str], index: str | None, arch: 
                 "--report", str(report), "--target", str(Path(tmp) / "unused"), *_target_flags(python, arch)]
         if index:
             argv += ["--extra-index-url", index]
-        run([*argv, *requirements], timeout=900)
+        run([*argv, "--", *requirements], timeout=900)
         installs = json.loads(report.read_text())["install"]
     pins = []
     for item in installs:

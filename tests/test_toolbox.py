@@ -29,7 +29,7 @@ def test_podman_create_mounts_home_on_the_host_network_and_keeps_the_container_u
     assert f"{home}:{home}" in words and f"HOME={home}" in words
     assert "dev.builder.toolbox=true" in words
     assert ("--userns" in words) == (os.geteuid() != 0)
-    assert words[-3:] == ["sleep", IMAGE, "infinity"] and words[-4] == "--entrypoint"
+    assert words[-4:] == ["sleep", "--", IMAGE, "infinity"] and words[-5] == "--entrypoint"
     assert start.split()[-2:] == ["start", "builder-cpu-cpu"]
 
 

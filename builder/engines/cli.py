@@ -77,24 +77,24 @@ class CliEngine:
             argv += ["--label", f"{key}={value}"]
         if no_cache:
             argv.append("--no-cache")
-        argv.append(str(context))
+        argv += ["--", str(context)]
         run_logged(argv, log, title=f"{self.name} build {tag}", env=self._build_env())
 
     def import_rootfs(self, tarball: Path, ref: str) -> None:
-        run([*self.command(), "import", "--change", 'CMD ["/bin/bash"]', str(tarball), ref], timeout=600)
+        run([*self.command(), "import", "--change", 'CMD ["/bin/bash"]', "--", str(tarball), ref], timeout=600)
 
     def export_rootfs(self, ref: str, tarball: Path) -> None:
-        container = run([*self.command(), "create", ref]).stdout.strip().splitlines()[-1]
+        container = run([*self.command(), "create", "--", ref]).stdout.strip().splitlines()[-1]
         partial = tarball.with_name(f".{tarball.name}.part")
         try:
-            run([*self.command(), "export", "-o", str(partial), container], timeout=1800)
+            run([*self.command(), "export", "-o", str(partial), "--", container], timeout=1800)
             os.replace(partial, tarball)
         finally:
             partial.unlink(missing_ok=True)
-            run([*self.command(), "rm", "--force", container], check=False)
+            run([*self.command(), "rm", "--force", "--", container], check=False)
 
     def tag(self, ref: str, new_ref: str) -> None:
-        run([*self.command(), "tag", ref, new_ref])
+        run([*self.command(), "tag", "--", ref, new_ref])
 
     def remove(self, ref: str) -> None:
-        run([*self.command(), "rmi", "--force", ref], check=False)
+        run([*self.command(), "rmi", "--force", "--", ref], check=False)

@@ -49,7 +49,7 @@ class DockerEngine(CliEngine):
     def export_oci(self, ref: str, layout: Path) -> None:
         archive = layout / ".save.tar"
         try:
-            run([*self.command(), "save", "-o", str(archive), ref], timeout=1800)
+            run([*self.command(), "save", "-o", str(archive), "--", ref], timeout=1800)
             layout_from_docker_archive(archive, layout)
         finally:
             archive.unlink(missing_ok=True)

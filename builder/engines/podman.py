@@ -84,11 +84,11 @@ class PodmanEngine(CliEngine):
 
     def export_oci(self, ref: str, layout: Path) -> None:
         # gzip layers: what every registry and engine accepts; podman reuses compressed blobs it made before.
-        run([*self.command(), "push", "--quiet", "--compression-format", "gzip", ref, f"oci:{layout}:image"],
+        run([*self.command(), "push", "--quiet", "--compression-format", "gzip", "--", ref, f"oci:{layout}:image"],
             timeout=1800)
 
     def inspect(self, ref: str) -> ImageInfo | None:
-        proc = run(["podman", "image", "inspect", ref], check=False)
+        proc = run(["podman", "image", "inspect", "--", ref], check=False)
         if proc.returncode != 0:
             return None
         data = json.loads(proc.stdout)[0]

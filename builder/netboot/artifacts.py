@@ -207,7 +207,7 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
             shutil.rmtree(folder)
         os.replace(staged, folder)
     finally:
-        run(["rm", "-rf", str(work)], check=False)
+        run(["rm", "-rf", "--", str(work)], check=False)
     return folder, manifest
 
 
@@ -219,6 +219,23 @@ def read_artifacts(folder: Path) -> tuple[Path, dict[str, object]]:
         raise RecipeError(f"{folder}: no readable manifest.json ({exc})",
                           "pull the set first: builder pxe pull HOST/REPO:netboot-TARGET-VARIANT --dest DIR") from None
     missing = [name for name in FILES if not (folder / name).is_file()]
-    if missing or not isinstance(manifest.get("files"), dict):
+    if missing or not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise RecipeError(f"{folder}: incomplete netboot set (missing {', '.join(missing) or 'files in manifest'})")
+    _check_manifest(manifest, f"{folder}/manifest.json")
     return folder.resolve(), manifest
+
+
+def _check_manifest(manifest: dict[str, object], where: str) -> None:
+    """The fields publish puts into paths, URLs and iPXE lines: exactly the three files, plain values."""
+    files = manifest["files"]
+    assert isinstance(files, dict)
+    if sorted(files) != sorted(FILES):
+        raise RecipeError(f"{where}: files: expected exactly {', '.join(FILES)}")
+    for name in FILES:
+        entry = files[name]
+        if not isinstance(entry, dict) or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256"))):
+            raise RecipeError(f"{where}: files.{name}.sha256: expected 64 hex digits")
+    for field, pattern in (("target", r"[a-z0-9][a-z0-9-]*"), ("variant", r"[a-z0-9][a-z0-9-]*"),
+                           ("image_digest", r"(sha256:)?[0-9a-f]{64}")):
+        if not isinstance(manifest.get(field), str) or not re.fullmatch(pattern, str(manifest[field])):
+            raise RecipeError(f"{where}: {field}: not a plain {field.replace('_', ' ')}")

@@ -1,60 +1,50 @@
 """cluster.yaml: the control node and the compute nodes it netboots, validated like recipes."""
 
-import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from builder.errors import RecipeError
 from builder.models import Strict
 from builder.netboot.kernels import KERNELS
 from builder.recipes import display_path, load_yaml, select, validated
+from builder.types import Address, HostName, InterfaceName, Ipv4, KernelArg, http_url, one_line
 
-_HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-_MAC = re.compile(r"^([0-9a-f]{2})([:-][0-9a-f]{2}){5}$")
+_MAC = re.compile(r"([0-9a-f]{2})([:-][0-9a-f]{2}){5}")
 DEFAULT_PORTS = {"head": 8080, "rpc-worker": 50052}
+GGUF_MAGIC = b"GGUF"
 
 
-def _address(value: str) -> str:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        if not re.match(r"^[A-Za-z0-9.-]+$", value):
-            raise ValueError("must be an IP address or a host name") from None
-    return value
+def _model(value: str) -> str:
+    """An http:// URL the head downloads, or a file on the control node (published as a blob)."""
+    if value.startswith("http://"):
+        return http_url(value)
+    return one_line(value)
 
 
 class Control(Strict):
     """The control node: serves the boot files over HTTP (and proxy-DHCP/TFTP with dnsmasq)."""
 
-    address: str = Field(description="address the compute nodes reach the control node at")
+    address: Address = Field(description="address the compute nodes reach the control node at")
     http_port: int = Field(8000, ge=1, le=65535, description="port of `builder pxe serve`'s HTTP server")
-    interface: str | None = Field(None, description="network interface dnsmasq answers PXE requests on")
-    subnet: str | None = Field(None, description="the nodes' IPv4 network (e.g. 192.168.50.0), for proxy-DHCP")
-
-    _check_address = field_validator("address")(classmethod(lambda cls, v: _address(v)))
-
-    @field_validator("subnet")
-    @classmethod
-    def _ipv4(cls, value: str | None) -> str | None:
-        if value is not None:
-            ipaddress.IPv4Address(value)
-        return value
+    interface: InterfaceName | None = Field(None, description="network interface dnsmasq answers PXE requests on")
+    subnet: Ipv4 | None = Field(None, description="the nodes' IPv4 network (e.g. 192.168.50.0), for proxy-DHCP")
 
 
 class Node(Strict):
     """One compute node, found by the MAC address it netboots from."""
 
-    name: str = Field(pattern=_HOSTNAME, description="host name (lowercase letters, digits, '-')")
+    name: HostName = Field(description="host name (lowercase letters, digits, '-')")
     mac: str = Field(description="MAC address of the boot interface, e.g. 52:54:00:12:34:56")
     target: str = Field(description="target whose image the node boots (see `builder targets`)")
     variant: str | None = Field(None, description="variant of the target (default: the target's default)")
     role: Literal["head", "rpc-worker"] = Field(description="head: llama-server --rpc to the workers")
     port: int | None = Field(None, ge=1, le=65535, description="role port (head 8080, rpc-worker 50052)")
-    address: str | None = Field(None, description="the node's reserved address; workers need one if there is a head")
-    kernel_args: list[str] = Field(default_factory=list, description="extra kernel command-line words")
+    address: Address | None = Field(None, description="the node's reserved address; workers need one if there is "
+                                    "a head")
+    kernel_args: list[KernelArg] = Field(default_factory=list, description="extra kernel command-line words")
 
     @field_validator("mac", mode="before")
     @classmethod
@@ -73,14 +63,9 @@ class Node(Strict):
     @classmethod
     def _mac(cls, value: str) -> str:
         value = value.lower()
-        if not _MAC.match(value):
+        if not _MAC.fullmatch(value):
             raise ValueError("must be six hex pairs separated by ':' or '-', e.g. 52:54:00:12:34:56")
         return value.replace("-", ":")
-
-    @field_validator("address")
-    @classmethod
-    def _addr(cls, value: str | None) -> str | None:
-        return None if value is None else _address(value)
 
     @property
     def role_port(self) -> int:
@@ -96,9 +81,10 @@ class Cluster(Strict):
     """The inventory: what `builder pxe publish` turns into boot scripts for every node."""
 
     control: Control
-    model: str | None = Field(None, description="the head's model: a GGUF path on the control node or an http URL")
+    model: Annotated[str, AfterValidator(_model)] | None = Field(
+        None, description="the head's model: a GGUF path on the control node or an http URL")
     context: int | None = Field(None, ge=64, description="the head's context size (-c)")
-    kernel_args: list[str] = Field(default_factory=lambda: ["console=tty0", "console=ttyS0,115200"],
+    kernel_args: list[KernelArg] = Field(default_factory=lambda: ["console=tty0", "console=ttyS0,115200"],
                                    description="kernel command-line words for every node")
     nodes: list[Node] = Field(min_length=1)
 
@@ -123,9 +109,16 @@ def _check(cluster: Cluster, where: str, base: Path) -> None:
         if not cluster.model:
             raise RecipeError(f"{where}: model: the head (nodes[{heads[0]}]) needs a model",
                               "model: /srv/models/NAME.gguf (served by `builder pxe serve`) or an http URL")
-        if not cluster.model.startswith("http://") and not (base / cluster.model).is_file():
-            raise RecipeError(f"{where}: model: {cluster.model} is not a file",
-                              "give a GGUF file on the control node, or an http:// URL")
+        if not cluster.model.startswith("http://"):
+            model = base / cluster.model
+            if not model.is_file():
+                raise RecipeError(f"{where}: model: {cluster.model} is not a file",
+                                  "give a GGUF file on the control node, or an http:// URL")
+            # The file is published over HTTP to every node: only a model, never any other file of this machine.
+            with model.open("rb") as f:
+                if f.read(4) != GGUF_MAGIC:
+                    raise RecipeError(f"{where}: model: {cluster.model} is not a GGUF file",
+                                      "give a .gguf model file; nothing else is published to the nodes")
         for i, node in enumerate(cluster.nodes):
             if node.role == "rpc-worker" and not node.address:
                 raise RecipeError(f"{where}: nodes[{i}].address: the head needs every worker's address",

@@ -88,7 +88,7 @@ def _extract_argv(spec: KernelSpec, out: Path) -> list[str]:
             # sid's Release file is valid for a week only: a lagging mirror must not stop the fetch
             # (signatures are still checked)
             "--aptopt=Acquire::Check-Valid-Until \"false\"", "--include=" + ",".join(spec.packages),
-            spec.suite, str(out)]
+            "--", spec.suite, str(out)]
     if spec.mirror:
         argv.append(spec.mirror)
     return argv
@@ -115,7 +115,7 @@ def fetch_kernel_tree(spec: KernelSpec) -> Path:
         extracted = tmp / "root"
         if (extracted / "usr/lib/modules").is_dir() and not (extracted / "lib").exists():
             (extracted / "lib").symlink_to("usr/lib")
-        run(["depmod", "-b", str(tmp / "root"), kernel_version(tmp / "root")])
+        run(["depmod", "-b", str(tmp / "root"), "--", kernel_version(tmp / "root")])
         (tmp / "root" / ".complete").touch()
         shutil.rmtree(tree, ignore_errors=True)
         os.replace(tmp / "root", tree)

@@ -66,7 +66,7 @@ def module_bytes(path: Path) -> bytes:
     if path.name.endswith(".xz"):
         return lzma.decompress(data)
     if path.name.endswith(".zst"):
-        proc = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=False)
+        proc = subprocess.run(["zstd", "-dc", "--", str(path)], capture_output=True, check=False)
         if proc.returncode != 0:
             raise EngineError(f"cannot decompress {path}: {proc.stderr.decode(errors='replace').strip()}",
                               "apt-get install zstd")

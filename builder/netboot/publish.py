@@ -14,6 +14,7 @@ consistent set of files.
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -113,9 +114,30 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
     )
 
 
+# A generation's id names a folder under generations/: hex only, so no id can point anywhere else.
+GENERATION_ID = re.compile(r"[0-9a-f]{16}")
+
+
 def _history(root: Path) -> list[dict[str, object]]:
+    """history.json, checked: a damaged file is one clear line, never a crash or a path outside the root."""
     path = root / "history.json"
-    return list(json.loads(path.read_text())) if path.is_file() else []
+    if not path.is_file():
+        return []
+    hint = f"fix or remove {path} (generations/ still holds every generation)"
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise RecipeError(f"{path}: not a readable history of generations (damaged JSON)", hint) from None
+    if not isinstance(entries, list):
+        raise RecipeError(f"{path}: expected a list of generations", hint)
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) \
+                or not GENERATION_ID.fullmatch(entry["id"]):
+            raise RecipeError(f"{path}: [{i}].id: expected a generation id of 16 hex digits", hint)
+        published = entry.get("published")
+        if isinstance(published, bool) or not isinstance(published, int | float) or not 0 <= published < 1e11:
+            raise RecipeError(f"{path}: [{i}].published: expected a time in seconds", hint)
+    return entries
 
 
 def current_id(root: Path) -> str | None:
@@ -125,8 +147,8 @@ def current_id(root: Path) -> str | None:
 
 def switch(root: Path, generation: str) -> None:
     """Point `current` at a generation with one rename: HTTP clients see the old or the new, never a mix."""
-    if not (root / "generations" / generation).is_dir():
-        raise RecipeError(f"no generation {generation} in {root}", "see `builder pxe list`")
+    if not GENERATION_ID.fullmatch(generation) or not (root / "generations" / generation).is_dir():
+        raise RecipeError(f"no generation {generation!r} in {root}", "see `builder pxe list`")
     tmp = root / f".current-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     os.symlink(f"generations/{generation}", tmp)

@@ -1,5 +1,6 @@
 """The control node's side: an HTTP server for pxe-root/, and dnsmasq's proxy-DHCP + TFTP configuration."""
 
+import posixpath
 import shutil
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from builder.errors import EngineError, RecipeError
 from builder.netboot.inventory import Cluster
@@ -14,11 +16,32 @@ from builder.netboot.inventory import Cluster
 SERVED = ("/current/", "/blobs/sha256/", "/tftp/")
 
 
+def served_file(root: Path, request_path: str) -> Path | None:
+    """The file a request may read, or None: the path is decoded and normalised first, then checked
+    against the served folders, and what it resolves to (symlinks followed) must stay inside the root."""
+    path = unquote(urlsplit(request_path).path)
+    if "\0" in path or "\\" in path or path.endswith("/"):
+        return None
+    normal = posixpath.normpath(path)
+    if not normal.startswith(SERVED) or normal != path:
+        return None
+    base = root.resolve()
+    try:
+        resolved = (base / normal.lstrip("/")).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    if not resolved.is_relative_to(base) or not resolved.is_file():
+        return None
+    return resolved
+
+
 class _Handler(SimpleHTTPRequestHandler):
     """Files under current/, blobs/ and tftp/ only; no listings. `current` is resolved on every request."""
 
+    root: Path
+
     def send_head(self) -> Any:
-        if not self.path.startswith(SERVED) or self.path.endswith("/"):
+        if served_file(self.root, self.path) is None:
             self.send_error(404, "not a boot file")
             return None
         return super().send_head()
@@ -36,7 +59,8 @@ def http_server(root: Path, bind: str, port: int) -> ThreadingHTTPServer:
     if not (root / "current").exists():
         raise RecipeError(f"{root} has no current generation", "run `builder pxe publish --inventory cluster.yaml`")
     try:
-        server = ThreadingHTTPServer((bind, port), partial(_Handler, directory=str(root)))
+        handler = type("Handler", (_Handler,), {"root": root})
+        server = ThreadingHTTPServer((bind, port), partial(handler, directory=str(root)))
     except OSError as exc:
         raise EngineError(f"cannot listen on {bind}:{port}: {exc.strerror}",
                           "pick another --port, or --bind an address of this machine") from None

@@ -21,11 +21,32 @@ roles:
 USAGE
 }
 
+# Every spelling of "any address" counts: the inet_aton forms of 0.0.0.0 (0, 0x0, 0.0, 000.000.000.000 …),
+# IPv6's unspecified address however written (::, ::0, [::], 0:0:0:0:0:0:0:0, ::ffff:0.0.0.0), words some
+# servers take for it, and names that resolve to one of these.
 is_wildcard() {
-    case "$1" in
-        0.0.0.0 | :: | "[::]" | "") return 0 ;;
-        *) return 1 ;;
+    local host=${1,,} resolved
+    host=${host//[[:space:]]/}
+    host=${host#[}
+    host=${host%]}
+    host=${host%%\%*}
+    case "$host" in
+        "" | "*" | any | all | inaddr_any | in6addr_any | 0/0 | ::/0 | 0.0.0.0/0) return 0 ;;
     esac
+    # IPv4: one to four parts, each zero in decimal, octal or hex
+    [[ $host =~ ^(0+|0x0*)(\.(0+|0x0*)){0,3}$ ]] && return 0
+    # IPv6: nothing but zero groups (and a zero IPv4 tail), or the IPv4-mapped 0.0.0.0
+    [[ $host == *:* && $host =~ ^[0:.x]+$ ]] && return 0
+    [[ $host =~ ^[0:]*:ffff:(0+|0x0*)(\.(0+|0x0*)){0,3}$ ]] && return 0
+    # a name: what it resolves to (glibc's resolver, as the server's own)
+    if [[ ! $host =~ ^[0-9.]+$ && $host != *:* ]] && command -v getent >/dev/null; then
+        resolved=$(getent ahosts -- "$host" 2>/dev/null | awk '{print $1}' | sort -u) || true
+        local address
+        for address in $resolved; do
+            case "$address" in 0.0.0.0 | :: | ::ffff:0.0.0.0) return 0 ;; esac
+        done
+    fi
+    return 1
 }
 
 rpc_worker() {
@@ -34,6 +55,7 @@ rpc_worker() {
     while [ $# -gt 0 ]; do
         case "$1" in
             -H | --host) host=${2:?--host needs an address}; shift 2 ;;
+            --host=*) host=${1#*=}; shift ;;
             -p | --port) port=${2:?--port needs a number}; shift 2 ;;
             -c | --cache) cache=1; shift ;;
             --no-cache) cache=0; shift ;;
