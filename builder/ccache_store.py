@@ -14,7 +14,7 @@ from pathlib import Path
 
 from builder.loopback import LoopbackServer, stable_port
 
-_KEY = re.compile(r"^/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_KEY = re.compile(r"^/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z")
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from builder.errors import CommandError, EngineError, RegistryError
 from builder.run import run
 
-HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # docker-credential-NAME, found on PATH
+HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # docker-credential-NAME, found on PATH
 IDENTITY_TOKEN_USER = "<token>"  # a helper's answer that carries an OAuth2 refresh token, not a password
 
 

@@ -149,7 +149,7 @@ class LlamaCpp(Strict):
 
 
 WHEEL_FILE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[A-Za-z0-9_.+!]+)(-(?P<build>[0-9][A-Za-z0-9_]*))?"
-                        r"-(?P<python>[a-z0-9_.]+)-(?P<abi>[a-z0-9_.]+)-(?P<platform>[a-z0-9_.]+)\.whl$")
+                        r"-(?P<python>[a-z0-9_.]+)-(?P<abi>[a-z0-9_.]+)-(?P<platform>[a-z0-9_.]+)\.whl\Z")
 SDK_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 
 

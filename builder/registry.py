@@ -40,9 +40,9 @@ MONOLITHIC = 64 << 20  # blobs up to this size go in one PUT; larger ones in res
 CHUNK = 32 << 20
 TOKEN_LIFETIME = 60  # seconds, when the token service does not say (the distribution spec's default)
 
-_REPO = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_REPO = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*\Z")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Repository:
         if not name or not ("." in host or ":" in host or host == "localhost"):
             raise RecipeError(f"{option} {text!r}: expected HOST/REPOSITORY, e.g. ghcr.io/OWNER/builder",
                               "the host part must name a registry (a dot, a port or localhost)")
-        if not _REPO.match(name):
+        if not _REPO.fullmatch(name):
             raise RecipeError(f"{option} {text!r}: {name!r} is not a valid repository name",
                               "lowercase letters, digits and . _ - separators, / between components")
         return cls(host, name)
@@ -82,20 +82,20 @@ def parse_reference(text: str) -> tuple[Repository, str]:
     """HOST/REPO:TAG or HOST/REPO@sha256:… -> (repository, tag or digest)."""
     if "@" in text:
         repo, ref = text.rsplit("@", 1)
-        if not _DIGEST.match(ref):
+        if not _DIGEST.fullmatch(ref):
             raise RecipeError(f"{text!r}: the digest must be sha256:<64 hex digits>")
     else:
         last = text.rsplit("/", 1)[-1]
         if ":" not in last:
             raise RecipeError(f"{text!r}: needs a tag or a digest (HOST/REPO:TAG or HOST/REPO@sha256:…)")
         repo, ref = text.rsplit(":", 1)
-        if not _TAG.match(ref):
+        if not _TAG.fullmatch(ref):
             raise RecipeError(f"{text!r}: {ref!r} is not a valid tag")
     return Repository.parse(repo, "reference"), ref
 
 
 def check_tag(tag: str) -> str:
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise RecipeError(f"tag {tag!r} is not valid", "letters, digits, _ . -; at most 128; no leading . or -")
     return tag
 
@@ -115,7 +115,7 @@ def find_credentials(repo: Repository) -> Credentials | None:
 
 # --- the client ----------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"^[\x21-\x7e]{1,65536}$")  # what may stand after "Bearer " in a header
+_TOKEN = re.compile(r"^[\x21-\x7e]{1,65536}\Z")  # what may stand after "Bearer " in a header
 
 
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -304,7 +304,7 @@ class RegistryClient:
             if resp.status_code == 404:
                 return None
             digest = resp.headers.get("Docker-Content-Digest", "")
-            if _DIGEST.match(digest) and (digest == ref or not _DIGEST.match(ref)):
+            if _DIGEST.fullmatch(digest) and (digest == ref or not _DIGEST.fullmatch(ref)):
                 return digest
             return sha256_digest(self.get_manifest(ref)[0])  # no (or an odd) header: the bytes decide
         return self.attempt(f"looking up {at(self.repo, ref)}", head)
@@ -413,7 +413,7 @@ class RegistryClient:
 
     def fetch_blob(self, digest: str, dest: Path, size: int | None = None) -> None:
         """Download a blob to `dest`, checking its digest (and size, when known) while writing."""
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise RegistryError(f"registry {self.repo.host}: {digest[:80]!r} is not a sha256 digest")
 
         def get() -> None:
@@ -467,7 +467,7 @@ def check_manifest(data: bytes, header_type: str, announced: str, ref: str, wher
     if inner is not None and inner != media_type:
         raise RegistryError(f"{where}: sent as {media_type} but says it is {str(inner)[:80]!r}")
     actual = sha256_digest(data)
-    if _DIGEST.match(ref) and actual != ref:
+    if _DIGEST.fullmatch(ref) and actual != ref:
         raise RegistryError(f"{where}: the registry sent a manifest whose digest is {actual}",
                             "asked by digest, the bytes must match it; the registry is broken or tampered with")
     if announced and announced != actual:

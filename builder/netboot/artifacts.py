@@ -41,9 +41,9 @@ COMPRESSORS = ("zstd", "xz", "gzip", "lzo", "lz4")
 SET_FILES = (*FILES, "SHA256SUMS", "manifest.json")  # every file name a netboot set may have
 # Target, variant, kernel version, suite: one plain path component (no "/", no leading dot), and a word
 # that cannot break a boot script or a kernel command line.
-_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+~-]{0,127}$")
-_IMAGE = re.compile(r"^[\x21-\x7e]{1,512}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+~-]{0,127}\Z")
+_IMAGE = re.compile(r"^[\x21-\x7e]{1,512}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def check_set_manifest(manifest: object, where: str, error: type[BuilderError] = RecipeError) -> dict[str, object]:
