@@ -30,6 +30,7 @@ from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import BuilderError, CommandError, RecipeError
 from builder.hostlib import driver_volumes
 from builder.launch import container_argv
+from builder.listing import target_entries, target_rows
 from builder.models import Recipe
 from builder.pin import pin_recipe
 from builder.publish import publish as publish_image
@@ -37,7 +38,7 @@ from builder.recipes import RECIPES_DIR, display_path, load_recipe, select
 from builder.registry import Repository
 from builder.render import plan_document, stage_apt_files, stage_sdks, stage_source, write_context
 from builder.sbom import make_sbom, read_packages, sbom_bytes
-from builder.targets import TARGETS, Host, state_of
+from builder.targets import Host
 from builder.toolbox import TOOL_CHOICES, Box, Tool, check_tool, exists, pick_tool, run_steps, tool_of
 from builder.vllm import (
     FLAVOURS,
@@ -49,7 +50,6 @@ from builder.vllm import (
     require_lock,
     vllm_recipe_path,
     vllm_shm_flags,
-    vllm_variants,
     write_vllm_context,
 )
 from builder.vllm_models import VllmRecipe
@@ -121,28 +121,12 @@ def targets(as_json: JsonOpt = False) -> None:
     the project's own machines (no GPU, no NPU, no vendor site): built and run here, built here but needing its
     device to run, or render-only, and why.
     """
-    entries = []
-    for target in TARGETS.values():
-        path = RECIPES_DIR / f"{target.name}.yaml"
-        in_recipe = set(load_recipe(path).variants) if path.is_file() else set()
-        in_vllm = set(vllm_variants(target.name))
-        for variant in target.variants.values():
-            state = state_of(target.name, variant.name)
-            entries.append({
-                "target": target.name, "variant": variant.name, "default": variant.name == target.default_variant,
-                "llama_cpp": variant.name in in_recipe, "vllm": variant.name in in_vllm, "state": state.kind,
-                "state_text": state.text(), "ran_on": state.ran_on, "description": variant.description,
-                "target_description": target.description,
-            })
+    entries = target_entries()
     if as_json:
         typer.echo(json.dumps(entries, indent=2))
         return
-    rows = [("TARGET", "VARIANT", "LLAMA.CPP", "VLLM", "STATE")]
-    rows += [(str(e["target"]), f"{e['variant']}{'*' if e['default'] else ''}", "yes" if e["llama_cpp"] else "-",
-              "yes" if e["vllm"] else "-", str(e["state_text"])) for e in entries]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
-        typer.echo("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=False)) + f"  {row[4]}")
+    for line in target_rows(entries):
+        typer.echo(line)
 
 
 @app.command()
