@@ -119,9 +119,10 @@ def _driver(root: Path, driver: HostDriver) -> list[Check]:
     checks = []
     found = find_driver(driver, root)
     for name, lib in found.items():
-        where = f"{lib.path.relative_to(root).as_posix()}" if lib else ""
+        where = "/" + lib.path.relative_to(root).as_posix() if lib and lib.path.is_relative_to(root) else str(
+            lib.path if lib else "")
         checks.append(Check(f"driver {name}", lib is not None,
-                            f"/{where}" if lib else "not in ld.so.conf's folders nor the standard ones",
+                            where if lib else "not in ld.so.conf's folders nor the standard ones",
                             f"{driver.install}; or pass its folder with `builder run --driver-dir DIR`"))
     versions = sorted({lib.version for lib in found.values() if lib and lib.version})
     if any(found.values()):
