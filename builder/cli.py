@@ -28,7 +28,9 @@ from builder.cli_pxe import pxe_app
 from builder.doctor import diagnose
 from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import BuilderError, CommandError, RecipeError
+from builder.hostlib import driver_volumes
 from builder.launch import container_argv
+from builder.listing import target_entries, target_rows
 from builder.models import Recipe
 from builder.pin import pin_recipe
 from builder.publish import publish as publish_image
@@ -36,7 +38,7 @@ from builder.recipes import RECIPES_DIR, display_path, load_recipe, select
 from builder.registry import Repository
 from builder.render import plan_document, stage_apt_files, stage_sdks, stage_source, write_context
 from builder.sbom import make_sbom, make_vllm_sbom, read_contents, sbom_bytes
-from builder.targets import TARGETS, Host
+from builder.targets import Host
 from builder.toolbox import TOOL_CHOICES, Box, Tool, check_tool, exists, pick_tool, run_steps, tool_of
 from builder.vllm import (
     FLAVOURS,
@@ -48,7 +50,6 @@ from builder.vllm import (
     require_lock,
     vllm_recipe_path,
     vllm_shm_flags,
-    vllm_variants,
     write_vllm_context,
 )
 from builder.vllm_models import VllmRecipe
@@ -113,22 +114,19 @@ def _options(
 
 
 @app.command()
-def targets() -> None:
-    """List targets, their variants (the default marked *) and which variants the shipped recipes build.
+def targets(as_json: JsonOpt = False) -> None:
+    """List every target/variant (the default marked *): which shipped recipes build it and its state here.
 
-    IN RECIPE: llama.cpp images (recipes/NAME.yaml); VLLM: vLLM images (recipes/vllm/NAME.yaml, --flavour vllm).
+    LLAMA.CPP: in recipes/NAME.yaml; VLLM: in recipes/vllm/NAME.yaml (--flavour vllm); STATE: how far it got on
+    the project's own machines (no GPU, no NPU, no vendor site): built and run here, built here but needing its
+    device to run, or render-only, and why.
     """
-    rows = [("TARGET", "VARIANTS", "IN RECIPE", "VLLM", "DESCRIPTION")]
-    for target in TARGETS.values():
-        variants = ", ".join(f"{v}*" if v == target.default_variant else v for v in target.variants)
-        path = RECIPES_DIR / f"{target.name}.yaml"
-        built = ", ".join(load_recipe(path).variants) if path.is_file() else "-"
-        vllm = ", ".join(vllm_variants(target.name)) or "-"
-        rows.append((target.name, variants, built, vllm, target.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for name, variants, built, vllm, description in rows:
-        typer.echo(f"{name:<{widths[0]}}  {variants:<{widths[1]}}  {built:<{widths[2]}}  {vllm:<{widths[3]}}  "
-                   f"{description}")
+    entries = target_entries()
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    for line in target_rows(entries):
+        typer.echo(line)
 
 
 @app.command()
@@ -416,6 +414,9 @@ def run(
     shm_size: Annotated[str, typer.Option(
         "--shm-size", help="vLLM: size of /dev/shm (e.g. 16g), or `host` to share the host's IPC namespace.")
     ] = DEFAULT_SHM,
+    driver_dir: Annotated[list[Path] | None, typer.Option(
+        "--driver-dir", help="A folder to take the variant's host driver libraries from before the host's own "
+        "library folders (e.g. Intel's NPU driver unpacked with dpkg-deb -x).")] = None,
 ) -> None:
     """Run an image in a role on the host network (model files given with --model are mounted).
 
@@ -425,6 +426,11 @@ def run(
     `serve PATH` is mounted read-only under /models.
     """
     is_vllm = _vllm(flavour)
+    driver_dirs = tuple(driver_dir or ())
+    for folder in driver_dirs:
+        if not folder.is_dir():
+            raise RecipeError(f"--driver-dir {folder}: no such folder", "pass the folder that holds the driver's "
+                              "libraries, e.g. usr/lib/x86_64-linux-gnu of the unpacked .debs")
     roles = VLLM_ROLES if is_vllm else ROLES
     if role not in roles:
         raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(roles)}")
@@ -445,22 +451,37 @@ def run(
         image = image_for_run(chosen, prep)
         entry, variant_entry = select(prep.plan.target, prep.plan.variant)
         host = variant_entry.host
-        missing = [d for d in host.devices if not Path(d).exists()]
-        if missing:
-            err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {entry.name}`")
+        _warn_missing(host, entry.name, driver_dirs)
+    elif target is not None:
+        # Another image of the target (--image): it still gets the variant's run contract.
+        entry, variant_entry = select(target, variant, variant_from_cli=variant is not None)
+        host = variant_entry.host
+        _warn_missing(host, entry.name, driver_dirs)
     for item in env or []:
         # KEY alone passes builder's own value through (kept out of the command line, e.g. a secret)
         if "=" not in item and item not in os.environ:
             raise RecipeError(f"--env {item!r}: expected KEY=VALUE, or KEY set in this environment")
     env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
     argv = container_argv(chosen, image, role, list(args or []), name=name, detach=detach,
-                          run_flags=(*chosen.device_flags(host), *env_flags, *extra_flags))
+                          run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *extra_flags))
     if print_only:
         typer.echo(" ".join(argv))
         return
     logging.getLogger("builder").debug("$ %s", " ".join(argv))
     sys.stdout.flush()
     os.execvp(argv[0], argv)
+
+
+def _warn_missing(host: Host, target: str, driver_dirs: tuple[Path, ...] = ()) -> None:
+    """One warning per part of the run contract this host lacks (the container starts without it)."""
+    missing = [d for d in host.devices if not Path(d).exists()]
+    if missing:
+        err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {target}`")
+    if host.driver:
+        _, absent = driver_volumes(host.driver, driver_dirs)
+        if absent:
+            err.print(f"warning: {host.driver.name} ({', '.join(absent)}) not found on this host, so the "
+                      f"container cannot use the device; see `builder doctor --target {target}`")
 
 
 @app.command()
@@ -523,9 +544,7 @@ def _resolve_box(chosen: Tool, target: str | None, recipe: Path | None, variant:
     if need_image and image is None:
         prep = prepare(recipe_file(target, recipe), variant_entry.name)
         box = Box(chosen, box.name, image_for_run(box.engine, prep), box.host)
-    missing = [d for d in box.host.devices if not Path(d).exists()]
-    if missing:
-        err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {entry.name}`")
+    _warn_missing(box.host, entry.name)
     return box
 
 

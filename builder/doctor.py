@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.targets import Target, Variant
+from builder.hostlib import find_driver, firmware_files
+from builder.targets import Host, HostDriver, Target, Variant
 
 # Strix Halo unified memory: GTT of ~124 GiB (in MiB) and the matching TTM page limit (4 KiB pages).
 STRIX_HALO_PARAMS = "amdgpu.gttsize=126976 ttm.pages_limit=32505856"
@@ -75,9 +76,9 @@ def _group_name(gid: int, root: Path) -> str:
         return str(gid)
 
 
-def _devices(root: Path, devices: tuple[str, ...], uid: int, groups: set[int]) -> list[Check]:
+def _devices(root: Path, host: Host, uid: int, groups: set[int]) -> list[Check]:
     checks = []
-    for device in devices:
+    for device in host.devices:
         nodes = _device_nodes(root, device)
         if not nodes:
             checks.append(Check(f"device {device}", False, "missing",
@@ -87,8 +88,13 @@ def _devices(root: Path, devices: tuple[str, ...], uid: int, groups: set[int]) -
         if blocked:
             gid = blocked[0].stat().st_gid
             name = _group_name(gid, root)
+            fix = f"sudo usermod -aG {name} $USER, then log in again"
+            if gid == 0 and host.device_rule:
+                # Joining root's group is no answer: give the nodes to the render group with a udev rule.
+                fix = (f"echo '{host.device_rule}' | sudo tee /etc/udev/rules.d/70-builder-accel.rules && "
+                       "sudo udevadm trigger, then sudo usermod -aG render $USER and log in again")
             checks.append(Check(f"device {device}", False, f"{blocked[0].name} belongs to group {name} ({gid}), "
-                                "which you are not in", f"sudo usermod -aG {name} $USER, then log in again"))
+                                "which you are not in", fix))
         else:
             checks.append(Check(f"device {device}", True, f"{len(nodes)} node(s) accessible"))
     return checks
@@ -105,6 +111,31 @@ def _kernel_params(root: Path, keys: tuple[str, ...]) -> list[Check]:
         checks.append(Check("kernel parameter iommu", bool(iommu), iommu[0] if iommu else "default (translated)",
                             "add iommu=pt for faster GPU memory access (amd_iommu=off also works but disables the NPU)",
                             required=False))
+    return checks
+
+
+def _driver(root: Path, driver: HostDriver) -> list[Check]:
+    """The user-space driver `builder run` mounts from this host: its libraries, their version, the firmware."""
+    checks = []
+    found = find_driver(driver, root)
+    for name, lib in found.items():
+        where = "/" + lib.path.relative_to(root).as_posix() if lib and lib.path.is_relative_to(root) else str(
+            lib.path if lib else "")
+        checks.append(Check(f"driver {name}", lib is not None,
+                            where if lib else "not in ld.so.conf's folders nor the standard ones",
+                            f"{driver.install}; or pass its folder with `builder run --driver-dir DIR`"))
+    versions = sorted({lib.version for lib in found.values() if lib and lib.version})
+    if any(found.values()):
+        checks.append(Check("driver version", bool(versions), ", ".join(versions) if versions else
+                            "unknown (the libraries' file names carry none)",
+                            "check the installed package's version (dpkg -l, rpm -q) against the image's runtime",
+                            required=False))
+    if driver.firmware:
+        blobs = firmware_files(driver, root)
+        checks.append(Check("driver firmware", bool(blobs),
+                            ", ".join(b.name for b in blobs[:3]) + (" …" if len(blobs) > 3 else "") if blobs else
+                            f"none of {', '.join(driver.firmware)} under /lib/firmware",
+                            driver.firmware_install))
     return checks
 
 
@@ -130,7 +161,9 @@ def diagnose(target: Target, variant: Variant, *, root: Path = Path("/"), model:
     if host.min_kernel:
         checks.append(_kernel(root, host.min_kernel))
     checks += _modules(root, host.modules)
-    checks += _devices(root, host.devices, uid, groups)
+    checks += _devices(root, host, uid, groups)
+    if host.driver:
+        checks += _driver(root, host.driver)
     checks += _kernel_params(root, host.kernel_params)
     if host.cdi:
         vendor = host.cdi.split("/")[0]

@@ -4,6 +4,7 @@ No other module branches on a target or variant name; they read these entries.
 """
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 # Every image builds llama.cpp the same way so that RPC works across nodes: the RPC backend on, portable CPU
 # code (the best CPU variant is picked at run time), backends as loadable modules, no network at build time.
@@ -29,6 +30,22 @@ TOOLBOX_PACKAGES: tuple[str, ...] = ("libcap2-bin", "sudo")
 
 
 @dataclass(frozen=True)
+class HostDriver:
+    """A device's user-space driver that the image does not carry: `builder run` mounts the host's copy.
+
+    Like NVIDIA's toolkit with libcuda: the host's libraries are found (ld.so.conf folders, then the standard
+    ones) and bind-mounted read-only into the container's multiarch library folder, where the image's loader
+    finds them by name. `doctor` checks them and the firmware; a netboot root must carry them itself.
+    """
+
+    name: str  # for people: "Intel NPU user-space driver"
+    libraries: tuple[str, ...]  # file names as the loader asks for them (sonames)
+    firmware: tuple[str, ...] = ()  # globs under /lib/firmware; any match will do
+    install: str = ""  # how to install it on a host: the fix doctor prints
+    firmware_install: str = ""  # how to install the firmware
+
+
+@dataclass(frozen=True)
 class Host:
     """What a node needs from its host kernel for a variant: checked by `doctor`, used by `run`."""
 
@@ -39,6 +56,8 @@ class Host:
     security: tuple[str, ...] = ()  # --security-opt values
     env: dict[str, str] = field(default_factory=dict)
     cdi: str | None = None  # CDI device name (NVIDIA): podman --device NAME, docker --gpus all
+    driver: HostDriver | None = None  # user-space driver libraries taken from the host at run time
+    device_rule: str = ""  # a udev rule that gives root-owned device nodes to a group users can join
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,16 @@ _AMD_GPU = Host(
     security=("seccomp=unconfined",),
 )
 _INTEL_GPU = Host(devices=("/dev/dri",), modules=(("xe", "i915"),))
+# Intel's NPU driver (linux-npu-driver releases: intel-level-zero-npu, intel-driver-compiler-npu, intel-fw-npu)
+# is in no Debian archive and not on PyPI; the image carries Debian's Level Zero loader (libze1) and OpenVINO's
+# NPU plugin, and takes the driver and its compiler library from the host (docs/design.md).
+_INTEL_NPU_DRIVER = HostDriver(
+    "Intel NPU user-space driver", ("libze_intel_npu.so.1", "libnpu_driver_compiler.so"),
+    firmware=("intel/vpu/vpu_*.bin*", "updates/intel/vpu/vpu_*.bin*"),
+    install="install Intel's linux-npu-driver release (intel-level-zero-npu, intel-driver-compiler-npu, "
+            "intel-fw-npu .debs) or your distribution's package of it",
+    firmware_install="apt-get install firmware-intel-misc (Debian non-free-firmware) or Intel's intel-fw-npu "
+                     "package, then reboot")
 
 TARGETS: dict[str, Target] = {
     t.name: t
@@ -109,7 +138,8 @@ TARGETS: dict[str, Target] = {
                      "GGML_F16C": "ON"},
                     "OPENVINO",
                     Host(devices=("/dev/accel",), modules=(("intel_vpu",),),
-                         env={"GGML_OPENVINO_DEVICE": "NPU"})),
+                         env={"GGML_OPENVINO_DEVICE": "NPU"}, driver=_INTEL_NPU_DRIVER,
+                         device_rule='SUBSYSTEM=="accel", KERNEL=="accel*", GROUP="render", MODE="0660"')),
         ),
         _target(
             "nvidia",
@@ -134,3 +164,42 @@ def why_not(target: Target, variant: str) -> str:
     owners = [f"{t.name} ({t.description})" for t in TARGETS.values() if variant in t.variants]
     offers = f"{target.name} offers: {', '.join(target.variants)}"
     return f"{variant} belongs to {'; '.join(owners)}; {offers}" if owners else offers
+
+
+@dataclass(frozen=True)
+class State:
+    """How far a variant got on our machines (no GPU, no NPU, no vendor site reachable): README and `targets`."""
+
+    kind: Literal["run", "built", "render-only"]
+    because: str = ""  # render-only: the reason
+    ran_on: str = ""  # run: the device it ran on here (a software stand-in where the real one is missing)
+
+    def text(self) -> str:
+        if self.kind == "run":
+            return "built and run here"
+        if self.kind == "built":
+            return "built here, needs its device to run"
+        return f"render-only here, because {self.because}"
+
+
+_UNREACHABLE = "its vendor's registry images and package repository are unreachable from our machines"
+
+# One entry per target/variant, checked against README's targets table and the target table by the tests.
+# strix-halo/rocm and nvidia/cuda are Debian's own ROCm 7.2 (experimental) and CUDA 12.4 (trixie non-free);
+# the vendors' packages are their second variants (rocm-amd, cuda-nvidia).
+STATES: dict[tuple[str, str], State] = {
+    ("cpu", "cpu"): State("run", ran_on="the CPU"),
+    ("strix-halo", "rocm"): State("built"),
+    ("strix-halo", "rocm-amd"): State("render-only", _UNREACHABLE),
+    ("strix-halo", "vulkan"): State("run", ran_on="Mesa's lavapipe (software Vulkan)"),
+    ("intel-arc", "sycl"): State("render-only", "no SYCL compiler (icpx) is in Debian or on PyPI, and Intel's "
+                                 "oneAPI images are unreachable from our machines"),
+    ("intel-arc", "vulkan"): State("run", ran_on="Mesa's lavapipe (software Vulkan)"),
+    ("intel-npu", "openvino"): State("run", ran_on="OpenVINO's CPU device (no NPU here)"),
+    ("nvidia", "cuda"): State("built"),
+    ("nvidia", "cuda-nvidia"): State("render-only", _UNREACHABLE),
+}
+
+
+def state_of(target: str, variant: str) -> State:
+    return STATES.get((target, variant), State("render-only", "no state is recorded for it yet"))

@@ -108,3 +108,87 @@ def test_doctor_cli_exit_codes_and_lines(tmp_path: Path) -> None:
     proc = run_cli("doctor", "--target", "strix-halo", "--variant", "cuda")
     assert proc.returncode == 2 and "cuda belongs to nvidia" in proc.stderr
     assert "strix-halo offers: rocm, vulkan" in proc.stderr
+
+
+LIB = "usr/lib/x86_64-linux-gnu"
+
+
+def add_npu_driver(root: Path, folder: str = LIB, version: str = "1.38.0", firmware: bool = True) -> None:
+    """Intel's NPU driver as its .debs lay it out: the driver behind its soname link, the compiler, firmware."""
+    lib = root / folder
+    lib.mkdir(parents=True, exist_ok=True)
+    (lib / f"libze_intel_npu.so.{version}").write_bytes(b"\x7fELF")
+    (lib / "libze_intel_npu.so.1").symlink_to(f"libze_intel_npu.so.{version}")
+    (lib / "libnpu_driver_compiler.so").write_bytes(b"\x7fELF")
+    if firmware:
+        (root / "lib/firmware/intel/vpu").mkdir(parents=True)
+        (root / "lib/firmware/intel/vpu/vpu_37xx_v1.bin").write_bytes(b"fw")
+
+
+def test_ready_npu_node_passes_driver_version_and_firmware_checks(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("intel_vpu",), devices=("/dev/accel/accel0",))
+    add_npu_driver(root)
+    result = lines("intel-npu", root, uid=0, groups=set())
+    assert all(line.startswith("PASS") for line in result.values()), result
+    assert result["driver libze_intel_npu.so.1"] == (
+        f"PASS  driver libze_intel_npu.so.1: /{LIB}/libze_intel_npu.so.1.38.0")
+    assert result["driver libnpu_driver_compiler.so"].startswith("PASS")
+    assert result["driver version"] == "PASS  driver version: 1.38.0"
+    assert result["driver firmware"] == "PASS  driver firmware: vpu_37xx_v1.bin"
+
+
+def test_npu_driver_found_through_ld_so_conf_includes(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("intel_vpu",), devices=("/dev/accel/accel0",))
+    add_npu_driver(root, folder="opt/intel/npu/lib")
+    (root / "etc/ld.so.conf.d").mkdir(parents=True)
+    (root / "etc/ld.so.conf").write_text("include /etc/ld.so.conf.d/*.conf\n")
+    (root / "etc/ld.so.conf.d/intel-npu.conf").write_text("# Intel NPU\n/opt/intel/npu/lib\n")
+    result = lines("intel-npu", root, uid=0, groups=set())
+    assert result["driver libze_intel_npu.so.1"].endswith("/opt/intel/npu/lib/libze_intel_npu.so.1.38.0")
+
+
+def test_npu_node_without_the_driver_or_firmware_says_what_to_install(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("intel_vpu",), devices=("/dev/accel/accel0",))
+    result = lines("intel-npu", root, uid=0, groups=set())
+    line = result["driver libze_intel_npu.so.1"]
+    assert line.startswith("FAIL  driver libze_intel_npu.so.1: not in ld.so.conf's folders nor the standard ones")
+    assert "intel-level-zero-npu, intel-driver-compiler-npu, intel-fw-npu" in line
+    assert "builder run --driver-dir DIR" in line
+    assert result["driver libnpu_driver_compiler.so"].startswith("FAIL")
+    assert result["driver firmware"].startswith("FAIL  driver firmware: none of intel/vpu/vpu_*.bin*")
+    assert "firmware-intel-misc" in result["driver firmware"]
+    assert "driver version" not in result  # nothing to read a version from
+
+
+def test_npu_driver_without_a_version_in_its_file_name_warns(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("intel_vpu",), devices=("/dev/accel/accel0",))
+    lib = root / LIB
+    lib.mkdir(parents=True)
+    (lib / "libze_intel_npu.so.1").write_bytes(b"\x7fELF")  # a plain file: a hand-copied driver
+    (lib / "libnpu_driver_compiler.so").write_bytes(b"\x7fELF")
+    result = lines("intel-npu", root, uid=0, groups=set())
+    assert result["driver version"].startswith("WARN  driver version: unknown")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give fixture nodes another group (CI runs as root)")
+def test_root_owned_accel_node_gets_a_udev_rule_not_the_root_group(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("intel_vpu",), devices=("/dev/accel/accel0",), device_gid=0)
+    add_npu_driver(root)
+    line = lines("intel-npu", root, uid=1000, groups={1000})["device /dev/accel"]
+    assert line.startswith("FAIL  device /dev/accel: accel0 belongs to group root (0), which you are not in")
+    assert 'SUBSYSTEM=="accel", KERNEL=="accel*", GROUP="render", MODE="0660"' in line
+    assert "usermod -aG render" in line and "usermod -aG root" not in line
+    root = make_host(tmp_path / "b", modules=("intel_vpu",), devices=("/dev/accel/accel0",), device_gid=993)
+    assert lines("intel-npu", root, uid=1000, groups={993})["device /dev/accel"].startswith("PASS")
+
+
+def test_doctor_cli_for_the_npu_exits_1_until_the_driver_is_there(tmp_path: Path) -> None:
+    bare = make_host(tmp_path / "bare", modules=("intel_vpu",), devices=("/dev/accel/accel0",))
+    proc = run_cli("doctor", "--target", "intel-npu", "--root", str(bare))
+    assert proc.returncode == 1
+    assert "FAIL  driver libze_intel_npu.so.1" in proc.stdout
+    ready = make_host(tmp_path / "ready", modules=("intel_vpu",), devices=("/dev/accel/accel0",))
+    add_npu_driver(ready)
+    proc = run_cli("doctor", "--target", "intel-npu", "--root", str(ready))
+    assert proc.returncode == 0, proc.stdout
+    assert "FAIL" not in proc.stdout and "PASS  driver version: 1.38.0" in proc.stdout

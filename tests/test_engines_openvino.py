@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from builder.engines import ENGINES
-from conftest import free_port, require_engine, run_cli
+from conftest import free_port, require_engine, require_tool, run_cli
 from containers import PROMPT, container, wait_healthy
 
 pytestmark = pytest.mark.engine
@@ -63,6 +63,52 @@ def test_npu_is_the_default_device_and_missing_npu_falls_back_to_cpu(images: dic
     assert "OpenVINO: using device CPU" in proc.stdout
     proc = run_cli("run", *NPU, "--env", OPENVINO_CPU[0], "shell", "-c", listing)
     assert "OpenVINO: using device CPU" in proc.stdout and "fallback" not in proc.stdout
+
+
+# A stand-in for Intel's NPU driver (there is none here): a shared library that says so when it is loaded.
+# It exports no Level Zero entry points, so the loader drops it after opening it, as it would a broken driver.
+STAND_IN_DRIVER = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void announce(void) {
+    fprintf(stderr, "stand-in NPU driver: opened by the Level Zero loader\n");
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def npu_image() -> str:
+    require_engine(ENGINE)
+    proc = run_cli("build", *NPU, "--json", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return str(json.loads(proc.stdout)["image"])
+
+
+def test_host_npu_driver_mount_reaches_the_image_level_zero_loader(npu_image: str, tmp_path: Path) -> None:
+    """The run contract end to end, with a stand-in for the host's driver (mocked: no NPU driver here).
+
+    The NPU plugin loads Debian's Level Zero loader from the image, and the loader opens the driver by name
+    from where `builder run --driver-dir` mounted it; the stand-in announces itself, offers the loader
+    nothing, and OpenVINO falls back to its CPU device. Without the mount, nothing is opened.
+    """
+    require_tool("gcc", "gcc")
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    (tmp_path / "stand_in.c").write_text(STAND_IN_DRIVER)
+    for name in ("libze_intel_npu.so.1.99.0", "libnpu_driver_compiler.so"):
+        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(driver / name), str(tmp_path / "stand_in.c")],
+                       check=True)
+    (driver / "libze_intel_npu.so.1").symlink_to("libze_intel_npu.so.1.99.0")
+    listing = "ls -l /usr/lib/x86_64-linux-gnu/libze_loader.so.1; ggml-rpc-server -d list-devices 2>&1; true"
+    proc = run_cli("run", *NPU, "--driver-dir", str(driver), "shell", "-c", listing)
+    assert "libze_loader.so.1 -> libze_loader.so.1." in proc.stdout, proc.stdout
+    assert "stand-in NPU driver: opened by the Level Zero loader" in proc.stdout + proc.stderr, proc.stdout
+    assert "device NPU is not available, fallback to CPU" in proc.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if not any((Path(d) / "libze_intel_npu.so.1").exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib")):
+        proc = run_cli("run", *NPU, "--driver-dir", str(empty), "shell", "-c", listing)
+        assert "stand-in NPU driver" not in proc.stdout + proc.stderr
+        assert "Intel NPU user-space driver (libze_intel_npu.so.1, libnpu_driver_compiler.so) not found" in proc.stderr
 
 
 def test_image_ships_the_cpu_and_npu_plugins_only(images: dict[str, str]) -> None:

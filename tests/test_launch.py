@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 from builder.engines.docker import DockerEngine
 from builder.engines.podman import PodmanEngine
 from builder.launch import container_argv
@@ -63,3 +65,44 @@ def test_cpu_variant_needs_no_device_flags() -> None:
     from builder.recipes import select
 
     assert DockerEngine().device_flags(select("cpu", None)[1].host) == []
+
+
+def test_run_print_mounts_the_host_npu_driver_where_the_image_loader_finds_it(tmp_path: Path) -> None:
+    """Intel's NPU driver comes from the host, read-only, under the name the Level Zero loader opens."""
+    require_engine("podman")
+    lib = tmp_path / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    (lib / "libze_intel_npu.so.1.38.0").write_bytes(b"\x7fELF")
+    (lib / "libze_intel_npu.so.1").symlink_to("libze_intel_npu.so.1.38.0")
+    (lib / "libnpu_driver_compiler.so").write_bytes(b"\x7fELF")
+    proc = run_cli("run", "-t", "intel-npu", "--engine", "podman", "--image", "localhost/x:y", "--driver-dir", str(lib),
+                   "--print", "shell")
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    volumes = [words[i + 1] for i, word in enumerate(words) if word == "--volume"]
+    assert f"{lib}/libze_intel_npu.so.1.38.0:/usr/lib/x86_64-linux-gnu/libze_intel_npu.so.1:ro" in volumes
+    assert f"{lib}/libnpu_driver_compiler.so:/usr/lib/x86_64-linux-gnu/libnpu_driver_compiler.so:ro" in volumes
+    assert "--env GGML_OPENVINO_DEVICE=NPU" in proc.stdout
+    assert "Intel NPU user-space driver" not in proc.stderr
+
+
+def test_run_without_the_npu_driver_warns_and_mounts_nothing(tmp_path: Path) -> None:
+    require_engine("podman")
+    if any((Path(d) / "libze_intel_npu.so.1").exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib")):
+        pytest.skip("this host has Intel's NPU driver installed")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("run", "-t", "intel-npu", "--engine", "podman", "--image", "localhost/x:y",
+                   "--driver-dir", str(empty), "--print", "shell")
+    assert proc.returncode == 0, proc.stderr
+    assert "libze_intel_npu" not in proc.stdout
+    assert ("warning: Intel NPU user-space driver (libze_intel_npu.so.1, libnpu_driver_compiler.so) not found "
+            "on this host") in proc.stderr
+    assert "builder doctor --target intel-npu" in proc.stderr
+
+
+def test_driver_dir_that_does_not_exist_is_one_error(tmp_path: Path) -> None:
+    proc = run_cli("run", "-t", "intel-npu", "--image", "localhost/x:y", "--driver-dir", str(tmp_path / "nope"),
+                   "--print", "shell")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[0] == f"error: --driver-dir {tmp_path / 'nope'}: no such folder"

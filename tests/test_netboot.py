@@ -11,7 +11,9 @@ import pytest
 import requests
 import yaml
 
+from builder.errors import RecipeError
 from builder.netboot import cpio
+from builder.netboot.artifacts import require_driver
 from builder.netboot.inventory import load_inventory
 from builder.netboot.modules import load_order
 from builder.netboot.publish import current_id, generations, publish, rollback
@@ -208,3 +210,21 @@ def test_dnsmasq_config_chains_plain_pxe_to_ipxe_then_http(tmp_path: Path) -> No
     (tmp_path / "tftp").mkdir()
     (tmp_path / "dnsmasq.conf").write_text(text)
     check_dnsmasq(tmp_path / "dnsmasq.conf")
+
+
+def test_npu_netboot_root_must_carry_the_npu_driver(tmp_path: Path) -> None:
+    """A netbooted NPU node has no host to lend it Intel's driver: a root without it is refused, in one line."""
+    root = tmp_path / "root"
+    (root / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    with pytest.raises(RecipeError) as refused:
+        require_driver(root, "intel-npu", "openvino")
+    assert refused.value.message == (
+        "intel-npu/openvino: the image carries no Intel NPU user-space driver (libze_intel_npu.so.1, "
+        "libnpu_driver_compiler.so), and a netbooted node has no host to take it from")
+    assert "debs:" in refused.value.hint and "builder run" in refused.value.hint
+    require_driver(root, "cpu", "cpu")  # no driver in the contract: nothing to refuse
+    lib = root / "usr/lib/x86_64-linux-gnu"
+    (lib / "libze_intel_npu.so.1.38.0").write_bytes(b"\x7fELF")
+    (lib / "libze_intel_npu.so.1").symlink_to("/usr/lib/x86_64-linux-gnu/libze_intel_npu.so.1.38.0")
+    (lib / "libnpu_driver_compiler.so").write_bytes(b"\x7fELF")
+    require_driver(root, "intel-npu", "openvino")  # absolute links resolve inside the root

@@ -8,7 +8,7 @@ import yaml
 
 from builder import recipes
 from builder.errors import RecipeError
-from builder.targets import TARGETS
+from builder.targets import STATES, TARGETS
 from conftest import ROOT, run_cli
 
 CPU = yaml.safe_load((ROOT / "recipes" / "cpu.yaml").read_text())
@@ -169,10 +169,46 @@ def test_every_recipe_field_is_documented() -> None:
 def test_targets_lists_variants_and_what_the_recipes_build() -> None:
     proc = run_cli("targets")
     assert proc.returncode == 0
-    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
-    assert set(rows) == {"cpu", "strix-halo", "intel-arc", "intel-npu", "nvidia"}
-    assert rows["cpu"].split()[:3] == ["cpu", "cpu*", "cpu"]
-    assert rows["strix-halo"].split()[:5] == ["strix-halo", "rocm*,", "vulkan", "rocm,", "vulkan"]
-    assert rows["intel-arc"].split()[:5] == ["intel-arc", "sycl*,", "vulkan", "sycl,", "vulkan"]
-    assert rows["intel-npu"].split()[:3] == ["intel-npu", "openvino*", "openvino"]
-    assert rows["nvidia"].split()[:3] == ["nvidia", "cuda*", "cuda"]
+    rows = {tuple(line.split()[:2]): line.split()[2] for line in proc.stdout.splitlines()[1:]}
+    assert {target for target, _ in rows} == {"cpu", "strix-halo", "intel-arc", "intel-npu", "nvidia"}
+    assert rows[("cpu", "cpu*")] == "yes"
+    assert rows[("strix-halo", "rocm*")] == rows[("strix-halo", "vulkan")] == "yes"
+    assert rows[("intel-arc", "sycl*")] == rows[("intel-arc", "vulkan")] == "yes"
+    assert rows[("intel-npu", "openvino*")] == "yes"
+    assert rows[("nvidia", "cuda*")] == "yes"
+
+
+def readme_states() -> dict[tuple[str, str], tuple[str, str]]:
+    """README's targets table: (target, variant) -> (state here, ran here on)."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| target | variant | built from | state here | ran here on |"):].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        target, variant = cells[0].strip("`"), cells[1].rstrip("*").strip("`")
+        rows[(target, variant)] = (cells[3], "" if cells[4] == "-" else cells[4])
+    return rows
+
+
+def test_readme_targets_table_is_the_state_data() -> None:
+    """Every target/variant has exactly one recorded state; README's table says the same, row for row."""
+    table = readme_states()
+    assert table == {key: (state.text(), state.ran_on) for key, state in STATES.items()}
+    for text, _ in table.values():
+        assert text in ("built and run here", "built here, needs its device to run") or \
+            text.startswith("render-only here, because ")
+    missing = [f"{t.name}/{v}" for t in TARGETS.values() for v in t.variants if (t.name, v) not in STATES]
+    assert not missing, f"no state recorded in builder/targets.py STATES for {missing}"
+
+
+def test_builder_targets_shows_the_same_state_as_the_readme() -> None:
+    proc = run_cli("targets", "--json")
+    assert proc.returncode == 0, proc.stderr
+    shown = {(e["target"], e["variant"]): (e["state_text"], e["ran_on"]) for e in json.loads(proc.stdout)}
+    table = readme_states()
+    assert shown == {key: table[key] for key in shown}
+    assert len(shown) == sum(len(t.variants) for t in TARGETS.values())
+    text = run_cli("targets").stdout.splitlines()
+    assert text[0].split() == ["TARGET", "VARIANT", "LLAMA.CPP", "VLLM", "STATE"]
+    sycl = next(line for line in text if line.split()[:2] == ["intel-arc", "sycl*"])
+    assert sycl.endswith(table[("intel-arc", "sycl")][0])

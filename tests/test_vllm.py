@@ -155,10 +155,10 @@ def test_render_only_variants_refuse_to_build_with_one_line(target: str, device:
 def test_targets_lists_the_vllm_variants() -> None:
     proc = run_cli("targets")
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:5] == ["TARGET", "VARIANTS", "IN", "RECIPE", "VLLM"]
-    column = lines[0].index("VLLM")
-    rows = {line.split()[0]: line[column:].split()[0] for line in lines[1:]}
-    assert rows["cpu"] == "cpu" and rows["nvidia"] == "cuda" and rows["intel-npu"] == "-"
+    assert lines[0].split()[:4] == ["TARGET", "VARIANT", "LLAMA.CPP", "VLLM"]
+    rows = {line.split()[0] + "/" + line.split()[1].rstrip("*"): line.split()[3] for line in lines[1:]}
+    assert rows["cpu/cpu"] == rows["nvidia/cuda"] == rows["strix-halo/rocm"] == "yes"
+    assert rows["intel-npu/openvino"] == rows["strix-halo/vulkan"] == "-"
 
 
 def test_every_vllm_recipe_field_is_documented() -> None:

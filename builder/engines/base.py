@@ -57,8 +57,8 @@ class Engine(Protocol):
     def command(self) -> list[str]:
         """argv prefix of the engine's CLI, e.g. ['podman'], for `stop`, `logs` and friends."""
 
-    def device_flags(self, host: Host) -> list[str]:
-        """Flags that give a container the devices, groups and environment a variant needs."""
+    def device_flags(self, host: Host, driver_dirs: tuple[Path, ...] = ()) -> list[str]:
+        """Flags that give a container the devices, groups, environment and host driver a variant needs."""
 
     def run_argv(self) -> list[str]:
         """argv prefix that starts a container, with the flags this host needs."""

@@ -4,6 +4,7 @@ import os
 import shutil
 from pathlib import Path
 
+from builder.hostlib import driver_volumes
 from builder.run import run, run_logged
 from builder.targets import Host
 
@@ -19,11 +20,12 @@ class CliEngine:
         """Flags every container this engine starts needs on this host (builds included)."""
         return []
 
-    def device_flags(self, host: Host) -> list[str]:
-        """Devices, groups, security options and environment a variant's container needs on this host.
+    def device_flags(self, host: Host, driver_dirs: tuple[Path, ...] = ()) -> list[str]:
+        """Devices, groups, security options, environment and host driver mounts a variant's container needs.
 
-        Devices missing on the host are left out (`builder doctor` explains them). Access goes through the
-        device nodes' own group ids, which need not exist by name inside the image.
+        Devices and driver libraries missing on the host are left out (`builder doctor` explains them).
+        Access goes through the device nodes' own group ids, which need not exist by name inside the image.
+        `driver_dirs` are searched for the driver before the host's library folders.
         """
         flags: list[str] = []
         gids: set[int] = set()
@@ -42,6 +44,9 @@ class CliEngine:
             flags += ["--env", f"{key}={value}"]
         if host.cdi:
             flags += self._cdi_flags(host.cdi)
+        if host.driver:
+            volumes, _ = driver_volumes(host.driver, driver_dirs)
+            flags += [flag for volume in volumes for flag in ("--volume", volume)]
         return flags
 
     def _group_flags(self, gids: list[int]) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from builder.engines import Engine
 from builder.errors import BuilderError, EngineError, RecipeError
+from builder.hostlib import find_driver
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
     KernelSpec,
@@ -32,6 +33,7 @@ from builder.netboot.kernels import (
 )
 from builder.netboot.modules import load_order, module_bytes, plain_name
 from builder.paths import cache_subdir
+from builder.recipes import select
 from builder.run import run, run_logged
 from builder.source import sha256_file
 
@@ -146,6 +148,22 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     return missing
 
 
+def require_driver(root: Path, target: str, variant: str) -> None:
+    """A netbooted node runs the image's own root: no host is there to lend the device's user-space driver
+    (the way `builder run` mounts it), so the root must carry it, or the node could only fall back to the CPU."""
+    driver = select(target, variant)[1].host.driver
+    if driver is None:
+        return
+    absent = [name for name, lib in find_driver(driver, root).items() if lib is None]
+    if absent:
+        raise RecipeError(
+            f"{target}/{variant}: the image carries no {driver.name} ({', '.join(absent)}), and a netbooted node "
+            "has no host to take it from",
+            "netboot an image whose runtime stage installs the driver (a recipe variant with an `image` runtime "
+            "base and the vendor's .debs under `debs:`, pinned by sha256), or run these nodes from a disk install "
+            "with the driver and `builder run`")
+
+
 def _env_line(item: str) -> str:
     key, _, value = item.partition("=")
     return f"{key}='" + value.replace("'", "'\\''") + "'"
@@ -182,6 +200,7 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
         root.mkdir()
         _extract(work / "rootfs.tar", root)
         (work / "rootfs.tar").unlink()
+        require_driver(root, target, variant)
         missing = _add_node_files(root, tree, kver, spec, info.env)
         squash_started = time.monotonic()
         run_logged(["mksquashfs", str(root), str(staged / "root.squashfs"), "-noappend", "-no-xattrs",
