@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from builder.targets import DEFAULT_BINARIES
 
@@ -250,3 +250,25 @@ class BuildPlan(Strict):
     sdks: dict[str, SdkSpec] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict, description="image environment defaults of the variant")
     ship: list[str] = Field(default_factory=list, description="toolchain-stage globs installed with the binaries")
+
+
+DebVersion = Annotated[str, Field(pattern=r"^[A-Za-z0-9.+~:-]+$")]
+
+
+class LockedDeb(Strict):
+    """One package of a bootstrapped base as resolved by `builder lock`: its exact version and .deb file."""
+
+    name: PackageName
+    version: DebVersion
+    arch: str = Field(pattern=r"^[a-z0-9-]+$")
+    suite: str = Field(pattern=r"^[a-z][a-z0-9/-]*$", description="the suite it came from, e.g. sid, experimental")
+    filename: str = Field(pattern=r"^pool/[A-Za-z0-9_.+~%/-]+\.deb$", description="its path below the mirror")
+    sha256: Sha256
+    size: int = Field(ge=0)
+
+
+class LockedBase(Strict):
+    """The full package set of one bootstrapped base, keyed in builder.lock by the base's inputs."""
+
+    inputs: dict[str, JsonValue] = Field(description="the base as its recipe states it, without the mirror")
+    resolved: list[LockedDeb] = Field(min_length=1, description="every package the base installs, sorted by name")
