@@ -53,8 +53,9 @@ def host_arch() -> str:
 def base_inputs(spec: BootstrapBase) -> dict[str, Any]:
     """What the recipe asks of a base, mirror left out: a mirror (a snapshot of the archive) may change
     where locked files come from, never which files they are."""
-    inputs = spec.model_dump(mode="json", exclude={"mirror"})
-    inputs["packages"] = sorted(set(spec.packages))
+    # Fields at their defaults are left out, so a field added later (with a default) renames no base.
+    inputs = spec.model_dump(mode="json", exclude={"mirror"}, exclude_defaults=True)
+    inputs.update(kind=spec.kind, suite=spec.suite, packages=sorted(set(spec.packages)))
     return inputs
 
 

@@ -149,7 +149,8 @@ def resolve(spec: BootstrapBase, arch: str) -> list[LockedDeb]:
             raise LockError(f"cannot read the package index of {where}: {last}",
                             "check the suite, components and mirror of the base, and that the mirror is reachable"
                             ) from None
-        merged_usr = "Package: usr-is-merged" in apt("apt-cache", "show", "--no-all-versions", "usr-is-merged")
+        merged_usr = run(["apt-cache", "show", "--no-all-versions", "--", "usr-is-merged"], env=apt.env,
+                         check=False).returncode == 0
         status = {"usr-is-merged": _DUMMY_USR_IS_MERGED} if merged_usr else {}
         chosen: dict[str, str] = {}
         steps = [[f"?narrow({narrow},?essential)"],
@@ -171,5 +172,6 @@ def resolve(spec: BootstrapBase, arch: str) -> list[LockedDeb]:
         origins = apt.origins(chosen)
     return [LockedDeb(name=name, version=version, arch=stanzas[name]["Architecture"],
                       suite=origins.get(name, spec.suite), filename=stanzas[name]["Filename"],
-                      sha256=stanzas[name]["SHA256"], size=int(stanzas[name]["Size"]))
+                      sha256=stanzas[name]["SHA256"], size=int(stanzas[name]["Size"]),
+                      priority=stanzas[name].get("Priority", "optional"))
             for name, version in sorted(chosen.items())]

@@ -8,6 +8,7 @@ packages on every rebuild, whatever the archive holds by then.
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -32,15 +33,15 @@ class _Gone(Exception):
     """The mirror answered 404: the file is not there (any more)."""
 
 
-def _copy_url(url: str, dest: Path) -> None:
-    parsed = urlparse(url)
+def _copy_file(mirror: str, filename: str, dest: Path) -> None:
+    parsed = urlparse(mirror)
     if parsed.scheme == "file":
         try:
-            shutil.copyfile(unquote(parsed.path), dest)
+            shutil.copyfile(Path(unquote(parsed.path)) / filename, dest)
         except FileNotFoundError:
             raise _Gone() from None
         return
-    with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT) as resp:
+    with requests.get(f"{mirror}/{filename}", stream=True, timeout=DOWNLOAD_TIMEOUT) as resp:
         if resp.status_code in (404, 410):
             raise _Gone()
         resp.raise_for_status()
@@ -82,7 +83,7 @@ class DebStore:
             os.close(fd)
             partial = Path(name)
             try:
-                _copy_url(f"{uri}/{deb.filename}", partial)
+                _copy_file(uri, deb.filename, partial)
                 if hashlib.sha256(partial.read_bytes()).hexdigest() != deb.sha256:
                     problem = f"{uri}/{deb.filename} does not match the sha256 in the lock"
                     continue
@@ -115,13 +116,18 @@ def write_repository(debs: list[LockedDeb], store: DebStore, suite: str, arch: s
         name = f"{deb.sha256}.deb"
         os.symlink(store.path(deb), pool / name)
         control = run(["dpkg-deb", "--field", "--", store.path(deb)]).stdout.strip()
-        stanzas.append(f"{control}\nFilename: pool/{name}\nSize: {deb.size}\nSHA256: {deb.sha256}\n")
+        # The archive's index overrides a package's own priority (apt is required there, important in its
+        # control file), and minbase selects by the archive's: keep the locked one.
+        control = re.sub(r"(?m)^Priority: .*\n?", "", control).strip()
+        stanzas.append(f"{control}\nPriority: {deb.priority}\nFilename: pool/{name}\nSize: {deb.size}\n"
+                       f"SHA256: {deb.sha256}\n")
     index = "\n".join(stanzas).encode()
     binary = out / "dists" / suite / "main" / f"binary-{arch}"
     binary.mkdir(parents=True)
     (binary / "Packages").write_bytes(index)
     relpath = f"main/binary-{arch}/Packages"
     (out / "dists" / suite / "Release").write_text(
-        f"Suite: {suite}\nCodename: {suite}\nArchitectures: {arch}\nComponents: main\n"
+        f"Suite: {suite}\nCodename: {suite}\nDate: Thu, 01 Jan 1970 00:00:00 UTC\nArchitectures: {arch}\n"
+        "Components: main\n"
         f"Description: the locked packages of a builder base\nSHA256:\n"
         f" {hashlib.sha256(index).hexdigest()} {len(index)} {relpath}\n")

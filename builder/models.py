@@ -265,6 +265,7 @@ class LockedDeb(Strict):
     filename: str = Field(pattern=r"^pool/[A-Za-z0-9_.+~%/-]+\.deb$", description="its path below the mirror")
     sha256: Sha256
     size: int = Field(ge=0)
+    priority: str = Field(pattern=r"^[a-z-]+$", description="the archive's priority (minbase takes all required)")
 
 
 class LockedBase(Strict):
