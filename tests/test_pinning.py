@@ -187,7 +187,7 @@ def test_lock_entries_are_validated_and_named(tmp_path: Path) -> None:
     lock.write_text(json.dumps({"version": 1, "images": {}, "bases": {"sid-0": good, "sid-1": bad}}))
     proc = run_cli("build", "--target", "cpu", "--lock", str(lock), "--engine", "podman")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "builder.lock: bases.sid-1.resolved.0.filename: String should match pattern" in proc.stderr
+    assert f"{lock}: bases.sid-1.resolved.0.filename: String should match pattern" in proc.stderr
 
 
 def test_check_and_build_name_a_base_missing_from_the_lock(tmp_path: Path) -> None:
@@ -200,8 +200,8 @@ def test_check_and_build_name_a_base_missing_from_the_lock(tmp_path: Path) -> No
     proc = run_cli("lock", "--check", "--lock", str(stale))
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [
-        f"builder.lock: bases.{runtime}: not in the lock (the bookworm base of cpu/cpu runtime)",
-        "builder.lock: bases.sid-0123456789abcdef: in the lock, but no recipe uses it"]
+        f"{stale}: bases.{runtime}: not in the lock (the bookworm base of cpu/cpu runtime)",
+        f"{stale}: bases.sid-0123456789abcdef: in the lock, but no recipe uses it"]
     # build refuses the image: its runtime base would install whatever the archive has today.
     proc = run_cli("build", "--target", "cpu", "--lock", str(stale), "--engine", "podman")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
