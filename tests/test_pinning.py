@@ -6,6 +6,7 @@ index, a file:// mirror): real apt resolves it, as `builder lock` does against D
 
 import hashlib
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -20,7 +21,7 @@ from builder.models import BootstrapBase, LockedBase, LockedDeb
 from builder.plan import runtime_base
 from builder.recipes import load_recipe
 from builder.run import run
-from conftest import ROOT, require_tool, run_cli
+from conftest import ROOT, require, require_engine, require_tool, run_cli
 
 # name, version, fields: a minbase in miniature (Essential, Priority required, apt) and a package with a library.
 PACKAGES = [
@@ -31,6 +32,9 @@ PACKAGES = [
     ("app", "1.0", {"Priority": "optional", "Depends": "libapp (>= 1.0)"}),
     ("libapp", "1.0", {"Priority": "optional"}),
     ("unrelated", "1.0", {"Priority": "optional"}),
+    # what every bootstrapped runtime base gets for Toolbx
+    ("libcap2-bin", "1.0", {"Priority": "optional"}),
+    ("sudo", "1.0", {"Priority": "optional"}),
 ]
 # … the archive's index says required, as Debian's override does for apt.
 INDEX_PRIORITY = {"apt": "required"}
@@ -207,3 +211,38 @@ def test_check_and_build_name_a_base_missing_from_the_lock(tmp_path: Path) -> No
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"cpu/cpu: bases.{runtime}: the bookworm base of the runtime stage has no locked package set" \
         in proc.stderr and "builder lock" in proc.stderr
+
+
+def test_build_stops_with_one_line_when_a_locked_version_is_gone(archive: Path, tmp_path: Path) -> None:
+    """`builder build` as a user runs it: lock, the archive moves, the cache is empty -> exit 2, nothing tagged."""
+    require_engine("podman")
+    require_tool("mmdebstrap", "mmdebstrap")
+    require(None if os.geteuid() == 0 else "bootstrapping needs root")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    shutil.copy(ROOT / "recipes" / "llama-cpp.yaml", recipes)
+    base = f"{{kind: bootstrap, suite: sid, mirror: 'file://{archive}', packages: [app]}}"
+    (recipes / "cpu.yaml").write_text(f"target: cpu\nvariants:\n  cpu:\n    base:\n"
+                                      f"      toolchain: {base}\n      runtime: {base}\n")
+    lock = tmp_path / "builder.lock"
+    proc = run_cli("lock", "--recipes", str(recipes), "--lock", str(lock))
+    assert proc.returncode == 0, proc.stderr
+    # six packages in the toolchain base, those and what Toolbx needs in the runtime base
+    assert "1 image(s), 2 bootstrapped base(s), 14 packages" in proc.stdout
+    (archive / "pool" / "main" / "app_1.0_all.deb").unlink()
+    make_deb(archive, "app", "2.0", {"Priority": "optional", "Depends": "libapp (>= 1.0)"})
+    write_index(archive)
+    tree = tmp_path / "llama.cpp"
+    tree.mkdir()
+    (tree / "CMakeLists.txt").write_text('project("llama.cpp" C CXX)\n')
+    env = {"BUILDER_CACHE": str(tmp_path / "cache")}
+    proc = run_cli("build", "--recipe", str(recipes / "cpu.yaml"), "--lock", str(lock), "--engine", "podman",
+                   "--llama-cpp-source", str(tree), env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith(f"app 1.0 (sid) is no longer in the archive (file://{archive}) "
+                                                   "nor in the cache"), proc.stderr
+    assert "hint: run `builder lock --refresh`" in proc.stderr and "snapshot.debian.org" in proc.stderr
+    tag = proc.stderr.split("building ", 1)[1].split()[0]
+    assert run(["podman", "image", "exists", "--", tag], check=False).returncode == 1
+    assert not list((tmp_path / "cache" / "bases").glob("*.tar"))
