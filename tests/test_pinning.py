@@ -197,7 +197,9 @@ def test_lock_entries_are_validated_and_named(tmp_path: Path) -> None:
 def test_check_and_build_name_a_base_missing_from_the_lock(tmp_path: Path) -> None:
     lock = json.loads((ROOT / "builder.lock").read_text())
     cpu = load_recipe(ROOT / "recipes" / "cpu.yaml")
-    runtime = lock_name(runtime_base(cpu.variants["cpu"].base.runtime))
+    spec = runtime_base(cpu.variants["cpu"].base.runtime)
+    assert isinstance(spec, BootstrapBase)
+    runtime = lock_name(spec)
     lock["bases"]["sid-0123456789abcdef"] = lock["bases"].pop(runtime)
     stale = tmp_path / "builder.lock"
     stale.write_text(json.dumps(lock))
