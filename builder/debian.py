@@ -81,11 +81,13 @@ def _stanzas(text: str) -> list[dict[str, str]]:
 class _Apt:
     """apt-get and apt-cache over a private root: own sources, own lists, own (fake) dpkg status."""
 
-    def __init__(self, root: Path, sources: list[AptSource], arch: str) -> None:
+    def __init__(self, root: Path, sources: list[AptSource], arch: str, preferences: str = "") -> None:
         self.root = root
         for sub in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
                     "var/lib/apt/lists/partial", "var/cache/apt/archives/partial", "var/lib/dpkg"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        if preferences:
+            (root / "etc/apt/preferences.d/builder.pref").write_text(preferences)
         (root / "etc/apt/sources.list").write_text("".join(s.resolver_line() + "\n" for s in sources))
         self.status = root / "var/lib/dpkg/status"
         self.status.write_text("")
@@ -135,13 +137,15 @@ def _installed(chosen: dict[str, str], text: str) -> dict[str, str]:
     return blocks
 
 
-def resolve(spec: BootstrapBase, arch: str) -> list[LockedDeb]:
-    """Every package a minbase bootstrap of `spec` installs from the archive as it is now, sorted by name."""
+def resolve(spec: BootstrapBase, arch: str, preferences: str = "") -> list[LockedDeb]:
+    """Every package a minbase bootstrap of `spec` installs from the archive as it is now, sorted by name.
+
+    `preferences`: apt preferences the bootstrap uses too (e.g. which packages come from an extra suite)."""
     sources = apt_sources(spec)
     where = f"{spec.suite} from {sources[0].uri}"
     narrow = f"?or(?archive(^{spec.suite}$),?codename(^{spec.suite}$)),?architecture({arch})"
     with tempfile.TemporaryDirectory(prefix="builder-resolve-") as tmp:
-        apt = _Apt(Path(tmp), sources, arch)
+        apt = _Apt(Path(tmp), sources, arch, preferences)
         try:
             apt("apt-get", "update", "--error-on=any", timeout=900)
         except CommandError as exc:
