@@ -262,7 +262,8 @@ class LockedDeb(Strict):
     version: DebVersion
     arch: str = Field(pattern=r"^[a-z0-9-]+$")
     suite: str = Field(pattern=r"^[a-z][a-z0-9/-]*$", description="the suite it came from, e.g. sid, experimental")
-    filename: str = Field(pattern=r"^pool/[A-Za-z0-9_.+~%/-]+\.deb$", description="its path below the mirror")
+    filename: Annotated[str, Field(pattern=r"^pool/[A-Za-z0-9_.+~%/-]+\.deb$", description="its path below the mirror"),
+                        AfterValidator(_relative_path)]
     sha256: Sha256
     size: int = Field(ge=0)
     priority: str = Field(pattern=r"^[a-z-]+$", description="the archive's priority (minbase takes all required)")
