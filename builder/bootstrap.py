@@ -2,23 +2,35 @@
 
 No registry is reachable on our machines, so the default recipes start from here. The rootfs tarball is
 kept in the cache, so a second engine imports it without bootstrapping again.
+
+A base with an entry in builder.lock (its full package set, see builder/debian.py) is bootstrapped from
+exactly the locked .debs, kept by sha256 in the cache (builder/debstore.py), through a local repository:
+the same packages on every rebuild however far the archive has moved, or one line naming the package
+that is gone. A base without one (a recipe in development) installs whatever its mirror has today.
 """
 
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from builder.debian import apt_sources
+from builder.debstore import DebStore, write_repository
 from builder.engines import Engine
-from builder.errors import CommandError, EngineError
-from builder.models import BootstrapBase, ImageBase
+from builder.errors import CommandError, EngineError, LockError
+from builder.models import BootstrapBase, ImageBase, LockedBase
 from builder.paths import cache_subdir
 from builder.run import run, run_logged
 
 # Bump when the way a base is made changes, so old cached bases are not reused.
 BOOTSTRAP_VERSION = "2"
+# The same for bases bootstrapped from their locked package set.
+LOCKED_BOOTSTRAP_VERSION = "1"
 BASE_REPOSITORY = "localhost/builder-base"
 
 # Documentation, man pages and translations are not needed in images: keep copyright files only.
@@ -38,7 +50,27 @@ def host_arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
-def bootstrap_key(spec: BootstrapBase) -> str:
+def base_inputs(spec: BootstrapBase) -> dict[str, Any]:
+    """What the recipe asks of a base, mirror left out: a mirror (a snapshot of the archive) may change
+    where locked files come from, never which files they are."""
+    # Fields at their defaults are left out, so a field added later (with a default) renames no base.
+    inputs = spec.model_dump(mode="json", exclude={"mirror"}, exclude_defaults=True)
+    inputs.update(kind=spec.kind, suite=spec.suite, packages=sorted(set(spec.packages)))
+    return inputs
+
+
+def lock_name(spec: BootstrapBase) -> str:
+    """The base's entry in builder.lock's `bases`: its suite and a hash of its inputs and architecture."""
+    digest = hashlib.sha256(json.dumps({"arch": host_arch(), **base_inputs(spec)}, sort_keys=True).encode())
+    return f"{spec.suite}-{digest.hexdigest()[:16]}"
+
+
+def bootstrap_key(spec: BootstrapBase, locked: LockedBase | None = None) -> str:
+    """Names the base: its inputs, and with a lock the exact .debs (so a moved lock makes a new base)."""
+    if locked is not None:
+        inputs: dict[str, Any] = {"v": LOCKED_BOOTSTRAP_VERSION, "arch": host_arch(), **base_inputs(spec),
+                                  "debs": sorted(deb.sha256 for deb in locked.resolved)}
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     inputs = {"v": BOOTSTRAP_VERSION, "arch": host_arch(), **spec.model_dump(exclude={"components"})}
     inputs["packages"] = sorted(set(spec.packages))
     # Only non-default components enter the key, so bases made before the field existed keep their names.
@@ -47,14 +79,21 @@ def bootstrap_key(spec: BootstrapBase) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def base_ref(spec: ImageBase | BootstrapBase) -> str:
+LockedBases = Mapping[str, LockedBase]
+
+
+def locked_for(spec: BootstrapBase, locked: LockedBases) -> LockedBase | None:
+    return locked.get(lock_name(spec))
+
+
+def base_ref(spec: ImageBase | BootstrapBase, locked: LockedBases | None = None) -> str:
     """The reference a Containerfile's FROM uses for this base."""
     if isinstance(spec, ImageBase):
         return spec.ref
-    return f"{BASE_REPOSITORY}:{spec.suite}-{bootstrap_key(spec)[:16]}"
+    return f"{BASE_REPOSITORY}:{spec.suite}-{bootstrap_key(spec, locked_for(spec, locked or {}))[:16]}"
 
 
-def mmdebstrap_argv(spec: BootstrapBase, out: Path) -> list[str]:
+def _common_argv() -> list[str]:
     argv = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar", f"--architectures={host_arch()}",
             "--aptopt=Acquire::Languages \"none\"", "--aptopt=APT::Install-Recommends \"false\"",
             # sid's Release file is valid for a week only; a mirror that lags (or a snapshot) would fail
@@ -62,21 +101,73 @@ def mmdebstrap_argv(spec: BootstrapBase, out: Path) -> list[str]:
             "--aptopt=Acquire::Check-Valid-Until \"false\"",
             # merged /usr without the usrmerge package, which would pull perl into every image
             "--hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr"]
-    argv += [f"--dpkgopt={rule}" for rule in _DPKG_EXCLUDES]
+    return argv + [f"--dpkgopt={rule}" for rule in _DPKG_EXCLUDES]
+
+
+_CLEAN_HOOK = "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/log/*.log"
+
+
+def mmdebstrap_argv(spec: BootstrapBase, out: Path) -> list[str]:
+    """A base without a lock entry: whatever the mirror has today."""
+    argv = _common_argv()
     if spec.packages:
         argv.append("--include=" + ",".join(sorted(set(spec.packages))))
     if spec.components != ["main"]:
         argv.append("--components=" + ",".join(spec.components))
-    argv.append("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/log/*.log")
+    argv.append(_CLEAN_HOOK)
     argv += ["--", spec.suite, str(out)]
     if spec.mirror:
         argv.append(spec.mirror)
     return argv
 
 
-def _rootfs_tarball(spec: BootstrapBase) -> Path:
+def locked_argv(spec: BootstrapBase, locked: LockedBase, repo: Path, out: Path, record: Path) -> list[str]:
+    """A base from its locked .debs only (the repository at `repo`), asking for each package's locked version.
+
+    The image keeps the base's real sources in /etc/apt/sources.list, and `record` gets what was installed.
+    """
+    versions = {deb.name: deb.version for deb in locked.resolved}
+    unlocked = sorted(set(spec.packages) - set(versions))
+    if unlocked:
+        raise LockError(f"the {spec.suite} base's lock entry has no {unlocked[0]}",
+                        "run `builder lock --refresh` to resolve the base again")
+    argv = _common_argv()
+    if spec.packages:
+        argv.append("--include=" + ",".join(f"{name}={versions[name]}" for name in sorted(set(spec.packages))))
+    sources = "".join(source.line() + "\n" for source in apt_sources(spec))
+    query = "chroot \"$1\" dpkg-query -W -f '${Package}\\t${Version}\\n'"
+    argv += [f"--customize-hook={query} > {shlex.quote(str(record))}",
+             f"--customize-hook=printf %s {shlex.quote(sources)} > \"$1\"/etc/apt/sources.list",
+             _CLEAN_HOOK, "--", spec.suite, str(out), f"deb [trusted=yes] copy://{repo} {spec.suite} main"]
+    return argv
+
+
+def _check_installed(spec: BootstrapBase, locked: LockedBase, record: Path) -> None:
+    """What dpkg says the base holds must be the lock's package set, version for version."""
+    installed = dict(line.split("\t", 1) for line in record.read_text().splitlines() if "\t" in line)
+    wanted = {deb.name: deb.version for deb in locked.resolved}
+    for name in sorted(set(installed) | set(wanted)):
+        if installed.get(name) != wanted.get(name):
+            raise LockError(f"the {spec.suite} base ({lock_name(spec)}) got {name} {installed.get(name, '(none)')}, "
+                            f"its lock has {wanted.get(name, '(none)')}",
+                            "run `builder lock --refresh` to resolve the base again, and report it if it persists")
+
+
+def _bootstrap_locked(spec: BootstrapBase, locked: LockedBase, partial: Path, log: Path) -> None:
+    store = DebStore(cache_subdir("debs"))
+    where = f"builder.lock: bases.{lock_name(spec)}"
+    store.fetch_all(locked.resolved, apt_sources(spec), where)
+    work = partial.parent
+    write_repository(locked.resolved, store, spec.suite, host_arch(), work / "repo")
+    record = work / "installed.txt"
+    run_logged(locked_argv(spec, locked, work / "repo", partial, record), log,
+               title=f"bootstrap {spec.suite} base from its {len(locked.resolved)} locked packages")
+    _check_installed(spec, locked, record)
+
+
+def _rootfs_tarball(spec: BootstrapBase, locked: LockedBase | None) -> Path:
     bases = cache_subdir("bases")
-    key = bootstrap_key(spec)
+    key = bootstrap_key(spec, locked)
     tarball = bases / f"{spec.suite}-{key[:16]}.tar"
     if tarball.is_file():
         return tarball
@@ -87,19 +178,25 @@ def _rootfs_tarball(spec: BootstrapBase) -> Path:
         raise EngineError(f"bootstrapping the {spec.suite} base needs root (mmdebstrap --mode=root)",
                           "run builder as root once to create it, or use a registry base pinned by digest")
     tmp = Path(tempfile.mkdtemp(dir=bases, prefix=".bootstrap-"))
+    log = bases / f"{spec.suite}-{key[:16]}.log"
     try:
         partial = tmp / "rootfs.tar"
-        run_logged(mmdebstrap_argv(spec, partial), bases / f"{spec.suite}-{key[:16]}.log",
-                   title=f"bootstrap {spec.suite} base ({len(spec.packages)} extra packages)")
+        if locked is not None:
+            _bootstrap_locked(spec, locked, partial, log)
+        else:
+            run_logged(mmdebstrap_argv(spec, partial), log,
+                       title=f"bootstrap {spec.suite} base ({len(spec.packages)} extra packages)")
         os.replace(partial, tarball)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return tarball
 
 
-def ensure_base(engine: Engine, spec: ImageBase | BootstrapBase) -> str:
-    """Make the base available to the engine; returns the reference to build FROM."""
-    ref = base_ref(spec)
+def ensure_base(engine: Engine, spec: ImageBase | BootstrapBase, locked: LockedBases | None = None) -> str:
+    """Make the base available to the engine; returns the reference to build FROM.
+
+    A bootstrapped base with an entry in `locked` is made from exactly its locked packages."""
+    ref = base_ref(spec, locked)
     if isinstance(spec, ImageBase):
         if engine.inspect(ref) is None:
             try:
@@ -111,5 +208,5 @@ def ensure_base(engine: Engine, spec: ImageBase | BootstrapBase) -> str:
                                   "that can pull it") from None
         return ref
     if engine.inspect(ref) is None:
-        engine.import_rootfs(_rootfs_tarball(spec), ref)
+        engine.import_rootfs(_rootfs_tarball(spec, locked_for(spec, locked or {})), ref)
     return ref

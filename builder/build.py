@@ -5,7 +5,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.bootstrap import ensure_base
+from builder import lock as lockfile
+from builder.bootstrap import LockedBases, ensure_base
 from builder.ccache_store import CcacheStore
 from builder.engines import Engine
 from builder.errors import CommandError, RecipeError
@@ -35,6 +36,7 @@ class Prepared:
     tree: SourceTree
     files: dict[str, bytes]
     fingerprint: str
+    locked: LockedBases  # builder.lock's package sets of bootstrapped bases
 
     @property
     def tag(self) -> str:
@@ -68,14 +70,16 @@ def _source_date_epoch() -> int | None:
     return int(value)
 
 
-def prepare(path: Path, variant: str | None = None, source_override: str | None = None) -> Prepared:
+def prepare(path: Path, variant: str | None = None, source_override: str | None = None,
+            lock: Path = lockfile.LOCK_FILE) -> Prepared:
     recipe = load_recipe(path)
     assert recipe.llama_cpp is not None
+    locked = lockfile.locked_bases(lock)
     tree = resolve_override(source_override) if source_override else resolve(recipe.llama_cpp.source)
     plan = make_plan(recipe, display_path(path), tree.info, variant=variant,
-                     source_date_epoch=_source_date_epoch())
+                     source_date_epoch=_source_date_epoch(), locked=locked)
     files = render_files(plan)
-    return Prepared(plan, tree, files, fingerprint(plan, files))
+    return Prepared(plan, tree, files, fingerprint(plan, files), locked)
 
 
 def context_dir(plan: BuildPlan) -> Path:
@@ -119,8 +123,8 @@ def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: boo
     stage_source(prep.tree.path, context)
     stage_sdks(plan, context)
     stage_apt_files(plan, context)
-    ensure_base(engine, plan.toolchain)
-    ensure_base(engine, plan.runtime)
+    ensure_base(engine, plan.toolchain, prep.locked)
+    ensure_base(engine, plan.runtime, prep.locked)
     log = cache_subdir("logs") / f"{plan.target}-{plan.variant}-{engine.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     labels = {f"{LABEL_PREFIX}.fingerprint": prep.fingerprint}
     if ccache:

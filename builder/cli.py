@@ -240,14 +240,14 @@ def build_cmd(
     The full build log is saved; its path is printed.
     """
     if _vllm(flavour):
-        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
+        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant, lock_path)
         require_lock(vprep.plan)
         chosen = get_engine(engine)
         err.print(f"building {vprep.tag} with {chosen.name}")
         _print_build(build_vllm(vprep, chosen, no_cache=no_cache), as_json)
         return
     path = recipe_file(target, recipe)
-    prep = prepare(path, variant, llama_cpp_source)
+    prep = prepare(path, variant, llama_cpp_source, lock_path)
     refuse_placeholders(prep.plan)
     # The lock pins the shipped recipes; a recipe file of your own or a local llama.cpp tree is development.
     if llama_cpp_source is None and path.resolve().parent == RECIPES_DIR.resolve():
@@ -277,7 +277,7 @@ def publish(
     """
     repo = Repository.parse(registry)
     path = recipe_file(target, recipe)
-    prep = prepare(path, variant)
+    prep = prepare(path, variant, lock=lock_path)
     lockfile.require(load_recipe(path), prep.plan.variant, strict=True, path=lock_path)
     chosen = get_engine(engine)
     result = publish_image(prep, chosen, repo, sbom=sbom)
@@ -304,9 +304,13 @@ def lock(
     recipe: RecipeOpt = None,
     variant: VariantOpt = None,
     flavour: FlavourOpt = "llama.cpp",
+    refresh: Annotated[bool, typer.Option(
+        "--refresh", help="Resolve every bootstrapped base again (move to the archive's current versions).")] = False,
 ) -> None:
     """Record every pinned input of every image (bases, llama.cpp source, vendor pins) in builder.lock.
 
+    Bootstrapped bases get their full package set (exact versions, suites, .deb sha256s), resolved from
+    the archive's indexes for bases that are new or changed; --refresh resolves all of them again.
     With --check, change nothing: print one line per disagreement and exit 1 if there is any.
     With --flavour vllm --target T: resolve that vLLM recipe's requirements for the image's Python and
     write its lock beside it (exact versions + sha256, installed with pip's --require-hashes).
@@ -323,8 +327,10 @@ def lock(
             raise typer.Exit(1)
         typer.echo(f"{lock_path.name}: matches the recipes")
         return
-    written = lockfile.write(lock_path, recipes)
-    typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s))")
+    written = lockfile.write(lock_path, recipes, refresh=refresh)
+    packages = sum(len(base["resolved"]) for base in written["bases"].values())
+    typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s), {len(written['bases'])} bootstrapped "
+               f"base(s), {packages} packages)")
 
 
 @app.command()

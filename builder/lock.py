@@ -5,16 +5,27 @@ The recipes say what to build; the lock records what was reviewed and published.
 image has no lock entry), and `builder lock --check` lists every disagreement. `builder lock` rewrites the
 file from the recipes. Entries hold whole variant sections, so a pin added to recipes later (a ROCm or
 vLLM version) is locked without changing this module.
+
+`bases` holds the full package set of every bootstrapped base the recipes use (llama.cpp and vLLM
+images), resolved against the archive by `builder lock` (builder/debian.py) and kept until the base's
+inputs change or `builder lock --refresh` moves them all to the archive's current versions. Builds
+install exactly these versions (builder/bootstrap.py).
 """
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from builder import PROJECT_ROOT
+from builder.bootstrap import base_inputs, host_arch, lock_name
+from builder.debian import resolve
 from builder.errors import LockError
-from builder.models import Recipe
+from builder.models import BootstrapBase, ImageBase, LockedBase, Recipe
+from builder.plan import runtime_base
 from builder.recipes import RECIPES_DIR, SHARED_PIN, display_path, load_recipe
 
 LOCK_FILE = PROJECT_ROOT / "builder.lock"
@@ -55,6 +66,47 @@ def compute(recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
                                             **entry(recipe, variant)}
               for path, recipe, variant in built_images(recipes_dir)}
     return {"version": LOCK_VERSION, "images": images}
+
+
+def image_bases(recipe: Recipe, variant: str) -> list[tuple[str, ImageBase | BootstrapBase]]:
+    """(stage, base) as the image is built: a bootstrapped runtime base carries Toolbx's packages too."""
+    section = recipe.variants[variant]
+    return [("toolchain", section.base.toolchain), ("runtime", runtime_base(section.base.runtime))]
+
+
+def used_bases(recipes_dir: Path = RECIPES_DIR) -> dict[str, tuple[BootstrapBase, str]]:
+    """lock name -> (base, the first image that uses it) for every bootstrapped base an image is built on.
+
+    vLLM variants count when they have their wheel lock: the others are render-only and never bootstrap."""
+    from builder.vllm import load_vllm_recipe, lock_path  # the vLLM flavour builds on this module's callers
+
+    found: dict[str, tuple[BootstrapBase, str]] = {}
+    for _, recipe, variant in built_images(recipes_dir):
+        for stage, base in image_bases(recipe, variant):
+            if isinstance(base, BootstrapBase):
+                found.setdefault(lock_name(base), (base, f"{recipe.target}/{variant} {stage}"))
+    for path in sorted((recipes_dir / "vllm").glob("*.yaml")):
+        vrecipe = load_vllm_recipe(path)
+        for name, section in vrecipe.variants.items():
+            if not lock_path(path, name, section).is_file():
+                continue
+            for stage, vbase in (("base", section.base), ("toolchain", section.toolchain)):
+                if isinstance(vbase, BootstrapBase):
+                    found.setdefault(lock_name(vbase), (vbase, f"vllm {vrecipe.target}/{name} {stage}"))
+    return dict(sorted(found.items()))
+
+
+def compute_bases(recipes_dir: Path, previous: dict[str, Any], *, refresh: bool) -> dict[str, Any]:
+    """The `bases` section: entries of unchanged bases kept (unless `refresh`), the others resolved now."""
+    out: dict[str, Any] = {}
+    for name, (base, user) in used_bases(recipes_dir).items():
+        if name in previous and not refresh:
+            out[name] = previous[name]
+            continue
+        print(f"resolving the {base.suite} base of {user} ({name}) …", file=sys.stderr, flush=True)
+        resolved = resolve(base, host_arch())
+        out[name] = LockedBase(inputs=base_inputs(base), resolved=resolved).model_dump(mode="json")
+    return out
 
 
 def dumps(lock: dict[str, Any]) -> str:
@@ -98,11 +150,29 @@ def read(path: Path = LOCK_FILE) -> dict[str, Any] | None:
         if not isinstance(item, dict):
             raise LockError(f"{where}: images.{image[:40]!r}: expected a mapping of pinned inputs", HINT)
     _plain(data["images"], where, "images")
+    if not isinstance(data.get("bases", {}), dict):
+        raise LockError(f"{where}: bases: expected an object of locked bases", HINT)
     return data
 
 
-def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
+def locked_bases(path: Path = LOCK_FILE) -> dict[str, LockedBase]:
+    """The lock's package sets of bootstrapped bases, by lock name; empty when there is no lock file."""
+    out = {}
+    for name, value in ((read(path) or {}).get("bases") or {}).items():
+        try:
+            out[name] = LockedBase.model_validate(value)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"])
+            raise LockError(f"{display_path(path)}: bases.{name}.{field}: {error['msg']}", HINT) from None
+    return out
+
+
+def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR, *, refresh: bool = False) -> dict[str, Any]:
+    """Rewrite the lock from the recipes; bases are resolved against the archive where needed."""
+    previous = (read(path) or {}).get("bases") or {}
     lock = compute(recipes_dir)
+    lock["bases"] = compute_bases(recipes_dir, previous, refresh=refresh)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(dumps(lock))
     tmp.replace(path)
@@ -150,6 +220,12 @@ def check(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR) -> list[str]:
             lines.append(f"{where}: {image}: in the lock, but no recipe builds it")
         else:
             lines += [f"{where}: {image}: {line}" for line in differences(locked[image], wanted[image])]
+    have = lock.get("bases") or {}
+    used = used_bases(recipes_dir)
+    for name in sorted(set(used) - set(have)):
+        base, user = used[name]
+        lines.append(f"{where}: bases.{name}: not in the lock (the {base.suite} base of {user})")
+    lines += [f"{where}: bases.{name}: in the lock, but no recipe uses it" for name in sorted(set(have) - set(used))]
     return lines
 
 
@@ -164,6 +240,10 @@ def require(recipe: Recipe, variant: str, *, strict: bool, path: Path = LOCK_FIL
             raise LockError(f"{where}: {image}: not in the lock; publishing needs locked inputs", HINT)
         return
     lines = differences(locked, entry(recipe, variant))
+    have = (lock or {}).get("bases") or {}
+    lines += [f"bases.{lock_name(base)}: the {base.suite} base of the {stage} stage has no locked package set"
+              for stage, base in image_bases(recipe, variant)
+              if isinstance(base, BootstrapBase) and lock_name(base) not in have]
     if lines:
         more = f" (and {len(lines) - 1} more; see `builder lock --check`)" if len(lines) > 1 else ""
         raise LockError(f"{where}: {image}: {lines[0]}{more}", HINT)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 from urllib.parse import unquote
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from builder.targets import DEFAULT_BINARIES
 from builder.types import (
@@ -276,3 +276,27 @@ class BuildPlan(Strict):
     sdks: dict[str, SdkSpec] = Field(default_factory=dict)
     env: dict[EnvName, OneLine] = Field(default_factory=dict, description="image environment defaults of the variant")
     ship: list[ShipGlob] = Field(default_factory=list, description="toolchain-stage globs installed with the binaries")
+
+
+DebVersion = Annotated[str, Field(pattern=r"^[A-Za-z0-9.+~:-]+$")]
+
+
+class LockedDeb(Strict):
+    """One package of a bootstrapped base as resolved by `builder lock`: its exact version and .deb file."""
+
+    name: PackageName
+    version: DebVersion
+    arch: str = Field(pattern=r"^[a-z0-9-]+$")
+    suite: str = Field(pattern=r"^[a-z][a-z0-9/-]*$", description="the suite it came from, e.g. sid, experimental")
+    filename: Annotated[str, Field(pattern=r"^pool/[A-Za-z0-9_.+~%/-]+\.deb$", description="its path below the mirror"),
+                        AfterValidator(_relative_path)]
+    sha256: Sha256
+    size: int = Field(ge=0)
+    priority: str = Field(pattern=r"^[a-z-]+$", description="the archive's priority (minbase takes all required)")
+
+
+class LockedBase(Strict):
+    """The full package set of one bootstrapped base, keyed in builder.lock by the base's inputs."""
+
+    inputs: dict[str, JsonValue] = Field(description="the base as its recipe states it, without the mirror")
+    resolved: list[LockedDeb] = Field(min_length=1, description="every package the base installs, sorted by name")

@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime
 
-from builder.bootstrap import base_ref
+from builder.bootstrap import LockedBases, base_ref
 from builder.models import BootstrapBase, BuildPlan, ImageBase, Recipe, SourceInfo
 from builder.recipes import choose_variant
 from builder.targets import COMMON_CMAKE, TOOLBOX_PACKAGES
@@ -14,7 +14,7 @@ def _created(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _runtime_base(spec: ImageBase | BootstrapBase) -> ImageBase | BootstrapBase:
+def runtime_base(spec: ImageBase | BootstrapBase) -> ImageBase | BootstrapBase:
     """A bootstrapped runtime base with the packages Toolbx needs; a registry base is taken as it is."""
     if isinstance(spec, ImageBase):
         return spec
@@ -29,10 +29,12 @@ def make_plan(
     *,
     variant: str | None = None,
     source_date_epoch: int | None = None,
+    locked: LockedBases | None = None,
 ) -> BuildPlan:
+    """`locked`: builder.lock's package sets of bootstrapped bases; a locked base is named by its packages."""
     target, chosen, section = choose_variant(recipe, variant, recipe_path)
     assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
-    runtime = _runtime_base(section.base.runtime)
+    runtime = runtime_base(section.base.runtime)
     cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake, **section.cmake}
     # Shown by `--version` of every binary, so a node tells which source it runs.
     cmake["LLAMA_BUILD_COMMIT"] = source.identity.split(":")[-1][:12]
@@ -57,8 +59,8 @@ def make_plan(
         target=target.name,
         variant=chosen.name,
         description=recipe.description or target.description,
-        toolchain_ref=base_ref(section.base.toolchain),
-        runtime_ref=base_ref(runtime),
+        toolchain_ref=base_ref(section.base.toolchain, locked),
+        runtime_ref=base_ref(runtime, locked),
         toolchain=section.base.toolchain,
         runtime=runtime,
         source=source,

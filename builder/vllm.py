@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import PROJECT_ROOT
-from builder.bootstrap import base_ref, ensure_base, host_arch
+from builder import lock as lockfile
+from builder.bootstrap import LockedBases, base_ref, ensure_base, host_arch
 from builder.build import BuildResult, _source_date_epoch, smoke_test
 from builder.engines import Engine
 from builder.errors import CommandError, RecipeError
@@ -122,7 +123,7 @@ def _vllm_version(section: VllmVariant, lock: Lock | None) -> str:
 
 
 def make_vllm_plan(recipe: VllmRecipe, recipe_path: Path, variant: str | None = None,
-                   source_date_epoch: int | None = None) -> VllmPlan:
+                   source_date_epoch: int | None = None, locked: LockedBases | None = None) -> VllmPlan:
     where = display_path(recipe_path)
     name, section = _choose(recipe, variant, where)
     device = VLLM_DEVICES[(recipe.target, name)]
@@ -149,8 +150,8 @@ def make_vllm_plan(recipe: VllmRecipe, recipe_path: Path, variant: str | None = 
     }
     return VllmPlan(
         recipe=where, target=recipe.target, variant=name, device=device, description=description,
-        base_ref=base_ref(section.base), base=section.base,
-        toolchain_ref=base_ref(section.toolchain) if section.toolchain else None, toolchain=section.toolchain,
+        base_ref=base_ref(section.base, locked), base=section.base,
+        toolchain_ref=base_ref(section.toolchain, locked) if section.toolchain else None, toolchain=section.toolchain,
         python=section.python, requirements=list(section.requirements), index=section.index,
         lock_file=display_path(lock_path(recipe_path, name, section)) if lock else None,
         lock_pins=[p.line() for p in lock.pins] if lock else [], compile=section.compile,
@@ -183,6 +184,7 @@ class PreparedVllm:
     plan: VllmPlan
     files: dict[str, bytes]
     fingerprint: str
+    locked: LockedBases  # builder.lock's package sets of bootstrapped bases
 
     @property
     def tag(self) -> str:
@@ -196,10 +198,11 @@ class PreparedVllm:
         return {**self.plan.model_dump(mode="json"), "fingerprint": self.fingerprint, "image": self.tag}
 
 
-def prepare_vllm(path: Path, variant: str | None = None) -> PreparedVllm:
-    plan = make_vllm_plan(load_vllm_recipe(path), path, variant, _source_date_epoch())
+def prepare_vllm(path: Path, variant: str | None = None, lock: Path = lockfile.LOCK_FILE) -> PreparedVllm:
+    locked = lockfile.locked_bases(lock)
+    plan = make_vllm_plan(load_vllm_recipe(path), path, variant, _source_date_epoch(), locked)
     files = render_vllm_files(plan)
-    return PreparedVllm(plan, files, vllm_fingerprint(files))
+    return PreparedVllm(plan, files, vllm_fingerprint(files), locked)
 
 
 def write_vllm_context(out: Path, prep: PreparedVllm) -> list[str]:
@@ -260,7 +263,7 @@ def build_vllm(prep: PreparedVllm, engine: Engine, *, no_cache: bool = False) ->
     wheels = fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
     for spec in (plan.base, plan.toolchain):
         if spec is not None:
-            ensure_base(engine, spec)
+            ensure_base(engine, spec, prep.locked)
     context = cache_subdir("contexts") / f"{plan.target}-vllm-{plan.variant}"
     write_vllm_context(context, prep)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.bootstrap import base_ref, bootstrap_key, host_arch, mmdebstrap_argv
+from builder.bootstrap import base_ref, bootstrap_key, host_arch, lock_name, mmdebstrap_argv
 from builder.models import BootstrapBase
 
 
@@ -28,3 +28,19 @@ def test_expired_release_files_do_not_stop_a_sid_bootstrap() -> None:
     argv = mmdebstrap_argv(BootstrapBase(kind="bootstrap", suite="sid"), Path("/tmp/x.tar"))
     assert '--aptopt=Acquire::Check-Valid-Until "false"' in argv
     assert argv[-2:] == ["sid", "/tmp/x.tar"]
+
+
+def test_a_locked_base_is_named_by_its_packages_not_by_its_mirror() -> None:
+    from builder.models import LockedBase, LockedDeb
+
+    def locked(version: str) -> LockedBase:
+        deb = LockedDeb(name="libgomp1", version=version, arch="amd64", suite="sid", priority="optional",
+                        filename=f"pool/main/g/gcc/libgomp1_{version}_amd64.deb", sha256=version[0] * 64, size=1)
+        return LockedBase(inputs={}, resolved=[deb])
+
+    sid = BootstrapBase(kind="bootstrap", suite="sid", packages=["libgomp1"])
+    snapshot = sid.model_copy(update={"mirror": "https://snapshot.debian.org/archive/debian/20261101T000000Z/"})
+    assert lock_name(sid) == lock_name(snapshot)
+    old, new = locked("1.0"), locked("2.0")
+    assert base_ref(sid, {lock_name(sid): old}) == base_ref(snapshot, {lock_name(sid): old})
+    assert base_ref(sid, {lock_name(sid): old}) != base_ref(sid, {lock_name(sid): new}) != base_ref(sid)
