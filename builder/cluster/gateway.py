@@ -169,11 +169,21 @@ def start_gateway(config: Path, pidfile: Path) -> None:
     run(["haproxy", "-D", "-f", config, "-p", pidfile], timeout=30)
 
 
-def stop_gateway(pidfile: Path) -> bool:
-    """Stop the gateway whose pid the file holds; False when none was running."""
+def gateway_pid(pidfile: Path) -> int | None:
+    """The running gateway's pid, or None (no file, or the pid is gone or is another program now)."""
     try:
         pid = int(pidfile.read_text().split()[0])
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except (OSError, ValueError, IndexError):
+        return None
+    return pid if comm == "haproxy" else None
+
+
+def stop_gateway(pidfile: Path) -> bool:
+    """Stop the gateway whose pid the file holds; False when none was running."""
+    pid = gateway_pid(pidfile)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
         return False
     try:
         os.kill(pid, signal.SIGTERM)
@@ -198,6 +208,12 @@ class ServerState:
     status: str  # UP, DOWN, MAINT, "no check" … as HAProxy reports it
     active: int  # requests in flight
     total: int  # requests sent so far
+    last_check: str  # L7OK when the last /health answered 200; INI before the first check
+
+    @property
+    def healthy(self) -> bool:
+        # HAProxy counts a server UP before its first check; only a passed check says it serves.
+        return self.status == "UP" and self.last_check == "L7OK"
 
 
 def read_stats(metrics_port: int) -> list[ServerState]:
@@ -213,5 +229,5 @@ def read_stats(metrics_port: int) -> list[ServerState]:
     for row in rows:
         if row["pxname"].startswith("svc_") and row["svname"] not in ("FRONTEND", "BACKEND"):
             out.append(ServerState(row["pxname"][4:], row["svname"], row["status"].split()[0],
-                                   int(row["scur"] or 0), int(row["stot"] or 0)))
+                                   int(row["scur"] or 0), int(row["stot"] or 0), row["check_status"].strip("* ")))
     return out

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.build import build, image_for_run, prepare, recipe_file
-from builder.cluster.gateway import ServerState, read_stats, start_gateway, stop_gateway, write_gateway
+from builder.cluster.gateway import (
+    ServerState,
+    gateway_pid,
+    read_stats,
+    start_gateway,
+    stop_gateway,
+    write_gateway,
+)
 from builder.cluster.model import Loaded, Process
 from builder.engines import Engine, get_engine
 from builder.errors import BuilderError, RecipeError
@@ -185,10 +192,13 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
             if process.role == "rpc-worker" and not _wait_port(address[process.node], process.port, 60):
                 raise BuilderError(f"RPC worker {name} did not listen on {address[process.node]}:{process.port}",
                                    _log_tail(engine, name))
+        previous = (local.state / "haproxy.cfg").read_text() if (local.state / "haproxy.cfg").is_file() else None
         config = write_gateway(loaded, local.state, GATEWAY_ADDRESS, address)
-        stop_gateway(local.pidfile)
-        start_gateway(config, local.pidfile)
-        gateway_started = True
+        # A running gateway with the same config keeps serving: restarting it would cut requests in flight.
+        if gateway_pid(local.pidfile) is None or config.read_text() != previous:
+            stop_gateway(local.pidfile)
+            start_gateway(config, local.pidfile)
+            gateway_started = True
         _wait_healthy(local, engine, timeout)
     except BaseException:
         if gateway_started:
@@ -202,8 +212,8 @@ def _wait_healthy(local: Local, engine: Engine, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     servers = [p for p in local.loaded.processes if p.role == "server"]
     while True:
-        states = {(s.service, s.node): s.status for s in read_stats(local.loaded.cluster.gateway.metrics_port)}
-        waiting = [p for p in servers if states.get((p.service, p.node)) != "UP"]
+        states = {(s.service, s.node): s.healthy for s in read_stats(local.loaded.cluster.gateway.metrics_port)}
+        waiting = [p for p in servers if not states.get((p.service, p.node))]
         if not waiting:
             return
         now = containers(local, engine)
@@ -252,7 +262,9 @@ def status(loaded: Loaded, engine_name: str | None) -> dict[str, object]:
                 "container": running.get(local.container(process), "absent")}
             state = (stats or {}).get((process.service, process.node)) if process.role == "server" else None
             if state is not None:
-                entry.update(health=state.status, active=state.active, requests=state.total)
+                health = state.status if state.last_check != "INI" else "starting"
+                entry.update(health=health, last_check=state.last_check, active=state.active,
+                             requests=state.total)
             elif process.role == "rpc-worker":
                 up_now = _wait_port(address[process.node], process.port, 0.5)
                 entry["health"] = "UP" if up_now else "DOWN"
