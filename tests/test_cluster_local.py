@@ -1,6 +1,7 @@
 """A cluster on this machine with real llama-servers behind the real HAProxy gateway (`builder cluster --local`).
 
-Two services: `tiny` replicated on nodes a and b, `other` (a second tiny model with other weights) on node c.
+Three services: `tiny` replicated on nodes a and b, `other` (a second tiny model with other weights) on node c,
+and `tiny-split` (the first model again) with its head on node c and an RPC worker on node d.
 Everything listens on 127.0.0.0/8; every request loop is bounded in count and time.
 """
 
@@ -43,7 +44,7 @@ class Cluster:
         return {"Authorization": f"Bearer {key or self.key}"}
 
     def backend(self, node: str, service: str) -> str:
-        return f"http://127.0.0.{11 + 'abc'.index(node)}:{self.ports[service]}"
+        return f"http://127.0.0.{11 + 'abcd'.index(node)}:{self.ports[service]}"
 
     def complete(self, model: str, timeout: float = 60, **extra: Any) -> requests.Response:
         return requests.post(f"{self.gateway}/completions", json={**PROMPT, "model": model, **extra},
@@ -91,10 +92,10 @@ def cluster(cpu_prepared: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     vocab = cpu_prepared.tree.path / "models" / "ggml-vocab-llama-spm.gguf"
     tiny = make_tiny_model(vocab, folder / "tiny.gguf")
     other = make_tiny_model(vocab, folder / "other.gguf", seed=99)
-    ports = {"tiny": free_port(), "other": free_port()}
+    ports = {"tiny": free_port(), "other": free_port(), "tiny-split": free_port(), "rpc": free_port()}
     gateway_port, metrics_port = free_port(), free_port()
     nodes = [{"name": n, "mac": f"52:54:00:00:00:1{i}", "target": "cpu", "memory": "1GiB"}
-             for i, n in enumerate("abc")]
+             for i, n in enumerate("abcd")]
     data = {
         "gateway": {"port": gateway_port, "metrics_port": metrics_port},
         "nodes": nodes,
@@ -103,6 +104,9 @@ def cluster(cpu_prepared: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
              "port": ports["tiny"], "context": 256, "args": ["-t", "1"]},
             {"name": "other", "model": "other.gguf", "sha256": sha256_file(other), "nodes": ["c"],
              "port": ports["other"], "context": 256, "args": ["-t", "1"]},
+            {"name": "tiny-split", "model": "tiny.gguf", "sha256": sha256_file(tiny), "topology": "split",
+             "head": "c", "workers": ["d"], "port": ports["tiny-split"], "rpc_port": ports["rpc"], "context": 256,
+             "args": ["-t", "1", "-lv", "4"]},
         ],
     }
     path = folder / "cluster.yaml"
@@ -124,13 +128,14 @@ def test_up_prints_the_endpoint_and_where_the_key_is(cluster: Cluster) -> None:
     document = cluster.status()
     assert document["gateway"]["running"] is True
     healths = {(s["name"], p["node"]): p["health"] for s in document["services"] for p in s["processes"]}
-    assert healths == {("tiny", "a"): "UP", ("tiny", "b"): "UP", ("other", "c"): "UP"}
+    assert healths == {("tiny", "a"): "UP", ("tiny", "b"): "UP", ("other", "c"): "UP",
+                       ("tiny-split", "c"): "UP", ("tiny-split", "d"): "UP"}
 
 
 def test_models_are_the_services_and_backends_answer_their_alias(cluster: Cluster) -> None:
     resp = requests.get(f"{cluster.gateway}/models", headers=cluster.headers(), timeout=10)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/json")
-    assert [m["id"] for m in resp.json()["data"]] == ["tiny", "other"]
+    assert [m["id"] for m in resp.json()["data"]] == ["tiny", "other", "tiny-split"]
     direct = requests.get(f"{cluster.backend('a', 'tiny')}/v1/models", timeout=10).json()
     assert direct["data"][0]["id"] == "tiny"
 
@@ -163,6 +168,16 @@ def test_each_model_gets_its_own_models_text(cluster: Cluster) -> None:
         texts[service] = resp.json()["choices"][0]["text"]
         assert texts[service] == direct.json()["choices"][0]["text"]
     assert texts["tiny"] != texts["other"] and len(set(texts["tiny"].split())) > 2
+
+
+def test_split_through_the_gateway_gives_the_single_node_text(cluster: Cluster) -> None:
+    single = requests.post(f"{cluster.backend('a', 'tiny')}/v1/completions", json=PROMPT, timeout=60)
+    resp = cluster.complete("tiny-split")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == single.json()["choices"][0]["text"]
+    log = run_cli("cluster", "logs", "--local", str(cluster.path), "c-tiny-split", "-n", "2000", timeout=60).stdout
+    # evidence that the layers run on the worker, not silently on the head
+    assert f"RPC0[127.0.0.14:{cluster.ports['rpc']}] model buffer size" in log, log[-3000:]
 
 
 def test_streaming_passes_through_as_events(cluster: Cluster) -> None:
