@@ -271,3 +271,26 @@ def test_up_that_fails_removes_what_it_started(tmp_path: Path, cpu_prepared: Any
     status = json.loads(run_cli("cluster", "status", "--local", str(path), "--json").stdout)
     assert status["gateway"]["running"] is False
     assert status["services"][0]["processes"][0]["container"] == "absent"
+
+
+def test_the_openai_sdk_drives_the_gateway(cluster: Cluster) -> None:
+    """A real client: list models, a completion, a chat, and a streamed chat."""
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.gateway, api_key=cluster.key, max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["tiny", "other", "tiny-split"]
+    completion = client.completions.create(model="other", prompt=PROMPT["prompt"], max_tokens=8, temperature=0)
+    direct = requests.post(f"{cluster.backend('c', 'other')}/v1/completions", json=PROMPT, timeout=60).json()
+    assert completion.choices[0].text == direct["choices"][0]["text"]
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8,  # type: ignore[arg-type]
+                                          temperature=0)
+    assert chat.choices[0].message.content and chat.model
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8,  # type: ignore[arg-type]
+                                            temperature=0, stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(pieces) > 2 and "".join(pieces) == chat.choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=cluster.gateway, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError, match="model_not_found"):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
