@@ -172,3 +172,25 @@ def test_a_key_file_with_spaces_is_refused(tmp_path: Path) -> None:
     from builder.errors import RecipeError
     with pytest.raises(RecipeError, match="gateway.key_file: .* must hold one key without spaces"):
         write_gateway(loaded, tmp_path, "127.0.0.1", {n: "127.0.0.1" for n in "abcd"})
+
+
+def test_local_nodes_get_loopback_addresses_and_servers_their_alias(tmp_path: Path) -> None:
+    from builder.cluster.local import Local, node_addresses, process_argv
+    from builder.engines.podman import PodmanEngine
+
+    loaded = load_cluster(two_service_cluster(tmp_path))
+    assert node_addresses(loaded) == {"a": "127.0.0.11", "b": "127.0.0.12", "c": "127.0.0.13", "d": "127.0.0.14"}
+    local = Local(loaded, tmp_path, "builder-cluster-0")
+    argvs = {(p.service, p.node): process_argv(local, PodmanEngine(), p, "IMAGE", tmp_path / "tiny.gguf")
+             for p in loaded.processes}
+    chat = argvs[("chat", "b")]
+    tail = chat[chat.index("IMAGE"):]
+    assert tail[:2] == ["IMAGE", "server"] and "--metrics" in tail
+    assert tail[tail.index("--alias") + 1] == "chat" and tail[tail.index("--host") + 1] == "127.0.0.12"
+    assert f"{tmp_path / 'tiny.gguf'}:/models/chat.gguf:ro" in chat and "host" == chat[chat.index("--network") + 1]
+    assert "--rm" not in chat  # kept after it exits, so `builder cluster logs` can show why
+    head = argvs[("big", "c")]
+    assert head[head.index("--rpc") + 1] == "127.0.0.14:50052"
+    worker = argvs[("big", "d")]
+    assert worker[worker.index("IMAGE"):] == ["IMAGE", "rpc-worker", "--host", "127.0.0.14", "--port", "50052"]
+    assert worker[worker.index("--name") + 1] == "builder-cluster-0-d-big-rpc"

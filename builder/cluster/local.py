@@ -114,7 +114,7 @@ def _models(loaded: Loaded, say: Say) -> dict[str, Path]:
     return out
 
 
-def _argv(local: Local, engine: Engine, process: Process, image: str, model: Path) -> list[str]:
+def process_argv(local: Local, engine: Engine, process: Process, image: str, model: Path) -> list[str]:
     loaded = local.loaded
     address = node_addresses(loaded)
     service = loaded.service(process.service)
@@ -187,7 +187,7 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
             if name in existing:
                 _remove(engine, [name])
             say(f"starting {process.role} {process.service} on {process.node} ({address[process.node]}:{process.port})")
-            run(_argv(local, engine, process, images[process.node], models[process.service]), timeout=120)
+            run(process_argv(local, engine, process, images[process.node], models[process.service]), timeout=120)
             started.append(name)
             if process.role == "rpc-worker" and not _wait_port(address[process.node], process.port, 60):
                 raise BuilderError(f"RPC worker {name} did not listen on {address[process.node]}:{process.port}",
