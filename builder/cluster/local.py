@@ -142,7 +142,9 @@ def containers(local: Local, engine: Engine) -> dict[str, str]:
     for line in proc.stdout.splitlines():
         if line.strip():
             name, _, state = line.partition(" ")
-            out[name] = state.split()[0].lower() if state.split() else "unknown"
+            word = state.split()[0].lower() if state.split() else "unknown"
+            # podman 4.3 prints "Up 5 seconds ago" / "Exited (137) …" where docker prints running / exited
+            out[name] = "running" if word == "up" else word
     return out
 
 
