@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from tinymodel import make_tiny_model  # noqa: E402
 
-PROMPT = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "seed": 42}
+PROMPT = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "seed": 42}
 
 
 def free_port() -> int:
