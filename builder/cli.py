@@ -24,6 +24,7 @@ from builder.build import (
     recipe_file,
     refuse_placeholders,
 )
+from builder.cli_cluster import cluster_app
 from builder.cli_pxe import pxe_app
 from builder.doctor import diagnose
 from builder.engines import ENGINE_CHOICES, get_engine
@@ -61,6 +62,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(pxe_app, name="pxe")
+app.add_typer(cluster_app, name="cluster")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _debug = False
 ROLES = ("rpc-worker", "server", "bench", "shell", "smoke", "help")

@@ -1,0 +1,306 @@
+"""A whole cluster on this machine: every node a container of its own image on the host network, bound to its
+own loopback address (127.0.0.11, 127.0.0.12, …), and the gateway (HAProxy on the host) on 127.0.0.1.
+
+Containers are started through builder's engine layer rather than a compose tool: Debian bookworm's
+podman-compose 1.0.3 adds a project network beside `network_mode: host`, which podman refuses, and reports
+success anyway; docker-compose 1.29 drives docker only (docs/design.md).
+"""
+
+import hashlib
+import json
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.build import build, image_for_run, prepare, recipe_file
+from builder.cluster.gateway import (
+    ServerState,
+    gateway_pid,
+    read_stats,
+    start_gateway,
+    stop_gateway,
+    write_gateway,
+)
+from builder.cluster.model import Loaded, Process
+from builder.engines import Engine, get_engine
+from builder.errors import BuilderError, RecipeError
+from builder.paths import cache_subdir
+from builder.run import run
+from builder.source import fetch_file, sha256_file
+from builder.targets import TARGETS
+
+GATEWAY_ADDRESS = "127.0.0.1"
+FIRST_NODE = 11
+LABEL = "dev.builder.cluster"
+Say = Callable[[str], None]
+
+
+def node_addresses(loaded: Loaded) -> dict[str, str]:
+    return {node.name: f"127.0.0.{FIRST_NODE + i}" for i, node in enumerate(loaded.cluster.nodes)}
+
+
+@dataclass(frozen=True)
+class Local:
+    """Where one cluster file's local run keeps its state, and how its containers are named."""
+
+    loaded: Loaded
+    state: Path
+    project: str
+
+    @classmethod
+    def of(cls, loaded: Loaded) -> "Local":
+        resolved = str(loaded.path.resolve())
+        stem = re.sub(r"[^a-z0-9-]+", "-", loaded.path.stem.lower()).strip("-") or "cluster"
+        project = f"builder-{stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+        return cls(loaded, cache_subdir(f"clusters/{project}"), project)
+
+    def container(self, process: Process) -> str:
+        suffix = "rpc" if process.role == "rpc-worker" else "server"
+        return f"{self.project}-{process.node}-{process.service}-{suffix}"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state / "haproxy.pid"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{GATEWAY_ADDRESS}:{self.loaded.cluster.gateway.port}/v1"
+
+
+def _engine_of(local: Local, engine_name: str | None) -> Engine:
+    recorded = local.state / "engine"
+    if engine_name is None:
+        engine_name = recorded.read_text().strip() if recorded.is_file() else "auto"
+    engine = get_engine(engine_name)
+    recorded.write_text(engine.name + "\n")
+    return engine
+
+
+def _images(loaded: Loaded, engine: Engine, say: Say) -> dict[str, str]:
+    """The image every node runs: the target's last build, built now if there is none."""
+    images: dict[tuple[str, str | None], str] = {}
+    out: dict[str, str] = {}
+    for node in loaded.cluster.nodes:
+        key = (node.target, node.variant)
+        if key not in images:
+            prep = prepare(recipe_file(node.target, None), node.variant)
+            try:
+                images[key] = image_for_run(engine, prep)
+            except RecipeError:
+                say(f"building {node.target}/{prep.plan.variant} for node {node.name} …")
+                images[key] = build(prep, engine).ref
+        out[node.name] = images[key]
+    return out
+
+
+def _models(loaded: Loaded, say: Say) -> dict[str, Path]:
+    """Every service's GGUF on this machine, checked against its sha256."""
+    out: dict[str, Path] = {}
+    for i, service in enumerate(loaded.cluster.services):
+        path = loaded.model_file(service)
+        if path is None:
+            say(f"fetching {service.model} …")
+            out[service.name] = fetch_file(service.model, service.sha256)
+            continue
+        actual = sha256_file(path)
+        if actual != service.sha256:
+            raise RecipeError(f"{loaded.path.name}: services[{i}].sha256: {service.model} has sha256 {actual}",
+                              "the file changed or the sha256 in the cluster file is wrong: check which, fix it")
+        out[service.name] = path.resolve()
+    return out
+
+
+def process_argv(local: Local, engine: Engine, process: Process, image: str, model: Path) -> list[str]:
+    loaded = local.loaded
+    address = node_addresses(loaded)
+    service = loaded.service(process.service)
+    node = next(n for n in loaded.cluster.nodes if n.name == process.node)
+    variant = TARGETS[node.target].variants[node.variant or TARGETS[node.target].default_variant]
+    argv = [*engine.run_argv(), "--detach", "--network", "host", "--name", local.container(process),
+            "--label", f"{LABEL}={local.project}", *engine.device_flags(variant.host)]
+    if process.role == "rpc-worker":
+        return [*argv, image, "rpc-worker", "--host", address[process.node], "--port", str(process.port)]
+    inside = f"/models/{process.service}.gguf"
+    args = ["-m", inside, "--host", address[process.node], "--port", str(process.port),
+            "--alias", service.name, "--metrics"]
+    if service.context:
+        args += ["-c", str(service.context)]
+    if service.topology == "split":
+        args += ["--rpc", ",".join(f"{address[w]}:{service.rpc_port}" for w in service.workers), "-ngl", "999"]
+    return [*argv, "--volume", f"{model}:{inside}:ro", image, "server", *args, *service.args]
+
+
+def containers(local: Local, engine: Engine) -> dict[str, str]:
+    """This cluster's containers and their state (running, exited …), by name."""
+    proc = run([*engine.command(), "ps", "--all", "--filter", f"label={LABEL}={local.project}",
+                "--format", "{{.Names}} {{.State}}"], timeout=60)
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.strip():
+            name, _, state = line.partition(" ")
+            word = state.split()[0].lower() if state.split() else "unknown"
+            # podman 4.3 prints "Up 5 seconds ago" / "Exited (137) …" where docker prints running / exited
+            out[name] = "running" if word == "up" else word
+    return out
+
+
+def _remove(engine: Engine, names: list[str]) -> None:
+    if names:
+        run([*engine.command(), "rm", "--force", *names], check=False, timeout=120)
+
+
+def _wait_port(address: str, port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((address, port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def _log_tail(engine: Engine, name: str, lines: int = 15) -> str:
+    proc = run([*engine.command(), "logs", "--tail", str(lines), name], check=False, timeout=60)
+    return ((proc.stdout or "") + (proc.stderr or "")).strip()
+
+
+def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Local:
+    """Start what is not running (workers first, then servers, then the gateway) and wait until every server is
+    healthy behind the gateway; on failure remove what this call started."""
+    local = Local.of(loaded)
+    engine = _engine_of(local, engine_name)
+    images = _images(loaded, engine, say)
+    models = _models(loaded, say)
+    address = node_addresses(loaded)
+    existing = containers(local, engine)
+    started: list[str] = []
+    gateway_started = False
+    try:
+        ordered = sorted(loaded.processes, key=lambda p: p.role != "rpc-worker")
+        for process in ordered:
+            name = local.container(process)
+            if existing.get(name) == "running":
+                continue
+            if name in existing:
+                _remove(engine, [name])
+            say(f"starting {process.role} {process.service} on {process.node} ({address[process.node]}:{process.port})")
+            run(process_argv(local, engine, process, images[process.node], models[process.service]), timeout=120)
+            started.append(name)
+            if process.role == "rpc-worker" and not _wait_port(address[process.node], process.port, 60):
+                raise BuilderError(f"RPC worker {name} did not listen on {address[process.node]}:{process.port}",
+                                   _log_tail(engine, name))
+        previous = (local.state / "haproxy.cfg").read_text() if (local.state / "haproxy.cfg").is_file() else None
+        config = write_gateway(loaded, local.state, GATEWAY_ADDRESS, address)
+        # A running gateway with the same config keeps serving: restarting it would cut requests in flight.
+        if gateway_pid(local.pidfile) is None or config.read_text() != previous:
+            stop_gateway(local.pidfile)
+            start_gateway(config, local.pidfile)
+            gateway_started = True
+        _wait_healthy(local, engine, timeout)
+    except BaseException:
+        if gateway_started:
+            stop_gateway(local.pidfile)
+        _remove(engine, started)
+        raise
+    return local
+
+
+def _wait_healthy(local: Local, engine: Engine, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    servers = [p for p in local.loaded.processes if p.role == "server"]
+    while True:
+        states = {(s.service, s.node): s.healthy for s in read_stats(local.loaded.cluster.gateway.metrics_port)}
+        waiting = [p for p in servers if not states.get((p.service, p.node))]
+        if not waiting:
+            return
+        now = containers(local, engine)
+        for process in waiting:
+            name = local.container(process)
+            if now.get(name) != "running":
+                raise BuilderError(f"{process.service} on {process.node}: the server exited ({name})",
+                                   "its last lines:\n" + _log_tail(engine, name))
+        if time.monotonic() > deadline:
+            first = waiting[0]
+            raise BuilderError(
+                f"{first.service} on {first.node} is not healthy after {timeout:.0f} s "
+                f"({len(waiting)} of {len(servers)} servers waiting)",
+                f"its last lines (raise --timeout for big models):\n{_log_tail(engine, local.container(first))}")
+        time.sleep(1)
+
+
+def down(loaded: Loaded, engine_name: str | None) -> list[str]:
+    """Remove the cluster's containers and stop its gateway; the key stays for the next `up`."""
+    local = Local.of(loaded)
+    engine = _engine_of(local, engine_name)
+    names = sorted(containers(local, engine))
+    _remove(engine, names)
+    if stop_gateway(local.pidfile):
+        names.append("gateway")
+    return names
+
+
+def status(loaded: Loaded, engine_name: str | None) -> dict[str, object]:
+    """Services, nodes and every process's health, as one document."""
+    local = Local.of(loaded)
+    engine = _engine_of(local, engine_name)
+    address = node_addresses(loaded)
+    running = containers(local, engine)
+    try:
+        stats: dict[tuple[str, str], ServerState] | None = {
+            (s.service, s.node): s for s in read_stats(loaded.cluster.gateway.metrics_port)}
+    except BuilderError:
+        stats = None
+    services = []
+    for service in loaded.cluster.services:
+        processes = []
+        for process in (p for p in loaded.processes if p.service == service.name):
+            entry: dict[str, object] = {
+                "node": process.node, "role": process.role, "address": f"{address[process.node]}:{process.port}",
+                "container": running.get(local.container(process), "absent")}
+            state = (stats or {}).get((process.service, process.node)) if process.role == "server" else None
+            if state is not None:
+                health = state.status if state.last_check != "INI" else "starting"
+                entry.update(health=health, last_check=state.last_check, active=state.active,
+                             requests=state.total)
+            elif process.role == "rpc-worker":
+                up_now = _wait_port(address[process.node], process.port, 0.5)
+                entry["health"] = "UP" if up_now else "DOWN"
+            else:
+                entry["health"] = "unknown"
+            processes.append(entry)
+        services.append({"name": service.name, "topology": service.topology, "processes": processes})
+    return {
+        "cluster": str(loaded.path), "engine": engine.name,
+        "gateway": {"endpoint": local.endpoint, "running": stats is not None,
+                    "key_file": str(_key_path(local)), "metrics": f"http://127.0.0.1:"
+                    f"{loaded.cluster.gateway.metrics_port}/metrics"},
+        "nodes": [{"name": n.name, "address": address[n.name], "target": n.target} for n in loaded.cluster.nodes],
+        "services": services,
+    }
+
+
+def _key_path(local: Local) -> Path:
+    key_file = local.loaded.cluster.gateway.key_file
+    return local.loaded.path.parent / key_file if key_file else local.state / "api-key"
+
+
+def logs(loaded: Loaded, engine_name: str | None, only: str | None, lines: int) -> None:
+    """The last lines of every container's output (or those whose name contains `only`)."""
+    local = Local.of(loaded)
+    engine = _engine_of(local, engine_name)
+    names = sorted(containers(local, engine))
+    chosen = [n for n in names if only is None or only in n.removeprefix(local.project + "-")]
+    if not chosen:
+        raise RecipeError(f"no container of this cluster matches {only!r}" if only else "the cluster is not up",
+                          "`builder cluster status --local FILE` lists them")
+    for name in chosen:
+        sys.stdout.write(f"==> {name} <==\n{_log_tail(engine, name, lines)}\n")
+
+
+def dump(document: dict[str, object]) -> str:
+    return json.dumps(document, indent=2)
