@@ -8,11 +8,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from builder.cleanup import temp_dir
 from builder.engines import Engine
 from builder.errors import CommandError, EngineError
+from builder.locks import lock_file, locked
 from builder.models import BootstrapBase, ImageBase
 from builder.paths import cache_subdir
 from builder.run import run, run_logged
@@ -86,14 +87,14 @@ def _rootfs_tarball(spec: BootstrapBase) -> Path:
     if os.geteuid() != 0:
         raise EngineError(f"bootstrapping the {spec.suite} base needs root (mmdebstrap --mode=root)",
                           "run builder as root once to create it, or use a registry base pinned by digest")
-    tmp = Path(tempfile.mkdtemp(dir=bases, prefix=".bootstrap-"))
-    try:
-        partial = tmp / "rootfs.tar"
-        run_logged(mmdebstrap_argv(spec, partial), bases / f"{spec.suite}-{key[:16]}.log",
-                   title=f"bootstrap {spec.suite} base ({len(spec.packages)} extra packages)")
-        os.replace(partial, tarball)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with locked(lock_file(f"base-{key}"), f"bootstrapping the {spec.suite} base"):
+        if tarball.is_file():
+            return tarball
+        with temp_dir(bases) as tmp:
+            partial = tmp / "rootfs.tar"
+            run_logged(mmdebstrap_argv(spec, partial), bases / f"{spec.suite}-{key[:16]}.log",
+                       title=f"bootstrap {spec.suite} base ({len(spec.packages)} extra packages)")
+            os.replace(partial, tarball)
     return tarball
 
 
@@ -111,5 +112,8 @@ def ensure_base(engine: Engine, spec: ImageBase | BootstrapBase) -> str:
                                   "that can pull it") from None
         return ref
     if engine.inspect(ref) is None:
-        engine.import_rootfs(_rootfs_tarball(spec), ref)
+        # One run bootstraps and imports a base; another that needs it waits, then finds it there.
+        with locked(lock_file(f"base-{engine.name}-{bootstrap_key(spec)}"), f"importing the {spec.suite} base"):
+            if engine.inspect(ref) is None:
+                engine.import_rootfs(_rootfs_tarball(spec), ref)
     return ref
