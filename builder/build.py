@@ -9,7 +9,7 @@ from pathlib import Path
 
 from builder.bootstrap import ensure_base
 from builder.ccache_store import CcacheStore
-from builder.cleanup import record_image
+from builder.cleanup import forget_image, record_image
 from builder.engines import Engine
 from builder.errors import CommandError, RecipeError
 from builder.locks import locked
@@ -131,6 +131,7 @@ def build_and_promote(engine: Engine, tag: str, floating: str, build_into: Calla
         engine.tag(scratch, floating)
     finally:
         engine.remove(scratch)  # only a name once promoted; the image itself when not
+        forget_image(engine.name, scratch)
 
 
 def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: bool = True) -> BuildResult:

@@ -42,6 +42,11 @@ class _Claim:
         os.write(self.fd, (json.dumps(entry) + "\n").encode())
         self.entries.append(entry)
 
+    def forget(self, entry: list[str]) -> None:
+        """Removed already: nothing for `release` to do (a sweep after a kill finds it gone anyway)."""
+        if entry in self.entries:
+            self.entries.remove(entry)
+
 
 _claim: _Claim | None = None
 
@@ -71,6 +76,15 @@ def record_container(engine: str, name: str) -> str:
     return name
 
 
+def forget_image(engine: str, ref: str) -> None:
+    """The scratch tag is gone (promoted and untagged, or removed)."""
+    _current().forget(["image", engine, ref])
+
+
+def forget_container(engine: str, name: str) -> None:
+    _current().forget(["container", engine, name])
+
+
 def temp_path(parent: Path, suffix: str = "") -> Path:
     """A fresh, recorded name in `parent` (nothing is created): write there, then rename into place."""
     parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +100,7 @@ def temp_dir(parent: Path) -> Iterator[Path]:
         yield path
     finally:
         remove_path(path)
+        _current().forget(["path", str(path.absolute())])
 
 
 def remove_path(path: Path) -> None:

@@ -5,7 +5,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from builder.cleanup import record_container, temp_path
+from builder.cleanup import forget_container, record_container, temp_path
 from builder.run import run, run_logged
 from builder.targets import Host
 
@@ -102,6 +102,7 @@ class CliEngine:
         finally:
             partial.unlink(missing_ok=True)
             self.remove_container(container)
+            forget_container(self.name, container)
 
     def remove_container(self, name: str) -> None:
         run([*self.command(), "rm", "--force", name], check=False)
