@@ -82,7 +82,7 @@ def test_sigterm_during_the_smoke_test_leaves_no_tag_and_exits_143(tmp_path: Pat
     rest = proc.stderr.read()
     proc.wait(timeout=120)
     assert proc.returncode == 143, rest[-3000:]
-    assert rest.strip().splitlines()[-1] == "terminated" and "Traceback" not in rest
+    assert "terminated" in rest.splitlines() and "Traceback" not in rest
     assert engine.inspect(tag) is None, "an image whose smoke test never finished got its content tag"
     assert not [n for n in names(engine) if ":scratch-" in n]
 
