@@ -136,8 +136,9 @@ def build_and_promote(engine: Engine, tag: str, floating: str, build_into: Calla
 
 def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: bool = True) -> BuildResult:
     """Build the image unless one with the same content tag exists; smoke-test it; tag it."""
-    with locked(context_dir(prep.plan).with_name(f"{context_dir(prep.plan).name}.lock"),
-                f"building {prep.plan.target}/{prep.plan.variant}"):
+    # One build per context folder at a time: a second one would rewrite and prune files under the first.
+    context = context_dir(prep.plan)
+    with locked(context.with_name(f"{context.name}.lock"), f"building {prep.plan.target}/{prep.plan.variant}"):
         return _build(prep, engine, no_cache=no_cache, ccache=ccache)
 
 
