@@ -106,6 +106,15 @@ def live_claims_only() -> None:
             pytest.fail(f"a dead run's claim was not swept: {path}: {f.read()[:500]}")
 
 
+def cache_entries_match_their_names() -> None:
+    """Every cache entry named by a sha256 has exactly those bytes."""
+    for folder, suffix in (("sources/archives", ".tar"), ("sources/files", ""), ("sdks/wheels", ".whl")):
+        for path in (cache_dir() / folder).glob("[!.]*"):
+            if path.is_file() and len(path.name.removesuffix(suffix)) == 64:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                assert path.name == digest + suffix, f"{path}: its bytes hash to {digest}"
+
+
 def no_temp_files(*folders: Path) -> None:
     for folder in folders:
         found = [str(p) for p in folder.rglob(".tmp-*")] if folder.is_dir() else []
@@ -180,6 +189,7 @@ def test_kills_during_build(tmp_path: Path, rng: random.Random) -> None:
             assert not export_containers(engine), where
             live_claims_only()
             no_temp_files(cache_dir() / "sources", cache_dir() / "bases", cache_dir() / "contexts")
+        cache_entries_match_their_names()
     finally:
         for tag in made:
             engine.remove(tag)
