@@ -192,7 +192,11 @@ def test_kills_during_build(tmp_path: Path, rng: random.Random) -> None:
         cache_entries_match_their_names()
     finally:
         for tag in made:
-            engine.remove(tag)
+            for _ in range(3):  # storage shared with other builds can be busy for a moment
+                if engine.inspect(tag) is None:
+                    break
+                engine.remove(tag)
+                time.sleep(1)
 
 
 # --- publish -------------------------------------------------------------------------------------------
