@@ -14,15 +14,17 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from builder.cleanup import temp_dir
 from builder.debian import apt_sources
 from builder.debstore import DebStore, write_repository
 from builder.engines import Engine
 from builder.errors import CommandError, EngineError, LockError
+from builder.locks import lock_file
+from builder.locks import locked as holding
 from builder.models import BootstrapBase, ImageBase, LockedBase
 from builder.paths import cache_subdir
 from builder.run import run, run_logged
@@ -177,18 +179,18 @@ def _rootfs_tarball(spec: BootstrapBase, locked: LockedBase | None) -> Path:
     if os.geteuid() != 0:
         raise EngineError(f"bootstrapping the {spec.suite} base needs root (mmdebstrap --mode=root)",
                           "run builder as root once to create it, or use a registry base pinned by digest")
-    tmp = Path(tempfile.mkdtemp(dir=bases, prefix=".bootstrap-"))
-    log = bases / f"{spec.suite}-{key[:16]}.log"
-    try:
-        partial = tmp / "rootfs.tar"
-        if locked is not None:
-            _bootstrap_locked(spec, locked, partial, log)
-        else:
-            run_logged(mmdebstrap_argv(spec, partial), log,
-                       title=f"bootstrap {spec.suite} base ({len(spec.packages)} extra packages)")
-        os.replace(partial, tarball)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with holding(lock_file(f"base-{key}"), f"bootstrapping the {spec.suite} base"):
+        if tarball.is_file():
+            return tarball
+        with temp_dir(bases) as tmp:
+            partial = tmp / "rootfs.tar"
+            log = bases / f"{spec.suite}-{key[:16]}.log"
+            if locked is not None:
+                _bootstrap_locked(spec, locked, partial, log)
+            else:
+                run_logged(mmdebstrap_argv(spec, partial), log,
+                           title=f"bootstrap {spec.suite} base ({len(spec.packages)} extra packages)")
+            os.replace(partial, tarball)
     return tarball
 
 
@@ -208,5 +210,9 @@ def ensure_base(engine: Engine, spec: ImageBase | BootstrapBase, locked: LockedB
                                   "that can pull it") from None
         return ref
     if engine.inspect(ref) is None:
-        engine.import_rootfs(_rootfs_tarball(spec, locked_for(spec, locked or {})), ref)
+        # One run bootstraps and imports a base; another that needs it waits, then finds it there.
+        entry = locked_for(spec, locked or {})
+        with holding(lock_file(f"base-{engine.name}-{bootstrap_key(spec, entry)}"), f"importing the {spec.suite} base"):
+            if engine.inspect(ref) is None:
+                engine.import_rootfs(_rootfs_tarball(spec, entry), ref)
     return ref

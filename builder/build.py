@@ -1,15 +1,19 @@
 """Orchestrates one image: resolve the recipe and source, render, build, smoke-test, tag."""
 
 import os
+import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder import lock as lockfile
 from builder.bootstrap import LockedBases, ensure_base
 from builder.ccache_store import CcacheStore
+from builder.cleanup import forget_image, record_image
 from builder.engines import Engine
 from builder.errors import CommandError, RecipeError
+from builder.locks import locked
 from builder.models import BuildPlan, placeholders_of
 from builder.paths import cache_subdir
 from builder.plan import LABEL_PREFIX, make_plan
@@ -106,8 +110,43 @@ def smoke_test(engine: Engine, ref: str) -> str:
     return run([*engine.run_argv(), "--rm", "--network", "none", "--", ref, "smoke"], timeout=300).stdout
 
 
+def scratch_tag(repository_tag: str) -> str:
+    """A tag of this run alone for an image that is not smoke-tested yet: REPO:scratch-<tag>-<random>."""
+    repository, _, tag = repository_tag.rpartition(":")
+    return f"{repository}:scratch-{tag}-{secrets.token_hex(4)}"
+
+
+def build_and_promote(engine: Engine, tag: str, floating: str, build_into: Callable[[str], None],
+                      log: Path) -> None:
+    """Build into a scratch tag, smoke-test it, and only then name it `tag` and `floating`.
+
+    The content tag is what makes the next build skip and `publish` push, so it must only ever name an
+    image that passed its smoke test: whatever stops this run (an error, Ctrl-C, SIGTERM, a kill) before
+    that leaves at most the scratch tag, which this run or the next one removes.
+    """
+    scratch = record_image(engine.name, scratch_tag(tag))
+    try:
+        build_into(scratch)
+        try:
+            smoke_test(engine, scratch)
+        except CommandError as exc:
+            raise CommandError(f"smoke test of {tag} failed", hint=f"build log: {log}", tail=exc.tail) from None
+        engine.tag(scratch, tag)
+        engine.tag(scratch, floating)
+    finally:
+        engine.remove(scratch)  # only a name once promoted; the image itself when not
+        forget_image(engine.name, scratch)
+
+
 def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: bool = True) -> BuildResult:
     """Build the image unless one with the same content tag exists; smoke-test it; tag it."""
+    # One build per context folder at a time: a second one would rewrite and prune files under the first.
+    context = context_dir(prep.plan)
+    with locked(context.with_name(f"{context.name}.lock"), f"building {prep.plan.target}/{prep.plan.variant}"):
+        return _build(prep, engine, no_cache=no_cache, ccache=ccache)
+
+
+def _build(prep: Prepared, engine: Engine, *, no_cache: bool, ccache: bool) -> BuildResult:
     started = time.monotonic()
     plan, tag = prep.plan, prep.tag
     existing = None if no_cache else engine.inspect(tag)
@@ -127,19 +166,16 @@ def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: boo
     ensure_base(engine, plan.runtime, prep.locked)
     log = cache_subdir("logs") / f"{plan.target}-{plan.variant}-{engine.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     labels = {f"{LABEL_PREFIX}.fingerprint": prep.fingerprint}
-    if ccache:
-        with CcacheStore(cache_subdir("ccache")) as store:
-            engine.build(context, tag, build_args={"CCACHE_REMOTE_STORAGE": store.url}, labels=labels,
-                         log=log, no_cache=no_cache)
-    else:
-        engine.build(context, tag, build_args={}, labels=labels, log=log, no_cache=no_cache)
-    try:
-        smoke_test(engine, tag)
-    except CommandError as exc:
-        # A content tag must only ever name a working image, or the next build would skip it.
-        engine.remove(tag)
-        raise CommandError(f"smoke test of {tag} failed", hint=f"build log: {log}", tail=exc.tail) from None
-    engine.tag(tag, floating_tag(plan))
+
+    def build_into(ref: str) -> None:
+        if ccache:
+            with CcacheStore(cache_subdir("ccache")) as store:
+                engine.build(context, ref, build_args={}, env_args=store.build_args(), labels=labels, log=log,
+                             no_cache=no_cache)
+        else:
+            engine.build(context, ref, build_args={}, labels=labels, log=log, no_cache=no_cache)
+
+    build_and_promote(engine, tag, floating_tag(plan), build_into, log)
     info = engine.inspect(tag)
     assert info is not None
     return BuildResult(tag, info.id, info.size, True, time.monotonic() - started, log)

@@ -5,15 +5,17 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from builder import __version__
+from builder import __version__, cleanup
 from builder import lock as lockfile
 from builder.build import (
     BuildResult,
@@ -28,7 +30,7 @@ from builder.cli_cluster import cluster_app
 from builder.cli_pxe import pxe_app
 from builder.doctor import diagnose
 from builder.engines import ENGINE_CHOICES, get_engine
-from builder.errors import BuilderError, CommandError, RecipeError
+from builder.errors import BuilderError, CommandError, RecipeError, Stopped
 from builder.hostlib import driver_volumes
 from builder.launch import container_argv
 from builder.listing import target_entries, target_rows
@@ -648,14 +650,34 @@ def _report(exc: BuilderError) -> None:
         err.print(f"hint: {exc.hint}", markup=False)
 
 
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _stopping:
+        return  # clean-up is running: let it finish (it is bounded; SIGKILL still stops at once)
+    _stopping.append(signum)
+    raise Stopped(signum)
+
+
+_stopping: list[int] = []
+
+
 def main() -> None:
+    # SIGTERM (systemd, CI cancelling a job, `kill`) is handled like Ctrl-C: temp files, scratch images and
+    # running commands are cleaned up on the way out, then exit 128 + signal (130, 143).
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
+        try:
+            cleanup.sweep()  # what runs killed outright left behind
+        except (BuilderError, OSError) as exc:
+            logging.getLogger("builder").debug("sweeping left-overs failed: %s", exc)
         app(prog_name="builder")
     except BuilderError as exc:
         if _debug:
             traceback.print_exc()
         _report(exc)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except Stopped as exc:
+        err.print("interrupted" if exc.signum == signal.SIGINT else "terminated", markup=False)
+        sys.exit(128 + exc.signum)
+    finally:
+        cleanup.release()

@@ -10,8 +10,10 @@ import typer
 
 from builder.artifacts import pull_netboot, push_netboot
 from builder.build import build, prepare, recipe_file
+from builder.cleanup import remove_path
 from builder.engines import ENGINE_CHOICES, get_engine
-from builder.errors import EngineError
+from builder.errors import EngineError, Stopped
+from builder.locks import locked
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
 from builder.netboot.inventory import load_inventory
 from builder.netboot.kernels import kernel_spec
@@ -148,8 +150,8 @@ def serve_cmd(
                + (f"; dnsmasq config {config}" if config else ""), err=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, Stopped):
+        pass  # the way to stop serving
     finally:
         server.server_close()
         if helper is not None:
@@ -177,5 +179,10 @@ def pull(
 ) -> None:
     """Fetch a netboot set, check every file's sha256 against its manifest, then switch DEST/TARGET-VARIANT
     to it atomically (the files live in DEST/sets/). `builder pxe publish --artifacts DEST` boots nodes from it."""
-    final = pull_netboot(reference, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with locked(dest / ".builder.lock", f"pulling into {dest}"):
+        # Holding the lock, nothing else pulls here: half-made sets and links are left-overs of a killed pull.
+        for leftover in [*(dest / "sets").glob(".pull-*"), *dest.glob(".*.link")]:
+            remove_path(leftover)
+        final = pull_netboot(reference, dest)
     typer.echo(f"pulled {reference} into {final}")

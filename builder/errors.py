@@ -50,3 +50,11 @@ class LockError(BuilderError):
 
     exit_code = 2
 
+
+
+class Stopped(BaseException):  # noqa: N818 (not an error: the user or the system asked to stop)
+    """SIGINT or SIGTERM arrived: clean-up runs on the way out, then the CLI exits 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

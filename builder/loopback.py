@@ -1,7 +1,6 @@
 """A small HTTP server on 127.0.0.1 for the length of a build, which builds reach over the host network.
 
-The port is the caller's choice, stable per cache folder, so the build argument that carries the URL (and
-with it the engine's layer cache) stays the same between builds; when it is taken, any free port serves.
+The port is the caller's choice (0: any free one); when a chosen port is taken, any free port serves.
 """
 
 import hashlib

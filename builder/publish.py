@@ -8,7 +8,6 @@ skipped when it exists.
 
 import json
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from builder.artifacts import push_artifact
 from builder.build import Prepared, build
+from builder.cleanup import temp_dir
 from builder.engines import Engine
 from builder.errors import RegistryError
 from builder.oci import LocalImage, read_layout
@@ -69,9 +69,9 @@ SbomMaker = Callable[[str], bytes]  # image digest -> SBOM document
 def push_image(engine: Engine, local_ref: str, client: RegistryClient, tags: list[str],
                sbom: SbomMaker | None = None) -> tuple[str, str | None]:
     """Push by digest, verify, attach the SBOM, then tag (the last tag last). Returns (digest, SBOM ref)."""
-    with tempfile.TemporaryDirectory(dir=cache_subdir("oci"), prefix="push-") as tmp:
-        engine.export_oci(local_ref, Path(tmp))
-        image = read_layout(Path(tmp))
+    with temp_dir(cache_subdir("oci")) as tmp:
+        engine.export_oci(local_ref, tmp)
+        image = read_layout(tmp)
         document = sbom(image.digest) if sbom else None  # before anything is sent: it may fail
         for blob in image.blobs:
             client.push_blob(blob.digest, blob.size, blob.path)

@@ -17,6 +17,7 @@ from urllib.parse import unquote
 import jinja2
 
 from builder import PROJECT_ROOT
+from builder.cleanup import temp_path
 from builder.errors import RecipeError
 from builder.models import BuildPlan, ImageBase
 from builder.sdk import SDK_DIR, missing_ship_patterns, unpacked
@@ -111,7 +112,7 @@ def _write_if_changed(path: Path, data: bytes, mode: int | None = None) -> bool:
         changed = False
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temp_path(path.parent)
         tmp.write_bytes(data)
         os.replace(tmp, path)
         changed = True

@@ -1,13 +1,16 @@
 """The one place that starts external commands: logs argv, streams output to a log, raises on failure."""
 
+import ctypes
 import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +21,8 @@ from builder.errors import CommandError, EngineError
 
 log = logging.getLogger("builder")
 TAIL_LINES = 30
+STOP_GRACE = 20  # seconds a stopped command gets to clean up before SIGKILL
+_PR_SET_PDEATHSIG = 1
 
 # Lines worth showing when output is not a terminal: engine steps, our script's markers, ninja progress.
 _STEP = re.compile(r"^(\[\d+/\d+\] )?(STEP \d+/\d+|Step \d+/\d+|\[builder\]|COMMIT|Successfully tagged)")
@@ -43,27 +48,75 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run a short command; on failure raise CommandError with the tail of its output."""
     log.debug("$ %s", _fmt(argv))
+    pipe = subprocess.PIPE if capture else None
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [str(a) for a in argv],
-            capture_output=capture,
+            stdin=subprocess.PIPE if input is not None else None,
+            stdout=pipe,
+            stderr=pipe,
             text=True,
             env=dict(env) if env is not None else None,
             cwd=cwd,
-            input=input,
-            timeout=timeout,
+            preexec_fn=_stop_with_parent(),
         )
     except FileNotFoundError:
         raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
+    try:
+        stdout, stderr = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
+        stop(proc)
         raise CommandError(f"`{_fmt(argv)}` did not finish within {timeout:.0f} s") from None
+    except BaseException:
+        stop(proc)  # an error, Ctrl-C or SIGTERM here: the command must not outlive builder's clean-up
+        raise
     if check and proc.returncode != 0:
-        output = ((proc.stdout or "") + (proc.stderr or "")).strip().splitlines()
+        output = ((stdout or "") + (stderr or "")).strip().splitlines()
         raise CommandError(
             f"`{_fmt(argv[:3])} …` failed with exit code {proc.returncode}",
             tail="\n".join(output[-TAIL_LINES:]),
         )
-    return proc
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM (engines clean up their build containers on it), then SIGKILL after a grace period."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@cache
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _stop_with_parent() -> Callable[[], None] | None:
+    """For Popen: the child gets SIGTERM when builder dies, even by SIGKILL, so no build runs on orphaned.
+
+    Linux only (prctl PR_SET_PDEATHSIG); it runs in the child between fork and exec, and calls nothing
+    that takes a lock.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # builder died before the line above took effect
+            os._exit(1)
+    return preexec
 
 
 class _Reporter:
@@ -126,17 +179,22 @@ def run_logged(
                 errors="replace",
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
+                preexec_fn=_stop_with_parent(),
             )
         except FileNotFoundError:
             raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            logfile.write(raw)
-            text = raw.rstrip()
-            if text:
-                tail.append(text)
-                reporter.line(text)
-        code = proc.wait()
+        try:
+            for raw in proc.stdout:
+                logfile.write(raw)
+                text = raw.rstrip()
+                if text:
+                    tail.append(text)
+                    reporter.line(text)
+            code = proc.wait()
+        except BaseException:
+            stop(proc)
+            raise
     if code != 0:
         raise CommandError(
             f"{title} failed (exit code {code})",

@@ -7,18 +7,18 @@ get hard links to the unpacked tree (sdk/<name>), so rendering again neither dow
 
 import os
 import re
-import shutil
 import stat
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
+from builder.cleanup import temp_dir
 from builder.errors import ArchiveError, CommandError, SourceError
+from builder.locks import lock_file, locked
 from builder.models import WheelSdk, wheel_tags
 from builder.paths import cache_subdir
 from builder.run import run
-from builder.source import sha256_file
+from builder.source import cache_verified
 
 SDK_DIR = "sdk"  # where SDK trees land in a build context; /opt/sdk/<name> in the build stage
 
@@ -41,28 +41,24 @@ def pip_download_argv(spec: WheelSdk, dest: Path) -> list[str]:
 
 def fetch_wheel(spec: WheelSdk) -> Path:
     """The wheel file, downloaded once into the cache and checked against its pin."""
-    cached = cache_subdir("sdks/wheels") / f"{spec.sha256}.whl"
-    if cached.is_file():
-        return cached
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            run(pip_download_argv(spec, Path(tmp)), timeout=900)
-        except CommandError as exc:
-            last = (exc.tail.strip().splitlines() or [exc.message])[-1]
-            raise SourceError(f"cannot fetch {spec.file}: {last}",
-                              "check package, version and file in the recipe, and that the package index is "
-                              "reachable") from None
-        got = Path(tmp) / spec.file
-        if not got.is_file():
-            names = ", ".join(sorted(p.name for p in Path(tmp).iterdir())) or "nothing"
-            raise SourceError(f"pip download of {spec.package}=={spec.version} gave {names}, not {spec.file}",
-                              "check the wheel's file name in the recipe (sdks.<name>.file)")
-        actual = sha256_file(got)
-        if actual != spec.sha256:
-            raise SourceError(f"{spec.file}: sha256 mismatch: expected {spec.sha256}, got {actual}",
-                              "the pin in the recipe is wrong or the download was altered")
-        shutil.move(got, cached)
-    return cached
+    wheels = cache_subdir("sdks/wheels")
+
+    def fetch(tmp: Path) -> None:
+        with temp_dir(wheels) as folder:
+            try:
+                run(pip_download_argv(spec, folder), timeout=900)
+            except CommandError as exc:
+                last = (exc.tail.strip().splitlines() or [exc.message])[-1]
+                raise SourceError(f"cannot fetch {spec.file}: {last}",
+                                  "check package, version and file in the recipe, and that the package index is "
+                                  "reachable") from None
+            got = folder / spec.file
+            if not got.is_file():
+                names = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+                raise SourceError(f"pip download of {spec.package}=={spec.version} gave {names}, not {spec.file}",
+                                  "check the wheel's file name in the recipe (sdks.<name>.file)")
+            os.replace(got, tmp)
+    return cache_verified(wheels / f"{spec.sha256}.whl", spec.sha256, spec.file, fetch)
 
 
 def _unsafe_member(member: zipfile.ZipInfo) -> str | None:
@@ -97,16 +93,15 @@ def unpacked(spec: WheelSdk) -> Path:
     if final.is_dir():
         return final
     wheel = fetch_wheel(spec)
-    tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".unpack-"))
-    try:
-        _extract(wheel, tmp, spec.file)
-        os.replace(tmp, final)
-    except (zipfile.BadZipFile, OSError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SourceError(f"{spec.file}: cannot unpack: {exc}") from None
-    except SourceError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with locked(lock_file(f"sdk-tree-{spec.sha256}"), f"unpacking {spec.file}"):
+        if final.is_dir():
+            return final
+        with temp_dir(trees) as tmp:
+            try:
+                _extract(wheel, tmp, spec.file)
+                os.replace(tmp, final)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise SourceError(f"{spec.file}: cannot unpack: {exc}") from None
     return final
 
 

@@ -9,13 +9,15 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import requests
 
+from builder.cleanup import temp_dir, temp_path
 from builder.errors import ArchiveError, SourceError
+from builder.locks import lock_file, locked
 from builder.models import ArchiveSource, GitSource, PypiSource, SourceInfo
 from builder.paths import cache_subdir
 from builder.run import run
@@ -84,7 +86,9 @@ def _tar_epoch(archive: Path, identity: str) -> int:
         return int(memo.read_text())
     with tarfile.open(archive) as tar:
         epoch = int(max((m.mtime for m in tar.getmembers()), default=0))
-    memo.write_text(str(epoch))
+    tmp = temp_path(memo.parent)
+    tmp.write_text(str(epoch))
+    os.replace(tmp, memo)
     return epoch
 
 
@@ -105,18 +109,16 @@ def _extract(archive: Path, identity: str, subdir: str) -> Path:
     trees = cache_subdir("sources/trees")
     final = trees / identity
     if not final.is_dir():
-        tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".extract-"))
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter=_strict_filter)
-            os.replace(tmp, final)
-        except tarfile.FilterError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ArchiveError(f"{archive}: refused, {_one_line(exc)}",
-                               "the archive is damaged or hostile; check its pin and where it came from") from None
-        except (tarfile.TarError, OSError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise SourceError(f"{archive}: cannot extract: {_one_line(exc)}") from None
+        with temp_dir(trees) as tmp:
+            try:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(tmp, filter=_strict_filter)
+                os.replace(tmp, final)
+            except tarfile.FilterError as exc:
+                raise ArchiveError(f"{archive}: refused, {_one_line(exc)}",
+                                   "the archive is damaged or hostile; check its pin and where it came from") from None
+            except (tarfile.TarError, OSError) as exc:
+                raise SourceError(f"{archive}: cannot extract: {_one_line(exc)}") from None
     if subdir:
         tops = [p for p in final.iterdir() if p.is_dir()]
         for base in [final, *tops]:
@@ -127,8 +129,8 @@ def _extract(archive: Path, identity: str, subdir: str) -> Path:
 
 
 def download(url: str, dest: Path) -> None:
-    """url to dest, whole or not at all; one line on failure."""
-    tmp = dest.with_suffix(".part")
+    """url to dest, whole or not at all (a temp name beside it, renamed at the end); one line on failure."""
+    tmp = temp_path(dest.parent)
     try:
         with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT) as resp:
             if resp.status_code != 200:
@@ -137,56 +139,70 @@ def download(url: str, dest: Path) -> None:
             with open(tmp, "wb") as f:
                 for chunk in resp.iter_content(1 << 20):
                     f.write(chunk)
+        os.replace(tmp, dest)
     except requests.RequestException as exc:
-        tmp.unlink(missing_ok=True)
         raise SourceError(f"could not download {url}: {type(exc).__name__}",
                           "check that the site is reachable from this machine") from None
-    os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _verified(path: Path, sha256: str, what: str) -> Path:
+def _check(path: Path, sha256: str, what: str) -> None:
     actual = sha256_file(path)
     if actual != sha256:
-        path.unlink(missing_ok=True)
         raise SourceError(
             f"{what}: sha256 mismatch: expected {sha256}, got {actual}",
             "the pin in the recipe is wrong or the download was altered",
         )
-    return path
+
+
+def cache_verified(cached: Path, sha256: str, what: str, fetch: Callable[[Path], None]) -> Path:
+    """`cached`, named by its sha256, made by `fetch` into a temp name beside it, checked, then renamed.
+
+    Only a file whose bytes were checked ever has the name, so an interrupted or altered download is
+    never taken for the pinned file; the lock keeps two runs from fetching the same file at once.
+    """
+    if cached.is_file():
+        return cached
+    with locked(lock_file(f"source-{sha256}"), f"fetching {what}"):
+        if cached.is_file():
+            return cached  # the run we waited for fetched it
+        tmp = temp_path(cached.parent)
+        try:
+            fetch(tmp)
+            _check(tmp, sha256, what)
+            os.replace(tmp, cached)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return cached
 
 
 def _fetch_archive(spec: ArchiveSource) -> Path:
-    cached = cache_subdir("sources/archives") / f"{spec.sha256}.tar"
-    if cached.is_file():
-        return cached
-    if "://" in spec.url:
-        download(spec.url, cached)
-    else:
-        shutil.copyfile(Path(spec.url).expanduser(), cached)
-    return _verified(cached, spec.sha256, spec.url)
+    def fetch(tmp: Path) -> None:
+        if "://" in spec.url:
+            download(spec.url, tmp)
+        else:
+            shutil.copyfile(Path(spec.url).expanduser(), tmp)
+    return cache_verified(cache_subdir("sources/archives") / f"{spec.sha256}.tar", spec.sha256, spec.url, fetch)
 
 
 def fetch_file(url: str, sha256: str) -> Path:
     """A single pinned file (an apt signing key, say), downloaded once and checked."""
-    cached = cache_subdir("sources/files") / sha256
-    if not cached.is_file():
-        download(url, cached)
-        _verified(cached, sha256, url)
-    return cached
+    return cache_verified(cache_subdir("sources/files") / sha256, sha256, url, lambda tmp: download(url, tmp))
 
 
 def _fetch_pypi(spec: PypiSource) -> Path:
-    cached = cache_subdir("sources/archives") / f"{spec.sha256}.tar"
-    if cached.is_file():
-        return cached
-    with tempfile.TemporaryDirectory() as tmp:
-        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "--dest", tmp, "--", f"{spec.package}=={spec.version}"], timeout=900)
-        files = list(Path(tmp).iterdir())
-        if len(files) != 1:
-            raise SourceError(f"pip download of {spec.package}=={spec.version} gave {len(files)} files")
-        shutil.move(files[0], cached)
-    return _verified(cached, spec.sha256, f"{spec.package}=={spec.version}")
+    archives = cache_subdir("sources/archives")
+
+    def fetch(tmp: Path) -> None:
+        with temp_dir(archives) as folder:
+            run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                 "--dest", folder, "--", f"{spec.package}=={spec.version}"], timeout=900)
+            files = list(folder.iterdir())
+            if len(files) != 1:
+                raise SourceError(f"pip download of {spec.package}=={spec.version} gave {len(files)} files")
+            os.replace(files[0], tmp)
+    return cache_verified(archives / f"{spec.sha256}.tar", spec.sha256, f"{spec.package}=={spec.version}", fetch)
 
 
 def _fetch_git(spec: GitSource) -> SourceTree:
@@ -194,12 +210,13 @@ def _fetch_git(spec: GitSource) -> SourceTree:
     key = hashlib.sha256(f"{spec.url}\0{spec.ref}".encode()).hexdigest()[:24]
     checkout = trees / key
     if not (checkout / ".git").is_dir():
-        tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".clone-"))
-        run(["git", "init", "-q", "--", tmp])
-        # `--`: a URL or ref that looks like an option (--upload-pack=…) must stay an argument.
-        run(["git", "-C", tmp, "fetch", "-q", "--depth", "1", "--", spec.url, spec.ref], timeout=1800)
-        run(["git", "-C", tmp, "checkout", "-q", "FETCH_HEAD"])
-        os.replace(tmp, checkout)
+        with locked(lock_file(f"git-{key}"), f"fetching {spec.url}"), temp_dir(trees) as tmp:
+            if not (checkout / ".git").is_dir():
+                run(["git", "init", "-q", "--", tmp])
+                # `--`: a URL or ref that looks like an option (--upload-pack=…) must stay an argument.
+                run(["git", "-C", tmp, "fetch", "-q", "--depth", "1", "--", spec.url, spec.ref], timeout=1800)
+                run(["git", "-C", tmp, "checkout", "-q", "FETCH_HEAD"])
+                os.replace(tmp, checkout)
     commit = run(["git", "-C", checkout, "rev-parse", "HEAD"]).stdout.strip()
     epoch = int(run(["git", "-C", checkout, "log", "-1", "--format=%ct"]).stdout.strip())
     root = find_llama_root(checkout / spec.subdir if spec.subdir else checkout)
@@ -219,9 +236,11 @@ def resolve(spec: GitSource | ArchiveSource | PypiSource) -> SourceTree:
         locator, version = spec.url, PurePosixPath(spec.url).name
     if spec.subdir:
         locator += f"#{spec.subdir}"
-    root = _extract(archive, spec.sha256, spec.subdir)
+    with locked(lock_file(f"source-tree-{spec.sha256}"), f"extracting {locator}"):
+        root = _extract(archive, spec.sha256, spec.subdir)
+        epoch = _tar_epoch(archive, spec.sha256)
     return SourceTree(SourceInfo(locator=locator, identity=f"sha256:{spec.sha256}", version=version,
-                                 epoch=_tar_epoch(archive, spec.sha256)), root)
+                                 epoch=epoch), root)
 
 
 def resolve_override(path_or_archive: str) -> SourceTree:
@@ -234,9 +253,10 @@ def resolve_override(path_or_archive: str) -> SourceTree:
         return SourceTree(info, root)
     if path.is_file():
         digest = sha256_file(path)
-        root = _extract(path, digest, "")
-        info = SourceInfo(locator=str(path), identity=f"sha256:{digest}", version=path.name,
-                          epoch=_tar_epoch(path, digest))
+        with locked(lock_file(f"source-tree-{digest}"), f"extracting {path}"):
+            root = _extract(path, digest, "")
+            epoch = _tar_epoch(path, digest)
+        info = SourceInfo(locator=str(path), identity=f"sha256:{digest}", version=path.name, epoch=epoch)
         return SourceTree(info, root)
     raise SourceError(f"--llama-cpp-source: {path_or_archive}: no such file or directory")
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from builder import PROJECT_ROOT
 from builder import lock as lockfile
 from builder.bootstrap import LockedBases, base_ref, ensure_base, host_arch
-from builder.build import BuildResult, _source_date_epoch, smoke_test
+from builder.build import BuildResult, _source_date_epoch, build_and_promote
 from builder.engines import Engine
-from builder.errors import CommandError, RecipeError
+from builder.errors import RecipeError
+from builder.locks import locked
 from builder.paths import cache_subdir
 from builder.plan import LABEL_PREFIX
 from builder.recipes import display_path, load_yaml, select, validated
@@ -251,11 +252,21 @@ def require_lock(plan: VllmPlan) -> None:
             f"where it is reachable: builder lock --flavour vllm --target {plan.target} --variant {plan.variant}")
 
 
+def vllm_context_dir(plan: VllmPlan) -> Path:
+    return cache_subdir("contexts") / f"{plan.target}-vllm-{plan.variant}"
+
+
 def build_vllm(prep: PreparedVllm, engine: Engine, *, no_cache: bool = False) -> BuildResult:
     """Build (unless the content tag exists), smoke-test and tag a vLLM image."""
+    require_lock(prep.plan)
+    context = vllm_context_dir(prep.plan)
+    with locked(context.with_name(f"{context.name}.lock"), f"building {prep.plan.target}/vllm-{prep.plan.variant}"):
+        return _build_vllm(prep, engine, context, no_cache=no_cache)
+
+
+def _build_vllm(prep: PreparedVllm, engine: Engine, context: Path, *, no_cache: bool) -> BuildResult:
     started = time.monotonic()
     plan = prep.plan
-    require_lock(plan)
     existing = None if no_cache else engine.inspect(prep.tag)
     if existing is not None:
         engine.tag(prep.tag, prep.floating)
@@ -264,20 +275,17 @@ def build_vllm(prep: PreparedVllm, engine: Engine, *, no_cache: bool = False) ->
     for spec in (plan.base, plan.toolchain):
         if spec is not None:
             ensure_base(engine, spec, prep.locked)
-    context = cache_subdir("contexts") / f"{plan.target}-vllm-{plan.variant}"
     write_vllm_context(context, prep)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log = cache_subdir("logs") / f"{plan.target}-vllm-{plan.variant}-{engine.name}-{stamp}.log"
     labels = {f"{LABEL_PREFIX}.fingerprint": prep.fingerprint}
-    with Wheelhouse(wheels) as house:
-        engine.build(context, prep.tag, build_args={"WHEELHOUSE": house.url}, labels=labels, log=log,
-                     no_cache=no_cache)
-    try:
-        smoke_test(engine, prep.tag)
-    except CommandError as exc:
-        engine.remove(prep.tag)
-        raise CommandError(f"smoke test of {prep.tag} failed", hint=f"build log: {log}", tail=exc.tail) from None
-    engine.tag(prep.tag, prep.floating)
+
+    def build_into(ref: str) -> None:
+        with Wheelhouse(wheels) as house:
+            engine.build(context, ref, build_args={"WHEELHOUSE": house.url}, labels=labels, log=log,
+                         no_cache=no_cache)
+
+    build_and_promote(engine, prep.tag, prep.floating, build_into, log)
     info = engine.inspect(prep.tag)
     assert info is not None
     return BuildResult(prep.tag, info.id, info.size, True, time.monotonic() - started, log)

@@ -9,6 +9,7 @@ The wheels are downloaded once into the cache; during a build builder serves tha
 
 import hashlib
 import json
+import os
 import re
 import sys
 import tempfile
@@ -18,10 +19,13 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
+from builder.cleanup import temp_dir, temp_path
 from builder.errors import RecipeError, SourceError
+from builder.locks import lock_file, locked
 from builder.loopback import LoopbackServer, stable_port
 from builder.paths import cache_subdir
 from builder.run import run
+from builder.source import sha256_file
 
 # Names and versions of a lock reach requirements files and RUN lines: plain characters only, matched whole.
 _LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})===([A-Za-z0-9][A-Za-z0-9.+!_-]{0,127}) "
@@ -180,21 +184,55 @@ def wheel_cache() -> Path:
     return cache_subdir("wheels")
 
 
+def _wheel_key(file: Path) -> tuple[str, str] | None:
+    """(canonical name, version) from a wheel's file name: NAME-VERSION(-BUILD)?-PY-ABI-PLATFORM.whl."""
+    parts = file.name.removesuffix(".whl").split("-")
+    return (canonical(parts[0]), parts[1]) if file.suffix == ".whl" and len(parts) >= 5 else None
+
+
+def _present(cache: Path, pins: tuple[Pin, ...]) -> set[Pin]:
+    """The pins whose wheel is in the cache with the pinned bytes."""
+    by_key: dict[tuple[str, str], list[Path]] = {}
+    for file in cache.glob("*.whl"):
+        key = _wheel_key(file)
+        if key is not None:
+            by_key.setdefault(key, []).append(file)
+    return {pin for pin in pins
+            if any(sha256_file(f) == pin.sha256 for f in by_key.get((canonical(pin.name), pin.version), []))}
+
+
 def fetch_wheels(lock: Lock, python: str, arch: str, index: str | None) -> Path:
-    """Download every pinned wheel once into the cache (pip checks the hashes); returns the cache folder."""
+    """Download every pinned wheel once into the cache; returns the cache folder.
+
+    pip downloads into a temp folder beside the cache; each wheel enters the cache (one rename) only once
+    its sha256 matches its pin, so a download cut short never sits in the cache under a wheel's name.
+    """
     cache = wheel_cache()
     marker = cache / f".complete-{lock.digest[:24]}"
     if marker.is_file():
         return cache
-    with tempfile.TemporaryDirectory() as tmp:
-        requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text(lock.text())
-        argv = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
-                "--dest", str(cache), *_target_flags(python, arch), "-r", str(requirements)]
-        if index:
-            argv += ["--extra-index-url", index]
-        run(argv, timeout=3600)
-    marker.write_text(f"{len(lock.pins)} wheels\n")
+    with locked(lock_file("wheels"), "fetching wheels"):
+        if marker.is_file():
+            return cache
+        missing = [pin for pin in lock.pins if pin not in _present(cache, lock.pins)]
+        if missing:
+            with temp_dir(cache) as tmp:
+                requirements = tmp / "requirements.txt"
+                requirements.write_text(Lock({}, tuple(missing)).text())
+                argv = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
+                        "--dest", str(tmp / "wheels"), *_target_flags(python, arch), "-r", str(requirements)]
+                if index:
+                    argv += ["--extra-index-url", index]
+                run(argv, timeout=3600)
+                wanted = {p.sha256 for p in missing}
+                for file in sorted((tmp / "wheels").iterdir()):
+                    if sha256_file(file) not in wanted:
+                        raise SourceError(f"pip download gave {file.name}, whose sha256 no pin of the lock names",
+                                          "regenerate the lock: builder lock --flavour vllm --target TARGET")
+                    os.replace(file, cache / file.name)
+        done = temp_path(cache)
+        done.write_text(f"{len(lock.pins)} wheels\n")
+        os.replace(done, marker)
     return cache
 
 

@@ -33,8 +33,13 @@ class Engine(Protocol):
         labels: dict[str, str],
         log: Path,
         no_cache: bool = False,
+        env_args: dict[str, str] | None = None,
     ) -> None:
-        """Build context/Containerfile into `tag` on the host network; output goes to `log`."""
+        """Build context/Containerfile into `tag` on the host network; output goes to `log`.
+
+        `env_args` are build arguments whose values go through the engine's environment, never its
+        command line (which any local user can read): secrets.
+        """
 
     def inspect(self, ref: str) -> ImageInfo | None:
         """The image's id, labels and size, or None when the engine has no such image."""
@@ -44,6 +49,9 @@ class Engine(Protocol):
 
     def remove(self, ref: str) -> None:
         """Untag/remove an image by reference; no error when it is absent."""
+
+    def remove_container(self, name: str) -> None:
+        """Remove a container (stopping it); no error when it is absent."""
 
     def import_rootfs(self, tarball: Path, ref: str) -> None:
         """Import a root filesystem tarball as an image."""

@@ -1,9 +1,11 @@
 """What podman and docker share: their build and run CLIs take the same flags for what we use."""
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 
+from builder.cleanup import forget_container, record_container, temp_path
 from builder.hostlib import driver_volumes
 from builder.run import run, run_logged
 from builder.targets import Host
@@ -73,30 +75,42 @@ class CliEngine:
         labels: dict[str, str],
         log: Path,
         no_cache: bool = False,
+        env_args: dict[str, str] | None = None,
     ) -> None:
         argv = [*self.command(), "build", *self.container_flags(), "--network", "host",
                 "-f", str(context / "Containerfile"), "-t", tag]
         for key, value in build_args.items():
             argv += ["--build-arg", f"{key}={value}"]
+        env = self._build_env()
+        if env_args:
+            # `--build-arg KEY` alone: both engines read the value from their environment
+            env = {**(env if env is not None else os.environ), **env_args}
+            argv += [flag for key in env_args for flag in ("--build-arg", key)]
         for key, value in labels.items():
             argv += ["--label", f"{key}={value}"]
         if no_cache:
             argv.append("--no-cache")
         argv += ["--", str(context)]
-        run_logged(argv, log, title=f"{self.name} build {tag}", env=self._build_env())
+        run_logged(argv, log, title=f"{self.name} build {tag}", env=env)
 
     def import_rootfs(self, tarball: Path, ref: str) -> None:
         run([*self.command(), "import", "--change", 'CMD ["/bin/bash"]', "--", str(tarball), ref], timeout=600)
 
     def export_rootfs(self, ref: str, tarball: Path) -> None:
-        container = run([*self.command(), "create", "--", ref]).stdout.strip().splitlines()[-1]
-        partial = tarball.with_name(f".{tarball.name}.part")
+        # Named and recorded before it exists, so a killed run's container is removed by the next run.
+        container = record_container(self.name, f"builder-export-{secrets.token_hex(6)}")
+        partial = temp_path(tarball.parent)
         try:
+            run([*self.command(), "create", "--name", container, "--", ref])
             run([*self.command(), "export", "-o", str(partial), "--", container], timeout=1800)
             os.replace(partial, tarball)
         finally:
             partial.unlink(missing_ok=True)
-            run([*self.command(), "rm", "--force", "--", container], check=False)
+            self.remove_container(container)
+            forget_container(self.name, container)
+
+    def remove_container(self, name: str) -> None:
+        run([*self.command(), "rm", "--force", "--", name], check=False)
 
     def tag(self, ref: str, new_ref: str) -> None:
         run([*self.command(), "tag", "--", ref, new_ref])

@@ -12,14 +12,15 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.engines import Engine
+from builder.cleanup import temp_path
+from builder.engines import Engine, ImageInfo
 from builder.errors import BuilderError, EngineError, RecipeError
 from builder.hostlib import find_driver
+from builder.locks import lock_file, locked
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
     KernelSpec,
@@ -190,7 +191,19 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
         if manifest.get("key") == key:
             return folder, manifest
     folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".netboot-"))
+    where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    with locked(lock_file(f"netboot-{where}"), f"making the netboot set {folder}"):
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("key") == key:
+                return folder, manifest  # the run we waited for made it
+        return _make(engine, image, info, target, variant, spec, tree, kver, squash, key, folder)
+
+
+def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str, spec: KernelSpec, tree: Path,
+          kver: str, squash: Squash, key: str, folder: Path) -> tuple[Path, dict[str, object]]:
+    work = temp_path(folder.parent)
+    work.mkdir()
     try:
         started = time.monotonic()
         staged = work / "out"

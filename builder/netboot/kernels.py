@@ -8,12 +8,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from builder.bootstrap import host_arch
+from builder.cleanup import temp_dir
 from builder.errors import EngineError, RecipeError
+from builder.locks import lock_file, locked
 from builder.paths import cache_subdir
 from builder.run import run, run_logged
 
@@ -106,8 +107,9 @@ def fetch_kernel_tree(spec: KernelSpec) -> Path:
                           "apt-get install mmdebstrap")
     if os.geteuid() != 0:
         raise EngineError("fetching the netboot kernel needs root (mmdebstrap --mode=root)", "run builder as root")
-    tmp = Path(tempfile.mkdtemp(dir=trees, prefix=".kernel-"))
-    try:
+    with locked(lock_file(f"kernel-{spec.key()}"), f"fetching the {spec.suite} kernel"), temp_dir(trees) as tmp:
+        if (tree / ".complete").is_file():
+            return tree
         run_logged(_extract_argv(spec, tmp / "root"), trees / f"{tree.name}.log",
                    title=f"fetch {spec.suite} kernel ({', '.join(spec.packages)})")
         # extract makes no merged-/usr links and runs no maintainer scripts: add the link depmod
@@ -119,8 +121,6 @@ def fetch_kernel_tree(spec: KernelSpec) -> Path:
         (tmp / "root" / ".complete").touch()
         shutil.rmtree(tree, ignore_errors=True)
         os.replace(tmp / "root", tree)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return tree
 
 

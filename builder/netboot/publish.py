@@ -16,12 +16,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.cleanup import temp_dir, temp_path
 from builder.errors import EngineError, RecipeError
+from builder.locks import locked
 from builder.netboot.inventory import Cluster, Node
 from builder.recipes import select
 
@@ -37,12 +38,13 @@ class Generation:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    tmp = temp_path(path.parent)
+    try:
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def add_blob(root: Path, source: Path, expected: str | None = None) -> str:
@@ -52,9 +54,9 @@ def add_blob(root: Path, source: Path, expected: str | None = None) -> str:
     if expected and (blobs / expected).is_file():
         return expected
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".blob-")
+    tmp = temp_path(blobs)
     try:
-        with source.open("rb") as src, os.fdopen(fd, "wb") as dst:
+        with source.open("rb") as src, open(tmp, "wb") as dst:
             for block in iter(lambda: src.read(1 << 20), b""):
                 digest.update(block)
                 dst.write(block)
@@ -149,8 +151,7 @@ def switch(root: Path, generation: str) -> None:
     """Point `current` at a generation with one rename: HTTP clients see the old or the new, never a mix."""
     if not GENERATION_ID.fullmatch(generation) or not (root / "generations" / generation).is_dir():
         raise RecipeError(f"no generation {generation!r} in {root}", "see `builder pxe list`")
-    tmp = root / f".current-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(root)
     os.symlink(f"generations/{generation}", tmp)
     os.replace(tmp, root / "current")
 
@@ -172,9 +173,19 @@ def _install_tftp(root: Path, cluster: Cluster) -> None:
 Artifacts = dict[tuple[str, str], tuple[Path, dict[str, object]]]
 
 
+def lock_of(root: Path) -> Path:
+    """One publish, rollback or prune at a time per pxe-root: pruning must not drop another's new blobs."""
+    root.mkdir(parents=True, exist_ok=True)
+    return root / ".builder.lock"
+
+
 def publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts, keep: int = 3) -> tuple[str, bool]:
     """Write a generation for `cluster` and make it current; returns (id, whether it is new)."""
-    root.mkdir(parents=True, exist_ok=True)
+    with locked(lock_of(root), f"publishing into {root}"):
+        return _publish(root, cluster, inventory, artifacts, keep)
+
+
+def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts, keep: int) -> tuple[str, bool]:
     manifests = {}
     for (target, variant), (folder, manifest) in sorted(artifacts.items()):
         files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
@@ -209,22 +220,18 @@ def publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts,
     target_dir = root / "generations" / generation
     new = not target_dir.is_dir()
     if new:
-        target_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target_dir.parent, prefix=".staging-"))
-        try:
+        with temp_dir(target_dir.parent) as staging:
             for name, data in files_out.items():
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / name).write_bytes(data)
             staging.chmod(0o755)
             os.replace(staging, target_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     _install_tftp(root, cluster)
     history = [h for h in _history(root) if h["id"] != generation]
     history.append({"id": generation, "published": time.time()})
     _write_atomic(root / "history.json", (json.dumps(history, indent=2) + "\n").encode())
     switch(root, generation)
-    prune(root, keep)
+    _prune(root, keep)
     return generation, new
 
 
@@ -235,6 +242,11 @@ def generations(root: Path) -> list[Generation]:
 
 def rollback(root: Path, to: str | None = None) -> str:
     """Make the generation published before the current one (or `to`) current again."""
+    with locked(lock_of(root), f"switching generations in {root}"):
+        return _rollback(root, to)
+
+
+def _rollback(root: Path, to: str | None) -> str:
     ids = [g.id for g in generations(root)]
     live = current_id(root)
     if to is None:
@@ -250,6 +262,11 @@ def rollback(root: Path, to: str | None = None) -> str:
 
 def prune(root: Path, keep: int) -> list[str]:
     """Keep the current generation and the `keep` before it; drop the rest and blobs nobody names."""
+    with locked(lock_of(root), f"pruning {root}"):
+        return _prune(root, keep)
+
+
+def _prune(root: Path, keep: int) -> list[str]:
     history = _history(root)
     ids = [str(h["id"]) for h in history]
     live = current_id(root)

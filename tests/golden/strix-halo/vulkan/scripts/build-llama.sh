@@ -17,7 +17,9 @@ for arg in "$@"; do
 done
 
 launcher=()
-if [ -n "${CCACHE_REMOTE_STORAGE:-}" ] && command -v ccache >/dev/null; then
+CCACHE_REMOTE_STORAGE="${FTP_PROXY:-}"
+unset FTP_PROXY ftp_proxy  # only the compiler cache's URL (with its secret) ever arrives here
+if [ -n "$CCACHE_REMOTE_STORAGE" ] && command -v ccache >/dev/null; then
     # The cache lives outside the build (builder serves it); content checks keep hits exact across engines.
     export CCACHE_REMOTE_STORAGE CCACHE_REMOTE_ONLY=true CCACHE_COMPILERCHECK=content CCACHE_DIR=/tmp/ccache
     launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
