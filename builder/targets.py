@@ -39,6 +39,7 @@ class Host:
     security: tuple[str, ...] = ()  # --security-opt values
     env: dict[str, str] = field(default_factory=dict)
     cdi: str | None = None  # CDI device name (NVIDIA): podman --device NAME, docker --gpus all
+    min_driver: tuple[int, int] | None = None  # kernel driver version the toolkit needs (NVIDIA: /sys/module)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class Variant:
     # The device name llama.cpp must list inside the image for the smoke test to pass.
     smoke_device: str = "CPU"
     host: Host = field(default_factory=Host)
+    # Libraries the host's driver brings into the container at run time (CDI/--gpus): never shipped, so on a
+    # machine without the device they are the only ones allowed to stay unresolved.
+    driver_libs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,12 @@ _AMD_GPU = Host(
     min_kernel=(6, 16),
     security=("seccomp=unconfined",),
 )
+# RTX 3060 (8.6) and RTX 40xx (8.9) by default; every architecture adds compile time and module size, so more
+# (e.g. 90 for H100) come from a recipe's cmake: {CMAKE_CUDA_ARCHITECTURES: "86;89;90"}.
+_CUDA_CMAKE = {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "86;89",
+               # libcuda comes from the host driver at run time, never from the build image.
+               "CMAKE_EXE_LINKER_FLAGS": "-Wl,--allow-shlib-undefined"}
+_CUDA_DRIVER_LIBS = ("libcuda.so.1",)
 _INTEL_GPU = Host(devices=("/dev/dri",), modules=(("xe", "i915"),))
 
 TARGETS: dict[str, Target] = {
@@ -113,13 +123,14 @@ TARGETS: dict[str, Target] = {
         ),
         _target(
             "nvidia",
-            "NVIDIA GeForce RTX 3060 (12 GB, sm_86) class GPUs",
-            Variant("cuda", "CUDA for compute capability 8.6",
-                    {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "86",
-                     # libcuda comes from the host driver at run time, not from the build image.
-                     "CMAKE_EXE_LINKER_FLAGS": "-Wl,--allow-shlib-undefined"},
-                    "CUDA",
-                    Host(modules=(("nvidia",),), cdi="nvidia.com/gpu=all")),
+            "NVIDIA GeForce RTX 3060 (sm_86) and RTX 40xx (sm_89) GPUs; the driver comes from the host",
+            Variant("cuda", "CUDA 12.4 from Debian trixie (non-free), sm_86 and sm_89", _CUDA_CMAKE, "CUDA",
+                    Host(modules=(("nvidia",),), cdi="nvidia.com/gpu=all", min_driver=(550, 54)),
+                    driver_libs=_CUDA_DRIVER_LIBS),
+            Variant("cuda-nvidia", "CUDA 12.8 from NVIDIA's own images (Ubuntu 24.04), sm_86 and sm_89",
+                    _CUDA_CMAKE, "CUDA",
+                    Host(modules=(("nvidia",),), cdi="nvidia.com/gpu=all", min_driver=(570, 26)),
+                    driver_libs=_CUDA_DRIVER_LIBS),
         ),
     )
 }
