@@ -175,4 +175,4 @@ def test_targets_lists_variants_and_what_the_recipes_build() -> None:
     assert rows["strix-halo"].split()[:5] == ["strix-halo", "rocm*,", "vulkan", "rocm,", "vulkan"]
     assert rows["intel-arc"].split()[:5] == ["intel-arc", "sycl*,", "vulkan", "sycl,", "vulkan"]
     assert rows["intel-npu"].split()[:3] == ["intel-npu", "openvino*", "openvino"]
-    assert rows["nvidia"].split()[:3] == ["nvidia", "cuda*", "cuda"]
+    assert rows["nvidia"].split()[:5] == ["nvidia", "cuda*,", "cuda-nvidia", "cuda,", "cuda-nvidia"]
