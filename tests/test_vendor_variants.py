@@ -1,8 +1,9 @@
 """The vendor variants (strix-halo/rocm, intel-arc/sycl, nvidia/cuda and cuda-nvidia) and their pins.
 
-Most of their registries and vendor repositories are unreachable from our machines (nvidia/cuda comes from
-Debian and is built in tests/test_engines_cuda.py), so these tests check what a user sees before any build: rendered contexts carry the vendor pins, unchecked placeholder pins are refused
-by `builder build` with the field named, and a base that cannot be pulled fails at once with one line.
+Most of their registries and vendor repositories are unreachable from our machines (nvidia/cuda comes
+from Debian and is built in tests/test_engines_cuda.py), so these tests check what a user sees before any
+build: rendered contexts carry the vendor pins, unchecked placeholder pins are refused by `builder build`
+with the field named, and a base that cannot be pulled fails at once with one line.
 The full contexts are compared in tests/test_render.py and statically checked in tests/test_static.py.
 """
 
