@@ -75,9 +75,10 @@ _AMD_GPU = Host(
     min_kernel=(6, 16),
     security=("seccomp=unconfined",),
 )
-# RTX 3060 (8.6) and RTX 40xx (8.9) by default; every architecture adds compile time and module size, so more
-# (e.g. 90 for H100) come from a recipe's cmake: {CMAKE_CUDA_ARCHITECTURES: "86;89;90"}.
-_CUDA_CMAKE = {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "86;89",
+# Machine code for RTX 3060 (8.6) and RTX 40xx (8.9), and PTX of 8.9 only: the driver compiles it for newer GPUs
+# (PTX of 8.6 would add size and never be chosen). Every architecture adds compile time and module size, so more
+# (e.g. 90 for H100) come from a recipe's cmake: {CMAKE_CUDA_ARCHITECTURES: "86-real;89-real;90"}.
+_CUDA_CMAKE = {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "86-real;89",
                # libcuda comes from the host driver at run time, never from the build image.
                "CMAKE_EXE_LINKER_FLAGS": "-Wl,--allow-shlib-undefined"}
 _CUDA_DRIVER_LIBS = ("libcuda.so.1",)

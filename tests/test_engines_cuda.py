@@ -90,7 +90,7 @@ def test_the_image_carries_no_driver(built: dict[str, str]) -> None:
     assert int(built["size"]) < SIZE_LIMIT
 
 
-def test_cuda_device_code_is_sm86_and_sm89(built: dict[str, str], tmp_path: Path) -> None:
+def test_cuda_device_code_is_sm86_and_sm89_with_ptx_for_newer_gpus(built: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "module"
     out.mkdir()
     copy = _run("--volume", f"{out}:/out", "--entrypoint", "cp",
@@ -104,6 +104,9 @@ def test_cuda_device_code_is_sm86_and_sm89(built: dict[str, str], tmp_path: Path
     assert set(cubins) == {"sm_86", "sm_89"}, listing.stdout[-3000:]
     # Each architecture gets the same kernels.
     assert cubins.count("sm_86") == cubins.count("sm_89") > 50
+    # PTX only for the newest one ("86-real;89"): what the driver compiles for GPUs newer than sm_89.
+    ptx = re.findall(r"^PTX file\s+\d+: .*\.(sm_\d+)\.ptx$", listing.stdout, re.M)
+    assert set(ptx) == {"sm_89"}, listing.stdout[-3000:]
 
 
 def test_the_image_runs_a_model_on_the_cpu_backend_without_a_gpu(built: dict[str, str], tiny_model: Path) -> None:

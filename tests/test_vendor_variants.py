@@ -39,7 +39,7 @@ def test_cuda_default_is_debians_toolkit_for_sm86_and_sm89_without_the_driver() 
     """trixie's CUDA 12.4 (non-free) with gcc 13 as nvcc's host compiler; the runtime carries no driver package."""
     doc = plan("nvidia", "cuda")
     cmake = doc["cmake"]
-    assert cmake["CMAKE_CUDA_ARCHITECTURES"] == "86;89"  # type: ignore[index]
+    assert cmake["CMAKE_CUDA_ARCHITECTURES"] == "86-real;89"  # type: ignore[index]
     assert cmake["CMAKE_CUDA_HOST_COMPILER"] == "/usr/bin/g++-13"  # type: ignore[index]
     assert cmake["CMAKE_EXE_LINKER_FLAGS"] == "-Wl,--allow-shlib-undefined"  # type: ignore[index]
     toolchain, runtime = doc["toolchain"], doc["runtime"]
@@ -53,7 +53,7 @@ def test_cuda_default_is_debians_toolkit_for_sm86_and_sm89_without_the_driver() 
 
 def test_cuda_nvidia_uses_nvidias_images_for_the_same_architectures() -> None:
     doc = plan("nvidia", "cuda-nvidia")
-    assert doc["cmake"]["CMAKE_CUDA_ARCHITECTURES"] == "86;89"  # type: ignore[index]
+    assert doc["cmake"]["CMAKE_CUDA_ARCHITECTURES"] == "86-real;89"  # type: ignore[index]
     assert "CMAKE_CUDA_HOST_COMPILER" not in doc["cmake"]  # type: ignore[operator]
     assert str(doc["toolchain_ref"]).startswith("docker.io/nvidia/cuda:12.8.1-devel-ubuntu24.04@sha256:")
     assert str(doc["runtime_ref"]).startswith("docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04@sha256:")
