@@ -72,19 +72,23 @@ server() {
 # to the driver libraries missing here; fails on any other missing library.
 driver_absent=""
 driver_libraries() {
-    local file name lib unresolved=()
-    local -A wanted=()
+    local file state name lib unresolved=()
+    local -A wanted=() found=()
     for lib in ${LLAMA_DRIVER_LIBS:-}; do wanted[$lib]=1; done
     for file in /opt/llama/bin/*; do
-        while read -r name; do
-            if [ -n "${wanted[$name]:-}" ]; then
+        while read -r state name; do
+            if [ -z "${wanted[$name]:-}" ]; then
+                [ "$state" = missing ] && unresolved+=("${file##*/} needs $name")
+            elif [ "$state" = missing ]; then
                 driver_absent+=" $name"
             else
-                unresolved+=("${file##*/} needs $name")
+                found[$name]=1
             fi
-        done < <(ldd "$file" 2>/dev/null | awk '/=> not found/ {print $1}')
+        done < <(ldd "$file" 2>/dev/null | awk '$2 == "=>" {print ($3 == "not" ? "missing" : "found"), $1}')
     done
+    # A driver library no file names directly (loaded at run time) counts as present when the loader knows it.
     for lib in "${!wanted[@]}"; do
+        [ -n "${found[$lib]:-}" ] && continue
         ldconfig -p | awk -v lib="$lib" '$1 == lib {found = 1} END {exit !found}' || driver_absent+=" $lib"
     done
     if [ ${#unresolved[@]} -gt 0 ]; then
