@@ -58,6 +58,18 @@ def _modules(root: Path, groups: tuple[tuple[str, ...], ...]) -> list[Check]:
     return checks
 
 
+def _kernel_driver(root: Path, module: str, need: tuple[int, int]) -> Check:
+    """The loaded kernel driver's version (NVIDIA: /sys/module/nvidia/version) against what the toolkit needs."""
+    version = _read(root, f"/sys/module/{module}/version").strip()
+    want = f"{need[0]}.{need[1]}"
+    fix = f"install {module} driver >= {want} on the host (Debian: nvidia-driver from non-free) and reboot"
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match:
+        return Check(f"{module} driver", False, f"no version in /sys/module/{module}/version (not loaded?)", fix)
+    have = (int(match.group(1)), int(match.group(2)))
+    return Check(f"{module} driver", have >= need, f"{version} (need >= {want})", fix)
+
+
 def _device_nodes(root: Path, device: str) -> list[Path]:
     path = root / device.lstrip("/")
     if path.is_dir():
@@ -161,6 +173,8 @@ def diagnose(target: Target, variant: Variant, *, root: Path = Path("/"), model:
     if host.min_kernel:
         checks.append(_kernel(root, host.min_kernel))
     checks += _modules(root, host.modules)
+    if host.min_driver and host.modules:
+        checks.append(_kernel_driver(root, host.modules[0][0], host.min_driver))
     checks += _devices(root, host, uid, groups)
     if host.driver:
         checks += _driver(root, host.driver)

@@ -70,7 +70,9 @@ def make_plan(
         smoke_device=chosen.smoke_device,
         repository=f"localhost/builder/{target.name}",
         sdks=dict(section.sdks),
-        env={**chosen.host.env, **section.env},
+        # The smoke role lets exactly these stay unresolved on a machine without the device.
+        env={**({"LLAMA_DRIVER_LIBS": " ".join(chosen.driver_libs)} if chosen.driver_libs else {}),
+             **chosen.host.env, **section.env},
         ship=[f"/opt/sdk/{name}/{pattern}" for name, sdk in section.sdks.items() for pattern in sdk.ship]
         + list(section.ship),
     )

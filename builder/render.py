@@ -8,6 +8,7 @@ change, and the source tree is hard-linked, so engine layer caches and mtimes su
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 from collections.abc import Callable
@@ -44,6 +45,29 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
 
+def _shell_word(value: str) -> str:
+    """One word of a RUN line's shell command, quoted so that no value can add shell syntax to it."""
+    if not value.isprintable():
+        # A newline would end the instruction early; other control characters have no place in a flag.
+        raise ValueError(f"{value!r} holds a line break or control character")
+    return shlex.quote(value)
+
+
+# A CMake cache entry as `-D` takes it: NAME or NAME:TYPE (the value may be anything printable).
+_CMAKE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.+-]*(:[A-Z]+)?$")
+
+
+def check_cmake_flags(plan: BuildPlan) -> None:
+    """Refuse a flag that cannot travel as one `-DNAME=VALUE` word, naming it, before anything is written."""
+    for key, value in plan.cmake.items():
+        if not _CMAKE_KEY.match(key):
+            raise RecipeError(f"{plan.recipe}: cmake: {key!r} is not a CMake variable name",
+                              "use NAME or NAME:TYPE (letters, digits, _ . + -), e.g. CMAKE_CUDA_ARCHITECTURES")
+        if not value.isprintable():
+            raise RecipeError(f"{plan.recipe}: cmake.{key}: the value holds a line break or control character",
+                              "write the value on one line (CMake lists are separated by ';')")
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(IMAGES_DIR),
@@ -52,7 +76,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["q"] = _quote
-    env.filters["sh"] = shlex.quote
+    env.filters["sh"] = _shell_word
     return env
 
 
@@ -74,6 +98,7 @@ def _apt_sources(plan: BuildPlan) -> dict[str, bytes]:
 
 def render_files(plan: BuildPlan) -> dict[str, bytes]:
     """The rendered context without the source tree: relative path -> bytes."""
+    check_cmake_flags(plan)
     files = {"Containerfile": _environment().get_template("Containerfile.j2").render(plan=plan).encode()}
     files.update(_apt_sources(plan))
     # Only the scripts this Containerfile uses: everything in a context is used (see .containerignore).

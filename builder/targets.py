@@ -58,6 +58,7 @@ class Host:
     cdi: str | None = None  # CDI device name (NVIDIA): podman --device NAME, docker --gpus all
     driver: HostDriver | None = None  # user-space driver libraries taken from the host at run time
     device_rule: str = ""  # a udev rule that gives root-owned device nodes to a group users can join
+    min_driver: tuple[int, int] | None = None  # kernel driver version the toolkit needs (NVIDIA: /sys/module)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class Variant:
     # The device name llama.cpp must list inside the image for the smoke test to pass.
     smoke_device: str = "CPU"
     host: Host = field(default_factory=Host)
+    # Libraries the host's driver brings into the container at run time (CDI/--gpus): never shipped, so on a
+    # machine without the device they are the only ones allowed to stay unresolved.
+    driver_libs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,13 @@ _AMD_GPU = Host(
     min_kernel=(6, 16),
     security=("seccomp=unconfined",),
 )
+# Machine code for RTX 3060 (8.6) and RTX 40xx (8.9), and PTX of 8.9 only: the driver compiles it for newer GPUs
+# (PTX of 8.6 would add size and never be chosen). Every architecture adds compile time and module size, so more
+# (e.g. 90 for H100) come from a recipe's cmake: {CMAKE_CUDA_ARCHITECTURES: "86-real;89-real;90"}.
+_CUDA_CMAKE = {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "86-real;89",
+               # libcuda comes from the host driver at run time, never from the build image.
+               "CMAKE_EXE_LINKER_FLAGS": "-Wl,--allow-shlib-undefined"}
+_CUDA_DRIVER_LIBS = ("libcuda.so.1",)
 _INTEL_GPU = Host(devices=("/dev/dri",), modules=(("xe", "i915"),))
 # Intel's NPU driver (linux-npu-driver releases: intel-level-zero-npu, intel-driver-compiler-npu, intel-fw-npu)
 # is in no Debian archive and not on PyPI; the image carries Debian's Level Zero loader (libze1) and OpenVINO's
@@ -143,13 +154,14 @@ TARGETS: dict[str, Target] = {
         ),
         _target(
             "nvidia",
-            "NVIDIA GeForce RTX 3060 (12 GB, sm_86) class GPUs",
-            Variant("cuda", "CUDA for compute capability 8.6",
-                    {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "86",
-                     # libcuda comes from the host driver at run time, not from the build image.
-                     "CMAKE_EXE_LINKER_FLAGS": "-Wl,--allow-shlib-undefined"},
-                    "CUDA",
-                    Host(modules=(("nvidia",),), cdi="nvidia.com/gpu=all")),
+            "NVIDIA GeForce RTX 3060 (sm_86) and RTX 40xx (sm_89) GPUs; the driver comes from the host",
+            Variant("cuda", "CUDA 12.4 from Debian trixie (non-free), sm_86 and sm_89", _CUDA_CMAKE, "CUDA",
+                    Host(modules=(("nvidia",),), cdi="nvidia.com/gpu=all", min_driver=(550, 54)),
+                    driver_libs=_CUDA_DRIVER_LIBS),
+            Variant("cuda-nvidia", "CUDA 12.8 from NVIDIA's own images (Ubuntu 24.04), sm_86 and sm_89",
+                    _CUDA_CMAKE, "CUDA",
+                    Host(modules=(("nvidia",),), cdi="nvidia.com/gpu=all", min_driver=(570, 26)),
+                    driver_libs=_CUDA_DRIVER_LIBS),
         ),
     )
 }

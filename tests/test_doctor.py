@@ -14,7 +14,8 @@ GOOD_STRIX_CMDLINE = "BOOT_IMAGE=/vmlinuz root=/dev/nvme0n1p2 amdgpu.gttsize=126
 
 def make_host(root: Path, *, kernel: str = "6.17.1-1-amd64", modules: tuple[str, ...] = (),
               devices: tuple[str, ...] = (), cmdline: str = "BOOT_IMAGE=/vmlinuz quiet",
-              available_kib: int = 120 * 2**20, device_gid: int = 0, cdi: str = "") -> Path:
+              available_kib: int = 120 * 2**20, device_gid: int = 0, cdi: str = "",
+              versions: dict[str, str] | None = None) -> Path:
     """A fake host root: /proc, /sys/module, /dev nodes (plain files), /etc/group."""
     (root / "proc/sys/kernel").mkdir(parents=True)
     (root / "proc/sys/kernel/osrelease").write_text(kernel + "\n")
@@ -22,6 +23,8 @@ def make_host(root: Path, *, kernel: str = "6.17.1-1-amd64", modules: tuple[str,
     (root / "proc/meminfo").write_text(f"MemTotal: {available_kib + 1000} kB\nMemAvailable: {available_kib} kB\n")
     for module in modules:
         (root / "sys/module" / module).mkdir(parents=True)
+    for module, version in (versions or {}).items():
+        (root / "sys/module" / module / "version").write_text(version + "\n")
     for device in devices:
         node = root / device.lstrip("/")
         node.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,18 @@ def test_npu_node_needs_intel_vpu_and_accel(tmp_path: Path) -> None:
     result = lines("intel-npu", root, uid=0, groups=set())
     assert result["module intel_vpu"].startswith("FAIL") and "modprobe intel_vpu" in result["module intel_vpu"]
     assert result["device /dev/accel"].startswith("PASS")
+
+
+@pytest.mark.parametrize(("variant", "version", "state"), [
+    ("cuda", "550.163.01", "PASS  nvidia driver: 550.163.01 (need >= 550.54)"),
+    ("cuda", "535.247.01", "FAIL  nvidia driver: 535.247.01 (need >= 550.54) -> fix: install nvidia driver >= 550.54"),
+    ("cuda-nvidia", "550.163.01", "FAIL  nvidia driver: 550.163.01 (need >= 570.26)"),
+    ("cuda", "", "FAIL  nvidia driver: no version in /sys/module/nvidia/version"),
+])
+def test_nvidia_driver_must_be_new_enough_for_the_variants_cuda(tmp_path: Path, variant: str, version: str,
+                                                                 state: str) -> None:
+    root = make_host(tmp_path, modules=("nvidia",), versions={"nvidia": version} if version else None)
+    assert lines("nvidia", root, variant)["nvidia driver"].startswith(state)
 
 
 def test_nvidia_needs_a_cdi_spec(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, require_tool
 
-SCRIPTS = sorted((ROOT / "images").glob("*/*.sh")) + [ROOT / ".ci" / "run"]
+SCRIPTS = sorted((ROOT / "images").glob("*/*.sh")) + sorted((ROOT / "bench").glob("*.sh")) + [ROOT / ".ci" / "run"]
 
 
 def check(*argv: str) -> None:

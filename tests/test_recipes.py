@@ -175,7 +175,7 @@ def test_targets_lists_variants_and_what_the_recipes_build() -> None:
     assert rows[("strix-halo", "rocm*")] == rows[("strix-halo", "vulkan")] == "yes"
     assert rows[("intel-arc", "sycl*")] == rows[("intel-arc", "vulkan")] == "yes"
     assert rows[("intel-npu", "openvino*")] == "yes"
-    assert rows[("nvidia", "cuda*")] == "yes"
+    assert rows[("nvidia", "cuda*")] == rows[("nvidia", "cuda-nvidia")] == "yes"
 
 
 def readme_states() -> dict[tuple[str, str], tuple[str, str]]:

@@ -1,8 +1,9 @@
-"""The render-only vendor variants (strix-halo/rocm, intel-arc/sycl, nvidia/cuda) and their pins.
+"""The vendor variants (strix-halo/rocm, intel-arc/sycl, nvidia/cuda and cuda-nvidia) and their pins.
 
-Their registries and vendor repositories are unreachable from our machines, so these tests check what a
-user sees before any build: rendered contexts carry the vendor pins, unchecked placeholder pins are refused
-by `builder build` with the field named, and a base that cannot be pulled fails at once with one line.
+Most of their registries and vendor repositories are unreachable from our machines (nvidia/cuda comes
+from Debian and is built in tests/test_engines_cuda.py), so these tests check what a user sees before any
+build: rendered contexts carry the vendor pins, unchecked placeholder pins are refused by `builder build`
+with the field named, and a base that cannot be pulled fails at once with one line.
 The full contexts are compared in tests/test_render.py and statically checked in tests/test_static.py.
 """
 
@@ -34,11 +35,26 @@ def test_rocm_is_built_for_gfx1151_from_amds_repository() -> None:
     assert doc["runtime"]["packages"] == ["libgomp1", "amdrocm-runtime7.14", "amdrocm-blas7.14-gfx1151"]  # type: ignore[index]
 
 
-def test_cuda_is_built_for_sm86_and_links_without_the_driver() -> None:
+def test_cuda_default_is_debians_toolkit_for_sm86_and_sm89_without_the_driver() -> None:
+    """trixie's CUDA 12.4 (non-free) with gcc 13 as nvcc's host compiler; the runtime carries no driver package."""
     doc = plan("nvidia", "cuda")
     cmake = doc["cmake"]
-    assert cmake["CMAKE_CUDA_ARCHITECTURES"] == "86"  # type: ignore[index]
+    assert cmake["CMAKE_CUDA_ARCHITECTURES"] == "86-real;89"  # type: ignore[index]
+    assert cmake["CMAKE_CUDA_HOST_COMPILER"] == "/usr/bin/g++-13"  # type: ignore[index]
     assert cmake["CMAKE_EXE_LINKER_FLAGS"] == "-Wl,--allow-shlib-undefined"  # type: ignore[index]
+    toolchain, runtime = doc["toolchain"], doc["runtime"]
+    assert (toolchain["kind"], toolchain["suite"]) == ("bootstrap", "trixie")  # type: ignore[index]
+    assert {"nvidia-cuda-toolkit", "g++-13"} <= set(toolchain["packages"])  # type: ignore[index]
+    assert "non-free" in toolchain["components"] and "non-free" in runtime["components"]  # type: ignore[index]
+    assert {"libcudart12", "libcublas12", "libcublaslt12"} <= set(runtime["packages"])  # type: ignore[index]
+    assert not [p for p in runtime["packages"] if p.startswith(("libcuda1", "nvidia-", "libnvidia"))]  # type: ignore[index]
+    assert doc["env"] == {"LLAMA_DRIVER_LIBS": "libcuda.so.1"}
+
+
+def test_cuda_nvidia_uses_nvidias_images_for_the_same_architectures() -> None:
+    doc = plan("nvidia", "cuda-nvidia")
+    assert doc["cmake"]["CMAKE_CUDA_ARCHITECTURES"] == "86-real;89"  # type: ignore[index]
+    assert "CMAKE_CUDA_HOST_COMPILER" not in doc["cmake"]  # type: ignore[operator]
     assert str(doc["toolchain_ref"]).startswith("docker.io/nvidia/cuda:12.8.1-devel-ubuntu24.04@sha256:")
     assert str(doc["runtime_ref"]).startswith("docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04@sha256:")
 

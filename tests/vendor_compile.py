@@ -16,7 +16,7 @@ from builder.bootstrap import ensure_base
 from builder.engines import Engine
 from builder.models import BootstrapBase
 from builder.paths import cache_subdir
-from builder.recipes import select
+from builder.recipes import load_recipe, recipe_path_for, select
 from builder.source import SourceTree
 from builder.targets import COMMON_CMAKE
 
@@ -51,16 +51,16 @@ HIP = VendorToolchain(
           "clang-offload-bundler-21 --list --type=o --input=/tmp/fatbin",
 )
 
+# The default nvidia variant's own toolchain (recipes/nvidia.yaml): trixie non-free's CUDA 12.4 with g++-13 as
+# nvcc's host compiler, so this compile and the image build share one bootstrapped base.
+_NVIDIA = load_recipe(recipe_path_for("nvidia")).variants["cuda"]
+assert isinstance(_NVIDIA.base.toolchain, BootstrapBase)
 CUDA = VendorToolchain(
     name="cuda",
     target="nvidia",
     variant="cuda",
-    # trixie non-free: nvidia-cuda-toolkit 12.4 (its libcuda1 needs nvidia-support, from contrib). nvcc 12.4
-    # accepts host compilers up to gcc 13 and trixie's default is gcc 14, hence g++-13 as CUDA's host compiler
-    # (the rest of ggml builds with the default compiler).
-    base=BootstrapBase(kind="bootstrap", suite="trixie", components=["main", "contrib", "non-free"],
-                       packages=[*_COMMON, "nvidia-cuda-toolkit", "g++-13"]),
-    cmake={"CMAKE_CUDA_HOST_COMPILER": "/usr/bin/g++-13"},
+    base=_NVIDIA.base.toolchain,
+    cmake=dict(_NVIDIA.cmake),
     module="libggml-cuda.so",
     probe='cuobjdump --list-elf "$1"',
 )

@@ -23,6 +23,10 @@ if [ -n "$CCACHE_REMOTE_STORAGE" ] && command -v ccache >/dev/null; then
     # The cache lives outside the build (builder serves it); content checks keep hits exact across engines.
     export CCACHE_REMOTE_STORAGE CCACHE_REMOTE_ONLY=true CCACHE_COMPILERCHECK=content CCACHE_DIR=/tmp/ccache
     launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+    # ccache handles nvcc too: ggml-cuda is most of a CUDA build's compile time.
+    case " ${flags[*]} " in
+        *" -DGGML_CUDA=ON "*) launcher+=(-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache) ;;
+    esac
     ccache --zero-stats >/dev/null
 fi
 
