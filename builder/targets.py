@@ -71,6 +71,9 @@ _AMD_GPU = Host(
     min_kernel=(6, 16),
     security=("seccomp=unconfined",),
 )
+# ggml-hip's own kernels for the Radeon 8060S only (each GPU family added costs compile time and size);
+# flash attention on RDNA3.5 uses ggml's built-in WMMA kernels (this llama.cpp has no rocWMMA option).
+_HIP_GFX1151 = {"GGML_HIP": "ON", "AMDGPU_TARGETS": "gfx1151"}
 _INTEL_GPU = Host(devices=("/dev/dri",), modules=(("xe", "i915"),))
 
 TARGETS: dict[str, Target] = {
@@ -84,7 +87,10 @@ TARGETS: dict[str, Target] = {
         _target(
             "strix-halo",
             "AMD Ryzen AI Max+ 395 (Radeon 8060S iGPU, gfx1151), up to 128 GB unified memory",
-            Variant("rocm", "ROCm/HIP for gfx1151", {"GGML_HIP": "ON", "AMDGPU_TARGETS": "gfx1151"}, "ROCm", _AMD_GPU),
+            Variant("rocm", "ROCm 7.2/HIP for gfx1151 from Debian (experimental on sid)", _HIP_GFX1151, "ROCm",
+                    _AMD_GPU),
+            Variant("rocm-amd", "ROCm/HIP for gfx1151 from AMD's multi-arch packages", _HIP_GFX1151, "ROCm",
+                    _AMD_GPU),
             Variant("vulkan", "Vulkan on Mesa RADV", {"GGML_VULKAN": "ON"}, "Vulkan",
                     Host(devices=("/dev/dri",), modules=(("amdgpu",),), kernel_params=_AMD_GPU.kernel_params,
                          min_kernel=(6, 16), security=("seccomp=unconfined",))),

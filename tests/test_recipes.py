@@ -102,7 +102,7 @@ def test_variant_of_another_target_says_whose_it_is(verb: list[str]) -> None:
     proc = run_cli(verb[0], *options, *verb[1:]) if verb[0] == "run" else run_cli(*verb, *options)
     assert_one_clear_error(proc, "--variant: strix-halo has no variant 'cuda'")
     assert "hint: cuda belongs to nvidia (NVIDIA GeForce RTX 3060" in proc.stderr
-    assert "strix-halo offers: rocm, vulkan" in proc.stderr
+    assert "strix-halo offers: rocm, rocm-amd, vulkan" in proc.stderr
     assert not Path("/nonexistent/never-written").exists()
 
 
@@ -172,7 +172,8 @@ def test_targets_lists_variants_and_what_the_recipes_build() -> None:
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
     assert set(rows) == {"cpu", "strix-halo", "intel-arc", "intel-npu", "nvidia"}
     assert rows["cpu"].split()[:3] == ["cpu", "cpu*", "cpu"]
-    assert rows["strix-halo"].split()[:5] == ["strix-halo", "rocm*,", "vulkan", "rocm,", "vulkan"]
+    assert rows["strix-halo"].split()[:7] == ["strix-halo", "rocm*,", "rocm-amd,", "vulkan", "rocm,", "rocm-amd,",
+                                              "vulkan"]
     assert rows["intel-arc"].split()[:5] == ["intel-arc", "sycl*,", "vulkan", "sycl,", "vulkan"]
     assert rows["intel-npu"].split()[:3] == ["intel-npu", "openvino*", "openvino"]
     assert rows["nvidia"].split()[:3] == ["nvidia", "cuda*", "cuda"]
