@@ -59,6 +59,18 @@ def test_smoke_loads_the_rocm_backend_and_says_no_device_is_present(image: str) 
     assert strict.returncode != 0 and "smoke: FAIL no ROCm device listed" in strict.stderr
 
 
+def test_rocm_comes_from_experimental_and_the_rest_from_sid(image: str) -> None:
+    """The extra_suites pinning, end to end: ROCm 7.2.4 libraries from experimental, the C library from sid."""
+    names = ["libamdhip64-7", "libhsa-runtime64-1", "libamd-comgr3", "librocblas5", "libhipblas3", "librocsolver0",
+             "rocminfo", "libc6"]
+    proc = shell(image, "dpkg-query -W " + " ".join(names))
+    assert proc.returncode == 0, proc.stderr
+    versions = dict(line.split("\t") for line in proc.stdout.splitlines())
+    assert all(versions[name].startswith("7.2.4") for name in names[:-1]), versions
+    assert all("~exp" in versions[name] for name in names[:6]), versions  # rocminfo 7.2.4 is sid's own
+    assert "~exp" not in versions["libc6"], versions
+
+
 def test_every_shared_library_resolves(image: str) -> None:
     proc = shell(image, "for f in /opt/llama/bin/*; do echo \"== $f\"; ldd \"$f\"; done")
     assert proc.returncode == 0, proc.stderr
