@@ -3,10 +3,11 @@
 
   python bench/bench_vendor_compile.py hip|cuda [--engine podman] [--out bench/results-vendor-NAME.json]
 
-hip: ggml-hip for gfx1151 with sid's hipcc/clang 21 and HIP 6.4; cuda: ggml-cuda for sm_86 with trixie's
-nvidia-cuda-toolkit 12.4 (non-free). The toolchain base is bootstrapped first if it is not cached (its time
-is not counted); the compile runs at nice 19 inside the container. Prints and writes the result as JSON:
-wall seconds, whether the module was produced, its size, and the device code objects it carries.
+hip: ggml-hip for gfx1151 with the strix-halo/rocm toolchain base (ROCm 7.2 from experimental on sid,
+clang 22); cuda: ggml-cuda for sm_86 with trixie's nvidia-cuda-toolkit 12.4 (non-free). The toolchain base
+is bootstrapped first if it is not cached (its time is not counted); the compile runs at nice 19 inside the
+container. Prints and writes the result as JSON: wall seconds, whether the module was produced, its size,
+and the device code objects it carries.
 """
 
 import argparse

@@ -34,6 +34,11 @@ BOOTSTRAP_VERSION = "2"
 # The same for bases bootstrapped from their locked package set.
 LOCKED_BOOTSTRAP_VERSION = "1"
 BASE_REPOSITORY = "localhost/builder-base"
+# mmdebstrap's default mirror, named when extra suites need a sources line of their own.
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# Above the base suite's 500 (and experimental's 1), below 1000: apt takes the listed packages from their
+# suite, but would never downgrade one already installed.
+EXTRA_SUITE_PRIORITY = 990
 
 # Documentation, man pages and translations are not needed in images: keep copyright files only.
 _DPKG_EXCLUDES = [
@@ -73,11 +78,16 @@ def bootstrap_key(spec: BootstrapBase, locked: LockedBase | None = None) -> str:
         inputs: dict[str, Any] = {"v": LOCKED_BOOTSTRAP_VERSION, "arch": host_arch(), **base_inputs(spec),
                                   "debs": sorted(deb.sha256 for deb in locked.resolved)}
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    inputs = {"v": BOOTSTRAP_VERSION, "arch": host_arch(), **spec.model_dump(exclude={"components"})}
+    later_fields = {"components", "extra_suites", "prune"}
+    inputs = {"v": BOOTSTRAP_VERSION, "arch": host_arch(), **spec.model_dump(exclude=later_fields)}
     inputs["packages"] = sorted(set(spec.packages))
-    # Only non-default components enter the key, so bases made before the field existed keep their names.
+    # Only non-default values of fields added later enter the key, so bases made before keep their names.
     if spec.components != ["main"]:
         inputs["components"] = sorted(set(spec.components))
+    if spec.extra_suites:
+        inputs["extra_suites"] = [{"suite": e.suite, "packages": sorted(set(e.packages))} for e in spec.extra_suites]
+    if spec.prune:
+        inputs["prune"] = [p.model_dump() for p in spec.prune]
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -95,7 +105,7 @@ def base_ref(spec: ImageBase | BootstrapBase, locked: LockedBases | None = None)
     return f"{BASE_REPOSITORY}:{spec.suite}-{bootstrap_key(spec, locked_for(spec, locked or {}))[:16]}"
 
 
-def _common_argv() -> list[str]:
+def _common_argv(spec: BootstrapBase) -> list[str]:
     argv = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar", f"--architectures={host_arch()}",
             "--aptopt=Acquire::Languages \"none\"", "--aptopt=APT::Install-Recommends \"false\"",
             # sid's Release file is valid for a week only; a mirror that lags (or a snapshot) would fail
@@ -103,7 +113,7 @@ def _common_argv() -> list[str]:
             "--aptopt=Acquire::Check-Valid-Until \"false\"",
             # merged /usr without the usrmerge package, which would pull perl into every image
             "--hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr"]
-    return argv + [f"--dpkgopt={rule}" for rule in _DPKG_EXCLUDES]
+    return argv + [f"--dpkgopt={rule}" for rule in _DPKG_EXCLUDES + prune_rules(spec)]
 
 
 _CLEAN_HOOK = "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/log/*.log"
@@ -111,16 +121,44 @@ _CLEAN_HOOK = "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cac
 
 def mmdebstrap_argv(spec: BootstrapBase, out: Path) -> list[str]:
     """A base without a lock entry: whatever the mirror has today."""
-    argv = _common_argv()
+    argv = _common_argv(spec)
     if spec.packages:
         argv.append("--include=" + ",".join(sorted(set(spec.packages))))
     if spec.components != ["main"]:
         argv.append("--components=" + ",".join(spec.components))
+    if spec.extra_suites:
+        # Written before apt first reads its configuration, so the essential set is resolved with it too.
+        prefs = shlex.quote(apt_preferences(spec))
+        argv.append(f'--setup-hook=mkdir -p "$1"/etc/apt/preferences.d && printf %s {prefs} '
+                    '> "$1"/etc/apt/preferences.d/builder-extra-suites.pref')
     argv.append(_CLEAN_HOOK)
     argv += ["--", spec.suite, str(out)]
-    if spec.mirror:
-        argv.append(spec.mirror)
+    mirror = spec.mirror or (DEFAULT_MIRROR if spec.extra_suites else None)
+    if mirror:
+        argv.append(mirror)
+        components = " ".join(spec.components)
+        argv += [f"deb {mirror} {extra.suite} {components}" for extra in spec.extra_suites]
     return argv
+
+
+def prune_rules(spec: BootstrapBase) -> list[str]:
+    """dpkg filter rules for the base's `prune` entries: the last matching rule wins, so each keep follows its drop."""
+    rules = []
+    for prune in spec.prune:
+        rules.append(f"path-exclude={prune.drop}")
+        rules += [f"path-include={keep}" for keep in prune.keep]
+    return rules
+
+
+def apt_preferences(spec: BootstrapBase) -> str:
+    """apt preferences that take each extra suite's packages from it, and nothing else."""
+    stanzas = []
+    for extra in spec.extra_suites:
+        # A suite is named by its archive (experimental, unstable) or its codename (sid, trixie): match either.
+        for field in ("a", "n"):
+            stanzas.append(f"Package: {' '.join(sorted(set(extra.packages)))}\nPin: release {field}={extra.suite}\n"
+                           f"Pin-Priority: {EXTRA_SUITE_PRIORITY}\n")
+    return "\n".join(stanzas)
 
 
 def locked_argv(spec: BootstrapBase, locked: LockedBase, repo: Path, out: Path, record: Path) -> list[str]:
@@ -133,7 +171,7 @@ def locked_argv(spec: BootstrapBase, locked: LockedBase, repo: Path, out: Path, 
     if unlocked:
         raise LockError(f"the {spec.suite} base's lock entry has no {unlocked[0]}",
                         "run `builder lock --refresh` to resolve the base again")
-    argv = _common_argv()
+    argv = _common_argv(spec)
     if spec.packages:
         argv.append("--include=" + ",".join(f"{name}={versions[name]}" for name in sorted(set(spec.packages))))
     sources = "".join(source.line() + "\n" for source in apt_sources(spec))

@@ -62,6 +62,8 @@ def apt_sources(spec: BootstrapBase) -> list[AptSource]:
     if spec.mirror is None and spec.suite in STABLE_SUITES:
         sources += [AptSource(mirror, f"{spec.suite}-updates", components),
                     AptSource(SECURITY_MIRROR, f"{spec.suite}-security", components)]
+    # Extra suites (experimental on top of sid): apt preferences decide which packages come from them.
+    sources += [AptSource(mirror, extra.suite, components) for extra in spec.extra_suites]
     return sources
 
 

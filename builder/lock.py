@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from builder import PROJECT_ROOT
-from builder.bootstrap import base_inputs, host_arch, lock_name
+from builder.bootstrap import apt_preferences, base_inputs, host_arch, lock_name
 from builder.debian import resolve
 from builder.errors import LockError
 from builder.models import BootstrapBase, ImageBase, LockedBase, Recipe
@@ -104,7 +104,7 @@ def compute_bases(recipes_dir: Path, previous: dict[str, Any], *, refresh: bool)
             out[name] = previous[name]
             continue
         print(f"resolving the {base.suite} base of {user} ({name}) …", file=sys.stderr, flush=True)
-        resolved = resolve(base, host_arch())
+        resolved = resolve(base, host_arch(), apt_preferences(base))
         out[name] = LockedBase(inputs=base_inputs(base), resolved=resolved).model_dump(mode="json")
     return out
 

@@ -91,6 +91,45 @@ class ImageBase(Strict):
     debs: list[DebFile] = Field(default_factory=list, description=".deb files installed on top, with their deps")
 
 
+SuiteName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*[a-z0-9]$",
+                                  description="a Debian suite name, e.g. sid, experimental, trixie-backports")]
+
+
+def _dpkg_glob(value: str) -> str:
+    if ".." in value.split("/"):
+        raise ValueError("must not contain '..'")
+    return value
+
+
+# dpkg matches these like the shell, except that '*' also matches '/'.
+DpkgGlob = Annotated[str, Field(pattern=r"^/[A-Za-z0-9_.+*?/-]+$",
+                                description="an absolute path glob as dpkg's path-exclude takes it"),
+                     AfterValidator(_dpkg_glob)]
+
+
+class ExtraSuite(Strict):
+    """Another suite of the base's archive (e.g. experimental on top of sid) and the packages taken from it.
+
+    The suite is added to the base's apt sources, and apt is pinned to take exactly these packages from it
+    (at priority 990); every other package, and every package's dependencies not listed here, come from
+    the base's own suite. List the dependencies that both suites carry when the one in `suite` is too old.
+    """
+
+    suite: SuiteName
+    packages: list[PackageName] = Field(min_length=1, description="packages taken from this suite")
+
+
+class Prune(Strict):
+    """Files of the base's packages that dpkg does not unpack: those matching `drop`, except those matching `keep`.
+
+    For kernel libraries with one file per GPU family, so a base carries only its target's. It happens while
+    the base is made, so the files never reach a layer.
+    """
+
+    drop: DpkgGlob
+    keep: list[DpkgGlob] = Field(default_factory=list, description="globs among `drop` that stay")
+
+
 class BootstrapBase(Strict):
     """A base image bootstrapped from Debian packages with mmdebstrap and imported into the engine."""
 
@@ -101,6 +140,22 @@ class BootstrapBase(Strict):
     components: list[Annotated[str, Field(pattern=r"^[a-z][a-z-]*$")]] = Field(
         default_factory=lambda: ["main"], min_length=1,
         description="archive components, e.g. [main, non-free] for NVIDIA's CUDA toolkit")
+    extra_suites: list[ExtraSuite] = Field(
+        default_factory=list, description="other suites of the archive and the packages taken from each")
+    prune: list[Prune] = Field(default_factory=list, description="package files left out of the base")
+
+    @model_validator(mode="after")
+    def _suites_distinct(self) -> "BootstrapBase":
+        suites, taken = {self.suite}, dict[str, str]()
+        for i, extra in enumerate(self.extra_suites):
+            if extra.suite in suites:
+                raise ValueError(f"extra_suites[{i}].suite: {extra.suite} is already a suite of this base")
+            suites.add(extra.suite)
+            for name in extra.packages:
+                if name in taken:
+                    raise ValueError(f"extra_suites[{i}].packages: {name} is taken from {taken[name]} already")
+                taken[name] = extra.suite
+        return self
 
 
 BaseSpec = Annotated[ImageBase | BootstrapBase, Field(discriminator="kind")]

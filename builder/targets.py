@@ -101,6 +101,9 @@ _CUDA_CMAKE = {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "86-real;89",
                # libcuda comes from the host driver at run time, never from the build image.
                "CMAKE_EXE_LINKER_FLAGS": "-Wl,--allow-shlib-undefined"}
 _CUDA_DRIVER_LIBS = ("libcuda.so.1",)
+# ggml-hip's own kernels for the Radeon 8060S only (each GPU family added costs compile time and size);
+# flash attention on RDNA3.5 uses ggml's built-in WMMA kernels (this llama.cpp has no rocWMMA option).
+_HIP_GFX1151 = {"GGML_HIP": "ON", "AMDGPU_TARGETS": "gfx1151"}
 _INTEL_GPU = Host(devices=("/dev/dri",), modules=(("xe", "i915"),))
 # Intel's NPU driver (linux-npu-driver releases: intel-level-zero-npu, intel-driver-compiler-npu, intel-fw-npu)
 # is in no Debian archive and not on PyPI; the image carries Debian's Level Zero loader (libze1) and OpenVINO's
@@ -124,7 +127,10 @@ TARGETS: dict[str, Target] = {
         _target(
             "strix-halo",
             "AMD Ryzen AI Max+ 395 (Radeon 8060S iGPU, gfx1151), up to 128 GB unified memory",
-            Variant("rocm", "ROCm/HIP for gfx1151", {"GGML_HIP": "ON", "AMDGPU_TARGETS": "gfx1151"}, "ROCm", _AMD_GPU),
+            Variant("rocm", "ROCm 7.2/HIP for gfx1151 from Debian (experimental on sid)", _HIP_GFX1151, "ROCm",
+                    _AMD_GPU),
+            Variant("rocm-amd", "ROCm/HIP for gfx1151 from AMD's multi-arch packages", _HIP_GFX1151, "ROCm",
+                    _AMD_GPU),
             Variant("vulkan", "Vulkan on Mesa RADV", {"GGML_VULKAN": "ON"}, "Vulkan",
                     Host(devices=("/dev/dri",), modules=(("amdgpu",),), kernel_params=_AMD_GPU.kernel_params,
                          min_kernel=(6, 16), security=("seccomp=unconfined",))),

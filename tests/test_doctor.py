@@ -122,7 +122,7 @@ def test_doctor_cli_exit_codes_and_lines(tmp_path: Path) -> None:
     assert "FAIL  module amdgpu: not loaded -> fix: modprobe amdgpu" in proc.stdout
     proc = run_cli("doctor", "--target", "strix-halo", "--variant", "cuda")
     assert proc.returncode == 2 and "cuda belongs to nvidia" in proc.stderr
-    assert "strix-halo offers: rocm, vulkan" in proc.stderr
+    assert "strix-halo offers: rocm, rocm-amd, vulkan" in proc.stderr
 
 
 LIB = "usr/lib/x86_64-linux-gnu"

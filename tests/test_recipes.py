@@ -102,7 +102,7 @@ def test_variant_of_another_target_says_whose_it_is(verb: list[str]) -> None:
     proc = run_cli(verb[0], *options, *verb[1:]) if verb[0] == "run" else run_cli(*verb, *options)
     assert_one_clear_error(proc, "--variant: strix-halo has no variant 'cuda'")
     assert "hint: cuda belongs to nvidia (NVIDIA GeForce RTX 3060" in proc.stderr
-    assert "strix-halo offers: rocm, vulkan" in proc.stderr
+    assert "strix-halo offers: rocm, rocm-amd, vulkan" in proc.stderr
     assert not Path("/nonexistent/never-written").exists()
 
 
@@ -172,7 +172,7 @@ def test_targets_lists_variants_and_what_the_recipes_build() -> None:
     rows = {tuple(line.split()[:2]): line.split()[2] for line in proc.stdout.splitlines()[1:]}
     assert {target for target, _ in rows} == {"cpu", "strix-halo", "intel-arc", "intel-npu", "nvidia"}
     assert rows[("cpu", "cpu*")] == "yes"
-    assert rows[("strix-halo", "rocm*")] == rows[("strix-halo", "vulkan")] == "yes"
+    assert rows[("strix-halo", "rocm*")] == rows[("strix-halo", "rocm-amd")] == rows[("strix-halo", "vulkan")] == "yes"
     assert rows[("intel-arc", "sycl*")] == rows[("intel-arc", "vulkan")] == "yes"
     assert rows[("intel-npu", "openvino*")] == "yes"
     assert rows[("nvidia", "cuda*")] == rows[("nvidia", "cuda-nvidia")] == "yes"

@@ -1,4 +1,5 @@
-"""The vendor variants (strix-halo/rocm, intel-arc/sycl, nvidia/cuda and cuda-nvidia) and their pins.
+"""The vendor variants (strix-halo/rocm and nvidia/cuda from Debian; render-only: strix-halo/rocm-amd, intel-arc/sycl,
+nvidia/cuda-nvidia) and their pins.
 
 Most of their registries and vendor repositories are unreachable from our machines (nvidia/cuda comes
 from Debian and is built in tests/test_engines_cuda.py), so these tests check what a user sees before any
@@ -14,6 +15,7 @@ import pytest
 import yaml
 from test_recipes import assert_one_clear_error, write_recipe
 
+from builder.targets import TARGETS
 from conftest import free_port, require_engine, run_cli
 
 ZEROS = "0" * 64
@@ -26,8 +28,25 @@ def plan(target: str, variant: str) -> dict[str, object]:
     return doc
 
 
-def test_rocm_is_built_for_gfx1151_from_amds_repository() -> None:
+def test_rocm_is_built_for_gfx1151_from_debian_experimental_on_sid() -> None:
     doc = plan("strix-halo", "rocm")
+    assert doc["cmake"]["GGML_HIP"] == "ON" and doc["cmake"]["AMDGPU_TARGETS"] == "gfx1151"  # type: ignore[index]
+    assert doc["cmake"]["CMAKE_HIP_COMPILER"] == "/usr/lib/llvm-22/bin/clang++"  # type: ignore[index]
+    for stage in ("toolchain", "runtime"):
+        base = doc[stage]
+        assert (base["kind"], base["suite"]) == ("bootstrap", "sid")  # type: ignore[index]
+        (extra,) = base["extra_suites"]  # type: ignore[index]
+        # ROCm 7.2 (rocBLAS with gfx1151 kernels) is only in experimental; sid's 6.4 has none for gfx1151.
+        assert extra["suite"] == "experimental" and "librocblas5" in extra["packages"]
+        # every family's rocBLAS kernel files but gfx1151's are left out when the base is made
+        (prune,) = base["prune"]  # type: ignore[index]
+        assert prune["drop"].endswith("/rocblas/5/library/*gfx*") and prune["keep"][0].endswith("*gfx1151*")
+    assert {"libamdhip64-7", "librocblas5", "libhipblas3", "rocminfo"} <= set(doc["runtime"]["packages"])  # type: ignore[index]
+    assert not [p for p in doc["runtime"]["packages"] if "dev" in p or "hipblaslt" in p]  # type: ignore[index]
+
+
+def test_rocm_amd_is_built_for_gfx1151_from_amds_repository() -> None:
+    doc = plan("strix-halo", "rocm-amd")
     assert doc["cmake"]["GGML_HIP"] == "ON" and doc["cmake"]["AMDGPU_TARGETS"] == "gfx1151"  # type: ignore[index]
     toolchain = doc["toolchain"]
     assert "amdrocm-core-dev7.14-gfx1151" in toolchain["packages"]  # type: ignore[index]
@@ -70,10 +89,11 @@ def test_sycl_uses_intels_compilers_and_ships_level_zero() -> None:
 
 @pytest.mark.parametrize(("target", "field"), [
     ("intel-arc", "variants.sycl.base.toolchain.ref (and 6 more)"),
-    ("strix-halo", "variants.rocm.base.toolchain.repositories[0].key_sha256 (and 1 more)"),
+    ("strix-halo", "variants.rocm-amd.base.toolchain.repositories[0].key_sha256 (and 1 more)"),
 ])
 def test_build_refuses_placeholder_pins_before_anything_runs(target: str, field: str) -> None:
-    proc = run_cli("build", "--target", target)
+    variant = "rocm-amd" if target == "strix-halo" else TARGETS[target].default_variant
+    proc = run_cli("build", "--target", target, "--variant", variant)
     assert_one_clear_error(proc, f"recipes/{target}.yaml: {field}: placeholder pin (all zeros)")
     assert f"`builder pin --target {target}`" in proc.stderr
     assert "building" not in proc.stderr

@@ -36,19 +36,24 @@ class VendorToolchain:
     probe: str  # shell command (in the toolchain base) that lists the module's device code; $1 is the module
 
 
+def _recipe_toolchain(target: str, variant: str) -> BootstrapBase:
+    base = load_recipe(recipe_path_for(target)).variants[variant].base.toolchain
+    assert isinstance(base, BootstrapBase), f"{target}/{variant}: the toolchain is not a bootstrapped base"
+    return base
+
+
 HIP = VendorToolchain(
     name="hip",
     target="strix-halo",
     variant="rocm",
-    # sid: hipcc 7.0 (clang 21), HIP runtime 6.4, rocBLAS/hipBLAS 6.4. Debian's rocBLAS has no gfx1151 kernels;
-    # ggml-hip's own kernels are what this compiles for gfx1151.
-    base=BootstrapBase(kind="bootstrap", suite="sid",
-                       packages=[*_COMMON, "hipcc", "libhipblas-dev", "librocblas-dev"]),
+    # The image's own toolchain base (the same bootstrapped base the image build uses): sid with ROCm 7.2
+    # from experimental, hipcc and clang 22.
+    base=_recipe_toolchain("strix-halo", "rocm"),
     # CMake's HIP language with Debian's clang (hipcc is a wrapper around the same compiler).
-    cmake={"CMAKE_HIP_COMPILER": "/usr/lib/llvm-21/bin/clang++"},
+    cmake={"CMAKE_HIP_COMPILER": "/usr/lib/llvm-22/bin/clang++"},
     module="libggml-hip.so",
     probe='objcopy -O binary --only-section=.hip_fatbin "$1" /tmp/fatbin && '
-          "clang-offload-bundler-21 --list --type=o --input=/tmp/fatbin",
+          "clang-offload-bundler-22 --list --type=o --input=/tmp/fatbin",
 )
 
 # The default nvidia variant's own toolchain (recipes/nvidia.yaml): trixie non-free's CUDA 12.4 with g++-13 as
