@@ -147,11 +147,13 @@ def test_base_pinned_by_digest_is_used_as_given(tmp_path: Path) -> None:
 
     from builder.bootstrap import base_ref, ensure_base
     from builder.engines.podman import PodmanEngine
+    from builder.lock import locked_bases
     from builder.recipes import load_recipe, recipe_path_for
 
     recipe = load_recipe(recipe_path_for("cpu"))
     engine = PodmanEngine()
-    bootstrap_ref = ensure_base(engine, recipe.variants["cpu"].base.runtime)
+    locked = locked_bases()  # the shipped bases are bootstrapped from their locked packages
+    bootstrap_ref = ensure_base(engine, recipe.variants["cpu"].base.runtime, locked)
     digest = subprocess.run([*engine.command(), "image", "inspect", "--format", "{{.Digest}}", bootstrap_ref],
                             check=True, capture_output=True, text=True).stdout.strip()
     pinned = f"{bootstrap_ref.split(':')[0]}@{digest}"
@@ -161,7 +163,8 @@ def test_base_pinned_by_digest_is_used_as_given(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(data))
 
     plan = json.loads(run_cli("plan", "--recipe", str(path), "--json").stdout)
-    assert plan["runtime_ref"] == pinned and plan["toolchain_ref"] == base_ref(recipe.variants["cpu"].base.toolchain)
+    toolchain = base_ref(recipe.variants["cpu"].base.toolchain, locked)
+    assert plan["runtime_ref"] == pinned and plan["toolchain_ref"] == toolchain
     proc = run_cli("build", "--recipe", str(path), "--engine", "podman", "--json", timeout=BUILD_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     image = json.loads(proc.stdout)["image"]
