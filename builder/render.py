@@ -47,25 +47,26 @@ def _quote(value: str) -> str:
 
 def _shell_word(value: str) -> str:
     """One word of a RUN line's shell command, quoted so that no value can add shell syntax to it."""
-    if not value.isprintable():
-        # A newline would end the instruction early; other control characters have no place in a flag.
-        raise ValueError(f"{value!r} holds a line break or control character")
-    return shlex.quote(value)
+    # A newline would end the instruction early; other control characters have no place in a flag. Anything
+    # else (any letter, even a bidi mark) is inert inside single quotes.
+    return shlex.quote(one_line(value))
 
 
 # A CMake cache entry as `-D` takes it: NAME or NAME:TYPE (the value may be anything printable).
-_CMAKE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.+-]*(:[A-Z]+)?$")
+_CMAKE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.+-]*(:[A-Z]+)?")
 
 
 def check_cmake_flags(plan: BuildPlan) -> None:
     """Refuse a flag that cannot travel as one `-DNAME=VALUE` word, naming it, before anything is written."""
     for key, value in plan.cmake.items():
-        if not _CMAKE_KEY.match(key):
+        if not _CMAKE_KEY.fullmatch(key):
             raise RecipeError(f"{plan.recipe}: cmake: {key!r} is not a CMake variable name",
                               "use NAME or NAME:TYPE (letters, digits, _ . + -), e.g. CMAKE_CUDA_ARCHITECTURES")
-        if not value.isprintable():
+        try:
+            one_line(value)
+        except ValueError:
             raise RecipeError(f"{plan.recipe}: cmake.{key}: the value holds a line break or control character",
-                              "write the value on one line (CMake lists are separated by ';')")
+                              "write the value on one line (CMake lists are separated by ';')") from None
 
 
 def _environment() -> jinja2.Environment:
