@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.errors import BuilderError, RecipeError, RegistryError
+from builder.errors import BuilderError, RecipeError, RegistryError, raise_if_stopped
 from builder.netboot.artifacts import check_set_manifest
 from builder.paths import inside
 from builder.registry import OCI_MANIFEST, RegistryClient, Repository, check_tag, parse_reference, sha256_digest
@@ -222,5 +222,6 @@ def pull_netboot(reference: str, dest: Path) -> Path:
     staged = dest / f".{nb.name}.link"
     staged.unlink(missing_ok=True)
     staged.symlink_to(final.relative_to(dest))
+    raise_if_stopped()
     os.replace(staged, link)
     return final

@@ -12,7 +12,7 @@ from builder.bootstrap import LockedBases, ensure_base
 from builder.ccache_store import CcacheStore
 from builder.cleanup import forget_image, record_image
 from builder.engines import Engine
-from builder.errors import CommandError, RecipeError
+from builder.errors import CommandError, RecipeError, raise_if_stopped
 from builder.locks import locked
 from builder.models import BuildPlan, placeholders_of
 from builder.paths import cache_subdir
@@ -131,6 +131,7 @@ def build_and_promote(engine: Engine, tag: str, floating: str, build_into: Calla
             smoke_test(engine, scratch)
         except CommandError as exc:
             raise CommandError(f"smoke test of {tag} failed", hint=f"build log: {log}", tail=exc.tail) from None
+        raise_if_stopped()  # a stop during the smoke test must never end in a content tag
         engine.tag(scratch, tag)
         engine.tag(scratch, floating)
     finally:

@@ -30,7 +30,7 @@ from builder.cli_cluster import cluster_app
 from builder.cli_pxe import pxe_app
 from builder.doctor import diagnose
 from builder.engines import ENGINE_CHOICES, get_engine
-from builder.errors import BuilderError, CommandError, RecipeError, Stopped
+from builder.errors import BuilderError, CommandError, RecipeError, Stopped, request_stop
 from builder.hostlib import driver_volumes
 from builder.launch import container_argv
 from builder.listing import target_entries, target_rows
@@ -651,13 +651,9 @@ def _report(exc: BuilderError) -> None:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    if _stopping:
+    if not request_stop(signum):
         return  # clean-up is running: let it finish (it is bounded; SIGKILL still stops at once)
-    _stopping.append(signum)
     raise Stopped(signum)
-
-
-_stopping: list[int] = []
 
 
 def main() -> None:

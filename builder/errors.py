@@ -58,3 +58,24 @@ class Stopped(BaseException):  # noqa: N818 (not an error: the user or the syste
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+# SIGINT/SIGTERM seen by this process. The CLI's handler raises Stopped at once, but an exception raised in a
+# signal handler can be swallowed (Python only prints "Exception ignored" when the signal lands inside some
+# interpreter and library clean-up code), so every step that marks work as finished checks this too.
+_stop_signals: list[int] = []
+
+
+def request_stop(signum: int) -> bool:
+    """Record a stop request; False when one came already (clean-up is running and must finish)."""
+    if _stop_signals:
+        return False
+    _stop_signals.append(signum)
+    return True
+
+
+def raise_if_stopped() -> None:
+    """Before anything that marks work as finished (a content tag, a cache name, a `current` link)."""
+    if _stop_signals:
+        raise Stopped(_stop_signals[0])
+

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import requests
 
 from builder.cleanup import temp_dir, temp_path
-from builder.errors import ArchiveError, SourceError
+from builder.errors import ArchiveError, SourceError, raise_if_stopped
 from builder.locks import lock_file, locked
 from builder.models import ArchiveSource, GitSource, PypiSource, SourceInfo
 from builder.paths import cache_subdir
@@ -171,6 +171,7 @@ def cache_verified(cached: Path, sha256: str, what: str, fetch: Callable[[Path],
         try:
             fetch(tmp)
             _check(tmp, sha256, what)
+            raise_if_stopped()
             os.replace(tmp, cached)
         finally:
             tmp.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cleanup import temp_dir, temp_path
-from builder.errors import EngineError, RecipeError
+from builder.errors import EngineError, RecipeError, raise_if_stopped
 from builder.locks import locked
 from builder.netboot.inventory import Cluster, Node
 from builder.recipes import select
@@ -153,6 +153,7 @@ def switch(root: Path, generation: str) -> None:
         raise RecipeError(f"no generation {generation!r} in {root}", "see `builder pxe list`")
     tmp = temp_path(root)
     os.symlink(f"generations/{generation}", tmp)
+    raise_if_stopped()
     os.replace(tmp, root / "current")
 
 
