@@ -18,6 +18,7 @@ from builder.types import (
     HttpUrl,
     ImageRef,
     LabelKey,
+    MirrorUrl,
     OneLine,
     PinnedImageRef,
     RelativeGlob,
@@ -135,7 +136,7 @@ class BootstrapBase(Strict):
 
     kind: Literal["bootstrap"]
     suite: str = Field("bookworm", pattern=r"^[a-z][a-z-]+$", description="Debian suite, e.g. bookworm")
-    mirror: HttpUrl | None = Field(None, description="Debian mirror URL; default: mmdebstrap's default")
+    mirror: MirrorUrl | None = Field(None, description="Debian mirror URL (http, https or file); default: Debian's")
     packages: list[PackageName] = Field(default_factory=list, description="packages on top of minbase")
     components: list[Annotated[str, Field(pattern=r"^[a-z][a-z-]*$")]] = Field(
         default_factory=lambda: ["main"], min_length=1,

@@ -120,6 +120,8 @@ HttpUrl = Annotated[str, AfterValidator(http_url)]
 GitUrl = Annotated[str, AfterValidator(_url(("https", "http", "ssh", "git", "file"), local_paths=True))]
 # An archive is downloaded over HTTP(S) or copied from a local path.
 ArchiveUrl = Annotated[str, AfterValidator(_url(("https", "http"), local_paths=True))]
+# A Debian archive: a mirror, a snapshot of one, or a local copy (file://, e.g. an offline mirror).
+MirrorUrl = Annotated[str, AfterValidator(_url(("https", "http", "file"), local_paths=False))]
 GitRef = Annotated[str, _charset(r"[A-Za-z0-9_][A-Za-z0-9_./+-]{0,254}",
                                  "a commit id, tag or branch: letters, digits and _ . / + -")]
 
