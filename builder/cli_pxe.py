@@ -1,5 +1,6 @@
 """`builder pxe …`: netboot artifacts, registries (push, pull), generations in pxe-root/, the control node's servers."""
 
+import hashlib
 import json
 import subprocess
 import time
@@ -13,7 +14,7 @@ from builder.build import build, prepare, recipe_file
 from builder.cleanup import remove_path
 from builder.engines import ENGINE_CHOICES, get_engine
 from builder.errors import EngineError, Stopped
-from builder.locks import locked
+from builder.locks import lock_file, locked
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
 from builder.netboot.inventory import load_inventory
 from builder.netboot.kernels import kernel_spec
@@ -180,7 +181,9 @@ def pull(
     """Fetch a netboot set, check every file's sha256 against its manifest, then switch DEST/TARGET-VARIANT
     to it atomically (the files live in DEST/sets/). `builder pxe publish --artifacts DEST` boots nodes from it."""
     dest.mkdir(parents=True, exist_ok=True)
-    with locked(dest / ".builder.lock", f"pulling into {dest}"):
+    # The lock lives in the cache, not in DEST: a pull that is refused leaves nothing in DEST.
+    where = hashlib.sha256(str(dest.resolve()).encode()).hexdigest()[:16]
+    with locked(lock_file(f"pull-{where}"), f"pulling into {dest}"):
         # Holding the lock, nothing else pulls here: half-made sets and links are left-overs of a killed pull.
         for leftover in [*(dest / "sets").glob(".pull-*"), *dest.glob(".*.link")]:
             remove_path(leftover)
