@@ -5,7 +5,6 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import pytest
 import requests
 
 from conftest import free_port, require_tool
+from servers import LoopbackListener
 
 BINARY = "docker-registry"
 
@@ -114,29 +114,15 @@ class Proxy:
     port: int = 0
 
     def __post_init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.stopped = False
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.listener = LoopbackListener(self._handle)
+        self.port = self.listener.port
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        self.stopped = True
-        self.sock.close()
-
-    def _serve(self) -> None:
-        while not self.stopped:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+        self.listener.close()
 
     def _handle(self, client: socket.socket) -> None:
         with client:

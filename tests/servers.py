@@ -203,25 +203,20 @@ class TokenService:
         self.crafted.close()
 
 
-# --- a CONNECT proxy -----------------------------------------------------------------------------------
+# --- a raw TCP listener on loopback --------------------------------------------------------------------
 
-class ConnectProxy:
-    """An HTTPS proxy on 127.0.0.1: CONNECT NAME:PORT is tunnelled to routes[NAME:PORT] (a loopback
-    HOST:PORT) and refused for anything else, so nothing leaves the machine."""
+class LoopbackListener:
+    """Listens on 127.0.0.1 (a free port) and hands each connection to `handle` on a thread of its own."""
 
-    def __init__(self, routes: dict[str, str]) -> None:
-        self.routes = routes
-        self.seen: list[str] = []
+    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
+        self.handle = handle
         self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
+        self.port: int = self.sock.getsockname()[1]
         self.stopped = False
         threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
         self.stopped = True
@@ -233,7 +228,27 @@ class ConnectProxy:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+            threading.Thread(target=self.handle, args=(client,), daemon=True).start()
+
+
+# --- a CONNECT proxy -----------------------------------------------------------------------------------
+
+class ConnectProxy:
+    """An HTTPS proxy on 127.0.0.1: CONNECT NAME:PORT is tunnelled to routes[NAME:PORT] (a loopback
+    HOST:PORT) and refused for anything else, so nothing leaves the machine."""
+
+    def __init__(self, routes: dict[str, str]) -> None:
+        self.routes = routes
+        self.seen: list[str] = []
+        self.listener = LoopbackListener(self._tunnel)
+        self.port = self.listener.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.listener.close()
 
     def _tunnel(self, client: socket.socket) -> None:
         with client:

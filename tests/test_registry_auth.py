@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import requests
 from registry import Proxy, Registry, start_registry
-from servers import ConnectProxy, Reply, TokenService, make_ca
 from test_artifacts import netboot_set
 
 import builder.registry as registry_module
 from builder.artifacts import NETBOOT_FILES
 from builder.registry import RegistryClient, Repository, sha256_digest
 from conftest import require_tool, run_cli
+from servers import ConnectProxy, Reply, TokenService, make_ca
 
 USER, PASSWORD = "token-user", "t0ken-Pa55"
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 from registry import Registry, start_registry
-from servers import Crafted, Reply, Seen
 from test_artifacts import IMAGE_DIGEST, netboot_set
 
 from builder.artifacts import ANNOTATION, NETBOOT_FILES, NETBOOT_TYPE, TITLE, push_artifact
 from builder.registry import OCI_INDEX, OCI_MANIFEST, RegistryClient, Repository, sha256_digest
 from conftest import run_cli
+from servers import Crafted, Reply, Seen
 
 EMPTY = b"{}"
 Manifest = dict[str, Any]
