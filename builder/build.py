@@ -136,7 +136,8 @@ def build_and_promote(engine: Engine, tag: str, floating: str, build_into: Calla
         engine.tag(scratch, floating)
     finally:
         engine.remove(scratch)  # only a name once promoted; the image itself when not
-        forget_image(engine.name, scratch)
+        if engine.inspect(scratch) is None:
+            forget_image(engine.name, scratch)  # else it stays claimed: removed again on the way out
 
 
 def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: bool = True) -> BuildResult:

@@ -18,8 +18,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from builder.paths import cache_subdir
+
+if TYPE_CHECKING:
+    from builder.engines.base import Engine
 
 TEMP_PREFIX = ".tmp-"  # every temp entry builder makes next to its final place starts with this
 _NEW_CLAIM_GRACE = 60.0  # seconds a claim file may stay half-made before a sweep removes it
@@ -110,22 +114,44 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _remove(entry: list[str]) -> None:
+def _engine(name: str) -> "Engine | None":
+    from builder.engines import ENGINES  # here: engines import modules that import this one
+    make = ENGINES.get(name)
+    if make is None:
+        return None
+    engine = make()
+    return engine if engine.available() is None else None
+
+
+def _remove(entry: list[str]) -> bool:
+    """Remove what `entry` names; False when it is still there afterwards."""
     kind = entry[0]
     if kind == "path":
-        remove_path(Path(entry[1]))
-        return
-    from builder.engines import ENGINES  # here: engines import modules that import this one
-    make = ENGINES.get(entry[1])
-    if make is None:
-        return
-    engine = make()
-    if engine.available() is not None:
-        return
+        path = Path(entry[1])
+        remove_path(path)
+        return not path.exists() and not path.is_symlink()
+    if len(entry) != 3:
+        return True  # not an entry this version writes
+    engine = _engine(entry[1])
+    if engine is None:
+        return True  # an engine that is gone has nothing left to remove
     if kind == "image":
         engine.remove(entry[2])
-    elif kind == "container":
+        return engine.inspect(entry[2]) is None
+    if kind == "container":
         engine.remove_container(entry[2])
+    return True
+
+
+def _repair(engines: set[str]) -> None:
+    """An engine command stopped while it wrote an image can leave half of one in the storage."""
+    for name in sorted(engines):
+        engine = _engine(name)
+        if engine is not None:
+            try:
+                engine.repair()
+            except Exception:  # noqa: BLE001 (a repair that fails leaves the storage as it was)
+                pass
 
 
 def release() -> None:
@@ -134,12 +160,15 @@ def release() -> None:
     claim = _claim
     if claim is None or claim.pid != os.getpid():
         return
+    left = False
     for entry in reversed(claim.entries):
         try:
-            _remove(entry)
+            left = not _remove(entry) or left
         except Exception:  # noqa: BLE001 (clean-up goes on with the next entry whatever one of them did)
-            pass
-    claim.path.unlink(missing_ok=True)
+            left = True
+    _repair({entry[1] for entry in claim.entries if entry[0] == "image"})
+    if not left:  # else the claim stays, unlocked once closed, for the next run's sweep
+        claim.path.unlink(missing_ok=True)
     os.close(claim.fd)
     _claim = None
 
@@ -169,13 +198,20 @@ def sweep() -> int:
                 continue  # its run is alive
             with os.fdopen(os.dup(fd)) as f:
                 lines = f.read().splitlines()
+            left, engines = False, set()
             for line in reversed(lines):
                 try:
                     entry = json.loads(line)
                 except ValueError:
                     continue  # a line cut short by the kill: nothing was made for it yet
-                _remove(entry)
-            path.unlink(missing_ok=True)
+                if not (isinstance(entry, list) and len(entry) >= 2 and all(isinstance(x, str) for x in entry)):
+                    continue
+                if entry[0] == "image":
+                    engines.add(entry[1])
+                left = not _remove(entry) or left
+            _repair(engines)
+            if not left:
+                path.unlink(missing_ok=True)
             swept += 1
         finally:
             os.close(fd)

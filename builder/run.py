@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -23,6 +24,8 @@ log = logging.getLogger("builder")
 TAIL_LINES = 30
 STOP_GRACE = 20  # seconds a stopped command gets to clean up before SIGKILL
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_Mask = set[int | signal.Signals]  # a thread's blocked signals, as pthread_sigmask returns them
 
 # Lines worth showing when output is not a terminal: engine steps, our script's markers, ninja progress.
 _STEP = re.compile(r"^(\[\d+/\d+\] )?(STEP \d+/\d+|Step \d+/\d+|\[builder\]|COMMIT|Successfully tagged)")
@@ -49,20 +52,10 @@ def run(
     """Run a short command; on failure raise CommandError with the tail of its output."""
     log.debug("$ %s", _fmt(argv))
     pipe = subprocess.PIPE if capture else None
+    proc, held = _start(argv, stdin=subprocess.PIPE if input is not None else None, stdout=pipe, stderr=pipe,
+                        text=True, env=dict(env) if env is not None else None, cwd=cwd)
     try:
-        proc = subprocess.Popen(
-            [str(a) for a in argv],
-            stdin=subprocess.PIPE if input is not None else None,
-            stdout=pipe,
-            stderr=pipe,
-            text=True,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            preexec_fn=_stop_with_parent(),
-        )
-    except FileNotFoundError:
-        raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
-    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         stdout, stderr = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         stop(proc)
@@ -101,22 +94,43 @@ def _prctl() -> Callable[..., int] | None:
         return None
 
 
-def _stop_with_parent() -> Callable[[], None] | None:
-    """For Popen: the child gets SIGTERM when builder dies, even by SIGKILL, so no build runs on orphaned.
+def _child_setup(held: _Mask) -> Callable[[], None]:
+    """For Popen: the child gets SIGTERM when builder dies, even by SIGKILL, so no build runs on orphaned,
+    and it starts with the signal mask builder had before `_start` held the stop signals back.
 
-    Linux only (prctl PR_SET_PDEATHSIG); it runs in the child between fork and exec, and calls nothing
-    that takes a lock.
+    Runs in the child between fork and exec, and calls nothing that takes a lock. PR_SET_PDEATHSIG is
+    Linux only.
     """
     prctl = _prctl()
-    if prctl is None:
-        return None
     parent = os.getpid()
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # builder died before the line above took effect
-            os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # builder died before the line above took effect
+                os._exit(1)
     return preexec
+
+
+def _start(argv: Argv, **options: Any) -> tuple[subprocess.Popen[str], _Mask]:
+    """Popen with Ctrl-C and SIGTERM held back until it returns, so a stop can never land after the fork
+    but before the caller knows the child (which would then run on while builder cleans up).
+
+    The caller must pass the returned mask to `signal.pthread_sigmask(SIG_SETMASK, …)` inside the `try`
+    that stops the child: a stop that arrived meanwhile is raised there.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        proc: subprocess.Popen[str] = subprocess.Popen([str(a) for a in argv], preexec_fn=_child_setup(held),
+                                                       **options)
+    except FileNotFoundError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    return proc, held
 
 
 class _Reporter:
@@ -169,22 +183,11 @@ def run_logged(
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with open(log_path, "w") as logfile, _Reporter(title) as reporter:
         logfile.write(f"$ {_fmt(argv)}\n")
-        try:
-            proc = subprocess.Popen(
-                [str(a) for a in argv],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                errors="replace",
-                env=dict(env) if env is not None else None,
-                cwd=cwd,
-                preexec_fn=_stop_with_parent(),
-            )
-        except FileNotFoundError:
-            raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
+        proc, held = _start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True, errors="replace", env=dict(env) if env is not None else None, cwd=cwd)
         assert proc.stdout is not None
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             for raw in proc.stdout:
                 logfile.write(raw)
                 text = raw.rstrip()

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from builder.engines.podman import PodmanEngine
+from builder.paths import cache_subdir
 from conftest import ROOT, require_engine, run_cli
 
 pytestmark = pytest.mark.engine
@@ -138,3 +139,48 @@ def test_the_compiler_cache_secret_leaves_no_trace_and_a_rebuild_hits_the_cache(
                              capture_output=True, text=True).stdout
     for text in (history, inspect):
         assert not STORE_URL.search(text) and "FTP_PROXY" not in text and "CCACHE_REMOTE" not in text
+
+
+def half_made_image(tmp_path: Path, engine: PodmanEngine, name: str) -> tuple[str, str]:
+    """What a build killed while podman 4 commits an image leaves: a nameless image whose record exists but
+    whose manifest was never written, under a named image built on top of it. Made here the way the kill
+    leaves it: a real parent and child, the parent untagged, the parent's manifest file removed from the store.
+    Returns (parent id, child tag)."""
+    parent, child = f"localhost/builder-test/{name}:parent", f"localhost/builder-test/{name}:child"
+    tmp_path.mkdir()
+    (tmp_path / "Parent").write_text(f"FROM localhost/builder/cpu:cpu\nLABEL dev.builder.test.{name}=parent\n")
+    (tmp_path / "Child").write_text(f"FROM {parent}\nLABEL dev.builder.test.{name}=child\n")
+    for file, tag in (("Parent", parent), ("Child", child)):
+        subprocess.run([*engine.command(), "build", "--quiet", "--file", str(tmp_path / file), "--tag", tag, "--",
+                        str(tmp_path)], check=True, capture_output=True)
+    info = engine.inspect(parent)
+    assert info is not None
+    parent_id = info.id.removeprefix("sha256:")
+    subprocess.run([*engine.command(), "untag", "--", parent], check=True)
+    store = subprocess.run([*engine.command(), "info", "--format", "{{.Store.GraphRoot}} {{.Store.GraphDriverName}}"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    (Path(store[0]) / f"{store[1]}-images" / parent_id / "manifest").unlink()
+    broken = subprocess.run([*engine.command(), "image", "inspect", "--", child], capture_output=True, text=True)
+    assert broken.returncode != 0 and parent_id in broken.stderr  # podman itself cannot inspect the child now
+    return parent_id, child
+
+
+def test_a_half_written_image_left_by_a_killed_build_is_removed(tmp_path: Path, engine: PodmanEngine) -> None:
+    # Found in CI: a build SIGKILLed during a commit left one, and the next build's own image could then not
+    # be inspected (every image built on that layer fails), so the build ended in an error.
+    parent_id, child = half_made_image(tmp_path / "a", engine, f"inspect{secrets.token_hex(3)}")
+    info = engine.inspect(child)
+    assert info is not None and "child" in info.labels.values()
+    engine.remove(child)
+
+    # The next run's sweep of a killed build's claim repairs the store before anything else looks at it.
+    parent_id, child = half_made_image(tmp_path / "b", engine, f"sweep{secrets.token_hex(3)}")
+    (cache_subdir("claims") / secrets.token_hex(8)).write_text(
+        json.dumps(["image", "podman", f"localhost/builder-test/gone:scratch-{secrets.token_hex(4)}"]) + "\n")
+    proc = run_cli("targets")
+    assert proc.returncode == 0, proc.stderr
+    assert "removing it" in proc.stderr and parent_id[:12] in proc.stderr
+    listing = subprocess.run([*engine.command(), "images", "--all", "--quiet"], capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    assert engine.inspect(child) is not None
+    engine.remove(child)

@@ -53,6 +53,9 @@ class Engine(Protocol):
     def remove_container(self, name: str) -> None:
         """Remove a container (stopping it); no error when it is absent."""
 
+    def repair(self) -> None:
+        """Remove what a killed engine command left half-written in the engine's storage."""
+
     def import_rootfs(self, tarball: Path, ref: str) -> None:
         """Import a root filesystem tarball as an image."""
 

@@ -117,3 +117,6 @@ class CliEngine:
 
     def remove(self, ref: str) -> None:
         run([*self.command(), "rmi", "--force", "--", ref], check=False)
+
+    def repair(self) -> None:
+        """Nothing by default: docker's daemon finishes or rolls back its own writes."""

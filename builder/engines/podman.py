@@ -1,7 +1,9 @@
 """Podman (rootful or rootless): CLI for everything, with host quirks detected at call time."""
 
 import json
+import logging
 import os
+import re
 import resource
 import shutil
 from functools import cache
@@ -15,6 +17,11 @@ from builder.run import run
 # CAP_SYS_RESOURCE) makes the OCI runtime fail with "setrlimit: Operation not permitted".
 _PODMAN_NOFILE = 1_048_576
 _PODMAN_NPROC = 4_194_304
+# Podman 4.x writes an image's record before its manifest: a build killed between the two leaves an image
+# that has neither manifest nor name, and every later inspect of an image built on top of it fails with this.
+_HALF_MADE = re.compile(r'locating item named "manifest" for image with ID "([0-9a-f]{64})"')
+_REPAIRS = 8  # half-made images removed in one go at most (a kill leaves one or two)
+log = logging.getLogger("builder")
 
 
 def _hybrid_cgroups() -> bool:
@@ -87,8 +94,27 @@ class PodmanEngine(CliEngine):
         run([*self.command(), "push", "--quiet", "--compression-format", "gzip", "--", ref, f"oci:{layout}:image"],
             timeout=1800)
 
+    def _drop_half_made(self, stderr: str) -> bool:
+        """Remove the half-made image an error names (podman itself advises it); False when none is named."""
+        found = _HALF_MADE.search(stderr)
+        if found is None:
+            return False
+        log.warning("podman's storage holds image %s without a manifest (a build was killed while it wrote it); "
+                    "removing it", found[1][:12])
+        run([*self.command(), "rmi", "--force", "--", found[1]], check=False, timeout=300)
+        return True
+
+    def repair(self) -> None:
+        for _ in range(_REPAIRS):
+            proc = run([*self.command(), "images", "--all", "--quiet"], check=False, timeout=300)
+            if proc.returncode == 0 or not self._drop_half_made(proc.stderr):
+                return
+
     def inspect(self, ref: str) -> ImageInfo | None:
-        proc = run(["podman", "image", "inspect", "--", ref], check=False)
+        for _ in range(_REPAIRS):
+            proc = run(["podman", "image", "inspect", "--", ref], check=False)
+            if proc.returncode == 0 or not self._drop_half_made(proc.stderr):
+                break
         if proc.returncode != 0:
             return None
         data = json.loads(proc.stdout)[0]
