@@ -1,11 +1,11 @@
 """Golden build contexts without copies.
 
 tests/golden/<target>/<variant>/ (vllm-<variant> for the vLLM flavour) holds the files that differ per image
-(Containerfile, plan.json, requirements.txt, apt sources); tests/golden/shared/<flavour>/ holds one copy of
-each file that every image of the flavour renders alike (the scripts, the ignore files). Each image's
-shared.txt names the shared files its context carries, so a script edit rewrites one golden file and a
-script that a target gains or loses still shows. `pytest --update-golden` renders every image and rewrites
-all of it.
+(Containerfile, plan.json, requirements.txt, apt sources). A file that every image of a flavour renders alike
+is compared once: its shared.txt line names the context file and where the expected bytes are, either the
+file under images/ that rendering copies unchanged (the scripts), or one copy in tests/golden/shared/<flavour>/
+(the ignore files). So a script edit rewrites no golden, and a script a target gains or loses still shows.
+`pytest --update-golden` renders every image and rewrites all of it.
 """
 
 import shutil
@@ -61,9 +61,9 @@ def expected(folder: Path) -> dict[str, bytes]:
              if p.is_file() and p.name != MANIFEST}
     manifest = folder / MANIFEST
     for line in manifest.read_text().splitlines() if manifest.is_file() else []:
-        flavour, name = line.split("/", 1)
+        name, source = line.split(" ")
         assert name not in files, f"{folder}: {name} is both shared and its own"
-        files[name] = (SHARED / flavour / name).read_bytes()
+        files[name] = (ROOT / source).read_bytes()
     return files
 
 
@@ -84,15 +84,20 @@ def update(rendered: dict[Image, dict[str, bytes]]) -> None:
             versions[(image.flavour, name)].add(data)
             users[(image.flavour, name)] += 1
     shared = {key for key, seen in versions.items() if len(seen) == 1 and users[key] > 1}
+    copied = {p.read_bytes(): p for p in sorted((ROOT / "images").rglob("*"), reverse=True) if p.is_file()}
     shutil.rmtree(SHARED, ignore_errors=True)
     for folder in folders():
         shutil.rmtree(folder)
     for image, files in rendered.items():
         image.folder.mkdir(parents=True)
-        mine = {name: data for name, data in files.items() if (image.flavour, name) not in shared}
+        lines = []
         for name, data in files.items():
-            where = image.folder / name if name in mine else SHARED / image.flavour / name
-            where.parent.mkdir(parents=True, exist_ok=True)
-            where.write_bytes(data)
-        common = sorted(f"{image.flavour}/{name}" for name in files if name not in mine)
-        (image.folder / MANIFEST).write_text("".join(f"{line}\n" for line in common))
+            where = SHARED / image.flavour / name if (image.flavour, name) in shared else image.folder / name
+            if where.is_relative_to(SHARED) and data in copied:
+                where = copied[data]
+            else:
+                where.parent.mkdir(parents=True, exist_ok=True)
+                where.write_bytes(data)
+            if where.is_relative_to(SHARED) or where.is_relative_to(ROOT / "images"):
+                lines.append(f"{name} {where.relative_to(ROOT).as_posix()}\n")
+        (image.folder / MANIFEST).write_text("".join(sorted(lines)))
