@@ -34,6 +34,7 @@ from builder.errors import BuilderError, CommandError, RecipeError, Stopped, req
 from builder.hostlib import driver_volumes
 from builder.launch import container_argv
 from builder.listing import target_entries, target_rows
+from builder.matrix import matrix as ci_matrix
 from builder.models import Recipe
 from builder.pin import pin_recipe
 from builder.publish import publish as publish_image
@@ -369,8 +370,8 @@ def pin(
 def matrix(
     recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
 ) -> None:
-    """Print the CI build matrix (one entry per target/variant the recipes build) as JSON."""
-    typer.echo(json.dumps(lockfile.matrix(recipes), separators=(",", ":")))
+    """Print the CI matrix as JSON: `include`, the images with every input pinned; `render_only`, the others."""
+    typer.echo(json.dumps(ci_matrix(recipes), separators=(",", ":")))
 
 
 @app.command()

@@ -56,6 +56,17 @@ def require_engine(name: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def goldens_written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With --update-golden: every image rendered and tests/golden rewritten (tests/goldens.py), once."""
+    if request.config.getoption("--update-golden"):
+        import goldens
+
+        out = tmp_path_factory.mktemp("render")
+        goldens.update({image: image.render(out / f"{image.flavour}-{image.target}-{image.variant}")
+                        for image in goldens.images()})
+
+
+@pytest.fixture(scope="session")
 def cpu_prepared() -> Prepared:
     """The cpu recipe resolved with its pinned source (fetched once into the builder cache)."""
     return prepare(recipe_path_for("cpu"))

@@ -6,43 +6,33 @@ from pathlib import Path
 
 import pytest
 
+import goldens
 from builder.build import Prepared
 from builder.models import SourceInfo
 from builder.plan import make_plan
 from builder.recipes import load_recipe, recipe_path_for
 from builder.render import fingerprint, image_tag, render_files, stage_source, write_context
-from builder.targets import TARGETS
-from builder.vllm import VLLM_RECIPES, load_vllm_recipe
 from conftest import ROOT, run_cli
 
-GOLDEN = ROOT / "tests" / "golden"
+GOLDEN = goldens.GOLDEN
 
 
-RECIPE_VARIANTS = [(path.stem, variant) for path in sorted((ROOT / "recipes").glob("*.yaml"))
-                   if path.stem in TARGETS for variant in load_recipe(path).variants]
+@pytest.mark.usefixtures("goldens_written")
+def test_every_shipped_image_has_a_golden_context_and_every_shared_file_is_used() -> None:
+    wanted = {image.folder for image in goldens.images()}
+    assert GOLDEN / "cpu" / "cpu" in wanted and GOLDEN / "cpu" / "vllm-cpu" in wanted
+    assert goldens.folders() == wanted, "run pytest --update-golden after adding or removing a variant"
+    used = {line.split(" ")[1] for folder in wanted for line in (folder / goldens.MANIFEST).read_text().splitlines()}
+    on_disk = {p.relative_to(ROOT).as_posix() for p in goldens.SHARED.rglob("*") if p.is_file()}
+    assert on_disk and on_disk <= used and "images/scripts/entrypoint.sh" in used
 
 
-def test_every_shipped_recipe_variant_has_a_golden_context() -> None:
-    assert ("cpu", "cpu") in RECIPE_VARIANTS and ("strix-halo", "vulkan") in RECIPE_VARIANTS
-    goldens = {(p.parent.name, p.name) for p in GOLDEN.glob("*/*") if p.is_dir()}
-    vllm = {(p.stem, f"vllm-{v}") for p in VLLM_RECIPES.glob("*.yaml") for v in load_vllm_recipe(p).variants}
-    assert goldens == set(RECIPE_VARIANTS) | vllm, "run pytest --update-golden after adding or removing a variant"
-
-
-@pytest.mark.parametrize(("target", "variant"), RECIPE_VARIANTS, ids=lambda v: str(v))
-def test_golden_context(target: str, variant: str, cpu_prepared: Prepared, tmp_path: Path,
-                        request: pytest.FixtureRequest) -> None:
-    """The whole rendered context (Containerfile, scripts, plan.json) equals tests/golden/<target>/<variant>."""
-    out = tmp_path / "ctx"
-    proc = run_cli("render", "--target", target, "--variant", variant, "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    golden = GOLDEN / target / variant
-    rendered = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    if request.config.getoption("--update-golden"):
-        for name, data in rendered.items():
-            (golden / name).parent.mkdir(parents=True, exist_ok=True)
-            (golden / name).write_bytes(data)
-    expected = {p.relative_to(golden).as_posix(): p.read_bytes() for p in golden.rglob("*") if p.is_file()}
+@pytest.mark.parametrize("image", goldens.images("llama.cpp"), ids=lambda i: f"{i.target}/{i.variant}")
+@pytest.mark.usefixtures("goldens_written")
+def test_golden_context(image: goldens.Image, cpu_prepared: Prepared, tmp_path: Path) -> None:
+    """The whole rendered context (Containerfile, scripts, plan.json) equals its golden (tests/goldens.py)."""
+    rendered = image.render(tmp_path / "ctx")
+    expected = goldens.expected(image.folder)
     assert sorted(rendered) == sorted(expected)
     for name in expected:
         assert rendered[name] == expected[name], f"{name} differs from golden (run pytest --update-golden)"

@@ -1,4 +1,4 @@
-"""Static checks on every rendered context (tests/golden/<target>/<variant>), built here or not.
+"""Static checks on every golden build context (tests/goldens.py puts each together), built here or not.
 
 Contexts of vendor stacks we cannot reach (ROCm, oneAPI, CUDA) are only ever checked this way, so the
 checks are the ones a build would otherwise catch: the Containerfile parses (moby's own parser), every base
@@ -14,11 +14,12 @@ from pathlib import Path
 import dockerfile
 import pytest
 
+import goldens
 from builder.bootstrap import BASE_REPOSITORY
 from builder.render import STAGED_AT_BUILD
-from conftest import ROOT, require_tool
+from conftest import require_tool
 
-CONTEXTS = sorted(p for p in (ROOT / "tests" / "golden").glob("*/*") if p.is_dir())
+CONTEXTS = sorted(goldens.folders())
 PINNED = re.compile(r"@sha256:[0-9a-f]{64}$")
 BOOTSTRAPPED = re.compile(rf"^{re.escape(BASE_REPOSITORY)}:[a-z-]+-[0-9a-f]{{16}}$")
 
@@ -28,7 +29,8 @@ def ids(path: Path) -> str:
 
 
 @pytest.mark.parametrize("context", CONTEXTS, ids=ids)
-def test_containerfile_parses_pins_bases_and_copies_what_exists(context: Path) -> None:
+def test_containerfile_parses_pins_bases_and_copies_what_exists(context: Path, tmp_path: Path) -> None:
+    context = goldens.assemble(context, tmp_path / context.name)
     commands = dockerfile.parse_file(str(context / "Containerfile"))
     stages: set[str] = set()
     for command in commands:
@@ -55,8 +57,9 @@ def test_containerfile_parses_pins_bases_and_copies_what_exists(context: Path) -
 
 
 @pytest.mark.parametrize("context", CONTEXTS, ids=ids)
-def test_context_scripts_pass_shellcheck(context: Path) -> None:
+def test_context_scripts_pass_shellcheck(context: Path, tmp_path: Path) -> None:
     require_tool("shellcheck", "shellcheck")
+    context = goldens.assemble(context, tmp_path / context.name)
     scripts = sorted(str(p) for p in (context / "scripts").iterdir())
     proc = subprocess.run(["shellcheck", "--severity=info", *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:]

@@ -9,11 +9,11 @@ import pytest
 import requests
 import yaml
 
+import goldens
 from builder.vllm import VLLM_RECIPES, load_vllm_recipe
 from builder.wheels import Wheelhouse
 from conftest import ROOT, require_engine, run_cli
 
-GOLDEN = ROOT / "tests" / "golden"
 ENTRYPOINT = ROOT / "images" / "vllm" / "scripts" / "entrypoint.sh"
 VLLM_VARIANTS = [(path.stem, variant) for path in sorted(VLLM_RECIPES.glob("*.yaml"))
                  for variant in load_vllm_recipe(path).variants]
@@ -33,20 +33,12 @@ def test_vllm_recipes_cover_every_device_vllm_supports() -> None:
     assert set(VLLM_VARIANTS) == {("cpu", "cpu"), ("nvidia", "cuda"), ("strix-halo", "rocm"), ("intel-arc", "sycl")}
 
 
-@pytest.mark.parametrize(("target", "variant"), VLLM_VARIANTS, ids=lambda v: str(v))
-def test_vllm_golden_context(target: str, variant: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """The rendered vLLM context equals tests/golden/<target>/vllm-<variant> (pytest --update-golden rewrites)."""
-    out = tmp_path / "ctx"
-    proc = run_cli("render", "--flavour", "vllm", "--target", target, "--variant", variant, "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    golden = GOLDEN / target / f"vllm-{variant}"
-    rendered = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    if request.config.getoption("--update-golden"):
-        shutil.rmtree(golden, ignore_errors=True)
-        for name, data in rendered.items():
-            (golden / name).parent.mkdir(parents=True, exist_ok=True)
-            (golden / name).write_bytes(data)
-    expected = {p.relative_to(golden).as_posix(): p.read_bytes() for p in golden.rglob("*") if p.is_file()}
+@pytest.mark.parametrize("image", goldens.images("vllm"), ids=lambda i: f"{i.target}/{i.variant}")
+@pytest.mark.usefixtures("goldens_written")
+def test_vllm_golden_context(image: goldens.Image, tmp_path: Path) -> None:
+    """The rendered vLLM context equals its golden (tests/goldens.py; pytest --update-golden rewrites)."""
+    rendered = image.render(tmp_path / "ctx")
+    expected = goldens.expected(image.folder)
     assert sorted(rendered) == sorted(expected)
     for name in expected:
         assert rendered[name] == expected[name], f"{name} differs from golden (run pytest --update-golden)"

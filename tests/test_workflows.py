@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,39 @@ def test_image_matrix_comes_from_builder_matrix_and_publishes_only_off_pull_requ
     assert len(publish) == 1 and publish[0]["if"] == "github.event_name != 'pull_request'"
     assert "--registry" in publish[0]["run"] and "ghcr.io/" in publish[0]["run"]
     assert image_job["permissions"]["packages"] == "write"
+
+
+def test_the_suite_runs_before_any_image_is_built_and_every_flavour_builds() -> None:
+    jobs = load(ROOT / ".github" / "workflows" / "images.yml")["jobs"]
+    assert any(s.get("run", "").strip().endswith("bash .ci/run") for s in jobs["tests"]["steps"])
+    assert set(jobs["image"]["needs"]) == {"matrix", "tests"}
+    assert jobs["image"]["env"]["FLAVOUR"] == "${{ matrix.flavour }}"
+    for verb in ("builder build", "builder publish"):
+        step, = (s for s in jobs["image"]["steps"] if verb in s.get("run", ""))
+        assert '--flavour "$FLAVOUR"' in step["run"], verb
+    render_only = jobs["render-only"]
+    assert render_only["strategy"]["matrix"] == "${{ fromJSON(needs.matrix.outputs.render-only) }}"
+    runs = " ".join(s.get("run", "") for s in render_only["steps"])
+    assert "builder render" in runs and "builder build" not in runs and "builder publish" not in runs
+
+
+def test_the_matrix_step_hands_github_only_pinned_images_to_build(tmp_path: Path) -> None:
+    """The step's own script, run with this checkout's builder: `images` holds `include` alone (another key
+    would become a matrix axis), and no render-only image is in it."""
+    require_tool("jq", "jq")
+    step, = (s for s in load(ROOT / ".github" / "workflows" / "images.yml")["jobs"]["matrix"]["steps"]
+             if s.get("id") == "matrix")
+    output = tmp_path / "output"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "builder").write_text(f"#!/bin/sh\ncd {ROOT} && exec {sys.executable} -m builder \"$@\"\n")
+    (bin_dir / "builder").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "GITHUB_OUTPUT": str(output)}
+    subprocess.run(["bash", "-euo", "pipefail", "-c", step["run"]], cwd=tmp_path, env=env, check=True, timeout=120)
+    outputs = dict(line.split("=", 1) for line in output.read_text().splitlines())
+    images, render_only = json.loads(outputs["images"]), json.loads(outputs["render-only"])
+    assert list(images) == ["include"] and list(render_only) == ["include"]
+    built = {(j["flavour"], j["target"], j["variant"]) for j in images["include"]}
+    skipped = {(j["flavour"], j["target"], j["variant"]) for j in render_only["include"]}
+    assert ("vllm", "cpu", "cpu") in built and ("llama.cpp", "cpu", "cpu") in built
+    assert ("llama.cpp", "intel-arc", "sycl") in skipped and not built & skipped
