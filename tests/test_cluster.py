@@ -100,6 +100,8 @@ def test_several_services_fit_a_node_that_holds_their_models(tmp_path: Path) -> 
     ({"nodes": [node("a", 1, role="head")]}, "nodes[0].role: roles and ports come from services"),
     ({"nodes": [node("a", 1, memory="lots")]}, "nodes[0].memory: could not parse value and unit"),
     ({"nodes": [node("a", 1, target="tpu")]}, "nodes[0]: target: unknown target 'tpu'"),
+    ({"nodes": [node("a", 1, env={"X; rm": "1"}), node("b", 2)]}, "nodes[0].env['X; rm'] (key): Value error, must be an environment variable name"),
+    ({"nodes": [node("a", 1, env={"X": "1\n--privileged"}), node("b", 2)]}, "nodes[0].env.X: "),
     ({"services": []}, "services: List should have at least 1 item"),
     ({"gateway": {"port": 0}}, "gateway.port: Input should be greater than or equal to 1"),
 ])

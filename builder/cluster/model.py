@@ -15,7 +15,7 @@ from builder.errors import RecipeError
 from builder.models import Strict
 from builder.netboot.inventory import Control, Node
 from builder.recipes import display_path, load_yaml, select, validated
-from builder.types import KernelArg, OneLine, http_url
+from builder.types import EnvName, KernelArg, OneLine, http_url
 
 # A service name reaches HAProxy's config, JSON answers and container names: keep it to plain characters.
 SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -34,6 +34,9 @@ class ClusterNode(Node):
     role: Literal["head", "rpc-worker"] | None = Field(  # type: ignore[assignment]
         None, description="netboot-only form; with services: leave it out")
     memory: ByteSize | None = Field(None, description="memory its models may use, e.g. 64GiB (needed to host one)")
+    env: dict[EnvName, OneLine] = Field(
+        default_factory=dict, description="environment of the node's servers and workers, e.g. "
+        "GGML_VK_VISIBLE_DEVICES: '0' to use a software Vulkan device")
 
 
 class Gateway(Strict):
