@@ -211,3 +211,13 @@ def test_local_nodes_get_loopback_addresses_and_servers_their_alias(tmp_path: Pa
     worker = argvs[("big", "d")]
     assert worker[worker.index("IMAGE"):] == ["IMAGE", "rpc-worker", "--host", "127.0.0.14", "--port", "50052"]
     assert worker[worker.index("--name") + 1] == "builder-cluster-0-d-big-rpc"
+
+
+def test_every_cluster_file_field_is_documented() -> None:
+    from builder.cluster.model import ClusterNode, Gateway, Service, ServiceCluster
+    from builder.netboot.inventory import Control
+
+    doc = (Path(__file__).parent.parent / "docs" / "clusters.md").read_text()
+    missing = [f"{model.__name__}.{field}" for model in (ServiceCluster, Gateway, ClusterNode, Service, Control)
+               for field in model.model_fields if f"`{field}`" not in doc and f"{field}:" not in doc]
+    assert not missing, f"docs/clusters.md does not document: {missing}"
