@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """Measure the cluster gateway: its overhead at the same load, and failed requests while a replica is killed.
 
-  python bench/bench_cluster.py [--engine podman] [--clients 4] [--requests 30] [--rounds 3]
-                                [--out bench/results-cluster.json]
+  python bench/bench_cluster.py [--engine podman] [--clients 4] [--requests 25] [--rounds 9]
+                                [--tokens 16,128] [--out bench/results-cluster.json]
 
 1. overhead: one service replicated on two nodes (`builder cluster up --local`); the same closed-loop load
-   (--clients threads, each sending --requests completions of 16 tokens, greedy) goes straight to replica a,
-   then through the gateway with replica b stopped, so both paths end on one server; alternating, --rounds
-   times each; p50/p99 latency and requests/s of each round, medians over rounds;
+   (--clients threads, each keeping its connection alive as the OpenAI SDK does, sending --requests greedy
+   completions of --tokens tokens) goes straight to replica a and through the gateway with replica b stopped,
+   so both paths end on one server. Short rounds in pairs, the order swapped every pair (direct, gateway,
+   gateway, direct, …), so drifting load from other work hits both paths alike; throughput loss is the median
+   of the pairs' ratios, latencies are pooled. HAProxy's and the server's CPU time per request come from
+   /proc: on a machine whose cores are all busy, the gateway's CPU is what the server loses. Then the same
+   load interleaved: every client alternates direct and gateway requests, so both see the same moment's
+   load; the ratio of mean latencies, median over rounds;
 2. replica killed under load: both replicas up, the same load through the gateway, replica b killed after
    a quarter of the requests; failed requests counted (the goal is 0);
 3. throughput through the gateway with one replica and with two (only meaningful where each replica has its
@@ -37,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tinymodel import make_tiny_model  # noqa: E402
 
 PROMPT = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "seed": 42}
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -54,29 +60,44 @@ def builder(*args: str, timeout: float = 900) -> str:
     return proc.stdout
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a whole process (every thread) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else 0.0
+
+
 def load(url: str, headers: dict[str, str], clients: int, count: int,
-         during: Callable[[int], None] | None = None) -> dict[str, float]:
-    """A closed loop: `clients` threads each sending `count` requests; latencies and failures."""
-    latencies: list[float] = []
+         during: Callable[[int], None] | None = None, tokens: int = 16,
+         latencies: list[float] | None = None) -> dict[str, float]:
+    """A closed loop: `clients` threads each sending `count` requests on one kept-alive connection."""
+    latencies = [] if latencies is None else latencies
+    mine: list[float] = []
     failures: list[str] = []
     lock = threading.Lock()
+    body = {**PROMPT, "max_tokens": tokens}
 
     def client() -> None:
+        session = requests.Session()
         for _ in range(count):
             started = time.monotonic()
             try:
-                resp = requests.post(url, json=PROMPT, headers=headers, timeout=120)
+                resp = session.post(url, json=body, headers=headers, timeout=120)
                 ok = resp.status_code == 200
             except requests.RequestException as exc:
                 ok, resp = False, None
                 failures.append(type(exc).__name__)
             with lock:
                 if ok:
-                    latencies.append(time.monotonic() - started)
+                    mine.append(time.monotonic() - started)
                 elif resp is not None:
                     failures.append(str(resp.status_code))
                 if during is not None:
-                    during(len(latencies) + len(failures))
+                    during(len(mine) + len(failures))
 
     started = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -85,23 +106,103 @@ def load(url: str, headers: dict[str, str], clients: int, count: int,
     for t in threads:
         t.join(timeout=600)
     elapsed = time.monotonic() - started
-    latencies.sort()
-    return {"requests": len(latencies) + len(failures), "failed": len(failures),
-            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0,
-            "req_per_s": len(latencies) / elapsed}
+    latencies += mine
+    return {"requests": len(mine) + len(failures), "failed": len(failures),
+            "p50_ms": 1000 * percentile(mine, 0.5), "p99_ms": 1000 * percentile(mine, 0.99),
+            "req_per_s": len(mine) / elapsed}
+
+
+def interleaved(direct: str, through: str, headers: dict[str, str], args: argparse.Namespace,
+                tokens: int) -> dict[str, object]:
+    """Every client alternates direct and gateway requests, so both paths see the same load at the same moment;
+    the gateway's cost is the ratio of mean latencies (in a closed loop, throughput is clients / mean latency)."""
+    count = 2 * max(6, round(args.requests * 16 / tokens))
+    body = {**PROMPT, "max_tokens": tokens}
+    pooled: dict[str, list[float]] = {"direct": [], "gateway": []}
+    ratios = []
+    for _ in range(args.rounds):
+        rounds: dict[str, list[float]] = {"direct": [], "gateway": []}
+        lock = threading.Lock()
+
+        def client(first: int, rounds: dict[str, list[float]] = rounds, lock: threading.Lock = lock) -> None:
+            session = requests.Session()
+            for i in range(count):
+                name = ("direct", "gateway")[(first + i) % 2]
+                url, hdrs = (direct, {}) if name == "direct" else (through, headers)
+                started = time.monotonic()
+                resp = session.post(url, json=body, headers=hdrs, timeout=120)
+                if resp.status_code == 200:
+                    with lock:
+                        rounds[name].append(time.monotonic() - started)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        ratios.append(statistics.mean(rounds["gateway"]) / statistics.mean(rounds["direct"]))
+        for name in pooled:
+            pooled[name] += rounds[name]
+    return {"tokens": tokens, "requests_per_path": {n: len(v) for n, v in pooled.items()},
+            "mean_latency_overhead_pct": 100 * (statistics.median(ratios) - 1),
+            "round_ratios": [round(r, 3) for r in ratios],
+            **{n: {"p50_ms": 1000 * percentile(v, 0.5), "p99_ms": 1000 * percentile(v, 0.99)}
+               for n, v in pooled.items()}}
+
+
+def overhead(direct: str, through: str, headers: dict[str, str], args: argparse.Namespace, tokens: int,
+             pids: dict[str, int]) -> dict[str, object]:
+    """Direct and gateway rounds in pairs (order swapped every pair); pooled latencies, median of pair ratios."""
+    paths = {"direct": (direct, {}), "gateway": (through, headers)}
+    # rounds of about the same length whatever the completion's length
+    count = max(6, round(args.requests * 16 / tokens))
+    latencies: dict[str, list[float]] = {"direct": [], "gateway": []}
+    rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+    cpu = {(who, path): 0.0 for who in pids for path in paths}
+    failed = 0
+    for url, hdrs in paths.values():  # warm both paths (connections, caches)
+        load(url, hdrs, args.clients, 2, tokens=tokens)
+    for i in range(args.rounds):
+        for name in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
+            url, hdrs = paths[name]
+            before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+            result = load(url, hdrs, args.clients, count, tokens=tokens, latencies=latencies[name])
+            for who, pid in pids.items():
+                cpu[(who, name)] += cpu_seconds(pid) - before[who]
+            rates[name].append(result["req_per_s"])
+            failed += int(result["failed"])
+    per_path = args.rounds * args.clients * count
+    ratios = [g / d for d, g in zip(rates["direct"], rates["gateway"], strict=True)]
+    out: dict[str, object] = {
+        name: {"p50_ms": 1000 * percentile(latencies[name], 0.5), "p99_ms": 1000 * percentile(latencies[name], 0.99),
+               "req_per_s": statistics.median(rates[name]), "requests": per_path}
+        for name in paths}
+    out.update(
+        failed=failed, tokens=tokens,
+        throughput_loss_pct=100 * (1 - statistics.median(ratios)),
+        p50_added_ms=1000 * (percentile(latencies["gateway"], 0.5) - percentile(latencies["direct"], 0.5)),
+        pair_ratios=[round(r, 3) for r in ratios],
+        haproxy_cpu_ms_per_request=1000 * cpu[("haproxy", "gateway")] / per_path,
+        # where every core is busy, the share of a request's CPU that the gateway takes from the server
+        haproxy_cpu_share_pct=100 * cpu[("haproxy", "gateway")] / max(1e-9, cpu[("haproxy", "gateway")]
+                                                                      + cpu[("server", "gateway")]),
+        server_cpu_ms_per_request={name: 1000 * cpu[("server", name)] / per_path for name in paths})
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", default="podman")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=25,
+                        help="per client and round at 16 tokens (fewer for longer completions)")
+    parser.add_argument("--rounds", type=int, default=9, help="pairs of direct and gateway rounds")
+    parser.add_argument("--tokens", default="16,128", help="completion lengths to measure the overhead at")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-cluster.json")
     args = parser.parse_args()
 
     from builder.build import prepare
+    from builder.cluster.gateway import gateway_pid
     from builder.engines import ENGINES
     from builder.recipes import recipe_path_for
     from builder.source import sha256_file
@@ -114,7 +215,10 @@ def main() -> int:
             "nodes": [{"name": n, "mac": f"52:54:00:00:01:0{i}", "target": "cpu", "memory": "1GiB"}
                       for i, n in enumerate("ab")],
             "services": [{"name": "tiny", "model": "tiny.gguf", "sha256": sha256_file(model), "nodes": ["a", "b"],
-                          "port": port, "context": 512, "args": ["-t", "1", "-np", str(args.clients)]}]}
+                          "port": port,
+                          # every slot holds the prompt and the longest completion
+                          "context": args.clients * (max(int(t) for t in args.tokens.split(",")) + 32),
+                          "args": ["-t", "1", "-np", str(args.clients)]}]}
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     engine = ENGINES[args.engine]().command()
@@ -143,13 +247,15 @@ def main() -> int:
         subprocess.run([*engine, "stop", replica_b], check=True, capture_output=True)
         wait_health("b", "DOWN")
         one = load(through, headers, args.clients, args.requests)
-        rounds: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": []}
-        for _ in range(args.rounds):
-            rounds["direct"].append(load(direct, {}, args.clients, args.requests))
-            rounds["gateway"].append(load(through, headers, args.clients, args.requests))
-        results["overhead"] = {
-            name: {k: statistics.median(r[k] for r in runs) for k in ("p50_ms", "p99_ms", "req_per_s")}
-            | {"failed": sum(r["failed"] for r in runs)} for name, runs in rounds.items()}
+        haproxy = gateway_pid(Path(state["gateway"]["key_file"]).parent / "haproxy.pid")
+        server = int(subprocess.run([*engine, "inspect", "--format", "{{.State.Pid}}", f"{project}-a-tiny-server"],
+                                    check=True, capture_output=True, text=True).stdout)
+        assert haproxy is not None
+        results["overhead"] = [overhead(direct, through, headers, args, int(tokens),
+                                        {"haproxy": haproxy, "server": server})
+                               for tokens in args.tokens.split(",")]
+        results["interleaved"] = [interleaved(direct, through, headers, args, int(tokens))
+                                  for tokens in args.tokens.split(",")]
         results["scaling"] = {"one_replica": one, "two_replicas": both}
 
         builder("cluster", "up", "--local", str(path))

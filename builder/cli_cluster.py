@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from builder.cluster import firewall as node_firewall
 from builder.cluster import local
 from builder.cluster.model import Loaded, load_cluster
 from builder.engines import ENGINE_CHOICES
@@ -92,3 +93,31 @@ def logs(
 ) -> None:
     """The last lines of every server's and worker's output."""
     local.logs(_loaded(inventory, is_local), engine, only, lines)
+
+
+@cluster_app.command()
+def firewall(
+    inventory: InventoryArg,
+    node: Annotated[str | None, typer.Option("--node", help="Print this node's rules.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write NODE.nft for every node into this folder.")
+                   ] = None,
+) -> None:
+    """nftables rules for every compute node: new connections only from the cluster's addresses.
+
+    Load one on its node with `nft -f NODE.nft` (it replaces builder's own table, no other rule).
+    """
+    found = node_firewall.firewalls(inventory)
+    if (node is None) == (out is None):
+        raise RecipeError("builder cluster firewall: give --node NAME (print its rules) or --out DIR (every node)",
+                          f"nodes: {', '.join(f.node for f in found)}")
+    if node is not None:
+        chosen = [f for f in found if f.node == node]
+        if not chosen:
+            raise RecipeError(f"{inventory}: no node named {node!r}", f"nodes: {', '.join(f.node for f in found)}")
+        typer.echo(node_firewall.ruleset(chosen[0], inventory.name), nl=False)
+        return
+    assert out is not None
+    out.mkdir(parents=True, exist_ok=True)
+    for rules in found:
+        (out / f"{rules.node}.nft").write_text(node_firewall.ruleset(rules, inventory.name))
+    typer.echo(f"wrote {', '.join(f'{f.node}.nft' for f in found)} to {out}")

@@ -100,8 +100,12 @@ def test_several_services_fit_a_node_that_holds_their_models(tmp_path: Path) -> 
     ({"nodes": [node("a", 1, role="head")]}, "nodes[0].role: roles and ports come from services"),
     ({"nodes": [node("a", 1, memory="lots")]}, "nodes[0].memory: could not parse value and unit"),
     ({"nodes": [node("a", 1, target="tpu")]}, "nodes[0]: target: unknown target 'tpu'"),
+    ({"nodes": [node("a", 1, env={"X; rm": "1"}), node("b", 2)]},
+     "nodes[0].env['X; rm'] (key): Value error, must be an environment variable name"),
+    ({"nodes": [node("a", 1, env={"X": "1\n--privileged"}), node("b", 2)]}, "nodes[0].env.X: "),
     ({"services": []}, "services: List should have at least 1 item"),
     ({"gateway": {"port": 0}}, "gateway.port: Input should be greater than or equal to 1"),
+    ({"gateway": {"max_request": "1KiB"}}, "gateway.max_request: Input should be greater than or equal to 16384"),
 ])
 def test_bad_cluster_file_is_one_line_and_exit_2(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     proc = run_cli("cluster", "status", "--local", str(cluster_file(tmp_path, **change)))
@@ -166,6 +170,19 @@ def test_generated_config_passes_haproxy_check(tmp_path: Path) -> None:
     assert (state / "api-key").read_text().strip() == key
 
 
+def test_max_request_sets_the_gateway_buffer(tmp_path: Path) -> None:
+    require_tool("haproxy", "haproxy")
+    loaded = load_cluster(cluster_file(tmp_path, gateway={"max_request": "64KiB"}))
+    state = tmp_path / "state"
+    state.mkdir()
+    config = write_gateway(loaded, state, "127.0.0.1", {n: f"127.0.0.{11 + i}" for i, n in enumerate("abcd")})
+    text = config.read_text()
+    assert "tune.bufsize 65536" in text and "larger than the gateway buffer (65536 bytes)" in text
+    default = haproxy_config(load_cluster(cluster_file(tmp_path)), bind="127.0.0.1", addresses={
+        n: "127.0.0.1" for n in "abcd"}, state=state, key_file=state / "api-key")
+    assert "tune.bufsize 1048576" in default
+
+
 def test_a_key_file_with_spaces_is_refused(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("two words\n")
     loaded = load_cluster(cluster_file(tmp_path, gateway={"key_file": "key"}))
@@ -194,3 +211,13 @@ def test_local_nodes_get_loopback_addresses_and_servers_their_alias(tmp_path: Pa
     worker = argvs[("big", "d")]
     assert worker[worker.index("IMAGE"):] == ["IMAGE", "rpc-worker", "--host", "127.0.0.14", "--port", "50052"]
     assert worker[worker.index("--name") + 1] == "builder-cluster-0-d-big-rpc"
+
+
+def test_every_cluster_file_field_is_documented() -> None:
+    from builder.cluster.model import ClusterNode, Gateway, Service, ServiceCluster
+    from builder.netboot.inventory import Control
+
+    doc = (Path(__file__).parent.parent / "docs" / "clusters.md").read_text()
+    missing = [f"{model.__name__}.{field}" for model in (ServiceCluster, Gateway, ClusterNode, Service, Control)
+               for field in model.model_fields if f"`{field}`" not in doc and f"{field}:" not in doc]
+    assert not missing, f"docs/clusters.md does not document: {missing}"

@@ -159,6 +159,14 @@ def test_errors_are_openai_style_json(cluster: Cluster, headers: dict[str, str] 
     assert cluster.key not in resp.text
 
 
+def test_a_body_larger_than_the_gateway_buffer_is_413_json(cluster: Cluster) -> None:
+    prompt = "x " * (600 * 1024)  # 1.2 MB: over the default 1 MiB buffer
+    resp = requests.post(f"{cluster.gateway}/completions", json={**PROMPT, "model": "tiny", "prompt": prompt},
+                         headers=cluster.headers(), timeout=60)
+    assert resp.status_code == 413 and resp.headers["content-type"].startswith("application/json")
+    assert resp.json()["error"]["code"] == "request_too_large"
+
+
 def test_each_model_gets_its_own_models_text(cluster: Cluster) -> None:
     texts = {}
     for service, node in (("tiny", "a"), ("other", "c")):

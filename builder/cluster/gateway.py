@@ -21,9 +21,9 @@ from builder.cluster.model import Loaded
 from builder.errors import BuilderError, RecipeError
 from builder.run import run
 
-# The whole request body must fit HAProxy's buffer to be routed by `model` (and retried): 1 MiB holds the
-# prompts of long-context agents; a larger body is refused with 413 rather than misrouted.
-BUFFER_SIZE = 1 << 20
+# The whole request body must fit HAProxy's buffer (gateway.max_request, 1 MiB by default) to be routed by
+# `model` (and retried): 1 MiB holds the prompts of long-context agents; a larger body is refused with 413
+# rather than misrouted.
 MAX_CONNECTIONS = 1024
 # Generation can take minutes before the first byte of a non-streamed answer.
 SERVER_TIMEOUT = "10m"
@@ -51,12 +51,13 @@ def models_document(loaded: Loaded, created: int) -> str:
 def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], state: Path, key_file: Path) -> str:
     """The whole haproxy.cfg: users reach `bind`, backends are the services' servers at their nodes' addresses."""
     gateway = loaded.cluster.gateway
+    buffer_size = int(gateway.max_request)
     names = " ".join(s.name for s in loaded.cluster.services)
     lines = [
         "# Written by builder from " + loaded.path.name + ": regenerate it, do not edit.",
         "global",
         f"    maxconn {MAX_CONNECTIONS}",
-        f"    tune.bufsize {BUFFER_SIZE}",
+        f"    tune.bufsize {buffer_size}",
         "",
         "defaults",
         "    mode http",
@@ -94,7 +95,7 @@ def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], stat
                  "or GET /v1/models") + " unless { method POST }",
         "    http-request set-var(txn.size) req.body_size",
         "    http-request return status 413 content-type application/json string "
-        + _error("request_too_large", f"the request body is larger than the gateway buffer ({BUFFER_SIZE} bytes)")
+        + _error("request_too_large", f"the request body is larger than the gateway buffer ({buffer_size} bytes)")
         + " if { req.body_len,sub(txn.size) lt 0 }",
         "    http-request set-var(txn.model) req.body,json_query('$.model')",
         "    http-request return status 400 content-type application/json string "
@@ -165,8 +166,20 @@ def write_gateway(loaded: Loaded, state: Path, bind: str, addresses: dict[str, s
     return config
 
 
+# glibc serves allocations above 128 KiB with mmap and returns them on free: every 1 MiB buffer HAProxy's pools
+# give back to the system costs page faults when the next request needs it (about 35 faults a request,
+# docs/benchmarks.md). Allocating them from the heap instead keeps freed buffers in the process.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864"
+
+
+def gateway_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES)))
+    return env
+
+
 def start_gateway(config: Path, pidfile: Path) -> None:
-    run(["haproxy", "-D", "-f", config, "-p", pidfile], timeout=30)
+    run(["haproxy", "-D", "-f", config, "-p", pidfile], timeout=30, env=gateway_env())
 
 
 def gateway_pid(pidfile: Path) -> int | None:

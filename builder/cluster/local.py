@@ -122,6 +122,8 @@ def process_argv(local: Local, engine: Engine, process: Process, image: str, mod
     variant = TARGETS[node.target].variants[node.variant or TARGETS[node.target].default_variant]
     argv = [*engine.run_argv(), "--detach", "--network", "host", "--name", local.container(process),
             "--label", f"{LABEL}={local.project}", *engine.device_flags(variant.host)]
+    for key, value in node.env.items():
+        argv += ["--env", f"{key}={value}"]
     if process.role == "rpc-worker":
         return [*argv, image, "rpc-worker", "--host", address[process.node], "--port", str(process.port)]
     inside = f"/models/{process.service}.gguf"
