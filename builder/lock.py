@@ -27,6 +27,7 @@ from builder.errors import LockError
 from builder.models import BootstrapBase, ImageBase, LockedBase, Recipe
 from builder.plan import runtime_base
 from builder.recipes import RECIPES_DIR, SHARED_PIN, display_path, load_recipe
+from builder.vllm import load_vllm_recipe, lock_path
 
 LOCK_FILE = PROJECT_ROOT / "builder.lock"
 LOCK_VERSION = 1
@@ -78,8 +79,6 @@ def used_bases(recipes_dir: Path = RECIPES_DIR) -> dict[str, tuple[BootstrapBase
     """lock name -> (base, the first image that uses it) for every bootstrapped base an image is built on.
 
     vLLM variants count when they have their wheel lock: the others are render-only and never bootstrap."""
-    from builder.vllm import load_vllm_recipe, lock_path  # the vLLM flavour builds on this module's callers
-
     found: dict[str, tuple[BootstrapBase, str]] = {}
     for _, recipe, variant in built_images(recipes_dir):
         for stage, base in image_bases(recipe, variant):

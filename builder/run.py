@@ -79,6 +79,27 @@ def run(
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def replace_process(argv: Argv, env: Mapping[str, str] | None = None) -> None:
+    """Replace builder with the command (an interactive container, a tool's shell); never returns."""
+    log.debug("$ %s", _fmt(argv))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    args = [str(a) for a in argv]
+    try:
+        os.execvpe(args[0], args, dict(env) if env is not None else os.environ)
+    except FileNotFoundError:
+        raise EngineError(f"command not found: {args[0]}", "install it or put it on PATH") from None
+
+
+def start(argv: Argv) -> "subprocess.Popen[str]":
+    """Start a long-running helper (a server) that builder stops with `stop`; it dies with builder."""
+    log.debug("$ %s", _fmt(argv))
+    try:
+        return subprocess.Popen([str(a) for a in argv], text=True, preexec_fn=_stop_with_parent())
+    except FileNotFoundError:
+        raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
+
+
 def stop(proc: subprocess.Popen[str]) -> None:
     """SIGTERM (engines clean up their build containers on it), then SIGKILL after a grace period."""
     if proc.poll() is not None:

@@ -15,7 +15,6 @@ import os
 import pwd
 import shlex
 import shutil
-import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from builder.engines.podman import PodmanEngine, quirk_containers_conf
 from builder.errors import EngineError, RecipeError
 from builder.paths import cache_subdir
-from builder.run import run
+from builder.run import replace_process, run
 from builder.targets import Host
 
 LABEL = "dev.builder.toolbox"
@@ -175,9 +174,4 @@ def run_steps(steps: list[list[str]], extra_env: dict[str, str] | None = None) -
     env = {**os.environ, **extra_env} if extra_env else None
     for argv in steps[:-1]:
         run(argv, env=env, timeout=600)
-    last = steps[-1]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if env is not None:
-        os.execvpe(last[0], last, env)
-    os.execvp(last[0], last)
+    replace_process(steps[-1], env)
