@@ -81,7 +81,18 @@ class Prepared:
 
 
 class Flavour(ABC):
-    """One kind of image. Implementations: builder.llama.LlamaCpp, builder.vllm.Vllm."""
+    """One kind of image (builder.llama.LlamaCpp, builder.vllm.Vllm), in the order the stages call it:
+
+    recipe_path / recipe_target: its shipped recipe of a target, the target of a recipe file.
+    plan: load the recipe and plan the image (llama.cpp resolves its source first: the plan names it).
+    render: the context's files and fingerprint; pure, nothing downloaded.
+    check: refuse what may not be built (placeholder pins, no wheel lock, disagreeing builder.lock);
+        `strict` (publishing): the inputs must be locked.
+    fetch: the pinned inputs into the context (checked by sha256); returns the service the build talks to.
+    bases: what the Containerfile builds on, made ready in the engine before the build.
+    version, sbom, run_flags, summary: the registry tag's version, the SPDX document, `builder run`'s
+        extra engine flags, `builder plan`'s lines.
+    """
 
     name: ClassVar[str]  # what --flavour takes
     tag_prefix: ClassVar[str]  # before the variant in tags and folder names ("" or "vllm-"): keeps tags stable
@@ -90,56 +101,33 @@ class Flavour(ABC):
     recipe_model: ClassVar[type[BaseModel]]
 
     @abstractmethod
-    def recipe_path(self, target: str) -> Path:
-        """The shipped recipe of a target."""
-
+    def recipe_path(self, target: str) -> Path: ...
     @abstractmethod
-    def recipe_target(self, path: Path) -> str:
-        """The target a recipe file builds for (read without planning)."""
-
+    def recipe_target(self, path: Path) -> str: ...
     @abstractmethod
-    def built_variants(self, recipes_dir: Path) -> list[tuple[str, str]]:
-        """(target, variant) of every image the shipped recipes under `recipes_dir` build here."""
-
+    def built_variants(self, recipes_dir: Path) -> list[tuple[str, str]]: ...
     @abstractmethod
     def plan(self, path: Path, variant: str | None, source_override: str | None, locked: LockedBases,
-             epoch: int | None) -> tuple[Plan, SourceTree | None]:
-        """Load the recipe and plan the image (llama.cpp resolves its source first: the plan names it)."""
-
+             epoch: int | None) -> tuple[Plan, SourceTree | None]: ...
     @abstractmethod
-    def render(self, plan: Plan) -> tuple[dict[str, bytes], str]:
-        """The context's files and fingerprint. Pure: bytes in memory, nothing downloaded."""
-
+    def render(self, plan: Plan) -> tuple[dict[str, bytes], str]: ...
     @abstractmethod
-    def summary(self, prep: Prepared) -> dict[str, str]:
-        """The lines `builder plan` prints after recipe, target and image."""
-
+    def check(self, prep: Prepared, lock: Path, *, strict: bool) -> None: ...
     @abstractmethod
-    def check(self, prep: Prepared, lock: Path, *, strict: bool) -> None:
-        """Refuse inputs that may not be built (placeholder pins, no lock) or that disagree with the lock;
-        `strict` (publishing): the image must have locked inputs."""
-
+    def fetch(self, prep: Prepared, context: Path) -> AbstractContextManager[BuildArgs]: ...
     @abstractmethod
-    def bases(self, prep: Prepared) -> list[BaseSpec]:
-        """The bases the Containerfile builds on, made ready in the engine before the build."""
-
+    def bases(self, prep: Prepared) -> list[BaseSpec]: ...
     @abstractmethod
-    def fetch(self, prep: Prepared, context: Path) -> AbstractContextManager[BuildArgs]:
-        """Fetch the pinned inputs (checked by sha256) into the context; the service the build talks to."""
-
+    def version(self, prep: Prepared) -> str: ...
     @abstractmethod
-    def version(self, prep: Prepared) -> str:
-        """The version of what the image serves with (llama.cpp's, vLLM's)."""
-
+    def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]: ...
     @abstractmethod
-    def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]:
-        """The SPDX document of a built image (contents: what the image says about itself)."""
+    def summary(self, prep: Prepared) -> dict[str, str]: ...
 
     def run_flags(self, role: str, args: list[str], shm_size: str) -> tuple[list[str], list[str]]:
-        """(the role's arguments, extra engine flags) for `builder run`."""
         return args, []
 
     def publish_tag(self, prep: Prepared) -> str:
-        """The immutable registry tag: target, variant, what it serves with and the content hash."""
+        """The immutable registry tag: target, variant, what it serves with and its version, the content hash."""
         version = re.sub(r"[^A-Za-z0-9_.-]", "_", self.version(prep))[:40]
         return f"{prep.plan.target}-{self.tag_prefix}{prep.plan.variant}-{self.serves}{version}-{prep.fingerprint[:16]}"

