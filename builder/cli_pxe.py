@@ -9,9 +9,10 @@ from typing import Annotated
 import typer
 
 from builder.artifacts import pull_netboot, push_netboot
-from builder.build import FLAVOURS, build, flavour_named, prepare, recipe_file
+from builder.build import build, flavour_named, prepare, recipe_file
 from builder.cleanup import remove_path
-from builder.engines import ENGINE_CHOICES, get_engine
+from builder.cli_common import EngineOpt, FlavourOpt
+from builder.engines import get_engine
 from builder.errors import Stopped
 from builder.llama import LLAMA_CPP
 from builder.locks import lock_file, locked
@@ -28,7 +29,6 @@ pxe_app = typer.Typer(help="Netboot compute nodes: build boot artifacts, publish
                       no_args_is_help=True)
 
 RootOpt = Annotated[Path, typer.Option("--root", help="The pxe-root folder the control node serves.")]
-EngineOpt = Annotated[str, typer.Option("--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)}.")]
 CompressionOpt = Annotated[str, typer.Option(help="squashfs compression: zstd, zstd:LEVEL, xz, gzip, lz4, lzo.")]
 
 
@@ -52,8 +52,7 @@ def build_cmd(
     compression: CompressionOpt = "zstd",
     out: Annotated[Path | None, typer.Option(help="Write the artifacts here (default: the cache).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
-    flavour: Annotated[str, typer.Option("--flavour", help=f"The image's flavour: {', '.join(FLAVOURS)}.")
-                       ] = LLAMA_CPP.name,
+    flavour: FlavourOpt = LLAMA_CPP.name,
 ) -> None:
     """Make the netboot flavour of a target's image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS, manifest.json.
 

@@ -26,7 +26,7 @@ from builder.launch import container_argv
 from builder.recipes import select
 from builder.run import replace_process
 from builder.targets import Host
-from builder.toolbox import TOOL_CHOICES, Box, Tool, check_tool, exists, pick_tool, run_steps, tool_of
+from builder.toolbox import TOOL_CHOICES, Box, check_tool, exists, pick_tool, run_steps, tool_of
 
 # vLLM's workers share tensors through /dev/shm; engines give containers 64 MB by default.
 DEFAULT_SHM = "16g"
@@ -107,31 +107,26 @@ PrintOpt = Annotated[bool, typer.Option("--print", help="Print the commands, run
 
 def _box(tool: str, flavour: str, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
          image: str | None = None, need_image: bool = False) -> Box:
-    box = _resolve_box(pick_tool(tool), flavour, target, recipe, variant, name, image, need_image)
+    chosen = pick_tool(tool)
+    if target is None and recipe is None:
+        if name is None or (need_image and image is None):
+            raise RecipeError("no target chosen", "pass --target NAME, or --name (and --image for create)")
+        box = Box(chosen, name, image or "")
+    else:
+        # The run contract comes from the target table; a recipe is read only when its image is needed.
+        prep = prepared(flavour, target, recipe, variant) if recipe or (need_image and image is None) else None
+        entry, variant_entry = select(prep.plan.target if prep else str(target), prep.plan.variant if prep else variant,
+                                      variant_from_cli=variant is not None)
+        box = Box(chosen, name or f"builder-{entry.name}-{flavour_named(flavour).tag_prefix}{variant_entry.name}",
+                  image or "", variant_entry.host)
+        if prep and need_image and image is None:
+            box = Box(chosen, box.name, image_for_run(box.engine, prep), box.host)
+        warn_missing(box.host, entry.name)
     if tool == "auto" and not need_image and shutil.which("podman"):
         # enter and rm go through the tool that made the container, whatever is installed now.
         made_by = tool_of(box.name)
         if made_by is not None and made_by is not box.tool:
             box = Box(made_by, box.name, box.image, box.host)
-    return box
-
-
-def _resolve_box(chosen: Tool, flavour: str, target: str | None, recipe: Path | None, variant: str | None,
-                 name: str | None, image: str | None, need_image: bool) -> Box:
-    kind = flavour_named(flavour)
-    if target is None and recipe is None:
-        if name is None or (need_image and image is None):
-            raise RecipeError("no target chosen", "pass --target NAME, or --name (and --image for create)")
-        return Box(chosen, name, image or "")
-    # The run contract comes from the target table; the recipe is read only when its image is needed.
-    entry, variant_entry = select(kind.recipe_target(recipe) if recipe else str(target), variant,
-                                  variant_from_cli=variant is not None)
-    box = Box(chosen, name or f"builder-{entry.name}-{kind.tag_prefix}{variant_entry.name}", image or "",
-              variant_entry.host)
-    if need_image and image is None:
-        prep = prepared(flavour, target, recipe, variant_entry.name)
-        box = Box(chosen, box.name, image_for_run(box.engine, prep), box.host)
-    warn_missing(box.host, entry.name)
     return box
 
 

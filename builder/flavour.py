@@ -83,15 +83,14 @@ class Prepared:
 class Flavour(ABC):
     """One kind of image (builder.llama.LlamaCpp, builder.vllm.Vllm), in the order the stages call it:
 
-    recipe_path / recipe_target: its shipped recipe of a target, the target of a recipe file.
+    recipe_path: its shipped recipe of a target.
     plan: load the recipe and plan the image (llama.cpp resolves its source first: the plan names it).
     render: the context's files and fingerprint; pure, nothing downloaded.
     check: refuse what may not be built (placeholder pins, no wheel lock, disagreeing builder.lock);
         `strict` (publishing): the inputs must be locked.
     fetch: the pinned inputs into the context (checked by sha256); returns the service the build talks to.
     bases: what the Containerfile builds on, made ready in the engine before the build.
-    version, sbom, run_flags, summary: the registry tag's version, the SPDX document, `builder run`'s
-        extra engine flags, `builder plan`'s lines.
+    sbom, run_flags, summary: the SPDX document, `builder run`'s extra engine flags, `builder plan`'s lines.
     """
 
     name: ClassVar[str]  # what --flavour takes
@@ -102,8 +101,6 @@ class Flavour(ABC):
 
     @abstractmethod
     def recipe_path(self, target: str) -> Path: ...
-    @abstractmethod
-    def recipe_target(self, path: Path) -> str: ...
     @abstractmethod
     def built_variants(self, recipes_dir: Path) -> list[tuple[str, str]]: ...
     @abstractmethod
@@ -118,8 +115,6 @@ class Flavour(ABC):
     @abstractmethod
     def bases(self, prep: Prepared) -> list[BaseSpec]: ...
     @abstractmethod
-    def version(self, prep: Prepared) -> str: ...
-    @abstractmethod
     def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]: ...
     @abstractmethod
     def summary(self, prep: Prepared) -> dict[str, str]: ...
@@ -129,5 +124,5 @@ class Flavour(ABC):
 
     def publish_tag(self, prep: Prepared) -> str:
         """The immutable registry tag: target, variant, what it serves with and its version, the content hash."""
-        version = re.sub(r"[^A-Za-z0-9_.-]", "_", self.version(prep))[:40]
+        version = re.sub(r"[^A-Za-z0-9_.-]", "_", prep.plan.labels["org.opencontainers.image.version"])[:40]
         return f"{prep.plan.target}-{self.tag_prefix}{prep.plan.variant}-{self.serves}{version}-{prep.fingerprint[:16]}"

@@ -1,28 +1,32 @@
 """The llama.cpp flavour: recipes/<target>.yaml -> BuildPlan -> context (images/Containerfile.j2) -> image.
 
-The source is resolved before planning (its identity and date are part of the plan); the tree, the SDKs
-and vendor apt files enter the context in the fetch stage, and the build talks to builder's compiler
+The source is resolved before planning (its identity and date are part of the plan). The fetch stage puts
+the tree, the SDKs and vendor apt files (each checked against its pin on the way into the cache) into the
+context as hard links, so re-staging is cheap and mtimes survive; the build talks to builder's compiler
 cache on 127.0.0.1.
 """
 
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from builder import lock as lockfile
 from builder.bootstrap import LockedBases
 from builder.ccache_store import CcacheStore
 from builder.errors import RecipeError
-from builder.fetch import stage_apt_files, stage_sdks, stage_source
 from builder.flavour import BuildArgs, Flavour, Plan, Prepared
-from builder.models import BaseSpec, BuildPlan, Recipe, placeholders_of
+from builder.models import BaseSpec, BuildPlan, ImageBase, Recipe, placeholders_of
 from builder.paths import cache_subdir
 from builder.plan import make_plan
 from builder.recipes import RECIPES_DIR, display_path, load_recipe, recipe_path_for
-from builder.render import fingerprint, render_files
+from builder.render import APT_DIR, SOURCE_DIR, fingerprint, render_files, write_if_changed
 from builder.sbom import make_sbom
-from builder.source import SourceTree, resolve, resolve_override
+from builder.sdk import SDK_DIR, missing_ship_patterns, unpacked
+from builder.source import SourceTree, fetch_file, iter_tree, resolve, resolve_override
 
 
 def plan_of(prep: Prepared) -> BuildPlan:
@@ -60,9 +64,6 @@ class LlamaCpp(Flavour):
 
     def recipe_path(self, target: str) -> Path:
         return recipe_path_for(target)
-
-    def recipe_target(self, path: Path) -> str:
-        return load_recipe(path).target
 
     def built_variants(self, recipes_dir: Path) -> list[tuple[str, str]]:
         return [(recipe.target, variant) for _, recipe, variant in lockfile.built_images(recipes_dir)]
@@ -107,11 +108,61 @@ class LlamaCpp(Flavour):
         stage_apt_files(plan, context)
         return _compiler_cache()
 
-    def version(self, prep: Prepared) -> str:
-        return plan_of(prep).source.version
-
     def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]:
         return make_sbom(plan_of(prep), image, digest, contents)
 
 
 LLAMA_CPP = LlamaCpp()
+
+
+def stage_source(tree: Path, out: Path) -> None:
+    """Mirror the llama.cpp tree (minus pruned folders) into out/llama.cpp with hard links."""
+    _mirror(tree, out / SOURCE_DIR, set(iter_tree(tree)), iter_tree)
+
+
+def _all_files(root: Path) -> list[Path]:
+    return [p.relative_to(root) for p in root.rglob("*") if p.is_file() or p.is_symlink()]
+
+
+def stage_sdks(plan: BuildPlan, out: Path) -> None:
+    """Unpack (once, into the cache) every SDK of the plan and mirror it into out/sdk/<name>."""
+    for name, spec in plan.sdks.items():
+        tree = unpacked(spec)
+        missing = missing_ship_patterns(spec, tree)
+        if missing:
+            raise RecipeError(f"{plan.recipe}: sdks.{name}.ship: {', '.join(missing)} match nothing in {spec.file}",
+                              "list the files the runtime needs as they are named inside the wheel")
+        _mirror(tree, out / SDK_DIR / name, set(_all_files(tree)), _all_files)
+    if (out / SDK_DIR).is_dir():
+        for stale in (out / SDK_DIR).iterdir():
+            if stale.name not in plan.sdks:
+                shutil.rmtree(stale)
+
+
+def stage_apt_files(plan: BuildPlan, out: Path) -> None:
+    """Fetch (once, checked by sha256) vendor repository keys and .deb files into apt/<stage>/."""
+    for stage, base in (("toolchain", plan.toolchain), ("runtime", plan.runtime)):
+        for repo in base.repositories if isinstance(base, ImageBase) else []:
+            key = fetch_file(repo.key_url, repo.key_sha256)
+            write_if_changed(out / APT_DIR / stage / "keyrings" / f"{repo.name}.asc", key.read_bytes(), 0o644)
+        for deb in base.debs if isinstance(base, ImageBase) else []:
+            name = unquote(deb.url.rsplit("/", 1)[-1])
+            data = fetch_file(deb.url, deb.sha256).read_bytes()
+            write_if_changed(out / APT_DIR / stage / "debs" / name, data, 0o644)
+
+
+def _mirror(tree: Path, dest: Path, wanted: set[Path], listing: Callable[[Path], list[Path]]) -> None:
+    """Make dest hold exactly `wanted` (paths relative to tree), hard-linked where possible."""
+    for rel in wanted:
+        src, dst = tree / rel, dest / rel
+        if dst.exists() and os.path.samefile(src, dst):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    if dest.is_dir():
+        for rel in set(listing(dest)) - wanted:
+            (dest / rel).unlink()

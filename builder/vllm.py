@@ -235,9 +235,6 @@ class Vllm(Flavour):
     def recipe_path(self, target: str) -> Path:
         return recipe_path_for(target, VLLM_RECIPES, "vLLM ")
 
-    def recipe_target(self, path: Path) -> str:
-        return load_vllm_recipe(path).target
-
     def built_variants(self, recipes_dir: Path) -> list[tuple[str, str]]:
         """Locked variants only: the others are render-only."""
         out = []
@@ -282,9 +279,6 @@ class Vllm(Flavour):
         plan = plan_of(prep)
         wheels = fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
         return _wheel_index(wheels)
-
-    def version(self, prep: Prepared) -> str:
-        return plan_of(prep).vllm_version
 
     def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]:
         return make_vllm_sbom(plan_of(prep), image, digest, contents)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from builder.build import Prepared
-from builder.fetch import stage_source
+from builder.llama import stage_source
 from builder.models import SourceInfo
 from builder.plan import make_plan
 from builder.recipes import load_recipe, recipe_path_for

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import RecipeError, SourceError
-from builder.fetch import stage_sdks
+from builder.llama import stage_sdks
 from builder.models import SourceInfo, WheelSdk
 from builder.plan import make_plan
 from builder.recipes import load_recipe, recipe_path_for
