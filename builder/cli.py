@@ -62,6 +62,7 @@ def _options(
     global _debug
     _debug = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
+    logging.getLogger("builder.progress").setLevel(logging.INFO)  # what the library says it is waiting for
     if version:
         typer.echo(f"builder {__version__}")
         raise typer.Exit()

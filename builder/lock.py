@@ -13,8 +13,8 @@ install exactly these versions (builder/bootstrap.py).
 """
 
 import json
+import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from builder.errors import LockError
 from builder.models import BootstrapBase, ImageBase, LockedBase, Recipe
 from builder.plan import runtime_base
 from builder.recipes import RECIPES_DIR, SHARED_PIN, display_path, load_recipe
-from builder.vllm import load_vllm_recipe, lock_path
+from builder.vllm import locked_sections
 
 LOCK_FILE = PROJECT_ROOT / "builder.lock"
 LOCK_VERSION = 1
@@ -57,11 +57,6 @@ def built_images(recipes_dir: Path = RECIPES_DIR) -> list[tuple[Path, Recipe, st
     return out
 
 
-def matrix(recipes_dir: Path = RECIPES_DIR) -> dict[str, list[dict[str, str]]]:
-    """The CI build matrix: one job per image the recipes build."""
-    return {"include": [{"target": r.target, "variant": v} for _, r, v in built_images(recipes_dir)]}
-
-
 def compute(recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
     images = {f"{recipe.target}/{variant}": {"recipe": str(path.relative_to(recipes_dir.resolve().parent)),
                                             **entry(recipe, variant)}
@@ -84,14 +79,10 @@ def used_bases(recipes_dir: Path = RECIPES_DIR) -> dict[str, tuple[BootstrapBase
         for stage, base in image_bases(recipe, variant):
             if isinstance(base, BootstrapBase):
                 found.setdefault(lock_name(base), (base, f"{recipe.target}/{variant} {stage}"))
-    for path in sorted((recipes_dir / "vllm").glob("*.yaml")):
-        vrecipe = load_vllm_recipe(path)
-        for name, section in vrecipe.variants.items():
-            if not lock_path(path, name, section).is_file():
-                continue
-            for stage, vbase in (("base", section.base), ("toolchain", section.toolchain)):
-                if isinstance(vbase, BootstrapBase):
-                    found.setdefault(lock_name(vbase), (vbase, f"vllm {vrecipe.target}/{name} {stage}"))
+    for vrecipe, name, section in locked_sections(recipes_dir):
+        for stage, vbase in (("base", section.base), ("toolchain", section.toolchain)):
+            if isinstance(vbase, BootstrapBase):
+                found.setdefault(lock_name(vbase), (vbase, f"vllm {vrecipe.target}/{name} {stage}"))
     return dict(sorted(found.items()))
 
 
@@ -102,7 +93,7 @@ def compute_bases(recipes_dir: Path, previous: dict[str, Any], *, refresh: bool)
         if name in previous and not refresh:
             out[name] = previous[name]
             continue
-        print(f"resolving the {base.suite} base of {user} ({name}) …", file=sys.stderr, flush=True)
+        logging.getLogger("builder.progress").info("resolving the %s base of %s (%s) …", base.suite, user, name)
         resolved = resolve(base, host_arch(), apt_preferences(base))
         out[name] = LockedBase(inputs=base_inputs(base), resolved=resolved).model_dump(mode="json")
     return out

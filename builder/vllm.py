@@ -67,6 +67,13 @@ def vllm_variants(target: str) -> list[str]:
     return list(load_vllm_recipe(path).variants) if path.is_file() else []
 
 
+def locked_sections(recipes_dir: Path) -> list[tuple[VllmRecipe, str, VllmVariant]]:
+    """(recipe, variant, section) of every vLLM variant with a wheel lock: the ones that build here."""
+    return [(recipe, name, section) for path in sorted((recipes_dir / "vllm").glob("*.yaml"))
+            for recipe in [load_vllm_recipe(path)] for name, section in recipe.variants.items()
+            if lock_path(path, name, section).is_file()]
+
+
 def _choose(recipe: VllmRecipe, variant: str | None, where: str) -> tuple[str, VllmVariant]:
     _, chosen, section = choose_variant(recipe.target, recipe.variants, variant, where)
     return chosen.name, section
@@ -182,15 +189,6 @@ def _pip_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(host_arch(), host_arch())
 
 
-def require_lock(plan: VllmPlan) -> None:
-    """Only locked variants build: every wheel pinned by hash, fetched into the cache first."""
-    if not plan.lock_file:
-        raise RecipeError(
-            f"{plan.recipe}: variants.{plan.variant}: vLLM for {plan.device} is render-only here: it has no lock, "
-            f"and its wheels come from {plan.index or 'a package index'}, which this machine cannot reach",
-            f"where it is reachable: builder lock --flavour vllm --target {plan.target} --variant {plan.variant}")
-
-
 def vllm_shm_flags(size: str) -> list[str]:
     """/dev/shm for vLLM's workers: a private one of `size`, or `host` for the host's IPC namespace.
 
@@ -236,13 +234,7 @@ class Vllm(Flavour):
         return recipe_path_for(target, VLLM_RECIPES, "vLLM ")
 
     def built_variants(self, recipes_dir: Path) -> list[tuple[str, str]]:
-        """Locked variants only: the others are render-only."""
-        out = []
-        for path in sorted((recipes_dir / "vllm").glob("*.yaml")):
-            recipe = load_vllm_recipe(path)
-            out += [(recipe.target, name) for name, section in recipe.variants.items()
-                    if lock_path(path, name, section).is_file()]
-        return out
+        return [(recipe.target, name) for recipe, name, _ in locked_sections(recipes_dir)]
 
     def plan(self, path: Path, variant: str | None, source_override: str | None, locked: LockedBases,
              epoch: int | None) -> tuple[VllmPlan, SourceTree | None]:
@@ -263,7 +255,11 @@ class Vllm(Flavour):
 
     def check(self, prep: Prepared, lock: Path, *, strict: bool) -> None:
         plan = plan_of(prep)
-        require_lock(plan)
+        if not plan.lock_file:  # only locked variants build: every wheel pinned by hash, fetched first
+            raise RecipeError(
+                f"{plan.recipe}: variants.{plan.variant}: vLLM for {plan.device} is render-only here: it has no "
+                f"lock, and its wheels come from {plan.index or 'a package index'}, which this machine cannot reach",
+                f"where it is reachable: builder lock --flavour vllm --target {plan.target} --variant {plan.variant}")
         bootstrapped = [base for base in self.bases(prep) if isinstance(base, BootstrapBase)]
         unlocked = [base for base in bootstrapped if lock_name(base) not in prep.locked]
         if strict and unlocked:
