@@ -47,21 +47,9 @@ def run(
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a short command; on failure raise CommandError with the tail of its output."""
-    log.debug("$ %s", _fmt(argv))
     pipe = subprocess.PIPE if capture else None
-    try:
-        proc = subprocess.Popen(
-            [str(a) for a in argv],
-            stdin=subprocess.PIPE if input is not None else None,
-            stdout=pipe,
-            stderr=pipe,
-            text=True,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            preexec_fn=_stop_with_parent(),
-        )
-    except FileNotFoundError:
-        raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
+    proc = start(argv, stdin=subprocess.PIPE if input is not None else None, stdout=pipe, stderr=pipe, env=env,
+                 cwd=cwd)
     try:
         stdout, stderr = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -91,11 +79,14 @@ def replace_process(argv: Argv, env: Mapping[str, str] | None = None) -> None:
         raise EngineError(f"command not found: {args[0]}", "install it or put it on PATH") from None
 
 
-def start(argv: Argv) -> "subprocess.Popen[str]":
-    """Start a long-running helper (a server) that builder stops with `stop`; it dies with builder."""
+def start(argv: Argv, *, stdin: int | None = None, stdout: int | None = None, stderr: int | None = None,
+          env: Mapping[str, str] | None = None, cwd: Path | None = None) -> "subprocess.Popen[str]":
+    """Start a command that dies with builder (a server runs until `stop`); the others wait for it."""
     log.debug("$ %s", _fmt(argv))
     try:
-        return subprocess.Popen([str(a) for a in argv], text=True, preexec_fn=_stop_with_parent())
+        return subprocess.Popen([str(a) for a in argv], stdin=stdin, stdout=stdout, stderr=stderr, text=True,
+                                errors="replace", env=dict(env) if env is not None else None, cwd=cwd,
+                                preexec_fn=_stop_with_parent())
     except FileNotFoundError:
         raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
 
@@ -185,25 +176,12 @@ def run_logged(
     cwd: Path | None = None,
 ) -> None:
     """Run a long command, saving all output to `log_path` and showing progress; raise with the tail."""
-    log.debug("$ %s", _fmt(argv))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with open(log_path, "w") as logfile, _Reporter(title) as reporter:
         logfile.write(f"$ {_fmt(argv)}\n")
-        try:
-            proc = subprocess.Popen(
-                [str(a) for a in argv],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                errors="replace",
-                env=dict(env) if env is not None else None,
-                cwd=cwd,
-                preexec_fn=_stop_with_parent(),
-            )
-        except FileNotFoundError:
-            raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
+        proc = start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                     cwd=cwd)
         assert proc.stdout is not None
         try:
             for raw in proc.stdout:

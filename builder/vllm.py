@@ -7,7 +7,6 @@ and static checks) but `build` refuses them with one line.
 """
 
 import re
-import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from builder.bootstrap import LockedBases, base_ref, host_arch, lock_name
 from builder.errors import LockError, RecipeError
 from builder.flavour import BuildArgs, Flavour, Plan, Prepared
 from builder.models import BaseSpec, BootstrapBase
-from builder.plan import LABEL_PREFIX
+from builder.plan import LABEL_PREFIX, image_labels
 from builder.recipes import choose_variant, display_path, load_yaml, recipe_path_for, select, validated
 from builder.render import content_hash, environment
 from builder.sbom import make_vllm_sbom
@@ -126,21 +125,11 @@ def make_vllm_plan(recipe: VllmRecipe, recipe_path: Path, variant: str | None = 
     origin = next(r for r in [*section.requirements, *( [section.compile.package] if section.compile else [])]
                   if requirement_name(r) in VLLM_PACKAGES)
     description = recipe.description or f"vLLM for {TARGETS[recipe.target].description}"
-    labels = {
-        "org.opencontainers.image.title": f"builder {recipe.target}/vllm-{name}",
-        "org.opencontainers.image.description": description,
-        "org.opencontainers.image.source": f"pypi:{origin}",
-        "org.opencontainers.image.revision": f"sha256:{lock.digest}" if lock else "unlocked",
-        "org.opencontainers.image.version": version,
-        "org.opencontainers.image.created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)),
-        f"{LABEL_PREFIX}.target": recipe.target,
-        f"{LABEL_PREFIX}.variant": name,
-        f"{LABEL_PREFIX}.flavour": "vllm",
-        f"{LABEL_PREFIX}.vllm.device": device,
-        f"{LABEL_PREFIX}.vllm.version": version,
-        "com.github.containers.toolbox": "true",
-        **recipe.labels,
-    }
+    labels = image_labels(
+        f"builder {recipe.target}/vllm-{name}", description, f"pypi:{origin}",
+        f"sha256:{lock.digest}" if lock else "unlocked", version, epoch, recipe.target, name,
+        {f"{LABEL_PREFIX}.flavour": "vllm", f"{LABEL_PREFIX}.vllm.device": device,
+         f"{LABEL_PREFIX}.vllm.version": version}, recipe.labels)
     return VllmPlan(
         recipe=where, target=recipe.target, variant=name, device=device, description=description,
         base_ref=base_ref(section.base, locked), base=section.base,
