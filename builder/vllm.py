@@ -103,27 +103,20 @@ def read_lock(recipe_path: Path, variant: str, section: VllmVariant) -> Lock | N
     return lock
 
 
-def _vllm_version(section: VllmVariant, lock: Lock | None) -> str:
-    if section.compile is not None:
-        return section.compile.package.split("=")[-1]
-    for name in VLLM_PACKAGES:
-        found = lock.version_of(name) if lock else None
-        pinned = next((r.split("=")[-1] for r in section.requirements if requirement_name(r) == name), None)
-        if found or pinned:
-            return str(found or pinned)
-    raise RecipeError("the vLLM recipe pins no vllm package", f"add one of {', '.join(VLLM_PACKAGES)} to requirements")
-
-
 def make_vllm_plan(recipe: VllmRecipe, recipe_path: Path, variant: str | None = None,
                    source_date_epoch: int | None = None, locked: LockedBases | None = None) -> VllmPlan:
     where = display_path(recipe_path)
     name, section = _choose(recipe, variant, where)
     device = VLLM_DEVICES[(recipe.target, name)]
     lock = read_lock(recipe_path, name, section)
-    version = _vllm_version(section, lock)
+    # The vLLM pin: compiled from its sdist, or one of the requirements (exact pins, which the lock keeps).
+    pins = [section.compile.package] if section.compile else list(section.requirements)
+    origin = next((r for r in pins if requirement_name(r) in VLLM_PACKAGES), None)
+    if origin is None:
+        raise RecipeError(f"{where}: variants.{name}: pins no vllm package",
+                          f"add one of {', '.join(VLLM_PACKAGES)} to requirements")
+    version = origin.split("=")[-1]
     epoch = source_date_epoch if source_date_epoch is not None else (lock.epoch if lock else 0)
-    origin = next(r for r in [*section.requirements, *( [section.compile.package] if section.compile else [])]
-                  if requirement_name(r) in VLLM_PACKAGES)
     description = recipe.description or f"vLLM for {TARGETS[recipe.target].description}"
     labels = image_labels(
         f"builder {recipe.target}/vllm-{name}", description, f"pypi:{origin}",

@@ -66,17 +66,8 @@ class CliEngine:
     def _build_env(self) -> dict[str, str] | None:
         return None
 
-    def build(
-        self,
-        context: Path,
-        tag: str,
-        *,
-        build_args: dict[str, str],
-        labels: dict[str, str],
-        log: Path,
-        no_cache: bool = False,
-        env_args: dict[str, str] | None = None,
-    ) -> None:
+    def build(self, context: Path, tag: str, *, build_args: dict[str, str], labels: dict[str, str], log: Path,
+              no_cache: bool = False, env_args: dict[str, str] | None = None) -> None:
         argv = [*self.command(), "build", *self.container_flags(), "--network", "host",
                 "-f", str(context / "Containerfile"), "-t", tag]
         for key, value in build_args.items():
