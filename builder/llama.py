@@ -34,13 +34,9 @@ def plan_of(prep: Prepared) -> BuildPlan:
     return prep.plan
 
 
-def placeholder_pins(plan: BuildPlan) -> list[str]:
-    """Recipe fields that still hold the all-zeros placeholder instead of a checked digest or sha256."""
-    return [p.field for p in placeholders_of(f"variants.{plan.variant}", plan.toolchain, plan.runtime, plan.sdks)]
-
-
 def refuse_placeholders(plan: BuildPlan) -> None:
-    found = placeholder_pins(plan)
+    """Recipe fields that still hold the all-zeros placeholder instead of a checked digest or sha256 never build."""
+    found = [p.field for p in placeholders_of(f"variants.{plan.variant}", plan.toolchain, plan.runtime, plan.sdks)]
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise RecipeError(f"{plan.recipe}: {found[0]}{more}: placeholder pin (all zeros), never checked; "
@@ -97,8 +93,7 @@ class LlamaCpp(Flavour):
             lockfile.require(load_recipe(prep.recipe_path), plan.variant, strict=strict, path=lock)
 
     def bases(self, prep: Prepared) -> list[BaseSpec]:
-        plan = plan_of(prep)
-        return [plan.toolchain, plan.runtime]
+        return [plan_of(prep).toolchain, plan_of(prep).runtime]
 
     def fetch(self, prep: Prepared, context: Path) -> AbstractContextManager[BuildArgs]:
         plan = plan_of(prep)

@@ -72,7 +72,7 @@ def module_bytes(path: Path) -> bytes:
             try:
                 run(["zstd", "-d", "-q", "-o", tmp / "module", "--", path], timeout=120)
             except CommandError as exc:
-                raise EngineError(f"cannot decompress {path}: {(exc.tail or '').strip()[:200]}") from None
+                raise EngineError(f"cannot decompress {path}: {exc.last_line[:200]}") from None
             return (tmp / "module").read_bytes()
     if path.name.endswith(".gz"):
         return gzip.decompress(data)

@@ -105,4 +105,4 @@ def check_dnsmasq(config: Path) -> None:
     try:
         run(["dnsmasq", "--test", f"--conf-file={config}"], timeout=60)
     except CommandError as exc:
-        raise EngineError(f"dnsmasq rejects {config}: {(exc.tail or '').strip()}") from None
+        raise EngineError(f"dnsmasq rejects {config}: {exc.last_line}") from None
