@@ -26,7 +26,6 @@ from builder.run import run
 from builder.vllm import VLLM
 
 FLAVOURS: dict[str, Flavour] = {f.name: f for f in (LLAMA_CPP, VLLM)}
-__all__ = ["FLAVOURS", "BuildResult", "Prepared", "build", "flavour_named", "image_for_run", "prepare", "recipe_file"]
 
 
 @dataclass(frozen=True)

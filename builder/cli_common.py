@@ -7,8 +7,9 @@ import typer
 from rich.console import Console
 
 from builder import lock as lockfile
-from builder.build import FLAVOURS, Prepared, flavour_named, prepare, recipe_file
+from builder.build import FLAVOURS, flavour_named, prepare, recipe_file
 from builder.engines import ENGINE_CHOICES
+from builder.flavour import Prepared
 from builder.hostlib import driver_volumes
 from builder.llama import LLAMA_CPP
 from builder.targets import Host

@@ -1,10 +1,7 @@
-"""What a flavour of image (llama.cpp, vLLM, …) supplies to the one pipeline; the stages are in build.py.
+"""What a flavour of image (llama.cpp, vLLM, …) supplies to the one pipeline, whose stages are in build.py.
 
-A flavour is data and a few pure functions: where its recipes live and their model, how a recipe becomes a
-plan and the plan a context (its template), which inputs are fetched into the context before the engine
-runs and what serves the build, its lock rules, its SBOM and its run roles. Everything else (content tags,
-write-if-changed contexts, scratch tags, smoke test, promotion, publishing, netboot, toolboxes) is the
-same code for every flavour.
+Content tags, write-if-changed contexts, scratch tags, smoke test, promotion, publishing, netboot and
+toolboxes are the same code for every flavour; `Flavour` lists what differs.
 """
 
 import json
@@ -74,7 +71,6 @@ class Prepared:
 
     def write(self, out: Path) -> list[str]:
         """Write the rendered files and plan.json into `out` (only those whose bytes changed); the changed names."""
-        out.mkdir(parents=True, exist_ok=True)
         files = {**self.files, "plan.json": (json.dumps(self.document(), indent=2, sort_keys=True) + "\n").encode()}
         return [name for name, data in files.items()
                 if write_if_changed(out / name, data, 0o755 if name.startswith("scripts/") else 0o644)]

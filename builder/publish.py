@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.artifacts import push_artifact
-from builder.build import Prepared, build
+from builder.build import build
 from builder.cleanup import temp_dir
 from builder.engines import Engine
 from builder.errors import RegistryError
+from builder.flavour import Prepared
 from builder.oci import LocalImage, read_layout
 from builder.paths import cache_subdir
 from builder.registry import OCI_MANIFEST, RegistryClient, Repository, check_tag
