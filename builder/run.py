@@ -22,6 +22,7 @@ from builder.errors import CommandError, EngineError
 log = logging.getLogger("builder")
 TAIL_LINES = 30
 STOP_GRACE = 20  # seconds a stopped command gets to clean up before SIGKILL
+LOCAL_TIMEOUT = 300  # an engine command that only touches local storage (tag, rm, inspect): a hang, not work
 _PR_SET_PDEATHSIG = 1
 
 # Lines worth showing when output is not a terminal: engine steps, our script's markers, ninja progress.
