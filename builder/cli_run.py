@@ -113,7 +113,7 @@ def _box(tool: str, flavour: str, target: str | None, recipe: Path | None, varia
             raise RecipeError("no target chosen", "pass --target NAME, or --name (and --image for create)")
         box = Box(chosen, name, image or "")
     else:
-        # The run contract comes from the target table; a recipe is read only when its image is needed.
+        # The run contract comes from the target table; a recipe is planned only when given or its image is needed.
         prep = prepared(flavour, target, recipe, variant) if recipe or (need_image and image is None) else None
         entry, variant_entry = select(prep.plan.target if prep else str(target), prep.plan.variant if prep else variant,
                                       variant_from_cli=variant is not None)
