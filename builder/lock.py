@@ -23,11 +23,11 @@ from pydantic import ValidationError
 from builder import PROJECT_ROOT
 from builder.bootstrap import apt_preferences, base_inputs, host_arch, lock_name
 from builder.debian import resolve
-from builder.errors import LockError
+from builder.errors import LockError, RecipeError
 from builder.models import BootstrapBase, ImageBase, LockedBase, Recipe
 from builder.plan import runtime_base
 from builder.recipes import RECIPES_DIR, SHARED_PIN, display_path, load_recipe
-from builder.vllm import locked_sections
+from builder.vllm import load_vllm_recipe, locked_sections, read_lock
 
 LOCK_FILE = PROJECT_ROOT / "builder.lock"
 LOCK_VERSION = 1
@@ -216,6 +216,12 @@ def check(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR) -> list[str]:
         base, user = used[name]
         lines.append(f"{where}: bases.{name}: not in the lock (the {base.suite} base of {user})")
     lines += [f"{where}: bases.{name}: in the lock, but no recipe uses it" for name in sorted(set(have) - set(used))]
+    for path in sorted((recipes_dir / "vllm").glob("*.yaml")):  # vLLM wheel locks made from other inputs
+        for name, section in load_vllm_recipe(path).variants.items():
+            try:
+                read_lock(path, name, section)
+            except RecipeError as exc:
+                lines.append(exc.message)
     return lines
 
 

@@ -1,6 +1,7 @@
 """One pipeline, two flavours: every verb takes --flavour, and the library applies the same policy the CLI does."""
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -79,3 +80,14 @@ def test_toolbox_of_a_vllm_image_is_named_apart_and_uses_the_vllm_image() -> Non
     assert proc.stdout.split()[-1] == "builder-cpu-vllm-cpu"
     enter = run_cli("toolbox", "enter", "--flavour", "vllm", "--target", "cpu", "--tool", "toolbox", "--print")
     assert enter.stdout.split()[-1] == "builder-cpu-vllm-cpu"
+
+
+def test_lock_check_finds_a_stale_vllm_wheel_lock(tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes"
+    shutil.copytree(ROOT / "recipes", recipes)
+    assert run_cli("lock", "--check", "--recipes", str(recipes)).returncode == 0
+    vllm = recipes / "vllm" / "cpu.yaml"
+    vllm.write_text(vllm.read_text().replace("ray==2.60.0", "ray==2.61.0"))
+    proc = run_cli("lock", "--check", "--recipes", str(recipes))
+    assert proc.returncode == 1
+    assert "recipes/vllm/cpu-cpu.lock: stale lock: the recipe's python, requirements or index changed" in proc.stdout
