@@ -118,7 +118,8 @@ class Flavour(ABC):
     def run_flags(self, role: str, args: list[str], shm_size: str) -> tuple[list[str], list[str]]:
         return args, []
 
-    def publish_tag(self, prep: Prepared) -> str:
-        """The immutable registry tag: target, variant, what it serves with and its version, the content hash."""
+    def publish_tags(self, prep: Prepared) -> tuple[str, str]:
+        """Registry tags: the floating T-V and the immutable T-V-<serves><version>-<content hash>."""
         version = re.sub(r"[^A-Za-z0-9_.-]", "_", prep.plan.labels["org.opencontainers.image.version"])[:40]
-        return f"{prep.plan.target}-{self.tag_prefix}{prep.plan.variant}-{self.serves}{version}-{prep.fingerprint[:16]}"
+        floating = f"{prep.plan.target}-{self.tag_prefix}{prep.plan.variant}"
+        return floating, f"{floating}-{self.serves}{version}-{prep.fingerprint[:16]}"

@@ -40,15 +40,6 @@ class Published:
         return f"{self.repository}@{self.digest}"
 
 
-def content_tag(prep: Prepared) -> str:
-    """Immutable: target, variant, what it serves with and its version, the content hash of the local tag."""
-    return check_tag(prep.flavour.publish_tag(prep))
-
-
-def floating_tag(prep: Prepared) -> str:
-    return check_tag(f"{prep.plan.target}-{prep.flavour.tag_prefix}{prep.plan.variant}")
-
-
 def sbom_tag(digest: str) -> str:
     """Where the SBOM is found on registries without the referrers API."""
     return digest.replace(":", "-") + ".sbom"
@@ -113,7 +104,7 @@ def publish(prep: Prepared, engine: Engine, repo: Repository, *, sbom: bool = Tr
     started = time.monotonic()
     prep.flavour.check(prep, prep.lock, strict=True)
     client = RegistryClient(repo, push=True)
-    immutable, floating = content_tag(prep), floating_tag(prep)
+    floating, immutable = (check_tag(tag) for tag in prep.flavour.publish_tags(prep))
     existing = client.manifest_digest(immutable)
     if existing is not None:
         return Published(str(repo), existing, (immutable,), False, False, None, time.monotonic() - started)

@@ -10,7 +10,7 @@ import pytest
 from builder.build import FLAVOURS, build, prepare, recipe_file
 from builder.engines import get_engine
 from builder.errors import LockError, RecipeError
-from builder.publish import content_tag, floating_tag, publish
+from builder.publish import publish
 from builder.registry import Repository
 from conftest import ROOT, run_cli
 
@@ -36,8 +36,9 @@ def test_unknown_flavour_is_one_line_for_every_verb() -> None:
 def test_the_registry_tags_of_a_vllm_image_name_vllm_and_its_version() -> None:
     vllm = prepare(recipe_file("cpu", None, FLAVOURS["vllm"]), flavour=FLAVOURS["vllm"])
     assert vllm.tag.startswith("localhost/builder/cpu:vllm-cpu-") and vllm.name == "cpu/vllm-cpu"
-    assert floating_tag(vllm) == "cpu-vllm-cpu"
-    assert content_tag(vllm) == f"cpu-vllm-cpu-vllm0.32.0-{vllm.fingerprint[:16]}"
+    assert vllm.flavour.publish_tags(vllm) == ("cpu-vllm-cpu", f"cpu-vllm-cpu-vllm0.32.0-{vllm.fingerprint[:16]}")
+    llama = prepare(recipe_file("cpu", None))
+    assert llama.flavour.publish_tags(llama) == ("cpu-cpu", f"cpu-cpu-llama0.3.36-{llama.fingerprint[:16]}")
 
 
 def test_library_publish_refuses_a_render_only_vllm_variant_before_any_network() -> None:
