@@ -10,9 +10,7 @@ from builder import lock as lockfile
 from builder.build import FLAVOURS, flavour_named, prepare, recipe_file
 from builder.engines import ENGINE_CHOICES
 from builder.flavour import Prepared
-from builder.hostlib import driver_volumes
 from builder.llama import LLAMA_CPP
-from builder.targets import Host
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -40,15 +38,3 @@ def prepared(flavour: str, target: str | None, recipe: Path | None, variant: str
     """The image that --flavour, --target/--recipe and --variant name, planned and rendered."""
     chosen = flavour_named(flavour)
     return prepare(recipe_file(target, recipe, chosen), variant, source, lock, chosen)
-
-
-def warn_missing(host: Host, target: str, driver_dirs: tuple[Path, ...] = ()) -> None:
-    """One warning per part of the run contract this host lacks (the container starts without it)."""
-    missing = [d for d in host.devices if not Path(d).exists()]
-    if missing:
-        err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {target}`")
-    if host.driver:
-        _, absent = driver_volumes(host.driver, driver_dirs)
-        if absent:
-            err.print(f"warning: {host.driver.name} ({', '.join(absent)}) not found on this host, so the "
-                      f"container cannot use the device; see `builder doctor --target {target}`")

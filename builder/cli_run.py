@@ -17,11 +17,12 @@ from builder.cli_common import (
     RecipeOpt,
     TargetOpt,
     VariantOpt,
+    err,
     prepared,
-    warn_missing,
 )
 from builder.engines import get_engine
 from builder.errors import RecipeError
+from builder.hostlib import driver_volumes
 from builder.launch import container_argv
 from builder.recipes import select
 from builder.run import replace_process
@@ -92,6 +93,18 @@ def run(
         typer.echo(" ".join(argv))
         return
     replace_process(argv)
+
+
+def warn_missing(host: Host, target: str, driver_dirs: tuple[Path, ...] = ()) -> None:
+    """One warning per part of the run contract this host lacks (the container starts without it)."""
+    missing = [d for d in host.devices if not Path(d).exists()]
+    if missing:
+        err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {target}`")
+    if host.driver:
+        _, absent = driver_volumes(host.driver, driver_dirs)
+        if absent:
+            err.print(f"warning: {host.driver.name} ({', '.join(absent)}) not found on this host, so the "
+                      f"container cannot use the device; see `builder doctor --target {target}`")
 
 
 toolbox_app = typer.Typer(
