@@ -13,7 +13,7 @@ import typer
 
 from builder import __version__, cleanup
 from builder import lock as lockfile
-from builder.build import FLAVOURS, BuildResult, build, flavour_named, image_for_run, recipe_file
+from builder.build import BuildResult, build, flavour_named, image_for_run, recipe_file
 from builder.cli_cluster import cluster_app
 from builder.cli_common import (
     DEFAULT_FLAVOUR,
@@ -275,16 +275,9 @@ def pin(
 @app.command()
 def matrix(
     recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
-    flavour: Annotated[str, typer.Option(
-        "--flavour", help=f"This flavour's images ({', '.join(FLAVOURS)}), or `all`.")] = DEFAULT_FLAVOUR,
 ) -> None:
-    """Print the CI build matrix (one entry per target/variant/flavour the recipes build) as JSON.
-
-    vLLM variants without a wheel lock are render-only and not listed."""
-    kinds = list(FLAVOURS.values()) if flavour == "all" else [flavour_named(flavour)]
-    entries = [{"target": target, "variant": variant, "flavour": kind.name}
-               for kind in kinds for target, variant in kind.built_variants(recipes)]
-    typer.echo(json.dumps({"include": entries}, separators=(",", ":")))
+    """Print the CI build matrix (one entry per target/variant the recipes build) as JSON."""
+    typer.echo(json.dumps(lockfile.matrix(recipes), separators=(",", ":")))
 
 
 @app.command()

@@ -23,7 +23,7 @@ from builder.netboot.publish import generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
 from builder.recipes import select
 from builder.registry import Repository
-from builder.run import start, stop
+from builder.run import start_server, stop
 
 pxe_app = typer.Typer(help="Netboot compute nodes: build boot artifacts, publish generations, serve them.",
                       no_args_is_help=True)
@@ -146,7 +146,7 @@ def serve_cmd(
     helper = None
     if dnsmasq:
         assert config is not None
-        helper = start(["dnsmasq", "--keep-in-foreground", f"--conf-file={config}"])
+        helper = start_server(["dnsmasq", "--keep-in-foreground", f"--conf-file={config}"])
     typer.echo(f"serving {root.resolve()} on http://{address}:{http_port}/ (boot script /current/boot.ipxe)"
                + (f"; dnsmasq config {config}" if config else ""), err=True)
     try:

@@ -61,9 +61,6 @@ class LlamaCpp(Flavour):
     def recipe_path(self, target: str) -> Path:
         return recipe_path_for(target)
 
-    def built_variants(self, recipes_dir: Path) -> list[tuple[str, str]]:
-        return [(recipe.target, variant) for _, recipe, variant in lockfile.built_images(recipes_dir)]
-
     def plan(self, path: Path, variant: str | None, source_override: str | None, locked: LockedBases,
              epoch: int | None) -> tuple[BuildPlan, SourceTree]:
         recipe = load_recipe(path)

@@ -57,6 +57,11 @@ def built_images(recipes_dir: Path = RECIPES_DIR) -> list[tuple[Path, Recipe, st
     return out
 
 
+def matrix(recipes_dir: Path = RECIPES_DIR) -> dict[str, list[dict[str, str]]]:
+    """The CI build matrix: one job per image the recipes build."""
+    return {"include": [{"target": r.target, "variant": v} for _, r, v in built_images(recipes_dir)]}
+
+
 def compute(recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
     images = {f"{recipe.target}/{variant}": {"recipe": str(path.relative_to(recipes_dir.resolve().parent)),
                                             **entry(recipe, variant)}

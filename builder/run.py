@@ -22,7 +22,6 @@ from builder.errors import CommandError, EngineError
 log = logging.getLogger("builder")
 TAIL_LINES = 30
 STOP_GRACE = 20  # seconds a stopped command gets to clean up before SIGKILL
-LOCAL_TIMEOUT = 300  # an engine command that only touches local storage (tag, rm, inspect): a hang, not work
 _PR_SET_PDEATHSIG = 1
 
 # Lines worth showing when output is not a terminal: engine steps, our script's markers, ninja progress.
@@ -48,9 +47,21 @@ def run(
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a short command; on failure raise CommandError with the tail of its output."""
+    log.debug("$ %s", _fmt(argv))
     pipe = subprocess.PIPE if capture else None
-    proc = start(argv, stdin=subprocess.PIPE if input is not None else None, stdout=pipe, stderr=pipe, env=env,
-                 cwd=cwd)
+    try:
+        proc = subprocess.Popen(
+            [str(a) for a in argv],
+            stdin=subprocess.PIPE if input is not None else None,
+            stdout=pipe,
+            stderr=pipe,
+            text=True,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            preexec_fn=_stop_with_parent(),
+        )
+    except FileNotFoundError:
+        raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
     try:
         stdout, stderr = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -66,30 +77,6 @@ def run(
             tail="\n".join(output[-TAIL_LINES:]),
         )
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def replace_process(argv: Argv, env: Mapping[str, str] | None = None) -> None:
-    """Replace builder with the command (an interactive container, a tool's shell); never returns."""
-    log.debug("$ %s", _fmt(argv))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    args = [str(a) for a in argv]
-    try:
-        os.execvpe(args[0], args, dict(env) if env is not None else os.environ)
-    except FileNotFoundError:
-        raise EngineError(f"command not found: {args[0]}", "install it or put it on PATH") from None
-
-
-def start(argv: Argv, *, stdin: int | None = None, stdout: int | None = None, stderr: int | None = None,
-          env: Mapping[str, str] | None = None, cwd: Path | None = None) -> "subprocess.Popen[str]":
-    """Start a command that dies with builder (a server runs until `stop`); the others wait for it."""
-    log.debug("$ %s", _fmt(argv))
-    try:
-        return subprocess.Popen([str(a) for a in argv], stdin=stdin, stdout=stdout, stderr=stderr, text=True,
-                                errors="replace", env=dict(env) if env is not None else None, cwd=cwd,
-                                preexec_fn=_stop_with_parent())
-    except FileNotFoundError:
-        raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -177,12 +164,25 @@ def run_logged(
     cwd: Path | None = None,
 ) -> None:
     """Run a long command, saving all output to `log_path` and showing progress; raise with the tail."""
+    log.debug("$ %s", _fmt(argv))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with open(log_path, "w") as logfile, _Reporter(title) as reporter:
         logfile.write(f"$ {_fmt(argv)}\n")
-        proc = start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                     cwd=cwd)
+        try:
+            proc = subprocess.Popen(
+                [str(a) for a in argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                errors="replace",
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                preexec_fn=_stop_with_parent(),
+            )
+        except FileNotFoundError:
+            raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None
         assert proc.stdout is not None
         try:
             for raw in proc.stdout:
@@ -202,3 +202,28 @@ def run_logged(
             tail="\n".join(tail),
             log=str(log_path),
         )
+
+
+# An engine command that only touches local storage (tag, rm, inspect): past this it hangs, it is not working.
+LOCAL_TIMEOUT = 300
+
+
+def replace_process(argv: Argv, env: Mapping[str, str] | None = None) -> None:
+    """Replace builder with the command (an interactive container, a tool's shell); never returns."""
+    log.debug("$ %s", _fmt(argv))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    args = [str(a) for a in argv]
+    try:
+        os.execvpe(args[0], args, dict(env) if env is not None else os.environ)
+    except FileNotFoundError:
+        raise EngineError(f"command not found: {args[0]}", "install it or put it on PATH") from None
+
+
+def start_server(argv: Argv) -> "subprocess.Popen[str]":
+    """Start a helper that serves until `stop` (dnsmasq); it dies with builder."""
+    log.debug("$ %s", _fmt(argv))
+    try:
+        return subprocess.Popen([str(a) for a in argv], text=True, preexec_fn=_stop_with_parent())
+    except FileNotFoundError:
+        raise EngineError(f"command not found: {argv[0]!s}", "install it or put it on PATH") from None

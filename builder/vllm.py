@@ -215,9 +215,6 @@ class Vllm(Flavour):
     def recipe_path(self, target: str) -> Path:
         return recipe_path_for(target, VLLM_RECIPES, "vLLM ")
 
-    def built_variants(self, recipes_dir: Path) -> list[tuple[str, str]]:
-        return [(recipe.target, name) for recipe, name, _ in locked_sections(recipes_dir)]
-
     def plan(self, path: Path, variant: str | None, source_override: str | None, locked: LockedBases,
              epoch: int | None) -> tuple[VllmPlan, SourceTree | None]:
         if source_override is not None:

@@ -14,7 +14,7 @@ from builder.publish import publish
 from builder.registry import Repository
 from conftest import ROOT, run_cli
 
-VERBS = [["plan"], ["render"], ["build"], ["publish"], ["sbom"], ["lock"], ["matrix"], ["run"], ["schema"],
+VERBS = [["plan"], ["render"], ["build"], ["publish"], ["sbom"], ["lock"], ["run"], ["schema"],
          ["pxe", "build"], ["toolbox", "create"], ["toolbox", "enter"], ["toolbox", "rm"]]
 
 
@@ -27,7 +27,7 @@ def test_every_verb_takes_the_flavour(verb: list[str]) -> None:
 
 def test_unknown_flavour_is_one_line_for_every_verb() -> None:
     for verb in (["build", "--target", "cpu"], ["publish", "--target", "cpu", "--registry", "127.0.0.1:9/x"],
-                 ["matrix"], ["toolbox", "create", "--target", "cpu", "--print"]):
+                 ["toolbox", "create", "--target", "cpu", "--print"]):
         proc = run_cli(*verb, "--flavour", "sglang")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.splitlines()[0] == "error: --flavour: unknown flavour 'sglang'"

@@ -107,4 +107,4 @@ class CliEngine:
         run([*self.command(), "tag", "--", ref, new_ref], timeout=LOCAL_TIMEOUT)
 
     def remove(self, ref: str) -> None:
-        run([*self.command(), "rmi", "--force", "--", ref], check=False, timeout=LOCAL_TIMEOUT)
+        run([*self.command(), "rmi", "--force", "--", ref], check=False)

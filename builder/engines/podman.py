@@ -9,7 +9,7 @@ from pathlib import Path
 
 from builder.engines.base import ImageInfo
 from builder.engines.cli import CliEngine
-from builder.run import LOCAL_TIMEOUT, run
+from builder.run import run
 
 # Podman raises these limits in every container by default; a host with lower hard limits (and no
 # CAP_SYS_RESOURCE) makes the OCI runtime fail with "setrlimit: Operation not permitted".
@@ -88,7 +88,7 @@ class PodmanEngine(CliEngine):
             timeout=1800)
 
     def inspect(self, ref: str) -> ImageInfo | None:
-        proc = run(["podman", "image", "inspect", "--", ref], check=False, timeout=LOCAL_TIMEOUT)
+        proc = run(["podman", "image", "inspect", "--", ref], check=False)
         if proc.returncode != 0:
             return None
         data = json.loads(proc.stdout)[0]
