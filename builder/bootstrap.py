@@ -242,8 +242,7 @@ def ensure_base(engine: Engine, spec: ImageBase | BootstrapBase, locked: LockedB
             try:
                 run([*engine.command(), "pull", "--", ref], timeout=1800)
             except CommandError as exc:
-                last = (exc.tail.strip().splitlines() or [exc.message])[-1]
-                raise EngineError(f"cannot pull base image {ref}: {last}",
+                raise EngineError(f"cannot pull base image {ref}: {exc.last_line}",
                                   f"make the registry reachable, or `{engine.name} load` the image from a machine "
                                   "that can pull it") from None
         return ref

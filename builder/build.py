@@ -1,4 +1,9 @@
-"""Orchestrates one image: resolve the recipe and source, render, build, smoke-test, tag."""
+"""The stages every image goes through, whatever its flavour.
+
+load recipe -> plan -> render (pure) -> [policy] -> fetch inputs -> bases -> build -> smoke -> promote.
+A flavour (builder/llama.py, builder/vllm.py) supplies what differs; publish, sbom, pxe build, toolbox
+and run start from `prepare` and `build` here.
+"""
 
 import os
 import secrets
@@ -8,43 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import lock as lockfile
-from builder.bootstrap import LockedBases, ensure_base
-from builder.ccache_store import CcacheStore
+from builder.bootstrap import ensure_base
 from builder.cleanup import forget_image, record_image
 from builder.engines import Engine
 from builder.errors import CommandError, RecipeError, raise_if_stopped
+from builder.flavour import Flavour, Prepared
+from builder.llama import LLAMA_CPP
 from builder.locks import locked
-from builder.models import BuildPlan, placeholders_of
 from builder.paths import cache_subdir
-from builder.plan import LABEL_PREFIX, make_plan
-from builder.recipes import display_path, load_recipe, recipe_path_for
-from builder.render import (
-    fingerprint,
-    floating_tag,
-    image_tag,
-    render_files,
-    stage_apt_files,
-    stage_sdks,
-    stage_source,
-    write_context,
-)
+from builder.plan import LABEL_PREFIX
 from builder.run import run
-from builder.source import SourceTree, resolve, resolve_override
+from builder.vllm import VLLM
 
-
-@dataclass(frozen=True)
-class Prepared:
-    """A plan with its rendered files and fingerprint, and the source tree it needs."""
-
-    plan: BuildPlan
-    tree: SourceTree
-    files: dict[str, bytes]
-    fingerprint: str
-    locked: LockedBases  # builder.lock's package sets of bootstrapped bases
-
-    @property
-    def tag(self) -> str:
-        return image_tag(self.plan, self.fingerprint)
+FLAVOURS: dict[str, Flavour] = {f.name: f for f in (LLAMA_CPP, VLLM)}
 
 
 @dataclass(frozen=True)
@@ -57,15 +38,21 @@ class BuildResult:
     log: Path | None
 
 
-def recipe_file(target: str | None, recipe: Path | None) -> Path:
+def flavour_named(name: str) -> Flavour:
+    if name not in FLAVOURS:
+        raise RecipeError(f"--flavour: unknown flavour {name!r}", f"flavours: {', '.join(FLAVOURS)}")
+    return FLAVOURS[name]
+
+
+def recipe_file(target: str | None, recipe: Path | None, flavour: Flavour = LLAMA_CPP) -> Path:
     if recipe is not None:
         return recipe
     if target:
-        return recipe_path_for(target)
+        return flavour.recipe_path(target)
     raise RecipeError("no recipe chosen", "pass --target NAME (see `builder targets`) or --recipe PATH")
 
 
-def _source_date_epoch() -> int | None:
+def source_date_epoch() -> int | None:
     value = os.environ.get("SOURCE_DATE_EPOCH")
     if value is None:
         return None
@@ -75,34 +62,12 @@ def _source_date_epoch() -> int | None:
 
 
 def prepare(path: Path, variant: str | None = None, source_override: str | None = None,
-            lock: Path = lockfile.LOCK_FILE) -> Prepared:
-    recipe = load_recipe(path)
-    assert recipe.llama_cpp is not None
-    locked = lockfile.locked_bases(lock)
-    tree = resolve_override(source_override) if source_override else resolve(recipe.llama_cpp.source)
-    plan = make_plan(recipe, display_path(path), tree.info, variant=variant,
-                     source_date_epoch=_source_date_epoch(), locked=locked)
-    files = render_files(plan)
-    return Prepared(plan, tree, files, fingerprint(plan, files), locked)
-
-
-def context_dir(plan: BuildPlan) -> Path:
-    return cache_subdir("contexts") / f"{plan.target}-{plan.variant}"
-
-
-def placeholder_pins(plan: BuildPlan) -> list[str]:
-    """Recipe fields that still hold the all-zeros placeholder instead of a checked digest or sha256."""
-    return [p.field for p in placeholders_of(f"variants.{plan.variant}", plan.toolchain, plan.runtime, plan.sdks)]
-
-
-def refuse_placeholders(plan: BuildPlan) -> None:
-    found = placeholder_pins(plan)
-    if found:
-        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        raise RecipeError(f"{plan.recipe}: {found[0]}{more}: placeholder pin (all zeros), never checked; "
-                          "refusing to build",
-                          f"where the registry and vendor sites are reachable, `builder pin --target {plan.target}` "
-                          "reads the real values into the recipe (then run `builder lock`)")
+            lock: Path = lockfile.LOCK_FILE, flavour: Flavour = LLAMA_CPP) -> Prepared:
+    """Load, plan and render one image (nothing is built; only a llama.cpp source may be fetched)."""
+    locked_bases = lockfile.locked_bases(lock)
+    plan, tree = flavour.plan(path, variant, source_override, locked_bases, source_date_epoch())
+    files, fingerprint = flavour.render(plan)
+    return Prepared(flavour, plan, files, fingerprint, locked_bases, path, lock, tree, source_override)
 
 
 def smoke_test(engine: Engine, ref: str) -> str:
@@ -140,55 +105,52 @@ def build_and_promote(engine: Engine, tag: str, floating: str, build_into: Calla
             forget_image(engine.name, scratch)  # else it stays claimed: removed again on the way out
 
 
-def build(prep: Prepared, engine: Engine, *, no_cache: bool = False, ccache: bool = True) -> BuildResult:
-    """Build the image unless one with the same content tag exists; smoke-test it; tag it."""
+def build(prep: Prepared, engine: Engine, *, no_cache: bool = False) -> BuildResult:
+    """Build the image unless one with the same content tag exists; smoke-test it; tag it.
+
+    The flavour's policy runs first (placeholder pins, lock agreement, render-only variants), so every
+    caller of the library gets it."""
+    prep.flavour.check(prep, prep.lock, strict=False)
     # One build per context folder at a time: a second one would rewrite and prune files under the first.
-    context = context_dir(prep.plan)
-    with locked(context.with_name(f"{context.name}.lock"), f"building {prep.plan.target}/{prep.plan.variant}"):
-        return _build(prep, engine, no_cache=no_cache, ccache=ccache)
+    context = prep.context
+    with locked(context.with_name(f"{context.name}.lock"), f"building {prep.name}"):
+        return _build(prep, engine, no_cache=no_cache)
 
 
-def _build(prep: Prepared, engine: Engine, *, no_cache: bool, ccache: bool) -> BuildResult:
+def _build(prep: Prepared, engine: Engine, *, no_cache: bool) -> BuildResult:
     started = time.monotonic()
-    plan, tag = prep.plan, prep.tag
-    existing = None if no_cache else engine.inspect(tag)
+    existing = None if no_cache else engine.inspect(prep.tag)
     if existing is not None:
-        engine.tag(tag, floating_tag(plan))
-        return BuildResult(tag, existing.id, existing.size, False, time.monotonic() - started, None)
+        engine.tag(prep.tag, prep.floating)
+        return BuildResult(prep.tag, existing.id, existing.size, False, time.monotonic() - started, None)
 
-    refuse_placeholders(plan)
-    # The context first: a bad SDK pin or an unreachable vendor repository fails here, before minutes of
-    # bootstrapping or pulling.
-    context = context_dir(plan)
-    write_context(context, plan, prep.files, prep.fingerprint)
-    stage_source(prep.tree.path, context)
-    stage_sdks(plan, context)
-    stage_apt_files(plan, context)
-    ensure_base(engine, plan.toolchain, prep.locked)
-    ensure_base(engine, plan.runtime, prep.locked)
-    log = cache_subdir("logs") / f"{plan.target}-{plan.variant}-{engine.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    # The context and its inputs first: a bad SDK pin or an unreachable vendor repository fails here,
+    # before minutes of bootstrapping or pulling.
+    context = prep.context
+    prep.write(context)
+    service = prep.flavour.fetch(prep, context)
+    for base in prep.flavour.bases(prep):
+        ensure_base(engine, base, prep.locked)
+    name = prep.name.replace("/", "-")
+    log = cache_subdir("logs") / f"{name}-{engine.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     labels = {f"{LABEL_PREFIX}.fingerprint": prep.fingerprint}
 
     def build_into(ref: str) -> None:
-        if ccache:
-            with CcacheStore(cache_subdir("ccache")) as store:
-                engine.build(context, ref, build_args={}, env_args=store.build_args(), labels=labels, log=log,
-                             no_cache=no_cache)
-        else:
-            engine.build(context, ref, build_args={}, labels=labels, log=log, no_cache=no_cache)
+        with service as args:
+            engine.build(context, ref, build_args=args.build_args, env_args=args.env_args, labels=labels, log=log,
+                         no_cache=no_cache)
 
-    build_and_promote(engine, tag, floating_tag(plan), build_into, log)
-    info = engine.inspect(tag)
+    build_and_promote(engine, prep.tag, prep.floating, build_into, log)
+    info = engine.inspect(prep.tag)
     assert info is not None
-    return BuildResult(tag, info.id, info.size, True, time.monotonic() - started, log)
+    return BuildResult(prep.tag, info.id, info.size, True, time.monotonic() - started, log)
 
 
 def image_for_run(engine: Engine, prep: Prepared) -> str:
     """The image `builder run` starts: the exact content tag, else the last build of the target."""
-    for ref in (prep.tag, floating_tag(prep.plan)):
+    for ref in (prep.tag, prep.floating):
         if engine.inspect(ref) is not None:
             return ref
-    raise RecipeError(
-        f"no image for {prep.plan.target}/{prep.plan.variant} in {engine.name}",
-        f"build it first: builder build --target {prep.plan.target} --engine {engine.name}",
-    )
+    flavour = "" if prep.flavour is LLAMA_CPP else f" --flavour {prep.flavour.name}"
+    raise RecipeError(f"no image for {prep.name} in {engine.name}",
+                      f"build it first: builder build{flavour} --target {prep.plan.target} --engine {engine.name}")

@@ -2,9 +2,6 @@
 
 import json
 import logging
-import os
-import shlex
-import shutil
 import signal
 import sys
 import traceback
@@ -13,96 +10,49 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from builder import __version__, cleanup
 from builder import lock as lockfile
-from builder.build import (
-    BuildResult,
-    build,
-    context_dir,
-    image_for_run,
-    prepare,
-    recipe_file,
-    refuse_placeholders,
-)
+from builder.build import BuildResult, build, flavour_named, image_for_run, recipe_file
 from builder.cli_cluster import cluster_app
+from builder.cli_common import (
+    DEFAULT_FLAVOUR,
+    EngineOpt,
+    FlavourOpt,
+    JsonOpt,
+    LockOpt,
+    RecipeOpt,
+    SourceOpt,
+    TargetOpt,
+    VariantOpt,
+    err,
+    prepared,
+)
 from builder.cli_pxe import pxe_app
+from builder.cli_run import EXTRA_ARGS, run, toolbox_app
 from builder.doctor import diagnose
-from builder.engines import ENGINE_CHOICES, get_engine
-from builder.errors import BuilderError, CommandError, RecipeError, Stopped, request_stop
-from builder.hostlib import driver_volumes
-from builder.launch import container_argv
+from builder.engines import get_engine
+from builder.errors import BuilderError, CommandError, Stopped, request_stop
 from builder.listing import target_entries, target_rows
 from builder.matrix import matrix as ci_matrix
-from builder.models import Recipe
 from builder.pin import pin_recipe
 from builder.publish import publish as publish_image
-from builder.recipes import RECIPES_DIR, display_path, load_recipe, select
+from builder.recipes import RECIPES_DIR, display_path, select
 from builder.registry import Repository
-from builder.render import plan_document, stage_apt_files, stage_sdks, stage_source, write_context
-from builder.sbom import make_sbom, make_vllm_sbom, read_contents, sbom_bytes
-from builder.targets import Host
-from builder.toolbox import TOOL_CHOICES, Box, Tool, check_tool, exists, pick_tool, run_steps, tool_of
-from builder.vllm import (
-    FLAVOURS,
-    build_vllm,
-    image_for_run_vllm,
-    lock_variant,
-    mount_served_model,
-    prepare_vllm,
-    require_lock,
-    vllm_recipe_path,
-    vllm_shm_flags,
-    write_vllm_context,
-)
-from builder.vllm_models import VllmRecipe
+from builder.sbom import read_contents, sbom_bytes
+from builder.vllm import lock_variant
 
 app = typer.Typer(
-    help="Build llama.cpp inference images (RPC workers and servers) from recipes, for every accelerator.",
+    help="Build llama.cpp and vLLM inference images (RPC workers and servers) from recipes, for every accelerator.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 app.add_typer(pxe_app, name="pxe")
 app.add_typer(cluster_app, name="cluster")
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+app.add_typer(toolbox_app, name="toolbox")
+app.command(context_settings=EXTRA_ARGS)(run)
 _debug = False
-ROLES = ("rpc-worker", "server", "bench", "shell", "smoke", "help")
-VLLM_ROLES = ("serve", "ray-head", "ray-worker", "shell", "smoke", "help")
-# vLLM's workers share tensors through /dev/shm; engines give containers 64 MB by default.
-DEFAULT_SHM = "16g"
-
-TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name: picks recipes/NAME.yaml.")]
-RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Any recipe file instead of --target.")]
-VariantOpt = Annotated[str | None, typer.Option("--variant", help="Variant of the target (default: its first).")]
-SourceOpt = Annotated[
-    str | None,
-    typer.Option("--llama-cpp-source", metavar="PATH_OR_ARCHIVE",
-                 help="A local llama.cpp tree or tar archive instead of the recipe's pinned source."),
-]
-EngineOpt = Annotated[
-    str, typer.Option("--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)}.")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-LockOpt = Annotated[Path, typer.Option("--lock", help="The lock file (default: builder.lock of the project).")]
-FlavourOpt = Annotated[
-    str, typer.Option("--flavour", help=f"What the image serves with: {', '.join(FLAVOURS)} (recipes/vllm/).")
-]
-
-
-def _vllm(flavour: str) -> bool:
-    if flavour not in FLAVOURS:
-        raise RecipeError(f"--flavour: unknown flavour {flavour!r}", f"flavours: {', '.join(FLAVOURS)}")
-    return flavour == "vllm"
-
-
-def _vllm_recipe(target: str | None, recipe: Path | None) -> Path:
-    if recipe is not None:
-        return recipe
-    if target:
-        return vllm_recipe_path(target)
-    raise RecipeError("no recipe chosen", "pass --target NAME (see `builder targets`) or --recipe PATH")
 
 
 @app.callback()
@@ -113,6 +63,7 @@ def _options(
     global _debug
     _debug = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
+    logging.getLogger("builder.progress").setLevel(logging.INFO)  # what the library says it is waiting for
     if version:
         typer.echo(f"builder {__version__}")
         raise typer.Exit()
@@ -135,10 +86,9 @@ def targets(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def schema(flavour: FlavourOpt = "llama.cpp") -> None:
+def schema(flavour: FlavourOpt = DEFAULT_FLAVOUR) -> None:
     """Print the recipe JSON Schema (--flavour vllm: the vLLM recipe's)."""
-    model = VllmRecipe if _vllm(flavour) else Recipe
-    typer.echo(json.dumps(model.model_json_schema(), indent=2))
+    typer.echo(json.dumps(flavour_named(flavour).recipe_model.model_json_schema(), indent=2))
 
 
 @app.command()
@@ -148,39 +98,15 @@ def plan(
     variant: VariantOpt = None,
     llama_cpp_source: SourceOpt = None,
     as_json: JsonOpt = False,
-    flavour: FlavourOpt = "llama.cpp",
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
 ) -> None:
-    """Resolve a recipe into a build plan: bases, pinned source, flags, labels and the image tag."""
-    if _vllm(flavour):
-        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
-        if as_json:
-            typer.echo(json.dumps(vprep.document(), indent=2, sort_keys=True))
-            return
-        v = vprep.plan
-        for key, value in {"recipe": v.recipe, "target": f"{v.target}/{v.variant} (vLLM device {v.device})",
-                           "image": vprep.tag, "base": v.base_ref, "python": v.python,
-                           "vllm": v.vllm_version, "pins": " ".join(v.requirements),
-                           "lock": f"{v.lock_file} ({len(v.lock_pins)} wheels)" if v.lock_file else
-                           "none: render-only"}.items():
-            typer.echo(f"{key:<10} {value}")
-        return
-    prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
-    doc = plan_document(prep.plan, prep.fingerprint)
+    """Resolve a recipe into a build plan: bases, pinned inputs, flags, labels and the image tag."""
+    prep = prepared(flavour, target, recipe, variant, llama_cpp_source)
     if as_json:
-        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        typer.echo(json.dumps(prep.document(), indent=2, sort_keys=True))
         return
-    p = prep.plan
-    lines = {
-        "recipe": p.recipe,
-        "target": f"{p.target}/{p.variant}",
-        "image": prep.tag,
-        "toolchain": p.toolchain_ref,
-        "runtime": p.runtime_ref,
-        "llama.cpp": f"{p.source.locator} ({p.source.identity})",
-        "cmake": " ".join(f"-D{k}={v}" for k, v in p.cmake.items()),
-        "binaries": " ".join(p.binaries),
-    }
-    for key, value in lines.items():
+    for key, value in {"recipe": prep.plan.recipe, "target": prep.name, "image": prep.tag,
+                       **prep.flavour.summary(prep)}.items():
         typer.echo(f"{key:<10} {value}")
 
 
@@ -191,26 +117,17 @@ def render(
     recipe: RecipeOpt = None,
     variant: VariantOpt = None,
     llama_cpp_source: SourceOpt = None,
-    with_source: Annotated[
-        bool, typer.Option(help="Also place the llama.cpp tree and the recipe's SDKs, ready to build.")
-    ] = False,
-    flavour: FlavourOpt = "llama.cpp",
+    with_source: Annotated[bool, typer.Option(
+        help="Also fetch the pinned inputs (llama.cpp: the source tree, SDKs and vendor files into the context; "
+             "vLLM: the locked wheels into the cache), ready to build.")] = False,
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
 ) -> None:
     """Write the build context (Containerfile, scripts, plan.json) without building anything."""
-    if _vllm(flavour):
-        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
-        changed = write_vllm_context(out, vprep)
-        typer.echo(f"rendered {vprep.plan.target}/vllm-{vprep.plan.variant} into {out} "
-                   f"({len(changed)} file(s) changed); image tag {vprep.tag}")
-        return
-    prep = prepare(recipe_file(target, recipe), variant, llama_cpp_source)
-    changed = write_context(out, prep.plan, prep.files, prep.fingerprint)
+    prep = prepared(flavour, target, recipe, variant, llama_cpp_source)
+    changed = prep.write(out)
     if with_source:
-        stage_source(prep.tree.path, out)
-        stage_sdks(prep.plan, out)
-        stage_apt_files(prep.plan, out)
-    typer.echo(f"rendered {prep.plan.target}/{prep.plan.variant} into {out} "
-               f"({len(changed)} file(s) changed); image tag {prep.tag}")
+        prep.flavour.fetch(prep, out)
+    typer.echo(f"rendered {prep.name} into {out} ({len(changed)} file(s) changed); image tag {prep.tag}")
 
 
 def _print_build(result: BuildResult, as_json: bool) -> None:
@@ -237,28 +154,17 @@ def build_cmd(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild even if the image exists.")] = False,
     lock_path: LockOpt = lockfile.LOCK_FILE,
     as_json: JsonOpt = False,
-    flavour: FlavourOpt = "llama.cpp",
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
 ) -> None:
     """Render, build and smoke-test an image; print its reference and digest.
 
     The tag is a hash of everything that determines the image, so an unchanged recipe builds nothing.
     The full build log is saved; its path is printed.
     """
-    if _vllm(flavour):
-        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant, lock_path)
-        require_lock(vprep.plan)
-        chosen = get_engine(engine)
-        err.print(f"building {vprep.tag} with {chosen.name}")
-        _print_build(build_vllm(vprep, chosen, no_cache=no_cache), as_json)
-        return
-    path = recipe_file(target, recipe)
-    prep = prepare(path, variant, llama_cpp_source, lock_path)
-    refuse_placeholders(prep.plan)
-    # The lock pins the shipped recipes; a recipe file of your own or a local llama.cpp tree is development.
-    if llama_cpp_source is None and path.resolve().parent == RECIPES_DIR.resolve():
-        lockfile.require(load_recipe(path), prep.plan.variant, strict=False, path=lock_path)
+    prep = prepared(flavour, target, recipe, variant, llama_cpp_source, lock_path)
+    prep.flavour.check(prep, lock_path, strict=False)  # before the engine is looked for
     chosen = get_engine(engine)
-    err.print(f"building {prep.tag} with {chosen.name} (context {context_dir(prep.plan)})")
+    err.print(f"building {prep.tag} with {chosen.name} (context {prep.context})")
     _print_build(build(prep, chosen, no_cache=no_cache), as_json)
 
 
@@ -273,19 +179,19 @@ def publish(
     sbom: Annotated[bool, typer.Option(help="Attach an SPDX SBOM to the pushed image.")] = True,
     lock_path: LockOpt = lockfile.LOCK_FILE,
     as_json: JsonOpt = False,
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
 ) -> None:
     """Build if needed, push by digest, verify the registry's digest, then tag; skip if already published.
 
-    Tags: an immutable content tag (target-variant-llama<version>-<content hash>) and a floating one
-    (target-variant). Credentials come only from podman's auth.json or docker's config.json
-    (podman login / docker login). The inputs must agree with builder.lock.
+    Tags: an immutable content tag (target-variant-llama<version>-<content hash>; vLLM:
+    target-vllm-variant-vllm<version>-<content hash>) and a floating one (target-variant). Credentials come
+    only from podman's auth.json or docker's config.json (podman login / docker login). The inputs must
+    agree with builder.lock (vLLM: the variant's wheel lock).
     """
     repo = Repository.parse(registry)
-    path = recipe_file(target, recipe)
-    prep = prepare(path, variant, lock=lock_path)
-    lockfile.require(load_recipe(path), prep.plan.variant, strict=True, path=lock_path)
-    chosen = get_engine(engine)
-    result = publish_image(prep, chosen, repo, sbom=sbom)
+    prep = prepared(flavour, target, recipe, variant, lock=lock_path)
+    prep.flavour.check(prep, lock_path, strict=True)  # before the engine is looked for
+    result = publish_image(prep, get_engine(engine), repo, sbom=sbom)
     doc = {"repository": result.repository, "digest": result.digest, "reference": result.reference,
            "tags": list(result.tags), "pushed": result.pushed, "built": result.built, "sbom": result.sbom,
            "seconds": round(result.seconds, 1)}
@@ -308,20 +214,21 @@ def lock(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
     variant: VariantOpt = None,
-    flavour: FlavourOpt = "llama.cpp",
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
     refresh: Annotated[bool, typer.Option(
         "--refresh", help="Resolve every bootstrapped base again (move to the archive's current versions).")] = False,
 ) -> None:
     """Record every pinned input of every image (bases, llama.cpp source, vendor pins) in builder.lock.
 
-    Bootstrapped bases get their full package set (exact versions, suites, .deb sha256s), resolved from
-    the archive's indexes for bases that are new or changed; --refresh resolves all of them again.
-    With --check, change nothing: print one line per disagreement and exit 1 if there is any.
+    Bootstrapped bases of both flavours get their full package set (exact versions, suites, .deb sha256s),
+    resolved from the archive's indexes for bases that are new or changed; --refresh resolves all of them again.
+    With --check, change nothing: print one line per disagreement (builder.lock, and stale vLLM wheel locks)
+    and exit 1 if there is any.
     With --flavour vllm --target T: resolve that vLLM recipe's requirements for the image's Python and
-    write its lock beside it (exact versions + sha256, installed with pip's --require-hashes).
+    write its wheel lock beside it (exact versions + sha256, installed with pip's --require-hashes).
     """
-    if _vllm(flavour):
-        path, pinned = lock_variant(_vllm_recipe(target, recipe), variant)
+    if flavour_named(flavour).name == "vllm" and not check:
+        path, pinned = lock_variant(recipe_file(target, recipe, flavour_named(flavour)), variant)
         typer.echo(f"locked {len(pinned.pins)} packages into {display_path(path)}")
         return
     if check:
@@ -381,118 +288,21 @@ def sbom(
     variant: VariantOpt = None,
     engine: EngineOpt = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
-    flavour: FlavourOpt = "llama.cpp",
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
 ) -> None:
     """Write the SPDX 2.3 SBOM of the built image: its OS (from its os-release) and packages, its Python
     packages, llama.cpp or vLLM, SDK wheels and vendor .debs."""
     chosen = get_engine(engine)
-    if _vllm(flavour):
-        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
-        ref = image_for_run_vllm(chosen, vprep)
-        info = chosen.inspect(ref)
-        assert info is not None
-        data = sbom_bytes(make_vllm_sbom(vprep.plan, ref, info.id, read_contents(chosen, ref)))
-    else:
-        prep = prepare(recipe_file(target, recipe), variant)
-        ref = image_for_run(chosen, prep)
-        info = chosen.inspect(ref)
-        assert info is not None
-        data = sbom_bytes(make_sbom(prep.plan, ref, info.id, read_contents(chosen, ref)))
+    prep = prepared(flavour, target, recipe, variant)
+    ref = image_for_run(chosen, prep)
+    info = chosen.inspect(ref)
+    assert info is not None
+    data = sbom_bytes(prep.flavour.sbom(prep, ref, info.id, read_contents(chosen, ref)))
     if out is None:
         sys.stdout.write(data.decode())
     else:
         out.write_bytes(data)
         err.print(f"wrote {out}")
-
-
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False}
-)
-def run(
-    role: Annotated[str, typer.Argument(help="rpc-worker, server, bench, shell or smoke; vLLM: serve, ray-head, "
-                                             "ray-worker, shell or smoke.")],
-    args: Annotated[list[str] | None, typer.Argument(help="Arguments for the role.")] = None,
-    target: TargetOpt = None,
-    recipe: RecipeOpt = None,
-    variant: VariantOpt = None,
-    engine: EngineOpt = "auto",
-    image: Annotated[str | None, typer.Option(help="Run this image reference instead.")] = None,
-    name: Annotated[str | None, typer.Option(help="Container name.")] = None,
-    detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
-    print_only: Annotated[bool, typer.Option("--print", help="Print the engine command, run nothing.")] = False,
-    env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the container (repeatable).")] = None,
-    flavour: FlavourOpt = "llama.cpp",
-    shm_size: Annotated[str, typer.Option(
-        "--shm-size", help="vLLM: size of /dev/shm (e.g. 16g), or `host` to share the host's IPC namespace.")
-    ] = DEFAULT_SHM,
-    driver_dir: Annotated[list[Path] | None, typer.Option(
-        "--driver-dir", help="A folder to take the variant's host driver libraries from before the host's own "
-        "library folders (e.g. Intel's NPU driver unpacked with dpkg-deb -x).")] = None,
-) -> None:
-    """Run an image in a role on the host network (model files given with --model are mounted).
-
-    Options go before ROLE; everything after ROLE is passed to the role.
-    Example: builder run --target cpu rpc-worker --host 10.0.0.5 --port 50052
-    vLLM images (--flavour vllm) get a 16 GB /dev/shm (--shm-size); a host model folder given as
-    `serve PATH` is mounted read-only under /models.
-    """
-    is_vllm = _vllm(flavour)
-    driver_dirs = tuple(driver_dir or ())
-    for folder in driver_dirs:
-        if not folder.is_dir():
-            raise RecipeError(f"--driver-dir {folder}: no such folder", "pass the folder that holds the driver's "
-                              "libraries, e.g. usr/lib/x86_64-linux-gnu of the unpacked .debs")
-    roles = VLLM_ROLES if is_vllm else ROLES
-    if role not in roles:
-        raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(roles)}")
-    chosen = get_engine(engine)
-    host = Host()
-    extra_flags: tuple[str, ...] = ()
-    if is_vllm:
-        shm_flags = vllm_shm_flags(shm_size)
-        args, volumes = mount_served_model(role, list(args or []))
-        extra_flags = (*shm_flags, *(flag for volume in volumes for flag in ("--volume", volume)))
-    if image is None and is_vllm:
-        vprep = prepare_vllm(_vllm_recipe(target, recipe), variant)
-        image = image_for_run_vllm(chosen, vprep)
-        entry, variant_entry = select(vprep.plan.target, vprep.plan.variant)
-        host = variant_entry.host
-    elif image is None:
-        prep = prepare(recipe_file(target, recipe), variant)
-        image = image_for_run(chosen, prep)
-        entry, variant_entry = select(prep.plan.target, prep.plan.variant)
-        host = variant_entry.host
-        _warn_missing(host, entry.name, driver_dirs)
-    elif target is not None:
-        # Another image of the target (--image): it still gets the variant's run contract.
-        entry, variant_entry = select(target, variant, variant_from_cli=variant is not None)
-        host = variant_entry.host
-        _warn_missing(host, entry.name, driver_dirs)
-    for item in env or []:
-        # KEY alone passes builder's own value through (kept out of the command line, e.g. a secret)
-        if "=" not in item and item not in os.environ:
-            raise RecipeError(f"--env {item!r}: expected KEY=VALUE, or KEY set in this environment")
-    env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
-    argv = container_argv(chosen, image, role, list(args or []), name=name, detach=detach,
-                          run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *extra_flags))
-    if print_only:
-        typer.echo(" ".join(argv))
-        return
-    logging.getLogger("builder").debug("$ %s", " ".join(argv))
-    sys.stdout.flush()
-    os.execvp(argv[0], argv)
-
-
-def _warn_missing(host: Host, target: str, driver_dirs: tuple[Path, ...] = ()) -> None:
-    """One warning per part of the run contract this host lacks (the container starts without it)."""
-    missing = [d for d in host.devices if not Path(d).exists()]
-    if missing:
-        err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {target}`")
-    if host.driver:
-        _, absent = driver_volumes(host.driver, driver_dirs)
-        if absent:
-            err.print(f"warning: {host.driver.name} ({', '.join(absent)}) not found on this host, so the "
-                      f"container cannot use the device; see `builder doctor --target {target}`")
 
 
 @app.command()
@@ -517,128 +327,6 @@ def doctor(
     typer.echo(f"doctor: {sum(c.ok for c in checks)} ok, {failed} failing, {warned} warning(s)")
     if failed:
         raise typer.Exit(1)
-
-
-toolbox_app = typer.Typer(
-    help="An image as an interactive container with your home folder: Toolbx, distrobox or plain podman.",
-    no_args_is_help=True,
-)
-app.add_typer(toolbox_app, name="toolbox")
-
-ToolOpt = Annotated[str, typer.Option("--tool", help=f"{', '.join(TOOL_CHOICES)} (auto: toolbox, then distrobox, "
-                                      "then podman).")]
-BoxNameOpt = Annotated[str | None, typer.Option("--name", help="Container name (default builder-TARGET-VARIANT).")]
-PrintOpt = Annotated[bool, typer.Option("--print", help="Print the commands, run nothing.")]
-
-
-def _box(tool: str, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
-         image: str | None = None, need_image: bool = False) -> Box:
-    box = _resolve_box(pick_tool(tool), target, recipe, variant, name, image, need_image)
-    if tool == "auto" and not need_image and shutil.which("podman"):
-        # enter and rm go through the tool that made the container, whatever is installed now.
-        made_by = tool_of(box.name)
-        if made_by is not None and made_by is not box.tool:
-            box = Box(made_by, box.name, box.image, box.host)
-    return box
-
-
-def _resolve_box(chosen: Tool, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
-                 image: str | None, need_image: bool) -> Box:
-    if target is None and recipe is None:
-        if name is None or (need_image and image is None):
-            raise RecipeError("no target chosen", "pass --target NAME, or --name (and --image for create)")
-        return Box(chosen, name, image or "")
-    # The run contract comes from the target table; the recipe is read only when its image is needed.
-    entry, variant_entry = select(load_recipe(recipe).target if recipe else str(target), variant,
-                                  variant_from_cli=variant is not None)
-    box = Box(chosen, name or f"builder-{entry.name}-{variant_entry.name}", image or "", variant_entry.host)
-    if need_image and image is None:
-        prep = prepare(recipe_file(target, recipe), variant_entry.name)
-        box = Box(chosen, box.name, image_for_run(box.engine, prep), box.host)
-    _warn_missing(box.host, entry.name)
-    return box
-
-
-def _require_box(box: Box, hint: str) -> None:
-    """The tool works and the container is there (what enter and rm need before running anything)."""
-    check_tool(box.tool)
-    if not exists(box):
-        raise RecipeError(f"no container {box.name}", hint)
-
-
-def _steps(box: Box, steps: list[list[str]], print_only: bool) -> None:
-    env = box.tool_env()
-    if print_only:
-        prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
-        for argv in steps:
-            typer.echo(prefix + shlex.join(argv))
-        return
-    run_steps(steps, env)
-
-
-@toolbox_app.command("create")
-def toolbox_create(
-    target: TargetOpt = None,
-    recipe: RecipeOpt = None,
-    variant: VariantOpt = None,
-    name: BoxNameOpt = None,
-    image: Annotated[str | None, typer.Option(help="Use this image reference instead of the target's.")] = None,
-    tool: ToolOpt = "auto",
-    print_only: PrintOpt = False,
-) -> None:
-    """Create a toolbox container from a target's image, with the variant's devices, groups and environment.
-
-    Toolbx and distrobox share /dev and run privileged; plain podman gets the same flags as `builder run`.
-    """
-    box = _box(tool, target, recipe, variant, name, image, need_image=True)
-    if not print_only:
-        check_tool(box.tool)
-        if exists(box):
-            raise RecipeError(f"container {box.name} already exists",
-                              f"enter it with `builder toolbox enter --name {box.name}`, or remove it first "
-                              f"with `builder toolbox rm --name {box.name} --tool {box.tool}`")
-    _steps(box, box.create(), print_only)
-
-
-@toolbox_app.command(
-    "enter", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                               "allow_interspersed_args": False}
-)
-def toolbox_enter(
-    command: Annotated[list[str] | None, typer.Argument(help="A command to run instead of a login shell.")] = None,
-    target: TargetOpt = None,
-    recipe: RecipeOpt = None,
-    variant: VariantOpt = None,
-    name: BoxNameOpt = None,
-    tool: ToolOpt = "auto",
-    print_only: PrintOpt = False,
-) -> None:
-    """Enter a toolbox container: a login shell, or the command after `--`.
-
-    Example: builder toolbox enter --target cpu -- llama-cli --version
-    """
-    box = _box(tool, target, recipe, variant, name)
-    if not print_only:
-        create = f"builder toolbox create --target {target}" if target else "builder toolbox create"
-        _require_box(box, f"create it first: {create}")
-    tty = sys.stdin.isatty() and sys.stdout.isatty()
-    _steps(box, box.enter(list(command or []), tty), print_only)
-
-
-@toolbox_app.command("rm")
-def toolbox_rm(
-    target: TargetOpt = None,
-    recipe: RecipeOpt = None,
-    variant: VariantOpt = None,
-    name: BoxNameOpt = None,
-    tool: ToolOpt = "auto",
-    print_only: PrintOpt = False,
-) -> None:
-    """Remove a toolbox container (stopping it first); the image stays."""
-    box = _box(tool, target, recipe, variant, name)
-    if not print_only:
-        _require_box(box, "`podman ps --all` lists the containers")
-    _steps(box, box.remove(), print_only)
 
 
 def _report(exc: BuilderError) -> None:

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Annotated
@@ -10,10 +9,12 @@ from typing import Annotated
 import typer
 
 from builder.artifacts import pull_netboot, push_netboot
-from builder.build import build, prepare, recipe_file
+from builder.build import build, flavour_named, prepare, recipe_file
 from builder.cleanup import remove_path
-from builder.engines import ENGINE_CHOICES, get_engine
-from builder.errors import EngineError, Stopped
+from builder.cli_common import EngineOpt, FlavourOpt
+from builder.engines import get_engine
+from builder.errors import Stopped
+from builder.llama import LLAMA_CPP
 from builder.locks import lock_file, locked
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
 from builder.netboot.inventory import load_inventory
@@ -22,21 +23,22 @@ from builder.netboot.publish import generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
 from builder.recipes import select
 from builder.registry import Repository
+from builder.run import start_server, stop
 
 pxe_app = typer.Typer(help="Netboot compute nodes: build boot artifacts, publish generations, serve them.",
                       no_args_is_help=True)
 
 RootOpt = Annotated[Path, typer.Option("--root", help="The pxe-root folder the control node serves.")]
-EngineOpt = Annotated[str, typer.Option("--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)}.")]
 CompressionOpt = Annotated[str, typer.Option(help="squashfs compression: zstd, zstd:LEVEL, xz, gzip, lz4, lzo.")]
 
 
 def _artifacts(engine_name: str, target: str, variant: str | None, compression: str,
-               out: Path | None = None) -> tuple[Path, dict[str, object]]:
+               out: Path | None = None, flavour: str = LLAMA_CPP.name) -> tuple[Path, dict[str, object]]:
     spec = kernel_spec(target)
     squash = Squash.parse(compression)
     engine = get_engine(engine_name)
-    prep = prepare(recipe_file(target, None), variant)
+    chosen = flavour_named(flavour)
+    prep = prepare(recipe_file(target, None, chosen), variant, flavour=chosen)
     result = build(prep, engine)
     typer.echo(f"image   {result.ref} ({'built' if result.built else 'up to date'})", err=True)
     return build_artifacts(engine, result.ref, prep.plan.target, prep.plan.variant, spec, squash, out)
@@ -50,13 +52,14 @@ def build_cmd(
     compression: CompressionOpt = "zstd",
     out: Annotated[Path | None, typer.Option(help="Write the artifacts here (default: the cache).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    flavour: FlavourOpt = LLAMA_CPP.name,
 ) -> None:
     """Make the netboot flavour of a target's image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS, manifest.json.
 
     The image is built first if needed. The kernel comes from Debian's packages (suite per target);
     the root is the image's filesystem plus node-init and the accelerator's modules and firmware.
     """
-    folder, manifest = _artifacts(engine, target, variant, compression, out)
+    folder, manifest = _artifacts(engine, target, variant, compression, out, flavour)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
         return
@@ -143,10 +146,7 @@ def serve_cmd(
     helper = None
     if dnsmasq:
         assert config is not None
-        try:
-            helper = subprocess.Popen(["dnsmasq", "--keep-in-foreground", f"--conf-file={config}"])
-        except FileNotFoundError:
-            raise EngineError("dnsmasq is not installed", "apt-get install dnsmasq-base") from None
+        helper = start_server(["dnsmasq", "--keep-in-foreground", f"--conf-file={config}"])
     typer.echo(f"serving {root.resolve()} on http://{address}:{http_port}/ (boot script /current/boot.ipxe)"
                + (f"; dnsmasq config {config}" if config else ""), err=True)
     try:
@@ -156,8 +156,7 @@ def serve_cmd(
     finally:
         server.server_close()
         if helper is not None:
-            helper.terminate()
-            helper.wait(timeout=10)
+            stop(helper)
 
 
 @pxe_app.command()

@@ -151,8 +151,7 @@ def resolve(spec: BootstrapBase, arch: str, preferences: str = "") -> list[Locke
         try:
             apt("apt-get", "update", "--error-on=any", timeout=900)
         except CommandError as exc:
-            last = (exc.tail.strip().splitlines() or [exc.message])[-1]
-            raise LockError(f"cannot read the package index of {where}: {last}",
+            raise LockError(f"cannot read the package index of {where}: {exc.last_line}",
                             "check the suite, components and mirror of the base, and that the mirror is reachable"
                             ) from None
         merged_usr = run(["apt-cache", "show", "--no-all-versions", "--", "usr-is-merged"], env=apt.env,
@@ -168,8 +167,7 @@ def resolve(spec: BootstrapBase, arch: str, preferences: str = "") -> list[Locke
             try:
                 new = apt.installs(status, *patterns)
             except CommandError as exc:
-                last = (exc.tail.strip().splitlines() or [exc.message])[-1]
-                raise LockError(f"packages of the {spec.suite} base cannot be installed together: {last}",
+                raise LockError(f"packages of the {spec.suite} base cannot be installed together: {exc.last_line}",
                                 "check the base's packages against the suite (apt-cache policy NAME)") from None
             chosen.update(new)
             text = apt("apt-cache", "show", "--", *(f"{n}={v}" for n, v in sorted(new.items())))

@@ -40,6 +40,11 @@ class CommandError(BuilderError):
         self.tail = tail
         self.log = log
 
+    @property
+    def last_line(self) -> str:
+        """The command's last line of output (usually its error), else the message."""
+        return (self.tail.strip().splitlines() or [self.message])[-1]
+
 
 class RegistryError(BuilderError):
     """A registry refused, failed or could not be reached; nothing is recorded as published."""

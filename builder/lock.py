@@ -13,8 +13,8 @@ install exactly these versions (builder/bootstrap.py).
 """
 
 import json
+import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ from pydantic import ValidationError
 from builder import PROJECT_ROOT
 from builder.bootstrap import apt_preferences, base_inputs, host_arch, lock_name
 from builder.debian import resolve
-from builder.errors import LockError
+from builder.errors import LockError, RecipeError
 from builder.models import BootstrapBase, ImageBase, LockedBase, Recipe
 from builder.plan import runtime_base
 from builder.recipes import RECIPES_DIR, SHARED_PIN, display_path, load_recipe
+from builder.vllm import load_vllm_recipe, locked_sections, read_lock
 
 LOCK_FILE = PROJECT_ROOT / "builder.lock"
 LOCK_VERSION = 1
@@ -73,21 +74,15 @@ def used_bases(recipes_dir: Path = RECIPES_DIR) -> dict[str, tuple[BootstrapBase
     """lock name -> (base, the first image that uses it) for every bootstrapped base an image is built on.
 
     vLLM variants count when they have their wheel lock: the others are render-only and never bootstrap."""
-    from builder.vllm import load_vllm_recipe, lock_path  # the vLLM flavour builds on this module's callers
-
     found: dict[str, tuple[BootstrapBase, str]] = {}
     for _, recipe, variant in built_images(recipes_dir):
         for stage, base in image_bases(recipe, variant):
             if isinstance(base, BootstrapBase):
                 found.setdefault(lock_name(base), (base, f"{recipe.target}/{variant} {stage}"))
-    for path in sorted((recipes_dir / "vllm").glob("*.yaml")):
-        vrecipe = load_vllm_recipe(path)
-        for name, section in vrecipe.variants.items():
-            if not lock_path(path, name, section).is_file():
-                continue
-            for stage, vbase in (("base", section.base), ("toolchain", section.toolchain)):
-                if isinstance(vbase, BootstrapBase):
-                    found.setdefault(lock_name(vbase), (vbase, f"vllm {vrecipe.target}/{name} {stage}"))
+    for vrecipe, name, section in locked_sections(recipes_dir):
+        for stage, vbase in (("base", section.base), ("toolchain", section.toolchain)):
+            if isinstance(vbase, BootstrapBase):
+                found.setdefault(lock_name(vbase), (vbase, f"vllm {vrecipe.target}/{name} {stage}"))
     return dict(sorted(found.items()))
 
 
@@ -98,7 +93,7 @@ def compute_bases(recipes_dir: Path, previous: dict[str, Any], *, refresh: bool)
         if name in previous and not refresh:
             out[name] = previous[name]
             continue
-        print(f"resolving the {base.suite} base of {user} ({name}) …", file=sys.stderr, flush=True)
+        logging.getLogger("builder.progress").info("resolving the %s base of %s (%s) …", base.suite, user, name)
         resolved = resolve(base, host_arch(), apt_preferences(base))
         out[name] = LockedBase(inputs=base_inputs(base), resolved=resolved).model_dump(mode="json")
     return out
@@ -221,6 +216,12 @@ def check(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR) -> list[str]:
         base, user = used[name]
         lines.append(f"{where}: bases.{name}: not in the lock (the {base.suite} base of {user})")
     lines += [f"{where}: bases.{name}: in the lock, but no recipe uses it" for name in sorted(set(have) - set(used))]
+    for path in sorted((recipes_dir / "vllm").glob("*.yaml")):  # vLLM wheel locks made from other inputs
+        for name, section in load_vllm_recipe(path).variants.items():
+            try:
+                read_lock(path, name, section)
+            except RecipeError as exc:
+                lines.append(exc.message)
     return lines
 
 

@@ -4,9 +4,9 @@ a killed run never leaves one held.
 """
 
 import fcntl
+import logging
 import os
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +30,7 @@ def locked(path: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another builder {what} (lock {path})", file=sys.stderr, flush=True)
+            logging.getLogger("builder.progress").info("waiting for another builder %s (lock %s)", what, path)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

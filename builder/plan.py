@@ -10,8 +10,17 @@ from builder.targets import COMMON_CMAKE, TOOLBOX_PACKAGES
 LABEL_PREFIX = "dev.builder"
 
 
-def _created(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def image_labels(title: str, description: str, source: str, revision: str, version: str, epoch: int,
+                 target: str, variant: str, own: dict[str, str], recipe: dict[str, str]) -> dict[str, str]:
+    """The labels every image carries (OCI, builder's, Toolbx's), the flavour's own, then the recipe's."""
+    created = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "org.opencontainers.image.title": title, "org.opencontainers.image.description": description,
+        "org.opencontainers.image.source": source, "org.opencontainers.image.revision": revision,
+        "org.opencontainers.image.version": version, "org.opencontainers.image.created": created,
+        f"{LABEL_PREFIX}.target": target, f"{LABEL_PREFIX}.variant": variant, **own,
+        "com.github.containers.toolbox": "true", **recipe,
+    }
 
 
 def runtime_base(spec: ImageBase | BootstrapBase) -> ImageBase | BootstrapBase:
@@ -32,28 +41,19 @@ def make_plan(
     locked: LockedBases | None = None,
 ) -> BuildPlan:
     """`locked`: builder.lock's package sets of bootstrapped bases; a locked base is named by its packages."""
-    target, chosen, section = choose_variant(recipe, variant, recipe_path)
+    target, chosen, section = choose_variant(recipe.target, recipe.variants, variant, recipe_path)
     assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
     runtime = runtime_base(section.base.runtime)
     cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake, **section.cmake}
     # Shown by `--version` of every binary, so a node tells which source it runs.
     cmake["LLAMA_BUILD_COMMIT"] = source.identity.split(":")[-1][:12]
-    labels = {
-        "org.opencontainers.image.title": f"builder {target.name}/{chosen.name}",
-        "org.opencontainers.image.description": recipe.description or target.description,
-        "org.opencontainers.image.source": source.locator,
-        "org.opencontainers.image.revision": source.identity,
-        "org.opencontainers.image.version": source.version,
-        "org.opencontainers.image.created": _created(
-            source.epoch if source_date_epoch is None else source_date_epoch
-        ),
-        f"{LABEL_PREFIX}.target": target.name,
-        f"{LABEL_PREFIX}.variant": chosen.name,
-        f"{LABEL_PREFIX}.llama-cpp.ref": source.locator,
-        **{f"{LABEL_PREFIX}.sdk.{name}": f"{sdk.file} sha256:{sdk.sha256}" for name, sdk in section.sdks.items()},
-        "com.github.containers.toolbox": "true",
-        **recipe.labels,
-    }
+    labels = image_labels(
+        f"builder {target.name}/{chosen.name}", recipe.description or target.description, source.locator,
+        source.identity, source.version, source.epoch if source_date_epoch is None else source_date_epoch,
+        target.name, chosen.name,
+        {f"{LABEL_PREFIX}.llama-cpp.ref": source.locator,
+         **{f"{LABEL_PREFIX}.sdk.{name}": f"{sdk.file} sha256:{sdk.sha256}" for name, sdk in section.sdks.items()}},
+        recipe.labels)
     return BuildPlan(
         recipe=recipe_path,
         target=target.name,

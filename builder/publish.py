@@ -7,22 +7,22 @@ skipped when it exists.
 """
 
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder.artifacts import push_artifact
-from builder.build import Prepared, build
+from builder.build import build
 from builder.cleanup import temp_dir
 from builder.engines import Engine
 from builder.errors import RegistryError
+from builder.flavour import Prepared
 from builder.oci import LocalImage, read_layout
 from builder.paths import cache_subdir
 from builder.registry import OCI_MANIFEST, RegistryClient, Repository, check_tag
 from builder.sbom import MEDIA_TYPE as SBOM_TYPE
-from builder.sbom import make_sbom, read_contents, sbom_bytes
+from builder.sbom import read_contents, sbom_bytes
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,6 @@ class Published:
     @property
     def reference(self) -> str:
         return f"{self.repository}@{self.digest}"
-
-
-def content_tag(prep: Prepared) -> str:
-    """Immutable: target, variant, llama.cpp version and the content hash of the local image tag."""
-    plan = prep.plan
-    llama = re.sub(r"[^A-Za-z0-9_.-]", "_", plan.source.version)[:40]
-    return check_tag(f"{plan.target}-{plan.variant}-llama{llama}-{prep.fingerprint[:16]}")
-
-
-def floating_tag(prep: Prepared) -> str:
-    return check_tag(f"{prep.plan.target}-{prep.plan.variant}")
 
 
 def sbom_tag(digest: str) -> str:
@@ -100,25 +89,29 @@ def record(result: Published, prep: Prepared) -> Path:
     """Append to the local record of publications; called only after the registry verified the digest."""
     path = cache_subdir("published") / "published.jsonl"
     doc = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "target": prep.plan.target,
-           "variant": prep.plan.variant, "repository": result.repository, "digest": result.digest,
-           "tags": list(result.tags), "sbom": result.sbom, "llama_cpp": prep.plan.source.identity}
+           "variant": prep.plan.variant, "flavour": prep.flavour.name, "repository": result.repository,
+           "digest": result.digest, "tags": list(result.tags), "sbom": result.sbom,
+           "revision": prep.plan.labels["org.opencontainers.image.revision"]}
     with open(path, "a") as f:
         f.write(json.dumps(doc, sort_keys=True) + "\n")
     return path
 
 
 def publish(prep: Prepared, engine: Engine, repo: Repository, *, sbom: bool = True) -> Published:
-    """Build if needed and publish one image; nothing is built or sent when the content tag exists."""
+    """Build if needed and publish one image; nothing is built or sent when the content tag exists.
+
+    The inputs must agree with builder.lock, and the image must have locked inputs (the flavour's rules)."""
     started = time.monotonic()
+    prep.flavour.check(prep, prep.lock, strict=True)
     client = RegistryClient(repo, push=True)
-    immutable, floating = content_tag(prep), floating_tag(prep)
+    floating, immutable = (check_tag(tag) for tag in prep.flavour.publish_tags(prep))
     existing = client.manifest_digest(immutable)
     if existing is not None:
         return Published(str(repo), existing, (immutable,), False, False, None, time.monotonic() - started)
     built = build(prep, engine)
 
     def sbom_document(digest: str) -> bytes:
-        return sbom_bytes(make_sbom(prep.plan, f"{repo}:{immutable}", digest, read_contents(engine, built.ref)))
+        return sbom_bytes(prep.flavour.sbom(prep, f"{repo}:{immutable}", digest, read_contents(engine, built.ref)))
     digest, attached = push_image(engine, built.ref, client, [floating, immutable],
                                   sbom_document if sbom else None)
     result = Published(str(repo), digest, (floating, immutable), True, built.built, attached,

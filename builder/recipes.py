@@ -2,6 +2,7 @@
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -10,10 +11,11 @@ from pydantic import BaseModel, ValidationError
 
 from builder import PROJECT_ROOT
 from builder.errors import RecipeError
-from builder.models import LlamaCpp, Recipe, VariantRecipe
+from builder.models import LlamaCpp, Recipe
 from builder.targets import TARGETS, Target, Variant, known_targets, why_not
 
 M = TypeVar("M", bound=BaseModel)
+S = TypeVar("S")
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 # The one llama.cpp pin every shipped recipe builds: nodes with different builds fail the RPC handshake.
 SHARED_PIN = RECIPES_DIR / "llama-cpp.yaml"
@@ -55,14 +57,16 @@ def format_validation_error(where: str, err: ValidationError) -> str:
     return f"{where}: {_field_path(tuple(first['loc']))}: {message}{more}"
 
 
-def recipe_path_for(target: str) -> Path:
+def recipe_path_for(target: str, folder: Path | None = None, kind: str = "") -> Path:
+    """FOLDER (default recipes/)/<target>.yaml; `kind` names the flavour's recipes in messages ("vLLM ")."""
+    folder = folder or RECIPES_DIR
     if target not in TARGETS:
         raise RecipeError(f"unknown target {target!r}", f"known targets: {known_targets()}")
-    path = RECIPES_DIR / f"{target}.yaml"
+    path = folder / f"{target}.yaml"
     if not path.is_file():
-        with_recipes = sorted(t for t in TARGETS if (RECIPES_DIR / f"{t}.yaml").is_file())
-        raise RecipeError(f"target {target!r} has no recipe yet: {display_path(path)} is missing",
-                          f"targets with recipes: {', '.join(with_recipes)}")
+        with_recipes = sorted(t for t in TARGETS if (folder / f"{t}.yaml").is_file())
+        raise RecipeError(f"target {target!r} has no {kind}recipe yet: {display_path(path)} is missing",
+                          f"targets with {kind}recipes: {', '.join(with_recipes)}")
     return path
 
 
@@ -113,13 +117,14 @@ def load_recipe(path: Path, shared_pin: Path = SHARED_PIN) -> Recipe:
     return recipe
 
 
-def choose_variant(recipe: Recipe, variant: str | None, where: str) -> tuple[Target, Variant, VariantRecipe]:
+def choose_variant(target: str, sections: Mapping[str, S], variant: str | None, where: str
+                   ) -> tuple[Target, Variant, S]:
     """The variant to build: --variant, else the target's default; it must be in the table and the recipe."""
-    entry, chosen = select(recipe.target, variant, where, variant_from_cli=variant is not None)
-    if chosen.name not in recipe.variants:
+    entry, chosen = select(target, variant, where, variant_from_cli=variant is not None)
+    if chosen.name not in sections:
         raise RecipeError(f"{where}: variants: no {chosen.name!r} section in this recipe yet",
-                          f"this recipe builds: {', '.join(recipe.variants)} (pass --variant)")
-    return entry, chosen, recipe.variants[chosen.name]
+                          f"this recipe builds: {', '.join(sections)} (pass --variant)")
+    return entry, chosen, sections[chosen.name]
 
 
 def select(target: str, variant: str | None, where: str = "", variant_from_cli: bool = False) -> tuple[Target, Variant]:

@@ -444,12 +444,6 @@ class RegistryClient:
             dest.unlink(missing_ok=True)
             raise
 
-    def supports_referrers(self, digest: str) -> bool:
-        def get() -> bool:
-            resp = self.request("GET", f"referrers/{digest}", ok=(200, 404, 400, 405), what="referrers")
-            return resp.status_code == 200 and resp.headers.get("Content-Type", "").startswith(OCI_INDEX)
-        return self.attempt("probing the referrers API", get)
-
 
 def check_manifest(data: bytes, header_type: str, announced: str, ref: str, where: str) -> str:
     """The media type of a manifest the registry sent, after checking it is one; else RegistryError."""

@@ -205,3 +205,27 @@ def run_logged(
             tail="\n".join(tail),
             log=str(log_path),
         )
+
+
+# An engine command that only touches local storage (tag, rm, inspect): past this it hangs, it is not working.
+LOCAL_TIMEOUT = 300
+
+
+def replace_process(argv: Argv, env: Mapping[str, str] | None = None) -> None:
+    """Replace builder with the command (an interactive container, a tool's shell); never returns."""
+    log.debug("$ %s", _fmt(argv))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    args = [str(a) for a in argv]
+    try:
+        os.execvpe(args[0], args, dict(env) if env is not None else os.environ)
+    except FileNotFoundError:
+        raise EngineError(f"command not found: {args[0]}", "install it or put it on PATH") from None
+
+
+def start_server(argv: Argv) -> "subprocess.Popen[str]":
+    """Start a helper that serves until `stop` (dnsmasq); it dies with builder."""
+    log.debug("$ %s", _fmt(argv))
+    proc, held = _start(argv, text=True)
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)  # from here the caller stops it; before, PDEATHSIG would
+    return proc

@@ -236,26 +236,24 @@ def make_sbom(plan: BuildPlan, image: str, digest: str, contents: ImageContents)
                        (f"; shipped: {', '.join(sdk.ship)}" if sdk.ship else "; nothing of it shipped"),
         }, "CONTAINS" if sdk.ship else "BUILD_DEPENDENCY_OF"))
     parts += _vendor_debs(plan.runtime, True) + _vendor_debs(plan.toolchain, False)
-    parts += _os_packages(contents) + _python_packages(contents)
-    created = plan.labels.get("org.opencontainers.image.created", "1970-01-01T00:00:00Z")
-    comment = (f"builder {plan.target}/{plan.variant}; runtime base {plan.runtime_ref}; "
-               f"toolchain base {plan.toolchain_ref}")
-    return _document(f"builder-{plan.target}-{plan.variant}",
-                     f"urn:builder:sbom:{plan.target}:{plan.variant}:{digest}", created,
-                     _image_package(image, digest, comment), parts)
+    comment = f"runtime base {plan.runtime_ref}; toolchain base {plan.toolchain_ref}"
+    return _image_document(plan, plan.variant, image, digest, comment, parts, contents)
 
 
 def make_vllm_sbom(plan: VllmPlan, image: str, digest: str, contents: ImageContents) -> dict[str, Any]:
     """A vLLM image: vLLM and every Python package installed in it, vendor .debs, the OS and its packages."""
-    parts: list[tuple[dict[str, Any], str]] = []
-    parts += _vendor_debs(plan.base, True) + _vendor_debs(plan.toolchain, False)
-    parts += _os_packages(contents) + _python_packages(contents)
+    parts = _vendor_debs(plan.base, True) + _vendor_debs(plan.toolchain, False)
+    comment = f"vLLM {plan.vllm_version} for {plan.device}; base {plan.base_ref}; lock {plan.lock_file or 'none'}"
+    return _image_document(plan, f"vllm-{plan.variant}", image, digest, comment, parts, contents)
+
+
+def _image_document(plan: BuildPlan | VllmPlan, variant: str, image: str, digest: str, comment: str,
+                    parts: list[tuple[dict[str, Any], str]], contents: ImageContents) -> dict[str, Any]:
+    """The document of one image: the recipe's parts, then what the image holds (OS and Python packages)."""
+    parts = parts + _os_packages(contents) + _python_packages(contents)
     created = plan.labels.get("org.opencontainers.image.created", "1970-01-01T00:00:00Z")
-    comment = (f"builder {plan.target}/vllm-{plan.variant}; vLLM {plan.vllm_version} for {plan.device}; "
-               f"base {plan.base_ref}; lock {plan.lock_file or 'none (unlocked)'}")
-    return _document(f"builder-{plan.target}-vllm-{plan.variant}",
-                     f"urn:builder:sbom:{plan.target}:vllm-{plan.variant}:{digest}", created,
-                     _image_package(image, digest, comment), parts)
+    return _document(f"builder-{plan.target}-{variant}", f"urn:builder:sbom:{plan.target}:{variant}:{digest}",
+                     created, _image_package(image, digest, f"builder {plan.target}/{variant}; {comment}"), parts)
 
 
 def sbom_bytes(doc: dict[str, Any]) -> bytes:

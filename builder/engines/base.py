@@ -24,17 +24,8 @@ class Engine(Protocol):
     def available(self) -> str | None:
         """None when usable now, else the reason it is not."""
 
-    def build(
-        self,
-        context: Path,
-        tag: str,
-        *,
-        build_args: dict[str, str],
-        labels: dict[str, str],
-        log: Path,
-        no_cache: bool = False,
-        env_args: dict[str, str] | None = None,
-    ) -> None:
+    def build(self, context: Path, tag: str, *, build_args: dict[str, str], labels: dict[str, str], log: Path,
+              no_cache: bool = False, env_args: dict[str, str] | None = None) -> None:
         """Build context/Containerfile into `tag` on the host network; output goes to `log`.
 
         `env_args` are build arguments whose values go through the engine's environment, never its

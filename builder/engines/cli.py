@@ -7,7 +7,7 @@ from pathlib import Path
 
 from builder.cleanup import forget_container, record_container, temp_path
 from builder.hostlib import driver_volumes
-from builder.run import run, run_logged
+from builder.run import LOCAL_TIMEOUT, run, run_logged
 from builder.targets import Host
 
 
@@ -66,17 +66,8 @@ class CliEngine:
     def _build_env(self) -> dict[str, str] | None:
         return None
 
-    def build(
-        self,
-        context: Path,
-        tag: str,
-        *,
-        build_args: dict[str, str],
-        labels: dict[str, str],
-        log: Path,
-        no_cache: bool = False,
-        env_args: dict[str, str] | None = None,
-    ) -> None:
+    def build(self, context: Path, tag: str, *, build_args: dict[str, str], labels: dict[str, str], log: Path,
+              no_cache: bool = False, env_args: dict[str, str] | None = None) -> None:
         argv = [*self.command(), "build", *self.container_flags(), "--network", "host",
                 "-f", str(context / "Containerfile"), "-t", tag]
         for key, value in build_args.items():
@@ -101,7 +92,7 @@ class CliEngine:
         container = record_container(self.name, f"builder-export-{secrets.token_hex(6)}")
         partial = temp_path(tarball.parent)
         try:
-            run([*self.command(), "create", "--name", container, "--", ref])
+            run([*self.command(), "create", "--name", container, "--", ref], timeout=LOCAL_TIMEOUT)
             run([*self.command(), "export", "-o", str(partial), "--", container], timeout=1800)
             os.replace(partial, tarball)
         finally:
@@ -110,10 +101,10 @@ class CliEngine:
             forget_container(self.name, container)
 
     def remove_container(self, name: str) -> None:
-        run([*self.command(), "rm", "--force", "--", name], check=False)
+        run([*self.command(), "rm", "--force", "--", name], check=False, timeout=LOCAL_TIMEOUT)
 
     def tag(self, ref: str, new_ref: str) -> None:
-        run([*self.command(), "tag", "--", ref, new_ref])
+        run([*self.command(), "tag", "--", ref, new_ref], timeout=LOCAL_TIMEOUT)
 
     def remove(self, ref: str) -> None:
         run([*self.command(), "rmi", "--force", "--", ref], check=False)

@@ -2,10 +2,12 @@
 
 import gzip
 import lzma
-import subprocess
 from pathlib import Path
 
-from builder.errors import EngineError
+from builder.cleanup import temp_dir
+from builder.errors import CommandError, EngineError
+from builder.paths import cache_subdir
+from builder.run import run
 
 _SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 
@@ -66,11 +68,12 @@ def module_bytes(path: Path) -> bytes:
     if path.name.endswith(".xz"):
         return lzma.decompress(data)
     if path.name.endswith(".zst"):
-        proc = subprocess.run(["zstd", "-dc", "--", str(path)], capture_output=True, check=False)
-        if proc.returncode != 0:
-            raise EngineError(f"cannot decompress {path}: {proc.stderr.decode(errors='replace').strip()}",
-                              "apt-get install zstd")
-        return proc.stdout
+        with temp_dir(cache_subdir("netboot")) as tmp:
+            try:
+                run(["zstd", "-d", "-q", "-o", tmp / "module", "--", path], timeout=120)
+            except CommandError as exc:
+                raise EngineError(f"cannot decompress {path}: {exc.last_line[:200]}") from None
+            return (tmp / "module").read_bytes()
     if path.name.endswith(".gz"):
         return gzip.decompress(data)
     return data

@@ -2,7 +2,6 @@
 
 import posixpath
 import shutil
-import subprocess
 import sys
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -10,8 +9,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from builder.errors import EngineError, RecipeError
+from builder.errors import CommandError, EngineError, RecipeError
 from builder.netboot.inventory import Cluster
+from builder.run import run
 
 SERVED = ("/current/", "/blobs/sha256/", "/tftp/")
 
@@ -102,6 +102,7 @@ def check_dnsmasq(config: Path) -> None:
     """dnsmasq's own syntax check of the file (starts nothing)."""
     if not shutil.which("dnsmasq"):
         raise EngineError("dnsmasq is not installed", "apt-get install dnsmasq-base")
-    proc = subprocess.run(["dnsmasq", "--test", f"--conf-file={config}"], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise EngineError(f"dnsmasq rejects {config}: {proc.stderr.strip()}")
+    try:
+        run(["dnsmasq", "--test", f"--conf-file={config}"], timeout=60)
+    except CommandError as exc:
+        raise EngineError(f"dnsmasq rejects {config}: {exc.last_line}") from None
