@@ -55,18 +55,22 @@ app.command(context_settings=EXTRA_ARGS)(run)
 _debug = False
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:  # eager: before click asks for a command
+        typer.echo(f"builder {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="Log every command and show tracebacks.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
 ) -> None:
     global _debug
     _debug = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
     logging.getLogger("builder.progress").setLevel(logging.INFO)  # what the library says it is waiting for
-    if version:
-        typer.echo(f"builder {__version__}")
-        raise typer.Exit()
 
 
 @app.command()

@@ -92,3 +92,9 @@ def test_lock_check_finds_a_stale_vllm_wheel_lock(tmp_path: Path) -> None:
     proc = run_cli("lock", "--check", "--recipes", str(recipes))
     assert proc.returncode == 1
     assert "recipes/vllm/cpu-cpu.lock: stale lock: the recipe's python, requirements or index changed" in proc.stdout
+
+
+def test_version_prints_without_a_command() -> None:
+    from builder import __version__
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout == f"builder {__version__}\n", proc.stderr
