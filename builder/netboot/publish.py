@@ -94,8 +94,18 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
     files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
     kernel, initrd, squash = (files[n]["sha256"] for n in ("vmlinuz", "initrd.img", "root.squashfs"))
     args = [f"initrd={initrd}", "BOOTIF=01-${mac:hexhyp}", f"builder.root={base}/blobs/sha256/{squash}",
-            f"builder.sha256={squash}", f"builder.name={node.name}", f"builder.role={node.role}",
-            f"builder.port={node.role_port}"]
+            f"builder.sha256={squash}", f"builder.size={files['root.squashfs']['size']}",
+            f"builder.name={node.name}", f"builder.role={node.role}", f"builder.port={node.role_port}"]
+    verity = manifest.get("verity")
+    if isinstance(verity, dict):
+        args += [f"builder.verity={verity['root_hash']}", f"builder.verity_salt={verity['salt']}",
+                 f"builder.verity_blocks={verity['data_blocks']}"]
+    cache = cluster.cache_of(node)
+    if cache:
+        args.append(f"builder.cache={cache.device}")
+        if cache.wipe:
+            args.append("builder.cache_wipe=1")
+    args.append(f"builder.ram_share={cluster.ram_share}")
     if node.role == "head":
         workers = [f"{n.address}:{n.role_port}" for n in cluster.nodes if n.role == "rpc-worker"]
         if workers:

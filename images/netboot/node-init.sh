@@ -68,6 +68,23 @@ fetch_model() {
     return 1
 }
 
+# dm-verity fails the read of a corrupted block of the root (the kernel logs it); a cached root with one is
+# dropped from the cache disk and the node reboots to fetch it again.
+check_root() {
+    local ROOT_MODE=ram ROOT_BLOB=""
+    # shellcheck disable=SC1091  # written by the initramfs
+    . /run/builder/root.env 2>/dev/null
+    "$bb" dmesg | grep -q 'verity.*corrupted' || return 0
+    if [ "$ROOT_MODE" = cache ]; then
+        say "the cached root image failed dm-verity while running: dropping ${ROOT_BLOB##*/} and rebooting to fetch it"
+        rm -f "$ROOT_BLOB"
+        sync
+        "$bb" reboot -f
+    fi
+    say "the root image failed dm-verity while running: rebooting to fetch it again"
+    "$bb" reboot -f
+}
+
 start_role() {
     case "$role" in
         rpc-worker)
@@ -110,6 +127,7 @@ while :; do
         for _ in $(seq 1 600); do
             if is_ready 2>/dev/null; then
                 say "$name $role ready on $NODE_IP:$port"
+                say "memory: $(awk '/^MemAvailable:/ { a = $2 } /^MemTotal:/ { t = $2 } END { print "MemAvailable " a " kB of MemTotal " t " kB" }' /proc/meminfo)"
                 break
             fi
             kill -0 "$child" 2>/dev/null || break
@@ -117,6 +135,7 @@ while :; do
         done
         wait "$child"
         say "$role exited with status $?; restarting in 5 s"
+        check_root
     fi
     sleep 5
 done
