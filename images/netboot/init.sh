@@ -108,6 +108,7 @@ fetch_root() {
             say "download of $ROOT_URL failed (attempt $attempt of $RETRIES)"
         elif [ "$got" = "$ROOT_SHA" ]; then
             mv "$image.part" "$image"
+            sync  # a cached blob is on the disk before the node runs anything
             say "root image verified: sha256 $ROOT_SHA"
             [ "$mode" = cache ] && say "cache: stored the root image ($((ROOT_SIZE / 1048576)) MiB)"
             return 0
@@ -155,6 +156,7 @@ if ! open_root; then
     [ "$mode" = cache ] || give_up "the root image failed dm-verity or does not mount"
     say "cached root image sha256 $ROOT_SHA failed dm-verity (a corrupt block): dropping it and fetching it again"
     rm -f "$image"
+    sync
     fetch_root
     open_root || give_up "the root image failed dm-verity or does not mount"
 fi
