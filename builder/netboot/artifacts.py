@@ -23,6 +23,8 @@ from builder.hostlib import find_driver
 from builder.locks import lock_file, locked
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
+    NET_MODULES,
+    ROOT_MODULES,
     KernelSpec,
     busybox,
     fetch_kernel_tree,
@@ -124,7 +126,7 @@ class Squash:
 def _artifact_key(image_id: str, spec: KernelSpec, squash: Squash) -> str:
     scripts = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NODE_SCRIPTS.iterdir())}
     inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "squash": str(squash),
-              "scripts": scripts}
+              "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 

@@ -27,8 +27,9 @@ NET_MODULES = ("virtio_pci", "virtio_net", "e1000", "e1000e", "igb", "igc", "r81
                "mlx5_core", "thunderbolt_net")
 # The root: a squashfs on a loop device, opened through dm-verity, under an overlay; the cache disk: ext4
 # (which mounts the ext2 that busybox's mke2fs writes) on virtio, NVMe or SATA.
-ROOT_MODULES = ("loop", "squashfs", "overlay", "dm_mod", "dm_verity", "ext4", "virtio_blk", "nvme", "ahci",
-                "sd_mod")
+# (ext4 asks the crypto API for crc32c, which no modprobe can load in the initramfs: load it first)
+ROOT_MODULES = ("loop", "squashfs", "overlay", "dm_mod", "dm_verity", "crc32c_generic", "ext4", "virtio_blk",
+                "nvme", "ahci", "sd_mod")
 
 
 @dataclass(frozen=True)
