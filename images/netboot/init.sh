@@ -161,7 +161,8 @@ if ! open_root; then
     open_root || give_up "the root image failed dm-verity or does not mount"
 fi
 [ -n "$VERITY" ] && say "root opened through dm-verity: root hash $VERITY"
-echo "ROOT_MODE=$mode ROOT_BLOB=$image" >/run/builder/root.env
+# node-init looks for dm-verity errors after this point: those of a root dropped above are not its root's
+echo "ROOT_MODE=$mode ROOT_BLOB=$image VERITY_ERRORS=$(dmesg | grep -c 'verity.*corrupted')" >/run/builder/root.env
 mount -t overlay overlay \
     -o lowerdir=/run/builder/lower,upperdir=/run/builder/rw/upper,workdir=/run/builder/rw/work /newroot ||
     give_up "cannot mount the overlay"

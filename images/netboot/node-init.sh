@@ -68,13 +68,25 @@ fetch_model() {
     return 1
 }
 
+# What the node has left for models once it is up (the benchmark reads this line).
+say_memory() {
+    local key value available="" total=""
+    while read -r key value _; do
+        case "$key" in
+            MemTotal:) total=$value ;;
+            MemAvailable:) available=$value ;;
+        esac
+    done </proc/meminfo
+    say "memory: MemAvailable $available kB of MemTotal $total kB"
+}
+
 # dm-verity fails the read of a corrupted block of the root (the kernel logs it); a cached root with one is
 # dropped from the cache disk and the node reboots to fetch it again.
 check_root() {
-    local ROOT_MODE=ram ROOT_BLOB=""
+    local ROOT_MODE=ram ROOT_BLOB="" VERITY_ERRORS=0
     # shellcheck disable=SC1091  # written by the initramfs
     . /run/builder/root.env 2>/dev/null
-    "$bb" dmesg | grep -q 'verity.*corrupted' || return 0
+    [ "$("$bb" dmesg | "$bb" grep -c 'verity.*corrupted')" -gt "$VERITY_ERRORS" ] || return 0
     if [ "$ROOT_MODE" = cache ]; then
         say "the cached root image failed dm-verity while running: dropping ${ROOT_BLOB##*/} and rebooting to fetch it"
         rm -f "$ROOT_BLOB"
@@ -127,7 +139,7 @@ while :; do
         for _ in $(seq 1 600); do
             if is_ready 2>/dev/null; then
                 say "$name $role ready on $NODE_IP:$port"
-                say "memory: $(awk '/^MemAvailable:/ { a = $2 } /^MemTotal:/ { t = $2 } END { print "MemAvailable " a " kB of MemTotal " t " kB" }' /proc/meminfo)"
+                say_memory
                 break
             fi
             kill -0 "$child" 2>/dev/null || break
