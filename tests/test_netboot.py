@@ -169,6 +169,30 @@ def test_head_script_names_the_workers_and_the_model_with_its_hash(tmp_path: Pat
     assert not any(word.startswith("builder.model_sha256=") for word in words)
 
 
+def test_node_scripts_carry_the_verity_root_hash_and_each_nodes_cache(tmp_path: Path) -> None:
+    nodes = [{"name": "n1", "mac": MAC, "target": "cpu", "role": "rpc-worker"},
+             {"name": "n2", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker",
+              "cache": {"device": "/dev/disk/by-id/nvme-Samsung_SSD_990_PRO_2TB_S7x-part3", "wipe": True}},
+             {"name": "n3", "mac": "52:54:00:12:34:58", "target": "cpu", "role": "rpc-worker", "cache": False}]
+    root = tmp_path / "pxe-root"
+    path = inventory(tmp_path, nodes=nodes, cache={"device": "PARTLABEL=builder-cache"}, ram_share=30)
+    folder, manifest = fake_artifacts(tmp_path, "a")
+    manifest["verity"] = {"root_hash": "a" * 64, "salt": "b" * 64, "data_blocks": 9678, "algorithm": "sha256"}
+    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+
+    def words(mac: str) -> list[str]:
+        return (root / "current" / "nodes" / f"{mac.replace(':', '-')}.ipxe").read_text().split()
+
+    first = words(MAC)
+    assert {f"builder.verity={'a' * 64}", f"builder.verity_salt={'b' * 64}", "builder.verity_blocks=9678",
+            "builder.cache=partlabel:builder-cache", "builder.ram_share=30",
+            f"builder.size={len(b'root.squashfs a')}"} <= set(first)
+    assert "builder.cache_wipe=1" not in first
+    second = words("52:54:00:12:34:57")
+    assert "builder.cache=id:nvme-Samsung_SSD_990_PRO_2TB_S7x-part3" in second and "builder.cache_wipe=1" in second
+    assert not any(w.startswith("builder.cache") for w in words("52:54:00:12:34:58"))  # cache: false, RAM mode
+
+
 def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:
     root, path = tmp_path / "pxe-root", inventory(tmp_path)
     folder, manifest = fake_artifacts(tmp_path, "a")
