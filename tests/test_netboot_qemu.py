@@ -104,7 +104,7 @@ def test_netbooted_worker_serves_a_head_on_the_host(
         text = console.read_text(errors="replace")
         assert "root image verified: sha256" in text
         # no cache disk: RAM mode, the root still opened through dm-verity
-        assert "root opened through dm-verity: root hash" in text and "cache:" not in text
+        assert "root opened through dm-verity: root hash" in text and "builder-initrd: cache" not in text
         name = f"builder-netboot-head-{head}"
         with container("podman", tmp_path, name, "server", *common, "--port", str(head),
                        "--rpc", f"127.0.0.1:{rpc}", "-ngl", "99", "-lv", "4") as h:
