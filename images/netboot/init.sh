@@ -101,7 +101,10 @@ fetch_root() {
     attempt=1
     while :; do
         rm -f /run/builder/wget.failed
-        [ "$mode" = cache ] && { cache_make_room "$ROOT_SIZE" "$ROOT_SHA" || say "cache: cannot make room"; }
+        if [ "$mode" = cache ] && ! cache_make_room "$ROOT_SIZE" "$ROOT_SHA"; then
+            say "cache: no room for the root image even with every other blob evicted: RAM mode"
+            mode=ram image=/run/builder/root.squashfs
+        fi
         got=$({ wget -q -O - "$ROOT_URL" || : >/run/builder/wget.failed; } | tee "$image.part" | sha256sum)
         got=${got%% *}
         if [ -f /run/builder/wget.failed ]; then
