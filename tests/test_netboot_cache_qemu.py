@@ -15,6 +15,7 @@ import pytest
 from test_netboot_qemu import BOOT_SECONDS, MAC, artifacts, published
 
 from conftest import free_port
+from containers import container
 from qemu import gpt_disk, node, wait_for
 
 pytestmark = pytest.mark.engine
@@ -24,7 +25,7 @@ WORKER = [{"name": "node1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}]
 
 
 def root_bytes_sent(log: Path, squash: str) -> int:
-    """Bytes of the root blob `pxe serve` has sent so far."""
+    """Bytes of the blob `pxe serve` has sent so far (the root's, or the model's)."""
     text = log.read_text(errors="replace")
     return sum(int(n) for n in re.findall(rf"sent (\d+) bytes of /blobs/sha256/{squash}\b", text))
 
@@ -67,6 +68,7 @@ def test_cache_disk_first_boot_fetches_second_does_not_and_a_corrupt_block_is_re
         assert "cache device /dev/vda1 is empty: formatting it" in first
         assert f"root image verified: sha256 {squash}" in first and "cache: stored the root image" in first
         assert "root opened through dm-verity" in first
+        assert "builder-node: RPC tensor cache on the cache disk (0 files kept)" in first
         assert root_bytes_sent(log, squash) == size
 
         second, second_s = boot(root, tmp_path / "console-2.log", disk)
@@ -87,6 +89,41 @@ def test_cache_disk_first_boot_fetches_second_does_not_and_a_corrupt_block_is_re
         assert third.index("failed dm-verity") < third.index(f"root image verified: sha256 {squash}")
         assert root_bytes_sent(log, squash) == 2 * size  # fetched again, once
     print(f"first boot {first_s:.1f} s, second boot {second_s:.1f} s (root {size} bytes, then 0)")
+
+
+def test_netbooted_head_takes_its_model_from_the_cache_on_its_second_boot(
+    tiny_model: Path, tmp_path: Path, artifacts: dict[str, object]
+) -> None:
+    """The head's model is published by sha256; with a cache disk the first boot keeps it there, and the
+    second boot hashes the cached copy and serves from it without fetching a byte of it."""
+    rpc, http, head = free_port(), free_port(), free_port()
+    nodes: list[dict[str, object]] = [
+        {"name": "head1", "mac": MAC, "target": "cpu", "role": "head"},
+        # Stands for a worker node: a container on the host, which the guest reaches at 10.0.2.2.
+        {"name": "worker1", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker",
+         "address": "10.0.2.2", "port": rpc},
+    ]
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(tiny_model.read_bytes())
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    disk = tmp_path / "disk.img"
+    gpt_disk(disk, 256, "builder-cache")
+    log = tmp_path / "serve.log"
+    ready = r"builder-node: head1 head ready on 10\.0\.2\.15:8080"
+    with published(tmp_path, http, nodes, model=model, cache={"device": "PARTLABEL=builder-cache"}) as root, \
+            container("podman", tmp_path, f"builder-netcache-worker-{rpc}", "rpc-worker", "--host", "127.0.0.1",
+                      "--port", str(rpc)):
+        texts = []
+        for nth in (1, 2):
+            console = tmp_path / f"console-{nth}.log"
+            with node(root / "tftp", MAC, console, forward=(head, 8080), disk=disk) as vm:
+                wait_for(console, ready, vm, BOOT_SECONDS)
+                texts.append(console.read_text(errors="replace"))
+            if nth == 1:
+                assert f"builder-node: model verified: sha256 {digest}" in texts[0]
+                assert root_bytes_sent(log, digest) == model.stat().st_size
+        assert f"builder-node: model from the cache: sha256 {digest} (no download)" in texts[1]
+        assert root_bytes_sent(log, digest) == model.stat().st_size  # nothing more on the second boot
 
 
 def test_foreign_disk_is_left_alone_and_the_node_boots_in_ram(tmp_path: Path,

@@ -23,7 +23,7 @@ give_up() {
 }
 
 ROOT_URL="" ROOT_SHA="" ROOT_SIZE=0 RETRIES=5 BOOTIF="" VERITY="" VERITY_SALT="" VERITY_BLOCKS=0
-CACHE="" CACHE_WIPE=0 RAM_SHARE=50
+CACHE="" CACHE_WIPE=0 RAM_SHARE=50 MODEL_SHA="" MODEL_SIZE=0
 read -r cmdline </proc/cmdline
 for word in $cmdline; do
     case "$word" in
@@ -36,6 +36,8 @@ for word in $cmdline; do
         builder.cache=*) CACHE=${word#*=} ;;
         builder.cache_wipe=*) CACHE_WIPE=${word#*=} ;;
         builder.ram_share=*) RAM_SHARE=${word#*=} ;;
+        builder.model_sha256=*) MODEL_SHA=${word#*=} ;;
+        builder.model_size=*) MODEL_SIZE=${word#*=} ;;
         builder.retries=*) RETRIES=${word#*=} ;;
         BOOTIF=*) BOOTIF=${word#*=} ;;
     esac
@@ -164,8 +166,18 @@ if ! open_root; then
     open_root || give_up "the root image failed dm-verity or does not mount"
 fi
 [ -n "$VERITY" ] && say "root opened through dm-verity: root hash $VERITY"
+# The head's model (published by sha256) is kept on the cache disk too, when room can be made for it.
+model_cache=0
+if [ "$mode" = cache ] && [ ${#MODEL_SHA} -eq 64 ] && [ "$MODEL_SIZE" -gt 0 ]; then
+    if [ -f "$CACHE_DIR/blobs/sha256/$MODEL_SHA" ] || cache_make_room "$MODEL_SIZE" "$MODEL_SHA" "$ROOT_SHA"; then
+        model_cache=1
+    else
+        say "cache: no room for the model ($((MODEL_SIZE / 1048576)) MiB): it goes to RAM"
+    fi
+fi
 # node-init looks for dm-verity errors after this point: those of a root dropped above are not its root's
-echo "ROOT_MODE=$mode ROOT_BLOB=$image VERITY_ERRORS=$(dmesg | grep -c 'verity.*corrupted')" >/run/builder/root.env
+echo "ROOT_MODE=$mode ROOT_BLOB=$image MODEL_CACHE=$model_cache" \
+    "VERITY_ERRORS=$(dmesg | grep -c 'verity.*corrupted')" >/run/builder/root.env
 mount -t overlay overlay \
     -o lowerdir=/run/builder/lower,upperdir=/run/builder/rw/upper,workdir=/run/builder/rw/work /newroot ||
     give_up "cannot mount the overlay"
