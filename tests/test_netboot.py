@@ -157,7 +157,7 @@ def test_head_script_names_the_workers_and_the_model_with_its_hash(tmp_path: Pat
     digest = hashlib.sha256(b"GGUF tiny").hexdigest()
     assert "builder.rpc=10.0.2.20:50052,10.0.2.21:50100" in words and "builder.ctx=512" in words
     assert f"builder.model=http://10.0.2.2:8000/blobs/sha256/{digest}" in words
-    assert f"builder.model_sha256={digest}" in words
+    assert f"builder.model_sha256={digest}" in words and "builder.model_size=9" in words
     assert (root / "blobs" / "sha256" / digest).read_bytes() == b"GGUF tiny"
     worker = (root / "current" / "nodes" / "52-54-00-12-34-57.ipxe").read_text()
     assert "builder.role=rpc-worker" in worker and "builder.model" not in worker
@@ -166,7 +166,7 @@ def test_head_script_names_the_workers_and_the_model_with_its_hash(tmp_path: Pat
     publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
     words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
     assert "builder.model=http://10.0.2.2:9000/m.gguf" in words
-    assert not any(word.startswith("builder.model_sha256=") for word in words)
+    assert not any(word.startswith(("builder.model_sha256=", "builder.model_size=")) for word in words)
 
 
 def test_node_scripts_carry_the_verity_root_hash_and_each_nodes_cache(tmp_path: Path) -> None:
