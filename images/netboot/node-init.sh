@@ -74,6 +74,7 @@ fetch_model() {
             got=$(sha256sum "$dest.part") && got=${got%% *}
             if [ -z "$model_sha256" ] || [ "$got" = "$model_sha256" ]; then
                 mv "$dest.part" "$dest"
+                sync  # on the cache disk, the model survives a power cut from here on
                 [ -n "$model_sha256" ] && say "model verified: sha256 $got" >&2
                 echo "$dest"
                 return 0
