@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Measure netboot of the cpu image: artifact build time and sizes, and power-on -> rpc-worker-ready.
+"""Measure netboot of the cpu image: artifact build time and sizes, power-on -> rpc-worker-ready, and the
+cache disk against RAM mode.
 
-  python bench/bench_netboot.py [--runs 3] [--compressions zstd,zstd:19,xz] [--uefi] [--out bench/results-netboot.json]
+  python bench/bench_netboot.py [--runs 3] [--compressions zstd,zstd:19,xz] [--uefi] [--no-cache]
+                                [--out bench/results-netboot.json]
 
 1. for each squashfs compression: `builder pxe build --target cpu --compression C` into a fresh folder
    (the image export, squashfs and initramfs; the kernel tree is fetched once and cached), with the
@@ -9,6 +11,10 @@
 2. boot: publish one rpc-worker node, serve it on 127.0.0.1, start QEMU (TCG, 2 vCPUs, 1 GiB, BIOS; UEFI
    with --uefi) and time from starting QEMU to the node's "ready" line on the serial console, which it
    prints once ggml-rpc-server accepts connections. Median of --runs boots.
+3. RAM mode against cache mode (unless --no-cache): a node without a disk boots twice; a node with an empty
+   512 MiB virtio disk (PARTLABEL=builder-cache) boots twice, the first boot filling the cache. For each boot:
+   seconds to ready, bytes of the root `pxe serve` sent (from its log), and the node's MemAvailable after
+   the ready line (node-init prints it).
 Uses only QEMU user-mode networking and 127.0.0.1.
 """
 
@@ -16,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -26,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAC = "52:54:00:12:34:56"
+sys.path.insert(0, str(ROOT / "tests"))
+from qemu import gpt_disk  # noqa: E402 - the tests' GPT image maker
 
 
 def builder(*args: str) -> str:
@@ -56,18 +65,25 @@ def build(compression: str, out: Path) -> dict[str, object]:
             "rootfs_mb": round(manifest["rootfs_bytes"] / 1e6, 1), "kernel": manifest["kernel_version"]}
 
 
-def boot_once(tftp: Path, console: Path, uefi: bool, limit: float = 300) -> float:
+def boot_once(tftp: Path, console: Path, uefi: bool, limit: float = 300, disk: Path | None = None,
+              memory_line: bool = False) -> float:
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2", "-display", "none", "-monitor",
             "none", "-no-reboot", "-boot", "n", "-netdev", f"user,id=n0,tftp={tftp},bootfile=boot.ipxe",
             "-device", f"virtio-net-pci,netdev=n0,mac={MAC}", "-serial", f"file:{console}"]
     if uefi:
         argv += ["-bios", "/usr/share/qemu/OVMF.fd"]
+    if disk:
+        argv += ["-drive", f"file={disk},if=none,id=d0,format=raw", "-device", "virtio-blk-pci,drive=d0,serial=c0"]
     started = time.monotonic()
     vm = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        ready = None
         while time.monotonic() - started < limit:
-            if console.exists() and "rpc-worker ready on" in console.read_text(errors="replace"):
-                return time.monotonic() - started
+            text = console.read_text(errors="replace") if console.exists() else ""
+            if ready is None and "rpc-worker ready on" in text:
+                ready = time.monotonic() - started
+            if ready is not None and (not memory_line or "MemAvailable" in text):
+                return ready
             time.sleep(0.25)
         sys.exit(f"no ready line after {limit} s:\n{console.read_text(errors='replace')[-2000:]}")
     finally:
@@ -75,11 +91,58 @@ def boot_once(tftp: Path, console: Path, uefi: bool, limit: float = 300) -> floa
         vm.wait()
 
 
+def root_bytes(log: Path, sha: str) -> int:
+    """Bytes of the root blob `pxe serve` has sent so far (its log has one line per response)."""
+    return sum(int(n) for n in re.findall(rf"sent (\d+) bytes of /blobs/sha256/{sha}\b", log.read_text()))
+
+
+def cache_vs_ram(tmp: Path, runs: int, sha: str) -> dict[str, list[dict[str, object]]]:
+    """Two boots without a disk, two with an empty cache disk; repeated `runs` times (fresh disk each)."""
+    results: dict[str, list[dict[str, object]]] = {"ram": [], "cache": []}
+    for mode in ("ram", "cache"):
+        for run in range(runs):
+            folder = tmp / f"{mode}-{run}"
+            folder.mkdir()
+            port = free_port()
+            inventory = folder / "cluster.yaml"
+            cache = "cache: {device: PARTLABEL=builder-cache}\n" if mode == "cache" else ""
+            inventory.write_text(f"control: {{address: 10.0.2.2, http_port: {port}}}\n"
+                                 f"kernel_args: [console=ttyS0]\n{cache}"
+                                 f"nodes: [{{name: node1, mac: '{MAC}', target: cpu, role: rpc-worker}}]\n")
+            builder("pxe", "publish", "--inventory", str(inventory), "--root", str(folder / "pxe-root"))
+            disk = None
+            if mode == "cache":
+                disk = folder / "disk.img"
+                gpt_disk(disk, 512, "builder-cache")
+            log = folder / "serve.log"
+            with log.open("w") as out:
+                server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root",
+                                           str(folder / "pxe-root"), "--bind", "127.0.0.1"], cwd=ROOT, stdout=out,
+                                          stderr=subprocess.STDOUT)
+                try:
+                    time.sleep(1)
+                    for nth in ("first", "second"):
+                        sent = root_bytes(log, sha)
+                        console = folder / f"console-{nth}.log"
+                        seconds = boot_once(folder / "pxe-root" / "tftp", console, False, disk=disk, memory_line=True)
+                        time.sleep(0.5)
+                        memory = re.search(r"MemAvailable (\d+) kB of MemTotal (\d+) kB", console.read_text())
+                        row = {"boot": nth, "ready_s": round(seconds, 1), "root_bytes": root_bytes(log, sha) - sent,
+                               "mem_available_mb": round(int(memory.group(1)) / 1024) if memory else None}
+                        results[mode].append(row)
+                        print(f"{mode} {run + 1} {nth}: {json.dumps(row)}")
+                finally:
+                    server.terminate()
+                    server.wait()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compressions", default="zstd,zstd:19,xz")
     parser.add_argument("--uefi", action="store_true", help="also time UEFI (OVMF) boots")
+    parser.add_argument("--no-cache", action="store_true", help="skip the RAM-mode against cache-mode boots")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-netboot.json")
     args = parser.parse_args()
 
@@ -96,6 +159,8 @@ def main() -> None:
         server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root", str(tmp / "pxe-root"),
                                    "--bind", "127.0.0.1"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
+        sha = json.loads((tmp / "pxe-root" / "current" / "manifests" / "cpu-cpu.json").read_text()
+                         )["files"]["root.squashfs"]["sha256"]
         boots: dict[str, list[float]] = {}
         try:
             time.sleep(1)
@@ -109,11 +174,13 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
+        modes = {} if args.no_cache else cache_vs_ram(tmp, args.runs, sha)
 
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "builds": builds,
         "boot_to_ready_s": {fw: {"runs": runs, "median": statistics.median(runs)} for fw, runs in boots.items()},
+        "cache_vs_ram": modes,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["boot_to_ready_s"]))

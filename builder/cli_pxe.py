@@ -69,6 +69,9 @@ def build_cmd(
     typer.echo(f"kernel  {manifest['kernel_version']} (Debian {manifest['kernel_suite']})")
     for name, entry in files.items():
         typer.echo(f"{name:<14}{int(str(entry['size'])) / 1e6:8.1f} MB  sha256 {entry['sha256']}")
+    verity = manifest.get("verity")
+    if isinstance(verity, dict):
+        typer.echo(f"verity  root hash {verity['root_hash']} ({verity['data_blocks']} data blocks of 4 KiB)")
 
 
 @pxe_app.command("publish")

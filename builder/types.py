@@ -223,3 +223,19 @@ def _ipv4_network(value: str) -> str:
 
 Ipv4 = Annotated[str, AfterValidator(_ipv4_network)]
 
+
+
+def _cache_device(value: str) -> str:
+    """A cache disk by a stable name, as the node's kernel command line carries it: `partlabel:NAME` for
+    `PARTLABEL=NAME` (a GPT partition name), `id:NAME` for `/dev/disk/by-id/NAME`."""
+    for prefix, kind in (("PARTLABEL=", "partlabel"), ("/dev/disk/by-id/", "id")):
+        if value.startswith(prefix):
+            name = value[len(prefix):]
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}", name):
+                raise ValueError(f"{prefix}NAME: NAME must be letters, digits and _ . : + - (no spaces, no /)")
+            return f"{kind}:{name}"
+    raise ValueError("must be PARTLABEL=NAME (a GPT partition name) or /dev/disk/by-id/NAME: a stable name, "
+                     "never /dev/sdX, which can change from one boot to the next")
+
+
+CacheDevice = Annotated[str, AfterValidator(_cache_device)]

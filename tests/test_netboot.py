@@ -157,7 +157,7 @@ def test_head_script_names_the_workers_and_the_model_with_its_hash(tmp_path: Pat
     digest = hashlib.sha256(b"GGUF tiny").hexdigest()
     assert "builder.rpc=10.0.2.20:50052,10.0.2.21:50100" in words and "builder.ctx=512" in words
     assert f"builder.model=http://10.0.2.2:8000/blobs/sha256/{digest}" in words
-    assert f"builder.model_sha256={digest}" in words
+    assert f"builder.model_sha256={digest}" in words and "builder.model_size=9" in words
     assert (root / "blobs" / "sha256" / digest).read_bytes() == b"GGUF tiny"
     worker = (root / "current" / "nodes" / "52-54-00-12-34-57.ipxe").read_text()
     assert "builder.role=rpc-worker" in worker and "builder.model" not in worker
@@ -166,7 +166,31 @@ def test_head_script_names_the_workers_and_the_model_with_its_hash(tmp_path: Pat
     publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
     words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
     assert "builder.model=http://10.0.2.2:9000/m.gguf" in words
-    assert not any(word.startswith("builder.model_sha256=") for word in words)
+    assert not any(word.startswith(("builder.model_sha256=", "builder.model_size=")) for word in words)
+
+
+def test_node_scripts_carry_the_verity_root_hash_and_each_nodes_cache(tmp_path: Path) -> None:
+    nodes = [{"name": "n1", "mac": MAC, "target": "cpu", "role": "rpc-worker"},
+             {"name": "n2", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker",
+              "cache": {"device": "/dev/disk/by-id/nvme-Samsung_SSD_990_PRO_2TB_S7x-part3", "wipe": True}},
+             {"name": "n3", "mac": "52:54:00:12:34:58", "target": "cpu", "role": "rpc-worker", "cache": False}]
+    root = tmp_path / "pxe-root"
+    path = inventory(tmp_path, nodes=nodes, cache={"device": "PARTLABEL=builder-cache"}, ram_share=30)
+    folder, manifest = fake_artifacts(tmp_path, "a")
+    manifest["verity"] = {"root_hash": "a" * 64, "salt": "b" * 64, "data_blocks": 9678, "algorithm": "sha256"}
+    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+
+    def words(mac: str) -> list[str]:
+        return (root / "current" / "nodes" / f"{mac.replace(':', '-')}.ipxe").read_text().split()
+
+    first = words(MAC)
+    assert {f"builder.verity={'a' * 64}", f"builder.verity_salt={'b' * 64}", "builder.verity_blocks=9678",
+            "builder.cache=partlabel:builder-cache", "builder.ram_share=30",
+            f"builder.size={len(b'root.squashfs a')}"} <= set(first)
+    assert "builder.cache_wipe=1" not in first
+    second = words("52:54:00:12:34:57")
+    assert "builder.cache=id:nvme-Samsung_SSD_990_PRO_2TB_S7x-part3" in second and "builder.cache_wipe=1" in second
+    assert not any(w.startswith("builder.cache") for w in words("52:54:00:12:34:58"))  # cache: false, RAM mode
 
 
 def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:

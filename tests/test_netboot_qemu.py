@@ -38,11 +38,11 @@ def artifacts() -> dict[str, object]:
 
 @contextmanager
 def published(tmp_path: Path, port: int, nodes: list[dict[str, object]],
-              model: Path | None = None) -> Iterator[Path]:
-    """A generation for these nodes, published and served by `builder pxe serve` on 127.0.0.1:PORT
-    (10.0.2.2:PORT to the guest)."""
+              model: Path | None = None, **settings: object) -> Iterator[Path]:
+    """A generation for these nodes (and cluster-wide `settings`), published and served by `builder pxe serve`
+    on 127.0.0.1:PORT (10.0.2.2:PORT to the guest); its log is tmp_path/serve.log."""
     doc: dict[str, object] = {"control": {"address": "10.0.2.2", "http_port": port},
-                              "kernel_args": ["console=ttyS0"], "nodes": nodes}
+                              "kernel_args": ["console=ttyS0"], "nodes": nodes, **settings}
     if model:
         doc["model"] = str(model)
     path = tmp_path / "cluster.yaml"
@@ -103,6 +103,8 @@ def test_netbooted_worker_serves_a_head_on_the_host(
         assert ready.group(1) == "10.0.2.15:50052"  # the node's own address, not a wildcard
         text = console.read_text(errors="replace")
         assert "root image verified: sha256" in text
+        # no cache disk: RAM mode, the root still opened through dm-verity
+        assert "root opened through dm-verity: root hash" in text and "builder-initrd: cache" not in text
         name = f"builder-netboot-head-{head}"
         with container("podman", tmp_path, name, "server", *common, "--port", str(head),
                        "--rpc", f"127.0.0.1:{rpc}", "-ngl", "99", "-lv", "4") as h:

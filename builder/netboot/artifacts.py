@@ -23,6 +23,8 @@ from builder.hostlib import find_driver
 from builder.locks import lock_file, locked
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
+    NET_MODULES,
+    ROOT_MODULES,
     KernelSpec,
     busybox,
     fetch_kernel_tree,
@@ -38,7 +40,7 @@ from builder.recipes import select
 from builder.run import run, run_logged
 from builder.source import sha256_file
 
-NETBOOT_VERSION = "1"  # bump when the artifacts' layout or node scripts' contract changes
+NETBOOT_VERSION = "2"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")
 COMPRESSORS = ("zstd", "xz", "gzip", "lzo", "lz4")
 SET_FILES = (*FILES, "SHA256SUMS", "manifest.json")  # every file name a netboot set may have
@@ -47,6 +49,7 @@ SET_FILES = (*FILES, "SHA256SUMS", "manifest.json")  # every file name a netboot
 _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+~-]{0,127}\Z")
 _IMAGE = re.compile(r"^[\x21-\x7e]{1,512}\Z")
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+VERITY_BLOCK = 4096  # dm-verity data and hash block size; mksquashfs pads its output to 4 KiB too
 
 
 def check_set_manifest(manifest: object, where: str, error: type[BuilderError] = RecipeError) -> dict[str, object]:
@@ -77,7 +80,21 @@ def check_set_manifest(manifest: object, where: str, error: type[BuilderError] =
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or \
                 not _SHA256.match(entry["sha256"]) or type(entry.get("size")) is not int or entry["size"] < 0:
             raise error(f"{where}/manifest.json: files.{name}: needs sha256 (64 hex) and size (bytes)")
+    if "verity" in manifest:
+        check_verity(manifest["verity"], f"{where}/manifest.json", error)
     return manifest
+
+
+def check_verity(verity: object, where: str, error: type[BuilderError] = RecipeError) -> dict[str, object]:
+    """The dm-verity fields a node's boot script carries: hex hashes and a block count, nothing else."""
+    if not isinstance(verity, dict) or set(verity) != {"root_hash", "salt", "data_blocks", "algorithm"} \
+            or not isinstance(verity["root_hash"], str) or not _SHA256.match(verity["root_hash"]) \
+            or not isinstance(verity["salt"], str) or not _SHA256.match(verity["salt"]) \
+            or type(verity["data_blocks"]) is not int or not 0 < verity["data_blocks"] < 2**40 \
+            or verity["algorithm"] != "sha256":
+        raise error(f"{where}: verity: expected root_hash and salt (64 hex each), data_blocks (a count) and "
+                    "algorithm sha256")
+    return verity
 
 
 @dataclass(frozen=True)
@@ -109,7 +126,7 @@ class Squash:
 def _artifact_key(image_id: str, spec: KernelSpec, squash: Squash) -> str:
     scripts = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NODE_SCRIPTS.iterdir())}
     inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "squash": str(squash),
-              "scripts": scripts}
+              "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -178,6 +195,9 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
         raise RecipeError(f"no image {image} in {engine.name}", f"build it first: builder build --target {target}")
     if not shutil.which("mksquashfs"):
         raise EngineError("mksquashfs is not installed", "apt-get install squashfs-tools")
+    if not shutil.which("veritysetup"):
+        raise EngineError("veritysetup is not installed (it makes the root's dm-verity hash tree)",
+                          "apt-get install cryptsetup-bin")
     tree = fetch_kernel_tree(spec)
     kver = kernel_version(tree)
     if version_tuple(kver) < spec.min_version:
@@ -220,6 +240,7 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
                     "-mkfs-time", "0", "-all-time", "0", "-no-progress", *squash.flags()],
                    work / "mksquashfs.log", title=f"squashfs ({squash}) of {image}")
         squash_seconds = time.monotonic() - squash_started
+        verity = _add_verity(staged / "root.squashfs", work / "veritysetup.log")
         initrd, initrd_missing = initramfs(tree, modules_dir(tree, kver))
         (staged / "initrd.img").write_bytes(initrd)
         shutil.copyfile(kernel_image(tree, kver), staged / "vmlinuz")
@@ -228,7 +249,7 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
         manifest = {
             "schema": 1, "key": key, "target": target, "variant": variant, "image": image,
             "image_digest": info.id, "kernel_version": kver, "kernel_suite": spec.suite,
-            "compression": str(squash), "files": files,
+            "compression": str(squash), "files": files, "verity": verity,
             "rootfs_bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()),
             "missing_modules": sorted(set(missing + initrd_missing)),
             "seconds": {"total": round(time.monotonic() - started, 1), "squashfs": round(squash_seconds, 1)},
@@ -241,6 +262,27 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
     finally:
         run(["rm", "-rf", "--", str(work)], check=False)
     return folder, manifest
+
+
+def _add_verity(squashfs: Path, log: Path) -> dict[str, object]:
+    """Append the dm-verity hash tree (with its superblock) to the squashfs, after its last 4 KiB block:
+    one file still holds the root, and a node opens it through dm-verity with the root hash from its boot
+    script. The salt and UUID come from the squashfs's own hash, so the same image gives the same bytes."""
+    size = squashfs.stat().st_size
+    if size % VERITY_BLOCK:
+        with squashfs.open("ab") as f:
+            f.write(b"\0" * (VERITY_BLOCK - size % VERITY_BLOCK))
+        size = squashfs.stat().st_size
+    salt = sha256_file(squashfs)
+    uuid = f"{salt[:8]}-{salt[8:12]}-4{salt[13:16]}-8{salt[17:20]}-{salt[20:32]}"
+    blocks = size // VERITY_BLOCK
+    run_logged(["veritysetup", "format", f"--data-blocks={blocks}", f"--hash-offset={size}", "--hash=sha256",
+                f"--data-block-size={VERITY_BLOCK}", f"--hash-block-size={VERITY_BLOCK}", f"--salt={salt}",
+                f"--uuid={uuid}", f"--root-hash-file={log.with_suffix('.hash')}", "--", str(squashfs),
+                str(squashfs)], log, title="dm-verity hash tree of the root")
+    root_hash = log.with_suffix(".hash").read_text().strip()
+    return check_verity({"root_hash": root_hash, "salt": salt, "data_blocks": blocks, "algorithm": "sha256"},
+                        str(squashfs), EngineError)
 
 
 def read_artifacts(folder: Path) -> tuple[Path, dict[str, object]]:

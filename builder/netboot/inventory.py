@@ -10,7 +10,7 @@ from builder.errors import RecipeError
 from builder.models import Strict
 from builder.netboot.kernels import KERNELS
 from builder.recipes import display_path, load_yaml, select, validated
-from builder.types import Address, HostName, InterfaceName, Ipv4, KernelArg, http_url, one_line
+from builder.types import Address, CacheDevice, HostName, InterfaceName, Ipv4, KernelArg, http_url, one_line
 
 _MAC = re.compile(r"([0-9a-f]{2})([:-][0-9a-f]{2}){5}")
 DEFAULT_PORTS = {"head": 8080, "rpc-worker": 50052}
@@ -33,6 +33,14 @@ class Control(Strict):
     subnet: Ipv4 | None = Field(None, description="the nodes' IPv4 network (e.g. 192.168.50.0), for proxy-DHCP")
 
 
+class Cache(Strict):
+    """A node's cache disk: root images are kept there by sha256 and opened through dm-verity."""
+
+    device: CacheDevice = Field(description="PARTLABEL=NAME or /dev/disk/by-id/NAME (found by this stable name)")
+    wipe: bool = Field(False, description="format the device even when it holds other data (otherwise only an "
+                       "empty device, or one holding builder's cache, is used)")
+
+
 class Node(Strict):
     """One compute node, found by the MAC address it netboots from."""
 
@@ -45,6 +53,8 @@ class Node(Strict):
     address: Address | None = Field(None, description="the node's reserved address; workers need one if there is "
                                     "a head")
     kernel_args: list[KernelArg] = Field(default_factory=list, description="extra kernel command-line words")
+    cache: Cache | Literal[False] | None = Field(
+        None, description="this node's cache disk (default: the cluster's `cache`); false: none, RAM mode")
 
     @field_validator("mac", mode="before")
     @classmethod
@@ -86,7 +96,16 @@ class Cluster(Strict):
     context: int | None = Field(None, ge=64, description="the head's context size (-c)")
     kernel_args: list[KernelArg] = Field(default_factory=lambda: ["console=tty0", "console=ttyS0,115200"],
                                    description="kernel command-line words for every node")
+    cache: Cache | None = Field(None, description="every node's cache disk (a node's own `cache` wins); "
+                                "without one a node holds its root in RAM")
+    ram_share: int = Field(50, ge=1, le=100, description="a node in RAM mode warns when its root is larger "
+                           "than this percentage of its memory")
     nodes: list[Node] = Field(min_length=1)
+
+    def cache_of(self, node: Node) -> Cache | None:
+        if node.cache is False:
+            return None
+        return node.cache or self.cache
 
 
 def _check(cluster: Cluster, where: str, base: Path) -> None:

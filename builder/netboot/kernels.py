@@ -18,14 +18,18 @@ from builder.locks import lock_file, locked
 from builder.paths import cache_subdir
 from builder.run import run, run_logged
 
-KERNEL_VERSION = "1"  # bump when the way kernel trees are made changes
+KERNEL_VERSION = "2"  # bump when the way kernel trees are made changes
 
 # Loaded by the initramfs: enough to reach the control node and mount the root. Missing ones are skipped,
 # so one list serves every kernel. Ethernet drivers are those of the boards in our clusters (Realtek,
 # Intel, Aquantia/Marvell 5/10 GbE, Mellanox ConnectX) plus virtio for virtual machines.
 NET_MODULES = ("virtio_pci", "virtio_net", "e1000", "e1000e", "igb", "igc", "r8169", "atlantic", "ixgbe",
                "mlx5_core", "thunderbolt_net")
-ROOT_MODULES = ("loop", "squashfs", "overlay")
+# The root: a squashfs on a loop device, opened through dm-verity, under an overlay; the cache disk: ext4
+# (which mounts the ext2 that busybox's mke2fs writes) on virtio, NVMe or SATA.
+# (ext4 asks the crypto API for crc32c, which no modprobe can load in the initramfs: load it first)
+ROOT_MODULES = ("loop", "squashfs", "overlay", "dm_mod", "dm_verity", "crc32c_generic", "ext4", "virtio_blk",
+                "nvme", "ahci", "sd_mod")
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class KernelSpec:
 
     @property
     def packages(self) -> tuple[str, ...]:
-        return ("linux-image-amd64", "busybox-static", *self.firmware_packages)
+        # dmsetup opens the root through dm-verity in the initramfs (busybox has no device-mapper applet)
+        return ("linux-image-amd64", "busybox-static", "dmsetup", *self.firmware_packages)
 
 
 _NONFREE = ("main", "non-free-firmware")

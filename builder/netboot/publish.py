@@ -89,13 +89,23 @@ def boot_script(cluster: Cluster) -> str:
 
 
 def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], generation_note: str,
-                model_url: str | None, model_sha256: str | None = None) -> str:
+                model_url: str | None, model_sha256: str | None = None, model_size: int = 0) -> str:
     base = _base_url(cluster)
     files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
     kernel, initrd, squash = (files[n]["sha256"] for n in ("vmlinuz", "initrd.img", "root.squashfs"))
     args = [f"initrd={initrd}", "BOOTIF=01-${mac:hexhyp}", f"builder.root={base}/blobs/sha256/{squash}",
-            f"builder.sha256={squash}", f"builder.name={node.name}", f"builder.role={node.role}",
-            f"builder.port={node.role_port}"]
+            f"builder.sha256={squash}", f"builder.size={files['root.squashfs']['size']}",
+            f"builder.name={node.name}", f"builder.role={node.role}", f"builder.port={node.role_port}"]
+    verity = manifest.get("verity")
+    if isinstance(verity, dict):
+        args += [f"builder.verity={verity['root_hash']}", f"builder.verity_salt={verity['salt']}",
+                 f"builder.verity_blocks={verity['data_blocks']}"]
+    cache = cluster.cache_of(node)
+    if cache:
+        args.append(f"builder.cache={cache.device}")
+        if cache.wipe:
+            args.append("builder.cache_wipe=1")
+    args.append(f"builder.ram_share={cluster.ram_share}")
     if node.role == "head":
         workers = [f"{n.address}:{n.role_port}" for n in cluster.nodes if n.role == "rpc-worker"]
         if workers:
@@ -104,6 +114,8 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
             args.append(f"builder.model={model_url}")
         if model_sha256:
             args.append(f"builder.model_sha256={model_sha256}")
+            if model_size:
+                args.append(f"builder.model_size={model_size}")
         if cluster.context:
             args.append(f"builder.ctx={cluster.context}")
     args += [*cluster.kernel_args, *node.kernel_args]
@@ -194,12 +206,14 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
             add_blob(root, folder / name, entry["sha256"])
         manifests[f"{target}-{variant}"] = manifest
     model_url = model_sha256 = None
+    model_size = 0
     if cluster.model:
         if cluster.model.startswith("http://"):
             model_url = cluster.model
         else:
             # A model on the control node is a blob like the root image, and the head checks its hash too.
             model_sha256 = add_blob(root, inventory.parent / cluster.model)
+            model_size = (inventory.parent / cluster.model).stat().st_size
             model_url = f"{_base_url(cluster)}/blobs/sha256/{model_sha256}"
     files_out: dict[str, bytes] = {"boot.ipxe": boot_script(cluster).encode(),
                                    "cluster.yaml": inventory.read_bytes()}
@@ -211,7 +225,7 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
         manifest = manifests[key]
         note = f"image {manifest['image_digest']}"
         files_out[f"nodes/{node.file_stem}.ipxe"] = node_script(cluster, node, manifest, note, model_url,
-                                                                 model_sha256).encode()
+                                                                 model_sha256, model_size).encode()
         nodes[node.name] = {"mac": node.mac, "role": node.role, "artifacts": key}
     files_out["nodes.json"] = (json.dumps(nodes, indent=2, sort_keys=True) + "\n").encode()
     digest = hashlib.sha256()

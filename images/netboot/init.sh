@@ -1,9 +1,11 @@
 #!/bin/busybox sh
 # shellcheck shell=sh
-# /init of builder's netboot initramfs (busybox). It brings up the network, fetches the root squashfs
-# over HTTP, checks its sha256 against the one the node's boot script names, mounts it read-only under
-# a tmpfs overlay and hands over to the root's node-init. Bad data is never booted: a mismatch is
-# reported on the console and the download is retried; after builder.retries attempts the node reboots.
+# /init of builder's netboot initramfs (busybox). It brings up the network, takes the root squashfs from
+# the node's cache disk or fetches it over HTTP (hashed on the way in against the sha256 the node's boot
+# script names), opens it through dm-verity with the script's root hash, mounts it read-only under a tmpfs
+# overlay and hands over to the root's node-init. Bad data is never booted: a download that mismatches is
+# retried, a cached root that fails dm-verity is dropped and fetched again; after builder.retries attempts
+# the node reboots. Without a cache disk the root is held in RAM (tmpfs), as before.
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /run /tmp /newroot
 /bin/busybox --install -s
 mount -t devtmpfs devtmpfs /dev
@@ -20,12 +22,22 @@ give_up() {
     reboot -f
 }
 
-ROOT_URL="" ROOT_SHA="" RETRIES=5 BOOTIF=""
+ROOT_URL="" ROOT_SHA="" ROOT_SIZE=0 RETRIES=5 BOOTIF="" VERITY="" VERITY_SALT="" VERITY_BLOCKS=0
+CACHE="" CACHE_WIPE=0 RAM_SHARE=50 MODEL_SHA="" MODEL_SIZE=0
 read -r cmdline </proc/cmdline
 for word in $cmdline; do
     case "$word" in
         builder.root=*) ROOT_URL=${word#*=} ;;
         builder.sha256=*) ROOT_SHA=${word#*=} ;;
+        builder.size=*) ROOT_SIZE=${word#*=} ;;
+        builder.verity=*) VERITY=${word#*=} ;;
+        builder.verity_salt=*) VERITY_SALT=${word#*=} ;;
+        builder.verity_blocks=*) VERITY_BLOCKS=${word#*=} ;;
+        builder.cache=*) CACHE=${word#*=} ;;
+        builder.cache_wipe=*) CACHE_WIPE=${word#*=} ;;
+        builder.ram_share=*) RAM_SHARE=${word#*=} ;;
+        builder.model_sha256=*) MODEL_SHA=${word#*=} ;;
+        builder.model_size=*) MODEL_SIZE=${word#*=} ;;
         builder.retries=*) RETRIES=${word#*=} ;;
         BOOTIF=*) BOOTIF=${word#*=} ;;
     esac
@@ -67,25 +79,105 @@ done
 . /run/builder/net.env
 say "network: $NODE_IFACE $NODE_IP/$NODE_PREFIX"
 
-image=/run/builder/root.squashfs
-attempt=1
-while :; do
-    if wget -q -O "$image" "$ROOT_URL"; then
-        got=$(sha256sum "$image" | cut -d' ' -f1)
-        [ "$got" = "$ROOT_SHA" ] && break
-        say "root image sha256 mismatch: got $got, expected $ROOT_SHA (attempt $attempt of $RETRIES)"
-    else
-        say "download of $ROOT_URL failed (attempt $attempt of $RETRIES)"
+# shellcheck disable=SC1091  # in the initramfs
+. /etc/builder/cache.sh
+mode=ram
+if [ -n "$CACHE" ] && [ -n "$VERITY" ] && cache_open "$CACHE" "$ROOT_SIZE" "$CACHE_WIPE"; then
+    mode=cache
+elif [ -n "$CACHE" ] && [ -z "$VERITY" ]; then
+    say "this netboot set has no dm-verity hash tree: the cache disk is not used (RAM mode)"
+fi
+if [ "$mode" = ram ]; then
+    image=/run/builder/root.squashfs
+    total=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
+    if [ "$ROOT_SIZE" -gt 0 ] && [ $((ROOT_SIZE / 1024)) -gt $((total * RAM_SHARE / 100)) ]; then
+        say "WARNING: the root image ($((ROOT_SIZE / 1048576)) MiB) is more than $RAM_SHARE% of this node's" \
+            "memory ($((total / 1024)) MiB) and is held in RAM; give the node a cache disk (cache: in cluster.yaml)"
     fi
-    rm -f "$image"
-    [ "$attempt" -ge "$RETRIES" ] && give_up "no valid root image after $RETRIES attempts"
-    sleep $((attempt < 5 ? attempt * 2 : 10))
-    attempt=$((attempt + 1))
-done
-say "root image verified: sha256 $ROOT_SHA"
+else
+    image=$CACHE_DIR/blobs/sha256/$ROOT_SHA
+fi
+
+# Download $ROOT_URL into $image, hashing it on the way in: only a blob with the expected sha256 is kept.
+fetch_root() {
+    attempt=1
+    while :; do
+        rm -f /run/builder/wget.failed
+        if [ "$mode" = cache ] && ! cache_make_room "$ROOT_SIZE" "$ROOT_SHA"; then
+            say "cache: no room for the root image even with every other blob evicted: RAM mode"
+            mode=ram image=/run/builder/root.squashfs
+        fi
+        got=$({ wget -q -O - "$ROOT_URL" || : >/run/builder/wget.failed; } | tee "$image.part" | sha256sum)
+        got=${got%% *}
+        if [ -f /run/builder/wget.failed ]; then
+            say "download of $ROOT_URL failed (attempt $attempt of $RETRIES)"
+        elif [ "$got" = "$ROOT_SHA" ]; then
+            mv "$image.part" "$image"
+            sync  # a cached blob is on the disk before the node runs anything
+            say "root image verified: sha256 $ROOT_SHA"
+            [ "$mode" = cache ] && say "cache: stored the root image ($((ROOT_SIZE / 1048576)) MiB)"
+            return 0
+        else
+            say "root image sha256 mismatch: got $got, expected $ROOT_SHA (attempt $attempt of $RETRIES)"
+        fi
+        rm -f "$image.part"
+        [ "$attempt" -ge "$RETRIES" ] && give_up "no valid root image after $RETRIES attempts"
+        sleep $((attempt < 5 ? attempt * 2 : 10))
+        attempt=$((attempt + 1))
+    done
+}
+
+# Open $image through dm-verity (the kernel checks every block it reads against the root hash) and mount
+# the squashfs from it; a set without a hash tree is mounted as it is (its download was hashed).
+open_root() {
+    loop=$(losetup -f) && losetup -r "$loop" "$image" || return 1
+    if [ -z "$VERITY" ]; then
+        mount -t squashfs -o ro "$loop" /run/builder/lower && return 0
+        losetup -d "$loop"
+        return 1
+    fi
+    table="0 $((VERITY_BLOCKS * 8)) verity 1 $loop $loop 4096 4096 $VERITY_BLOCKS $((VERITY_BLOCKS + 1))"
+    dmsetup create builder-root --readonly --noudevsync --table "$table sha256 $VERITY $VERITY_SALT" ||
+        { losetup -d "$loop"; return 1; }
+    node=/dev/$(dmsetup info -c --noheadings -o blkdevname builder-root)
+    if mount -t squashfs -o ro "$node" /run/builder/lower; then
+        # "V": every block read so far matched the root hash; "C": one did not
+        case "$(dmsetup status builder-root)" in *" V") return 0 ;; esac
+        umount /run/builder/lower
+    fi
+    dmsetup remove builder-root
+    losetup -d "$loop"
+    return 1
+}
 
 mkdir -p /run/builder/lower /run/builder/rw/upper /run/builder/rw/work
-mount -t squashfs -o ro,loop "$image" /run/builder/lower || give_up "cannot mount the root image"
+if [ "$mode" = cache ] && [ -f "$image" ]; then
+    touch "$image"  # its last use, for least-recently-used eviction
+    say "root image from the cache: sha256 $ROOT_SHA (no download)"
+else
+    fetch_root
+fi
+if ! open_root; then
+    [ "$mode" = cache ] || give_up "the root image failed dm-verity or does not mount"
+    say "cached root image sha256 $ROOT_SHA failed dm-verity (a corrupt block): dropping it and fetching it again"
+    rm -f "$image"
+    sync
+    fetch_root
+    open_root || give_up "the root image failed dm-verity or does not mount"
+fi
+[ -n "$VERITY" ] && say "root opened through dm-verity: root hash $VERITY"
+# The head's model (published by sha256) is kept on the cache disk too, when room can be made for it.
+model_cache=0
+if [ "$mode" = cache ] && [ ${#MODEL_SHA} -eq 64 ] && [ "$MODEL_SIZE" -gt 0 ]; then
+    if [ -f "$CACHE_DIR/blobs/sha256/$MODEL_SHA" ] || cache_make_room "$MODEL_SIZE" "$MODEL_SHA" "$ROOT_SHA"; then
+        model_cache=1
+    else
+        say "cache: no room for the model ($((MODEL_SIZE / 1048576)) MiB): it goes to RAM"
+    fi
+fi
+# node-init looks for dm-verity errors after this point: those of a root dropped above are not its root's
+echo "ROOT_MODE=$mode ROOT_BLOB=$image MODEL_CACHE=$model_cache" \
+    "VERITY_ERRORS=$(dmesg | grep -c 'verity.*corrupted')" >/run/builder/root.env
 mount -t overlay overlay \
     -o lowerdir=/run/builder/lower,upperdir=/run/builder/rw/upper,workdir=/run/builder/rw/work /newroot ||
     give_up "cannot mount the overlay"

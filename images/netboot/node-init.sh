@@ -28,6 +28,10 @@ done
 
 # shellcheck disable=SC1091
 . /run/builder/net.env
+# ROOT_MODE (ram or cache), ROOT_BLOB, MODEL_CACHE (1: the model is kept on the cache disk), VERITY_ERRORS
+ROOT_MODE=ram ROOT_BLOB="" MODEL_CACHE=0 VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache
+# shellcheck disable=SC1091  # written by the initramfs
+. /run/builder/root.env
 cp /run/builder/resolv.conf /etc/resolv.conf 2>/dev/null || true
 hostname "$name"
 echo "$name" >/etc/hostname
@@ -45,15 +49,32 @@ if [ -s /usr/lib/builder/modules.load ]; then
     done </usr/lib/builder/modules.load
 fi
 
-# The model goes to the overlay's tmpfs; one published on the control node comes with its sha256.
+# The model goes to the overlay's tmpfs; one published on the control node comes with its sha256 and, on a
+# node with a cache disk that has room for it (the initramfs made the room), is kept there by that sha256.
 fetch_model() {
     local dest=/var/cache/llama.cpp/models/${model##*/} attempt got
+    if [ -n "$model_sha256" ] && [ "$MODEL_CACHE" = 1 ]; then
+        dest=$CACHE_DIR/blobs/sha256/$model_sha256
+        if [ -f "$dest" ]; then
+            # No dm-verity for a model: hash it (a local read) before serving from it
+            got=$(sha256sum "$dest") && got=${got%% *}
+            if [ "$got" = "$model_sha256" ]; then
+                touch "$dest"
+                say "model from the cache: sha256 $got (no download)" >&2
+                echo "$dest"
+                return 0
+            fi
+            say "cached model sha256 mismatch (got $got): dropping it and fetching it again" >&2
+            rm -f "$dest"
+        fi
+    fi
     mkdir -p "${dest%/*}"
     for attempt in 1 2 3 4 5; do
         if "$bb" wget -q -O "$dest.part" "$model"; then
             got=$(sha256sum "$dest.part") && got=${got%% *}
             if [ -z "$model_sha256" ] || [ "$got" = "$model_sha256" ]; then
                 mv "$dest.part" "$dest"
+                sync  # on the cache disk, the model survives a power cut from here on
                 [ -n "$model_sha256" ] && say "model verified: sha256 $got" >&2
                 echo "$dest"
                 return 0
@@ -67,6 +88,39 @@ fetch_model() {
     done
     return 1
 }
+
+# What the node has left for models once it is up (the benchmark reads this line).
+say_memory() {
+    local key value available="" total=""
+    while read -r key value _; do
+        case "$key" in
+            MemTotal:) total=$value ;;
+            MemAvailable:) available=$value ;;
+        esac
+    done </proc/meminfo
+    say "memory: MemAvailable $available kB of MemTotal $total kB"
+}
+
+# dm-verity fails the read of a corrupted block of the root (the kernel logs it); a cached root with one is
+# dropped from the cache disk and the node reboots to fetch it again.
+check_root() {
+    [ "$("$bb" dmesg | "$bb" grep -c 'verity.*corrupted')" -gt "$VERITY_ERRORS" ] || return 0
+    if [ "$ROOT_MODE" = cache ]; then
+        say "the cached root image failed dm-verity while running: dropping ${ROOT_BLOB##*/} and rebooting to fetch it"
+        rm -f "$ROOT_BLOB"
+        sync
+        "$bb" reboot -f
+    fi
+    say "the root image failed dm-verity while running: rebooting to fetch it again"
+    "$bb" reboot -f
+}
+
+# ggml-rpc-server's tensor cache (-c) survives reboots on the cache disk.
+if [ "$ROOT_MODE" = cache ] && [ "$role" = rpc-worker ]; then
+    mkdir -p "$CACHE_DIR/rpc" /var/cache/llama.cpp/rpc
+    mount --bind "$CACHE_DIR/rpc" /var/cache/llama.cpp/rpc &&
+        say "RPC tensor cache on the cache disk ($(find "$CACHE_DIR/rpc" -type f | wc -l) files kept)"
+fi
 
 start_role() {
     case "$role" in
@@ -110,6 +164,7 @@ while :; do
         for _ in $(seq 1 600); do
             if is_ready 2>/dev/null; then
                 say "$name $role ready on $NODE_IP:$port"
+                say_memory
                 break
             fi
             kill -0 "$child" 2>/dev/null || break
@@ -117,6 +172,7 @@ while :; do
         done
         wait "$child"
         say "$role exited with status $?; restarting in 5 s"
+        check_root
     fi
     sleep 5
 done
