@@ -214,10 +214,7 @@ STATES: dict[tuple[str, str], State] = {
                                  "oneAPI images are unreachable from our machines"),
     ("intel-arc", "vulkan"): State("run", ran_on="Mesa's lavapipe (software Vulkan)"),
     ("intel-npu", "openvino"): State("run", ran_on="OpenVINO's CPU device (no NPU here)"),
-    # Its first build here (a 5.5 GB toolchain, then ggml-cuda for two architectures on 2 shared cores) had not
-    # finished when this was recorded; `builder build --target nvidia` does not refuse it.
-    ("nvidia", "cuda"): State("render-only", "its first build here had not finished when this was recorded "
-                              "(the compile takes hours on 2 shared cores); `builder build` does not refuse it"),
+    ("nvidia", "cuda"): State("built"),
     ("nvidia", "cuda-nvidia"): State("render-only", _UNREACHABLE),
 }
 
