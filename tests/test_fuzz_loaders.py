@@ -181,8 +181,8 @@ def test_vllm_recipe_loader_never_crashes_and_renders_only_the_template(text: st
 
 
 MANIFEST = {"target": "cpu", "variant": "cpu", "image_digest": "sha256:" + "0" * 64,
-            "files": {n: {"sha256": c * 64} for n, c in (("vmlinuz", "1"), ("initrd.img", "2"),
-                                                           ("root.squashfs", "3"))}}
+            "files": {n: {"sha256": c * 64, "size": 4096} for n, c in (("vmlinuz", "1"), ("initrd.img", "2"),
+                                                                         ("root.squashfs", "3"))}}
 
 
 @FUZZ

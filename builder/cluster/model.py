@@ -137,6 +137,10 @@ def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
             field = "role" if node.role is not None else "port"
             raise RecipeError(f"{where}: nodes[{i}].{field}: roles and ports come from services: in this form",
                               f"remove {field}; name the node in a service's nodes, head or workers")
+        if node.cache is not None:
+            raise RecipeError(f"{where}: nodes[{i}].cache: a cache disk is for netbooted nodes, and a cluster "
+                              "file with services: does not netboot yet",
+                              "remove cache here; the netboot-only form takes it (docs/netboot.md)")
         index[node.name], macs[node.mac] = i, i
         select(node.target, node.variant, f"{where}: nodes[{i}]")
     return index
