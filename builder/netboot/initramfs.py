@@ -35,7 +35,8 @@ def initramfs(kernel_tree: Path, moddir: Path) -> tuple[bytes, list[str]]:
     # nft resolves protocol names (icmp, ipv6-icmp) through /etc/protocols (Debian's netbase)
     protocols = kernel_tree / "etc/protocols"
     if not protocols.is_file():
-        raise EngineError(f"no etc/protocols in {kernel_tree}", "remove the kernel tree from the cache to fetch it again")
+        raise EngineError(f"no etc/protocols in {kernel_tree}",
+                          "remove the kernel tree from the cache to fetch it again")
     entries.append(cpio.file("etc/protocols", protocols.read_bytes()))
     names = []
     for path in order:

@@ -114,7 +114,8 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
         args += [f"builder.verity={verity['root_hash']}", f"builder.verity_salt={verity['salt']}",
                  f"builder.verity_blocks={verity['data_blocks']}"]
     if firewall_sha256:
-        args += [f"builder.firewall={base}/blobs/sha256/{firewall_sha256}", f"builder.firewall_sha256={firewall_sha256}"]
+        args += [f"builder.firewall={base}/blobs/sha256/{firewall_sha256}",
+                 f"builder.firewall_sha256={firewall_sha256}"]
     cache = cluster.cache_of(node)
     if cache:
         args.append(f"builder.cache={cache.device}")
