@@ -6,6 +6,7 @@ coming up as an RPC worker that a head on the host uses. Software emulation (TCG
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -217,26 +218,60 @@ def test_netbooted_workers_firewall_admits_the_cluster_and_refuses_others(
     reaches ready. QEMU forwards two ports to the worker's one RPC port: the guest sees connections to the
     first (from 127.0.0.1) coming from 10.0.2.2, which the rules admit, and those to the second (from OUTSIDER,
     not loopback, which QEMU passes through) coming from OUTSIDER, which they do not. The first completes
-    ggml RPC's HELLO; the second is closed at once. The two differ only in the source address the guest sees."""
+    ggml RPC's HELLO; the second is closed at once. A second boot of the same generation with the firewall
+    words taken off its kernel command line (as a generation published before the firewall existed) answers
+    HELLO on both: the refusal is the firewall's, not QEMU's."""
     console = tmp_path / "console.log"
     worker = [{"name": "node1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}]
-    with network_namespace() as enter, published(tmp_path, 8000, worker, prefix=enter) as root, \
-            node(root / "tftp", MAC, console, forward=(50052, 50052), hostfwd=(f"tcp:{OUTSIDER}:50053-:50052",),
-                 prefix=enter) as vm:
-        started = time.monotonic()
-        ready = wait_for(console, r"builder-node: node1 rpc-worker ready on (\S+)", vm, BOOT_SECONDS)
-        booted = time.monotonic() - started
-        assert ready.group(1) == "10.0.2.15:50052"
-        words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
-        digest = next(w for w in words if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
-        assert "elements = { 10.0.2.2 }" in (root / "blobs" / "sha256" / digest).read_text()
-        text = console.read_text(errors="replace")
-        loaded = text.index(f"builder-initrd: firewall loaded: sha256 {digest}")
-        assert loaded < text.index("root image verified")  # before the root, so before any role listens
-        probe = subprocess.run([*enter, sys.executable, "-c", RPC_HELLO, "127.0.0.1", "50052", OUTSIDER, "50053"],
-                               capture_output=True, text=True, timeout=180)
-        assert probe.returncode == 0, probe.stderr
-        admitted, refused = probe.stdout.splitlines()
-        assert admitted.startswith("127.0.0.1 version 7."), probe.stdout
-        assert refused in (f"{OUTSIDER} closed", f"{OUTSIDER} ConnectionResetError"), probe.stdout
-        print(f"booted to ready in {booted:.0f} s")
+    outsider = (f"tcp:{OUTSIDER}:50053-:50052",)  # a second host port to the same guest port
+    with network_namespace() as enter, published(tmp_path, 8000, worker, prefix=enter) as root:
+        with node(root / "tftp", MAC, console, forward=(50052, 50052), hostfwd=outsider, prefix=enter) as vm:
+            started = time.monotonic()
+            ready = wait_for(console, r"builder-node: node1 rpc-worker ready on (\S+)", vm, BOOT_SECONDS)
+            booted = time.monotonic() - started
+            assert ready.group(1) == "10.0.2.15:50052"
+            words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
+            digest = next(w for w in words if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
+            assert "elements = { 10.0.2.2 }" in (root / "blobs" / "sha256" / digest).read_text()
+            text = console.read_text(errors="replace")
+            loaded = text.index(f"builder-initrd: firewall loaded: sha256 {digest}")
+            assert loaded < text.index("root image verified")  # before the root, so before any role listens
+            probe = subprocess.run([*enter, sys.executable, "-c", RPC_HELLO, "127.0.0.1", "50052", OUTSIDER,
+                                    "50053"], capture_output=True, text=True, timeout=180)
+            assert probe.returncode == 0, probe.stderr
+            admitted, refused = probe.stdout.splitlines()
+            assert admitted.startswith("127.0.0.1 version 7."), probe.stdout
+            assert refused in (f"{OUTSIDER} closed", f"{OUTSIDER} ConnectionResetError"), probe.stdout
+            print(f"booted to ready in {booted:.0f} s")
+
+        script = root / "current" / "nodes" / "52-54-00-12-34-56.ipxe"
+        script.write_text(re.sub(r" builder\.firewall(_sha256)?=\S+", "", script.read_text()))
+        console.unlink()
+        with node(root / "tftp", MAC, console, forward=(50052, 50052), hostfwd=outsider, prefix=enter) as vm:
+            wait_for(console, r"builder-node: node1 rpc-worker ready", vm, BOOT_SECONDS)
+            assert "builder-initrd: no firewall on the kernel command line" in console.read_text(errors="replace")
+            probe = subprocess.run([*enter, sys.executable, "-c", RPC_HELLO, "127.0.0.1", "50052", OUTSIDER,
+                                    "50053"], capture_output=True, text=True, timeout=180)
+            assert [line.split(" version ")[0] for line in probe.stdout.splitlines()] == ["127.0.0.1", OUTSIDER], \
+                probe.stdout + probe.stderr
+
+
+def test_rules_that_do_not_load_stop_the_node_before_its_role(tmp_path: Path, artifacts: dict[str, object]) -> None:
+    """Fail closed: a ruleset nft refuses (its sha256 matches: the control node published it) is one console line,
+    and the node goes no further: no root, no role, nothing listening."""
+    console = tmp_path / "console.log"
+    worker = [{"name": "node1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}]
+    with published(tmp_path, free_port(), worker) as root:
+        bad = b"table inet builder_cluster {\n    chain input { type filter hook input priority filter; bogus }\n}\n"
+        digest = hashlib.sha256(bad).hexdigest()
+        (root / "blobs" / "sha256" / digest).write_bytes(bad)
+        script = root / "current" / "nodes" / "52-54-00-12-34-56.ipxe"
+        script.write_text(re.sub(r"(builder\.firewall(_sha256)?=\S*?)[0-9a-f]{64}\b", rf"\g<1>{digest}",
+                                 script.read_text()))
+        with node(root / "tftp", MAC, console) as vm:
+            wait_for(console, r"builder-initrd: FATAL: the firewall rules did not load \(.*Error.*\): "
+                     r"the node's role will not start", vm, BOOT_SECONDS)
+            time.sleep(10)  # the node stays where it is
+            text = console.read_text(errors="replace")
+            assert text.count("builder-initrd: FATAL") == 1 and "root image verified" not in text
+            assert "builder-node:" not in text and vm.poll() is None
