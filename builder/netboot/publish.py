@@ -241,7 +241,8 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
         key = f"{node.target}-{select(node.target, node.variant)[1].name}"
         manifest = manifests[key]
         note = f"image {manifest['image_digest']}"
-        rules = ruleset(firewalls[node.name], inventory.name).encode()
+        # named after the generation's copy of the inventory: the user's file name never reaches the rules
+        rules = ruleset(firewalls[node.name], "cluster.yaml").encode()
         files_out[f"nodes/{node.file_stem}.nft"] = rules  # for the reader; the node fetches the blob
         files_out[f"nodes/{node.file_stem}.ipxe"] = node_script(cluster, node, manifest, note, model_url,
                                                                  model_sha256, model_size,
