@@ -12,6 +12,7 @@ from builder.artifacts import pull_netboot, push_netboot
 from builder.build import build, flavour_named, prepare, recipe_file
 from builder.cleanup import remove_path
 from builder.cli_common import EngineOpt, FlavourOpt
+from builder.cluster.firewall import for_netboot
 from builder.engines import get_engine
 from builder.errors import Stopped
 from builder.llama import LLAMA_CPP
@@ -21,7 +22,7 @@ from builder.netboot.inventory import load_inventory
 from builder.netboot.kernels import kernel_spec
 from builder.netboot.publish import generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
-from builder.recipes import select
+from builder.recipes import display_path, select
 from builder.registry import Repository
 from builder.run import start_server, stop
 
@@ -87,10 +88,16 @@ def publish_cmd(
 ) -> None:
     """Write a new generation for the inventory into pxe-root/ and make it current (atomically).
 
-    Each node gets nodes/<mac>.ipxe carrying its role and settings on the kernel command line.
+    Each node gets nodes/<mac>.ipxe carrying its role and settings on the kernel command line, and its
+    firewall (nftables rules admitting the cluster's addresses only) as nodes/<mac>.nft.
     Every file is checked against its manifest's sha256 on the way in.
     """
     cluster = load_inventory(inventory)
+    for_netboot(cluster, display_path(inventory))  # an address nft would refuse stops here, before any build
+    for node in cluster.nodes:
+        if not node.address and len(cluster.nodes) > 1:
+            typer.echo(f"note: {node.name} has no address in {display_path(inventory)}: it admits its own lease, "
+                       "but the other nodes' firewalls cannot admit its connections", err=True)
     wanted = sorted({(n.target, select(n.target, n.variant)[1].name) for n in cluster.nodes})
     artifacts = {}
     for target, variant in wanted:

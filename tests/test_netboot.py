@@ -125,7 +125,8 @@ def test_generations_switch_atomically_roll_back_and_prune(tmp_path: Path) -> No
     # keep=1: the current generation and one before it; the oldest and its blobs are gone
     assert [g.id for g in generations(root)] == ids[1:]
     assert not (root / "generations" / ids[0]).exists()
-    assert len(list((root / "blobs" / "sha256").iterdir())) == 6
+    # two generations' kernel, initrd and root, and the node's firewall rules (the same in both)
+    assert len(list((root / "blobs" / "sha256").iterdir())) == 7
 
     again = tmp_path / "again"
     again.mkdir()
@@ -191,6 +192,44 @@ def test_node_scripts_carry_the_verity_root_hash_and_each_nodes_cache(tmp_path: 
     second = words("52:54:00:12:34:57")
     assert "builder.cache=id:nvme-Samsung_SSD_990_PRO_2TB_S7x-part3" in second and "builder.cache_wipe=1" in second
     assert not any(w.startswith("builder.cache") for w in words("52:54:00:12:34:58"))  # cache: false, RAM mode
+
+
+def test_each_node_gets_its_firewall_as_a_blob_named_by_sha256(tmp_path: Path) -> None:
+    """The rules reach the node the way the root does: a blob whose sha256 is on the kernel command line (the
+    initramfs checks it before loading), kept when old generations are pruned; a copy in the generation for
+    the reader. Nodes with an address are admitted by every node; one without is admitted by itself only."""
+    nodes = [{"name": "head", "mac": MAC, "target": "cpu", "role": "head", "address": "10.0.2.10"},
+             {"name": "w1", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker",
+              "address": "10.0.2.20"},
+             {"name": "w2", "mac": "52:54:00:12:34:58", "target": "cpu", "role": "rpc-worker",
+              "address": "10.0.2.21", "port": 50100}]
+    (tmp_path / "m.gguf").write_bytes(b"GGUF tiny")
+    root, path = tmp_path / "pxe-root", inventory(tmp_path, nodes=nodes, model="m.gguf")
+    folder, manifest = fake_artifacts(tmp_path, "a")
+    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=0)
+    words = (root / "current" / "nodes" / "52-54-00-12-34-58.ipxe").read_text().split()
+    digest = next(w for w in words if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
+    assert f"builder.firewall=http://10.0.2.2:8000/blobs/sha256/{digest}" in words
+    rules = (root / "blobs" / "sha256" / digest).read_bytes()
+    assert hashlib.sha256(rules).hexdigest() == digest
+    assert rules == (root / "current" / "nodes" / "52-54-00-12-34-58.nft").read_bytes()
+    text = rules.decode()
+    assert "for node w2 (10.0.2.21)" in text and "backend ports (50100)" in text
+    assert "elements = { 10.0.2.2, 10.0.2.10, 10.0.2.20, 10.0.2.21 }" in text
+    # a node that leases its address: left out of the set (the initramfs adds its own lease at boot)
+    alone = inventory(tmp_path, nodes=[{"name": "n1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}])
+    publish(root, load_inventory(alone), alone, {("cpu", "cpu"): (folder, manifest)}, keep=0)
+    words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
+    digest = next(w for w in words if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
+    text = (root / "blobs" / "sha256" / digest).read_text()
+    assert "elements = { 10.0.2.2 }" in text and "(address leased)" in text
+    # keep=0 pruned the first generation and its rules: only the current node's firewall blob is left
+    assert sum(1 for b in (root / "blobs" / "sha256").iterdir() if b.read_bytes().startswith(b"# Written")) == 1
+    # rules that nft would refuse never reach a node: a control address must be an IP address
+    named = inventory(tmp_path, control={"address": "boot.lan"})
+    proc = run_cli("pxe", "publish", "--inventory", str(named), "--root", str(root), "--artifacts", str(tmp_path))
+    assert proc.returncode == 2 and "control.address: the firewall admits addresses, and 'boot.lan' is a name" \
+        in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:

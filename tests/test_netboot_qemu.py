@@ -5,6 +5,8 @@ coming up as an RPC worker that a head on the host uses. Software emulation (TCG
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,9 +40,9 @@ def artifacts() -> dict[str, object]:
 
 @contextmanager
 def published(tmp_path: Path, port: int, nodes: list[dict[str, object]],
-              model: Path | None = None, **settings: object) -> Iterator[Path]:
+              model: Path | None = None, prefix: tuple[str, ...] = (), **settings: object) -> Iterator[Path]:
     """A generation for these nodes (and cluster-wide `settings`), published and served by `builder pxe serve`
-    on 127.0.0.1:PORT (10.0.2.2:PORT to the guest); its log is tmp_path/serve.log."""
+    on 127.0.0.1:PORT (10.0.2.2:PORT to the guest), under `prefix` if given; its log is tmp_path/serve.log."""
     doc: dict[str, object] = {"control": {"address": "10.0.2.2", "http_port": port},
                               "kernel_args": ["console=ttyS0"], "nodes": nodes, **settings}
     if model:
@@ -52,7 +54,7 @@ def published(tmp_path: Path, port: int, nodes: list[dict[str, object]],
                    timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root", str(root),
+    server = subprocess.Popen([*prefix, sys.executable, "-m", "builder", "pxe", "serve", "--root", str(root),
                                "--bind", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     time.sleep(1)
     try:
@@ -80,10 +82,11 @@ def test_artifacts_manifest_matches_files(artifacts: dict[str, object]) -> None:
     listing = subprocess.run(f"zcat {folder / 'initrd.img'} | cpio -it", shell=True, capture_output=True,
                              text=True, check=True).stdout.split()
     for wanted in ("init", "bin/busybox", "lib/modules/virtio_net.ko", "lib/modules/squashfs.ko",
-                   "lib/modules/overlay.ko", "etc/builder/udhcpc.sh"):
+                   "lib/modules/overlay.ko", "etc/builder/udhcpc.sh", "sbin/nft", "etc/protocols",
+                   "lib/modules/nf_tables.ko", "lib/modules/nft_reject_inet.ko"):
         assert wanted in listing, wanted
     files: dict[str, dict[str, int]] = artifacts["files"]  # type: ignore[assignment]
-    assert files["initrd.img"]["size"] < 8_000_000 and files["root.squashfs"]["size"] < 100_000_000
+    assert files["initrd.img"]["size"] < 9_000_000 and files["root.squashfs"]["size"] < 100_000_000
 
 
 @pytest.mark.parametrize("firmware", ["bios", "uefi"])
@@ -163,3 +166,112 @@ def test_netbooted_head_fetches_the_model_and_serves_with_a_worker_on_the_host(
         assert complete(head, timeout=300) == expected
         worker_log = (tmp_path / f"{worker}.log").read_text(errors="replace")
         assert "Accepted client connection" in worker_log, worker_log[-2000:]
+
+
+OUTSIDER = "192.0.2.1"  # TEST-NET-1: an address on the test's own network namespace's loopback, nowhere else
+
+# ggml RPC: | command (1 byte) | size (8 bytes) | data |, answered by | size (8 bytes) | data |. HELLO is command
+# 14 in every version; this protocol (v7) sends 24 bytes of transport capabilities and gets the version back.
+RPC_HELLO = """
+import socket, struct, sys
+for host, port in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            s.sendall(bytes([14]) + struct.pack("<Q", 24) + bytes(24))
+            data = b""
+            while len(data) < 11:
+                more = s.recv(64)
+                if not more:
+                    break
+                data += more
+            print(host, "version", ".".join(str(b) for b in data[8:11]) if len(data) >= 11 else "closed")
+    except OSError as exc:
+        print(host, type(exc).__name__)
+"""
+
+
+@contextmanager
+def network_namespace() -> Iterator[tuple[str, ...]]:
+    """A network namespace of the test's own (nothing outside it is touched): loopback up, plus OUTSIDER on it.
+    Yields the command prefix that runs a program inside it."""
+    holder = subprocess.Popen(["unshare", "--net", "--", "sleep", "1800"])
+    try:
+        own = os.readlink("/proc/self/ns/net")
+        for _ in range(100):
+            if os.readlink(f"/proc/{holder.pid}/ns/net") != own:
+                break
+            time.sleep(0.05)
+        enter = ("nsenter", f"--net=/proc/{holder.pid}/ns/net", "--")
+        subprocess.run([*enter, "ip", "link", "set", "lo", "up"], check=True, timeout=30)
+        subprocess.run([*enter, "ip", "addr", "add", f"{OUTSIDER}/32", "dev", "lo"], check=True, timeout=30)
+        yield enter
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+def test_netbooted_workers_firewall_admits_the_cluster_and_refuses_others(
+    tmp_path: Path, artifacts: dict[str, object]
+) -> None:
+    """One boot, in a network namespace of the test's own. The node's firewall (from the inventory: the control
+    node 10.0.2.2, and the node's own lease) is fetched, checked and loaded before the root, and the worker
+    reaches ready. QEMU forwards two ports to the worker's one RPC port: the guest sees connections to the
+    first (from 127.0.0.1) coming from 10.0.2.2, which the rules admit, and those to the second (from OUTSIDER,
+    not loopback, which QEMU passes through) coming from OUTSIDER, which they do not. The first completes
+    ggml RPC's HELLO; the second is closed at once. A second boot of the same generation with the firewall
+    words taken off its kernel command line (as a generation published before the firewall existed) answers
+    HELLO on both: the refusal is the firewall's, not QEMU's."""
+    console = tmp_path / "console.log"
+    worker = [{"name": "node1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}]
+    outsider = (f"tcp:{OUTSIDER}:50053-:50052",)  # a second host port to the same guest port
+    with network_namespace() as enter, published(tmp_path, 8000, worker, prefix=enter) as root:
+        with node(root / "tftp", MAC, console, forward=(50052, 50052), hostfwd=outsider, prefix=enter) as vm:
+            started = time.monotonic()
+            ready = wait_for(console, r"builder-node: node1 rpc-worker ready on (\S+)", vm, BOOT_SECONDS)
+            booted = time.monotonic() - started
+            assert ready.group(1) == "10.0.2.15:50052"
+            words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
+            digest = next(w for w in words if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
+            assert "elements = { 10.0.2.2 }" in (root / "blobs" / "sha256" / digest).read_text()
+            text = console.read_text(errors="replace")
+            loaded = text.index(f"builder-initrd: firewall loaded: sha256 {digest}")
+            assert loaded < text.index("root image verified")  # before the root, so before any role listens
+            probe = subprocess.run([*enter, sys.executable, "-c", RPC_HELLO, "127.0.0.1", "50052", OUTSIDER,
+                                    "50053"], capture_output=True, text=True, timeout=180)
+            assert probe.returncode == 0, probe.stderr
+            admitted, refused = probe.stdout.splitlines()
+            assert admitted.startswith("127.0.0.1 version 7."), probe.stdout
+            assert refused in (f"{OUTSIDER} closed", f"{OUTSIDER} ConnectionResetError"), probe.stdout
+            print(f"booted to ready in {booted:.0f} s")
+
+        script = root / "current" / "nodes" / "52-54-00-12-34-56.ipxe"
+        script.write_text(re.sub(r" builder\.firewall(_sha256)?=\S+", "", script.read_text()))
+        console.unlink()
+        with node(root / "tftp", MAC, console, forward=(50052, 50052), hostfwd=outsider, prefix=enter) as vm:
+            wait_for(console, r"builder-node: node1 rpc-worker ready", vm, BOOT_SECONDS)
+            assert "builder-initrd: no firewall on the kernel command line" in console.read_text(errors="replace")
+            probe = subprocess.run([*enter, sys.executable, "-c", RPC_HELLO, "127.0.0.1", "50052", OUTSIDER,
+                                    "50053"], capture_output=True, text=True, timeout=180)
+            assert [line.split(" version ")[0] for line in probe.stdout.splitlines()] == ["127.0.0.1", OUTSIDER], \
+                probe.stdout + probe.stderr
+
+
+def test_rules_that_do_not_load_stop_the_node_before_its_role(tmp_path: Path, artifacts: dict[str, object]) -> None:
+    """Fail closed: a ruleset nft refuses (its sha256 matches: the control node published it) is one console line,
+    and the node goes no further: no root, no role, nothing listening."""
+    console = tmp_path / "console.log"
+    worker = [{"name": "node1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}]
+    with published(tmp_path, free_port(), worker) as root:
+        bad = b"table inet builder_cluster {\n    chain input { type filter hook input priority filter; bogus }\n}\n"
+        digest = hashlib.sha256(bad).hexdigest()
+        (root / "blobs" / "sha256" / digest).write_bytes(bad)
+        script = root / "current" / "nodes" / "52-54-00-12-34-56.ipxe"
+        script.write_text(re.sub(r"(builder\.firewall(_sha256)?=\S*?)[0-9a-f]{64}\b", rf"\g<1>{digest}",
+                                 script.read_text()))
+        with node(root / "tftp", MAC, console) as vm:
+            wait_for(console, r"builder-initrd: FATAL: the firewall rules did not load \(.*Error.*\): "
+                     r"the node's role will not start", vm, BOOT_SECONDS)
+            time.sleep(10)  # the node stays where it is
+            text = console.read_text(errors="replace")
+            assert text.count("builder-initrd: FATAL") == 1 and "root image verified" not in text
+            assert "builder-node:" not in text and vm.poll() is None

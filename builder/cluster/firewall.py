@@ -41,10 +41,13 @@ def _ip(value: str | None, where: str, field: str, fix: str) -> ipaddress.IPv4Ad
                           + (f"{value!r} is a name" if value else "none is given"), fix) from None
 
 
-def _allowed(where: str, control: str | None, nodes: list[tuple[int, str, str | None]]) -> list[str]:
+def _allowed(where: str, control: str | None, nodes: list[tuple[int, str, str | None]],
+             every_node: bool = True) -> list[str]:
     allowed = {str(_ip(control, where, "control.address",
                        "give the control node's IP address (it runs the gateway and serves the boot files)"))}
     for i, _name, address in nodes:
+        if not every_node and not address:
+            continue
         allowed.add(str(_ip(address, where, f"nodes[{i}].address",
                             "reserve an IP address for every node in your DHCP server and write it here")))
     return sorted(allowed, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
@@ -71,6 +74,15 @@ def for_inventory(cluster: NetbootCluster, where: str) -> list[Firewall]:
     nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
     allowed = tuple(_allowed(where, cluster.control.address, nodes))
     return [Firewall(n.name, str(n.address), allowed, (n.port or DEFAULT_PORTS[n.role],)) for n in cluster.nodes]
+
+
+def for_netboot(cluster: NetbootCluster, where: str) -> dict[str, Firewall]:
+    """node name -> its firewall, for `pxe publish`. A node without an address leases one: its own rules admit
+    it at boot (the initramfs adds the leased address), but the other nodes' rules cannot name it."""
+    nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
+    allowed = tuple(_allowed(where, cluster.control.address, nodes, every_node=False))
+    return {n.name: Firewall(n.name, str(n.address or "address leased"), allowed, (n.port or DEFAULT_PORTS[n.role],))
+            for n in cluster.nodes}
 
 
 def ruleset(firewall: Firewall, source: str) -> str:

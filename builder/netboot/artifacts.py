@@ -23,6 +23,7 @@ from builder.hostlib import find_driver
 from builder.locks import lock_file, locked
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
+    FIREWALL_MODULES,
     NET_MODULES,
     ROOT_MODULES,
     KernelSpec,
@@ -40,7 +41,7 @@ from builder.recipes import select
 from builder.run import run, run_logged
 from builder.source import sha256_file
 
-NETBOOT_VERSION = "2"  # bump when the artifacts' layout or node scripts' contract changes
+NETBOOT_VERSION = "3"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")
 COMPRESSORS = ("zstd", "xz", "gzip", "lzo", "lz4")
 SET_FILES = (*FILES, "SHA256SUMS", "manifest.json")  # every file name a netboot set may have
@@ -126,7 +127,7 @@ class Squash:
 def _artifact_key(image_id: str, spec: KernelSpec, squash: Squash) -> str:
     scripts = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NODE_SCRIPTS.iterdir())}
     inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "squash": str(squash),
-              "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES]}
+              "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES, *FIREWALL_MODULES]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 

@@ -18,7 +18,7 @@ from builder.locks import lock_file, locked
 from builder.paths import cache_subdir
 from builder.run import run, run_logged
 
-KERNEL_VERSION = "2"  # bump when the way kernel trees are made changes
+KERNEL_VERSION = "4"  # bump when the way kernel trees are made changes
 
 # Loaded by the initramfs: enough to reach the control node and mount the root. Missing ones are skipped,
 # so one list serves every kernel. Ethernet drivers are those of the boards in our clusters (Realtek,
@@ -30,6 +30,10 @@ NET_MODULES = ("virtio_pci", "virtio_net", "e1000", "e1000e", "igb", "igc", "r81
 # (ext4 asks the crypto API for crc32c, which no modprobe can load in the initramfs: load it first)
 ROOT_MODULES = ("loop", "squashfs", "overlay", "dm_mod", "dm_verity", "crc32c_generic", "ext4", "virtio_blk",
                 "nvme", "ahci", "sd_mod")
+# The node's firewall (nftables rules from the inventory), loaded by the initramfs before the role starts. The
+# initramfs has no modprobe, so every module the rules use is loaded up front: nf_tables (sets, meta, payload
+# and the inet family are built in), conntrack for `ct state`, and the reject expressions.
+FIREWALL_MODULES = ("nf_tables", "nft_ct", "nft_reject_inet")
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,9 @@ class KernelSpec:
 
     @property
     def packages(self) -> tuple[str, ...]:
-        # dmsetup opens the root through dm-verity in the initramfs (busybox has no device-mapper applet)
-        return ("linux-image-amd64", "busybox-static", "dmsetup", *self.firmware_packages)
+        # dmsetup opens the root through dm-verity in the initramfs (busybox has no device-mapper applet);
+        # nft loads the node's firewall there (netbase: the /etc/protocols it reads names like icmp from)
+        return ("linux-image-amd64", "busybox-static", "dmsetup", "nftables", "netbase", *self.firmware_packages)
 
 
 _NONFREE = ("main", "non-free-firmware")

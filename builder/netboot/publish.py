@@ -2,13 +2,14 @@
 
     pxe-root/
       blobs/sha256/<hex>          kernels, initrds, root squashfs images, models: by content
-      generations/<id>/           boot.ipxe, nodes/<mac>.ipxe, manifests/, cluster.yaml, generation.json
+      generations/<id>/           boot.ipxe, nodes/<mac>.ipxe and .nft, manifests/, cluster.yaml, nodes.json
       current -> generations/<id> the live generation: one symlink, replaced with rename(2)
       history.json                generations in publish order (rollback goes back along it)
       tftp/                       iPXE binaries and boot.ipxe for PXE ROMs that load over TFTP
 
 Node scripts name blobs by hash, so a node that is booting while `current` switches still gets one
-consistent set of files.
+consistent set of files. Each node's firewall (nftables rules from the inventory, builder/cluster/firewall.py)
+is a blob too: its script names it with its sha256, which the initramfs checks before loading it.
 """
 
 import hashlib
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cleanup import temp_dir, temp_path
+from builder.cluster.firewall import for_netboot, ruleset
 from builder.errors import EngineError, RecipeError, raise_if_stopped
 from builder.locks import locked
 from builder.netboot.inventory import Cluster, Node
-from builder.recipes import select
+from builder.recipes import display_path, select
 
 IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
@@ -71,6 +73,16 @@ def add_blob(root: Path, source: Path, expected: str | None = None) -> str:
     return hexdigest
 
 
+def add_blob_bytes(root: Path, data: bytes) -> str:
+    """Store `data` in blobs/ under its sha256 (a file the node fetches, e.g. its firewall rules)."""
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    hexdigest = hashlib.sha256(data).hexdigest()
+    if not (blobs / hexdigest).is_file():
+        _write_atomic(blobs / hexdigest, data)
+    return hexdigest
+
+
 def _base_url(cluster: Cluster) -> str:
     return f"http://{cluster.control.address}:{cluster.control.http_port}"
 
@@ -89,7 +101,8 @@ def boot_script(cluster: Cluster) -> str:
 
 
 def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], generation_note: str,
-                model_url: str | None, model_sha256: str | None = None, model_size: int = 0) -> str:
+                model_url: str | None, model_sha256: str | None = None, model_size: int = 0,
+                firewall_sha256: str | None = None) -> str:
     base = _base_url(cluster)
     files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
     kernel, initrd, squash = (files[n]["sha256"] for n in ("vmlinuz", "initrd.img", "root.squashfs"))
@@ -100,6 +113,9 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
     if isinstance(verity, dict):
         args += [f"builder.verity={verity['root_hash']}", f"builder.verity_salt={verity['salt']}",
                  f"builder.verity_blocks={verity['data_blocks']}"]
+    if firewall_sha256:
+        args += [f"builder.firewall={base}/blobs/sha256/{firewall_sha256}",
+                 f"builder.firewall_sha256={firewall_sha256}"]
     cache = cluster.cache_of(node)
     if cache:
         args.append(f"builder.cache={cache.device}")
@@ -215,6 +231,7 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
             model_sha256 = add_blob(root, inventory.parent / cluster.model)
             model_size = (inventory.parent / cluster.model).stat().st_size
             model_url = f"{_base_url(cluster)}/blobs/sha256/{model_sha256}"
+    firewalls = for_netboot(cluster, display_path(inventory))
     files_out: dict[str, bytes] = {"boot.ipxe": boot_script(cluster).encode(),
                                    "cluster.yaml": inventory.read_bytes()}
     for key, manifest in manifests.items():
@@ -224,8 +241,12 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
         key = f"{node.target}-{select(node.target, node.variant)[1].name}"
         manifest = manifests[key]
         note = f"image {manifest['image_digest']}"
+        # named after the generation's copy of the inventory: the user's file name never reaches the rules
+        rules = ruleset(firewalls[node.name], "cluster.yaml").encode()
+        files_out[f"nodes/{node.file_stem}.nft"] = rules  # for the reader; the node fetches the blob
         files_out[f"nodes/{node.file_stem}.ipxe"] = node_script(cluster, node, manifest, note, model_url,
-                                                                 model_sha256, model_size).encode()
+                                                                 model_sha256, model_size,
+                                                                 add_blob_bytes(root, rules)).encode()
         nodes[node.name] = {"mac": node.mac, "role": node.role, "artifacts": key}
     files_out["nodes.json"] = (json.dumps(nodes, indent=2, sort_keys=True) + "\n").encode()
     digest = hashlib.sha256()

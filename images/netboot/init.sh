@@ -5,7 +5,9 @@
 # script names), opens it through dm-verity with the script's root hash, mounts it read-only under a tmpfs
 # overlay and hands over to the root's node-init. Bad data is never booted: a download that mismatches is
 # retried, a cached root that fails dm-verity is dropped and fetched again; after builder.retries attempts
-# the node reboots. Without a cache disk the root is held in RAM (tmpfs), as before.
+# the node reboots. Without a cache disk the root is held in RAM (tmpfs), as before. Before any of that, the
+# node's firewall (nftables rules from the inventory, named by sha256 like the root) is fetched, checked and
+# loaded: rules that do not load stop the boot here, so the role never listens unprotected.
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /run /tmp /newroot
 /bin/busybox --install -s
 mount -t devtmpfs devtmpfs /dev
@@ -23,7 +25,7 @@ give_up() {
 }
 
 ROOT_URL="" ROOT_SHA="" ROOT_SIZE=0 RETRIES=5 BOOTIF="" VERITY="" VERITY_SALT="" VERITY_BLOCKS=0
-CACHE="" CACHE_WIPE=0 RAM_SHARE=50 MODEL_SHA="" MODEL_SIZE=0
+CACHE="" CACHE_WIPE=0 RAM_SHARE=50 MODEL_SHA="" MODEL_SIZE=0 FIREWALL_URL="" FIREWALL_SHA=""
 read -r cmdline </proc/cmdline
 for word in $cmdline; do
     case "$word" in
@@ -39,6 +41,8 @@ for word in $cmdline; do
         builder.model_sha256=*) MODEL_SHA=${word#*=} ;;
         builder.model_size=*) MODEL_SIZE=${word#*=} ;;
         builder.retries=*) RETRIES=${word#*=} ;;
+        builder.firewall=*) FIREWALL_URL=${word#*=} ;;
+        builder.firewall_sha256=*) FIREWALL_SHA=${word#*=} ;;
         BOOTIF=*) BOOTIF=${word#*=} ;;
     esac
 done
@@ -78,6 +82,30 @@ done
 # shellcheck disable=SC1091  # written by udhcpc.sh just above
 . /run/builder/net.env
 say "network: $NODE_IFACE $NODE_IP/$NODE_PREFIX"
+
+# The firewall: downloaded with retries and checked against its sha256 (a bad download reboots, as for the
+# root); rules that nft refuses are one line and a node that waits, never starts its role. The rules admit the
+# cluster's addresses from the inventory; the node's own leased address is added here (a node without an
+# address in cluster.yaml leases one, and its own ready check connects from it).
+if [ -n "$FIREWALL_URL" ]; then
+    [ ${#FIREWALL_SHA} -eq 64 ] || give_up "builder.firewall= without builder.firewall_sha256=HEX (64 digits)"
+    rules=/run/builder/firewall.nft
+    attempt=1
+    until got=$(wget -q -O "$rules" "$FIREWALL_URL" && sha256sum "$rules") && [ "${got%% *}" = "$FIREWALL_SHA" ]; do
+        say "firewall rules: download failed or sha256 mismatch (attempt $attempt of $RETRIES)"
+        [ "$attempt" -ge "$RETRIES" ] && give_up "no valid firewall rules after $RETRIES attempts"
+        sleep $((attempt < 5 ? attempt * 2 : 10))
+        attempt=$((attempt + 1))
+    done
+    if ! nft -f "$rules" >/run/builder/nft.log 2>&1 ||
+        ! nft add element inet builder_cluster cluster4 "{ $NODE_IP }" >>/run/builder/nft.log 2>&1; then
+        say "FATAL: the firewall rules did not load ($(grep -m1 -i error /run/builder/nft.log || head -n1 /run/builder/nft.log)): the node's role will not start"
+        while :; do sleep 3600; done
+    fi
+    say "firewall loaded: sha256 $FIREWALL_SHA (new connections only from the cluster's addresses)"
+else
+    say "no firewall on the kernel command line (a generation published before builder made one)"
+fi
 
 # shellcheck disable=SC1091  # in the initramfs
 . /etc/builder/cache.sh
