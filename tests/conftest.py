@@ -1,13 +1,17 @@
 """Shared fixtures: the CLI as a real process, the pinned llama.cpp source, a tiny model, engines."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from builder.build import Prepared, prepare
 from builder.engines import ENGINES
@@ -29,6 +33,23 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+@contextmanager
+def local_cluster(folder: Path, data: dict[str, object], engine: str,
+                  timeout: float) -> Iterator[tuple[Path, str, str]]:
+    """`builder cluster up --local` on a cluster file made of `data` in `folder`, and `down` afterwards.
+    Yields the file, what `up` printed and the gateway's key (read from the file `up` names)."""
+    path = folder / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = run_cli("cluster", "up", "--local", str(path), "--engine", engine, timeout=timeout)
+    try:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        key_file = Path(re.search(r"^key\s+(\S+)", proc.stdout, re.M).group(1))  # type: ignore[union-attr]
+        yield path, proc.stdout, key_file.read_text().strip()
+    finally:
+        down = run_cli("cluster", "down", "--local", str(path), timeout=300)
+        assert down.returncode == 0, down.stderr
 
 
 def free_port() -> int:

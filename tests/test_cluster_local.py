@@ -21,7 +21,7 @@ import yaml
 
 from builder.engines import ENGINES
 from builder.source import sha256_file
-from conftest import free_port, require_engine, require_tool, run_cli
+from conftest import free_port, local_cluster, require_engine, require_tool, run_cli
 from tinymodel import make_tiny_model
 
 pytestmark = pytest.mark.engine
@@ -109,17 +109,8 @@ def cluster(cpu_prepared: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
              "args": ["-t", "1", "-lv", "4"]},
         ],
     }
-    path = folder / "cluster.yaml"
-    path.write_text(yaml.safe_dump(data))
-    proc = run_cli("cluster", "up", "--local", str(path), "--engine", ENGINE, timeout=UP_TIMEOUT)
-    try:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        key_file = Path(re.search(r"^key\s+(\S+)", proc.stdout, re.M).group(1))  # type: ignore[union-attr]
-        yield Cluster(path, f"http://127.0.0.1:{gateway_port}/v1", metrics_port, key_file.read_text().strip(),
-                      ports, proc.stdout)
-    finally:
-        down = run_cli("cluster", "down", "--local", str(path), timeout=300)
-        assert down.returncode == 0, down.stderr
+    with local_cluster(folder, data, ENGINE, UP_TIMEOUT) as (path, printed, key):
+        yield Cluster(path, f"http://127.0.0.1:{gateway_port}/v1", metrics_port, key, ports, printed)
 
 
 def test_up_prints_the_endpoint_and_where_the_key_is(cluster: Cluster) -> None:

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
 
 from builder.source import sha256_file
-from conftest import free_port, require_engine, require_tool, run_cli
+from conftest import free_port, local_cluster, require_engine, require_tool, run_cli
 from tinymodel import make_tiny_model
 
 pytestmark = pytest.mark.engine
@@ -73,16 +72,8 @@ def mixed(cpu_prepared: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
              "args": ["-t", "1", "-lv", "4"]},
         ],
     }
-    path = folder / "cluster.yaml"
-    path.write_text(yaml.safe_dump(data))
-    proc = run_cli("cluster", "up", "--local", str(path), "--engine", ENGINE, timeout=UP_TIMEOUT)
-    try:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        key_file = Path(re.search(r"^key\s+(\S+)", proc.stdout, re.M).group(1))  # type: ignore[union-attr]
-        yield Mixed(path, f"http://127.0.0.1:{gateway_port}/v1", key_file.read_text().strip(), rpc)
-    finally:
-        down = run_cli("cluster", "down", "--local", str(path), timeout=300)
-        assert down.returncode == 0, down.stderr
+    with local_cluster(folder, data, ENGINE, UP_TIMEOUT) as (path, _, key):
+        yield Mixed(path, f"http://127.0.0.1:{gateway_port}/v1", key, rpc)
 
 
 def test_workers_of_different_images_give_the_single_node_text(mixed: Mixed) -> None:
