@@ -19,7 +19,7 @@ from builder.bootstrap import LockedBases
 from builder.ccache_store import CcacheStore
 from builder.errors import RecipeError
 from builder.flavour import BuildArgs, Flavour, Plan, Prepared
-from builder.models import BaseSpec, BuildPlan, ImageBase, Recipe, placeholders_of
+from builder.models import BaseSpec, BuildPlan, ImageBase, Recipe, refuse_placeholders
 from builder.paths import cache_subdir
 from builder.plan import make_plan
 from builder.recipes import RECIPES_DIR, display_path, load_recipe, recipe_path_for
@@ -32,17 +32,6 @@ from builder.source import SourceTree, fetch_file, iter_tree, resolve, resolve_o
 def plan_of(prep: Prepared) -> BuildPlan:
     assert isinstance(prep.plan, BuildPlan), "a llama.cpp image"
     return prep.plan
-
-
-def refuse_placeholders(plan: BuildPlan) -> None:
-    """Recipe fields that still hold the all-zeros placeholder instead of a checked digest or sha256 never build."""
-    found = [p.field for p in placeholders_of(f"variants.{plan.variant}", plan.toolchain, plan.runtime, plan.sdks)]
-    if found:
-        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        raise RecipeError(f"{plan.recipe}: {found[0]}{more}: placeholder pin (all zeros), never checked; "
-                          "refusing to build",
-                          f"where the registry and vendor sites are reachable, `builder pin --target {plan.target}` "
-                          "reads the real values into the recipe (then run `builder lock`)")
 
 
 @contextmanager
@@ -83,7 +72,7 @@ class LlamaCpp(Flavour):
 
     def check(self, prep: Prepared, lock: Path, *, strict: bool) -> None:
         plan = plan_of(prep)
-        refuse_placeholders(plan)
+        refuse_placeholders(plan.recipe, plan.target, plan.variant, plan.toolchain, plan.runtime, plan.sdks)
         # The lock pins the shipped recipes; a recipe file of your own or a local llama.cpp tree is development.
         shipped = prep.source_override is None and prep.recipe_path.resolve().parent == RECIPES_DIR.resolve()
         if strict or shipped:

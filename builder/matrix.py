@@ -9,7 +9,7 @@ CI renders them in a static-check job, so they stay valid without failing every 
 from pathlib import Path
 
 from builder.lock import built_images
-from builder.models import placeholders_of
+from builder.models import VLLM_BASE_FIELDS, placeholders_of
 from builder.recipes import RECIPES_DIR, display_path
 from builder.vllm import load_vllm_recipe, lock_path
 
@@ -32,8 +32,7 @@ def jobs(recipes_dir: Path = RECIPES_DIR) -> tuple[list[Job], list[Job]]:
         vrecipe = load_vllm_recipe(path)
         for variant, vsection in vrecipe.variants.items():
             job = {"flavour": "vllm", "target": vrecipe.target, "variant": variant}
-            bases = (vsection.toolchain or vsection.base, vsection.base)
-            pins = placeholders_of(f"variants.{variant}", *bases, {})
+            pins = placeholders_of(f"variants.{variant}", vsection.toolchain, vsection.base, {}, VLLM_BASE_FIELDS)
             lock = lock_path(path, variant, vsection)
             if pins:
                 render_only.append({**job, "why": f"{display_path(path)}: {pins[0].field}: placeholder pin"})

@@ -7,6 +7,7 @@ from urllib.parse import unquote
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
+from builder.errors import RecipeError
 from builder.targets import DEFAULT_BINARIES
 from builder.types import (
     ArchiveUrl,
@@ -295,21 +296,39 @@ class Placeholder:
     kind: Literal["image", "file", "wheel"]
 
 
-def placeholders_of(where: str, toolchain: BaseSpec, runtime: BaseSpec, sdks: dict[str, SdkSpec]) -> list[Placeholder]:
-    """Every placeholder pin of one variant (`where` is its field path), in recipe order."""
+LLAMA_BASE_FIELDS = ("base.toolchain", "base.runtime")  # where a llama.cpp variant's two bases are
+VLLM_BASE_FIELDS = ("toolchain", "base")  # and a vLLM variant's (its toolchain is optional)
+
+
+def placeholders_of(where: str, toolchain: BaseSpec | None, runtime: BaseSpec, sdks: dict[str, SdkSpec],
+                    fields: tuple[str, str] = LLAMA_BASE_FIELDS) -> list[Placeholder]:
+    """Every placeholder pin of one variant (`where` is its field path, `fields` its bases'), in recipe order."""
     found = []
-    for stage, base in (("toolchain", toolchain), ("runtime", runtime)):
+    for stage, base in zip(fields, (toolchain, runtime), strict=True):
         if not isinstance(base, ImageBase):
             continue
         if parse_image_ref(base.ref).digest == f"sha256:{PLACEHOLDER_SHA256}":
-            found.append(Placeholder(f"{where}.base.{stage}.ref", base.ref.rsplit("@", 1)[0], "image"))
-        found += [Placeholder(f"{where}.base.{stage}.repositories[{i}].key_sha256", repo.key_url, "file")
+            found.append(Placeholder(f"{where}.{stage}.ref", base.ref.rsplit("@", 1)[0], "image"))
+        found += [Placeholder(f"{where}.{stage}.repositories[{i}].key_sha256", repo.key_url, "file")
                   for i, repo in enumerate(base.repositories) if repo.key_sha256 == PLACEHOLDER_SHA256]
-        found += [Placeholder(f"{where}.base.{stage}.debs[{i}].sha256", deb.url, "file")
+        found += [Placeholder(f"{where}.{stage}.debs[{i}].sha256", deb.url, "file")
                   for i, deb in enumerate(base.debs) if deb.sha256 == PLACEHOLDER_SHA256]
     found += [Placeholder(f"{where}.sdks.{name}.sha256", sdk.file, "wheel")
               for name, sdk in sdks.items() if sdk.sha256 == PLACEHOLDER_SHA256]
     return found
+
+
+def refuse_placeholders(recipe: str, target: str, variant: str, toolchain: BaseSpec | None, runtime: BaseSpec,
+                        sdks: dict[str, SdkSpec], fields: tuple[str, str] = LLAMA_BASE_FIELDS) -> None:
+    """Recipe fields that still hold the all-zeros placeholder instead of a checked digest or sha256 never build
+    (either flavour: `builder matrix` asks the same question through `placeholders_of`)."""
+    found = [p.field for p in placeholders_of(f"variants.{variant}", toolchain, runtime, sdks, fields)]
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise RecipeError(f"{recipe}: {found[0]}{more}: placeholder pin (all zeros), never checked; "
+                          "refusing to build",
+                          f"where the registry and vendor sites are reachable, `builder pin --target {target}` "
+                          "reads the real values into the recipe (then run `builder lock`)")
 
 
 class BuildPlan(Strict):

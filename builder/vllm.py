@@ -16,7 +16,7 @@ from builder import PROJECT_ROOT
 from builder.bootstrap import LockedBases, base_ref, host_arch, lock_name
 from builder.errors import LockError, RecipeError
 from builder.flavour import BuildArgs, Flavour, Plan, Prepared
-from builder.models import BaseSpec, BootstrapBase
+from builder.models import VLLM_BASE_FIELDS, BaseSpec, BootstrapBase, refuse_placeholders
 from builder.plan import LABEL_PREFIX, image_labels
 from builder.recipes import choose_variant, display_path, load_yaml, recipe_path_for, select, validated
 from builder.render import content_hash, environment
@@ -234,6 +234,7 @@ class Vllm(Flavour):
 
     def check(self, prep: Prepared, lock: Path, *, strict: bool) -> None:
         plan = plan_of(prep)
+        refuse_placeholders(plan.recipe, plan.target, plan.variant, plan.toolchain, plan.base, {}, VLLM_BASE_FIELDS)
         if not plan.lock_file:  # only locked variants build: every wheel pinned by hash, fetched first
             raise RecipeError(
                 f"{plan.recipe}: variants.{plan.variant}: vLLM for {plan.device} is render-only here: it has no "

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from builder.build import FLAVOURS, build, prepare, recipe_file
 from builder.engines import get_engine
@@ -98,3 +99,16 @@ def test_version_prints_without_a_command() -> None:
     from builder import __version__
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout == f"builder {__version__}\n", proc.stderr
+
+
+def test_library_build_refuses_a_vllm_variant_with_a_placeholder_base(tmp_path: Path) -> None:
+    """The same placeholder rule as llama.cpp's (and `builder matrix`'s), named by the vLLM recipe's own field."""
+    data = yaml.safe_load((ROOT / "recipes" / "vllm" / "cpu.yaml").read_text())
+    data["variants"]["cpu"]["base"] = {"kind": "image", "ref": f"docker.io/library/debian@sha256:{'0' * 64}"}
+    recipe = tmp_path / "vllm" / "cpu.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(yaml.safe_dump(data))
+    shutil.copy(ROOT / "recipes" / "vllm" / "cpu-cpu.lock", recipe.parent)
+    prep = prepare(recipe, flavour=FLAVOURS["vllm"])
+    with pytest.raises(RecipeError, match=r"variants\.cpu\.base\.ref: placeholder pin"):
+        build(prep, get_engine("podman"))
