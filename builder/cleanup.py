@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,6 +115,7 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+@cache  # one availability check per engine and process, not one per entry
 def _engine(name: str) -> "Engine | None":
     from builder.engines import ENGINES  # here: engines import modules that import this one
     make = ENGINES.get(name)
