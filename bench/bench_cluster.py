@@ -201,11 +201,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-cluster.json")
     args = parser.parse_args()
 
-    from builder.build import prepare
+    from builder.build.pipeline import prepare
     from builder.cluster.gateway import gateway_pid
     from builder.engines import ENGINES
-    from builder.recipes import recipe_path_for
-    from builder.source import sha256_file
+    from builder.fetch.source import sha256_file
+    from builder.recipe.load import recipe_path_for
 
     folder = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     vocab = prepare(recipe_path_for("cpu")).tree.path / "models" / "ggml-vocab-llama-spm.gguf"

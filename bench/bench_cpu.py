@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from builder.build import Prepared
+    from builder.build.pipeline import Prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -83,9 +83,9 @@ def main() -> None:
                         help="builds: steps 1-4 only; speed: step 5 only, on the existing image")
     opts = parser.parse_args()
 
-    from builder.build import prepare
-    from builder.paths import cache_dir
-    from builder.recipes import recipe_path_for
+    from builder.build.pipeline import prepare
+    from builder.core.paths import cache_dir
+    from builder.recipe.load import recipe_path_for
 
     main_cache = cache_dir()
     prep = prepare(recipe_path_for("cpu"))  # fetches the pinned source into the main cache once
@@ -113,7 +113,7 @@ def main() -> None:
 
 def measure_builds(opts: argparse.Namespace, results: dict[str, object], prep: "Prepared", work: Path,
                    env: dict[str, str], target: list[str]) -> None:
-    from builder.source import PRUNED
+    from builder.fetch.source import PRUNED
 
     print("1/5 cold build (empty compiler cache, no layer cache) …", flush=True)
     cold, cold_wall = builder("build", *target, "--no-cache", env=env)

@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from builder.core.paths import cache_subdir  # noqa: E402
 from builder.engines import get_engine  # noqa: E402
-from builder.paths import cache_subdir  # noqa: E402
-from builder.recipes import load_recipe, recipe_path_for  # noqa: E402
-from builder.source import resolve  # noqa: E402
+from builder.fetch.source import resolve  # noqa: E402
+from builder.recipe.load import load_recipe, recipe_path_for  # noqa: E402
 from vendor_compile import TOOLCHAINS, compile_backend  # noqa: E402
 
 

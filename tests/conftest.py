@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build import Prepared, prepare
+from builder.build.pipeline import Prepared, prepare
 from builder.engines import ENGINES
-from builder.recipes import recipe_path_for
+from builder.recipe.load import recipe_path_for
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

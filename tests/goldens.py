@@ -13,9 +13,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.recipes import load_recipe
-from builder.targets import TARGETS
-from builder.vllm import VLLM_RECIPES, load_vllm_recipe
+from builder.flavours.vllm import VLLM_RECIPES, load_vllm_recipe
+from builder.recipe.load import load_recipe
+from builder.recipe.targets import TARGETS
 from conftest import ROOT, run_cli
 
 GOLDEN = ROOT / "tests" / "golden"

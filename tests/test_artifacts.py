@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from registry import Registry, start_registry
 
-from builder.artifacts import NETBOOT_FILES, NETBOOT_TYPE, push_artifact
-from builder.registry import RegistryClient, Repository
+from builder.publish.artifacts import NETBOOT_FILES, NETBOOT_TYPE, push_artifact
+from builder.registry.client import RegistryClient, Repository
 from conftest import run_cli
 
 IMAGE_DIGEST = "sha256:" + "ab" * 32

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from test_recipes import assert_one_clear_error
 
-from builder.bootstrap import apt_preferences, base_ref, bootstrap_key, host_arch, lock_name, mmdebstrap_argv
-from builder.models import BootstrapBase, ExtraSuite, Prune
+from builder.fetch.bootstrap import apt_preferences, base_ref, bootstrap_key, host_arch, lock_name, mmdebstrap_argv
+from builder.recipe.models import BootstrapBase, ExtraSuite, Prune
 from conftest import run_cli
 
 
@@ -35,7 +35,7 @@ def test_expired_release_files_do_not_stop_a_sid_bootstrap() -> None:
 
 
 def test_a_locked_base_is_named_by_its_packages_not_by_its_mirror() -> None:
-    from builder.models import LockedBase, LockedDeb
+    from builder.recipe.models import LockedBase, LockedDeb
 
     def locked(version: str) -> LockedBase:
         deb = LockedDeb(name="libgomp1", version=version, arch="amd64", suite="sid", priority="optional",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import requests
 
-from builder.ccache_store import CcacheStore
+from builder.fetch.ccache import CcacheStore
 from conftest import require_tool
 
 

@@ -188,7 +188,7 @@ def test_max_request_sets_the_gateway_buffer(tmp_path: Path) -> None:
 def test_a_key_file_with_spaces_is_refused(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("two words\n")
     loaded = load_cluster(cluster_file(tmp_path, gateway={"key_file": "key"}))
-    from builder.errors import RecipeError
+    from builder.core.errors import RecipeError
     with pytest.raises(RecipeError, match="gateway.key_file: .* must hold one key without spaces"):
         write_gateway(loaded, tmp_path, "127.0.0.1", {n: "127.0.0.1" for n in "abcd"})
 

@@ -20,7 +20,7 @@ import requests
 import yaml
 
 from builder.engines import ENGINES
-from builder.source import sha256_file
+from builder.fetch.source import sha256_file
 from conftest import free_port, local_cluster, require_engine, require_tool, run_cli
 from tinymodel import make_tiny_model
 

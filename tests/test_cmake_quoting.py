@@ -14,10 +14,10 @@ import pytest
 import yaml
 from test_recipes import assert_one_clear_error, with_change, write_recipe
 
-from builder.models import SourceInfo
-from builder.plan import make_plan
-from builder.recipes import load_recipe, recipe_path_for
-from builder.render import render_files
+from builder.plan.make import make_plan
+from builder.recipe.load import load_recipe, recipe_path_for
+from builder.recipe.models import SourceInfo
+from builder.render.context import render_files
 from conftest import run_cli
 
 SCRIPT = "/usr/local/lib/builder/build-llama.sh"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.doctor import diagnose
-from builder.recipes import select
+from builder.recipe.load import select
+from builder.use.doctor import diagnose
 from conftest import run_cli
 
 GOOD_STRIX_CMDLINE = "BOOT_IMAGE=/vmlinuz root=/dev/nvme0n1p2 amdgpu.gttsize=126976 ttm.pages_limit=32505856 iommu=pt"

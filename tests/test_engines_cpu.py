@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from builder.core.paths import cache_dir
 from builder.engines import ENGINES
-from builder.paths import cache_dir
 from conftest import ROOT, free_port, require_engine, run_cli
 from containers import complete, container, wait_healthy
 
@@ -145,10 +145,10 @@ def test_base_pinned_by_digest_is_used_as_given(tmp_path: Path) -> None:
     require_engine("podman")
     import yaml
 
-    from builder.bootstrap import base_ref, ensure_base
     from builder.engines.podman import PodmanEngine
-    from builder.lock import locked_bases
-    from builder.recipes import load_recipe, recipe_path_for
+    from builder.fetch.bootstrap import base_ref, ensure_base
+    from builder.flavours.lock import locked_bases
+    from builder.recipe.load import load_recipe, recipe_path_for
 
     recipe = load_recipe(recipe_path_for("cpu"))
     engine = PodmanEngine()

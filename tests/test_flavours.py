@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build import FLAVOURS, build, prepare, recipe_file
+from builder.build.pipeline import FLAVOURS, build, prepare, recipe_file
+from builder.core.errors import LockError, RecipeError
 from builder.engines import get_engine
-from builder.errors import LockError, RecipeError
-from builder.publish import publish
-from builder.registry import Repository
+from builder.publish.image import publish
+from builder.registry.client import Repository
 from conftest import ROOT, run_cli
 
 VERBS = [["plan"], ["render"], ["build"], ["publish"], ["sbom"], ["lock"], ["run"], ["schema"],

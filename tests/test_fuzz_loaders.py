@@ -20,16 +20,16 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from builder import lock as lockfile
-from builder.errors import BuilderError
-from builder.models import SourceInfo
+from builder.core.errors import BuilderError
+from builder.fetch.wheels import parse_lock
+from builder.flavours import lock as lockfile
+from builder.flavours.vllm import load_vllm_recipe, make_vllm_plan, render_vllm_files
 from builder.netboot.inventory import load_inventory
 from builder.netboot.publish import boot_script, node_script
-from builder.plan import make_plan
-from builder.recipes import load_recipe
-from builder.render import render_files
-from builder.vllm import load_vllm_recipe, make_vllm_plan, render_vllm_files
-from builder.wheels import parse_lock
+from builder.plan.make import make_plan
+from builder.recipe.load import load_recipe
+from builder.recipe.models import SourceInfo
+from builder.render.context import render_files
 from conftest import ROOT, run_cli
 from hostile import CPU, VLLM_CPU
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.locks import locked
+from builder.core.locks import locked
 from builder.netboot.publish import current_id
 from conftest import ROOT, run_cli
 

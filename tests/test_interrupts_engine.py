@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builder.core.paths import cache_subdir
 from builder.engines.podman import PodmanEngine
-from builder.paths import cache_subdir
 from conftest import ROOT, require_engine, run_cli
 
 pytestmark = pytest.mark.engine

@@ -28,9 +28,9 @@ import requests
 import yaml
 from registry import Registry, start_registry
 
-from builder.artifacts import check_netboot
+from builder.core.paths import cache_dir
 from builder.engines.podman import PodmanEngine
-from builder.paths import cache_dir
+from builder.publish.artifacts import check_netboot
 from conftest import ROOT, require_engine, run_cli
 
 pytestmark = pytest.mark.engine

@@ -7,8 +7,8 @@ import pytest
 
 from builder.engines.docker import DockerEngine
 from builder.engines.podman import PodmanEngine
-from builder.launch import container_argv
-from builder.targets import Host
+from builder.recipe.targets import Host
+from builder.use.launch import container_argv
 from conftest import require_engine, run_cli
 
 
@@ -62,7 +62,7 @@ def test_device_flags_give_devices_by_group_id_security_and_env(tmp_path: Path) 
 
 
 def test_cpu_variant_needs_no_device_flags() -> None:
-    from builder.recipes import select
+    from builder.recipe.load import select
 
     assert DockerEngine().device_flags(select("cpu", None)[1].host) == []
 

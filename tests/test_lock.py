@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.registry import Repository, find_credentials
-from builder.sbom import parse_dpkg_status
+from builder.publish.sbom import parse_dpkg_status
+from builder.registry.client import Repository, find_credentials
 from conftest import ROOT, run_cli
 
 

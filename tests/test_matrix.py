@@ -5,8 +5,8 @@ import re
 import shutil
 from pathlib import Path
 
-from builder.lock import built_images
-from builder.vllm import load_vllm_recipe
+from builder.flavours.lock import built_images
+from builder.flavours.vllm import load_vllm_recipe
 from conftest import ROOT, run_cli
 
 ZEROS = "0" * 64

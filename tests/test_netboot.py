@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from builder.errors import RecipeError
+from builder.core.errors import RecipeError
 from builder.netboot import cpio
 from builder.netboot.artifacts import require_driver
 from builder.netboot.inventory import load_inventory

@@ -7,7 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from builder.oci import LAYER_GZIP, layout_from_docker_archive, read_layout
+from builder.engines.oci import LAYER_GZIP, layout_from_docker_archive, read_layout
 
 
 def _tar_with(name: str, data: bytes) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from registry import start_registry
 
-from builder.registry import RegistryClient, Repository
+from builder.registry.client import RegistryClient, Repository
 from conftest import run_cli
 
 ZEROS = "0" * 64

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from builder.bootstrap import lock_name, locked_argv
-from builder.debian import apt_sources, resolve
-from builder.debstore import DebStore, write_repository
-from builder.errors import LockError
-from builder.models import BootstrapBase, LockedBase, LockedDeb
-from builder.plan import runtime_base
-from builder.recipes import load_recipe
-from builder.run import run
+from builder.core.errors import LockError
+from builder.core.run import run
+from builder.fetch.bootstrap import lock_name, locked_argv
+from builder.fetch.debian import apt_sources, resolve
+from builder.fetch.debstore import DebStore, write_repository
+from builder.plan.make import runtime_base
+from builder.recipe.load import load_recipe
+from builder.recipe.models import BootstrapBase, LockedBase, LockedDeb
 from conftest import ROOT, require, require_engine, require_tool, run_cli
 
 # name, version, fields: a minbase in miniature (Essential, Priority required, apt) and a package with a library.

@@ -15,8 +15,8 @@ import pytest
 import requests
 from registry import Proxy, Registry, start_registry
 
-from builder.paths import cache_dir
-from builder.registry import ATTEMPTS
+from builder.core.paths import cache_dir
+from builder.registry.client import ATTEMPTS
 from conftest import require_engine, run_cli
 
 pytestmark = pytest.mark.engine

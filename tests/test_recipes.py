@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import recipes
-from builder.errors import RecipeError
-from builder.targets import STATES, TARGETS
+from builder.core.errors import RecipeError
+from builder.recipe import load as recipes
+from builder.recipe.targets import STATES, TARGETS
 from conftest import ROOT, run_cli
 
 CPU = yaml.safe_load((ROOT / "recipes" / "cpu.yaml").read_text())

@@ -16,9 +16,9 @@ import requests
 from registry import Proxy, Registry, start_registry
 from test_artifacts import netboot_set
 
-import builder.registry as registry_module
-from builder.artifacts import NETBOOT_FILES
-from builder.registry import RegistryClient, Repository, sha256_digest
+import builder.registry.client as registry_module
+from builder.publish.artifacts import NETBOOT_FILES
+from builder.registry.client import RegistryClient, Repository, sha256_digest
 from conftest import require_tool, run_cli
 from servers import ConnectProxy, Reply, TokenService, make_ca
 

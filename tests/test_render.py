@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 import goldens
-from builder.build import Prepared
-from builder.llama import stage_source
-from builder.models import SourceInfo
-from builder.plan import make_plan
-from builder.recipes import load_recipe, recipe_path_for
-from builder.render import fingerprint, render_files
+from builder.build.pipeline import Prepared
+from builder.flavours.llama import stage_source
+from builder.plan.make import make_plan
+from builder.recipe.load import load_recipe, recipe_path_for
+from builder.recipe.models import SourceInfo
+from builder.render.context import fingerprint, render_files
 from conftest import ROOT, run_cli
 
 GOLDEN = goldens.GOLDEN

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from builder.bootstrap import ensure_base
-from builder.build import Prepared
+from builder.build.pipeline import Prepared
 from builder.engines import ENGINES
-from builder.models import DebFile, ImageBase, SourceInfo
-from builder.plan import make_plan
-from builder.recipes import load_recipe, recipe_path_for
-from builder.sbom import make_sbom, parse_contents, read_contents
+from builder.fetch.bootstrap import ensure_base
+from builder.plan.make import make_plan
+from builder.publish.sbom import make_sbom, parse_contents, read_contents
+from builder.recipe.load import load_recipe, recipe_path_for
+from builder.recipe.models import DebFile, ImageBase, SourceInfo
 from conftest import require_engine, run_cli
 
 UBUNTU_OS_RELEASE = """PRETTY_NAME="Ubuntu 24.04.1 LTS"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import RecipeError, SourceError
-from builder.llama import stage_sdks
-from builder.models import SourceInfo, WheelSdk
-from builder.plan import make_plan
-from builder.recipes import load_recipe, recipe_path_for
-from builder.sdk import fetch_wheel, pip_download_argv, unpacked
+from builder.core.errors import RecipeError, SourceError
+from builder.fetch.sdk import fetch_wheel, pip_download_argv, unpacked
+from builder.flavours.llama import stage_sdks
+from builder.plan.make import make_plan
+from builder.recipe.load import load_recipe, recipe_path_for
+from builder.recipe.models import SourceInfo, WheelSdk
 
 FILE = "demo_sdk-1.2.3-45-cp311-cp311-manylinux_2_28_x86_64.whl"
 

@@ -12,9 +12,9 @@ import subprocess
 
 import pytest
 
-from builder.bootstrap import ensure_base
 from builder.engines.podman import PodmanEngine
-from builder.recipes import load_recipe, recipe_path_for
+from builder.fetch.bootstrap import ensure_base
+from builder.recipe.load import load_recipe, recipe_path_for
 from conftest import ROOT, require_engine
 
 pytestmark = pytest.mark.engine

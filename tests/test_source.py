@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import SourceError
-from builder.models import ArchiveSource, GitSource
-from builder.source import find_llama_root, resolve, resolve_override
+from builder.core.errors import SourceError
+from builder.fetch.source import find_llama_root, resolve, resolve_override
+from builder.recipe.models import ArchiveSource, GitSource
 
 
 def make_tree(root: Path, marker: str = "1") -> Path:

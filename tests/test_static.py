@@ -15,8 +15,8 @@ import dockerfile
 import pytest
 
 import goldens
-from builder.bootstrap import BASE_REPOSITORY
-from builder.render import STAGED_AT_BUILD
+from builder.fetch.bootstrap import BASE_REPOSITORY
+from builder.render.context import STAGED_AT_BUILD
 from conftest import require_tool
 
 CONTEXTS = sorted(goldens.folders())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import Prepared
+from builder.build.pipeline import Prepared
 from builder.engines.podman import PodmanEngine
 from conftest import require_engine
 from vendor_compile import TOOLCHAINS, compile_backend

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from test_recipes import assert_one_clear_error, write_recipe
 
-from builder.targets import TARGETS
+from builder.recipe.targets import TARGETS
 from conftest import free_port, require_engine, run_cli
 
 ZEROS = "0" * 64

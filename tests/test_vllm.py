@@ -10,8 +10,8 @@ import requests
 import yaml
 
 import goldens
-from builder.vllm import VLLM_RECIPES, load_vllm_recipe
-from builder.wheels import Wheelhouse
+from builder.fetch.wheels import Wheelhouse
+from builder.flavours.vllm import VLLM_RECIPES, load_vllm_recipe
 from conftest import ROOT, require_engine, run_cli
 
 ENTRYPOINT = ROOT / "images" / "vllm" / "scripts" / "entrypoint.sh"

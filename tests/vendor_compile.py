@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.bootstrap import ensure_base
+from builder.core.paths import cache_subdir
 from builder.engines import Engine
-from builder.models import BootstrapBase
-from builder.paths import cache_subdir
-from builder.recipes import load_recipe, recipe_path_for, select
-from builder.source import SourceTree
-from builder.targets import COMMON_CMAKE
+from builder.fetch.bootstrap import ensure_base
+from builder.fetch.source import SourceTree
+from builder.recipe.load import load_recipe, recipe_path_for, select
+from builder.recipe.models import BootstrapBase
+from builder.recipe.targets import COMMON_CMAKE
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "images" / "scripts" / "build-llama.sh"

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cluster.model import Loaded, load_cluster
-from builder.errors import RecipeError
+from builder.core.errors import RecipeError
 from builder.netboot.inventory import DEFAULT_PORTS, load_inventory
 from builder.netboot.inventory import Cluster as NetbootCluster
-from builder.recipes import display_path, load_yaml
+from builder.recipe.load import display_path, load_yaml
 
 TABLE = "builder_cluster"
 

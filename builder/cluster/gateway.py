@@ -18,8 +18,8 @@ from pathlib import Path
 import requests
 
 from builder.cluster.model import Loaded
-from builder.errors import BuilderError, RecipeError
-from builder.run import run
+from builder.core.errors import BuilderError, RecipeError
+from builder.core.run import run
 
 # The whole request body must fit HAProxy's buffer (gateway.max_request, 1 MiB by default) to be routed by
 # `model` (and retried): 1 MiB holds the prompts of long-context agents; a larger body is refused with 413

@@ -11,11 +11,11 @@ from typing import Literal
 
 from pydantic import ByteSize, Field
 
-from builder.errors import RecipeError
-from builder.models import Strict
+from builder.core.errors import RecipeError
+from builder.core.types import EnvName, KernelArg, OneLine, http_url
 from builder.netboot.inventory import Control, Node
-from builder.recipes import display_path, load_yaml, select, validated
-from builder.types import EnvName, KernelArg, OneLine, http_url
+from builder.recipe.load import display_path, load_yaml, select, validated
+from builder.recipe.models import Strict
 
 # A service name reaches HAProxy's config, JSON answers and container names: keep it to plain characters.
 SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

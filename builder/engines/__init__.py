@@ -2,10 +2,10 @@
 
 from collections.abc import Callable
 
+from builder.core.errors import EngineError
 from builder.engines.base import Engine, ImageInfo
 from builder.engines.docker import DockerEngine
 from builder.engines.podman import PodmanEngine
-from builder.errors import EngineError
 
 ENGINES: dict[str, Callable[[], Engine]] = {"podman": PodmanEngine, "docker": DockerEngine}
 ENGINE_CHOICES = ("auto", *ENGINES)

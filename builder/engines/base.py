@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from builder.targets import Host
+from builder.recipe.targets import Host
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ import secrets
 import shutil
 from pathlib import Path
 
-from builder.cleanup import forget_container, record_container, temp_path
-from builder.hostlib import driver_volumes
-from builder.run import LOCAL_TIMEOUT, run, run_logged
-from builder.targets import Host
+from builder.core.cleanup import forget_container, record_container, temp_path
+from builder.core.run import LOCAL_TIMEOUT, run, run_logged
+from builder.engines.host import driver_volumes
+from builder.recipe.targets import Host
 
 
 class CliEngine:

@@ -6,10 +6,10 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from builder.core.run import run
 from builder.engines.base import ImageInfo
 from builder.engines.cli import CliEngine
-from builder.oci import layout_from_docker_archive
-from builder.run import run
+from builder.engines.oci import layout_from_docker_archive
 
 
 class DockerEngine(CliEngine):

@@ -9,9 +9,9 @@ import shutil
 from functools import cache
 from pathlib import Path
 
+from builder.core.run import run
 from builder.engines.base import ImageInfo
 from builder.engines.cli import CliEngine
-from builder.run import run
 
 # Podman raises these limits in every container by default; a host with lower hard limits (and no
 # CAP_SYS_RESOURCE) makes the OCI runtime fail with "setrlimit: Operation not permitted".

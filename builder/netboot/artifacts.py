@@ -16,11 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.cleanup import temp_path
+from builder.core.cleanup import temp_path
+from builder.core.errors import BuilderError, EngineError, RecipeError
+from builder.core.locks import lock_file, locked
+from builder.core.paths import cache_subdir
+from builder.core.run import run, run_logged
 from builder.engines import Engine, ImageInfo
-from builder.errors import BuilderError, EngineError, RecipeError
-from builder.hostlib import find_driver
-from builder.locks import lock_file, locked
+from builder.engines.host import find_driver
+from builder.fetch.source import sha256_file
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
     FIREWALL_MODULES,
@@ -36,10 +39,7 @@ from builder.netboot.kernels import (
     version_tuple,
 )
 from builder.netboot.modules import load_order, module_bytes, plain_name
-from builder.paths import cache_subdir
-from builder.recipes import select
-from builder.run import run, run_logged
-from builder.source import sha256_file
+from builder.recipe.load import select
 
 NETBOOT_VERSION = "3"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")

@@ -7,7 +7,7 @@ loader beside it, found in the extracted kernel tree.
 import struct
 from pathlib import Path
 
-from builder.errors import EngineError
+from builder.core.errors import EngineError
 
 _DT_NEEDED, _SHT_DYNAMIC = 1, 6
 

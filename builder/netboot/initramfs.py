@@ -10,12 +10,12 @@ find, check and format the node's cache disk.
 
 from pathlib import Path
 
-from builder.errors import EngineError
+from builder.core.errors import EngineError
 from builder.netboot import cpio
 from builder.netboot.elf import closure
 from builder.netboot.kernels import FIREWALL_MODULES, NET_MODULES, ROOT_MODULES, busybox
 from builder.netboot.modules import load_order, module_bytes, plain_name
-from builder.render import IMAGES_DIR
+from builder.render.context import IMAGES_DIR
 
 NODE_SCRIPTS = IMAGES_DIR / "netboot"
 

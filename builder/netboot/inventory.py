@@ -6,11 +6,11 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator
 
-from builder.errors import RecipeError
-from builder.models import Strict
+from builder.core.errors import RecipeError
+from builder.core.types import Address, CacheDevice, HostName, InterfaceName, Ipv4, KernelArg, http_url, one_line
 from builder.netboot.kernels import KERNELS
-from builder.recipes import display_path, load_yaml, select, validated
-from builder.types import Address, CacheDevice, HostName, InterfaceName, Ipv4, KernelArg, http_url, one_line
+from builder.recipe.load import display_path, load_yaml, select, validated
+from builder.recipe.models import Strict
 
 _MAC = re.compile(r"([0-9a-f]{2})([:-][0-9a-f]{2}){5}")
 DEFAULT_PORTS = {"head": 8080, "rpc-worker": 50052}

@@ -4,10 +4,10 @@ import gzip
 import lzma
 from pathlib import Path
 
-from builder.cleanup import temp_dir
-from builder.errors import CommandError, EngineError
-from builder.paths import cache_subdir
-from builder.run import run
+from builder.core.cleanup import temp_dir
+from builder.core.errors import CommandError, EngineError
+from builder.core.paths import cache_subdir
+from builder.core.run import run
 
 _SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 

@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.cleanup import temp_dir, temp_path
 from builder.cluster.firewall import for_netboot, ruleset
-from builder.errors import EngineError, RecipeError, raise_if_stopped
-from builder.locks import locked
+from builder.core.cleanup import temp_dir, temp_path
+from builder.core.errors import EngineError, RecipeError, raise_if_stopped
+from builder.core.locks import locked
 from builder.netboot.inventory import Cluster, Node
-from builder.recipes import display_path, select
+from builder.recipe.load import display_path, select
 
 IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")

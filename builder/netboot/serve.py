@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from builder.errors import CommandError, EngineError, RecipeError
+from builder.core.errors import CommandError, EngineError, RecipeError
+from builder.core.run import run
 from builder.netboot.inventory import Cluster
-from builder.run import run
 
 SERVED = ("/current/", "/blobs/sha256/", "/tftp/")
 

@@ -1,0 +1,123 @@
+"""`builder cluster …`: bring a cluster file's services up behind one gateway, look at them, take them down."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from builder.cluster import firewall as node_firewall
+from builder.cluster import local
+from builder.cluster.model import Loaded, load_cluster
+from builder.core.errors import RecipeError
+from builder.engines import ENGINE_CHOICES
+
+cluster_app = typer.Typer(help="Services of a cluster file behind one OpenAI-compatible gateway.",
+                          no_args_is_help=True)
+
+InventoryArg = Annotated[Path, typer.Argument(help="The cluster file (cluster.yaml) with services:.")]
+LocalOpt = Annotated[bool, typer.Option("--local", help="Every node a container on this machine (127.0.0.11, …).")]
+EngineOpt = Annotated[str | None, typer.Option(
+    "--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)} (default: the one `up` used).")]
+
+
+def _loaded(inventory: Path, is_local: bool) -> Loaded:
+    loaded = load_cluster(inventory)
+    if not is_local:
+        raise RecipeError("builder cluster: only --local is supported yet (every node on this machine)",
+                          "add --local; netbooted nodes get their roles from `builder pxe publish`")
+    for warning in loaded.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    return loaded
+
+
+@cluster_app.command()
+def up(
+    inventory: InventoryArg,
+    is_local: LocalOpt = False,
+    engine: EngineOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every server to be healthy.")] = 180,
+) -> None:
+    """Start every service's servers and RPC workers and the gateway; print the endpoint and the key's file.
+
+    Running it again starts only what is not running. If it fails, what it started is removed again.
+    """
+    loaded = _loaded(inventory, is_local)
+    started = local.up(loaded, engine, timeout, lambda line: typer.echo(line, err=True))
+    document = local.status(loaded, engine)
+    gateway: dict[str, str] = document["gateway"]  # type: ignore[assignment]
+    typer.echo(f"endpoint  {gateway['endpoint']}")
+    typer.echo(f"key       {gateway['key_file']}  (send Authorization: Bearer $(cat FILE))")
+    typer.echo(f"models    {', '.join(s.name for s in loaded.cluster.services)}")
+    typer.echo(f"metrics   {gateway['metrics']}")
+    typer.echo(f"state     {started.state}")
+
+
+@cluster_app.command()
+def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt = None) -> None:
+    """Remove the cluster's containers and stop its gateway (the API key is kept for the next `up`)."""
+    removed = local.down(_loaded(inventory, is_local), engine)
+    typer.echo(f"removed {', '.join(removed)}" if removed else "nothing was running")
+
+
+@cluster_app.command()
+def status(
+    inventory: InventoryArg,
+    is_local: LocalOpt = False,
+    engine: EngineOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Every service, its servers and workers, and their health as the gateway sees it."""
+    document = local.status(_loaded(inventory, is_local), engine)
+    if as_json:
+        typer.echo(json.dumps(document, indent=2))
+        return
+    gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
+    typer.echo(f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}")
+    for service in document["services"]:  # type: ignore[attr-defined]
+        typer.echo(f"service  {service['name']} ({service['topology']})")
+        for p in service["processes"]:
+            extra = f"  {p['active']} active, {p['requests']} served" if "requests" in p else ""
+            typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} "
+                       f"container {p['container']}{extra}")
+
+
+@cluster_app.command()
+def logs(
+    inventory: InventoryArg,
+    is_local: LocalOpt = False,
+    engine: EngineOpt = None,
+    only: Annotated[str | None, typer.Argument(help="Only containers whose name contains this (node, service).")
+                    ] = None,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines per container.")] = 50,
+) -> None:
+    """The last lines of every server's and worker's output."""
+    local.logs(_loaded(inventory, is_local), engine, only, lines)
+
+
+@cluster_app.command()
+def firewall(
+    inventory: InventoryArg,
+    node: Annotated[str | None, typer.Option("--node", help="Print this node's rules.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write NODE.nft for every node into this folder.")
+                   ] = None,
+) -> None:
+    """nftables rules for every compute node: new connections only from the cluster's addresses.
+
+    Load one on its node with `nft -f NODE.nft` (it replaces builder's own table, no other rule).
+    """
+    found = node_firewall.firewalls(inventory)
+    if (node is None) == (out is None):
+        raise RecipeError("builder cluster firewall: give --node NAME (print its rules) or --out DIR (every node)",
+                          f"nodes: {', '.join(f.node for f in found)}")
+    if node is not None:
+        chosen = [f for f in found if f.node == node]
+        if not chosen:
+            raise RecipeError(f"{inventory}: no node named {node!r}", f"nodes: {', '.join(f.node for f in found)}")
+        typer.echo(node_firewall.ruleset(chosen[0], inventory.name), nl=False)
+        return
+    assert out is not None
+    out.mkdir(parents=True, exist_ok=True)
+    for rules in found:
+        (out / f"{rules.node}.nft").write_text(node_firewall.ruleset(rules, inventory.name))
+    typer.echo(f"wrote {', '.join(f'{f.node}.nft' for f in found)} to {out}")

@@ -1,0 +1,40 @@
+"""Options and helpers the `builder` verbs share (cli.py, cli_run.py)."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from builder.build.flavour import Prepared
+from builder.build.pipeline import FLAVOURS, flavour_named, prepare, recipe_file
+from builder.engines import ENGINE_CHOICES
+from builder.flavours import lock as lockfile
+from builder.flavours.llama import LLAMA_CPP
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name: picks recipes/NAME.yaml.")]
+RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Any recipe file instead of --target.")]
+VariantOpt = Annotated[str | None, typer.Option("--variant", help="Variant of the target (default: its first).")]
+SourceOpt = Annotated[
+    str | None,
+    typer.Option("--llama-cpp-source", metavar="PATH_OR_ARCHIVE",
+                 help="A local llama.cpp tree or tar archive instead of the recipe's pinned source."),
+]
+EngineOpt = Annotated[
+    str, typer.Option("--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)}.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+LockOpt = Annotated[Path, typer.Option("--lock", help="The lock file (default: builder.lock of the project).")]
+FlavourOpt = Annotated[
+    str, typer.Option("--flavour", help=f"What the image serves with: {', '.join(FLAVOURS)} (recipes/vllm/).")
+]
+DEFAULT_FLAVOUR = LLAMA_CPP.name
+
+
+def prepared(flavour: str, target: str | None, recipe: Path | None, variant: str | None,
+             source: str | None = None, lock: Path = lockfile.LOCK_FILE) -> Prepared:
+    """The image that --flavour, --target/--recipe and --variant name, planned and rendered."""
+    chosen = flavour_named(flavour)
+    return prepare(recipe_file(target, recipe, chosen), variant, source, lock, chosen)

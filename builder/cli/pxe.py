@@ -1,0 +1,200 @@
+"""`builder pxe …`: netboot artifacts, registries (push, pull), generations in pxe-root/, the control node's servers."""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from builder.build.pipeline import build, flavour_named, prepare, recipe_file
+from builder.cli.common import EngineOpt, FlavourOpt
+from builder.cluster.firewall import for_netboot
+from builder.core.cleanup import remove_path
+from builder.core.errors import Stopped
+from builder.core.locks import lock_file, locked
+from builder.core.run import start_server, stop
+from builder.engines import get_engine
+from builder.flavours.llama import LLAMA_CPP
+from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
+from builder.netboot.inventory import load_inventory
+from builder.netboot.kernels import kernel_spec
+from builder.netboot.publish import generations, publish, rollback
+from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
+from builder.publish.artifacts import pull_netboot, push_netboot
+from builder.recipe.load import display_path, select
+from builder.registry.client import Repository
+
+pxe_app = typer.Typer(help="Netboot compute nodes: build boot artifacts, publish generations, serve them.",
+                      no_args_is_help=True)
+
+RootOpt = Annotated[Path, typer.Option("--root", help="The pxe-root folder the control node serves.")]
+CompressionOpt = Annotated[str, typer.Option(help="squashfs compression: zstd, zstd:LEVEL, xz, gzip, lz4, lzo.")]
+
+
+def _artifacts(engine_name: str, target: str, variant: str | None, compression: str,
+               out: Path | None = None, flavour: str = LLAMA_CPP.name) -> tuple[Path, dict[str, object]]:
+    spec = kernel_spec(target)
+    squash = Squash.parse(compression)
+    engine = get_engine(engine_name)
+    chosen = flavour_named(flavour)
+    prep = prepare(recipe_file(target, None, chosen), variant, flavour=chosen)
+    result = build(prep, engine)
+    typer.echo(f"image   {result.ref} ({'built' if result.built else 'up to date'})", err=True)
+    return build_artifacts(engine, result.ref, prep.plan.target, prep.plan.variant, spec, squash, out)
+
+
+@pxe_app.command("build")
+def build_cmd(
+    target: Annotated[str, typer.Option("--target", "-t", help="Target whose image nodes boot.")],
+    variant: Annotated[str | None, typer.Option(help="Variant (default: the target's default).")] = None,
+    engine: EngineOpt = "auto",
+    compression: CompressionOpt = "zstd",
+    out: Annotated[Path | None, typer.Option(help="Write the artifacts here (default: the cache).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    flavour: FlavourOpt = LLAMA_CPP.name,
+) -> None:
+    """Make the netboot flavour of a target's image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS, manifest.json.
+
+    The image is built first if needed. The kernel comes from Debian's packages (suite per target);
+    the root is the image's filesystem plus node-init and the accelerator's modules and firmware.
+    """
+    folder, manifest = _artifacts(engine, target, variant, compression, out, flavour)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    files: dict[str, dict[str, object]] = manifest["files"]  # type: ignore[assignment]
+    typer.echo(f"folder  {folder}")
+    typer.echo(f"image   {manifest['image_digest']}")
+    typer.echo(f"kernel  {manifest['kernel_version']} (Debian {manifest['kernel_suite']})")
+    for name, entry in files.items():
+        typer.echo(f"{name:<14}{int(str(entry['size'])) / 1e6:8.1f} MB  sha256 {entry['sha256']}")
+    verity = manifest.get("verity")
+    if isinstance(verity, dict):
+        typer.echo(f"verity  root hash {verity['root_hash']} ({verity['data_blocks']} data blocks of 4 KiB)")
+
+
+@pxe_app.command("publish")
+def publish_cmd(
+    inventory: Annotated[Path, typer.Option(help="The cluster inventory (cluster.yaml).")],
+    root: RootOpt = Path("pxe-root"),
+    keep: Annotated[int, typer.Option(help="Previous generations to keep for rollback.")] = 3,
+    engine: EngineOpt = "auto",
+    compression: CompressionOpt = "zstd",
+    pulled: Annotated[Path | None, typer.Option(
+        "--artifacts", help="Use netboot sets pulled here by `builder pxe pull` (DIR/TARGET-VARIANT) "
+        "instead of building images on this machine.")] = None,
+) -> None:
+    """Write a new generation for the inventory into pxe-root/ and make it current (atomically).
+
+    Each node gets nodes/<mac>.ipxe carrying its role and settings on the kernel command line, and its
+    firewall (nftables rules admitting the cluster's addresses only) as nodes/<mac>.nft.
+    Every file is checked against its manifest's sha256 on the way in.
+    """
+    cluster = load_inventory(inventory)
+    for_netboot(cluster, display_path(inventory))  # an address nft would refuse stops here, before any build
+    for node in cluster.nodes:
+        if not node.address and len(cluster.nodes) > 1:
+            typer.echo(f"note: {node.name} has no address in {display_path(inventory)}: it admits its own lease, "
+                       "but the other nodes' firewalls cannot admit its connections", err=True)
+    wanted = sorted({(n.target, select(n.target, n.variant)[1].name) for n in cluster.nodes})
+    artifacts = {}
+    for target, variant in wanted:
+        if pulled is not None:
+            artifacts[(target, variant)] = read_artifacts(pulled / f"{target}-{variant}")
+            continue
+        artifacts[(target, variant)] = _artifacts(engine, target, variant, compression)
+    generation, new = publish(root, cluster, inventory, artifacts, keep=keep)
+    typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
+    for node in cluster.nodes:
+        typer.echo(f"  {node.name:<12} {node.mac}  {node.role:<10} {node.target}  nodes/{node.file_stem}.ipxe")
+
+
+@pxe_app.command("list")
+def list_cmd(root: RootOpt = Path("pxe-root")) -> None:
+    """The generations in pxe-root/, oldest first; the current one is marked *."""
+    found = generations(root)
+    if not found:
+        typer.echo(f"no generations in {root}")
+    for gen in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gen.published))
+        typer.echo(f"{'*' if gen.current else ' '} {gen.id}  {when}")
+
+
+@pxe_app.command("rollback")
+def rollback_cmd(
+    root: RootOpt = Path("pxe-root"),
+    to: Annotated[str | None, typer.Option(help="Generation id (default: the one before the current).")] = None,
+) -> None:
+    """Make the previous generation current again (one atomic switch; nodes pick it up on their next boot)."""
+    typer.echo(f"current -> generations/{rollback(root, to)}")
+
+
+@pxe_app.command("serve")
+def serve_cmd(
+    root: RootOpt = Path("pxe-root"),
+    bind: Annotated[str | None, typer.Option(help="Address to listen on (default: control.address).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: control.http_port).")] = None,
+    dnsmasq: Annotated[bool, typer.Option("--dnsmasq", help="Also start dnsmasq (proxy-DHCP + TFTP).")] = False,
+) -> None:
+    """Serve the current generation over HTTP; write dnsmasq's config (pxe-root/dnsmasq.conf).
+
+    dnsmasq runs in proxy-DHCP mode beside the site's DHCP server: it only adds boot information.
+    """
+    cluster = load_inventory(root / "current" / "cluster.yaml")
+    address = bind or cluster.control.address
+    http_port = port or cluster.control.http_port
+    config = None
+    if cluster.control.subnet:
+        config = root / "dnsmasq.conf"
+        config.write_text(dnsmasq_config(root, cluster))
+        check_dnsmasq(config)
+    elif dnsmasq:
+        dnsmasq_config(root, cluster)  # raises the clear error about control.subnet
+    server = http_server(root, address, http_port)
+    helper = None
+    if dnsmasq:
+        assert config is not None
+        helper = start_server(["dnsmasq", "--keep-in-foreground", f"--conf-file={config}"])
+    typer.echo(f"serving {root.resolve()} on http://{address}:{http_port}/ (boot script /current/boot.ipxe)"
+               + (f"; dnsmasq config {config}" if config else ""), err=True)
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, Stopped):
+        pass  # the way to stop serving
+    finally:
+        server.server_close()
+        if helper is not None:
+            stop(helper)
+
+
+@pxe_app.command()
+def push(
+    folder: Annotated[Path, typer.Option("--dir", "-d", help="A netboot set folder (from `builder pxe build`).")],
+    registry: Annotated[str, typer.Option("--registry", "-r", metavar="HOST/REPO", help="Where to push it.")],
+) -> None:
+    """Push a netboot set as an OCI artifact, verified by digest, tagged netboot-TARGET-VARIANT[-IMAGEDIGEST]."""
+    repo = Repository.parse(registry)
+    digest, tags = push_netboot(folder, repo)
+    typer.echo(f"pushed: {repo}@{digest}")
+    for tag in tags:
+        typer.echo(f"tag     {repo}:{tag}")
+
+
+@pxe_app.command()
+def pull(
+    reference: Annotated[str, typer.Argument(metavar="REF", help="HOST/REPO:TAG or HOST/REPO@sha256:….")],
+    dest: Annotated[Path, typer.Option("--dest", help="Where netboot sets are kept.")] = Path("pxe-root/artifacts"),
+) -> None:
+    """Fetch a netboot set, check every file's sha256 against its manifest, then switch DEST/TARGET-VARIANT
+    to it atomically (the files live in DEST/sets/). `builder pxe publish --artifacts DEST` boots nodes from it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    # The lock lives in the cache, not in DEST: a pull that is refused leaves nothing in DEST.
+    where = hashlib.sha256(str(dest.resolve()).encode()).hexdigest()[:16]
+    with locked(lock_file(f"pull-{where}"), f"pulling into {dest}"):
+        # Holding the lock, nothing else pulls here: half-made sets and links are left-overs of a killed pull.
+        for leftover in [*(dest / "sets").glob(".pull-*"), *dest.glob(".*.link")]:
+            remove_path(leftover)
+        final = pull_netboot(reference, dest)
+    typer.echo(f"pulled {reference} into {final}")

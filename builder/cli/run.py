@@ -1,0 +1,217 @@
+"""`builder run` and `builder toolbox …`: a built image of any flavour as a container on this host."""
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from builder.build.pipeline import flavour_named, image_for_run
+from builder.cli.common import DEFAULT_FLAVOUR, EngineOpt, FlavourOpt, RecipeOpt, TargetOpt, VariantOpt, err, prepared
+from builder.core.errors import RecipeError
+from builder.core.run import replace_process
+from builder.engines import get_engine
+from builder.engines.host import driver_volumes
+from builder.recipe.load import select
+from builder.recipe.targets import Host
+from builder.use.launch import container_argv
+from builder.use.toolbox import TOOL_CHOICES, Box, check_tool, exists, pick_tool, run_steps, tool_of
+
+# vLLM's workers share tensors through /dev/shm; engines give containers 64 MB by default.
+DEFAULT_SHM = "16g"
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+def run(
+    role: Annotated[str, typer.Argument(help="rpc-worker, server, bench, shell or smoke; vLLM: serve, ray-head, "
+                                             "ray-worker, shell or smoke.")],
+    args: Annotated[list[str] | None, typer.Argument(help="Arguments for the role.")] = None,
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    engine: EngineOpt = "auto",
+    image: Annotated[str | None, typer.Option(help="Run this image reference instead.")] = None,
+    name: Annotated[str | None, typer.Option(help="Container name.")] = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
+    print_only: Annotated[bool, typer.Option("--print", help="Print the engine command, run nothing.")] = False,
+    env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the container (repeatable).")] = None,
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    shm_size: Annotated[str, typer.Option(
+        "--shm-size", help="vLLM: size of /dev/shm (e.g. 16g), or `host` to share the host's IPC namespace.")
+    ] = DEFAULT_SHM,
+    driver_dir: Annotated[list[Path] | None, typer.Option(
+        "--driver-dir", help="A folder to take the variant's host driver libraries from before the host's own "
+        "library folders (e.g. Intel's NPU driver unpacked with dpkg-deb -x).")] = None,
+) -> None:
+    """Run an image in a role on the host network (model files given with --model are mounted).
+
+    Options go before ROLE; everything after ROLE is passed to the role.
+    Example: builder run --target cpu rpc-worker --host 10.0.0.5 --port 50052
+    vLLM images (--flavour vllm) get a 16 GB /dev/shm (--shm-size); a host model folder given as
+    `serve PATH` is mounted read-only under /models.
+    """
+    kind = flavour_named(flavour)
+    driver_dirs = tuple(driver_dir or ())
+    for folder in driver_dirs:
+        if not folder.is_dir():
+            raise RecipeError(f"--driver-dir {folder}: no such folder", "pass the folder that holds the driver's "
+                              "libraries, e.g. usr/lib/x86_64-linux-gnu of the unpacked .debs")
+    if role not in kind.roles:
+        raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(kind.roles)}")
+    chosen = get_engine(engine)
+    role_args, extra_flags = kind.run_flags(role, list(args or []), shm_size)
+    host = Host()
+    if image is None or target is not None:
+        if image is None:
+            prep = prepared(flavour, target, recipe, variant)
+            image = image_for_run(chosen, prep)
+            entry, variant_entry = select(prep.plan.target, prep.plan.variant)
+        else:  # another image of the target (--image): it still gets the variant's run contract
+            entry, variant_entry = select(str(target), variant, variant_from_cli=variant is not None)
+        host = variant_entry.host
+        warn_missing(host, entry.name, driver_dirs)
+    for item in env or []:
+        # KEY alone passes builder's own value through (kept out of the command line, e.g. a secret)
+        if "=" not in item and item not in os.environ:
+            raise RecipeError(f"--env {item!r}: expected KEY=VALUE, or KEY set in this environment")
+    env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
+    argv = container_argv(chosen, image, role, role_args, name=name, detach=detach,
+                          run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *extra_flags))
+    if print_only:
+        typer.echo(" ".join(argv))
+        return
+    replace_process(argv)
+
+
+def warn_missing(host: Host, target: str, driver_dirs: tuple[Path, ...] = ()) -> None:
+    """One warning per part of the run contract this host lacks (the container starts without it)."""
+    missing = [d for d in host.devices if not Path(d).exists()]
+    if missing:
+        err.print(f"warning: {', '.join(missing)} not on this host; see `builder doctor --target {target}`")
+    if host.driver:
+        _, absent = driver_volumes(host.driver, driver_dirs)
+        if absent:
+            err.print(f"warning: {host.driver.name} ({', '.join(absent)}) not found on this host, so the "
+                      f"container cannot use the device; see `builder doctor --target {target}`")
+
+
+toolbox_app = typer.Typer(
+    help="An image as an interactive container with your home folder: Toolbx, distrobox or plain podman.",
+    no_args_is_help=True,
+)
+
+ToolOpt = Annotated[str, typer.Option("--tool", help=f"{', '.join(TOOL_CHOICES)} (auto: toolbox, then distrobox, "
+                                      "then podman).")]
+BoxNameOpt = Annotated[str | None, typer.Option("--name", help="Container name (default builder-TARGET-VARIANT).")]
+PrintOpt = Annotated[bool, typer.Option("--print", help="Print the commands, run nothing.")]
+
+
+def _box(tool: str, flavour: str, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
+         image: str | None = None, need_image: bool = False) -> Box:
+    chosen = pick_tool(tool)
+    if target is None and recipe is None:
+        if name is None or (need_image and image is None):
+            raise RecipeError("no target chosen", "pass --target NAME, or --name (and --image for create)")
+        box = Box(chosen, name, image or "")
+    else:
+        # The run contract comes from the target table; a recipe is planned only when given or its image is needed.
+        prep = prepared(flavour, target, recipe, variant) if recipe or (need_image and image is None) else None
+        entry, variant_entry = select(prep.plan.target if prep else str(target), prep.plan.variant if prep else variant,
+                                      variant_from_cli=variant is not None)
+        box = Box(chosen, name or f"builder-{entry.name}-{flavour_named(flavour).tag_prefix}{variant_entry.name}",
+                  image or "", variant_entry.host)
+        if prep and need_image and image is None:
+            box = Box(chosen, box.name, image_for_run(box.engine, prep), box.host)
+        warn_missing(box.host, entry.name)
+    if tool == "auto" and not need_image and shutil.which("podman"):
+        # enter and rm go through the tool that made the container, whatever is installed now.
+        made_by = tool_of(box.name)
+        if made_by is not None and made_by is not box.tool:
+            box = Box(made_by, box.name, box.image, box.host)
+    return box
+
+
+def _require_box(box: Box, hint: str) -> None:
+    """The tool works and the container is there (what enter and rm need before running anything)."""
+    check_tool(box.tool)
+    if not exists(box):
+        raise RecipeError(f"no container {box.name}", hint)
+
+
+def _steps(box: Box, steps: list[list[str]], print_only: bool) -> None:
+    env = box.tool_env()
+    if print_only:
+        prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
+        for argv in steps:
+            typer.echo(prefix + shlex.join(argv))
+        return
+    run_steps(steps, env)
+
+
+@toolbox_app.command("create")
+def toolbox_create(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    name: BoxNameOpt = None,
+    image: Annotated[str | None, typer.Option(help="Use this image reference instead of the target's.")] = None,
+    tool: ToolOpt = "auto",
+    print_only: PrintOpt = False,
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
+) -> None:
+    """Create a toolbox container from a target's image, with the variant's devices, groups and environment.
+
+    Toolbx and distrobox share /dev and run privileged; plain podman gets the same flags as `builder run`.
+    """
+    box = _box(tool, flavour, target, recipe, variant, name, image, need_image=True)
+    if not print_only:
+        check_tool(box.tool)
+        if exists(box):
+            raise RecipeError(f"container {box.name} already exists",
+                              f"enter it with `builder toolbox enter --name {box.name}`, or remove it first "
+                              f"with `builder toolbox rm --name {box.name} --tool {box.tool}`")
+    _steps(box, box.create(), print_only)
+
+
+@toolbox_app.command("enter", context_settings=EXTRA_ARGS)
+def toolbox_enter(
+    command: Annotated[list[str] | None, typer.Argument(help="A command to run instead of a login shell.")] = None,
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    name: BoxNameOpt = None,
+    tool: ToolOpt = "auto",
+    print_only: PrintOpt = False,
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
+) -> None:
+    """Enter a toolbox container: a login shell, or the command after `--`.
+
+    Example: builder toolbox enter --target cpu -- llama-cli --version
+    """
+    box = _box(tool, flavour, target, recipe, variant, name)
+    if not print_only:
+        flags = f" --flavour {flavour}" if flavour != DEFAULT_FLAVOUR else ""
+        create = f"builder toolbox create{flags} --target {target}" if target else "builder toolbox create"
+        _require_box(box, f"create it first: {create}")
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    _steps(box, box.enter(list(command or []), tty), print_only)
+
+
+@toolbox_app.command("rm")
+def toolbox_rm(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    name: BoxNameOpt = None,
+    tool: ToolOpt = "auto",
+    print_only: PrintOpt = False,
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
+) -> None:
+    """Remove a toolbox container (stopping it first); the image stays."""
+    box = _box(tool, flavour, target, recipe, variant, name)
+    if not print_only:
+        _require_box(box, "`podman ps --all` lists the containers")
+    _steps(box, box.remove(), print_only)

@@ -1,0 +1,1 @@
+"""What every stage uses: errors, validated types, cache paths, the one subprocess module, file locks, clean-up."""

@@ -1,0 +1,1 @@
+"""The flavours of image (llama.cpp, vLLM) and the lock file over all of them."""

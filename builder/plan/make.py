@@ -1,0 +1,78 @@
+"""recipe + resolved source -> BuildPlan. Pure: no I/O, same inputs give the same plan."""
+
+from datetime import UTC, datetime
+
+from builder.fetch.bootstrap import LockedBases, base_ref
+from builder.recipe.load import choose_variant
+from builder.recipe.models import BootstrapBase, BuildPlan, ImageBase, Recipe, SourceInfo
+from builder.recipe.targets import COMMON_CMAKE, TOOLBOX_PACKAGES
+
+LABEL_PREFIX = "dev.builder"
+
+
+def image_labels(title: str, description: str, source: str, revision: str, version: str, epoch: int,
+                 target: str, variant: str, own: dict[str, str], recipe: dict[str, str]) -> dict[str, str]:
+    """The labels every image carries (OCI, builder's, Toolbx's), the flavour's own, then the recipe's."""
+    created = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "org.opencontainers.image.title": title, "org.opencontainers.image.description": description,
+        "org.opencontainers.image.source": source, "org.opencontainers.image.revision": revision,
+        "org.opencontainers.image.version": version, "org.opencontainers.image.created": created,
+        f"{LABEL_PREFIX}.target": target, f"{LABEL_PREFIX}.variant": variant, **own,
+        "com.github.containers.toolbox": "true", **recipe,
+    }
+
+
+def runtime_base(spec: ImageBase | BootstrapBase) -> ImageBase | BootstrapBase:
+    """A bootstrapped runtime base with the packages Toolbx needs; a registry base is taken as it is."""
+    if isinstance(spec, ImageBase):
+        return spec
+    packages = spec.packages + [p for p in TOOLBOX_PACKAGES if p not in spec.packages]
+    return spec.model_copy(update={"packages": packages})
+
+
+def make_plan(
+    recipe: Recipe,
+    recipe_path: str,
+    source: SourceInfo,
+    *,
+    variant: str | None = None,
+    source_date_epoch: int | None = None,
+    locked: LockedBases | None = None,
+) -> BuildPlan:
+    """`locked`: builder.lock's package sets of bootstrapped bases; a locked base is named by its packages."""
+    target, chosen, section = choose_variant(recipe.target, recipe.variants, variant, recipe_path)
+    assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
+    runtime = runtime_base(section.base.runtime)
+    cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake, **section.cmake}
+    # Shown by `--version` of every binary, so a node tells which source it runs.
+    cmake["LLAMA_BUILD_COMMIT"] = source.identity.split(":")[-1][:12]
+    labels = image_labels(
+        f"builder {target.name}/{chosen.name}", recipe.description or target.description, source.locator,
+        source.identity, source.version, source.epoch if source_date_epoch is None else source_date_epoch,
+        target.name, chosen.name,
+        {f"{LABEL_PREFIX}.llama-cpp.ref": source.locator,
+         **{f"{LABEL_PREFIX}.sdk.{name}": f"{sdk.file} sha256:{sdk.sha256}" for name, sdk in section.sdks.items()}},
+        recipe.labels)
+    return BuildPlan(
+        recipe=recipe_path,
+        target=target.name,
+        variant=chosen.name,
+        description=recipe.description or target.description,
+        toolchain_ref=base_ref(section.base.toolchain, locked),
+        runtime_ref=base_ref(runtime, locked),
+        toolchain=section.base.toolchain,
+        runtime=runtime,
+        source=source,
+        cmake=cmake,
+        binaries=list(recipe.llama_cpp.binaries),
+        labels=labels,
+        smoke_device=chosen.smoke_device,
+        repository=f"localhost/builder/{target.name}",
+        sdks=dict(section.sdks),
+        # The smoke role lets exactly these stay unresolved on a machine without the device.
+        env={**({"LLAMA_DRIVER_LIBS": " ".join(chosen.driver_libs)} if chosen.driver_libs else {}),
+             **chosen.host.env, **section.env},
+        ship=[f"/opt/sdk/{name}/{pattern}" for name, sdk in section.sdks.items() for pattern in sdk.ship]
+        + list(section.ship),
+    )

@@ -1,0 +1,1 @@
+"""An OCI distribution client: HTTP, credentials, blobs, manifests and tags."""

@@ -1,0 +1,1 @@
+"""Using built images: run, toolbox, doctor, and the listings (targets, CI matrix)."""
