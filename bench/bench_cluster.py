@@ -201,10 +201,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-cluster.json")
     args = parser.parse_args()
 
-    from builder.build.pipeline import prepare
     from builder.cluster.gateway import gateway_pid
+    from builder.core.digests import sha256_file
     from builder.engines import ENGINES
-    from builder.fetch.source import sha256_file
+    from builder.flavours.prepare import prepare
     from builder.recipe.load import recipe_path_for
 
     folder = Path(tempfile.mkdtemp(prefix="bench-cluster-"))

@@ -83,8 +83,8 @@ def main() -> None:
                         help="builds: steps 1-4 only; speed: step 5 only, on the existing image")
     opts = parser.parse_args()
 
-    from builder.build.pipeline import prepare
     from builder.core.paths import cache_dir
+    from builder.flavours.prepare import prepare
     from builder.recipe.load import recipe_path_for
 
     main_cache = cache_dir()

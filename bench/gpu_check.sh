@@ -29,7 +29,7 @@ failed=0
 "${builder[@]}" build --target cpu --engine "$engine"
 "${builder[@]}" build --target nvidia --engine "$engine"
 
-src=$("$python" -c 'from builder.build import prepare; from builder.recipes import recipe_path_for
+src=$("$python" -c 'from builder.flavours.prepare import prepare; from builder.recipe.load import recipe_path_for
 print(prepare(recipe_path_for("cpu")).tree.path)')
 "$python" tests/tinymodel.py "$src/models/ggml-vocab-llama-spm.gguf" "$out/tiny.gguf"
 

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from test_recipes import assert_one_clear_error
 
-from builder.fetch.bootstrap import apt_preferences, base_ref, bootstrap_key, host_arch, lock_name, mmdebstrap_argv
+from builder.fetch.bootstrap import apt_preferences, mmdebstrap_argv
+from builder.plan.bases import base_ref, bootstrap_key, host_arch, lock_name
 from builder.recipe.models import BootstrapBase, ExtraSuite, Prune
 from conftest import run_cli
 

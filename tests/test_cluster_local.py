@@ -19,8 +19,8 @@ import pytest
 import requests
 import yaml
 
+from builder.core.digests import sha256_file
 from builder.engines import ENGINES
-from builder.fetch.source import sha256_file
 from conftest import free_port, local_cluster, require_engine, require_tool, run_cli
 from tinymodel import make_tiny_model
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from builder.fetch.source import sha256_file
+from builder.core.digests import sha256_file
 from conftest import free_port, local_cluster, require_engine, require_tool, run_cli
 from tinymodel import make_tiny_model
 

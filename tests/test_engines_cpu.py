@@ -146,8 +146,9 @@ def test_base_pinned_by_digest_is_used_as_given(tmp_path: Path) -> None:
     import yaml
 
     from builder.engines.podman import PodmanEngine
-    from builder.fetch.bootstrap import base_ref, ensure_base
+    from builder.fetch.bootstrap import ensure_base
     from builder.flavours.lock import locked_bases
+    from builder.plan.bases import base_ref
     from builder.recipe.load import load_recipe, recipe_path_for
 
     recipe = load_recipe(recipe_path_for("cpu"))

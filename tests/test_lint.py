@@ -1,5 +1,6 @@
 """Static checks that are part of the suite: ruff, strict mypy, shellcheck on every shipped script."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,11 @@ import pytest
 
 from conftest import ROOT, require_tool
 
+# builder/'s folders from the bottom up, as docs/design.md lists them: a module imports from its own folder
+# and the ones before it only.
+STAGES = ("core", "recipe", "engines", "registry", "plan", "fetch", "render", "build", "netboot", "publish",
+          "flavours", "use", "cluster", "cli")
+OLDER_EXCEPTIONS = {("netboot", "cluster")}  # netboot/publish.py reads cluster/firewall.py (see docs/design.md)
 SCRIPTS = sorted((ROOT / "images").glob("*/*.sh")) + sorted((ROOT / "bench").glob("*.sh")) + [ROOT / ".ci" / "run"]
 
 
@@ -28,3 +34,19 @@ def test_mypy_strict() -> None:
 def test_shellcheck(script: Path) -> None:
     require_tool("shellcheck", "shellcheck")
     check("shellcheck", "--severity=info", str(script))
+
+
+def test_imports_flow_one_way_through_the_stages() -> None:
+    package = ROOT / "builder"
+    folders = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert folders == set(STAGES), "a folder under builder/ that docs/design.md and STAGES do not place"
+    assert not [p.name for p in package.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    upward = []
+    for path in sorted(package.glob("*/*.py")):
+        here = path.parent.name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("builder."):
+                there = node.module.split(".")[1]
+                if STAGES.index(there) > STAGES.index(here) and (here, there) not in OLDER_EXCEPTIONS:
+                    upward.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}")
+    assert not upward, "\n".join(upward)

@@ -15,9 +15,10 @@ import pytest
 
 from builder.core.errors import LockError
 from builder.core.run import run
-from builder.fetch.bootstrap import lock_name, locked_argv
+from builder.fetch.bootstrap import locked_argv
 from builder.fetch.debian import apt_sources, resolve
 from builder.fetch.debstore import DebStore, write_repository
+from builder.plan.bases import lock_name
 from builder.plan.make import runtime_base
 from builder.recipe.load import load_recipe
 from builder.recipe.models import BootstrapBase, LockedBase, LockedDeb

@@ -198,7 +198,7 @@ def test_readme_targets_table_is_the_state_data() -> None:
         assert text in ("built and run here", "built here, needs its device to run") or \
             text.startswith("render-only here, because ")
     missing = [f"{t.name}/{v}" for t in TARGETS.values() for v in t.variants if (t.name, v) not in STATES]
-    assert not missing, f"no state recorded in builder/targets.py STATES for {missing}"
+    assert not missing, f"no state recorded in builder/recipe/targets.py STATES for {missing}"
 
 
 def test_builder_targets_shows_the_same_state_as_the_readme() -> None:

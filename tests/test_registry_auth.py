@@ -17,8 +17,9 @@ from registry import Proxy, Registry, start_registry
 from test_artifacts import netboot_set
 
 import builder.registry.client as registry_module
+from builder.core.digests import sha256_digest
 from builder.publish.artifacts import NETBOOT_FILES
-from builder.registry.client import RegistryClient, Repository, sha256_digest
+from builder.registry.client import RegistryClient, Repository
 from conftest import require_tool, run_cli
 from servers import ConnectProxy, Reply, TokenService, make_ca
 

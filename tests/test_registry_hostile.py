@@ -15,8 +15,9 @@ import pytest
 from registry import Registry, start_registry
 from test_artifacts import IMAGE_DIGEST, netboot_set
 
+from builder.core.digests import sha256_digest
 from builder.publish.artifacts import ANNOTATION, NETBOOT_FILES, NETBOOT_TYPE, TITLE, push_artifact
-from builder.registry.client import OCI_INDEX, OCI_MANIFEST, RegistryClient, Repository, sha256_digest
+from builder.registry.client import OCI_INDEX, OCI_MANIFEST, RegistryClient, Repository
 from conftest import run_cli
 from servers import Crafted, Reply, Seen
 

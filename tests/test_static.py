@@ -15,7 +15,7 @@ import dockerfile
 import pytest
 
 import goldens
-from builder.fetch.bootstrap import BASE_REPOSITORY
+from builder.plan.bases import BASE_REPOSITORY
 from builder.render.context import STAGED_AT_BUILD
 from conftest import require_tool
 

@@ -1,4 +1,4 @@
-"""What a flavour of image (llama.cpp, vLLM, …) supplies to the one pipeline, whose stages are in build.py.
+"""What a flavour of image (llama.cpp, vLLM, …) supplies to the one pipeline (build/pipeline.py runs it).
 
 Content tags, write-if-changed contexts, scratch tags, smoke test, promotion, publishing, netboot and
 toolboxes are the same code for every flavour; `Flavour` lists what differs.
@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from builder.fetch.bootstrap import LockedBases
-from builder.recipe.models import BaseSpec, BuildPlan
 from builder.core.paths import cache_subdir
-from builder.render.context import write_if_changed
 from builder.fetch.source import SourceTree
+from builder.plan.bases import LockedBases
+from builder.recipe.models import BaseSpec, BuildPlan
 from builder.recipe.vllm_models import VllmPlan
+from builder.render.context import write_if_changed
 
 Plan = BuildPlan | VllmPlan
 
@@ -77,7 +77,7 @@ class Prepared:
 
 
 class Flavour(ABC):
-    """One kind of image (builder.llama.LlamaCpp, builder.vllm.Vllm), in the order the stages call it:
+    """One kind of image (builder.flavours.llama.LlamaCpp, builder.flavours.vllm.Vllm), in the order the stages call it:
 
     recipe_path: its shipped recipe of a target.
     plan: load the recipe and plan the image (llama.cpp resolves its source first: the plan names it).

@@ -1,31 +1,25 @@
-"""The stages every image goes through, whatever its flavour.
+"""The build stages every image goes through, whatever its flavour, from a prepared (planned, rendered) image.
 
-load recipe -> plan -> render (pure) -> [policy] -> fetch inputs -> bases -> build -> smoke -> promote.
-A flavour (builder/llama.py, builder/vllm.py) supplies what differs; publish, sbom, pxe build, toolbox
-and run start from `prepare` and `build` here.
+[policy] -> fetch inputs -> bases -> build -> smoke -> promote. `builder.flavours.prepare` makes the
+`Prepared` (load, plan, render); a flavour (builder/flavours/) supplies what differs; publish, sbom,
+pxe build, toolbox and run start from `prepare` and `build`.
 """
 
-import os
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.flavours import lock as lockfile
-from builder.fetch.bootstrap import ensure_base
-from builder.core.cleanup import forget_image, record_image
-from builder.engines import Engine
-from builder.core.errors import CommandError, RecipeError, raise_if_stopped
-from builder.build.flavour import Flavour, Prepared
-from builder.flavours.llama import LLAMA_CPP
+from builder.build.flavour import Prepared
+from builder.core.errors import CommandError, raise_if_stopped
 from builder.core.locks import locked
 from builder.core.paths import cache_subdir
-from builder.plan.make import LABEL_PREFIX
 from builder.core.run import run
-from builder.flavours.vllm import VLLM
-
-FLAVOURS: dict[str, Flavour] = {f.name: f for f in (LLAMA_CPP, VLLM)}
+from builder.engines import Engine
+from builder.engines.cleanup import forget_image, record_image
+from builder.fetch.bootstrap import ensure_base
+from builder.plan.make import LABEL_PREFIX
 
 
 @dataclass(frozen=True)
@@ -36,38 +30,6 @@ class BuildResult:
     built: bool
     seconds: float
     log: Path | None
-
-
-def flavour_named(name: str) -> Flavour:
-    if name not in FLAVOURS:
-        raise RecipeError(f"--flavour: unknown flavour {name!r}", f"flavours: {', '.join(FLAVOURS)}")
-    return FLAVOURS[name]
-
-
-def recipe_file(target: str | None, recipe: Path | None, flavour: Flavour = LLAMA_CPP) -> Path:
-    if recipe is not None:
-        return recipe
-    if target:
-        return flavour.recipe_path(target)
-    raise RecipeError("no recipe chosen", "pass --target NAME (see `builder targets`) or --recipe PATH")
-
-
-def source_date_epoch() -> int | None:
-    value = os.environ.get("SOURCE_DATE_EPOCH")
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise RecipeError(f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds")
-    return int(value)
-
-
-def prepare(path: Path, variant: str | None = None, source_override: str | None = None,
-            lock: Path = lockfile.LOCK_FILE, flavour: Flavour = LLAMA_CPP) -> Prepared:
-    """Load, plan and render one image (nothing is built; only a llama.cpp source may be fetched)."""
-    locked_bases = lockfile.locked_bases(lock)
-    plan, tree = flavour.plan(path, variant, source_override, locked_bases, source_date_epoch())
-    files, fingerprint = flavour.render(plan)
-    return Prepared(flavour, plan, files, fingerprint, locked_bases, path, lock, tree, source_override)
 
 
 def smoke_test(engine: Engine, ref: str) -> str:
@@ -144,13 +106,3 @@ def _build(prep: Prepared, engine: Engine, *, no_cache: bool) -> BuildResult:
     info = engine.inspect(prep.tag)
     assert info is not None
     return BuildResult(prep.tag, info.id, info.size, True, time.monotonic() - started, log)
-
-
-def image_for_run(engine: Engine, prep: Prepared) -> str:
-    """The image `builder run` starts: the exact content tag, else the last build of the target."""
-    for ref in (prep.tag, prep.floating):
-        if engine.inspect(ref) is not None:
-            return ref
-    flavour = "" if prep.flavour is LLAMA_CPP else f" --flavour {prep.flavour.name}"
-    raise RecipeError(f"no image for {prep.name} in {engine.name}",
-                      f"build it first: builder build{flavour} --target {prep.plan.target} --engine {engine.name}")

@@ -1,4 +1,4 @@
-"""Options and helpers the `builder` verbs share (cli.py, cli_run.py)."""
+"""Options and helpers the `builder` verbs share (cli/main.py, cli/run.py, cli/pxe.py)."""
 
 from pathlib import Path
 from typing import Annotated
@@ -7,10 +7,10 @@ import typer
 from rich.console import Console
 
 from builder.build.flavour import Prepared
-from builder.build.pipeline import FLAVOURS, flavour_named, prepare, recipe_file
 from builder.engines import ENGINE_CHOICES
 from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
+from builder.flavours.prepare import FLAVOURS, flavour_named, prepare, recipe_file
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from builder import __version__
-from builder.build.pipeline import BuildResult, build, flavour_named, image_for_run, recipe_file
+from builder.build.pipeline import BuildResult, build
 from builder.cli.cluster import cluster_app
 from builder.cli.common import (
     DEFAULT_FLAVOUR,
@@ -29,17 +29,18 @@ from builder.cli.common import (
 )
 from builder.cli.pxe import pxe_app
 from builder.cli.run import EXTRA_ARGS, run, toolbox_app
-from builder.core import cleanup
 from builder.core.errors import BuilderError, CommandError, Stopped, request_stop
-from builder.engines import get_engine
+from builder.engines import cleanup, get_engine
 from builder.fetch.pin import pin_recipe
 from builder.flavours import lock as lockfile
+from builder.flavours.prepare import flavour_named, recipe_file
 from builder.flavours.vllm import lock_variant
 from builder.publish.image import publish as publish_image
 from builder.publish.sbom import read_contents, sbom_bytes
 from builder.recipe.load import RECIPES_DIR, display_path, select
 from builder.registry.client import Repository
 from builder.use.doctor import diagnose
+from builder.use.launch import image_for_run
 from builder.use.listing import target_entries, target_rows
 from builder.use.matrix import matrix as ci_matrix
 

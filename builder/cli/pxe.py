@@ -8,15 +8,16 @@ from typing import Annotated
 
 import typer
 
-from builder.build.pipeline import build, flavour_named, prepare, recipe_file
+from builder.build.pipeline import build
 from builder.cli.common import EngineOpt, FlavourOpt
 from builder.cluster.firewall import for_netboot
-from builder.core.cleanup import remove_path
 from builder.core.errors import Stopped
 from builder.core.locks import lock_file, locked
 from builder.core.run import start_server, stop
 from builder.engines import get_engine
+from builder.engines.cleanup import remove_path
 from builder.flavours.llama import LLAMA_CPP
+from builder.flavours.prepare import flavour_named, prepare, recipe_file
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
 from builder.netboot.inventory import load_inventory
 from builder.netboot.kernels import kernel_spec

@@ -9,15 +9,15 @@ from typing import Annotated
 
 import typer
 
-from builder.build.pipeline import flavour_named, image_for_run
 from builder.cli.common import DEFAULT_FLAVOUR, EngineOpt, FlavourOpt, RecipeOpt, TargetOpt, VariantOpt, err, prepared
 from builder.core.errors import RecipeError
 from builder.core.run import replace_process
 from builder.engines import get_engine
 from builder.engines.host import driver_volumes
+from builder.flavours.prepare import flavour_named
 from builder.recipe.load import select
 from builder.recipe.targets import Host
-from builder.use.launch import container_argv
+from builder.use.launch import container_argv, image_for_run
 from builder.use.toolbox import TOOL_CHOICES, Box, check_tool, exists, pick_tool, run_steps, tool_of
 
 # vLLM's workers share tensors through /dev/shm; engines give containers 64 MB by default.

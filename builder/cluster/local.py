@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.build.pipeline import build, image_for_run, prepare, recipe_file
+from builder.build.pipeline import build
 from builder.cluster.gateway import (
     ServerState,
     gateway_pid,
@@ -25,12 +25,15 @@ from builder.cluster.gateway import (
     write_gateway,
 )
 from builder.cluster.model import Loaded, Process
+from builder.core.digests import sha256_file
 from builder.core.errors import BuilderError, RecipeError
 from builder.core.paths import cache_subdir
 from builder.core.run import run
 from builder.engines import Engine, get_engine
-from builder.fetch.source import fetch_file, sha256_file
+from builder.fetch.source import fetch_file
+from builder.flavours.prepare import prepare, recipe_file
 from builder.recipe.targets import TARGETS
+from builder.use.launch import image_for_run
 
 GATEWAY_ADDRESS = "127.0.0.1"
 FIRST_NODE = 11

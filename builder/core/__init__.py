@@ -1,1 +1,2 @@
-"""What every stage uses: errors, validated types, cache paths, the one subprocess module, file locks, clean-up."""
+"""What every stage uses: errors, validated types, cache paths, the one subprocess module, file locks,
+a loopback HTTP server."""

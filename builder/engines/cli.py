@@ -5,8 +5,8 @@ import secrets
 import shutil
 from pathlib import Path
 
-from builder.core.cleanup import forget_container, record_container, temp_path
 from builder.core.run import LOCAL_TIMEOUT, run, run_logged
+from builder.engines.cleanup import forget_container, record_container, temp_path
 from builder.engines.host import driver_volumes
 from builder.recipe.targets import Host
 

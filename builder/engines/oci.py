@@ -6,7 +6,6 @@ sent, so the image can be pushed by digest and tagged only after the registry ag
 """
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.core.digests import sha256_digest, sha256_file
 from builder.core.errors import EngineError
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -52,7 +52,7 @@ def _blob_path(root: Path, digest: str) -> Path:
 
 
 def _write_blob(root: Path, data: bytes) -> tuple[str, int]:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = sha256_digest(data)
     path = _blob_path(root, digest)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -66,11 +66,7 @@ def _gzip_blob(root: Path, source: Path) -> tuple[str, int]:
     with open(source, "rb") as src, open(tmp, "wb") as raw:
         with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0, filename="") as out:
             shutil.copyfileobj(src, out, 1 << 20)
-    hasher = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            hasher.update(chunk)
-    digest = "sha256:" + hasher.hexdigest()
+    digest = "sha256:" + sha256_file(tmp)
     final = _blob_path(root, digest)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
@@ -100,7 +96,7 @@ def read_layout(root: Path) -> LocalImage:
         digest = str(d["digest"])
         return Blob(digest, int(str(d["size"])), str(d["mediaType"]), _blob_path(root, digest))
 
-    return LocalImage(data, media_type, "sha256:" + hashlib.sha256(data).hexdigest(), blob(manifest["config"]),
+    return LocalImage(data, media_type, sha256_digest(data), blob(manifest["config"]),
                       tuple(blob(layer) for layer in manifest["layers"]))
 
 

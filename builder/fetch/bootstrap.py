@@ -3,37 +3,29 @@
 No registry is reachable on our machines, so the default recipes start from here. The rootfs tarball is
 kept in the cache, so a second engine imports it without bootstrapping again.
 
-A base with an entry in builder.lock (its full package set, see builder/debian.py) is bootstrapped from
-exactly the locked .debs, kept by sha256 in the cache (builder/debstore.py), through a local repository:
+A base with an entry in builder.lock (its full package set, see builder/fetch/debian.py) is bootstrapped from
+exactly the locked .debs, kept by sha256 in the cache (builder/fetch/debstore.py), through a local repository:
 the same packages on every rebuild however far the archive has moved, or one line naming the package
 that is gone. A base without one (a recipe in development) installs whatever its mirror has today.
 """
 
-import hashlib
-import json
 import os
 import shlex
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from builder.core.cleanup import temp_dir
 from builder.core.errors import CommandError, EngineError, LockError
 from builder.core.locks import lock_file
 from builder.core.locks import locked as holding
 from builder.core.paths import cache_subdir
 from builder.core.run import run, run_logged
 from builder.engines import Engine
+from builder.engines.cleanup import temp_dir
 from builder.fetch.debian import apt_sources
 from builder.fetch.debstore import DebStore, write_repository
+from builder.plan.bases import LockedBases, base_ref, bootstrap_key, host_arch, lock_name, locked_for
 from builder.recipe.models import BootstrapBase, ImageBase, LockedBase
 
-# Bump when the way a base is made changes, so old cached bases are not reused.
-BOOTSTRAP_VERSION = "2"
-# The same for bases bootstrapped from their locked package set.
-LOCKED_BOOTSTRAP_VERSION = "1"
-BASE_REPOSITORY = "localhost/builder-base"
 # mmdebstrap's default mirror, named when extra suites need a sources line of their own.
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Above the base suite's 500 (and experimental's 1), below 1000: apt takes the listed packages from their
@@ -50,59 +42,6 @@ _DPKG_EXCLUDES = [
     "path-include=/usr/share/locale/locale.alias",
     "path-exclude=/usr/share/lintian/*",
 ]
-
-
-def host_arch() -> str:
-    machine = os.uname().machine
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
-
-
-def base_inputs(spec: BootstrapBase) -> dict[str, Any]:
-    """What the recipe asks of a base, mirror left out: a mirror (a snapshot of the archive) may change
-    where locked files come from, never which files they are."""
-    # Fields at their defaults are left out, so a field added later (with a default) renames no base.
-    inputs = spec.model_dump(mode="json", exclude={"mirror"}, exclude_defaults=True)
-    inputs.update(kind=spec.kind, suite=spec.suite, packages=sorted(set(spec.packages)))
-    return inputs
-
-
-def lock_name(spec: BootstrapBase) -> str:
-    """The base's entry in builder.lock's `bases`: its suite and a hash of its inputs and architecture."""
-    digest = hashlib.sha256(json.dumps({"arch": host_arch(), **base_inputs(spec)}, sort_keys=True).encode())
-    return f"{spec.suite}-{digest.hexdigest()[:16]}"
-
-
-def bootstrap_key(spec: BootstrapBase, locked: LockedBase | None = None) -> str:
-    """Names the base: its inputs, and with a lock the exact .debs (so a moved lock makes a new base)."""
-    if locked is not None:
-        inputs: dict[str, Any] = {"v": LOCKED_BOOTSTRAP_VERSION, "arch": host_arch(), **base_inputs(spec),
-                                  "debs": sorted(deb.sha256 for deb in locked.resolved)}
-        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    later_fields = {"components", "extra_suites", "prune"}
-    inputs = {"v": BOOTSTRAP_VERSION, "arch": host_arch(), **spec.model_dump(exclude=later_fields)}
-    inputs["packages"] = sorted(set(spec.packages))
-    # Only non-default values of fields added later enter the key, so bases made before keep their names.
-    if spec.components != ["main"]:
-        inputs["components"] = sorted(set(spec.components))
-    if spec.extra_suites:
-        inputs["extra_suites"] = [{"suite": e.suite, "packages": sorted(set(e.packages))} for e in spec.extra_suites]
-    if spec.prune:
-        inputs["prune"] = [p.model_dump() for p in spec.prune]
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-
-LockedBases = Mapping[str, LockedBase]
-
-
-def locked_for(spec: BootstrapBase, locked: LockedBases) -> LockedBase | None:
-    return locked.get(lock_name(spec))
-
-
-def base_ref(spec: ImageBase | BootstrapBase, locked: LockedBases | None = None) -> str:
-    """The reference a Containerfile's FROM uses for this base."""
-    if isinstance(spec, ImageBase):
-        return spec.ref
-    return f"{BASE_REPOSITORY}:{spec.suite}-{bootstrap_key(spec, locked_for(spec, locked or {}))[:16]}"
 
 
 def _common_argv(spec: BootstrapBase) -> list[str]:

@@ -67,7 +67,8 @@ def apt_sources(spec: BootstrapBase) -> list[AptSource]:
     return sources
 
 
-def _stanzas(text: str) -> list[dict[str, str]]:
+def stanzas(text: str) -> list[dict[str, str]]:
+    """The paragraphs of a Debian control file (Packages, dpkg status) as field dicts; continuation lines left out."""
     out = []
     for block in text.split("\n\n"):
         fields: dict[str, str] = {}
@@ -113,7 +114,7 @@ class _Apt:
         """name -> the index stanza of exactly that version."""
         text = self("apt-cache", "show", "--", *(f"{n}={v}" for n, v in sorted(chosen.items())))
         found: dict[str, dict[str, str]] = {}
-        for fields in _stanzas(text):
+        for fields in stanzas(text):
             found.setdefault(fields["Package"], fields)
         return found
 
@@ -131,7 +132,7 @@ def _installed(chosen: dict[str, str], text: str) -> dict[str, str]:
     """Status-file stanzas for `chosen`, cut from apt-cache show's `text` blocks."""
     blocks: dict[str, str] = {}
     for block in text.split("\n\n"):
-        fields = _stanzas(block)
+        fields = stanzas(block)
         if fields and chosen.get(fields[0]["Package"]) == fields[0].get("Version"):
             blocks.setdefault(fields[0]["Package"], "Status: install ok installed\n" + block.strip() + "\n")
     missing = sorted(set(chosen) - set(blocks))

@@ -17,10 +17,10 @@ from urllib.parse import unquote, urlparse
 
 import requests
 
+from builder.core.digests import sha256_file
 from builder.core.errors import LockError
 from builder.core.run import run
 from builder.fetch.debian import SNAPSHOT_EXAMPLE, AptSource
-from builder.fetch.source import sha256_file
 from builder.recipe.models import LockedDeb
 
 DOWNLOAD_TIMEOUT = 60

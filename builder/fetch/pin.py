@@ -12,9 +12,10 @@ import os
 import re
 from pathlib import Path
 
+from builder.core.digests import sha256_file
 from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
-from builder.fetch.source import download, sha256_file
+from builder.fetch.source import download
 from builder.recipe.load import display_path, load_recipe
 from builder.recipe.models import PLACEHOLDER_SHA256, Placeholder, Recipe, placeholders_of
 from builder.registry.client import RegistryClient, parse_reference

@@ -12,11 +12,11 @@ import sys
 import zipfile
 from pathlib import Path
 
-from builder.core.cleanup import temp_dir
 from builder.core.errors import ArchiveError, CommandError, SourceError
 from builder.core.locks import lock_file, locked
 from builder.core.paths import cache_subdir
 from builder.core.run import run
+from builder.engines.cleanup import temp_dir
 from builder.fetch.source import cache_verified
 from builder.recipe.models import WheelSdk, wheel_tags
 

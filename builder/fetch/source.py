@@ -15,11 +15,12 @@ from pathlib import Path, PurePosixPath
 
 import requests
 
-from builder.core.cleanup import temp_dir, temp_path
+from builder.core.digests import sha256_file
 from builder.core.errors import ArchiveError, SourceError, raise_if_stopped
 from builder.core.locks import lock_file, locked
 from builder.core.paths import cache_subdir
 from builder.core.run import run
+from builder.engines.cleanup import temp_dir, temp_path
 from builder.recipe.models import ArchiveSource, GitSource, PypiSource, SourceInfo
 
 # Top-level folders of the llama.cpp tree that no build reads; left out of build contexts.
@@ -31,14 +32,6 @@ DOWNLOAD_TIMEOUT = 60
 class SourceTree:
     info: SourceInfo
     path: Path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def iter_tree(root: Path) -> list[Path]:

@@ -19,13 +19,13 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
-from builder.core.cleanup import temp_dir, temp_path
+from builder.core.digests import json_hash, sha256_file
 from builder.core.errors import RecipeError, SourceError
 from builder.core.locks import lock_file, locked
 from builder.core.loopback import LoopbackServer, stable_port
 from builder.core.paths import cache_subdir
 from builder.core.run import run
-from builder.fetch.source import sha256_file
+from builder.engines.cleanup import temp_dir, temp_path
 
 # Names and versions of a lock reach requirements files and RUN lines: plain characters only, matched whole.
 _LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})===([A-Za-z0-9][A-Za-z0-9.+!_-]{0,127}) "
@@ -86,7 +86,7 @@ def inputs_key(python: str, requirements: list[str], index: str | None, arch: st
     doc: dict[str, object] = {"python": python, "requirements": requirements, "index": index, "arch": arch}
     if leave_out:
         doc["leave_out"] = sorted(canonical(n) for n in leave_out)
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    return json_hash(doc)[:16]
 
 
 def parse_lock(path: Path, where: str) -> Lock:

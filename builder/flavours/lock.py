@@ -7,9 +7,9 @@ file from the recipes. Entries hold whole variant sections, so a pin added to re
 vLLM version) is locked without changing this module.
 
 `bases` holds the full package set of every bootstrapped base the recipes use (llama.cpp and vLLM
-images), resolved against the archive by `builder lock` (builder/debian.py) and kept until the base's
+images), resolved against the archive by `builder lock` (builder/fetch/debian.py) and kept until the base's
 inputs change or `builder lock --refresh` moves them all to the archive's current versions. Builds
-install exactly these versions (builder/bootstrap.py).
+install exactly these versions (builder/fetch/bootstrap.py).
 """
 
 import json
@@ -22,9 +22,10 @@ from pydantic import ValidationError
 
 from builder import PROJECT_ROOT
 from builder.core.errors import LockError, RecipeError
-from builder.fetch.bootstrap import apt_preferences, base_inputs, host_arch, lock_name
+from builder.fetch.bootstrap import apt_preferences
 from builder.fetch.debian import resolve
 from builder.flavours.vllm import load_vllm_recipe, locked_sections, read_lock
+from builder.plan.bases import base_inputs, host_arch, lock_name
 from builder.plan.make import runtime_base
 from builder.recipe.load import RECIPES_DIR, SHARED_PIN, display_path, load_recipe
 from builder.recipe.models import BootstrapBase, ImageBase, LockedBase, Recipe

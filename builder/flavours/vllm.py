@@ -15,7 +15,6 @@ from typing import Any
 from builder import PROJECT_ROOT
 from builder.build.flavour import BuildArgs, Flavour, Plan, Prepared
 from builder.core.errors import LockError, RecipeError
-from builder.fetch.bootstrap import LockedBases, base_ref, host_arch, lock_name
 from builder.fetch.source import SourceTree
 from builder.fetch.wheels import (
     Lock,
@@ -27,6 +26,7 @@ from builder.fetch.wheels import (
     requirement_name,
     resolve_lock,
 )
+from builder.plan.bases import LockedBases, base_ref, host_arch, lock_name
 from builder.plan.make import LABEL_PREFIX, image_labels
 from builder.publish.sbom import make_vllm_sbom
 from builder.recipe.load import choose_variant, display_path, load_yaml, recipe_path_for, select, validated

@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.core.cleanup import temp_path
+from builder.core.digests import sha256_file
 from builder.core.errors import BuilderError, EngineError, RecipeError
 from builder.core.locks import lock_file, locked
 from builder.core.paths import cache_subdir
 from builder.core.run import run, run_logged
 from builder.engines import Engine, ImageInfo
+from builder.engines.cleanup import temp_path
 from builder.engines.host import find_driver
-from builder.fetch.source import sha256_file
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
     FIREWALL_MODULES,

@@ -11,12 +11,12 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from builder.core.cleanup import temp_dir
 from builder.core.errors import EngineError, RecipeError
 from builder.core.locks import lock_file, locked
 from builder.core.paths import cache_subdir
 from builder.core.run import run, run_logged
-from builder.fetch.bootstrap import host_arch
+from builder.engines.cleanup import temp_dir
+from builder.plan.bases import host_arch
 
 KERNEL_VERSION = "4"  # bump when the way kernel trees are made changes
 

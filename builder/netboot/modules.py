@@ -4,10 +4,10 @@ import gzip
 import lzma
 from pathlib import Path
 
-from builder.core.cleanup import temp_dir
 from builder.core.errors import CommandError, EngineError
 from builder.core.paths import cache_subdir
 from builder.core.run import run
+from builder.engines.cleanup import temp_dir
 
 _SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cluster.firewall import for_netboot, ruleset
-from builder.core.cleanup import temp_dir, temp_path
 from builder.core.errors import EngineError, RecipeError, raise_if_stopped
 from builder.core.locks import locked
+from builder.engines.cleanup import temp_dir, temp_path
 from builder.netboot.inventory import Cluster, Node
 from builder.recipe.load import display_path, select
 

@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime
 
-from builder.fetch.bootstrap import LockedBases, base_ref
+from builder.plan.bases import LockedBases, base_ref
 from builder.recipe.load import choose_variant
 from builder.recipe.models import BootstrapBase, BuildPlan, ImageBase, Recipe, SourceInfo
 from builder.recipe.targets import COMMON_CMAKE, TOOLBOX_PACKAGES

@@ -9,7 +9,6 @@ Written on our own registry client rather than the oras SDK: one implementation 
 and error messages for images and artifacts alike, and no second HTTP stack to keep quiet about secrets.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -19,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from builder.core.digests import sha256_digest, sha256_file
 from builder.core.errors import BuilderError, RecipeError, RegistryError, raise_if_stopped
 from builder.core.paths import inside
-from builder.fetch.source import sha256_file
 from builder.netboot.artifacts import check_set_manifest
-from builder.registry.client import OCI_MANIFEST, RegistryClient, Repository, check_tag, parse_reference, sha256_digest
+from builder.registry.client import OCI_MANIFEST, RegistryClient, Repository, check_tag, parse_reference
 
 EMPTY_CONFIG = b"{}"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
@@ -46,11 +45,7 @@ Content = bytes | Path
 def _digest_of(content: Content) -> tuple[str, int]:
     if isinstance(content, bytes):
         return sha256_digest(content), len(content)
-    hasher = hashlib.sha256()
-    with open(content, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            hasher.update(chunk)
-    return f"sha256:{hasher.hexdigest()}", content.stat().st_size
+    return f"sha256:{sha256_file(content)}", content.stat().st_size
 
 
 def push_artifact(client: RegistryClient, artifact_type: str, files: list[tuple[Content, str, str]], *,

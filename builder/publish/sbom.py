@@ -18,6 +18,7 @@ from urllib.parse import quote
 from builder import __version__
 from builder.core.run import run
 from builder.engines import Engine
+from builder.fetch.debian import stanzas
 from builder.recipe.models import BaseSpec, BuildPlan, ImageBase
 from builder.recipe.vllm_models import VllmPlan
 
@@ -75,12 +76,7 @@ def parse_os_release(text: str) -> dict[str, str]:
 def parse_dpkg_status(text: str) -> list[dict[str, str]]:
     """Installed packages from a dpkg status file: name, version, architecture, source."""
     packages = []
-    for stanza in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in stanza.splitlines():
-            if line and not line[0].isspace() and ":" in line:
-                key, _, value = line.partition(":")
-                fields[key] = value.strip()
+    for fields in stanzas(text):
         if fields.get("Package") and fields.get("Status", "").endswith(" installed"):
             source = fields.get("Source", fields["Package"]).split(" ")[0]
             packages.append({"name": fields["Package"], "version": fields.get("Version", ""),

@@ -264,7 +264,7 @@ class VariantRecipe(Strict):
         default_factory=list, description="globs of files in the toolchain stage the runtime image needs")
 
 
-# Target and variant names come from the table in targets.py; the charset keeps a wrong one printable.
+# Target and variant names come from the table in recipe/targets.py; the charset keeps a wrong one printable.
 TableName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
 
 

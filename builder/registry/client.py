@@ -1,9 +1,9 @@
 """A small OCI distribution client over HTTP: blobs, manifests, tags, with bounded retries.
 
-Credentials come from the standard files and the credential helpers they name (credentials.py) and are
+Credentials come from the standard files and the credential helpers they name (registry/credentials.py) and are
 sent only to the registry that asked for them and its token service; they never reach a log, a label or
 an argv. What the registry answers is checked before it is used: manifests by media type, size and digest,
-blobs by digest and size, tokens by size and shape (registry_http.py reads and redirects).
+blobs by digest and size, tokens by size and shape (registry/http.py reads and redirects).
 """
 
 import base64
@@ -20,6 +20,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 
+from builder.core.digests import sha256_digest
 from builder.core.errors import RecipeError, RegistryError
 from builder.registry import credentials
 from builder.registry.credentials import Credentials, auth_files
@@ -103,10 +104,6 @@ def check_tag(tag: str) -> str:
 def at(repo: Repository, ref: str) -> str:
     """repo:tag or repo@digest, for messages."""
     return f"{repo}{'@' if ref.startswith('sha256:') else ':'}{ref}"
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def find_credentials(repo: Repository) -> Credentials | None:

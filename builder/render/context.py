@@ -14,9 +14,9 @@ from pathlib import Path
 import jinja2
 
 from builder import PROJECT_ROOT
-from builder.core.cleanup import temp_path
 from builder.core.errors import RecipeError
 from builder.core.types import one_line
+from builder.engines.cleanup import temp_path
 from builder.fetch.sdk import SDK_DIR
 from builder.recipe.models import BuildPlan, ImageBase
 

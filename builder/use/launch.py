@@ -3,7 +3,10 @@
 import sys
 from pathlib import Path
 
+from builder.build.flavour import Prepared
+from builder.core.errors import RecipeError
 from builder.engines import Engine
+from builder.flavours.llama import LLAMA_CPP
 
 _MODEL_FLAGS = ("-m", "--model")
 
@@ -57,3 +60,13 @@ def container_argv(
         argv += ["--volume", volume]
     argv += list(run_flags)
     return [*argv, "--", image, role, *args]
+
+
+def image_for_run(engine: Engine, prep: Prepared) -> str:
+    """The image `builder run` starts: the exact content tag, else the last build of the target."""
+    for ref in (prep.tag, prep.floating):
+        if engine.inspect(ref) is not None:
+            return ref
+    flavour = "" if prep.flavour is LLAMA_CPP else f" --flavour {prep.flavour.name}"
+    raise RecipeError(f"no image for {prep.name} in {engine.name}",
+                      f"build it first: builder build{flavour} --target {prep.plan.target} --engine {engine.name}")

@@ -117,7 +117,7 @@ def remove_path(path: Path) -> None:
 
 @cache  # one availability check per engine and process, not one per entry
 def _engine(name: str) -> "Engine | None":
-    from builder.engines import ENGINES  # here: engines import modules that import this one
+    from builder.engines import ENGINES  # here: the engines import this module
     make = ENGINES.get(name)
     if make is None:
         return None
