@@ -60,8 +60,12 @@ class CliEngine:
     def run_argv(self) -> list[str]:
         return [*self.command(), "run", *self.container_flags()]
 
-    def _installed(self) -> str | None:
-        return None if shutil.which(self.binary) else f"{self.binary} is not installed"
+    def available(self) -> str | None:
+        return self._works() if shutil.which(self.binary) else f"{self.binary} is not installed"
+
+    def _works(self) -> str | None:
+        """Installed: None when the engine answers, else why not."""
+        return None
 
     def _build_env(self) -> dict[str, str] | None:
         return None

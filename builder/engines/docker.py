@@ -24,10 +24,7 @@ class DockerEngine(CliEngine):
             self._client = docker.from_env(timeout=120)
         return self._client
 
-    def available(self) -> str | None:
-        missing = self._installed()
-        if missing:
-            return missing
+    def _works(self) -> str | None:
         try:
             self.client().ping()
         except docker.errors.DockerException as exc:

@@ -80,10 +80,7 @@ class PodmanEngine(CliEngine):
         # Rootless podman cannot map named or numeric host groups; keep-groups passes the user's own.
         return ["--group-add", "keep-groups"] if os.geteuid() != 0 else super()._group_flags(gids)
 
-    def available(self) -> str | None:
-        missing = self._installed()
-        if missing:
-            return missing
+    def _works(self) -> str | None:
         if _hybrid_cgroups() and not shutil.which("runc"):
             return "podman's crun cannot run containers on this host's hybrid cgroups; apt-get install runc"
         proc = run(["podman", "info", "--format", "{{.Store.GraphDriverName}}"], check=False, timeout=60)

@@ -33,7 +33,7 @@ from builder.recipe.load import choose_variant, display_path, load_yaml, recipe_
 from builder.recipe.models import VLLM_BASE_FIELDS, BaseSpec, BootstrapBase, refuse_placeholders
 from builder.recipe.targets import TARGETS
 from builder.recipe.vllm_models import VllmPlan, VllmRecipe, VllmVariant
-from builder.render.context import content_hash, environment
+from builder.render.context import IMAGES_DIR, content_hash, context_files, environment
 
 VLLM_RECIPES = PROJECT_ROOT / "recipes" / "vllm"
 TEMPLATES = "vllm"  # folder under images/
@@ -136,15 +136,9 @@ def make_vllm_plan(recipe: VllmRecipe, recipe_path: Path, variant: str | None = 
 
 
 def render_vllm_files(plan: VllmPlan) -> dict[str, bytes]:
-    template = environment().get_template(f"{TEMPLATES}/Containerfile.j2")
-    files = {"Containerfile": template.render(plan=plan).encode()}
-    for script in sorted((PROJECT_ROOT / "images" / TEMPLATES / "scripts").iterdir()):
-        files[f"scripts/{script.name}"] = script.read_bytes()
-    pins = plan.lock_pins or plan.requirements
-    files["requirements.txt"] = ("\n".join(pins) + "\n").encode()
-    files[".containerignore"] = b"# everything in this context is used by the Containerfile\n"
-    files[".dockerignore"] = files[".containerignore"]
-    return files
+    containerfile = environment().get_template(f"{TEMPLATES}/Containerfile.j2").render(plan=plan)
+    files = context_files(containerfile, list((IMAGES_DIR / TEMPLATES / "scripts").iterdir()))
+    return files | {"requirements.txt": ("\n".join(plan.lock_pins or plan.requirements) + "\n").encode()}
 
 
 def lock_variant(path: Path, variant: str | None) -> tuple[Path, Lock]:

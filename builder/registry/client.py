@@ -24,7 +24,7 @@ from builder.core.digests import sha256_digest
 from builder.core.errors import RecipeError, RegistryError
 from builder.registry import credentials
 from builder.registry.credentials import Credentials, auth_files
-from builder.registry.http import MAX_JSON, MAX_TOKEN, Http, Transient, is_loopback, read_capped, speaks_tls
+from builder.registry.http import MAX_JSON, MAX_TOKEN, Http, Transient, is_loopback, origin_of, read_capped, speaks_tls
 
 log = logging.getLogger("builder")
 T = TypeVar("T")
@@ -120,11 +120,6 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', rest))
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
-
-
 @dataclass
 class _Bearer:
     challenge: dict[str, str]  # realm and service, to renew the token before it runs out
@@ -138,7 +133,7 @@ class RegistryClient:
         self.repo = repo
         self.push = push
         self.http = Http(repo.host)
-        self.origin = _origin(repo.base_url)
+        self.origin = origin_of(repo.base_url)
         self._auth: str | None = None
         self._bearer: _Bearer | None = None
         self._looked = False
@@ -201,7 +196,7 @@ class RegistryClient:
                 headers["Authorization"] = "Basic " + base64.b64encode(
                     f"{creds.user}:{creds.secret}".encode()).decode()
         resp = self.http.send(method, url, headers=headers, body=body.encode() if isinstance(body, str) else None,
-                              stream=True, credentials_for=_origin(realm))
+                              stream=True, credentials_for=origin_of(realm))
         if resp.status_code >= 500 or resp.status_code == 429:
             resp.close()
             raise Transient(f"{service} answered {resp.status_code}")
@@ -257,7 +252,7 @@ class RegistryClient:
             # Always streamed: a body is read only with a cap (here for callers that do not read it).
             resp = self.http.send(method, url, headers=sent, body=body, stream=True, credentials_for=self.origin)
             status = resp.status_code
-            if status == 401 and not authenticated and _origin(resp.url or url) == self.origin:
+            if status == 401 and not authenticated and origin_of(resp.url or url) == self.origin:
                 authenticated = True
                 resp.close()
                 self._authenticate(resp)

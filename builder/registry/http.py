@@ -90,7 +90,8 @@ class _Adapter(HTTPAdapter):
         return super().proxy_manager_for(proxy, **kwargs)
 
 
-def _origin(url: str) -> str:
+def origin_of(url: str) -> str:
+    """scheme://host[:port] of a URL, lowercased: what credentials and redirects are compared by."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
 
@@ -110,7 +111,7 @@ class Http:
         """One request; GET and HEAD follow up to MAX_REDIRECTS redirects. `Authorization` is sent only
         while the URL's origin is `credentials_for`."""
         for _ in range(MAX_REDIRECTS + 1):
-            sent = headers if _origin(url) == credentials_for else \
+            sent = headers if origin_of(url) == credentials_for else \
                 {k: v for k, v in headers.items() if k.lower() != "authorization"}
             resp = self._send_once(method, url, sent, body, stream)
             if method not in ("GET", "HEAD") or resp.status_code not in REDIRECTS:

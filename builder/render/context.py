@@ -95,15 +95,17 @@ def _apt_sources(plan: BuildPlan) -> dict[str, bytes]:
 def render_files(plan: BuildPlan) -> dict[str, bytes]:
     """The rendered context without the source tree: relative path -> bytes."""
     check_cmake_flags(plan)
-    files = {"Containerfile": environment().get_template("Containerfile.j2").render(plan=plan).encode()}
-    files.update(_apt_sources(plan))
     # Only the scripts this Containerfile uses: everything in a context is used (see .containerignore).
     scripts = ["build-llama.sh", "entrypoint.sh"] + (["apt-install.sh"] if apt_packages(plan) else [])
-    for script in sorted(scripts):
-        files[f"scripts/{script}"] = (IMAGES_DIR / "scripts" / script).read_bytes()
-    files[".containerignore"] = b"# everything in this context is used by the Containerfile\n"
-    files[".dockerignore"] = files[".containerignore"]
-    return files
+    containerfile = environment().get_template("Containerfile.j2").render(plan=plan)
+    return {**context_files(containerfile, [IMAGES_DIR / "scripts" / s for s in scripts]), **_apt_sources(plan)}
+
+
+def context_files(containerfile: str, scripts: list[Path]) -> dict[str, bytes]:
+    """A context's Containerfile, its scripts (under scripts/) and ignore files that say all of it is used."""
+    ignore = b"# everything in this context is used by the Containerfile\n"
+    files = {"Containerfile": containerfile.encode(), ".containerignore": ignore, ".dockerignore": ignore}
+    return files | {f"scripts/{script.name}": script.read_bytes() for script in sorted(scripts)}
 
 
 def content_hash(preamble: str, files: dict[str, bytes]) -> str:
