@@ -153,6 +153,8 @@ def _no_config(tmp_path: Path) -> Path:
      "services[0].nodes[0]: node v is strix-halo/vulkan, which has no vLLM recipe"),
     (lambda p: cluster_file(p, [vllm(topology="pipeline", nodes=["a", "g"])], [node("a", 1), node("g", 2, "nvidia")]),
      "services[0].nodes: a pipeline runs one vLLM build on every node, these are cpu/cpu, nvidia/cuda"),
+    (lambda p: cluster_file(p, [vllm(topology="pipeline", nodes=["a", "b"], args=["--enforce-eager"])]),
+     "services[0].args: --enforce-eager breaks a cpu pipeline"),
     (lambda p: cluster_file(p, [vllm(nodes=["a"])], [node("a", 1, memory="16KiB")]),
      "nodes[0].memory: a has 0.0 GiB but its services need 0.0 GiB"),
 ])

@@ -183,8 +183,8 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
                               f"list the nodes under nodes: ({service.topology})")
         least = 2 if service.topology == "pipeline" else 1
         if len(service.nodes) < least:
-            raise RecipeError(f"{where}: {field}.nodes: {service.topology} needs at least {least} node"
-                              f"{'s' if least > 1 else ''}",
+            raise RecipeError(f"{where}: {field}.nodes: {service.topology} needs at least "
+                              f"{'one node' if least == 1 else f'{least} nodes'}",
                               "nodes: [NODE, ...] (a server runs on each)" if least == 1 else
                               "nodes: [HEAD, NODE, ...]; for one node use topology: replicate")
         for j, name in enumerate(service.nodes):

@@ -87,6 +87,12 @@ def check_vllm_service(service: "Service", field: str, where: str, base: Path, n
     if executor(target, variant) is None:
         raise RecipeError(f"{where}: {field}.topology: the vLLM image of {target}/{variant} cannot span nodes "
                           "(its lock has no Ray)", "use topology: replicate, or add ray to its recipe")
+    if executor(target, variant) == "mp" and "--enforce-eager" in service.args:
+        # vLLM 0.32.0 on CPU allocates a later stage's input buffer only while warming up a compiled model
+        # ("assert self.intermediate_tensors is not None" at the first request, measured).
+        raise RecipeError(f"{where}: {field}.args: --enforce-eager breaks a cpu pipeline (vLLM skips the warm-up "
+                          "that allocates the later stages' input buffers)",
+                          "leave it out; -cc.backend=eager compiles without a C++ build")
 
 
 @dataclass(frozen=True)
