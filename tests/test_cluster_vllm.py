@@ -90,7 +90,9 @@ def test_a_cpu_pipeline_uses_vllms_multi_node_executor_bound_to_each_node(tmp_pa
         "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.12", "--master-port", "29600"]
     assert worker[-7:] == ["--node-rank", "1", "--master-addr", "127.0.0.12", "--master-port", "29600",
                            "--headless"]
-    assert "127.0.0.11" in worker and "VLLM_HOST_IP=127.0.0.11" in worker and "VLLM_HOST_IP=127.0.0.12" in head
+    assert worker[worker.index("IMAGE"):][:5] == ["IMAGE", "serve", "/models/llm", "--served-model-name", "llm"]
+    assert "--port" not in worker  # headless: no API
+    assert "VLLM_HOST_IP=127.0.0.11" in worker and "VLLM_HOST_IP=127.0.0.12" in head
     assert "GLOO_SOCKET_IFNAME=lo" in head and f"{tmp_path / 'tiny-hf'}:/models/llm:ro" in head
     assert not any("0.0.0.0" in word or "RAY" in word for word in head + worker)
 
@@ -185,3 +187,45 @@ def test_a_wrong_hash_stops_up_before_any_container(tmp_path: Path) -> None:
     assert "builder cluster hash-model DIR" in proc.stderr and "starting" not in proc.stderr
     status = json.loads(run_cli("cluster", "status", "--local", str(path), "--json").stdout)
     assert status["services"][0]["processes"][0]["container"] == "absent"
+
+
+def _trick(kind: str, folder: Path) -> None:
+    outside = folder.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    if kind == "absolute link":
+        os.symlink(outside, folder / "sub" / "weights")
+    elif kind == "linked folder":
+        os.symlink("sub", folder / "again")
+    elif kind == "fifo":
+        os.mkfifo(folder / "pipe")
+    elif kind == "newline name":
+        (folder / "a\nb.json").write_text("{}")
+    elif kind == "backslash name":
+        (folder / "a\\b.json").write_text("{}")
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("absolute link", "sub/weights in m is a symbolic link"),
+    ("linked folder", "again in m is a symbolic link (to sub)"),
+    ("fifo", "pipe in m is not a regular file or folder"),
+    ("newline name", "has a control character or backslash in its name"),
+    ("backslash name", "has a control character or backslash in its name"),
+])
+def test_a_model_folder_with_a_trick_is_refused(tmp_path: Path, kind: str, message: str) -> None:
+    from builder.cluster.hfmodel import folder_hash
+    from builder.errors import RecipeError
+
+    folder = hf_folder(tmp_path / "m")
+    _trick(kind, folder)
+    with pytest.raises(RecipeError) as caught:
+        folder_hash(folder, "here", "m")
+    assert message in str(caught.value) and "\n" not in str(caught.value)  # one line, the name escaped
+
+
+def test_the_folder_itself_may_not_be_a_link(tmp_path: Path) -> None:
+    from builder.cluster.hfmodel import folder_hash
+    from builder.errors import RecipeError
+
+    os.symlink(hf_folder(tmp_path / "m"), tmp_path / "link")
+    with pytest.raises(RecipeError, match="link is a symbolic link"):
+        folder_hash(tmp_path / "link", "here", "link")

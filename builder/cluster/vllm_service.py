@@ -103,8 +103,10 @@ class Launch:
     argv: list[str]
 
 
-def _serve_args(service: "Service", address: str, port: int) -> list[str]:
-    args = [f"{MODELS}/{service.name}", "--host", address, "--port", str(port), "--served-model-name", service.name]
+def _serve_args(service: "Service", address: str, port: int | None) -> list[str]:
+    """`vllm serve` arguments; a headless pipeline node (port None) serves no API."""
+    listen = ["--host", address, "--port", str(port)] if port is not None else []
+    args = [f"{MODELS}/{service.name}", *listen, "--served-model-name", service.name]
     if service.context:
         args += ["--max-model-len", str(service.context)]
     return [*args, *service.args]
@@ -121,11 +123,10 @@ def launch(service: "Service", process: "Process", node: "ClusterNode", model: P
     size = len(service.nodes)
     head = addresses[service.nodes[0]]
     rank = service.nodes.index(process.node)
-    server_port = process.port if rank == 0 else 0
     flags += ["--env", f"GLOO_SOCKET_IFNAME={interface}", "--env", f"NCCL_SOCKET_IFNAME={interface}"]
     kind = executor(*node_variant(node))
     if kind == "mp":
-        serve = [*_serve_args(service, address, server_port or process.port),
+        serve = [*_serve_args(service, address, None if rank else process.port),
                  "--pipeline-parallel-size", str(size), "--distributed-executor-backend", "mp",
                  "--nnodes", str(size), "--node-rank", str(rank), "--master-addr", head,
                  "--master-port", str(service.pipeline_port)]
