@@ -177,6 +177,7 @@ def test_default_memory_is_1_2_times_the_folder(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "nodes[0].memory: a has" in proc.stderr, proc.stderr
 
 
+@pytest.mark.engine  # asks podman which containers exist
 def test_a_wrong_hash_stops_up_before_any_container(tmp_path: Path) -> None:
     path = cluster_file(tmp_path, [vllm(nodes=["a"], sha256="1" * 64)])
     proc = run_cli("cluster", "up", "--local", str(path), "--engine", "podman", timeout=120)
