@@ -1,6 +1,6 @@
 """A vLLM pipeline over two loopback nodes, brought up by `builder cluster up --local`, answers through the
-gateway with the greedy text transformers computes on the same tiny model (tests/tinyhf.py; the single-node
-vLLM server gives the same text, test_engines_vllm_serve.py).
+gateway with the greedy text transformers computes on the same tiny model (tests/tinyhf.py), as does the
+same model served whole by a third node (a vLLM replicate service behind the same gateway).
 
 Node a (127.0.0.11) serves the API and runs the first layer, node b (127.0.0.12) joins it and runs the
 second: the cpu image's vLLM has no Ray executor, so the nodes join with vLLM's own multi-node executor
@@ -59,17 +59,22 @@ def pipeline(tiny_hf: tuple[Path, dict[str, Any]],  # noqa: F811
     folder = tmp_path_factory.mktemp("vllm-pipeline")
     shutil.copytree(tiny_hf[0], folder / "tiny-llama")
     digest = run_cli("cluster", "hash-model", "--", str(folder / "tiny-llama")).stdout.strip()
-    ports = {"gateway": free_port(), "metrics": free_port(), "server": free_port(), "pipeline": free_port()}
+    ports = {"gateway": free_port(), "metrics": free_port(), "server": free_port(), "pipeline": free_port(),
+             "single": free_port()}
     nodes = [{"name": name, "mac": f"52:54:00:00:01:1{i}", "target": "cpu", "memory": "4GiB",
-              # one vLLM KV cache of 1 GiB, each node's threads on its own core
-              "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(i)}}
-             for i, name in enumerate("ab")]
+              # one vLLM KV cache of 1 GiB, each node's threads on a core of its own (c shares b's)
+              "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(min(i, 1))}}
+             for i, name in enumerate("abc")]
     data = {
         "gateway": {"port": ports["gateway"], "metrics_port": ports["metrics"]},
         "nodes": nodes,
         "services": [{"name": "tiny-pp", "engine": "vllm", "model": "tiny-llama", "sha256": digest,
                       "topology": "pipeline", "nodes": ["a", "b"], "port": ports["server"],
-                      "pipeline_port": ports["pipeline"], "context": 256, "args": ARGS}],
+                      "pipeline_port": ports["pipeline"], "context": 256, "args": ARGS},
+                     # the same model served whole by one node: a vLLM replicate service on the same gateway
+                     {"name": "tiny-one", "engine": "vllm", "model": "tiny-llama", "sha256": digest,
+                      "nodes": ["c"], "port": ports["single"], "context": 256,
+                      "args": ["--dtype", "float32", "--max-num-seqs", "4", "--enforce-eager"]}],
     }
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -87,30 +92,36 @@ def pipeline(tiny_hf: tuple[Path, dict[str, Any]],  # noqa: F811
         assert down.returncode == 0, down.stderr
 
 
-def test_pipeline_through_the_gateway_gives_transformers_greedy_text(
-        pipeline: dict[str, Any], tiny_hf: tuple[Path, dict[str, Any]]) -> None:  # noqa: F811
+@pytest.mark.parametrize(("service", "stages"), [("tiny-pp", "pp2"), ("tiny-one", "pp1")])
+def test_through_the_gateway_each_service_gives_transformers_greedy_text(
+        pipeline: dict[str, Any], tiny_hf: tuple[Path, dict[str, Any]], service: str,  # noqa: F811
+        stages: str) -> None:
+    """The pipeline over nodes a and b, and the whole model on node c, give the same greedy text."""
     ref = tiny_hf[1]["completion"]
     resp = requests.post(f"http://127.0.0.1:{pipeline['ports']['gateway']}/v1/completions",
-                         json={"model": "tiny-pp", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
+                         json={"model": service, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
                                "return_token_ids": True},
                          headers={"Authorization": f"Bearer {pipeline['key']}"}, timeout=300)
     assert resp.status_code == 200, resp.text[:2000]
     choice = resp.json()["choices"][0]
     assert choice["token_ids"] == ref["ids"] and choice["text"] == ref["text"]
-    assert resp.json()["model"] == "tiny-pp" and resp.json()["system_fingerprint"].startswith("vllm-0.32.0-pp2")
+    assert resp.json()["model"] == service
+    # vLLM names the pipeline's size in the fingerprint (vllm-0.32.0-pp2-…), a single stage not
+    assert resp.json()["system_fingerprint"].startswith(f"vllm-0.32.0-{stages}") == (stages == "pp2")
 
 
 def test_both_nodes_hold_a_stage_each_bound_to_its_own_address(pipeline: dict[str, Any]) -> None:
     proc = run_cli("cluster", "status", "--local", str(pipeline["path"]), "--json", timeout=120)
-    processes = json.loads(proc.stdout)["services"][0]["processes"]
-    assert [(p["node"], p["role"], p["health"]) for p in processes] == [
-        ("a", "server", "UP"), ("b", "pipeline-worker", "UP")]
+    services = json.loads(proc.stdout)["services"]
+    assert [(s["name"], s["topology"], p["node"], p["role"], p["health"]) for s in services for p in s["processes"]
+            ] == [("tiny-pp", "pipeline", "a", "server", "UP"), ("tiny-pp", "pipeline", "b", "pipeline-worker", "UP"),
+                  ("tiny-one", "replicate", "c", "server", "UP")]
     logs = run_cli("cluster", "logs", "--local", str(pipeline["path"]), "b-tiny-pp", "-n", "100000",
                    timeout=60).stdout
     ports = pipeline["ports"]
     assert f"world_size=2 rank=1 local_rank=0 distributed_init_method=tcp://127.0.0.11:{ports['pipeline']}" in logs
     assert "Loading weights took" in logs
-    assert listening(ports["server"]) == {"127.0.0.11"}
+    assert listening(ports["server"]) == {"127.0.0.11"} and listening(ports["single"]) == {"127.0.0.13"}
     # torch.distributed's store on the first node listens on every address whatever the master address says
     # (measured, docs/clusters.md): a known gap, like Ray's; on netbooted nodes the firewall covers it.
     assert listening(ports["pipeline"]) <= {"127.0.0.11", "wildcard"}
