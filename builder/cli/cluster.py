@@ -8,6 +8,7 @@ import typer
 
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
+from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, load_cluster
 from builder.core.errors import RecipeError
 from builder.engines import ENGINE_CHOICES
@@ -93,6 +94,17 @@ def logs(
 ) -> None:
     """The last lines of every server's and worker's output."""
     local.logs(_loaded(inventory, is_local), engine, only, lines)
+
+
+@cluster_app.command("hash-model")
+def hash_model(
+    folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (config.json, weights, tokenizer).")],
+) -> None:
+    """Print a model folder's content hash: the sha256: a vLLM service gives for its model.
+
+    The same as `(cd DIR && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum`.
+    """
+    typer.echo(folder_hash(folder, "builder cluster hash-model"))
 
 
 @cluster_app.command()

@@ -123,7 +123,7 @@ def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], stat
             "",
             f"backend {backend_name(service.name)}",
             "    balance leastconn",
-            "    # llama-server answers 503 while it loads the model",
+            "    # llama-server answers 503 while it loads the model; vllm serve opens its port once loaded",
             "    option httpchk GET /health",
             "    http-check expect status 200",
             "    default-server inter 1s fastinter 500ms downinter 1s rise 2 fall 2",

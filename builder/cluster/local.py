@@ -7,7 +7,9 @@ success anyway; docker-compose 1.29 drives docker only (docs/design.md).
 """
 
 import hashlib
+import os
 import re
+import secrets
 import socket
 import sys
 import time
@@ -24,18 +26,22 @@ from builder.cluster.gateway import (
     stop_gateway,
     write_gateway,
 )
+from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, Process
+from builder.cluster.vllm_service import launch
 from builder.core.digests import sha256_file
 from builder.core.errors import BuilderError, RecipeError
 from builder.core.paths import cache_subdir
 from builder.core.run import run
 from builder.engines import Engine, get_engine
 from builder.fetch.source import fetch_file
-from builder.flavours.prepare import prepare, recipe_file
+from builder.flavours.prepare import FLAVOURS, prepare, recipe_file
 from builder.recipe.targets import TARGETS
 from builder.use.launch import image_for_run
 
 GATEWAY_ADDRESS = "127.0.0.1"
+# Every node's address is on the host's loopback interface: what GLOO/NCCL_SOCKET_IFNAME name.
+LOOPBACK_INTERFACE = "lo"
 FIRST_NODE = 11
 LABEL = "dev.builder.cluster"
 Say = Callable[[str], None]
@@ -61,7 +67,7 @@ class Local:
         return cls(loaded, cache_subdir(f"clusters/{project}"), project)
 
     def container(self, process: Process) -> str:
-        suffix = "rpc" if process.role == "rpc-worker" else "server"
+        suffix = {"rpc-worker": "rpc", "pipeline-worker": "pipeline"}.get(process.role, "server")
         return f"{self.project}-{process.node}-{process.service}-{suffix}"
 
     @property
@@ -82,28 +88,42 @@ def _engine_of(local: Local, engine_name: str | None) -> Engine:
     return engine
 
 
-def _images(loaded: Loaded, engine: Engine, say: Say) -> dict[str, str]:
-    """The image every node runs: the target's last build, built now if there is none."""
-    images: dict[tuple[str, str | None], str] = {}
-    out: dict[str, str] = {}
-    for node in loaded.cluster.nodes:
-        key = (node.target, node.variant)
+def _images(loaded: Loaded, engine: Engine, say: Say) -> dict[tuple[str, str], str]:
+    """The images every node runs, by (node, engine of its services): the last build of the node's target and
+    variant in the service engine's flavour, built now if there is none."""
+    images: dict[tuple[str, str | None, str], str] = {}
+    out: dict[tuple[str, str], str] = {}
+    for process in loaded.processes:
+        node = loaded.node(process.node)
+        kind = loaded.service(process.service).engine
+        key = (node.target, node.variant, kind)
         if key not in images:
-            prep = prepare(recipe_file(node.target, None), node.variant)
+            flavour = FLAVOURS["vllm" if kind == "vllm" else "llama.cpp"]
+            prep = prepare(recipe_file(node.target, None, flavour), node.variant, flavour=flavour)
             try:
                 images[key] = image_for_run(engine, prep)
             except RecipeError:
-                say(f"building {node.target}/{prep.plan.variant} for node {node.name} …")
+                say(f"building {node.target}/{prep.plan.variant} ({flavour.name}) for node {node.name} …")
                 images[key] = build(prep, engine).ref
-        out[node.name] = images[key]
+        out[(node.name, kind)] = images[key]
     return out
 
 
 def _models(loaded: Loaded, say: Say) -> dict[str, Path]:
-    """Every service's GGUF on this machine, checked against its sha256."""
+    """Every service's GGUF or model folder on this machine, checked against its sha256."""
     out: dict[str, Path] = {}
     for i, service in enumerate(loaded.cluster.services):
         path = loaded.model_file(service)
+        if service.engine == "vllm":
+            assert path is not None
+            say(f"hashing {service.model} …")
+            actual = folder_hash(path, f"{loaded.path.name}: services[{i}].model", service.model)
+            if actual != service.sha256:
+                raise RecipeError(f"{loaded.path.name}: services[{i}].sha256: the folder {service.model} hashes to "
+                                  f"{actual}", "a file changed or the sha256 is wrong: check which, then fix it "
+                                  "(`builder cluster hash-model DIR` prints a folder's hash)")
+            out[service.name] = path.resolve()
+            continue
         if path is None:
             say(f"fetching {service.model} …")
             out[service.name] = fetch_file(service.model, service.sha256)
@@ -116,16 +136,29 @@ def _models(loaded: Loaded, say: Say) -> dict[str, Path]:
     return out
 
 
+def ray_token(local: Local) -> Path:
+    """The Ray cluster token of this cluster's pipelines: generated once, mode 0600, given as a file."""
+    path = local.state / "ray-token"
+    if not path.is_file():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
 def process_argv(local: Local, engine: Engine, process: Process, image: str, model: Path) -> list[str]:
     loaded = local.loaded
     address = node_addresses(loaded)
     service = loaded.service(process.service)
-    node = next(n for n in loaded.cluster.nodes if n.name == process.node)
+    node = loaded.node(process.node)
     variant = TARGETS[node.target].variants[node.variant or TARGETS[node.target].default_variant]
     argv = [*engine.run_argv(), "--detach", "--network", "host", "--name", local.container(process),
             "--label", f"{LABEL}={local.project}", *engine.device_flags(variant.host)]
     for key, value in node.env.items():
         argv += ["--env", f"{key}={value}"]
+    if service.engine == "vllm":
+        started = launch(service, process, node, model, address, LOOPBACK_INTERFACE, lambda: ray_token(local))
+        return [*argv, *started.flags, image, *started.argv]
     if process.role == "rpc-worker":
         return [*argv, image, "rpc-worker", "--host", address[process.node], "--port", str(process.port)]
     inside = f"/models/{process.service}.gguf"
@@ -177,15 +210,16 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
     """Start what is not running (workers first, then servers, then the gateway) and wait until every server is
     healthy behind the gateway; on failure remove what this call started."""
     local = Local.of(loaded)
+    models = _models(loaded, say)
     engine = _engine_of(local, engine_name)
     images = _images(loaded, engine, say)
-    models = _models(loaded, say)
     address = node_addresses(loaded)
     existing = containers(local, engine)
     started: list[str] = []
     gateway_started = False
     try:
-        ordered = sorted(loaded.processes, key=lambda p: p.role != "rpc-worker")
+        # RPC workers before their head; a pipeline's first node (the Ray head) before the nodes joining it
+        ordered = sorted(loaded.processes, key=lambda p: ("rpc-worker", "server", "pipeline-worker").index(p.role))
         for process in ordered:
             name = local.container(process)
             if existing.get(name) == "running":
@@ -193,7 +227,8 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
             if name in existing:
                 _remove(engine, [name])
             say(f"starting {process.role} {process.service} on {process.node} ({address[process.node]}:{process.port})")
-            run(process_argv(local, engine, process, images[process.node], models[process.service]), timeout=120)
+            image = images[(process.node, loaded.service(process.service).engine)]
+            run(process_argv(local, engine, process, image, models[process.service]), timeout=120)
             started.append(name)
             if process.role == "rpc-worker" and not _wait_port(address[process.node], process.port, 60):
                 raise BuilderError(f"RPC worker {name} did not listen on {address[process.node]}:{process.port}",
@@ -223,10 +258,12 @@ def _wait_healthy(local: Local, engine: Engine, timeout: float) -> None:
         if not waiting:
             return
         now = containers(local, engine)
-        for process in waiting:
+        joined = [p for p in local.loaded.processes if p.role == "pipeline-worker"]
+        for process in [*waiting, *joined]:
             name = local.container(process)
             if now.get(name) != "running":
-                raise BuilderError(f"{process.service} on {process.node}: the server exited ({name})",
+                what = "pipeline worker" if process.role == "pipeline-worker" else "server"
+                raise BuilderError(f"{process.service} on {process.node}: the {what} exited ({name})",
                                    "its last lines:\n" + _log_tail(engine, name))
         if time.monotonic() > deadline:
             first = waiting[0]
@@ -271,6 +308,8 @@ def status(loaded: Loaded, engine_name: str | None) -> dict[str, object]:
                 health = state.status if state.last_check != "INI" else "starting"
                 entry.update(health=health, last_check=state.last_check, active=state.active,
                              requests=state.total)
+            elif process.role == "pipeline-worker":
+                entry["health"] = "UP" if entry["container"] == "running" else "DOWN"
             elif process.role == "rpc-worker":
                 up_now = _wait_port(address[process.node], process.port, 0.5)
                 entry["health"] = "UP" if up_now else "DOWN"

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import ByteSize, Field
 
+from builder.cluster.hfmodel import scan
+from builder.cluster.vllm_service import check_vllm_service
 from builder.core.errors import RecipeError
 from builder.core.types import EnvName, KernelArg, OneLine, http_url
 from builder.netboot.inventory import Control, Node
@@ -21,6 +23,7 @@ from builder.recipe.models import Strict
 SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SERVER_PORT = 8080
 RPC_PORT = 50052
+PIPELINE_PORT = 29500
 # Upstream reports deadlocks with more than two RPC workers behind one head.
 MAX_QUIET_WORKERS = 2
 # Weights plus room for the KV cache and compute buffers, when a service does not say what it needs.
@@ -56,18 +59,24 @@ class Service(Strict):
 
     name: str = Field(pattern=SERVICE_NAME, description="the name clients send as `model`")
     engine: Literal["llama.cpp", "vllm"] = Field("llama.cpp", description="what serves it")
-    model: OneLine = Field(description="the GGUF: a path (relative to this file) or an http(s) URL")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the GGUF, checked before serving")
-    memory: ByteSize | None = Field(None, description="memory the model needs (default: 1.2 × the GGUF's size)")
+    model: OneLine = Field(description="llama.cpp: the GGUF, a path (relative to this file) or an http(s) URL; "
+                           "vllm: a Hugging Face model folder, a path relative to this file")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="llama.cpp: sha256 of the GGUF; vllm: the folder's "
+                        "content hash (`builder cluster hash-model DIR`); checked before serving")
+    memory: ByteSize | None = Field(None, description="memory the model needs (default: 1.2 × its files' size)")
     topology: Literal["replicate", "split", "pipeline"] = Field(
-        "replicate", description="replicate: a server per node; split: a head plus RPC workers")
-    nodes: list[str] = Field(default_factory=list, description="replicate: the nodes that each run a server")
+        "replicate", description="replicate: a server per node; split: a head plus RPC workers (llama.cpp); "
+        "pipeline: one vLLM over the nodes, in order (vllm)")
+    nodes: list[str] = Field(default_factory=list, description="replicate: the nodes that each run a server; "
+                             "pipeline: the nodes the layers are spread over, the first one serving")
     head: str | None = Field(None, description="split: the node running llama-server")
     workers: list[str] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
     port: int | None = Field(None, ge=1, le=65535, description="llama-server's port (default 8080 + index)")
     rpc_port: int = Field(RPC_PORT, ge=1, le=65535, description="split: the workers' port")
-    context: int | None = Field(None, ge=64, description="context size (-c)")
-    args: list[OneLine] = Field(default_factory=list, description="extra llama-server arguments")
+    pipeline_port: int = Field(PIPELINE_PORT, ge=1, le=65535, description="pipeline: the port on the first node "
+                               "the others join (Ray's head, or torch.distributed's master on cpu)")
+    context: int | None = Field(None, ge=64, description="context size (llama.cpp -c, vLLM --max-model-len)")
+    args: list[OneLine] = Field(default_factory=list, description="extra llama-server or vllm serve arguments")
 
 
 class ServiceCluster(Strict):
@@ -87,7 +96,7 @@ class Process:
 
     service: str
     node: str
-    role: Literal["server", "rpc-worker"]
+    role: Literal["server", "rpc-worker", "pipeline-worker"]
     port: int
 
 
@@ -101,8 +110,11 @@ class Loaded:
     warnings: tuple[str, ...]
 
     def model_file(self, service: Service) -> Path | None:
-        """The GGUF on this machine, or None for a URL."""
+        """The GGUF or model folder on this machine, or None for a URL."""
         return None if _is_url(service.model) else (self.path.parent / service.model)
+
+    def node(self, name: str) -> ClusterNode:
+        return next(n for n in self.cluster.nodes if n.name == name)
 
     def service(self, name: str) -> Service:
         return next(s for s in self.cluster.services if s.name == name)
@@ -151,21 +163,30 @@ def _known(where: str, field: str, name: str, index: dict[str, int]) -> None:
         raise RecipeError(f"{where}: {field}: no node named {name!r}", f"nodes: {', '.join(index)}")
 
 
-def _check_service(service: Service, i: int, where: str, base: Path, index: dict[str, int]) -> None:
+def _check_topology(service: Service, field: str, where: str) -> None:
+    if service.engine == "llama.cpp" and service.topology == "pipeline":
+        raise RecipeError(f"{where}: {field}.topology: pipeline is vLLM across nodes; llama.cpp spreads a GGUF "
+                          "with split", "use topology: split (head: and workers:), or engine: vllm with a "
+                          "Hugging Face model folder")
+    if service.engine == "vllm" and service.topology == "split":
+        raise RecipeError(f"{where}: {field}.topology: split is llama.cpp's RPC; vLLM spreads a model with "
+                          "pipeline", "use topology: pipeline with nodes: [HEAD, NODE, ...]")
+
+
+def _check_service(service: Service, i: int, where: str, base: Path, index: dict[str, int],
+                   nodes: list[ClusterNode]) -> None:
     field = f"services[{i}]"
-    if service.engine == "vllm":
-        raise RecipeError(f"{where}: {field}.engine: vllm services are not supported by builder cluster yet",
-                          "use engine: llama.cpp with a GGUF for now")
-    if service.topology == "pipeline":
-        raise RecipeError(f"{where}: {field}.topology: pipeline (vLLM across nodes) is not supported yet",
-                          "use topology: split to spread a GGUF over nodes, or replicate")
-    if service.topology == "replicate":
+    _check_topology(service, field, where)
+    if service.topology in ("replicate", "pipeline"):
         if service.head or service.workers:
             raise RecipeError(f"{where}: {field}: head and workers belong to topology: split",
-                              "list the nodes that each run a server under nodes:")
-        if not service.nodes:
-            raise RecipeError(f"{where}: {field}.nodes: replicate needs at least one node",
-                              "nodes: [NODE, ...] (a server runs on each)")
+                              f"list the nodes under nodes: ({service.topology})")
+        least = 2 if service.topology == "pipeline" else 1
+        if len(service.nodes) < least:
+            raise RecipeError(f"{where}: {field}.nodes: {service.topology} needs at least "
+                              f"{'one node' if least == 1 else f'{least} nodes'}",
+                              "nodes: [NODE, ...] (a server runs on each)" if least == 1 else
+                              "nodes: [HEAD, NODE, ...]; for one node use topology: replicate")
         for j, name in enumerate(service.nodes):
             _known(where, f"{field}.nodes[{j}]", name, index)
             if name in service.nodes[:j]:
@@ -185,6 +206,10 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
             if name == service.head or name in service.workers[:j]:
                 raise RecipeError(f"{where}: {field}.workers[{j}]: {name!r} is already in this service",
                                   "a node is the head or one worker of a split, once")
+    if service.engine == "vllm":
+        check_vllm_service(service, field, where, base, [nodes[index[n]] for n in service.nodes],
+                           [index[n] for n in service.nodes])
+        return
     if _is_url(service.model):
         try:
             http_url(service.model)
@@ -201,14 +226,18 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
                           f"give the GGUF's path relative to {where}, or an http(s) URL")
 
 
-def _need(service: Service, base: Path) -> float:
+def _need(service: Service, base: Path, where: str) -> float:
     """Memory one participating node needs for the service."""
     if service.memory is not None:
         total = float(service.memory)
+    elif service.engine == "vllm":
+        total = scan(base / service.model, where, service.model).size * MEMORY_FACTOR
     else:
         total = (base / service.model).stat().st_size * MEMORY_FACTOR
-    # A split spreads the layers over the head and its workers.
-    return total / (1 + len(service.workers)) if service.topology == "split" else total
+    # A split spreads the layers over the head and its workers, a pipeline over its nodes.
+    if service.topology == "split":
+        return total / (1 + len(service.workers))
+    return total / len(service.nodes) if service.topology == "pipeline" else total
 
 
 def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int]) -> tuple[Process, ...]:
@@ -218,6 +247,11 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
         port = server_port(service, i)
         if service.topology == "replicate":
             processes += [Process(service.name, node, "server", port) for node in service.nodes]
+            continue
+        if service.topology == "pipeline":
+            processes.append(Process(service.name, service.nodes[0], "server", port))
+            processes += [Process(service.name, node, "pipeline-worker", service.pipeline_port)
+                          for node in service.nodes[1:]]
             continue
         assert service.head is not None
         processes.append(Process(service.name, service.head, "server", port))
@@ -244,7 +278,7 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
         if node.memory is None:
             raise RecipeError(f"{where}: nodes[{i}].memory: {node.name} hosts {', '.join(sorted(hosted))} "
                               "but its memory is not declared", "memory: e.g. 64GiB (what models may use)")
-        needs = {s.name: _need(s, base) for s in cluster.services if s.name in hosted}
+        needs = {s.name: _need(s, base, where) for s in cluster.services if s.name in hosted}
         if sum(needs.values()) > node.memory:
             parts = ", ".join(f"{name} {_gib(size)}" for name, size in needs.items())
             raise RecipeError(
@@ -270,7 +304,7 @@ def load_cluster(path: Path) -> Loaded:
                               f"services[{seen[service.name]}]",
                               "every service needs its own name: clients choose it by `model`")
         seen[service.name] = i
-        _check_service(service, i, where, path.parent, index)
+        _check_service(service, i, where, path.parent, index, cluster.nodes)
     processes = _place(cluster, where, path.parent, index)
     warnings = tuple(
         f"{where}: services[{i}].workers: {len(s.workers)} RPC workers; upstream reports deadlocks above "
