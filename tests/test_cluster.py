@@ -98,8 +98,6 @@ def test_several_services_fit_a_node_that_holds_their_models(tmp_path: Path) -> 
     ({"nodes": [node("a", 1), node("a", 2)]}, "nodes[1].name: 'a' is already nodes[0]"),
     ({"nodes": [node("a", 1), node("b", 1)]}, "nodes[1].mac: 52:54:00:12:34:01 is already nodes[0]"),
     ({"nodes": [node("a", 1, role="head")]}, "nodes[0].role: roles and ports come from services"),
-    ({"nodes": [node("a", 1, cache={"device": "PARTLABEL=cache"})]},
-     "nodes[0].cache: a cache disk is for netbooted nodes"),
     ({"nodes": [node("a", 1, memory="lots")]}, "nodes[0].memory: could not parse value and unit"),
     ({"nodes": [node("a", 1, target="tpu")]}, "nodes[0]: target: unknown target 'tpu'"),
     ({"nodes": [node("a", 1, env={"X; rm": "1"}), node("b", 2)]},
