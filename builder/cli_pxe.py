@@ -23,7 +23,14 @@ from builder.netboot.inventory import Node, load_inventory
 from builder.netboot.kernels import kernel_spec
 from builder.netboot.publish import Artifacts, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
-from builder.netboot.services import control_of, is_services_form, load_for_netboot, publish_services, summary
+from builder.netboot.services import (
+    control_of,
+    is_services_form,
+    load_for_netboot,
+    models,
+    publish_services,
+    summary,
+)
 from builder.recipes import display_path, select
 from builder.registry import Repository
 from builder.run import start_server, stop
@@ -99,8 +106,9 @@ def publish_cmd(
         loaded = load_for_netboot(inventory)
         for warning in loaded.warnings:
             typer.echo(f"warning: {warning}", err=True)
+        files = models(loaded, lambda line: typer.echo(line, err=True))  # checked before any build
         artifacts = _wanted(loaded.cluster.nodes, engine, compression, pulled)
-        generation, new = publish_services(root, loaded, artifacts, keep, lambda line: typer.echo(line, err=True))
+        generation, new = publish_services(root, loaded, files, artifacts, keep)
         typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; "
                    f"current -> generations/{generation}")
         for line in summary(loaded):

@@ -178,10 +178,11 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
     return out, nodes
 
 
-def publish_services(root: Path, loaded: Loaded, artifacts: Artifacts, keep: int, say: Say) -> tuple[str, bool]:
-    """Write a generation for a services-form cluster file and make it current; returns (id, whether it is new)."""
+def publish_services(root: Path, loaded: Loaded, files: dict[str, Path], artifacts: Artifacts, keep: int
+                     ) -> tuple[str, bool]:
+    """Write a generation for a services-form cluster file (`files`: its models, from models()) and make it
+    current; returns (id, whether it is new)."""
     assert loaded.cluster.control is not None
-    files = models(loaded, say)
     return publish_generation(root, loaded.cluster.control, loaded.path, artifacts, keep,
                               lambda manifests: node_files(root, loaded, files, manifests))
 
