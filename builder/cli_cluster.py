@@ -11,6 +11,7 @@ from builder.cluster import local
 from builder.cluster.model import Loaded, load_cluster
 from builder.engines import ENGINE_CHOICES
 from builder.errors import RecipeError
+from builder.netboot import gateway as netboot_gateway
 
 cluster_app = typer.Typer(help="Services of a cluster file behind one OpenAI-compatible gateway.",
                           no_args_is_help=True)
@@ -24,8 +25,8 @@ EngineOpt = Annotated[str | None, typer.Option(
 def _loaded(inventory: Path, is_local: bool) -> Loaded:
     loaded = load_cluster(inventory)
     if not is_local:
-        raise RecipeError("builder cluster: only --local is supported yet (every node on this machine)",
-                          "add --local; netbooted nodes get their roles from `builder pxe publish`")
+        netboot_gateway.addresses(loaded)  # every server's node needs its address: one line now
+        netboot_gateway.bind_address(loaded)
     for warning in loaded.warnings:
         typer.echo(f"warning: {warning}", err=True)
     return loaded
@@ -40,23 +41,33 @@ def up(
 ) -> None:
     """Start every service's servers and RPC workers and the gateway; print the endpoint and the key's file.
 
+    Without --local the nodes are netbooted (`builder pxe publish`) and start their own servers: `up` starts
+    only the gateway, on this (the control) node, and waits until every server is healthy behind it.
     Running it again starts only what is not running. If it fails, what it started is removed again.
     """
     loaded = _loaded(inventory, is_local)
-    started = local.up(loaded, engine, timeout, lambda line: typer.echo(line, err=True))
-    document = local.status(loaded, engine)
+    say = lambda line: typer.echo(line, err=True)  # noqa: E731
+    if is_local:
+        state = local.up(loaded, engine, timeout, say).state
+        document = local.status(loaded, engine)
+    else:
+        state = netboot_gateway.up(loaded, timeout, say).state
+        document = netboot_gateway.status(loaded)
     gateway: dict[str, str] = document["gateway"]  # type: ignore[assignment]
     typer.echo(f"endpoint  {gateway['endpoint']}")
     typer.echo(f"key       {gateway['key_file']}  (send Authorization: Bearer $(cat FILE))")
     typer.echo(f"models    {', '.join(s.name for s in loaded.cluster.services)}")
     typer.echo(f"metrics   {gateway['metrics']}")
-    typer.echo(f"state     {started.state}")
+    typer.echo(f"state     {state}")
 
 
 @cluster_app.command()
 def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt = None) -> None:
-    """Remove the cluster's containers and stop its gateway (the API key is kept for the next `up`)."""
-    removed = local.down(_loaded(inventory, is_local), engine)
+    """Remove the cluster's containers and stop its gateway (the API key is kept for the next `up`).
+
+    Without --local: stop the gateway; netbooted nodes keep running."""
+    loaded = _loaded(inventory, is_local)
+    removed = local.down(loaded, engine) if is_local else netboot_gateway.down(loaded)
     typer.echo(f"removed {', '.join(removed)}" if removed else "nothing was running")
 
 
@@ -68,7 +79,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Every service, its servers and workers, and their health as the gateway sees it."""
-    document = local.status(_loaded(inventory, is_local), engine)
+    loaded = _loaded(inventory, is_local)
+    document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded)
     if as_json:
         typer.echo(json.dumps(document, indent=2))
         return
@@ -78,8 +90,9 @@ def status(
         typer.echo(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:
             extra = f"  {p['active']} active, {p['requests']} served" if "requests" in p else ""
-            typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} "
-                       f"container {p['container']}{extra}")
+            where = f"container {p['container']}" if "container" in p else ""
+            typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} {where}{extra}"
+                       .rstrip())
 
 
 @cluster_app.command()
@@ -91,7 +104,10 @@ def logs(
                     ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n", help="Lines per container.")] = 50,
 ) -> None:
-    """The last lines of every server's and worker's output."""
+    """The last lines of every server's and worker's output (--local; netbooted nodes print to their consoles)."""
+    if not is_local:
+        raise RecipeError("builder cluster logs: netbooted nodes print their servers' output on their consoles",
+                          "read the node's serial console (`builder-node:` lines), or try the cluster with --local")
     local.logs(_loaded(inventory, is_local), engine, only, lines)
 
 
