@@ -36,6 +36,7 @@ from builder.recipes import display_path, load_yaml, select, validated
 from builder.source import fetch_file, sha256_file
 
 Say = Callable[[str], None]
+KERNEL_LINE = 2047  # COMMAND_LINE_SIZE on x86, less its final NUL
 PLAN_HEADER = ("# fields, tab-separated, '-' for none: server SERVICE PORT MODEL_URL MODEL_SHA256 RPC CTX [ARGS...]"
                " | rpc-worker SERVICE PORT\n")
 
@@ -169,6 +170,10 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
             # the initramfs makes room on the cache disk for these (a node without one ignores the word)
             args.append("builder.models=" + ",".join(f"{s.sha256}:{files[s.name].stat().st_size}" for s in served))
         args += [*cluster.kernel_args, *node.kernel_args]
+        if len(" ".join(args)) > KERNEL_LINE:
+            raise RecipeError(f"{display_path(loaded.path)}: nodes: {node.name}'s kernel command line would be "
+                              f"{len(' '.join(args))} bytes, above the kernel's {KERNEL_LINE}",
+                              "place fewer services on the node, or shorten its kernel_args")
         out[f"nodes/{node.file_stem}.nft"] = rules
         out[f"nodes/{node.file_stem}.plan"] = plan
         out[f"nodes/{node.file_stem}.ipxe"] = ipxe_script(base, node, manifest, label(loaded, node.name),
