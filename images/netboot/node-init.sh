@@ -223,6 +223,7 @@ supervise() {
 # here. PID 1 then only reaps: the supervisors run for as long as the node does.
 run_plan() {
     local line fields path workers=0 servers=0
+    local -A fetched=()  # model sha256 -> its path: two services of one GGUF share one download
     fetch_plan
     mapfile -t lines </run/builder/plan
     for line in "${lines[@]}"; do
@@ -235,10 +236,12 @@ run_plan() {
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"
         [ "${fields[0]:-}" = server ] || continue
-        until path=$(fetch_model "${fields[3]}" "${fields[4]}"); do
+        path=${fetched[${fields[4]}]:-}
+        until [ -n "$path" ] || path=$(fetch_model "${fields[3]}" "${fields[4]}"); do
             say "no model for ${fields[1]}: trying again in 10 s"
             sleep 10
         done
+        fetched[${fields[4]}]=$path
         servers=$((servers + 1))
         supervise server "${fields[1]}" "${fields[2]}" "$path" "${fields[5]}" "${fields[6]}" "${fields[@]:7}" &
     done
