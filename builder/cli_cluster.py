@@ -46,7 +46,10 @@ def up(
     Running it again starts only what is not running. If it fails, what it started is removed again.
     """
     loaded = _loaded(inventory, is_local)
-    say = lambda line: typer.echo(line, err=True)  # noqa: E731
+
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
+
     if is_local:
         state = local.up(loaded, engine, timeout, say).state
         document = local.status(loaded, engine)
@@ -86,6 +89,8 @@ def status(
         return
     gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
     typer.echo(f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}")
+    for n in document["nodes"]:  # type: ignore[attr-defined]
+        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {n['target']}")
     for service in document["services"]:  # type: ignore[attr-defined]
         typer.echo(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:

@@ -75,7 +75,8 @@ def test_netbooted_replica_joins_the_gateway_and_answers_through_it(
                 ("tiny", [("node1", "server", f"127.0.0.1:{server}", "UP", "L7OK")]),
                 ("tiny-b", [("node1", "server", f"127.0.0.1:{other}", "UP", "L7OK")])]
             assert document["nodes"] == [{"name": "node1", "address": "127.0.0.1", "target": "cpu", "mac": MAC}]
-            assert "node1        server     127.0.0.1:" in run_cli("cluster", "status", str(path)).stdout
+            text = run_cli("cluster", "status", str(path)).stdout
+            assert "node     node1        127.0.0.1" in text and "  node1        server     127.0.0.1:" in text
 
             for name, port in (("tiny", server), ("tiny-b", other)):
                 resp = requests.post(f"http://127.0.0.1:{gateway}/v1/completions", json={**PROMPT, "model": name},
