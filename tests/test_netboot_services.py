@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from test_netboot import fake_artifacts
 
 from builder.netboot.publish import current_id
 from builder.netboot.serve import dnsmasq_config
 from builder.netboot.services import load_for_netboot, models, publish_services
-from conftest import run_cli
+from conftest import free_port, run_cli
 
 MACS = [f"52:54:00:12:34:{i:02x}" for i in range(1, 5)]
 CHAT = b"GGUF chat model"
@@ -170,3 +171,28 @@ def test_bad_services_file_is_one_line_and_exit_2(tmp_path: Path, change: str, m
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not root.exists()  # nothing published, nothing built
+
+
+def test_gateway_up_for_a_node_that_never_gets_healthy_is_one_line_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    """`cluster up` without --local starts HAProxy for real; a server nobody answers for (its node never booted)
+    is one line naming service, node and address after --timeout, and the gateway it started is stopped."""
+    (tmp_path / "chat.gguf").write_bytes(CHAT)
+    gateway, metrics, dead = free_port(), free_port(), free_port()
+    data = {"control": {"address": "10.0.2.2"},
+            "gateway": {"address": "127.0.0.1", "port": gateway, "metrics_port": metrics},
+            "nodes": [{"name": "a", "mac": MACS[0], "target": "cpu", "memory": "1GiB", "address": "127.0.0.1"}],
+            "services": [{"name": "chat", "model": "chat.gguf", "sha256": hashlib.sha256(CHAT).hexdigest(),
+                          "nodes": ["a"], "port": dead}]}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = run_cli("cluster", "up", str(path), "--timeout", "3", timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"chat on a (127.0.0.1:{dead}) is not healthy after 3 s (1 of 1 servers waiting)" in proc.stderr
+    status = json.loads(run_cli("cluster", "status", str(path), "--json").stdout)
+    assert status["gateway"]["running"] is False
+    assert status["services"][0]["processes"][0]["health"] == "unknown"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{gateway}/v1/models", timeout=5)
+    assert run_cli("cluster", "down", str(path)).stdout.strip() == "nothing was running"
