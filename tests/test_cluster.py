@@ -98,8 +98,6 @@ def test_several_services_fit_a_node_that_holds_their_models(tmp_path: Path) -> 
     ({"nodes": [node("a", 1), node("a", 2)]}, "nodes[1].name: 'a' is already nodes[0]"),
     ({"nodes": [node("a", 1), node("b", 1)]}, "nodes[1].mac: 52:54:00:12:34:01 is already nodes[0]"),
     ({"nodes": [node("a", 1, role="head")]}, "nodes[0].role: roles and ports come from services"),
-    ({"nodes": [node("a", 1, cache={"device": "PARTLABEL=cache"})]},
-     "nodes[0].cache: a cache disk is for netbooted nodes"),
     ({"nodes": [node("a", 1, memory="lots")]}, "nodes[0].memory: could not parse value and unit"),
     ({"nodes": [node("a", 1, target="tpu")]}, "nodes[0]: target: unknown target 'tpu'"),
     ({"nodes": [node("a", 1, env={"X; rm": "1"}), node("b", 2)]},
@@ -127,9 +125,21 @@ def test_netboot_only_form_gets_a_migration_line(tmp_path: Path) -> None:
     assert "services: this is the netboot-only form" in proc.stderr and "docs/clusters.md" in proc.stderr
 
 
-def test_without_local_is_refused_for_now(tmp_path: Path) -> None:
+def test_without_local_the_gateway_needs_the_nodes_addresses_and_a_control_node(tmp_path: Path) -> None:
+    """Without --local the gateway runs on the control node and reaches the netbooted nodes at their addresses:
+    a missing one is one line before anything starts (tests/test_netboot_gateway_qemu.py runs it for real)."""
     proc = run_cli("cluster", "up", str(cluster_file(tmp_path)))
-    assert proc.returncode == 2 and "only --local is supported yet" in proc.stderr
+    assert proc.returncode == 2 and "nodes[0].address: the gateway and the node's peers reach a there" \
+        in proc.stderr and "Traceback" not in proc.stderr
+    addressed = [node(n, i + 1, address=f"10.0.0.{11 + i}") for i, n in enumerate("abcd")]
+    proc = run_cli("cluster", "status", str(cluster_file(tmp_path, nodes=addressed)))
+    assert proc.returncode == 2 and "gateway.address: the gateway runs on the control node, and neither it nor " \
+        "control: is declared" in proc.stderr
+    wildcard = cluster_file(tmp_path, nodes=addressed, control={"address": "0.0.0.0"})
+    proc = run_cli("cluster", "up", str(wildcard))
+    assert proc.returncode == 2 and "control.address: 0.0.0.0 is every address" in proc.stderr
+    proc = run_cli("cluster", "logs", str(cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"})))
+    assert proc.returncode == 2 and "netbooted nodes print their servers' output on their consoles" in proc.stderr
 
 
 def two_service_cluster(tmp_path: Path) -> Path:

@@ -144,3 +144,43 @@ def test_foreign_disk_is_left_alone_and_the_node_boots_in_ram(tmp_path: Path,
     assert "WARNING: the root image (38 MiB) is more than 1% of this node's memory" in text
     assert f"root image verified: sha256 {squash}" in text and "cache: stored" not in text
     assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
+
+
+def test_services_form_node_keeps_its_model_and_rpc_cache_on_its_disk(
+    tiny_model: Path, tmp_path: Path, artifacts: dict[str, object]
+) -> None:
+    """A node of a services-form cluster file with a cache disk runs two processes from its plan: a replica of
+    one service and an RPC worker of another's split (whose head, another node, is not booted here). Its first
+    boot keeps the model on the disk and puts the worker's tensor cache there; the second serves from the cached
+    model without fetching a byte of it. Each process prints its own ready line both times."""
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(tiny_model.read_bytes())
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    nodes: list[dict[str, object]] = [
+        {"name": "node1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "10.0.2.15"},
+        {"name": "head1", "mac": "52:54:00:12:34:57", "target": "cpu", "memory": "512MiB", "address": "10.0.2.16"}]
+    services = [{"name": "tiny", "model": "tiny.gguf", "sha256": digest, "nodes": ["node1"], "context": 256},
+                {"name": "big", "model": "tiny.gguf", "sha256": digest, "topology": "split", "head": "head1",
+                 "workers": ["node1"], "port": 9000}]
+    disk = tmp_path / "disk.img"
+    gpt_disk(disk, 256, "builder-cache")
+    log = tmp_path / "serve.log"
+    with published(tmp_path, free_port(), nodes, services=services,
+                   cache={"device": "PARTLABEL=builder-cache"}) as root:
+        words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
+        assert f"builder.models={digest}:{model.stat().st_size}" in words
+        texts = []
+        for nth in (1, 2):
+            console = tmp_path / f"console-{nth}.log"
+            with node(root / "tftp", MAC, console, disk=disk) as vm:
+                wait_for(console, r"builder-node: node1 rpc-worker big ready on 10\.0\.2\.15:50052", vm,
+                         BOOT_SECONDS)
+                wait_for(console, r"builder-node: node1 server tiny ready on 10\.0\.2\.15:8080", vm, 120)
+                texts.append(console.read_text(errors="replace"))
+            if nth == 1:
+                assert f"builder-node: model verified: sha256 {digest}" in texts[0]
+                assert "builder-node: RPC tensor cache on the cache disk (0 files kept)" in texts[0]
+                assert root_bytes_sent(log, digest) == model.stat().st_size
+        assert f"builder-node: model from the cache: sha256 {digest} (no download)" in texts[1]
+        assert "builder-initrd: root image from the cache" in texts[1]
+        assert root_bytes_sent(log, digest) == model.stat().st_size  # nothing more on the second boot

@@ -12,6 +12,7 @@ from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, load_cluster
 from builder.core.errors import RecipeError
 from builder.engines import ENGINE_CHOICES
+from builder.netboot import gateway as netboot_gateway
 
 cluster_app = typer.Typer(help="Services of a cluster file behind one OpenAI-compatible gateway.",
                           no_args_is_help=True)
@@ -25,8 +26,8 @@ EngineOpt = Annotated[str | None, typer.Option(
 def _loaded(inventory: Path, is_local: bool) -> Loaded:
     loaded = load_cluster(inventory)
     if not is_local:
-        raise RecipeError("builder cluster: only --local is supported yet (every node on this machine)",
-                          "add --local; netbooted nodes get their roles from `builder pxe publish`")
+        netboot_gateway.addresses(loaded)  # every server's node needs its address: one line now
+        netboot_gateway.bind_address(loaded)
     for warning in loaded.warnings:
         typer.echo(f"warning: {warning}", err=True)
     return loaded
@@ -41,23 +42,36 @@ def up(
 ) -> None:
     """Start every service's servers and RPC workers and the gateway; print the endpoint and the key's file.
 
+    Without --local the nodes are netbooted (`builder pxe publish`) and start their own servers: `up` starts
+    only the gateway, on this (the control) node, and waits until every server is healthy behind it.
     Running it again starts only what is not running. If it fails, what it started is removed again.
     """
     loaded = _loaded(inventory, is_local)
-    started = local.up(loaded, engine, timeout, lambda line: typer.echo(line, err=True))
-    document = local.status(loaded, engine)
+
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
+
+    if is_local:
+        state = local.up(loaded, engine, timeout, say).state
+        document = local.status(loaded, engine)
+    else:
+        state = netboot_gateway.up(loaded, timeout, say).state
+        document = netboot_gateway.status(loaded)
     gateway: dict[str, str] = document["gateway"]  # type: ignore[assignment]
     typer.echo(f"endpoint  {gateway['endpoint']}")
     typer.echo(f"key       {gateway['key_file']}  (send Authorization: Bearer $(cat FILE))")
     typer.echo(f"models    {', '.join(s.name for s in loaded.cluster.services)}")
     typer.echo(f"metrics   {gateway['metrics']}")
-    typer.echo(f"state     {started.state}")
+    typer.echo(f"state     {state}")
 
 
 @cluster_app.command()
 def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt = None) -> None:
-    """Remove the cluster's containers and stop its gateway (the API key is kept for the next `up`)."""
-    removed = local.down(_loaded(inventory, is_local), engine)
+    """Remove the cluster's containers and stop its gateway (the API key is kept for the next `up`).
+
+    Without --local: stop the gateway; netbooted nodes keep running."""
+    loaded = _loaded(inventory, is_local)
+    removed = local.down(loaded, engine) if is_local else netboot_gateway.down(loaded)
     typer.echo(f"removed {', '.join(removed)}" if removed else "nothing was running")
 
 
@@ -69,18 +83,22 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Every service, its servers and workers, and their health as the gateway sees it."""
-    document = local.status(_loaded(inventory, is_local), engine)
+    loaded = _loaded(inventory, is_local)
+    document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded)
     if as_json:
         typer.echo(json.dumps(document, indent=2))
         return
     gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
     typer.echo(f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}")
+    for n in document["nodes"]:  # type: ignore[attr-defined]
+        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {n['target']}")
     for service in document["services"]:  # type: ignore[attr-defined]
         typer.echo(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:
             extra = f"  {p['active']} active, {p['requests']} served" if "requests" in p else ""
-            typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} "
-                       f"container {p['container']}{extra}")
+            where = f"container {p['container']}" if "container" in p else ""
+            typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} {where}{extra}"
+                       .rstrip())
 
 
 @cluster_app.command()
@@ -92,7 +110,10 @@ def logs(
                     ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n", help="Lines per container.")] = 50,
 ) -> None:
-    """The last lines of every server's and worker's output."""
+    """The last lines of every server's and worker's output (--local; netbooted nodes print to their consoles)."""
+    if not is_local:
+        raise RecipeError("builder cluster logs: netbooted nodes print their servers' output on their consoles",
+                          "read the node's serial console (`builder-node:` lines), or try the cluster with --local")
     local.logs(_loaded(inventory, is_local), engine, only, lines)
 
 

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -19,10 +20,18 @@ from builder.engines.cleanup import remove_path
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import flavour_named, prepare, recipe_file
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
-from builder.netboot.inventory import load_inventory
+from builder.netboot.inventory import Node, load_inventory
 from builder.netboot.kernels import kernel_spec
-from builder.netboot.publish import generations, publish, rollback
+from builder.netboot.publish import Artifacts, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
+from builder.netboot.services import (
+    control_of,
+    is_services_form,
+    load_for_netboot,
+    models,
+    publish_services,
+    summary,
+)
 from builder.publish.artifacts import pull_netboot, push_netboot
 from builder.recipe.load import display_path, select
 from builder.registry.client import Repository
@@ -90,26 +99,45 @@ def publish_cmd(
     """Write a new generation for the inventory into pxe-root/ and make it current (atomically).
 
     Each node gets nodes/<mac>.ipxe carrying its role and settings on the kernel command line, and its
-    firewall (nftables rules admitting the cluster's addresses only) as nodes/<mac>.nft.
-    Every file is checked against its manifest's sha256 on the way in.
+    firewall (nftables rules admitting the cluster's addresses only) as nodes/<mac>.nft. With services:
+    (docs/clusters.md) each node gets nodes/<mac>.plan, its servers and RPC workers, and every service's
+    GGUF is published by sha256. Every file is checked against its manifest's sha256 on the way in.
     """
+    if is_services_form(inventory):
+        loaded = load_for_netboot(inventory)
+        for warning in loaded.warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        files = models(loaded, lambda line: typer.echo(line, err=True))  # checked before any build
+        artifacts = _wanted(loaded.cluster.nodes, engine, compression, pulled)
+        generation, new = publish_services(root, loaded, files, artifacts, keep)
+        typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; "
+                   f"current -> generations/{generation}")
+        for line in summary(loaded):
+            typer.echo(line)
+        return
     cluster = load_inventory(inventory)
     for_netboot(cluster, display_path(inventory))  # an address nft would refuse stops here, before any build
     for node in cluster.nodes:
         if not node.address and len(cluster.nodes) > 1:
             typer.echo(f"note: {node.name} has no address in {display_path(inventory)}: it admits its own lease, "
                        "but the other nodes' firewalls cannot admit its connections", err=True)
-    wanted = sorted({(n.target, select(n.target, n.variant)[1].name) for n in cluster.nodes})
-    artifacts = {}
+    artifacts = _wanted(cluster.nodes, engine, compression, pulled)
+    generation, new = publish(root, cluster, inventory, artifacts, keep=keep)
+    typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
+    for node in cluster.nodes:
+        typer.echo(f"  {node.name:<12} {node.mac}  {node.role:<10} {node.target}  nodes/{node.file_stem}.ipxe")
+
+
+def _wanted(nodes: Sequence[Node], engine: str, compression: str, pulled: Path | None) -> Artifacts:
+    """The netboot set of every (target, variant) the nodes boot: pulled ones, or built here."""
+    wanted = sorted({(n.target, select(n.target, n.variant)[1].name) for n in nodes})
+    artifacts: Artifacts = {}
     for target, variant in wanted:
         if pulled is not None:
             artifacts[(target, variant)] = read_artifacts(pulled / f"{target}-{variant}")
             continue
         artifacts[(target, variant)] = _artifacts(engine, target, variant, compression)
-    generation, new = publish(root, cluster, inventory, artifacts, keep=keep)
-    typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
-    for node in cluster.nodes:
-        typer.echo(f"  {node.name:<12} {node.mac}  {node.role:<10} {node.target}  nodes/{node.file_stem}.ipxe")
+    return artifacts
 
 
 @pxe_app.command("list")
@@ -143,16 +171,16 @@ def serve_cmd(
 
     dnsmasq runs in proxy-DHCP mode beside the site's DHCP server: it only adds boot information.
     """
-    cluster = load_inventory(root / "current" / "cluster.yaml")
-    address = bind or cluster.control.address
-    http_port = port or cluster.control.http_port
+    control = control_of(root / "current" / "cluster.yaml")
+    address = bind or control.address
+    http_port = port or control.http_port
     config = None
-    if cluster.control.subnet:
+    if control.subnet:
         config = root / "dnsmasq.conf"
-        config.write_text(dnsmasq_config(root, cluster))
+        config.write_text(dnsmasq_config(root, control))
         check_dnsmasq(config)
     elif dnsmasq:
-        dnsmasq_config(root, cluster)  # raises the clear error about control.subnet
+        dnsmasq_config(root, control)  # raises the clear error about control.subnet
     server = http_server(root, address, http_port)
     helper = None
     if dnsmasq:

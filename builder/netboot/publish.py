@@ -2,7 +2,8 @@
 
     pxe-root/
       blobs/sha256/<hex>          kernels, initrds, root squashfs images, models: by content
-      generations/<id>/           boot.ipxe, nodes/<mac>.ipxe and .nft, manifests/, cluster.yaml, nodes.json
+      generations/<id>/           boot.ipxe, nodes/<mac>.ipxe, .nft (and .plan), manifests/, cluster.yaml,
+                                  nodes.json
       current -> generations/<id> the live generation: one symlink, replaced with rename(2)
       history.json                generations in publish order (rollback goes back along it)
       tftp/                       iPXE binaries and boot.ipxe for PXE ROMs that load over TFTP
@@ -10,6 +11,8 @@
 Node scripts name blobs by hash, so a node that is booting while `current` switches still gets one
 consistent set of files. Each node's firewall (nftables rules from the inventory, builder/cluster/firewall.py)
 is a blob too: its script names it with its sha256, which the initramfs checks before loading it.
+This module writes the netboot-only form's node scripts; builder/netboot/services.py writes the services form's
+through publish_generation.
 """
 
 import hashlib
@@ -18,6 +21,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from builder.cluster.firewall import for_netboot, ruleset
 from builder.core.errors import EngineError, RecipeError, raise_if_stopped
 from builder.core.locks import locked
 from builder.engines.cleanup import temp_dir, temp_path
-from builder.netboot.inventory import Cluster, Node
+from builder.netboot.inventory import Cache, Cluster, Control, Node
 from builder.recipe.load import display_path, select
 
 IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
@@ -83,12 +87,20 @@ def add_blob_bytes(root: Path, data: bytes) -> str:
     return hexdigest
 
 
+def base_url(control: Control) -> str:
+    return f"http://{control.address}:{control.http_port}"
+
+
 def _base_url(cluster: Cluster) -> str:
-    return f"http://{cluster.control.address}:{cluster.control.http_port}"
+    return base_url(cluster.control)
 
 
 def boot_script(cluster: Cluster) -> str:
-    base = _base_url(cluster)
+    return boot_script_for(cluster.control)
+
+
+def boot_script_for(control: Control) -> str:
+    base = base_url(control)
     return (
         "#!ipxe\n"
         "# builder netboot: each node chains its own script, named by the MAC address it booted from\n"
@@ -100,15 +112,14 @@ def boot_script(cluster: Cluster) -> str:
     )
 
 
-def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], generation_note: str,
-                model_url: str | None, model_sha256: str | None = None, model_size: int = 0,
-                firewall_sha256: str | None = None) -> str:
-    base = _base_url(cluster)
+def root_words(base: str, node: Node, manifest: dict[str, object], role_words: list[str],
+               firewall_sha256: str | None, cache: Cache | None, ram_share: int) -> list[str]:
+    """The kernel command-line words every node script starts with: its root image, name, firewall and cache."""
     files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
-    kernel, initrd, squash = (files[n]["sha256"] for n in ("vmlinuz", "initrd.img", "root.squashfs"))
+    initrd, squash = files["initrd.img"]["sha256"], files["root.squashfs"]["sha256"]
     args = [f"initrd={initrd}", "BOOTIF=01-${mac:hexhyp}", f"builder.root={base}/blobs/sha256/{squash}",
             f"builder.sha256={squash}", f"builder.size={files['root.squashfs']['size']}",
-            f"builder.name={node.name}", f"builder.role={node.role}", f"builder.port={node.role_port}"]
+            f"builder.name={node.name}", *role_words]
     verity = manifest.get("verity")
     if isinstance(verity, dict):
         args += [f"builder.verity={verity['root_hash']}", f"builder.verity_salt={verity['salt']}",
@@ -116,12 +127,34 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
     if firewall_sha256:
         args += [f"builder.firewall={base}/blobs/sha256/{firewall_sha256}",
                  f"builder.firewall_sha256={firewall_sha256}"]
-    cache = cluster.cache_of(node)
     if cache:
         args.append(f"builder.cache={cache.device}")
         if cache.wipe:
             args.append("builder.cache_wipe=1")
-    args.append(f"builder.ram_share={cluster.ram_share}")
+    args.append(f"builder.ram_share={ram_share}")
+    return args
+
+
+def ipxe_script(base: str, node: Node, manifest: dict[str, object], label: str, generation_note: str,
+                args: list[str]) -> str:
+    """A node's iPXE script: one line saying what it boots as, then its kernel, initrd and command line."""
+    files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
+    kernel, initrd = files["vmlinuz"]["sha256"], files["initrd.img"]["sha256"]
+    return (
+        "#!ipxe\n"
+        f"echo builder: {node.name} ({label}, {manifest['target']}/{manifest['variant']}) {generation_note}\n"
+        f"kernel {base}/blobs/sha256/{kernel} {' '.join(args)}\n"
+        f"initrd {base}/blobs/sha256/{initrd}\n"
+        "boot\n"
+    )
+
+
+def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], generation_note: str,
+                model_url: str | None, model_sha256: str | None = None, model_size: int = 0,
+                firewall_sha256: str | None = None) -> str:
+    base = _base_url(cluster)
+    args = root_words(base, node, manifest, [f"builder.role={node.role}", f"builder.port={node.role_port}"],
+                      firewall_sha256, cluster.cache_of(node), cluster.ram_share)
     if node.role == "head":
         workers = [f"{n.address}:{n.role_port}" for n in cluster.nodes if n.role == "rpc-worker"]
         if workers:
@@ -135,13 +168,7 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
         if cluster.context:
             args.append(f"builder.ctx={cluster.context}")
     args += [*cluster.kernel_args, *node.kernel_args]
-    return (
-        "#!ipxe\n"
-        f"echo builder: {node.name} ({node.role}, {manifest['target']}/{manifest['variant']}) {generation_note}\n"
-        f"kernel {base}/blobs/sha256/{kernel} {' '.join(args)}\n"
-        f"initrd {base}/blobs/sha256/{initrd}\n"
-        "boot\n"
-    )
+    return ipxe_script(base, node, manifest, str(node.role), generation_note, args)
 
 
 # A generation's id names a folder under generations/: hex only, so no id can point anywhere else.
@@ -185,7 +212,7 @@ def switch(root: Path, generation: str) -> None:
     os.replace(tmp, root / "current")
 
 
-def _install_tftp(root: Path, cluster: Cluster) -> None:
+def _install_tftp(root: Path, control: Control) -> None:
     tftp = root / "tftp"
     tftp.mkdir(parents=True, exist_ok=True)
     for name in IPXE_BINARIES:
@@ -196,10 +223,13 @@ def _install_tftp(root: Path, cluster: Cluster) -> None:
             raise EngineError(f"iPXE binary {name} not found in {', '.join(map(str, IPXE_DIRS))}",
                               "apt-get install ipxe")
         _write_atomic(tftp / name, found.read_bytes())
-    _write_atomic(tftp / "boot.ipxe", boot_script(cluster).encode())
+    _write_atomic(tftp / "boot.ipxe", boot_script_for(control).encode())
 
 
 Artifacts = dict[tuple[str, str], tuple[Path, dict[str, object]]]
+Manifests = dict[str, dict[str, object]]
+# Given the generation's manifests (by TARGET-VARIANT), a form's nodes: files under nodes/ and nodes.json's entries.
+NodeFiles = Callable[[Manifests], tuple[dict[str, bytes], dict[str, object]]]
 
 
 def lock_of(root: Path) -> Path:
@@ -210,17 +240,19 @@ def lock_of(root: Path) -> Path:
 
 def publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts, keep: int = 3) -> tuple[str, bool]:
     """Write a generation for `cluster` and make it current; returns (id, whether it is new)."""
+    return publish_generation(root, cluster.control, inventory, artifacts, keep,
+                              lambda manifests: _netboot_nodes(root, cluster, inventory, manifests))
+
+
+def publish_generation(root: Path, control: Control, inventory: Path, artifacts: Artifacts, keep: int,
+                       node_files: NodeFiles) -> tuple[str, bool]:
+    """Add the artifacts, write a generation holding the inventory and `node_files`' scripts, make it current."""
     with locked(lock_of(root), f"publishing into {root}"):
-        return _publish(root, cluster, inventory, artifacts, keep)
+        return _publish(root, control, inventory, artifacts, keep, node_files)
 
 
-def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts, keep: int) -> tuple[str, bool]:
-    manifests = {}
-    for (target, variant), (folder, manifest) in sorted(artifacts.items()):
-        files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
-        for name, entry in files.items():
-            add_blob(root, folder / name, entry["sha256"])
-        manifests[f"{target}-{variant}"] = manifest
+def _netboot_nodes(root: Path, cluster: Cluster, inventory: Path, manifests: Manifests
+                   ) -> tuple[dict[str, bytes], dict[str, object]]:
     model_url = model_sha256 = None
     model_size = 0
     if cluster.model:
@@ -232,11 +264,8 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
             model_size = (inventory.parent / cluster.model).stat().st_size
             model_url = f"{_base_url(cluster)}/blobs/sha256/{model_sha256}"
     firewalls = for_netboot(cluster, display_path(inventory))
-    files_out: dict[str, bytes] = {"boot.ipxe": boot_script(cluster).encode(),
-                                   "cluster.yaml": inventory.read_bytes()}
-    for key, manifest in manifests.items():
-        files_out[f"manifests/{key}.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
-    nodes = {}
+    files_out: dict[str, bytes] = {}
+    nodes: dict[str, object] = {}
     for node in cluster.nodes:
         key = f"{node.target}-{select(node.target, node.variant)[1].name}"
         manifest = manifests[key]
@@ -248,6 +277,23 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
                                                                  model_sha256, model_size,
                                                                  add_blob_bytes(root, rules)).encode()
         nodes[node.name] = {"mac": node.mac, "role": node.role, "artifacts": key}
+    return files_out, nodes
+
+
+def _publish(root: Path, control: Control, inventory: Path, artifacts: Artifacts, keep: int,
+             node_files: NodeFiles) -> tuple[str, bool]:
+    manifests: Manifests = {}
+    for (target, variant), (folder, manifest) in sorted(artifacts.items()):
+        files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
+        for name, entry in files.items():
+            add_blob(root, folder / name, entry["sha256"])
+        manifests[f"{target}-{variant}"] = manifest
+    files_out: dict[str, bytes] = {"boot.ipxe": boot_script_for(control).encode(),
+                                   "cluster.yaml": inventory.read_bytes()}
+    for key, manifest in manifests.items():
+        files_out[f"manifests/{key}.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    scripts, nodes = node_files(manifests)
+    files_out.update(scripts)
     files_out["nodes.json"] = (json.dumps(nodes, indent=2, sort_keys=True) + "\n").encode()
     digest = hashlib.sha256()
     for name in sorted(files_out):
@@ -262,7 +308,7 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
                 (staging / name).write_bytes(data)
             staging.chmod(0o755)
             os.replace(staging, target_dir)
-    _install_tftp(root, cluster)
+    _install_tftp(root, control)
     history = [h for h in _history(root) if h["id"] != generation]
     history.append({"id": generation, "published": time.time()})
     _write_atomic(root / "history.json", (json.dumps(history, indent=2) + "\n").encode())
@@ -316,7 +362,9 @@ def _prune(root: Path, keep: int) -> list[str]:
                       (json.dumps([h for h in history if h["id"] in kept], indent=2) + "\n").encode())
     used: set[str] = set()
     for gen in kept:
-        for script in (root / "generations" / gen / "nodes").glob("*.ipxe"):
+        # node scripts name the root and firewall blobs; a services-form node's plan names its models
+        for script in [*(root / "generations" / gen / "nodes").glob("*.ipxe"),
+                       *(root / "generations" / gen / "nodes").glob("*.plan")]:
             used.update(word.rsplit("/", 1)[-1] for word in script.read_text().split() if "/blobs/sha256/" in word)
     for blob in (root / "blobs" / "sha256").glob("*"):
         if blob.name not in used and not blob.name.startswith("."):

@@ -87,14 +87,18 @@ cache_free_kb() {
     df -k "$CACHE_DIR" | awk 'NR == 2 { print $4 }'
 }
 
-# Evict blobs, least recently used first, until $1 bytes (and 16 MiB to spare) fit; never the blobs $2
-# and $3 (the root being booted, the model being fetched).
+# Evict blobs, least recently used first, until $1 bytes (and 16 MiB to spare) fit; never the blobs named
+# after it (the root being booted, the models being fetched).
 cache_make_room() {
     need=$(( $1 / 1024 + 16384 ))
+    shift
+    # (variables here are the initramfs' globals: named so as not to clobber /init's own)
+    cache_keep=""
+    for cache_name in "$@"; do cache_keep="$cache_keep -e $cache_name"; done
     while [ "$(cache_free_kb)" -lt "$need" ]; do
         # blob names are 64 hex digits (and .part files), so ls's output is safe to read
-        # shellcheck disable=SC2010
-        oldest=$(ls -tr "$CACHE_DIR/blobs/sha256" | grep -vxF -e "$2" -e "${3:-$2}" | head -n 1)
+        # shellcheck disable=SC2010,SC2086
+        oldest=$(ls -tr "$CACHE_DIR/blobs/sha256" | grep -vxF $cache_keep | head -n 1)
         [ -n "$oldest" ] || return 1
         rm -f "$CACHE_DIR/blobs/sha256/$oldest"
         say "cache: evicted $oldest (least recently used)"

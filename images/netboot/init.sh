@@ -25,7 +25,7 @@ give_up() {
 }
 
 ROOT_URL="" ROOT_SHA="" ROOT_SIZE=0 RETRIES=5 BOOTIF="" VERITY="" VERITY_SALT="" VERITY_BLOCKS=0
-CACHE="" CACHE_WIPE=0 RAM_SHARE=50 MODEL_SHA="" MODEL_SIZE=0 FIREWALL_URL="" FIREWALL_SHA=""
+CACHE="" CACHE_WIPE=0 RAM_SHARE=50 MODEL_SHA="" MODEL_SIZE=0 MODELS="" FIREWALL_URL="" FIREWALL_SHA=""
 read -r cmdline </proc/cmdline
 for word in $cmdline; do
     case "$word" in
@@ -40,6 +40,7 @@ for word in $cmdline; do
         builder.ram_share=*) RAM_SHARE=${word#*=} ;;
         builder.model_sha256=*) MODEL_SHA=${word#*=} ;;
         builder.model_size=*) MODEL_SIZE=${word#*=} ;;
+        builder.models=*) MODELS=${word#*=} ;;
         builder.retries=*) RETRIES=${word#*=} ;;
         builder.firewall=*) FIREWALL_URL=${word#*=} ;;
         builder.firewall_sha256=*) FIREWALL_SHA=${word#*=} ;;
@@ -194,17 +195,37 @@ if ! open_root; then
     open_root || give_up "the root image failed dm-verity or does not mount"
 fi
 [ -n "$VERITY" ] && say "root opened through dm-verity: root hash $VERITY"
-# The head's model (published by sha256) is kept on the cache disk too, when room can be made for it.
-model_cache=0
-if [ "$mode" = cache ] && [ ${#MODEL_SHA} -eq 64 ] && [ "$MODEL_SIZE" -gt 0 ]; then
-    if [ -f "$CACHE_DIR/blobs/sha256/$MODEL_SHA" ] || cache_make_room "$MODEL_SIZE" "$MODEL_SHA" "$ROOT_SHA"; then
-        model_cache=1
-    else
-        say "cache: no room for the model ($((MODEL_SIZE / 1048576)) MiB): it goes to RAM"
-    fi
+# The node's models (published by sha256: the head's builder.model_sha256 and _size, or a services-form node's
+# builder.models=SHA:SIZE,...) are kept on the cache disk too, each when room can be made for it beside the
+# root and the models before it; node-init fetches them into the room made here.
+model_cached=""
+if [ "$mode" = cache ]; then
+    [ ${#MODEL_SHA} -eq 64 ] && [ "$MODEL_SIZE" -gt 0 ] && MODELS="$MODEL_SHA:$MODEL_SIZE${MODELS:+,$MODELS}"
+    keep="" room=0
+    for entry in $(echo "$MODELS" | tr ',' ' '); do
+        sha=${entry%%:*} size=${entry#*:}
+        case "$sha$size" in *[!0-9a-f]*) say "builder.models: bad entry $entry"; continue ;; esac
+        if [ ${#sha} -ne 64 ] || [ -z "$size" ]; then
+            say "builder.models: bad entry $entry"
+            continue
+        fi
+        keep="$keep $sha"
+        if [ -f "$CACHE_DIR/blobs/sha256/$sha" ]; then
+            model_cached="$model_cached $sha"
+            continue
+        fi
+        room=$((room + size))
+        # shellcheck disable=SC2086  # keep: sha256s, one word each
+        if cache_make_room "$room" "$ROOT_SHA" $keep; then
+            model_cached="$model_cached $sha"
+        else
+            room=$((room - size))
+            say "cache: no room for the model $sha ($((size / 1048576)) MiB): it goes to RAM"
+        fi
+    done
 fi
 # node-init looks for dm-verity errors after this point: those of a root dropped above are not its root's
-echo "ROOT_MODE=$mode ROOT_BLOB=$image MODEL_CACHE=$model_cache" \
+echo "ROOT_MODE=$mode ROOT_BLOB=$image MODEL_CACHED='${model_cached# }'" \
     "VERITY_ERRORS=$(dmesg | grep -c 'verity.*corrupted')" >/run/builder/root.env
 mount -t overlay overlay \
     -o lowerdir=/run/builder/lower,upperdir=/run/builder/rw/upper,workdir=/run/builder/rw/work /newroot ||

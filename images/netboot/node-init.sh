@@ -3,6 +3,9 @@
 # It applies the hostname, loads the accelerator's modules, starts the node's role through the image's own
 # entrypoint, prints a ready line on the console once the role accepts connections, and restarts the role
 # if it exits. The role binds the node's own address, never a wildcard one.
+# A node of a cluster file with services: gets a plan instead of a role (builder.plan=URL, checked against
+# builder.plan_sha256): one line per process, RPC workers and llama-servers, each started, announced when ready
+# and restarted on its own (builder/netboot/services.py writes the plan).
 set -u
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -12,7 +15,7 @@ bb=/usr/lib/builder/busybox
 
 say() { echo "builder-node: $*"; }
 
-name=node role=rpc-worker port="" rpc="" model="" model_sha256="" ctx=""
+name=node role=rpc-worker port="" rpc="" model="" model_sha256="" ctx="" plan="" plan_sha256=""
 read -r -a words </proc/cmdline
 for word in "${words[@]}"; do
     case "$word" in
@@ -23,13 +26,16 @@ for word in "${words[@]}"; do
         builder.model=*) model=${word#*=} ;;
         builder.model_sha256=*) model_sha256=${word#*=} ;;
         builder.ctx=*) ctx=${word#*=} ;;
+        builder.plan=*) plan=${word#*=} ;;
+        builder.plan_sha256=*) plan_sha256=${word#*=} ;;
     esac
 done
 
 # shellcheck disable=SC1091
 . /run/builder/net.env
-# ROOT_MODE (ram or cache), ROOT_BLOB, MODEL_CACHE (1: the model is kept on the cache disk), VERITY_ERRORS
-ROOT_MODE=ram ROOT_BLOB="" MODEL_CACHE=0 VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache
+# ROOT_MODE (ram or cache), ROOT_BLOB, MODEL_CACHED (sha256s of the models kept on the cache disk, with room
+# made for them), VERITY_ERRORS
+ROOT_MODE=ram ROOT_BLOB="" MODEL_CACHED="" VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache
 # shellcheck disable=SC1091  # written by the initramfs
 . /run/builder/root.env
 cp /run/builder/resolv.conf /etc/resolv.conf 2>/dev/null || true
@@ -49,11 +55,12 @@ if [ -s /usr/lib/builder/modules.load ]; then
     done </usr/lib/builder/modules.load
 fi
 
-# The model goes to the overlay's tmpfs; one published on the control node comes with its sha256 and, on a
-# node with a cache disk that has room for it (the initramfs made the room), is kept there by that sha256.
+# The model at URL $1 goes to the overlay's tmpfs; one published on the control node comes with its sha256 ($2)
+# and, on a node with a cache disk that has room for it (the initramfs made the room), is kept there by it.
 fetch_model() {
+    local model=$1 model_sha256=$2
     local dest=/var/cache/llama.cpp/models/${model##*/} attempt got
-    if [ -n "$model_sha256" ] && [ "$MODEL_CACHE" = 1 ]; then
+    if [ -n "$model_sha256" ] && [[ " $MODEL_CACHED " == *" $model_sha256 "* ]]; then
         dest=$CACHE_DIR/blobs/sha256/$model_sha256
         if [ -f "$dest" ]; then
             # No dm-verity for a model: hash it (a local read) before serving from it
@@ -116,11 +123,12 @@ check_root() {
 }
 
 # ggml-rpc-server's tensor cache (-c) survives reboots on the cache disk.
-if [ "$ROOT_MODE" = cache ] && [ "$role" = rpc-worker ]; then
+rpc_cache() {
+    [ "$ROOT_MODE" = cache ] || return 0
     mkdir -p "$CACHE_DIR/rpc" /var/cache/llama.cpp/rpc
     mount --bind "$CACHE_DIR/rpc" /var/cache/llama.cpp/rpc &&
         say "RPC tensor cache on the cache disk ($(find "$CACHE_DIR/rpc" -type f | wc -l) files kept)"
-fi
+}
 
 start_role() {
     case "$role" in
@@ -131,7 +139,7 @@ start_role() {
         head | server)
             port=${port:-8080}
             local path args=()
-            path=$(fetch_model) || { say "no model: cannot start the server"; return 1; }
+            path=$(fetch_model "$model" "$model_sha256") || { say "no model: cannot start the server"; return 1; }
             [ -n "$rpc" ] && args+=(--rpc "$rpc" -ngl 999)
             [ -n "$ctx" ] && args+=(-c "$ctx")
             /usr/local/bin/llama-entrypoint server --model "$path" --host "$NODE_IP" --port "$port" "${args[@]}" &
@@ -144,25 +152,114 @@ start_role() {
     child=$!
 }
 
-# Ready means the role answers: a TCP connection for a worker, /health saying ok for the server.
+# Ready means the role ($1) on port $2 answers: a TCP connection for a worker, /health saying ok for a server.
 is_ready() {
-    if [ "$role" != rpc-worker ]; then
-        exec 3<>"/dev/tcp/$NODE_IP/$port" || return 1
+    if [ "$1" != rpc-worker ]; then
+        exec 3<>"/dev/tcp/$NODE_IP/$2" || return 1
         printf 'GET /health HTTP/1.0\r\nHost: %s\r\n\r\n' "$NODE_IP" >&3
         local status
         read -r _ status _ <&3
         exec 3<&-
         [ "$status" = 200 ]
     else
-        (exec 3<>"/dev/tcp/$NODE_IP/$port") 2>/dev/null
+        (exec 3<>"/dev/tcp/$NODE_IP/$2") 2>/dev/null
     fi
 }
+
+# The node's plan, downloaded from the control node and checked against its sha256 (retried until it comes).
+fetch_plan() {
+    local attempt=1 got
+    while :; do
+        if "$bb" wget -q -O /run/builder/plan.part "$plan"; then
+            got=$(sha256sum /run/builder/plan.part) && got=${got%% *}
+            if [ "$got" = "$plan_sha256" ]; then
+                mv /run/builder/plan.part /run/builder/plan
+                say "node plan verified: sha256 $got"
+                return 0
+            fi
+            say "node plan sha256 mismatch: got $got, expected $plan_sha256 (attempt $attempt)"
+        else
+            say "download of the node plan failed (attempt $attempt)"
+        fi
+        rm -f /run/builder/plan.part
+        sleep $((attempt < 5 ? attempt * 2 : 10))
+        attempt=$((attempt + 1))
+    done
+}
+
+# One process of the plan, kept running: ROLE SERVICE PORT [MODEL-PATH RPC CTX ARGS...] ('-': none). It prints
+# its ready line once it answers and is restarted 5 s after it exits; every llama-server gets --metrics and the
+# service's name as its alias, as `builder cluster up --local` runs them.
+supervise() {
+    local role=$1 service=$2 port=$3 path=${4:--} rpc=${5:--} ctx=${6:--} child args
+    shift 6
+    while :; do
+        if [ "$role" = rpc-worker ]; then
+            /usr/local/bin/llama-entrypoint rpc-worker --host "$NODE_IP" --port "$port" &
+        else
+            args=(--model "$path" --host "$NODE_IP" --port "$port" --alias "$service" --metrics)
+            [ "$rpc" != - ] && args+=(--rpc "$rpc" -ngl 999)
+            [ "$ctx" != - ] && args+=(-c "$ctx")
+            /usr/local/bin/llama-entrypoint server "${args[@]}" "$@" &
+        fi
+        child=$!
+        for _ in $(seq 1 1200); do
+            if is_ready "$role" "$port" 2>/dev/null; then
+                say "$name $role $service ready on $NODE_IP:$port"
+                say_memory
+                break
+            fi
+            kill -0 "$child" 2>/dev/null || break
+            sleep 0.5
+        done
+        wait "$child"
+        say "$role $service exited with status $?; restarting in 5 s"
+        check_root
+        sleep 5
+    done
+}
+
+# Follow the plan: RPC workers first (heads on other nodes wait for them), then each server once its model is
+# here. PID 1 then only reaps: the supervisors run for as long as the node does.
+run_plan() {
+    local line fields path workers=0 servers=0
+    local -A fetched=()  # model sha256 -> its path: two services of one GGUF share one download
+    fetch_plan
+    mapfile -t lines </run/builder/plan
+    for line in "${lines[@]}"; do
+        IFS=$'\t' read -r -a fields <<<"$line"
+        [ "${fields[0]:-}" = rpc-worker ] || continue
+        [ "$workers" = 0 ] && rpc_cache
+        workers=$((workers + 1))
+        supervise rpc-worker "${fields[1]}" "${fields[2]}" - - - &
+    done
+    for line in "${lines[@]}"; do
+        IFS=$'\t' read -r -a fields <<<"$line"
+        [ "${fields[0]:-}" = server ] || continue
+        path=${fetched[${fields[4]}]:-}
+        until [ -n "$path" ] || path=$(fetch_model "${fields[3]}" "${fields[4]}"); do
+            say "no model for ${fields[1]}: trying again in 10 s"
+            sleep 10
+        done
+        fetched[${fields[4]}]=$path
+        servers=$((servers + 1))
+        supervise server "${fields[1]}" "${fields[2]}" "$path" "${fields[5]}" "${fields[6]}" "${fields[@]:7}" &
+    done
+    say "$name runs $servers server(s) and $workers RPC worker(s)"
+    while :; do
+        wait
+        sleep 1
+    done
+}
+
+[ -n "$plan" ] && run_plan
+[ "$role" = rpc-worker ] && rpc_cache
 
 while :; do
     child=""
     if start_role; then
         for _ in $(seq 1 600); do
-            if is_ready 2>/dev/null; then
+            if is_ready "$role" "$port" 2>/dev/null; then
                 say "$name $role ready on $NODE_IP:$port"
                 say_memory
                 break

@@ -1,0 +1,183 @@
+"""The gateway of a netbooted cluster: HAProxy on the control node in front of the nodes' servers.
+
+`builder cluster up FILE` (without --local) starts only this: the nodes boot from `builder pxe publish`'s
+generation and start their own servers and RPC workers. HAProxy runs as a process on the control node (as with
+--local), from the config builder/cluster/gateway.py writes, with every server at its node's `address`. It
+binds `gateway.address`, else `control.address`: never a wildcard address unless the file asks for one.
+"""
+
+import hashlib
+import ipaddress
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.cluster.gateway import ServerState, gateway_pid, read_stats, start_gateway, stop_gateway, write_gateway
+from builder.cluster.model import Loaded
+from builder.core.errors import BuilderError, RecipeError
+from builder.core.paths import cache_subdir
+from builder.recipe.load import display_path
+
+Say = Callable[[str], None]
+HEALTH_WAIT = 1.0
+WORKER_PROBE = 2.0
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where one cluster file's netboot gateway keeps its state (config, key, pid file)."""
+
+    loaded: Loaded
+    state: Path
+    bind: str
+
+    @classmethod
+    def of(cls, loaded: Loaded) -> "Remote":
+        resolved = str(loaded.path.resolve())
+        stem = re.sub(r"[^a-z0-9-]+", "-", loaded.path.stem.lower()).strip("-") or "cluster"
+        project = f"builder-netboot-{stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+        return cls(loaded, cache_subdir(f"clusters/{project}"), bind_address(loaded))
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state / "haproxy.pid"
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return f"http://{host}:{self.loaded.cluster.gateway.port}/v1"
+
+    @property
+    def key_file(self) -> Path:
+        key_file = self.loaded.cluster.gateway.key_file
+        return self.loaded.path.parent / key_file if key_file else self.state / "api-key"
+
+
+def bind_address(loaded: Loaded) -> str:
+    """gateway.address, else control.address; a wildcard only when gateway.address says so."""
+    cluster = loaded.cluster
+    where = display_path(loaded.path)
+    if cluster.gateway.address:
+        return cluster.gateway.address
+    if cluster.control is None:
+        raise RecipeError(f"{where}: gateway.address: the gateway runs on the control node, and neither it nor "
+                          "control: is declared", "control: {address: 10.0.0.1}, or gateway.address: ADDRESS")
+    try:
+        wildcard = ipaddress.ip_address(cluster.control.address).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard:
+        raise RecipeError(f"{where}: control.address: {cluster.control.address} is every address, not the "
+                          "control node's", "give the control node's own address (or gateway.address: to choose)")
+    return cluster.control.address
+
+
+def addresses(loaded: Loaded) -> dict[str, str]:
+    """Every node that runs a server, at its `address` (what the gateway connects to)."""
+    where = display_path(loaded.path)
+    out: dict[str, str] = {}
+    for i, node in enumerate(loaded.cluster.nodes):
+        if node.address:
+            out[node.name] = node.address
+        elif any(p.node == node.name for p in loaded.processes):
+            raise RecipeError(f"{where}: nodes[{i}].address: the gateway and the node's peers reach "
+                              f"{node.name} there, and none is given",
+                              "reserve an address for the node in your DHCP server and write it here")
+    return out
+
+
+def up(loaded: Loaded, timeout: float, say: Say) -> Remote:
+    """Start (or keep) the gateway and wait until every server is healthy behind it; if they are not by
+    `timeout`, stop the gateway again when this call started it."""
+    remote = Remote.of(loaded)
+    where = addresses(loaded)
+    previous = (remote.state / "haproxy.cfg").read_text() if (remote.state / "haproxy.cfg").is_file() else None
+    config = write_gateway(loaded, remote.state, remote.bind, where)
+    started = False
+    # A running gateway with the same config keeps serving: restarting it would cut requests in flight.
+    if gateway_pid(remote.pidfile) is None or config.read_text() != previous:
+        stop_gateway(remote.pidfile)
+        say(f"starting the gateway on {remote.bind}:{loaded.cluster.gateway.port}")
+        start_gateway(config, remote.pidfile)
+        started = True
+    try:
+        _wait_healthy(remote, where, timeout)
+    except BaseException:
+        if started:
+            stop_gateway(remote.pidfile)
+        raise
+    return remote
+
+
+def _wait_healthy(remote: Remote, where: dict[str, str], timeout: float) -> None:
+    servers = [p for p in remote.loaded.processes if p.role == "server"]
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {(s.service, s.node): s.healthy for s in read_stats(remote.loaded.cluster.gateway.metrics_port)}
+        waiting = [p for p in servers if not states.get((p.service, p.node))]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            first = waiting[0]
+            raise BuilderError(
+                f"{first.service} on {first.node} ({where[first.node]}:{first.port}) is not healthy after "
+                f"{timeout:.0f} s ({len(waiting)} of {len(servers)} servers waiting)",
+                "has the node booted? its console prints `builder-node: NODE server SERVICE ready`; "
+                "raise --timeout for slow boots or big models")
+        time.sleep(HEALTH_WAIT)
+
+
+def down(loaded: Loaded) -> list[str]:
+    """Stop the gateway; the nodes keep running (power them off, or publish a generation without them)."""
+    return ["gateway"] if stop_gateway(Remote.of(loaded).pidfile) else []
+
+
+def _port_open(address: str, port: int) -> bool:
+    if not address:
+        return False
+    try:
+        with socket.create_connection((address, port), timeout=WORKER_PROBE):
+            return True
+    except OSError:
+        return False
+
+
+def status(loaded: Loaded) -> dict[str, object]:
+    """Services, nodes and every process's health (servers as the gateway's health checks see them, RPC workers
+    by a connection from the control node), as one document."""
+    remote = Remote.of(loaded)
+    where = {n.name: n.address or "" for n in loaded.cluster.nodes}
+    running = gateway_pid(remote.pidfile) is not None
+    stats: dict[tuple[str, str], ServerState] = {}
+    if running:
+        try:
+            stats = {(s.service, s.node): s for s in read_stats(loaded.cluster.gateway.metrics_port)}
+        except BuilderError:
+            running = False
+    services = []
+    for service in loaded.cluster.services:
+        processes = []
+        for process in (p for p in loaded.processes if p.service == service.name):
+            entry: dict[str, object] = {"node": process.node, "role": process.role,
+                                        "address": f"{where[process.node]}:{process.port}"}
+            state = stats.get((process.service, process.node)) if process.role == "server" else None
+            if state is not None:
+                entry.update(health=state.status if state.last_check != "INI" else "starting",
+                             last_check=state.last_check, active=state.active, requests=state.total)
+            elif process.role == "rpc-worker":
+                entry["health"] = "UP" if _port_open(where[process.node], process.port) else "DOWN"
+            else:
+                entry["health"] = "unknown"  # no gateway running to check it
+            processes.append(entry)
+        services.append({"name": service.name, "topology": service.topology, "processes": processes})
+    return {
+        "cluster": str(loaded.path), "mode": "netboot",
+        "gateway": {"endpoint": remote.endpoint, "running": running, "key_file": str(remote.key_file),
+                    "metrics": f"http://127.0.0.1:{loaded.cluster.gateway.metrics_port}/metrics"},
+        "nodes": [{"name": n.name, "address": where[n.name], "target": n.target, "mac": n.mac}
+                  for n in loaded.cluster.nodes],
+        "services": services,
+    }
