@@ -62,3 +62,15 @@ def test_a_render_only_variant_never_enters_the_build_matrix(tmp_path: Path) -> 
     assert ("llama.cpp", "nvidia", "cuda") in built and ("vllm", "nvidia", "cuda") in built
     proc = run_cli("build", "--recipe", str(nvidia), "--variant", "cuda-nvidia")
     assert proc.returncode == 2 and "variants.cuda-nvidia.base.toolchain.ref: placeholder pin" in proc.stderr
+
+
+def test_flavour_narrows_the_matrix_to_one_flavour() -> None:
+    both = matrix()
+    for flavour in ("llama.cpp", "vllm"):
+        doc = matrix("--flavour", flavour)
+        for group in ("include", "render_only"):
+            assert doc[group] == [j for j in both[group] if j["flavour"] == flavour]
+        assert doc["include"], flavour  # each flavour has a buildable image here
+    proc = run_cli("matrix", "--flavour", "gateway")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --flavour: unknown flavour 'gateway'")
+    assert "Traceback" not in proc.stderr

@@ -282,9 +282,13 @@ def pin(
 @app.command()
 def matrix(
     recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
+    flavour: Annotated[str | None, typer.Option(
+        "--flavour", help="Only this flavour's images (llama.cpp or vllm); default: both.")] = None,
 ) -> None:
     """Print the CI matrix as JSON: `include`, the images with every input pinned; `render_only`, the others."""
-    typer.echo(json.dumps(ci_matrix(recipes), separators=(",", ":")))
+    if flavour is not None:
+        flavour_named(flavour)
+    typer.echo(json.dumps(ci_matrix(recipes, flavour), separators=(",", ":")))
 
 
 @app.command()

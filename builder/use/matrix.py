@@ -43,7 +43,10 @@ def jobs(recipes_dir: Path = RECIPES_DIR) -> tuple[list[Job], list[Job]]:
     return build, render_only
 
 
-def matrix(recipes_dir: Path = RECIPES_DIR) -> dict[str, list[Job]]:
-    """`include`: GitHub's matrix of the images to build; `render_only`: the others, for a static-check job."""
+def matrix(recipes_dir: Path = RECIPES_DIR, flavour: str | None = None) -> dict[str, list[Job]]:
+    """`include`: GitHub's matrix of the images to build; `render_only`: the others, for a static-check job;
+    only `flavour`'s images when one is given."""
     build, render_only = jobs(recipes_dir)
+    if flavour is not None:
+        build, render_only = ([j for j in group if j["flavour"] == flavour] for group in (build, render_only))
     return {"include": build, "render_only": render_only}
