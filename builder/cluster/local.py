@@ -6,9 +6,7 @@ podman-compose 1.0.3 adds a project network beside `network_mode: host`, which p
 success anyway; docker-compose 1.29 drives docker only (docs/design.md).
 """
 
-import hashlib
 import os
-import re
 import secrets
 import socket
 import sys
@@ -29,12 +27,9 @@ from builder.cluster.gateway import (
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, Process
 from builder.cluster.vllm_service import launch
-from builder.core.digests import sha256_file
 from builder.core.errors import BuilderError, RecipeError
-from builder.core.paths import cache_subdir
 from builder.core.run import run
 from builder.engines import Engine, get_engine
-from builder.fetch.source import fetch_file
 from builder.flavours.prepare import FLAVOURS, prepare, recipe_file
 from builder.recipe.targets import TARGETS
 from builder.use.launch import image_for_run
@@ -61,10 +56,8 @@ class Local:
 
     @classmethod
     def of(cls, loaded: Loaded) -> "Local":
-        resolved = str(loaded.path.resolve())
-        stem = re.sub(r"[^a-z0-9-]+", "-", loaded.path.stem.lower()).strip("-") or "cluster"
-        project = f"builder-{stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
-        return cls(loaded, cache_subdir(f"clusters/{project}"), project)
+        project, state = loaded.state_folder("")
+        return cls(loaded, state, project)
 
     def container(self, process: Process) -> str:
         suffix = {"rpc-worker": "rpc", "pipeline-worker": "pipeline"}.get(process.role, "server")
@@ -124,15 +117,7 @@ def _models(loaded: Loaded, say: Say) -> dict[str, Path]:
                                   "(`builder cluster hash-model DIR` prints a folder's hash)")
             out[service.name] = path.resolve()
             continue
-        if path is None:
-            say(f"fetching {service.model} …")
-            out[service.name] = fetch_file(service.model, service.sha256)
-            continue
-        actual = sha256_file(path)
-        if actual != service.sha256:
-            raise RecipeError(f"{loaded.path.name}: services[{i}].sha256: {service.model} has sha256 {actual}",
-                              "the file changed or the sha256 in the cluster file is wrong: check which, fix it")
-        out[service.name] = path.resolve()
+        out[service.name] = loaded.gguf(i, say)
     return out
 
 

@@ -5,7 +5,10 @@ is; `builder pxe publish` reads both forms (builder/netboot/services.py netboots
 `builder cluster` verbs need the services form and say so in one line.
 """
 
+import hashlib
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,8 +17,11 @@ from pydantic import ByteSize, Field
 
 from builder.cluster.hfmodel import scan
 from builder.cluster.vllm_service import check_vllm_service
+from builder.core.digests import sha256_file
 from builder.core.errors import RecipeError
+from builder.core.paths import cache_subdir
 from builder.core.types import Address, EnvName, KernelArg, OneLine, http_url
+from builder.fetch.source import fetch_file
 from builder.netboot.inventory import Cache, Control, Node
 from builder.recipe.load import display_path, load_yaml, select, validated
 from builder.recipe.models import Strict
@@ -124,6 +130,27 @@ class Loaded:
     def model_file(self, service: Service) -> Path | None:
         """The GGUF or model folder on this machine, or None for a URL."""
         return None if _is_url(service.model) else (self.path.parent / service.model)
+
+    def gguf(self, index: int, say: Callable[[str], None]) -> Path:
+        """services[index]'s GGUF on this machine (a URL fetched into the cache), checked against its sha256."""
+        service = self.cluster.services[index]
+        path = self.model_file(service)
+        if path is None:
+            say(f"fetching {service.model} …")
+            return fetch_file(service.model, service.sha256)
+        actual = sha256_file(path)
+        if actual != service.sha256:
+            raise RecipeError(f"{display_path(self.path)}: services[{index}].sha256: {service.model} has sha256 "
+                              f"{actual}", "the file changed or the sha256 in the cluster file is wrong: check which")
+        return path.resolve()
+
+    def state_folder(self, kind: str) -> tuple[str, Path]:
+        """A name for this cluster file's `kind` of run (e.g. local containers, a netboot gateway), unique per
+        file, and the folder where that run keeps its state."""
+        stem = re.sub(r"[^a-z0-9-]+", "-", self.path.stem.lower()).strip("-") or "cluster"
+        digest = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:8]
+        project = f"builder-{kind}{stem}-{digest}"
+        return project, cache_subdir(f"clusters/{project}")
 
     def node(self, name: str) -> ClusterNode:
         return next(n for n in self.cluster.nodes if n.name == name)

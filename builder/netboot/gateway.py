@@ -6,9 +6,7 @@ generation and start their own servers and RPC workers. HAProxy runs as a proces
 binds `gateway.address`, else `control.address`: never a wildcard address unless the file asks for one.
 """
 
-import hashlib
 import ipaddress
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -18,7 +16,6 @@ from pathlib import Path
 from builder.cluster.gateway import ServerState, gateway_pid, read_stats, start_gateway, stop_gateway, write_gateway
 from builder.cluster.model import Loaded
 from builder.core.errors import BuilderError, RecipeError
-from builder.core.paths import cache_subdir
 from builder.recipe.load import display_path
 
 Say = Callable[[str], None]
@@ -36,10 +33,7 @@ class Remote:
 
     @classmethod
     def of(cls, loaded: Loaded) -> "Remote":
-        resolved = str(loaded.path.resolve())
-        stem = re.sub(r"[^a-z0-9-]+", "-", loaded.path.stem.lower()).strip("-") or "cluster"
-        project = f"builder-netboot-{stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
-        return cls(loaded, cache_subdir(f"clusters/{project}"), bind_address(loaded))
+        return cls(loaded, loaded.state_folder("netboot-")[1], bind_address(loaded))
 
     @property
     def pidfile(self) -> Path:

@@ -19,9 +19,7 @@ from pathlib import Path
 
 from builder.cluster.firewall import for_services, ruleset
 from builder.cluster.model import Loaded, Process, Service, load_cluster
-from builder.core.digests import sha256_file
 from builder.core.errors import RecipeError
-from builder.fetch.source import fetch_file
 from builder.netboot.inventory import GGUF_MAGIC, Control, load_inventory
 from builder.netboot.kernels import KERNELS
 from builder.netboot.publish import (
@@ -94,16 +92,7 @@ def models(loaded: Loaded, say: Say) -> dict[str, Path]:
     """Every service's GGUF on this machine (a URL fetched into the cache), checked against its sha256."""
     out: dict[str, Path] = {}
     for i, service in enumerate(loaded.cluster.services):
-        path = loaded.model_file(service)
-        if path is None:
-            say(f"fetching {service.model} …")
-            out[service.name] = fetch_file(service.model, service.sha256)
-            continue
-        actual = sha256_file(path)
-        if actual != service.sha256:
-            raise RecipeError(f"{display_path(loaded.path)}: services[{i}].sha256: {service.model} has sha256 "
-                              f"{actual}", "the file changed or the sha256 in the cluster file is wrong: check which")
-        out[service.name] = path
+        out[service.name] = loaded.gguf(i, say)
     return out
 
 
