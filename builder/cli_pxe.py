@@ -22,7 +22,7 @@ from builder.netboot.inventory import load_inventory
 from builder.netboot.kernels import kernel_spec
 from builder.netboot.publish import generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
-from builder.recipes import display_path, select
+from builder.recipes import display_path
 from builder.registry import Repository
 from builder.run import start_server, stop
 
@@ -98,13 +98,16 @@ def publish_cmd(
         if not node.address and len(cluster.nodes) > 1:
             typer.echo(f"note: {node.name} has no address in {display_path(inventory)}: it admits its own lease, "
                        "but the other nodes' firewalls cannot admit its connections", err=True)
-    wanted = sorted({(n.target, select(n.target, n.variant)[1].name) for n in cluster.nodes})
+    wanted = sorted({n.netboot_set for n in cluster.nodes})
     artifacts = {}
     for target, variant in wanted:
         if pulled is not None:
             artifacts[(target, variant)] = read_artifacts(pulled / f"{target}-{variant}")
             continue
-        artifacts[(target, variant)] = _artifacts(engine, target, variant, compression)
+        # a vLLM image's set is spelt vllm-VARIANT (Node.netboot_set)
+        flavour = "vllm" if variant.startswith("vllm-") else LLAMA_CPP.name
+        artifacts[(target, variant)] = _artifacts(engine, target, variant.removeprefix("vllm-"), compression,
+                                                  flavour=flavour)
     generation, new = publish(root, cluster, inventory, artifacts, keep=keep)
     typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
     for node in cluster.nodes:

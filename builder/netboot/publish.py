@@ -26,7 +26,8 @@ from builder.cluster.firewall import for_netboot, ruleset
 from builder.errors import EngineError, RecipeError, raise_if_stopped
 from builder.locks import locked
 from builder.netboot.inventory import Cluster, Node
-from builder.recipes import display_path, select
+from builder.netboot.models import vllm_kernel_args, vllm_models
+from builder.recipes import display_path
 
 IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
@@ -102,7 +103,7 @@ def boot_script(cluster: Cluster) -> str:
 
 def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], generation_note: str,
                 model_url: str | None, model_sha256: str | None = None, model_size: int = 0,
-                firewall_sha256: str | None = None) -> str:
+                firewall_sha256: str | None = None, role_args: list[str] | None = None) -> str:
     base = _base_url(cluster)
     files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
     kernel, initrd, squash = (files[n]["sha256"] for n in ("vmlinuz", "initrd.img", "root.squashfs"))
@@ -134,7 +135,7 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
                 args.append(f"builder.model_size={model_size}")
         if cluster.context:
             args.append(f"builder.ctx={cluster.context}")
-    args += [*cluster.kernel_args, *node.kernel_args]
+    args += [*(role_args or []), *cluster.kernel_args, *node.kernel_args]
     return (
         "#!ipxe\n"
         f"echo builder: {node.name} ({node.role}, {manifest['target']}/{manifest['variant']}) {generation_note}\n"
@@ -231,6 +232,8 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
             model_sha256 = add_blob(root, inventory.parent / cluster.model)
             model_size = (inventory.parent / cluster.model).stat().st_size
             model_url = f"{_base_url(cluster)}/blobs/sha256/{model_sha256}"
+    vllm_blobs = {name: (add_blob(root, path), path.stat().st_size)
+                  for name, path in vllm_models(cluster, inventory.parent).items()}
     firewalls = for_netboot(cluster, display_path(inventory))
     files_out: dict[str, bytes] = {"boot.ipxe": boot_script(cluster).encode(),
                                    "cluster.yaml": inventory.read_bytes()}
@@ -238,15 +241,19 @@ def _publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts
         files_out[f"manifests/{key}.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
     nodes = {}
     for node in cluster.nodes:
-        key = f"{node.target}-{select(node.target, node.variant)[1].name}"
+        key = "-".join(node.netboot_set)
         manifest = manifests[key]
+        role_args = None
+        if node.name in vllm_blobs:
+            sha, size = vllm_blobs[node.name]
+            role_args = vllm_kernel_args(node, f"{_base_url(cluster)}/blobs/sha256/{sha}", sha, size)
         note = f"image {manifest['image_digest']}"
         # named after the generation's copy of the inventory: the user's file name never reaches the rules
         rules = ruleset(firewalls[node.name], "cluster.yaml").encode()
         files_out[f"nodes/{node.file_stem}.nft"] = rules  # for the reader; the node fetches the blob
         files_out[f"nodes/{node.file_stem}.ipxe"] = node_script(cluster, node, manifest, note, model_url,
                                                                  model_sha256, model_size,
-                                                                 add_blob_bytes(root, rules)).encode()
+                                                                 add_blob_bytes(root, rules), role_args).encode()
         nodes[node.name] = {"mac": node.mac, "role": node.role, "artifacts": key}
     files_out["nodes.json"] = (json.dumps(nodes, indent=2, sort_keys=True) + "\n").encode()
     digest = hashlib.sha256()
