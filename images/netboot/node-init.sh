@@ -132,12 +132,12 @@ start_vllm() {
     ready_tries=14400 # vLLM imports torch and loads its kernels first: minutes on a slow CPU
     local path dir=/run/builder/model args=()
     path=$(fetch_model) || { say "no model: cannot start vLLM"; return 1; }
-    if ! "$bb" mountpoint -q "$dir"; then
+    if ! grep -q " $dir squashfs " /proc/mounts; then
         mkdir -p "$dir"
         "$bb" mount -t squashfs -o ro,loop "$path" "$dir" || { say "the model ${path##*/} does not mount"; return 1; }
     fi
     # Python's multiprocessing (vLLM's engine process) needs a shared-memory folder
-    "$bb" mountpoint -q /dev/shm || { mkdir -p /dev/shm && "$bb" mount -t tmpfs -o mode=1777 shm /dev/shm; }
+    grep -q " /dev/shm " /proc/mounts || { mkdir -p /dev/shm && "$bb" mount -t tmpfs -o mode=1777 shm /dev/shm; }
     [ -n "$vllm_args" ] && IFS=, read -r -a args <<<"$vllm_args"
     [ -n "$vllm_kv" ] && export VLLM_CPU_KVCACHE_SPACE=$vllm_kv
     say "starting vLLM: ${served_name:-model} from ${path##*/}"
