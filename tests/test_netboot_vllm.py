@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_netboot import MAC, fake_artifacts, inventory
 
+from builder.errors import RecipeError
 from builder.netboot.inventory import load_inventory
 from builder.netboot.publish import publish
 from conftest import run_cli
@@ -79,3 +80,19 @@ def test_bad_vllm_node_is_one_line_and_exit_2(tmp_path: Path, node: dict[str, ob
     first = proc.stderr.splitlines()[0]
     assert first.startswith("error: ") and message in first, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "pxe-root").exists()
+
+
+def test_a_link_out_of_the_model_folder_is_refused_but_a_hub_snapshots_blobs_are_followed(tmp_path: Path) -> None:
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs" / "1234").write_text(json.dumps({"model_type": "llama"}))
+    (snapshot / "config.json").symlink_to("../../blobs/1234")
+    path = inventory(tmp_path, nodes=[vllm_node(model=str(snapshot))])
+    folder, manifest = fake_artifacts(tmp_path, "v")
+    publish(tmp_path / "pxe-root", load_inventory(path), path, {("cpu", "vllm-cpu"): (folder, manifest)}, keep=1)
+    (tmp_path / "secret").write_text("not the model")
+    (snapshot / "tokenizer.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(RecipeError, match="tokenizer.json: a link out of the model folder"):
+        publish(tmp_path / "pxe-root", load_inventory(path), path, {("cpu", "vllm-cpu"): (folder, manifest)}, keep=1)

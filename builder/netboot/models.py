@@ -20,6 +20,16 @@ from builder.paths import cache_subdir
 from builder.run import run_logged
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether a link in the model folder stays in the model: inside the folder, or, for a Hugging Face hub
+    snapshot (REPO/snapshots/REV/), in that repository's blobs/. A link anywhere else is refused: it would
+    publish another file of the control node to every node."""
+    real, base = path.resolve(), folder.resolve()
+    if real.is_relative_to(base):
+        return True
+    return base.parent.name == "snapshots" and real.parent == base.parent.parent / "blobs"
+
+
 def _files(folder: Path) -> list[tuple[str, Path]]:
     """The folder's regular files (hub snapshots' links followed), by relative path; hidden ones left out
     (.cache/, .git/): they are not the model."""
@@ -28,6 +38,9 @@ def _files(folder: Path) -> list[tuple[str, Path]]:
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or path.is_dir():
             continue
+        if path.is_symlink() and not _inside(path, folder):
+            raise RecipeError(f"{path}: a link out of the model folder (to {path.resolve()})",
+                              "copy the file into the folder if it belongs to the model")
         if not path.is_file():
             raise RecipeError(f"{path}: not a regular file", "a model folder holds files and folders only")
         found.append((rel.as_posix(), path))
