@@ -3,7 +3,7 @@
 cache disk against RAM mode.
 
   python bench/bench_netboot.py [--runs 3] [--compressions zstd,zstd:19,xz] [--uefi] [--no-cache]
-                                [--out bench/results-netboot.json]
+                                [--vllm-model DIR [--vllm-only]] [--out bench/results-netboot.json]
 
 1. for each squashfs compression: `builder pxe build --target cpu --compression C` into a fresh folder
    (the image export, squashfs and initramfs; the kernel tree is fetched once and cached), with the
@@ -15,6 +15,10 @@ cache disk against RAM mode.
    512 MiB virtio disk (PARTLABEL=builder-cache) boots twice, the first boot filling the cache. For each boot:
    seconds to ready, bytes of the root `pxe serve` sent (from its log), and the node's MemAvailable after
    the ready line (node-init prints it).
+4. with --vllm-model DIR (a Hugging Face folder, e.g. the tiny one tests/tinyhf.py makes): the cpu vLLM
+   image's netboot set (`pxe build --flavour vllm`: squashfs time and size), then one vllm-server node serving
+   DIR with a cache disk, booted twice (QEMU `-cpu max` for AVX2, 4 GiB): seconds to the ready line (/health
+   answers), bytes of the root and of the model sent, MemAvailable after ready. --vllm-only skips 1-3.
 Uses only QEMU user-mode networking and 127.0.0.1.
 """
 
@@ -66,12 +70,15 @@ def build(compression: str, out: Path) -> dict[str, object]:
 
 
 def boot_once(tftp: Path, console: Path, uefi: bool, limit: float = 300, disk: Path | None = None,
-              memory_line: bool = False) -> float:
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2", "-display", "none", "-monitor",
+              memory_line: bool = False, ready_text: str = "rpc-worker ready on", memory_mb: int = 1024,
+              cpu: str | None = None) -> float:
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", "2", "-display", "none", "-monitor",
             "none", "-no-reboot", "-boot", "n", "-netdev", f"user,id=n0,tftp={tftp},bootfile=boot.ipxe",
             "-device", f"virtio-net-pci,netdev=n0,mac={MAC}", "-serial", f"file:{console}"]
     if uefi:
         argv += ["-bios", "/usr/share/qemu/OVMF.fd"]
+    if cpu:
+        argv += ["-cpu", cpu]
     if disk:
         argv += ["-drive", f"file={disk},if=none,id=d0,format=raw", "-device", "virtio-blk-pci,drive=d0,serial=c0"]
     started = time.monotonic()
@@ -80,7 +87,7 @@ def boot_once(tftp: Path, console: Path, uefi: bool, limit: float = 300, disk: P
         ready = None
         while time.monotonic() - started < limit:
             text = console.read_text(errors="replace") if console.exists() else ""
-            if ready is None and "rpc-worker ready on" in text:
+            if ready is None and ready_text in text:
                 ready = time.monotonic() - started
             if ready is not None and (not memory_line or "MemAvailable" in text):
                 return ready
@@ -137,14 +144,82 @@ def cache_vs_ram(tmp: Path, runs: int, sha: str) -> dict[str, list[dict[str, obj
     return results
 
 
+VLLM_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager"]
+
+
+def vllm_root(tmp: Path, model: Path) -> dict[str, object]:
+    """The vLLM root: its set's build, then two boots of a vllm-server node with a cache disk."""
+    started = time.monotonic()
+    manifest = json.loads(builder("pxe", "build", "--target", "cpu", "--flavour", "vllm", "--json"))
+    squash = manifest["files"]["root.squashfs"]
+    result: dict[str, object] = {
+        "wall_s": round(time.monotonic() - started, 1), "squashfs_s": manifest["seconds"]["squashfs"],
+        "squashfs_mb": round(squash["size"] / 1e6, 1), "rootfs_mb": round(manifest["rootfs_bytes"] / 1e6, 1),
+        "compression": manifest["compression"], "boots": []}
+    print(json.dumps(result))
+    folder = tmp / "vllm"
+    folder.mkdir()
+    port = free_port()
+    inventory = folder / "cluster.yaml"
+    # YAML reads JSON: the inventory as data, the model's path quoted whatever it holds
+    inventory.write_text(json.dumps({
+        "control": {"address": "10.0.2.2", "http_port": port}, "kernel_args": ["console=ttyS0"],
+        "cache": {"device": "PARTLABEL=builder-cache"},
+        "nodes": [{"name": "vnode1", "mac": MAC, "target": "cpu", "role": "vllm-server",
+                   "vllm": {"model": str(model.resolve()), "served_name": "bench", "args": VLLM_ARGS,
+                            "kv_cache_gib": 1}}]}))
+    builder("pxe", "publish", "--inventory", str(inventory), "--root", str(folder / "pxe-root"))
+    script = next((folder / "pxe-root" / "current" / "nodes").glob("*.ipxe")).read_text()
+    model_sha = script.split("builder.model_sha256=")[1].split()[0]
+    disk = folder / "disk.img"
+    gpt_disk(disk, squash["size"] // 2**20 + 1024, "builder-cache")
+    log = folder / "serve.log"
+    boots: list[dict[str, object]] = []
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root",
+                                   str(folder / "pxe-root"), "--bind", "127.0.0.1"], cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT)
+        try:
+            time.sleep(1)
+            for nth in ("first", "second"):
+                sent = root_bytes(log, squash["sha256"]), root_bytes(log, model_sha)
+                console = folder / f"console-{nth}.log"
+                seconds = boot_once(folder / "pxe-root" / "tftp", console, False, limit=3600, disk=disk,
+                                    memory_line=True, ready_text="vllm-server ready on", memory_mb=4096, cpu="max")
+                time.sleep(0.5)
+                memory = re.search(r"MemAvailable (\d+) kB of MemTotal (\d+) kB", console.read_text())
+                row = {"boot": nth, "ready_s": round(seconds, 1),
+                       "root_bytes": root_bytes(log, squash["sha256"]) - sent[0],
+                       "model_bytes": root_bytes(log, model_sha) - sent[1],
+                       "mem_available_mb": round(int(memory.group(1)) / 1024) if memory else None,
+                       "mem_total_mb": round(int(memory.group(2)) / 1024) if memory else None}
+                boots.append(row)
+                print(f"vllm {nth}: {json.dumps(row)}")
+        finally:
+            server.terminate()
+            server.wait()
+    result["boots"] = boots
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compressions", default="zstd,zstd:19,xz")
     parser.add_argument("--uefi", action="store_true", help="also time UEFI (OVMF) boots")
     parser.add_argument("--no-cache", action="store_true", help="skip the RAM-mode against cache-mode boots")
+    parser.add_argument("--vllm-model", type=Path, help="also boot a vllm-server node serving this HF folder")
+    parser.add_argument("--vllm-only", action="store_true", help="only the vLLM root (needs --vllm-model)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-netboot.json")
     args = parser.parse_args()
+    if args.vllm_only:
+        if not args.vllm_model:
+            sys.exit("--vllm-only needs --vllm-model DIR")
+        with tempfile.TemporaryDirectory(prefix="bench-netboot-") as tmp_name:
+            row = vllm_root(Path(tmp_name), args.vllm_model)
+        args.out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                                        "vllm_root": row}, indent=2) + "\n")
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-netboot-") as tmp_name:
         tmp = Path(tmp_name)
@@ -175,12 +250,14 @@ def main() -> None:
             server.terminate()
             server.wait()
         modes = {} if args.no_cache else cache_vs_ram(tmp, args.runs, sha)
+        vllm = vllm_root(tmp, args.vllm_model) if args.vllm_model else None
 
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "builds": builds,
         "boot_to_ready_s": {fw: {"runs": runs, "median": statistics.median(runs)} for fw, runs in boots.items()},
         "cache_vs_ram": modes,
+        "vllm_root": vllm,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["boot_to_ready_s"]))

@@ -60,7 +60,7 @@ def fake_artifacts(tmp_path: Path, seed: str) -> tuple[Path, dict[str, object]]:
     ({"nodes": [{"name": "n1", "mac": MAC, "target": "nvidia", "role": "rpc-worker"}]},
      "nodes[0].target: nvidia cannot be netbooted yet"),
     ({"nodes": [{"name": "n1", "mac": MAC, "target": "cpu", "role": "boss"}]},
-     "nodes[0].role: Input should be 'head' or 'rpc-worker'"),
+     "nodes[0].role: Input should be 'head', 'rpc-worker' or 'vllm-server'"),
     ({"nodes": [{"name": "h", "mac": MAC, "target": "cpu", "role": "head"}]},
      "model: the head (nodes[0]) needs a model"),
     ({"model": "http://10.0.2.2:8000/m.gguf",

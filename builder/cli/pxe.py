@@ -33,7 +33,7 @@ from builder.netboot.services import (
     summary,
 )
 from builder.publish.artifacts import pull_netboot, push_netboot
-from builder.recipe.load import display_path, select
+from builder.recipe.load import display_path
 from builder.registry.client import Repository
 
 pxe_app = typer.Typer(help="Netboot compute nodes: build boot artifacts, publish generations, serve them.",
@@ -130,13 +130,16 @@ def publish_cmd(
 
 def _wanted(nodes: Sequence[Node], engine: str, compression: str, pulled: Path | None) -> Artifacts:
     """The netboot set of every (target, variant) the nodes boot: pulled ones, or built here."""
-    wanted = sorted({(n.target, select(n.target, n.variant)[1].name) for n in nodes})
+    wanted = sorted({n.netboot_set for n in nodes})
     artifacts: Artifacts = {}
     for target, variant in wanted:
         if pulled is not None:
             artifacts[(target, variant)] = read_artifacts(pulled / f"{target}-{variant}")
             continue
-        artifacts[(target, variant)] = _artifacts(engine, target, variant, compression)
+        # a vLLM image's set is spelt vllm-VARIANT (Node.netboot_set)
+        flavour = "vllm" if variant.startswith("vllm-") else LLAMA_CPP.name
+        artifacts[(target, variant)] = _artifacts(engine, target, variant.removeprefix("vllm-"), compression,
+                                                  flavour=flavour)
     return artifacts
 
 

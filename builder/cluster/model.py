@@ -184,10 +184,11 @@ def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
         if node.mac in macs:
             raise RecipeError(f"{where}: nodes[{i}].mac: {node.mac} is already nodes[{macs[node.mac]}]",
                               "every node boots from its own network interface")
-        if node.role is not None or node.port is not None:
-            field = "role" if node.role is not None else "port"
-            raise RecipeError(f"{where}: nodes[{i}].{field}: roles and ports come from services: in this form",
-                              f"remove {field}; name the node in a service's nodes, head or workers")
+        if node.role is not None or node.port is not None or node.vllm is not None:
+            field = "role" if node.role is not None else "port" if node.port is not None else "vllm"
+            raise RecipeError(f"{where}: nodes[{i}].{field}: roles, ports and models come from services: in "
+                              "this form", f"remove {field}; name the node in a service's nodes, head or workers "
+                              "(a vLLM model is a service with engine: vllm)")
         index[node.name], macs[node.mac] = i, i
         select(node.target, node.variant, f"{where}: nodes[{i}]")
     return index

@@ -1,5 +1,6 @@
 """cluster.yaml: the control node and the compute nodes it netboots, validated like recipes."""
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,7 +14,7 @@ from builder.recipe.load import display_path, load_yaml, select, validated
 from builder.recipe.models import Strict
 
 _MAC = re.compile(r"([0-9a-f]{2})([:-][0-9a-f]{2}){5}")
-DEFAULT_PORTS = {"head": 8080, "rpc-worker": 50052}
+DEFAULT_PORTS = {"head": 8080, "rpc-worker": 50052, "vllm-server": 8000}
 GGUF_MAGIC = b"GGUF"
 
 
@@ -41,6 +42,28 @@ class Cache(Strict):
                        "empty device, or one holding builder's cache, is used)")
 
 
+def _vllm_arg(value: str) -> str:
+    # It travels on the kernel command line, the words of one list joined by commas.
+    if not re.fullmatch(r"[A-Za-z0-9_.:=/+@%~-]{1,128}", value):
+        raise ValueError("must be one word of letters, digits and _ . : = / + @ % ~ - (no spaces or commas)")
+    return value
+
+
+VllmArg = Annotated[str, AfterValidator(_vllm_arg)]
+
+
+class VllmServe(Strict):
+    """What a `vllm-server` node serves: a Hugging Face model folder on the control node, published by sha256."""
+
+    model: Annotated[str, AfterValidator(one_line)] = Field(
+        description="a Hugging Face model folder on the control node (config.json, weights, tokenizer)")
+    served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$",
+                             description="the name clients ask for (the OpenAI API's `model`)")
+    args: list[VllmArg] = Field(default_factory=list, description="more `vllm serve` arguments, one word each, "
+                                "e.g. [--dtype, float32, --max-model-len, '4096']")
+    kv_cache_gib: int | None = Field(None, ge=1, le=4096, description="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+
+
 class Node(Strict):
     """One compute node, found by the MAC address it netboots from."""
 
@@ -48,13 +71,16 @@ class Node(Strict):
     mac: str = Field(description="MAC address of the boot interface, e.g. 52:54:00:12:34:56")
     target: str = Field(description="target whose image the node boots (see `builder targets`)")
     variant: str | None = Field(None, description="variant of the target (default: the target's default)")
-    role: Literal["head", "rpc-worker"] = Field(description="head: llama-server --rpc to the workers")
-    port: int | None = Field(None, ge=1, le=65535, description="role port (head 8080, rpc-worker 50052)")
+    role: Literal["head", "rpc-worker", "vllm-server"] = Field(
+        description="head: llama-server --rpc to the workers; vllm-server: the target's vLLM image serving `vllm`")
+    port: int | None = Field(None, ge=1, le=65535, description="role port (head 8080, rpc-worker 50052, "
+                             "vllm-server 8000)")
     address: Address | None = Field(None, description="the node's reserved address; workers need one if there is "
                                     "a head")
     kernel_args: list[KernelArg] = Field(default_factory=list, description="extra kernel command-line words")
     cache: Cache | Literal[False] | None = Field(
         None, description="this node's cache disk (default: the cluster's `cache`); false: none, RAM mode")
+    vllm: VllmServe | None = Field(None, description="the model a vllm-server node serves")
 
     @field_validator("mac", mode="before")
     @classmethod
@@ -80,6 +106,13 @@ class Node(Strict):
     @property
     def role_port(self) -> int:
         return self.port or DEFAULT_PORTS[self.role]
+
+    @property
+    def netboot_set(self) -> tuple[str, str]:
+        """(target, variant) of the netboot set the node boots; a vLLM image's variant is spelt `vllm-VARIANT`,
+        as its image tag is."""
+        variant = select(self.target, self.variant)[1].name
+        return (self.target, f"vllm-{variant}" if self.role == "vllm-server" else variant)
 
     @property
     def file_stem(self) -> str:
@@ -117,6 +150,7 @@ def _check(cluster: Cluster, where: str, base: Path) -> None:
         if node.mac in seen_macs:
             raise RecipeError(f"{where}: nodes[{i}].mac: {node.mac} is already nodes[{seen_macs[node.mac]}]")
         seen_names[node.name], seen_macs[node.mac] = i, i
+        _check_vllm(node, f"{where}: nodes[{i}]", base)
         select(node.target, node.variant, f"{where}: nodes[{i}]")
         if node.target not in KERNELS:
             raise RecipeError(f"{where}: nodes[{i}].target: {node.target} cannot be netbooted yet",
@@ -142,6 +176,23 @@ def _check(cluster: Cluster, where: str, base: Path) -> None:
             if node.role == "rpc-worker" and not node.address:
                 raise RecipeError(f"{where}: nodes[{i}].address: the head needs every worker's address",
                                   "reserve an address for the node in your DHCP server and write it here")
+
+
+def _check_vllm(node: Node, where: str, base: Path) -> None:
+    if (node.role == "vllm-server") != (node.vllm is not None):
+        raise RecipeError(f"{where}.vllm: a vllm-server node needs `vllm:` (its model), and only it has one",
+                          "vllm: {model: /srv/models/NAME, served_name: NAME}")
+    if node.vllm is None:
+        return
+    folder = base / node.vllm.model
+    # The folder is published over HTTP to the node: only a model folder, never any other part of this machine.
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise RecipeError(f"{where}.vllm.model: {node.vllm.model} is not a Hugging Face model folder",
+                          "give a folder with a config.json naming its model_type; nothing else is published")
 
 
 def load_inventory(path: Path) -> Cluster:

@@ -30,7 +30,8 @@ from builder.core.errors import EngineError, RecipeError, raise_if_stopped
 from builder.core.locks import locked
 from builder.engines.cleanup import temp_dir, temp_path
 from builder.netboot.inventory import Cache, Cluster, Control, Node
-from builder.recipe.load import display_path, select
+from builder.netboot.models import vllm_kernel_args, vllm_models
+from builder.recipe.load import display_path
 
 IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
@@ -151,7 +152,7 @@ def ipxe_script(base: str, node: Node, manifest: dict[str, object], label: str, 
 
 def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], generation_note: str,
                 model_url: str | None, model_sha256: str | None = None, model_size: int = 0,
-                firewall_sha256: str | None = None) -> str:
+                firewall_sha256: str | None = None, role_args: list[str] | None = None) -> str:
     base = _base_url(cluster)
     args = root_words(base, node, manifest, [f"builder.role={node.role}", f"builder.port={node.role_port}"],
                       firewall_sha256, cluster.cache_of(node), cluster.ram_share)
@@ -167,7 +168,7 @@ def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], gener
                 args.append(f"builder.model_size={model_size}")
         if cluster.context:
             args.append(f"builder.ctx={cluster.context}")
-    args += [*cluster.kernel_args, *node.kernel_args]
+    args += [*(role_args or []), *cluster.kernel_args, *node.kernel_args]
     return ipxe_script(base, node, manifest, str(node.role), generation_note, args)
 
 
@@ -263,19 +264,25 @@ def _netboot_nodes(root: Path, cluster: Cluster, inventory: Path, manifests: Man
             model_sha256 = add_blob(root, inventory.parent / cluster.model)
             model_size = (inventory.parent / cluster.model).stat().st_size
             model_url = f"{_base_url(cluster)}/blobs/sha256/{model_sha256}"
+    vllm_blobs = {name: (add_blob(root, path), path.stat().st_size)
+                  for name, path in vllm_models(cluster, inventory.parent).items()}
     firewalls = for_netboot(cluster, display_path(inventory))
     files_out: dict[str, bytes] = {}
     nodes: dict[str, object] = {}
     for node in cluster.nodes:
-        key = f"{node.target}-{select(node.target, node.variant)[1].name}"
+        key = "-".join(node.netboot_set)
         manifest = manifests[key]
+        role_args = None
+        if node.name in vllm_blobs:
+            sha, size = vllm_blobs[node.name]
+            role_args = vllm_kernel_args(node, f"{_base_url(cluster)}/blobs/sha256/{sha}", sha, size)
         note = f"image {manifest['image_digest']}"
         # named after the generation's copy of the inventory: the user's file name never reaches the rules
         rules = ruleset(firewalls[node.name], "cluster.yaml").encode()
         files_out[f"nodes/{node.file_stem}.nft"] = rules  # for the reader; the node fetches the blob
         files_out[f"nodes/{node.file_stem}.ipxe"] = node_script(cluster, node, manifest, note, model_url,
                                                                  model_sha256, model_size,
-                                                                 add_blob_bytes(root, rules)).encode()
+                                                                 add_blob_bytes(root, rules), role_args).encode()
         nodes[node.name] = {"mac": node.mac, "role": node.role, "artifacts": key}
     return files_out, nodes
 

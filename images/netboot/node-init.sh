@@ -16,6 +16,7 @@ bb=/usr/lib/builder/busybox
 say() { echo "builder-node: $*"; }
 
 name=node role=rpc-worker port="" rpc="" model="" model_sha256="" ctx="" plan="" plan_sha256=""
+served_name="" vllm_args="" vllm_kv=""
 read -r -a words </proc/cmdline
 for word in "${words[@]}"; do
     case "$word" in
@@ -28,6 +29,9 @@ for word in "${words[@]}"; do
         builder.ctx=*) ctx=${word#*=} ;;
         builder.plan=*) plan=${word#*=} ;;
         builder.plan_sha256=*) plan_sha256=${word#*=} ;;
+        builder.served_name=*) served_name=${word#*=} ;;
+        builder.vllm_args=*) vllm_args=${word#*=} ;;
+        builder.vllm_kv=*) vllm_kv=${word#*=} ;;
     esac
 done
 
@@ -130,8 +134,32 @@ rpc_cache() {
         say "RPC tensor cache on the cache disk ($(find "$CACHE_DIR/rpc" -type f | wc -l) files kept)"
 }
 
+# vllm-server: the model is a squashfs of a Hugging Face folder (published by sha256, fetched and checked by
+# fetch_model), mounted read-only and served by the image's own entrypoint on the node's address.
+start_vllm() {
+    port=${port:-8000}
+    ready_tries=14400 # vLLM imports torch and loads its kernels first: minutes on a slow CPU
+    local path dir=/run/builder/model args=()
+    path=$(fetch_model) || { say "no model: cannot start vLLM"; return 1; }
+    if ! grep -q " $dir squashfs " /proc/mounts; then
+        mkdir -p "$dir"
+        "$bb" mount -t squashfs -o ro,loop "$path" "$dir" || { say "the model ${path##*/} does not mount"; return 1; }
+    fi
+    # Python's multiprocessing (vLLM's engine process) needs a shared-memory folder
+    grep -q " /dev/shm " /proc/mounts || { mkdir -p /dev/shm && "$bb" mount -t tmpfs -o mode=1777 shm /dev/shm; }
+    [ -n "$vllm_args" ] && IFS=, read -r -a args <<<"$vllm_args"
+    [ -n "$vllm_kv" ] && export VLLM_CPU_KVCACHE_SPACE=$vllm_kv
+    say "starting vLLM: ${served_name:-model} from ${path##*/}"
+    HF_HUB_OFFLINE=1 /usr/local/bin/vllm-entrypoint serve "$dir" --host "$NODE_IP" --port "$port" \
+        ${served_name:+--served-model-name "$served_name"} "${args[@]}" &
+    child=$!
+}
+
 start_role() {
     case "$role" in
+        vllm-server)
+            start_vllm || return 1
+            ;;
         rpc-worker)
             port=${port:-50052}
             /usr/local/bin/llama-entrypoint rpc-worker --host "$NODE_IP" --port "$port" &
@@ -258,7 +286,7 @@ run_plan() {
 while :; do
     child=""
     if start_role; then
-        for _ in $(seq 1 600); do
+        for _ in $(seq 1 "${ready_tries:-600}"); do
             if is_ready "$role" "$port" 2>/dev/null; then
                 say "$name $role ready on $NODE_IP:$port"
                 say_memory
