@@ -4,6 +4,7 @@ is generated from the file and accepted by `haproxy -c`."""
 import hashlib
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,24 @@ def test_without_local_the_gateway_needs_the_nodes_addresses_and_a_control_node(
     assert proc.returncode == 2 and "control.address: 0.0.0.0 is every address" in proc.stderr
     proc = run_cli("cluster", "logs", str(cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"})))
     assert proc.returncode == 2 and "netbooted nodes print their servers' output on their consoles" in proc.stderr
+
+
+def test_without_local_a_gateway_address_or_port_this_machine_cannot_take_is_one_line(tmp_path: Path) -> None:
+    """Checked by binding before HAProxy starts, so nothing is started and no health check leaves the machine
+    (the nodes' 10.0.0.x addresses are never contacted)."""
+    addressed = [node(n, i + 1, address=f"10.0.0.{11 + i}") for i, n in enumerate("abcd")]
+    proc = run_cli("cluster", "up", str(cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"})))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "[ALERT]" not in proc.stderr
+    assert "gateway.address: 10.0.0.1 is not an address of this machine" in proc.stderr, proc.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"},
+                            gateway={"address": "127.0.0.1", "port": port})
+        proc = run_cli("cluster", "up", str(path))
+    assert proc.returncode == 2 and f"gateway.port: cannot listen on 127.0.0.1:{port}: Address already in use" \
+        in proc.stderr, proc.stderr
 
 
 def two_service_cluster(tmp_path: Path) -> Path:

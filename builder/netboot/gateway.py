@@ -6,6 +6,7 @@ generation and start their own servers and RPC workers. HAProxy runs as a proces
 binds `gateway.address`, else `control.address`: never a wildcard address unless the file asks for one.
 """
 
+import errno
 import ipaddress
 import socket
 import time
@@ -94,6 +95,7 @@ def up(loaded: Loaded, timeout: float, say: Say) -> Remote:
     # A running gateway with the same config keeps serving: restarting it would cut requests in flight.
     if gateway_pid(remote.pidfile) is None or config.read_text() != previous:
         stop_gateway(remote.pidfile)
+        _can_bind(loaded, remote.bind)
         say(f"starting the gateway on {remote.bind}:{loaded.cluster.gateway.port}")
         start_gateway(config, remote.pidfile)
         started = True
@@ -104,6 +106,25 @@ def up(loaded: Loaded, timeout: float, say: Say) -> Remote:
             stop_gateway(remote.pidfile)
         raise
     return remote
+
+
+def _can_bind(loaded: Loaded, bind: str) -> None:
+    """One line instead of HAProxy's alerts when the gateway's address is not this machine's or its port is
+    taken (binding tells, and sends nothing)."""
+    port = loaded.cluster.gateway.port
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bind, port))
+        except OSError as exc:
+            where = display_path(loaded.path)
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise RecipeError(f"{where}: gateway.address: {bind} is not an address of this machine",
+                                  "run `builder cluster up` on the control node, or set gateway.address to "
+                                  "one of this machine's addresses") from None
+            raise RecipeError(f"{where}: gateway.port: cannot listen on {bind}:{port}: {exc.strerror}",
+                              "stop what uses the port, or set gateway.port") from None
 
 
 def _wait_healthy(remote: Remote, where: dict[str, str], timeout: float) -> None:
