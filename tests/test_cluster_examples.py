@@ -2,6 +2,8 @@
 the docs describe it, give a gateway config HAProxy accepts, and firewall rules nft accepts. Nothing is
 started: their addresses are a private network's, not this machine's."""
 
+import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -72,3 +74,30 @@ def test_too_little_memory_is_refused_in_one_line(tmp_path: Path) -> None:
     proc = run_cli("cluster", "status", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "nodes[0].memory: rtx1 has 11.0 GiB but its services need 11.5 GiB" in proc.stderr, proc.stderr
+
+
+def test_commands_for_boxes_builder_does_not_boot_are_what_builder_run_accepts() -> None:
+    """The RTX 3060 boxes are not netbooted: `builder cluster commands` prints what each box runs. Every line
+    is a `builder run` that builder itself accepts (`--print`: the engine command, nothing started)."""
+    path = EXAMPLES / "rtx-3060-x4.yaml"
+    proc = run_cli("cluster", "commands", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    found = {entry["node"]: entry["argv"] for entry in json.loads(proc.stdout)}
+    assert sorted(found) == ["rtx1", "rtx2", "rtx3", "rtx4"]
+    assert [argv[argv.index("--alias") + 1] for argv in found["rtx1"]] == ["qwen2.5-7b", "llama-3.1-8b"]
+    head = found["rtx3"][0]
+    assert head[head.index("--rpc") + 1] == "10.0.0.44:50052" and head[head.index("--host") + 1] == "10.0.0.43"
+    assert found["rtx4"] == [["builder", "run", "--target", "nvidia", "--detach", "--name",
+                              "builder-codellama-34b-rpc", "rpc-worker", "--host", "10.0.0.44", "--port", "50052"]]
+    for argv in [a for commands in found.values() for a in commands]:
+        assert argv[:2] == ["builder", "run"]
+        printed = run_cli("run", "--print", *argv[2:])
+        assert printed.returncode == 0, printed.stderr
+        engine_argv = shlex.split(printed.stdout.strip().splitlines()[-1])
+        role = argv.index("server") if "server" in argv else argv.index("rpc-worker")
+        assert engine_argv[-len(argv[role:]):] == argv[role:]  # the role and its arguments reach the image as they are
+    text = run_cli("cluster", "commands", str(path), "--node", "rtx4").stdout
+    assert text.splitlines() == ["# rtx4 (10.0.0.44)", "builder run --target nvidia --detach --name "
+                                 "builder-codellama-34b-rpc rpc-worker --host 10.0.0.44 --port 50052"]
+    bad = run_cli("cluster", "commands", str(path), "--models", "models")
+    assert bad.returncode == 2 and "--models: 'models' is not an absolute folder path" in bad.stderr

@@ -21,7 +21,7 @@ import requests
 from test_netboot_qemu import BOOT_SECONDS, MAC, artifacts, published
 
 from conftest import free_port, run_cli
-from containers import PROMPT, cpu_reference_text
+from containers import PROMPT, container, cpu_reference_text
 from qemu import node, wait_for
 
 pytestmark = pytest.mark.engine
@@ -97,3 +97,46 @@ def test_netbooted_replica_joins_the_gateway_and_answers_through_it(
         assert down.returncode == 0 and "removed gateway" in down.stdout, down.stdout + down.stderr
         after = json.loads(run_cli("cluster", "status", str(path), "--json").stdout)
         assert after["gateway"]["running"] is False
+
+
+def test_netbooted_split_head_uses_its_worker_and_answers_through_the_gateway(
+    tiny_model: Path, tmp_path: Path, artifacts: dict[str, object]
+) -> None:
+    """A split service netbooted: the QEMU node is its head (llama-server with --rpc from the node's plan), its
+    RPC worker another node, here a container on the host, which the guest reaches as 10.0.2.2. Through the
+    gateway the greedy text equals the single-node text and the worker served the head. (`status` is not run:
+    it would probe the worker at 10.0.2.2 from the host, outside QEMU's private network.)"""
+    expected = cpu_reference_text("podman", tmp_path, tiny_model)
+    http, server, rpc, gateway, metrics = (free_port() for _ in range(5))
+    model = tmp_path / "tiny.gguf"
+    shutil.copyfile(tiny_model, model)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    nodes: list[dict[str, object]] = [
+        {"name": "head1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "127.0.0.1"},
+        # stands for a worker node: the host's container, at 10.0.2.2 to the guest
+        {"name": "worker1", "mac": "52:54:00:12:34:57", "target": "cpu", "memory": "512MiB", "address": "10.0.2.2"}]
+    services = [{"name": "tiny", "model": "tiny.gguf", "sha256": digest, "topology": "split", "head": "head1",
+                 "workers": ["worker1"], "port": server, "rpc_port": rpc, "context": 256}]
+    console = tmp_path / "console.log"
+    path = tmp_path / "cluster.yaml"
+    worker = f"builder-netboot-split-worker-{rpc}"
+    with published(tmp_path, http, nodes, services=services,
+                   gateway={"address": "127.0.0.1", "port": gateway, "metrics_port": metrics}) as root, \
+            container("podman", tmp_path, worker, "rpc-worker", "--host", "127.0.0.1", "--port", str(rpc)), \
+            node(root / "tftp", MAC, console, forward=(server, server)) as vm:
+        ready = wait_for(console, r"builder-node: head1 server tiny ready on (\S+)", vm, BOOT_SECONDS)
+        assert ready.group(1) == f"10.0.2.15:{server}"
+        up = run_cli("cluster", "up", str(path), "--timeout", "120", timeout=300)
+        try:
+            assert up.returncode == 0, up.stdout + up.stderr
+            lines = dict(line.split(None, 1) for line in up.stdout.splitlines() if line.strip())
+            key = Path(lines["key"].split()[0]).read_text().strip()
+            resp = requests.post(f"http://127.0.0.1:{gateway}/v1/completions", json={**PROMPT, "model": "tiny"},
+                                 headers={"Authorization": f"Bearer {key}"}, timeout=300)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["choices"][0]["text"] == expected
+        finally:
+            down = run_cli("cluster", "down", str(path))
+        assert down.returncode == 0, down.stdout + down.stderr
+        worker_log = (tmp_path / f"{worker}.log").read_text(errors="replace")
+        assert "Accepted client connection" in worker_log, worker_log[-2000:]

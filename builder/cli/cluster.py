@@ -8,6 +8,7 @@ import typer
 
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
+from builder.cluster.commands import as_text, node_commands
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, load_cluster
 from builder.core.errors import RecipeError
@@ -115,6 +116,37 @@ def logs(
         raise RecipeError("builder cluster logs: netbooted nodes print their servers' output on their consoles",
                           "read the node's serial console (`builder-node:` lines), or try the cluster with --local")
     local.logs(_loaded(inventory, is_local), engine, only, lines)
+
+
+@cluster_app.command()
+def commands(
+    inventory: InventoryArg,
+    node: Annotated[str | None, typer.Option("--node", help="Only this node's commands.")] = None,
+    models: Annotated[str, typer.Option("--models", help="The folder where each node keeps the GGUFs.")
+                      ] = "/srv/models",
+    as_json: Annotated[bool, typer.Option("--json", help="One object per node: node, address, argv lists.")
+                       ] = False,
+) -> None:
+    """The `builder run` commands each node runs, for nodes builder does not netboot (e.g. NVIDIA boxes).
+
+    RPC workers first, then the llama-servers, each bound to its node's address; then `builder cluster up`
+    on the control node starts the gateway in front of them. vLLM services are left to netboot or --local.
+    """
+    if not models.startswith("/") or any(c in models for c in "\n\r\t\0"):
+        raise RecipeError(f"--models: {models!r} is not an absolute folder path", "e.g. --models /srv/models")
+    loaded = _loaded(inventory, is_local=False)
+    found = node_commands(loaded, models)
+    if node is not None:
+        found = [entry for entry in found if entry.node == node]
+        if not found:
+            raise RecipeError(f"{inventory}: no node named {node!r} runs a service",
+                              f"nodes: {', '.join(e.node for e in node_commands(loaded, models))}")
+    if as_json:
+        typer.echo(json.dumps([{"node": e.node, "address": e.address, "argv": [list(a) for a in e.argv],
+                                "not_covered": list(e.skipped)} for e in found], indent=2))
+        return
+    for line in as_text(found):
+        typer.echo(line)
 
 
 @cluster_app.command("hash-model")
