@@ -140,7 +140,7 @@ start_vllm() {
     port=${port:-8000}
     ready_tries=14400 # vLLM imports torch and loads its kernels first: minutes on a slow CPU
     local path dir=/run/builder/model args=()
-    path=$(fetch_model) || { say "no model: cannot start vLLM"; return 1; }
+    path=$(fetch_model "$model" "$model_sha256") || { say "no model: cannot start vLLM"; return 1; }
     if ! grep -q " $dir squashfs " /proc/mounts; then
         mkdir -p "$dir"
         "$bb" mount -t squashfs -o ro,loop "$path" "$dir" || { say "the model ${path##*/} does not mount"; return 1; }
