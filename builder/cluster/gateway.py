@@ -228,6 +228,12 @@ class ServerState:
         # HAProxy counts a server UP before its first check; only a passed check says it serves.
         return self.status == "UP" and self.last_check == "L7OK"
 
+    def fields(self) -> dict[str, object]:
+        """What `cluster status` shows of a server: its health ("starting" before the first check), the last
+        check, and its requests in flight and so far."""
+        return {"health": self.status if self.last_check != "INI" else "starting", "last_check": self.last_check,
+                "active": self.active, "requests": self.total}
+
 
 def read_stats(metrics_port: int) -> list[ServerState]:
     """Every backend server's state from HAProxy's CSV stats on loopback."""

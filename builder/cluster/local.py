@@ -290,9 +290,7 @@ def status(loaded: Loaded, engine_name: str | None) -> dict[str, object]:
                 "container": running.get(local.container(process), "absent")}
             state = (stats or {}).get((process.service, process.node)) if process.role == "server" else None
             if state is not None:
-                health = state.status if state.last_check != "INI" else "starting"
-                entry.update(health=health, last_check=state.last_check, active=state.active,
-                             requests=state.total)
+                entry.update(state.fields())
             elif process.role == "pipeline-worker":
                 entry["health"] = "UP" if entry["container"] == "running" else "DOWN"
             elif process.role == "rpc-worker":

@@ -180,8 +180,7 @@ def status(loaded: Loaded) -> dict[str, object]:
                                         "address": f"{where[process.node]}:{process.port}"}
             state = stats.get((process.service, process.node)) if process.role == "server" else None
             if state is not None:
-                entry.update(health=state.status if state.last_check != "INI" else "starting",
-                             last_check=state.last_check, active=state.active, requests=state.total)
+                entry.update(state.fields())
             elif process.role == "rpc-worker":
                 entry["health"] = "UP" if _port_open(where[process.node], process.port) else "DOWN"
             else:

@@ -194,6 +194,22 @@ is_ready() {
     fi
 }
 
+# Poll every half second, at most TRIES times, until ROLE on PORT answers (then print "LABEL ready on …" and the
+# node's memory) or the process $child has exited.
+await_ready() {
+    local tries=$1 label=$2 role=$3 port=$4
+    for _ in $(seq 1 "$tries"); do
+        if is_ready "$role" "$port" 2>/dev/null; then
+            say "$label ready on $NODE_IP:$port"
+            say_memory
+            return 0
+        fi
+        kill -0 "$child" 2>/dev/null || return 1
+        sleep 0.5
+    done
+    return 1
+}
+
 # The node's plan, downloaded from the control node and checked against its sha256 (retried until it comes).
 fetch_plan() {
     local attempt=1 got
@@ -231,15 +247,7 @@ supervise() {
             /usr/local/bin/llama-entrypoint server "${args[@]}" "$@" &
         fi
         child=$!
-        for _ in $(seq 1 1200); do
-            if is_ready "$role" "$port" 2>/dev/null; then
-                say "$name $role $service ready on $NODE_IP:$port"
-                say_memory
-                break
-            fi
-            kill -0 "$child" 2>/dev/null || break
-            sleep 0.5
-        done
+        await_ready 1200 "$name $role $service" "$role" "$port"
         wait "$child"
         say "$role $service exited with status $?; restarting in 5 s"
         check_root
@@ -286,15 +294,7 @@ run_plan() {
 while :; do
     child=""
     if start_role; then
-        for _ in $(seq 1 "${ready_tries:-600}"); do
-            if is_ready "$role" "$port" 2>/dev/null; then
-                say "$name $role ready on $NODE_IP:$port"
-                say_memory
-                break
-            fi
-            kill -0 "$child" 2>/dev/null || break
-            sleep 0.5
-        done
+        await_ready "${ready_tries:-600}" "$name $role" "$role" "$port"
         wait "$child"
         say "$role exited with status $?; restarting in 5 s"
         check_root
