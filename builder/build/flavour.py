@@ -85,6 +85,7 @@ class Flavour(ABC):
     check: refuse what may not be built (placeholder pins, no wheel lock, disagreeing builder.lock);
         `strict` (publishing): the inputs must be locked.
     fetch: the pinned inputs into the context (checked by sha256); returns the service the build talks to.
+    prefetch: the same network-bound inputs into the cache only (`builder fetch`), no context written.
     bases: what the Containerfile builds on, made ready in the engine before the build.
     sbom, run_flags, summary: the SPDX document, `builder run`'s extra engine flags, `builder plan`'s lines.
     """
@@ -106,6 +107,8 @@ class Flavour(ABC):
     def check(self, prep: Prepared, lock: Path, *, strict: bool) -> None: ...
     @abstractmethod
     def fetch(self, prep: Prepared, context: Path) -> AbstractContextManager[BuildArgs]: ...
+    @abstractmethod
+    def prefetch(self, prep: Prepared) -> None: ...
     @abstractmethod
     def bases(self, prep: Prepared) -> list[BaseSpec]: ...
     @abstractmethod

@@ -18,7 +18,7 @@ from builder.core.paths import cache_subdir
 from builder.core.run import run
 from builder.engines import Engine
 from builder.engines.cleanup import forget_image, record_image
-from builder.fetch.bootstrap import ensure_base
+from builder.fetch.bootstrap import ensure_base, prefetch_base
 from builder.plan.make import LABEL_PREFIX
 
 
@@ -106,3 +106,13 @@ def _build(prep: Prepared, engine: Engine, *, no_cache: bool) -> BuildResult:
     info = engine.inspect(prep.tag)
     assert info is not None
     return BuildResult(prep.tag, info.id, info.size, True, time.monotonic() - started, log)
+
+
+def prefetch(prep: Prepared) -> int:
+    """Every network-bound input of one image into the cache (checked by sha256), nothing built: the locked
+    .debs of its bootstrapped bases (unless their rootfs is cached), SDK wheels, vendor files, vLLM wheels.
+    The llama.cpp source came with `prepare`. Returns how many base packages were checked."""
+    prep.flavour.check(prep, prep.lock, strict=False)
+    count = sum(prefetch_base(base, prep.locked) for base in prep.flavour.bases(prep))
+    prep.flavour.prefetch(prep)
+    return count

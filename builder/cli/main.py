@@ -4,6 +4,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from types import FrameType
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 from builder import __version__
-from builder.build.pipeline import BuildResult, build
+from builder.build.pipeline import BuildResult, build, prefetch
 from builder.cli.cluster import cluster_app
 from builder.cli.common import (
     DEFAULT_FLAVOUR,
@@ -32,6 +33,7 @@ from builder.cli.run import EXTRA_ARGS, run, toolbox_app
 from builder.core.errors import BuilderError, CommandError, Stopped, request_stop
 from builder.engines import cleanup, get_engine
 from builder.fetch.pin import pin_recipe
+from builder.netboot.kernels import fetch_kernel_tree, kernel_spec
 from builder.flavours import lock as lockfile
 from builder.flavours.prepare import flavour_named, recipe_file
 from builder.flavours.vllm import lock_variant
@@ -172,6 +174,36 @@ def build_cmd(
     chosen = get_engine(engine)
     err.print(f"building {prep.tag} with {chosen.name} (context {prep.context})")
     _print_build(build(prep, chosen, no_cache=no_cache), as_json)
+
+
+@app.command("fetch")
+def fetch_cmd(
+    target: TargetOpt = None,
+    recipe: RecipeOpt = None,
+    variant: VariantOpt = None,
+    lock_path: LockOpt = lockfile.LOCK_FILE,
+    netboot: Annotated[bool, typer.Option("--netboot", help="Also the target's netboot kernel and firmware.")
+                       ] = False,
+    as_json: JsonOpt = False,
+    flavour: FlavourOpt = DEFAULT_FLAVOUR,
+) -> None:
+    """Download an image's pinned inputs into the cache (each checked by sha256) and build nothing.
+
+    The llama.cpp source, the locked Debian packages of its bases, SDK wheels and vendor files, vLLM wheels:
+    a later `builder build` of that image needs no network for them. Run it before going offline, or beside
+    another build to overlap downloads with compiling.
+    """
+    started = time.monotonic()
+    prep = prepared(flavour, target, recipe, variant, None, lock_path)
+    packages = prefetch(prep)
+    kernel = fetch_kernel_tree(kernel_spec(prep.plan.target)) if netboot else None
+    seconds = round(time.monotonic() - started, 1)
+    if as_json:
+        typer.echo(json.dumps({"image": prep.name, "base_packages": packages,
+                               "netboot_kernel": str(kernel) if kernel else None, "seconds": seconds}))
+    else:
+        typer.echo(f"fetched {prep.name}: its inputs are in the cache ({packages} base packages checked"
+                   f"{', and its netboot kernel' if kernel else ''}; {seconds} s)")
 
 
 @app.command()

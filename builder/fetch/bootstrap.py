@@ -144,10 +144,26 @@ def _bootstrap_locked(spec: BootstrapBase, locked: LockedBase, partial: Path, lo
     _check_installed(spec, locked, record)
 
 
+def _tarball_path(spec: BootstrapBase, locked: LockedBase | None) -> Path:
+    return cache_subdir("bases") / f"{spec.suite}-{bootstrap_key(spec, locked)[:16]}.tar"
+
+
+def prefetch_base(spec: ImageBase | BootstrapBase, locked: LockedBases | None = None) -> int:
+    """A bootstrapped base's locked .debs into the store, unless its rootfs is cached already (then nothing
+    is needed from the network); the number of packages checked. Registry bases are the engine's to pull."""
+    if isinstance(spec, ImageBase):
+        return 0
+    entry = locked_for(spec, locked or {})
+    if entry is None or _tarball_path(spec, entry).is_file():
+        return 0
+    DebStore(cache_subdir("debs")).fetch_all(entry.resolved, apt_sources(spec), f"builder.lock: bases.{lock_name(spec)}")
+    return len(entry.resolved)
+
+
 def _rootfs_tarball(spec: BootstrapBase, locked: LockedBase | None) -> Path:
     bases = cache_subdir("bases")
     key = bootstrap_key(spec, locked)
-    tarball = bases / f"{spec.suite}-{key[:16]}.tar"
+    tarball = _tarball_path(spec, locked)
     if tarball.is_file():
         return tarball
     if not shutil.which("mmdebstrap"):

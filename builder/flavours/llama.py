@@ -89,6 +89,17 @@ class LlamaCpp(Flavour):
         stage_apt_files(plan, context)
         return _compiler_cache()
 
+    def prefetch(self, prep: Prepared) -> None:
+        """The SDK wheels (unpacked once) and vendor .debs and keys, into the cache; the source came with plan."""
+        plan = plan_of(prep)
+        for spec in plan.sdks.values():
+            unpacked(spec)
+        for base in (plan.toolchain, plan.runtime):
+            for repo in base.repositories if isinstance(base, ImageBase) else []:
+                fetch_file(repo.key_url, repo.key_sha256)
+            for deb in base.debs if isinstance(base, ImageBase) else []:
+                fetch_file(deb.url, deb.sha256)
+
     def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]:
         return make_sbom(plan_of(prep), image, digest, contents)
 

@@ -250,6 +250,10 @@ class Vllm(Flavour):
         wheels = fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
         return _wheel_index(wheels)
 
+    def prefetch(self, prep: Prepared) -> None:
+        plan = plan_of(prep)
+        fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
+
     def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]:
         return make_vllm_sbom(plan_of(prep), image, digest, contents)
 
