@@ -33,10 +33,10 @@ from builder.cli.run import EXTRA_ARGS, run, toolbox_app
 from builder.core.errors import BuilderError, CommandError, Stopped, request_stop
 from builder.engines import cleanup, get_engine
 from builder.fetch.pin import pin_recipe
-from builder.netboot.kernels import fetch_kernel_tree, kernel_spec
 from builder.flavours import lock as lockfile
 from builder.flavours.prepare import flavour_named, recipe_file
 from builder.flavours.vllm import lock_variant
+from builder.netboot.kernels import fetch_kernel_tree, kernel_spec
 from builder.publish.image import publish as publish_image
 from builder.publish.sbom import read_contents, sbom_bytes
 from builder.recipe.load import RECIPES_DIR, display_path, select

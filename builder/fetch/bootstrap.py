@@ -156,7 +156,8 @@ def prefetch_base(spec: ImageBase | BootstrapBase, locked: LockedBases | None = 
     entry = locked_for(spec, locked or {})
     if entry is None or _tarball_path(spec, entry).is_file():
         return 0
-    DebStore(cache_subdir("debs")).fetch_all(entry.resolved, apt_sources(spec), f"builder.lock: bases.{lock_name(spec)}")
+    where = f"builder.lock: bases.{lock_name(spec)}"
+    DebStore(cache_subdir("debs")).fetch_all(entry.resolved, apt_sources(spec), where)
     return len(entry.resolved)
 
 
