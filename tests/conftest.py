@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tinymodel import make_tiny_model  # noqa: E402
 
-pytest_plugins = ["timing"]
+pytest_plugins = ["timing", "vllm_fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

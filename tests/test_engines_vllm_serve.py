@@ -24,8 +24,6 @@ docs/benchmarks.md); CI runs the eager path.
 """
 
 import json
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,18 +32,15 @@ from typing import Any
 import pytest
 import requests
 
-from builder.engines import ENGINES
-from conftest import free_port, require_engine, run_cli
+from conftest import free_port
 from containers import container, wait_healthy
+from vllm_fixtures import MAX_TOKENS, MESSAGES, PROMPT
 
 pytestmark = pytest.mark.engine
 
-MAX_TOKENS = 24
 MIN_DISTINCT = 8
 MIN_RELATIVE_GAP = 1e-3
 SERVED_NAME = "tiny-llama"
-PROMPT = "once upon a time the quick brown fox"
-MESSAGES = [{"role": "user", "content": "tell me a story about the sea."}]
 GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0}
 STARTUP_SECONDS = 900
 # vLLM's CPU backend on a small shared machine: a 256-token context, a 1 GiB KV cache, few sequences.
@@ -53,30 +48,6 @@ SERVE_ARGS = ("--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-m
               "--max-num-seqs", "4", "--enforce-eager")
 # HF_HUB_OFFLINE: anything vLLM tried to fetch from the hub would fail instead of reaching out.
 SERVE_ENV = ("VLLM_CPU_KVCACHE_SPACE=1", "HF_HUB_OFFLINE=1")
-
-
-@pytest.fixture(scope="module")
-def cpu_image() -> str:
-    """The image test_engines_vllm.py builds; built here only when this module runs alone (then a no-op)."""
-    require_engine("podman")
-    proc = run_cli("build", "--flavour", "vllm", "--target", "cpu", "--engine", "podman", "--json", timeout=5400)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return str(json.loads(proc.stdout)["image"])
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(cpu_image: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """The model folder and transformers' greedy continuations on it, both made in the image."""
-    work = tmp_path_factory.mktemp("tinyhf")
-    shutil.copy(Path(__file__).with_name("tinyhf.py"), work / "tinyhf.py")
-    (work / "request.json").write_text(json.dumps({"max_tokens": MAX_TOKENS, "prompt": PROMPT,
-                                                   "messages": MESSAGES}))
-    proc = subprocess.run([*ENGINES["podman"]().run_argv(), "--rm", "--network", "none",
-                           "--volume", f"{work}:/work", cpu_image, "shell", "-c",
-                           "python3 /work/tinyhf.py /work/tiny-llama /work/request.json /work/reference.json"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work / "tiny-llama", json.loads((work / "reference.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 import requests
-from test_engines_vllm_serve import MAX_TOKENS, PROMPT, SERVED_NAME, cpu_image, tiny_hf
+from test_engines_vllm_serve import SERVED_NAME
 from test_netboot_cache_qemu import root_bytes_sent
 from test_netboot_qemu import MAC, published
 
 from conftest import free_port, run_cli
 from qemu import gpt_disk, node, wait_for
+from vllm_fixtures import MAX_TOKENS, PROMPT
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
-__all__ = ["cpu_image", "tiny_hf"]  # fixtures shared with test_engines_vllm_serve
 # Guest RAM: vLLM's three processes (API server, engine core, worker) with torch, and a 1 GiB KV cache.
 # 3 GiB worked too, with 224 MiB left after ready (docs/benchmarks.md): 4 GiB leaves room on a loaded machine.
 GUEST_MB = 4096
