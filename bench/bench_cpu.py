@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from builder.build.pipeline import Prepared
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from tinymodel import make_tiny_model  # noqa: E402

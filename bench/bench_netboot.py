@@ -15,7 +15,7 @@ cache disk against RAM mode.
    512 MiB virtio disk (PARTLABEL=builder-cache) boots twice, the first boot filling the cache. For each boot:
    seconds to ready, bytes of the root `pxe serve` sent (from its log), and the node's MemAvailable after
    the ready line (node-init prints it).
-4. with --vllm-model DIR (a Hugging Face folder, e.g. the tiny one tests/tinyhf.py makes): the cpu vLLM
+4. with --vllm-model DIR (a Hugging Face folder, e.g. the tiny one tests/support/tinyhf.py makes): the cpu vLLM
    image's netboot set (`pxe build --flavour vllm`: squashfs time and size), then one vllm-server node serving
    DIR with a cache disk, booted twice (QEMU `-cpu max` for AVX2, 4 GiB): seconds to the ready line (/health
    answers), bytes of the root and of the model sent, MemAvailable after ready. --vllm-only skips 1-3.
@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAC = "52:54:00:12:34:56"
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 sys.path.insert(0, str(ROOT / "tests"))
 from qemu import gpt_disk  # noqa: E402 - the tests' GPT image maker
 

@@ -10,7 +10,7 @@
 #   1. serves the model with every layer on CUDA0 and checks the log says so (buffers on CUDA0, all layers
 #      offloaded), so a run that silently fell back to the CPU cannot pass;
 #   2. compares the greedy completion with the cpu image's. Criterion: the first 8 tokens must be identical.
-#      The model is f16 with weights drawn at a large spread (tests/tinymodel.py), so greedy decoding is far
+#      The model is f16 with weights drawn at a large spread (tests/support/tinymodel.py), so greedy decoding is far
 #      from ties; the CUDA and CPU backends round differently (cuBLAS may accumulate f16 products for f16
 #      weights), and such differences can grow over many tokens, so the 24-token text is recorded but only
 #      the 8-token prefix decides. A wrong or absent CUDA kernel diverges at once;
@@ -31,7 +31,7 @@ failed=0
 
 src=$("$python" -c 'from builder.flavours.prepare import prepare; from builder.recipe.load import recipe_path_for
 print(prepare(recipe_path_for("cpu")).tree.path)')
-"$python" tests/tinymodel.py "$src/models/ggml-vocab-llama-spm.gguf" "$out/tiny.gguf"
+"$python" tests/support/tinymodel.py "$src/models/ggml-vocab-llama-spm.gguf" "$out/tiny.gguf"
 
 # serve TARGET PORT NAME [server args...]: start the server in the background, wait until it is healthy.
 serve() {

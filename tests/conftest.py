@@ -19,6 +19,9 @@ from builder.flavours.prepare import prepare
 from builder.recipe.load import recipe_path_for
 
 ROOT = Path(__file__).resolve().parent.parent
+# The support modules (tests/support) and each test folder, whose modules import one another by name.
+for _folder in ("support", "unit", "engine", "qemu"):
+    sys.path.insert(0, str(Path(__file__).resolve().parent / _folder))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tinymodel import make_tiny_model  # noqa: E402
@@ -27,7 +30,7 @@ pytest_plugins = ["timing", "vllm_fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden from the renderer")
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/data/golden from the renderer")
 
 
 def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
@@ -81,7 +84,7 @@ def require_engine(name: str) -> None:
 
 @pytest.fixture(scope="session")
 def goldens_written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """With --update-golden: every image rendered and tests/golden rewritten (tests/goldens.py), once."""
+    """With --update-golden: every image rendered and tests/data/golden rewritten (tests/data/goldens.py), once."""
     if request.config.getoption("--update-golden"):
         import goldens
 
