@@ -79,11 +79,11 @@ def _options(
 
 @app.command()
 def targets(as_json: JsonOpt = False) -> None:
-    """List every target/variant (the default marked *): which shipped recipes build it and its state here.
+    """List every target/variant (the default marked *): what you can build, and how builder tests each.
 
-    LLAMA.CPP: in recipes/NAME.yaml; VLLM: in recipes/vllm/NAME.yaml (--flavour vllm); STATE: how far it got on
-    the project's own machines (no GPU, no NPU, no vendor site): built and run here, built here but needing its
-    device to run, or render-only, and why.
+    LLAMA.CPP and VLLM (--flavour vllm): `ready` to build, `needs pin` or `needs lock` (the command to run
+    first is listed below the table), or `-` (no recipe of that flavour). TESTED BY BUILDER: how builder's own
+    test suite checks the variant, on machines without GPUs, NPUs or vendor sites.
     """
     entries = target_entries()
     if as_json:

@@ -1,6 +1,6 @@
 """Base images bootstrapped from Debian packages (mmdebstrap, minbase), cached by their inputs.
 
-No registry is reachable on our machines, so the default recipes start from here. The rootfs tarball is
+The shipped recipes start from here, so they build on a machine that reaches no registry. The rootfs tarball is
 kept in the cache, so a second engine imports it without bootstrapping again.
 
 A base with an entry in builder.lock (its full package set, see builder/fetch/debian.py) is bootstrapped from

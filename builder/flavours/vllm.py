@@ -231,9 +231,10 @@ class Vllm(Flavour):
         refuse_placeholders(plan.recipe, plan.target, plan.variant, plan.toolchain, plan.base, {}, VLLM_BASE_FIELDS)
         if not plan.lock_file:  # only locked variants build: every wheel pinned by hash, fetched first
             raise RecipeError(
-                f"{plan.recipe}: variants.{plan.variant}: vLLM for {plan.device} is render-only here: it has no "
-                f"lock, and its wheels come from {plan.index or 'a package index'}, which this machine cannot reach",
-                f"where it is reachable: builder lock --flavour vllm --target {plan.target} --variant {plan.variant}")
+                f"{plan.recipe}: variants.{plan.variant}: vLLM for {plan.device} has no wheel lock yet (its wheels "
+                f"come from {plan.index or 'a package index'})",
+                f"on a machine that reaches it: builder lock --flavour vllm --target {plan.target} "
+                f"--variant {plan.variant}")
         bootstrapped = [base for base in self.bases(prep) if isinstance(base, BootstrapBase)]
         unlocked = [base for base in bootstrapped if lock_name(base) not in prep.locked]
         if strict and unlocked:

@@ -186,21 +186,22 @@ def why_not(target: Target, variant: str) -> str:
 
 @dataclass(frozen=True)
 class State:
-    """How far a variant got on our machines (no GPU, no NPU, no vendor site reachable): README and `targets`."""
+    """How builder's own test suite checks a variant (on machines without GPUs, NPUs or vendor sites): README
+    and `builder targets`. What a user can do with it comes from the recipes (builder/use/listing.py)."""
 
     kind: Literal["run", "built", "render-only"]
-    because: str = ""  # render-only: the reason
-    ran_on: str = ""  # run: the device it ran on here (a software stand-in where the real one is missing)
+    because: str = ""  # render-only: why the suite cannot build it
+    ran_on: str = ""  # run: the device it ran on in the suite (a software stand-in where the real one is missing)
 
     def text(self) -> str:
         if self.kind == "run":
-            return "built and run here"
+            return f"CI builds it and runs it on {self.ran_on}"
         if self.kind == "built":
-            return "built here, needs its device to run"
-        return f"render-only here, because {self.because}"
+            return "slow tests build it; it needs its device to run"
+        return f"rendered and checked only: {self.because}"
 
 
-_UNREACHABLE = "its vendor's registry images and package repository are unreachable from our machines"
+_VENDOR_SITE = "the vendor's images and package repository are not reachable from builder's test machines"
 
 # One entry per target/variant, checked against README's targets table and the target table by the tests.
 # strix-halo/rocm and nvidia/cuda are Debian's own ROCm 7.2 (experimental) and CUDA 12.4 (trixie non-free);
@@ -208,14 +209,20 @@ _UNREACHABLE = "its vendor's registry images and package repository are unreacha
 STATES: dict[tuple[str, str], State] = {
     ("cpu", "cpu"): State("run", ran_on="the CPU"),
     ("strix-halo", "rocm"): State("built"),
-    ("strix-halo", "rocm-amd"): State("render-only", _UNREACHABLE),
+    ("strix-halo", "rocm-amd"): State("render-only", _VENDOR_SITE),
     ("strix-halo", "vulkan"): State("run", ran_on="Mesa's lavapipe (software Vulkan)"),
     ("intel-arc", "sycl"): State("render-only", "no SYCL compiler (icpx) is in Debian or on PyPI, and Intel's "
-                                 "oneAPI images are unreachable from our machines"),
+                                 "oneAPI images are not reachable from builder's test machines"),
     ("intel-arc", "vulkan"): State("run", ran_on="Mesa's lavapipe (software Vulkan)"),
-    ("intel-npu", "openvino"): State("run", ran_on="OpenVINO's CPU device (no NPU here)"),
+    ("intel-npu", "openvino"): State("run", ran_on="OpenVINO's CPU device (no NPU in the test machines)"),
     ("nvidia", "cuda"): State("built"),
-    ("nvidia", "cuda-nvidia"): State("render-only", _UNREACHABLE),
+    ("nvidia", "cuda-nvidia"): State("render-only", _VENDOR_SITE),
+}
+
+# Hardware people ask about that no target serves yet: `builder targets` names it and says why.
+UNSUPPORTED = {
+    "amd-xdna": "AMD's Ryzen AI NPU (XDNA): llama.cpp and vLLM have no XDNA backend upstream, and Debian ships "
+                "only the XRT runtime (libxrt-npu2); its iGPU is served by the strix-halo target",
 }
 
 

@@ -1,33 +1,73 @@
-"""`builder targets`: one entry per target/variant, from the target table, the shipped recipes and STATES."""
+"""`builder targets`: one entry per target/variant: what you can do with it on your machine (per flavour, from
+the recipes, by the same rules `builder build` applies) and, apart, how builder's own test suite checks it."""
 
-from builder.flavours.vllm import vllm_variants
-from builder.recipe.load import RECIPES_DIR, load_recipe
-from builder.recipe.targets import TARGETS, state_of
+from pathlib import Path
+
+from builder.recipe.load import RECIPES_DIR
+from builder.recipe.targets import TARGETS, UNSUPPORTED, state_of
+from builder.use.matrix import jobs
+
+READY = "ready to build"
 
 
-def target_entries() -> list[dict[str, object]]:
-    """Each variant: its default mark, whether the llama.cpp and vLLM recipes build it, and its state here."""
+def _can_do(job: dict[str, str], why: str | None) -> str:
+    """What a user does before `builder build` accepts this image: nothing, `builder pin`, or `builder lock`."""
+    if why is None:
+        return READY
+    where = f"--target {job['target']} --variant {job['variant']}"
+    flavour = "" if job["flavour"] == "llama.cpp" else f" --flavour {job['flavour']}"
+    if why.endswith(": placeholder pin"):
+        field = why.rsplit(": ", 2)[-2]
+        return f"needs `builder pin{flavour} {where}` first ({field} is a placeholder for the vendor's value)"
+    if why.endswith(": no wheel lock"):
+        return f"needs `builder lock{flavour} {where}` first (no wheel lock yet), where its package index is reachable"
+    return why
+
+
+def target_entries(recipes: Path = RECIPES_DIR) -> list[dict[str, object]]:
+    """Each variant: its default mark, per flavour whether a shipped recipe has it and what you can do with it
+    (`None`: no recipe of that flavour), and how the test suite checks it."""
+    build, render_only = jobs(recipes)
+    known: dict[tuple[str, str, str], str | None] = {(j["flavour"], j["target"], j["variant"]): None for j in build}
+    known |= {(j["flavour"], j["target"], j["variant"]): j["why"] for j in render_only}
     entries: list[dict[str, object]] = []
     for target in TARGETS.values():
-        path = RECIPES_DIR / f"{target.name}.yaml"
-        in_recipe = set(load_recipe(path).variants) if path.is_file() else set()
-        in_vllm = set(vllm_variants(target.name))
         for variant in target.variants.values():
             state = state_of(target.name, variant.name)
+            can: dict[str, str | None] = {}
+            for flavour in ("llama.cpp", "vllm"):
+                key = (flavour, target.name, variant.name)
+                can[flavour] = _can_do(dict(zip(("flavour", "target", "variant"), key, strict=True)),
+                                       known[key]) if key in known else None
             entries.append({
                 "target": target.name, "variant": variant.name, "default": variant.name == target.default_variant,
-                "llama_cpp": variant.name in in_recipe, "vllm": variant.name in in_vllm, "state": state.kind,
-                "state_text": state.text(), "ran_on": state.ran_on, "description": variant.description,
-                "target_description": target.description,
+                "llama_cpp": can["llama.cpp"] is not None, "vllm": can["vllm"] is not None,
+                "llama_cpp_status": can["llama.cpp"], "vllm_status": can["vllm"],
+                "tested": state.kind, "tested_text": state.text(), "ran_on": state.ran_on,
+                "description": variant.description, "target_description": target.description,
             })
     return entries
 
 
+def _short(status: object) -> str:
+    if status is None:
+        return "-"
+    return "ready" if status == READY else "needs " + str(status).split("`")[1].split()[1]
+
+
 def target_rows(entries: list[dict[str, object]]) -> list[str]:
-    """The text table: TARGET, VARIANT (default *), LLAMA.CPP, VLLM, STATE."""
-    rows = [("TARGET", "VARIANT", "LLAMA.CPP", "VLLM", "STATE")]
-    rows += [(str(e["target"]), f"{e['variant']}{'*' if e['default'] else ''}", "yes" if e["llama_cpp"] else "-",
-              "yes" if e["vllm"] else "-", str(e["state_text"])) for e in entries]
+    """The text table (TARGET, VARIANT with the default marked *, LLAMA.CPP, VLLM, TESTED BY BUILDER), then one
+    line per image that needs a step first, and the hardware no target serves."""
+    rows = [("TARGET", "VARIANT", "LLAMA.CPP", "VLLM", "TESTED BY BUILDER")]
+    rows += [(str(e["target"]), f"{e['variant']}{'*' if e['default'] else ''}", _short(e["llama_cpp_status"]),
+              _short(e["vllm_status"]), str(e["tested_text"])) for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return ["  ".join(f"{cell:<{width}}" for cell, width in zip(row[:4], widths, strict=True)) + f"  {row[4]}"
-            for row in rows]
+    lines = ["  ".join(f"{cell:<{width}}" for cell, width in zip(row[:4], widths, strict=True)) + f"  {row[4]}"
+             for row in rows]
+    steps = [f"  {e['target']}/{e['variant']} ({flavour}): {e[key]}" for e in entries
+             for flavour, key in (("llama.cpp", "llama_cpp_status"), ("vllm", "vllm_status"))
+             if e[key] not in (None, READY)]
+    if steps:
+        lines += ["", "before building:", *steps]
+    lines += ["", "not supported:", *(f"  {name}: {why}" for name, why in UNSUPPORTED.items())]
+    return lines

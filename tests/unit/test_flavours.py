@@ -46,7 +46,7 @@ def test_the_registry_tags_of_a_vllm_image_name_vllm_and_its_version() -> None:
 def test_library_publish_refuses_a_render_only_vllm_variant_before_any_network() -> None:
     """The policy is in the library: a caller of publish() gets it without the CLI (the port is closed)."""
     prep = prepare(recipe_file("strix-halo", None, FLAVOURS["vllm"]), flavour=FLAVOURS["vllm"])
-    with pytest.raises(RecipeError, match="render-only here: it has no lock"):
+    with pytest.raises(RecipeError, match="has no wheel lock yet"):
         publish(prep, get_engine("podman"), Repository.parse("127.0.0.1:9/x"))
 
 

@@ -169,19 +169,33 @@ def test_every_recipe_field_is_documented() -> None:
 def test_targets_lists_variants_and_what_the_recipes_build() -> None:
     proc = run_cli("targets")
     assert proc.returncode == 0
-    rows = {tuple(line.split()[:2]): line.split()[2] for line in proc.stdout.splitlines()[1:]}
+    lines = proc.stdout.splitlines()
+    rows = {tuple(line.split()[:2]): line.split()[2] for line in lines[1:lines.index("")]}
     assert {target for target, _ in rows} == {"cpu", "strix-halo", "intel-arc", "intel-npu", "nvidia"}
-    assert rows[("cpu", "cpu*")] == "yes"
-    assert rows[("strix-halo", "rocm*")] == rows[("strix-halo", "rocm-amd")] == rows[("strix-halo", "vulkan")] == "yes"
-    assert rows[("intel-arc", "sycl*")] == rows[("intel-arc", "vulkan")] == "yes"
-    assert rows[("intel-npu", "openvino*")] == "yes"
-    assert rows[("nvidia", "cuda*")] == rows[("nvidia", "cuda-nvidia")] == "yes"
+    assert rows[("cpu", "cpu*")] == rows[("strix-halo", "rocm*")] == rows[("strix-halo", "vulkan")] == "ready"
+    assert rows[("intel-arc", "vulkan")] == rows[("intel-npu", "openvino*")] == "ready"
+    assert rows[("nvidia", "cuda*")] == rows[("nvidia", "cuda-nvidia")] == "ready"
+    # a vendor's placeholder pins: the one command to run first, on a machine that reaches the vendor's site
+    assert rows[("intel-arc", "sycl*")] == rows[("strix-halo", "rocm-amd")] == "needs"
+    assert "  intel-arc/sycl (llama.cpp): needs `builder pin --target intel-arc --variant sycl` first" in proc.stdout
+    assert "amd-xdna: AMD's Ryzen AI NPU (XDNA)" in proc.stdout  # hardware no target serves, and why
+
+
+def test_every_step_targets_asks_for_first_is_one_that_build_refuses_without() -> None:
+    """Each image `builder targets` says needs a step first is refused by `builder build` in one line."""
+    entries = json.loads(run_cli("targets", "--json").stdout)
+    for entry in entries:
+        for flavour, key in (("llama.cpp", "llama_cpp_status"), ("vllm", "vllm_status")):
+            if entry[key] is None or entry[key] == "ready to build":
+                continue
+            proc = run_cli("build", "--flavour", flavour, "--target", entry["target"], "--variant", entry["variant"])
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, (entry, proc.stderr)
 
 
 def readme_states() -> dict[tuple[str, str], tuple[str, str]]:
-    """README's targets table: (target, variant) -> (state here, ran here on)."""
+    """README's targets table: (target, variant) -> (tested by builder, ran on)."""
     text = (ROOT / "README.md").read_text()
-    table = text[text.index("| target | variant | built from | state here | ran here on |"):].split("\n\n", 1)[0]
+    table = text[text.index("| target | variant | built from | tested by builder | ran on |"):].split("\n\n", 1)[0]
     rows = {}
     for line in table.splitlines()[2:]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -195,8 +209,8 @@ def test_readme_targets_table_is_the_state_data() -> None:
     table = readme_states()
     assert table == {key: (state.text(), state.ran_on) for key, state in STATES.items()}
     for text, _ in table.values():
-        assert text in ("built and run here", "built here, needs its device to run") or \
-            text.startswith("render-only here, because ")
+        assert text.startswith(("CI builds it and runs it on ", "slow tests build it", "rendered and checked only: "))
+        assert "here" not in text.split() and "our machines" not in text
     missing = [f"{t.name}/{v}" for t in TARGETS.values() for v in t.variants if (t.name, v) not in STATES]
     assert not missing, f"no state recorded in builder/recipe/targets.py STATES for {missing}"
 
@@ -204,11 +218,11 @@ def test_readme_targets_table_is_the_state_data() -> None:
 def test_builder_targets_shows_the_same_state_as_the_readme() -> None:
     proc = run_cli("targets", "--json")
     assert proc.returncode == 0, proc.stderr
-    shown = {(e["target"], e["variant"]): (e["state_text"], e["ran_on"]) for e in json.loads(proc.stdout)}
+    shown = {(e["target"], e["variant"]): (e["tested_text"], e["ran_on"]) for e in json.loads(proc.stdout)}
     table = readme_states()
     assert shown == {key: table[key] for key in shown}
     assert len(shown) == sum(len(t.variants) for t in TARGETS.values())
     text = run_cli("targets").stdout.splitlines()
-    assert text[0].split() == ["TARGET", "VARIANT", "LLAMA.CPP", "VLLM", "STATE"]
+    assert text[0].split() == ["TARGET", "VARIANT", "LLAMA.CPP", "VLLM", "TESTED", "BY", "BUILDER"]
     sycl = next(line for line in text if line.split()[:2] == ["intel-arc", "sycl*"])
     assert sycl.endswith(table[("intel-arc", "sycl")][0])

@@ -140,17 +140,22 @@ def test_target_without_a_vllm_recipe_and_unknown_flavour() -> None:
                          [("strix-halo", "rocm", "gfx1151"), ("intel-arc", "xpu", "whl/xpu")])
 def test_render_only_variants_refuse_to_build_with_one_line(target: str, device: str, index: str) -> None:
     proc = run_cli("build", "--flavour", "vllm", "--target", target, "--engine", "podman")
-    stderr = one_clear_error(proc, f"vLLM for {device} is render-only here", "no lock", index)
-    assert f"builder lock --flavour vllm --target {target}" in stderr
+    stderr = one_clear_error(proc, f"vLLM for {device} has no wheel lock yet", index)
+    assert f"on a machine that reaches it: builder lock --flavour vllm --target {target}" in stderr
 
 
 def test_targets_lists_the_vllm_variants() -> None:
     proc = run_cli("targets")
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:4] == ["TARGET", "VARIANT", "LLAMA.CPP", "VLLM"]
-    rows = {line.split()[0] + "/" + line.split()[1].rstrip("*"): line.split()[3] for line in lines[1:]}
-    assert rows["cpu/cpu"] == rows["nvidia/cuda"] == rows["strix-halo/rocm"] == "yes"
+    start, end = lines[0].index("VLLM"), lines[0].index("TESTED")
+    rows = {line.split()[0] + "/" + line.split()[1].rstrip("*"): line[start:end].strip()
+            for line in lines[1:lines.index("")]}
+    assert rows["cpu/cpu"] == rows["nvidia/cuda"] == "ready"
+    assert rows["strix-halo/rocm"] == rows["intel-arc/sycl"] == "needs lock"  # the command is listed below
     assert rows["intel-npu/openvino"] == rows["strix-halo/vulkan"] == "-"
+    assert ("  strix-halo/rocm (vllm): needs `builder lock --flavour vllm --target strix-halo --variant rocm` "
+            "first") in proc.stdout
 
 
 def test_every_vllm_recipe_field_is_documented() -> None:
