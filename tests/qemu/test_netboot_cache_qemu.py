@@ -1,6 +1,7 @@
 """A node's cache disk under QEMU (TCG, a raw image as a virtio disk, 127.0.0.1 only): the first boot fetches
 the root into the cache, the second fetches none of it, a corrupted block of the cached root fails dm-verity
-and the root is fetched again, and a disk holding someone else's filesystem is left alone (RAM mode).
+and the root is fetched again while the model stays, and a disk holding someone else's filesystem is left
+alone (RAM mode).
 Bytes fetched are read from `pxe serve`'s log, which has one line per response with the bytes sent.
 Each boot costs a minute of emulation on a busy machine, so one test boots three times.
 """
@@ -30,11 +31,13 @@ def root_bytes_sent(log: Path, squash: str) -> int:
     return sum(int(n) for n in re.findall(rf"sent (\d+) bytes of /blobs/sha256/{squash}\b", text))
 
 
-def boot(root: Path, console: Path, disk: Path) -> tuple[str, float]:
-    """Boot the node to ready; its console text and seconds from power-on to ready."""
+def boot(root: Path, console: Path, disk: Path, ready: tuple[str, ...] = (READY,)) -> tuple[str, float]:
+    """Boot the node until every `ready` line is on its console; its console text and seconds from power-on."""
     started = time.monotonic()
     with node(root / "tftp", MAC, console, disk=disk) as vm:
-        wait_for(console, READY, vm, BOOT_SECONDS)
+        wait_for(console, ready[0], vm, BOOT_SECONDS)
+        for pattern in ready[1:]:
+            wait_for(console, pattern, vm, 120)
         return console.read_text(errors="replace"), time.monotonic() - started
 
 
@@ -56,25 +59,47 @@ def block_offset(disk: Path, partition: int, path: str) -> int:
 
 
 def test_cache_disk_first_boot_fetches_second_does_not_and_a_corrupt_block_is_refetched(
-    tmp_path: Path, artifacts: dict[str, object]
+    tiny_model: Path, tmp_path: Path, artifacts: dict[str, object]
 ) -> None:
+    """One VM sequence for the cache disk, with a node of a services-form cluster file running two processes
+    from its plan: a replica of one service and an RPC worker of another's split (whose head, another node,
+    is not booted here). The first boot formats the empty disk and keeps the root and the model there, with the
+    worker's tensor cache; the second fetches none of either; after a corrupted block of the cached root,
+    the third fails dm-verity, fetches the root again (once) and still takes the model from the disk."""
     squash: str = artifacts["files"]["root.squashfs"]["sha256"]  # type: ignore[index]
     size: int = artifacts["files"]["root.squashfs"]["size"]  # type: ignore[index]
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(tiny_model.read_bytes())
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    nodes: list[dict[str, object]] = [
+        {"name": "node1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "10.0.2.15"},
+        {"name": "head1", "mac": "52:54:00:12:34:57", "target": "cpu", "memory": "512MiB", "address": "10.0.2.16"}]
+    services = [{"name": "tiny", "model": "tiny.gguf", "sha256": digest, "nodes": ["node1"], "context": 256},
+                {"name": "big", "model": "tiny.gguf", "sha256": digest, "topology": "split", "head": "head1",
+                 "workers": ["node1"], "port": 9000}]
+    ready = (r"builder-node: node1 rpc-worker big ready on 10\.0\.2\.15:50052",
+             r"builder-node: node1 server tiny ready on 10\.0\.2\.15:8080")
     disk = tmp_path / "disk.img"
     partition = gpt_disk(disk, 256, "builder-cache")
     log = tmp_path / "serve.log"
-    with published(tmp_path, free_port(), WORKER, cache={"device": "PARTLABEL=builder-cache"}) as root:
-        first, first_s = boot(root, tmp_path / "console-1.log", disk)
+    with published(tmp_path, free_port(), nodes, services=services,
+                   cache={"device": "PARTLABEL=builder-cache"}) as root:
+        words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
+        assert f"builder.models={digest}:{model.stat().st_size}" in words
+        first, first_s = boot(root, tmp_path / "console-1.log", disk, ready)
         assert "cache device /dev/vda1 is empty: formatting it" in first
         assert f"root image verified: sha256 {squash}" in first and "cache: stored the root image" in first
         assert "root opened through dm-verity" in first
+        assert f"builder-node: model verified: sha256 {digest}" in first
         assert "builder-node: RPC tensor cache on the cache disk (0 files kept)" in first
-        assert root_bytes_sent(log, squash) == size
+        assert root_bytes_sent(log, squash) == size and root_bytes_sent(log, digest) == model.stat().st_size
 
-        second, second_s = boot(root, tmp_path / "console-2.log", disk)
+        second, second_s = boot(root, tmp_path / "console-2.log", disk, ready)
         assert f"root image from the cache: sha256 {squash} (no download)" in second
         assert "formatting" not in second and "root opened through dm-verity" in second
-        assert root_bytes_sent(log, squash) == size  # the second boot fetched no byte of the root
+        assert f"builder-node: model from the cache: sha256 {digest} (no download)" in second
+        # the second boot fetched no byte of the root nor of the model
+        assert root_bytes_sent(log, squash) == size and root_bytes_sent(log, digest) == model.stat().st_size
 
         # Flip bytes of the squashfs superblock that squashfs itself never checks (its mkfs time): only
         # dm-verity can tell, and it must.
@@ -84,10 +109,12 @@ def test_cache_disk_first_boot_fetches_second_does_not_and_a_corrupt_block_is_re
             old = f.read(4)
             f.seek(at)
             f.write(bytes(b ^ 0xFF for b in old))
-        third, _ = boot(root, tmp_path / "console-3.log", disk)
+        third, _ = boot(root, tmp_path / "console-3.log", disk, ready)
         assert f"cached root image sha256 {squash} failed dm-verity (a corrupt block): dropping it" in third
         assert third.index("failed dm-verity") < third.index(f"root image verified: sha256 {squash}")
+        assert f"builder-node: model from the cache: sha256 {digest} (no download)" in third
         assert root_bytes_sent(log, squash) == 2 * size  # fetched again, once
+        assert root_bytes_sent(log, digest) == model.stat().st_size
     print(f"first boot {first_s:.1f} s, second boot {second_s:.1f} s (root {size} bytes, then 0)")
 
 
@@ -144,43 +171,3 @@ def test_foreign_disk_is_left_alone_and_the_node_boots_in_ram(tmp_path: Path,
     assert "WARNING: the root image (38 MiB) is more than 1% of this node's memory" in text
     assert f"root image verified: sha256 {squash}" in text and "cache: stored" not in text
     assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
-
-
-def test_services_form_node_keeps_its_model_and_rpc_cache_on_its_disk(
-    tiny_model: Path, tmp_path: Path, artifacts: dict[str, object]
-) -> None:
-    """A node of a services-form cluster file with a cache disk runs two processes from its plan: a replica of
-    one service and an RPC worker of another's split (whose head, another node, is not booted here). Its first
-    boot keeps the model on the disk and puts the worker's tensor cache there; the second serves from the cached
-    model without fetching a byte of it. Each process prints its own ready line both times."""
-    model = tmp_path / "tiny.gguf"
-    model.write_bytes(tiny_model.read_bytes())
-    digest = hashlib.sha256(model.read_bytes()).hexdigest()
-    nodes: list[dict[str, object]] = [
-        {"name": "node1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "10.0.2.15"},
-        {"name": "head1", "mac": "52:54:00:12:34:57", "target": "cpu", "memory": "512MiB", "address": "10.0.2.16"}]
-    services = [{"name": "tiny", "model": "tiny.gguf", "sha256": digest, "nodes": ["node1"], "context": 256},
-                {"name": "big", "model": "tiny.gguf", "sha256": digest, "topology": "split", "head": "head1",
-                 "workers": ["node1"], "port": 9000}]
-    disk = tmp_path / "disk.img"
-    gpt_disk(disk, 256, "builder-cache")
-    log = tmp_path / "serve.log"
-    with published(tmp_path, free_port(), nodes, services=services,
-                   cache={"device": "PARTLABEL=builder-cache"}) as root:
-        words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
-        assert f"builder.models={digest}:{model.stat().st_size}" in words
-        texts = []
-        for nth in (1, 2):
-            console = tmp_path / f"console-{nth}.log"
-            with node(root / "tftp", MAC, console, disk=disk) as vm:
-                wait_for(console, r"builder-node: node1 rpc-worker big ready on 10\.0\.2\.15:50052", vm,
-                         BOOT_SECONDS)
-                wait_for(console, r"builder-node: node1 server tiny ready on 10\.0\.2\.15:8080", vm, 120)
-                texts.append(console.read_text(errors="replace"))
-            if nth == 1:
-                assert f"builder-node: model verified: sha256 {digest}" in texts[0]
-                assert "builder-node: RPC tensor cache on the cache disk (0 files kept)" in texts[0]
-                assert root_bytes_sent(log, digest) == model.stat().st_size
-        assert f"builder-node: model from the cache: sha256 {digest} (no download)" in texts[1]
-        assert "builder-initrd: root image from the cache" in texts[1]
-        assert root_bytes_sent(log, digest) == model.stat().st_size  # nothing more on the second boot
