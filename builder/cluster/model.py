@@ -22,6 +22,7 @@ from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
 from builder.core.types import Address, EnvName, KernelArg, OneLine, http_url
 from builder.fetch.source import fetch_file
+from builder.netboot.boards import board_args, check_ram
 from builder.netboot.inventory import Cache, Control, Node
 from builder.recipe.load import display_path, load_yaml, select, validated
 from builder.recipe.models import Strict
@@ -44,6 +45,8 @@ class ClusterNode(Node):
     role: Literal["head", "rpc-worker"] | None = Field(  # type: ignore[assignment]
         None, description="netboot-only form; with services: leave it out")
     memory: ByteSize | None = Field(None, description="memory its models may use, e.g. 64GiB (needed to host one)")
+    ram: ByteSize | None = Field(None, description="the RAM the board has, in GiB, e.g. 128GiB; netbooted "
+                                 "strix-halo nodes need it (their iGPU's share of it goes on the kernel command line)")
     env: dict[EnvName, OneLine] = Field(
         default_factory=dict, description="environment of the node's servers and workers, e.g. "
         "GGML_VK_VISIBLE_DEVICES: '0' to use a software Vulkan device")
@@ -191,6 +194,8 @@ def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
                               "(a vLLM model is a service with engine: vllm)")
         index[node.name], macs[node.mac] = i, i
         select(node.target, node.variant, f"{where}: nodes[{i}]")
+        if node.ram is not None:
+            check_ram(int(node.ram), node.target, f"{where}: nodes[{i}]")
     return index
 
 
@@ -315,6 +320,14 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
             raise RecipeError(f"{where}: nodes[{i}].memory: {node.name} hosts {', '.join(sorted(hosted))} "
                               "but its memory is not declared", "memory: e.g. 64GiB (what models may use)")
         needs = {s.name: _need(s, base, where) for s in cluster.services if s.name in hosted}
+        given = [*cluster.kernel_args, *node.kernel_args]
+        if node.ram is not None or any(w.startswith("amdgpu.gttsize=") for w in given):
+            mappable = board_args(node.target, node.ram, given, f"{where}: nodes[{i}]").gpu_memory
+            if mappable is not None and node.memory > mappable:
+                raise RecipeError(
+                    f"{where}: nodes[{i}].memory: {node.name} declares {_gib(node.memory)} for its models, but its "
+                    f"iGPU can map {_gib(mappable)} (the board's RAM less the system's share)",
+                    "lower memory:, or raise ram: if the board has more")
         if sum(needs.values()) > node.memory:
             parts = ", ".join(f"{name} {_gib(size)}" for name, size in needs.items())
             raise RecipeError(

@@ -20,6 +20,7 @@ from pathlib import Path
 from builder.cluster.firewall import for_services, ruleset
 from builder.cluster.model import Loaded, Process, Service, load_cluster
 from builder.core.errors import RecipeError
+from builder.netboot.boards import board_args
 from builder.netboot.inventory import GGUF_MAGIC, Control, load_inventory
 from builder.netboot.kernels import KERNELS
 from builder.netboot.publish import (
@@ -69,6 +70,7 @@ def load_for_netboot(path: Path) -> Loaded:
         if node.target not in KERNELS:
             raise RecipeError(f"{where}: nodes[{i}].target: {node.target} cannot be netbooted yet",
                               f"netboot targets: {', '.join(KERNELS)}")
+        board_args(node.target, node.ram, [*cluster.kernel_args, *node.kernel_args], f"{where}: nodes[{i}]")
     for i, service in enumerate(cluster.services):
         if service.engine != "llama.cpp":
             raise RecipeError(f"{where}: services[{i}].engine: {service.engine} services do not netboot yet",
@@ -159,7 +161,9 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
         if served:
             # the initramfs makes room on the cache disk for these (a node without one ignores the word)
             args.append("builder.models=" + ",".join(f"{s.sha256}:{files[s.name].stat().st_size}" for s in served))
-        args += [*cluster.kernel_args, *node.kernel_args]
+        # the file's words, what the board needs (derived from its facts), then the node's own words
+        board = board_args(node.target, node.ram, [*cluster.kernel_args, *node.kernel_args], node.name)
+        args += [*cluster.kernel_args, *board.words, *node.kernel_args]
         if len(" ".join(args)) > KERNEL_LINE:
             raise RecipeError(f"{display_path(loaded.path)}: nodes: {node.name}'s kernel command line would be "
                               f"{len(' '.join(args))} bytes, above the kernel's {KERNEL_LINE}",
