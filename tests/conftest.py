@@ -1,5 +1,6 @@
 """Shared fixtures: the CLI as a real process, the pinned llama.cpp source, a tiny model, engines."""
 
+import json
 import os
 import re
 import shutil
@@ -97,6 +98,16 @@ def goldens_written(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 def cpu_prepared() -> Prepared:
     """The cpu recipe resolved with its pinned source (fetched once into the builder cache)."""
     return prepare(recipe_path_for("cpu"))
+
+
+@pytest.fixture(scope="session")
+def llama_cpu_image() -> str:
+    """The cpu image, built with podman once per run with a build's time limit, before tests that start it with
+    short limits of their own: on a fresh machine this first build bootstraps both bases and compiles."""
+    require_engine("podman")
+    proc = run_cli("build", "--target", "cpu", "--engine", "podman", "--json", timeout=5400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return str(json.loads(proc.stdout)["image"])
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.engine
 
 ENGINE = "podman"
 PROMPT = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "seed": 42}
-UP_TIMEOUT = 900  # builds the cpu image first when this machine has none
+UP_TIMEOUT = 900  # the cpu image is built first (llama_cpu_image), with a build's limit
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ def wait_for(check: Any, seconds: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(cpu_prepared: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(cpu_prepared: Any, tmp_path_factory: pytest.TempPathFactory,
+            llama_cpu_image: str) -> Iterator[Cluster]:
     require_engine(ENGINE)
     require_tool("haproxy", "haproxy")
     folder = tmp_path_factory.mktemp("cluster")

@@ -47,7 +47,8 @@ class Mixed:
 
 
 @pytest.fixture(scope="module")
-def mixed(cpu_prepared: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
+def mixed(cpu_prepared: Any, tmp_path_factory: pytest.TempPathFactory,
+            llama_cpu_image: str) -> Iterator[Mixed]:
     require_engine(ENGINE)
     require_tool("haproxy", "haproxy")
     folder = tmp_path_factory.mktemp("mixed")
