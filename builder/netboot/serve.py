@@ -1,6 +1,7 @@
 """The control node's side: an HTTP server for pxe-root/, and dnsmasq's proxy-DHCP + TFTP configuration."""
 
 import posixpath
+import re
 import shutil
 import sys
 from functools import partial
@@ -14,6 +15,10 @@ from builder.core.run import run
 from builder.netboot.inventory import Cluster, Control
 
 SERVED = ("/current/", "/blobs/sha256/", "/tftp/")
+# Of the current generation, only what iPXE fetches: the boot script and each node's script. The generation
+# also keeps the cluster file, nodes.json and the manifests for builder on the control node; the boot network
+# (anyone on it can ask) gets none of them.
+_CURRENT = re.compile(r"/current/(boot\.ipxe|nodes/[0-9a-f]{2}(-[0-9a-f]{2}){5}\.ipxe)")
 
 
 def served_file(root: Path, request_path: str) -> Path | None:
@@ -24,6 +29,8 @@ def served_file(root: Path, request_path: str) -> Path | None:
         return None
     normal = posixpath.normpath(path)
     if not normal.startswith(SERVED) or normal != path:
+        return None
+    if normal.startswith("/current/") and not _CURRENT.fullmatch(normal):
         return None
     base = root.resolve()
     try:

@@ -254,8 +254,12 @@ def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:
         assert node.status_code == 200 and node.text.startswith("#!ipxe")
         squash = manifest["files"]["root.squashfs"]["sha256"]  # type: ignore[index]
         assert requests.get(f"{base}/blobs/sha256/{squash}", timeout=5).content == b"root.squashfs a"
-        for hidden in ("/history.json", "/generations/", "/blobs/sha256/", "/current/cluster.yaml/../../history.json"):
+        for hidden in ("/history.json", "/generations/", "/blobs/sha256/", "/current/cluster.yaml/../../history.json",
+                       # the generation keeps the cluster file and what builder reads; the boot network gets none
+                       "/current/cluster.yaml", "/current/nodes.json", "/current/manifests/cpu-cpu.json",
+                       "/current/nodes/52-54-00-12-34-56.nft"):
             assert requests.get(base + hidden, timeout=5).status_code == 404, hidden
+        assert (root / "current" / "cluster.yaml").is_file()  # kept for builder on the control node
     finally:
         server.terminate()
         server.wait(timeout=10)
