@@ -7,16 +7,17 @@
 
 CACHE_LABEL=builder-cache
 CACHE_DIR=/run/builder/cache
+SYS_BLOCK=/sys/class/block  # the kernel's block devices (a test points it at a folder of its own)
 
 # The by-id names of block device $1 (a name under /sys/class/block) for virtio and NVMe disks and their
 # partitions, spelt as udev's rules spell them; ATA/SCSI names need udev's own probes: use a partition label.
 cache_ids() {
-    sys=/sys/class/block/$1 disk=$1 part=""
+    sys=$SYS_BLOCK/$1 disk=$1 part=""
     if [ -f "$sys/partition" ]; then
         part=-part$(cat "$sys/partition")
         disk=$(basename "$(readlink -f "$sys/..")")
     fi
-    d=/sys/class/block/$disk
+    d=$SYS_BLOCK/$disk
     if [ -s "$d/serial" ]; then echo "virtio-$(cat "$d/serial")$part"; fi
     if [ -f "$d/device/model" ] && [ -f "$d/device/serial" ]; then
         # trimmed, inner runs of spaces as one _
@@ -27,17 +28,24 @@ cache_ids() {
     if [ -s "$d/wwid" ]; then echo "nvme-$(cat "$d/wwid")$part"; fi
 }
 
-# The device node for "partlabel:NAME" or "id:NAME"; waits up to 10 s for disks to appear.
+# Every device node "partlabel:NAME" or "id:NAME" names, one per line; waits up to 10 s for disks to appear.
+# The caller formats what it finds, so it needs exactly one: two disks with the same partition label (or a
+# serial given twice) must never leave the choice to the order the kernel listed them in.
 cache_find() {
     kind=${1%%:*} name=${1#*:}
     for _ in 1 2 3 4 5 6 7 8 9 10; do
-        for uevent in /sys/class/block/*/uevent; do
+        found=""
+        for uevent in "$SYS_BLOCK"/*/uevent; do
             dev=${uevent%/uevent} && dev=${dev##*/}
             case "$kind" in
-                partlabel) grep -qxF "PARTNAME=$name" "$uevent" && echo "/dev/$dev" && return 0 ;;
-                id) cache_ids "$dev" | grep -qxF "$name" && echo "/dev/$dev" && return 0 ;;
+                partlabel) grep -qxF "PARTNAME=$name" "$uevent" && found="$found /dev/$dev" ;;
+                id) cache_ids "$dev" | grep -qxF "$name" && found="$found /dev/$dev" ;;
             esac
         done
+        if [ -n "$found" ]; then
+            echo "${found# }"
+            return 0
+        fi
         sleep 1
     done
     return 1
@@ -58,7 +66,12 @@ cache_is_empty() {
 # Prints nothing on success (the cache is mounted on $CACHE_DIR); one line and status 1 otherwise.
 cache_open() {
     dev=$(cache_find "$1") || { say "cache device $1 not found: RAM mode"; return 1; }
-    bytes=$(( $(cat "/sys/class/block/${dev##*/}/size") * 512 ))
+    case "$dev" in
+        *" "*) say "cache device $1 is ambiguous: $dev all match; touching none of them: RAM mode" \
+               "(give the cache a name only one disk has, e.g. its /dev/disk/by-id name)"
+               return 1 ;;
+    esac
+    bytes=$(( $(cat "$SYS_BLOCK/${dev##*/}/size") * 512 ))
     if [ "$bytes" -lt $(( $2 + 67108864 )) ]; then
         say "cache device $dev ($((bytes / 1048576)) MiB) is too small for the root ($(($2 / 1048576)) MiB): RAM mode"
         return 1

@@ -53,3 +53,21 @@ def test_only_an_empty_device_or_builders_own_cache_counts_as_safe(tmp_path: Pat
         out = shell(f'cache_is_empty "{image}" && echo empty; cache_is_ours "{image}" && echo ours; :', tmp_path)
         verdicts[image.stem] = out.split()
     assert verdicts == {"empty": ["empty"], "ours": ["ours"], "foreign": [], "almost": []}
+
+
+def test_a_cache_name_two_disks_answer_to_is_refused_and_neither_is_formatted(tmp_path: Path) -> None:
+    """Two partitions labelled builder-cache (say, an old disk moved into the board): the node formats neither
+    and boots in RAM mode, naming both. A label only one disk has is acted on. The devices are stand-ins in a
+    folder of the test's own (SYS_BLOCK), with names no machine has, and mke2fs and mount only record."""
+    sysfs = tmp_path / "sys"
+    for dev, label in (("zzfake1", "builder-cache"), ("zzfake2", "builder-cache"), ("zzfake3", "spare")):
+        (sysfs / dev).mkdir(parents=True)
+        (sysfs / dev / "uevent").write_text(f"DEVNAME={dev}\nDEVTYPE=partition\nPARTN=1\nPARTNAME={label}\n")
+        (sysfs / dev / "size").write_text(f"{2 * 1024 * 1024}\n")  # 1 GiB in 512-byte sectors
+    record = f'SYS_BLOCK="{sysfs}"; mke2fs() {{ echo "FORMAT $*"; }}; mount() {{ echo "MOUNT $*"; }}; '
+    out = shell(record + "cache_open partlabel:builder-cache 1048576 1 || echo refused", tmp_path)
+    assert out.splitlines() == [
+        "cache device partlabel:builder-cache is ambiguous: /dev/zzfake1 /dev/zzfake2 all match; touching none "
+        "of them: RAM mode (give the cache a name only one disk has, e.g. its /dev/disk/by-id name)", "refused"]
+    out = shell(record + "cache_open partlabel:spare 1048576 0 || echo refused", tmp_path)
+    assert out.splitlines()[0].startswith("cache device /dev/zzfake3 holds other data") and "FORMAT" not in out
