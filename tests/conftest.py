@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build.pipeline import Prepared
 from builder.engines import ENGINES
 from builder.flavours.prepare import prepare
+from builder.pipeline.build import Prepared
 from builder.recipe.load import recipe_path_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,11 +6,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from builder.build.flavour import Prepared
 from builder.engines import ENGINE_CHOICES
 from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import FLAVOURS, flavour_named, prepare, recipe_file
+from builder.pipeline.flavour import Prepared
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -13,7 +13,6 @@ from typing import Annotated
 import typer
 
 from builder import __version__
-from builder.build.pipeline import BuildResult, build, prefetch
 from builder.cli.cluster import cluster_app
 from builder.cli.common import (
     DEFAULT_FLAVOUR,
@@ -37,6 +36,7 @@ from builder.flavours import lock as lockfile
 from builder.flavours.prepare import flavour_named, recipe_file
 from builder.flavours.vllm import lock_variant
 from builder.netboot.kernels import fetch_kernel_tree, kernel_spec
+from builder.pipeline.build import BuildResult, build, prefetch
 from builder.publish.image import publish as publish_image
 from builder.publish.sbom import read_contents, sbom_bytes
 from builder.recipe.load import RECIPES_DIR, display_path, select

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 
-from builder.build.pipeline import build
 from builder.cli.common import EngineOpt, FlavourOpt
 from builder.cluster.firewall import for_netboot
 from builder.core.errors import Stopped
@@ -32,6 +31,7 @@ from builder.netboot.services import (
     publish_services,
     summary,
 )
+from builder.pipeline.build import build
 from builder.publish.artifacts import pull_netboot, push_netboot
 from builder.recipe.load import display_path
 from builder.registry.client import Repository

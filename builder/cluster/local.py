@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.build.pipeline import build
 from builder.cluster.gateway import (
     ServerState,
     gateway_pid,
@@ -31,6 +30,7 @@ from builder.core.errors import BuilderError, RecipeError
 from builder.core.run import run
 from builder.engines import Engine, get_engine
 from builder.flavours.prepare import FLAVOURS, prepare, recipe_file
+from builder.pipeline.build import build
 from builder.recipe.targets import TARGETS
 from builder.use.launch import image_for_run
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from builder.build.flavour import BuildArgs, Flavour, Plan, Prepared
 from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
 from builder.fetch.ccache import CcacheStore
 from builder.fetch.sdk import SDK_DIR, missing_ship_patterns, unpacked
 from builder.fetch.source import SourceTree, fetch_file, iter_tree, resolve, resolve_override
 from builder.flavours import lock as lockfile
+from builder.pipeline.flavour import BuildArgs, Flavour, Plan, Prepared
 from builder.plan.bases import LockedBases
 from builder.plan.make import make_plan
 from builder.publish.sbom import make_sbom

@@ -3,11 +3,11 @@
 import os
 from pathlib import Path
 
-from builder.build.flavour import Flavour, Prepared
 from builder.core.errors import RecipeError
 from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.vllm import VLLM
+from builder.pipeline.flavour import Flavour, Prepared
 
 FLAVOURS: dict[str, Flavour] = {f.name: f for f in (LLAMA_CPP, VLLM)}
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from builder import PROJECT_ROOT
-from builder.build.flavour import BuildArgs, Flavour, Plan, Prepared
 from builder.core.errors import LockError, RecipeError
 from builder.fetch.source import SourceTree
 from builder.fetch.wheels import (
@@ -26,6 +25,7 @@ from builder.fetch.wheels import (
     requirement_name,
     resolve_lock,
 )
+from builder.pipeline.flavour import BuildArgs, Flavour, Plan, Prepared
 from builder.plan.bases import LockedBases, base_ref, host_arch, lock_name
 from builder.plan.make import LABEL_PREFIX, image_labels
 from builder.publish.sbom import make_vllm_sbom

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.build.flavour import Prepared
-from builder.build.pipeline import build
 from builder.core.errors import RegistryError
 from builder.core.paths import cache_subdir
 from builder.engines import Engine
 from builder.engines.cleanup import temp_dir
 from builder.engines.oci import LocalImage, read_layout
+from builder.pipeline.build import build
+from builder.pipeline.flavour import Prepared
 from builder.publish.artifacts import push_artifact
 from builder.publish.sbom import MEDIA_TYPE as SBOM_TYPE
 from builder.publish.sbom import read_contents, sbom_bytes

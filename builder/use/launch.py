@@ -3,10 +3,10 @@
 import sys
 from pathlib import Path
 
-from builder.build.flavour import Prepared
 from builder.core.errors import RecipeError
 from builder.engines import Engine
 from builder.flavours.llama import LLAMA_CPP
+from builder.pipeline.flavour import Prepared
 
 _MODEL_FLAGS = ("-m", "--model")
 

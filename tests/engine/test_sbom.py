@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from builder.build.pipeline import Prepared
 from builder.engines import ENGINES
 from builder.fetch.bootstrap import ensure_base
+from builder.pipeline.build import Prepared
 from builder.plan.make import make_plan
 from builder.publish.sbom import make_sbom, parse_contents, read_contents
 from builder.recipe.load import load_recipe, recipe_path_for

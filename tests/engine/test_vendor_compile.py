@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.build.pipeline import Prepared
 from builder.engines.podman import PodmanEngine
+from builder.pipeline.build import Prepared
 from conftest import require_engine
 from vendor_compile import TOOLCHAINS, compile_backend
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build.pipeline import build
 from builder.core.errors import LockError, RecipeError
 from builder.engines import get_engine
 from builder.flavours.prepare import FLAVOURS, prepare, recipe_file
+from builder.pipeline.build import build
 from builder.publish.image import publish
 from builder.registry.client import Repository
 from conftest import ROOT, run_cli

@@ -11,7 +11,7 @@ from conftest import ROOT, require_tool
 
 # builder/'s folders from the bottom up, as docs/design.md lists them: a module imports from its own folder
 # and the ones before it only.
-STAGES = ("core", "recipe", "engines", "registry", "plan", "fetch", "render", "build", "netboot", "publish",
+STAGES = ("core", "recipe", "engines", "registry", "plan", "fetch", "render", "pipeline", "netboot", "publish",
           "flavours", "use", "cluster", "cli")
 OLDER_EXCEPTIONS = {("netboot", "cluster")}  # netboot/publish.py reads cluster/firewall.py (see docs/design.md)
 SCRIPTS = sorted((ROOT / "images").glob("*/*.sh")) + sorted((ROOT / "bench").glob("*.sh")) + [ROOT / ".ci" / "run"]

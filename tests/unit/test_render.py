@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import goldens
-from builder.build.pipeline import Prepared
 from builder.flavours.llama import stage_source
+from builder.pipeline.build import Prepared
 from builder.plan.make import make_plan
 from builder.recipe.load import load_recipe, recipe_path_for
 from builder.recipe.models import SourceInfo

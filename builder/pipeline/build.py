@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.build.flavour import Prepared
 from builder.core.errors import CommandError, raise_if_stopped
 from builder.core.locks import locked
 from builder.core.paths import cache_subdir
@@ -19,6 +18,7 @@ from builder.core.run import run
 from builder.engines import Engine
 from builder.engines.cleanup import forget_image, record_image
 from builder.fetch.bootstrap import ensure_base, prefetch_base
+from builder.pipeline.flavour import Prepared
 from builder.plan.make import LABEL_PREFIX
 
 
