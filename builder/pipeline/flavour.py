@@ -1,4 +1,4 @@
-"""What a flavour of image (llama.cpp, vLLM, …) supplies to the one pipeline (build/pipeline.py runs it).
+"""What a flavour of image (llama.cpp, vLLM, …) supplies to the one pipeline (pipeline/build.py runs it).
 
 Content tags, write-if-changed contexts, scratch tags, smoke test, promotion, publishing, netboot and
 toolboxes are the same code for every flavour; `Flavour` lists what differs.
