@@ -9,11 +9,11 @@ import pytest
 
 from conftest import ROOT, require_tool
 
-# builder/'s folders from the bottom up, as docs/design.md lists them: a module imports from its own folder
+# builder/'s folders from the bottom up, as docs/architecture.md lists them: a module imports from its own folder
 # and the ones before it only.
 STAGES = ("core", "recipe", "engines", "registry", "plan", "fetch", "render", "pipeline", "netboot", "publish",
           "flavours", "use", "cluster", "cli")
-OLDER_EXCEPTIONS = {("netboot", "cluster")}  # netboot/publish.py reads cluster/firewall.py (see docs/design.md)
+OLDER_EXCEPTIONS = {("netboot", "cluster")}  # netboot/publish.py reads cluster/firewall.py (see docs/architecture.md)
 SCRIPTS = sorted((ROOT / "images").glob("*/*.sh")) + sorted((ROOT / "bench").glob("*.sh")) + [ROOT / ".ci" / "run"]
 
 
@@ -39,7 +39,7 @@ def test_shellcheck(script: Path) -> None:
 def test_imports_flow_one_way_through_the_stages() -> None:
     package = ROOT / "builder"
     folders = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
-    assert folders == set(STAGES), "a folder under builder/ that docs/design.md and STAGES do not place"
+    assert folders == set(STAGES), "a folder under builder/ that docs/architecture.md and STAGES do not place"
     assert not [p.name for p in package.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     upward = []
     for path in sorted(package.glob("*/*.py")):
