@@ -8,12 +8,13 @@ import typer
 
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
+from builder.cluster import remote as netboot_gateway
 from builder.cluster.commands import as_text, node_commands
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, load_cluster
 from builder.core.errors import RecipeError
 from builder.engines import ENGINE_CHOICES
-from builder.netboot import gateway as netboot_gateway
+from builder.netboot.firewall import ruleset
 
 cluster_app = typer.Typer(help="Services of a cluster file behind one OpenAI-compatible gateway.",
                           no_args_is_help=True)
@@ -179,10 +180,10 @@ def firewall(
         chosen = [f for f in found if f.node == node]
         if not chosen:
             raise RecipeError(f"{inventory}: no node named {node!r}", f"nodes: {', '.join(f.node for f in found)}")
-        typer.echo(node_firewall.ruleset(chosen[0], inventory.name), nl=False)
+        typer.echo(ruleset(chosen[0], inventory.name), nl=False)
         return
     assert out is not None
     out.mkdir(parents=True, exist_ok=True)
     for rules in found:
-        (out / f"{rules.node}.nft").write_text(node_firewall.ruleset(rules, inventory.name))
+        (out / f"{rules.node}.nft").write_text(ruleset(rules, inventory.name))
     typer.echo(f"wrote {', '.join(f'{f.node}.nft' for f in found)} to {out}")

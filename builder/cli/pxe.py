@@ -10,7 +10,14 @@ from typing import Annotated
 import typer
 
 from builder.cli.common import EngineOpt, FlavourOpt
-from builder.cluster.firewall import for_netboot
+from builder.cluster.plans import (
+    control_of,
+    is_services_form,
+    load_for_netboot,
+    models,
+    publish_services,
+    summary,
+)
 from builder.core.errors import Stopped
 from builder.core.locks import lock_file, locked
 from builder.core.run import start_server, stop
@@ -19,18 +26,11 @@ from builder.engines.cleanup import remove_path
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import flavour_named, prepare, recipe_file
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
+from builder.netboot.firewall import for_netboot
 from builder.netboot.inventory import Node, load_inventory
 from builder.netboot.kernels import kernel_spec
 from builder.netboot.publish import Artifacts, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
-from builder.netboot.services import (
-    control_of,
-    is_services_form,
-    load_for_netboot,
-    models,
-    publish_services,
-    summary,
-)
 from builder.pipeline.build import build
 from builder.publish.artifacts import pull_netboot, push_netboot
 from builder.recipe.load import display_path

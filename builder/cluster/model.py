@@ -1,7 +1,7 @@
 """cluster.yaml with services: nodes (hardware) and services (a model served under one name, with a topology).
 
 The netboot-only form (nodes with roles and one top-level `model`, builder/netboot/inventory.py) stays as it
-is; `builder pxe publish` reads both forms (builder/netboot/services.py netboots this one), and the
+is; `builder pxe publish` reads both forms (builder/cluster/plans.py netboots this one), and the
 `builder cluster` verbs need the services form and say so in one line.
 """
 

@@ -11,7 +11,7 @@
 Node scripts name blobs by hash, so a node that is booting while `current` switches still gets one
 consistent set of files. Each node's firewall (nftables rules from the inventory, builder/cluster/firewall.py)
 is a blob too: its script names it with its sha256, which the initramfs checks before loading it.
-This module writes the netboot-only form's node scripts; builder/netboot/services.py writes the services form's
+This module writes the netboot-only form's node scripts; builder/cluster/plans.py writes the services form's
 through publish_generation.
 """
 
@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.cluster.firewall import for_netboot, ruleset
 from builder.core.errors import EngineError, RecipeError, raise_if_stopped
 from builder.core.locks import locked
 from builder.engines.cleanup import temp_dir, temp_path
+from builder.netboot.firewall import for_netboot, ruleset
 from builder.netboot.inventory import Cache, Cluster, Control, Node
 from builder.netboot.models import vllm_kernel_args, vllm_models
 from builder.recipe.load import display_path

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from test_netboot import fake_artifacts
 
+from builder.cluster.plans import load_for_netboot, models, publish_services
 from builder.core.errors import RecipeError
-from builder.netboot.services import load_for_netboot, models, publish_services
 
 MODEL = b"GGUF a big model"
 MACS = ["52:54:00:00:00:01", "52:54:00:00:00:02"]

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from builder.cluster.firewall import firewalls, ruleset
+from builder.cluster.firewall import firewalls
+from builder.netboot.firewall import ruleset
 from conftest import require_tool, run_cli
 
 SHA = hashlib.sha256(b"x").hexdigest()

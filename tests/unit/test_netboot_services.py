@@ -10,9 +10,9 @@ import requests
 import yaml
 from test_netboot import fake_artifacts
 
+from builder.cluster.plans import load_for_netboot, models, publish_services
 from builder.netboot.publish import current_id
 from builder.netboot.serve import dnsmasq_config
-from builder.netboot.services import load_for_netboot, models, publish_services
 from conftest import free_port, run_cli
 
 MACS = [f"52:54:00:12:34:{i:02x}" for i in range(1, 5)]

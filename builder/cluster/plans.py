@@ -17,10 +17,11 @@ The plan, one process a line, fields separated by tabs, `-` for none:
 from collections.abc import Callable
 from pathlib import Path
 
-from builder.cluster.firewall import for_services, ruleset
+from builder.cluster.firewall import for_services
 from builder.cluster.model import Loaded, Process, Service, load_cluster
 from builder.core.errors import RecipeError
 from builder.netboot.boards import board_args
+from builder.netboot.firewall import ruleset
 from builder.netboot.inventory import GGUF_MAGIC, Control, load_inventory
 from builder.netboot.kernels import KERNELS
 from builder.netboot.publish import (
