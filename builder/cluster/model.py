@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import ByteSize, Field
 
+from builder.cluster.args import check_args, check_env
 from builder.cluster.hfmodel import scan
 from builder.cluster.vllm_service import check_vllm_service
 from builder.core.digests import sha256_file
@@ -46,7 +47,9 @@ class ClusterNode(Node):
     memory: ByteSize | None = Field(None, description="memory its models may use, e.g. 64GiB (needed to host one)")
     env: dict[EnvName, OneLine] = Field(
         default_factory=dict, description="environment of the node's servers and workers, e.g. "
-        "GGML_VK_VISIBLE_DEVICES: '0' to use a software Vulkan device")
+        "GGML_VK_VISIBLE_DEVICES: '0' to use a software Vulkan device (device and thread variables only)")
+    unsafe_env: bool = Field(False, description="let env names outside builder's list through (one warning line "
+                             "names them): they can undo builder's bindings")
 
 
 class Gateway(Strict):
@@ -85,7 +88,10 @@ class Service(Strict):
     pipeline_port: int = Field(PIPELINE_PORT, ge=1, le=65535, description="pipeline: the port on the first node "
                                "the others join (Ray's head, or torch.distributed's master on cpu)")
     context: int | None = Field(None, ge=64, description="context size (llama.cpp -c, vLLM --max-model-len)")
-    args: list[OneLine] = Field(default_factory=list, description="extra llama-server or vllm serve arguments")
+    args: list[OneLine] = Field(default_factory=list, description="extra llama-server or vllm serve arguments "
+                                "(tuning flags only, docs/clusters.md)")
+    unsafe_args: bool = Field(False, description="let args outside builder's list of tuning flags through (one "
+                              "warning line names them): they can undo builder's bindings")
 
 
 class ServiceCluster(Strict):
@@ -333,6 +339,7 @@ def load_cluster(path: Path) -> Loaded:
                           "add services: (see docs/clusters.md); `builder pxe publish` still reads this form")
     cluster = validated(ServiceCluster, path, data)
     index = _check_nodes(cluster, where)
+    unsafe = [check_env(where, f"nodes[{i}]", node.env, node.unsafe_env) for i, node in enumerate(cluster.nodes)]
     seen: dict[str, int] = {}
     for i, service in enumerate(cluster.services):
         if service.name in seen:
@@ -340,9 +347,11 @@ def load_cluster(path: Path) -> Loaded:
                               f"services[{seen[service.name]}]",
                               "every service needs its own name: clients choose it by `model`")
         seen[service.name] = i
+        unsafe.append(check_args(where, f"services[{i}]", service.engine, service.args, service.unsafe_args))
         _check_service(service, i, where, path.parent, index, cluster.nodes)
     processes = _place(cluster, where, path.parent, index)
     warnings = tuple(
         f"{where}: services[{i}].workers: {len(s.workers)} RPC workers; upstream reports deadlocks above "
         f"{MAX_QUIET_WORKERS}" for i, s in enumerate(cluster.services) if len(s.workers) > MAX_QUIET_WORKERS)
+    warnings += tuple(line for line in unsafe if line)
     return Loaded(path, cluster, processes, warnings)
