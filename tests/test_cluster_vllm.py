@@ -86,8 +86,8 @@ def test_a_cpu_pipeline_uses_vllms_multi_node_executor_bound_to_each_node(tmp_pa
     head, worker = argv["b"], argv["a"]
     assert head[head.index("IMAGE"):] == [
         "IMAGE", "serve", "/models/llm", "--host", "127.0.0.12", "--port", "8080", "--served-model-name", "llm",
-        "--max-model-len", "256", "--seed", "7", "--pipeline-parallel-size", "2", "--distributed-executor-backend", "mp",
-        "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.12", "--master-port", "29600"]
+        "--max-model-len", "256", "--seed", "7", "--pipeline-parallel-size", "2", "--distributed-executor-backend",
+        "mp", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.12", "--master-port", "29600"]
     assert worker[-7:] == ["--node-rank", "1", "--master-addr", "127.0.0.12", "--master-port", "29600",
                            "--headless"]
     assert worker[worker.index("IMAGE"):][:5] == ["IMAGE", "serve", "/models/llm", "--served-model-name", "llm"]

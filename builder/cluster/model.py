@@ -6,6 +6,7 @@ is; `builder pxe publish` reads both forms (builder/netboot/services.py netboots
 """
 
 import hashlib
+import ipaddress
 import math
 import re
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from builder.cluster.vllm_service import check_vllm_service
 from builder.core.digests import sha256_file
 from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
-from builder.core.types import Address, EnvName, KernelArg, OneLine, http_url
+from builder.core.types import Address, EnvName, KernelArg, OneLine, http_url, is_wildcard
 from builder.fetch.source import fetch_file
 from builder.netboot.inventory import Cache, Control, Node
 from builder.recipe.load import display_path, load_yaml, select, validated
@@ -200,6 +201,28 @@ def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
     return index
 
 
+def _check_addresses(cluster: ServiceCluster, where: str) -> None:
+    """Addresses something binds (the gateway, the nodes' servers and workers, the control node's gateway by
+    default) are IP literals, never every address: a name resolves once, when a process starts, perhaps to a
+    wildcard, and HAProxy, nftables and the servers read an address each in their own way."""
+    fields = [("gateway.address", cluster.gateway.address)]
+    fields += [("control.address", cluster.control.address)] if cluster.control else []
+    fields += [(f"nodes[{i}].address", node.address) for i, node in enumerate(cluster.nodes)]
+    for field, value in fields:
+        if value is None:
+            continue
+        if is_wildcard(value):
+            raise RecipeError(f"{where}: {field}: {value} is every address, not one",
+                              "give the IP address of the one interface it must listen on")
+        if "%" in value:
+            raise RecipeError(f"{where}: {field}: {value} has a zone", "give an address without %ZONE")
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise RecipeError(f"{where}: {field}: {value!r} is a name; builder binds and admits IP addresses",
+                              "give its IP address (reserve it in your DHCP server)") from None
+
+
 def _known(where: str, field: str, name: str, index: dict[str, int]) -> None:
     if name not in index:
         raise RecipeError(f"{where}: {field}: no node named {name!r}", f"nodes: {', '.join(index)}")
@@ -339,6 +362,7 @@ def load_cluster(path: Path) -> Loaded:
                           "add services: (see docs/clusters.md); `builder pxe publish` still reads this form")
     cluster = validated(ServiceCluster, path, data)
     index = _check_nodes(cluster, where)
+    _check_addresses(cluster, where)
     unsafe = [check_env(where, f"nodes[{i}]", node.env, node.unsafe_env) for i, node in enumerate(cluster.nodes)]
     seen: dict[str, int] = {}
     for i, service in enumerate(cluster.services):
