@@ -224,6 +224,18 @@ def test_a_key_file_with_spaces_is_refused(tmp_path: Path) -> None:
         write_gateway(loaded, tmp_path, "127.0.0.1", {n: "127.0.0.1" for n in "abcd"})
 
 
+def test_a_key_file_other_users_can_read_is_refused(tmp_path: Path) -> None:
+    from builder.core.errors import RecipeError
+    key = tmp_path / "key"
+    key.write_text("k3y\n")
+    key.chmod(0o640)
+    loaded = load_cluster(cluster_file(tmp_path, gateway={"key_file": "key"}))
+    with pytest.raises(RecipeError, match=r"gateway.key_file: .*key can be read by other users \(mode 0640\)"):
+        write_gateway(loaded, tmp_path, "127.0.0.1", {n: "127.0.0.1" for n in "abcd"})
+    key.chmod(0o600)
+    write_gateway(loaded, tmp_path, "127.0.0.1", {n: "127.0.0.1" for n in "abcd"})
+
+
 def test_local_nodes_get_loopback_addresses_and_servers_their_alias(tmp_path: Path) -> None:
     from builder.cluster.local import Local, node_addresses, process_argv
     from builder.engines.podman import PodmanEngine

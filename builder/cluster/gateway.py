@@ -16,6 +16,7 @@ import pwd
 import re
 import secrets
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,10 @@ def ensure_key(loaded: Loaded, state: Path) -> Path:
         if not key or any(c.isspace() for c in key):
             raise RecipeError(f"{loaded.path.name}: gateway.key_file: {path} must hold one key without spaces",
                               "write the key alone on one line")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise RecipeError(f"{loaded.path.name}: gateway.key_file: {path} can be read by other users "
+                              f"(mode {mode:04o})", f"chmod 600 {path}")
         return path
     path = state / "api-key"
     if not path.is_file():
