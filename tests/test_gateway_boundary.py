@@ -101,7 +101,11 @@ def start_recorder() -> tuple[Recorder, ThreadingHTTPServer]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", recorder.port), Handler)
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # HAProxy's health checks close their connections as soon as they have the status
+
+    server = Server(("127.0.0.1", recorder.port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return recorder, server
 
@@ -210,6 +214,16 @@ def test_spellings_of_an_allowed_path_are_404(gateway: Gateway, path: str) -> No
                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
+    assert gateway.recorder.paths() == []
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+def test_another_method_on_an_allowed_path_is_405(gateway: Gateway, method: str) -> None:
+    gateway.recorder.clear()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
+        resp = requests.request(method, gateway.url + path, headers=gateway.headers(), data=b'{"model":"chat"}',
+                                timeout=5)
+        assert resp.status_code == 405 and resp.headers["allow"] == "POST"
     assert gateway.recorder.paths() == []
 
 
