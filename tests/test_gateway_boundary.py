@@ -74,8 +74,11 @@ class Recorder:
             self.seen.clear()
 
 
-def start_recorder() -> tuple[Recorder, ThreadingHTTPServer]:
-    recorder = Recorder(free_port())
+def start_recorder(host: str = "127.0.0.1", port: int | None = None,
+                   drop: bool = False) -> tuple[Recorder, ThreadingHTTPServer]:
+    """A backend on host:port; with `drop` it passes health checks but closes every other connection unanswered
+    (a server that died mid-request)."""
+    recorder = Recorder(port or free_port())
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -86,6 +89,9 @@ def start_recorder() -> tuple[Recorder, ThreadingHTTPServer]:
             if self.path != "/health":
                 with recorder.lock:
                     recorder.seen.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+                if drop:
+                    self.close_connection = True
+                    return
             body = json.dumps({"ok": True, "path": self.path}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -105,7 +111,7 @@ def start_recorder() -> tuple[Recorder, ThreadingHTTPServer]:
         def handle_error(self, request: Any, client_address: Any) -> None:
             pass  # HAProxy's health checks close their connections as soon as they have the status
 
-    server = Server(("127.0.0.1", recorder.port), Handler)
+    server = Server((host, recorder.port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return recorder, server
 
@@ -117,6 +123,7 @@ class Gateway:
     key: str
     state: Path
     recorder: Recorder
+    replicas: tuple[Recorder, Recorder]  # service "flaky": one answers, one drops every request
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
@@ -128,16 +135,21 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     folder = tmp_path_factory.mktemp("gateway")
     (folder / "tiny.gguf").write_bytes(MODEL)
     recorder, server = start_recorder()
+    good, good_server = start_recorder()
+    dropping, dropping_server = start_recorder("127.0.0.2", good.port, drop=True)
     port, metrics = free_port(), free_port()
+    sha = hashlib.sha256(MODEL).hexdigest()
     data = {"gateway": {"port": port, "metrics_port": metrics},
-            "nodes": [{"name": "a", "mac": "52:54:00:12:34:01", "target": "cpu", "memory": "4GiB"}],
-            "services": [{"name": "chat", "model": "tiny.gguf", "sha256": hashlib.sha256(MODEL).hexdigest(),
-                          "nodes": ["a"], "port": recorder.port}]}
+            "nodes": [{"name": n, "mac": f"52:54:00:12:34:0{i}", "target": "cpu", "memory": "4GiB"}
+                      for i, n in enumerate("ab")],
+            "services": [{"name": "chat", "model": "tiny.gguf", "sha256": sha, "nodes": ["a"], "port": recorder.port},
+                         {"name": "flaky", "model": "tiny.gguf", "sha256": sha, "nodes": ["a", "b"],
+                          "port": good.port}]}
     (folder / "cluster.yaml").write_text(yaml.safe_dump(data))
     loaded = load_cluster(folder / "cluster.yaml")
     state = folder / "state"
     state.mkdir()
-    config = write_gateway(loaded, state, "127.0.0.1", {"a": "127.0.0.1"})
+    config = write_gateway(loaded, state, "127.0.0.1", {"a": "127.0.0.1", "b": "127.0.0.2"})
     pidfile = state / "haproxy.pid"
     start_gateway(config, pidfile)
     try:
@@ -145,10 +157,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         while not all(s.healthy for s in read_stats(metrics)):
             assert time.monotonic() < deadline, "the recorder never became healthy behind the gateway"
             time.sleep(0.2)
-        yield Gateway(f"http://127.0.0.1:{port}", port, (state / "api-key").read_text().strip(), state, recorder)
+        yield Gateway(f"http://127.0.0.1:{port}", port, (state / "api-key").read_text().strip(), state, recorder,
+                      (good, dropping))
     finally:
         stop_gateway(pidfile)
-        server.shutdown()
+        for each in (server, good_server, dropping_server):
+            each.shutdown()
 
 
 def llama_server_routes(tree: Path) -> list[tuple[str, str]]:
@@ -232,7 +246,7 @@ def test_the_gateway_answers_health_and_models_itself(gateway: Gateway) -> None:
     health = requests.get(gateway.url + "/health", timeout=5)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     models = requests.get(gateway.url + "/v1/models", headers=gateway.headers(), timeout=5)
-    assert [m["id"] for m in models.json()["data"]] == ["chat"]
+    assert [m["id"] for m in models.json()["data"]] == ["chat", "flaky"]
     wrong = requests.post(gateway.url + "/v1/models", headers=gateway.headers(), json={}, timeout=5)
     assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
     assert wrong.json()["error"]["code"] == "method_not_allowed"
@@ -329,3 +343,22 @@ def test_haproxy_runs_as_its_own_user_and_its_files_are_private(gateway: Gateway
         assert stat.S_IMODE((gateway.state / name).stat().st_mode) == 0o600, name
     assert gateway.key not in (gateway.state / "haproxy.cfg").read_text()
     assert gateway.key not in Path(f"/proc/{pid}/cmdline").read_text()
+
+
+def test_a_request_a_server_drops_is_resent_to_another(gateway: Gateway) -> None:
+    """The body is still buffered (wait-for-body, after the key), so retry-on empty-response works as before."""
+    good, dropping = gateway.replicas
+    with requests.Session() as session:
+        for i in range(10):
+            resp = session.post(gateway.url + "/v1/completions", headers=gateway.headers(),
+                                json={"model": "flaky", "prompt": str(i)}, timeout=10)
+            assert resp.status_code == 200, resp.text
+    assert len(good.paths()) == 10 and len(dropping.paths()) >= 1
+
+
+def test_a_body_larger_than_the_buffer_is_413(gateway: Gateway) -> None:
+    gateway.recorder.clear()
+    resp = requests.post(gateway.url + "/v1/completions", headers=gateway.headers(),
+                         json={"model": "chat", "prompt": "x " * (600 * 1024)}, timeout=30)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+    assert gateway.recorder.paths() == []
