@@ -50,8 +50,6 @@ TEMPLATES = PROJECT_ROOT / "images" / "gateway"
 KEY_MAP = "api-key.map"
 # Paths that reach the config must be plain words: HAProxy splits its lines on blanks and reads quotes.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._+-]+")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 def _error(code: str, message: str, kind: str = "invalid_request_error", param: str | None = None) -> str:
@@ -80,24 +78,14 @@ def _plain_path(path: Path) -> str:
     return str(path)
 
 
-def _server_address(host: str, port: int) -> str:
-    """`host:port` for a server line: an IP literal (IPv6 in brackets) or a host name, nothing else."""
+def _ip_literal(value: str, what: str) -> str:
+    """An IP address as HAProxy reads it (IPv6 in brackets), refusing names and zones."""
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(value)
     except ValueError:
-        if not _HOST_NAME.fullmatch(host) or len(host) > 253:
-            raise BuilderError(f"{host!r} is not an IP address or a host name",
-                               "give the node's address as an IP address") from None
-        return f"{host}:{port}"
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
-def _bind_address(bind: str) -> str:
-    try:
-        ip = ipaddress.ip_address(bind)
-    except ValueError:
-        raise BuilderError(f"the gateway's address {bind!r} is not an IP address",
-                           "give gateway.address (or control.address) as an IP address") from None
+        ip = None
+    if ip is None or "%" in str(ip):
+        raise BuilderError(f"{what} {value!r} is not an IP address", "give it as an IP address without a zone")
     return f"[{ip}]" if ip.version == 6 else str(ip)
 
 
@@ -144,7 +132,7 @@ def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], stat
         # The model's pattern keeps names plain; the template interpolates them as words, so check again here.
         if not re.fullmatch(SERVICE_NAME, service.name):
             raise BuilderError(f"{loaded.path.name}: service name {service.name!r} is not plain", "rename it")
-        servers = [{"node": p.node, "address": _server_address(addresses[p.node], p.port)}
+        servers = [{"node": p.node, "address": f"{_ip_literal(addresses[p.node], 'node ' + p.node)}:{p.port}"}
                    for p in loaded.servers(service.name)]
         services.append({"name": service.name, "backend": backend_name(service.name), "servers": servers})
     paths = ", ".join(POST_PATHS)
@@ -174,8 +162,9 @@ def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], stat
     source = "".join(c if c.isprintable() else "?" for c in loaded.path.name)
     return _template().render(
         source=source, limits=limits, key_map=_plain_path(state / KEY_MAP),
-        models_file=_plain_path(state / "models.json"), drop=drop, bind=_bind_address(bind), port=gateway.port,
-        metrics_port=gateway.metrics_port, services=services, answers=answers, http_errors=http_errors)
+        models_file=_plain_path(state / "models.json"), drop=drop, bind=_ip_literal(bind, "the gateway's address"),
+        port=gateway.port, metrics_port=gateway.metrics_port, services=services, answers=answers,
+        http_errors=http_errors)
 
 
 
