@@ -1,23 +1,31 @@
 """The gateway: HAProxy's config for one OpenAI-compatible endpoint in front of every service, and its control.
 
 HAProxy does the work (routing on the body's `model`, least-connection balancing, health checks, retries on
-another replica, the API key, Prometheus metrics); builder writes its config from the cluster file and reads
-its stats. The key is read by HAProxy from a file (`-f` pattern file), so it is in no config, argv or log.
+another replica, the API key, Prometheus metrics); builder renders its config from the cluster file
+(images/gateway/haproxy.cfg.j2) and reads its stats. What the gateway lets through, and in which order it
+checks, is docs/security.md's. The key is read by HAProxy from a 0600 map file while it parses its config, so
+it is in no config, argv or log, and compared in constant time (`secure_memcmp`).
 """
 
 import csv
 import io
+import ipaddress
 import json
 import os
+import pwd
+import re
 import secrets
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import requests
 
-from builder.cluster.model import Loaded
+from builder import PROJECT_ROOT
+from builder.cluster.model import SERVICE_NAME, Loaded
 from builder.core.errors import BuilderError, RecipeError
 from builder.core.run import run
 
@@ -25,8 +33,23 @@ from builder.core.run import run
 # `model` (and retried): 1 MiB holds the prompts of long-context agents; a larger body is refused with 413
 # rather than misrouted.
 MAX_CONNECTIONS = 1024
+# One client address may hold this many of them (an agent fleet behind one NAT still fits).
+MAX_PER_CLIENT = 256
+# Before its key matched a client can hold a connection only this long (headers), and an authorized one has
+# as long again for its body.
+REQUEST_SECONDS = 10
+# Headers: at most this many lines and bytes (an OpenAI SDK sends about 15 lines, well under 2 KiB).
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 16384
 # Generation can take minutes before the first byte of a non-streamed answer.
 SERVER_TIMEOUT = "10m"
+# The only paths the gateway passes, by method (docs/security.md); GET /v1/models it answers itself.
+POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+TEMPLATES = PROJECT_ROOT / "images" / "gateway"
+# The key as HAProxy reads it (a map from one word to the key), written from the key file, mode 0600.
+KEY_MAP = "api-key.map"
+# Paths that reach the config must be plain words: HAProxy splits its lines on blanks and reads quotes.
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._+-]+")
 
 
 def _error(code: str, message: str, kind: str = "invalid_request_error", param: str | None = None) -> str:
@@ -48,89 +71,101 @@ def models_document(loaded: Loaded, created: int) -> str:
     return json.dumps({"object": "list", "data": data}, indent=1) + "\n"
 
 
-def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], state: Path, key_file: Path) -> str:
-    """The whole haproxy.cfg: users reach `bind`, backends are the services' servers at their nodes' addresses."""
+def _plain_path(path: Path) -> str:
+    if not _PLAIN_PATH.fullmatch(str(path)):
+        raise BuilderError(f"{path}: the gateway's files must have a path of plain characters (letters, digits, "
+                           "/ . _ + -)", "set XDG_CACHE_HOME to such a folder")
+    return str(path)
+
+
+def _ip_literal(value: str, what: str) -> str:
+    """An IP address as HAProxy reads it (IPv6 in brackets), refusing names and zones."""
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        ip = None
+    if ip is None or "%" in str(ip):
+        raise BuilderError(f"{what} {value!r} is not an IP address", "give it as an IP address without a zone")
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Who HAProxy becomes once it has bound its ports and read its files, when started as root."""
+
+    uid: int
+    gid: int
+    chroot: str
+
+
+def privilege_drop(state: Path) -> Drop | None:
+    """Debian's haproxy account (its package makes one), else nobody, in an empty folder; None when builder does
+    not run as root (HAProxy then keeps the caller's user and cannot chroot)."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("haproxy", "nobody"):
+        try:
+            account = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        empty = state / "empty"
+        empty.mkdir(mode=0o555, exist_ok=True)
+        return Drop(account.pw_uid, account.pw_gid, _plain_path(empty))
+    raise BuilderError("there is neither a haproxy nor a nobody account to run the gateway as",
+                       "install Debian's haproxy package (it creates the haproxy user)")
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    return env.get_template("haproxy.cfg.j2")
+
+
+def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], state: Path,
+                   drop: Drop | None = None) -> str:
+    """The whole haproxy.cfg: users reach `bind`, backends are the services' servers at their nodes' addresses;
+    the key is read from `state`/api-key.map and the model list from `state`/models.json."""
     gateway = loaded.cluster.gateway
     buffer_size = int(gateway.max_request)
-    names = " ".join(s.name for s in loaded.cluster.services)
-    lines = [
-        "# Written by builder from " + loaded.path.name + ": regenerate it, do not edit.",
-        "global",
-        f"    maxconn {MAX_CONNECTIONS}",
-        f"    tune.bufsize {buffer_size}",
-        "",
-        "defaults",
-        "    mode http",
-        "    timeout connect 2s",
-        "    timeout client 10m",
-        f"    timeout server {SERVER_TIMEOUT}",
-        "    timeout http-request 60s",
-        "    timeout queue 60s",
-        "    # a request that could not reach a server is sent to another one (the body is buffered)",
-        "    retries 3",
-        "    option redispatch 1",
-        "    retry-on conn-failure empty-response",
-        "    # tokens of a stream are forwarded as they come, not coalesced",
-        "    option http-no-delay",
-        "    http-error status 502 content-type application/json string "
-        + _error("bad_gateway", "the model server failed to answer", "server_error"),
-        "    http-error status 503 content-type application/json string "
-        + _error("service_unavailable", "no healthy server for this model right now; try again", "server_error"),
-        "    http-error status 504 content-type application/json string "
-        + _error("timeout", "the model server did not answer in time", "server_error"),
-        "",
-        "frontend api",
-        f"    bind {bind}:{gateway.port}",
-        "    option http-buffer-request",
-        "    http-request set-var(txn.key) req.fhdr(authorization),word(2,' ')",
-        "    acl authorized req.fhdr(authorization),word(1,' ') -m str Bearer",
-        f"    acl key_ok var(txn.key) -m str -f {key_file}",
-        "    http-request return status 401 content-type application/json string "
-        + _error("invalid_api_key", "missing or wrong API key: send Authorization: Bearer KEY")
-        + " unless authorized key_ok",
-        "    http-request return status 200 content-type application/json file "
-        f"{state / 'models.json'} if {{ method GET }} {{ path /v1/models }}",
-        "    http-request return status 404 content-type application/json string "
-        + _error("not_found", "unknown endpoint: POST /v1/completions, /v1/chat/completions, /v1/embeddings "
-                 "or GET /v1/models") + " unless { method POST }",
-        "    http-request set-var(txn.size) req.body_size",
-        "    http-request return status 413 content-type application/json string "
-        + _error("request_too_large", f"the request body is larger than the gateway buffer ({buffer_size} bytes)")
-        + " if { req.body_len,sub(txn.size) lt 0 }",
-        "    http-request set-var(txn.model) req.body,json_query('$.model')",
-        "    http-request return status 400 content-type application/json string "
-        + _error("missing_model", "you must provide a model parameter", param="model")
-        + " unless { var(txn.model) -m found }",
-        f"    acl known_model var(txn.model) -m str {names}",
-        "    http-request return status 404 content-type application/json lf-string "
-        + "'{\"error\":{\"message\":\"The model `%[var(txn.model),json(utf8s)]` does not exist\","
-        + "\"type\":\"invalid_request_error\",\"param\":\"model\",\"code\":\"model_not_found\"}}'"
-        + " unless known_model",
-    ]
+    services = []
     for service in loaded.cluster.services:
-        lines.append(f"    use_backend {backend_name(service.name)} if {{ var(txn.model) -m str {service.name} }}")
-    lines += [
-        "",
-        "frontend metrics",
-        f"    bind 127.0.0.1:{gateway.metrics_port}",
-        "    http-request use-service prometheus-exporter if { path /metrics }",
-        "    stats enable",
-        "    stats uri /stats",
-        "    stats refresh 5s",
+        # The model's pattern keeps names plain; the template interpolates them as words, so check again here.
+        if not re.fullmatch(SERVICE_NAME, service.name):
+            raise BuilderError(f"{loaded.path.name}: service name {service.name!r} is not plain", "rename it")
+        servers = [{"node": p.node, "address": f"{_ip_literal(addresses[p.node], 'node ' + p.node)}:{p.port}"}
+                   for p in loaded.servers(service.name)]
+        services.append({"name": service.name, "backend": backend_name(service.name), "servers": servers})
+    paths = ", ".join(POST_PATHS)
+    answers = {
+        "health": "'{\"status\":\"ok\"}'",
+        "headers_too_large": _error("headers_too_large", f"the request headers exceed {MAX_HEADER_BYTES} bytes"),
+        "unauthorized": _error("invalid_api_key", "missing or wrong API key: send Authorization: Bearer KEY"),
+        "get_only": _error("method_not_allowed", "/v1/models takes GET"),
+        "post_only": _error("method_not_allowed", f"{paths} take POST"),
+        "not_found": _error("not_found", f"unknown endpoint: POST {paths} or GET /v1/models"),
+        "too_large": _error("request_too_large",
+                            f"the request body is larger than the gateway buffer ({buffer_size} bytes)"),
+        "missing_model": _error("missing_model", "you must provide a model parameter", param="model"),
+        "model_not_found": "'{\"error\":{\"message\":\"The model `%[var(txn.model),json(utf8s)]` does not exist\","
+                           "\"type\":\"invalid_request_error\",\"param\":\"model\",\"code\":\"model_not_found\"}}'",
+    }
+    http_errors = [
+        (400, _error("bad_request", "the request is not valid HTTP or has too many headers")),
+        (408, _error("request_timeout", f"the request was not sent within {REQUEST_SECONDS} s")),
+        (502, _error("bad_gateway", "the model server failed to answer", "server_error")),
+        (503, _error("service_unavailable", "no healthy server for this model right now; try again", "server_error")),
+        (504, _error("timeout", "the model server did not answer in time", "server_error")),
     ]
-    for service in loaded.cluster.services:
-        lines += [
-            "",
-            f"backend {backend_name(service.name)}",
-            "    balance leastconn",
-            "    # llama-server answers 503 while it loads the model; vllm serve opens its port once loaded",
-            "    option httpchk GET /health",
-            "    http-check expect status 200",
-            "    default-server inter 1s fastinter 500ms downinter 1s rise 2 fall 2",
-        ]
-        for process in loaded.servers(service.name):
-            lines.append(f"    server {process.node} {addresses[process.node]}:{process.port} check")
-    return "\n".join(lines) + "\n"
+    limits = {"connections": MAX_CONNECTIONS, "per_client": MAX_PER_CLIENT, "buffer": buffer_size,
+              "header_count": MAX_HEADERS, "header_bytes": MAX_HEADER_BYTES, "request_seconds": REQUEST_SECONDS,
+              "server_timeout": SERVER_TIMEOUT}
+    source = "".join(c if c.isprintable() else "?" for c in loaded.path.name)
+    return _template().render(
+        source=source, limits=limits, key_map=_plain_path(state / KEY_MAP),
+        models_file=_plain_path(state / "models.json"), drop=drop, bind=_ip_literal(bind, "the gateway's address"),
+        port=gateway.port, metrics_port=gateway.metrics_port, services=services, answers=answers,
+        http_errors=http_errors)
+
 
 
 def ensure_key(loaded: Loaded, state: Path) -> Path:
@@ -147,6 +182,10 @@ def ensure_key(loaded: Loaded, state: Path) -> Path:
         if not key or any(c.isspace() for c in key):
             raise RecipeError(f"{loaded.path.name}: gateway.key_file: {path} must hold one key without spaces",
                               "write the key alone on one line")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise RecipeError(f"{loaded.path.name}: gateway.key_file: {path} can be read by other users "
+                              f"(mode {mode:04o})", f"chmod 600 {path}")
         return path
     path = state / "api-key"
     if not path.is_file():
@@ -156,12 +195,27 @@ def ensure_key(loaded: Loaded, state: Path) -> Path:
     return path
 
 
+def _write_private(path: Path, text: str) -> None:
+    """`text` into `path`, readable by its owner only, whatever mode an older file had."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+
+
 def write_gateway(loaded: Loaded, state: Path, bind: str, addresses: dict[str, str]) -> Path:
-    """haproxy.cfg and models.json in `state`, checked with `haproxy -c`; the config's path."""
-    key_file = ensure_key(loaded, state)
-    (state / "models.json").write_text(models_document(loaded, int(loaded.path.stat().st_mtime)))
+    """haproxy.cfg, models.json and the key's map in `state` (a 0700 folder, 0600 files), checked with
+    `haproxy -c`; the config's path."""
+    state.chmod(0o700)
+    key = ensure_key(loaded, state).read_text().strip()
+    if not key.isprintable() or any(c.isspace() for c in key):
+        raise RecipeError(f"{loaded.path.name}: gateway.key_file: the key must be one word of printable characters",
+                          "write the key alone on one line")
+    _write_private(state / KEY_MAP, f"key {key}\n")
+    _write_private(state / "models.json", models_document(loaded, int(loaded.path.stat().st_mtime)))
     config = state / "haproxy.cfg"
-    config.write_text(haproxy_config(loaded, bind=bind, addresses=addresses, state=state, key_file=key_file))
+    _write_private(config, haproxy_config(loaded, bind=bind, addresses=addresses, state=state,
+                                          drop=privilege_drop(state)))
     run(["haproxy", "-c", "-q", "-f", config], timeout=30)
     return config
 

@@ -6,6 +6,7 @@ is; `builder pxe publish` reads both forms (builder/cluster/plans.py netboots th
 """
 
 import hashlib
+import ipaddress
 import math
 import re
 from collections.abc import Callable
@@ -15,12 +16,13 @@ from typing import Literal
 
 from pydantic import ByteSize, Field
 
+from builder.cluster.args import check_args, check_env
 from builder.cluster.hfmodel import scan
 from builder.cluster.vllm_service import check_vllm_service
 from builder.core.digests import sha256_file
 from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
-from builder.core.types import Address, EnvName, KernelArg, OneLine, http_url
+from builder.core.types import Address, EnvName, KernelArg, OneLine, http_url, is_wildcard
 from builder.fetch.source import fetch_file
 from builder.netboot.boards import board_args, check_ram
 from builder.netboot.inventory import Cache, Control, Node
@@ -49,7 +51,9 @@ class ClusterNode(Node):
                                  "strix-halo nodes need it (their iGPU's share of it goes on the kernel command line)")
     env: dict[EnvName, OneLine] = Field(
         default_factory=dict, description="environment of the node's servers and workers, e.g. "
-        "GGML_VK_VISIBLE_DEVICES: '0' to use a software Vulkan device")
+        "GGML_VK_VISIBLE_DEVICES: '0' to use a software Vulkan device (device and thread variables only)")
+    unsafe_env: bool = Field(False, description="let env names outside builder's list through (one warning line "
+                             "names them): they can undo builder's bindings")
 
 
 class Gateway(Strict):
@@ -88,7 +92,10 @@ class Service(Strict):
     pipeline_port: int = Field(PIPELINE_PORT, ge=1, le=65535, description="pipeline: the port on the first node "
                                "the others join (Ray's head, or torch.distributed's master on cpu)")
     context: int | None = Field(None, ge=64, description="context size (llama.cpp -c, vLLM --max-model-len)")
-    args: list[OneLine] = Field(default_factory=list, description="extra llama-server or vllm serve arguments")
+    args: list[OneLine] = Field(default_factory=list, description="extra llama-server or vllm serve arguments "
+                                "(tuning flags only, docs/clusters.md)")
+    unsafe_args: bool = Field(False, description="let args outside builder's list of tuning flags through (one "
+                              "warning line names them): they can undo builder's bindings")
 
 
 class ServiceCluster(Strict):
@@ -197,6 +204,28 @@ def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
         if node.ram is not None:
             check_ram(int(node.ram), node.target, f"{where}: nodes[{i}]")
     return index
+
+
+def _check_addresses(cluster: ServiceCluster, where: str) -> None:
+    """Addresses something binds (the gateway, the nodes' servers and workers, the control node's gateway by
+    default) are IP literals, never every address: a name resolves once, when a process starts, perhaps to a
+    wildcard, and HAProxy, nftables and the servers read an address each in their own way."""
+    fields = [("gateway.address", cluster.gateway.address)]
+    fields += [("control.address", cluster.control.address)] if cluster.control else []
+    fields += [(f"nodes[{i}].address", node.address) for i, node in enumerate(cluster.nodes)]
+    for field, value in fields:
+        if value is None:
+            continue
+        if is_wildcard(value):
+            raise RecipeError(f"{where}: {field}: {value} is every address, not one",
+                              "give the IP address of the one interface it must listen on")
+        if "%" in value:
+            raise RecipeError(f"{where}: {field}: {value} has a zone", "give an address without %ZONE")
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise RecipeError(f"{where}: {field}: {value!r} is a name; builder binds and admits IP addresses",
+                              "give its IP address (reserve it in your DHCP server)") from None
 
 
 def _known(where: str, field: str, name: str, index: dict[str, int]) -> None:
@@ -346,6 +375,8 @@ def load_cluster(path: Path) -> Loaded:
                           "add services: (see docs/clusters.md); `builder pxe publish` still reads this form")
     cluster = validated(ServiceCluster, path, data)
     index = _check_nodes(cluster, where)
+    _check_addresses(cluster, where)
+    unsafe = [check_env(where, f"nodes[{i}]", node.env, node.unsafe_env) for i, node in enumerate(cluster.nodes)]
     seen: dict[str, int] = {}
     for i, service in enumerate(cluster.services):
         if service.name in seen:
@@ -353,9 +384,11 @@ def load_cluster(path: Path) -> Loaded:
                               f"services[{seen[service.name]}]",
                               "every service needs its own name: clients choose it by `model`")
         seen[service.name] = i
+        unsafe.append(check_args(where, f"services[{i}]", service.engine, service.args, service.unsafe_args))
         _check_service(service, i, where, path.parent, index, cluster.nodes)
     processes = _place(cluster, where, path.parent, index)
     warnings = tuple(
         f"{where}: services[{i}].workers: {len(s.workers)} RPC workers; upstream reports deadlocks above "
         f"{MAX_QUIET_WORKERS}" for i, s in enumerate(cluster.services) if len(s.workers) > MAX_QUIET_WORKERS)
+    warnings += tuple(line for line in unsafe if line)
     return Loaded(path, cluster, processes, warnings)

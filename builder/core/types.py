@@ -9,6 +9,7 @@ is how a newline once slipped an extra instruction into a Containerfile.
 
 import ipaddress
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -212,6 +213,24 @@ def _address(value: str) -> str:
 
 
 Address = Annotated[str, AfterValidator(_address)]
+
+
+def is_wildcard(value: str) -> bool:
+    """Whether `value` means every address to some parser: 0.0.0.0 or :: in any spelling inet_aton or
+    ipaddress accepts (0, 0x0, 0.0, 000.000.000.000, ::0, [::], ::ffff:0.0.0.0, with a zone), `*` or `any`."""
+    word = value.strip().lower()
+    if word in ("*", "any", ""):
+        return True
+    word = word.removeprefix("[").removesuffix("]").partition("%")[0]
+    try:
+        ip = ipaddress.ip_address(word)
+    except ValueError:
+        try:
+            return socket.inet_aton(word) == bytes(4)  # the C parser takes 0, 0x0, 0.0, 00.0.0 …
+        except OSError:
+            return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return ip.is_unspecified or (mapped is not None and mapped.is_unspecified)
 
 
 def _ipv4_network(value: str) -> str:

@@ -264,7 +264,7 @@ def test_up_that_fails_removes_what_it_started(tmp_path: Path, cpu_prepared: Any
         "gateway": {"port": free_port(), "metrics_port": metrics},
         "nodes": [{"name": "a", "mac": "52:54:00:00:00:21", "target": "cpu", "memory": "1GiB"}],
         "services": [{"name": "broken", "model": "tiny.gguf", "sha256": sha256_file(model), "nodes": ["a"],
-                      "port": free_port(), "args": ["--no-such-flag"]}],
+                      "port": free_port(), "args": ["--no-such-flag"], "unsafe_args": True}],
     }
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))

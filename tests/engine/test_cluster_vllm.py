@@ -82,12 +82,12 @@ def _argv(tmp_path: Path, nodes: list[dict[str, Any]], service: dict[str, Any]) 
 
 def test_a_cpu_pipeline_uses_vllms_multi_node_executor_bound_to_each_node(tmp_path: Path) -> None:
     argv = _argv(tmp_path, [node("a", 1), node("b", 2)],
-                 vllm(topology="pipeline", nodes=["b", "a"], pipeline_port=29600, context=256, args=["-x"]))
+                 vllm(topology="pipeline", nodes=["b", "a"], pipeline_port=29600, context=256, args=["--seed", "7"]))
     head, worker = argv["b"], argv["a"]
     assert head[head.index("IMAGE"):] == [
         "IMAGE", "serve", "/models/llm", "--host", "127.0.0.12", "--port", "8080", "--served-model-name", "llm",
-        "--max-model-len", "256", "-x", "--pipeline-parallel-size", "2", "--distributed-executor-backend", "mp",
-        "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.12", "--master-port", "29600"]
+        "--max-model-len", "256", "--seed", "7", "--pipeline-parallel-size", "2", "--distributed-executor-backend",
+        "mp", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.12", "--master-port", "29600"]
     assert worker[-7:] == ["--node-rank", "1", "--master-addr", "127.0.0.12", "--master-port", "29600",
                            "--headless"]
     assert worker[worker.index("IMAGE"):][:5] == ["IMAGE", "serve", "/models/llm", "--served-model-name", "llm"]

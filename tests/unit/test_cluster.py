@@ -171,7 +171,7 @@ def two_service_cluster(tmp_path: Path) -> Path:
 def test_gateway_config_routes_each_model_to_its_servers(tmp_path: Path) -> None:
     loaded = load_cluster(two_service_cluster(tmp_path))
     addresses = {"a": "10.0.0.11", "b": "10.0.0.12", "c": "10.0.0.13", "d": "10.0.0.14"}
-    config = haproxy_config(loaded, bind="192.168.1.2", addresses=addresses, state=tmp_path, key_file=tmp_path / "k")
+    config = haproxy_config(loaded, bind="192.168.1.2", addresses=addresses, state=tmp_path)
     assert "bind 192.168.1.2:8080" in config and "bind 127.0.0.1:8405" in config
     chat = config.split("\nbackend svc_chat", 1)[1].split("\nbackend ", 1)[0]
     assert "server a 10.0.0.11:8080 check" in chat and "server b 10.0.0.12:8080 check" in chat
@@ -181,7 +181,7 @@ def test_gateway_config_routes_each_model_to_its_servers(tmp_path: Path) -> None
     assert "use_backend svc_chat if { var(txn.model) -m str chat }" in config
     assert "retry-on conn-failure" in config and "option redispatch" in config
     assert "req.body,json_query('$.model')" in config
-    assert f"-f {tmp_path / 'k'}" in config  # the key is read from its file, never written into the config
+    assert f"map({tmp_path / 'api-key.map'})" in config  # the key is read from its file, never written here
     models = json.loads(models_document(loaded, 0))
     assert [m["id"] for m in models["data"]] == ["chat", "big"] and models["object"] == "list"
 
@@ -212,7 +212,7 @@ def test_max_request_sets_the_gateway_buffer(tmp_path: Path) -> None:
     text = config.read_text()
     assert "tune.bufsize 65536" in text and "larger than the gateway buffer (65536 bytes)" in text
     default = haproxy_config(load_cluster(cluster_file(tmp_path)), bind="127.0.0.1", addresses={
-        n: "127.0.0.1" for n in "abcd"}, state=state, key_file=state / "api-key")
+        n: "127.0.0.1" for n in "abcd"}, state=state)
     assert "tune.bufsize 1048576" in default
 
 
@@ -222,6 +222,18 @@ def test_a_key_file_with_spaces_is_refused(tmp_path: Path) -> None:
     from builder.core.errors import RecipeError
     with pytest.raises(RecipeError, match="gateway.key_file: .* must hold one key without spaces"):
         write_gateway(loaded, tmp_path, "127.0.0.1", {n: "127.0.0.1" for n in "abcd"})
+
+
+def test_a_key_file_other_users_can_read_is_refused(tmp_path: Path) -> None:
+    from builder.core.errors import RecipeError
+    key = tmp_path / "key"
+    key.write_text("k3y\n")
+    key.chmod(0o640)
+    loaded = load_cluster(cluster_file(tmp_path, gateway={"key_file": "key"}))
+    with pytest.raises(RecipeError, match=r"gateway.key_file: .*key can be read by other users \(mode 0640\)"):
+        write_gateway(loaded, tmp_path, "127.0.0.1", {n: "127.0.0.1" for n in "abcd"})
+    key.chmod(0o600)
+    write_gateway(loaded, tmp_path, "127.0.0.1", {n: "127.0.0.1" for n in "abcd"})
 
 
 def test_local_nodes_get_loopback_addresses_and_servers_their_alias(tmp_path: Path) -> None:

@@ -115,8 +115,8 @@ def test_a_port_is_refused_from_outside_the_cluster(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"control": None}, "control: the firewall admits the control node, and none is declared"),
-    ({"control": {"address": "gateway.lan"}}, "control.address: the firewall admits addresses, and 'gateway.lan' "
-                                              "is a name"),
+    ({"control": {"address": "gateway.lan"}}, "control.address: 'gateway.lan' is a name; builder binds and admits "
+                                              "IP addresses"),
     ({"nodes": [{"name": "a", "mac": "52:54:00:00:04:01", "target": "cpu", "memory": "8GiB"}],
       "services": [{"name": "chat", "model": "http://10.0.0.1/m.gguf", "sha256": SHA, "memory": "1GiB",
                     "nodes": ["a"]}]},
