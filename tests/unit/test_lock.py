@@ -41,9 +41,9 @@ def test_check_lists_every_disagreement(recipes: Path, tmp_path: Path) -> None:
     expected = 'builder.lock: cpu/cpu: base.runtime.packages: lock has ["libgomp1"], recipes have ["curl", "libgomp1"]'
     assert [line for line in lines if line.endswith(expected)]
     # The runtime base with curl is another base, which has no locked package set yet; the old one is unused.
-    assert [line for line in lines if ": bases.bookworm-" in line and line.endswith(
-        "not in the lock (the bookworm base of cpu/cpu runtime)")]
-    assert [line for line in lines if ": bases.bookworm-" in line and line.endswith("but no recipe uses it")]
+    assert [line for line in lines if ": bases.trixie-" in line and line.endswith(
+        "not in the lock (the trixie base of cpu/cpu runtime)")]
+    assert [line for line in lines if ": bases.trixie-" in line and line.endswith("but no recipe uses it")]
     assert len(lines) == images + 3
 
 

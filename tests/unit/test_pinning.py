@@ -207,12 +207,12 @@ def test_check_and_build_name_a_base_missing_from_the_lock(tmp_path: Path) -> No
     proc = run_cli("lock", "--check", "--lock", str(stale))
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [
-        f"{stale}: bases.{runtime}: not in the lock (the bookworm base of cpu/cpu runtime)",
+        f"{stale}: bases.{runtime}: not in the lock (the trixie base of cpu/cpu runtime)",
         f"{stale}: bases.sid-0123456789abcdef: in the lock, but no recipe uses it"]
     # build refuses the image: its runtime base would install whatever the archive has today.
     proc = run_cli("build", "--target", "cpu", "--lock", str(stale), "--engine", "podman")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"cpu/cpu: bases.{runtime}: the bookworm base of the runtime stage has no locked package set" \
+    assert f"cpu/cpu: bases.{runtime}: the trixie base of the runtime stage has no locked package set" \
         in proc.stderr and "builder lock" in proc.stderr
 
 
