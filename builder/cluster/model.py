@@ -31,7 +31,7 @@ from builder.recipe.models import Strict
 
 # A service name reaches HAProxy's config, JSON answers and container names: keep it to plain characters.
 SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-SERVER_PORT = 8080
+SERVER_PORTS = range(8100, 9000)  # where a service's server port is derived from its name
 RPC_PORT = 50052
 PIPELINE_PORT = 29500
 # Upstream reports deadlocks with more than two RPC workers behind one head.
@@ -87,7 +87,8 @@ class Service(Strict):
                              "pipeline: the nodes the layers are spread over, the first one serving")
     head: str | None = Field(None, description="split: the node running llama-server")
     workers: list[str] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
-    port: int | None = Field(None, ge=1, le=65535, description="llama-server's port (default 8080 + index)")
+    port: int | None = Field(None, ge=1, le=65535, description="the server's port (default: derived from the "
+                             "service's name, 8100-8999, so it never moves when other services change)")
     rpc_port: int = Field(RPC_PORT, ge=1, le=65535, description="split: the workers' port")
     pipeline_port: int = Field(PIPELINE_PORT, ge=1, le=65535, description="pipeline: the port on the first node "
                                "the others join (Ray's head, or torch.distributed's master on cpu)")
@@ -180,8 +181,14 @@ def _gib(size: float) -> str:
     return f"{size / GIB:.1f} GiB"
 
 
-def server_port(service: Service, index: int) -> int:
-    return service.port or SERVER_PORT + index
+def server_port(service: Service) -> int:
+    """A service's server port: its own `port`, else one derived from its name alone (SERVER_PORTS), so that
+    adding, removing or reordering services moves no other service's port (a firewall rule, a bookmark, a
+    monitoring target stay right). Two services on one node that land on the same port are one line."""
+    if service.port is not None:
+        return service.port
+    digest = hashlib.sha256(service.name.encode()).digest()
+    return SERVER_PORTS.start + int.from_bytes(digest[:4], "big") % len(SERVER_PORTS)
 
 
 def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
@@ -314,7 +321,7 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
     processes: list[Process] = []
     rpc_of: dict[str, str] = {}
     for i, service in enumerate(cluster.services):
-        port = server_port(service, i)
+        port = server_port(service)
         if service.topology == "replicate":
             processes += [Process(service.name, node, "server", port) for node in service.nodes]
             continue
@@ -337,8 +344,9 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
         key = (process.node, process.port)
         if key in ports:
             i = next(k for k, s in enumerate(cluster.services) if s.name == process.service)
-            raise RecipeError(f"{where}: services[{i}].port: {process.port} on node {process.node!r} is already "
-                              f"used by service {ports[key]!r}", "give one of the services another port:")
+            derived = " (derived from its name)" if cluster.services[i].port is None else ""
+            raise RecipeError(f"{where}: services[{i}].port: {process.port}{derived} on node {process.node!r} is "
+                              f"already used by service {ports[key]!r}", "give one of the services a port: of its own")
         ports[key] = process.service
     for node in cluster.nodes:
         hosted = {p.service for p in processes if p.node == node.name}

@@ -68,7 +68,7 @@ def test_replicate_and_pipeline_place_servers_and_workers(tmp_path: Path) -> Non
     loaded = load_cluster(cluster_file(tmp_path, [vllm("one", nodes=["a", "b"]),
                                                   vllm("two", topology="pipeline", nodes=["c", "a"], port=9000)]))
     placed = {(p.service, p.node, p.role, p.port) for p in loaded.processes}
-    assert placed == {("one", "a", "server", 8080), ("one", "b", "server", 8080),
+    assert placed == {("one", "a", "server", 8537), ("one", "b", "server", 8537),
                       ("two", "c", "server", 9000), ("two", "a", "pipeline-worker", 29500)}
 
 
@@ -85,7 +85,7 @@ def test_a_cpu_pipeline_uses_vllms_multi_node_executor_bound_to_each_node(tmp_pa
                  vllm(topology="pipeline", nodes=["b", "a"], pipeline_port=29600, context=256, args=["--seed", "7"]))
     head, worker = argv["b"], argv["a"]
     assert head[head.index("IMAGE"):] == [
-        "IMAGE", "serve", "/models/llm", "--host", "127.0.0.12", "--port", "8080", "--served-model-name", "llm",
+        "IMAGE", "serve", "/models/llm", "--host", "127.0.0.12", "--port", "8204", "--served-model-name", "llm",
         "--max-model-len", "256", "--seed", "7", "--pipeline-parallel-size", "2", "--distributed-executor-backend",
         "mp", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.12", "--master-port", "29600"]
     assert worker[-7:] == ["--node-rank", "1", "--master-addr", "127.0.0.12", "--master-port", "29600",
@@ -104,7 +104,7 @@ def test_a_gpu_pipeline_runs_a_ray_head_and_workers_with_a_token_file(tmp_path: 
     assert head[head.index("IMAGE"):][:2] == ["IMAGE", "shell"]
     script = head[-1]
     assert script.startswith("ray start --head --node-ip-address 127.0.0.11 --port 29500 ")
-    assert "&& exec vllm serve /models/llm --host 127.0.0.11 --port 8080 --served-model-name llm " in script
+    assert "&& exec vllm serve /models/llm --host 127.0.0.11 --port 8204 --served-model-name llm " in script
     assert script.endswith("--pipeline-parallel-size 3 --distributed-executor-backend ray")
     assert worker[worker.index("IMAGE"):] == ["IMAGE", "ray-worker", "--head", "127.0.0.11:29500",
                                               "--host", "127.0.0.13"]

@@ -74,7 +74,8 @@ def test_cache_disk_first_boot_fetches_second_does_not_and_a_corrupt_block_is_re
     nodes: list[dict[str, object]] = [
         {"name": "node1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "10.0.2.15"},
         {"name": "head1", "mac": "52:54:00:12:34:57", "target": "cpu", "memory": "512MiB", "address": "10.0.2.16"}]
-    services = [{"name": "tiny", "model": "tiny.gguf", "sha256": digest, "nodes": ["node1"], "context": 256},
+    services = [{"name": "tiny", "model": "tiny.gguf", "sha256": digest, "nodes": ["node1"], "context": 256,
+                 "port": 8080},
                 {"name": "big", "model": "tiny.gguf", "sha256": digest, "topology": "split", "head": "head1",
                  "workers": ["node1"], "port": 9000}]
     ready = (r"builder-node: node1 rpc-worker big ready on 10\.0\.2\.15:50052",

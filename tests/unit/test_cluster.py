@@ -46,7 +46,8 @@ def test_replicate_and_split_place_servers_and_workers(tmp_path: Path) -> None:
         service("big", topology="split", head="c", workers=["d", "a"], memory="6GiB", port=9000),
     ]))
     placed = {(p.service, p.node, p.role, p.port) for p in loaded.processes}
-    assert placed == {("chat", "a", "server", 8080), ("chat", "b", "server", 8080),
+    # chat's port comes from its name (8189): the same whatever services come before or after it
+    assert placed == {("chat", "a", "server", 8189), ("chat", "b", "server", 8189),
                       ("big", "c", "server", 9000), ("big", "d", "rpc-worker", 50052),
                       ("big", "a", "rpc-worker", 50052)}
     assert loaded.warnings == ()
@@ -62,7 +63,20 @@ def test_more_than_two_workers_is_a_warning(tmp_path: Path) -> None:
 def test_several_services_fit_a_node_that_holds_their_models(tmp_path: Path) -> None:
     loaded = load_cluster(cluster_file(tmp_path, nodes=[node("a", 1, "10GiB")], services=[
         service("one", nodes=["a"], memory="4GiB"), service("two", nodes=["a"], memory="6GiB")]))
-    assert [(p.service, p.port) for p in loaded.processes] == [("one", 8080), ("two", 8081)]
+    assert [(p.service, p.port) for p in loaded.processes] == [("one", 8537), ("two", 8742)]
+
+
+def test_a_services_port_does_not_move_when_services_are_added_removed_or_reordered(tmp_path: Path) -> None:
+    """Ports come from the service's name (or its own `port:`), not its place in the file: a firewall rule,
+    a monitoring target or a bookmark for one service stays right when the file changes around it."""
+    def ports(*names: str) -> dict[str, int]:
+        path = cluster_file(tmp_path, nodes=[node("a", 1, "10GiB")],
+                            services=[service(n, nodes=["a"], memory="1GiB") for n in names])
+        return {p.service: p.port for p in load_cluster(path).processes}
+    before = ports("one", "two")
+    assert ports("zero", "two", "one") == {**before, "zero": ports("zero")["zero"]}
+    assert ports("two") == {"two": before["two"]}
+    assert all(8100 <= port < 9000 for port in before.values())
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -174,10 +188,10 @@ def test_gateway_config_routes_each_model_to_its_servers(tmp_path: Path) -> None
     config = haproxy_config(loaded, bind="192.168.1.2", addresses=addresses, state=tmp_path)
     assert "bind 192.168.1.2:8080" in config and "bind 127.0.0.1:8405" in config
     chat = config.split("\nbackend svc_chat", 1)[1].split("\nbackend ", 1)[0]
-    assert "server a 10.0.0.11:8080 check" in chat and "server b 10.0.0.12:8080 check" in chat
+    assert "server a 10.0.0.11:8189 check" in chat and "server b 10.0.0.12:8189 check" in chat
     assert "balance leastconn" in chat and "option httpchk GET /health" in chat
     big = config.split("\nbackend svc_big", 1)[1]
-    assert "server c 10.0.0.13:8081 check" in big and "10.0.0.14" not in big  # workers are not HTTP backends
+    assert "server c 10.0.0.13:8193 check" in big and "10.0.0.14" not in big  # workers are not HTTP backends
     assert "use_backend svc_chat if { var(txn.model) -m str chat }" in config
     assert "retry-on conn-failure" in config and "option redispatch" in config
     assert "req.body,json_query('$.model')" in config

@@ -55,7 +55,7 @@ def test_every_nodes_rules_pass_nft_check(tmp_path: Path) -> None:
         assert check.returncode == 0, (path.name, check.stderr)
     rules = (out / "a.nft").read_text()
     assert f"elements = {{ {CONTROL}, {NODE_A}, {NODE_B} }}" in rules and "elements = { fd00::13 }" in rules
-    assert "backend ports (8081, 9000)" in rules
+    assert "backend ports (8193, 9000)" in rules  # big's port from its name, chat's its own
 
 
 def test_the_netboot_form_gets_rules_too(tmp_path: Path) -> None:

@@ -74,9 +74,9 @@ def test_each_node_gets_a_plan_of_its_servers_and_workers(tmp_path: Path) -> Non
     chat, big = (hashlib.sha256(m).hexdigest() for m in (CHAT, BIG))
     base = "http://10.0.2.2:8000/blobs/sha256"
     args = ["--temp", "0", "--chat-template", "chatml  spaced"]  # an argument with spaces stays one argument
-    assert plan(root, MACS[0]) == [["server", "chat", "8080", f"{base}/{chat}", chat, "-", "256", *args]]
+    assert plan(root, MACS[0]) == [["server", "chat", "8189", f"{base}/{chat}", chat, "-", "256", *args]]
     # a node may run several processes: a replica of chat and the head of big, with --rpc to its worker
-    assert plan(root, MACS[1]) == [["server", "chat", "8080", f"{base}/{chat}", chat, "-", "256", *args],
+    assert plan(root, MACS[1]) == [["server", "chat", "8189", f"{base}/{chat}", chat, "-", "256", *args],
                                    ["server", "big", "9000", f"{base}/{big}", big, "10.0.2.13:50100", "-"]]
     assert plan(root, MACS[2]) == [["rpc-worker", "big", "50100"]]
     # every model is a blob, fetched by sha256 from the control node
@@ -98,7 +98,7 @@ def test_each_node_gets_a_plan_of_its_servers_and_workers(tmp_path: Path) -> Non
     rules = (root / "blobs" / "sha256" / digest).read_text()
     assert "elements = { 10.0.2.2, 10.0.2.11, 10.0.2.12, 10.0.2.13 }" in rules and "ports (50100)" in rules
     nodes = json.loads((root / "current" / "nodes.json").read_text())
-    assert nodes["b"]["processes"] == [{"service": "chat", "role": "server", "port": 8080},
+    assert nodes["b"]["processes"] == [{"service": "chat", "role": "server", "port": 8189},
                                        {"service": "big", "role": "server", "port": 9000}]
     # `pxe serve` reads the control node of either form from the generation
     assert "dhcp-range=10.0.2.0,proxy" in dnsmasq_config(root, load_for_netboot(cluster_file(tmp_path)).cluster
