@@ -18,7 +18,7 @@ from builder.netboot import gateway as netboot_gateway
 cluster_app = typer.Typer(help="Services of a cluster file behind one OpenAI-compatible gateway.",
                           no_args_is_help=True)
 
-InventoryArg = Annotated[Path, typer.Argument(help="The cluster file (cluster.yaml) with services:.")]
+InventoryArg = Annotated[Path, typer.Argument(metavar="FILE", help="The cluster file (cluster.yaml) with services:.")]
 LocalOpt = Annotated[bool, typer.Option("--local", help="Every node a container on this machine (127.0.0.11, …).")]
 EngineOpt = Annotated[str | None, typer.Option(
     "--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)} (default: the one `up` used).")]
@@ -164,7 +164,7 @@ def hash_model(
 def firewall(
     inventory: InventoryArg,
     node: Annotated[str | None, typer.Option("--node", help="Print this node's rules.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write NODE.nft for every node into this folder.")
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write NODE.nft for every node into this folder.")
                    ] = None,
 ) -> None:
     """nftables rules for every compute node: new connections only from the cluster's addresses.

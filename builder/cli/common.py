@@ -4,15 +4,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from builder.build.flavour import Prepared
 from builder.engines import ENGINE_CHOICES
 from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import FLAVOURS, flavour_named, prepare, recipe_file
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name: picks recipes/NAME.yaml.")]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Any recipe file instead of --target.")]

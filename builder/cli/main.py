@@ -4,7 +4,6 @@ import json
 import logging
 import signal
 import sys
-import traceback
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -24,12 +23,12 @@ from builder.cli.common import (
     SourceOpt,
     TargetOpt,
     VariantOpt,
-    err,
     prepared,
 )
+from builder.cli.conventions import BuilderGroup, State, err
 from builder.cli.pxe import pxe_app
 from builder.cli.run import EXTRA_ARGS, run, toolbox_app
-from builder.core.errors import BuilderError, CommandError, Stopped, request_stop
+from builder.core.errors import BuilderError, Stopped, request_stop
 from builder.engines import cleanup, get_engine
 from builder.fetch.pin import pin_recipe
 from builder.flavours import lock as lockfile
@@ -45,16 +44,18 @@ from builder.use.listing import target_entries, target_rows
 from builder.use.matrix import matrix as ci_matrix
 
 app = typer.Typer(
-    help="Build llama.cpp and vLLM inference images (RPC workers and servers) from recipes, for every accelerator.",
+    help="Build llama.cpp and vLLM inference images (RPC workers and servers) from recipes, for every accelerator."
+         "\n\nGlobal options (--debug, --version) go before or after the verb; a verb's options go after it. "
+         "Errors are one `error:` line on stderr (and a `hint:` line), under --json too; bad input exits 2.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=BuilderGroup,
 )
 app.add_typer(pxe_app, name="pxe")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(toolbox_app, name="toolbox")
 app.command(context_settings=EXTRA_ARGS)(run)
-_debug = False
 
 
 def _print_version(wanted: bool) -> None:
@@ -69,8 +70,7 @@ def _options(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
                                           callback=_print_version)] = False,
 ) -> None:
-    global _debug
-    _debug = debug
+    State.debug = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
     logging.getLogger("builder.progress").setLevel(logging.INFO)  # what the library says it is waiting for
 
@@ -339,16 +339,6 @@ def doctor(
         raise typer.Exit(1)
 
 
-def _report(exc: BuilderError) -> None:
-    err.print(f"error: {exc.message}", markup=False)
-    if isinstance(exc, CommandError) and exc.tail:
-        err.print("last lines of output:", markup=False)
-        for line in exc.tail.splitlines():
-            err.print(f"  | {line}", markup=False)
-    if exc.hint:
-        err.print(f"hint: {exc.hint}", markup=False)
-
-
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if not request_stop(signum):
         return  # clean-up is running: let it finish (it is bounded; SIGKILL still stops at once)
@@ -365,12 +355,7 @@ def main() -> None:
             cleanup.sweep()  # what runs killed outright left behind
         except (BuilderError, OSError) as exc:
             logging.getLogger("builder").debug("sweeping left-overs failed: %s", exc)
-        app(prog_name="builder")
-    except BuilderError as exc:
-        if _debug:
-            traceback.print_exc()
-        _report(exc)
-        sys.exit(exc.exit_code)
+        app(prog_name="builder")  # BuilderGroup turns errors into one line and the exit code
     except Stopped as exc:
         err.print("interrupted" if exc.signum == signal.SIGINT else "terminated", markup=False)
         sys.exit(128 + exc.signum)

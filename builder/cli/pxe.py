@@ -11,8 +11,9 @@ import typer
 
 from builder.build.pipeline import build
 from builder.cli.common import EngineOpt, FlavourOpt
+from builder.cli.conventions import check_input, cluster_file, deprecated
 from builder.cluster.firewall import for_netboot
-from builder.core.errors import Stopped
+from builder.core.errors import RecipeError, Stopped
 from builder.core.locks import lock_file, locked
 from builder.core.run import start_server, stop
 from builder.engines import get_engine
@@ -61,7 +62,8 @@ def build_cmd(
     variant: Annotated[str | None, typer.Option(help="Variant (default: the target's default).")] = None,
     engine: EngineOpt = "auto",
     compression: CompressionOpt = "zstd",
-    out: Annotated[Path | None, typer.Option(help="Write the artifacts here (default: the cache).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the artifacts here (default: the cache).")
+                   ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
     flavour: FlavourOpt = LLAMA_CPP.name,
 ) -> None:
@@ -87,7 +89,8 @@ def build_cmd(
 
 @pxe_app.command("publish")
 def publish_cmd(
-    inventory: Annotated[Path, typer.Option(help="The cluster inventory (cluster.yaml).")],
+    file: Annotated[Path | None, typer.Argument(metavar="FILE", help="The cluster file (cluster.yaml).",
+                                                show_default=False)] = None,
     root: RootOpt = Path("pxe-root"),
     keep: Annotated[int, typer.Option(help="Previous generations to keep for rollback.")] = 3,
     engine: EngineOpt = "auto",
@@ -95,14 +98,16 @@ def publish_cmd(
     pulled: Annotated[Path | None, typer.Option(
         "--artifacts", help="Use netboot sets pulled here by `builder pxe pull` (DIR/TARGET-VARIANT) "
         "instead of building images on this machine.")] = None,
+    old_inventory: Annotated[Path | None, typer.Option("--inventory", hidden=True)] = None,
 ) -> None:
-    """Write a new generation for the inventory into pxe-root/ and make it current (atomically).
+    """Write a new generation for the cluster file into pxe-root/ and make it current (atomically).
 
     Each node gets nodes/<mac>.ipxe carrying its role and settings on the kernel command line, and its
     firewall (nftables rules admitting the cluster's addresses only) as nodes/<mac>.nft. With services:
     (docs/clusters.md) each node gets nodes/<mac>.plan, its servers and RPC workers, and every service's
     GGUF is published by sha256. Every file is checked against its manifest's sha256 on the way in.
     """
+    inventory = cluster_file(file, old_inventory, "builder pxe publish")
     if is_services_form(inventory):
         loaded = load_for_netboot(inventory)
         for warning in loaded.warnings:
@@ -203,10 +208,18 @@ def serve_cmd(
 
 @pxe_app.command()
 def push(
-    folder: Annotated[Path, typer.Option("--dir", "-d", help="A netboot set folder (from `builder pxe build`).")],
     registry: Annotated[str, typer.Option("--registry", "-r", metavar="HOST/REPO", help="Where to push it.")],
+    folder: Annotated[Path | None, typer.Option("--dir", help="A netboot set folder (from `builder pxe build`).")
+                      ] = None,
+    old_d: Annotated[Path | None, typer.Option("-d", hidden=True)] = None,
 ) -> None:
     """Push a netboot set as an OCI artifact, verified by digest, tagged netboot-TARGET-VARIANT[-IMAGEDIGEST]."""
+    if old_d is not None:  # -d is --detach elsewhere
+        deprecated("-d DIR", "--dir DIR")
+        folder = folder or old_d
+    if folder is None:
+        raise RecipeError("builder pxe push: no netboot set folder given", "builder pxe push --dir DIR --registry R")
+    check_input(folder, "--dir", folder=True)
     repo = Repository.parse(registry)
     digest, tags = push_netboot(folder, repo)
     typer.echo(f"pushed: {repo}@{digest}")

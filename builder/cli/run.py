@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from builder.cli.common import DEFAULT_FLAVOUR, EngineOpt, FlavourOpt, RecipeOpt, TargetOpt, VariantOpt, err, prepared
+from builder.cli.common import DEFAULT_FLAVOUR, EngineOpt, FlavourOpt, RecipeOpt, TargetOpt, VariantOpt, prepared
+from builder.cli.conventions import err
 from builder.core.errors import RecipeError
 from builder.core.run import replace_process
 from builder.engines import get_engine

@@ -198,6 +198,6 @@ def _check_vllm(node: Node, where: str, base: Path) -> None:
 def load_inventory(path: Path) -> Cluster:
     """A validated cluster.yaml; every problem is one line naming the file and the field."""
     where = display_path(path)
-    cluster = validated(Cluster, path, load_yaml(path, "inventory", "pass --inventory PATH to your cluster.yaml"))
+    cluster = validated(Cluster, path, load_yaml(path, "cluster", "pass the path of your cluster.yaml"))
     _check(cluster, where, path.parent)
     return cluster
