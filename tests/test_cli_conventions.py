@@ -1,9 +1,12 @@
 """One way to say each thing on the command line: the cluster file, short options, global options, --json."""
 
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
+from test_doctor import make_host
+from test_netboot import fake_artifacts
 from typer.main import get_command
 from typer.testing import CliRunner
 
@@ -110,3 +113,55 @@ def test_pxe_push_dir_short_option_is_deprecated(tmp_path: Path) -> None:
     result = invoke("pxe", "push", "-d", str(tmp_path / "missing"), "--registry", "127.0.0.1:9/x")
     lines = result.stderr.splitlines()
     assert result.exit_code == 2 and lines[0].startswith("warning: -d DIR") and lines[1].startswith("error: --dir")
+
+
+# Verbs whose output is already a document, a stream or a long-running server: no --json.
+NO_JSON = {("schema",): "prints a JSON Schema", ("matrix",): "prints JSON", ("sbom",): "prints an SPDX JSON document",
+           ("cluster", "logs"): "streams containers' output", ("cluster", "firewall"): "prints nftables rules",
+           ("pxe", "serve"): "serves until stopped"}
+
+
+def test_every_verb_that_reports_something_has_json_and_says_errors_are_not_json() -> None:
+    for words, command in leaves(get_command(app)):
+        options = {o: p for p in command.params for o in p.opts}
+        if words in NO_JSON:
+            continue
+        assert "--json" in options, f"builder {' '.join(words)} has no --json (or add it to NO_JSON with why)"
+        assert "error:" in (options["--json"].help or ""), words
+
+
+def test_run_print_json_is_the_argv_and_json_alone_is_refused() -> None:
+    printed = invoke("run", "--print", "--json", "--image", "localhost/x:y", "--engine", "podman", "server", "-c", "8")
+    assert printed.exit_code == 0, printed.stderr
+    argv = json.loads(printed.stdout)
+    assert argv[0] == "podman" and argv[-4:] == ["localhost/x:y", "server", "-c", "8"]
+    alone = invoke("run", "--json", "--image", "localhost/x:y", "server")
+    assert alone.exit_code == 2 and alone.stderr.startswith("error: --json goes with --print")
+
+
+def test_doctor_json_lists_every_check(tmp_path: Path) -> None:
+    root = make_host(tmp_path / "host")
+    result = invoke("doctor", "--json", "--root", str(root))
+    doc = json.loads(result.stdout)
+    assert doc["target"] == "cpu" and doc["checks"] and {"name", "ok", "detail", "fix", "required"} <= set(
+        doc["checks"][0])
+    assert result.exit_code == (1 if doc["failing"] else 0)
+    missing = invoke("doctor", "--json", "--root", str(tmp_path / "nope"))
+    assert missing.exit_code == 2 and missing.stdout == "" and missing.stderr.startswith("error: --root")
+
+
+def test_pxe_publish_list_and_rollback_report_as_json(tmp_path: Path) -> None:
+    path = cluster_yaml(tmp_path)
+    sets, root = tmp_path / "sets", tmp_path / "pxe-root"
+    sets.mkdir()
+    fake_artifacts(tmp_path, "one")[0].rename(sets / "cpu-cpu")
+    published = invoke("pxe", "publish", str(path), "--root", str(root), "--artifacts", str(sets), "--json")
+    assert published.exit_code == 0, published.stderr
+    doc = json.loads(published.stdout)
+    assert doc["published"] is True and doc["nodes"][0]["mac"] == MAC and doc["nodes"][0]["boots"] == "rpc-worker"
+    listing = json.loads(invoke("pxe", "list", "--root", str(root), "--json").stdout)
+    assert [g["id"] for g in listing] == [doc["generation"]] and listing[0]["current"] is True
+    refused = invoke("pxe", "rollback", "--root", str(root), "--json")
+    assert refused.exit_code == 2 and refused.stdout == "" and refused.stderr.startswith("error: ")
+    missing = invoke("pxe", "list", "--root", str(tmp_path / "nope"), "--json")
+    assert missing.exit_code == 2 and missing.stderr.startswith("error: --root")

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from builder.cli.common import JSON_ERRORS, JsonOpt
+from builder.cli.conventions import check_output
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
 from builder.cluster.commands import as_text, node_commands
@@ -40,6 +42,7 @@ def up(
     is_local: LocalOpt = False,
     engine: EngineOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every server to be healthy.")] = 180,
+    as_json: JsonOpt = False,
 ) -> None:
     """Start every service's servers and RPC workers and the gateway; print the endpoint and the key's file.
 
@@ -58,6 +61,9 @@ def up(
     else:
         state = netboot_gateway.up(loaded, timeout, say).state
         document = netboot_gateway.status(loaded)
+    if as_json:
+        typer.echo(json.dumps({"state": state, **document}, indent=2))
+        return
     gateway: dict[str, str] = document["gateway"]  # type: ignore[assignment]
     typer.echo(f"endpoint  {gateway['endpoint']}")
     typer.echo(f"key       {gateway['key_file']}  (send Authorization: Bearer $(cat FILE))")
@@ -67,12 +73,16 @@ def up(
 
 
 @cluster_app.command()
-def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt = None) -> None:
+def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt = None, as_json: JsonOpt = False
+         ) -> None:
     """Remove the cluster's containers and stop its gateway (the API key is kept for the next `up`).
 
     Without --local: stop the gateway; netbooted nodes keep running."""
     loaded = _loaded(inventory, is_local)
     removed = local.down(loaded, engine) if is_local else netboot_gateway.down(loaded)
+    if as_json:
+        typer.echo(json.dumps({"removed": list(removed)}, indent=2))
+        return
     typer.echo(f"removed {', '.join(removed)}" if removed else "nothing was running")
 
 
@@ -81,7 +91,7 @@ def status(
     inventory: InventoryArg,
     is_local: LocalOpt = False,
     engine: EngineOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Every service, its servers and workers, and their health as the gateway sees it."""
     loaded = _loaded(inventory, is_local)
@@ -124,8 +134,8 @@ def commands(
     node: Annotated[str | None, typer.Option("--node", help="Only this node's commands.")] = None,
     models: Annotated[str, typer.Option("--models", help="The folder where each node keeps the GGUFs.")
                       ] = "/srv/models",
-    as_json: Annotated[bool, typer.Option("--json", help="One object per node: node, address, argv lists.")
-                       ] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help=f"One object per node: node, address, argv lists ({JSON_ERRORS}).")] = False,
 ) -> None:
     """The `builder run` commands each node runs, for nodes builder does not netboot (e.g. NVIDIA boxes).
 
@@ -152,12 +162,14 @@ def commands(
 @cluster_app.command("hash-model")
 def hash_model(
     folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (config.json, weights, tokenizer).")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Print a model folder's content hash: the sha256: a vLLM service gives for its model.
 
     The same as `(cd DIR && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum`.
     """
-    typer.echo(folder_hash(folder, "builder cluster hash-model"))
+    found = folder_hash(folder, "builder cluster hash-model")
+    typer.echo(json.dumps({"folder": str(folder), "hash": found}) if as_json else found)
 
 
 @cluster_app.command()
@@ -171,6 +183,8 @@ def firewall(
 
     Load one on its node with `nft -f NODE.nft` (it replaces builder's own table, no other rule).
     """
+    if out is not None:
+        check_output(out, "--out", folder=True)
     found = node_firewall.firewalls(inventory)
     if (node is None) == (out is None):
         raise RecipeError("builder cluster firewall: give --node NAME (print its rules) or --out DIR (every node)",

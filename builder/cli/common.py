@@ -22,7 +22,9 @@ SourceOpt = Annotated[
 EngineOpt = Annotated[
     str, typer.Option("--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)}.")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+JSON_ERRORS = "errors are not JSON: one `error:` line on stderr"
+JSON_HELP = f"Print JSON on stdout instead of text ({JSON_ERRORS})."
+JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 LockOpt = Annotated[Path, typer.Option("--lock", help="The lock file (default: builder.lock of the project).")]
 FlavourOpt = Annotated[
     str, typer.Option("--flavour", help=f"What the image serves with: {', '.join(FLAVOURS)} (recipes/vllm/).")

@@ -1,5 +1,6 @@
 """The `builder` command: thin verbs over the pipeline, and the only place errors become exit codes."""
 
+import dataclasses
 import json
 import logging
 import signal
@@ -25,7 +26,7 @@ from builder.cli.common import (
     VariantOpt,
     prepared,
 )
-from builder.cli.conventions import BuilderGroup, State, err
+from builder.cli.conventions import BuilderGroup, State, check_input, check_output, err
 from builder.cli.pxe import pxe_app
 from builder.cli.run import EXTRA_ARGS, run, toolbox_app
 from builder.core.errors import BuilderError, Stopped, request_stop
@@ -127,12 +128,18 @@ def render(
         help="Also fetch the pinned inputs (llama.cpp: the source tree, SDKs and vendor files into the context; "
              "vLLM: the locked wheels into the cache), ready to build.")] = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write the build context (Containerfile, scripts, plan.json) without building anything."""
+    check_output(out, "--out", folder=True)
     prep = prepared(flavour, target, recipe, variant, llama_cpp_source)
     changed = prep.write(out)
     if with_source:
         prep.flavour.fetch(prep, out)
+    if as_json:
+        typer.echo(json.dumps({"target": prep.name, "context": str(out), "changed": changed, "image": prep.tag},
+                              indent=2))
+        return
     typer.echo(f"rendered {prep.name} into {out} ({len(changed)} file(s) changed); image tag {prep.tag}")
 
 
@@ -223,6 +230,7 @@ def lock(
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
     refresh: Annotated[bool, typer.Option(
         "--refresh", help="Resolve every bootstrapped base again (move to the archive's current versions).")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Record every pinned input of every image (bases, llama.cpp source, vendor pins) in builder.lock.
 
@@ -235,18 +243,28 @@ def lock(
     """
     if flavour_named(flavour).name == "vllm" and not check:
         path, pinned = lock_variant(recipe_file(target, recipe, flavour_named(flavour)), variant)
+        if as_json:
+            typer.echo(json.dumps({"lock": str(path), "packages": len(pinned.pins)}, indent=2))
+            return
         typer.echo(f"locked {len(pinned.pins)} packages into {display_path(path)}")
         return
     if check:
         lines = lockfile.check(lock_path, recipes)
-        for line in lines:
+        if as_json:
+            typer.echo(json.dumps({"lock": str(lock_path), "matches": not lines, "disagreements": lines}, indent=2))
+        for line in [] if as_json else lines:
             typer.echo(line)
         if lines:
             raise typer.Exit(1)
-        typer.echo(f"{lock_path.name}: matches the recipes")
+        if not as_json:
+            typer.echo(f"{lock_path.name}: matches the recipes")
         return
     written = lockfile.write(lock_path, recipes, refresh=refresh)
     packages = sum(len(base["resolved"]) for base in written["bases"].values())
+    if as_json:
+        typer.echo(json.dumps({"lock": str(lock_path), "images": len(written["images"]),
+                               "bases": len(written["bases"]), "packages": packages}, indent=2))
+        return
     typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s), {len(written['bases'])} bootstrapped "
                f"base(s), {packages} packages)")
 
@@ -257,6 +275,7 @@ def pin(
     recipe: RecipeOpt = None,
     variant: Annotated[str | None, typer.Option("--variant", help="Only this variant (default: all).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and print the values; write nothing.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fill the recipe's placeholder pins (all zeros) with values read from their sources.
 
@@ -266,6 +285,11 @@ def pin(
     """
     path = recipe_file(target, recipe)
     values = pin_recipe(path, variant, dry_run)
+    if as_json:
+        typer.echo(json.dumps({"recipe": display_path(path), "written": bool(values) and not dry_run,
+                               "pins": [{"field": p.field, "source": p.source, "sha256": v}
+                                        for p, v in values.items()]}, indent=2))
+        return
     if not values:
         typer.echo(f"{display_path(path)}: no placeholder pins")
         return
@@ -302,6 +326,8 @@ def sbom(
 ) -> None:
     """Write the SPDX 2.3 SBOM of the built image: its OS (from its os-release) and packages, its Python
     packages, llama.cpp or vLLM, SDK wheels and vendor .debs."""
+    if out is not None:
+        check_output(out, "--out", folder=False)
     chosen = get_engine(engine)
     prep = prepared(flavour, target, recipe, variant)
     ref = image_for_run(chosen, prep)
@@ -321,19 +347,30 @@ def doctor(
     variant: VariantOpt = None,
     model: Annotated[Path | None, typer.Option(help="A model file: is there memory for it?")] = None,
     root: Annotated[Path, typer.Option(help="Read /proc, /sys and /dev under this folder.")] = Path("/"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Check that this host can run a target's image: one PASS/FAIL line per check, with the fix.
 
     Checks devices and access to them, kernel version and modules, Strix Halo unified-memory kernel
     parameters, CDI for NVIDIA, and free memory against a model's size. Exit code 1 when a check fails.
     """
+    check_input(root, "--root", folder=True)
+    if model is not None:
+        check_input(model, "--model", folder=False)
     entry, chosen = select(target, variant, variant_from_cli=variant is not None)
     checks = diagnose(entry, chosen, root=root, model=model)
+    failed = sum(1 for c in checks if c.required and not c.ok)
+    warned = sum(1 for c in checks if not c.required and not c.ok)
+    if as_json:
+        typer.echo(json.dumps({"target": entry.name, "variant": chosen.name, "root": str(root),
+                               "ok": sum(c.ok for c in checks), "failing": failed, "warnings": warned,
+                               "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
+        if failed:
+            raise typer.Exit(1)
+        return
     typer.echo(f"doctor: {entry.name}/{chosen.name} on {root}")
     for check in checks:
         typer.echo(check.line())
-    failed = sum(1 for c in checks if c.required and not c.ok)
-    warned = sum(1 for c in checks if not c.required and not c.ok)
     typer.echo(f"doctor: {sum(c.ok for c in checks)} ok, {failed} failing, {warned} warning(s)")
     if failed:
         raise typer.Exit(1)

@@ -5,13 +5,13 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from builder.build.pipeline import build
-from builder.cli.common import EngineOpt, FlavourOpt
-from builder.cli.conventions import check_input, cluster_file, deprecated
+from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt
+from builder.cli.conventions import check_input, check_output, cluster_file, deprecated
 from builder.cluster.firewall import for_netboot
 from builder.core.errors import RecipeError, Stopped
 from builder.core.locks import lock_file, locked
@@ -28,6 +28,7 @@ from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
 from builder.netboot.services import (
     control_of,
     is_services_form,
+    label,
     load_for_netboot,
     models,
     publish_services,
@@ -64,7 +65,7 @@ def build_cmd(
     compression: CompressionOpt = "zstd",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the artifacts here (default: the cache).")
                    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    as_json: JsonOpt = False,
     flavour: FlavourOpt = LLAMA_CPP.name,
 ) -> None:
     """Make the netboot flavour of a target's image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS, manifest.json.
@@ -72,6 +73,8 @@ def build_cmd(
     The image is built first if needed. The kernel comes from Debian's packages (suite per target);
     the root is the image's filesystem plus node-init and the accelerator's modules and firmware.
     """
+    if out is not None:
+        check_output(out, "--out", folder=True)
     folder, manifest = _artifacts(engine, target, variant, compression, out, flavour)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
@@ -98,6 +101,7 @@ def publish_cmd(
     pulled: Annotated[Path | None, typer.Option(
         "--artifacts", help="Use netboot sets pulled here by `builder pxe pull` (DIR/TARGET-VARIANT) "
         "instead of building images on this machine.")] = None,
+    as_json: JsonOpt = False,
     old_inventory: Annotated[Path | None, typer.Option("--inventory", hidden=True)] = None,
 ) -> None:
     """Write a new generation for the cluster file into pxe-root/ and make it current (atomically).
@@ -108,6 +112,9 @@ def publish_cmd(
     GGUF is published by sha256. Every file is checked against its manifest's sha256 on the way in.
     """
     inventory = cluster_file(file, old_inventory, "builder pxe publish")
+    check_output(root, "--root", folder=True)
+    if pulled is not None:
+        check_input(pulled, "--artifacts", folder=True)
     if is_services_form(inventory):
         loaded = load_for_netboot(inventory)
         for warning in loaded.warnings:
@@ -115,6 +122,9 @@ def publish_cmd(
         files = models(loaded, lambda line: typer.echo(line, err=True))  # checked before any build
         artifacts = _wanted(loaded.cluster.nodes, engine, compression, pulled)
         generation, new = publish_services(root, loaded, files, artifacts, keep)
+        if as_json:
+            _print_published(generation, new, [(n, label(loaded, n.name)) for n in loaded.cluster.nodes])
+            return
         typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; "
                    f"current -> generations/{generation}")
         for line in summary(loaded):
@@ -128,9 +138,18 @@ def publish_cmd(
                        "but the other nodes' firewalls cannot admit its connections", err=True)
     artifacts = _wanted(cluster.nodes, engine, compression, pulled)
     generation, new = publish(root, cluster, inventory, artifacts, keep=keep)
+    if as_json:
+        _print_published(generation, new, [(n, n.role) for n in cluster.nodes])
+        return
     typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
     for node in cluster.nodes:
         typer.echo(f"  {node.name:<12} {node.mac}  {node.role:<10} {node.target}  nodes/{node.file_stem}.ipxe")
+
+
+def _print_published(generation: str, new: bool, nodes: Sequence[tuple[Any, str]]) -> None:
+    typer.echo(json.dumps({"generation": generation, "published": new, "current": f"generations/{generation}",
+                           "nodes": [{"name": n.name, "mac": n.mac, "boots": boots, "target": n.target,
+                                      "script": f"nodes/{n.file_stem}.ipxe"} for n, boots in nodes]}, indent=2))
 
 
 def _wanted(nodes: Sequence[Node], engine: str, compression: str, pulled: Path | None) -> Artifacts:
@@ -148,10 +167,22 @@ def _wanted(nodes: Sequence[Node], engine: str, compression: str, pulled: Path |
     return artifacts
 
 
+def _existing_root(root: Path) -> None:
+    if not root.exists():
+        raise RecipeError(f"--root {root}: no such folder",
+                          f"`builder pxe publish cluster.yaml --root {root}` writes the first generation there")
+    check_input(root, "--root", folder=True)
+
+
 @pxe_app.command("list")
-def list_cmd(root: RootOpt = Path("pxe-root")) -> None:
+def list_cmd(root: RootOpt = Path("pxe-root"), as_json: JsonOpt = False) -> None:
     """The generations in pxe-root/, oldest first; the current one is marked *."""
+    _existing_root(root)
     found = generations(root)
+    if as_json:
+        typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current} for g in found],
+                              indent=2))
+        return
     if not found:
         typer.echo(f"no generations in {root}")
     for gen in found:
@@ -163,9 +194,12 @@ def list_cmd(root: RootOpt = Path("pxe-root")) -> None:
 def rollback_cmd(
     root: RootOpt = Path("pxe-root"),
     to: Annotated[str | None, typer.Option(help="Generation id (default: the one before the current).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Make the previous generation current again (one atomic switch; nodes pick it up on their next boot)."""
-    typer.echo(f"current -> generations/{rollback(root, to)}")
+    _existing_root(root)
+    current = rollback(root, to)
+    typer.echo(json.dumps({"current": current}) if as_json else f"current -> generations/{current}")
 
 
 @pxe_app.command("serve")
@@ -179,6 +213,7 @@ def serve_cmd(
 
     dnsmasq runs in proxy-DHCP mode beside the site's DHCP server: it only adds boot information.
     """
+    _existing_root(root)
     control = control_of(root / "current" / "cluster.yaml")
     address = bind or control.address
     http_port = port or control.http_port
@@ -211,6 +246,7 @@ def push(
     registry: Annotated[str, typer.Option("--registry", "-r", metavar="HOST/REPO", help="Where to push it.")],
     folder: Annotated[Path | None, typer.Option("--dir", help="A netboot set folder (from `builder pxe build`).")
                       ] = None,
+    as_json: JsonOpt = False,
     old_d: Annotated[Path | None, typer.Option("-d", hidden=True)] = None,
 ) -> None:
     """Push a netboot set as an OCI artifact, verified by digest, tagged netboot-TARGET-VARIANT[-IMAGEDIGEST]."""
@@ -222,6 +258,9 @@ def push(
     check_input(folder, "--dir", folder=True)
     repo = Repository.parse(registry)
     digest, tags = push_netboot(folder, repo)
+    if as_json:
+        typer.echo(json.dumps({"repository": str(repo), "digest": digest, "tags": list(tags)}, indent=2))
+        return
     typer.echo(f"pushed: {repo}@{digest}")
     for tag in tags:
         typer.echo(f"tag     {repo}:{tag}")
@@ -231,9 +270,11 @@ def push(
 def pull(
     reference: Annotated[str, typer.Argument(metavar="REF", help="HOST/REPO:TAG or HOST/REPO@sha256:….")],
     dest: Annotated[Path, typer.Option("--dest", help="Where netboot sets are kept.")] = Path("pxe-root/artifacts"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Fetch a netboot set, check every file's sha256 against its manifest, then switch DEST/TARGET-VARIANT
     to it atomically (the files live in DEST/sets/). `builder pxe publish --artifacts DEST` boots nodes from it."""
+    check_output(dest, "--dest", folder=True)
     dest.mkdir(parents=True, exist_ok=True)
     # The lock lives in the cache, not in DEST: a pull that is refused leaves nothing in DEST.
     where = hashlib.sha256(str(dest.resolve()).encode()).hexdigest()[:16]
@@ -242,4 +283,7 @@ def pull(
         for leftover in [*(dest / "sets").glob(".pull-*"), *dest.glob(".*.link")]:
             remove_path(leftover)
         final = pull_netboot(reference, dest)
+    if as_json:
+        typer.echo(json.dumps({"reference": reference, "folder": str(final)}, indent=2))
+        return
     typer.echo(f"pulled {reference} into {final}")

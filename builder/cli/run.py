@@ -1,5 +1,6 @@
 """`builder run` and `builder toolbox …`: a built image of any flavour as a container on this host."""
 
+import json
 import os
 import shlex
 import shutil
@@ -9,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from builder.cli.common import DEFAULT_FLAVOUR, EngineOpt, FlavourOpt, RecipeOpt, TargetOpt, VariantOpt, prepared
+from builder.cli.common import (
+    DEFAULT_FLAVOUR,
+    JSON_ERRORS,
+    EngineOpt,
+    FlavourOpt,
+    RecipeOpt,
+    TargetOpt,
+    VariantOpt,
+    prepared,
+)
 from builder.cli.conventions import err
 from builder.core.errors import RecipeError
 from builder.core.run import replace_process
@@ -38,6 +48,8 @@ def run(
     name: Annotated[str | None, typer.Option(help="Container name.")] = None,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
     print_only: Annotated[bool, typer.Option("--print", help="Print the engine command, run nothing.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help=f"With --print: the command as a JSON list of words ({JSON_ERRORS}).")] = False,
     env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the container (repeatable).")] = None,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
     shm_size: Annotated[str, typer.Option(
@@ -54,6 +66,8 @@ def run(
     vLLM images (--flavour vllm) get a 16 GB /dev/shm (--shm-size); a host model folder given as
     `serve PATH` is mounted read-only under /models.
     """
+    if as_json and not print_only:
+        raise RecipeError("--json goes with --print (a running container reports nothing)", "add --print")
     kind = flavour_named(flavour)
     driver_dirs = tuple(driver_dir or ())
     for folder in driver_dirs:
@@ -82,7 +96,7 @@ def run(
     argv = container_argv(chosen, image, role, role_args, name=name, detach=detach,
                           run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *extra_flags))
     if print_only:
-        typer.echo(" ".join(argv))
+        typer.echo(json.dumps(list(argv)) if as_json else " ".join(argv))
         return
     replace_process(argv)
 
@@ -108,6 +122,7 @@ ToolOpt = Annotated[str, typer.Option("--tool", help=f"{', '.join(TOOL_CHOICES)}
                                       "then podman).")]
 BoxNameOpt = Annotated[str | None, typer.Option("--name", help="Container name (default builder-TARGET-VARIANT).")]
 PrintOpt = Annotated[bool, typer.Option("--print", help="Print the commands, run nothing.")]
+PrintJsonOpt = Annotated[bool, typer.Option("--json", help=f"With --print: env and steps as JSON ({JSON_ERRORS}).")]
 
 
 def _box(tool: str, flavour: str, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
@@ -142,8 +157,13 @@ def _require_box(box: Box, hint: str) -> None:
         raise RecipeError(f"no container {box.name}", hint)
 
 
-def _steps(box: Box, steps: list[list[str]], print_only: bool) -> None:
+def _steps(box: Box, steps: list[list[str]], print_only: bool, as_json: bool) -> None:
     env = box.tool_env()
+    if as_json and not print_only:
+        raise RecipeError("--json goes with --print", "add --print")
+    if as_json:
+        typer.echo(json.dumps({"env": env, "steps": steps}, indent=2))
+        return
     if print_only:
         prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
         for argv in steps:
@@ -162,6 +182,7 @@ def toolbox_create(
     tool: ToolOpt = "auto",
     print_only: PrintOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    as_json: PrintJsonOpt = False,
 ) -> None:
     """Create a toolbox container from a target's image, with the variant's devices, groups and environment.
 
@@ -174,7 +195,7 @@ def toolbox_create(
             raise RecipeError(f"container {box.name} already exists",
                               f"enter it with `builder toolbox enter --name {box.name}`, or remove it first "
                               f"with `builder toolbox rm --name {box.name} --tool {box.tool}`")
-    _steps(box, box.create(), print_only)
+    _steps(box, box.create(), print_only, as_json)
 
 
 @toolbox_app.command("enter", context_settings=EXTRA_ARGS)
@@ -187,6 +208,7 @@ def toolbox_enter(
     tool: ToolOpt = "auto",
     print_only: PrintOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    as_json: PrintJsonOpt = False,
 ) -> None:
     """Enter a toolbox container: a login shell, or the command after `--`.
 
@@ -198,7 +220,7 @@ def toolbox_enter(
         create = f"builder toolbox create{flags} --target {target}" if target else "builder toolbox create"
         _require_box(box, f"create it first: {create}")
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    _steps(box, box.enter(list(command or []), tty), print_only)
+    _steps(box, box.enter(list(command or []), tty), print_only, as_json)
 
 
 @toolbox_app.command("rm")
@@ -210,9 +232,10 @@ def toolbox_rm(
     tool: ToolOpt = "auto",
     print_only: PrintOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    as_json: PrintJsonOpt = False,
 ) -> None:
     """Remove a toolbox container (stopping it first); the image stays."""
     box = _box(tool, flavour, target, recipe, variant, name)
     if not print_only:
         _require_box(box, "`podman ps --all` lists the containers")
-    _steps(box, box.remove(), print_only)
+    _steps(box, box.remove(), print_only, as_json)
