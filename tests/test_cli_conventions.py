@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from builder.cli.conventions import GLOBAL_OPTIONS, REMOVED_AT, hoist_globals
 from builder.cli.main import app
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 MAC = "52:54:00:12:34:56"
 
@@ -165,3 +165,28 @@ def test_pxe_publish_list_and_rollback_report_as_json(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and refused.stdout == "" and refused.stderr.startswith("error: ")
     missing = invoke("pxe", "list", "--root", str(tmp_path / "nope"), "--json")
     assert missing.exit_code == 2 and missing.stderr.startswith("error: --root")
+
+
+def test_every_verb_that_reads_recipes_takes_recipes_dir_and_its_variable() -> None:
+    for words, command in leaves(get_command(app)):
+        names = {p.name for p in command.params}
+        if {"target", "recipe", "inventory", "file"} & names and words != ("doctor",):  # doctor reads the table
+            recipes = next((p for p in command.params if p.name == "recipes"), None)
+            assert recipes is not None, f"builder {' '.join(words)} reads recipes but has no --recipes"
+            assert recipes.envvar == "BUILDER_RECIPES", words
+
+
+def test_targets_reads_the_recipes_folder_given_or_from_the_environment(tmp_path: Path) -> None:
+    own = tmp_path / "recipes"
+    own.mkdir()
+    (own / "cpu.yaml").write_text((ROOT / "recipes" / "cpu.yaml").read_text())
+    by_option = json.loads(invoke("targets", "--json", "--recipes", str(own)).stdout)
+    assert {(e["target"], e["variant"]) for e in by_option if e["llama_cpp"]} == {("cpu", "cpu")}
+    by_variable = CliRunner().invoke(app, ["targets", "--json"], env={"BUILDER_RECIPES": str(own)})
+    assert json.loads(by_variable.stdout) == by_option
+    shipped = json.loads(invoke("targets", "--json").stdout)  # nothing is left over from the last run
+    assert len([e for e in shipped if e["llama_cpp"]]) > 1
+    missing = invoke("plan", "--target", "cpu", "--recipes", str(tmp_path / "nope"))
+    assert missing.exit_code == 2 and missing.stderr.startswith(f"error: --recipes {tmp_path / 'nope'}: no such")
+    absent = invoke("plan", "--target", "nvidia", "--recipes", str(own))
+    assert absent.exit_code == 2 and "nvidia.yaml is missing" in absent.stderr.splitlines()[0]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from builder.cli.common import JSON_ERRORS, JsonOpt
+from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt
 from builder.cli.conventions import check_output
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
@@ -43,6 +43,7 @@ def up(
     engine: EngineOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every server to be healthy.")] = 180,
     as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Start every service's servers and RPC workers and the gateway; print the endpoint and the key's file.
 
@@ -73,8 +74,8 @@ def up(
 
 
 @cluster_app.command()
-def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt = None, as_json: JsonOpt = False
-         ) -> None:
+def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt = None, as_json: JsonOpt = False,
+         recipes: RecipesOpt = None) -> None:
     """Remove the cluster's containers and stop its gateway (the API key is kept for the next `up`).
 
     Without --local: stop the gateway; netbooted nodes keep running."""
@@ -92,6 +93,7 @@ def status(
     is_local: LocalOpt = False,
     engine: EngineOpt = None,
     as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Every service, its servers and workers, and their health as the gateway sees it."""
     loaded = _loaded(inventory, is_local)
@@ -120,6 +122,7 @@ def logs(
     only: Annotated[str | None, typer.Argument(help="Only containers whose name contains this (node, service).")
                     ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n", help="Lines per container.")] = 50,
+    recipes: RecipesOpt = None,
 ) -> None:
     """The last lines of every server's and worker's output (--local; netbooted nodes print to their consoles)."""
     if not is_local:
@@ -136,6 +139,7 @@ def commands(
                       ] = "/srv/models",
     as_json: Annotated[bool, typer.Option(
         "--json", help=f"One object per node: node, address, argv lists ({JSON_ERRORS}).")] = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """The `builder run` commands each node runs, for nodes builder does not netboot (e.g. NVIDIA boxes).
 
@@ -178,6 +182,7 @@ def firewall(
     node: Annotated[str | None, typer.Option("--node", help="Print this node's rules.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write NODE.nft for every node into this folder.")
                    ] = None,
+    recipes: RecipesOpt = None,
 ) -> None:
     """nftables rules for every compute node: new connections only from the cluster's addresses.
 

@@ -6,10 +6,12 @@ from typing import Annotated
 import typer
 
 from builder.build.flavour import Prepared
+from builder.cli.conventions import check_input
 from builder.engines import ENGINE_CHOICES
 from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import FLAVOURS, flavour_named, prepare, recipe_file
+from builder.recipe.load import use_recipes
 
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name: picks recipes/NAME.yaml.")]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Any recipe file instead of --target.")]
@@ -30,6 +32,18 @@ FlavourOpt = Annotated[
     str, typer.Option("--flavour", help=f"What the image serves with: {', '.join(FLAVOURS)} (recipes/vllm/).")
 ]
 DEFAULT_FLAVOUR = LLAMA_CPP.name
+
+
+def _use_recipes(folder: Path | None) -> Path | None:
+    if folder is not None:
+        check_input(folder, "--recipes", folder=True)
+    use_recipes(folder)
+    return folder
+
+
+RecipesOpt = Annotated[Path | None, typer.Option(
+    "--recipes", metavar="DIR", envvar="BUILDER_RECIPES", callback=_use_recipes, show_default=False,
+    help="Your own recipes folder (NAME.yaml, vllm/NAME.yaml, llama-cpp.yaml) instead of the shipped recipes/.")]
 
 
 def prepared(flavour: str, target: str | None, recipe: Path | None, variant: str | None,

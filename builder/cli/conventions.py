@@ -16,6 +16,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from builder.core.errors import BuilderError, CommandError, RecipeError
+from builder.recipe.load import use_recipes
 
 # Spellings that still work but print one line saying so; they go at this version.
 REMOVED_AT = "0.3.0"
@@ -110,6 +111,7 @@ class BuilderGroup(TyperGroup):
              standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
         words = hoist_globals(self, list(sys.argv[1:] if args is None else args))
         State.debug = False  # the callback sets it; an in-process caller may run the app many times
+        use_recipes(None)  # so does --recipes, on the verbs that read recipes
         try:
             code = super().main(words, prog_name or "builder", complete_var, standalone_mode=False, **extra)
         except BuilderError as exc:

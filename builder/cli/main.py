@@ -21,6 +21,7 @@ from builder.cli.common import (
     JsonOpt,
     LockOpt,
     RecipeOpt,
+    RecipesOpt,
     SourceOpt,
     TargetOpt,
     VariantOpt,
@@ -37,7 +38,7 @@ from builder.flavours.prepare import flavour_named, recipe_file
 from builder.flavours.vllm import lock_variant
 from builder.publish.image import publish as publish_image
 from builder.publish.sbom import read_contents, sbom_bytes
-from builder.recipe.load import RECIPES_DIR, display_path, select
+from builder.recipe.load import RECIPES_DIR, display_path, recipes_dir, select
 from builder.registry.client import Repository
 from builder.use.doctor import diagnose
 from builder.use.launch import image_for_run
@@ -77,7 +78,7 @@ def _options(
 
 
 @app.command()
-def targets(as_json: JsonOpt = False) -> None:
+def targets(as_json: JsonOpt = False, recipes: RecipesOpt = None) -> None:
     """List every target/variant (the default marked *): which shipped recipes build it and its state here.
 
     LLAMA.CPP: in recipes/NAME.yaml; VLLM: in recipes/vllm/NAME.yaml (--flavour vllm); STATE: how far it got on
@@ -106,6 +107,7 @@ def plan(
     llama_cpp_source: SourceOpt = None,
     as_json: JsonOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Resolve a recipe into a build plan: bases, pinned inputs, flags, labels and the image tag."""
     prep = prepared(flavour, target, recipe, variant, llama_cpp_source)
@@ -129,6 +131,7 @@ def render(
              "vLLM: the locked wheels into the cache), ready to build.")] = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
     as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Write the build context (Containerfile, scripts, plan.json) without building anything."""
     check_output(out, "--out", folder=True)
@@ -168,6 +171,7 @@ def build_cmd(
     lock_path: LockOpt = lockfile.LOCK_FILE,
     as_json: JsonOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Render, build and smoke-test an image; print its reference and digest.
 
@@ -193,6 +197,7 @@ def publish(
     lock_path: LockOpt = lockfile.LOCK_FILE,
     as_json: JsonOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Build if needed, push by digest, verify the registry's digest, then tag; skip if already published.
 
@@ -223,7 +228,7 @@ def publish(
 def lock(
     check: Annotated[bool, typer.Option("--check", help="Exit 1 when recipes and lock disagree.")] = False,
     lock_path: LockOpt = lockfile.LOCK_FILE,
-    recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
+    recipes: RecipesOpt = None,
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
     variant: VariantOpt = None,
@@ -248,6 +253,7 @@ def lock(
             return
         typer.echo(f"locked {len(pinned.pins)} packages into {display_path(path)}")
         return
+    recipes = recipes or recipes_dir()
     if check:
         lines = lockfile.check(lock_path, recipes)
         if as_json:
@@ -276,6 +282,7 @@ def pin(
     variant: Annotated[str | None, typer.Option("--variant", help="Only this variant (default: all).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and print the values; write nothing.")] = False,
     as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Fill the recipe's placeholder pins (all zeros) with values read from their sources.
 
@@ -305,14 +312,14 @@ def pin(
 
 @app.command()
 def matrix(
-    recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
+    recipes: RecipesOpt = None,
     flavour: Annotated[str | None, typer.Option(
         "--flavour", help="Only this flavour's images (llama.cpp or vllm); default: both.")] = None,
 ) -> None:
     """Print the CI matrix as JSON: `include`, the images with every input pinned; `render_only`, the others."""
     if flavour is not None:
         flavour_named(flavour)
-    typer.echo(json.dumps(ci_matrix(recipes, flavour), separators=(",", ":")))
+    typer.echo(json.dumps(ci_matrix(recipes or recipes_dir(), flavour), separators=(",", ":")))
 
 
 @app.command()
@@ -323,6 +330,7 @@ def sbom(
     engine: EngineOpt = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Write the SPDX 2.3 SBOM of the built image: its OS (from its os-release) and packages, its Python
     packages, llama.cpp or vLLM, SDK wheels and vendor .debs."""

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from builder.build.pipeline import build
-from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt
+from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, RecipesOpt
 from builder.cli.conventions import check_input, check_output, cluster_file, deprecated
 from builder.cluster.firewall import for_netboot
 from builder.core.errors import RecipeError, Stopped
@@ -67,6 +67,7 @@ def build_cmd(
                    ] = None,
     as_json: JsonOpt = False,
     flavour: FlavourOpt = LLAMA_CPP.name,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Make the netboot flavour of a target's image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS, manifest.json.
 
@@ -103,6 +104,7 @@ def publish_cmd(
         "instead of building images on this machine.")] = None,
     as_json: JsonOpt = False,
     old_inventory: Annotated[Path | None, typer.Option("--inventory", hidden=True)] = None,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Write a new generation for the cluster file into pxe-root/ and make it current (atomically).
 

@@ -16,6 +16,7 @@ from builder.cli.common import (
     EngineOpt,
     FlavourOpt,
     RecipeOpt,
+    RecipesOpt,
     TargetOpt,
     VariantOpt,
     prepared,
@@ -58,6 +59,7 @@ def run(
     driver_dir: Annotated[list[Path] | None, typer.Option(
         "--driver-dir", help="A folder to take the variant's host driver libraries from before the host's own "
         "library folders (e.g. Intel's NPU driver unpacked with dpkg-deb -x).")] = None,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Run an image in a role on the host network (model files given with --model are mounted).
 
@@ -183,6 +185,7 @@ def toolbox_create(
     print_only: PrintOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
     as_json: PrintJsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Create a toolbox container from a target's image, with the variant's devices, groups and environment.
 
@@ -209,6 +212,7 @@ def toolbox_enter(
     print_only: PrintOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
     as_json: PrintJsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Enter a toolbox container: a login shell, or the command after `--`.
 
@@ -233,6 +237,7 @@ def toolbox_rm(
     print_only: PrintOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
     as_json: PrintJsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Remove a toolbox container (stopping it first); the image stays."""
     box = _box(tool, flavour, target, recipe, variant, name)

@@ -19,6 +19,24 @@ S = TypeVar("S")
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 # The one llama.cpp pin every shipped recipe builds: nodes with different builds fail the RPC handshake.
 SHARED_PIN = RECIPES_DIR / "llama-cpp.yaml"
+# --recipes DIR / $BUILDER_RECIPES: the user's own recipes folder, for this run (set by the CLI).
+_recipes_folder: list[Path] = []
+
+
+def use_recipes(folder: Path | None) -> None:
+    """Read recipes from `folder` (NAME.yaml, vllm/NAME.yaml, llama-cpp.yaml) instead of the shipped ones."""
+    _recipes_folder[:] = [folder] if folder is not None else []
+
+
+def recipes_dir() -> Path:
+    """The recipes folder of this run: --recipes DIR, else the shipped recipes/."""
+    return _recipes_folder[0] if _recipes_folder else RECIPES_DIR
+
+
+def shared_pin() -> Path:
+    """llama-cpp.yaml of the recipes folder of this run, else the shipped one."""
+    own = recipes_dir() / SHARED_PIN.name
+    return own if own.is_file() else SHARED_PIN
 
 _FRIENDLY = {
     "extra_forbidden": "unknown key (see `builder schema` for the allowed keys)",
@@ -59,7 +77,7 @@ def format_validation_error(where: str, err: ValidationError) -> str:
 
 def recipe_path_for(target: str, folder: Path | None = None, kind: str = "") -> Path:
     """FOLDER (default recipes/)/<target>.yaml; `kind` names the flavour's recipes in messages ("vLLM ")."""
-    folder = folder or RECIPES_DIR
+    folder = folder or recipes_dir()
     if target not in TARGETS:
         raise RecipeError(f"unknown target {target!r}", f"known targets: {known_targets()}")
     path = folder / f"{target}.yaml"
@@ -103,7 +121,7 @@ def validated(model: type[M], path: Path, data: dict[str, Any]) -> M:
         raise RecipeError(format_validation_error(display_path(path), exc)) from None
 
 
-def load_recipe(path: Path, shared_pin: Path = SHARED_PIN) -> Recipe:
+def load_recipe(path: Path, pin: Path | None = None) -> Recipe:
     """A validated recipe; without its own llama_cpp block it gets the shared pin."""
     recipe = validated(Recipe, path, load_yaml(path))
     where = display_path(path)
@@ -113,7 +131,8 @@ def load_recipe(path: Path, shared_pin: Path = SHARED_PIN) -> Recipe:
         if name not in entry.variants:
             raise RecipeError(f"{where}: variants.{name}: {entry.name} has no variant {name!r}", why_not(entry, name))
     if recipe.llama_cpp is None:
-        recipe = recipe.model_copy(update={"llama_cpp": validated(LlamaCpp, shared_pin, load_yaml(shared_pin))})
+        pin = pin or shared_pin()
+        recipe = recipe.model_copy(update={"llama_cpp": validated(LlamaCpp, pin, load_yaml(pin))})
     return recipe
 
 

@@ -1,7 +1,7 @@
 """`builder targets`: one entry per target/variant, from the target table, the shipped recipes and STATES."""
 
 from builder.flavours.vllm import vllm_variants
-from builder.recipe.load import RECIPES_DIR, load_recipe
+from builder.recipe.load import load_recipe, recipes_dir
 from builder.recipe.targets import TARGETS, state_of
 
 
@@ -9,7 +9,7 @@ def target_entries() -> list[dict[str, object]]:
     """Each variant: its default mark, whether the llama.cpp and vLLM recipes build it, and its state here."""
     entries: list[dict[str, object]] = []
     for target in TARGETS.values():
-        path = RECIPES_DIR / f"{target.name}.yaml"
+        path = recipes_dir() / f"{target.name}.yaml"
         in_recipe = set(load_recipe(path).variants) if path.is_file() else set()
         in_vllm = set(vllm_variants(target.name))
         for variant in target.variants.values():
