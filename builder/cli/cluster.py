@@ -126,6 +126,7 @@ def logs(
 ) -> None:
     """The last lines of every server's and worker's output (--local; netbooted nodes print to their consoles)."""
     if not is_local:
+        load_cluster(inventory)  # a wrong file is the first thing to say
         raise RecipeError("builder cluster logs: netbooted nodes print their servers' output on their consoles",
                           "read the node's serial console (`builder-node:` lines), or try the cluster with --local")
     local.logs(_loaded(inventory, is_local), engine, only, lines)

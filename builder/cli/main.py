@@ -30,7 +30,7 @@ from builder.cli.common import (
 from builder.cli.conventions import BuilderGroup, State, check_input, check_output, err
 from builder.cli.pxe import pxe_app
 from builder.cli.run import EXTRA_ARGS, run, toolbox_app
-from builder.core.errors import BuilderError, Stopped, request_stop
+from builder.core.errors import BuilderError, RecipeError, Stopped, request_stop
 from builder.engines import cleanup, get_engine
 from builder.fetch.pin import pin_recipe
 from builder.flavours import lock as lockfile
@@ -246,6 +246,9 @@ def lock(
     With --flavour vllm --target T: resolve that vLLM recipe's requirements for the image's Python and
     write its wheel lock beside it (exact versions + sha256, installed with pip's --require-hashes).
     """
+    if flavour_named(flavour).name != "vllm" and (target or recipe or variant):
+        raise RecipeError("builder lock: --target, --recipe and --variant choose a vLLM recipe's wheel lock",
+                          "builder.lock covers every llama.cpp recipe: run `builder lock` alone, or add --flavour vllm")
     if flavour_named(flavour).name == "vllm" and not check:
         path, pinned = lock_variant(recipe_file(target, recipe, flavour_named(flavour)), variant)
         if as_json:

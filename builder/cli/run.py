@@ -74,8 +74,9 @@ def run(
     driver_dirs = tuple(driver_dir or ())
     for folder in driver_dirs:
         if not folder.is_dir():
-            raise RecipeError(f"--driver-dir {folder}: no such folder", "pass the folder that holds the driver's "
-                              "libraries, e.g. usr/lib/x86_64-linux-gnu of the unpacked .debs")
+            raise RecipeError(f"--driver-dir {folder}: {'not a' if folder.exists() else 'no such'} folder",
+                              "pass the folder that holds the driver's libraries, e.g. usr/lib/x86_64-linux-gnu of "
+                              "the unpacked .debs")
     if role not in kind.roles:
         raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(kind.roles)}")
     chosen = get_engine(engine)

@@ -111,6 +111,12 @@ def load_yaml(path: Path, what: str = "recipe", hint: str = "pass --target NAME 
         raise RecipeError(f"{where}:{line}: {problem}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: (top level): expected a mapping of keys, got {type(data).__name__}")
+    if what == "cluster" and "nodes" not in data and {"target", "variants"} <= data.keys():
+        raise RecipeError(f"{where}: this is a recipe (target:, variants:), not a cluster file",
+                          "a cluster file has nodes: (docs/clusters.md); a recipe goes to --recipe or --recipes")
+    if what == "recipe" and "nodes" in data and "target" not in data:
+        raise RecipeError(f"{where}: this is a cluster file (nodes:), not a recipe",
+                          "give it to `builder cluster …` or `builder pxe publish`; a recipe has target: and variants:")
     return data
 
 

@@ -1,0 +1,139 @@
+"""Every verb, found by walking the app (a new verb is covered without naming it here), given a wrong path:
+one `error:` line (and at most a hint), exit 2, no traceback, nothing half-written."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from builder.cli.main import app
+from conftest import ROOT, run_cli
+
+RECIPE = ROOT / "recipes" / "cpu.yaml"
+# What each parameter is, by its name. A new parameter that takes a path must be named here.
+CLUSTER_FILES = {"inventory", "file"}
+RECIPE_FILES = {"recipe"}
+INPUT_FILES = {"model"}
+INPUT_FOLDERS = {"folder", "driver_dir", "pulled", "recipes"}
+OUTPUT_FOLDERS = {"out", "dest"}
+OUTPUT_FILES = {("sbom", "out")}  # (verb, parameter): an output that is a file, not a folder
+# Paths that are read or written depending on the verb: `root` is written by pxe publish, read by the others.
+ROOT_WRITTEN = {("pxe", "publish")}
+NOT_PATHS_HERE = {"lock_path"}  # the lock: builder.lock of the project unless given; tests/test_lock.py
+# Values for required parameters that are not under test (never reached: the wrong path stops the verb first).
+FILLERS = {"registry": "127.0.0.1:9/x", "role": "server", "reference": "127.0.0.1:9/x:t", "target": "cpu"}
+
+
+def leaves(command: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    subs = getattr(command, "commands", None)
+    if subs is None:
+        return [(path, command)]
+    return [leaf for name, sub in sorted(subs.items()) for leaf in leaves(sub, (*path, name))]
+
+
+VERBS = leaves(get_command(app))
+
+
+def kind(words: tuple[str, ...], name: str) -> str | None:
+    if name in CLUSTER_FILES:
+        return "cluster"
+    if name in RECIPE_FILES:
+        return "recipe"
+    if name in INPUT_FILES:
+        return "input-file"
+    if name in INPUT_FOLDERS or (name == "root" and words not in ROOT_WRITTEN):
+        return "input-folder"
+    if (words[-1], name) in OUTPUT_FILES:
+        return "output-file"
+    if name in OUTPUT_FOLDERS or name == "root":
+        return "output-folder"
+    return None
+
+
+def argv(words: tuple[str, ...], command: Any, param: Any, value: str, tmp: Path) -> list[str]:
+    """The verb with `value` for `param`, the required rest filled in: options first, then arguments."""
+    options: list[str] = ["--print"] if any(p.name == "print_only" for p in command.params) else []
+    positional: list[str] = []
+    for p in command.params:
+        if p is param:
+            given = value
+        elif p.name in CLUSTER_FILES and p.param_type_name == "argument":
+            given = str(tmp / "cluster.yaml")  # not there: the path under test is checked first
+        elif p.required:
+            given = str(tmp / "new-out") if p.name in OUTPUT_FOLDERS else FILLERS[p.name]
+        else:
+            continue
+        if p.param_type_name == "argument":
+            positional.append(given)
+        else:
+            options += [p.opts[0], given]
+    return [*words, *options, *positional]
+
+
+def cases(tmp: Path) -> list[tuple[str, list[str]]]:
+    """(what, argv) for every verb and every path parameter it takes."""
+    found = []
+    a_file = tmp / "a-file"
+    cluster = tmp / "real-cluster.yaml"
+    for words, command in VERBS:
+        for param in command.params:
+            what = kind(words, param.name)
+            if what is None or param.hidden:
+                type_text = str(getattr(param, "type_descriptor", getattr(param, "type", ""))).lower()
+                assert param.name in NOT_PATHS_HERE or param.hidden or "path" not in type_text, \
+                    f"builder {' '.join(words)}: name {param.name} in one of the tables above"
+                continue
+            tries = {"input-file": [tmp / "missing.gguf", tmp], "input-folder": [tmp / "missing", a_file],
+                     "output-folder": [a_file, a_file / "under-a-file"],
+                     "output-file": [tmp, a_file / "under-a-file"],
+                     "cluster": [tmp / "missing.yaml", RECIPE], "recipe": [tmp / "missing.yaml", cluster]}[what]
+            for value in tries:
+                found.append((f"{' '.join(words)} {param.name}={value.name}", argv(words, command, param, str(value),
+                                                                                     tmp)))
+    return found
+
+
+def setup(tmp: Path) -> None:
+    (tmp / "a-file").write_text("not a folder\n")
+    (tmp / "real-cluster.yaml").write_text(yaml.safe_dump({
+        "control": {"address": "10.0.2.2"},
+        "nodes": [{"name": "n1", "mac": "52:54:00:12:34:56", "target": "cpu", "role": "rpc-worker"}]}))
+
+
+def test_every_verb_refuses_every_wrong_path_in_one_line(tmp_path: Path) -> None:
+    setup(tmp_path)
+    found = cases(tmp_path)
+    assert len(found) > 40  # the walk found the verbs
+    wrong = []
+    for what, args in found:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        result = CliRunner().invoke(app, args)
+        lines = result.stderr.splitlines()
+        ok = result.exit_code == 2 and lines and lines[0].startswith("error: ") and "Traceback" not in result.output \
+            and len(lines) <= 2 and (len(lines) == 1 or lines[1].startswith("hint: ")) and \
+            sorted(p.name for p in tmp_path.iterdir()) == before
+        # the wrong kind of file is named as such wherever the file is what the line is about
+        for name, says in (("cpu.yaml", "not a cluster file"), ("real-cluster.yaml", "not a recipe")):
+            if ok and what.endswith(f"={name}") and name in lines[0]:
+                ok = says in lines[0]
+        if not ok:
+            wrong.append(f"{what}: builder {' '.join(args)} -> exit {result.exit_code}: {result.stderr[-300:]!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("args", [
+    ("plan", "--recipe", "{tmp}/missing.yaml"),
+    ("cluster", "status", str(RECIPE)),
+    ("render", "--target", "cpu", "--out", "{tmp}/a-file"),
+    ("pxe", "publish", "{tmp}/real-cluster.yaml", "--root", "{tmp}/a-file/under"),
+    ("doctor", "--model", "{tmp}"),
+])
+def test_a_handful_as_real_processes(tmp_path: Path, args: tuple[str, ...]) -> None:
+    setup(tmp_path)
+    proc = run_cli(*(a.format(tmp=tmp_path) for a in args))
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and lines[0].startswith("error: ") and len(lines) <= 2, proc.stderr
+    assert "Traceback" not in proc.stderr
