@@ -137,3 +137,38 @@ def test_a_handful_as_real_processes(tmp_path: Path, args: tuple[str, ...]) -> N
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and lines[0].startswith("error: ") and len(lines) <= 2, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def node(name: str, mac: str, address: str) -> dict[str, str]:
+    return {"name": name, "mac": mac, "target": "cpu", "address": address}
+
+
+@pytest.mark.parametrize(("second", "field"), [
+    (node("a", "52:54:00:00:00:02", "10.0.0.12"), "nodes[1].name: 'a' is already nodes[0]"),
+    (node("b", "52:54:00:00:00:01", "10.0.0.12"), "nodes[1].mac: 52:54:00:00:00:01 is already nodes[0]"),
+    (node("b", "52:54:00:00:00:02", "10.0.0.11"), "nodes[1].address: 10.0.0.11 is already nodes[0]"),
+])
+def test_duplicate_identities_are_refused_in_both_forms(tmp_path: Path, second: dict[str, str], field: str) -> None:
+    first = node("a", "52:54:00:00:00:01", "10.0.0.11")
+    services = {"control": {"address": "10.0.0.1"}, "nodes": [first, second],
+                "services": [{"name": "m", "model": "m.gguf", "sha256": "0" * 64, "nodes": ["a"]}]}
+    netboot = {"control": {"address": "10.0.0.1"}, "nodes": [{**first, "role": "rpc-worker"},
+                                                             {**second, "role": "rpc-worker"}]}
+    path = tmp_path / "cluster.yaml"
+    for data, args in ((services, ["cluster", "status", str(path)]),
+                       (netboot, ["pxe", "publish", str(path), "--root", str(tmp_path / "root")])):
+        path.write_text(yaml.safe_dump(data))
+        result = CliRunner().invoke(app, args)
+        lines = result.stderr.splitlines()
+        assert result.exit_code == 2 and lines[0].startswith("error: ") and field in lines[0], (args, result.stderr)
+
+
+@pytest.mark.parametrize(("args", "suggestion"), [
+    (("plan", "--target", "strixhalo"), "did you mean 'strix-halo'?"),
+    (("plan", "--target", "strix-halo", "--variant", "vulcan"), "did you mean 'vulkan'?"),
+    (("run", "--print", "--image", "localhost/x:y", "sevrer"), "did you mean 'server'?"),
+    (("plan", "--flavour", "vlm", "--target", "cpu"), "did you mean 'vllm'?"),
+])
+def test_unknown_names_get_the_closest_known_one(args: tuple[str, ...], suggestion: str) -> None:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 2 and suggestion in result.stderr.splitlines()[0], result.stderr

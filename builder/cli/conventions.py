@@ -113,7 +113,7 @@ class BuilderGroup(TyperGroup):
         State.debug = False  # the callback sets it; an in-process caller may run the app many times
         use_recipes(None)  # so does --recipes, on the verbs that read recipes
         try:
-            code = super().main(words, prog_name or "builder", complete_var, standalone_mode=False, **extra)
+            code = super().main(words, "builder", complete_var, standalone_mode=False, **extra)
         except BuilderError as exc:
             if State.debug:
                 traceback.print_exc()

@@ -28,7 +28,7 @@ from builder.engines import get_engine
 from builder.engines.host import driver_volumes
 from builder.flavours.prepare import flavour_named
 from builder.recipe.load import select
-from builder.recipe.targets import Host
+from builder.recipe.targets import Host, did_you_mean
 from builder.use.launch import container_argv, image_for_run
 from builder.use.toolbox import TOOL_CHOICES, Box, check_tool, exists, pick_tool, run_steps, tool_of
 
@@ -78,7 +78,7 @@ def run(
                               "pass the folder that holds the driver's libraries, e.g. usr/lib/x86_64-linux-gnu of "
                               "the unpacked .debs")
     if role not in kind.roles:
-        raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(kind.roles)}")
+        raise RecipeError(f"unknown role {role!r}{did_you_mean(role, kind.roles)}", f"roles: {', '.join(kind.roles)}")
     chosen = get_engine(engine)
     role_args, extra_flags = kind.run_flags(role, list(args or []), shm_size)
     host = Host()

@@ -177,7 +177,13 @@ def server_port(service: Service, index: int) -> int:
 def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
     index: dict[str, int] = {}
     macs: dict[str, int] = {}
+    addresses: dict[str, int] = {}
     for i, node in enumerate(cluster.nodes):
+        if node.address and node.address in addresses:
+            raise RecipeError(f"{where}: nodes[{i}].address: {node.address} is already "
+                              f"nodes[{addresses[node.address]}]", "every node has its own address")
+        if node.address:
+            addresses[node.address] = i
         if node.name in index:
             raise RecipeError(f"{where}: nodes[{i}].name: {node.name!r} is already nodes[{index[node.name]}]",
                               "give every node its own name")

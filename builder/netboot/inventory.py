@@ -144,7 +144,13 @@ class Cluster(Strict):
 def _check(cluster: Cluster, where: str, base: Path) -> None:
     seen_names: dict[str, int] = {}
     seen_macs: dict[str, int] = {}
+    seen_addresses: dict[str, int] = {}
     for i, node in enumerate(cluster.nodes):
+        if node.address and node.address in seen_addresses:
+            raise RecipeError(f"{where}: nodes[{i}].address: {node.address} is already "
+                              f"nodes[{seen_addresses[node.address]}]", "every node has its own address")
+        if node.address:
+            seen_addresses[node.address] = i
         if node.name in seen_names:
             raise RecipeError(f"{where}: nodes[{i}].name: {node.name!r} is already nodes[{seen_names[node.name]}]")
         if node.mac in seen_macs:

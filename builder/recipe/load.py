@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from builder import PROJECT_ROOT
 from builder.core.errors import RecipeError
 from builder.recipe.models import LlamaCpp, Recipe
-from builder.recipe.targets import TARGETS, Target, Variant, known_targets, why_not
+from builder.recipe.targets import TARGETS, Target, Variant, did_you_mean, known_targets, why_not
 
 M = TypeVar("M", bound=BaseModel)
 S = TypeVar("S")
@@ -79,7 +79,8 @@ def recipe_path_for(target: str, folder: Path | None = None, kind: str = "") -> 
     """FOLDER (default recipes/)/<target>.yaml; `kind` names the flavour's recipes in messages ("vLLM ")."""
     folder = folder or recipes_dir()
     if target not in TARGETS:
-        raise RecipeError(f"unknown target {target!r}", f"known targets: {known_targets()}")
+        raise RecipeError(f"unknown target {target!r}{did_you_mean(target, TARGETS)}",
+                          f"known targets: {known_targets()}")
     path = folder / f"{target}.yaml"
     if not path.is_file():
         with_recipes = sorted(t for t in TARGETS if (folder / f"{t}.yaml").is_file())
@@ -156,10 +157,12 @@ def select(target: str, variant: str | None, where: str = "", variant_from_cli: 
     """The table entries for a target and variant; unknown names list the valid ones."""
     prefix = f"{where}: " if where else ""
     if target not in TARGETS:
-        raise RecipeError(f"{prefix}target: unknown target {target!r}", f"known targets: {known_targets()}")
+        raise RecipeError(f"{prefix}target: unknown target {target!r}{did_you_mean(target, TARGETS)}",
+                          f"known targets: {known_targets()}")
     entry = TARGETS[target]
     name = variant or entry.default_variant
     if name not in entry.variants:
         field = "--variant" if variant_from_cli else f"{prefix}variant"
-        raise RecipeError(f"{field}: {target} has no variant {name!r}", why_not(entry, name))
+        raise RecipeError(f"{field}: {target} has no variant {name!r}{did_you_mean(name, entry.variants)}",
+                          why_not(entry, name))
     return entry, entry.variants[name]
