@@ -33,12 +33,14 @@ from builder.cli.run import EXTRA_ARGS, run, toolbox_app
 from builder.core.errors import BuilderError, RecipeError, Stopped, request_stop
 from builder.engines import cleanup, get_engine
 from builder.fetch.pin import pin_recipe
+from builder.fetch.provenance import llama_commit, pin_line, rpc_protocol
 from builder.flavours import lock as lockfile
 from builder.flavours.prepare import flavour_named, recipe_file
 from builder.flavours.vllm import lock_variant
 from builder.publish.image import publish as publish_image
 from builder.publish.sbom import read_contents, sbom_bytes
-from builder.recipe.load import RECIPES_DIR, display_path, recipes_dir, select
+from builder.recipe.load import RECIPES_DIR, display_path, load_yaml, recipes_dir, select, shared_pin, validated
+from builder.recipe.models import LlamaCpp
 from builder.registry.client import Repository
 from builder.use.doctor import diagnose
 from builder.use.launch import image_for_run
@@ -91,6 +93,9 @@ def targets(as_json: JsonOpt = False, recipes: RecipesOpt = None) -> None:
         return
     for line in target_rows(entries):
         typer.echo(line)
+    pin = shared_pin()
+    typer.echo()
+    typer.echo(pin_line(validated(LlamaCpp, pin, load_yaml(pin)).source, display_path(pin)))
 
 
 @app.command()
@@ -111,12 +116,21 @@ def plan(
 ) -> None:
     """Resolve a recipe into a build plan: bases, pinned inputs, flags, labels and the image tag."""
     prep = prepared(flavour, target, recipe, variant, llama_cpp_source)
+    facts: dict[str, str | None] = {}
+    if prep.tree is not None:  # llama.cpp: what people look up, beside the llama-cpp-python version
+        facts = {"llama_cpp_commit": llama_commit(prep.tree.info, prep.tree.path),
+                 "ggml_rpc_protocol": rpc_protocol(prep.tree.path)}
     if as_json:
-        typer.echo(json.dumps(prep.document(), indent=2, sort_keys=True))
+        typer.echo(json.dumps({**prep.document(), **facts}, indent=2, sort_keys=True))
         return
     for key, value in {"recipe": prep.plan.recipe, "target": prep.name, "image": prep.tag,
                        **prep.flavour.summary(prep)}.items():
         typer.echo(f"{key:<10} {value}")
+    if facts:
+        typer.echo(f"{'commit':<10} {facts['llama_cpp_commit'] or 'not recorded by this source'}")
+        protocol = facts["ggml_rpc_protocol"]
+        typer.echo(f"{'rpc':<10} " + (f"ggml RPC protocol {protocol} (every worker and server of a split model "
+                                      "speaks the same one)" if protocol else "no ggml RPC header in this source"))
 
 
 @app.command()
