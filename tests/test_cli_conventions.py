@@ -11,7 +11,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from builder.cli.conventions import GLOBAL_OPTIONS, REMOVED_AT, hoist_globals
-from builder.cli.main import app
+from builder.cli.main import IMAGES, OPERATE, app
 from conftest import ROOT, run_cli
 
 MAC = "52:54:00:12:34:56"
@@ -190,3 +190,12 @@ def test_targets_reads_the_recipes_folder_given_or_from_the_environment(tmp_path
     assert missing.exit_code == 2 and missing.stderr.startswith(f"error: --recipes {tmp_path / 'nope'}: no such")
     absent = invoke("plan", "--target", "nvidia", "--recipes", str(own))
     assert absent.exit_code == 2 and "nvidia.yaml is missing" in absent.stderr.splitlines()[0]
+
+
+def test_top_level_help_shows_the_operators_verbs_first_and_every_verb_in_a_panel() -> None:
+    group = get_command(app)
+    panels = {name: getattr(sub, "rich_help_panel", None) for name, sub in group.commands.items()}
+    assert set(panels.values()) == {OPERATE, IMAGES}, panels
+    assert {n for n, p in panels.items() if p == OPERATE} >= {"run", "cluster", "pxe"}
+    text = invoke("--help").stdout
+    assert text.index(OPERATE[:30]) < text.index(IMAGES[:30])

@@ -56,10 +56,13 @@ app = typer.Typer(
     add_completion=False,
     cls=BuilderGroup,
 )
-app.add_typer(pxe_app, name="pxe")
-app.add_typer(cluster_app, name="cluster")
-app.add_typer(toolbox_app, name="toolbox")
-app.command(context_settings=EXTRA_ARGS)(run)
+# `builder --help` shows what an operator needs first, then the verbs that make and vouch for images.
+OPERATE = "Run models: on this host, a cluster, netbooted nodes"
+IMAGES = "Images: plan, build, publish and their supply chain"
+app.command(context_settings=EXTRA_ARGS, rich_help_panel=OPERATE)(run)
+app.add_typer(cluster_app, name="cluster", rich_help_panel=OPERATE)
+app.add_typer(pxe_app, name="pxe", rich_help_panel=OPERATE)
+app.add_typer(toolbox_app, name="toolbox", rich_help_panel=OPERATE)
 
 
 def _print_version(wanted: bool) -> None:
@@ -79,7 +82,7 @@ def _options(
     logging.getLogger("builder.progress").setLevel(logging.INFO)  # what the library says it is waiting for
 
 
-@app.command()
+@app.command(rich_help_panel=OPERATE)
 def targets(as_json: JsonOpt = False, recipes: RecipesOpt = None) -> None:
     """List every target/variant (the default marked *): which shipped recipes build it and its state here.
 
@@ -98,13 +101,13 @@ def targets(as_json: JsonOpt = False, recipes: RecipesOpt = None) -> None:
     typer.echo(pin_line(validated(LlamaCpp, pin, load_yaml(pin)).source, display_path(pin)))
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def schema(flavour: FlavourOpt = DEFAULT_FLAVOUR) -> None:
     """Print the recipe JSON Schema (--flavour vllm: the vLLM recipe's)."""
     typer.echo(json.dumps(flavour_named(flavour).recipe_model.model_json_schema(), indent=2))
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def plan(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -133,7 +136,7 @@ def plan(
                                       "speaks the same one)" if protocol else "no ggml RPC header in this source"))
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def render(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the build context.")],
     target: TargetOpt = None,
@@ -174,7 +177,7 @@ def _print_build(result: BuildResult, as_json: bool) -> None:
         typer.echo(f"log     {result.log}")
 
 
-@app.command("build")
+@app.command("build", rich_help_panel=IMAGES)
 def build_cmd(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -199,7 +202,7 @@ def build_cmd(
     _print_build(build(prep, chosen, no_cache=no_cache), as_json)
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def publish(
     registry: Annotated[str, typer.Option("--registry", "-r", metavar="HOST/REPO",
                                           help="Where to publish, e.g. ghcr.io/OWNER/builder.")],
@@ -238,7 +241,7 @@ def publish(
         typer.echo(f"sbom    {result.sbom}")
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def lock(
     check: Annotated[bool, typer.Option("--check", help="Exit 1 when recipes and lock disagree.")] = False,
     lock_path: LockOpt = lockfile.LOCK_FILE,
@@ -292,7 +295,7 @@ def lock(
                f"base(s), {packages} packages)")
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def pin(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -327,7 +330,7 @@ def pin(
         typer.echo(f"next: review the diff, then {lockfile.HINT.removeprefix('run ')}")
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def matrix(
     recipes: RecipesOpt = None,
     flavour: Annotated[str | None, typer.Option(
@@ -339,7 +342,7 @@ def matrix(
     typer.echo(json.dumps(ci_matrix(recipes or recipes_dir(), flavour), separators=(",", ":")))
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def sbom(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -366,7 +369,7 @@ def sbom(
         err.print(f"wrote {out}")
 
 
-@app.command()
+@app.command(rich_help_panel=OPERATE)
 def doctor(
     target: Annotated[str, typer.Option("--target", "-t", help="Target to check the host for.")] = "cpu",
     variant: VariantOpt = None,
