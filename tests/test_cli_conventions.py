@@ -199,3 +199,12 @@ def test_top_level_help_shows_the_operators_verbs_first_and_every_verb_in_a_pane
     assert {n for n, p in panels.items() if p == OPERATE} >= {"run", "cluster", "pxe"}
     text = invoke("--help").stdout
     assert text.index(OPERATE[:30]) < text.index(IMAGES[:30])
+
+
+def test_run_options_after_the_role_are_explained_in_one_line() -> None:
+    result = invoke("run", "server", "--target", "cpu", "--port", "8080")
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and lines[0] == "error: --target comes after ROLE 'server', so it went to the " \
+        "role, not to builder run" and lines[1].startswith("hint: put builder run's options before ROLE")
+    printed = invoke("run", "--print", "--image", "localhost/x:y", "--engine", "podman", "server", "--name", "x")
+    assert printed.exit_code == 0 and printed.stdout.rstrip().endswith("server --name x")  # an image: the role's

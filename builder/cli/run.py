@@ -79,6 +79,8 @@ def run(
                               "the unpacked .debs")
     if role not in kind.roles:
         raise RecipeError(f"unknown role {role!r}{did_you_mean(role, kind.roles)}", f"roles: {', '.join(kind.roles)}")
+    if image is None and target is None and recipe is None:
+        _refuse_misplaced(role, list(args or []))
     chosen = get_engine(engine)
     role_args, extra_flags = kind.run_flags(role, list(args or []), shm_size)
     host = Host()
@@ -102,6 +104,19 @@ def run(
         typer.echo(json.dumps(list(argv)) if as_json else " ".join(argv))
         return
     replace_process(argv)
+
+
+# `builder run`'s own long options: after ROLE they reach the role, which is why no image was chosen.
+_RUN_OPTIONS = frozenset({"--target", "--recipe", "--recipes", "--variant", "--image", "--flavour", "--engine",
+                          "--print", "--json", "--detach", "--name", "--env", "--shm-size", "--driver-dir"})
+
+
+def _refuse_misplaced(role: str, args: list[str]) -> None:
+    """No image chosen and one of run's options after ROLE: say where it went, in one line."""
+    word = next((a.split("=", 1)[0] for a in args if a.split("=", 1)[0] in _RUN_OPTIONS), None)
+    if word is not None:
+        raise RecipeError(f"{word} comes after ROLE {role!r}, so it went to the role, not to builder run",
+                          f"put builder run's options before ROLE: builder run {word} … {role} …")
 
 
 def warn_missing(host: Host, target: str, driver_dirs: tuple[Path, ...] = ()) -> None:
