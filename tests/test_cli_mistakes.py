@@ -1,6 +1,7 @@
 """Every verb, found by walking the app (a new verb is covered without naming it here), given a wrong path:
 one `error:` line (and at most a hint), exit 2, no traceback, nothing half-written."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,27 @@ def test_duplicate_identities_are_refused_in_both_forms(tmp_path: Path, second: 
 def test_unknown_names_get_the_closest_known_one(args: tuple[str, ...], suggestion: str) -> None:
     result = CliRunner().invoke(app, list(args))
     assert result.exit_code == 2 and suggestion in result.stderr.splitlines()[0], result.stderr
+
+
+@pytest.mark.parametrize(("kind", "data"), [
+    ("recipe", {**yaml.safe_load(RECIPE.read_text()), "bogus": 1}),
+    ("vllm", {**yaml.safe_load((ROOT / "recipes" / "vllm" / "cpu.yaml").read_text()), "bogus": 1}),
+    ("services", {"control": {"address": "10.0.0.1"}, "nodes": [node("a", "52:54:00:00:00:01", "10.0.0.11")],
+                  "services": [{"name": "m", "model": "m.gguf", "sha256": "0" * 64, "nodes": ["a"]}], "bogus": 1}),
+    ("netboot", {"control": {"address": "10.0.0.1"}, "bogus": 1,
+                 "nodes": [{**node("a", "52:54:00:00:00:01", "10.0.0.11"), "role": "rpc-worker"}]}),
+])
+def test_an_unknown_key_points_to_the_schema_command_of_that_file(tmp_path: Path, kind: str,
+                                                                   data: dict[str, object]) -> None:
+    path = tmp_path / "file.yaml"
+    path.write_text(yaml.safe_dump(data))
+    verb = {"recipe": ["plan", "--recipe", str(path)], "vllm": ["plan", "--flavour", "vllm", "--recipe", str(path)],
+            "services": ["cluster", "status", str(path)], "netboot": ["cluster", "firewall", str(path), "--node", "a"]}
+    result = CliRunner().invoke(app, verb[kind])
+    line = result.stderr.splitlines()[0]
+    assert result.exit_code == 2 and "bogus: unknown key (see `builder " in line, result.stderr
+    pointed = line.split("(see `", 1)[1].split("`", 1)[0].split()[1:]
+    schema = CliRunner().invoke(app, pointed)
+    assert schema.exit_code == 0, (pointed, schema.stderr)
+    assert "bogus" not in json.loads(schema.stdout)["properties"]  # the schema of that kind of file
+    assert set(data) - {"bogus"} <= set(json.loads(schema.stdout)["properties"]), pointed

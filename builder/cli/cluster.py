@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel
 
 from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt
 from builder.cli.conventions import check_output
@@ -12,10 +13,12 @@ from builder.cluster import firewall as node_firewall
 from builder.cluster import local
 from builder.cluster.commands import as_text, node_commands
 from builder.cluster.hfmodel import folder_hash
-from builder.cluster.model import Loaded, load_cluster
+from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.core.errors import RecipeError
 from builder.engines import ENGINE_CHOICES
 from builder.netboot import gateway as netboot_gateway
+from builder.netboot.inventory import Cluster
+from builder.recipe.targets import did_you_mean
 
 cluster_app = typer.Typer(help="Services of a cluster file behind one OpenAI-compatible gateway.",
                           no_args_is_help=True)
@@ -162,6 +165,18 @@ def commands(
         return
     for line in as_text(found):
         typer.echo(line)
+
+
+@cluster_app.command()
+def schema(
+    form: Annotated[str, typer.Option("--form", help="services (the default: servers behind a gateway) or "
+                                      "netboot (nodes with roles, one model).")] = "services",
+) -> None:
+    """Print the JSON Schema of a cluster file (docs/clusters.md explains it with examples)."""
+    forms: dict[str, type[BaseModel]] = {"services": ServiceCluster, "netboot": Cluster}
+    if form not in forms:
+        raise RecipeError(f"--form: unknown form {form!r}{did_you_mean(form, forms)}", "forms: services, netboot")
+    typer.echo(json.dumps(forms[form].model_json_schema(), indent=2))
 
 
 @cluster_app.command("hash-model")

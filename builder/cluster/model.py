@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import ByteSize, Field
 
@@ -90,6 +90,8 @@ class Service(Strict):
 
 class ServiceCluster(Strict):
     """The services form of cluster.yaml."""
+
+    SCHEMA_COMMAND: ClassVar[str] = "builder cluster schema"
 
     control: Control | None = None
     gateway: Gateway = Field(default_factory=lambda: Gateway.model_validate({}))

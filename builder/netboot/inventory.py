@@ -3,7 +3,7 @@
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, field_validator
 
@@ -27,6 +27,8 @@ def _model(value: str) -> str:
 
 class Control(Strict):
     """The control node: serves the boot files over HTTP (and proxy-DHCP/TFTP with dnsmasq)."""
+
+    SCHEMA_COMMAND: ClassVar[str] = "builder cluster schema"
 
     address: Address = Field(description="address the compute nodes reach the control node at")
     http_port: int = Field(8000, ge=1, le=65535, description="port of `builder pxe serve`'s HTTP server")
@@ -122,6 +124,8 @@ class Node(Strict):
 
 class Cluster(Strict):
     """The inventory: what `builder pxe publish` turns into boot scripts for every node."""
+
+    SCHEMA_COMMAND: ClassVar[str] = "builder cluster schema --form netboot"
 
     control: Control
     model: Annotated[str, AfterValidator(_model)] | None = Field(

@@ -39,7 +39,7 @@ def shared_pin() -> Path:
     return own if own.is_file() else SHARED_PIN
 
 _FRIENDLY = {
-    "extra_forbidden": "unknown key (see `builder schema` for the allowed keys)",
+    "extra_forbidden": "unknown key (see `{schema}` for the allowed keys)",
     "missing": "required key is missing",
     "union_tag_not_found": "needs a 'kind' key",
 }
@@ -65,10 +65,11 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def format_validation_error(where: str, err: ValidationError) -> str:
+def format_validation_error(where: str, err: ValidationError, schema: str = "builder schema") -> str:
+    """One line; `schema`: the command that prints the file's schema (recipes, vLLM recipes, cluster files)."""
     errors = err.errors()
     first = errors[0]
-    message = _FRIENDLY.get(first["type"], first["msg"])
+    message = _FRIENDLY.get(first["type"], first["msg"]).replace("{schema}", schema)
     if first["type"] == "union_tag_invalid":
         message = f"unknown kind {first['ctx']['tag']!r}, expected one of {first['ctx']['expected_tags']}"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -125,7 +126,8 @@ def validated(model: type[M], path: Path, data: dict[str, Any]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(display_path(path), exc)) from None
+        schema = str(getattr(model, "SCHEMA_COMMAND", "builder schema"))
+        raise RecipeError(format_validation_error(display_path(path), exc, schema)) from None
 
 
 def load_recipe(path: Path, pin: Path | None = None) -> Recipe:
