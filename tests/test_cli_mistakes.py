@@ -2,6 +2,7 @@
 one `error:` line (and at most a hint), exit 2, no traceback, nothing half-written."""
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import yaml
 from typer.main import get_command
 from typer.testing import CliRunner
 
+from builder.cli.conventions import GLOBAL_OPTIONS
 from builder.cli.main import app
 from conftest import ROOT, run_cli
 
@@ -197,3 +199,35 @@ def test_an_unknown_key_points_to_the_schema_command_of_that_file(tmp_path: Path
     assert schema.exit_code == 0, (pointed, schema.stderr)
     assert "bogus" not in json.loads(schema.stdout)["properties"]  # the schema of that kind of file
     assert set(data) - {"bogus"} <= set(json.loads(schema.stdout)["properties"]), pointed
+
+
+def pointers(text: str) -> list[str]:
+    """Every `builder …` in backquotes: what messages, help and the README tell people to run."""
+    return re.findall(r"`(builder [^`\n]+)`", text)
+
+
+def test_every_command_a_message_or_the_readme_points_to_exists_with_its_options() -> None:
+    group = get_command(app)
+    wrong = []
+    sources = [*sorted((ROOT / "builder").rglob("*.py")), ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for source in sources:
+        for pointer in pointers(source.read_text()):
+            commands, words = [group], pointer.replace("\\|", "|").split()[1:]
+            for word in words:
+                if any(getattr(c, "commands", None) is None for c in commands) or word[0] in "-…." or \
+                        word.isupper() or "." in word:
+                    break
+                if any(w not in c.commands for c in commands for w in word.split("|")):
+                    wrong.append(f"{source.name}: `{pointer}`: no verb {word!r}")
+                    break
+                commands = [c.commands[w] for c in commands for w in word.split("|")]
+            for command in commands:
+                known = {o for p in command.params for o in (*p.opts, *getattr(p, "secondary_opts", ()))}
+                known |= {"--help", *(GLOBAL_OPTIONS if getattr(command, "commands", None) is None else ())}
+                for word in words:
+                    if word == "--" or (command.name == "run" and word.isupper()):
+                        break  # what follows goes to the role or the command
+                    option = word.strip("[]").split("=", 1)[0]
+                    if re.fullmatch(r"--?[a-z][a-z0-9-]*", option) and option not in known:
+                        wrong.append(f"{source.name}: `{pointer}`: builder {command.name} has no {option}")
+    assert not wrong, "\n".join(sorted(set(wrong)))
