@@ -117,7 +117,7 @@ def cache_vs_ram(tmp: Path, runs: int, sha: str) -> dict[str, list[dict[str, obj
             inventory.write_text(f"control: {{address: 10.0.2.2, http_port: {port}}}\n"
                                  f"kernel_args: [console=ttyS0]\n{cache}"
                                  f"nodes: [{{name: node1, mac: '{MAC}', target: cpu, role: rpc-worker}}]\n")
-            builder("pxe", "publish", "--inventory", str(inventory), "--root", str(folder / "pxe-root"))
+            builder("pxe", "publish", str(inventory), "--root", str(folder / "pxe-root"))
             disk = None
             if mode == "cache":
                 disk = folder / "disk.img"
@@ -169,7 +169,7 @@ def vllm_root(tmp: Path, model: Path) -> dict[str, object]:
         "nodes": [{"name": "vnode1", "mac": MAC, "target": "cpu", "role": "vllm-server",
                    "vllm": {"model": str(model.resolve()), "served_name": "bench", "args": VLLM_ARGS,
                             "kv_cache_gib": 1}}]}))
-    builder("pxe", "publish", "--inventory", str(inventory), "--root", str(folder / "pxe-root"))
+    builder("pxe", "publish", str(inventory), "--root", str(folder / "pxe-root"))
     script = next((folder / "pxe-root" / "current" / "nodes").glob("*.ipxe")).read_text()
     model_sha = script.split("builder.model_sha256=")[1].split()[0]
     disk = folder / "disk.img"
@@ -231,7 +231,7 @@ def main() -> None:
         inventory = tmp / "cluster.yaml"
         inventory.write_text(f"control: {{address: 10.0.2.2, http_port: {port}}}\nkernel_args: [console=ttyS0]\n"
                              f"nodes: [{{name: node1, mac: '{MAC}', target: cpu, role: rpc-worker}}]\n")
-        builder("pxe", "publish", "--inventory", str(inventory), "--root", str(tmp / "pxe-root"))
+        builder("pxe", "publish", str(inventory), "--root", str(tmp / "pxe-root"))
         server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root", str(tmp / "pxe-root"),
                                    "--bind", "127.0.0.1"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)

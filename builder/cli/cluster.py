@@ -5,21 +5,26 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel
 
+from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt
+from builder.cli.conventions import check_output
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
 from builder.cluster import remote as netboot_gateway
 from builder.cluster.commands import as_text, node_commands
 from builder.cluster.hfmodel import folder_hash
-from builder.cluster.model import Loaded, load_cluster
+from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.core.errors import RecipeError
 from builder.engines import ENGINE_CHOICES
 from builder.netboot.firewall import ruleset
+from builder.netboot.inventory import Cluster
+from builder.recipe.targets import did_you_mean
 
 cluster_app = typer.Typer(help="Services of a cluster file behind one OpenAI-compatible gateway.",
                           no_args_is_help=True)
 
-InventoryArg = Annotated[Path, typer.Argument(help="The cluster file (cluster.yaml) with services:.")]
+InventoryArg = Annotated[Path, typer.Argument(metavar="FILE", help="The cluster file (cluster.yaml) with services:.")]
 LocalOpt = Annotated[bool, typer.Option("--local", help="Every node a container on this machine (127.0.0.11, …).")]
 EngineOpt = Annotated[str | None, typer.Option(
     "--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)} (default: the one `up` used).")]
@@ -41,6 +46,8 @@ def up(
     is_local: LocalOpt = False,
     engine: EngineOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every server to be healthy.")] = 180,
+    as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Start every service's servers and RPC workers and the gateway; print the endpoint and the key's file.
 
@@ -59,6 +66,9 @@ def up(
     else:
         state = netboot_gateway.up(loaded, timeout, say).state
         document = netboot_gateway.status(loaded)
+    if as_json:
+        typer.echo(json.dumps({"state": state, **document}, indent=2))
+        return
     gateway: dict[str, str] = document["gateway"]  # type: ignore[assignment]
     typer.echo(f"endpoint  {gateway['endpoint']}")
     typer.echo(f"key       {gateway['key_file']}  (send Authorization: Bearer $(cat FILE))")
@@ -68,12 +78,16 @@ def up(
 
 
 @cluster_app.command()
-def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt = None) -> None:
+def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt = None, as_json: JsonOpt = False,
+         recipes: RecipesOpt = None) -> None:
     """Remove the cluster's containers and stop its gateway (the API key is kept for the next `up`).
 
     Without --local: stop the gateway; netbooted nodes keep running."""
     loaded = _loaded(inventory, is_local)
     removed = local.down(loaded, engine) if is_local else netboot_gateway.down(loaded)
+    if as_json:
+        typer.echo(json.dumps({"removed": list(removed)}, indent=2))
+        return
     typer.echo(f"removed {', '.join(removed)}" if removed else "nothing was running")
 
 
@@ -82,7 +96,8 @@ def status(
     inventory: InventoryArg,
     is_local: LocalOpt = False,
     engine: EngineOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Every service, its servers and workers, and their health as the gateway sees it."""
     loaded = _loaded(inventory, is_local)
@@ -111,9 +126,11 @@ def logs(
     only: Annotated[str | None, typer.Argument(help="Only containers whose name contains this (node, service).")
                     ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n", help="Lines per container.")] = 50,
+    recipes: RecipesOpt = None,
 ) -> None:
     """The last lines of every server's and worker's output (--local; netbooted nodes print to their consoles)."""
     if not is_local:
+        load_cluster(inventory)  # a wrong file is the first thing to say
         raise RecipeError("builder cluster logs: netbooted nodes print their servers' output on their consoles",
                           "read the node's serial console (`builder-node:` lines), or try the cluster with --local")
     local.logs(_loaded(inventory, is_local), engine, only, lines)
@@ -125,8 +142,9 @@ def commands(
     node: Annotated[str | None, typer.Option("--node", help="Only this node's commands.")] = None,
     models: Annotated[str, typer.Option("--models", help="The folder where each node keeps the GGUFs.")
                       ] = "/srv/models",
-    as_json: Annotated[bool, typer.Option("--json", help="One object per node: node, address, argv lists.")
-                       ] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help=f"One object per node: node, address, argv lists ({JSON_ERRORS}).")] = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """The `builder run` commands each node runs, for nodes builder does not netboot (e.g. NVIDIA boxes).
 
@@ -150,28 +168,45 @@ def commands(
         typer.echo(line)
 
 
+@cluster_app.command()
+def schema(
+    form: Annotated[str, typer.Option("--form", help="services (the default: servers behind a gateway) or "
+                                      "netboot (nodes with roles, one model).")] = "services",
+) -> None:
+    """Print the JSON Schema of a cluster file (docs/clusters.md explains it with examples)."""
+    forms: dict[str, type[BaseModel]] = {"services": ServiceCluster, "netboot": Cluster}
+    if form not in forms:
+        raise RecipeError(f"--form: unknown form {form!r}{did_you_mean(form, forms)}", "forms: services, netboot")
+    typer.echo(json.dumps(forms[form].model_json_schema(), indent=2))
+
+
 @cluster_app.command("hash-model")
 def hash_model(
     folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (config.json, weights, tokenizer).")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Print a model folder's content hash: the sha256: a vLLM service gives for its model.
 
     The same as `(cd DIR && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum`.
     """
-    typer.echo(folder_hash(folder, "builder cluster hash-model"))
+    found = folder_hash(folder, "builder cluster hash-model")
+    typer.echo(json.dumps({"folder": str(folder), "hash": found}) if as_json else found)
 
 
 @cluster_app.command()
 def firewall(
     inventory: InventoryArg,
     node: Annotated[str | None, typer.Option("--node", help="Print this node's rules.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write NODE.nft for every node into this folder.")
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write NODE.nft for every node into this folder.")
                    ] = None,
+    recipes: RecipesOpt = None,
 ) -> None:
     """nftables rules for every compute node: new connections only from the cluster's addresses.
 
     Load one on its node with `nft -f NODE.nft` (it replaces builder's own table, no other rule).
     """
+    if out is not None:
+        check_output(out, "--out", folder=True)
     found = node_firewall.firewalls(inventory)
     if (node is None) == (out is None):
         raise RecipeError("builder cluster firewall: give --node NAME (print its rules) or --out DIR (every node)",

@@ -4,15 +4,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from builder.cli.conventions import check_input
 from builder.engines import ENGINE_CHOICES
 from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import FLAVOURS, flavour_named, prepare, recipe_file
 from builder.pipeline.flavour import Prepared
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from builder.recipe.load import use_recipes
 
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name: picks recipes/NAME.yaml.")]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="Any recipe file instead of --target.")]
@@ -25,12 +24,26 @@ SourceOpt = Annotated[
 EngineOpt = Annotated[
     str, typer.Option("--engine", "-e", help=f"Container engine: {', '.join(ENGINE_CHOICES)}.")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+JSON_ERRORS = "errors are not JSON: one `error:` line on stderr"
+JSON_HELP = f"Print JSON on stdout instead of text ({JSON_ERRORS})."
+JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 LockOpt = Annotated[Path, typer.Option("--lock", help="The lock file (default: builder.lock of the project).")]
 FlavourOpt = Annotated[
     str, typer.Option("--flavour", help=f"What the image serves with: {', '.join(FLAVOURS)} (recipes/vllm/).")
 ]
 DEFAULT_FLAVOUR = LLAMA_CPP.name
+
+
+def _use_recipes(folder: Path | None) -> Path | None:
+    if folder is not None:
+        check_input(folder, "--recipes", folder=True)
+    use_recipes(folder)
+    return folder
+
+
+RecipesOpt = Annotated[Path | None, typer.Option(
+    "--recipes", metavar="DIR", envvar="BUILDER_RECIPES", callback=_use_recipes, show_default=False,
+    help="Your own recipes folder (NAME.yaml, vllm/NAME.yaml, llama-cpp.yaml) instead of the shipped recipes/.")]
 
 
 def prepared(flavour: str, target: str | None, recipe: Path | None, variant: str | None,

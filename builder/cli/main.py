@@ -1,11 +1,11 @@
 """The `builder` command: thin verbs over the pipeline, and the only place errors become exit codes."""
 
+import dataclasses
 import json
 import logging
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -21,17 +21,19 @@ from builder.cli.common import (
     JsonOpt,
     LockOpt,
     RecipeOpt,
+    RecipesOpt,
     SourceOpt,
     TargetOpt,
     VariantOpt,
-    err,
     prepared,
 )
+from builder.cli.conventions import BuilderGroup, State, check_input, check_output, err
 from builder.cli.pxe import pxe_app
 from builder.cli.run import EXTRA_ARGS, run, toolbox_app
-from builder.core.errors import BuilderError, CommandError, Stopped, request_stop
+from builder.core.errors import BuilderError, RecipeError, Stopped, request_stop
 from builder.engines import cleanup, get_engine
 from builder.fetch.pin import pin_recipe
+from builder.fetch.provenance import llama_commit, pin_line, rpc_protocol
 from builder.flavours import lock as lockfile
 from builder.flavours.prepare import flavour_named, recipe_file
 from builder.flavours.vllm import lock_variant
@@ -39,7 +41,8 @@ from builder.netboot.kernels import fetch_kernel_tree, kernel_spec
 from builder.pipeline.build import BuildResult, build, prefetch
 from builder.publish.image import publish as publish_image
 from builder.publish.sbom import read_contents, sbom_bytes
-from builder.recipe.load import RECIPES_DIR, display_path, select
+from builder.recipe.load import RECIPES_DIR, display_path, load_yaml, recipes_dir, select, shared_pin, validated
+from builder.recipe.models import LlamaCpp
 from builder.registry.client import Repository
 from builder.use.doctor import diagnose
 from builder.use.launch import image_for_run
@@ -47,16 +50,21 @@ from builder.use.listing import target_entries, target_rows
 from builder.use.matrix import matrix as ci_matrix
 
 app = typer.Typer(
-    help="Build llama.cpp and vLLM inference images (RPC workers and servers) from recipes, for every accelerator.",
+    help="Build llama.cpp and vLLM inference images (RPC workers and servers) from recipes, for every accelerator."
+         "\n\nGlobal options (--debug, --version) go before or after the verb; a verb's options go after it. "
+         "Errors are one `error:` line on stderr (and a `hint:` line), under --json too; bad input exits 2.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=BuilderGroup,
 )
-app.add_typer(pxe_app, name="pxe")
-app.add_typer(cluster_app, name="cluster")
-app.add_typer(toolbox_app, name="toolbox")
-app.command(context_settings=EXTRA_ARGS)(run)
-_debug = False
+# `builder --help` shows what an operator needs first, then the verbs that make and vouch for images.
+OPERATE = "Run models: on this host, a cluster, netbooted nodes"
+IMAGES = "Images: plan, build, publish and their supply chain"
+app.command(context_settings=EXTRA_ARGS, rich_help_panel=OPERATE)(run)
+app.add_typer(cluster_app, name="cluster", rich_help_panel=OPERATE)
+app.add_typer(pxe_app, name="pxe", rich_help_panel=OPERATE)
+app.add_typer(toolbox_app, name="toolbox", rich_help_panel=OPERATE)
 
 
 def _print_version(wanted: bool) -> None:
@@ -71,14 +79,13 @@ def _options(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
                                           callback=_print_version)] = False,
 ) -> None:
-    global _debug
-    _debug = debug
+    State.debug = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
     logging.getLogger("builder.progress").setLevel(logging.INFO)  # what the library says it is waiting for
 
 
-@app.command()
-def targets(as_json: JsonOpt = False) -> None:
+@app.command(rich_help_panel=OPERATE)
+def targets(as_json: JsonOpt = False, recipes: RecipesOpt = None) -> None:
     """List every target/variant (the default marked *): what you can build, and how builder tests each.
 
     LLAMA.CPP and VLLM (--flavour vllm): `ready` to build, `needs pin` or `needs lock` (the command to run
@@ -91,15 +98,18 @@ def targets(as_json: JsonOpt = False) -> None:
         return
     for line in target_rows(entries):
         typer.echo(line)
+    pin = shared_pin()
+    typer.echo()
+    typer.echo(pin_line(validated(LlamaCpp, pin, load_yaml(pin)).source, display_path(pin)))
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def schema(flavour: FlavourOpt = DEFAULT_FLAVOUR) -> None:
     """Print the recipe JSON Schema (--flavour vllm: the vLLM recipe's)."""
     typer.echo(json.dumps(flavour_named(flavour).recipe_model.model_json_schema(), indent=2))
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def plan(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -107,18 +117,28 @@ def plan(
     llama_cpp_source: SourceOpt = None,
     as_json: JsonOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Resolve a recipe into a build plan: bases, pinned inputs, flags, labels and the image tag."""
     prep = prepared(flavour, target, recipe, variant, llama_cpp_source)
+    facts: dict[str, str | None] = {}
+    if prep.tree is not None:  # llama.cpp: what people look up, beside the llama-cpp-python version
+        facts = {"llama_cpp_commit": llama_commit(prep.tree.info, prep.tree.path),
+                 "ggml_rpc_protocol": rpc_protocol(prep.tree.path)}
     if as_json:
-        typer.echo(json.dumps(prep.document(), indent=2, sort_keys=True))
+        typer.echo(json.dumps({**prep.document(), **facts}, indent=2, sort_keys=True))
         return
     for key, value in {"recipe": prep.plan.recipe, "target": prep.name, "image": prep.tag,
                        **prep.flavour.summary(prep)}.items():
         typer.echo(f"{key:<10} {value}")
+    if facts:
+        typer.echo(f"{'commit':<10} {facts['llama_cpp_commit'] or 'not recorded by this source'}")
+        protocol = facts["ggml_rpc_protocol"]
+        typer.echo(f"{'rpc':<10} " + (f"ggml RPC protocol {protocol} (every worker and server of a split model "
+                                      "speaks the same one)" if protocol else "no ggml RPC header in this source"))
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def render(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the build context.")],
     target: TargetOpt = None,
@@ -129,12 +149,19 @@ def render(
         help="Also fetch the pinned inputs (llama.cpp: the source tree, SDKs and vendor files into the context; "
              "vLLM: the locked wheels into the cache), ready to build.")] = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Write the build context (Containerfile, scripts, plan.json) without building anything."""
+    check_output(out, "--out", folder=True)
     prep = prepared(flavour, target, recipe, variant, llama_cpp_source)
     changed = prep.write(out)
     if with_source:
         prep.flavour.fetch(prep, out)
+    if as_json:
+        typer.echo(json.dumps({"target": prep.name, "context": str(out), "changed": changed, "image": prep.tag},
+                              indent=2))
+        return
     typer.echo(f"rendered {prep.name} into {out} ({len(changed)} file(s) changed); image tag {prep.tag}")
 
 
@@ -152,7 +179,7 @@ def _print_build(result: BuildResult, as_json: bool) -> None:
         typer.echo(f"log     {result.log}")
 
 
-@app.command("build")
+@app.command("build", rich_help_panel=IMAGES)
 def build_cmd(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -163,6 +190,7 @@ def build_cmd(
     lock_path: LockOpt = lockfile.LOCK_FILE,
     as_json: JsonOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Render, build and smoke-test an image; print its reference and digest.
 
@@ -176,7 +204,7 @@ def build_cmd(
     _print_build(build(prep, chosen, no_cache=no_cache), as_json)
 
 
-@app.command("fetch")
+@app.command("fetch", rich_help_panel=IMAGES)
 def fetch_cmd(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -186,6 +214,7 @@ def fetch_cmd(
                        ] = False,
     as_json: JsonOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Download an image's pinned inputs into the cache (each checked by sha256) and build nothing.
 
@@ -206,7 +235,7 @@ def fetch_cmd(
                    f"{', and its netboot kernel' if kernel else ''}; {seconds} s)")
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def publish(
     registry: Annotated[str, typer.Option("--registry", "-r", metavar="HOST/REPO",
                                           help="Where to publish, e.g. ghcr.io/OWNER/builder.")],
@@ -218,6 +247,7 @@ def publish(
     lock_path: LockOpt = lockfile.LOCK_FILE,
     as_json: JsonOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Build if needed, push by digest, verify the registry's digest, then tag; skip if already published.
 
@@ -244,17 +274,18 @@ def publish(
         typer.echo(f"sbom    {result.sbom}")
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def lock(
     check: Annotated[bool, typer.Option("--check", help="Exit 1 when recipes and lock disagree.")] = False,
     lock_path: LockOpt = lockfile.LOCK_FILE,
-    recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
+    recipes: RecipesOpt = None,
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
     variant: VariantOpt = None,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
     refresh: Annotated[bool, typer.Option(
         "--refresh", help="Resolve every bootstrapped base again (move to the archive's current versions).")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Record every pinned input of every image (bases, llama.cpp source, vendor pins) in builder.lock.
 
@@ -265,30 +296,46 @@ def lock(
     With --flavour vllm --target T: resolve that vLLM recipe's requirements for the image's Python and
     write its wheel lock beside it (exact versions + sha256, installed with pip's --require-hashes).
     """
+    if flavour_named(flavour).name != "vllm" and (target or recipe or variant):
+        raise RecipeError("builder lock: --target, --recipe and --variant choose a vLLM recipe's wheel lock",
+                          "builder.lock covers every llama.cpp recipe: run `builder lock` alone, or add --flavour vllm")
     if flavour_named(flavour).name == "vllm" and not check:
         path, pinned = lock_variant(recipe_file(target, recipe, flavour_named(flavour)), variant)
+        if as_json:
+            typer.echo(json.dumps({"lock": str(path), "packages": len(pinned.pins)}, indent=2))
+            return
         typer.echo(f"locked {len(pinned.pins)} packages into {display_path(path)}")
         return
+    recipes = recipes or recipes_dir()
     if check:
         lines = lockfile.check(lock_path, recipes)
-        for line in lines:
+        if as_json:
+            typer.echo(json.dumps({"lock": str(lock_path), "matches": not lines, "disagreements": lines}, indent=2))
+        for line in [] if as_json else lines:
             typer.echo(line)
         if lines:
             raise typer.Exit(1)
-        typer.echo(f"{lock_path.name}: matches the recipes")
+        if not as_json:
+            typer.echo(f"{lock_path.name}: matches the recipes")
         return
     written = lockfile.write(lock_path, recipes, refresh=refresh)
     packages = sum(len(base["resolved"]) for base in written["bases"].values())
+    if as_json:
+        typer.echo(json.dumps({"lock": str(lock_path), "images": len(written["images"]),
+                               "bases": len(written["bases"]), "packages": packages}, indent=2))
+        return
     typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s), {len(written['bases'])} bootstrapped "
                f"base(s), {packages} packages)")
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def pin(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
     variant: Annotated[str | None, typer.Option("--variant", help="Only this variant (default: all).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and print the values; write nothing.")] = False,
+    as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Fill the recipe's placeholder pins (all zeros) with values read from their sources.
 
@@ -298,6 +345,11 @@ def pin(
     """
     path = recipe_file(target, recipe)
     values = pin_recipe(path, variant, dry_run)
+    if as_json:
+        typer.echo(json.dumps({"recipe": display_path(path), "written": bool(values) and not dry_run,
+                               "pins": [{"field": p.field, "source": p.source, "sha256": v}
+                                        for p, v in values.items()]}, indent=2))
+        return
     if not values:
         typer.echo(f"{display_path(path)}: no placeholder pins")
         return
@@ -311,19 +363,19 @@ def pin(
         typer.echo(f"next: review the diff, then {lockfile.HINT.removeprefix('run ')}")
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def matrix(
-    recipes: Annotated[Path, typer.Option("--recipes", help="Folder of recipes.")] = RECIPES_DIR,
+    recipes: RecipesOpt = None,
     flavour: Annotated[str | None, typer.Option(
         "--flavour", help="Only this flavour's images (llama.cpp or vllm); default: both.")] = None,
 ) -> None:
     """Print the CI matrix as JSON: `include`, the images with every input pinned; `render_only`, the others."""
     if flavour is not None:
         flavour_named(flavour)
-    typer.echo(json.dumps(ci_matrix(recipes, flavour), separators=(",", ":")))
+    typer.echo(json.dumps(ci_matrix(recipes or recipes_dir(), flavour), separators=(",", ":")))
 
 
-@app.command()
+@app.command(rich_help_panel=IMAGES)
 def sbom(
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -331,9 +383,12 @@ def sbom(
     engine: EngineOpt = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Write the SPDX 2.3 SBOM of the built image: its OS (from its os-release) and packages, its Python
     packages, llama.cpp or vLLM, SDK wheels and vendor .debs."""
+    if out is not None:
+        check_output(out, "--out", folder=False)
     chosen = get_engine(engine)
     prep = prepared(flavour, target, recipe, variant)
     ref = image_for_run(chosen, prep)
@@ -347,38 +402,39 @@ def sbom(
         err.print(f"wrote {out}")
 
 
-@app.command()
+@app.command(rich_help_panel=OPERATE)
 def doctor(
     target: Annotated[str, typer.Option("--target", "-t", help="Target to check the host for.")] = "cpu",
     variant: VariantOpt = None,
     model: Annotated[Path | None, typer.Option(help="A model file: is there memory for it?")] = None,
     root: Annotated[Path, typer.Option(help="Read /proc, /sys and /dev under this folder.")] = Path("/"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Check that this host can run a target's image: one PASS/FAIL line per check, with the fix.
 
     Checks devices and access to them, kernel version and modules, Strix Halo unified-memory kernel
     parameters, CDI for NVIDIA, and free memory against a model's size. Exit code 1 when a check fails.
     """
+    check_input(root, "--root", folder=True)
+    if model is not None:
+        check_input(model, "--model", folder=False)
     entry, chosen = select(target, variant, variant_from_cli=variant is not None)
     checks = diagnose(entry, chosen, root=root, model=model)
+    failed = sum(1 for c in checks if c.required and not c.ok)
+    warned = sum(1 for c in checks if not c.required and not c.ok)
+    if as_json:
+        typer.echo(json.dumps({"target": entry.name, "variant": chosen.name, "root": str(root),
+                               "ok": sum(c.ok for c in checks), "failing": failed, "warnings": warned,
+                               "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
+        if failed:
+            raise typer.Exit(1)
+        return
     typer.echo(f"doctor: {entry.name}/{chosen.name} on {root}")
     for check in checks:
         typer.echo(check.line())
-    failed = sum(1 for c in checks if c.required and not c.ok)
-    warned = sum(1 for c in checks if not c.required and not c.ok)
     typer.echo(f"doctor: {sum(c.ok for c in checks)} ok, {failed} failing, {warned} warning(s)")
     if failed:
         raise typer.Exit(1)
-
-
-def _report(exc: BuilderError) -> None:
-    err.print(f"error: {exc.message}", markup=False)
-    if isinstance(exc, CommandError) and exc.tail:
-        err.print("last lines of output:", markup=False)
-        for line in exc.tail.splitlines():
-            err.print(f"  | {line}", markup=False)
-    if exc.hint:
-        err.print(f"hint: {exc.hint}", markup=False)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -397,12 +453,7 @@ def main() -> None:
             cleanup.sweep()  # what runs killed outright left behind
         except (BuilderError, OSError) as exc:
             logging.getLogger("builder").debug("sweeping left-overs failed: %s", exc)
-        app(prog_name="builder")
-    except BuilderError as exc:
-        if _debug:
-            traceback.print_exc()
-        _report(exc)
-        sys.exit(exc.exit_code)
+        app(prog_name="builder")  # BuilderGroup turns errors into one line and the exit code
     except Stopped as exc:
         err.print("interrupted" if exc.signum == signal.SIGINT else "terminated", markup=False)
         sys.exit(128 + exc.signum)

@@ -5,20 +5,22 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from builder.cli.common import EngineOpt, FlavourOpt
+from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, RecipesOpt
+from builder.cli.conventions import check_input, check_output, cluster_file, deprecated
 from builder.cluster.plans import (
     control_of,
     is_services_form,
+    label,
     load_for_netboot,
     models,
     publish_services,
     summary,
 )
-from builder.core.errors import Stopped
+from builder.core.errors import RecipeError, Stopped
 from builder.core.locks import lock_file, locked
 from builder.core.run import start_server, stop
 from builder.engines import get_engine
@@ -61,15 +63,19 @@ def build_cmd(
     variant: Annotated[str | None, typer.Option(help="Variant (default: the target's default).")] = None,
     engine: EngineOpt = "auto",
     compression: CompressionOpt = "zstd",
-    out: Annotated[Path | None, typer.Option(help="Write the artifacts here (default: the cache).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the artifacts here (default: the cache).")
+                   ] = None,
+    as_json: JsonOpt = False,
     flavour: FlavourOpt = LLAMA_CPP.name,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Make the netboot flavour of a target's image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS, manifest.json.
 
     The image is built first if needed. The kernel comes from Debian's packages (suite per target);
     the root is the image's filesystem plus node-init and the accelerator's modules and firmware.
     """
+    if out is not None:
+        check_output(out, "--out", folder=True)
     folder, manifest = _artifacts(engine, target, variant, compression, out, flavour)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
@@ -87,7 +93,8 @@ def build_cmd(
 
 @pxe_app.command("publish")
 def publish_cmd(
-    inventory: Annotated[Path, typer.Option(help="The cluster inventory (cluster.yaml).")],
+    file: Annotated[Path | None, typer.Argument(metavar="FILE", help="The cluster file (cluster.yaml).",
+                                                show_default=False)] = None,
     root: RootOpt = Path("pxe-root"),
     keep: Annotated[int, typer.Option(help="Previous generations to keep for rollback.")] = 3,
     engine: EngineOpt = "auto",
@@ -95,14 +102,21 @@ def publish_cmd(
     pulled: Annotated[Path | None, typer.Option(
         "--artifacts", help="Use netboot sets pulled here by `builder pxe pull` (DIR/TARGET-VARIANT) "
         "instead of building images on this machine.")] = None,
+    as_json: JsonOpt = False,
+    old_inventory: Annotated[Path | None, typer.Option("--inventory", hidden=True)] = None,
+    recipes: RecipesOpt = None,
 ) -> None:
-    """Write a new generation for the inventory into pxe-root/ and make it current (atomically).
+    """Write a new generation for the cluster file into pxe-root/ and make it current (atomically).
 
     Each node gets nodes/<mac>.ipxe carrying its role and settings on the kernel command line, and its
     firewall (nftables rules admitting the cluster's addresses only) as nodes/<mac>.nft. With services:
     (docs/clusters.md) each node gets nodes/<mac>.plan, its servers and RPC workers, and every service's
     GGUF is published by sha256. Every file is checked against its manifest's sha256 on the way in.
     """
+    inventory = cluster_file(file, old_inventory, "builder pxe publish")
+    check_output(root, "--root", folder=True)
+    if pulled is not None:
+        check_input(pulled, "--artifacts", folder=True)
     if is_services_form(inventory):
         loaded = load_for_netboot(inventory)
         for warning in loaded.warnings:
@@ -110,6 +124,9 @@ def publish_cmd(
         files = models(loaded, lambda line: typer.echo(line, err=True))  # checked before any build
         artifacts = _wanted(loaded.cluster.nodes, engine, compression, pulled)
         generation, new = publish_services(root, loaded, files, artifacts, keep)
+        if as_json:
+            _print_published(generation, new, [(n, label(loaded, n.name)) for n in loaded.cluster.nodes])
+            return
         typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; "
                    f"current -> generations/{generation}")
         for line in summary(loaded):
@@ -123,9 +140,18 @@ def publish_cmd(
                        "but the other nodes' firewalls cannot admit its connections", err=True)
     artifacts = _wanted(cluster.nodes, engine, compression, pulled)
     generation, new = publish(root, cluster, inventory, artifacts, keep=keep)
+    if as_json:
+        _print_published(generation, new, [(n, n.role) for n in cluster.nodes])
+        return
     typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
     for node in cluster.nodes:
         typer.echo(f"  {node.name:<12} {node.mac}  {node.role:<10} {node.target}  nodes/{node.file_stem}.ipxe")
+
+
+def _print_published(generation: str, new: bool, nodes: Sequence[tuple[Any, str]]) -> None:
+    typer.echo(json.dumps({"generation": generation, "published": new, "current": f"generations/{generation}",
+                           "nodes": [{"name": n.name, "mac": n.mac, "boots": boots, "target": n.target,
+                                      "script": f"nodes/{n.file_stem}.ipxe"} for n, boots in nodes]}, indent=2))
 
 
 def _wanted(nodes: Sequence[Node], engine: str, compression: str, pulled: Path | None) -> Artifacts:
@@ -143,10 +169,22 @@ def _wanted(nodes: Sequence[Node], engine: str, compression: str, pulled: Path |
     return artifacts
 
 
+def _existing_root(root: Path) -> None:
+    if not root.exists():
+        raise RecipeError(f"--root {root}: no such folder",
+                          f"`builder pxe publish cluster.yaml --root {root}` writes the first generation there")
+    check_input(root, "--root", folder=True)
+
+
 @pxe_app.command("list")
-def list_cmd(root: RootOpt = Path("pxe-root")) -> None:
+def list_cmd(root: RootOpt = Path("pxe-root"), as_json: JsonOpt = False) -> None:
     """The generations in pxe-root/, oldest first; the current one is marked *."""
+    _existing_root(root)
     found = generations(root)
+    if as_json:
+        typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current} for g in found],
+                              indent=2))
+        return
     if not found:
         typer.echo(f"no generations in {root}")
     for gen in found:
@@ -158,9 +196,12 @@ def list_cmd(root: RootOpt = Path("pxe-root")) -> None:
 def rollback_cmd(
     root: RootOpt = Path("pxe-root"),
     to: Annotated[str | None, typer.Option(help="Generation id (default: the one before the current).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Make the previous generation current again (one atomic switch; nodes pick it up on their next boot)."""
-    typer.echo(f"current -> generations/{rollback(root, to)}")
+    _existing_root(root)
+    current = rollback(root, to)
+    typer.echo(json.dumps({"current": current}) if as_json else f"current -> generations/{current}")
 
 
 @pxe_app.command("serve")
@@ -174,6 +215,7 @@ def serve_cmd(
 
     dnsmasq runs in proxy-DHCP mode beside the site's DHCP server: it only adds boot information.
     """
+    _existing_root(root)
     control = control_of(root / "current" / "cluster.yaml")
     address = bind or control.address
     http_port = port or control.http_port
@@ -203,12 +245,24 @@ def serve_cmd(
 
 @pxe_app.command()
 def push(
-    folder: Annotated[Path, typer.Option("--dir", "-d", help="A netboot set folder (from `builder pxe build`).")],
     registry: Annotated[str, typer.Option("--registry", "-r", metavar="HOST/REPO", help="Where to push it.")],
+    folder: Annotated[Path | None, typer.Option("--dir", help="A netboot set folder (from `builder pxe build`).")
+                      ] = None,
+    as_json: JsonOpt = False,
+    old_d: Annotated[Path | None, typer.Option("-d", hidden=True)] = None,
 ) -> None:
     """Push a netboot set as an OCI artifact, verified by digest, tagged netboot-TARGET-VARIANT[-IMAGEDIGEST]."""
+    if old_d is not None:  # -d is --detach elsewhere
+        deprecated("-d DIR", "--dir DIR")
+        folder = folder or old_d
+    if folder is None:
+        raise RecipeError("builder pxe push: no netboot set folder given", "builder pxe push --dir DIR --registry R")
+    check_input(folder, "--dir", folder=True)
     repo = Repository.parse(registry)
     digest, tags = push_netboot(folder, repo)
+    if as_json:
+        typer.echo(json.dumps({"repository": str(repo), "digest": digest, "tags": list(tags)}, indent=2))
+        return
     typer.echo(f"pushed: {repo}@{digest}")
     for tag in tags:
         typer.echo(f"tag     {repo}:{tag}")
@@ -218,9 +272,11 @@ def push(
 def pull(
     reference: Annotated[str, typer.Argument(metavar="REF", help="HOST/REPO:TAG or HOST/REPO@sha256:….")],
     dest: Annotated[Path, typer.Option("--dest", help="Where netboot sets are kept.")] = Path("pxe-root/artifacts"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Fetch a netboot set, check every file's sha256 against its manifest, then switch DEST/TARGET-VARIANT
     to it atomically (the files live in DEST/sets/). `builder pxe publish --artifacts DEST` boots nodes from it."""
+    check_output(dest, "--dest", folder=True)
     dest.mkdir(parents=True, exist_ok=True)
     # The lock lives in the cache, not in DEST: a pull that is refused leaves nothing in DEST.
     where = hashlib.sha256(str(dest.resolve()).encode()).hexdigest()[:16]
@@ -229,4 +285,7 @@ def pull(
         for leftover in [*(dest / "sets").glob(".pull-*"), *dest.glob(".*.link")]:
             remove_path(leftover)
         final = pull_netboot(reference, dest)
+    if as_json:
+        typer.echo(json.dumps({"reference": reference, "folder": str(final)}, indent=2))
+        return
     typer.echo(f"pulled {reference} into {final}")

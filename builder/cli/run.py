@@ -1,5 +1,6 @@
 """`builder run` and `builder toolbox …`: a built image of any flavour as a container on this host."""
 
+import json
 import os
 import shlex
 import shutil
@@ -9,14 +10,25 @@ from typing import Annotated
 
 import typer
 
-from builder.cli.common import DEFAULT_FLAVOUR, EngineOpt, FlavourOpt, RecipeOpt, TargetOpt, VariantOpt, err, prepared
+from builder.cli.common import (
+    DEFAULT_FLAVOUR,
+    JSON_ERRORS,
+    EngineOpt,
+    FlavourOpt,
+    RecipeOpt,
+    RecipesOpt,
+    TargetOpt,
+    VariantOpt,
+    prepared,
+)
+from builder.cli.conventions import err
 from builder.core.errors import RecipeError
 from builder.core.run import replace_process
 from builder.engines import get_engine
 from builder.engines.host import driver_volumes
 from builder.flavours.prepare import flavour_named
 from builder.recipe.load import select
-from builder.recipe.targets import Host
+from builder.recipe.targets import Host, did_you_mean
 from builder.use.launch import container_argv, image_for_run
 from builder.use.toolbox import TOOL_CHOICES, Box, check_tool, exists, pick_tool, run_steps, tool_of
 
@@ -37,6 +49,8 @@ def run(
     name: Annotated[str | None, typer.Option(help="Container name.")] = None,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
     print_only: Annotated[bool, typer.Option("--print", help="Print the engine command, run nothing.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help=f"With --print: the command as a JSON list of words ({JSON_ERRORS}).")] = False,
     env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the container (repeatable).")] = None,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
     shm_size: Annotated[str, typer.Option(
@@ -45,6 +59,7 @@ def run(
     driver_dir: Annotated[list[Path] | None, typer.Option(
         "--driver-dir", help="A folder to take the variant's host driver libraries from before the host's own "
         "library folders (e.g. Intel's NPU driver unpacked with dpkg-deb -x).")] = None,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Run an image in a role on the host network (model files given with --model are mounted).
 
@@ -53,14 +68,19 @@ def run(
     vLLM images (--flavour vllm) get a 16 GB /dev/shm (--shm-size); a host model folder given as
     `serve PATH` is mounted read-only under /models.
     """
+    if as_json and not print_only:
+        raise RecipeError("--json goes with --print (a running container reports nothing)", "add --print")
     kind = flavour_named(flavour)
     driver_dirs = tuple(driver_dir or ())
     for folder in driver_dirs:
         if not folder.is_dir():
-            raise RecipeError(f"--driver-dir {folder}: no such folder", "pass the folder that holds the driver's "
-                              "libraries, e.g. usr/lib/x86_64-linux-gnu of the unpacked .debs")
+            raise RecipeError(f"--driver-dir {folder}: {'not a' if folder.exists() else 'no such'} folder",
+                              "pass the folder that holds the driver's libraries, e.g. usr/lib/x86_64-linux-gnu of "
+                              "the unpacked .debs")
     if role not in kind.roles:
-        raise RecipeError(f"unknown role {role!r}", f"roles: {', '.join(kind.roles)}")
+        raise RecipeError(f"unknown role {role!r}{did_you_mean(role, kind.roles)}", f"roles: {', '.join(kind.roles)}")
+    if image is None and target is None and recipe is None:
+        _refuse_misplaced(role, list(args or []))
     chosen = get_engine(engine)
     role_args, extra_flags = kind.run_flags(role, list(args or []), shm_size)
     host = Host()
@@ -81,9 +101,22 @@ def run(
     argv = container_argv(chosen, image, role, role_args, name=name, detach=detach,
                           run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *extra_flags))
     if print_only:
-        typer.echo(" ".join(argv))
+        typer.echo(json.dumps(list(argv)) if as_json else " ".join(argv))
         return
     replace_process(argv)
+
+
+# `builder run`'s own long options: after ROLE they reach the role, which is why no image was chosen.
+_RUN_OPTIONS = frozenset({"--target", "--recipe", "--recipes", "--variant", "--image", "--flavour", "--engine",
+                          "--print", "--json", "--detach", "--name", "--env", "--shm-size", "--driver-dir"})
+
+
+def _refuse_misplaced(role: str, args: list[str]) -> None:
+    """No image chosen and one of run's options after ROLE: say where it went, in one line."""
+    word = next((a.split("=", 1)[0] for a in args if a.split("=", 1)[0] in _RUN_OPTIONS), None)
+    if word is not None:
+        raise RecipeError(f"{word} comes after ROLE {role!r}, so it went to the role, not to builder run",
+                          f"put builder run's options before ROLE: builder run {word} … {role} …")
 
 
 def warn_missing(host: Host, target: str, driver_dirs: tuple[Path, ...] = ()) -> None:
@@ -107,6 +140,7 @@ ToolOpt = Annotated[str, typer.Option("--tool", help=f"{', '.join(TOOL_CHOICES)}
                                       "then podman).")]
 BoxNameOpt = Annotated[str | None, typer.Option("--name", help="Container name (default builder-TARGET-VARIANT).")]
 PrintOpt = Annotated[bool, typer.Option("--print", help="Print the commands, run nothing.")]
+PrintJsonOpt = Annotated[bool, typer.Option("--json", help=f"With --print: env and steps as JSON ({JSON_ERRORS}).")]
 
 
 def _box(tool: str, flavour: str, target: str | None, recipe: Path | None, variant: str | None, name: str | None,
@@ -141,8 +175,13 @@ def _require_box(box: Box, hint: str) -> None:
         raise RecipeError(f"no container {box.name}", hint)
 
 
-def _steps(box: Box, steps: list[list[str]], print_only: bool) -> None:
+def _steps(box: Box, steps: list[list[str]], print_only: bool, as_json: bool) -> None:
     env = box.tool_env()
+    if as_json and not print_only:
+        raise RecipeError("--json goes with --print", "add --print")
+    if as_json:
+        typer.echo(json.dumps({"env": env, "steps": steps}, indent=2))
+        return
     if print_only:
         prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
         for argv in steps:
@@ -161,6 +200,8 @@ def toolbox_create(
     tool: ToolOpt = "auto",
     print_only: PrintOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    as_json: PrintJsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Create a toolbox container from a target's image, with the variant's devices, groups and environment.
 
@@ -173,7 +214,7 @@ def toolbox_create(
             raise RecipeError(f"container {box.name} already exists",
                               f"enter it with `builder toolbox enter --name {box.name}`, or remove it first "
                               f"with `builder toolbox rm --name {box.name} --tool {box.tool}`")
-    _steps(box, box.create(), print_only)
+    _steps(box, box.create(), print_only, as_json)
 
 
 @toolbox_app.command("enter", context_settings=EXTRA_ARGS)
@@ -186,6 +227,8 @@ def toolbox_enter(
     tool: ToolOpt = "auto",
     print_only: PrintOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    as_json: PrintJsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Enter a toolbox container: a login shell, or the command after `--`.
 
@@ -197,7 +240,7 @@ def toolbox_enter(
         create = f"builder toolbox create{flags} --target {target}" if target else "builder toolbox create"
         _require_box(box, f"create it first: {create}")
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    _steps(box, box.enter(list(command or []), tty), print_only)
+    _steps(box, box.enter(list(command or []), tty), print_only, as_json)
 
 
 @toolbox_app.command("rm")
@@ -209,9 +252,11 @@ def toolbox_rm(
     tool: ToolOpt = "auto",
     print_only: PrintOpt = False,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
+    as_json: PrintJsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Remove a toolbox container (stopping it first); the image stays."""
     box = _box(tool, flavour, target, recipe, variant, name)
     if not print_only:
         _require_box(box, "`podman ps --all` lists the containers")
-    _steps(box, box.remove(), print_only)
+    _steps(box, box.remove(), print_only, as_json)

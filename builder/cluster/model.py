@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import ByteSize, Field
 
@@ -101,6 +101,8 @@ class Service(Strict):
 
 class ServiceCluster(Strict):
     """The services form of cluster.yaml."""
+
+    SCHEMA_COMMAND: ClassVar[str] = "builder cluster schema"
 
     control: Control | None = None
     gateway: Gateway = Field(default_factory=lambda: Gateway.model_validate({}))
@@ -194,7 +196,13 @@ def server_port(service: Service) -> int:
 def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
     index: dict[str, int] = {}
     macs: dict[str, int] = {}
+    addresses: dict[str, int] = {}
     for i, node in enumerate(cluster.nodes):
+        if node.address and node.address in addresses:
+            raise RecipeError(f"{where}: nodes[{i}].address: {node.address} is already "
+                              f"nodes[{addresses[node.address]}]", "every node has its own address")
+        if node.address:
+            addresses[node.address] = i
         if node.name in index:
             raise RecipeError(f"{where}: nodes[{i}].name: {node.name!r} is already nodes[{index[node.name]}]",
                               "give every node its own name")

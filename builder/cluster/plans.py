@@ -43,12 +43,12 @@ PLAN_HEADER = ("# fields, tab-separated, '-' for none: server SERVICE PORT MODEL
 
 
 def is_services_form(path: Path) -> bool:
-    return "services" in load_yaml(path, "inventory", "pass --inventory PATH to your cluster.yaml")
+    return "services" in load_yaml(path, "cluster", "pass the path of your cluster.yaml")
 
 
 def control_of(path: Path) -> Control:
     """The control node of a published cluster.yaml of either form (what `pxe serve` needs from it)."""
-    data = load_yaml(path, "inventory", "pass --inventory PATH to your cluster.yaml")
+    data = load_yaml(path, "cluster", "pass the path of your cluster.yaml")
     if "services" not in data:
         return load_inventory(path).control
     control = data.get("control")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from builder.cluster.hfmodel import scan
 from builder.core.errors import RecipeError
 from builder.fetch.wheels import requirement_name
-from builder.flavours.vllm import VLLM_DEVICES, VLLM_RECIPES, load_vllm_recipe
+from builder.flavours.vllm import VLLM_DEVICES, load_vllm_recipe, vllm_recipes
 from builder.recipe.targets import TARGETS
 
 if TYPE_CHECKING:
@@ -52,13 +52,13 @@ def executor(target: str, variant: str) -> Executor | None:
     device = VLLM_DEVICES[(target, variant)]
     if device in NO_RAY:
         return "mp"
-    section = load_vllm_recipe(VLLM_RECIPES / f"{target}.yaml").variants[variant]
+    section = load_vllm_recipe(vllm_recipes() / f"{target}.yaml").variants[variant]
     return "ray" if any(requirement_name(str(r)) == "ray" for r in section.requirements) else None
 
 
 def _check_node(node: "ClusterNode", at: int, field: str, where: str) -> None:
     target, variant = node_variant(node)
-    path = VLLM_RECIPES / f"{target}.yaml"
+    path = vllm_recipes() / f"{target}.yaml"
     if (target, variant) not in VLLM_DEVICES or not path.is_file() or \
             variant not in load_vllm_recipe(path).variants:
         runs_on = ", ".join(f"{t}/{v}" for t, v in VLLM_DEVICES)

@@ -53,7 +53,8 @@ def built_images(recipes_dir: Path = RECIPES_DIR) -> list[tuple[Path, Recipe, st
     """(recipe file, recipe, variant) for every image the recipes build."""
     out = []
     for path in recipe_files(recipes_dir.resolve()):
-        recipe = load_recipe(path, recipes_dir / SHARED_PIN.name)
+        own = recipes_dir / SHARED_PIN.name
+        recipe = load_recipe(path, own if own.is_file() else SHARED_PIN)
         out += [(path, recipe, variant) for variant in recipe.variants]
     return out
 

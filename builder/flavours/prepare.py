@@ -8,6 +8,7 @@ from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.vllm import VLLM
 from builder.pipeline.flavour import Flavour, Prepared
+from builder.recipe.targets import did_you_mean
 
 FLAVOURS: dict[str, Flavour] = {f.name: f for f in (LLAMA_CPP, VLLM)}
 
@@ -15,7 +16,8 @@ FLAVOURS: dict[str, Flavour] = {f.name: f for f in (LLAMA_CPP, VLLM)}
 
 def flavour_named(name: str) -> Flavour:
     if name not in FLAVOURS:
-        raise RecipeError(f"--flavour: unknown flavour {name!r}", f"flavours: {', '.join(FLAVOURS)}")
+        raise RecipeError(f"--flavour: unknown flavour {name!r}{did_you_mean(name, FLAVOURS)}",
+                          f"flavours: {', '.join(FLAVOURS)}")
     return FLAVOURS[name]
 
 

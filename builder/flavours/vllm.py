@@ -29,13 +29,28 @@ from builder.pipeline.flavour import BuildArgs, Flavour, Plan, Prepared
 from builder.plan.bases import LockedBases, base_ref, host_arch, lock_name
 from builder.plan.make import LABEL_PREFIX, image_labels
 from builder.publish.sbom import make_vllm_sbom
-from builder.recipe.load import choose_variant, display_path, load_yaml, recipe_path_for, select, validated
+from builder.recipe.load import (
+    choose_variant,
+    display_path,
+    load_yaml,
+    recipe_path_for,
+    recipes_dir,
+    select,
+    validated,
+)
 from builder.recipe.models import VLLM_BASE_FIELDS, BaseSpec, BootstrapBase, refuse_placeholders
 from builder.recipe.targets import TARGETS
 from builder.recipe.vllm_models import VllmPlan, VllmRecipe, VllmVariant
 from builder.render.context import IMAGES_DIR, content_hash, context_files, environment
 
-VLLM_RECIPES = PROJECT_ROOT / "recipes" / "vllm"
+VLLM_RECIPES = PROJECT_ROOT / "recipes" / "vllm"  # the shipped ones
+
+
+def vllm_recipes() -> Path:
+    """recipes/vllm/ of the recipes folder of this run (--recipes DIR, else the shipped one)."""
+    return recipes_dir() / "vllm"
+
+
 TEMPLATES = "vllm"  # folder under images/
 CONTEXT_VERSION = "1"
 # The variants vLLM runs on, and vLLM's own name for each device. Others (vulkan, openvino) have no vLLM.
@@ -62,7 +77,7 @@ def load_vllm_recipe(path: Path) -> VllmRecipe:
 
 def vllm_variants(target: str) -> list[str]:
     """Variants the shipped vLLM recipe of a target builds (for `builder targets`)."""
-    path = VLLM_RECIPES / f"{target}.yaml"
+    path = vllm_recipes() / f"{target}.yaml"
     return list(load_vllm_recipe(path).variants) if path.is_file() else []
 
 
@@ -207,7 +222,7 @@ class Vllm(Flavour):
     recipe_model = VllmRecipe
 
     def recipe_path(self, target: str) -> Path:
-        return recipe_path_for(target, VLLM_RECIPES, "vLLM ")
+        return recipe_path_for(target, vllm_recipes(), "vLLM ")
 
     def plan(self, path: Path, variant: str | None, source_override: str | None, locked: LockedBases,
              epoch: int | None) -> tuple[VllmPlan, SourceTree | None]:

@@ -3,7 +3,7 @@
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, field_validator
 
@@ -27,6 +27,8 @@ def _model(value: str) -> str:
 
 class Control(Strict):
     """The control node: serves the boot files over HTTP (and proxy-DHCP/TFTP with dnsmasq)."""
+
+    SCHEMA_COMMAND: ClassVar[str] = "builder cluster schema"
 
     address: Address = Field(description="address the compute nodes reach the control node at")
     http_port: int = Field(8000, ge=1, le=65535, description="port of `builder pxe serve`'s HTTP server")
@@ -123,6 +125,8 @@ class Node(Strict):
 class Cluster(Strict):
     """The inventory: what `builder pxe publish` turns into boot scripts for every node."""
 
+    SCHEMA_COMMAND: ClassVar[str] = "builder cluster schema --form netboot"
+
     control: Control
     model: Annotated[str, AfterValidator(_model)] | None = Field(
         None, description="the head's model: a GGUF path on the control node or an http URL")
@@ -144,7 +148,13 @@ class Cluster(Strict):
 def _check(cluster: Cluster, where: str, base: Path) -> None:
     seen_names: dict[str, int] = {}
     seen_macs: dict[str, int] = {}
+    seen_addresses: dict[str, int] = {}
     for i, node in enumerate(cluster.nodes):
+        if node.address and node.address in seen_addresses:
+            raise RecipeError(f"{where}: nodes[{i}].address: {node.address} is already "
+                              f"nodes[{seen_addresses[node.address]}]", "every node has its own address")
+        if node.address:
+            seen_addresses[node.address] = i
         if node.name in seen_names:
             raise RecipeError(f"{where}: nodes[{i}].name: {node.name!r} is already nodes[{seen_names[node.name]}]")
         if node.mac in seen_macs:
@@ -198,6 +208,6 @@ def _check_vllm(node: Node, where: str, base: Path) -> None:
 def load_inventory(path: Path) -> Cluster:
     """A validated cluster.yaml; every problem is one line naming the file and the field."""
     where = display_path(path)
-    cluster = validated(Cluster, path, load_yaml(path, "inventory", "pass --inventory PATH to your cluster.yaml"))
+    cluster = validated(Cluster, path, load_yaml(path, "cluster", "pass the path of your cluster.yaml"))
     _check(cluster, where, path.parent)
     return cluster

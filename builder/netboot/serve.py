@@ -74,7 +74,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
 def http_server(root: Path, bind: str, port: int) -> ThreadingHTTPServer:
     if not (root / "current").exists():
-        raise RecipeError(f"{root} has no current generation", "run `builder pxe publish --inventory cluster.yaml`")
+        raise RecipeError(f"{root} has no current generation", "run `builder pxe publish cluster.yaml`")
     try:
         handler = type("Handler", (_Handler,), {"root": root})
         server = ThreadingHTTPServer((bind, port), partial(handler, directory=str(root)))

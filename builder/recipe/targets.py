@@ -3,6 +3,8 @@
 No other module branches on a target or variant name; they read these entries.
 """
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -171,6 +173,12 @@ TARGETS: dict[str, Target] = {
         ),
     )
 }
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'X'?)' for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def known_targets() -> str:

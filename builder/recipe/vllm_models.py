@@ -1,7 +1,7 @@
 """Pydantic models of the vLLM flavour: recipes/vllm/<target>.yaml and the plan made from it. No I/O here."""
 
 import re
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -65,6 +65,8 @@ class VllmVariant(Strict):
 
 class VllmRecipe(Strict):
     """One vLLM recipe per target: recipes/vllm/<target>.yaml, a section per variant vLLM runs on."""
+
+    SCHEMA_COMMAND: ClassVar[str] = "builder schema --flavour vllm"
 
     target: TableName = Field(description="a target from `builder targets`")
     description: OneLine = ""

@@ -3,7 +3,7 @@ the recipes, by the same rules `builder build` applies) and, apart, how builder'
 
 from pathlib import Path
 
-from builder.recipe.load import RECIPES_DIR
+from builder.recipe.load import recipes_dir
 from builder.recipe.targets import TARGETS, UNSUPPORTED, state_of
 from builder.use.matrix import jobs
 
@@ -24,10 +24,11 @@ def _can_do(job: dict[str, str], why: str | None) -> str:
     return why
 
 
-def target_entries(recipes: Path = RECIPES_DIR) -> list[dict[str, object]]:
-    """Each variant: its default mark, per flavour whether a shipped recipe has it and what you can do with it
-    (`None`: no recipe of that flavour), and how the test suite checks it."""
-    build, render_only = jobs(recipes)
+def target_entries(recipes: Path | None = None) -> list[dict[str, object]]:
+    """Each variant: its default mark, per flavour whether a recipe of the run's recipes folder (--recipes, else
+    the shipped one) has it and what you can do with it (`None`: no recipe of that flavour), and how the test
+    suite checks it."""
+    build, render_only = jobs(recipes or recipes_dir())
     known: dict[tuple[str, str, str], str | None] = {(j["flavour"], j["target"], j["variant"]): None for j in build}
     known |= {(j["flavour"], j["target"], j["variant"]): j["why"] for j in render_only}
     entries: list[dict[str, object]] = []

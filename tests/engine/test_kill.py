@@ -283,11 +283,11 @@ def test_kills_during_pxe_publish(tmp_path: Path, rng: random.Random) -> None:
             "control": {"address": "10.0.2.2", "http_port": 8000},
             "nodes": [{"name": f"node-{side}", "mac": "52:54:00:12:34:56", "target": "cpu", "role": "rpc-worker"}]}))
     pulled_set(tmp_path / "sets", 0)
-    duration = timed("pxe", "publish", "--inventory", str(tmp_path / "a.yaml"), "--root", str(root),
+    duration = timed("pxe", "publish", str(tmp_path / "a.yaml"), "--root", str(root),
                      "--artifacts", str(tmp_path / "sets"), "--keep", "1")
     for number, moment in enumerate(moments(rng, "pxe-publish", duration), 1):
         pulled_set(tmp_path / "sets", number)
-        args = ("pxe", "publish", "--inventory", str(tmp_path / ("a.yaml" if number % 2 else "b.yaml")),
+        args = ("pxe", "publish", str(tmp_path / ("a.yaml" if number % 2 else "b.yaml")),
                 "--root", str(root), "--artifacts", str(tmp_path / "sets"), "--keep", "1")
         where = f"pxe publish round {number}, {kill_at(moment, *args)}"
         generation_is_complete(root, where)

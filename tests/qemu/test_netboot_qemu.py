@@ -50,7 +50,7 @@ def published(tmp_path: Path, port: int, nodes: list[dict[str, object]],
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(doc))
     root = tmp_path / "pxe-root"
-    proc = run_cli("pxe", "publish", "--inventory", str(path), "--root", str(root), "--engine", "podman",
+    proc = run_cli("pxe", "publish", str(path), "--root", str(root), "--engine", "podman",
                    timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = open(tmp_path / "serve.log", "wb")

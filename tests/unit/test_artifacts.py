@@ -69,7 +69,7 @@ def test_push_then_pull_places_identical_files_and_switches_the_link(registry: R
     inventory.write_text("control: {address: 10.0.2.2}\n"
                          "nodes: [{name: n1, mac: '52:54:00:12:34:56', target: cpu, role: rpc-worker}]\n")
     root = tmp_path / "boot-root"
-    proc = run_cli("pxe", "publish", "--inventory", str(inventory), "--root", str(root), "--artifacts", str(dest))
+    proc = run_cli("pxe", "publish", str(inventory), "--root", str(root), "--artifacts", str(dest))
     assert proc.returncode == 0, proc.stderr
     squash = hashlib.sha256((second / "root.squashfs").read_bytes()).hexdigest()
     assert f"builder.sha256={squash}" in (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text()

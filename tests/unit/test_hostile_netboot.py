@@ -47,7 +47,7 @@ def publish(tmp_path: Path, inventory: object, **manifest_changes: object) -> su
     sets = tmp_path / "sets"
     netboot_set(sets / "cpu-cpu", **manifest_changes)
     path = write_yaml(tmp_path / "cluster.yaml", inventory)
-    return run_cli("pxe", "publish", "--inventory", str(path), "--root", str(tmp_path / "pxe-root"),
+    return run_cli("pxe", "publish", str(path), "--root", str(tmp_path / "pxe-root"),
                    "--artifacts", str(sets))
 
 

@@ -199,7 +199,7 @@ def test_concurrent_pxe_publishes_both_leave_complete_generations(tmp_path: Path
         pulled_set(tmp_path / side, side)
         cluster(tmp_path / f"{side}.yaml", f"node-{side}")
     for _ in range(4):
-        procs = [builder("pxe", "publish", "--inventory", str(tmp_path / f"{side}.yaml"), "--root", str(root),
+        procs = [builder("pxe", "publish", str(tmp_path / f"{side}.yaml"), "--root", str(root),
                          "--artifacts", str(tmp_path / side), "--keep", "0", env={}) for side in ("a", "b")]
         for proc in procs:
             out, err = proc.communicate(timeout=120)
@@ -215,7 +215,7 @@ def test_a_second_publish_waits_for_the_first_and_says_so(tmp_path: Path) -> Non
     cluster(tmp_path / "a.yaml", "node-a")
     root.mkdir()
     with locked(root / ".builder.lock", "test"):
-        proc = builder("pxe", "publish", "--inventory", str(tmp_path / "a.yaml"), "--root", str(root),
+        proc = builder("pxe", "publish", str(tmp_path / "a.yaml"), "--root", str(root),
                        "--artifacts", str(tmp_path / "a"), env={})
         time.sleep(5)
         assert proc.poll() is None, proc.communicate()

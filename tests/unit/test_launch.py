@@ -42,7 +42,7 @@ def test_run_print_shows_the_engine_command() -> None:
 def test_unknown_role_lists_the_roles() -> None:
     proc = run_cli("run", "--image", "x", "serve")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines()[0] == "error: unknown role 'serve'"
+    assert proc.stderr.splitlines()[0] == "error: unknown role 'serve' (did you mean 'server'?)"
     assert "rpc-worker, server, bench, shell, smoke" in proc.stderr
 
 

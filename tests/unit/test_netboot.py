@@ -71,7 +71,7 @@ def fake_artifacts(tmp_path: Path, seed: str) -> tuple[Path, dict[str, object]]:
     ({"extra": 1}, "extra: unknown key"),
 ])
 def test_bad_inventory_is_one_line_and_exit_2(tmp_path: Path, change: dict[str, object], message: str) -> None:
-    proc = run_cli("pxe", "publish", "--inventory", str(inventory(tmp_path, **change)), "--root",
+    proc = run_cli("pxe", "publish", str(inventory(tmp_path, **change)), "--root",
                    str(tmp_path / "pxe-root"))
     assert proc.returncode == 2, proc.stderr
     first = proc.stderr.splitlines()[0]
@@ -227,7 +227,7 @@ def test_each_node_gets_its_firewall_as_a_blob_named_by_sha256(tmp_path: Path) -
     assert sum(1 for b in (root / "blobs" / "sha256").iterdir() if b.read_bytes().startswith(b"# Written")) == 1
     # rules that nft would refuse never reach a node: a control address must be an IP address
     named = inventory(tmp_path, control={"address": "boot.lan"})
-    proc = run_cli("pxe", "publish", "--inventory", str(named), "--root", str(root), "--artifacts", str(tmp_path))
+    proc = run_cli("pxe", "publish", str(named), "--root", str(root), "--artifacts", str(tmp_path))
     assert proc.returncode == 2 and "control.address: the firewall admits addresses, and 'boot.lan' is a name" \
         in proc.stderr and "Traceback" not in proc.stderr
 

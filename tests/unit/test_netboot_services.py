@@ -123,7 +123,7 @@ def test_publish_through_the_cli_prints_each_nodes_processes(tmp_path: Path) -> 
     (tmp_path / "sets").mkdir()
     folder, _ = fake_artifacts(tmp_path, "cli")
     folder.rename(tmp_path / "sets" / "cpu-cpu")
-    proc = run_cli("pxe", "publish", "--inventory", str(path), "--root", str(tmp_path / "pxe-root"),
+    proc = run_cli("pxe", "publish", str(path), "--root", str(tmp_path / "pxe-root"),
                    "--artifacts", str(tmp_path / "sets"))
     assert proc.returncode == 0, proc.stderr
     assert f"b            {MACS[1]}  server chat, server big  cpu" in proc.stdout
@@ -167,7 +167,7 @@ def test_bad_services_file_is_one_line_and_exit_2(tmp_path: Path, change: str, m
     data = _broken(tmp_path, change)
     path.write_text(yaml.safe_dump(data))
     root = tmp_path / "pxe-root"
-    proc = run_cli("pxe", "publish", "--inventory", str(path), "--root", str(root), "--artifacts", str(tmp_path))
+    proc = run_cli("pxe", "publish", str(path), "--root", str(root), "--artifacts", str(tmp_path))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not root.exists()  # nothing published, nothing built

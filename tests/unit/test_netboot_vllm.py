@@ -74,7 +74,7 @@ def test_vllm_server_script_carries_its_model_by_hash_and_how_to_serve_it(tmp_pa
 ])
 def test_bad_vllm_node_is_one_line_and_exit_2(tmp_path: Path, node: dict[str, object], message: str) -> None:
     model_folder(tmp_path)
-    proc = run_cli("pxe", "publish", "--inventory", str(inventory(tmp_path, nodes=[node])), "--root",
+    proc = run_cli("pxe", "publish", str(inventory(tmp_path, nodes=[node])), "--root",
                    str(tmp_path / "pxe-root"))
     assert proc.returncode == 2, proc.stderr
     first = proc.stderr.splitlines()[0]

@@ -322,7 +322,7 @@ def test_a_planted_set_is_refused_by_pxe_publish(tmp_path: Path) -> None:
     inventory.write_text("control: {address: 10.0.2.2}\n"
                          "nodes: [{name: n1, mac: '52:54:00:12:34:56', target: cpu, role: rpc-worker}]\n")
     root = tmp_path / "boot-root"
-    proc = run_cli("pxe", "publish", "--inventory", str(inventory), "--root", str(root), "--artifacts", str(pulled))
+    proc = run_cli("pxe", "publish", str(inventory), "--root", str(root), "--artifacts", str(pulled))
     assert proc.returncode == 2 and "files: expected exactly" in proc.stderr and "Traceback" not in proc.stderr
     assert not (root / "blobs").exists() and not (root / "current").exists()
 

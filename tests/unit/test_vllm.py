@@ -146,7 +146,7 @@ def test_render_only_variants_refuse_to_build_with_one_line(target: str, device:
 
 def test_targets_lists_the_vllm_variants() -> None:
     proc = run_cli("targets")
-    lines = proc.stdout.splitlines()
+    lines = proc.stdout.split("\n\n")[0].splitlines()
     assert lines[0].split()[:4] == ["TARGET", "VARIANT", "LLAMA.CPP", "VLLM"]
     start, end = lines[0].index("VLLM"), lines[0].index("TESTED")
     rows = {line.split()[0] + "/" + line.split()[1].rstrip("*"): line[start:end].strip()
