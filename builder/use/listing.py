@@ -15,12 +15,12 @@ def _can_do(job: dict[str, str], why: str | None) -> str:
     if why is None:
         return READY
     where = f"--target {job['target']} --variant {job['variant']}"
-    flavour = "" if job["flavour"] == "llama.cpp" else f" --flavour {job['flavour']}"
+    flavour = "" if job["flavour"] == "llama.cpp" else f" --flavour {job['flavour']}"  # after the target
     if why.endswith(": placeholder pin"):
         field = why.rsplit(": ", 2)[-2]
-        return f"needs `builder pin{flavour} {where}` first ({field} is a placeholder for the vendor's value)"
+        return f"needs `builder pin {where}{flavour}` first ({field} is a placeholder for the vendor's value)"
     if why.endswith(": no wheel lock"):
-        return f"needs `builder lock{flavour} {where}` first (no wheel lock yet), where its package index is reachable"
+        return f"needs `builder lock {where}{flavour}` first (no wheel lock yet), where its package index is reachable"
     return why
 
 

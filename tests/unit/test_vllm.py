@@ -150,11 +150,11 @@ def test_targets_lists_the_vllm_variants() -> None:
     assert lines[0].split()[:4] == ["TARGET", "VARIANT", "LLAMA.CPP", "VLLM"]
     start, end = lines[0].index("VLLM"), lines[0].index("TESTED")
     rows = {line.split()[0] + "/" + line.split()[1].rstrip("*"): line[start:end].strip()
-            for line in lines[1:lines.index("")]}
+            for line in lines[1:]}
     assert rows["cpu/cpu"] == rows["nvidia/cuda"] == "ready"
     assert rows["strix-halo/rocm"] == rows["intel-arc/sycl"] == "needs lock"  # the command is listed below
     assert rows["intel-npu/openvino"] == rows["strix-halo/vulkan"] == "-"
-    assert ("  strix-halo/rocm (vllm): needs `builder lock --flavour vllm --target strix-halo --variant rocm` "
+    assert ("  strix-halo/rocm (vllm): needs `builder lock --target strix-halo --variant rocm --flavour vllm` "
             "first") in proc.stdout
 
 
