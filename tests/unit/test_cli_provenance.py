@@ -97,4 +97,4 @@ def test_targets_names_the_shared_pin_from_the_cache_without_fetching(tmp_path: 
     assert line == f"llama.cpp (recipes/llama-cpp.yaml): llama-cpp-python 0.3.4, commit {COMMIT}, ggml RPC " \
                    "protocol 7.0.1"
     shown = CliRunner().invoke(app, ["targets"]).stdout.split("\n\n")
-    assert shown[-1].startswith("llama.cpp (recipes/llama-cpp.yaml): llama-cpp-python ")  # after the table and its notes
+    assert shown[-1].startswith("llama.cpp (recipes/llama-cpp.yaml): llama-cpp-python ")
