@@ -14,6 +14,7 @@ The plan, one process a line, fields separated by tabs, `-` for none:
     rpc-worker  SERVICE  PORT
 """
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,8 +39,11 @@ from builder.recipe.load import display_path, load_yaml, select, validated
 
 Say = Callable[[str], None]
 KERNEL_LINE = 2047  # COMMAND_LINE_SIZE on x86, less its final NUL
-PLAN_HEADER = ("# fields, tab-separated, '-' for none: server SERVICE PORT MODEL_URL MODEL_SHA256 RPC CTX [ARGS...]"
-               " | rpc-worker SERVICE PORT\n")
+PLAN_HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | server SERVICE PORT MODEL_URL MODEL_SHA256 RPC "
+               "CTX [ARGS...] | rpc-worker SERVICE PORT\n")
+# Names that hold credentials by convention. Every file a netbooted node boots from (its plan included) is
+# served to the boot network, where any host can read it: such a value has no place in a node's `env`.
+_CREDENTIAL = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
 
 
 def is_services_form(path: Path) -> bool:
@@ -72,6 +76,11 @@ def load_for_netboot(path: Path) -> Loaded:
             raise RecipeError(f"{where}: nodes[{i}].target: {node.target} cannot be netbooted yet",
                               f"netboot targets: {', '.join(KERNELS)}")
         board_args(node.target, node.ram, [*cluster.kernel_args, *node.kernel_args], f"{where}: nodes[{i}]")
+        for name in node.env:
+            if _CREDENTIAL.search(name):
+                raise RecipeError(f"{where}: nodes[{i}].env.{name}: looks like a credential, and a netbooted node's "
+                                  "plan (its env included) is served to the boot network, where any host can read it",
+                                  "keep secrets off netbooted nodes (docs/security.md)")
     for i, service in enumerate(cluster.services):
         if service.engine != "llama.cpp":
             raise RecipeError(f"{where}: services[{i}].engine: {service.engine} services do not netboot yet",
@@ -121,6 +130,8 @@ def node_plan(loaded: Loaded, node: str, base: str) -> str:
     """A node's plan: its RPC workers first (heads elsewhere wait for them), then its servers."""
     mine = sorted((p for p in loaded.processes if p.node == node), key=lambda p: p.role != "rpc-worker")
     lines = [f"# builder node plan for {node}, from cluster.yaml: regenerate it, do not edit.\n", PLAN_HEADER]
+    # the node's environment first: every process the node starts gets it (names and values were checked)
+    lines += [f"env\t{name}\t{value}\n" for name, value in sorted(loaded.node(node).env.items())]
     for process in mine:
         url = f"{base}/blobs/sha256/{loaded.service(process.service).sha256}"
         lines.append(plan_line(loaded, process, url))

@@ -5,7 +5,7 @@
 # if it exits. The role binds the node's own address, never a wildcard one.
 # A node of a cluster file with services: gets a plan instead of a role (builder.plan=URL, checked against
 # builder.plan_sha256): one line per process, RPC workers and llama-servers, each started, announced when ready
-# and restarted on its own (builder/netboot/services.py writes the plan).
+# and restarted on its own (builder/cluster/plans.py writes the plan; its env lines are exported first).
 set -u
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -262,6 +262,14 @@ run_plan() {
     local -A fetched=()  # model sha256 -> its path: two services of one GGUF share one download
     fetch_plan
     mapfile -t lines </run/builder/plan
+    # The node's environment (from its `env` in the cluster file), for every process it starts; the values
+    # stay off the console.
+    for line in "${lines[@]}"; do
+        IFS=$'\t' read -r -a fields <<<"$line"
+        [ "${fields[0]:-}" = env ] || continue
+        export "${fields[1]}=${fields[2]:-}"
+        say "environment: ${fields[1]} set"
+    done
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"
         [ "${fields[0]:-}" = rpc-worker ] || continue

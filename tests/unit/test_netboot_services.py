@@ -11,6 +11,7 @@ import yaml
 from test_netboot import fake_artifacts
 
 from builder.cluster.plans import load_for_netboot, models, publish_services
+from builder.core.errors import RecipeError
 from builder.netboot.publish import current_id
 from builder.netboot.serve import dnsmasq_config
 from conftest import free_port, run_cli
@@ -196,3 +197,21 @@ def test_gateway_up_for_a_node_that_never_gets_healthy_is_one_line_and_leaves_no
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{gateway}/v1/models", timeout=5)
     assert run_cli("cluster", "down", str(path)).stdout.strip() == "nothing was running"
+
+
+def test_a_nodes_env_reaches_its_plan_and_a_credential_never_does(tmp_path: Path) -> None:
+    """A node's `env` is in its plan, ahead of its processes (node-init exports it for each of them); a name that
+    holds a credential is refused for a netbooted node, even with unsafe_env: the boot network reads plans."""
+    path = cluster_file(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["nodes"][0]["env"] = {"GGML_VK_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "4"}
+    path.write_text(yaml.safe_dump(data))
+    rows = plan(published(tmp_path, path), MACS[0])
+    assert rows[:2] == [["env", "GGML_VK_VISIBLE_DEVICES", "0"], ["env", "OMP_NUM_THREADS", "4"]]
+    assert rows[2][0] == "server" and not any(row[0] == "env" for row in rows[2:])
+    data["nodes"][1].update(env={"HF_TOKEN": "hf_x"}, unsafe_env=True)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as caught:
+        load_for_netboot(path)
+    assert "cluster.yaml: nodes[1].env.HF_TOKEN: looks like a credential" in str(caught.value)
+    assert "boot network" in str(caught.value)
