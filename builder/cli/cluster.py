@@ -16,6 +16,7 @@ from builder.cluster.commands import as_text, node_commands
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.core.errors import RecipeError
+from builder.core.preflight import GATEWAY, require_tools
 from builder.engines import ENGINE_CHOICES
 from builder.netboot.firewall import ruleset
 from builder.netboot.inventory import Cluster
@@ -56,6 +57,7 @@ def up(
     Running it again starts only what is not running. If it fails, what it started is removed again.
     """
     loaded = _loaded(inventory, is_local)
+    require_tools("builder cluster up", GATEWAY)
 
     def say(line: str) -> None:
         typer.echo(line, err=True)

@@ -22,6 +22,7 @@ from builder.cluster.plans import (
 )
 from builder.core.errors import RecipeError, Stopped
 from builder.core.locks import lock_file, locked
+from builder.core.preflight import DHCP, NETBOOT_SET, require_tools
 from builder.core.run import start_server, stop
 from builder.engines import get_engine
 from builder.engines.cleanup import remove_path
@@ -76,6 +77,7 @@ def build_cmd(
     """
     if out is not None:
         check_output(out, "--out", folder=True)
+    require_tools("builder pxe build", NETBOOT_SET)
     folder, manifest = _artifacts(engine, target, variant, compression, out, flavour)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
@@ -117,6 +119,8 @@ def publish_cmd(
     check_output(root, "--root", folder=True)
     if pulled is not None:
         check_input(pulled, "--artifacts", folder=True)
+    else:  # the nodes' netboot sets may have to be made first
+        require_tools("builder pxe publish", NETBOOT_SET)
     if is_services_form(inventory):
         loaded = load_for_netboot(inventory)
         for warning in loaded.warnings:
@@ -216,6 +220,8 @@ def serve_cmd(
     dnsmasq runs in proxy-DHCP mode beside the site's DHCP server: it only adds boot information.
     """
     _existing_root(root)
+    if dnsmasq:
+        require_tools("builder pxe serve --dnsmasq", DHCP)
     control = control_of(root / "current" / "cluster.yaml")
     address = bind or control.address
     http_port = port or control.http_port
