@@ -1,11 +1,15 @@
-"""Shared fixtures: the CLI as a real process, the pinned llama.cpp source, a tiny model, engines."""
+"""Shared fixtures: the CLI (a real process or in this one), the pinned llama.cpp source, a tiny model, engines."""
 
+import io
+import logging
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +18,8 @@ import pytest
 import yaml
 
 from builder.build.pipeline import Prepared
-from builder.engines import ENGINES
+from builder.cli.main import execute
+from builder.engines import ENGINES, cleanup
 from builder.flavours.prepare import prepare
 from builder.recipe.load import recipe_path_for
 
@@ -36,6 +41,63 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+def run_cli_inproc(*args: str, env: dict[str, str] | None = None,
+                   cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """`builder ARGS` in this process, for the many bad-input cases: what `run_cli` gives (exit code, both
+    streams) without an interpreter start per case. It goes through `execute`, the function the real entry
+    point calls after installing its signal handlers, with what a fresh process would have: stdin from
+    /dev/null, fds 1 and 2 (so child processes' output too) in files of their own, `env` over os.environ,
+    `cwd`, no logging handlers; all of it put back afterwards. An exception that escapes is printed as the
+    interpreter would (a traceback, exit 1). No timeout and no signals: those need `run_cli`."""
+    root_log = logging.getLogger()
+    saved_log = root_log.handlers[:], root_log.level, logging.getLogger("builder.progress").level
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull) as devnull:
+        for stream in saved_streams[1:]:
+            stream.flush()
+        saved_fds = os.dup(1), os.dup(2)
+        try:
+            os.environ.update(env or {})
+            os.chdir(cwd)
+            root_log.handlers = []  # so the CLI's logging.basicConfig writes to this call's stderr
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdin = devnull
+            sys.stdout = _text_fd(1, "strict")
+            sys.stderr = _text_fd(2, "backslashreplace")
+            try:
+                code = execute(args)
+            except Exception:  # what the interpreter does with an exception nobody caught
+                traceback.print_exc()
+                code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                if stream not in saved_streams:
+                    stream.close()
+            sys.stdin, sys.stdout, sys.stderr = saved_streams
+            for fd, saved in zip((1, 2), saved_fds, strict=True):
+                os.dup2(saved, fd)
+                os.close(saved)
+            for handler in root_log.handlers:
+                handler.close()
+            root_log.handlers, _, _ = saved_log
+            root_log.setLevel(saved_log[1])
+            logging.getLogger("builder.progress").setLevel(saved_log[2])
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+            cleanup._engine.cache_clear()  # which engines work is checked once per process
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(["builder", *args], code, out.read().decode("utf-8", "replace"),
+                                           err.read().decode("utf-8", "replace"))
+
+
+def _text_fd(fd: int, errors: str) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors=errors, write_through=True)
 
 
 @contextmanager
