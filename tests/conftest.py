@@ -5,10 +5,12 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,14 +45,15 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
                           timeout=timeout, env=full_env, cwd=cwd)
 
 
-def run_cli_inproc(*args: str, env: dict[str, str] | None = None,
+def run_cli_inproc(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
                    cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """`builder ARGS` in this process, for the many bad-input cases: what `run_cli` gives (exit code, both
     streams) without an interpreter start per case. It goes through `execute`, the function the real entry
     point calls after installing its signal handlers, with what a fresh process would have: stdin from
     /dev/null, fds 1 and 2 (so child processes' output too) in files of their own, `env` over os.environ,
     `cwd`, no logging handlers; all of it put back afterwards. An exception that escapes is printed as the
-    interpreter would (a traceback, exit 1). No timeout and no signals: those need `run_cli`."""
+    interpreter would (a traceback, exit 1); past `timeout` (SIGALRM, main thread only) it raises
+    subprocess.TimeoutExpired as subprocess.run does. Signals and the entry point itself need `run_cli`."""
     root_log = logging.getLogger()
     saved_log = root_log.handlers[:], root_log.level, logging.getLogger("builder.progress").level
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
@@ -68,8 +71,12 @@ def run_cli_inproc(*args: str, env: dict[str, str] | None = None,
             sys.stdin = devnull
             sys.stdout = _text_fd(1, "strict")
             sys.stderr = _text_fd(2, "backslashreplace")
+            timed_out = False
             try:
-                code = execute(args)
+                with _alarm(timeout):
+                    code = execute(args)
+            except _Timeout:
+                timed_out, code = True, -1
             except Exception:  # what the interpreter does with an exception nobody caught
                 traceback.print_exc()
                 code = 1
@@ -92,8 +99,33 @@ def run_cli_inproc(*args: str, env: dict[str, str] | None = None,
             cleanup._engine.cache_clear()  # which engines work is checked once per process
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(["builder", *args], code, out.read().decode("utf-8", "replace"),
-                                           err.read().decode("utf-8", "replace"))
+        stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
+    if timed_out:
+        raise subprocess.TimeoutExpired(["builder", *args], timeout, stdout, stderr)
+    return subprocess.CompletedProcess(["builder", *args], code, stdout, stderr)
+
+
+class _Timeout(BaseException):  # not an Exception: the CLI's own `except Exception` must not swallow it
+    pass
+
+
+@contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise _Timeout in this thread after `seconds` (only the main thread can take signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _text_fd(fd: int, errors: str) -> io.TextIOWrapper:
