@@ -50,10 +50,11 @@ def run_cli_inproc(*args: str, timeout: float = 120, env: dict[str, str] | None 
     """`builder ARGS` in this process, for the many bad-input cases: what `run_cli` gives (exit code, both
     streams) without an interpreter start per case. It goes through `execute`, the function the real entry
     point calls after installing its signal handlers, with what a fresh process would have: stdin from
-    /dev/null, fds 1 and 2 (so child processes' output too) in files of their own, `env` over os.environ,
-    `cwd`, no logging handlers; all of it put back afterwards. An exception that escapes is printed as the
-    interpreter would (a traceback, exit 1); past `timeout` (SIGALRM, main thread only) it raises
-    subprocess.TimeoutExpired as subprocess.run does. Signals and the entry point itself need `run_cli`."""
+    /dev/null, fds 1 and 2 (so child processes' output too) in files of their own (sys.stdout and sys.stderr
+    too, for this thread: see _ThisThread), `env` over os.environ, `cwd`, no logging handlers; all of it put
+    back afterwards. An exception that escapes is printed as the interpreter would (a traceback, exit 1);
+    past `timeout` (SIGALRM, main thread only) it raises subprocess.TimeoutExpired as subprocess.run does.
+    Signals and the entry point itself need `run_cli`."""
     root_log = logging.getLogger()
     saved_log = root_log.handlers[:], root_log.level, logging.getLogger("builder.progress").level
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
@@ -69,8 +70,8 @@ def run_cli_inproc(*args: str, timeout: float = 120, env: dict[str, str] | None 
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
             sys.stdin = devnull
-            sys.stdout = _text_fd(1, "strict")
-            sys.stderr = _text_fd(2, "backslashreplace")
+            sys.stdout = _ThisThread(_text_fd(1, "strict"), saved_streams[1])  # type: ignore[assignment]
+            sys.stderr = _ThisThread(_text_fd(2, "backslashreplace"), saved_streams[2])  # type: ignore[assignment]
             timed_out = False
             try:
                 with _alarm(timeout):
@@ -82,8 +83,8 @@ def run_cli_inproc(*args: str, timeout: float = 120, env: dict[str, str] | None 
                 code = 1
         finally:
             for stream in (sys.stdout, sys.stderr):
-                if stream not in saved_streams:
-                    stream.close()
+                if isinstance(stream, _ThisThread):
+                    stream.mine.close()
             sys.stdin, sys.stdout, sys.stderr = saved_streams
             for fd, saved in zip((1, 2), saved_fds, strict=True):
                 os.dup2(saved, fd)
@@ -126,6 +127,17 @@ def _alarm(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class _ThisThread:
+    """sys.stdout or sys.stderr while the CLI runs in process: what this thread writes is the CLI's output;
+    other threads (the tests' own servers, which a real CLI process would not share) keep the stream they had."""
+
+    def __init__(self, mine: io.TextIOWrapper, others: object) -> None:
+        self.mine, self.others, self.thread = mine, others, threading.get_ident()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.mine if threading.get_ident() == self.thread else self.others, name)
 
 
 def _text_fd(fd: int, errors: str) -> io.TextIOWrapper:
