@@ -57,7 +57,7 @@ def test_source_archive_cannot_write_outside_its_folder(tmp_path: Path, attack: 
         TAR_ATTACKS[attack](tar, marker)
     cache, out = tmp_path / "cache", tmp_path / "out"
     proc = run_cli_inproc("render", "--target", "cpu", "--llama-cpp-source", str(archive), "--out", str(out),
-                   env={"BUILDER_CACHE": str(cache)})
+                          env={"BUILDER_CACHE": str(cache)})
     refused(proc, "llama.tar", "refused", absent=(marker, out))
     trees = cache / "sources" / "trees"
     assert not [p for p in trees.iterdir() if not p.name.endswith(".epoch")], "a tree stayed in the cache"
@@ -99,6 +99,7 @@ def test_sdk_wheel_cannot_write_outside_its_folder(tmp_path: Path, attack: str) 
     recipe = write_yaml(tmp_path / "evil.yaml", changed(CPU, "variants.cpu.sdks", {"evil": sdk}))
     out = tmp_path / "out"
     proc = run_cli_inproc("render", "--recipe", str(recipe), "--with-source", "--out", str(out),
-                   "--llama-cpp-source", str(fake_llama_tree(tmp_path / "llama")), env={"BUILDER_CACHE": str(cache)})
+                          "--llama-cpp-source", str(fake_llama_tree(tmp_path / "llama")),
+                          env={"BUILDER_CACHE": str(cache)})
     refused(proc, "evil-1.0-py3-none-any.whl", "refused", absent=(marker, out / "sdk"))
     assert list((cache / "sdks" / "trees").iterdir()) == [], "a half-unpacked tree stayed in the cache"

@@ -48,7 +48,7 @@ def publish(tmp_path: Path, inventory: object, **manifest_changes: object) -> su
     netboot_set(sets / "cpu-cpu", **manifest_changes)
     path = write_yaml(tmp_path / "cluster.yaml", inventory)
     return run_cli_inproc("pxe", "publish", "--inventory", str(path), "--root", str(tmp_path / "pxe-root"),
-                   "--artifacts", str(sets))
+                          "--artifacts", str(sets))
 
 
 NODE = "nodes"

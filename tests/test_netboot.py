@@ -72,7 +72,7 @@ def fake_artifacts(tmp_path: Path, seed: str) -> tuple[Path, dict[str, object]]:
 ])
 def test_bad_inventory_is_one_line_and_exit_2(tmp_path: Path, change: dict[str, object], message: str) -> None:
     proc = run_cli_inproc("pxe", "publish", "--inventory", str(inventory(tmp_path, **change)), "--root",
-                   str(tmp_path / "pxe-root"))
+                          str(tmp_path / "pxe-root"))
     assert proc.returncode == 2, proc.stderr
     first = proc.stderr.splitlines()[0]
     assert first.startswith("error: ") and "cluster.yaml" in first and message in first, proc.stderr
