@@ -1,8 +1,8 @@
 """Hostile inventories, pxe-roots, netboot sets and URLs, and every spelling of the any-address.
 
 Inventory strings reach iPXE scripts, kernel command lines and dnsmasq's configuration; a newline there adds
-commands, a space adds kernel arguments. Each case runs `builder` as a real process and checks that the
-pxe-root stays untouched.
+commands, a space adds kernel arguments. Each case runs `builder` (in process, through the entry point's
+`execute`: tests/conftest.py run_cli_inproc) and checks that the pxe-root stays untouched.
 """
 
 import hashlib
