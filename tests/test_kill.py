@@ -9,9 +9,10 @@ what a user relies on:
 
 The moments are drawn from a seeded generator (BUILDER_KILL_SEED to vary it) within the duration of an
 uninterrupted run of each phase, and printed for reproduction. Each phase runs a few kills by default (what CI
-runs) and all of its rounds under `pytest -m slow`; the moments depend only on the seed, the phase and the
-number of rounds, so one test reruns alone with the same kills. Caches are warm: a build round changes only a
-label, so a kill lands in real work (context, build, smoke, promotion) and a round takes seconds.
+runs) and all of its rounds under `pytest -m slow`; the draws depend only on the seed and the phase (the
+default kills are the first of the slow run's), so one test reruns alone with the same kills, scaled to the
+duration of its uninterrupted run. Caches are warm: a build round changes only a label, so a kill lands in
+real work (context, build, smoke, promotion) and a round takes seconds.
 """
 
 import hashlib
