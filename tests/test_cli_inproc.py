@@ -5,6 +5,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,24 @@ def test_in_process_leaves_the_process_as_it_was(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" in proc.stderr
     assert (dict(os.environ), os.getcwd(), root.handlers, root.level, signal.getsignal(signal.SIGINT),
             signal.getsignal(signal.SIGTERM), sys.stdout, sys.stderr, sys.stdin) == before
+
+
+def test_other_threads_output_is_not_the_clis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A test's own server thread writing to stderr while the CLI runs (as socketserver does on an error)."""
+    stop = threading.Event()
+
+    def noise() -> None:
+        while not stop.is_set():
+            print("server thread noise", file=sys.stderr)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=noise)
+    thread.start()
+    try:
+        proc = run_cli_inproc("plan", "--recipe", str(tmp_path / "nope.yaml"))
+    finally:
+        stop.set()
+        thread.join()
+    assert proc.returncode == 2 and "noise" not in proc.stderr + proc.stdout, proc.stderr
+    assert proc.stderr.startswith("error: ")
+    assert "server thread noise" in capsys.readouterr().err
