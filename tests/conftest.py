@@ -1,12 +1,18 @@
-"""Shared fixtures: the CLI as a real process, the pinned llama.cpp source, a tiny model, engines."""
+"""Shared fixtures: the CLI (a real process or in this one), the pinned llama.cpp source, a tiny model, engines."""
 
+import io
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.engines import ENGINES
+from builder.cli.main import execute
+from builder.engines import ENGINES, cleanup
 from builder.flavours.prepare import prepare
 from builder.pipeline.build import Prepared
 from builder.recipe.load import recipe_path_for
@@ -40,6 +47,105 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+def run_cli_inproc(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
+                   cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """`builder ARGS` in this process, for the many bad-input cases: what `run_cli` gives (exit code, both
+    streams) without an interpreter start per case. It goes through `execute`, the function the real entry
+    point calls after installing its signal handlers, with what a fresh process would have: stdin from
+    /dev/null, fds 1 and 2 (so child processes' output too) in files of their own (sys.stdout and sys.stderr
+    too, for this thread: see _ThisThread), `env` over os.environ, `cwd`, no logging handlers; all of it put
+    back afterwards. An exception that escapes is printed as the interpreter would (a traceback, exit 1);
+    past `timeout` (SIGALRM, main thread only) it raises subprocess.TimeoutExpired as subprocess.run does.
+    Signals and the entry point itself need `run_cli`."""
+    root_log = logging.getLogger()
+    saved_log = root_log.handlers[:], root_log.level, logging.getLogger("builder.progress").level
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull) as devnull:
+        for stream in saved_streams[1:]:
+            stream.flush()
+        saved_fds = os.dup(1), os.dup(2)
+        try:
+            os.environ.update(env or {})
+            os.chdir(cwd)
+            root_log.handlers = []  # so the CLI's logging.basicConfig writes to this call's stderr
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdin = devnull
+            sys.stdout = _ThisThread(_text_fd(1, "strict"), saved_streams[1])  # type: ignore[assignment]
+            sys.stderr = _ThisThread(_text_fd(2, "backslashreplace"), saved_streams[2])  # type: ignore[assignment]
+            timed_out = False
+            try:
+                with _alarm(timeout):
+                    code = execute(args)
+            except _Timeout:
+                timed_out, code = True, -1
+            except Exception:  # what the interpreter does with an exception nobody caught
+                traceback.print_exc()
+                code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                if isinstance(stream, _ThisThread):
+                    stream.mine.close()
+            sys.stdin, sys.stdout, sys.stderr = saved_streams
+            for fd, saved in zip((1, 2), saved_fds, strict=True):
+                os.dup2(saved, fd)
+                os.close(saved)
+            for handler in root_log.handlers:
+                handler.close()
+            root_log.handlers, _, _ = saved_log
+            root_log.setLevel(saved_log[1])
+            logging.getLogger("builder.progress").setLevel(saved_log[2])
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+            cleanup._engine.cache_clear()  # which engines work is checked once per process
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
+    if timed_out:
+        raise subprocess.TimeoutExpired(["builder", *args], timeout, stdout, stderr)
+    return subprocess.CompletedProcess(["builder", *args], code, stdout, stderr)
+
+
+class _Timeout(BaseException):  # not an Exception: the CLI's own `except Exception` must not swallow it
+    pass
+
+
+@contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise _Timeout in this thread after `seconds` (only the main thread can take signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _ThisThread:
+    """sys.stdout or sys.stderr while the CLI runs in process: what this thread writes is the CLI's output;
+    other threads (the tests' own servers, which a real CLI process would not share) keep the stream they had."""
+
+    def __init__(self, mine: io.TextIOWrapper, others: object) -> None:
+        self.mine, self.others, self.thread = mine, others, threading.get_ident()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.mine if threading.get_ident() == self.thread else self.others, name)
+
+
+def _text_fd(fd: int, errors: str) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors=errors, write_through=True)
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -443,19 +444,39 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise Stopped(signum)
 
 
-def main() -> None:
-    # SIGTERM (systemd, CI cancelling a job, `kill`) is handled like Ctrl-C: temp files, scratch images and
-    # running commands are cleaned up on the way out, then exit 128 + signal (130, 143).
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+def execute(argv: Sequence[str]) -> int:
+    """`builder ARGV` without leaving the process: its exit code, after what a user sees on the way out
+    (one error line and a hint for a BuilderError, "interrupted"/"terminated" for a stop). `main` is this
+    plus the signal handlers; the tests call it directly for the cases that need no real process."""
     try:
         try:
             cleanup.sweep()  # what runs killed outright left behind
         except (BuilderError, OSError) as exc:
             logging.getLogger("builder").debug("sweeping left-overs failed: %s", exc)
-        app(prog_name="builder")  # BuilderGroup turns errors into one line and the exit code
+        app(args=list(argv), prog_name="builder")  # BuilderGroup turns errors into one line and the exit code
+    except SystemExit as exc:  # click ends every run with one, 0 included
+        return _exit_code(exc.code)
     except Stopped as exc:
         err.print("interrupted" if exc.signum == signal.SIGINT else "terminated", markup=False)
-        sys.exit(128 + exc.signum)
+        return 128 + exc.signum
     finally:
         cleanup.release()
+    return 0
+
+
+def _exit_code(code: object) -> int:
+    """What the interpreter makes of `sys.exit(code)`: None is 0, a number itself, anything else printed and 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def main() -> None:
+    # SIGTERM (systemd, CI cancelling a job, `kill`) is handled like Ctrl-C: temp files, scratch images and
+    # running commands are cleaned up on the way out, then exit 128 + signal (130, 143).
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    sys.exit(execute(sys.argv[1:]))

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from builder.core.errors import RecipeError
 
 # llama-server's tuning flags, each with whether it takes a value; every name is checked against the pinned
-# llama.cpp's common/arg.cpp (tests/test_cluster_args.py). The pinned llama.cpp has no --mlock/--no-mmap: its
+# llama.cpp's common/arg.cpp (tests/unit/test_cluster_args.py). The pinned llama.cpp has no --mlock/--no-mmap: its
 # -lm/--load-mode takes mmap, mlock, none, …
 LLAMA_CPP_FLAGS: dict[str, bool] = {
     **dict.fromkeys(("-t", "--threads", "-tb", "--threads-batch", "-c", "--ctx-size", "-n", "--predict",

@@ -8,8 +8,11 @@ what a user relies on:
 - after the next run (which must complete): no scratch tags, export containers, temp files or dead claims.
 
 The moments are drawn from a seeded generator (BUILDER_KILL_SEED to vary it) within the duration of an
-uninterrupted run of each phase, and printed for reproduction. Caches are warm: a build round changes only a
-label, so a kill lands in real work (context, build, smoke, promotion) and a round takes seconds.
+uninterrupted run of each phase, and printed for reproduction. Each phase runs a few kills by default (what CI
+runs) and all of its rounds under `pytest -m slow`; the draws depend only on the seed and the phase (the
+default kills are the first of the slow run's), so one test reruns alone with the same kills, scaled to the
+duration of its uninterrupted run. Caches are warm: a build round changes only a label, so a kill lands in
+real work (context, build, smoke, promotion) and a round takes seconds.
 """
 
 import hashlib
@@ -36,7 +39,9 @@ from conftest import ROOT, require_engine, run_cli
 pytestmark = pytest.mark.engine
 
 SEED = int(os.environ.get("BUILDER_KILL_SEED", "20261129"))
-ROUNDS = {"build": 6, "publish": 5, "pxe-publish": 5, "pxe-pull": 5}
+ROUNDS = {"build": 6, "publish": 5, "pxe-publish": 5, "pxe-pull": 5}  # every kill point: `-m slow`
+FEW = 2  # kills per phase in CI: one failing and one passing smoke test, both inventories, both references
+SCOPES = [pytest.param(False, id="few"), pytest.param(True, id="all", marks=pytest.mark.slow)]
 ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
 
 
@@ -87,9 +92,14 @@ def kill_at(moment: float, *args: str) -> Killed:
     return Killed(moment, finished, stderr)
 
 
-def moments(rng: random.Random, phase: str, duration: float) -> list[float]:
+def moments(phase: str, duration: float, every: bool) -> list[float]:
+    """The kill moments of `phase`: a generator seeded with SEED and the phase draws all its rounds, and
+    without `every` (CI) the first FEW of them run."""
+    rng = random.Random(f"{SEED}-{phase}")
     drawn = [round(rng.uniform(0.05, duration), 2) for _ in range(ROUNDS[phase])]
-    print(f"kill test (seed {SEED}): {phase}: uninterrupted run {duration:.1f} s; kills at {drawn} s")
+    drawn = drawn if every else drawn[:FEW]
+    print(f"kill test (seed {SEED}, BUILDER_KILL_SEED={SEED} to rerun): {phase}: uninterrupted run "
+          f"{duration:.1f} s; kills at {drawn} s")
     return drawn
 
 
@@ -122,11 +132,6 @@ def no_temp_files(*folders: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def rng() -> random.Random:
-    return random.Random(SEED)
-
-
-@pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     with start_registry(tmp_path_factory.mktemp("registry")) as reg:
         yield reg
@@ -156,7 +161,8 @@ def round_recipe(tmp_path: Path, number: int, smoke_passes: bool) -> Path:
     return path
 
 
-def test_kills_during_build(tmp_path: Path, rng: random.Random) -> None:
+@pytest.mark.parametrize("every", SCOPES)
+def test_kills_during_build(tmp_path: Path, every: bool) -> None:
     require_engine("podman")
     engine = PodmanEngine()
     assert run_cli("build", "--target", "cpu", "--engine", "podman", timeout=3600).returncode == 0
@@ -165,7 +171,7 @@ def test_kills_during_build(tmp_path: Path, rng: random.Random) -> None:
         warm = round_recipe(tmp_path, 0, True)
         duration = timed("build", "--recipe", str(warm), "--engine", "podman")
         made.append(json.loads(run_cli("plan", "--recipe", str(warm), "--json").stdout)["image"])
-        for number, moment in enumerate(moments(rng, "build", duration), 1):
+        for number, moment in enumerate(moments("build", duration, every), 1):
             smoke_passes = number % 2 == 0
             recipe = round_recipe(tmp_path, number, smoke_passes)
             tag = json.loads(run_cli("plan", "--recipe", str(recipe), "--json").stdout)["image"]
@@ -222,11 +228,12 @@ def registry_is_consistent(registry: Registry, repo: str, where: str) -> None:
         assert immutable, f"{where}: recorded as published without its tags"
 
 
-def test_kills_during_publish(registry: Registry, rng: random.Random) -> None:
+@pytest.mark.parametrize("every", SCOPES)
+def test_kills_during_publish(registry: Registry, every: bool) -> None:
     require_engine("podman")
     assert run_cli("build", "--target", "cpu", "--engine", "podman", timeout=3600).returncode == 0
     duration = timed("publish", "--target", "cpu", "--engine", "podman", "--registry", f"{registry.host}/warm")
-    for number, moment in enumerate(moments(rng, "publish", duration), 1):
+    for number, moment in enumerate(moments("publish", duration, every), 1):
         repo = f"kill{number}"
         args = ("publish", "--target", "cpu", "--engine", "podman", "--registry", f"{registry.host}/{repo}")
         where = f"publish round {number}, {kill_at(moment, *args)}"
@@ -276,7 +283,8 @@ def generation_is_complete(root: Path, where: str) -> None:
                 assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name, f"{where}: {blob} is damaged"
 
 
-def test_kills_during_pxe_publish(tmp_path: Path, rng: random.Random) -> None:
+@pytest.mark.parametrize("every", SCOPES)
+def test_kills_during_pxe_publish(tmp_path: Path, every: bool) -> None:
     root = tmp_path / "pxe-root"
     for side in ("a", "b"):
         (tmp_path / f"{side}.yaml").write_text(yaml.safe_dump({
@@ -285,7 +293,7 @@ def test_kills_during_pxe_publish(tmp_path: Path, rng: random.Random) -> None:
     pulled_set(tmp_path / "sets", 0)
     duration = timed("pxe", "publish", str(tmp_path / "a.yaml"), "--root", str(root),
                      "--artifacts", str(tmp_path / "sets"), "--keep", "1")
-    for number, moment in enumerate(moments(rng, "pxe-publish", duration), 1):
+    for number, moment in enumerate(moments("pxe-publish", duration, every), 1):
         pulled_set(tmp_path / "sets", number)
         args = ("pxe", "publish", str(tmp_path / ("a.yaml" if number % 2 else "b.yaml")),
                 "--root", str(root), "--artifacts", str(tmp_path / "sets"), "--keep", "1")
@@ -303,7 +311,8 @@ def test_kills_during_pxe_publish(tmp_path: Path, rng: random.Random) -> None:
 
 # --- pxe pull ------------------------------------------------------------------------------------------
 
-def test_kills_during_pxe_pull(tmp_path: Path, registry: Registry, rng: random.Random) -> None:
+@pytest.mark.parametrize("every", SCOPES)
+def test_kills_during_pxe_pull(tmp_path: Path, registry: Registry, every: bool) -> None:
     references = []
     for seed in (101, 102):
         pulled_set(tmp_path / f"push-{seed}", seed)
@@ -313,7 +322,7 @@ def test_kills_during_pxe_pull(tmp_path: Path, registry: Registry, rng: random.R
         references.append(pushed.stdout.split("pushed: ", 1)[1].split()[0])
     dest = tmp_path / "artifacts"
     duration = timed("pxe", "pull", references[0], "--dest", str(dest))
-    for number, moment in enumerate(moments(rng, "pxe-pull", duration), 1):
+    for number, moment in enumerate(moments("pxe-pull", duration, every), 1):
         reference = references[number % 2]
         where = f"pxe pull round {number}, {kill_at(moment, 'pxe', 'pull', reference, '--dest', str(dest))}"
         link = dest / "cpu-cpu"

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from builder.engines.podman import PodmanEngine
-from conftest import require, require_engine, require_tool, run_cli
+from conftest import require, require_engine, require_tool, run_cli, run_cli_inproc
 
 IMAGE = "localhost/example/tool:1"
 
 
 def printed(*args: str) -> list[str]:
-    proc = run_cli("toolbox", args[0], "--print", *args[1:])
+    proc = run_cli_inproc("toolbox", args[0], "--print", *args[1:])
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
 
@@ -34,7 +34,7 @@ def test_podman_create_mounts_home_on_the_host_network_and_keeps_the_container_u
 
 
 def test_podman_create_carries_the_variant_contract() -> None:
-    proc = run_cli("toolbox", "create", "-t", "intel-npu", "--image", IMAGE, "--tool", "podman", "--print")
+    proc = run_cli_inproc("toolbox", "create", "-t", "intel-npu", "--image", IMAGE, "--tool", "podman", "--print")
     assert proc.returncode == 0, proc.stderr
     assert "--env GGML_OPENVINO_DEVICE=NPU" in proc.stdout.splitlines()[0]
     if not Path("/dev/accel").exists():
@@ -102,7 +102,7 @@ def test_auto_prefers_toolbx_then_distrobox_then_podman() -> None:
     (["enter", "-t", "cpu", "--variant", "cuda", "--print"], "error: --variant: cpu has no variant 'cuda'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
-    proc = run_cli("toolbox", *args)
+    proc = run_cli_inproc("toolbox", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[0] == message
 

@@ -16,13 +16,13 @@ import yaml
 from test_recipes import assert_one_clear_error, write_recipe
 
 from builder.recipe.targets import TARGETS
-from conftest import free_port, require_engine, run_cli
+from conftest import free_port, require_engine, run_cli, run_cli_inproc
 
 ZEROS = "0" * 64
 
 
 def plan(target: str, variant: str) -> dict[str, object]:
-    proc = run_cli("plan", "--target", target, "--variant", variant, "--json")
+    proc = run_cli_inproc("plan", "--target", target, "--variant", variant, "--json")
     assert proc.returncode == 0, proc.stderr
     doc: dict[str, object] = json.loads(proc.stdout)
     return doc
@@ -93,7 +93,7 @@ def test_sycl_uses_intels_compilers_and_ships_level_zero() -> None:
 ])
 def test_build_refuses_placeholder_pins_before_anything_runs(target: str, field: str) -> None:
     variant = "rocm-amd" if target == "strix-halo" else TARGETS[target].default_variant
-    proc = run_cli("build", "--target", target, "--variant", variant)
+    proc = run_cli_inproc("build", "--target", target, "--variant", variant)
     assert_one_clear_error(proc, f"recipes/{target}.yaml: {field}: placeholder pin (all zeros)")
     assert f"`builder pin --target {target}`" in proc.stderr
     assert "building" not in proc.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 from builder.flavours.vllm import VLLM_RECIPES, load_vllm_recipe
 from builder.recipe.load import load_recipe
 from builder.recipe.targets import TARGETS
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_inproc
 
 GOLDEN = ROOT / "tests" / "data" / "golden"
 SHARED = GOLDEN / "shared"
@@ -34,9 +34,9 @@ class Image:
         return GOLDEN / self.target / (f"vllm-{self.variant}" if self.flavour == "vllm" else self.variant)
 
     def render(self, out: Path) -> dict[str, bytes]:
-        """`builder render` into `out`, as a user runs it; the context by file."""
-        proc = run_cli("render", "--flavour", self.flavour, "--target", self.target, "--variant", self.variant,
-                       "--out", str(out))
+        """`builder render` into `out` (in process: conftest.run_cli_inproc); the context by file."""
+        proc = run_cli_inproc("render", "--flavour", self.flavour, "--target", self.target,
+                              "--variant", self.variant, "--out", str(out))
         assert proc.returncode == 0, proc.stderr
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 

@@ -10,7 +10,7 @@ from test_recipes import assert_one_clear_error
 from builder.fetch.bootstrap import apt_preferences, mmdebstrap_argv
 from builder.plan.bases import base_ref, bootstrap_key, host_arch, lock_name
 from builder.recipe.models import BootstrapBase, ExtraSuite, Prune
-from conftest import run_cli
+from conftest import run_cli_inproc
 
 
 def test_components_reach_mmdebstrap_and_the_base_name() -> None:
@@ -120,5 +120,5 @@ FIELD = "bad.yaml: variants.rocm.base.toolchain.bootstrap"
 ])
 def test_bad_extra_suite_or_prune_is_one_line_exit_2(tmp_path: Path, fields: dict[str, object],
                                                      needles: list[str]) -> None:
-    proc = run_cli("plan", "--recipe", str(bootstrap_recipe(tmp_path, **fields)))
+    proc = run_cli_inproc("plan", "--recipe", str(bootstrap_recipe(tmp_path, **fields)))
     assert_one_clear_error(proc, *needles)

@@ -25,7 +25,7 @@ OUTPUT_FOLDERS = {"out", "dest"}
 OUTPUT_FILES = {("sbom", "out")}  # (verb, parameter): an output that is a file, not a folder
 # Paths that are read or written depending on the verb: `root` is written by pxe publish, read by the others.
 ROOT_WRITTEN = {("pxe", "publish")}
-NOT_PATHS_HERE = {"lock_path"}  # the lock: builder.lock of the project unless given; tests/test_lock.py
+NOT_PATHS_HERE = {"lock_path"}  # the lock: builder.lock of the project unless given; tests/unit/test_lock.py
 # Values for required parameters that are not under test (never reached: the wrong path stops the verb first).
 FILLERS = {"registry": "127.0.0.1:9/x", "role": "server", "reference": "127.0.0.1:9/x:t", "target": "cpu"}
 

@@ -14,7 +14,7 @@ import yaml
 
 from builder.cluster.gateway import haproxy_config, models_document, write_gateway
 from builder.cluster.model import load_cluster
-from conftest import require_tool, run_cli
+from conftest import require_tool, run_cli_inproc
 
 MODEL = b"GGUF" + bytes(1000)
 SHA = hashlib.sha256(MODEL).hexdigest()
@@ -125,7 +125,7 @@ def test_a_services_port_does_not_move_when_services_are_added_removed_or_reorde
     ({"gateway": {"max_request": "1KiB"}}, "gateway.max_request: Input should be greater than or equal to 16384"),
 ])
 def test_bad_cluster_file_is_one_line_and_exit_2(tmp_path: Path, change: dict[str, Any], message: str) -> None:
-    proc = run_cli("cluster", "status", "--local", str(cluster_file(tmp_path, **change)))
+    proc = run_cli_inproc("cluster", "status", "--local", str(cluster_file(tmp_path, **change)))
     assert proc.returncode == 2, proc.stderr
     first = proc.stderr.splitlines()[0]
     assert first.startswith("error: ") and "cluster.yaml: " in first and message in first, proc.stderr
@@ -137,7 +137,7 @@ def test_netboot_only_form_gets_a_migration_line(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"control": {"address": "10.0.2.2"},
                                     "nodes": [{"name": "n", "mac": "52:54:00:12:34:56", "target": "cpu",
                                                "role": "rpc-worker"}]}))
-    proc = run_cli("cluster", "up", "--local", str(path))
+    proc = run_cli_inproc("cluster", "up", "--local", str(path))
     assert proc.returncode == 2
     assert "services: this is the netboot-only form" in proc.stderr and "docs/clusters.md" in proc.stderr
 
@@ -145,17 +145,18 @@ def test_netboot_only_form_gets_a_migration_line(tmp_path: Path) -> None:
 def test_without_local_the_gateway_needs_the_nodes_addresses_and_a_control_node(tmp_path: Path) -> None:
     """Without --local the gateway runs on the control node and reaches the netbooted nodes at their addresses:
     a missing one is one line before anything starts (tests/qemu/test_netboot_gateway_qemu.py runs it for real)."""
-    proc = run_cli("cluster", "up", str(cluster_file(tmp_path)))
+    proc = run_cli_inproc("cluster", "up", str(cluster_file(tmp_path)))
     assert proc.returncode == 2 and "nodes[0].address: the gateway and the node's peers reach a there" \
         in proc.stderr and "Traceback" not in proc.stderr
     addressed = [node(n, i + 1, address=f"10.0.0.{11 + i}") for i, n in enumerate("abcd")]
-    proc = run_cli("cluster", "status", str(cluster_file(tmp_path, nodes=addressed)))
+    proc = run_cli_inproc("cluster", "status", str(cluster_file(tmp_path, nodes=addressed)))
     assert proc.returncode == 2 and "gateway.address: the gateway runs on the control node, and neither it nor " \
         "control: is declared" in proc.stderr
     wildcard = cluster_file(tmp_path, nodes=addressed, control={"address": "0.0.0.0"})
-    proc = run_cli("cluster", "up", str(wildcard))
+    proc = run_cli_inproc("cluster", "up", str(wildcard))
     assert proc.returncode == 2 and "control.address: 0.0.0.0 is every address" in proc.stderr
-    proc = run_cli("cluster", "logs", str(cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"})))
+    proc = run_cli_inproc("cluster", "logs",
+                          str(cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"})))
     assert proc.returncode == 2 and "netbooted nodes print their servers' output on their consoles" in proc.stderr
 
 
@@ -163,7 +164,8 @@ def test_without_local_a_gateway_address_or_port_this_machine_cannot_take_is_one
     """Checked by binding before HAProxy starts, so nothing is started and no health check leaves the machine
     (the nodes' 10.0.0.x addresses are never contacted)."""
     addressed = [node(n, i + 1, address=f"10.0.0.{11 + i}") for i, n in enumerate("abcd")]
-    proc = run_cli("cluster", "up", str(cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"})))
+    proc = run_cli_inproc("cluster", "up",
+                          str(cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"})))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "[ALERT]" not in proc.stderr
     assert "gateway.address: 10.0.0.1 is not an address of this machine" in proc.stderr, proc.stderr
     with socket.socket() as taken:
@@ -172,7 +174,7 @@ def test_without_local_a_gateway_address_or_port_this_machine_cannot_take_is_one
         port = taken.getsockname()[1]
         path = cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"},
                             gateway={"address": "127.0.0.1", "port": port})
-        proc = run_cli("cluster", "up", str(path))
+        proc = run_cli_inproc("cluster", "up", str(path))
     assert proc.returncode == 2 and f"gateway.port: cannot listen on 127.0.0.1:{port}: Address already in use" \
         in proc.stderr, proc.stderr
 

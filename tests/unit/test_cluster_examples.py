@@ -11,7 +11,7 @@ import pytest
 
 from builder.cluster.gateway import write_gateway
 from builder.cluster.model import load_cluster
-from conftest import ROOT, require_tool, run_cli
+from conftest import ROOT, require_tool, run_cli_inproc
 
 EXAMPLES = ROOT / "docs" / "examples"
 
@@ -57,7 +57,7 @@ def test_example_gateway_and_firewall_pass_their_checkers(name: str, tmp_path: P
     routed = config.read_text()
     assert all(f"-m str {service.name} }}" in routed for service in loaded.cluster.services), routed
     out = tmp_path / "nft"
-    proc = run_cli("cluster", "firewall", str(EXAMPLES / name), "--out", str(out))
+    proc = run_cli_inproc("cluster", "firewall", str(EXAMPLES / name), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     for node in loaded.cluster.nodes:
         rules = out / f"{node.name}.nft"
@@ -71,7 +71,7 @@ def test_too_little_memory_is_refused_in_one_line(tmp_path: Path) -> None:
     text = (EXAMPLES / "rtx-3060-x4.yaml").read_text().replace("memory: 5.5GiB", "memory: 6GiB", 1)
     path = tmp_path / "rtx.yaml"
     path.write_text(text)
-    proc = run_cli("cluster", "status", str(path))
+    proc = run_cli_inproc("cluster", "status", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "nodes[0].memory: rtx1 has 11.0 GiB but its services need 11.5 GiB" in proc.stderr, proc.stderr
 
@@ -80,7 +80,7 @@ def test_commands_for_boxes_builder_does_not_boot_are_what_builder_run_accepts()
     """The RTX 3060 boxes are not netbooted: `builder cluster commands` prints what each box runs. Every line
     is a `builder run` that builder itself accepts (`--print`: the engine command, nothing started)."""
     path = EXAMPLES / "rtx-3060-x4.yaml"
-    proc = run_cli("cluster", "commands", str(path), "--json")
+    proc = run_cli_inproc("cluster", "commands", str(path), "--json")
     assert proc.returncode == 0, proc.stderr
     found = {entry["node"]: entry["argv"] for entry in json.loads(proc.stdout)}
     assert sorted(found) == ["rtx1", "rtx2", "rtx3", "rtx4"]
@@ -92,13 +92,13 @@ def test_commands_for_boxes_builder_does_not_boot_are_what_builder_run_accepts()
     for argv in [a for commands in found.values() for a in commands]:
         assert argv[:2] == ["builder", "run"]
         # An image reference the test names: `--print` needs no built image, so no nvidia image is ever built here
-        printed = run_cli("run", "--print", "--image", "localhost/builder-example:nvidia", *argv[2:])
+        printed = run_cli_inproc("run", "--print", "--image", "localhost/builder-example:nvidia", *argv[2:])
         assert printed.returncode == 0, printed.stderr
         engine_argv = shlex.split(printed.stdout.strip().splitlines()[-1])
         role = argv.index("server") if "server" in argv else argv.index("rpc-worker")
         assert engine_argv[-len(argv[role:]):] == argv[role:]  # the role and its arguments reach the image as they are
-    text = run_cli("cluster", "commands", str(path), "--node", "rtx4").stdout
+    text = run_cli_inproc("cluster", "commands", str(path), "--node", "rtx4").stdout
     assert text.splitlines() == ["# rtx4 (10.0.0.44)", "builder run --target nvidia --detach --name "
                                  "builder-codellama-34b-rpc rpc-worker --host 10.0.0.44 --port 50052"]
-    bad = run_cli("cluster", "commands", str(path), "--models", "models")
+    bad = run_cli_inproc("cluster", "commands", str(path), "--models", "models")
     assert bad.returncode == 2 and "--models: 'models' is not an absolute folder path" in bad.stderr

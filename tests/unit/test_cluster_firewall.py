@@ -13,7 +13,7 @@ import yaml
 
 from builder.cluster.firewall import firewalls
 from builder.netboot.firewall import ruleset
-from conftest import require_tool, run_cli
+from conftest import require_tool, run_cli_inproc
 
 SHA = hashlib.sha256(b"x").hexdigest()
 CONTROL, NODE_A, NODE_B, OUTSIDER = "10.0.0.1", "10.0.0.11", "10.0.0.12", "10.0.0.99"
@@ -47,7 +47,7 @@ def nft_check(path: Path) -> subprocess.CompletedProcess[str]:
 def test_every_nodes_rules_pass_nft_check(tmp_path: Path) -> None:
     require_tool("nft", "nftables")
     out = tmp_path / "rules"
-    proc = run_cli("cluster", "firewall", str(services_file(tmp_path)), "--out", str(out))
+    proc = run_cli_inproc("cluster", "firewall", str(services_file(tmp_path)), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["a.nft", "b.nft", "c.nft"]
     for path in out.iterdir():
@@ -63,7 +63,7 @@ def test_the_netboot_form_gets_rules_too(tmp_path: Path) -> None:
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump({"control": {"address": CONTROL}, "nodes": [
         {"name": "w", "mac": "52:54:00:00:04:11", "target": "cpu", "role": "rpc-worker", "address": NODE_B}]}))
-    proc = run_cli("cluster", "firewall", str(path), "--node", "w")
+    proc = run_cli_inproc("cluster", "firewall", str(path), "--node", "w")
     assert proc.returncode == 0, proc.stderr
     assert f"elements = {{ {CONTROL}, {NODE_B} }}" in proc.stdout and "backend ports (50052)" in proc.stdout
     (tmp_path / "w.nft").write_text(proc.stdout)
@@ -128,14 +128,14 @@ def test_a_node_without_an_address_is_one_line(tmp_path: Path, change: dict[str,
         data = yaml.safe_load(path.read_text())
         del data["control"]
         path.write_text(yaml.safe_dump(data))
-    proc = run_cli("cluster", "firewall", str(path), "--out", str(tmp_path / "rules"))
+    proc = run_cli_inproc("cluster", "firewall", str(path), "--out", str(tmp_path / "rules"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     first = proc.stderr.splitlines()[0]
     assert first.startswith("error: ") and "cluster.yaml: " in first and message in first, proc.stderr
 
 
 def test_firewall_wants_one_node_or_a_folder(tmp_path: Path) -> None:
-    proc = run_cli("cluster", "firewall", str(services_file(tmp_path)))
+    proc = run_cli_inproc("cluster", "firewall", str(services_file(tmp_path)))
     assert proc.returncode == 2 and "give --node NAME" in proc.stderr and "nodes: a, b, c" in proc.stderr
-    proc = run_cli("cluster", "firewall", str(services_file(tmp_path)), "--node", "zz")
+    proc = run_cli_inproc("cluster", "firewall", str(services_file(tmp_path)), "--node", "zz")
     assert proc.returncode == 2 and "no node named 'zz'" in proc.stderr

@@ -18,7 +18,7 @@ from builder.plan.make import make_plan
 from builder.recipe.load import load_recipe, recipe_path_for
 from builder.recipe.models import SourceInfo
 from builder.render.context import render_files
-from conftest import run_cli
+from conftest import run_cli_inproc
 
 SCRIPT = "/usr/local/lib/builder/build-llama.sh"
 HOSTILE = {
@@ -86,6 +86,6 @@ def test_a_flag_that_cannot_be_one_word_is_refused_in_one_line(cmake: dict[str, 
                                                                 tmp_path: Path) -> None:
     path = write_recipe(tmp_path, yaml.safe_dump(with_change(["variants", "cpu", "cmake"], cmake)))
     out = tmp_path / "ctx"
-    proc = run_cli("render", "--recipe", str(path), "--out", str(out))
+    proc = run_cli_inproc("render", "--recipe", str(path), "--out", str(out))
     assert_one_clear_error(proc, f"{path.name}: ", needle)
     assert not out.exists(), "nothing is written for a refused recipe"

@@ -7,7 +7,7 @@ import pytest
 
 from builder.recipe.load import select
 from builder.use.doctor import diagnose
-from conftest import run_cli
+from conftest import run_cli_inproc
 
 GOOD_STRIX_CMDLINE = "BOOT_IMAGE=/vmlinuz root=/dev/nvme0n1p2 amdgpu.gttsize=126976 ttm.pages_limit=32505856 iommu=pt"
 
@@ -113,14 +113,14 @@ def test_memory_against_model_size(tmp_path: Path) -> None:
 def test_doctor_cli_exit_codes_and_lines(tmp_path: Path) -> None:
     good = make_host(tmp_path / "good", modules=("amdgpu",), devices=("/dev/dri/renderD128", "/dev/kfd"),
                      cmdline=GOOD_STRIX_CMDLINE)
-    proc = run_cli("doctor", "--target", "strix-halo", "--variant", "vulkan", "--root", str(good))
+    proc = run_cli_inproc("doctor", "--target", "strix-halo", "--variant", "vulkan", "--root", str(good))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[0] == f"doctor: strix-halo/vulkan on {good}"
     bad = make_host(tmp_path / "bad")
-    proc = run_cli("doctor", "--target", "strix-halo", "--root", str(bad))
+    proc = run_cli_inproc("doctor", "--target", "strix-halo", "--root", str(bad))
     assert proc.returncode == 1
     assert "FAIL  module amdgpu: not loaded -> fix: modprobe amdgpu" in proc.stdout
-    proc = run_cli("doctor", "--target", "strix-halo", "--variant", "cuda")
+    proc = run_cli_inproc("doctor", "--target", "strix-halo", "--variant", "cuda")
     assert proc.returncode == 2 and "cuda belongs to nvidia" in proc.stderr
     assert "strix-halo offers: rocm, rocm-amd, vulkan" in proc.stderr
 
@@ -199,11 +199,11 @@ def test_root_owned_accel_node_gets_a_udev_rule_not_the_root_group(tmp_path: Pat
 
 def test_doctor_cli_for_the_npu_exits_1_until_the_driver_is_there(tmp_path: Path) -> None:
     bare = make_host(tmp_path / "bare", modules=("intel_vpu",), devices=("/dev/accel/accel0",))
-    proc = run_cli("doctor", "--target", "intel-npu", "--root", str(bare))
+    proc = run_cli_inproc("doctor", "--target", "intel-npu", "--root", str(bare))
     assert proc.returncode == 1
     assert "FAIL  driver libze_intel_npu.so.1" in proc.stdout
     ready = make_host(tmp_path / "ready", modules=("intel_vpu",), devices=("/dev/accel/accel0",))
     add_npu_driver(ready)
-    proc = run_cli("doctor", "--target", "intel-npu", "--root", str(ready))
+    proc = run_cli_inproc("doctor", "--target", "intel-npu", "--root", str(ready))
     assert proc.returncode == 0, proc.stdout
     assert "FAIL" not in proc.stdout and "PASS  driver version: 1.38.0" in proc.stdout

@@ -14,7 +14,7 @@ from builder.flavours.prepare import FLAVOURS, prepare, recipe_file
 from builder.pipeline.build import build
 from builder.publish.image import publish
 from builder.registry.client import Repository
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_inproc
 
 VERBS = [["plan"], ["render"], ["build"], ["publish"], ["sbom"], ["lock"], ["run"], ["schema"],
          ["pxe", "build"], ["toolbox", "create"], ["toolbox", "enter"], ["toolbox", "rm"]]
@@ -22,7 +22,7 @@ VERBS = [["plan"], ["render"], ["build"], ["publish"], ["sbom"], ["lock"], ["run
 
 @pytest.mark.parametrize("verb", VERBS, ids=" ".join)
 def test_every_verb_takes_the_flavour(verb: list[str]) -> None:
-    proc = run_cli(*verb, "--help")
+    proc = run_cli_inproc(*verb, "--help")
     assert proc.returncode == 0, proc.stderr
     assert "--flavour" in proc.stdout
 
@@ -30,7 +30,7 @@ def test_every_verb_takes_the_flavour(verb: list[str]) -> None:
 def test_unknown_flavour_is_one_line_for_every_verb() -> None:
     for verb in (["build", "--target", "cpu"], ["publish", "--target", "cpu", "--registry", "127.0.0.1:9/x"],
                  ["toolbox", "create", "--target", "cpu", "--print"]):
-        proc = run_cli(*verb, "--flavour", "sglang")
+        proc = run_cli_inproc(*verb, "--flavour", "sglang")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.splitlines()[0] == "error: --flavour: unknown flavour 'sglang'"
 
@@ -65,8 +65,8 @@ def test_library_build_refuses_placeholder_pins_and_a_disagreeing_lock(tmp_path:
 def test_publish_of_a_vllm_image_needs_its_bases_locked(tmp_path: Path) -> None:
     empty = tmp_path / "empty.lock"
     empty.write_text(json.dumps({"version": 1, "images": {}}))
-    proc = run_cli("publish", "--flavour", "vllm", "--target", "cpu", "--registry", "127.0.0.1:9/x",
-                   "--lock", str(empty))
+    proc = run_cli_inproc("publish", "--flavour", "vllm", "--target", "cpu", "--registry", "127.0.0.1:9/x",
+                          "--lock", str(empty))
     assert proc.returncode == 2, proc.stderr
     first = proc.stderr.splitlines()[0]
     assert first.startswith("error: ") and "cpu/vllm-cpu: bases." in first and "no locked package set" in first
@@ -74,31 +74,31 @@ def test_publish_of_a_vllm_image_needs_its_bases_locked(tmp_path: Path) -> None:
 
 def test_toolbox_of_a_vllm_image_is_named_apart_and_uses_the_vllm_image() -> None:
     listed = subprocess.run(["podman", "image", "exists", "localhost/builder/cpu:vllm-cpu"], capture_output=True)
-    proc = run_cli("toolbox", "create", "--flavour", "vllm", "--target", "cpu", "--tool", "toolbox", "--print")
+    proc = run_cli_inproc("toolbox", "create", "--flavour", "vllm", "--target", "cpu", "--tool", "toolbox", "--print")
     if listed.returncode != 0:
         assert proc.returncode == 2 and "builder build --flavour vllm --target cpu" in proc.stderr
         return
     assert proc.returncode == 0, proc.stderr
     assert "--image localhost/builder/cpu:vllm-cpu" in proc.stdout
     assert proc.stdout.split()[-1] == "builder-cpu-vllm-cpu"
-    enter = run_cli("toolbox", "enter", "--flavour", "vllm", "--target", "cpu", "--tool", "toolbox", "--print")
+    enter = run_cli_inproc("toolbox", "enter", "--flavour", "vllm", "--target", "cpu", "--tool", "toolbox", "--print")
     assert enter.stdout.split()[-1] == "builder-cpu-vllm-cpu"
 
 
 def test_lock_check_finds_a_stale_vllm_wheel_lock(tmp_path: Path) -> None:
     recipes = tmp_path / "recipes"
     shutil.copytree(ROOT / "recipes", recipes)
-    assert run_cli("lock", "--check", "--recipes", str(recipes)).returncode == 0
+    assert run_cli_inproc("lock", "--check", "--recipes", str(recipes)).returncode == 0
     vllm = recipes / "vllm" / "cpu.yaml"
     vllm.write_text(vllm.read_text().replace("ray==2.60.0", "ray==2.61.0"))
-    proc = run_cli("lock", "--check", "--recipes", str(recipes))
+    proc = run_cli_inproc("lock", "--check", "--recipes", str(recipes))
     assert proc.returncode == 1
     assert "recipes/vllm/cpu-cpu.lock: stale lock: the recipe's python, requirements or index changed" in proc.stdout
 
 
 def test_version_prints_without_a_command() -> None:
     from builder import __version__
-    proc = run_cli("--version")
+    proc = run_cli_inproc("--version")
     assert proc.returncode == 0 and proc.stdout == f"builder {__version__}\n", proc.stderr
 
 

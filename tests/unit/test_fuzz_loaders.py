@@ -30,7 +30,7 @@ from builder.plan.make import make_plan
 from builder.recipe.load import load_recipe
 from builder.recipe.models import SourceInfo
 from builder.render.context import render_files
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_inproc
 from hostile import CPU, VLLM_CPU
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
@@ -240,13 +240,14 @@ def test_builder_lock_reader_never_crashes(doc: Any) -> None:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(text=documents(CPU))
 def test_cli_refuses_fuzzed_recipes_with_one_line(text: str, tmp_path: Path) -> None:
-    """A few of the same inputs through the real command: exit 0 or 2, never a traceback."""
+    """A few of the same inputs through the command (in process, as `python -m builder` runs it): exit 0 or 2,
+    never a traceback."""
     path = tmp_path / "fuzz.yaml"
     path.write_text(text)
     llama = tmp_path / "llama"
     llama.mkdir(exist_ok=True)
     (llama / "CMakeLists.txt").write_text("project(llama.cpp)\n")
-    proc = run_cli("plan", "--recipe", str(path), "--llama-cpp-source", str(llama))
+    proc = run_cli_inproc("plan", "--recipe", str(path), "--llama-cpp-source", str(llama))
     assert "Traceback" not in proc.stderr
     assert proc.returncode in (0, 2), proc.stderr
     if proc.returncode == 2:

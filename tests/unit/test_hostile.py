@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_inproc
 from hostile import CPU, DIGEST, VLLM_CPU, changed, fake_llama_tree, refused, write_yaml
 
 MARK = "@MARK@"  # replaced by the marker file's path in each case
@@ -113,10 +113,10 @@ def test_hostile_recipe_is_refused_before_anything_runs(tmp_path: Path, path: st
     out = tmp_path / "out"
     # Source cases run the real fetch path (a git URL would run git); the others render over a stand-in tree.
     source = [] if path == "llama_cpp.source" else ["--llama-cpp-source", str(fake_llama_tree(tmp_path / "llama"))]
-    refused(run_cli("render", "--recipe", str(recipe), "--out", str(out), *source),
+    refused(run_cli_inproc("render", "--recipe", str(recipe), "--out", str(out), *source),
             "evil.yaml", needle, absent=(out, marker))
     if not source:  # `plan` fetches the source too: the path the git URL attack took
-        refused(run_cli("plan", "--recipe", str(recipe)), "evil.yaml", needle, absent=(marker,))
+        refused(run_cli_inproc("plan", "--recipe", str(recipe)), "evil.yaml", needle, absent=(marker,))
 
 
 def _with_marker(value: object, marker: Path) -> object:
@@ -163,7 +163,7 @@ def test_hostile_vllm_recipe_is_refused(tmp_path: Path, path: str, value: object
     marker = tmp_path / "PWNED"
     recipe = write_yaml(tmp_path / "evil.yaml", changed(VLLM_CPU, path, _with_marker(value, marker)))
     out = tmp_path / "out"
-    refused(run_cli("render", "--flavour", "vllm", "--recipe", str(recipe), "--out", str(out)),
+    refused(run_cli_inproc("render", "--flavour", "vllm", "--recipe", str(recipe), "--out", str(out)),
             "evil.yaml", needle, absent=(out, marker))
 
 
@@ -185,7 +185,7 @@ def test_hostile_vllm_lock_is_refused(tmp_path: Path, body: str, needle: str) ->
     recipe = write_yaml(tmp_path / "evil.yaml", VLLM_CPU)
     (tmp_path / "evil-cpu.lock").write_text("# python: 3.11\n" + body.replace(MARK, str(marker)) + "\n")
     out = tmp_path / "out"
-    refused(run_cli("render", "--flavour", "vllm", "--recipe", str(recipe), "--out", str(out)),
+    refused(run_cli_inproc("render", "--flavour", "vllm", "--recipe", str(recipe), "--out", str(out)),
             "evil-cpu.lock", needle, absent=(out, marker))
 
 
@@ -193,7 +193,7 @@ def test_vllm_lock_that_is_not_text_is_refused(tmp_path: Path) -> None:
     recipe = write_yaml(tmp_path / "evil.yaml", VLLM_CPU)
     (tmp_path / "evil-cpu.lock").write_bytes(b"\xff\xfe\x00garbage")
     out = tmp_path / "out"
-    refused(run_cli("render", "--flavour", "vllm", "--recipe", str(recipe), "--out", str(out)),
+    refused(run_cli_inproc("render", "--flavour", "vllm", "--recipe", str(recipe), "--out", str(out)),
             "evil-cpu.lock", "not a text file", absent=(out,))
 
 
@@ -213,21 +213,21 @@ BUILDER_LOCK_CASES = [
 def test_hostile_builder_lock_is_refused(tmp_path: Path, body: bytes, needle: str) -> None:
     lock = tmp_path / "builder.lock"
     lock.write_bytes(body)
-    refused(run_cli("lock", "--check", "--lock", str(lock)), "builder.lock", needle)
+    refused(run_cli_inproc("lock", "--check", "--lock", str(lock)), "builder.lock", needle)
     assert lock.read_bytes() == body
 
 
 def test_recipe_yaml_bombs_are_one_line(tmp_path: Path) -> None:
     deep = write_yaml(tmp_path / "deep.yaml", "a: " + "[" * 50_000 + "]" * 50_000 + "\n")
-    refused(run_cli("plan", "--recipe", str(deep)), "deep.yaml")
+    refused(run_cli_inproc("plan", "--recipe", str(deep)), "deep.yaml")
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"target: cpu\n\xff\xfe")
-    refused(run_cli("plan", "--recipe", str(binary)), "binary.yaml", "not a text file")
+    refused(run_cli_inproc("plan", "--recipe", str(binary)), "binary.yaml", "not a text file")
 
 
 def test_shipped_recipes_still_load() -> None:
     """The types refuse attacks, not the recipes we ship: the lock check and the target list load them all."""
-    proc = run_cli("lock", "--check")
+    proc = run_cli_inproc("lock", "--check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = run_cli("targets")
+    proc = run_cli_inproc("targets")
     assert proc.returncode == 0 and "strix-halo" in proc.stdout, proc.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_inproc
 from hostile import CPU, changed, fake_llama_tree, refused, write_yaml
 
 CMAKE = b"project(llama.cpp)\n"
@@ -56,8 +56,8 @@ def test_source_archive_cannot_write_outside_its_folder(tmp_path: Path, attack: 
         _file(tar, "src/CMakeLists.txt", CMAKE)
         TAR_ATTACKS[attack](tar, marker)
     cache, out = tmp_path / "cache", tmp_path / "out"
-    proc = run_cli("render", "--target", "cpu", "--llama-cpp-source", str(archive), "--out", str(out),
-                   env={"BUILDER_CACHE": str(cache)})
+    proc = run_cli_inproc("render", "--target", "cpu", "--llama-cpp-source", str(archive), "--out", str(out),
+                          env={"BUILDER_CACHE": str(cache)})
     refused(proc, "llama.tar", "refused", absent=(marker, out))
     trees = cache / "sources" / "trees"
     assert not [p for p in trees.iterdir() if not p.name.endswith(".epoch")], "a tree stayed in the cache"
@@ -98,7 +98,8 @@ def test_sdk_wheel_cannot_write_outside_its_folder(tmp_path: Path, attack: str) 
     sdk = {"kind": "wheel", "package": "evil", "version": "1.0", "file": "evil-1.0-py3-none-any.whl", "sha256": sha}
     recipe = write_yaml(tmp_path / "evil.yaml", changed(CPU, "variants.cpu.sdks", {"evil": sdk}))
     out = tmp_path / "out"
-    proc = run_cli("render", "--recipe", str(recipe), "--with-source", "--out", str(out),
-                   "--llama-cpp-source", str(fake_llama_tree(tmp_path / "llama")), env={"BUILDER_CACHE": str(cache)})
+    proc = run_cli_inproc("render", "--recipe", str(recipe), "--with-source", "--out", str(out),
+                          "--llama-cpp-source", str(fake_llama_tree(tmp_path / "llama")),
+                          env={"BUILDER_CACHE": str(cache)})
     refused(proc, "evil-1.0-py3-none-any.whl", "refused", absent=(marker, out / "sdk"))
     assert list((cache / "sdks" / "trees").iterdir()) == [], "a half-unpacked tree stayed in the cache"

@@ -1,8 +1,8 @@
 """Hostile inventories, pxe-roots, netboot sets and URLs, and every spelling of the any-address.
 
 Inventory strings reach iPXE scripts, kernel command lines and dnsmasq's configuration; a newline there adds
-commands, a space adds kernel arguments. Each case runs `builder` as a real process and checks that the
-pxe-root stays untouched.
+commands, a space adds kernel arguments. Each case runs `builder` (in process, through the entry point's
+`execute`: tests/conftest.py run_cli_inproc) and checks that the pxe-root stays untouched.
 """
 
 import hashlib
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, free_port, run_cli
+from conftest import ROOT, free_port, run_cli_inproc
 from hostile import changed, refused, write_yaml
 
 MAC = "52:54:00:12:34:56"
@@ -47,7 +47,7 @@ def publish(tmp_path: Path, inventory: object, **manifest_changes: object) -> su
     sets = tmp_path / "sets"
     netboot_set(sets / "cpu-cpu", **manifest_changes)
     path = write_yaml(tmp_path / "cluster.yaml", inventory)
-    return run_cli("pxe", "publish", str(path), "--root", str(tmp_path / "pxe-root"),
+    return run_cli_inproc("pxe", "publish", str(path), "--root", str(tmp_path / "pxe-root"),
                    "--artifacts", str(sets))
 
 
@@ -155,8 +155,8 @@ def test_damaged_history_is_one_line_for_list_and_rollback(tmp_path: Path, body:
     root = _published_root(tmp_path)
     (root / "history.json").write_text(body)
     before = _tree(root)
-    refused(run_cli("pxe", "list", "--root", str(root)), "history.json", needle)
-    refused(run_cli("pxe", "rollback", "--root", str(root)), "history.json", needle)
+    refused(run_cli_inproc("pxe", "list", "--root", str(root)), "history.json", needle)
+    refused(run_cli_inproc("pxe", "rollback", "--root", str(root)), "history.json", needle)
     assert _tree(root) == before
 
 
@@ -165,7 +165,7 @@ def test_rollback_to_a_path_is_refused(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     before = _tree(root)
-    refused(run_cli("pxe", "rollback", "--root", str(root), "--to", "../../outside"), "no generation")
+    refused(run_cli_inproc("pxe", "rollback", "--root", str(root), "--to", "../../outside"), "no generation")
     assert _tree(root) == before and outside.is_dir()
 
 

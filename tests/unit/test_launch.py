@@ -9,7 +9,7 @@ from builder.engines.docker import DockerEngine
 from builder.engines.podman import PodmanEngine
 from builder.recipe.targets import Host
 from builder.use.launch import container_argv
-from conftest import require_engine, run_cli
+from conftest import require_engine, run_cli_inproc
 
 
 def test_model_file_is_mounted_read_only_and_path_rewritten(tmp_path: Path) -> None:
@@ -33,14 +33,15 @@ def test_model_given_with_equals_and_missing_paths_are_left_alone(tmp_path: Path
 
 def test_run_print_shows_the_engine_command() -> None:
     require_engine("docker")
-    proc = run_cli("run", "--engine", "docker", "--image", "localhost/x:y", "--print", "rpc-worker", "--port", "50099")
+    proc = run_cli_inproc("run", "--engine", "docker", "--image", "localhost/x:y", "--print", "rpc-worker",
+                          "--port", "50099")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-4:] == ["localhost/x:y", "rpc-worker", "--port", "50099"]
     assert "--network host" in proc.stdout
 
 
 def test_unknown_role_lists_the_roles() -> None:
-    proc = run_cli("run", "--image", "x", "serve")
+    proc = run_cli_inproc("run", "--image", "x", "serve")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[0] == "error: unknown role 'serve' (did you mean 'server'?)"
     assert "rpc-worker, server, bench, shell, smoke" in proc.stderr
@@ -75,8 +76,8 @@ def test_run_print_mounts_the_host_npu_driver_where_the_image_loader_finds_it(tm
     (lib / "libze_intel_npu.so.1.38.0").write_bytes(b"\x7fELF")
     (lib / "libze_intel_npu.so.1").symlink_to("libze_intel_npu.so.1.38.0")
     (lib / "libnpu_driver_compiler.so").write_bytes(b"\x7fELF")
-    proc = run_cli("run", "-t", "intel-npu", "--engine", "podman", "--image", "localhost/x:y", "--driver-dir", str(lib),
-                   "--print", "shell")
+    proc = run_cli_inproc("run", "-t", "intel-npu", "--engine", "podman", "--image", "localhost/x:y",
+                          "--driver-dir", str(lib), "--print", "shell")
     assert proc.returncode == 0, proc.stderr
     words = proc.stdout.split()
     volumes = [words[i + 1] for i, word in enumerate(words) if word == "--volume"]
@@ -92,8 +93,8 @@ def test_run_without_the_npu_driver_warns_and_mounts_nothing(tmp_path: Path) -> 
         pytest.skip("the missing-driver warning needs a host without Intel's NPU driver; CI machines have none")
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_cli("run", "-t", "intel-npu", "--engine", "podman", "--image", "localhost/x:y",
-                   "--driver-dir", str(empty), "--print", "shell")
+    proc = run_cli_inproc("run", "-t", "intel-npu", "--engine", "podman", "--image", "localhost/x:y",
+                          "--driver-dir", str(empty), "--print", "shell")
     assert proc.returncode == 0, proc.stderr
     assert "libze_intel_npu" not in proc.stdout
     assert ("warning: Intel NPU user-space driver (libze_intel_npu.so.1, libnpu_driver_compiler.so) not found "
@@ -102,7 +103,7 @@ def test_run_without_the_npu_driver_warns_and_mounts_nothing(tmp_path: Path) -> 
 
 
 def test_driver_dir_that_does_not_exist_is_one_error(tmp_path: Path) -> None:
-    proc = run_cli("run", "-t", "intel-npu", "--image", "localhost/x:y", "--driver-dir", str(tmp_path / "nope"),
-                   "--print", "shell")
+    proc = run_cli_inproc("run", "-t", "intel-npu", "--image", "localhost/x:y", "--driver-dir", str(tmp_path / "nope"),
+                          "--print", "shell")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[0] == f"error: --driver-dir {tmp_path / 'nope'}: no such folder"

@@ -9,11 +9,11 @@ import pytest
 
 from builder.publish.sbom import parse_dpkg_status
 from builder.registry.client import Repository, find_credentials
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_inproc
 
 
 def test_the_shipped_lock_matches_the_recipes() -> None:
-    proc = run_cli("lock", "--check")
+    proc = run_cli_inproc("lock", "--check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -23,7 +23,7 @@ def recipes(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "recipes", copy)
     # The shipped lock's base package sets are kept (same inputs), so nothing is resolved from the network.
     shutil.copy(ROOT / "builder.lock", tmp_path / "builder.lock")
-    assert run_cli("lock", "--lock", str(tmp_path / "builder.lock"), "--recipes", str(copy)).returncode == 0
+    assert run_cli_inproc("lock", "--lock", str(tmp_path / "builder.lock"), "--recipes", str(copy)).returncode == 0
     return copy
 
 
@@ -32,7 +32,7 @@ def test_check_lists_every_disagreement(recipes: Path, tmp_path: Path) -> None:
     pin.write_text(pin.read_text().replace("832db0699007f1be", "0000000000000000"))
     cpu = recipes / "cpu.yaml"
     cpu.write_text(cpu.read_text().replace("packages: [libgomp1]", "packages: [libgomp1, curl]"))
-    proc = run_cli("lock", "--check", "--lock", str(tmp_path / "builder.lock"), "--recipes", str(recipes))
+    proc = run_cli_inproc("lock", "--check", "--lock", str(tmp_path / "builder.lock"), "--recipes", str(recipes))
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
     # The shared llama.cpp pin moved for every image that uses it, and one base gained a package.
@@ -49,7 +49,7 @@ def test_check_lists_every_disagreement(recipes: Path, tmp_path: Path) -> None:
 
 def test_new_and_removed_images_are_reported(recipes: Path, tmp_path: Path) -> None:
     (recipes / "intel-arc.yaml").unlink()
-    proc = run_cli("lock", "--check", "--lock", str(tmp_path / "builder.lock"), "--recipes", str(recipes))
+    proc = run_cli_inproc("lock", "--check", "--lock", str(tmp_path / "builder.lock"), "--recipes", str(recipes))
     assert proc.returncode == 1
     assert proc.stdout.strip().endswith("intel-arc/vulkan: in the lock, but no recipe builds it")
 
@@ -60,7 +60,7 @@ def test_build_and_publish_refuse_inputs_that_disagree_with_the_lock(tmp_path: P
     stale = tmp_path / "builder.lock"
     stale.write_text(json.dumps(lock))
     for verb in (["build", "--engine", "podman"], ["publish", "--registry", "127.0.0.1:9/x"]):
-        proc = run_cli(*verb, "--target", "cpu", "--lock", str(stale))
+        proc = run_cli_inproc(*verb, "--target", "cpu", "--lock", str(stale))
         assert proc.returncode == 2, proc.stderr
         assert 'cpu/cpu: base.runtime.packages: lock has ["curl", "libgomp1"], recipes have ["libgomp1"]' \
             in proc.stderr and "builder lock" in proc.stderr
@@ -70,11 +70,11 @@ def test_build_and_publish_refuse_inputs_that_disagree_with_the_lock(tmp_path: P
 def test_publish_needs_a_lock_entry_even_for_a_recipe_file_of_ones_own(tmp_path: Path) -> None:
     recipe = tmp_path / "cpu.yaml"
     recipe.write_text((ROOT / "recipes" / "cpu.yaml").read_text().replace("libgomp1", "libgomp1, curl"))
-    proc = run_cli("publish", "--recipe", str(recipe), "--registry", "127.0.0.1:9/x")
+    proc = run_cli_inproc("publish", "--recipe", str(recipe), "--registry", "127.0.0.1:9/x")
     assert proc.returncode == 2 and "cpu/cpu: base.runtime.packages" in proc.stderr
     empty = tmp_path / "empty.lock"
     empty.write_text(json.dumps({"version": 1, "images": {}}))
-    proc = run_cli("publish", "--target", "cpu", "--registry", "127.0.0.1:9/x", "--lock", str(empty))
+    proc = run_cli_inproc("publish", "--target", "cpu", "--registry", "127.0.0.1:9/x", "--lock", str(empty))
     assert proc.returncode == 2 and "cpu/cpu: not in the lock; publishing needs locked inputs" in proc.stderr
 
 
@@ -99,9 +99,9 @@ def test_credentials_come_from_the_standard_files(tmp_path: Path, monkeypatch: p
 
 
 def test_registry_option_must_name_a_host_and_a_valid_repository() -> None:
-    proc = run_cli("publish", "--target", "cpu", "--registry", "builder")
+    proc = run_cli_inproc("publish", "--target", "cpu", "--registry", "builder")
     assert proc.returncode == 2 and "expected HOST/REPOSITORY" in proc.stderr
-    proc = run_cli("publish", "--target", "cpu", "--registry", "ghcr.io/Owner/Builder")
+    proc = run_cli_inproc("publish", "--target", "cpu", "--registry", "ghcr.io/Owner/Builder")
     assert proc.returncode == 2 and "not a valid repository name" in proc.stderr
     assert Repository.parse("127.0.0.1:5000/x").plain_http and not Repository.parse("ghcr.io/x").plain_http
 

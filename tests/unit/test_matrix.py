@@ -7,13 +7,13 @@ from pathlib import Path
 
 from builder.flavours.lock import built_images
 from builder.flavours.vllm import load_vllm_recipe
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_inproc
 
 ZEROS = "0" * 64
 
 
 def matrix(*args: str) -> dict[str, list[dict[str, str]]]:
-    proc = run_cli("matrix", *args)
+    proc = run_cli_inproc("matrix", *args)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert sorted(doc) == ["include", "render_only"]
@@ -38,7 +38,8 @@ def test_every_image_is_either_built_or_render_only() -> None:
 
 def test_build_refuses_every_render_only_image_with_the_reason_the_matrix_gives() -> None:
     for job in matrix()["render_only"]:
-        proc = run_cli("build", "--flavour", job["flavour"], "--target", job["target"], "--variant", job["variant"])
+        proc = run_cli_inproc("build", "--flavour", job["flavour"], "--target", job["target"],
+                              "--variant", job["variant"])
         assert proc.returncode == 2, (job, proc.stderr)
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
         assert ("placeholder pin" in proc.stderr) == ("placeholder pin" in job["why"]), (job, proc.stderr)
@@ -60,7 +61,7 @@ def test_a_render_only_variant_never_enters_the_build_matrix(tmp_path: Path) -> 
         "nvidia.yaml: variants.cuda-nvidia.base.toolchain.ref: placeholder pin")
     assert why[("vllm", "cpu", "cpu")].endswith("cpu-cpu.lock: no wheel lock")
     assert ("llama.cpp", "nvidia", "cuda") in built and ("vllm", "nvidia", "cuda") in built
-    proc = run_cli("build", "--recipe", str(nvidia), "--variant", "cuda-nvidia")
+    proc = run_cli_inproc("build", "--recipe", str(nvidia), "--variant", "cuda-nvidia")
     assert proc.returncode == 2 and "variants.cuda-nvidia.base.toolchain.ref: placeholder pin" in proc.stderr
 
 
@@ -71,6 +72,6 @@ def test_flavour_narrows_the_matrix_to_one_flavour() -> None:
         for group in ("include", "render_only"):
             assert doc[group] == [j for j in both[group] if j["flavour"] == flavour]
         assert doc["include"], flavour  # each flavour has a buildable image here
-    proc = run_cli("matrix", "--flavour", "gateway")
+    proc = run_cli_inproc("matrix", "--flavour", "gateway")
     assert proc.returncode == 2 and proc.stderr.startswith("error: --flavour: unknown flavour 'gateway'")
     assert "Traceback" not in proc.stderr

@@ -18,7 +18,7 @@ from builder.netboot.inventory import load_inventory
 from builder.netboot.modules import load_order
 from builder.netboot.publish import current_id, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config
-from conftest import free_port, run_cli
+from conftest import free_port, run_cli_inproc
 
 MAC = "52:54:00:12:34:56"
 
@@ -71,7 +71,7 @@ def fake_artifacts(tmp_path: Path, seed: str) -> tuple[Path, dict[str, object]]:
     ({"extra": 1}, "extra: unknown key"),
 ])
 def test_bad_inventory_is_one_line_and_exit_2(tmp_path: Path, change: dict[str, object], message: str) -> None:
-    proc = run_cli("pxe", "publish", str(inventory(tmp_path, **change)), "--root",
+    proc = run_cli_inproc("pxe", "publish", str(inventory(tmp_path, **change)), "--root",
                    str(tmp_path / "pxe-root"))
     assert proc.returncode == 2, proc.stderr
     first = proc.stderr.splitlines()[0]
@@ -136,11 +136,11 @@ def test_generations_switch_atomically_roll_back_and_prune(tmp_path: Path) -> No
 
     assert rollback(root) == ids[1] and current_id(root) == ids[1]
     assert (root / "current").is_symlink()
-    proc = run_cli("pxe", "rollback", "--root", str(root))
+    proc = run_cli_inproc("pxe", "rollback", "--root", str(root))
     assert proc.returncode == 2 and "no generation before" in proc.stderr
-    proc = run_cli("pxe", "rollback", "--root", str(root), "--to", ids[2])
+    proc = run_cli_inproc("pxe", "rollback", "--root", str(root), "--to", ids[2])
     assert proc.returncode == 0 and current_id(root) == ids[2]
-    listing = run_cli("pxe", "list", "--root", str(root)).stdout
+    listing = run_cli_inproc("pxe", "list", "--root", str(root)).stdout
     assert f"* {ids[2]}" in listing and f"  {ids[1]}" in listing
 
 
@@ -227,7 +227,7 @@ def test_each_node_gets_its_firewall_as_a_blob_named_by_sha256(tmp_path: Path) -
     assert sum(1 for b in (root / "blobs" / "sha256").iterdir() if b.read_bytes().startswith(b"# Written")) == 1
     # rules that nft would refuse never reach a node: a control address must be an IP address
     named = inventory(tmp_path, control={"address": "boot.lan"})
-    proc = run_cli("pxe", "publish", str(named), "--root", str(root), "--artifacts", str(tmp_path))
+    proc = run_cli_inproc("pxe", "publish", str(named), "--root", str(root), "--artifacts", str(tmp_path))
     assert proc.returncode == 2 and "control.address: the firewall admits addresses, and 'boot.lan' is a name" \
         in proc.stderr and "Traceback" not in proc.stderr
 

@@ -14,7 +14,7 @@ from builder.cluster.plans import load_for_netboot, models, publish_services
 from builder.core.errors import RecipeError
 from builder.netboot.publish import current_id
 from builder.netboot.serve import dnsmasq_config
-from conftest import free_port, run_cli
+from conftest import free_port, run_cli, run_cli_inproc
 
 MACS = [f"52:54:00:12:34:{i:02x}" for i in range(1, 5)]
 CHAT = b"GGUF chat model"
@@ -124,7 +124,7 @@ def test_publish_through_the_cli_prints_each_nodes_processes(tmp_path: Path) -> 
     (tmp_path / "sets").mkdir()
     folder, _ = fake_artifacts(tmp_path, "cli")
     folder.rename(tmp_path / "sets" / "cpu-cpu")
-    proc = run_cli("pxe", "publish", str(path), "--root", str(tmp_path / "pxe-root"),
+    proc = run_cli_inproc("pxe", "publish", str(path), "--root", str(tmp_path / "pxe-root"),
                    "--artifacts", str(tmp_path / "sets"))
     assert proc.returncode == 0, proc.stderr
     assert f"b            {MACS[1]}  server chat, server big  cpu" in proc.stdout
@@ -168,7 +168,7 @@ def test_bad_services_file_is_one_line_and_exit_2(tmp_path: Path, change: str, m
     data = _broken(tmp_path, change)
     path.write_text(yaml.safe_dump(data))
     root = tmp_path / "pxe-root"
-    proc = run_cli("pxe", "publish", str(path), "--root", str(root), "--artifacts", str(tmp_path))
+    proc = run_cli_inproc("pxe", "publish", str(path), "--root", str(root), "--artifacts", str(tmp_path))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not root.exists()  # nothing published, nothing built

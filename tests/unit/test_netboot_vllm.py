@@ -12,7 +12,7 @@ from test_netboot import MAC, fake_artifacts, inventory
 from builder.core.errors import RecipeError
 from builder.netboot.inventory import load_inventory
 from builder.netboot.publish import publish
-from conftest import run_cli
+from conftest import run_cli_inproc
 
 
 def model_folder(tmp_path: Path) -> Path:
@@ -74,7 +74,7 @@ def test_vllm_server_script_carries_its_model_by_hash_and_how_to_serve_it(tmp_pa
 ])
 def test_bad_vllm_node_is_one_line_and_exit_2(tmp_path: Path, node: dict[str, object], message: str) -> None:
     model_folder(tmp_path)
-    proc = run_cli("pxe", "publish", str(inventory(tmp_path, nodes=[node])), "--root",
+    proc = run_cli_inproc("pxe", "publish", str(inventory(tmp_path, nodes=[node])), "--root",
                    str(tmp_path / "pxe-root"))
     assert proc.returncode == 2, proc.stderr
     first = proc.stderr.splitlines()[0]

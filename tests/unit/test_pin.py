@@ -13,7 +13,7 @@ import pytest
 from registry import start_registry
 
 from builder.registry.client import RegistryClient, Repository
-from conftest import run_cli
+from conftest import run_cli_inproc
 
 ZEROS = "0" * 64
 RECIPE = """\
@@ -89,16 +89,16 @@ def test_pin_reads_every_placeholder_and_edits_only_them(tmp_path: Path, registr
     host, files = web
     path = write_recipe(tmp_path, registry, host)
     before = path.read_text()
-    refused = run_cli("build", "--recipe", str(path))
+    refused = run_cli_inproc("build", "--recipe", str(path))
     assert refused.returncode == 2 and "placeholder pin (all zeros)" in refused.stderr
     assert "`builder pin --target intel-arc`" in refused.stderr
 
-    dry = run_cli("pin", "--recipe", str(path), "--dry-run")
+    dry = run_cli_inproc("pin", "--recipe", str(path), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert path.read_text() == before and "--dry-run" in dry.stdout
     assert dry.stdout.count(" -> sha256:") == 4  # the image (used twice), the key (shared by an alias), two debs
 
-    done = run_cli("pin", "--recipe", str(path))
+    done = run_cli_inproc("pin", "--recipe", str(path))
     assert done.returncode == 0, done.stderr
     image = RegistryClient(Repository(registry, "vendor/dle")).manifest_digest("2025.3")
     sha = {name: hashlib.sha256((files / name).read_bytes()).hexdigest()
@@ -110,7 +110,7 @@ def test_pin_reads_every_placeholder_and_edits_only_them(tmp_path: Path, registr
     assert "# the vendor's SDK image" in expected and "# second file" in expected
     line = f"variants.sycl.base.runtime.debs[1].sha256: http://{host}/b_2.0_amd64.deb -> sha256:"
     assert line + sha["b_2.0_amd64.deb"] in done.stdout
-    again = run_cli("pin", "--recipe", str(path))
+    again = run_cli_inproc("pin", "--recipe", str(path))
     assert again.returncode == 0 and "no placeholder pins" in again.stdout
 
 
@@ -126,7 +126,7 @@ def test_pin_writes_nothing_when_one_value_cannot_be_read(tmp_path: Path, regist
         path.write_text(path.read_text().replace("dle:2025.3@", "dle:2099.1@"))
         message = f"error: {registry}/vendor/dle:2099.1: the registry has no such tag"
     before = path.read_text()
-    proc = run_cli("pin", "--recipe", str(path))
+    proc = run_cli_inproc("pin", "--recipe", str(path))
     assert proc.returncode != 0 and proc.stderr.splitlines()[0] == message, proc.stderr
     assert "Traceback" not in proc.stderr
     assert path.read_text() == before

@@ -22,7 +22,7 @@ from builder.plan.bases import lock_name
 from builder.plan.make import runtime_base
 from builder.recipe.load import load_recipe
 from builder.recipe.models import BootstrapBase, LockedBase, LockedDeb
-from conftest import ROOT, require, require_engine, require_tool, run_cli
+from conftest import ROOT, require, require_engine, require_tool, run_cli, run_cli_inproc
 
 # name, version, fields: a minbase in miniature (Essential, Priority required, apt) and a package with a library.
 PACKAGES = [
@@ -190,7 +190,7 @@ def test_lock_entries_are_validated_and_named(tmp_path: Path) -> None:
     bad["resolved"][0]["filename"] = "../../etc/passwd"
     lock = tmp_path / "builder.lock"
     lock.write_text(json.dumps({"version": 1, "images": {}, "bases": {"sid-0": good, "sid-1": bad}}))
-    proc = run_cli("build", "--target", "cpu", "--lock", str(lock), "--engine", "podman")
+    proc = run_cli_inproc("build", "--target", "cpu", "--lock", str(lock), "--engine", "podman")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{lock}: bases.sid-1.resolved.0.filename: String should match pattern" in proc.stderr
 
@@ -204,13 +204,13 @@ def test_check_and_build_name_a_base_missing_from_the_lock(tmp_path: Path) -> No
     lock["bases"]["sid-0123456789abcdef"] = lock["bases"].pop(runtime)
     stale = tmp_path / "builder.lock"
     stale.write_text(json.dumps(lock))
-    proc = run_cli("lock", "--check", "--lock", str(stale))
+    proc = run_cli_inproc("lock", "--check", "--lock", str(stale))
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [
         f"{stale}: bases.{runtime}: not in the lock (the trixie base of cpu/cpu runtime)",
         f"{stale}: bases.sid-0123456789abcdef: in the lock, but no recipe uses it"]
     # build refuses the image: its runtime base would install whatever the archive has today.
-    proc = run_cli("build", "--target", "cpu", "--lock", str(stale), "--engine", "podman")
+    proc = run_cli_inproc("build", "--target", "cpu", "--lock", str(stale), "--engine", "podman")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"cpu/cpu: bases.{runtime}: the trixie base of the runtime stage has no locked package set" \
         in proc.stderr and "builder lock" in proc.stderr

@@ -9,7 +9,7 @@ import yaml
 from builder.core.errors import RecipeError
 from builder.recipe import load as recipes
 from builder.recipe.targets import STATES, TARGETS
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_inproc
 
 CPU = yaml.safe_load((ROOT / "recipes" / "cpu.yaml").read_text())
 
@@ -64,12 +64,12 @@ CPU_SECTION = CPU["variants"]["cpu"]
 )
 def test_bad_recipe_is_one_line_naming_file_and_field(tmp_path: Path, change, needles) -> None:  # type: ignore[no-untyped-def]
     path = write_recipe(tmp_path, with_change(*change))
-    proc = run_cli("plan", "--recipe", str(path))
+    proc = run_cli_inproc("plan", "--recipe", str(path))
     assert_one_clear_error(proc, "bad.yaml", *needles)
 
 
 def test_unknown_target_lists_known_ones() -> None:
-    proc = run_cli("plan", "--target", "tpu")
+    proc = run_cli_inproc("plan", "--target", "tpu")
     assert_one_clear_error(proc, "unknown target 'tpu'")
     assert "hint: known targets: cpu, intel-arc, intel-npu, nvidia, strix-halo" in proc.stderr
 
@@ -77,7 +77,7 @@ def test_unknown_target_lists_known_ones() -> None:
 def test_variant_missing_from_the_recipe_says_what_it_builds(tmp_path: Path) -> None:
     data = {"target": "strix-halo", "variants": {"vulkan": CPU_SECTION}}
     path = write_recipe(tmp_path, data)
-    proc = run_cli("plan", "--recipe", str(path))
+    proc = run_cli_inproc("plan", "--recipe", str(path))
     assert_one_clear_error(proc, "bad.yaml: variants: no 'rocm' section in this recipe yet")
     assert "this recipe builds: vulkan (pass --variant)" in proc.stderr
 
@@ -99,7 +99,7 @@ def test_every_target_has_a_recipe() -> None:
 def test_variant_of_another_target_says_whose_it_is(verb: list[str]) -> None:
     """cuda on strix-halo: every verb says where cuda belongs and what strix-halo offers, exit 2, nothing done."""
     options = ["--target", "strix-halo", "--variant", "cuda"]
-    proc = run_cli(verb[0], *options, *verb[1:]) if verb[0] == "run" else run_cli(*verb, *options)
+    proc = run_cli_inproc(verb[0], *options, *verb[1:]) if verb[0] == "run" else run_cli_inproc(*verb, *options)
     assert_one_clear_error(proc, "--variant: strix-halo has no variant 'cuda'")
     assert "hint: cuda belongs to nvidia (NVIDIA GeForce RTX 3060" in proc.stderr
     assert "strix-halo offers: rocm, rocm-amd, vulkan" in proc.stderr
@@ -108,44 +108,44 @@ def test_variant_of_another_target_says_whose_it_is(verb: list[str]) -> None:
 
 @pytest.mark.parametrize("verb", ["plan", "build", "doctor"])
 def test_unknown_target_or_variant_lists_the_valid_ones_on_every_verb(verb: str) -> None:
-    proc = run_cli(verb, "--target", "tpu")
+    proc = run_cli_inproc(verb, "--target", "tpu")
     assert_one_clear_error(proc, "unknown target 'tpu'")
     assert "known targets: cpu, intel-arc, intel-npu, nvidia, strix-halo" in proc.stderr
-    proc = run_cli(verb, "--target", "intel-npu", "--variant", "npu")
+    proc = run_cli_inproc(verb, "--target", "intel-npu", "--variant", "npu")
     assert_one_clear_error(proc, "intel-npu has no variant 'npu'")
     assert "intel-npu offers: openvino" in proc.stderr
 
 
 def test_unknown_variant_on_command_line_lists_valid_ones() -> None:
-    proc = run_cli("render", "--target", "cpu", "--variant", "rocm", "--out", "/nonexistent/never-written")
+    proc = run_cli_inproc("render", "--target", "cpu", "--variant", "rocm", "--out", "/nonexistent/never-written")
     assert_one_clear_error(proc, "--variant: cpu has no variant 'rocm'")
     assert "rocm belongs to strix-halo" in proc.stderr and "cpu offers: cpu" in proc.stderr
     assert not Path("/nonexistent/never-written").exists()
 
 
 def test_missing_recipe_file(tmp_path: Path) -> None:
-    proc = run_cli("plan", "--recipe", str(tmp_path / "nope.yaml"))
+    proc = run_cli_inproc("plan", "--recipe", str(tmp_path / "nope.yaml"))
     assert_one_clear_error(proc, "nope.yaml", "not found")
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, "target: cpu\nbase: [unclosed\n")
-    proc = run_cli("plan", "--recipe", str(path))
+    proc = run_cli_inproc("plan", "--recipe", str(path))
     assert_one_clear_error(proc, "bad.yaml", "line")
 
 
 def test_recipe_must_be_a_mapping(tmp_path: Path) -> None:
-    proc = run_cli("plan", "--recipe", str(write_recipe(tmp_path, "- just\n- a list\n")))
+    proc = run_cli_inproc("plan", "--recipe", str(write_recipe(tmp_path, "- just\n- a list\n")))
     assert_one_clear_error(proc, "bad.yaml", "expected a mapping")
 
 
 def test_no_recipe_chosen() -> None:
-    proc = run_cli("plan")
+    proc = run_cli_inproc("plan")
     assert_one_clear_error(proc, "no recipe chosen")
 
 
 def test_schema_is_json_schema_that_forbids_unknown_keys() -> None:
-    proc = run_cli("schema")
+    proc = run_cli_inproc("schema")
     assert proc.returncode == 0
     schema = json.loads(proc.stdout)
     assert set(schema["required"]) >= {"target", "variants"}
@@ -158,7 +158,7 @@ def test_schema_is_json_schema_that_forbids_unknown_keys() -> None:
 def test_every_recipe_field_is_documented() -> None:
     """Each key of the recipe schema appears in the README's recipe reference."""
     readme = (ROOT / "README.md").read_text()
-    schema = json.loads(run_cli("schema").stdout)
+    schema = json.loads(run_cli_inproc("schema").stdout)
     keys = set(schema["properties"])
     for definition in schema["$defs"].values():
         keys |= set(definition.get("properties", {}))
@@ -167,7 +167,7 @@ def test_every_recipe_field_is_documented() -> None:
 
 
 def test_targets_lists_variants_and_what_the_recipes_build() -> None:
-    proc = run_cli("targets")
+    proc = run_cli_inproc("targets")
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
     rows = {tuple(line.split()[:2]): line.split()[2] for line in lines[1:lines.index("")]}
@@ -183,12 +183,13 @@ def test_targets_lists_variants_and_what_the_recipes_build() -> None:
 
 def test_every_step_targets_asks_for_first_is_one_that_build_refuses_without() -> None:
     """Each image `builder targets` says needs a step first is refused by `builder build` in one line."""
-    entries = json.loads(run_cli("targets", "--json").stdout)
+    entries = json.loads(run_cli_inproc("targets", "--json").stdout)
     for entry in entries:
         for flavour, key in (("llama.cpp", "llama_cpp_status"), ("vllm", "vllm_status")):
             if entry[key] is None or entry[key] == "ready to build":
                 continue
-            proc = run_cli("build", "--flavour", flavour, "--target", entry["target"], "--variant", entry["variant"])
+            proc = run_cli_inproc("build", "--flavour", flavour, "--target", entry["target"],
+                                  "--variant", entry["variant"])
             assert proc.returncode == 2 and "Traceback" not in proc.stderr, (entry, proc.stderr)
 
 
@@ -216,13 +217,13 @@ def test_readme_targets_table_is_the_state_data() -> None:
 
 
 def test_builder_targets_shows_the_same_state_as_the_readme() -> None:
-    proc = run_cli("targets", "--json")
+    proc = run_cli_inproc("targets", "--json")
     assert proc.returncode == 0, proc.stderr
     shown = {(e["target"], e["variant"]): (e["tested_text"], e["ran_on"]) for e in json.loads(proc.stdout)}
     table = readme_states()
     assert shown == {key: table[key] for key in shown}
     assert len(shown) == sum(len(t.variants) for t in TARGETS.values())
-    text = run_cli("targets").stdout.splitlines()
+    text = run_cli_inproc("targets").stdout.splitlines()
     assert text[0].split() == ["TARGET", "VARIANT", "LLAMA.CPP", "VLLM", "TESTED", "BY", "BUILDER"]
     sycl = next(line for line in text if line.split()[:2] == ["intel-arc", "sycl*"])
     assert sycl.endswith(table[("intel-arc", "sycl")][0])

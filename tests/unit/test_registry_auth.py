@@ -20,7 +20,7 @@ import builder.registry.client as registry_module
 from builder.core.digests import sha256_digest
 from builder.publish.artifacts import NETBOOT_FILES
 from builder.registry.client import RegistryClient, Repository
-from conftest import require_tool, run_cli
+from conftest import require_tool, run_cli_inproc
 from servers import ConnectProxy, Reply, TokenService, make_ca
 
 USER, PASSWORD = "token-user", "t0ken-Pa55"
@@ -61,10 +61,10 @@ def token_registry(tmp_path: Path, tokens: TokenService) -> Iterator[Registry]:
 
 def push_and_pull(host: str, tmp_path: Path, env: dict[str, str]) -> tuple[int, str]:
     folder = netboot_set(tmp_path / "nb", seed=11)
-    pushed = run_cli("pxe", "push", "--dir", str(folder), "--registry", f"{host}/netboot", env=env)
+    pushed = run_cli_inproc("pxe", "push", "--dir", str(folder), "--registry", f"{host}/netboot", env=env)
     if pushed.returncode != 0:
         return pushed.returncode, pushed.stderr
-    pulled = run_cli("pxe", "pull", f"{host}/netboot:netboot-cpu-cpu", "--dest", str(tmp_path / "dest"), env=env)
+    pulled = run_cli_inproc("pxe", "pull", f"{host}/netboot:netboot-cpu-cpu", "--dest", str(tmp_path / "dest"), env=env)
     if pulled.returncode == 0:
         for name in NETBOOT_FILES:
             assert (tmp_path / "dest" / "cpu-cpu" / name).read_bytes() == (folder / name).read_bytes()
@@ -88,7 +88,8 @@ def test_wrong_password_at_the_token_service_is_one_line_and_pushes_nothing(
         token_registry: Registry, isolated: dict[str, str], tmp_path: Path) -> None:
     login(isolated, token_registry.host, USER, "wrong-password")
     folder = netboot_set(tmp_path / "nb", seed=12)
-    proc = run_cli("pxe", "push", "--dir", str(folder), "--registry", f"{token_registry.host}/netboot", env=isolated)
+    proc = run_cli_inproc("pxe", "push", "--dir", str(folder), "--registry", f"{token_registry.host}/netboot",
+                          env=isolated)
     assert proc.returncode == 1
     assert f"refused the credentials for user {USER!r}" in proc.stderr and "Traceback" not in proc.stderr
     assert "wrong-password" not in proc.stdout + proc.stderr
@@ -154,8 +155,8 @@ def test_garbage_from_the_token_service_is_one_line_and_pulls_nothing(
     login(isolated, token_registry.host, USER, PASSWORD)
     tokens.reply = lambda seen: reply
     dest = tmp_path / "dest"
-    proc = run_cli("pxe", "pull", f"{token_registry.host}/netboot:netboot-cpu-cpu", "--dest", str(dest),
-                   env=isolated)
+    proc = run_cli_inproc("pxe", "pull", f"{token_registry.host}/netboot:netboot-cpu-cpu", "--dest", str(dest),
+                          env=isolated)
     assert proc.returncode == 1, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2  # the error and its hint
@@ -209,15 +210,16 @@ def test_credentials_from_a_creds_store_and_a_store_without_an_entry(
 
     helper_on_path(tmp_path, monkeypatch, "store", {})  # the store has nothing for this registry
     env = {**isolated, "PATH": os.environ["PATH"]}
-    proc = run_cli("pxe", "push", "--dir", str(netboot_set(tmp_path / "nb", seed=13)), "--registry",
-                   f"{token_registry.host}/netboot", env=env)
+    proc = run_cli_inproc("pxe", "push", "--dir", str(netboot_set(tmp_path / "nb", seed=13)), "--registry",
+                          f"{token_registry.host}/netboot", env=env)
     assert proc.returncode == 1 and "no credentials were found" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_helper_named_like_a_path_is_refused(token_registry: Registry, isolated: dict[str, str],
                                                tmp_path: Path) -> None:
     docker_config(isolated, {"credHelpers": {token_registry.host: "../../tmp/evil"}})
-    proc = run_cli("pxe", "pull", f"{token_registry.host}/netboot:x", "--dest", str(tmp_path / "d"), env=isolated)
+    proc = run_cli_inproc("pxe", "pull", f"{token_registry.host}/netboot:x", "--dest", str(tmp_path / "d"),
+                          env=isolated)
     assert proc.returncode == 1
     assert "credential helper '../../tmp/evil' is not a plain name" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -235,7 +237,7 @@ def tls_registry(tmp_path: Path) -> Iterator[tuple[Registry, Path]]:
 def test_tls_registry_trusted_through_certs_d(tls_registry: tuple[Registry, Path], isolated: dict[str, str],
                                               tmp_path: Path) -> None:
     registry, ca = tls_registry
-    untrusted = run_cli("pxe", "pull", f"{registry.host}/netboot:x", "--dest", str(tmp_path / "d"), env=isolated)
+    untrusted = run_cli_inproc("pxe", "pull", f"{registry.host}/netboot:x", "--dest", str(tmp_path / "d"), env=isolated)
     # A loopback registry is spoken to over http unless certs.d names it: an https-only one then refuses.
     assert untrusted.returncode == 1 and "Traceback" not in untrusted.stderr
     certs = Path(isolated["XDG_CONFIG_HOME"]) / "containers" / "certs.d" / registry.host
@@ -251,7 +253,7 @@ def test_https_through_a_connect_proxy_with_a_ca_bundle(tls_registry: tuple[Regi
     proxy = ConnectProxy({"registry.test:443": registry.host})
     try:
         env = {**isolated, "HTTPS_PROXY": proxy.url}
-        no_ca = run_cli("pxe", "pull", "registry.test/netboot:x", "--dest", str(tmp_path / "d"), env=env)
+        no_ca = run_cli_inproc("pxe", "pull", "registry.test/netboot:x", "--dest", str(tmp_path / "d"), env=env)
         assert no_ca.returncode == 1 and "TLS certificate is not trusted" in no_ca.stderr
         assert "SSL_CERT_FILE" in no_ca.stderr and "Traceback" not in no_ca.stderr
         code, err = push_and_pull("registry.test", tmp_path, {**env, "SSL_CERT_FILE": str(ca)})
@@ -265,11 +267,12 @@ def test_no_proxy_reaches_a_local_registry_directly(tmp_path: Path, isolated: di
     with start_registry(tmp_path / "registry") as registry:
         dead = "http://127.0.0.1:9"  # discard port: nothing listens
         env = {**isolated, "HTTP_PROXY": dead, "HTTPS_PROXY": dead}
-        through_dead = run_cli("pxe", "pull", f"{registry.host}/netboot:x", "--dest", str(tmp_path / "d"), env=env)
+        through_dead = run_cli_inproc("pxe", "pull", f"{registry.host}/netboot:x", "--dest", str(tmp_path / "d"),
+                                      env=env)
         assert through_dead.returncode == 1 and "ProxyError" in through_dead.stderr
         assert "Traceback" not in through_dead.stderr
-        missing = run_cli("pxe", "pull", f"{registry.host}/netboot:x", "--dest", str(tmp_path / "d"),
-                          env={**env, "NO_PROXY": "127.0.0.1,localhost"})
+        missing = run_cli_inproc("pxe", "pull", f"{registry.host}/netboot:x", "--dest", str(tmp_path / "d"),
+                                 env={**env, "NO_PROXY": "127.0.0.1,localhost"})
         assert missing.returncode == 1 and "has no manifest 'x'" in missing.stderr
 
 

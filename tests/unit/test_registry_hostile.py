@@ -18,7 +18,7 @@ from test_artifacts import IMAGE_DIGEST, netboot_set
 from builder.core.digests import sha256_digest
 from builder.publish.artifacts import ANNOTATION, NETBOOT_FILES, NETBOOT_TYPE, TITLE, push_artifact
 from builder.registry.client import OCI_INDEX, OCI_MANIFEST, RegistryClient, Repository
-from conftest import run_cli
+from conftest import run_cli_inproc
 from servers import Crafted, Reply, Seen
 
 EMPTY = b"{}"
@@ -78,7 +78,7 @@ def pull_refused(reference: str, tmp_path: Path, message: str) -> None:
     """`pxe pull` fails with `message` on one line, and leaves nothing behind."""
     dest = tmp_path / "dest"
     before = sorted(p.name for p in tmp_path.iterdir())
-    proc = run_cli("pxe", "pull", reference, "--dest", str(dest), timeout=120)
+    proc = run_cli_inproc("pxe", "pull", reference, "--dest", str(dest), timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -92,7 +92,7 @@ def pull_refused(reference: str, tmp_path: Path, message: str) -> None:
 
 def test_the_crafted_set_is_a_valid_one(crafted: CraftedSet, tmp_path: Path) -> None:
     crafted.serve()
-    proc = run_cli("pxe", "pull", crafted.reference, "--dest", str(tmp_path / "dest"))
+    proc = run_cli_inproc("pxe", "pull", crafted.reference, "--dest", str(tmp_path / "dest"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "dest" / "cpu-cpu" / "root.squashfs").read_bytes() == crafted.blobs["root.squashfs"]
 
@@ -322,7 +322,7 @@ def test_a_planted_set_is_refused_by_pxe_publish(tmp_path: Path) -> None:
     inventory.write_text("control: {address: 10.0.2.2}\n"
                          "nodes: [{name: n1, mac: '52:54:00:12:34:56', target: cpu, role: rpc-worker}]\n")
     root = tmp_path / "boot-root"
-    proc = run_cli("pxe", "publish", str(inventory), "--root", str(root), "--artifacts", str(pulled))
+    proc = run_cli_inproc("pxe", "publish", str(inventory), "--root", str(root), "--artifacts", str(pulled))
     assert proc.returncode == 2 and "files: expected exactly" in proc.stderr and "Traceback" not in proc.stderr
     assert not (root / "blobs").exists() and not (root / "current").exists()
 
@@ -380,7 +380,7 @@ def test_push_to_a_registry_that_lies_tags_nothing(tmp_path: Path, lie: str, mes
     server = Crafted()
     try:
         target = CraftedPushTarget(server, lie)
-        proc = run_cli("pxe", "push", "--dir", str(folder), "--registry", f"{server.host}/nb", timeout=120)
+        proc = run_cli_inproc("pxe", "push", "--dir", str(folder), "--registry", f"{server.host}/nb", timeout=120)
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) <= 2
@@ -394,7 +394,7 @@ def test_the_crafted_push_target_accepts_an_honest_push(tmp_path: Path) -> None:
     server = Crafted()
     try:
         target = CraftedPushTarget(server, "none")
-        proc = run_cli("pxe", "push", "--dir", str(folder), "--registry", f"{server.host}/nb", timeout=120)
+        proc = run_cli_inproc("pxe", "push", "--dir", str(folder), "--registry", f"{server.host}/nb", timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert sorted(target.tags) == sorted(["netboot-cpu-cpu", f"netboot-cpu-cpu-{'ab' * 8}"])
     finally:

