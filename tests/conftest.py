@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,8 +46,16 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
             cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """`builder ARGS` as a user runs it: a separate process, its exit code and both streams."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd)
+    started = time.monotonic()
+    try:
+        return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True,
+                              timeout=timeout, env=full_env, cwd=cwd)
+    finally:
+        if args[:1] == ("build",) or args[:2] == ("pxe", "build"):  # image builds, for the time summary
+            import timing  # the plugin pytest loaded (pytest_plugins), imported here so pytest rewrites it first
+
+            timing.record_build(" ".join(a for a in args if not a.startswith(("/", "--json"))),
+                                time.monotonic() - started)
 
 
 def run_cli_inproc(*args: str, timeout: float = 120, env: dict[str, str] | None = None,

@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 
 _TIMES: dict[str, dict[str, float]] = defaultdict(lambda: {"setup": 0.0, "call": 0.0, "teardown": 0.0})
+# `builder build` / `builder pxe build` runs (tests/conftest.py's run_cli records them): seconds and count
+_BUILDS: dict[str, list[float]] = defaultdict(list)
+
+
+def record_build(label: str, seconds: float) -> None:
+    _BUILDS[label].append(seconds)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -32,6 +38,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             continue
         write(f"{name:<48} {phases['setup']:>8.1f} {phases['call']:>8.1f} {phases['teardown']:>9.1f} "
               f"{sum(phases.values()):>8.1f}")
+    if _BUILDS:
+        terminalreporter.section("image builds (s): every `builder build` and `builder pxe build` a test ran")
+        write(f"{'command':<72} {'runs':>5} {'total':>8} {'longest':>8}")
+        for label, runs in sorted(_BUILDS.items(), key=lambda item: -sum(item[1])):
+            write(f"{label[:72]:<72} {len(runs):>5} {sum(runs):>8.1f} {max(runs):>8.1f}")
+        write(f"{'all of them':<72} {sum(len(r) for r in _BUILDS.values()):>5} "
+              f"{sum(sum(r) for r in _BUILDS.values()):>8.1f}")
     out = os.environ.get("BUILDER_TEST_TIMES")
     if out:
-        Path(out).write_text(json.dumps({"folders": folders, "files": _TIMES}, indent=1, sort_keys=True))
+        Path(out).write_text(json.dumps({"folders": folders, "files": _TIMES, "builds": _BUILDS}, indent=1,
+                                        sort_keys=True))
