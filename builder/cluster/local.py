@@ -171,8 +171,20 @@ def containers(local: Local, engine: Engine) -> dict[str, str]:
 
 
 def _remove(engine: Engine, names: list[str]) -> None:
+    """Remove containers that exist: podman 4.3's `rm --force A B` removes neither, silently, when B does not."""
     if names:
         run([*engine.command(), "rm", "--force", *names], check=False, timeout=120)
+
+
+def _remove_started(local: Local, engine: Engine, names: list[str]) -> None:
+    """Remove what `up` started, of which the last may or may not exist (a stop during its `run`)."""
+    try:
+        present = containers(local, engine)
+    except BuilderError:
+        for name in names:
+            _remove(engine, [name])
+        return
+    _remove(engine, [name for name in names if name in present])
 
 
 def _wait_port(address: str, port: int, seconds: float) -> bool:
@@ -213,8 +225,9 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
                 _remove(engine, [name])
             say(f"starting {process.role} {process.service} on {process.node} ({address[process.node]}:{process.port})")
             image = images[(process.node, loaded.service(process.service).engine)]
-            run(process_argv(local, engine, process, image, models[process.service]), timeout=120)
+            # counted before the run: a stop (Ctrl-C, SIGTERM) during it can leave the container created
             started.append(name)
+            run(process_argv(local, engine, process, image, models[process.service]), timeout=120)
             if process.role == "rpc-worker" and not _wait_port(address[process.node], process.port, 60):
                 raise BuilderError(f"RPC worker {name} did not listen on {address[process.node]}:{process.port}",
                                    _log_tail(engine, name))
@@ -223,13 +236,13 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
         # A running gateway with the same config keeps serving: restarting it would cut requests in flight.
         if gateway_pid(local.pidfile) is None or config.read_text() != previous:
             stop_gateway(local.pidfile)
+            gateway_started = True  # before the start, for the same reason
             start_gateway(config, local.pidfile)
-            gateway_started = True
         _wait_healthy(local, engine, timeout)
     except BaseException:
         if gateway_started:
             stop_gateway(local.pidfile)
-        _remove(engine, started)
+        _remove_started(local, engine, started)
         raise
     return local
 
