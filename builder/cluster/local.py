@@ -278,6 +278,9 @@ def down(loaded: Loaded, engine_name: str | None) -> list[str]:
     engine = _engine_of(local, engine_name)
     names = sorted(containers(local, engine))
     _remove(engine, names)
+    # one that vanished between the listing and `rm` (another `down`) makes podman 4.3 remove none: one by one
+    for name in sorted(containers(local, engine)):
+        _remove(engine, [name])
     if stop_gateway(local.pidfile):
         names.append("gateway")
     return names
