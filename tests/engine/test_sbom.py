@@ -130,9 +130,9 @@ def test_the_cpu_base_is_still_debian(cpu_prepared: Prepared) -> None:
     base = ensure_base(engine, load_recipe(recipe_path_for("cpu")).variants["cpu"].base.runtime)
     doc = make_sbom(cpu_prepared.plan, base, "sha256:" + "d" * 64, read_contents(engine, base))
     system = next(p for p in doc["packages"] if p["SPDXID"] == "SPDXRef-os")
-    assert (system["name"], system["versionInfo"]) == ("debian", "12")
+    assert (system["name"], system["versionInfo"]) == ("debian", "13")  # trixie
     libc = next(p for p in doc["packages"] if p["name"] == "libc6")
-    assert purls(libc)[0].startswith("pkg:deb/debian/libc6@") and purls(libc)[0].endswith("distro=debian-12")
+    assert purls(libc)[0].startswith("pkg:deb/debian/libc6@") and purls(libc)[0].endswith("distro=debian-13")
 
 
 def test_sdk_wheels_and_vendor_debs_are_listed_with_their_sha256() -> None:
