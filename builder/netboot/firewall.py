@@ -12,13 +12,18 @@ The rules replace only builder's own table, so other rules on the node are left 
 """
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
+import jinja2
+
+from builder import PROJECT_ROOT
 from builder.core.errors import RecipeError
 from builder.netboot.inventory import DEFAULT_PORTS
 from builder.netboot.inventory import Cluster as NetbootCluster
 
 TABLE = "builder_cluster"
+LEASED = "address leased"  # a node without an address in the file: its rules admit the lease it gets
 
 
 @dataclass(frozen=True)
@@ -63,47 +68,35 @@ def for_netboot(cluster: NetbootCluster, where: str) -> dict[str, Firewall]:
     it at boot (the initramfs adds the leased address), but the other nodes' rules cannot name it."""
     nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
     allowed = tuple(allowed_addresses(where, cluster.control.address, nodes, every_node=False))
-    return {n.name: Firewall(n.name, str(n.address or "address leased"), allowed, (n.port or DEFAULT_PORTS[n.role],))
+    return {n.name: Firewall(n.name, str(n.address or LEASED), allowed, (n.port or DEFAULT_PORTS[n.role],))
             for n in cluster.nodes}
 
 
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a node's host name (HostName)
+_SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the cluster file's name, as the comment gives it
+
+
 def ruleset(firewall: Firewall, source: str) -> str:
-    """The node's nftables file: `nft -f FILE` replaces builder's table and nothing else."""
-    v4 = [a for a in firewall.allowed if ipaddress.ip_address(a).version == 4]
-    v6 = [a for a in firewall.allowed if ipaddress.ip_address(a).version == 6]
-    ports = ", ".join(str(p) for p in firewall.ports) or "none"
-    lines = [
-        f"# Written by builder from {source} for node {firewall.node} ({firewall.address}): regenerate it, "
-        "do not edit.",
-        f"# Its backend ports ({ports}) and every other port accept new connections from the cluster only.",
-        f"table inet {TABLE}",
-        f"delete table inet {TABLE}",
-        f"table inet {TABLE} {{",
-    ]
-    for family, name, members in (("ipv4_addr", "cluster4", v4), ("ipv6_addr", "cluster6", v6)):
-        if members:
-            lines += [f"    set {name} {{", f"        type {family}", f"        elements = {{ {', '.join(members)} }}",
-                      "    }"]
-    lines += [
-        "    chain input {",
-        "        type filter hook input priority filter; policy accept;",
-        "        ct state established,related accept",
-        "        ct state invalid drop",
-        "        ip saddr 127.0.0.0/8 accept",
-        "        ip6 saddr ::1 accept",
-    ]
-    if v4:
-        lines.append("        ip saddr @cluster4 accept")
-    if v6:
-        lines.append("        ip6 saddr @cluster6 accept")
-    lines += [
-        "        meta l4proto { icmp, ipv6-icmp } accept",
-        "        # the DHCP server's answers to the node's own lease requests",
-        "        udp sport 67 udp dport 68 accept",
-        "        meta nfproto ipv6 udp sport 547 udp dport 546 accept",
-        "        meta l4proto tcp reject with tcp reset",
-        "        reject with icmpx type port-unreachable",
-        "    }",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
+    """The node's nftables file (images/firewall/node.nft.j2): `nft -f FILE` replaces builder's table and nothing
+    else. Every value is checked again here, whoever built the Firewall: a host name, the file's plain name, IP
+    literals (written in their normal form) and port numbers; nothing else reaches the file's structure."""
+    if not _NAME.fullmatch(firewall.node) or not _SOURCE.fullmatch(source):
+        raise RecipeError(f"firewall: {firewall.node!r} / {source!r}: not a plain host name and file name")
+    try:
+        allowed = [ipaddress.ip_address(a) for a in firewall.allowed]
+        if firewall.address != LEASED:
+            ipaddress.ip_address(firewall.address)
+    except ValueError as exc:
+        raise RecipeError(f"firewall: {firewall.node}: {exc}", "addresses in the rules are IP literals") from None
+    if not all(isinstance(p, int) and 1 <= p <= 65535 for p in firewall.ports):
+        raise RecipeError(f"firewall: {firewall.node}: ports {firewall.ports!r} are not port numbers")
+    sets = [{"name": name, "family": family, "match": match, "members": [str(a) for a in allowed if a.version == v]}
+            for v, name, family, match in ((4, "cluster4", "ipv4_addr", "ip"), (6, "cluster6", "ipv6_addr", "ip6"))]
+    return _template().render(source=source, node=firewall.node, address=firewall.address, table=TABLE,
+                              ports=[str(p) for p in firewall.ports], sets=[s for s in sets if s["members"]])
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(PROJECT_ROOT / "images" / "firewall"),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    return env.get_template("node.nft.j2")
