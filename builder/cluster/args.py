@@ -53,6 +53,9 @@ ENV_NAMES = frozenset((
     "GGML_VK_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES",
     "CUDA_DEVICE_ORDER", "ONEAPI_DEVICE_SELECTOR", "ZE_AFFINITY_MASK", "GGML_OPENVINO_DEVICE",
     "HSA_OVERRIDE_GFX_VERSION", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+    # vLLM's CPU backend takes its KV cache size and thread placement only from the environment: tuning, like
+    # the threads above (the other VLLM_* names set its address, ports or model, and count as args)
+    "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU",
 ))
 # These set a server's arguments (llama.cpp reads LLAMA_ARG_*, vLLM VLLM_*, Ray RAY_*, llama-server's Vertex AI
 # mode AIP_* adds routes): they are args by another name.
@@ -86,6 +89,8 @@ def refused_env(names: Iterable[str]) -> list[tuple[str, str]]:
     """(name, why) for each environment name outside the allow-list."""
     out = []
     for name in names:
+        if name in ENV_NAMES:
+            continue
         if name.startswith(ARG_PREFIXES):
             out.append((name, f"{name} sets the server's arguments, which builder chooses"))
         elif name not in ENV_NAMES:

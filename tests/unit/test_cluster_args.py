@@ -64,7 +64,8 @@ def test_vllm_tuning_flags_pass() -> None:
 
 @pytest.mark.parametrize(("name", "why"), [
     ("LLAMA_ARG_HOST", "sets the server's arguments"), ("LLAMA_ARG_API_KEY", "sets the server's arguments"),
-    ("VLLM_API_KEY", "sets the server's arguments"), ("RAY_ADDRESS", "sets the server's arguments"),
+    ("VLLM_API_KEY", "sets the server's arguments"), ("VLLM_HOST_IP", "sets the server's arguments"),
+    ("RAY_ADDRESS", "sets the server's arguments"),
     ("AIP_MODE", "sets the server's arguments"), ("LD_PRELOAD", "is not on builder's list"),
     ("PYTHONPATH", "is not on builder's list"),
 ])
@@ -77,7 +78,9 @@ def test_env_outside_the_list_is_one_line(tmp_path: Path, name: str, why: str) -
 
 def test_device_env_loads_without_a_warning(tmp_path: Path) -> None:
     env = {"GGML_VK_VISIBLE_DEVICES": "0", "HIP_VISIBLE_DEVICES": "0", "ROCR_VISIBLE_DEVICES": "0",
-           "CUDA_VISIBLE_DEVICES": "0", "ONEAPI_DEVICE_SELECTOR": "level_zero:0", "OMP_NUM_THREADS": "8"}
+           "CUDA_VISIBLE_DEVICES": "0", "ONEAPI_DEVICE_SELECTOR": "level_zero:0", "OMP_NUM_THREADS": "8",
+           # vLLM's CPU backend is tuned only through these (its KV cache, its threads' cores)
+           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
     assert load_cluster(cluster_file(tmp_path, nodes=[node("a", 1, env=env), node("b", 2)])).warnings == ()
 
 
