@@ -16,9 +16,11 @@ import re
 from dataclasses import dataclass
 
 import jinja2
+from pydantic import TypeAdapter, ValidationError
 
 from builder import PROJECT_ROOT
 from builder.core.errors import RecipeError
+from builder.core.types import HostName
 from builder.netboot.inventory import DEFAULT_PORTS
 from builder.netboot.inventory import Cluster as NetbootCluster
 
@@ -72,7 +74,7 @@ def for_netboot(cluster: NetbootCluster, where: str) -> dict[str, Firewall]:
             for n in cluster.nodes}
 
 
-_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a node's host name (HostName)
+_HOST = TypeAdapter(HostName)
 _SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the cluster file's name, as the comment gives it
 
 
@@ -80,7 +82,11 @@ def ruleset(firewall: Firewall, source: str) -> str:
     """The node's nftables file (images/firewall/node.nft.j2): `nft -f FILE` replaces builder's table and nothing
     else. Every value is checked again here, whoever built the Firewall: a host name, the file's plain name, IP
     literals (written in their normal form) and port numbers; nothing else reaches the file's structure."""
-    if not _NAME.fullmatch(firewall.node) or not _SOURCE.fullmatch(source):
+    try:
+        _HOST.validate_python(firewall.node)
+    except ValidationError:
+        raise RecipeError(f"firewall: {firewall.node!r} / {source!r}: not a plain host name and file name") from None
+    if not _SOURCE.fullmatch(source):
         raise RecipeError(f"firewall: {firewall.node!r} / {source!r}: not a plain host name and file name")
     try:
         allowed = [ipaddress.ip_address(a) for a in firewall.allowed]

@@ -10,18 +10,21 @@ from builder.use.matrix import jobs
 READY = "ready to build"
 
 
-def _can_do(job: dict[str, str], why: str | None) -> str:
-    """What a user does before `builder build` accepts this image: nothing, `builder pin`, or `builder lock`."""
+def _can_do(job: dict[str, str], why: str | None) -> tuple[str, str]:
+    """What a user does before `builder build` accepts this image, as (the table's word, the line saying it):
+    nothing (`ready`), `builder pin` or `builder lock`."""
     if why is None:
-        return READY
+        return "ready", READY
     where = f"--target {job['target']} --variant {job['variant']}"
     flavour = "" if job["flavour"] == "llama.cpp" else f" --flavour {job['flavour']}"  # after the target
     if why.endswith(": placeholder pin"):
         field = why.rsplit(": ", 2)[-2]
-        return f"needs `builder pin {where}{flavour}` first ({field} is a placeholder for the vendor's value)"
+        return "needs pin", (f"needs `builder pin {where}{flavour}` first ({field} is a placeholder for the "
+                             "vendor's value)")
     if why.endswith(": no wheel lock"):
-        return f"needs `builder lock {where}{flavour}` first (no wheel lock yet), where its package index is reachable"
-    return why
+        return "needs lock", (f"needs `builder lock {where}{flavour}` first (no wheel lock yet), where its "
+                              "package index is reachable")
+    return "needs a fix", why
 
 
 def target_entries(recipes: Path | None = None) -> list[dict[str, object]]:
@@ -35,7 +38,7 @@ def target_entries(recipes: Path | None = None) -> list[dict[str, object]]:
     for target in TARGETS.values():
         for variant in target.variants.values():
             state = state_of(target.name, variant.name)
-            can: dict[str, str | None] = {}
+            can: dict[str, tuple[str, str] | None] = {}
             for flavour in ("llama.cpp", "vllm"):
                 key = (flavour, target.name, variant.name)
                 can[flavour] = _can_do(dict(zip(("flavour", "target", "variant"), key, strict=True)),
@@ -43,25 +46,28 @@ def target_entries(recipes: Path | None = None) -> list[dict[str, object]]:
             entries.append({
                 "target": target.name, "variant": variant.name, "default": variant.name == target.default_variant,
                 "llama_cpp": can["llama.cpp"] is not None, "vllm": can["vllm"] is not None,
-                "llama_cpp_status": can["llama.cpp"], "vllm_status": can["vllm"],
+                "llama_cpp_status": _text(can["llama.cpp"]), "vllm_status": _text(can["vllm"]),
+                "llama_cpp_step": _word(can["llama.cpp"]), "vllm_step": _word(can["vllm"]),
                 "tested": state.kind, "tested_text": state.text(), "ran_on": state.ran_on,
                 "description": variant.description, "target_description": target.description,
             })
     return entries
 
 
-def _short(status: object) -> str:
-    if status is None:
-        return "-"
-    return "ready" if status == READY else "needs " + str(status).split("`")[1].split()[1]
+def _text(step: tuple[str, str] | None) -> str | None:
+    return None if step is None else step[1]
+
+
+def _word(step: tuple[str, str] | None) -> str:
+    return "-" if step is None else step[0]
 
 
 def target_rows(entries: list[dict[str, object]]) -> list[str]:
     """The text table (TARGET, VARIANT with the default marked *, LLAMA.CPP, VLLM, TESTED BY BUILDER), then one
     line per image that needs a step first, and the hardware no target serves."""
     rows = [("TARGET", "VARIANT", "LLAMA.CPP", "VLLM", "TESTED BY BUILDER")]
-    rows += [(str(e["target"]), f"{e['variant']}{'*' if e['default'] else ''}", _short(e["llama_cpp_status"]),
-              _short(e["vllm_status"]), str(e["tested_text"])) for e in entries]
+    rows += [(str(e["target"]), f"{e['variant']}{'*' if e['default'] else ''}", str(e["llama_cpp_step"]),
+              str(e["vllm_step"]), str(e["tested_text"])) for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(f"{cell:<{width}}" for cell, width in zip(row[:4], widths, strict=True)) + f"  {row[4]}"
              for row in rows]
