@@ -15,6 +15,8 @@ from builder.cluster import remote as netboot_gateway
 from builder.cluster.commands import as_text, node_commands
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
+from builder.cluster.wake import chosen
+from builder.cluster.wake import wake as wake_nodes
 from builder.core.errors import RecipeError
 from builder.core.preflight import GATEWAY, require_tools
 from builder.engines import ENGINE_CHOICES
@@ -224,3 +226,24 @@ def firewall(
     for rules in found:
         (out / f"{rules.node}.nft").write_text(ruleset(rules, inventory.name))
     typer.echo(f"wrote {', '.join(f'{f.node}.nft' for f in found)} to {out}")
+
+
+@cluster_app.command()
+def wake(
+    inventory: InventoryArg,
+    nodes: Annotated[list[str] | None, typer.Argument(metavar="[NODE]...", help="The nodes to wake.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Wake every node of the file.")] = False,
+    as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
+) -> None:
+    """Power nodes on with Wake-on-LAN: a magic packet on control.interface (needs etherwake, run as root).
+
+    The node's firmware must have Wake-on-LAN enabled; it then netboots as usual.
+    """
+    loaded = load_cluster(inventory)
+    woken = wake_nodes(loaded, chosen(loaded, list(nodes or []), every))
+    if as_json:
+        typer.echo(json.dumps([{"node": w.node, "mac": w.mac, "interface": w.interface} for w in woken], indent=2))
+        return
+    for w in woken:
+        typer.echo(f"woke {w.node} ({w.mac}) on {w.interface}")

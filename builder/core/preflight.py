@@ -17,6 +17,7 @@ PACKAGES = {
     "haproxy": "haproxy",  # the gateway
     "dnsmasq": "dnsmasq-base",  # proxy-DHCP and TFTP
     "nft": "nftables",
+    "etherwake": "etherwake",  # Wake-on-LAN on the boot interface
 }
 # What each verb runs on this machine (the container engine is checked on its own: podman or docker).
 NETBOOT_SET = ("mmdebstrap", "mksquashfs", "veritysetup", "depmod", "zstd", "dpkg-deb")
