@@ -103,11 +103,18 @@ def status(
     as_json: JsonOpt = False,
     recipes: RecipesOpt = None,
 ) -> None:
-    """Every service, its servers and workers, and their health as the gateway sees it."""
+    """Every service, its servers and workers, and their health as the gateway sees it.
+
+    Exits 1 when the gateway is not running or a server or worker is not UP (the last line says which), so a
+    script or a monitoring check can act on it; 0 when everything serves.
+    """
     loaded = _loaded(inventory, is_local)
     document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded)
+    problems = _problems(document)
     if as_json:
-        typer.echo(json.dumps(document, indent=2))
+        typer.echo(json.dumps({**document, "ok": not problems, "problems": problems}, indent=2))
+        if problems:
+            raise typer.Exit(1)
         return
     gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
     typer.echo(f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}")
@@ -120,6 +127,20 @@ def status(
             where = f"container {p['container']}" if "container" in p else ""
             typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} {where}{extra}"
                        .rstrip())
+    if problems:
+        typer.echo(f"state    NOT SERVING: {'; '.join(problems)}")
+        raise typer.Exit(1)
+    typer.echo("state    serving")
+
+
+def _problems(document: dict[str, object]) -> list[str]:
+    """What is not serving: the gateway, and every process whose health is not UP."""
+    gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
+    found = [] if gateway["running"] else ["the gateway is not running"]
+    for service in document["services"]:  # type: ignore[attr-defined]
+        found += [f"{service['name']} {p['role']} on {p['node']} is {p['health']}"
+                  for p in service["processes"] if p["health"] != "UP"]
+    return found
 
 
 @cluster_app.command()

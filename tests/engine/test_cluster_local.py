@@ -52,8 +52,10 @@ class Cluster:
 
     def status(self) -> dict[str, Any]:
         proc = run_cli("cluster", "status", "--local", str(self.path), "--json", timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        return dict(json.loads(proc.stdout))
+        document = dict(json.loads(proc.stdout))
+        # exit 0 exactly when everything serves: a script acting on `status` sees what a person sees
+        assert proc.returncode == (0 if document["ok"] else 1) and document["ok"] == (not document["problems"])
+        return document
 
     def health(self, service: str, node: str) -> str:
         for entry in self.status()["services"]:
@@ -122,6 +124,7 @@ def test_up_prints_the_endpoint_and_where_the_key_is(cluster: Cluster) -> None:
     healths = {(s["name"], p["node"]): p["health"] for s in document["services"] for p in s["processes"]}
     assert healths == {("tiny", "a"): "UP", ("tiny", "b"): "UP", ("other", "c"): "UP",
                        ("tiny-split", "c"): "UP", ("tiny-split", "d"): "UP"}
+    assert document["ok"] is True and document["problems"] == []
 
 
 def test_models_are_the_services_and_backends_answer_their_alias(cluster: Cluster) -> None:
@@ -236,6 +239,7 @@ def test_a_killed_replica_loses_no_request_and_comes_back(cluster: Cluster) -> N
         t.join(timeout=300)
     assert failures == [] and codes == [200] * 60, (failures, [c for c in codes if c != 200])
     wait_for(lambda: cluster.health("tiny", "b") == "DOWN", 20, "status showing b down")
+    assert "tiny server on b is DOWN" in cluster.status()["problems"]  # and `status` exits 1
 
     proc = run_cli("cluster", "up", "--local", str(cluster.path), timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -191,9 +191,16 @@ def test_gateway_up_for_a_node_that_never_gets_healthy_is_one_line_and_leaves_no
     proc = run_cli("cluster", "up", str(path), "--timeout", "3", timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"chat on a (127.0.0.1:{dead}) is not healthy after 3 s (1 of 1 servers waiting)" in proc.stderr
-    status = json.loads(run_cli("cluster", "status", str(path), "--json").stdout)
+    proc = run_cli("cluster", "status", str(path), "--json")
+    status = json.loads(proc.stdout)
     assert status["gateway"]["running"] is False
     assert status["services"][0]["processes"][0]["health"] == "unknown"
+    # not serving: exit 1, saying what is down, for scripts and monitoring
+    assert proc.returncode == 1 and status["ok"] is False
+    assert status["problems"] == ["the gateway is not running", "chat server on a is unknown"]
+    text = run_cli("cluster", "status", str(path))
+    assert text.returncode == 1 and text.stdout.splitlines()[-1] == (
+        "state    NOT SERVING: the gateway is not running; chat server on a is unknown"), text.stdout
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{gateway}/v1/models", timeout=5)
     assert run_cli("cluster", "down", str(path)).stdout.strip() == "nothing was running"
