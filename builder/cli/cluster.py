@@ -49,6 +49,9 @@ def up(
     is_local: LocalOpt = False,
     engine: EngineOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every server to be healthy.")] = 180,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Netbooted nodes: fail (and stop the gateway) unless every server is healthy; by default "
+        "the gateway serves what is healthy and names what is DOWN.")] = False,
     as_json: JsonOpt = False,
     recipes: RecipesOpt = None,
 ) -> None:
@@ -56,7 +59,10 @@ def up(
 
     Without --local the nodes are netbooted (`builder pxe publish`) and start their own servers: `up` starts
     only the gateway, on this (the control) node, and waits until every server is healthy behind it.
-    Running it again starts only what is not running. If it fails, what it started is removed again.
+    A netbooted node that is off or broken does not hold the others back: after --timeout the gateway serves
+    the healthy servers and each one still DOWN is a warning line (an error only when none is healthy, or with
+    --strict). With --local every container must come up. Running it again starts only what is not running. If
+    it fails, what it started is removed again.
     """
     loaded = _loaded(inventory, is_local)
     require_tools("builder cluster up", GATEWAY)
@@ -68,7 +74,7 @@ def up(
         state = local.up(loaded, engine, timeout, say).state
         document = local.status(loaded, engine)
     else:
-        state = netboot_gateway.up(loaded, timeout, say).state
+        state = netboot_gateway.up(loaded, timeout, say, strict).state
         document = netboot_gateway.status(loaded)
     if as_json:
         typer.echo(json.dumps({"state": state, **document}, indent=2))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cluster.gateway import ServerState, gateway_pid, read_stats, start_gateway, stop_gateway, write_gateway
-from builder.cluster.model import Loaded
+from builder.cluster.model import Loaded, Process
 from builder.core.errors import BuilderError, RecipeError
 from builder.recipe.load import display_path
 
@@ -84,9 +84,11 @@ def addresses(loaded: Loaded) -> dict[str, str]:
     return out
 
 
-def up(loaded: Loaded, timeout: float, say: Say) -> Remote:
-    """Start (or keep) the gateway and wait until every server is healthy behind it; if they are not by
-    `timeout`, stop the gateway again when this call started it."""
+def up(loaded: Loaded, timeout: float, say: Say, strict: bool = False) -> Remote:
+    """Start (or keep) the gateway and wait until every server is healthy behind it. A node that is off or
+    broken does not hold the others back: after `timeout` the gateway keeps serving what is healthy and each
+    server still waiting is one warning line. Only when nothing is healthy (or `strict`, when anything is not)
+    is that an error, and the gateway this call started is stopped again."""
     remote = Remote.of(loaded)
     where = addresses(loaded)
     previous = (remote.state / "haproxy.cfg").read_text() if (remote.state / "haproxy.cfg").is_file() else None
@@ -100,11 +102,17 @@ def up(loaded: Loaded, timeout: float, say: Say) -> Remote:
         start_gateway(config, remote.pidfile)
         started = True
     try:
-        _wait_healthy(remote, where, timeout)
+        waiting, servers = _wait_healthy(remote, where, timeout, strict)
     except BaseException:
         if started:
             stop_gateway(remote.pidfile)
         raise
+    for process in waiting:
+        say(f"warning: {process.service} on {process.node} ({where[process.node]}:{process.port}) is DOWN after "
+            f"{timeout:.0f} s: the gateway serves without it and adds it when it passes its health check")
+    if waiting:
+        say(f"warning: serving with {len(servers) - len(waiting)} of {len(servers)} servers "
+            "(`builder cluster status` shows which; --strict makes this an error)")
     return remote
 
 
@@ -127,14 +135,19 @@ def _can_bind(loaded: Loaded, bind: str) -> None:
                               "stop what uses the port, or set gateway.port") from None
 
 
-def _wait_healthy(remote: Remote, where: dict[str, str], timeout: float) -> None:
+def _wait_healthy(remote: Remote, where: dict[str, str], timeout: float, strict: bool
+                  ) -> tuple[list[Process], list[Process]]:
+    """(the servers still not healthy after `timeout`, every server); an error when none is healthy, or with
+    `strict` when one is not."""
     servers = [p for p in remote.loaded.processes if p.role == "server"]
     deadline = time.monotonic() + timeout
     while True:
         states = {(s.service, s.node): s.healthy for s in read_stats(remote.loaded.cluster.gateway.metrics_port)}
         waiting = [p for p in servers if not states.get((p.service, p.node))]
         if not waiting:
-            return
+            return [], servers
+        if time.monotonic() > deadline and len(waiting) < len(servers) and not strict:
+            return waiting, servers
         if time.monotonic() > deadline:
             first = waiting[0]
             raise BuilderError(
