@@ -152,8 +152,8 @@ def pinned_kernel(target: str, spec: KernelSpec, entry: LockedBase | None, where
     if refused:
         rule = refused[0]
         raise LockError(f"{where}: netboot.{target}: {rule.package} {versions[rule.package]} is known bad for "
-                        f"{target}: {rule.why}", f"{rule.fix}: once {spec.suite} has one, "
-                        f"{REFRESH_HINT.removeprefix('run ').split(', review')[0]} and review the diff")
+                        f"{target}: {rule.why}", f"{target} nodes need {rule.fix}: once {spec.suite} has one, run "
+                        "`builder lock --refresh-netboot`, review the diff and commit builder.lock")
     return entry
 
 

@@ -18,7 +18,7 @@ class KnownBad:
     first: str | None  # the first bad version (None: every version before `fixed`)
     fixed: str | None  # the first version past the problem (None: no fixed version known)
     why: str  # what breaks, in a user's words
-    fix: str  # what to pin instead
+    fix: str  # what the target needs instead
 
 
 KNOWN_BAD: tuple[KnownBad, ...] = (
@@ -26,18 +26,18 @@ KNOWN_BAD: tuple[KnownBad, ...] = (
     # of the allocated memory until kernel 6.16.9. It also raises FIELD-NOTES' "6.16 or later recommended".
     KnownBad("strix-halo", "linux-image-amd64", None, "6.16.9~",
              "before 6.16.9 ROCm sees only about 15.5 GB of the board's unified memory",
-             "pin a kernel of 6.16.9 or later"),
+             "a kernel of 6.16.9 or later"),
     # kyuz0/amd-strix-halo-toolboxes, docs/troubleshooting-firmware.md (2026-01-08), and whylucian/softab,
     # docs/troubleshooting.md ("Bad Firmware"): linux-firmware 20251125 breaks ROCm on Strix Halo (AMD recalled
     # the update); 20251111 is the release they name as stable.
     KnownBad("strix-halo", "firmware-amd-graphics", "20251125~", "20251126~",
              "linux-firmware 20251125 breaks ROCm on Strix Halo (AMD recalled it)",
-             "pin firmware-amd-graphics 20251111 or a release after 20251125"),
+             "a firmware-amd-graphics other than 20251125 (20251111 is the release named stable)"),
     # wyns.dev, "Debugging a boot crash on Linux 7.0 rc1 and rc2 (Strix Halo)": a Ryzen AI Max+ 395 board hangs
     # in amdgpu's initialisation on 7.0-rc1 and rc2 (Debian: experimental's 7.0~rcN); no other version is named.
     KnownBad("strix-halo", "linux-image-amd64", "7.0~rc1~", "7.0~rc3~",
              "Linux 7.0-rc1 and rc2 hang at amdgpu's start on Strix Halo boards",
-             "pin a released kernel (sid's), not experimental's 7.0-rc1 or rc2"),
+             "a kernel other than 7.0-rc1 and rc2 (sid's released ones)"),
 )
 
 
