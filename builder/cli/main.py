@@ -425,8 +425,9 @@ def doctor(
 ) -> None:
     """Check that this host can run a target's image: one PASS/FAIL line per check, with the fix.
 
-    Checks devices and access to them, kernel version and modules, Strix Halo unified-memory kernel
-    parameters, CDI for NVIDIA, and free memory against a model's size. Exit code 1 when a check fails.
+    Checks devices and access to them, kernel version and modules (and kernels known bad for the target),
+    Strix Halo unified-memory kernel parameters, Intel GPU firmware and drivers, CDI for NVIDIA, and free memory
+    against a model's size; names the netboot kernel builder.lock pins. Exit code 1 when a check fails.
     """
     check_input(root, "--root", folder=True)
     if model is not None:

@@ -3,12 +3,15 @@
 Each rule covers a range of Debian versions of one package (`first` included, `fixed` excluded; a rule
 without `first` is a floor). A Debian version is compared with dpkg's own rules, so `6.16.9~` admits
 6.16.9-1 and every later revision, and `20251125~` takes in every Debian revision of that release. The
-comment above each rule names where the fact comes from; docs/netboot.md repeats them for users.
+comment above each rule names where the fact comes from; docs/netboot.md repeats them for users. `builder
+doctor` applies the kernel rules to a host's running kernel too.
 """
 
 from dataclasses import dataclass
 
 from builder.core.run import run
+
+KERNEL_PACKAGE = "linux-image-amd64"  # rules on it hold for a running kernel of that upstream version too
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from builder.core.errors import BuilderError
 from builder.engines.host import find_driver, firmware_files
 from builder.flavours import lock as lockfile
 from builder.netboot.kernels import KERNELS, pinned_kernel
+from builder.netboot.known_bad import KERNEL_PACKAGE, KNOWN_BAD, refusals
 from builder.recipe.load import display_path
 from builder.recipe.targets import Host, HostDriver, Target, Variant
 
@@ -51,6 +52,18 @@ def _kernel(root: Path, need: tuple[int, int]) -> Check:
     want = f"{need[0]}.{need[1]}"
     return Check("kernel", have >= need, f"{release} (need >= {want})",
                  f"install a kernel >= {want} (Debian: linux-image-amd64 from backports) and reboot")
+
+
+def _known_bad_kernel(root: Path, target: str) -> list[Check]:
+    """The running kernel against the versions the field reports broken for the target (netboot/known_bad.py)."""
+    match = re.match(r"\d+(\.\d+)+", _read(root, "/proc/sys/kernel/osrelease").strip())
+    if not match or not any(rule.target == target and rule.package == KERNEL_PACKAGE for rule in KNOWN_BAD):
+        return []
+    refused = refusals(target, {KERNEL_PACKAGE: match.group(0)})
+    if refused:
+        return [Check("kernel known issues", False, f"{match.group(0)} is known bad for {target}: {refused[0].why}",
+                      f"install {refused[0].fix} and reboot")]
+    return [Check("kernel known issues", True, f"{match.group(0)}: none of those reported for {target}")]
 
 
 def _modules(root: Path, groups: tuple[tuple[str, ...], ...]) -> list[Check]:
@@ -220,6 +233,7 @@ def diagnose(target: Target, variant: Variant, *, root: Path = Path("/"), model:
     checks: list[Check] = []
     if host.min_kernel:
         checks.append(_kernel(root, host.min_kernel))
+    checks += _known_bad_kernel(root, target.name)
     checks += _modules(root, host.modules)
     if host.min_driver and host.modules:
         checks.append(_kernel_driver(root, host.modules[0][0], host.min_driver))

@@ -259,3 +259,17 @@ def test_doctor_names_the_pinned_netboot_kernel(tmp_path: Path) -> None:
     assert "builder lock" in result["netboot kernel"]
     assert "netboot kernel" not in lines("nvidia", make_host(tmp_path / "nv", modules=("nvidia",)), uid=0,
                                          groups=set())
+
+
+def test_a_strix_halo_host_kernel_the_field_reports_broken_fails(tmp_path: Path) -> None:
+    root = make_host(tmp_path / "old", kernel="6.16.8-200.fc42.x86_64", modules=("amdgpu",), devices=("/dev/kfd",),
+                     cmdline=GOOD_STRIX_CMDLINE)
+    result = lines("strix-halo", root, uid=0, groups=set())
+    assert result["kernel"].startswith("PASS")  # 6.16 is new enough by major and minor …
+    assert result["kernel known issues"].startswith(  # … but not by patch level
+        "FAIL  kernel known issues: 6.16.8 is known bad for strix-halo: before 6.16.9 ROCm sees only about 15.5 GB")
+    assert "install a kernel of 6.16.9 or later" in result["kernel known issues"]
+    root = make_host(tmp_path / "new", kernel="6.16.9-1-amd64", modules=("amdgpu",), devices=("/dev/kfd",),
+                     cmdline=GOOD_STRIX_CMDLINE)
+    assert lines("strix-halo", root, uid=0, groups=set())["kernel known issues"].startswith("PASS")
+    assert "kernel known issues" not in lines("cpu", root, uid=0, groups=set())
