@@ -38,12 +38,12 @@ from builder.fetch.provenance import llama_commit, pin_line, rpc_protocol
 from builder.flavours import lock as lockfile
 from builder.flavours.prepare import flavour_named, recipe_file
 from builder.flavours.vllm import lock_variant
-from builder.netboot.kernels import fetch_kernel_tree, kernel_spec
+from builder.netboot.kernels import fetch_kernel_tree, kernel_spec, pinned_kernel, pinned_version
 from builder.pipeline.build import BuildResult, build, prefetch
 from builder.publish.image import publish as publish_image
 from builder.publish.sbom import read_contents, sbom_bytes
 from builder.recipe.load import RECIPES_DIR, display_path, load_yaml, recipes_dir, select, shared_pin, validated
-from builder.recipe.models import LlamaCpp
+from builder.recipe.models import LlamaCpp, LockedBase
 from builder.registry.client import Repository
 from builder.use.doctor import diagnose
 from builder.use.launch import image_for_run
@@ -226,7 +226,12 @@ def fetch_cmd(
     started = time.monotonic()
     prep = prepared(flavour, target, recipe, variant, None, lock_path)
     packages = prefetch(prep)
-    kernel = fetch_kernel_tree(kernel_spec(prep.plan.target)) if netboot else None
+    kernel = None
+    if netboot:
+        spec = kernel_spec(prep.plan.target)
+        where = display_path(lock_path)
+        entry = pinned_kernel(prep.plan.target, spec, lockfile.netboot_entry(prep.plan.target, lock_path), where)
+        kernel = fetch_kernel_tree(spec, entry, where)
     seconds = round(time.monotonic() - started, 1)
     if as_json:
         typer.echo(json.dumps({"image": prep.name, "base_packages": packages,
@@ -285,13 +290,17 @@ def lock(
     variant: VariantOpt = None,
     flavour: FlavourOpt = DEFAULT_FLAVOUR,
     refresh: Annotated[bool, typer.Option(
-        "--refresh", help="Resolve every bootstrapped base again (move to the archive's current versions).")] = False,
+        "--refresh", help="Resolve every bootstrapped base and netboot kernel again (move to the archive's current "
+        "versions).")] = False,
+    refresh_netboot: Annotated[bool, typer.Option(
+        "--refresh-netboot", help="Resolve the netboot kernels and firmware again, and nothing else.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Record every pinned input of every image (bases, llama.cpp source, vendor pins) in builder.lock.
 
     Bootstrapped bases of both flavours get their full package set (exact versions, suites, .deb sha256s),
     resolved from the archive's indexes for bases that are new or changed; --refresh resolves all of them again.
+    Each netboot target's kernel and firmware packages are pinned the same way (--refresh-netboot: only them).
     With --check, change nothing: print one line per disagreement (builder.lock, and stale vLLM wheel locks)
     and exit 1 if there is any.
     With --flavour vllm --target T: resolve that vLLM recipe's requirements for the image's Python and
@@ -319,14 +328,17 @@ def lock(
         if not as_json:
             typer.echo(f"{lock_path.name}: matches the recipes")
         return
-    written = lockfile.write(lock_path, recipes, refresh=refresh)
+    written = lockfile.write(lock_path, recipes, refresh=refresh, refresh_netboot=refresh_netboot)
     packages = sum(len(base["resolved"]) for base in written["bases"].values())
+    kernels = {target: pinned_version(LockedBase.model_validate(entry), "linux-image-amd64")
+               for target, entry in written["netboot"].items()}
     if as_json:
         typer.echo(json.dumps({"lock": str(lock_path), "images": len(written["images"]),
-                               "bases": len(written["bases"]), "packages": packages}, indent=2))
+                               "bases": len(written["bases"]), "packages": packages, "netboot": kernels}, indent=2))
         return
     typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s), {len(written['bases'])} bootstrapped "
-               f"base(s), {packages} packages)")
+               f"base(s), {packages} packages; netboot kernels: "
+               f"{', '.join(f'{t} {v}' for t, v in kernels.items())})")
 
 
 @app.command(rich_help_panel=IMAGES)
@@ -413,8 +425,9 @@ def doctor(
 ) -> None:
     """Check that this host can run a target's image: one PASS/FAIL line per check, with the fix.
 
-    Checks devices and access to them, kernel version and modules, Strix Halo unified-memory kernel
-    parameters, CDI for NVIDIA, and free memory against a model's size. Exit code 1 when a check fails.
+    Checks devices and access to them, kernel version and modules (and kernels known bad for the target),
+    Strix Halo unified-memory kernel parameters, Intel GPU firmware and drivers, CDI for NVIDIA, and free memory
+    against a model's size; names the netboot kernel builder.lock pins. Exit code 1 when a check fails.
     """
     check_input(root, "--root", folder=True)
     if model is not None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, RecipesOpt
+from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, LockOpt, RecipesOpt
 from builder.cli.conventions import check_input, check_output, cluster_file, deprecated
 from builder.cluster.plans import (
     control_of,
@@ -26,12 +26,13 @@ from builder.core.preflight import DHCP, NETBOOT_SET, require_tools
 from builder.core.run import start_server, stop
 from builder.engines import get_engine
 from builder.engines.cleanup import remove_path
+from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import flavour_named, prepare, recipe_file
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
 from builder.netboot.firewall import for_netboot
 from builder.netboot.inventory import Node, load_inventory
-from builder.netboot.kernels import kernel_spec
+from builder.netboot.kernels import kernel_spec, pinned_kernel
 from builder.netboot.publish import Artifacts, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
 from builder.pipeline.build import build
@@ -47,15 +48,21 @@ CompressionOpt = Annotated[str, typer.Option(help="squashfs compression: zstd, z
 
 
 def _artifacts(engine_name: str, target: str, variant: str | None, compression: str,
-               out: Path | None = None, flavour: str = LLAMA_CPP.name) -> tuple[Path, dict[str, object]]:
+               out: Path | None = None, flavour: str = LLAMA_CPP.name,
+               lock_path: Path = lockfile.LOCK_FILE) -> tuple[Path, dict[str, object]]:
     spec = kernel_spec(target)
     squash = Squash.parse(compression)
+    # the pinned kernel and firmware are checked before anything is built: a missing pin or a known-bad
+    # version stops here, with the command that pins another
+    where = display_path(lock_path)
+    kernel = pinned_kernel(target, spec, lockfile.netboot_entry(target, lock_path), where)
     engine = get_engine(engine_name)
     chosen = flavour_named(flavour)
     prep = prepare(recipe_file(target, None, chosen), variant, flavour=chosen)
     result = build(prep, engine)
     typer.echo(f"image   {result.ref} ({'built' if result.built else 'up to date'})", err=True)
-    return build_artifacts(engine, result.ref, prep.plan.target, prep.plan.variant, spec, squash, out)
+    return build_artifacts(engine, result.ref, prep.plan.target, prep.plan.variant, spec, kernel, squash, out,
+                           where=where)
 
 
 @pxe_app.command("build")
@@ -69,23 +76,27 @@ def build_cmd(
     as_json: JsonOpt = False,
     flavour: FlavourOpt = LLAMA_CPP.name,
     recipes: RecipesOpt = None,
+    lock_path: LockOpt = lockfile.LOCK_FILE,
 ) -> None:
     """Make the netboot flavour of a target's image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS, manifest.json.
 
-    The image is built first if needed. The kernel comes from Debian's packages (suite per target);
-    the root is the image's filesystem plus node-init and the accelerator's modules and firmware.
+    The image is built first if needed. The kernel and firmware are the Debian packages pinned in builder.lock
+    for the target (each .deb checked by sha256; versions known to be bad for the target are refused); the
+    root is the image's filesystem plus node-init and the accelerator's modules and firmware.
     """
     if out is not None:
         check_output(out, "--out", folder=True)
     require_tools("builder pxe build", NETBOOT_SET)
-    folder, manifest = _artifacts(engine, target, variant, compression, out, flavour)
+    folder, manifest = _artifacts(engine, target, variant, compression, out, flavour, lock_path)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
         return
     files: dict[str, dict[str, object]] = manifest["files"]  # type: ignore[assignment]
     typer.echo(f"folder  {folder}")
     typer.echo(f"image   {manifest['image_digest']}")
-    typer.echo(f"kernel  {manifest['kernel_version']} (Debian {manifest['kernel_suite']})")
+    pinned = manifest.get("kernel_packages")
+    versions = f", {', '.join(f'{k} {v}' for k, v in pinned.items())}" if isinstance(pinned, dict) else ""
+    typer.echo(f"kernel  {manifest['kernel_version']} (Debian {manifest['kernel_suite']}{versions}; pinned)")
     for name, entry in files.items():
         typer.echo(f"{name:<14}{int(str(entry['size'])) / 1e6:8.1f} MB  sha256 {entry['sha256']}")
     verity = manifest.get("verity")

@@ -8,7 +8,7 @@ from builder.core.errors import EngineError
 
 # program -> the Debian/Ubuntu package that has it
 PACKAGES = {
-    "mmdebstrap": "mmdebstrap",  # bootstraps bases and fetches netboot kernels
+    "mmdebstrap": "mmdebstrap",  # bootstraps bases (the images a netboot set is made from)
     "mksquashfs": "squashfs-tools",
     "veritysetup": "cryptsetup-bin",  # the root's dm-verity tree
     "depmod": "kmod",

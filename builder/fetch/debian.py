@@ -51,17 +51,24 @@ class AptSource:
         return self.line(f"signed-by={DEBIAN_KEYRING}" if DEBIAN_KEYRING.is_file() else "")
 
 
+def suite_sources(suite: str, components: tuple[str, ...], mirror: str | None = None) -> list[AptSource]:
+    """The sources of one suite: a released suite without a mirror of its own gets -updates and -security."""
+    if mirror is not None and not re.match(r"^(https?|file)://\S+$", mirror):
+        raise LockError(f"mirror: {mirror!r} is not an http(s):// or file:// URL",
+                        f"give the archive's root URL, e.g. {DEFAULT_MIRROR} or {SNAPSHOT_EXAMPLE}")
+    root = (mirror or DEFAULT_MIRROR).rstrip("/")
+    sources = [AptSource(root, suite, components)]
+    if mirror is None and suite in STABLE_SUITES:
+        sources += [AptSource(root, f"{suite}-updates", components),
+                    AptSource(SECURITY_MIRROR, f"{suite}-security", components)]
+    return sources
+
+
 def apt_sources(spec: BootstrapBase) -> list[AptSource]:
     """The sources a base installs from, and the ones its image keeps in /etc/apt/sources.list."""
-    if spec.mirror is not None and not re.match(r"^(https?|file)://\S+$", spec.mirror):
-        raise LockError(f"mirror: {spec.mirror!r} is not an http(s):// or file:// URL",
-                        f"give the archive's root URL, e.g. {DEFAULT_MIRROR} or {SNAPSHOT_EXAMPLE}")
-    mirror = (spec.mirror or DEFAULT_MIRROR).rstrip("/")
     components = tuple(spec.components)
-    sources = [AptSource(mirror, spec.suite, components)]
-    if spec.mirror is None and spec.suite in STABLE_SUITES:
-        sources += [AptSource(mirror, f"{spec.suite}-updates", components),
-                    AptSource(SECURITY_MIRROR, f"{spec.suite}-security", components)]
+    sources = suite_sources(spec.suite, components, spec.mirror)
+    mirror = (spec.mirror or DEFAULT_MIRROR).rstrip("/")
     # Extra suites (experimental on top of sid): apt preferences decide which packages come from them.
     sources += [AptSource(mirror, extra.suite, components) for extra in spec.extra_suites]
     return sources
@@ -179,4 +186,29 @@ def resolve(spec: BootstrapBase, arch: str, preferences: str = "") -> list[Locke
                       suite=origins.get(name, spec.suite), filename=stanzas[name]["Filename"],
                       sha256=stanzas[name]["SHA256"], size=int(stanzas[name]["Size"]),
                       priority=stanzas[name].get("Priority", "optional"))
+            for name, version in sorted(chosen.items())]
+
+
+def resolve_packages(sources: list[AptSource], arch: str, packages: tuple[str, ...]) -> list[LockedDeb]:
+    """The packages and everything they depend on, installed on an empty system, as the archive has them now:
+    what mmdebstrap's `extract` variant unpacks (no Essential set, no maintainer scripts), sorted by name."""
+    where = f"{sources[0].suite} from {sources[0].uri}"
+    with tempfile.TemporaryDirectory(prefix="builder-resolve-") as tmp:
+        apt = _Apt(Path(tmp), sources, arch)
+        try:
+            apt("apt-get", "update", "--error-on=any", timeout=900)
+        except CommandError as exc:
+            raise LockError(f"cannot read the package index of {where}: {exc.last_line}",
+                            "check the suite, components and mirror, and that the mirror is reachable") from None
+        try:
+            chosen = apt.installs({}, *packages)
+        except CommandError as exc:
+            raise LockError(f"{', '.join(packages)} cannot be installed together from {where}: {exc.last_line}",
+                            "check the packages against the suite (apt-cache policy NAME)") from None
+        found = apt.show(chosen)
+        origins = apt.origins(chosen)
+    return [LockedDeb(name=name, version=version, arch=found[name]["Architecture"],
+                      suite=origins.get(name, sources[0].suite), filename=found[name]["Filename"],
+                      sha256=found[name]["SHA256"], size=int(found[name]["Size"]),
+                      priority=found[name].get("Priority", "optional"))
             for name, version in sorted(chosen.items())]

@@ -10,6 +10,12 @@ vLLM version) is locked without changing this module.
 images), resolved against the archive by `builder lock` (builder/fetch/debian.py) and kept until the base's
 inputs change or `builder lock --refresh` moves them all to the archive's current versions. Builds
 install exactly these versions (builder/fetch/bootstrap.py).
+
+`netboot` holds, per netboot target, the Debian kernel and firmware packages its nodes boot (every .deb with
+its version, suite and sha256, in the same shape as a base), resolved by `builder lock` when the target's
+packages change and moved to the archive's current versions by `builder lock --refresh-netboot` (or
+`--refresh`). `builder pxe build` unpacks exactly these (builder/netboot/kernels.py). They are no input of any
+container image: changing them changes no image's fingerprint.
 """
 
 import json
@@ -25,6 +31,7 @@ from builder.core.errors import LockError, RecipeError
 from builder.fetch.bootstrap import apt_preferences
 from builder.fetch.debian import resolve
 from builder.flavours.vllm import load_vllm_recipe, locked_sections, read_lock
+from builder.netboot.kernels import KERNELS, KernelSpec, resolve_kernel
 from builder.plan.bases import base_inputs, host_arch, lock_name
 from builder.plan.make import runtime_base
 from builder.recipe.load import RECIPES_DIR, SHARED_PIN, display_path, load_recipe
@@ -101,6 +108,20 @@ def compute_bases(recipes_dir: Path, previous: dict[str, Any], *, refresh: bool)
     return out
 
 
+def compute_netboot(previous: dict[str, Any], *, refresh: bool,
+                    kernels: dict[str, KernelSpec] = KERNELS) -> dict[str, Any]:
+    """The `netboot` section: entries whose target still asks for the same packages kept (unless `refresh`)."""
+    out: dict[str, Any] = {}
+    for target, spec in kernels.items():
+        old = previous.get(target)
+        if isinstance(old, dict) and old.get("inputs") == spec.lock_inputs() and not refresh:
+            out[target] = old
+            continue
+        logging.getLogger("builder.progress").info("resolving the %s netboot kernel of %s …", spec.suite, target)
+        out[target] = resolve_kernel(spec).model_dump(mode="json")
+    return out
+
+
 def dumps(lock: dict[str, Any]) -> str:
     return json.dumps(lock, indent=2, sort_keys=True) + "\n"
 
@@ -144,6 +165,9 @@ def read(path: Path = LOCK_FILE) -> dict[str, Any] | None:
     _plain(data["images"], where, "images")
     if not isinstance(data.get("bases", {}), dict):
         raise LockError(f"{where}: bases: expected an object of locked bases", HINT)
+    if not isinstance(data.get("netboot", {}), dict):
+        raise LockError(f"{where}: netboot: expected an object of pinned netboot kernels", HINT)
+    _plain(data.get("netboot", {}), where, "netboot")
     return data
 
 
@@ -160,11 +184,28 @@ def locked_bases(path: Path = LOCK_FILE) -> dict[str, LockedBase]:
     return out
 
 
-def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR, *, refresh: bool = False) -> dict[str, Any]:
-    """Rewrite the lock from the recipes; bases are resolved against the archive where needed."""
-    previous = (read(path) or {}).get("bases") or {}
+def netboot_entry(target: str, path: Path = LOCK_FILE) -> LockedBase | None:
+    """The lock's pinned netboot kernel and firmware of `target`; None when the lock has none."""
+    value = ((read(path) or {}).get("netboot") or {}).get(target)
+    if value is None:
+        return None
+    try:
+        return LockedBase.model_validate(value)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        raise LockError(f"{display_path(path)}: netboot.{target}.{field}: {error['msg']}", HINT) from None
+
+
+def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR, *, refresh: bool = False,
+          refresh_netboot: bool = False) -> dict[str, Any]:
+    """Rewrite the lock from the recipes; bases and netboot kernels are resolved against the archive where
+    needed (`refresh`: all of them again; `refresh_netboot`: the netboot kernels only)."""
+    old = read(path) or {}
+    previous = old.get("bases") or {}
     lock = compute(recipes_dir)
     lock["bases"] = compute_bases(recipes_dir, previous, refresh=refresh)
+    lock["netboot"] = compute_netboot(old.get("netboot") or {}, refresh=refresh or refresh_netboot)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(dumps(lock))
     tmp.replace(path)
@@ -218,6 +259,14 @@ def check(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR) -> list[str]:
         base, user = used[name]
         lines.append(f"{where}: bases.{name}: not in the lock (the {base.suite} base of {user})")
     lines += [f"{where}: bases.{name}: in the lock, but no recipe uses it" for name in sorted(set(have) - set(used))]
+    pinned = lock.get("netboot") or {}
+    for target, spec in KERNELS.items():
+        if target not in pinned:
+            lines.append(f"{where}: netboot.{target}: not in the lock (the {spec.suite} kernel of {target} nodes)")
+        elif not isinstance(pinned[target], dict) or pinned[target].get("inputs") != spec.lock_inputs():
+            lines.append(f"{where}: netboot.{target}: pinned for other packages than builder asks for")
+    lines += [f"{where}: netboot.{name}: in the lock, but builder netboots no such target"
+              for name in sorted(set(pinned) - set(KERNELS))]
     for path in sorted((recipes_dir / "vllm").glob("*.yaml")):  # vLLM wheel locks made from other inputs
         for name, section in load_vllm_recipe(path).variants.items():
             try:

@@ -36,10 +36,12 @@ from builder.netboot.kernels import (
     kernel_image,
     kernel_version,
     modules_dir,
+    pinned_version,
     version_tuple,
 )
 from builder.netboot.modules import load_order, module_bytes, plain_name
 from builder.recipe.load import select
+from builder.recipe.models import LockedBase
 
 NETBOOT_VERSION = "3"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")
@@ -124,9 +126,9 @@ class Squash:
         return self.algorithm if self.level is None else f"{self.algorithm}:{self.level}"
 
 
-def _artifact_key(image_id: str, spec: KernelSpec, squash: Squash) -> str:
+def _artifact_key(image_id: str, spec: KernelSpec, tree: Path, squash: Squash) -> str:
     scripts = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NODE_SCRIPTS.iterdir())}
-    inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "squash": str(squash),
+    inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "tree": tree.name, "squash": str(squash),
               "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES, *FIREWALL_MODULES]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -146,6 +148,9 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     (lib / "image.env").write_text("".join(f"{_env_line(item)}\n" for item in env))
     moddir = modules_dir(tree, kver)
     order, missing = load_order(moddir, spec.accel_modules)
+    if missing:
+        raise EngineError(f"kernel {kver} ({spec.suite}) has no {', '.join(missing)} module, which the accelerator "
+                          "of these nodes needs", "pin a kernel that builds it: builder lock --refresh-netboot")
     target_modules = root / "lib/modules"
     target_modules.mkdir(parents=True, exist_ok=True)
     names = []
@@ -188,9 +193,11 @@ def _env_line(item: str) -> str:
     return f"{key}='" + value.replace("'", "'\\''") + "'"
 
 
-def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec: KernelSpec,
-                    squash: Squash, out: Path | None = None) -> tuple[Path, dict[str, object]]:
-    """Make (or reuse) the netboot artifacts of `image`; returns their folder and manifest."""
+def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec: KernelSpec, kernel: LockedBase,
+                    squash: Squash, out: Path | None = None, where: str = "builder.lock"
+                    ) -> tuple[Path, dict[str, object]]:
+    """Make (or reuse) the netboot artifacts of `image` with the pinned `kernel` (checked by
+    kernels.pinned_kernel); returns their folder and manifest."""
     info = engine.inspect(image)
     if info is None:
         raise RecipeError(f"no image {image} in {engine.name}", f"build it first: builder build --target {target}")
@@ -199,12 +206,12 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
     if not shutil.which("veritysetup"):
         raise EngineError("veritysetup is not installed (it makes the root's dm-verity hash tree)",
                           "apt-get install cryptsetup-bin")
-    tree = fetch_kernel_tree(spec)
+    tree = fetch_kernel_tree(spec, kernel, where)
     kver = kernel_version(tree)
     if version_tuple(kver) < spec.min_version:
         raise EngineError(f"kernel {kver} from {spec.suite} is older than {target} needs "
                           f"({'.'.join(map(str, spec.min_version))})", spec.why)
-    key = _artifact_key(info.id, spec, squash)
+    key = _artifact_key(info.id, spec, tree, squash)
     folder = out or cache_subdir("netboot") / "artifacts" / f"{target}-{variant}-{key[:16]}"
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
@@ -218,11 +225,13 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
             manifest = json.loads(manifest_path.read_text())
             if manifest.get("key") == key:
                 return folder, manifest  # the run we waited for made it
-        return _make(engine, image, info, target, variant, spec, tree, kver, squash, key, folder)
+        packages = {name: pinned_version(kernel, name) or "" for name in ("linux-image-amd64", *spec.firmware_packages)}
+        return _make(engine, image, info, target, variant, spec, tree, kver, squash, key, folder, packages)
 
 
 def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str, spec: KernelSpec, tree: Path,
-          kver: str, squash: Squash, key: str, folder: Path) -> tuple[Path, dict[str, object]]:
+          kver: str, squash: Squash, key: str, folder: Path, packages: dict[str, str]
+          ) -> tuple[Path, dict[str, object]]:
     work = temp_path(folder.parent)
     work.mkdir()
     try:
@@ -249,7 +258,7 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
                  for name in FILES}
         manifest = {
             "schema": 1, "key": key, "target": target, "variant": variant, "image": image,
-            "image_digest": info.id, "kernel_version": kver, "kernel_suite": spec.suite,
+            "image_digest": info.id, "kernel_version": kver, "kernel_suite": spec.suite, "kernel_packages": packages,
             "compression": str(squash), "files": files, "verity": verity,
             "rootfs_bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()),
             "missing_modules": sorted(set(missing + initrd_missing)),

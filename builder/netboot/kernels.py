@@ -1,7 +1,9 @@
 """Which kernel, modules and firmware a netbooted node of each target gets, and fetching them from Debian.
 
-The kernel is Debian's own `linux-image-amd64` of a chosen suite, extracted (not installed: no maintainer
-scripts run) with mmdebstrap's `extract` variant and cached by its inputs, like bootstrapped bases.
+The kernel is Debian's own `linux-image-amd64` of a chosen suite with the target's firmware packages, pinned in
+builder.lock (`netboot.<target>`: every .deb with its version, suite and sha256, resolved by `builder lock`).
+`pxe build` fetches exactly those .debs (kept in the cache by sha256, checked on every use) and unpacks them
+(not installed: no maintainer scripts run), like mmdebstrap's `extract` variant; the tree is cached by them.
 """
 
 import hashlib
@@ -10,15 +12,20 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from builder.core.errors import EngineError, RecipeError
+from builder.core.errors import EngineError, LockError, RecipeError
 from builder.core.locks import lock_file, locked
 from builder.core.paths import cache_subdir
-from builder.core.run import run, run_logged
+from builder.core.run import run
 from builder.engines.cleanup import temp_dir
+from builder.fetch.debian import AptSource, resolve_packages, suite_sources
+from builder.fetch.debstore import DebStore
+from builder.netboot.known_bad import refusals
 from builder.plan.bases import host_arch
+from builder.recipe.models import LockedBase
 
-KERNEL_VERSION = "4"  # bump when the way kernel trees are made changes
+KERNEL_VERSION = "5"  # bump when the way kernel trees are made changes
 
 # Loaded by the initramfs: enough to reach the control node and mount the root. Missing ones are skipped,
 # so one list serves every kernel. Ethernet drivers are those of the boards in our clusters (Realtek,
@@ -59,8 +66,27 @@ class KernelSpec:
         # nft loads the node's firewall there (netbase: the /etc/protocols it reads names like icmp from)
         return ("linux-image-amd64", "busybox-static", "dmsetup", "nftables", "netbase", *self.firmware_packages)
 
+    def lock_inputs(self) -> dict[str, Any]:
+        """What the lock entry was resolved from: when these change, `builder lock` resolves the entry again."""
+        inputs: dict[str, Any] = {"suite": self.suite, "components": list(self.components),
+                                  "packages": sorted(self.packages)}
+        if self.mirror:
+            inputs["mirror"] = self.mirror
+        return inputs
+
+    def sources(self) -> list[AptSource]:
+        return suite_sources(self.suite, self.components, self.mirror or None)
+
 
 _NONFREE = ("main", "non-free-firmware")
+# The Intel GPU generations the field runs, and the firmware each needs (linux-firmware's names, shipped by
+# Debian's firmware-intel-graphics): Arc A-series (DG2: i915/dg2_*), Core Ultra 1xx Meteor Lake and 2xx Arrow
+# Lake (i915, which treats Arrow Lake as a Meteor Lake: i915/mtl_*), Core Ultra 2xxV Lunar Lake and Arc B-series
+# Battlemage (the xe driver: xe/lnl_*, xe/bmg_*, with their display firmware i915/xe2lpd_dmc, i915/bmg_dmc).
+INTEL_GPU_FIRMWARE = ("i915/dg2_*", "i915/mtl_*", "i915/xe2lpd_*", "i915/bmg_*", "xe/lnl_*", "xe/bmg_*")
+# Both drivers are loaded: each binds only the GPUs it drives by default (i915 up to Meteor/Arrow Lake and DG2,
+# xe from Lunar Lake and Battlemage on).
+INTEL_GPU_MODULES = ("i915", "xe")
 
 KERNELS: dict[str, KernelSpec] = {
     "cpu": KernelSpec("bookworm", (5, 10), "any supported kernel runs the CPU backend; bookworm's 6.1 is stable"),
@@ -71,13 +97,17 @@ KERNELS: dict[str, KernelSpec] = {
         components=_NONFREE, firmware_packages=("firmware-amd-graphics",), firmware_globs=("amdgpu/*",),
         accel_modules=("amdgpu",)),
     "intel-arc": KernelSpec(
-        "trixie", (6, 2), "Arc A770 (DG2) is supported by i915 since 6.2; trixie ships 6.12",
+        "trixie", (6, 12),
+        "Arc A770 (DG2) runs on i915 since 6.2; Lunar Lake and Battlemage need xe, whose support for them is "
+        "complete in 6.12, which trixie ships",
         components=_NONFREE, firmware_packages=("firmware-intel-graphics",),
-        firmware_globs=("i915/dg2_*", "i915/*guc*", "i915/*huc*"), accel_modules=("i915",)),
+        firmware_globs=(*INTEL_GPU_FIRMWARE, "i915/*guc*", "i915/*huc*"), accel_modules=INTEL_GPU_MODULES),
     "intel-npu": KernelSpec(
-        "trixie", (6, 8), "intel_vpu drives Meteor Lake NPUs since 6.3 and Lunar Lake since 6.8; trixie ships 6.12",
-        components=_NONFREE, firmware_packages=("firmware-intel-misc",), firmware_globs=("intel/vpu/*",),
-        accel_modules=("intel_vpu",)),
+        "trixie", (6, 8),
+        "intel_vpu drives Meteor Lake NPUs since 6.3 and Lunar Lake since 6.8; trixie ships 6.12 (with xe for "
+        "the Core Ultra iGPU beside the NPU)",
+        components=_NONFREE, firmware_packages=("firmware-intel-misc", "firmware-intel-graphics"),
+        firmware_globs=("intel/vpu/*", *INTEL_GPU_FIRMWARE), accel_modules=("intel_vpu", *INTEL_GPU_MODULES)),
 }
 
 
@@ -92,45 +122,75 @@ def kernel_spec(target: str) -> KernelSpec:
     return spec
 
 
-def _extract_argv(spec: KernelSpec, out: Path) -> list[str]:
-    argv = ["mmdebstrap", "--variant=extract", "--mode=root", "--format=directory",
-            f"--architectures={host_arch()}", f"--components={','.join(spec.components)}",
-            "--aptopt=Acquire::Languages \"none\"",
-            # sid's Release file is valid for a week only: a lagging mirror must not stop the fetch
-            # (signatures are still checked)
-            "--aptopt=Acquire::Check-Valid-Until \"false\"", "--include=" + ",".join(spec.packages),
-            "--", spec.suite, str(out)]
-    if spec.mirror:
-        argv.append(spec.mirror)
-    return argv
+LOCK_HINT = "run `builder lock` to pin it (resolved from Debian's archive), review the diff and commit builder.lock"
+REFRESH_HINT = ("run `builder lock --refresh-netboot` to pin the archive's current kernel and firmware, review the "
+                "diff and commit builder.lock")
 
 
-def fetch_kernel_tree(spec: KernelSpec) -> Path:
-    """A folder holding the extracted kernel packages (boot/, lib/modules, lib/firmware, busybox)."""
+def resolve_kernel(spec: KernelSpec) -> LockedBase:
+    """The lock entry of a netboot kernel: its packages and their dependencies as the archive has them now."""
+    return LockedBase(inputs=spec.lock_inputs(), resolved=resolve_packages(spec.sources(), host_arch(), spec.packages))
+
+
+def pinned_version(entry: LockedBase, package: str) -> str | None:
+    return next((deb.version for deb in entry.resolved if deb.name == package), None)
+
+
+def pinned_kernel(target: str, spec: KernelSpec, entry: LockedBase | None, where: str) -> LockedBase:
+    """The lock's entry for `target`'s netboot kernel, checked: resolved for this spec, and no known-bad version."""
+    if entry is None:
+        raise LockError(f"{where}: netboot.{target}: the kernel and firmware of {target} nodes are not pinned",
+                        LOCK_HINT)
+    if entry.inputs != spec.lock_inputs():
+        raise LockError(f"{where}: netboot.{target}: pinned for other packages or suite than builder's "
+                        f"({spec.suite}: {', '.join(spec.packages)})", LOCK_HINT)
+    for package in ("linux-image-amd64", *spec.firmware_packages):
+        if pinned_version(entry, package) is None:
+            raise LockError(f"{where}: netboot.{target}: no {package} among the pinned packages", LOCK_HINT)
+    versions = {deb.name: deb.version for deb in entry.resolved}
+    refused = refusals(target, versions)
+    if refused:
+        rule = refused[0]
+        raise LockError(f"{where}: netboot.{target}: {rule.package} {versions[rule.package]} is known bad for "
+                        f"{target}: {rule.why}", f"{target} nodes need {rule.fix}: once {spec.suite} has one, run "
+                        "`builder lock --refresh-netboot`, review the diff and commit builder.lock")
+    return entry
+
+
+def tree_key(entry: LockedBase) -> str:
+    inputs = {"v": KERNEL_VERSION, "arch": host_arch(), "debs": sorted(deb.sha256 for deb in entry.resolved)}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def fetch_kernel_tree(spec: KernelSpec, entry: LockedBase, where: str = "builder.lock") -> Path:
+    """A folder holding the pinned kernel packages unpacked (boot/, lib/modules, lib/firmware, busybox)."""
     trees = cache_subdir("netboot") / "kernels"
     trees.mkdir(parents=True, exist_ok=True)
-    tree = trees / f"{spec.suite}-{spec.key()[:16]}"
+    key = tree_key(entry)
+    tree = trees / f"{spec.suite}-{key[:16]}"
     if (tree / ".complete").is_file():
         return tree
-    if not shutil.which("mmdebstrap"):
-        raise EngineError("mmdebstrap is not installed; it fetches the netboot kernel from Debian packages",
-                          "apt-get install mmdebstrap")
-    if os.geteuid() != 0:
-        raise EngineError("fetching the netboot kernel needs root (mmdebstrap --mode=root)", "run builder as root")
-    with locked(lock_file(f"kernel-{spec.key()}"), f"fetching the {spec.suite} kernel"), temp_dir(trees) as tmp:
+    with locked(lock_file(f"kernel-{key}"), f"fetching the {spec.suite} kernel"), temp_dir(trees) as tmp:
         if (tree / ".complete").is_file():
             return tree
-        run_logged(_extract_argv(spec, tmp / "root"), trees / f"{tree.name}.log",
-                   title=f"fetch {spec.suite} kernel ({', '.join(spec.packages)})")
-        # extract makes no merged-/usr links and runs no maintainer scripts: add the link depmod
-        # looks through, and make the module index here
-        extracted = tmp / "root"
-        if (extracted / "usr/lib/modules").is_dir() and not (extracted / "lib").exists():
-            (extracted / "lib").symlink_to("usr/lib")
-        run(["depmod", "-b", str(tmp / "root"), "--", kernel_version(tmp / "root")])
-        (tmp / "root" / ".complete").touch()
+        try:
+            debs = DebStore(cache_subdir("debs")).fetch_all(entry.resolved, spec.sources(), where)
+        except LockError as exc:  # the archive dropped a pinned version: pin the current ones
+            raise LockError(exc.message, exc.hint if "reachable" in exc.hint else REFRESH_HINT) from None
+        root = tmp / "root"
+        root.mkdir()
+        for deb in debs:  # what mmdebstrap's extract does: the files, no maintainer scripts
+            run(["dpkg-deb", "--extract", "--", str(deb), str(root)], timeout=600)
+        # unpacked packages make no merged-/usr links: add the one depmod looks through, and make the index
+        if (root / "usr/lib/modules").is_dir() and not (root / "lib/modules").exists():
+            if (root / "lib").is_dir() and not (root / "lib").is_symlink():
+                (root / "lib/modules").symlink_to("../usr/lib/modules")
+            elif not (root / "lib").exists():
+                (root / "lib").symlink_to("usr/lib")
+        run(["depmod", "-b", str(root), "--", kernel_version(root)])
+        (root / ".complete").touch()
         shutil.rmtree(tree, ignore_errors=True)
-        os.replace(tmp / "root", tree)
+        os.replace(root, tree)
     return tree
 
 

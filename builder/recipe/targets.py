@@ -61,6 +61,8 @@ class Host:
     driver: HostDriver | None = None  # user-space driver libraries taken from the host at run time
     device_rule: str = ""  # a udev rule that gives root-owned device nodes to a group users can join
     min_driver: tuple[int, int] | None = None  # kernel driver version the toolkit needs (NVIDIA: /sys/module)
+    # GPU generations: (name, the kernel driver that runs it, a glob of the firmware it loads under /lib/firmware)
+    gpu_generations: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,16 @@ _CUDA_DRIVER_LIBS = ("libcuda.so.1",)
 # ggml-hip's own kernels for the Radeon 8060S only (each GPU family added costs compile time and size);
 # flash attention on RDNA3.5 uses ggml's built-in WMMA kernels (this llama.cpp has no rocWMMA option).
 _HIP_GFX1151 = {"GGML_HIP": "ON", "AMDGPU_TARGETS": "gfx1151"}
-_INTEL_GPU = Host(devices=("/dev/dri",), modules=(("xe", "i915"),))
+# The Intel GPU generations the field runs, the driver that runs each by default and its GuC firmware
+# (linux-firmware's names; Debian: firmware-intel-graphics). Arrow Lake is a Meteor Lake to i915, and loads its
+# files. builder/netboot/kernels.py puts the same generations' firmware into the intel netboot roots.
+INTEL_GPU_GENERATIONS = (
+    ("Arc A-series (DG2)", "i915", "i915/dg2_guc_*"),
+    ("Core Ultra Meteor/Arrow Lake", "i915", "i915/mtl_guc_*"),
+    ("Core Ultra Lunar Lake", "xe", "xe/lnl_guc_*"),
+    ("Arc B-series (Battlemage)", "xe", "xe/bmg_guc_*"),
+)
+_INTEL_GPU = Host(devices=("/dev/dri",), modules=(("xe", "i915"),), gpu_generations=INTEL_GPU_GENERATIONS)
 # Intel's NPU driver (linux-npu-driver releases: intel-level-zero-npu, intel-driver-compiler-npu, intel-fw-npu)
 # is in no Debian archive and not on PyPI; the image carries Debian's Level Zero loader (libze1) and OpenVINO's
 # NPU plugin, and takes the driver and its compiler library from the host (docs/design.md).

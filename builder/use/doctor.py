@@ -1,4 +1,5 @@
 """`builder doctor`: is this host ready to run a target's image? One pass/fail line per check, with the fix.
+It also names the kernel and firmware builder.lock pins for the target's netbooted nodes.
 
 Everything is read through a root folder (default /), so tests point it at fixture trees of each kind of node.
 """
@@ -9,7 +10,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.core.errors import BuilderError
 from builder.engines.host import find_driver, firmware_files
+from builder.flavours import lock as lockfile
+from builder.netboot.kernels import KERNELS, pinned_kernel
+from builder.netboot.known_bad import KERNEL_PACKAGE, KNOWN_BAD, refusals
+from builder.recipe.load import display_path
 from builder.recipe.targets import Host, HostDriver, Target, Variant
 
 # Strix Halo unified memory: GTT of ~124 GiB (in MiB) and the matching TTM page limit (4 KiB pages).
@@ -46,6 +52,18 @@ def _kernel(root: Path, need: tuple[int, int]) -> Check:
     want = f"{need[0]}.{need[1]}"
     return Check("kernel", have >= need, f"{release} (need >= {want})",
                  f"install a kernel >= {want} (Debian: linux-image-amd64 from backports) and reboot")
+
+
+def _known_bad_kernel(root: Path, target: str) -> list[Check]:
+    """The running kernel against the versions the field reports broken for the target (netboot/known_bad.py)."""
+    match = re.match(r"\d+(\.\d+)+", _read(root, "/proc/sys/kernel/osrelease").strip())
+    if not match or not any(rule.target == target and rule.package == KERNEL_PACKAGE for rule in KNOWN_BAD):
+        return []
+    refused = refusals(target, {KERNEL_PACKAGE: match.group(0)})
+    if refused:
+        return [Check("kernel known issues", False, f"{match.group(0)} is known bad for {target}: {refused[0].why}",
+                      f"install {refused[0].fix} and reboot")]
+    return [Check("kernel known issues", True, f"{match.group(0)}: none of those reported for {target}")]
 
 
 def _modules(root: Path, groups: tuple[tuple[str, ...], ...]) -> list[Check]:
@@ -151,6 +169,49 @@ def _driver(root: Path, driver: HostDriver) -> list[Check]:
     return checks
 
 
+def _gpu_firmware(root: Path, generations: tuple[tuple[str, str, str], ...]) -> list[Check]:
+    """Which GPU generations this host has firmware for, and whether each Intel GPU has a driver bound."""
+    folders = [root / "lib/firmware", root / "usr/lib/firmware"]
+    have = [(name, driver) for name, driver, glob in generations if any(any(f.glob(glob)) for f in folders)]
+    lacking = [f"{name} on {driver}" for name, driver, _ in generations if (name, driver) not in have]
+    if have:
+        detail = f"present for {', '.join(n for n, _ in have)}" + (f"; missing for {', '.join(lacking)}"
+                                                                   if lacking else "")
+    else:
+        detail = f"missing for every generation ({', '.join(lacking)})"
+    checks = [Check("GPU firmware", len(have) == len(generations), detail,
+                    "apt-get install firmware-intel-graphics (Debian non-free-firmware; linux-firmware's i915/ and "
+                    "xe/ elsewhere), then reboot", required=False)]
+    drivers = " or ".join(dict.fromkeys(driver for _, driver, _ in generations))
+    for card in sorted((root / "sys/class/drm").glob("card[0-9]*")):
+        if "-" in card.name or _read(root, f"/sys/class/drm/{card.name}/device/vendor").strip() != "0x8086":
+            continue
+        pci = f"8086:{_read(root, f'/sys/class/drm/{card.name}/device/device').strip().removeprefix('0x')}"
+        bound = card / "device/driver"
+        driver = os.path.basename(os.readlink(bound)) if bound.is_symlink() else ""
+        checks.append(Check(f"GPU {card.name}", bool(driver), f"{pci} bound to {driver}" if driver else
+                            f"{pci}: no driver bound", f"modprobe {drivers}: Lunar Lake and Battlemage need xe, "
+                            "the generations before them i915; the kernel log names any firmware it could not load"))
+    return checks
+
+
+def _netboot_kernel(target: str, lock: Path) -> list[Check]:
+    """What builder.lock pins for this target's netbooted nodes (the same kernel for every variant)."""
+    spec = KERNELS.get(target)
+    if spec is None:
+        return []
+    try:
+        entry = pinned_kernel(target, spec, lockfile.netboot_entry(target, lock), display_path(lock))
+    except BuilderError as exc:
+        return [Check("netboot kernel", False, exc.message, exc.hint.removeprefix("run "), required=False)]
+    pinned = {deb.name: deb for deb in entry.resolved}
+    kernel = pinned["linux-image-amd64"]
+    parts = [f"linux-image-amd64 {kernel.version} ({kernel.suite})",
+             *(f"{name} {pinned[name].version}" for name in spec.firmware_packages)]
+    return [Check("netboot kernel", True, f"{', '.join(parts)}: what `builder pxe build` gives netbooted nodes "
+                  f"(pinned in {display_path(lock)})", required=False)]
+
+
 def _memory(root: Path, model: Path | None) -> Check:
     match = re.search(r"^MemAvailable:\s+(\d+) kB", _read(root, "/proc/meminfo"), re.M)
     if not match:
@@ -165,13 +226,14 @@ def _memory(root: Path, model: Path | None) -> Check:
 
 
 def diagnose(target: Target, variant: Variant, *, root: Path = Path("/"), model: Path | None = None,
-             uid: int | None = None, groups: set[int] | None = None) -> list[Check]:
+             uid: int | None = None, groups: set[int] | None = None, lock: Path = lockfile.LOCK_FILE) -> list[Check]:
     host = variant.host
     uid = os.getuid() if uid is None else uid
     groups = set(os.getgroups()) | {os.getgid()} if groups is None else groups
     checks: list[Check] = []
     if host.min_kernel:
         checks.append(_kernel(root, host.min_kernel))
+    checks += _known_bad_kernel(root, target.name)
     checks += _modules(root, host.modules)
     if host.min_driver and host.modules:
         checks.append(_kernel_driver(root, host.modules[0][0], host.min_driver))
@@ -179,6 +241,8 @@ def diagnose(target: Target, variant: Variant, *, root: Path = Path("/"), model:
     if host.driver:
         checks += _driver(root, host.driver)
     checks += _kernel_params(root, host.kernel_params)
+    if host.gpu_generations:
+        checks += _gpu_firmware(root, host.gpu_generations)
     if host.cdi:
         vendor = host.cdi.split("/")[0]
         specs = [p for d in ("etc/cdi", "var/run/cdi") for p in (root / d).glob("*.yaml")
@@ -187,4 +251,5 @@ def diagnose(target: Target, variant: Variant, *, root: Path = Path("/"), model:
                             else "none in /etc/cdi or /var/run/cdi",
                             "install nvidia-container-toolkit; nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"))
     checks.append(_memory(root, model))
+    checks += _netboot_kernel(target.name, lock)
     return checks

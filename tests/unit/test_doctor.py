@@ -207,3 +207,69 @@ def test_doctor_cli_for_the_npu_exits_1_until_the_driver_is_there(tmp_path: Path
     proc = run_cli_inproc("doctor", "--target", "intel-npu", "--root", str(ready))
     assert proc.returncode == 0, proc.stdout
     assert "FAIL" not in proc.stdout and "PASS  driver version: 1.38.0" in proc.stdout
+
+
+def add_intel_gpu(root: Path, card: str, device: str, driver: str | None, firmware: tuple[str, ...]) -> None:
+    """An Intel DRM device as sysfs shows it (vendor, device id, the bound driver's link) and firmware files."""
+    dev = root / "sys/class/drm" / card / "device"
+    dev.mkdir(parents=True)
+    (dev / "vendor").write_text("0x8086\n")
+    (dev / "device").write_text(f"0x{device}\n")
+    if driver:
+        (root / "sys/bus/pci/drivers" / driver).mkdir(parents=True, exist_ok=True)
+        (dev / "driver").symlink_to(root / "sys/bus/pci/drivers" / driver)
+    for name in firmware:
+        (root / "lib/firmware" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "lib/firmware" / name).write_bytes(b"fw")
+
+
+def test_a_lunar_lake_host_with_xe_bound_and_its_firmware(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("xe",), devices=("/dev/dri/renderD128",))
+    add_intel_gpu(root, "card0", "64a0", "xe", ("xe/lnl_guc_70.bin", "xe/lnl_huc.bin", "i915/xe2lpd_dmc.bin"))
+    result = lines("intel-arc", root, "vulkan", uid=0, groups=set())
+    assert result["module xe or i915"].startswith("PASS")
+    assert result["GPU card0"] == "PASS  GPU card0: 8086:64a0 bound to xe"
+    # firmware of the other generations is missing: a warning that names them, not a failure
+    assert result["GPU firmware"].startswith("WARN  GPU firmware: present for Core Ultra Lunar Lake; missing for "
+                                             "Arc A-series (DG2) on i915, Core Ultra Meteor/Arrow Lake on i915, "
+                                             "Arc B-series (Battlemage) on xe")
+    assert "firmware-intel-graphics" in result["GPU firmware"]
+
+
+def test_an_intel_gpu_without_a_driver_fails_and_says_which_driver(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("i915",), devices=("/dev/dri/renderD128",))
+    add_intel_gpu(root, "card1", "e20b", None, ())
+    (root / "sys/class/drm/card1-DP-1").mkdir(parents=True)  # a connector, not a device
+    result = lines("intel-arc", root, "vulkan", uid=0, groups=set())
+    assert result["GPU card1"].startswith("FAIL  GPU card1: 8086:e20b: no driver bound -> fix: modprobe i915 or xe")
+    assert "Battlemage need xe" in result["GPU card1"]
+    assert result["GPU firmware"].startswith("WARN  GPU firmware: missing for every generation")
+    assert not any(name.startswith("GPU card1-") for name in result)
+
+
+def test_doctor_names_the_pinned_netboot_kernel(tmp_path: Path) -> None:
+    root = make_host(tmp_path, modules=("amdgpu",), devices=("/dev/kfd",), cmdline=GOOD_STRIX_CMDLINE)
+    result = lines("strix-halo", root, uid=0, groups=set())
+    assert result["netboot kernel"].startswith("PASS  netboot kernel: linux-image-amd64 ")
+    assert "firmware-amd-graphics" in result["netboot kernel"] and "pinned in builder.lock" in result["netboot kernel"]
+    empty = tmp_path / "empty.lock"
+    empty.write_text('{"version": 1, "images": {}}')
+    result = lines("strix-halo", root, uid=0, groups=set(), lock=empty)
+    assert result["netboot kernel"].startswith("WARN  netboot kernel: ") and "not pinned" in result["netboot kernel"]
+    assert "builder lock" in result["netboot kernel"]
+    assert "netboot kernel" not in lines("nvidia", make_host(tmp_path / "nv", modules=("nvidia",)), uid=0,
+                                         groups=set())
+
+
+def test_a_strix_halo_host_kernel_the_field_reports_broken_fails(tmp_path: Path) -> None:
+    root = make_host(tmp_path / "old", kernel="6.16.8-200.fc42.x86_64", modules=("amdgpu",), devices=("/dev/kfd",),
+                     cmdline=GOOD_STRIX_CMDLINE)
+    result = lines("strix-halo", root, uid=0, groups=set())
+    assert result["kernel"].startswith("PASS")  # 6.16 is new enough by major and minor …
+    assert result["kernel known issues"].startswith(  # … but not by patch level
+        "FAIL  kernel known issues: 6.16.8 is known bad for strix-halo: before 6.16.9 ROCm sees only about 15.5 GB")
+    assert "install a kernel of 6.16.9 or later" in result["kernel known issues"]
+    root = make_host(tmp_path / "new", kernel="6.16.9-1-amd64", modules=("amdgpu",), devices=("/dev/kfd",),
+                     cmdline=GOOD_STRIX_CMDLINE)
+    assert lines("strix-halo", root, uid=0, groups=set())["kernel known issues"].startswith("PASS")
+    assert "kernel known issues" not in lines("cpu", root, uid=0, groups=set())
