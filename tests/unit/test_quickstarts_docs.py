@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from builder.cluster.model import load_cluster
-from conftest import ROOT
+from conftest import ROOT, run_cli_inproc
 from quickstarts import FOLDER, PAGES, mismatch, steps
 
 
@@ -110,3 +110,12 @@ def test_relative_links_lead_to_files(page: Path) -> None:
             if anchor not in headings:
                 missing.append(target)
     assert not missing, f"{page.relative_to(ROOT)}: links to nothing: {missing}"
+
+
+def test_the_box_3_line_of_docs_clusters_is_what_cluster_commands_prints() -> None:
+    doc = (ROOT / "docs" / "clusters.md").read_text()
+    shown = next(line.strip() for line in doc.splitlines() if "--name builder-codellama-34b server" in line)
+    proc = run_cli_inproc("cluster", "commands", str(ROOT / "docs" / "examples" / "rtx-3060-x4.yaml"),
+                          "--node", "rtx3")
+    assert proc.returncode == 0, proc.stderr
+    assert shown in proc.stdout.splitlines(), proc.stdout
