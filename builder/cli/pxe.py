@@ -26,14 +26,15 @@ from builder.core.preflight import DHCP, NETBOOT_SET, require_tools
 from builder.core.run import start_server, stop
 from builder.engines import get_engine
 from builder.engines.cleanup import remove_path
+from builder.fetch.provenance import llama_commit, rpc_protocol
 from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import flavour_named, prepare, recipe_file
-from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
+from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts, record_llama_cpp
 from builder.netboot.firewall import for_netboot
 from builder.netboot.inventory import Node, load_inventory
 from builder.netboot.kernels import kernel_spec, pinned_kernel
-from builder.netboot.publish import Artifacts, generations, publish, rollback
+from builder.netboot.publish import Artifacts, generation_sets, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
 from builder.pipeline.build import build
 from builder.publish.artifacts import pull_netboot, push_netboot
@@ -61,8 +62,12 @@ def _artifacts(engine_name: str, target: str, variant: str | None, compression: 
     prep = prepare(recipe_file(target, None, chosen), variant, flavour=chosen)
     result = build(prep, engine)
     typer.echo(f"image   {result.ref} ({'built' if result.built else 'up to date'})", err=True)
-    return build_artifacts(engine, result.ref, prep.plan.target, prep.plan.variant, spec, kernel, squash, out,
-                           where=where)
+    folder, manifest = build_artifacts(engine, result.ref, prep.plan.target, prep.plan.variant, spec, kernel, squash,
+                                       out, where=where)
+    if chosen.name != LLAMA_CPP.name or prep.tree is None:  # a vLLM image carries no llama.cpp
+        return folder, manifest
+    return folder, record_llama_cpp(folder, manifest, llama_commit(prep.tree.info, prep.tree.path),
+                                    rpc_protocol(prep.tree.path))
 
 
 @pxe_app.command("build")
@@ -193,18 +198,29 @@ def _existing_root(root: Path) -> None:
 
 @pxe_app.command("list")
 def list_cmd(root: RootOpt = Path("pxe-root"), as_json: JsonOpt = False) -> None:
-    """The generations in pxe-root/, oldest first; the current one is marked *."""
+    """The generations in pxe-root/, oldest first; the current one is marked *. Under each, the netboot sets it
+    boots: the image, and for llama.cpp its commit and the ggml RPC protocol its workers and servers speak."""
     _existing_root(root)
-    found = generations(root)
+    found = [(g, generation_sets(root, g.id)) for g in generations(root)]
     if as_json:
-        typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current} for g in found],
-                              indent=2))
+        typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current, "sets": sets}
+                               for g, sets in found], indent=2))
         return
     if not found:
         typer.echo(f"no generations in {root}")
-    for gen in found:
+    for gen, sets in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gen.published))
         typer.echo(f"{'*' if gen.current else ' '} {gen.id}  {when}")
+        for entry in sets:
+            typer.echo(f"    {entry['set']:<24} {_llama_line(entry)}")
+
+
+def _llama_line(entry: dict[str, object]) -> str:
+    if "llama_cpp_commit" not in entry:  # a vLLM set, or one made before sets recorded it
+        return f"image {str(entry['image_digest'])[:19]}"
+    commit = entry["llama_cpp_commit"] or "not recorded by its source"
+    protocol = entry["ggml_rpc_protocol"]
+    return f"llama.cpp {commit}, " + (f"ggml RPC protocol {protocol}" if protocol else "no ggml RPC header")
 
 
 @pxe_app.command("rollback")

@@ -53,6 +53,10 @@ _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+~-]{0,127}\Z")
 _IMAGE = re.compile(r"^[\x21-\x7e]{1,512}\Z")
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 VERITY_BLOCK = 4096  # dm-verity data and hash block size; mksquashfs pads its output to 4 KiB too
+# What people look up about a llama.cpp set (builder/fetch/provenance.py): recorded by `pxe build`, shown by
+# `pxe list`; null where the source records no commit. Not part of the set's key: the image fixes both.
+LLAMA_FACTS = {"llama_cpp_commit": re.compile(r"^[0-9a-f]{7,40}\Z"),
+               "ggml_rpc_protocol": re.compile(r"^[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}\Z")}
 
 
 def check_set_manifest(manifest: object, where: str, error: type[BuilderError] = RecipeError) -> dict[str, object]:
@@ -85,7 +89,30 @@ def check_set_manifest(manifest: object, where: str, error: type[BuilderError] =
             raise error(f"{where}/manifest.json: files.{name}: needs sha256 (64 hex) and size (bytes)")
     if "verity" in manifest:
         check_verity(manifest["verity"], f"{where}/manifest.json", error)
+    for key, pattern in LLAMA_FACTS.items():
+        value = manifest.get(key)
+        if value is not None and not (isinstance(value, str) and pattern.match(value)):
+            raise error(f"{where}/manifest.json: {key}: {str(value)[:60]!r} is not a "
+                        f"{'commit (hex)' if key == 'llama_cpp_commit' else 'version (N.N.N)'}")
     return manifest
+
+
+def record_llama_cpp(folder: Path, manifest: dict[str, object], commit: str | None,
+                     protocol: str | None) -> dict[str, object]:
+    """The set's manifest with its image's llama.cpp commit and ggml RPC protocol, written back when they were
+    missing (a set made before builder recorded them) or differ. Both follow from the image, which the set's
+    key names, so this changes no file a node boots."""
+    facts: dict[str, object] = {"llama_cpp_commit": commit, "ggml_rpc_protocol": protocol}
+    for key, value in facts.items():
+        if value is not None and not LLAMA_FACTS[key].match(str(value)):
+            facts[key] = None  # nothing unchecked reaches the manifest
+    if all(key in manifest and manifest[key] == value for key, value in facts.items()):
+        return manifest
+    updated = {**manifest, **facts}
+    staged = folder / f".manifest.json.{os.getpid()}.tmp"
+    staged.write_text(json.dumps(updated, indent=2) + "\n")
+    os.replace(staged, folder / "manifest.json")
+    return updated
 
 
 def check_verity(verity: object, where: str, error: type[BuilderError] = RecipeError) -> dict[str, object]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from builder.core.errors import EngineError, RecipeError, raise_if_stopped
 from builder.core.locks import locked
 from builder.engines.cleanup import temp_dir, temp_path
+from builder.netboot.artifacts import LLAMA_FACTS, check_set_manifest
 from builder.netboot.firewall import for_netboot, ruleset
 from builder.netboot.inventory import Cache, Cluster, Control, Node
 from builder.netboot.models import vllm_kernel_args, vllm_models
@@ -327,6 +328,24 @@ def _publish(root: Path, control: Control, inventory: Path, artifacts: Artifacts
 def generations(root: Path) -> list[Generation]:
     live = current_id(root)
     return [Generation(str(h["id"]), float(h["published"]), h["id"] == live) for h in _history(root)]  # type: ignore[arg-type]
+
+
+def generation_sets(root: Path, generation: str) -> list[dict[str, object]]:
+    """The netboot sets a generation boots, from its copies of their manifests (checked: pxe-root is a folder
+    others may write): set, image, and for llama.cpp the commit and ggml RPC protocol where recorded."""
+    folder = root / "generations" / generation / "manifests"
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        where = f"{display_path(root)}/generations/{generation}/manifests/{path.stem}"
+        try:
+            manifest = check_set_manifest(json.loads(path.read_text()), where)
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"{where}.json: cannot be read ({exc})", "publish again: builder pxe publish") from None
+        entry: dict[str, object] = {"set": path.stem, "image": manifest["image"],
+                                    "image_digest": manifest["image_digest"]}
+        entry.update({key: manifest[key] for key in LLAMA_FACTS if key in manifest})
+        out.append(entry)
+    return out
 
 
 def rollback(root: Path, to: str | None = None) -> str:

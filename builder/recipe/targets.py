@@ -205,7 +205,7 @@ def why_not(target: Target, variant: str) -> str:
 
 @dataclass(frozen=True)
 class State:
-    """How builder's own test suite checks a variant (on machines without GPUs, NPUs or vendor sites): README
+    """How builder's own test suite checks a variant (on machines without GPUs, NPUs or vendor sites): docs/targets.md
     and `builder targets`. What a user can do with it comes from the recipes (builder/use/listing.py)."""
 
     kind: Literal["run", "built", "render-only"]
@@ -222,7 +222,7 @@ class State:
 
 _VENDOR_SITE = "the vendor's images and package repository are not reachable from builder's test machines"
 
-# One entry per target/variant, checked against README's targets table and the target table by the tests.
+# One entry per target/variant, checked against the targets table of docs/targets.md and the target table by the tests.
 # strix-halo/rocm and nvidia/cuda are Debian's own ROCm 7.2 (experimental) and CUDA 12.4 (trixie non-free);
 # the vendors' packages are their second variants (rocm-amd, cuda-nvidia).
 STATES: dict[tuple[str, str], State] = {

@@ -209,7 +209,8 @@ def pointers(text: str) -> list[str]:
 def test_every_command_a_message_or_the_readme_points_to_exists_with_its_options() -> None:
     group = get_command(app)
     wrong = []
-    sources = [*sorted((ROOT / "builder").rglob("*.py")), ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    sources = [*sorted((ROOT / "builder").rglob("*.py")), ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+               *sorted((ROOT / "docs" / "quickstarts").glob("*.md"))]
     for source in sources:
         for pointer in pointers(source.read_text()):
             commands, words = [group], pointer.replace("\\|", "|").split()[1:]

@@ -22,7 +22,7 @@ def check(*argv: str) -> None:
 
 
 def test_ruff() -> None:
-    check(sys.executable, "-m", "ruff", "check", "builder", "tests", "bench")
+    check(sys.executable, "-m", "ruff", "check", "builder", "tests", "bench", "docs/quickstarts")
 
 
 def test_mypy_strict() -> None:
