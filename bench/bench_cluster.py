@@ -17,10 +17,20 @@
    a quarter of the requests; failed requests counted (the goal is 0);
 3. throughput through the gateway with one replica and with two (only meaningful where each replica has its
    own cores: on a shared 2-core machine both replicas compete for the same cores).
+
+  python bench/bench_cluster.py --baseline REV [--rounds 5] [--requests 100] [--tokens 16]
+
+instead compares two gateways in front of the same one replica, in one invocation: A is HAProxy with the
+config the gateway renderer of git revision REV writes (builder/cluster/gateway.py at REV, loaded from
+`git show` into a module of its own and started the way REV started it), B the gateway `cluster up --local`
+starts now; both run at once on their own ports. Rounds of the same load alternate A, B, B, A, …; each
+round's HAProxy CPU time per request comes from /proc/PID/stat (user + system, every thread); the result is
+the median per gateway and their ratio B / A.
 Everything runs on 127.0.0.0/8 with a tiny random-weight model made here; every loop is bounded.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -32,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import requests
 import yaml
@@ -65,6 +76,12 @@ def cpu_seconds(pid: int) -> float:
     """User and system time of a whole process (every thread) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def cpu_ns(pid: int) -> int:
+    """Time on a CPU of every thread of a process so far, in ns (/proc/PID/task/*/schedstat): finer than
+    /proc/PID/stat's clock ticks (10 ms), for threads that live as long as the process (HAProxy's)."""
+    return sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir())
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -191,6 +208,76 @@ def overhead(direct: str, through: str, headers: dict[str, str], args: argparse.
     return out
 
 
+def gateway_at(rev: str) -> ModuleType:
+    """builder/cluster/gateway.py as it was at git revision `rev`, as a module of its own (its imports are
+    today's builder modules: the model it reads has only grown)."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:builder/cluster/gateway.py"], check=True,
+                            capture_output=True, text=True, timeout=60).stdout
+    spec = importlib.util.spec_from_loader(f"gateway_{rev}", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, f"{rev}:builder/cluster/gateway.py", "exec"), module.__dict__)  # noqa: S102
+    return module
+
+
+def ab_gateways(rev: str, cluster: dict[str, object], folder: Path, now: tuple[str, dict[str, str], int],
+                args: argparse.Namespace) -> dict[str, object]:
+    """HAProxy's CPU per request with REV's gateway config (A) and today's (B), in front of the same replica,
+    in alternating rounds (A B B A …) of the same closed-loop load."""
+    from builder.cluster.model import load_cluster
+
+    old = gateway_at(rev)
+    data = json.loads(json.dumps(cluster))
+    port = free_port()
+    data["gateway"] = {"port": port, "metrics_port": free_port()}
+    path = folder / "cluster-baseline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    state = folder / "baseline-state"
+    state.mkdir()
+    loaded = load_cluster(path)
+    config = old.write_gateway(loaded, state, "127.0.0.1", {"a": "127.0.0.11"})
+    old.start_gateway(config, state / "haproxy.pid")
+    try:
+        pid = old.gateway_pid(state / "haproxy.pid")
+        assert pid is not None
+        key = (state / "api-key").read_text().strip()
+        gateways = {"A": (f"http://127.0.0.1:{port}/v1/completions", {"Authorization": f"Bearer {key}"}, pid),
+                    "B": now}
+        tokens = int(args.tokens.split(",")[0])
+        for url, headers, _ in gateways.values():  # both see the replica healthy, connections warm
+            for _ in range(60):
+                if load(url, headers, 1, 1, tokens=tokens)["failed"] == 0:
+                    break
+                time.sleep(1)
+            load(url, headers, args.clients, 2, tokens=tokens)
+        per_request: dict[str, list[float]] = {"A": [], "B": []}
+        fine: dict[str, list[float]] = {"A": [], "B": []}
+        latencies: dict[str, list[float]] = {"A": [], "B": []}
+        failed = 0
+        for i in range(args.rounds):
+            for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
+                url, headers, gateway = gateways[name]
+                before, before_ns = cpu_seconds(gateway), cpu_ns(gateway)
+                result = load(url, headers, args.clients, args.requests, tokens=tokens, latencies=latencies[name])
+                per_request[name].append(1000 * (cpu_seconds(gateway) - before) / result["requests"])
+                fine[name].append((cpu_ns(gateway) - before_ns) / 1e6 / result["requests"])
+                failed += int(result["failed"])
+    finally:
+        old.stop_gateway(state / "haproxy.pid")
+    medians = {name: statistics.median(values) for name, values in per_request.items()}
+    fine_medians = {name: statistics.median(values) for name, values in fine.items()}
+    return {"baseline": rev, "tokens": tokens, "rounds_each": args.rounds,
+            "requests_per_round": args.clients * args.requests, "failed": failed,
+            "haproxy_cpu_ms_per_request": {name: [round(v, 3) for v in values] for name, values in per_request.items()},
+            "median_ms": {name: round(v, 3) for name, v in medians.items()},
+            "ratio_b_over_a": round(medians["B"] / medians["A"], 3),
+            # the same from schedstat, in ns: no 10 ms clock-tick steps
+            "schedstat_ms_per_request": {name: [round(v, 4) for v in values] for name, values in fine.items()},
+            "schedstat_median_ms": {name: round(v, 4) for name, v in fine_medians.items()},
+            "schedstat_ratio_b_over_a": round(fine_medians["B"] / fine_medians["A"], 3),
+            "p50_ms": {name: round(1000 * percentile(v, 0.5), 1) for name, v in latencies.items()}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", default="podman")
@@ -199,8 +286,12 @@ def main() -> int:
                         help="per client and round at 16 tokens (fewer for longer completions)")
     parser.add_argument("--rounds", type=int, default=9, help="pairs of direct and gateway rounds")
     parser.add_argument("--tokens", default="16,128", help="completion lengths to measure the overhead at")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-cluster.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default bench/results-cluster.json (with --baseline: bench/results-gateway-ab.json)")
+    parser.add_argument("--baseline", metavar="REV", help="only compare HAProxy's CPU per request with the gateway "
+                        "config of git revision REV (A) and today's (B), in alternating rounds")
     args = parser.parse_args()
+    out = args.out or ROOT / "bench" / ("results-gateway-ab.json" if args.baseline else "results-cluster.json")
 
     from builder.cluster.gateway import gateway_pid
     from builder.core.digests import sha256_file
@@ -214,8 +305,9 @@ def main() -> int:
     port, gateway_port = free_port(), free_port()
     data = {"gateway": {"port": gateway_port, "metrics_port": free_port()},
             "nodes": [{"name": n, "mac": f"52:54:00:00:01:0{i}", "target": "cpu", "memory": "1GiB"}
-                      for i, n in enumerate("ab")],
-            "services": [{"name": "tiny", "model": "tiny.gguf", "sha256": sha256_file(model), "nodes": ["a", "b"],
+                      for i, n in enumerate("a" if args.baseline else "ab")],
+            "services": [{"name": "tiny", "model": "tiny.gguf", "sha256": sha256_file(model),
+                          "nodes": ["a"] if args.baseline else ["a", "b"],
                           "port": port,
                           # every slot holds the prompt and the longest completion
                           "context": args.clients * (max(int(t) for t in args.tokens.split(",")) + 32),
@@ -244,6 +336,11 @@ def main() -> int:
                                               "load_before": os.getloadavg()},
                                   "clients": args.clients, "requests_per_client": args.requests}
     try:
+        if args.baseline:
+            haproxy = gateway_pid(Path(state["gateway"]["key_file"]).parent / "haproxy.pid")
+            assert haproxy is not None
+            results["gateway_ab"] = ab_gateways(args.baseline, data, folder, (through, headers, haproxy), args)
+            return finish(results, out)
         both = load(through, headers, args.clients, args.requests)
         subprocess.run([*engine, "stop", replica_b], check=True, capture_output=True)
         wait_health("b", "DOWN")
@@ -272,8 +369,12 @@ def main() -> int:
         results["replica_killed"] = load(through, headers, args.clients, args.requests, kill_once)
     finally:
         builder("cluster", "down", "--local", str(path))
+    return finish(results, out)
+
+
+def finish(results: dict[str, object], out: Path) -> int:
     results["machine"]["load_after"] = os.getloadavg()  # type: ignore[index]
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
 

@@ -171,16 +171,20 @@ def logs(
 def commands(
     inventory: InventoryArg,
     node: Annotated[str | None, typer.Option("--node", help="Only this node's commands.")] = None,
-    models: Annotated[str, typer.Option("--models", help="The folder where each node keeps the GGUFs.")
-                      ] = "/srv/models",
+    models: Annotated[str, typer.Option("--models", help="The folder where each node keeps its models, each named "
+                                        "by its sha256 (SHA256.gguf, a model folder SHA256/).")] = "/srv/models",
     as_json: Annotated[bool, typer.Option(
-        "--json", help=f"One object per node: node, address, argv lists ({JSON_ERRORS}).")] = False,
+        "--json", help="One object per node: node, address, models (service, model, sha256, path on the box), "
+        f"argv lists, environment (variables to export first), not_covered ({JSON_ERRORS}).")] = False,
     recipes: RecipesOpt = None,
 ) -> None:
     """The `builder run` commands each node runs, for nodes builder does not netboot (e.g. NVIDIA boxes).
 
-    RPC workers first, then the llama-servers, each bound to its node's address; then `builder cluster up`
-    on the control node starts the gateway in front of them. vLLM services are left to netboot or --local.
+    RPC workers first, then the llama-servers and vLLM servers, then a cpu vLLM pipeline's other nodes, each
+    bound to its node's address; then `builder cluster up` on the control node starts the gateway in front of
+    them. Each box keeps its models under --models named by sha256: copy each file (or model folder) there
+    under the name printed beside it; every line checks it with `builder run --model-sha256` before the
+    container starts. A Ray pipeline (GPU variants) is not listed (each node's Ray container needs the model).
     """
     if not models.startswith("/") or any(c in models for c in "\n\r\t\0"):
         raise RecipeError(f"--models: {models!r} is not an absolute folder path", "e.g. --models /srv/models")
@@ -192,10 +196,13 @@ def commands(
             raise RecipeError(f"{inventory}: no node named {node!r} runs a service",
                               f"nodes: {', '.join(e.node for e in node_commands(loaded, models))}")
     if as_json:
-        typer.echo(json.dumps([{"node": e.node, "address": e.address, "argv": [list(a) for a in e.argv],
+        typer.echo(json.dumps([{"node": e.node, "address": e.address,
+                                "models": [{"service": m.service, "model": m.source, "sha256": m.sha256,
+                                            "path": m.path} for m in e.models],
+                                "argv": [list(a) for a in e.argv], "environment": list(e.environment),
                                 "not_covered": list(e.skipped)} for e in found], indent=2))
         return
-    for line in as_text(found):
+    for line in as_text(found, models):
         typer.echo(line)
 
 

@@ -91,7 +91,8 @@ def targets(as_json: JsonOpt = False, recipes: RecipesOpt = None) -> None:
 
     LLAMA.CPP and VLLM (--flavour vllm): `ready` to build, `needs pin` or `needs lock` (the command to run
     first is listed below the table), or `-` (no recipe of that flavour). TESTED BY BUILDER: how builder's own
-    test suite checks the variant, on machines without GPUs, NPUs or vendor sites.
+    test suite checks the variant, on machines without GPUs, NPUs or vendor sites. Below the table: where a
+    cluster file's vLLM services can run (netbooted nodes, or boxes by `builder cluster commands`).
     """
     entries = target_entries()
     if as_json:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -22,6 +23,8 @@ from builder.cli.common import (
     prepared,
 )
 from builder.cli.conventions import err
+from builder.cluster.hfmodel import folder_hash
+from builder.core.digests import sha256_file
 from builder.core.errors import RecipeError
 from builder.core.run import replace_process
 from builder.engines import get_engine
@@ -29,7 +32,7 @@ from builder.engines.host import driver_volumes
 from builder.flavours.prepare import flavour_named
 from builder.recipe.load import select
 from builder.recipe.targets import Host, did_you_mean
-from builder.use.launch import container_argv, image_for_run
+from builder.use.launch import container_argv, image_for_run, named_model
 from builder.use.toolbox import TOOL_CHOICES, Box, check_tool, exists, pick_tool, run_steps, tool_of
 
 # vLLM's workers share tensors through /dev/shm; engines give containers 64 MB by default.
@@ -59,6 +62,10 @@ def run(
     driver_dir: Annotated[list[Path] | None, typer.Option(
         "--driver-dir", help="A folder to take the variant's host driver libraries from before the host's own "
         "library folders (e.g. Intel's NPU driver unpacked with dpkg-deb -x).")] = None,
+    model_sha256: Annotated[str | None, typer.Option(
+        "--model-sha256", help="The sha256 the model must have (-m FILE, or vLLM's serve FILE-OR-FOLDER: a "
+        "folder's is `builder cluster hash-model`'s): checked before the container starts, not with --print; "
+        "a missing or different model stops here (exit 2).")] = None,
     recipes: RecipesOpt = None,
 ) -> None:
     """Run an image in a role on the host network (model files given with --model are mounted).
@@ -79,6 +86,10 @@ def run(
                               "the unpacked .debs")
     if role not in kind.roles:
         raise RecipeError(f"unknown role {role!r}{did_you_mean(role, kind.roles)}", f"roles: {', '.join(kind.roles)}")
+    if model_sha256 is not None:
+        served = kind.served_model(role, list(args or []))
+        check_model(model_sha256, served if served is not None else named_model(list(args or [])),
+                    folder=served is not None, print_only=print_only)
     if image is None and target is None and recipe is None:
         _refuse_misplaced(role, list(args or []))
     chosen = get_engine(engine)
@@ -106,9 +117,33 @@ def run(
     replace_process(argv)
 
 
+def check_model(sha256: str, given: str | None, *, folder: bool, print_only: bool) -> None:
+    """--model-sha256: the model the role's arguments name is on this machine and has that sha256 (a folder's
+    content hash); --print only checks the option, the file is the running machine's business."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise RecipeError(f"--model-sha256: {sha256!r} is not a sha256", "give 64 lowercase hex digits")
+    if given is None:
+        raise RecipeError("--model-sha256: the role's arguments name no model",
+                          "name it after ROLE: server -m FILE, or (vLLM) serve FOLDER")
+    if print_only:
+        return
+    path = Path(given).expanduser()
+    if not (path.is_file() or folder and path.is_dir()):
+        what = "file or folder" if folder else "file"
+        raise RecipeError(f"--model-sha256: {given} is not a {what} on this machine",
+                          "copy the model there first (`builder cluster commands` names it by its sha256)")
+    actual = folder_hash(path, f"--model-sha256: {given}", given) if path.is_dir() else sha256_file(path)
+    if actual != sha256:
+        kind = "content hash" if path.is_dir() else "sha256"
+        raise RecipeError(f"--model-sha256: {given} has {kind} {actual}, not {sha256}",
+                          "it is not the model this command serves: copy the right one there (check a file with "
+                          "sha256sum, a folder with `builder cluster hash-model`)")
+
+
 # `builder run`'s own long options: after ROLE they reach the role, which is why no image was chosen.
 _RUN_OPTIONS = frozenset({"--target", "--recipe", "--recipes", "--variant", "--image", "--flavour", "--engine",
-                          "--print", "--json", "--detach", "--name", "--env", "--shm-size", "--driver-dir"})
+                          "--print", "--json", "--detach", "--name", "--env", "--shm-size", "--driver-dir",
+                          "--model-sha256"})
 
 
 def _refuse_misplaced(role: str, args: list[str]) -> None:

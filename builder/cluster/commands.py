@@ -2,67 +2,131 @@
 kernel driver is not in Debian's kernels), as `builder run` command lines, one per process.
 
 The same processes as local mode and the netboot plans: RPC workers first (their heads connect to them),
-then each llama-server bound to its node's address with `--alias SERVICE --metrics`. vLLM services are left
-to netboot or `--local`: a pipeline's nodes join each other in ways a list of commands would hide.
+then each llama-server bound to its node's address with `--alias SERVICE --metrics`, then each vLLM server
+and pipeline node as `vllm_service.launch` gives it (local mode's lines). A box keeps every model under one
+folder, named by its sha256 (`SHA256.gguf`, a model folder `SHA256/`), and every line that serves a model
+carries `--model-sha256`, so `builder run` checks the file before the container starts.
+
+A Ray pipeline (the GPU variants' vLLM) is not listed: each of its nodes' Ray containers needs the model
+folder mounted, which a `builder run` line cannot say for the `ray-worker` role.
 """
 
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
-from builder.cluster.model import Loaded, Process
+from builder.cluster.model import Loaded, Process, Service
+from builder.cluster.vllm_service import executor, launch, node_variant
+
+# What a cpu pipeline's lines take from the box's environment: the interface that holds the node's address.
+INTERFACE_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+_NAME_SUFFIX = {"server": "", "rpc-worker": "-rpc", "pipeline-worker": "-pipeline"}
+
+
+@dataclass(frozen=True)
+class BoxModel:
+    """A model a node serves: where the cluster file has it, and the path the box keeps it under."""
+
+    service: str
+    source: str
+    sha256: str
+    path: str
 
 
 @dataclass(frozen=True)
 class NodeCommands:
     node: str
     address: str
+    models: tuple[BoxModel, ...]
     argv: tuple[tuple[str, ...], ...]
-    skipped: tuple[str, ...]  # services this node serves that have no command here (vLLM)
+    environment: tuple[str, ...]  # variables the lines pass from the box's environment (export them first)
+    skipped: tuple[str, ...]  # services this node serves that have no command here (Ray pipelines)
 
 
-def _target(loaded: Loaded, node: str) -> list[str]:
-    found = loaded.node(node)
-    return ["--target", found.target, *(["--variant", found.variant] if found.variant else [])]
+def is_ray_pipeline(loaded: Loaded, service: Service) -> bool:
+    return service.engine == "vllm" and service.topology == "pipeline" and \
+        executor(*node_variant(loaded.node(service.nodes[0]))) == "ray"
+
+
+def _head(loaded: Loaded, process: Process) -> list[str]:
+    """`builder run` and its options up to the container's name."""
+    service = loaded.service(process.service)
+    node = loaded.node(process.node)
+    flavour = ["--flavour", "vllm"] if service.engine == "vllm" else []
+    variant = ["--variant", node.variant] if node.variant else []
+    env = [word for key, value in node.env.items() for word in ("--env", f"{key}={value}")]
+    return ["builder", "run", *flavour, "--target", node.target, *variant, *env, "--detach",
+            "--name", f"builder-{service.name}{_NAME_SUFFIX[process.role]}"]
+
+
+def _vllm_argv(loaded: Loaded, process: Process, models: str) -> list[str]:
+    service = loaded.service(process.service)
+    addresses = {node.name: str(node.address) for node in loaded.cluster.nodes}
+
+    def no_token() -> Path:
+        raise AssertionError("a Ray pipeline has no builder run line")
+
+    started = launch(service, process, loaded.node(process.node), Path(service.ref.on_box(models)), addresses,
+                     None, no_token, mount=False)
+    flags = started.flags
+    assert all(flag in ("--shm-size", "--env") for flag in flags[::2]), flags  # what `builder run` takes
+    return [*_head(loaded, process), *flags, "--model-sha256", service.sha256, *started.argv]
 
 
 def _argv(loaded: Loaded, process: Process, models: str) -> tuple[str, ...]:
     service = loaded.service(process.service)
-    node = loaded.node(process.node)
-    address = str(node.address)
-    env = [word for key, value in node.env.items() for word in ("--env", f"{key}={value}")]
-    head = ["builder", "run", *_target(loaded, process.node), *env, "--detach"]
+    if service.engine == "vllm":
+        return tuple(_vllm_argv(loaded, process, models))
+    address = str(loaded.node(process.node).address)
+    head = _head(loaded, process)
     if process.role == "rpc-worker":
-        return (*head, "--name", f"builder-{service.name}-rpc", "rpc-worker", "--host", address,
-                "--port", str(process.port))
-    model = f"{models.rstrip('/')}/{service.model.rsplit('/', 1)[-1]}"
-    args = ["server", "-m", model, "--host", address, "--port", str(process.port), "--alias", service.name,
-            "--metrics"]
+        return (*head, "rpc-worker", "--host", address, "--port", str(process.port))
+    args = ["server", "-m", service.ref.on_box(models), "--host", address, "--port", str(process.port),
+            "--alias", service.name, "--metrics"]
     if service.context:
         args += ["-c", str(service.context)]
     if service.topology == "split":
         workers = ",".join(f"{loaded.node(w).address}:{service.rpc_port}" for w in service.workers)
         args += ["--rpc", workers, "-ngl", "999"]
-    return (*head, "--name", f"builder-{service.name}", *args, *service.args)
+    return (*head, "--model-sha256", service.sha256, *args, *service.args)
+
+
+_ORDER = {"rpc-worker": 0, "server": 1, "pipeline-worker": 2}
 
 
 def node_commands(loaded: Loaded, models: str) -> list[NodeCommands]:
-    """Every node with processes, in the file's order; `models` is where each node keeps the GGUFs."""
+    """Every node with processes, in the file's order; `models` is the folder where each node keeps its models."""
     out = []
     for node in loaded.cluster.nodes:
-        mine = sorted((p for p in loaded.processes if p.node == node.name), key=lambda p: p.role != "rpc-worker")
+        mine = sorted((p for p in loaded.processes if p.node == node.name), key=lambda p: _ORDER[p.role])
         if not mine:
             continue
-        llama = [p for p in mine if loaded.service(p.service).engine == "llama.cpp"]
-        skipped = sorted({p.service for p in mine if p not in llama})
-        out.append(NodeCommands(node.name, str(node.address), tuple(_argv(loaded, p, models) for p in llama),
-                                tuple(skipped)))
+        listed = [p for p in mine if not is_ray_pipeline(loaded, loaded.service(p.service))]
+        skipped = sorted({p.service for p in mine if p not in listed})
+        served = [loaded.service(name) for name in dict.fromkeys(p.service for p in listed if p.role != "rpc-worker")]
+        pipelines = any(loaded.service(p.service).topology == "pipeline" for p in listed)
+        out.append(NodeCommands(
+            node.name, str(node.address),
+            tuple(BoxModel(s.name, s.model, s.sha256, s.ref.on_box(models)) for s in served),
+            tuple(_argv(loaded, p, models) for p in listed), INTERFACE_ENV if pipelines else (), tuple(skipped)))
     return out
 
 
-def as_text(found: list[NodeCommands]) -> list[str]:
+def as_text(found: list[NodeCommands], models: str) -> list[str]:
     lines = []
+    if any(entry.models for entry in found):
+        lines += [f"# Each box keeps its models in {models}, named by sha256: copy each file below to the path shown "
+                  "(a model folder with cp -r);", "# every line checks its model's sha256 before the container "
+                  "starts (builder run --model-sha256)."]
     for entry in found:
         lines.append(f"# {entry.node} ({entry.address})")
+        lines += [f"# {model.service}: {model.source} -> {model.path}" for model in entry.models]
+        if entry.environment:
+            exports = " ".join(f"{name}=IFACE" for name in entry.environment)
+            lines.append(f"# first: export {exports}, IFACE being the interface that holds {entry.address} "
+                         "(the pipeline's traffic goes there)")
         lines += [shlex.join(argv) for argv in entry.argv]
-        lines += [f"# {name}: a vLLM service; netboot this node or try it with --local" for name in entry.skipped]
+        lines += [f"# {name}: a Ray pipeline; each node's Ray container needs the model folder mounted, which a "
+                  "builder run line cannot do yet: use topology: replicate on these boxes, or try it with --local"
+                  for name in entry.skipped]
     return lines

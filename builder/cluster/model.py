@@ -18,12 +18,11 @@ from pydantic import ByteSize, Field
 
 from builder.cluster.args import check_args, check_env
 from builder.cluster.hfmodel import scan
+from builder.cluster.modelref import ModelRef
 from builder.cluster.vllm_service import check_vllm_service
-from builder.core.digests import sha256_file
 from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
-from builder.core.types import Address, EnvName, KernelArg, OneLine, http_url, is_wildcard
-from builder.fetch.source import fetch_file
+from builder.core.types import Address, EnvName, KernelArg, OneLine, is_wildcard
 from builder.netboot.boards import board_args, check_ram
 from builder.netboot.inventory import Cache, Control, Node
 from builder.recipe.load import display_path, load_yaml, select, validated
@@ -98,6 +97,11 @@ class Service(Strict):
     unsafe_args: bool = Field(False, description="let args outside builder's list of tuning flags through (one "
                               "warning line names them): they can undo builder's bindings")
 
+    @property
+    def ref(self) -> ModelRef:
+        """The model with its sha256: a GGUF (llama.cpp) or a model folder (vllm)."""
+        return ModelRef(self.model, self.sha256, folder=self.engine == "vllm")
+
 
 class ServiceCluster(Strict):
     """The services form of cluster.yaml."""
@@ -142,20 +146,17 @@ class Loaded:
 
     def model_file(self, service: Service) -> Path | None:
         """The GGUF or model folder on this machine, or None for a URL."""
-        return None if _is_url(service.model) else (self.path.parent / service.model)
+        return service.ref.path(self.path.parent)
 
     def gguf(self, index: int, say: Callable[[str], None]) -> Path:
         """services[index]'s GGUF on this machine (a URL fetched into the cache), checked against its sha256."""
-        service = self.cluster.services[index]
-        path = self.model_file(service)
-        if path is None:
-            say(f"fetching {service.model} …")
-            return fetch_file(service.model, service.sha256)
-        actual = sha256_file(path)
-        if actual != service.sha256:
-            raise RecipeError(f"{display_path(self.path)}: services[{index}].sha256: {service.model} has sha256 "
-                              f"{actual}", "the file changed or the sha256 in the cluster file is wrong: check which")
-        return path.resolve()
+        return self.local_model(index, say)
+
+    def local_model(self, index: int, say: Callable[[str], None], where: str | None = None) -> Path:
+        """services[index]'s GGUF or model folder on this machine (a URL fetched into the cache), checked against
+        its sha256; `where` names the file in a refusal (default: its path as given)."""
+        return self.cluster.services[index].ref.local(self.path.parent, where or display_path(self.path),
+                                                      f"services[{index}]", say)
 
     def state_folder(self, kind: str) -> tuple[str, Path]:
         """A name for this cluster file's `kind` of run (e.g. local containers, a netboot gateway), unique per
@@ -173,10 +174,6 @@ class Loaded:
 
     def servers(self, service: str) -> list[Process]:
         return [p for p in self.processes if p.service == service and p.role == "server"]
-
-
-def _is_url(value: str) -> bool:
-    return value.startswith(("http://", "https://"))
 
 
 def _gib(size: float) -> str:
@@ -291,24 +288,13 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
             if name == service.head or name in service.workers[:j]:
                 raise RecipeError(f"{where}: {field}.workers[{j}]: {name!r} is already in this service",
                                   "a node is the head or one worker of a split, once")
+    service.ref.check(base, where, f"{field}.model")
     if service.engine == "vllm":
-        check_vllm_service(service, field, where, base, [nodes[index[n]] for n in service.nodes],
+        check_vllm_service(service, field, where, [nodes[index[n]] for n in service.nodes],
                            [index[n] for n in service.nodes])
-        return
-    if _is_url(service.model):
-        try:
-            http_url(service.model)
-        except ValueError as exc:
-            raise RecipeError(f"{where}: {field}.model: {exc}", "give a plain http(s) URL to the GGUF") from None
-        if service.memory is None:
-            raise RecipeError(f"{where}: {field}.memory: a model given by URL needs its memory stated",
-                              "memory: e.g. 8GiB (what one copy of the model needs)")
-    elif "://" in service.model:
-        raise RecipeError(f"{where}: {field}.model: only http:// and https:// URLs are fetched",
-                          "give a path to the GGUF or an http(s) URL")
-    elif not (base / service.model).is_file():
-        raise RecipeError(f"{where}: {field}.model: {service.model} is not a file",
-                          f"give the GGUF's path relative to {where}, or an http(s) URL")
+    elif service.ref.is_url and service.memory is None:
+        raise RecipeError(f"{where}: {field}.memory: a model given by URL needs its memory stated",
+                          "memory: e.g. 8GiB (what one copy of the model needs)")
 
 
 def _need(service: Service, base: Path, where: str) -> float:

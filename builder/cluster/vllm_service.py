@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from builder.cluster.hfmodel import scan
 from builder.core.errors import RecipeError
 from builder.fetch.wheels import requirement_name
 from builder.flavours.vllm import VLLM_DEVICES, load_vllm_recipe, vllm_recipes
@@ -67,13 +66,9 @@ def _check_node(node: "ClusterNode", at: int, field: str, where: str) -> None:
                           "serve a GGUF with engine: llama.cpp")
 
 
-def check_vllm_service(service: "Service", field: str, where: str, base: Path, nodes: list["ClusterNode"],
+def check_vllm_service(service: "Service", field: str, where: str, nodes: list["ClusterNode"],
                        at: list[int]) -> None:
-    """A vLLM service's model folder (must exist and hold only regular files) and nodes."""
-    if "://" in service.model:
-        raise RecipeError(f"{where}: {field}.model: a vLLM service serves a model folder on this machine",
-                          "download it first (e.g. `hf download NAME --local-dir DIR`) and give DIR")
-    scan(base / service.model, f"{where}: {field}.model", service.model)
+    """A vLLM service's nodes (its model folder is checked as every service's model is: ModelRef.check)."""
     for j, node in enumerate(nodes):
         _check_node(node, at[j], f"{field}.nodes[{j}]", where)
     if service.topology != "pipeline":
@@ -103,30 +98,39 @@ class Launch:
     argv: list[str]
 
 
-def _serve_args(service: "Service", address: str, port: int | None) -> list[str]:
+def _serve_args(service: "Service", model: str, address: str, port: int | None) -> list[str]:
     """`vllm serve` arguments; a headless pipeline node (port None) serves no API."""
     listen = ["--host", address, "--port", str(port)] if port is not None else []
-    args = [f"{MODELS}/{service.name}", *listen, "--served-model-name", service.name]
+    args = [model, *listen, "--served-model-name", service.name]
     if service.context:
         args += ["--max-model-len", str(service.context)]
     return [*args, *service.args]
 
 
 def launch(service: "Service", process: "Process", node: "ClusterNode", model: Path,
-           addresses: dict[str, str], interface: str, ray_token: Callable[[], Path]) -> Launch:
-    """The flags and image arguments of one vLLM server or pipeline worker."""
+           addresses: dict[str, str], interface: str | None, ray_token: Callable[[], Path],
+           mount: bool = True) -> Launch:
+    """The flags and image arguments of one vLLM server or pipeline worker. `model` is the folder on the
+    machine that runs it: mounted at /models/SERVICE, or with `mount` False named as it is (`builder run
+    … serve FOLDER` mounts it itself). `interface` None: the socket interface variables come from the
+    caller's environment (`--env NAME` alone)."""
     address = addresses[process.node]
-    flags = ["--shm-size", SHM_SIZE, "--env", f"VLLM_HOST_IP={address}", "--env", "HF_HUB_OFFLINE=1",
-             "--volume", f"{model}:{MODELS}/{service.name}:ro"]
+    flags = ["--shm-size", SHM_SIZE, "--env", f"VLLM_HOST_IP={address}", "--env", "HF_HUB_OFFLINE=1"]
+    served = f"{MODELS}/{service.name}"
+    if mount:
+        flags += ["--volume", f"{model}:{served}:ro"]
+    else:
+        served = str(model)
     if service.topology != "pipeline":
-        return Launch(flags, ["serve", *_serve_args(service, address, process.port)])
+        return Launch(flags, ["serve", *_serve_args(service, served, address, process.port)])
     size = len(service.nodes)
     head = addresses[service.nodes[0]]
     rank = service.nodes.index(process.node)
-    flags += ["--env", f"GLOO_SOCKET_IFNAME={interface}", "--env", f"NCCL_SOCKET_IFNAME={interface}"]
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        flags += ["--env", name if interface is None else f"{name}={interface}"]
     kind = executor(*node_variant(node))
     if kind == "mp":
-        serve = [*_serve_args(service, address, None if rank else process.port),
+        serve = [*_serve_args(service, served, address, None if rank else process.port),
                  "--pipeline-parallel-size", str(size), "--distributed-executor-backend", "mp",
                  "--nnodes", str(size), "--node-rank", str(rank), "--master-addr", head,
                  "--master-port", str(service.pipeline_port)]
@@ -136,6 +140,6 @@ def launch(service: "Service", process: "Process", node: "ClusterNode", model: P
         return Launch(flags, ["ray-worker", "--head", f"{head}:{service.pipeline_port}", "--host", address])
     ray = ["ray", "start", "--head", "--node-ip-address", address, "--port", str(service.pipeline_port),
            "--include-dashboard", "false", "--disable-usage-stats"]
-    serve = ["vllm", "serve", *_serve_args(service, address, process.port), "--pipeline-parallel-size",
+    serve = ["vllm", "serve", *_serve_args(service, served, address, process.port), "--pipeline-parallel-size",
              str(size), "--distributed-executor-backend", "ray"]
     return Launch(flags, ["shell", "-c", f"{shlex.join(ray)} && exec {shlex.join(serve)}"])

@@ -278,5 +278,9 @@ class Vllm(Flavour):
         args, volumes = mount_served_model(role, args)
         return args, [*vllm_shm_flags(shm_size), *(flag for volume in volumes for flag in ("--volume", volume))]
 
+    def served_model(self, role: str, args: list[str]) -> str | None:
+        """`serve PATH`: the model file or folder mount_served_model mounts."""
+        return args[0] if role == "serve" and args and not args[0].startswith("-") else None
+
 
 VLLM = Vllm()

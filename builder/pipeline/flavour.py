@@ -119,6 +119,10 @@ class Flavour(ABC):
     def run_flags(self, role: str, args: list[str], shm_size: str) -> tuple[list[str], list[str]]:
         return args, []
 
+    def served_model(self, role: str, args: list[str]) -> str | None:
+        """The model a role's arguments name positionally, besides -m/--model (`builder run --model-sha256`)."""
+        return None
+
     def publish_tags(self, prep: Prepared) -> tuple[str, str]:
         """Registry tags: the floating T-V and the immutable T-V-<serves><version>-<content hash>."""
         version = re.sub(r"[^A-Za-z0-9_.-]", "_", prep.plan.labels["org.opencontainers.image.version"])[:40]

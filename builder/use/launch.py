@@ -11,6 +11,19 @@ from builder.pipeline.flavour import Prepared
 _MODEL_FLAGS = ("-m", "--model")
 
 
+def named_model(args: list[str]) -> str | None:
+    """The file -m/--model names (the last one, as llama-server reads them), or None."""
+    found, i = None, 0
+    while i < len(args):
+        if args[i] in _MODEL_FLAGS and i + 1 < len(args):
+            found, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith("--model="):
+            found = args[i].split("=", 1)[1]
+        i += 1
+    return found
+
+
 def _mount_models(args: list[str]) -> tuple[list[str], list[str]]:
     """Host model files named by -m/--model are mounted read-only under /models; paths rewritten."""
     out: list[str] = []

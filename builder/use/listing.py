@@ -3,6 +3,7 @@ the recipes, by the same rules `builder build` applies) and, apart, how builder'
 
 from pathlib import Path
 
+from builder.netboot.kernels import KERNELS
 from builder.recipe.load import recipes_dir
 from builder.recipe.targets import TARGETS, UNSUPPORTED, state_of
 from builder.use.matrix import jobs
@@ -76,5 +77,20 @@ def target_rows(entries: list[dict[str, object]]) -> list[str]:
              if e[key] not in (None, READY)]
     if steps:
         lines += ["", "before building:", *steps]
+    lines += ["", *vllm_scope(entries)]
     lines += ["", "not supported:", *(f"  {name}: {why}" for name, why in UNSUPPORTED.items())]
+    return lines
+
+
+def vllm_scope(entries: list[dict[str, object]]) -> list[str]:
+    """Where a cluster file's vLLM services can run: a variant whose vLLM image builds, on a node builder
+    netboots (its target has a netboot kernel) or through `builder cluster commands` lines on a box it does not."""
+    ready = [(str(e["target"]), str(e["variant"])) for e in entries if e["vllm_step"] == "ready"]
+    netbooted = [f"{t}/{v}" for t, v in ready if t in KERNELS]
+    boxes = [f"{t}/{v}" for t, v in ready if t not in KERNELS]
+    later = sorted({f"{e['target']}/{e['variant']}" for e in entries if e["vllm"] and e["vllm_step"] != "ready"})
+    lines = ["vLLM services of a cluster file (docs/clusters.md; --local runs them on one machine):"]
+    lines += [f"  netbooted nodes: {', '.join(netbooted)}"] if netbooted else []
+    lines += [f"  boxes builder does not boot, by `builder cluster commands`: {', '.join(boxes)}"] if boxes else []
+    lines += [f"  not yet: {', '.join(later)} (their vLLM images are rendered only, until locked)"] if later else []
     return lines

@@ -101,6 +101,7 @@ def test_a_services_port_does_not_move_when_services_are_added_removed_or_reorde
     ({"services": [service("x", nodes=["a"], sha256="abc")]}, "services[0].sha256: String should match"),
     ({"services": [service("x", nodes=["a"], model="missing.gguf")]}, "services[0].model: missing.gguf is not a file"),
     ({"services": [service("x", nodes=["a"], model="ftp://h/m.gguf")]}, "services[0].model: only http:// and https://"),
+    ({"services": [service("x", nodes=["a"], model="hf://org/m")]}, "services[0].model: hf:// models are not fetched"),
     ({"services": [service("x", nodes=["a"], model="http://10.0.0.1/m.gguf")]},
      "services[0].memory: a model given by URL needs its memory stated"),
     ({"nodes": [node("a", 1, "10GiB")], "services": [service("one", nodes=["a"], memory="6GiB"),

@@ -87,6 +87,9 @@ def test_commands_for_boxes_builder_does_not_boot_are_what_builder_run_accepts()
     assert [argv[argv.index("--alias") + 1] for argv in found["rtx1"]] == ["qwen2.5-7b", "llama-3.1-8b"]
     head = found["rtx3"][0]
     assert head[head.index("--rpc") + 1] == "10.0.0.44:50052" and head[head.index("--host") + 1] == "10.0.0.43"
+    # the box keeps the GGUF under its sha256, and builder run checks it before the container starts
+    sha = load_cluster(path).service("codellama-34b").sha256
+    assert head[head.index("-m") + 1] == f"/srv/models/{sha}.gguf" and head[head.index("--model-sha256") + 1] == sha
     assert found["rtx4"] == [["builder", "run", "--target", "nvidia", "--detach", "--name",
                               "builder-codellama-34b-rpc", "rpc-worker", "--host", "10.0.0.44", "--port", "50052"]]
     for argv in [a for commands in found.values() for a in commands]:
