@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
 
 from builder.core.errors import RecipeError, SourceError
 from builder.core.run import run
@@ -142,6 +143,13 @@ def uv_argv(uv: str, requirements: Path, out: Path, python: str, arch: str, sour
     return [*argv, "--", str(requirements)]
 
 
+def _version(text: str) -> str:
+    try:
+        return str(Version(text))
+    except InvalidVersion:
+        return ""  # no wheel file name gives an empty version: the package is refused
+
+
 def _file_name(wheel: dict[str, Any]) -> str:
     where = wheel.get("name") or wheel.get("url") or wheel.get("path") or ""
     return unquote(urlsplit(str(where)).path.rsplit("/", 1)[-1])
@@ -162,7 +170,7 @@ def pick_wheels(pylock: dict[str, Any], python: str, arch: str) -> list[Resolved
                 wheel_name, wheel_version, _, tags = parse_wheel_filename(file)
             except InvalidWheelFilename:
                 raise SourceError(f"{name}: uv named a wheel {file!r} that is not a valid wheel file name") from None
-            if canonicalize_name(wheel_name) != canonicalize_name(name) or str(wheel_version) != version:
+            if canonicalize_name(wheel_name) != canonicalize_name(name) or str(wheel_version) != _version(version):
                 raise SourceError(f"{name} {version}: uv gave the wheel {file}, which is another package or version")
             fits = [rank[tag] for tag in tags if tag in rank]
             if fits and re.fullmatch(r"[0-9a-f]{64}", sha256) and (best is None or min(fits) < best[0]):

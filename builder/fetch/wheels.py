@@ -25,15 +25,13 @@ from builder.core.loopback import LoopbackServer, stable_port
 from builder.core.paths import cache_subdir
 from builder.core.run import run
 from builder.engines.cleanup import temp_dir, temp_path
-from builder.fetch.resolve import PipSources, resolve
+from builder.fetch.resolve import PipSources, platforms, resolve
 
 # Names and versions of a lock reach requirements files and RUN lines: plain characters only, matched whole.
 _LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})===([A-Za-z0-9][A-Za-z0-9.+!_-]{0,127}) "
                    r"--hash=sha256:([0-9a-f]{64})")
 _HEADER = re.compile(r"# ([a-z]+): ([^\x00-\x1f\x7f]*)")
 _STAMP = "%Y-%m-%dT%H:%M:%SZ"
-# pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself.
-_GLIBC_MINORS = range(17, 37)  # manylinux_2_17 (CentOS 7 era) up to glibc 2.36 (Debian bookworm)
 
 
 def canonical(name: str) -> str:
@@ -137,9 +135,8 @@ def pins_from_lines(lines: list[str]) -> tuple[Pin, ...]:
 
 
 def _platform_flags(arch: str) -> list[str]:
-    tags = [f"manylinux_2_{minor}_{arch}" for minor in reversed(_GLIBC_MINORS)]
-    tags += [f"manylinux2014_{arch}", f"linux_{arch}"]
-    return [flag for tag in tags for flag in ("--platform", tag)]
+    """pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself."""
+    return [flag for tag in platforms(arch) for flag in ("--platform", tag)]
 
 
 def _target_flags(python: str, arch: str) -> list[str]:
