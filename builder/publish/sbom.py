@@ -5,10 +5,11 @@ The Debian half comes from debsbom (PyPI: `debsbom generate` on the image's dpkg
 package that built it (`GENERATES`) and the dependency edges between them (`DEPENDS_ON`). The operating
 system is named from the image's /etc/os-release (an Ubuntu base is Ubuntu, its packages
 `pkg:deb/ubuntu/...`). builder adds what debsbom cannot see: Python packages from the dist-info folders of
-its site-packages (vLLM's virtual environment), and what the recipe says the image cannot: llama.cpp or
-vLLM, the SDK wheels and vendor .deb files with their sha256. The merged document is parsed and validated
-by spdx-tools before it is returned, and written in spdx-tools' JSON form. It is deterministic for one
-image: its date comes from the image's `created` label and its namespace from the image digest.
+its site-packages (vLLM's virtual environment, each with the sha256 of the wheel its lock pinned), and what
+the recipe says the image cannot: llama.cpp or vLLM, the SDK wheels and vendor .deb files with their
+sha256. The merged document is parsed and validated by spdx-tools before it is returned, and written in
+spdx-tools' JSON form. It is deterministic for one image: its date comes from the image's `created` label
+and its namespace from the image digest.
 """
 
 import json
@@ -21,10 +22,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from packaging.version import InvalidVersion, Version
+
 from builder import __version__
 from builder.core.errors import BuilderError
 from builder.core.run import run
 from builder.engines import Engine
+from builder.fetch.wheels import pins_from_lines
 from builder.plan.bases import host_arch
 from builder.recipe.models import BaseSpec, BuildPlan, ImageBase
 from builder.recipe.vllm_models import VllmPlan
@@ -182,13 +186,31 @@ def _pypi_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _python_packages(contents: ImageContents) -> list[tuple[dict[str, Any], str]]:
-    return [({
-        "SPDXID": _spdx_id(f"SPDXRef-pypi-{_pypi_name(p['name'])}-{p['path']}"), "name": p["name"],
-        "versionInfo": p["version"], "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
-        "sourceInfo": f"installed in {p['path']}", "externalRefs": [_purl("pypi", "", _pypi_name(p["name"]),
-                                                                          p["version"])],
-    }, "CONTAINS") for p in contents.python]
+def _normal_version(text: str) -> str:
+    try:
+        return str(Version(text))
+    except InvalidVersion:
+        return text
+
+
+def _python_packages(contents: ImageContents, lock: list[str] | None = None,
+                     lock_file: str | None = None) -> list[tuple[dict[str, Any], str]]:
+    """The Python distributions installed in the image; those a wheel lock pinned get its sha256."""
+    pinned = {(_pypi_name(pin.name), _normal_version(pin.version)): pin.sha256 for pin in pins_from_lines(lock or [])}
+    out: list[tuple[dict[str, Any], str]] = []
+    for p in contents.python:
+        package: dict[str, Any] = {
+            "SPDXID": _spdx_id(f"SPDXRef-pypi-{_pypi_name(p['name'])}-{p['path']}"), "name": p["name"],
+            "versionInfo": p["version"], "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
+            "sourceInfo": f"installed in {p['path']}",
+            "externalRefs": [_purl("pypi", "", _pypi_name(p["name"]), p["version"])],
+        }
+        sha256 = pinned.get((_pypi_name(p["name"]), _normal_version(p["version"])))
+        if sha256:
+            package["checksums"] = [{"algorithm": "SHA256", "checksumValue": sha256}]
+            package["comment"] = f"installed from the wheel {lock_file} pins by this sha256"
+        out.append((package, "CONTAINS"))
+    return out
 
 
 def _vendor_debs(base: BaseSpec | None, shipped: bool) -> list[tuple[dict[str, Any], str]]:
@@ -295,24 +317,26 @@ def make_sbom(plan: BuildPlan, image: str, digest: str, contents: ImageContents)
         }, "CONTAINS" if sdk.ship else "BUILD_DEPENDENCY_OF"))
     parts += _vendor_debs(plan.runtime, True) + _vendor_debs(plan.toolchain, False)
     comment = f"runtime base {plan.runtime_ref}; toolchain base {plan.toolchain_ref}"
-    return _image_document(plan, plan.variant, image, digest, comment, parts, contents)
+    return _image_document(plan, plan.variant, image, digest, comment, parts, contents, _python_packages(contents))
 
 
 def make_vllm_sbom(plan: VllmPlan, image: str, digest: str, contents: ImageContents) -> dict[str, Any]:
     """A vLLM image: vLLM and every Python package installed in it, vendor .debs, the OS and its packages."""
     parts = _vendor_debs(plan.base, True) + _vendor_debs(plan.toolchain, False)
     comment = f"vLLM {plan.vllm_version} for {plan.device}; base {plan.base_ref}; lock {plan.lock_file or 'none'}"
-    return _image_document(plan, f"vllm-{plan.variant}", image, digest, comment, parts, contents)
+    return _image_document(plan, f"vllm-{plan.variant}", image, digest, comment, parts, contents,
+                           _python_packages(contents, plan.lock_pins, plan.lock_file))
 
 
 def _image_document(plan: BuildPlan | VllmPlan, variant: str, image: str, digest: str, comment: str,
-                    parts: list[tuple[dict[str, Any], str]], contents: ImageContents) -> dict[str, Any]:
+                    parts: list[tuple[dict[str, Any], str]], contents: ImageContents,
+                    python: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
     """The document of one image: the recipe's parts, the Python packages, debsbom's Debian half; validated."""
     created = plan.labels.get("org.opencontainers.image.created", "1970-01-01T00:00:00Z")
     debian = debian_document(contents, created)
     doc = _document(f"builder-{plan.target}-{variant}", f"urn:builder:sbom:{plan.target}:{variant}:{digest}",
                     created, _image_package(image, digest, f"builder {plan.target}/{variant}; {comment}"), debian,
-                    parts + _python_packages(contents))
+                    parts + python)
     return validated(doc)
 
 

