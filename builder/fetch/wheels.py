@@ -1,18 +1,17 @@
 """Python packages pinned by hash: lock files, a wheel cache, and a wheelhouse served on 127.0.0.1.
 
 A lock is a pip requirements file with one `name===version --hash=sha256:…` line per package, resolved
-for the image's Python and platform (not the host's). Builds install with `--require-hashes`, so the
-same files go into the image whether pip reads them from builder's cache or from the package index.
+with uv for the image's Python and platform, not the host's (`fetch/resolve.py`). Builds install with
+`--require-hashes`, so the same files go into the image whether pip reads them from builder's cache or
+from the package index.
 The wheels are downloaded once into the cache; during a build builder serves that folder on 127.0.0.1
 (builds use the host network) and pip inside the build reads it with `--no-index --find-links`.
 """
 
 import hashlib
-import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -26,14 +25,13 @@ from builder.core.loopback import LoopbackServer, stable_port
 from builder.core.paths import cache_subdir
 from builder.core.run import run
 from builder.engines.cleanup import temp_dir, temp_path
+from builder.fetch.resolve import PipSources, platforms, resolve
 
 # Names and versions of a lock reach requirements files and RUN lines: plain characters only, matched whole.
 _LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})===([A-Za-z0-9][A-Za-z0-9.+!_-]{0,127}) "
                    r"--hash=sha256:([0-9a-f]{64})")
 _HEADER = re.compile(r"# ([a-z]+): ([^\x00-\x1f\x7f]*)")
 _STAMP = "%Y-%m-%dT%H:%M:%SZ"
-# pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself.
-_GLIBC_MINORS = range(17, 37)  # manylinux_2_17 (CentOS 7 era) up to glibc 2.36 (Debian bookworm)
 
 
 def canonical(name: str) -> str:
@@ -137,9 +135,8 @@ def pins_from_lines(lines: list[str]) -> tuple[Pin, ...]:
 
 
 def _platform_flags(arch: str) -> list[str]:
-    tags = [f"manylinux_2_{minor}_{arch}" for minor in reversed(_GLIBC_MINORS)]
-    tags += [f"manylinux2014_{arch}", f"linux_{arch}"]
-    return [flag for tag in tags for flag in ("--platform", tag)]
+    """pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself."""
+    return [flag for tag in platforms(arch) for flag in ("--platform", tag)]
 
 
 def _target_flags(python: str, arch: str) -> list[str]:
@@ -148,36 +145,16 @@ def _target_flags(python: str, arch: str) -> list[str]:
 
 
 def resolve_lock(python: str, requirements: list[str], index: str | None, arch: str, header: dict[str, str],
-                 leave_out: list[str]) -> Lock:
-    """Resolve requirements with pip for the image's Python and platform; returns pins with the index's hashes.
+                 leave_out: list[str], sources: PipSources | None = None) -> Lock:
+    """Resolve requirements with uv for the image's Python and platform; pins with the index's hashes.
 
-    pip evaluates environment markers with the interpreter it runs under, so the lock must be made under
-    the same Python minor version as the image's.
+    Packages in `leave_out` are resolved (their own requirements stay in the lock) and then dropped.
     """
-    running = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if running != python:
-        raise RecipeError(f"this lock is for Python {python}, but builder runs under Python {running}",
-                          f"run `builder lock --flavour vllm` from a Python {python} environment (environment markers)")
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
-        argv = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                "--report", str(report), "--target", str(Path(tmp) / "unused"), *_target_flags(python, arch)]
-        if index:
-            argv += ["--extra-index-url", index]
-        run([*argv, "--", *requirements], timeout=900)
-        installs = json.loads(report.read_text())["install"]
-    pins = []
-    for item in installs:
-        hashes = item["download_info"].get("archive_info", {}).get("hashes", {})
-        if "sha256" not in hashes:
-            url = item["download_info"]["url"]
-            raise SourceError(f"{item['metadata']['name']}: the index gave no sha256 for {url}")
-        pins.append(Pin(item["metadata"]["name"], item["metadata"]["version"], hashes["sha256"]))
     dropped = {canonical(n) for n in leave_out}
-    pins = [p for p in pins if canonical(p.name) not in dropped]
-    pins.sort(key=lambda p: canonical(p.name))
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return Lock({**header, "locked": stamp}, tuple(pins))
+    pins = [Pin(r.name, r.version, r.sha256) for r in resolve(python, requirements, index, arch, sources)
+            if canonical(r.name) not in dropped]
+    stamp = datetime.now(UTC).strftime(_STAMP)
+    return Lock({**header, "locked": stamp}, tuple(sorted(pins, key=lambda p: canonical(p.name))))
 
 
 def wheel_cache() -> Path:

@@ -1,35 +1,51 @@
 """An SPDX 2.3 (JSON) bill of materials per image, from what the image itself holds.
 
-The operating system comes from the image's /etc/os-release (an Ubuntu base is named Ubuntu, its packages
-`pkg:deb/ubuntu/...`), the packages from its dpkg database, Python packages from the dist-info folders of
-its site-packages (vLLM's virtual environment), so the document names what ships, not what the recipe
-asked for. The recipe adds what the image cannot say about itself: llama.cpp or vLLM, the SDK wheels and
-vendor .deb files with their sha256. The document is deterministic for one image: its dates come from
-the image's `created` label and its namespace from the image digest.
+The Debian half comes from debsbom (PyPI: `debsbom generate` on the image's dpkg database, its
+`/var/lib/apt/extended_states` and `/var/lib/dpkg/arch-native`): every installed binary package, the source
+package that built it (`GENERATES`) and the dependency edges between them (`DEPENDS_ON`). The operating
+system is named from the image's /etc/os-release (an Ubuntu base is Ubuntu, its packages
+`pkg:deb/ubuntu/...`). builder adds what debsbom cannot see: Python packages from the dist-info folders of
+its site-packages (vLLM's virtual environment, each with the sha256 of the wheel its lock pinned), and what
+the recipe says the image cannot: llama.cpp or vLLM, the SDK wheels and vendor .deb files with their
+sha256. The merged document is parsed and validated by spdx-tools before it is returned, and written in
+spdx-tools' JSON form. It is deterministic for one image: its date comes from the image's `created` label
+and its namespace from the image digest.
 """
 
 import json
 import re
 import shlex
+import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from packaging.version import InvalidVersion, Version
+
 from builder import __version__
+from builder.core.errors import BuilderError
 from builder.core.run import run
 from builder.engines import Engine
-from builder.fetch.debian import stanzas
+from builder.fetch.wheels import pins_from_lines
+from builder.plan.bases import host_arch
 from builder.recipe.models import BaseSpec, BuildPlan, ImageBase
 from builder.recipe.vllm_models import VllmPlan
 
 MEDIA_TYPE = "application/spdx+json"
 MARK = "@@builder-sbom "
-# Run inside the image (its own shell and sed): os-release, the dpkg database, then Name and Version of
-# every installed Python distribution. A constant: nothing from a recipe is spliced in.
+# Run inside the image (its own shell and sed): os-release, the dpkg database and apt's record of what was
+# installed by hand, then Name and Version of every installed Python distribution. A constant: nothing from
+# a recipe is spliced in.
 SCRIPT = r"""
 cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release 2>/dev/null
 echo "@@builder-sbom dpkg"
 cat /var/lib/dpkg/status 2>/dev/null
+echo "@@builder-sbom apt-states"
+cat /var/lib/apt/extended_states 2>/dev/null
+echo "@@builder-sbom arch"
+cat /var/lib/dpkg/arch-native 2>/dev/null
 echo "@@builder-sbom python"
 for f in /opt/*/lib/python3*/site-packages/*.dist-info/METADATA \
          /usr/local/lib/python3*/*-packages/*.dist-info/METADATA \
@@ -39,6 +55,12 @@ for f in /opt/*/lib/python3*/site-packages/*.dist-info/METADATA \
   sed -n -e '/^$/q' -e '/^Name: /p' -e '/^Version: /p' "$f"
 done
 """
+_SECTIONS = ("dpkg", "apt-states", "arch", "python")
+_VENDORS = ("debian", "ubuntu")  # the purl namespaces debsbom writes
+
+
+class SbomError(BuilderError):
+    """debsbom failed, or spdx-tools found the document invalid."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +68,9 @@ class ImageContents:
     """What an image says about itself."""
 
     os: dict[str, str] = field(default_factory=dict)  # os-release fields
-    packages: list[dict[str, str]] = field(default_factory=list)  # dpkg: name, version, arch, source
+    dpkg_status: str = ""  # /var/lib/dpkg/status as the image holds it
+    apt_states: str = ""  # /var/lib/apt/extended_states: which packages were installed by hand
+    arch: str = ""  # /var/lib/dpkg/arch-native (trixie on)
     python: list[dict[str, str]] = field(default_factory=list)  # name, version, path of METADATA
 
     @property
@@ -73,17 +97,6 @@ def parse_os_release(text: str) -> dict[str, str]:
     return fields
 
 
-def parse_dpkg_status(text: str) -> list[dict[str, str]]:
-    """Installed packages from a dpkg status file: name, version, architecture, source."""
-    packages = []
-    for fields in stanzas(text):
-        if fields.get("Package") and fields.get("Status", "").endswith(" installed"):
-            source = fields.get("Source", fields["Package"]).split(" ")[0]
-            packages.append({"name": fields["Package"], "version": fields.get("Version", ""),
-                             "arch": fields.get("Architecture", ""), "source": source})
-    return sorted(packages, key=lambda p: (p["name"], p["arch"]))
-
-
 def parse_python(text: str) -> list[dict[str, str]]:
     found: dict[tuple[str, str], dict[str, str]] = {}
     entry: dict[str, str] = {}
@@ -100,9 +113,19 @@ def parse_python(text: str) -> list[dict[str, str]]:
 
 
 def parse_contents(output: str) -> ImageContents:
-    os_part, _, rest = output.partition(MARK + "dpkg\n")
-    dpkg_part, _, python_part = rest.partition(MARK + "python\n")
-    return ImageContents(parse_os_release(os_part), parse_dpkg_status(dpkg_part), parse_python(python_part))
+    """SCRIPT's output: os-release first, then one section per `@@builder-sbom NAME` line."""
+    parts: dict[str, list[str]] = {"os": []}
+    current = "os"
+    for line in output.splitlines(keepends=True):
+        marker = line.rstrip("\n")
+        if marker.startswith(MARK) and marker[len(MARK):] in _SECTIONS and marker[len(MARK):] not in parts:
+            current = marker[len(MARK):]
+            parts[current] = []
+        else:
+            parts.setdefault(current, []).append(line)
+    text = {name: "".join(lines) for name, lines in parts.items()}
+    return ImageContents(parse_os_release(text["os"]), text.get("dpkg", ""), text.get("apt-states", ""),
+                         text.get("arch", "").strip(), parse_python(text.get("python", "")))
 
 
 def read_contents(engine: Engine, ref: str) -> ImageContents:
@@ -110,6 +133,40 @@ def read_contents(engine: Engine, ref: str) -> ImageContents:
     proc = run([*engine.run_argv(), "--rm", "--network", "none", "--entrypoint", "sh", "--", ref, "-c", SCRIPT],
                timeout=300)
     return parse_contents(proc.stdout)
+
+
+# --- the Debian half: debsbom ----------------------------------------------------------------------------
+
+def debian_document(contents: ImageContents, created: str) -> dict[str, Any]:
+    """debsbom's SPDX document (as JSON) of the image's dpkg database, written into a scratch root folder.
+
+    debsbom reads only the files it is given (no apt lists: the images keep none), offline.
+    """
+    vendor = contents.distro if contents.distro in _VENDORS else "debian"
+    has_dpkg = re.search(r"^Package: dpkg$", contents.dpkg_status, re.MULTILINE) is not None
+    with tempfile.TemporaryDirectory(prefix="builder-sbom-") as folder:
+        root = Path(folder)
+        (root / "var/lib/dpkg").mkdir(parents=True)
+        (root / "var/lib/dpkg/status").write_text(contents.dpkg_status, encoding="utf-8")
+        if contents.arch:
+            (root / "var/lib/dpkg/arch-native").write_text(contents.arch + "\n")
+        if contents.apt_states:
+            (root / "var/lib/apt").mkdir(parents=True)
+            (root / "var/lib/apt/extended_states").write_text(contents.apt_states, encoding="utf-8")
+        argv = [sys.executable, "-m", "debsbom.cli", "generate", "--sbom-type", "spdx", "--root", str(root),
+                "--distro-name", contents.distro, "--distro-supplier", contents.distro_name,
+                "--base-distro-vendor", vendor, "--spdx-namespace", "https://spdx.invalid/builder-debsbom",
+                "--timestamp", created, "--out", "-"]
+        if contents.os.get("VERSION_ID"):
+            argv += ["--distro-version", contents.os["VERSION_ID"]]
+        if not contents.arch and not has_dpkg:  # no dpkg to say it (an image without dpkg's own package)
+            argv += ["--distro-arch", host_arch()]
+        proc = run(argv, timeout=600)
+    try:
+        doc: dict[str, Any] = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise SbomError("debsbom printed no SPDX document", "run it with -v to see why") from None
+    return doc
 
 
 # --- the document --------------------------------------------------------------------------------------
@@ -129,34 +186,31 @@ def _pypi_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _os_packages(contents: ImageContents) -> list[tuple[dict[str, Any], str]]:
-    """(SPDX package, relationship to the image) for the operating system and its dpkg packages."""
-    distro, name = contents.distro, contents.distro_name
-    version = contents.os.get("VERSION_ID", "")
-    out: list[tuple[dict[str, Any], str]] = [({
-        "SPDXID": "SPDXRef-os", "name": distro, "versionInfo": version or "NOASSERTION",
-        "downloadLocation": "NOASSERTION", "filesAnalyzed": False, "primaryPackagePurpose": "OPERATING-SYSTEM",
-        "supplier": f"Organization: {name}", "comment": contents.os.get("PRETTY_NAME", f"{name} {version}").strip()
-        + " (from the image's /etc/os-release)",
-    }, "CONTAINS")]
-    qualifier = f"{distro}-{version}" if version else ""
-    for pkg in contents.packages:
-        out.append(({
-            "SPDXID": _spdx_id(f"SPDXRef-deb-{pkg['name']}-{pkg['arch']}"), "name": pkg["name"],
-            "versionInfo": pkg["version"], "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
-            "supplier": f"Organization: {name}", "sourceInfo": f"{name} source package {pkg['source']}",
-            "externalRefs": [_purl("deb", distro, pkg["name"], pkg["version"], arch=pkg["arch"], distro=qualifier)],
-        }, "CONTAINS"))
+def _normal_version(text: str) -> str:
+    try:
+        return str(Version(text))
+    except InvalidVersion:
+        return text
+
+
+def _python_packages(contents: ImageContents, lock: list[str] | None = None,
+                     lock_file: str | None = None) -> list[tuple[dict[str, Any], str]]:
+    """The Python distributions installed in the image; those a wheel lock pinned get its sha256."""
+    pinned = {(_pypi_name(pin.name), _normal_version(pin.version)): pin.sha256 for pin in pins_from_lines(lock or [])}
+    out: list[tuple[dict[str, Any], str]] = []
+    for p in contents.python:
+        package: dict[str, Any] = {
+            "SPDXID": _spdx_id(f"SPDXRef-pypi-{_pypi_name(p['name'])}-{p['path']}"), "name": p["name"],
+            "versionInfo": p["version"], "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
+            "sourceInfo": f"installed in {p['path']}",
+            "externalRefs": [_purl("pypi", "", _pypi_name(p["name"]), p["version"])],
+        }
+        sha256 = pinned.get((_pypi_name(p["name"]), _normal_version(p["version"])))
+        if sha256:
+            package["checksums"] = [{"algorithm": "SHA256", "checksumValue": sha256}]
+            package["comment"] = f"installed from the wheel {lock_file} pins by this sha256"
+        out.append((package, "CONTAINS"))
     return out
-
-
-def _python_packages(contents: ImageContents) -> list[tuple[dict[str, Any], str]]:
-    return [({
-        "SPDXID": _spdx_id(f"SPDXRef-pypi-{_pypi_name(p['name'])}-{p['path']}"), "name": p["name"],
-        "versionInfo": p["version"], "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
-        "sourceInfo": f"installed in {p['path']}", "externalRefs": [_purl("pypi", "", _pypi_name(p["name"]),
-                                                                          p["version"])],
-    }, "CONTAINS") for p in contents.python]
 
 
 def _vendor_debs(base: BaseSpec | None, shipped: bool) -> list[tuple[dict[str, Any], str]]:
@@ -184,11 +238,17 @@ def _image_package(image: str, digest: str, comment: str) -> dict[str, Any]:
                                                   f"@{digest.replace(':', '%3A')}"}]}
 
 
-def _document(name: str, namespace: str, created: str, image: dict[str, Any],
+def _document(name: str, namespace: str, created: str, image: dict[str, Any], debian: dict[str, Any],
               parts: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
-    packages = [image]
+    """The image describes the document; it contains the OS (and each installed .deb) from debsbom's
+    document, whose own edges (sources, dependencies) stay, and builder's parts."""
     relationships = [{"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES",
                       "relatedSpdxElement": "SPDXRef-image"}]
+    relationships += [r for r in debian.get("relationships", []) if r.get("spdxElementId") != "SPDXRef-DOCUMENT"]
+    for package in debian.get("packages", []):
+        if package.get("primaryPackagePurpose") != "SOURCE":  # the OS and the binary packages are in the image
+            parts.append((package, "CONTAINS"))
+    packages = [image]
     seen = {"SPDXRef-image"}
     for package, relation in parts:
         if package["SPDXID"] in seen:
@@ -201,12 +261,36 @@ def _document(name: str, namespace: str, created: str, image: dict[str, Any],
         else:
             relationships.append({"spdxElementId": package["SPDXID"], "relationshipType": relation,
                                   "relatedSpdxElement": "SPDXRef-image"})
+    packages += [p for p in debian.get("packages", []) if p["SPDXID"] not in seen]  # the source packages
+    creators = [f"Tool: builder-{__version__}", *(c for c in debian.get("creationInfo", {}).get("creators", [])
+                                                  if c.startswith("Tool: "))]
     return {
         "spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT", "name": name,
-        "documentNamespace": namespace,
-        "creationInfo": {"created": created, "creators": [f"Tool: builder-{__version__}"]},
-        "packages": packages, "relationships": relationships,
+        "documentNamespace": namespace, "creationInfo": {"created": created, "creators": creators},
+        "packages": sorted(packages, key=lambda p: (p["SPDXID"] != "SPDXRef-image", p["SPDXID"])),
+        "relationships": sorted(relationships, key=lambda r: (r["relationshipType"] != "DESCRIBES",
+                                                              r["spdxElementId"], r["relationshipType"],
+                                                              r["relatedSpdxElement"], r.get("comment", ""))),
     }
+
+
+def validated(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document as spdx-tools parses, validates and writes it; the first problem it finds is an error."""
+    from spdx_tools.spdx.jsonschema.document_converter import DocumentConverter
+    from spdx_tools.spdx.parser.error import SPDXParsingError
+    from spdx_tools.spdx.parser.jsonlikedict.json_like_dict_parser import JsonLikeDictParser
+    from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+
+    try:
+        document = JsonLikeDictParser().parse(doc)  # type: ignore[no-untyped-call]
+    except SPDXParsingError as exc:
+        raise SbomError(f"SBOM {doc.get('name')}: spdx-tools cannot parse it: {exc.get_messages()[:1]}") from None  # type: ignore[no-untyped-call]
+    problems = validate_full_spdx_document(document)
+    if problems:
+        raise SbomError(f"SBOM {doc.get('name')}: not valid SPDX ({len(problems)} problems): "
+                        f"{problems[0].validation_message}")
+    out: dict[str, Any] = DocumentConverter().convert(document)  # type: ignore[no-untyped-call]
+    return out
 
 
 def make_sbom(plan: BuildPlan, image: str, digest: str, contents: ImageContents) -> dict[str, Any]:
@@ -233,23 +317,27 @@ def make_sbom(plan: BuildPlan, image: str, digest: str, contents: ImageContents)
         }, "CONTAINS" if sdk.ship else "BUILD_DEPENDENCY_OF"))
     parts += _vendor_debs(plan.runtime, True) + _vendor_debs(plan.toolchain, False)
     comment = f"runtime base {plan.runtime_ref}; toolchain base {plan.toolchain_ref}"
-    return _image_document(plan, plan.variant, image, digest, comment, parts, contents)
+    return _image_document(plan, plan.variant, image, digest, comment, parts, contents, _python_packages(contents))
 
 
 def make_vllm_sbom(plan: VllmPlan, image: str, digest: str, contents: ImageContents) -> dict[str, Any]:
     """A vLLM image: vLLM and every Python package installed in it, vendor .debs, the OS and its packages."""
     parts = _vendor_debs(plan.base, True) + _vendor_debs(plan.toolchain, False)
     comment = f"vLLM {plan.vllm_version} for {plan.device}; base {plan.base_ref}; lock {plan.lock_file or 'none'}"
-    return _image_document(plan, f"vllm-{plan.variant}", image, digest, comment, parts, contents)
+    return _image_document(plan, f"vllm-{plan.variant}", image, digest, comment, parts, contents,
+                           _python_packages(contents, plan.lock_pins, plan.lock_file))
 
 
 def _image_document(plan: BuildPlan | VllmPlan, variant: str, image: str, digest: str, comment: str,
-                    parts: list[tuple[dict[str, Any], str]], contents: ImageContents) -> dict[str, Any]:
-    """The document of one image: the recipe's parts, then what the image holds (OS and Python packages)."""
-    parts = parts + _os_packages(contents) + _python_packages(contents)
+                    parts: list[tuple[dict[str, Any], str]], contents: ImageContents,
+                    python: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """The document of one image: the recipe's parts, the Python packages, debsbom's Debian half; validated."""
     created = plan.labels.get("org.opencontainers.image.created", "1970-01-01T00:00:00Z")
-    return _document(f"builder-{plan.target}-{variant}", f"urn:builder:sbom:{plan.target}:{variant}:{digest}",
-                     created, _image_package(image, digest, f"builder {plan.target}/{variant}; {comment}"), parts)
+    debian = debian_document(contents, created)
+    doc = _document(f"builder-{plan.target}-{variant}", f"urn:builder:sbom:{plan.target}:{variant}:{digest}",
+                    created, _image_package(image, digest, f"builder {plan.target}/{variant}; {comment}"), debian,
+                    parts + python)
+    return validated(doc)
 
 
 def sbom_bytes(doc: dict[str, Any]) -> bytes:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from builder.publish.sbom import parse_dpkg_status
 from builder.registry.client import Repository, find_credentials
 from conftest import ROOT, run_cli_inproc
 
@@ -104,28 +103,3 @@ def test_registry_option_must_name_a_host_and_a_valid_repository() -> None:
     proc = run_cli_inproc("publish", "--target", "cpu", "--registry", "ghcr.io/Owner/Builder")
     assert proc.returncode == 2 and "not a valid repository name" in proc.stderr
     assert Repository.parse("127.0.0.1:5000/x").plain_http and not Repository.parse("ghcr.io/x").plain_http
-
-
-def test_dpkg_status_gives_installed_packages_only() -> None:
-    status = """Package: libc6
-Status: install ok installed
-Architecture: amd64
-Source: glibc
-Version: 2.36-9+deb12u10
-Description: GNU C Library
- multi-line description
-
-Package: removed-one
-Status: deinstall ok config-files
-Version: 1.0
-
-Package: libgomp1
-Status: install ok installed
-Architecture: amd64
-Source: gcc-12 (12.2.0-14)
-Version: 12.2.0-14
-"""
-    assert parse_dpkg_status(status) == [
-        {"name": "libc6", "version": "2.36-9+deb12u10", "arch": "amd64", "source": "glibc"},
-        {"name": "libgomp1", "version": "12.2.0-14", "arch": "amd64", "source": "gcc-12"},
-    ]
