@@ -229,14 +229,14 @@ kernel_log_line() {
 
 # One JSON line: does llama.cpp list the device this image is built for? Returns 0 when it does.
 check_device() {
-    local expected=${LLAMA_SMOKE_DEVICE:-CPU} out name description found="" listed="" notes state why
-    local names=()
+    local expected=${LLAMA_SMOKE_DEVICE:-CPU} out line name description found="" listed="" notes state why
+    local names="" missing=${LLAMA_SMOKE_DEVICE:-CPU}
     # An unknown device makes ggml-rpc-server list every device its backends found (the CPU included).
     out=$(ggml-rpc-server -d builder-list-devices 2>&1 || true)
     while IFS= read -r line; do
         [[ $line =~ ^\ \ ([A-Za-z0-9_]+):\ (.*)$ ]] || continue
         name=${BASH_REMATCH[1]} description=${BASH_REMATCH[2]}
-        names+=("$(json_string "$name")")
+        names+="${names:+, }$(json_string "$name")"
         listed+="${listed:+, }$name ($description)"
         if [[ -z $found && ( $name == "$expected" || $name =~ ^${expected}[0-9]+$ ) ]]; then
             found="$name ($description)"
@@ -246,7 +246,7 @@ check_device() {
     # it falls back to OpenVINO's CPU plugin, which says so.
     if [ -n "$found" ] && grep -q "is not available, fallback to CPU" <<<"$out"; then
         notes=$(grep -m1 "is not available, fallback to CPU" <<<"$out" | sed 's/^[^:]*: //')
-        found=""
+        missing="${GGML_OPENVINO_DEVICE:-NPU} (OpenVINO)" found=""
     else
         notes=$(grep -iE "no devices found|failed to initialize|error while loading" <<<"$out" | grep -v '^No devices found$' \
             | head -n 2 | tr '\n' ' ' | sed 's/ *$//' || true)
@@ -255,14 +255,13 @@ check_device() {
         state=ready why="llama.cpp lists $found"
     else
         state=degraded
-        why="no $expected device: llama.cpp lists ${listed:-no device at all}${notes:+; $notes}"
+        why="no $missing device: llama.cpp lists ${listed:-no device at all}${notes:+; $notes}"
         local kernel
         kernel=$(kernel_log_line)
         why+="${kernel:+; $kernel}"
     fi
-    local IFS=,
     printf '{"state": "%s", "expected": %s, "devices": [%s], "why": %s}\n' "$state" "$(json_string "$expected")" \
-        "${names[*]}" "$(json_string "$why")"
+        "$names" "$(json_string "$why")"
     [ "$state" = ready ]
 }
 
