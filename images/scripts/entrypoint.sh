@@ -224,7 +224,11 @@ kernel_log_line() {
         return 0
     fi
     line=$(grep -E "\b(${modules// /|})\b" <<<"$log" | tail -n 1 || true)
-    echo "${line:+last ${modules// /\/} kernel log line: $line}${line:-no ${modules// /\/} line in the kernel log (is the module loaded?)}"
+    if [ -n "$line" ]; then
+        echo "last ${modules// /\/} kernel log line: $line"
+    else
+        echo "no ${modules// /\/} line in the kernel log (is the module loaded?)"
+    fi
 }
 
 # One JSON line: does llama.cpp list the device this image is built for? Returns 0 when it does.
