@@ -56,6 +56,9 @@ ENV_NAMES = frozenset((
     # vLLM's CPU backend takes its KV cache size and thread placement only from the environment: tuning, like
     # the threads above (the other VLLM_* names set its address, ports or model, and count as args)
     "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU",
+    # "1": a node's RPC worker serves on what llama.cpp lists when its image's device is missing, instead of
+    # refusing to listen (the image's rpc-worker role; its check-device line still says degraded)
+    "LLAMA_ALLOW_FALLBACK",
 ))
 # These set a server's arguments (llama.cpp reads LLAMA_ARG_*, vLLM VLLM_*, Ray RAY_*, llama-server's Vertex AI
 # mode AIP_* adds routes): they are args by another name.

@@ -44,7 +44,7 @@ class LlamaCpp(Flavour):
     name = "llama.cpp"
     tag_prefix = ""
     serves = "llama"
-    roles = ("rpc-worker", "server", "bench", "shell", "smoke", "help")
+    roles = ("rpc-worker", "server", "bench", "shell", "smoke", "check-device", "qualify", "help")
     recipe_model = Recipe
 
     def recipe_path(self, target: str) -> Path:

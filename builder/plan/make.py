@@ -69,6 +69,7 @@ def make_plan(
         labels=labels,
         smoke_device=chosen.smoke_device,
         repository=f"localhost/builder/{target.name}",
+        driver_modules=" ".join(m for choice in chosen.host.modules for m in choice),
         sdks=dict(section.sdks),
         # The smoke role lets exactly these stay unresolved on a machine without the device.
         env={**({"LLAMA_DRIVER_LIBS": " ".join(chosen.driver_libs)} if chosen.driver_libs else {}),

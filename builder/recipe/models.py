@@ -348,6 +348,8 @@ class BuildPlan(Strict):
     labels: dict[LabelKey, OneLine]
     smoke_device: str
     repository: str
+    driver_modules: str = Field(default="", pattern=r"^[a-z0-9_ ]*$",
+                                description="the device's kernel modules, for the kernel-log line of a degraded check")
     sdks: dict[str, SdkSpec] = Field(default_factory=dict)
     env: dict[EnvName, OneLine] = Field(default_factory=dict, description="image environment defaults of the variant")
     ship: list[ShipGlob] = Field(default_factory=list, description="toolchain-stage globs installed with the binaries")

@@ -22,6 +22,7 @@ from builder.recipe.models import BuildPlan, ImageBase
 
 IMAGES_DIR = PROJECT_ROOT / "images"
 SOURCE_DIR = "llama.cpp"  # where the llama.cpp tree lands in the context
+QUALIFY_SOURCE = "qualify/llama-qualify.c"  # the qualification program, compiled by the toolchain stage
 APT_DIR = "apt"  # vendor apt sources (rendered) and their signing keys and .deb files (fetched at build time)
 # Folders of a context that `build` (and `render --with-source`) fill from pinned inputs; not in plain renders.
 STAGED_AT_BUILD = (SOURCE_DIR, SDK_DIR, APT_DIR)
@@ -98,7 +99,9 @@ def render_files(plan: BuildPlan) -> dict[str, bytes]:
     # Only the scripts this Containerfile uses: everything in a context is used (see .containerignore).
     scripts = ["build-llama.sh", "entrypoint.sh"] + (["apt-install.sh"] if apt_packages(plan) else [])
     containerfile = environment().get_template("Containerfile.j2").render(plan=plan)
-    return {**context_files(containerfile, [IMAGES_DIR / "scripts" / s for s in scripts]), **_apt_sources(plan)}
+    qualify = {QUALIFY_SOURCE: (IMAGES_DIR / QUALIFY_SOURCE).read_bytes()}
+    return {**context_files(containerfile, [IMAGES_DIR / "scripts" / s for s in scripts]), **qualify,
+            **_apt_sources(plan)}
 
 
 def context_files(containerfile: str, scripts: list[Path]) -> dict[str, bytes]:

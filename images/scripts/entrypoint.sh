@@ -3,19 +3,31 @@
 # RPC workers and the server listen on loopback unless told otherwise: ggml RPC has no authentication.
 set -euo pipefail
 
+# The qualification model and the ids its greedy run gave on the CPU when the image was built.
+QUALIFY_DIR=/usr/lib/builder
+
 usage() {
     cat <<'USAGE'
 usage: ROLE [ARGS...]
 
 roles:
-  rpc-worker [--host ADDR] [--port N] [--no-cache] [--allow-public-bind] [ggml-rpc-server args...]
+  rpc-worker [--host ADDR] [--port N] [--no-cache] [--allow-public-bind] [--allow-fallback]
+             [ggml-rpc-server args...]
              ggml-rpc-server with its tensor cache (-c) in $LLAMA_CACHE/rpc.
              Default 127.0.0.1:50052. Wildcard addresses (0.0.0.0, ::) are refused unless
              --allow-public-bind is given: RPC is unauthenticated, keep it on a private network.
+             Runs check-device first: without the image's device it prints the degraded line and
+             exits 1 without listening, unless --allow-fallback (or LLAMA_ALLOW_FALLBACK=1) is given.
   server     --model PATH [--rpc HOST:PORT,...] [llama-server args...]
              llama-server, default 127.0.0.1:8080.
   bench      [llama-bench args...]
   shell      [bash args...]
+  check-device
+             does llama.cpp list the device this image is built for ($LLAMA_SMOKE_DEVICE)? One JSON line
+             {"state": "ready"|"degraded", "expected", "devices", "why"}; exit 0 ready, 1 degraded
+  qualify    check-device, then a greedy run of the tiny model shipped in the image on that device,
+             compared with the token ids recorded when the image was built. One JSON line, state
+             "qualified" (exit 0), "degraded" (exit 1) or "unqualified" with both id lists (exit 3)
   smoke      check that every binary runs and the expected device is listed; without the device,
              its backend must load and the missing device is reported (LLAMA_SMOKE_REQUIRE_DEVICE=1: fail)
   help       this text
@@ -52,6 +64,7 @@ is_wildcard() {
 
 rpc_worker() {
     local host=127.0.0.1 port=50052 cache=1 allow_public=${LLAMA_RPC_ALLOW_PUBLIC:-0}
+    local allow_fallback=${LLAMA_ALLOW_FALLBACK:-0} report
     local extra=()
     while [ $# -gt 0 ]; do
         case "$1" in
@@ -61,6 +74,7 @@ rpc_worker() {
             -c | --cache) cache=1; shift ;;
             --no-cache) cache=0; shift ;;
             --allow-public-bind) allow_public=1; shift ;;
+            --allow-fallback) allow_fallback=1; shift ;;
             *) extra+=("$1"); shift ;;
         esac
     done
@@ -68,6 +82,16 @@ rpc_worker() {
         echo "rpc-worker: refusing to listen on '$host': ggml RPC is unauthenticated and would be open to every network;" \
             "bind a private address (--host 10.0.0.5) or pass --allow-public-bind" >&2
         exit 2
+    fi
+    # A worker without its device would serve the CPU fallback, 10-50x slower, to a head that cannot tell.
+    if ! report=$(check_device); then
+        if [ "$allow_fallback" != 1 ]; then
+            echo "$report"
+            echo "rpc-worker: not listening: no ${LLAMA_SMOKE_DEVICE:-CPU} device (pass --allow-fallback or" \
+                "LLAMA_ALLOW_FALLBACK=1 to serve on what llama.cpp lists instead)" >&2
+            exit 1
+        fi
+        echo "rpc-worker: serving without its device, as allowed: $report" >&2
     fi
     local args=(-H "$host" -p "$port")
     [ "$cache" = 1 ] && args+=(-c)
@@ -162,8 +186,130 @@ smoke() {
         echo "$out" >&2
         failed=1
     fi
+    # The image's own record of the qualification run (written by its build) must hold on the CPU here too.
+    local recorded got
+    recorded=$(cat "$QUALIFY_DIR/qualify.json" 2>/dev/null || true)
+    got=$(llama-qualify run "$QUALIFY_DIR/qualify.gguf" --cpu 2>&1 || true)
+    if [ -n "$(ids_of "$recorded")" ] && [ "$(ids_of "$got")" = "$(ids_of "$recorded")" ]; then
+        echo "smoke: ok   qualification model: the CPU gives the recorded ids ($(ids_of "$got"))"
+    else
+        echo "smoke: FAIL qualification model: recorded ${recorded:-nothing}, the CPU gave: ${got:-nothing}" >&2
+        failed=1
+    fi
     llama-server --version 2>&1 | sed -n 's/^version: /smoke: version /p'
     return "$failed"
+}
+
+# --- readiness: the device, then the answers ---
+
+# $1 as a JSON string (quotes included): backslash and quote escaped, line breaks and tabs written as
+# escapes, other control characters dropped.
+json_string() {
+    local text=$1
+    text=${text//\\/\\\\}
+    text=${text//\"/\\\"}
+    text=${text//$'\n'/\\n}
+    text=${text//$'\r'/\\r}
+    text=${text//$'\t'/\\t}
+    printf '"%s"' "$(printf '%s' "$text" | tr -d '\000-\037')"
+}
+
+# The driver's last line in the kernel log ($LLAMA_DRIVER_MODULES: the kernel modules of this image's
+# device), or why there is none. Containers usually may not read the kernel log; that is said, not hidden.
+kernel_log_line() {
+    local modules=${LLAMA_DRIVER_MODULES:-} log line
+    [ -n "$modules" ] || return 0
+    if ! log=$(dmesg 2>&1); then
+        echo "kernel log not readable here (${log##*$'\n'}): read it on the host (dmesg | grep -E '${modules// /|}')"
+        return 0
+    fi
+    line=$(grep -E "\b(${modules// /|})\b" <<<"$log" | tail -n 1 || true)
+    if [ -n "$line" ]; then
+        echo "last ${modules// /\/} kernel log line: $line"
+    else
+        echo "no ${modules// /\/} line in the kernel log (is the module loaded?)"
+    fi
+}
+
+# One JSON line: does llama.cpp list the device this image is built for? Returns 0 when it does.
+check_device() {
+    local expected=${LLAMA_SMOKE_DEVICE:-CPU} out line name description found="" listed="" notes state why
+    local names="" missing=${LLAMA_SMOKE_DEVICE:-CPU}
+    # An unknown device makes ggml-rpc-server list every device its backends found (the CPU included).
+    out=$(ggml-rpc-server -d builder-list-devices 2>&1 || true)
+    while IFS= read -r line; do
+        [[ $line =~ ^\ \ ([A-Za-z0-9_]+):\ (.*)$ ]] || continue
+        name=${BASH_REMATCH[1]} description=${BASH_REMATCH[2]}
+        names+="${names:+, }$(json_string "$name")"
+        listed+="${listed:+, }$name ($description)"
+        if [[ -z $found && ( $name == "$expected" || $name =~ ^${expected}[0-9]+$ ) ]]; then
+            found="$name ($description)"
+        fi
+    done <<<"$out"
+    # The OpenVINO backend lists its device even when the one asked for (GGML_OPENVINO_DEVICE) is absent:
+    # it falls back to OpenVINO's CPU plugin, which says so.
+    if [ -n "$found" ] && grep -q "is not available, fallback to CPU" <<<"$out"; then
+        notes=$(grep -m1 "is not available, fallback to CPU" <<<"$out" | sed 's/^[^:]*: //')
+        missing="${GGML_OPENVINO_DEVICE:-NPU} (OpenVINO)" found=""
+    else
+        notes=$(grep -iE "no devices found|failed to initialize|error while loading" <<<"$out" | grep -v '^No devices found$' \
+            | head -n 2 | tr '\n' ' ' | sed 's/ *$//' || true)
+    fi
+    if [ -n "$found" ]; then
+        state=ready why="llama.cpp lists $found"
+    else
+        state=degraded
+        why="no $missing device: llama.cpp lists ${listed:-no device at all}${notes:+; $notes}"
+        local kernel
+        kernel=$(kernel_log_line)
+        why+="${kernel:+; $kernel}"
+    fi
+    printf '{"state": "%s", "expected": %s, "devices": [%s], "why": %s}\n' "$state" "$(json_string "$expected")" \
+        "$names" "$(json_string "$why")"
+    [ "$state" = ready ]
+}
+
+# The ids field of a JSON line llama-qualify wrote ("ids": [1, 2, 3]), or nothing.
+ids_of() { sed -n 's/.*"ids": \[\([0-9, ]*\)\].*/\1/p' <<<"$1"; }
+field_of() { sed -n "s/.*\"$1\": \"\{0,1\}\([A-Za-z0-9_.]*\).*/\1/p" <<<"$2"; }
+
+qualify() {
+    local report recorded expected_ids got device recorded_on gap errors state why
+    if ! report=$(check_device); then
+        echo "$report"
+        return 1
+    fi
+    recorded=$(cat "$QUALIFY_DIR/qualify.json" 2>/dev/null || true)
+    expected_ids=$(ids_of "$recorded")
+    recorded_on=$(field_of device "$recorded")
+    errors=$(mktemp)
+    if ! got=$(llama-qualify run "$QUALIFY_DIR/qualify.gguf" 2>"$errors"); then
+        got=""
+        why="llama-qualify failed: $(grep -v '^load_backend' "$errors" | tail -n 1)"
+    fi
+    rm -f "$errors"
+    device=$(field_of device "$got")
+    gap=$(field_of min_gap "$got")
+    if [ -z "$expected_ids" ]; then
+        state=unqualified why="$QUALIFY_DIR/qualify.json holds no recorded ids"
+    elif [ -z "$got" ]; then
+        state=unqualified
+    elif [ "$(ids_of "$got")" = "$expected_ids" ]; then
+        state=qualified why="$device gives the ids recorded on ${recorded_on:-the build host}"
+    else
+        local mine theirs step=0
+        read -r -a mine <<<"$(ids_of "$got" | tr -d ,)"
+        read -r -a theirs <<<"$(tr -d , <<<"$expected_ids")"
+        while [ "$step" -lt "${#mine[@]}" ] && [ "${mine[step]}" = "${theirs[step]:-}" ]; do step=$((step + 1)); done
+        state=unqualified
+        why="$device gives other ids than those recorded on ${recorded_on:-the build host}, from step $step on"
+        [ "$device" != "$recorded_on" ] && why+=" (ids were never recorded on $device itself)"
+    fi
+    printf '{"state": "%s", "expected": %s, "device": %s, "ids": [%s], "recorded": [%s], "recorded_on": %s, "min_gap": %s, "why": %s}\n' \
+        "$state" "$(json_string "${LLAMA_SMOKE_DEVICE:-CPU}")" "$(json_string "$device")" "$(ids_of "$got")" \
+        "$expected_ids" "$(json_string "$recorded_on")" "${gap:-null}" "$(json_string "$why")"
+    [ "$state" = qualified ] && return 0
+    return 3
 }
 
 role=${1:-help}
@@ -174,6 +320,8 @@ case "$role" in
     bench) exec llama-bench "$@" ;;
     shell) exec bash "$@" ;;
     smoke) smoke ;;
+    check-device) check_device ;;
+    qualify) qualify ;;
     # Toolbx starts its containers with `toolbox init-container …` as the command (the binary is mounted
     # from the host), not as an entrypoint.
     toolbox) exec toolbox "$@" ;;

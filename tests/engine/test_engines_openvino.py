@@ -169,3 +169,18 @@ def test_greedy_text_on_openvino_follows_the_cpu_image(images: dict[str, str], t
     if shared < len(expected):
         _, best, second = expected[shared]
         assert best - second < 0.05, f"a difference at a clear choice (margin {best - second:.3f}): {texts}"
+
+
+def test_a_missing_npu_is_degraded_and_openvino_on_its_cpu_plugin_qualifies(images: dict[str, str]) -> None:
+    """OpenVINO lists OPENVINO0 even when the NPU it was asked for is absent (it falls back to its CPU plugin):
+    the image's device check reads that fallback as degraded. Asked for its CPU device, the OpenVINO backend
+    (bf16 where the CPU has it) gives the ids the build recorded with llama.cpp's CPU backend."""
+    proc = run_cli("run", *NPU, "check-device")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["state"] == "degraded" and "OPENVINO0" in doc["devices"]
+    assert doc["why"].startswith("no NPU (OpenVINO) device:") and "intel_vpu" in doc["why"]
+    proc = run_cli("run", *NPU, "--env", OPENVINO_CPU[0], "qualify", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["state"] == "qualified" and doc["device"] == "OPENVINO0" and doc["ids"] == doc["recorded"]

@@ -95,3 +95,46 @@ def test_vulkan_run_contract_reaches_the_engine(images: dict[str, str]) -> None:
     podman = ENGINES[ENGINE]()
     assert proc.stdout.startswith(" ".join(podman.run_argv()))
     subprocess.run([*podman.command(), "image", "exists", images["vulkan"]], check=True)
+
+
+def device_check(target: str, role: str, *env: str) -> tuple[int, dict[str, object], str]:
+    """`builder run ROLE` on a Vulkan image: its exit code, its one JSON line, its stderr."""
+    proc = run_cli("run", "--target", target, "--variant", "vulkan", "--engine", ENGINE,
+                   *[flag for item in env for flag in ("--env", item)], role, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    return proc.returncode, json.loads(lines[0]), proc.stderr
+
+
+def test_lavapipe_alone_is_no_vulkan_device_so_the_check_says_degraded(images: dict[str, str]) -> None:
+    """ggml-vulkan skips CPU-type devices by default: the image honestly has no Vulkan device, says which
+    devices it saw and what the kernel log holds (or that it cannot be read in a container)."""
+    code, doc, _ = device_check("intel-arc", "check-device")
+    assert code == 1
+    assert doc["state"] == "degraded" and doc["expected"] == "Vulkan" and doc["devices"] == ["CPU"]
+    why = str(doc["why"])
+    assert why.startswith("no Vulkan device: llama.cpp lists CPU (") and "No devices found" in why
+    assert "kernel log" in why and "i915" in why
+
+
+def test_lavapipe_made_visible_is_a_ready_vulkan_device(images: dict[str, str]) -> None:
+    code, doc, _ = device_check("intel-arc", "check-device", *SOFTWARE_VULKAN)
+    assert code == 0
+    assert doc["state"] == "ready" and doc["devices"] == ["Vulkan0", "CPU"]
+    assert str(doc["why"]).startswith("llama.cpp lists Vulkan0 (llvmpipe")
+
+
+def test_a_degraded_rpc_worker_does_not_listen(images: dict[str, str]) -> None:
+    code, doc, stderr = device_check("strix-halo", "rpc-worker")
+    assert code == 1
+    assert doc["state"] == "degraded" and doc["expected"] == "Vulkan"
+    assert "rpc-worker: not listening: no Vulkan device" in stderr and "ggml-rpc-server on" not in stderr
+
+
+@pytest.mark.slow  # lavapipe compiles every shader pipeline the model needs: 2.5 min on 2 busy cores
+def test_strix_halo_vulkan_qualifies_on_lavapipe(images: dict[str, str]) -> None:
+    """The ids were recorded on the CPU at build time; lavapipe's Vulkan0 must give the same ones."""
+    code, doc, _ = device_check("strix-halo", "qualify", *SOFTWARE_VULKAN)
+    assert code == 0, doc
+    assert doc["state"] == "qualified" and doc["device"] == "Vulkan0" and doc["recorded_on"] == "CPU"
+    assert doc["ids"] == doc["recorded"]
