@@ -17,6 +17,7 @@ from urllib.parse import unquote
 from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
 from builder.fetch.ccache import CcacheStore
+from builder.fetch.provenance import llama_commit, rpc_protocol
 from builder.fetch.sdk import SDK_DIR, missing_ship_patterns, unpacked
 from builder.fetch.source import SourceTree, fetch_file, iter_tree, resolve, resolve_override
 from builder.flavours import lock as lockfile
@@ -56,7 +57,8 @@ class LlamaCpp(Flavour):
         assert recipe.llama_cpp is not None
         tree = resolve_override(source_override) if source_override else resolve(recipe.llama_cpp.source)
         plan = make_plan(recipe, display_path(path), tree.info, variant=variant, source_date_epoch=epoch,
-                         locked=locked)
+                         locked=locked, provenance={"commit": llama_commit(tree.info, tree.path),
+                                                    "rpc_protocol": rpc_protocol(tree.path)})
         return plan, tree
 
     def render(self, plan: Plan) -> tuple[dict[str, bytes], str]:

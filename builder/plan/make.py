@@ -8,6 +8,7 @@ from builder.recipe.models import BootstrapBase, BuildPlan, ImageBase, Recipe, S
 from builder.recipe.targets import COMMON_CMAKE, TOOLBOX_PACKAGES
 
 LABEL_PREFIX = "dev.builder"
+PROVENANCE_LABELS = {"commit": "llama-cpp.commit", "rpc_protocol": "ggml-rpc.protocol"}
 
 
 def image_labels(title: str, description: str, source: str, revision: str, version: str, epoch: int,
@@ -39,8 +40,10 @@ def make_plan(
     variant: str | None = None,
     source_date_epoch: int | None = None,
     locked: LockedBases | None = None,
+    provenance: dict[str, str | None] | None = None,
 ) -> BuildPlan:
-    """`locked`: builder.lock's package sets of bootstrapped bases; a locked base is named by its packages."""
+    """`locked`: builder.lock's package sets of bootstrapped bases; a locked base is named by its packages.
+    `provenance`: what the source tree records of itself (`commit`, `rpc_protocol`), each a label where known."""
     target, chosen, section = choose_variant(recipe.target, recipe.variants, variant, recipe_path)
     assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
     runtime = runtime_base(section.base.runtime)
@@ -52,6 +55,9 @@ def make_plan(
         source.identity, source.version, source.epoch if source_date_epoch is None else source_date_epoch,
         target.name, chosen.name,
         {f"{LABEL_PREFIX}.llama-cpp.ref": source.locator,
+         # what people look a build up by; absent, never made up, when the pin does not record it
+         **{f"{LABEL_PREFIX}.{label}": value for key, label in PROVENANCE_LABELS.items()
+            if (value := (provenance or {}).get(key))},
          **{f"{LABEL_PREFIX}.sdk.{name}": f"{sdk.file} sha256:{sdk.sha256}" for name, sdk in section.sdks.items()}},
         recipe.labels)
     return BuildPlan(

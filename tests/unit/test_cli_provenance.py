@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from builder.cli.main import app
 from builder.fetch.provenance import llama_commit, pin_line, rpc_protocol
+from builder.pipeline.flavour import Prepared
 from builder.recipe.models import PypiSource, SourceInfo
 
 COMMIT = "ce8784bdb153ff7794dde5a50b0ebfa51baa6171"
@@ -84,6 +85,16 @@ def test_plan_shows_the_commit_and_the_protocol_and_never_a_build_number(tmp_pat
     doc = json.loads(CliRunner().invoke(app, ["plan", "--target", "cpu", "--llama-cpp-source", str(tree),
                                               "--json"]).stdout)
     assert doc["ggml_rpc_protocol"] == "7.0.1" and doc["llama_cpp_commit"] is None
+    # the image carries what the source records, and no label for what it does not
+    assert doc["labels"]["dev.builder.ggml-rpc.protocol"] == "7.0.1"
+    assert "dev.builder.llama-cpp.commit" not in doc["labels"]
+
+
+def test_the_shipped_pins_image_labels_name_its_commit_and_protocol(cpu_prepared: Prepared) -> None:
+    labels = cpu_prepared.plan.labels
+    assert labels["dev.builder.llama-cpp.commit"] == llama_commit(cpu_prepared.tree.info, cpu_prepared.tree.path)
+    assert labels["dev.builder.ggml-rpc.protocol"] == rpc_protocol(cpu_prepared.tree.path)
+    assert len(labels["dev.builder.llama-cpp.commit"]) >= 7
 
 
 def test_targets_names_the_shared_pin_from_the_cache_without_fetching(tmp_path: Path,
