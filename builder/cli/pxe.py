@@ -2,12 +2,14 @@
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 
 from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, RecipesOpt
 from builder.cli.conventions import check_input, check_output, cluster_file, deprecated
@@ -24,16 +26,19 @@ from builder.core.errors import RecipeError, Stopped
 from builder.core.locks import lock_file, locked
 from builder.core.preflight import DHCP, NETBOOT_SET, require_tools
 from builder.core.run import start_server, stop
+from builder.core.types import Address
+from builder.core.units import UNIT_DIR, install, notify_ready, require_systemd
 from builder.engines import get_engine
 from builder.engines.cleanup import remove_path
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import flavour_named, prepare, recipe_file
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
 from builder.netboot.firewall import for_netboot
-from builder.netboot.inventory import Node, load_inventory
+from builder.netboot.inventory import Control, Node, load_inventory
 from builder.netboot.kernels import kernel_spec
 from builder.netboot.publish import Artifacts, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
+from builder.netboot.units import BOOT_UNIT, boot_server_unit, dnsmasq_unit
 from builder.pipeline.build import build
 from builder.publish.artifacts import pull_netboot, push_netboot
 from builder.recipe.load import display_path
@@ -212,19 +217,29 @@ def rollback_cmd(
 def serve_cmd(
     root: RootOpt = Path("pxe-root"),
     bind: Annotated[str | None, typer.Option(help="Address to listen on (default: control.address).")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port (default: control.http_port).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: control.http_port).", min=1, max=65535)
+                    ] = None,
     dnsmasq: Annotated[bool, typer.Option("--dnsmasq", help="Also start dnsmasq (proxy-DHCP + TFTP).")] = False,
+    install: Annotated[bool, typer.Option(
+        "--install", help=f"Instead of serving in the foreground: write systemd units for the boot server (and "
+        f"dnsmasq with --dnsmasq) into {UNIT_DIR}, enable them at boot and start them (needs root).")] = False,
+    show: Annotated[bool, typer.Option("--print", help="Print the units --install writes; install nothing.")
+                    ] = False,
 ) -> None:
     """Serve the current generation over HTTP; write dnsmasq's config (pxe-root/dnsmasq.conf).
 
     dnsmasq runs in proxy-DHCP mode beside the site's DHCP server: it only adds boot information.
+    With --install the servers become systemd units that come back after a reboot (docs/netboot.md).
     """
     _existing_root(root)
     if dnsmasq:
         require_tools("builder pxe serve --dnsmasq", DHCP)
     control = control_of(root / "current" / "cluster.yaml")
-    address = bind or control.address
+    address = _address(bind, "--bind") if bind else control.address
     http_port = port or control.http_port
+    if install or show:
+        _install(root, address, http_port, control if dnsmasq else None, show)
+        return
     config = None
     if control.subnet:
         config = root / "dnsmasq.conf"
@@ -239,6 +254,7 @@ def serve_cmd(
         helper = start_server(["dnsmasq", "--keep-in-foreground", f"--conf-file={config}"])
     typer.echo(f"serving {root.resolve()} on http://{address}:{http_port}/ (boot script /current/boot.ipxe)"
                + (f"; dnsmasq config {config}" if config else ""), err=True)
+    notify_ready()  # under systemd (the unit --install writes): listening now
     try:
         server.serve_forever()
     except (KeyboardInterrupt, Stopped):
@@ -247,6 +263,34 @@ def serve_cmd(
         server.server_close()
         if helper is not None:
             stop(helper)
+
+
+def _address(value: str, what: str) -> str:
+    try:
+        return str(TypeAdapter(Address).validate_python(value))
+    except ValidationError:
+        raise RecipeError(f"{what} {value!r}: not an IP address or host name", f"e.g. {what} 10.0.0.1") from None
+
+
+def _install(root: Path, address: str, http_port: int, control: Control | None, show: bool) -> None:
+    """The boot server's unit (and dnsmasq's with a control node), printed or installed and started."""
+    units = [boot_server_unit(root, address, http_port)]
+    if control is not None:
+        dnsmasq_config(root, control)  # the clear error about control.subnet, before anything is written
+        units.append(dnsmasq_unit(root, shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"))
+    if show:
+        for unit in units:
+            typer.echo(f"# {UNIT_DIR / unit.name}\n{unit.text}")
+        return
+    require_systemd("builder pxe serve")
+    if control is not None:
+        config = root / "dnsmasq.conf"  # the boot server writes it again when it starts
+        config.write_text(dnsmasq_config(root, control))
+        check_dnsmasq(config)
+    for done in install(units):
+        typer.echo(f"{done.name:<24} {done.state}; enabled at boot, running")
+    typer.echo(f"serving {root.resolve()} on http://{address}:{http_port}/ under systemd "
+               f"(`systemctl status {BOOT_UNIT}`, `journalctl -u {BOOT_UNIT}`)")
 
 
 @pxe_app.command()
