@@ -16,7 +16,8 @@ from builder.cluster.commands import as_text, node_commands
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.core.errors import RecipeError
-from builder.core.preflight import GATEWAY, require_tools
+from builder.core.preflight import GATEWAY, GATEWAY_UNIT, require_tools
+from builder.core.units import UNIT_DIR
 from builder.engines import ENGINE_CHOICES
 from builder.netboot.firewall import ruleset
 from builder.netboot.inventory import Cluster
@@ -47,6 +48,11 @@ def up(
     is_local: LocalOpt = False,
     engine: EngineOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every server to be healthy.")] = 180,
+    install: Annotated[bool, typer.Option(
+        "--install", help=f"Without --local: run the gateway as a systemd unit in {UNIT_DIR}, enabled at boot "
+        "(needs root); later `up`s reload it, `down` disables it.")] = False,
+    show: Annotated[bool, typer.Option("--print", help="Print the unit --install writes; install nothing.")
+                    ] = False,
     as_json: JsonOpt = False,
     recipes: RecipesOpt = None,
 ) -> None:
@@ -54,10 +60,18 @@ def up(
 
     Without --local the nodes are netbooted (`builder pxe publish`) and start their own servers: `up` starts
     only the gateway, on this (the control) node, and waits until every server is healthy behind it.
-    Running it again starts only what is not running. If it fails, what it started is removed again.
+    Running it again starts only what is not running. If it fails, what it started is removed again
+    (with --install the unit stays: the nodes may boot later).
     """
+    if (install or show) and is_local:
+        raise RecipeError("builder cluster up --install: --local clusters are containers on this machine; the "
+                          "unit is for the gateway of netbooted nodes", "leave out --local (or --install)")
     loaded = _loaded(inventory, is_local)
-    require_tools("builder cluster up", GATEWAY)
+    require_tools("builder cluster up", GATEWAY_UNIT if install else GATEWAY)
+    if show:
+        unit = netboot_gateway.unit_of(netboot_gateway.Remote.of(loaded))
+        typer.echo(f"# {UNIT_DIR / unit.name}\n{unit.text}", nl=False)
+        return
 
     def say(line: str) -> None:
         typer.echo(line, err=True)
@@ -66,7 +80,7 @@ def up(
         state = local.up(loaded, engine, timeout, say).state
         document = local.status(loaded, engine)
     else:
-        state = netboot_gateway.up(loaded, timeout, say).state
+        state = netboot_gateway.up(loaded, timeout, say, install).state
         document = netboot_gateway.status(loaded)
     if as_json:
         typer.echo(json.dumps({"state": state, **document}, indent=2))

@@ -17,10 +17,12 @@ PACKAGES = {
     "haproxy": "haproxy",  # the gateway
     "dnsmasq": "dnsmasq-base",  # proxy-DHCP and TFTP
     "nft": "nftables",
+    "kill": "procps",  # the gateway unit's reload
 }
 # What each verb runs on this machine (the container engine is checked on its own: podman or docker).
 NETBOOT_SET = ("mmdebstrap", "mksquashfs", "veritysetup", "depmod", "zstd", "dpkg-deb")
 GATEWAY = ("haproxy",)
+GATEWAY_UNIT = ("haproxy", "kill")
 DHCP = ("dnsmasq",)
 
 

@@ -23,6 +23,17 @@ _UNIT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*\.service")
 SYSTEMCTL_TIMEOUT = 120  # starting a unit waits for it to be ready (Type=notify) or to fail
 
 Section = tuple[str, Sequence[tuple[str, str]]]
+# Sandboxing every unit builder writes gets: each removes a kernel or mount feature its server never uses.
+HARDENING: list[tuple[str, str]] = [
+    ("NoNewPrivileges", "yes"),
+    ("PrivateTmp", "yes"),
+    ("ProtectSystem", "strict"),
+    ("ProtectKernelTunables", "yes"),
+    ("ProtectKernelModules", "yes"),
+    ("ProtectControlGroups", "yes"),
+    ("RestrictSUIDSGID", "yes"),
+    ("LockPersonality", "yes"),
+]
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,11 @@ def install(units: Sequence[Unit], unit_dir: Path = UNIT_DIR) -> list[Installed]
 
 def systemctl(*words: str) -> None:
     run(["systemctl", *words], timeout=SYSTEMCTL_TIMEOUT)
+
+
+def is_active(name: str) -> bool:
+    return run(["systemctl", "is-active", "--quiet", "--", name], check=False, timeout=SYSTEMCTL_TIMEOUT
+               ).returncode == 0
 
 
 def notify_ready() -> None:

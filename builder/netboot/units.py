@@ -11,22 +11,11 @@ import re
 from pathlib import Path
 
 from builder.core.types import Address
-from builder.core.units import Section, Unit, plain, plain_argv, python_command, python_path, render
+from builder.core.units import HARDENING, Section, Unit, plain, plain_argv, python_command, python_path, render
 
 BOOT_UNIT = "builder-pxe.service"
 DNSMASQ_UNIT = "builder-dnsmasq.service"
 RESTART_SECONDS = 3
-# Settings that hold for every process below; each is a kernel or mount feature the servers never use.
-HARDENING: list[tuple[str, str]] = [
-    ("NoNewPrivileges", "yes"),
-    ("PrivateTmp", "yes"),
-    ("ProtectSystem", "strict"),
-    ("ProtectKernelTunables", "yes"),
-    ("ProtectKernelModules", "yes"),
-    ("ProtectControlGroups", "yes"),
-    ("RestrictSUIDSGID", "yes"),
-    ("LockPersonality", "yes"),
-]
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 

@@ -11,7 +11,7 @@ SYSTEMD_BOX = BootstrapBase(
     kind="bootstrap",
     suite="trixie",
     packages=[
-        "systemd", "systemd-sysv", "iproute2", "haproxy", "dnsmasq-base",
+        "systemd", "systemd-sysv", "iproute2", "procps", "haproxy", "dnsmasq-base",
         # builder's own dependencies (pyproject.toml), from Debian
         "python3", "python3-typer", "python3-pydantic", "python3-jinja2", "python3-requests", "python3-yaml",
         "python3-rich", "python3-docker",
