@@ -38,7 +38,7 @@ from builder.netboot.inventory import Control, Node, load_inventory
 from builder.netboot.kernels import kernel_spec
 from builder.netboot.publish import Artifacts, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
-from builder.netboot.units import BOOT_UNIT, boot_server_unit, dnsmasq_unit
+from builder.netboot.units import BOOT_UNIT, boot_server_unit, check_tftp_readable, dnsmasq_unit
 from builder.pipeline.build import build
 from builder.publish.artifacts import pull_netboot, push_netboot
 from builder.recipe.load import display_path
@@ -277,6 +277,7 @@ def _install(root: Path, address: str, http_port: int, control: Control | None, 
     units = [boot_server_unit(root, address, http_port)]
     if control is not None:
         dnsmasq_config(root, control)  # the clear error about control.subnet, before anything is written
+        check_tftp_readable(root)
         units.append(dnsmasq_unit(root, shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"))
     if show:
         for unit in units:

@@ -43,7 +43,8 @@ def gateway_unit(loaded: Loaded, state: Path, haproxy: str, kill: str) -> Unit:
         ("Restart", "on-failure"),
         ("RestartSec", f"{RESTART_SECONDS}s"),
         ("ReadWritePaths", plain(state, "the gateway's state folder")),
-        ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID CAP_SYS_CHROOT"),
+        # CAP_KILL: the master (root) signals its workers (the haproxy user) to stop or reload
+        ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID CAP_SYS_CHROOT CAP_KILL"),
         *HARDENING,
     ]
     return Unit(gateway_unit_name(loaded), render([("Unit", head), ("Service", service),

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.core.errors import EngineError, RecipeError
+from builder.core.errors import CommandError, EngineError, RecipeError
 from builder.core.run import run
 
 UNIT_DIR = Path("/etc/systemd/system")
@@ -130,10 +130,16 @@ def install(units: Sequence[Unit], unit_dir: Path = UNIT_DIR) -> list[Installed]
     names = [unit.name for unit in units]
     if any(r.state != "unchanged" for r in results):
         run(["systemctl", "daemon-reload"], timeout=SYSTEMCTL_TIMEOUT)
-    run(["systemctl", "enable", "--now", "--", *names], timeout=SYSTEMCTL_TIMEOUT)
     updated = [r.name for r in results if r.state == "updated"]
-    if updated:
-        run(["systemctl", "restart", "--", *updated], timeout=SYSTEMCTL_TIMEOUT)
+    try:
+        run(["systemctl", "enable", "--now", "--", *names], timeout=SYSTEMCTL_TIMEOUT)
+        if updated:
+            run(["systemctl", "restart", "--", *updated], timeout=SYSTEMCTL_TIMEOUT)
+    except CommandError as exc:
+        failed = [name for name in names if not is_active(name)] or names
+        raise CommandError(f"systemd could not start {', '.join(failed)}",
+                           f"`journalctl -u {failed[0]} -n 30` says why; the units stay installed and enabled, "
+                           "and systemd tries again every few seconds", tail=exc.tail) from None
     return results
 
 

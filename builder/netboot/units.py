@@ -8,8 +8,10 @@ own user afterwards), after the boot server, which writes its config when it sta
 
 import pwd
 import re
+import stat
 from pathlib import Path
 
+from builder.core.errors import RecipeError
 from builder.core.types import Address
 from builder.core.units import HARDENING, Section, Unit, plain, plain_argv, python_command, python_path, render
 
@@ -65,8 +67,21 @@ def boot_server_unit(root: Path, bind: Address, port: int) -> Unit:
                                    ("Service", service), _INSTALL]))
 
 
+def check_tftp_readable(root: Path) -> None:
+    """dnsmasq serves pxe-root/tftp as its own user, not as the owner: every folder on the way must let others
+    through, or it fails to start (say it now, with the folder to change)."""
+    tftp = root.resolve() / "tftp"
+    for folder in [*reversed(tftp.parents), tftp]:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH or (folder == tftp and not mode & stat.S_IROTH):
+            raise RecipeError(f"--root {root}: dnsmasq reads {tftp} as its own user, and {folder} is mode "
+                              f"{stat.S_IMODE(mode):04o}, closed to it",
+                              f"keep pxe-root in a folder others can enter (e.g. /srv/pxe-root), or chmod o+rx "
+                              f"{folder}")
+
+
 def dnsmasq_unit(root: Path, dnsmasq: str) -> Unit:
-    """dnsmasq in the foreground on pxe-root/dnsmasq.conf (proxy-DHCP and TFTP), restarted with the boot server."""
+    """dnsmasq on pxe-root/dnsmasq.conf (proxy-DHCP and TFTP), restarted with the boot server."""
     root = root.resolve()
     config = plain(root / "dnsmasq.conf", "--root")
     program = plain(dnsmasq, "dnsmasq's path")
@@ -75,14 +90,17 @@ def dnsmasq_unit(root: Path, dnsmasq: str) -> Unit:
                         after=f"network-online.target {BOOT_UNIT}"),
             ("Requires", BOOT_UNIT), ("PartOf", BOOT_UNIT)]
     service = [
-        ("Type", "simple"),
+        # dnsmasq's parent exits once the daemon has bound its sockets, or with the reason it could not: systemd
+        # (and `--install`) learn whether it started, which a foreground dnsmasq would not tell
+        ("Type", "forking"),
+        ("PIDFile", f"{run_dir}/dnsmasq.pid"),
         ("RuntimeDirectory", "builder-dnsmasq"),
         ("ExecStartPre", f"{program} --test --conf-file={config}"),
-        ("ExecStart", f"{program} --keep-in-foreground --conf-file={config} --pid-file={run_dir}/dnsmasq.pid "
+        ("ExecStart", f"{program} --conf-file={config} --pid-file={run_dir}/dnsmasq.pid "
                       f"--dhcp-leasefile={run_dir}/leases"),
         *_restart(),
-        # root only to bind 67/69 and answer DHCP; dnsmasq then becomes its own unprivileged user
-        ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE CAP_NET_RAW CAP_NET_ADMIN CAP_SETUID CAP_SETGID"),
+        # root only to bind 67/69, answer DHCP and hand its pid file over; dnsmasq then becomes its own user
+        ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE CAP_NET_RAW CAP_NET_ADMIN CAP_SETUID CAP_SETGID CAP_CHOWN"),
         *HARDENING,
     ]
     return Unit(DNSMASQ_UNIT, render([("Unit", head), ("Service", service), _INSTALL]))

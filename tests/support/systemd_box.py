@@ -1,10 +1,13 @@
-"""A small Debian root that boots systemd in a container, for the control node's units (tests/engine/test_units.py).
+"""A small Debian root that boots systemd in a container, for the control node's units
+(tests/engine/test_control_units.py).
 
 It is bootstrapped by builder itself from Debian's archive (mmdebstrap, imported into podman, cached by its
 inputs like every bootstrapped base: the second run finds the tag and bootstraps nothing). It has what the
 control node runs and what `python3 -m builder` needs from Debian's packages.
 """
 
+from builder.engines.podman import PodmanEngine
+from builder.fetch.bootstrap import ensure_base
 from builder.recipe.models import BootstrapBase
 
 SYSTEMD_BOX = BootstrapBase(
@@ -17,3 +20,7 @@ SYSTEMD_BOX = BootstrapBase(
         "python3-rich", "python3-docker",
     ],
 )
+
+
+if __name__ == "__main__":  # .ci/run makes it in the background while the first tests run
+    print(ensure_base(PodmanEngine(), SYSTEMD_BOX))

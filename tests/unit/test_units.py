@@ -1,21 +1,23 @@
 """The control node's systemd units as `--print` shows them: what they run, that systemd accepts them
 (`systemd-analyze verify`), and that a value systemd would read differently is refused before anything is
-written. tests/engine/test_units.py installs and runs them under a real systemd."""
+written. tests/engine/test_control_units.py installs and runs them under a real systemd."""
 
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_cluster import cluster_file, node
+from test_netboot import fake_artifacts, inventory
 
 from builder.core.units import notify_ready
 from builder.netboot.inventory import load_inventory
 from builder.netboot.publish import publish
 from conftest import ROOT, require_tool, run_cli_inproc
-from test_cluster import cluster_file, node
-from test_netboot import fake_artifacts, inventory
 
 
 def published_root(tmp_path: Path) -> Path:
@@ -50,8 +52,17 @@ def verify(tmp_path: Path, units: dict[str, str]) -> None:
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
-def test_pxe_serve_print_shows_the_boot_server_and_dnsmasq_units(tmp_path: Path) -> None:
-    root = published_root(tmp_path)
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder every user may enter, like /srv (pytest's own are closed to others): dnsmasq's user reads
+    pxe-root/tftp in it."""
+    with tempfile.TemporaryDirectory(prefix="builder-units-") as folder:
+        Path(folder).chmod(0o755)
+        yield Path(folder)
+
+
+def test_pxe_serve_print_shows_the_boot_server_and_dnsmasq_units(tmp_path: Path, open_folder: Path) -> None:
+    root = published_root(open_folder)
     proc = run_cli_inproc("pxe", "serve", "--root", str(root), "--dnsmasq", "--print")
     assert proc.returncode == 0, proc.stderr
     units = units_of(proc.stdout)
@@ -67,13 +78,24 @@ def test_pxe_serve_print_shows_the_boot_server_and_dnsmasq_units(tmp_path: Path)
     assert not any(s.startswith("User=") for s in boot)  # root's own folder: root, with no capabilities
     dnsmasq = settings(units["builder-dnsmasq.service"])
     config = root.resolve() / "dnsmasq.conf"
-    assert any(s.startswith("ExecStart=") and s.endswith(f"--keep-in-foreground --conf-file={config} "
+    assert any(s.startswith("ExecStart=") and s.endswith(f" --conf-file={config} "
                                                          "--pid-file=/run/builder-dnsmasq/dnsmasq.pid "
                                                          "--dhcp-leasefile=/run/builder-dnsmasq/leases")
                for s in dnsmasq)
-    assert {"PartOf=builder-pxe.service", "Requires=builder-pxe.service", "Restart=on-failure"} <= set(dnsmasq)
+    assert {"PartOf=builder-pxe.service", "Requires=builder-pxe.service", "Restart=on-failure", "Type=forking",
+            "PIDFile=/run/builder-dnsmasq/dnsmasq.pid"} <= set(dnsmasq)
     assert not (root / "dnsmasq.conf").exists()  # --print writes nothing
     verify(tmp_path, units)
+
+
+def test_dnsmasq_unit_is_refused_when_its_user_cannot_reach_tftp(tmp_path: Path) -> None:
+    root = published_root(tmp_path)
+    tmp_path.chmod(0o700)
+    proc = run_cli_inproc("pxe", "serve", "--root", str(root), "--dnsmasq", "--print")
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    closed = next(f for f in [*reversed(tmp_path.parents), tmp_path] if not f.stat().st_mode & 0o001)
+    assert f"dnsmasq reads {root.resolve()}/tftp as its own user, and {closed} is mode 0700" in proc.stderr
+    assert f"chmod o+rx {closed}" in proc.stderr
 
 
 def test_a_port_under_1024_gets_only_the_capability_to_bind_it(tmp_path: Path) -> None:
@@ -113,7 +135,8 @@ def test_a_bind_address_systemd_would_read_differently_is_refused(tmp_path: Path
 
 def test_install_needs_a_machine_that_runs_systemd(tmp_path: Path) -> None:
     if Path("/run/systemd/system").is_dir():
-        pytest.skip("this machine runs systemd: tests/engine/test_units.py installs for real")  # not a missing tool
+        # not a missing tool: the refusal this checks cannot happen on such a machine
+        pytest.skip("this machine runs systemd: tests/engine/test_control_units.py installs for real")
     root = published_root(tmp_path)
     proc = run_cli_inproc("pxe", "serve", "--root", str(root), "--install")
     assert proc.returncode == 1 and "error: builder pxe serve --install: this machine does not run systemd" \
