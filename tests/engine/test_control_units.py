@@ -197,10 +197,14 @@ def test_gateway_runs_under_systemd_reloads_without_a_restart_and_comes_back(box
     # a stand-in for the node's llama-server: GET /health answers 200 on the node's loopback address
     box.run("systemd-run", "--unit=stand-in", "python3", "-m", "http.server", "--bind", "127.0.0.11",
             "--directory", "/work/gateway/backend", "8189")
+    # a gateway `up` started as a process, before the unit: the unit takes its place
+    box.builder("cluster", "up", "/work/gateway/cluster.yaml", "--timeout", "60")
     up = box.builder("cluster", "up", "/work/gateway/cluster.yaml", "--install", "--timeout", "60")
     unit = next(w for w in up.stderr.split() if w.startswith("builder-gateway-"))
+    assert "stopping the gateway `builder cluster up` started, for its systemd unit" in up.stderr
     assert f"{unit} installed; enabled at boot, running" in up.stderr and "endpoint  http://127.0.0.1:8080/v1" \
         in up.stdout
+    assert box.run("pgrep", "-c", "-x", "haproxy").stdout.strip() == "2"  # the unit's master and one worker
     key_file = next(line.split()[1] for line in up.stdout.splitlines() if line.startswith("key "))
     bearer = "Authorization: Bearer " + box.run("cat", key_file).stdout.strip()
     models = "http://127.0.0.1:8080/v1/models"

@@ -177,3 +177,12 @@ def test_the_boot_server_tells_systemd_when_it_listens(tmp_path: Path, monkeypat
         assert listener.recv(64) == b"READY=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     notify_ready()  # not under systemd: nothing to tell, no error
+
+
+def test_a_cluster_file_path_systemd_would_read_differently_is_refused(tmp_path: Path) -> None:
+    addressed = [node(n, i + 1, address=f"10.0.0.{11 + i}") for i, n in enumerate("abcd")]
+    (tmp_path / "my cluster").mkdir()
+    path = cluster_file(tmp_path / "my cluster", nodes=addressed, control={"address": "10.0.0.1"})
+    proc = run_cli_inproc("cluster", "up", str(path), "--install", "--print", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert f"error: the cluster file '{path}': a systemd unit cannot hold ' '" in proc.stderr
