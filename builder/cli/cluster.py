@@ -48,20 +48,20 @@ def up(
     is_local: LocalOpt = False,
     engine: EngineOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every server to be healthy.")] = 180,
-    install: Annotated[bool, typer.Option(
-        "--install", help=f"Without --local: run the gateway as a systemd unit in {UNIT_DIR}, enabled at boot "
-        "(needs root); later `up`s reload it, `down` disables it.")] = False,
-    show: Annotated[bool, typer.Option("--print", help="Print the unit --install writes; install nothing.")
-                    ] = False,
     as_json: JsonOpt = False,
     recipes: RecipesOpt = None,
+    install: Annotated[bool, typer.Option(
+        "--install", help=f"Without --local: run the gateway as a systemd unit in {UNIT_DIR}, enabled at boot "
+        "(needs root); later `up`s reload it, `down` disables it, and it stays when servers are not healthy yet "
+        "(nodes may boot later).")] = False,
+    show: Annotated[bool, typer.Option("--print", help="Print the unit --install writes; install nothing.")
+                    ] = False,
 ) -> None:
     """Start every service's servers and RPC workers and the gateway; print the endpoint and the key's file.
 
     Without --local the nodes are netbooted (`builder pxe publish`) and start their own servers: `up` starts
     only the gateway, on this (the control) node, and waits until every server is healthy behind it.
-    Running it again starts only what is not running. If it fails, what it started is removed again
-    (with --install the unit stays: the nodes may boot later).
+    Running it again starts only what is not running. If it fails, what it started is removed again.
     """
     if (install or show) and is_local:
         raise RecipeError("builder cluster up --install: --local clusters are containers on this machine; the "
@@ -80,7 +80,7 @@ def up(
         state = local.up(loaded, engine, timeout, say).state
         document = local.status(loaded, engine)
     else:
-        state = netboot_gateway.up(loaded, timeout, say, install).state
+        state = netboot_gateway.up(loaded, timeout, say, installed=install).state
         document = netboot_gateway.status(loaded)
     if as_json:
         typer.echo(json.dumps({"state": state, **document}, indent=2))

@@ -27,18 +27,19 @@ from builder.core.locks import lock_file, locked
 from builder.core.preflight import DHCP, NETBOOT_SET, require_tools
 from builder.core.run import start_server, stop
 from builder.core.types import Address
-from builder.core.units import UNIT_DIR, install, notify_ready, require_systemd
+from builder.core.units import UNIT_DIR, notify_ready, require_systemd
+from builder.core.units import install as install_units
 from builder.engines import get_engine
 from builder.engines.cleanup import remove_path
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import flavour_named, prepare, recipe_file
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts
 from builder.netboot.firewall import for_netboot
-from builder.netboot.inventory import Control, Node, load_inventory
+from builder.netboot.inventory import Node, load_inventory
 from builder.netboot.kernels import kernel_spec
 from builder.netboot.publish import Artifacts, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
-from builder.netboot.units import BOOT_UNIT, boot_server_unit, check_tftp_readable, dnsmasq_unit
+from builder.netboot.units import BOOT_UNIT, boot_units
 from builder.pipeline.build import build
 from builder.publish.artifacts import pull_netboot, push_netboot
 from builder.recipe.load import display_path
@@ -238,7 +239,20 @@ def serve_cmd(
     address = _address(bind, "--bind") if bind else control.address
     http_port = port or control.http_port
     if install or show:
-        _install(root, address, http_port, control if dnsmasq else None, show)
+        units = boot_units(root, address, http_port, control if dnsmasq else None,
+                           shutil.which("dnsmasq") or "/usr/sbin/dnsmasq")
+        if show:
+            for unit in units:
+                typer.echo(f"# {UNIT_DIR / unit.name}\n{unit.text}")
+            return
+        require_systemd("builder pxe serve")
+        if dnsmasq:  # the boot server writes it again when it starts
+            (root / "dnsmasq.conf").write_text(dnsmasq_config(root, control))
+            check_dnsmasq(root / "dnsmasq.conf")
+        for done in install_units(units):
+            typer.echo(f"{done.name:<24} {done.state}; enabled at boot, running")
+        typer.echo(f"serving {root.resolve()} on http://{address}:{http_port}/ under systemd "
+                   f"(`systemctl status {BOOT_UNIT}`, `journalctl -u {BOOT_UNIT}`)")
         return
     config = None
     if control.subnet:
@@ -270,28 +284,6 @@ def _address(value: str, what: str) -> str:
         return str(TypeAdapter(Address).validate_python(value))
     except ValidationError:
         raise RecipeError(f"{what} {value!r}: not an IP address or host name", f"e.g. {what} 10.0.0.1") from None
-
-
-def _install(root: Path, address: str, http_port: int, control: Control | None, show: bool) -> None:
-    """The boot server's unit (and dnsmasq's with a control node), printed or installed and started."""
-    units = [boot_server_unit(root, address, http_port)]
-    if control is not None:
-        dnsmasq_config(root, control)  # the clear error about control.subnet, before anything is written
-        check_tftp_readable(root)
-        units.append(dnsmasq_unit(root, shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"))
-    if show:
-        for unit in units:
-            typer.echo(f"# {UNIT_DIR / unit.name}\n{unit.text}")
-        return
-    require_systemd("builder pxe serve")
-    if control is not None:
-        config = root / "dnsmasq.conf"  # the boot server writes it again when it starts
-        config.write_text(dnsmasq_config(root, control))
-        check_dnsmasq(config)
-    for done in install(units):
-        typer.echo(f"{done.name:<24} {done.state}; enabled at boot, running")
-    typer.echo(f"serving {root.resolve()} on http://{address}:{http_port}/ under systemd "
-               f"(`systemctl status {BOOT_UNIT}`, `journalctl -u {BOOT_UNIT}`)")
 
 
 @pxe_app.command()

@@ -89,25 +89,16 @@ def addresses(loaded: Loaded) -> dict[str, str]:
 
 def up(loaded: Loaded, timeout: float, say: Say, installed: bool = False) -> Remote:
     """Start (or keep) the gateway and wait until every server is healthy behind it; if they are not by
-    `timeout`, stop the gateway again when this call started it.
-
-    With `installed` (or once the cluster's unit is installed) systemd runs the gateway instead: the unit is
-    written and enabled, a changed config is reloaded without dropping requests, and the unit stays whether or
-    not the servers are healthy yet (nodes may boot later)."""
+    `timeout`, stop the gateway again when this call started it."""
     remote = Remote.of(loaded)
     where = addresses(loaded)
-    installed = installed or (UNIT_DIR / gateway_unit_name(loaded)).is_file()
-    if installed:
-        require_systemd("builder cluster up")
     previous = (remote.state / "haproxy.cfg").read_text() if (remote.state / "haproxy.cfg").is_file() else None
     config = write_gateway(loaded, remote.state, remote.bind, where)
-    if installed:
-        _under_systemd(remote, config.read_text() != previous, say)
-        _wait_healthy(remote, where, timeout)
-        return remote
     started = False
+    if installed or (UNIT_DIR / gateway_unit_name(loaded)).is_file():  # systemd runs it; never stopped here
+        _under_systemd(remote, config.read_text() != previous, say)
     # A running gateway with the same config keeps serving: restarting it would cut requests in flight.
-    if gateway_pid(remote.pidfile) is None or config.read_text() != previous:
+    elif gateway_pid(remote.pidfile) is None or config.read_text() != previous:
         stop_gateway(remote.pidfile)
         _can_bind(loaded, remote.bind)
         say(f"starting the gateway on {remote.bind}:{loaded.cluster.gateway.port}")
@@ -129,6 +120,10 @@ def unit_of(remote: Remote) -> Unit:
 
 
 def _under_systemd(remote: Remote, changed: bool, say: Say) -> None:
+    """The unit written and enabled (a gateway an earlier `up` started as a process gives way to it), and a
+    changed config reloaded without dropping requests. The unit stays whether or not the servers are healthy
+    yet: the nodes may boot later."""
+    require_systemd("builder cluster up")
     unit = unit_of(remote)
     was_active = is_active(unit.name)
     if not was_active:

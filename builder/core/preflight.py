@@ -15,9 +15,9 @@ PACKAGES = {
     "zstd": "zstd",
     "dpkg-deb": "dpkg",
     "haproxy": "haproxy",  # the gateway
+    "kill": "procps",  # the gateway unit's reload
     "dnsmasq": "dnsmasq-base",  # proxy-DHCP and TFTP
     "nft": "nftables",
-    "kill": "procps",  # the gateway unit's reload
 }
 # What each verb runs on this machine (the container engine is checked on its own: podman or docker).
 NETBOOT_SET = ("mmdebstrap", "mksquashfs", "veritysetup", "depmod", "zstd", "dpkg-deb")

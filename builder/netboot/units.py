@@ -14,6 +14,8 @@ from pathlib import Path
 from builder.core.errors import RecipeError
 from builder.core.types import Address
 from builder.core.units import HARDENING, Section, Unit, plain, plain_argv, python_command, python_path, render
+from builder.netboot.inventory import Control
+from builder.netboot.serve import dnsmasq_config
 
 BOOT_UNIT = "builder-pxe.service"
 DNSMASQ_UNIT = "builder-dnsmasq.service"
@@ -104,3 +106,13 @@ def dnsmasq_unit(root: Path, dnsmasq: str) -> Unit:
         *HARDENING,
     ]
     return Unit(DNSMASQ_UNIT, render([("Unit", head), ("Service", service), _INSTALL]))
+
+
+def boot_units(root: Path, bind: Address, port: int, control: Control | None, dnsmasq: str) -> list[Unit]:
+    """The boot server's unit, and dnsmasq's with a control node (its subnet and pxe-root/tftp checked first)."""
+    units = [boot_server_unit(root, bind, port)]
+    if control is not None:
+        dnsmasq_config(root, control)  # the clear error about control.subnet, before anything is written
+        check_tftp_readable(root)
+        units.append(dnsmasq_unit(root, dnsmasq))
+    return units

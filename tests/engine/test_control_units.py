@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from systemd_box import SYSTEMD_BOX
 from test_cluster import MODEL, SHA
 from test_netboot import fake_artifacts
 
@@ -26,7 +27,6 @@ from builder.fetch.bootstrap import ensure_base
 from builder.netboot.inventory import load_inventory
 from builder.netboot.publish import publish
 from conftest import ROOT, require_engine, require_tool
-from systemd_box import SYSTEMD_BOX
 
 pytestmark = pytest.mark.engine
 
