@@ -15,9 +15,10 @@ SYSTEMD_BOX = BootstrapBase(
     suite="trixie",
     packages=[
         "systemd", "systemd-sysv", "iproute2", "procps", "haproxy", "dnsmasq-base",
-        # builder's own dependencies (pyproject.toml), from Debian
+        # builder's own dependencies (pyproject.toml) that `python3 -m builder` imports when it starts, from Debian
+        # (a new one shows as ModuleNotFoundError in tests/engine/test_control_units.py: add its package here)
         "python3", "python3-typer", "python3-pydantic", "python3-jinja2", "python3-requests", "python3-yaml",
-        "python3-rich", "python3-docker",
+        "python3-rich", "python3-docker", "python3-packaging",
     ],
 )
 
