@@ -18,7 +18,8 @@ from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.cluster.wake import chosen
 from builder.cluster.wake import wake as wake_nodes
 from builder.core.errors import RecipeError
-from builder.core.preflight import GATEWAY, require_tools
+from builder.core.preflight import GATEWAY, GATEWAY_UNIT, require_tools
+from builder.core.units import UNIT_DIR
 from builder.engines import ENGINE_CHOICES
 from builder.netboot.firewall import ruleset
 from builder.netboot.inventory import Cluster
@@ -54,6 +55,12 @@ def up(
         "the gateway serves what is healthy and names what is DOWN.")] = False,
     as_json: JsonOpt = False,
     recipes: RecipesOpt = None,
+    install: Annotated[bool, typer.Option(
+        "--install", help=f"Without --local: run the gateway as a systemd unit in {UNIT_DIR}, enabled at boot "
+        "(needs root); later `up`s reload it, `down` disables it, and it stays when servers are not healthy yet "
+        "(nodes may boot later).")] = False,
+    show: Annotated[bool, typer.Option("--print", help="Print the unit --install writes; install nothing.")
+                    ] = False,
 ) -> None:
     """Start every service's servers and RPC workers and the gateway; print the endpoint and the key's file.
 
@@ -64,8 +71,15 @@ def up(
     --strict). With --local every container must come up. Running it again starts only what is not running. If
     it fails, what it started is removed again.
     """
+    if (install or show) and is_local:
+        raise RecipeError("builder cluster up --install: --local clusters are containers on this machine; the "
+                          "unit is for the gateway of netbooted nodes", "leave out --local (or --install)")
     loaded = _loaded(inventory, is_local)
-    require_tools("builder cluster up", GATEWAY)
+    require_tools("builder cluster up", GATEWAY_UNIT if install else GATEWAY)
+    if show:
+        unit = netboot_gateway.unit_of(netboot_gateway.Remote.of(loaded))
+        typer.echo(f"# {UNIT_DIR / unit.name}\n{unit.text}", nl=False)
+        return
 
     def say(line: str) -> None:
         typer.echo(line, err=True)
@@ -74,7 +88,7 @@ def up(
         state = local.up(loaded, engine, timeout, say).state
         document = local.status(loaded, engine)
     else:
-        state = netboot_gateway.up(loaded, timeout, say, strict).state
+        state = netboot_gateway.up(loaded, timeout, say, strict, installed=install).state
         document = netboot_gateway.status(loaded)
     if as_json:
         typer.echo(json.dumps({"state": state, **document}, indent=2))

@@ -2,12 +2,14 @@
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 
 from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, LockOpt, RecipesOpt
 from builder.cli.conventions import check_input, check_output, cluster_file, deprecated
@@ -24,6 +26,9 @@ from builder.core.errors import RecipeError, Stopped
 from builder.core.locks import lock_file, locked
 from builder.core.preflight import DHCP, NETBOOT_SET, require_tools
 from builder.core.run import start_server, stop
+from builder.core.types import Address
+from builder.core.units import UNIT_DIR, notify_ready, require_systemd
+from builder.core.units import install as install_units
 from builder.engines import get_engine
 from builder.engines.cleanup import remove_path
 from builder.fetch.provenance import llama_commit, rpc_protocol
@@ -36,6 +41,7 @@ from builder.netboot.inventory import Node, load_inventory
 from builder.netboot.kernels import kernel_spec, pinned_kernel
 from builder.netboot.publish import Artifacts, generation_sets, generations, publish, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
+from builder.netboot.units import BOOT_UNIT, boot_units
 from builder.pipeline.build import build
 from builder.publish.artifacts import pull_netboot, push_netboot
 from builder.recipe.load import display_path
@@ -239,19 +245,42 @@ def rollback_cmd(
 def serve_cmd(
     root: RootOpt = Path("pxe-root"),
     bind: Annotated[str | None, typer.Option(help="Address to listen on (default: control.address).")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port (default: control.http_port).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: control.http_port).", min=1, max=65535)
+                    ] = None,
     dnsmasq: Annotated[bool, typer.Option("--dnsmasq", help="Also start dnsmasq (proxy-DHCP + TFTP).")] = False,
+    install: Annotated[bool, typer.Option(
+        "--install", help=f"Instead of serving in the foreground: write systemd units for the boot server (and "
+        f"dnsmasq with --dnsmasq) into {UNIT_DIR}, enable them at boot and start them (needs root).")] = False,
+    show: Annotated[bool, typer.Option("--print", help="Print the units --install writes; install nothing.")
+                    ] = False,
 ) -> None:
     """Serve the current generation over HTTP; write dnsmasq's config (pxe-root/dnsmasq.conf).
 
     dnsmasq runs in proxy-DHCP mode beside the site's DHCP server: it only adds boot information.
+    With --install the servers become systemd units that come back after a reboot (docs/netboot.md).
     """
     _existing_root(root)
     if dnsmasq:
         require_tools("builder pxe serve --dnsmasq", DHCP)
     control = control_of(root / "current" / "cluster.yaml")
-    address = bind or control.address
+    address = _address(bind, "--bind") if bind else control.address
     http_port = port or control.http_port
+    if install or show:
+        units = boot_units(root, address, http_port, control if dnsmasq else None,
+                           shutil.which("dnsmasq") or "/usr/sbin/dnsmasq")
+        if show:
+            for unit in units:
+                typer.echo(f"# {UNIT_DIR / unit.name}\n{unit.text}")
+            return
+        require_systemd("builder pxe serve")
+        if dnsmasq:  # the boot server writes it again when it starts
+            (root / "dnsmasq.conf").write_text(dnsmasq_config(root, control))
+            check_dnsmasq(root / "dnsmasq.conf")
+        for done in install_units(units):
+            typer.echo(f"{done.name:<24} {done.state}; enabled at boot, running")
+        typer.echo(f"serving {root.resolve()} on http://{address}:{http_port}/ under systemd "
+                   f"(`systemctl status {BOOT_UNIT}`, `journalctl -u {BOOT_UNIT}`)")
+        return
     config = None
     if control.subnet:
         config = root / "dnsmasq.conf"
@@ -266,6 +295,7 @@ def serve_cmd(
         helper = start_server(["dnsmasq", "--keep-in-foreground", f"--conf-file={config}"])
     typer.echo(f"serving {root.resolve()} on http://{address}:{http_port}/ (boot script /current/boot.ipxe)"
                + (f"; dnsmasq config {config}" if config else ""), err=True)
+    notify_ready()  # under systemd (the unit --install writes): listening now
     try:
         server.serve_forever()
     except (KeyboardInterrupt, Stopped):
@@ -274,6 +304,13 @@ def serve_cmd(
         server.server_close()
         if helper is not None:
             stop(helper)
+
+
+def _address(value: str, what: str) -> str:
+    try:
+        return str(TypeAdapter(Address).validate_python(value))
+    except ValidationError:
+        raise RecipeError(f"{what} {value!r}: not an IP address or host name", f"e.g. {what} 10.0.0.1") from None
 
 
 @pxe_app.command()

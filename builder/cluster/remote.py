@@ -8,6 +8,7 @@ binds `gateway.address`, else `control.address`: never a wildcard address unless
 
 import errno
 import ipaddress
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from builder.cluster.gateway import ServerState, gateway_pid, read_stats, start_gateway, stop_gateway, write_gateway
 from builder.cluster.model import Loaded, Process
+from builder.cluster.units import gateway_unit, gateway_unit_name
 from builder.core.errors import BuilderError, RecipeError
+from builder.core.units import UNIT_DIR, Unit, install, is_active, require_systemd, systemctl
 from builder.recipe.load import display_path
 
 Say = Callable[[str], None]
@@ -84,7 +87,7 @@ def addresses(loaded: Loaded) -> dict[str, str]:
     return out
 
 
-def up(loaded: Loaded, timeout: float, say: Say, strict: bool = False) -> Remote:
+def up(loaded: Loaded, timeout: float, say: Say, strict: bool = False, installed: bool = False) -> Remote:
     """Start (or keep) the gateway and wait until every server is healthy behind it. A node that is off or
     broken does not hold the others back: after `timeout` the gateway keeps serving what is healthy and each
     server still waiting is one warning line. Only when nothing is healthy (or `strict`, when anything is not)
@@ -94,8 +97,10 @@ def up(loaded: Loaded, timeout: float, say: Say, strict: bool = False) -> Remote
     previous = (remote.state / "haproxy.cfg").read_text() if (remote.state / "haproxy.cfg").is_file() else None
     config = write_gateway(loaded, remote.state, remote.bind, where)
     started = False
+    if installed or (UNIT_DIR / gateway_unit_name(loaded)).is_file():  # systemd runs it; never stopped here
+        _under_systemd(remote, config.read_text() != previous, say)
     # A running gateway with the same config keeps serving: restarting it would cut requests in flight.
-    if gateway_pid(remote.pidfile) is None or config.read_text() != previous:
+    elif gateway_pid(remote.pidfile) is None or config.read_text() != previous:
         stop_gateway(remote.pidfile)
         _can_bind(loaded, remote.bind)
         say(f"starting the gateway on {remote.bind}:{loaded.cluster.gateway.port}")
@@ -114,6 +119,32 @@ def up(loaded: Loaded, timeout: float, say: Say, strict: bool = False) -> Remote
         say(f"warning: serving with {len(servers) - len(waiting)} of {len(servers)} servers "
             "(`builder cluster status` shows which; --strict makes this an error)")
     return remote
+
+
+def unit_of(remote: Remote) -> Unit:
+    """The gateway's systemd unit (`builder cluster up --install --print` shows it)."""
+    return gateway_unit(remote.loaded, remote.state, shutil.which("haproxy") or "/usr/sbin/haproxy",
+                        shutil.which("kill") or "/usr/bin/kill")
+
+
+def _under_systemd(remote: Remote, changed: bool, say: Say) -> None:
+    """The unit written and enabled (a gateway an earlier `up` started as a process gives way to it), and a
+    changed config reloaded without dropping requests. The unit stays whether or not the servers are healthy
+    yet: the nodes may boot later."""
+    require_systemd("builder cluster up")
+    unit = unit_of(remote)
+    was_active = is_active(unit.name)
+    if not was_active:
+        if gateway_pid(remote.pidfile) is not None:
+            say("stopping the gateway `builder cluster up` started, for its systemd unit")
+            stop_gateway(remote.pidfile)
+        _can_bind(remote.loaded, remote.bind)
+    [done] = install([unit])
+    if done.state == "unchanged" and was_active and changed:
+        systemctl("reload", "--", unit.name)  # new workers on the new config; the old ones finish their requests
+        say(f"reloaded {unit.name} with the new config")
+    else:
+        say(f"{unit.name} {done.state}; enabled at boot, running")
 
 
 def _can_bind(loaded: Loaded, bind: str) -> None:
@@ -159,7 +190,13 @@ def _wait_healthy(remote: Remote, where: dict[str, str], timeout: float, strict:
 
 
 def down(loaded: Loaded) -> list[str]:
-    """Stop the gateway; the nodes keep running (power them off, or publish a generation without them)."""
+    """Stop the gateway (and disable its unit, kept for the next `up`); the nodes keep running (power them
+    off, or publish a generation without them)."""
+    name = gateway_unit_name(loaded)
+    if (UNIT_DIR / name).is_file() and Path("/run/systemd/system").is_dir():
+        active = is_active(name)
+        systemctl("disable", "--now", "--", name)
+        return [f"gateway ({name} disabled)"] if active else []
     return ["gateway"] if stop_gateway(Remote.of(loaded).pidfile) else []
 
 

@@ -15,6 +15,7 @@ PACKAGES = {
     "zstd": "zstd",
     "dpkg-deb": "dpkg",
     "haproxy": "haproxy",  # the gateway
+    "kill": "procps",  # the gateway unit's reload
     "dnsmasq": "dnsmasq-base",  # proxy-DHCP and TFTP
     "nft": "nftables",
     "etherwake": "etherwake",  # Wake-on-LAN on the boot interface
@@ -22,6 +23,7 @@ PACKAGES = {
 # What each verb runs on this machine (the container engine is checked on its own: podman or docker).
 NETBOOT_SET = ("mmdebstrap", "mksquashfs", "veritysetup", "depmod", "zstd", "dpkg-deb")
 GATEWAY = ("haproxy",)
+GATEWAY_UNIT = ("haproxy", "kill")
 DHCP = ("dnsmasq",)
 
 

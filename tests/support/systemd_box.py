@@ -1,0 +1,27 @@
+"""A small Debian root that boots systemd in a container, for the control node's units
+(tests/engine/test_control_units.py).
+
+It is bootstrapped by builder itself from Debian's archive (mmdebstrap, imported into podman, cached by its
+inputs like every bootstrapped base: the second run finds the tag and bootstraps nothing). It has what the
+control node runs and what `python3 -m builder` needs from Debian's packages.
+"""
+
+from builder.engines.podman import PodmanEngine
+from builder.fetch.bootstrap import ensure_base
+from builder.recipe.models import BootstrapBase
+
+SYSTEMD_BOX = BootstrapBase(
+    kind="bootstrap",
+    suite="trixie",
+    packages=[
+        "systemd", "systemd-sysv", "iproute2", "procps", "haproxy", "dnsmasq-base",
+        # builder's own dependencies (pyproject.toml) that `python3 -m builder` imports when it starts, from Debian
+        # (a new one shows as ModuleNotFoundError in tests/engine/test_control_units.py: add its package here)
+        "python3", "python3-typer", "python3-pydantic", "python3-jinja2", "python3-requests", "python3-yaml",
+        "python3-rich", "python3-docker", "python3-packaging",
+    ],
+)
+
+
+if __name__ == "__main__":  # .ci/run makes it in the background while the first tests run
+    print(ensure_base(PodmanEngine(), SYSTEMD_BOX))
