@@ -246,7 +246,10 @@ def export(
     check_output(out, "--out", folder=True)
     where = Models(models, claim)
     repo = Repository.parse(registry) if registry is not None else None
-    loaded = _loaded(inventory, is_local=False)
+    loaded = load_cluster(inventory)
+    netboot_gateway.addresses(loaded)  # every server's node needs its address (the gateway binds its pod's own)
+    for warning in loaded.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     done = export_kube(loaded, where, str(out), published_images(repo) if repo else None)
     written = write_export(done, out)
     warnings = list(done.warnings)
