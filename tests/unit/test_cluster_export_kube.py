@@ -17,10 +17,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from registry import start_registry
 
 from builder.registry.client import RegistryClient, Repository
 from conftest import ROOT, run_cli_inproc
-from registry import start_registry
 
 RTX = ROOT / "docs" / "examples" / "rtx-3060-x4.yaml"
 LWS_SCHEMA = ROOT / "tests" / "data" / "kube" / "leaderworkerset-v1.schema.json"
