@@ -290,8 +290,12 @@ class _Builder:
             "template": {"metadata": {"labels": labels},
                          "spec": self.pod(process, args, self.container_env(process))}}}
 
-    def service_object(self, service: Service) -> Manifest:
-        port = self.loaded.servers(service.name)[0].port
+    def service_object(self, service: Service) -> Manifest | None:
+        """A Service in front of the service's servers; None when it has none (RPC workers alone)."""
+        servers = self.loaded.servers(service.name)
+        if not servers:
+            return None
+        port = servers[0].port
         selector = self.labels(service.name, "server")
         return {"apiVersion": "v1", "kind": "Service",
                 "metadata": self.meta(kube_name(self.prefix, service.name), selector),
@@ -443,7 +447,8 @@ def export_kube(loaded: Loaded, models: Models, out: str, image: Callable[[str, 
         ordered = sorted((p for p in loaded.processes if p.service == service.name),
                          key=lambda p: p.role != "rpc-worker")
         manifests += [builder.deployment(p) for p in ordered]
-        manifests.append(builder.service_object(service))
+        front = builder.service_object(service)
+        manifests += [front] if front else []
     manifests += builder.gateway()
     source = "".join(c if c.isprintable() else "?" for c in loaded.path.name)
     files: dict[str, str] = {}

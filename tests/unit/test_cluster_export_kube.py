@@ -274,3 +274,44 @@ def test_an_output_folder_that_is_a_file_and_a_bad_cluster_file(cpu_file: Path, 
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[0].startswith("error: ") and "services[0].nodes[0]" in proc.stderr
     assert len(proc.stderr.splitlines()) == 2 and not (tmp_path / "out").exists()
+
+
+def test_the_init_container_refuses_a_model_that_differs(cpu_file: Path, tmp_path: Path) -> None:
+    """The check-model script each server's pod runs first (the image's `shell` role is bash -c), run here with
+    bash on the files a node would hold."""
+    models = tmp_path / "models"
+    _, manifests = _export(cpu_file, tmp_path / "out", "--models", str(models))
+    data = yaml.safe_load(cpu_file.read_text())
+    gguf_sha, folder_hash = data["services"][0]["sha256"], data["services"][2]["sha256"]
+    models.mkdir()
+    (models / f"{gguf_sha}.gguf").write_bytes((cpu_file.parent / "chat.gguf").read_bytes())
+    (models / folder_hash).mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (models / folder_hash / name).write_bytes((cpu_file.parent / "tiny-hf" / name).read_bytes())
+
+    def check(name: str, where: str) -> subprocess.CompletedProcess[str]:
+        manifest = next(m for m in manifests if m["metadata"]["name"] == name)
+        spec = manifest["spec"]["template"]["spec"] if manifest["kind"] == "Deployment" else \
+            manifest["spec"]["leaderWorkerTemplate"][where]["spec"]
+        role, flag, script = spec["initContainers"][0]["args"]
+        assert (role, flag) == ("shell", "-c")
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+
+    assert check("cpu-chat-a", "").returncode == 0
+    assert check("cpu-pipe", "workerTemplate").returncode == 0
+    (models / f"{gguf_sha}.gguf").write_bytes(b"GGUF" + bytes(499))
+    (models / folder_hash / "extra.json").write_text("{}\n")
+    for name, where in (("cpu-chat-a", ""), ("cpu-pipe", "leaderTemplate")):
+        proc = check(name, where)
+        assert proc.returncode == 1 and "the cluster file says" in proc.stderr
+
+
+def test_every_device_variant_has_a_device_plugin_resource() -> None:
+    from builder.recipe.targets import DEVICE_PLUGINS, TARGETS
+
+    text = (ROOT / "docs" / "clusters.md").read_text()
+    for target in TARGETS.values():
+        for variant in target.variants.values():
+            plugin = DEVICE_PLUGINS.get((target.name, variant.name))
+            assert (plugin is None) == (not variant.host.devices and not variant.host.cdi), variant.name
+            assert plugin is None or f"`{plugin.resource}`" in text
