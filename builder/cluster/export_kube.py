@@ -265,16 +265,20 @@ class _Builder:
                 "livenessProbe": {**check, "periodSeconds": 10, "failureThreshold": 6}}
 
     def container_env(self, process: Process) -> list[Manifest]:
+        """The line's --env NAME=VALUE; a bare --env NAME (a box's interface) is left out with one warning."""
         options, _ = split_run(self.lines[process])
         env = []
+        from_box = []
         for item in options.get("--env", []):
             name, has_value, value = item.partition("=")
             if has_value:
                 env.append({"name": name, "value": value})
             else:
-                self.warnings.append(f"{process.node}: {process.service}: {name} is left out (on a box it comes from "
-                                     "`export`); gloo and NCCL then take the interface of the node's hostname: add "
-                                     f"{name} to the pods' env if that is not the one holding {process.node}'s address")
+                from_box.append(name)
+        if from_box:
+            self.warnings.append(f"{process.service}: {' and '.join(from_box)} left out (a box's line takes them "
+                                 "from the box's environment): gloo and NCCL then use the interface of the node's "
+                                 "hostname; add them to the pods' env if that one does not hold the node's address")
         return env
 
     def deployment(self, process: Process) -> Manifest:
