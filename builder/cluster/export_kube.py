@@ -406,7 +406,8 @@ def _steps(builder: _Builder, out: str) -> list[str]:
     where = f"the PersistentVolumeClaim {builder.models.claim}" if builder.models.claim else \
         f"{builder.models.path} on each node that serves it"
     for service in loaded.cluster.services:
-        steps.append(f"# {service.name}: {service.model} -> {where}, as {service.ref.box_name}")
+        if any(p.service == service.name and p.role != "rpc-worker" for p in loaded.processes):
+            steps.append(f"# {service.name}: {service.model} -> {where}, as {service.ref.box_name}")
     if any(s.topology == "pipeline" for s in loaded.cluster.services):
         steps.append("# a vLLM pipeline is a LeaderWorkerSet: install the LWS controller (kubernetes-sigs/lws) first")
     steps.append(f"kubectl apply -f {shlex.quote(out)}")
