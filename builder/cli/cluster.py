@@ -13,6 +13,7 @@ from builder.cluster import firewall as node_firewall
 from builder.cluster import local
 from builder.cluster import remote as netboot_gateway
 from builder.cluster.commands import as_text, node_commands
+from builder.cluster.export_kube import Models, export_kube, published_images, write_export
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.cluster.wake import chosen
@@ -24,6 +25,7 @@ from builder.engines import ENGINE_CHOICES
 from builder.netboot.firewall import ruleset
 from builder.netboot.inventory import Cluster
 from builder.recipe.targets import did_you_mean
+from builder.registry.client import Repository
 
 cluster_app = typer.Typer(help="Services of a cluster file behind one OpenAI-compatible gateway.",
                           no_args_is_help=True)
@@ -218,6 +220,66 @@ def commands(
         return
     for line in as_text(found, models):
         typer.echo(line)
+
+
+# `builder cluster export --format`: the formats it writes, and those planned (refused with one line for now).
+EXPORT_FORMATS = ("kube",)
+PLANNED_FORMATS = ("quadlet", "ansible")
+
+
+@cluster_app.command()
+def export(
+    inventory: InventoryArg,
+    form: Annotated[str, typer.Option("--format", help="kube: Kubernetes manifests (quadlet and ansible: not "
+                                      "yet).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder the files go into (created if missing).")],
+    registry: Annotated[str | None, typer.Option(
+        "--registry", "-r", metavar="HOST/REPO", help="Run the images `builder publish` pushed there, by digest "
+        "(default: the local tags, which every node must then have).")] = None,
+    models: Annotated[str, typer.Option("--models", help="The folder each node keeps its models in, named by "
+                                        "sha256 (as `cluster commands` names them).")] = "/srv/models",
+    claim: Annotated[str | None, typer.Option("--models-claim", metavar="PVC", help="Mount the models from this "
+                                              "PersistentVolumeClaim (at --models) instead of each node's "
+                                              "folder.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help=f"files, images, warnings and steps (what to run before applying) ({JSON_ERRORS}).")] = False,
+    recipes: RecipesOpt = None,
+) -> None:
+    """Write the cluster's servers, workers and gateway as files another tool runs (docs/clusters.md).
+
+    kube: a Deployment per server and RPC worker, pinned to its node on the host network, a Service per
+    service, a LeaderWorkerSet per vLLM pipeline, and the gateway (HAProxy) as a Deployment with its config in
+    a ConfigMap. The API key goes into a Secret you create (the command is printed; the key is in no file
+    this writes). Every container runs the arguments `builder cluster commands` prints for it.
+    """
+    if form in PLANNED_FORMATS:
+        raise RecipeError(f"--format {form}: not yet", f"formats: {', '.join(EXPORT_FORMATS)}")
+    if form not in EXPORT_FORMATS:
+        raise RecipeError(f"--format: unknown format {form!r}{did_you_mean(form, EXPORT_FORMATS + PLANNED_FORMATS)}",
+                          f"formats: {', '.join(EXPORT_FORMATS)}")
+    check_output(out, "--out", folder=True)
+    where = Models(models, claim)
+    repo = Repository.parse(registry) if registry is not None else None
+    loaded = load_cluster(inventory)
+    netboot_gateway.addresses(loaded)  # every server's node needs its address (the gateway binds its pod's own)
+    for warning in loaded.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    done = export_kube(loaded, where, str(out), published_images(repo) if repo else None)
+    written = write_export(done, out)
+    warnings = list(done.warnings)
+    if repo is None:
+        warnings.append(f"images are the local tags ({', '.join(sorted(set(done.images.values())))}): every node "
+                        "must have them; `builder publish` them and pass --registry to run them by digest")
+    if as_json:
+        typer.echo(json.dumps({"format": form, "out": str(out), "files": written, "images": done.images,
+                               "warnings": warnings, "steps": list(done.steps)}, indent=2))
+        return
+    for line in warnings:
+        typer.echo(f"warning: {line}", err=True)
+    typer.echo(f"wrote {len(written)} files to {out}")
+    typer.echo("then:")
+    for step in done.steps:
+        typer.echo(f"  {step}")
 
 
 @cluster_app.command()

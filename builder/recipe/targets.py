@@ -247,3 +247,30 @@ UNSUPPORTED = {
 
 def state_of(target: str, variant: str) -> State:
     return STATES.get((target, variant), State("render-only", "no state is recorded for it yet"))
+
+
+@dataclass(frozen=True)
+class DevicePlugin:
+    """How a Kubernetes pod asks for a variant's device: the extended resource its vendor's device plugin
+    registers (one unit per pod), and where that name comes from."""
+
+    resource: str
+    source: str
+
+
+# The one table of device-plugin resource names (`builder cluster export --format kube`); a variant that is not
+# here needs no device (cpu). Each plugin passes the device nodes (and, for NVIDIA, the driver's libraries
+# through its container toolkit) into the pod, which `builder run` passes with --device/CDI.
+DEVICE_PLUGINS: dict[tuple[str, str], DevicePlugin] = {
+    **dict.fromkeys((("strix-halo", "rocm"), ("strix-halo", "rocm-amd"), ("strix-halo", "vulkan")), DevicePlugin(
+        "amd.com/gpu", "AMD's ROCm device plugin (github.com/ROCm/k8s-device-plugin): /dev/kfd and /dev/dri")),
+    **dict.fromkeys((("intel-arc", "sycl"), ("intel-arc", "vulkan")), DevicePlugin(
+        "gpu.intel.com/i915", "Intel's GPU plugin (github.com/intel/intel-device-plugins-for-kubernetes): "
+        "/dev/dri of an i915 GPU (Arc A-series); a GPU the xe driver runs is gpu.intel.com/xe")),
+    ("intel-npu", "openvino"): DevicePlugin(
+        "npu.intel.com/accel", "Intel's NPU plugin (github.com/intel/intel-device-plugins-for-kubernetes): "
+        "/dev/accel"),
+    **dict.fromkeys((("nvidia", "cuda"), ("nvidia", "cuda-nvidia")), DevicePlugin(
+        "nvidia.com/gpu", "NVIDIA's device plugin (github.com/NVIDIA/k8s-device-plugin, or its GPU Operator), "
+        "with the NVIDIA Container Toolkit on the node for the driver's libraries")),
+}
