@@ -23,9 +23,13 @@ if [ -n "$CCACHE_REMOTE_STORAGE" ] && command -v ccache >/dev/null; then
     # The cache lives outside the build (builder serves it); content checks keep hits exact across engines.
     export CCACHE_REMOTE_STORAGE CCACHE_REMOTE_ONLY=true CCACHE_COMPILERCHECK=content CCACHE_DIR=/tmp/ccache
     launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
-    # ccache handles nvcc too: ggml-cuda is most of a CUDA build's compile time.
+    # ccache handles nvcc and HIP's clang too: ggml-cuda and ggml-hip are most of a GPU build's compile time
+    # (without it a rocm rebuild after any llama.cpp change recompiles every HIP object: 40+ minutes).
     case " ${flags[*]} " in
         *" -DGGML_CUDA=ON "*) launcher+=(-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache) ;;
+    esac
+    case " ${flags[*]} " in
+        *" -DGGML_HIP=ON "*) launcher+=(-DCMAKE_HIP_COMPILER_LAUNCHER=ccache) ;;
     esac
     ccache --zero-stats >/dev/null
 fi
