@@ -23,7 +23,6 @@ from builder.cluster.gateway import (
     stop_gateway,
     write_gateway,
 )
-from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, Process
 from builder.cluster.vllm_service import launch
 from builder.core.errors import BuilderError, RecipeError
@@ -106,16 +105,10 @@ def _models(loaded: Loaded, say: Say) -> dict[str, Path]:
     """Every service's GGUF or model folder on this machine, checked against its sha256."""
     out: dict[str, Path] = {}
     for i, service in enumerate(loaded.cluster.services):
-        path = loaded.model_file(service)
+        if not service.model:
+            continue  # workers only: no model here
         if service.engine == "vllm":
-            assert path is not None
-            say(f"hashing {service.model} …")
-            actual = folder_hash(path, f"{loaded.path.name}: services[{i}].model", service.model)
-            if actual != service.sha256:
-                raise RecipeError(f"{loaded.path.name}: services[{i}].sha256: the folder {service.model} hashes to "
-                                  f"{actual}", "a file changed or the sha256 is wrong: check which, then fix it "
-                                  "(`builder cluster hash-model DIR` prints a folder's hash)")
-            out[service.name] = path.resolve()
+            out[service.name] = loaded.model_folder(i, say)
             continue
         out[service.name] = loaded.gguf(i, say)
     return out
