@@ -1,11 +1,10 @@
 #!/bin/bash
 # PID 1 of a netbooted node, inside the image's root (read-only squashfs under a tmpfs overlay).
-# It applies the hostname, loads the accelerator's modules, starts the node's role through the image's own
-# entrypoint, prints a ready line on the console once the role accepts connections, and restarts the role
-# if it exits. The role binds the node's own address, never a wildcard one.
-# A node of a cluster file with services: gets a plan instead of a role (builder.plan=URL, checked against
-# builder.plan_sha256): one line per process, RPC workers and llama-servers, each started, announced when ready
-# and restarted on its own (builder/cluster/plans.py writes the plan; its env lines are exported first).
+# It applies the hostname, loads the accelerator's modules and follows the node's plan (builder.plan=URL,
+# checked against builder.plan_sha256): one line per process, RPC workers, llama-servers and vLLM servers,
+# each started through the image's own entrypoint on the node's own address (never a wildcard one), announced
+# on the console once it accepts connections, and restarted on its own if it exits. The plan's lines and
+# their fields are documented in builder/netboot/plan.py, which writes them; its env lines are exported first.
 set -u
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -15,23 +14,13 @@ bb=/usr/lib/builder/busybox
 
 say() { echo "builder-node: $*"; }
 
-name=node role=rpc-worker port="" rpc="" model="" model_sha256="" ctx="" plan="" plan_sha256=""
-served_name="" vllm_args="" vllm_kv=""
+name=node plan="" plan_sha256=""
 read -r -a words </proc/cmdline
 for word in "${words[@]}"; do
     case "$word" in
         builder.name=*) name=${word#*=} ;;
-        builder.role=*) role=${word#*=} ;;
-        builder.port=*) port=${word#*=} ;;
-        builder.rpc=*) rpc=${word#*=} ;;
-        builder.model=*) model=${word#*=} ;;
-        builder.model_sha256=*) model_sha256=${word#*=} ;;
-        builder.ctx=*) ctx=${word#*=} ;;
         builder.plan=*) plan=${word#*=} ;;
         builder.plan_sha256=*) plan_sha256=${word#*=} ;;
-        builder.served_name=*) served_name=${word#*=} ;;
-        builder.vllm_args=*) vllm_args=${word#*=} ;;
-        builder.vllm_kv=*) vllm_kv=${word#*=} ;;
     esac
 done
 
@@ -134,53 +123,8 @@ rpc_cache() {
         say "RPC tensor cache on the cache disk ($(find "$CACHE_DIR/rpc" -type f | wc -l) files kept)"
 }
 
-# vllm-server: the model is a squashfs of a Hugging Face folder (published by sha256, fetched and checked by
-# fetch_model), mounted read-only and served by the image's own entrypoint on the node's address.
-start_vllm() {
-    port=${port:-8000}
-    ready_tries=14400 # vLLM imports torch and loads its kernels first: minutes on a slow CPU
-    local path dir=/run/builder/model args=()
-    path=$(fetch_model "$model" "$model_sha256") || { say "no model: cannot start vLLM"; return 1; }
-    if ! grep -q " $dir squashfs " /proc/mounts; then
-        mkdir -p "$dir"
-        "$bb" mount -t squashfs -o ro,loop "$path" "$dir" || { say "the model ${path##*/} does not mount"; return 1; }
-    fi
-    # Python's multiprocessing (vLLM's engine process) needs a shared-memory folder
-    grep -q " /dev/shm " /proc/mounts || { mkdir -p /dev/shm && "$bb" mount -t tmpfs -o mode=1777 shm /dev/shm; }
-    [ -n "$vllm_args" ] && IFS=, read -r -a args <<<"$vllm_args"
-    [ -n "$vllm_kv" ] && export VLLM_CPU_KVCACHE_SPACE=$vllm_kv
-    say "starting vLLM: ${served_name:-model} from ${path##*/}"
-    HF_HUB_OFFLINE=1 /usr/local/bin/vllm-entrypoint serve "$dir" --host "$NODE_IP" --port "$port" \
-        ${served_name:+--served-model-name "$served_name"} "${args[@]}" &
-    child=$!
-}
-
-start_role() {
-    case "$role" in
-        vllm-server)
-            start_vllm || return 1
-            ;;
-        rpc-worker)
-            port=${port:-50052}
-            /usr/local/bin/llama-entrypoint rpc-worker --host "$NODE_IP" --port "$port" &
-            ;;
-        head | server)
-            port=${port:-8080}
-            local path args=()
-            path=$(fetch_model "$model" "$model_sha256") || { say "no model: cannot start the server"; return 1; }
-            [ -n "$rpc" ] && args+=(--rpc "$rpc" -ngl 999)
-            [ -n "$ctx" ] && args+=(-c "$ctx")
-            /usr/local/bin/llama-entrypoint server --model "$path" --host "$NODE_IP" --port "$port" "${args[@]}" &
-            ;;
-        *)
-            say "unknown role '$role'"
-            return 1
-            ;;
-    esac
-    child=$!
-}
-
-# Ready means the role ($1) on port $2 answers: a TCP connection for a worker, /health saying ok for a server.
+# Ready means the process ($1: its role) on port $2 answers: a TCP connection for a worker, /health saying ok
+# for a server.
 is_ready() {
     if [ "$1" != rpc-worker ]; then
         exec 3<>"/dev/tcp/$NODE_IP/$2" || return 1
@@ -255,11 +199,47 @@ supervise() {
     done
 }
 
+# One vLLM process of the plan, kept running: SERVICE PORT MODEL-PATH MOUNT ENV ARGV... The model is the squashfs
+# of a Hugging Face folder (published by sha256, fetched and checked by fetch_model), mounted read-only at MOUNT
+# (no unpacking); ARGV goes to the image's own entrypoint (`serve …`, the command line builder/cluster/vllm_service.py
+# makes for every vLLM process), with ENV (NAME=VALUE,…) and the interface the node's address is on. PORT '-' is a
+# pipeline node that serves no API: it is started, never probed.
+supervise_vllm() {
+    local service=$1 port=$2 path=$3 mount=$4 env=$5 child pair pairs=()
+    shift 5
+    if ! grep -q " $mount squashfs " /proc/mounts; then
+        mkdir -p "$mount"
+        "$bb" mount -t squashfs -o ro,loop "$path" "$mount" || { say "the model ${path##*/} does not mount"; return 1; }
+    fi
+    # Python's multiprocessing (vLLM's engine process) needs a shared-memory folder
+    grep -q " /dev/shm " /proc/mounts || { mkdir -p /dev/shm && "$bb" mount -t tmpfs -o mode=1777 shm /dev/shm; }
+    [ "$env" != - ] && IFS=, read -r -a pairs <<<"$env"
+    while :; do
+        say "starting vLLM: $service from ${path##*/}"
+        (
+            export GLOO_SOCKET_IFNAME="$NODE_IFACE" NCCL_SOCKET_IFNAME="$NODE_IFACE"
+            for pair in "${pairs[@]}"; do export "${pair?}"; done
+            exec /usr/local/bin/vllm-entrypoint "$@"
+        ) &
+        child=$!
+        if [ "$port" = - ]; then
+            say "$name pipeline-worker $service started"
+        else
+            # vLLM imports torch and loads its kernels first: minutes on a slow CPU
+            await_ready 14400 "$name server $service" server "$port"
+        fi
+        wait "$child"
+        say "vllm $service exited with status $?; restarting in 5 s"
+        check_root
+        sleep 5
+    done
+}
+
 # Follow the plan: RPC workers first (heads on other nodes wait for them), then each server once its model is
 # here. PID 1 then only reaps: the supervisors run for as long as the node does.
 run_plan() {
-    local line fields path workers=0 servers=0
-    local -A fetched=()  # model sha256 -> its path: two services of one GGUF share one download
+    local line fields path kind workers=0 servers=0
+    local -A fetched=()  # model sha256 -> its path: two services of one model share one download
     fetch_plan
     mapfile -t lines </run/builder/plan
     # The node's environment (from its `env` in the cluster file), for every process it starts; the values
@@ -267,6 +247,7 @@ run_plan() {
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"
         [ "${fields[0]:-}" = env ] || continue
+        [ "${fields[2]:-}" = - ] && fields[2]=""
         export "${fields[1]}=${fields[2]:-}"
         say "environment: ${fields[1]} set"
     done
@@ -279,7 +260,8 @@ run_plan() {
     done
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"
-        [ "${fields[0]:-}" = server ] || continue
+        kind=${fields[0]:-}
+        [ "$kind" = server ] || [ "$kind" = vllm ] || continue
         path=${fetched[${fields[4]}]:-}
         until [ -n "$path" ] || path=$(fetch_model "${fields[3]}" "${fields[4]}"); do
             say "no model for ${fields[1]}: trying again in 10 s"
@@ -287,7 +269,11 @@ run_plan() {
         done
         fetched[${fields[4]}]=$path
         servers=$((servers + 1))
-        supervise server "${fields[1]}" "${fields[2]}" "$path" "${fields[5]}" "${fields[6]}" "${fields[@]:7}" &
+        if [ "$kind" = vllm ]; then
+            supervise_vllm "${fields[1]}" "${fields[2]}" "$path" "${fields[5]}" "${fields[6]}" "${fields[@]:7}" &
+        else
+            supervise server "${fields[1]}" "${fields[2]}" "$path" "${fields[5]}" "${fields[6]}" "${fields[@]:7}" &
+        fi
     done
     say "$name runs $servers server(s) and $workers RPC worker(s)"
     while :; do
@@ -296,16 +282,8 @@ run_plan() {
     done
 }
 
-[ -n "$plan" ] && run_plan
-[ "$role" = rpc-worker ] && rpc_cache
-
-while :; do
-    child=""
-    if start_role; then
-        await_ready "${ready_tries:-600}" "$name $role" "$role" "$port"
-        wait "$child"
-        say "$role exited with status $?; restarting in 5 s"
-        check_root
-    fi
-    sleep 5
-done
+if [ -z "$plan" ] || [ -z "$plan_sha256" ]; then
+    say "no builder.plan= and builder.plan_sha256= on the kernel command line: nothing to run (publish the node again)"
+    while :; do sleep 3600; done
+fi
+run_plan
