@@ -189,7 +189,7 @@ def schema(
 
 
 @cluster_app.command()
-def convert(file: InventoryArg, as_json: JsonOpt = False) -> None:
+def convert(file: InventoryArg, as_json: JsonOpt = False, recipes: RecipesOpt = None) -> None:
     """Print a cluster file in the services form: a file in the netboot-only form (nodes with role:) converted
     as builder reads it (each model's sha256 computed), a services-form file as it is."""
     data = load_yaml(file, "cluster", "pass the path of your cluster.yaml")

@@ -113,8 +113,6 @@ def publish_cmd(
     else:  # the nodes' netboot sets may have to be made first
         require_tools("builder pxe publish", NETBOOT_SET)
     loaded = load_for_netboot(inventory)
-    for line in loaded.notes:
-        typer.echo(f"note: {line}", err=True)
     for warning in loaded.warnings:
         typer.echo(f"warning: {warning}", err=True)
     for node in loaded.cluster.netbooted:
@@ -125,6 +123,8 @@ def publish_cmd(
     artifacts = _wanted(sorted({netboot_set(loaded, n) for n in loaded.cluster.netbooted}), engine, compression,
                         pulled)
     generation, new = publish_services(root, loaded, files, artifacts, keep)
+    for line in loaded.notes:  # once published: a refusal above stays one line
+        typer.echo(f"note: {line}", err=True)
     if as_json:
         _print_published(generation, new, [(n, label(loaded, n.name)) for n in loaded.cluster.nodes])
         return

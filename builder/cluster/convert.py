@@ -21,20 +21,25 @@ file. The rules:
 import math
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from builder.cluster.hfmodel import folder_hash, scan
 from builder.core.digests import sha256_file
 from builder.core.errors import RecipeError
-from builder.core.types import OneLine
+from builder.core.types import OneLine, http_url, one_line
 from builder.recipe.load import display_path, validated
 
 PORTS = {"head": 8080, "rpc-worker": 50052, "vllm-server": 8000}
 WORKERS_ONLY = "rpc-workers"  # the name of a workers-only file's service
 GIB = 1 << 30
 REWRITE = "`builder cluster convert FILE` prints it in the services form (docs/clusters.md)"
+
+
+def _model(value: str) -> str:
+    """A file on the control node, or an http:// URL (which conversion refuses, once it is known to be used)."""
+    return http_url(value) if value.startswith("http://") else one_line(value)
 
 
 class _Vllm(BaseModel):
@@ -61,7 +66,7 @@ class _Old(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     SCHEMA_COMMAND: ClassVar[str] = "builder cluster schema"
 
-    model: OneLine | None = None
+    model: Annotated[str, AfterValidator(_model)] | None = None
     context: int | None = Field(None, ge=64)
     nodes: list[_Node] = Field(min_length=1)
 

@@ -417,6 +417,12 @@ def load_cluster(path: Path, converted: dict[str, Any] | None = None) -> Loaded:
     notes: tuple[str, ...] = ()
     if is_old_form(data):
         data, notes = convert(data, path), (note(path),)
+    for i, node in enumerate(data.get("nodes") or []):
+        field = next((f for f in ("role", "port", "vllm") if isinstance(node, dict) and f in node), None)
+        if field:
+            raise RecipeError(f"{where}: nodes[{i}].{field}: roles, ports and models come from services: in "
+                              "this form", f"remove {field}; name the node in a service's nodes, head or workers "
+                              "(a vLLM model is a service with engine: vllm)")
     cluster = validated(ServiceCluster, path, data)
     index = _check_nodes(cluster, where)
     _check_addresses(cluster, where)

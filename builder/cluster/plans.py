@@ -242,7 +242,8 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
         args = root_words(base, node, manifest, [f"builder.plan={base}/blobs/sha256/{plan_sha256}",
                                                  f"builder.plan_sha256={plan_sha256}"],
                           add_blob_bytes(root, rules), cluster.cache_of(node), cluster.ram_share)
-        served = sorted({p.service for p in loaded.processes if p.node == node.name and p.service in blobs})
+        mine = {p.service for p in loaded.processes if p.node == node.name and p.role != "rpc-worker"}
+        served = [s.name for s in cluster.services if s.name in mine]
         if served:
             # the initramfs makes room on the cache disk for these (a node without one ignores the word)
             args.append("builder.models=" + ",".join(f"{blobs[s]}:{files[s].stat().st_size}" for s in served))

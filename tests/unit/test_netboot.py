@@ -12,11 +12,11 @@ import pytest
 import requests
 import yaml
 
+from builder.cluster.model import load_cluster
+from builder.cluster.plans import control_of, load_for_netboot, models, publish_services
 from builder.core.errors import RecipeError
 from builder.netboot import cpio
 from builder.netboot.artifacts import require_driver
-from builder.cluster.model import load_cluster
-from builder.cluster.plans import control_of, load_for_netboot, models, publish_services
 from builder.netboot.modules import load_order
 from builder.netboot.plan import ServerLine, parse
 from builder.netboot.publish import Artifacts, current_id, generations, rollback
