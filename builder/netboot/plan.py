@@ -79,8 +79,8 @@ class NodePlan:
 
 
 def _field(value: str, what: str) -> str:
-    if not value or "\t" in value or "\n" in value or "\r" in value:
-        raise ValueError(f"plan: {what} {value!r} is empty or holds a tab or newline")
+    if not value or "\t" in value or value.splitlines() != [value]:
+        raise ValueError(f"plan: {what} {value!r} is empty or holds a tab or line break")
     return value
 
 
