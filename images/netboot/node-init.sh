@@ -138,13 +138,13 @@ is_ready() {
     fi
 }
 
-# Poll every half second, at most TRIES times, until ROLE on PORT answers (then print "LABEL ready on …" and the
-# node's memory) or the process $child has exited.
+# Poll every half second, at most TRIES times, until ROLE on PORT answers (then print "LABEL ready on ADDRESS:PORT"
+# and NOTE, and the node's memory) or the process $child has exited.
 await_ready() {
-    local tries=$1 label=$2 role=$3 port=$4
+    local tries=$1 label=$2 role=$3 port=$4 note=${5:-}
     for _ in $(seq 1 "$tries"); do
         if is_ready "$role" "$port" 2>/dev/null; then
-            say "$label ready on $NODE_IP:$port"
+            say "$label ready on $NODE_IP:$port${note:+ $note}"
             say_memory
             return 0
         fi
@@ -191,7 +191,12 @@ supervise() {
             /usr/local/bin/llama-entrypoint server "${args[@]}" "$@" &
         fi
         child=$!
-        await_ready 1200 "$name $role $service" "$role" "$port"
+        # a server says its service (clients ask for it by name); a worker serves whichever head connects
+        if [ "$role" = rpc-worker ]; then
+            await_ready 1200 "$name $role" "$role" "$port" "(for $service)"
+        else
+            await_ready 1200 "$name $role $service" "$role" "$port"
+        fi
         wait "$child"
         say "$role $service exited with status $?; restarting in 5 s"
         check_root
