@@ -28,6 +28,7 @@ done
 . /run/builder/net.env
 # ROOT_MODE (ram or cache), ROOT_BLOB, MODEL_CACHED (sha256s of the models kept on the cache disk, with room
 # made for them), VERITY_ERRORS
+# shellcheck disable=SC2034  # read by plan.sh, sourced below
 ROOT_MODE=ram ROOT_BLOB="" MODEL_CACHED="" VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache
 # shellcheck disable=SC1091  # written by the initramfs
 . /run/builder/root.env
@@ -48,7 +49,7 @@ if [ -s /usr/lib/builder/modules.load ]; then
     done </usr/lib/builder/modules.load
 fi
 
-# shellcheck source=images/netboot/plan.sh
+# shellcheck disable=SC1091  # the plan executor, images/netboot/plan.sh (checked on its own)
 . /usr/lib/builder/plan.sh
 
 if [ -z "$plan" ] || [ -z "$plan_sha256" ]; then
