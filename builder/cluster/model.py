@@ -417,7 +417,8 @@ def load_cluster(path: Path, converted: dict[str, Any] | None = None) -> Loaded:
     notes: tuple[str, ...] = ()
     if is_old_form(data):
         data, notes = convert(data, path), (note(path),)
-    for i, node in enumerate(data.get("nodes") or []):
+    nodes = data.get("nodes")
+    for i, node in enumerate(nodes if isinstance(nodes, list) else []):
         field = next((f for f in ("role", "port", "vllm") if isinstance(node, dict) and f in node), None)
         if field:
             raise RecipeError(f"{where}: nodes[{i}].{field}: roles, ports and models come from services: in "
