@@ -162,16 +162,19 @@ def vllm_root(tmp: Path, model: Path) -> dict[str, object]:
     folder.mkdir()
     port = free_port()
     inventory = folder / "cluster.yaml"
-    # YAML reads JSON: the inventory as data, the model's path quoted whatever it holds
+    # YAML reads JSON: the cluster file as data, the model's path quoted whatever it holds; the node binds the
+    # address QEMU's user-mode network leases it
     inventory.write_text(json.dumps({
         "control": {"address": "10.0.2.2", "http_port": port}, "kernel_args": ["console=ttyS0"],
         "cache": {"device": "PARTLABEL=builder-cache"},
-        "nodes": [{"name": "vnode1", "mac": MAC, "target": "cpu", "role": "vllm-server",
-                   "vllm": {"model": str(model.resolve()), "served_name": "bench", "args": VLLM_ARGS,
-                            "kv_cache_gib": 1}}]}))
+        "nodes": [{"name": "vnode1", "mac": MAC, "target": "cpu", "address": "10.0.2.15", "memory": "3GiB",
+                   "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}],
+        "services": [{"name": "bench", "engine": "vllm", "model": str(model.resolve()), "port": 8000,
+                      "sha256": builder("cluster", "hash-model", str(model)).split()[0], "args": VLLM_ARGS,
+                      "nodes": ["vnode1"]}]}))
     builder("pxe", "publish", str(inventory), "--root", str(folder / "pxe-root"))
-    script = next((folder / "pxe-root" / "current" / "nodes").glob("*.ipxe")).read_text()
-    model_sha = script.split("builder.model_sha256=")[1].split()[0]
+    plan = next((folder / "pxe-root" / "current" / "nodes").glob("*.plan")).read_text()
+    model_sha = plan.splitlines()[-1].split("\t")[4]
     disk = folder / "disk.img"
     gpt_disk(disk, squash["size"] // 2**20 + 1024, "builder-cache")
     log = folder / "serve.log"
@@ -186,7 +189,7 @@ def vllm_root(tmp: Path, model: Path) -> dict[str, object]:
                 sent = root_bytes(log, squash["sha256"]), root_bytes(log, model_sha)
                 console = folder / f"console-{nth}.log"
                 seconds = boot_once(folder / "pxe-root" / "tftp", console, False, limit=3600, disk=disk,
-                                    memory_line=True, ready_text="vllm-server ready on", memory_mb=4096, cpu="max")
+                                    memory_line=True, ready_text="server bench ready on", memory_mb=4096, cpu="max")
                 time.sleep(0.5)
                 memory = re.search(r"MemAvailable (\d+) kB of MemTotal (\d+) kB", console.read_text())
                 row = {"boot": nth, "ready_s": round(seconds, 1),

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import BaseModel
+import yaml
 
 from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt
 from builder.cli.conventions import check_output
@@ -13,6 +13,8 @@ from builder.cluster import firewall as node_firewall
 from builder.cluster import local
 from builder.cluster import remote as netboot_gateway
 from builder.cluster.commands import as_text, node_commands
+from builder.cluster.convert import convert as convert_form
+from builder.cluster.convert import is_old_form
 from builder.cluster.export_kube import Models, export_kube, published_images, write_export
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
@@ -23,7 +25,7 @@ from builder.core.preflight import GATEWAY, GATEWAY_UNIT, require_tools
 from builder.core.units import UNIT_DIR
 from builder.engines import ENGINE_CHOICES
 from builder.netboot.firewall import ruleset
-from builder.netboot.inventory import Cluster
+from builder.recipe.load import display_path, load_yaml
 from builder.recipe.targets import did_you_mean
 from builder.registry.client import Repository
 
@@ -41,6 +43,8 @@ def _loaded(inventory: Path, is_local: bool) -> Loaded:
     if not is_local:
         netboot_gateway.addresses(loaded)  # every server's node needs its address: one line now
         netboot_gateway.bind_address(loaded)
+    for line in loaded.notes:
+        typer.echo(f"note: {line}", err=True)
     for warning in loaded.warnings:
         typer.echo(f"warning: {warning}", err=True)
     return loaded
@@ -284,14 +288,31 @@ def export(
 
 @cluster_app.command()
 def schema(
-    form: Annotated[str, typer.Option("--form", help="services (the default: servers behind a gateway) or "
-                                      "netboot (nodes with roles, one model).")] = "services",
+    form: Annotated[str, typer.Option("--form", help="services, the one form (a file in the older netboot-only "
+                                      "form is converted on load: see `builder cluster convert`).")] = "services",
 ) -> None:
     """Print the JSON Schema of a cluster file (docs/clusters.md explains it with examples)."""
-    forms: dict[str, type[BaseModel]] = {"services": ServiceCluster, "netboot": Cluster}
-    if form not in forms:
-        raise RecipeError(f"--form: unknown form {form!r}{did_you_mean(form, forms)}", "forms: services, netboot")
-    typer.echo(json.dumps(forms[form].model_json_schema(), indent=2))
+    if form == "netboot":
+        raise RecipeError("--form netboot: the netboot-only form has no schema of its own any more; builder reads "
+                          "such a file as services", "`builder cluster convert FILE` prints it in the services form")
+    if form != "services":
+        raise RecipeError(f"--form: unknown form {form!r}{did_you_mean(form, ['services'])}", "forms: services")
+    typer.echo(json.dumps(ServiceCluster.model_json_schema(), indent=2))
+
+
+@cluster_app.command()
+def convert(file: InventoryArg, as_json: JsonOpt = False, recipes: RecipesOpt = None) -> None:
+    """Print a cluster file in the services form: a file in the netboot-only form (nodes with role:) converted
+    as builder reads it (each model's sha256 computed), a services-form file as it is."""
+    data = load_yaml(file, "cluster", "pass the path of your cluster.yaml")
+    if is_old_form(data):
+        data = convert_form(data, file)
+    load_cluster(file, data)  # what it prints must load: one line now if it does not
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo(f"# {display_path(file)} in the services form (docs/clusters.md)")
+    typer.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
 
 
 @cluster_app.command("hash-model")

@@ -13,15 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, LockOpt, RecipesOpt
 from builder.cli.conventions import check_input, check_output, cluster_file, deprecated
-from builder.cluster.plans import (
-    control_of,
-    is_services_form,
-    label,
-    load_for_netboot,
-    models,
-    publish_services,
-    summary,
-)
+from builder.cluster.plans import control_of, label, load_for_netboot, models, netboot_set, publish_services, summary
 from builder.core.errors import RecipeError, Stopped
 from builder.core.locks import lock_file, locked
 from builder.core.preflight import DHCP, NETBOOT_SET, require_tools
@@ -36,10 +28,8 @@ from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import flavour_named, prepare, recipe_file
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts, record_llama_cpp
-from builder.netboot.firewall import for_netboot
-from builder.netboot.inventory import Node, load_inventory
 from builder.netboot.kernels import kernel_spec, pinned_kernel
-from builder.netboot.publish import Artifacts, generation_sets, generations, publish, rollback
+from builder.netboot.publish import Artifacts, generation_sets, generations, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
 from builder.netboot.units import BOOT_UNIT, boot_units
 from builder.pipeline.build import build
@@ -132,10 +122,11 @@ def publish_cmd(
 ) -> None:
     """Write a new generation for the cluster file into pxe-root/ and make it current (atomically).
 
-    Each node gets nodes/<mac>.ipxe carrying its role and settings on the kernel command line, and its
-    firewall (nftables rules admitting the cluster's addresses only) as nodes/<mac>.nft. With services:
-    (docs/clusters.md) each node gets nodes/<mac>.plan, its servers and RPC workers, and every service's
-    GGUF is published by sha256. Every file is checked against its manifest's sha256 on the way in.
+    Each node with a mac gets nodes/<mac>.ipxe (its root image, cache disk and plan on the kernel command line),
+    nodes/<mac>.plan (its servers, RPC workers and vLLM processes) and its firewall (nftables rules admitting
+    the cluster's addresses only) as nodes/<mac>.nft; every model is published by sha256 (a vLLM model folder
+    as a squashfs). Nodes without a mac are listed as not netbooted (`builder cluster commands` prints what to
+    run on them). Every file is checked against its manifest's sha256 on the way in.
     """
     inventory = cluster_file(file, old_inventory, "builder pxe publish")
     check_output(root, "--root", folder=True)
@@ -143,52 +134,42 @@ def publish_cmd(
         check_input(pulled, "--artifacts", folder=True)
     else:  # the nodes' netboot sets may have to be made first
         require_tools("builder pxe publish", NETBOOT_SET)
-    if is_services_form(inventory):
-        loaded = load_for_netboot(inventory)
-        for warning in loaded.warnings:
-            typer.echo(f"warning: {warning}", err=True)
-        files = models(loaded, lambda line: typer.echo(line, err=True))  # checked before any build
-        artifacts = _wanted(loaded.cluster.nodes, engine, compression, pulled)
-        generation, new = publish_services(root, loaded, files, artifacts, keep)
-        if as_json:
-            _print_published(generation, new, [(n, label(loaded, n.name)) for n in loaded.cluster.nodes])
-            return
-        typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; "
-                   f"current -> generations/{generation}")
-        for line in summary(loaded):
-            typer.echo(line)
-        return
-    cluster = load_inventory(inventory)
-    for_netboot(cluster, display_path(inventory))  # an address nft would refuse stops here, before any build
-    for node in cluster.nodes:
-        if not node.address and len(cluster.nodes) > 1:
+    loaded = load_for_netboot(inventory)
+    for warning in loaded.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    for node in loaded.cluster.netbooted:
+        if not node.address and len(loaded.cluster.nodes) > 1:
             typer.echo(f"note: {node.name} has no address in {display_path(inventory)}: it admits its own lease, "
                        "but the other nodes' firewalls cannot admit its connections", err=True)
-    artifacts = _wanted(cluster.nodes, engine, compression, pulled)
-    generation, new = publish(root, cluster, inventory, artifacts, keep=keep)
+    files = models(loaded, lambda line: typer.echo(line, err=True))  # checked before any build
+    artifacts = _wanted(sorted({netboot_set(loaded, n) for n in loaded.cluster.netbooted}), engine, compression,
+                        pulled)
+    generation, new = publish_services(root, loaded, files, artifacts, keep)
+    for line in loaded.notes:  # once published: a refusal above stays one line
+        typer.echo(f"note: {line}", err=True)
     if as_json:
-        _print_published(generation, new, [(n, n.role) for n in cluster.nodes])
+        _print_published(generation, new, [(n, label(loaded, n.name)) for n in loaded.cluster.nodes])
         return
     typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
-    for node in cluster.nodes:
-        typer.echo(f"  {node.name:<12} {node.mac}  {node.role:<10} {node.target}  nodes/{node.file_stem}.ipxe")
+    for line in summary(loaded):
+        typer.echo(line)
 
 
 def _print_published(generation: str, new: bool, nodes: Sequence[tuple[Any, str]]) -> None:
     typer.echo(json.dumps({"generation": generation, "published": new, "current": f"generations/{generation}",
                            "nodes": [{"name": n.name, "mac": n.mac, "boots": boots, "target": n.target,
-                                      "script": f"nodes/{n.file_stem}.ipxe"} for n, boots in nodes]}, indent=2))
+                                      "script": f"nodes/{n.file_stem}.ipxe" if n.mac else None}
+                                     for n, boots in nodes]}, indent=2))
 
 
-def _wanted(nodes: Sequence[Node], engine: str, compression: str, pulled: Path | None) -> Artifacts:
-    """The netboot set of every (target, variant) the nodes boot: pulled ones, or built here."""
-    wanted = sorted({n.netboot_set for n in nodes})
+def _wanted(wanted: list[tuple[str, str]], engine: str, compression: str, pulled: Path | None) -> Artifacts:
+    """The netboot set of every (target, variant) the nodes boot: pulled ones, or built on this machine."""
     artifacts: Artifacts = {}
     for target, variant in wanted:
         if pulled is not None:
             artifacts[(target, variant)] = read_artifacts(pulled / f"{target}-{variant}")
             continue
-        # a vLLM image's set is spelt vllm-VARIANT (Node.netboot_set)
+        # a vLLM image's set is spelt vllm-VARIANT (plans.netboot_set)
         flavour = "vllm" if variant.startswith("vllm-") else LLAMA_CPP.name
         artifacts[(target, variant)] = _artifacts(engine, target, variant.removeprefix("vllm-"), compression,
                                                   flavour=flavour)

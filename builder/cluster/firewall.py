@@ -1,33 +1,31 @@
-"""Every node's firewall from a cluster file of either form (the rules themselves: builder/netboot/firewall.py)."""
+"""Every node's firewall from a cluster file (the rules themselves: builder/netboot/firewall.py)."""
 
 from pathlib import Path
 
 from builder.cluster.model import Loaded, load_cluster
 from builder.core.errors import RecipeError
-from builder.netboot.firewall import Firewall, allowed_addresses, for_inventory
-from builder.netboot.inventory import load_inventory
-from builder.recipe.load import display_path, load_yaml
+from builder.netboot.firewall import LEASED, Firewall, allowed_addresses
+from builder.recipe.load import display_path
 
 
-def for_services(loaded: Loaded) -> list[Firewall]:
-    """Every node's firewall from a services-form cluster file (it needs control: and every node's address)."""
+def for_services(loaded: Loaded, leased: bool = False) -> list[Firewall]:
+    """Every node's firewall (it needs control: and every node's address). With `leased`, a node without an
+    address leases one: its own rules admit that lease at boot (the initramfs adds it), but the other nodes'
+    rules cannot name it."""
     cluster = loaded.cluster
     where = display_path(loaded.path)
     if cluster.control is None:
         raise RecipeError(f"{where}: control: the firewall admits the control node, and none is declared",
                           "control: {address: 10.0.0.1} (the node that runs the gateway)")
     nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
-    allowed = tuple(allowed_addresses(where, cluster.control.address, nodes))
+    allowed = tuple(allowed_addresses(where, cluster.control.address, nodes, every_node=not leased))
     out = []
     for node in cluster.nodes:
         ports = sorted({p.port for p in loaded.processes if p.node == node.name})
-        out.append(Firewall(node.name, str(node.address), allowed, tuple(ports)))
+        out.append(Firewall(node.name, str(node.address or LEASED), allowed, tuple(ports)))
     return out
 
 
 def firewalls(path: Path) -> list[Firewall]:
-    """Every node's firewall from a cluster file of either form."""
-    data = load_yaml(path, "cluster", "pass the path of your cluster.yaml")
-    if "services" in data:
-        return for_services(load_cluster(path))
-    return for_inventory(load_inventory(path), display_path(path))
+    """Every node's firewall from a cluster file."""
+    return for_services(load_cluster(path))

@@ -67,7 +67,7 @@ def backend_name(service: str) -> str:
 def models_document(loaded: Loaded, created: int) -> str:
     """What `GET /v1/models` answers: the cluster's services, as OpenAI lists models."""
     data = [{"id": s.name, "object": "model", "created": created, "owned_by": "builder"}
-            for s in loaded.cluster.services]
+            for s in loaded.cluster.services if loaded.servers(s.name)]
     return json.dumps({"object": "list", "data": data}, indent=1) + "\n"
 
 
@@ -134,6 +134,8 @@ def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], stat
             raise BuilderError(f"{loaded.path.name}: service name {service.name!r} is not plain", "rename it")
         servers = [{"node": p.node, "address": f"{_ip_literal(addresses[p.node], 'node ' + p.node)}:{p.port}"}
                    for p in loaded.servers(service.name)]
+        if not servers:
+            continue  # workers only: their head, outside the file, is not behind this gateway
         services.append({"name": service.name, "backend": backend_name(service.name), "servers": servers})
     paths = ", ".join(POST_PATHS)
     answers = {

@@ -30,6 +30,7 @@ from builder.core.run import run
 from builder.engines import Engine, get_engine
 from builder.flavours.prepare import FLAVOURS, prepare, recipe_file
 from builder.pipeline.build import build
+from builder.recipe.load import display_path
 from builder.recipe.targets import TARGETS
 from builder.use.launch import image_for_run
 
@@ -103,8 +104,9 @@ def _images(loaded: Loaded, engine: Engine, say: Say) -> dict[tuple[str, str], s
 
 def _models(loaded: Loaded, say: Say) -> dict[str, Path]:
     """Every service's GGUF or model folder on this machine, checked against its sha256."""
+    # a workers-only split has no model here
     return {service.name: loaded.local_model(i, say, loaded.path.name if service.engine == "vllm" else None)
-            for i, service in enumerate(loaded.cluster.services)}
+            for i, service in enumerate(loaded.cluster.services) if service.model}
 
 
 def ray_token(local: Local) -> Path:
@@ -193,6 +195,11 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
     """Start what is not running (workers first, then servers, then the gateway) and wait until every server is
     healthy behind the gateway; on failure remove what this call started."""
     local = Local.of(loaded)
+    for i, service in enumerate(loaded.cluster.services):
+        if service.topology == "split" and not service.head:
+            raise RecipeError(f"{display_path(loaded.path)}: services[{i}].head: {service.name} is workers only (its "
+                              "head runs outside the file): nothing for --local to serve", "add head: NODE to run "
+                              "it here, or netboot the workers (`builder pxe publish`)")
     models = _models(loaded, say)
     engine = _engine_of(local, engine_name)
     images = _images(loaded, engine, say)

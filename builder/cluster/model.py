@@ -1,8 +1,9 @@
-"""cluster.yaml with services: nodes (hardware) and services (a model served under one name, with a topology).
+"""cluster.yaml: nodes (hardware) and services (a model served under one name, with a topology).
 
-The netboot-only form (nodes with roles and one top-level `model`, builder/netboot/inventory.py) stays as it
-is; `builder pxe publish` reads both forms (builder/cluster/plans.py netboots this one), and the
-`builder cluster` verbs need the services form and say so in one line.
+This is builder's one cluster model. A node with a `mac` is netbooted (builder/cluster/plans.py), one without
+is a box builder does not boot (`builder cluster commands` prints what to run there). A file in the older
+netboot-only form (nodes with roles, one top-level `model`) is converted on load (builder/cluster/convert.py),
+with a note saying so.
 """
 
 import hashlib
@@ -12,11 +13,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ByteSize, Field
 
 from builder.cluster.args import check_args, check_env
+from builder.cluster.convert import convert, is_old_form, note
 from builder.cluster.hfmodel import scan
 from builder.cluster.modelref import ModelRef
 from builder.cluster.vllm_service import check_vllm_service
@@ -43,8 +45,6 @@ GIB = 1 << 30
 class ClusterNode(Node):
     """A node of the services form: its hardware facts; its roles come from the services placed on it."""
 
-    role: Literal["head", "rpc-worker"] | None = Field(  # type: ignore[assignment]
-        None, description="netboot-only form; with services: leave it out")
     memory: ByteSize | None = Field(None, description="memory its models may use, e.g. 64GiB (needed to host one)")
     ram: ByteSize | None = Field(None, description="the RAM the board has, in GiB, e.g. 128GiB; netbooted "
                                  "strix-halo nodes need it (their iGPU's share of it goes on the kernel command line)")
@@ -74,17 +74,19 @@ class Service(Strict):
 
     name: str = Field(pattern=SERVICE_NAME, description="the name clients send as `model`")
     engine: Literal["llama.cpp", "vllm"] = Field("llama.cpp", description="what serves it")
-    model: OneLine = Field(description="llama.cpp: the GGUF, a path (relative to this file) or an http(s) URL; "
-                           "vllm: a Hugging Face model folder, a path relative to this file")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="llama.cpp: sha256 of the GGUF; vllm: the folder's "
-                        "content hash (`builder cluster hash-model DIR`); checked before serving")
+    model: OneLine = Field("", description="llama.cpp: the GGUF, a path (relative to this file) or an http(s) URL; "
+                           "vllm: a Hugging Face model folder, a path relative to this file (a split without "
+                           "head: may leave it out)")
+    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="llama.cpp: sha256 of the GGUF; vllm: the "
+                        "folder's content hash (`builder cluster hash-model DIR`); checked before serving")
     memory: ByteSize | None = Field(None, description="memory the model needs (default: 1.2 × its files' size)")
     topology: Literal["replicate", "split", "pipeline"] = Field(
         "replicate", description="replicate: a server per node; split: a head plus RPC workers (llama.cpp); "
         "pipeline: one vLLM over the nodes, in order (vllm)")
     nodes: list[str] = Field(default_factory=list, description="replicate: the nodes that each run a server; "
                              "pipeline: the nodes the layers are spread over, the first one serving")
-    head: str | None = Field(None, description="split: the node running llama-server")
+    head: str | None = Field(None, description="split: the node running llama-server; leave it out for workers "
+                             "only (the head runs outside this file)")
     workers: list[str] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
     port: int | None = Field(None, ge=1, le=65535, description="the server's port (default: derived from the "
                              "service's name, 8100-8999, so it never moves when other services change)")
@@ -124,6 +126,11 @@ class ServiceCluster(Strict):
             return None
         return node.cache or self.cache
 
+    @property
+    def netbooted(self) -> list[ClusterNode]:
+        """The nodes builder boots: those with a `mac`."""
+        return [node for node in self.nodes if node.mac is not None]
+
 
 @dataclass(frozen=True)
 class Process:
@@ -143,6 +150,7 @@ class Loaded:
     cluster: ServiceCluster
     processes: tuple[Process, ...]
     warnings: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # e.g. that the file was converted from the netboot-only form
 
     def model_file(self, service: Service) -> Path | None:
         """The GGUF or model folder on this machine, or None for a URL."""
@@ -157,6 +165,10 @@ class Loaded:
         its sha256; `where` names the file in a refusal (default: its path as given)."""
         return self.cluster.services[index].ref.local(self.path.parent, where or display_path(self.path),
                                                       f"services[{index}]", say)
+
+    def model_folder(self, index: int, say: Callable[[str], None]) -> Path:
+        """services[index]'s model folder (a vLLM service's) on this machine, checked against its content hash."""
+        return self.local_model(index, say)
 
     def state_folder(self, kind: str) -> tuple[str, Path]:
         """A name for this cluster file's `kind` of run (e.g. local containers, a netboot gateway), unique per
@@ -203,15 +215,12 @@ def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
         if node.name in index:
             raise RecipeError(f"{where}: nodes[{i}].name: {node.name!r} is already nodes[{index[node.name]}]",
                               "give every node its own name")
-        if node.mac in macs:
+        if node.mac is not None and node.mac in macs:
             raise RecipeError(f"{where}: nodes[{i}].mac: {node.mac} is already nodes[{macs[node.mac]}]",
                               "every node boots from its own network interface")
-        if node.role is not None or node.port is not None or node.vllm is not None:
-            field = "role" if node.role is not None else "port" if node.port is not None else "vllm"
-            raise RecipeError(f"{where}: nodes[{i}].{field}: roles, ports and models come from services: in "
-                              "this form", f"remove {field}; name the node in a service's nodes, head or workers "
-                              "(a vLLM model is a service with engine: vllm)")
-        index[node.name], macs[node.mac] = i, i
+        index[node.name] = i
+        if node.mac is not None:
+            macs[node.mac] = i
         select(node.target, node.variant, f"{where}: nodes[{i}]")
         if node.ram is not None:
             check_ram(int(node.ram), node.target, f"{where}: nodes[{i}]")
@@ -277,9 +286,8 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
         if service.nodes:
             raise RecipeError(f"{where}: {field}.nodes: split takes head: and workers:, not nodes:",
                               "head: NODE and workers: [NODE, ...]")
-        if not service.head:
-            raise RecipeError(f"{where}: {field}.head: split needs a head node", "head: NODE (runs llama-server)")
-        _known(where, f"{field}.head", service.head, index)
+        if service.head:
+            _known(where, f"{field}.head", service.head, index)
         if not service.workers:
             raise RecipeError(f"{where}: {field}.workers: split needs at least one RPC worker",
                               "workers: [NODE, ...]; for one node use topology: replicate")
@@ -288,6 +296,13 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
             if name == service.head or name in service.workers[:j]:
                 raise RecipeError(f"{where}: {field}.workers[{j}]: {name!r} is already in this service",
                                   "a node is the head or one worker of a split, once")
+    if service.topology == "split" and not service.head:
+        return  # workers only: the head, and the model, are outside this file
+    for name in ("model", "sha256"):
+        if not getattr(service, name):
+            raise RecipeError(f"{where}: {field}.{name}: required (only a split without head: leaves it out)",
+                              "model: the GGUF or model folder, sha256: its hash (`sha256sum FILE`, "
+                              "`builder cluster hash-model DIR`)")
     service.ref.check(base, where, f"{field}.model")
     if service.engine == "vllm":
         check_vllm_service(service, field, where, [nodes[index[n]] for n in service.nodes],
@@ -301,6 +316,8 @@ def _need(service: Service, base: Path, where: str) -> float:
     """Memory one participating node needs for the service."""
     if service.memory is not None:
         total = float(service.memory)
+    elif not service.model:
+        return 0.0  # workers only: what they hold is the outside head's to say
     elif service.engine == "vllm":
         total = scan(base / service.model, where, service.model).size * MEMORY_FACTOR
     else:
@@ -324,8 +341,8 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
             processes += [Process(service.name, node, "pipeline-worker", service.pipeline_port)
                           for node in service.nodes[1:]]
             continue
-        assert service.head is not None
-        processes.append(Process(service.name, service.head, "server", port))
+        if service.head is not None:
+            processes.append(Process(service.name, service.head, "server", port))
         for j, worker in enumerate(service.workers):
             if worker in rpc_of:
                 raise RecipeError(
@@ -347,10 +364,12 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
         if not hosted:
             continue
         i = index[node.name]
+        needs = {s.name: _need(s, base, where) for s in cluster.services if s.name in hosted}
+        if node.memory is None and not any(needs.values()):
+            continue  # only workers of heads outside the file
         if node.memory is None:
             raise RecipeError(f"{where}: nodes[{i}].memory: {node.name} hosts {', '.join(sorted(hosted))} "
                               "but its memory is not declared", "memory: e.g. 64GiB (what models may use)")
-        needs = {s.name: _need(s, base, where) for s in cluster.services if s.name in hosted}
         given = [*cluster.kernel_args, *node.kernel_args]
         if node.ram is not None or any(w.startswith("amdgpu.gttsize=") for w in given):
             mappable = board_args(node.target, node.ram, given, f"{where}: nodes[{i}]").gpu_memory
@@ -368,13 +387,21 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
     return tuple(processes)
 
 
-def load_cluster(path: Path) -> Loaded:
-    """A checked services-form cluster.yaml; every problem is one line naming the file, the field and a fix."""
+def load_cluster(path: Path, converted: dict[str, Any] | None = None) -> Loaded:
+    """A checked cluster.yaml (or `converted`: the services form of that file, from convert()); every problem is
+    one line naming the file, the field and a fix."""
     where = display_path(path)
-    data = load_yaml(path, "cluster", "pass the path of your cluster.yaml")
-    if "services" not in data:
-        raise RecipeError(f"{where}: services: this is the netboot-only form (nodes with roles, one model)",
-                          "add services: (see docs/clusters.md); `builder pxe publish` still reads this form")
+    data = converted or load_yaml(path, "cluster", "pass the path of your cluster.yaml")
+    notes: tuple[str, ...] = ()
+    if is_old_form(data):
+        data, notes = convert(data, path), (note(path),)
+    nodes = data.get("nodes")
+    for i, node in enumerate(nodes if isinstance(nodes, list) else []):
+        field = next((f for f in ("role", "port", "vllm") if isinstance(node, dict) and f in node), None)
+        if field:
+            raise RecipeError(f"{where}: nodes[{i}].{field}: roles, ports and models come from services: in "
+                              "this form", f"remove {field}; name the node in a service's nodes, head or workers "
+                              "(a vLLM model is a service with engine: vllm)")
     cluster = validated(ServiceCluster, path, data)
     index = _check_nodes(cluster, where)
     _check_addresses(cluster, where)
@@ -393,4 +420,4 @@ def load_cluster(path: Path) -> Loaded:
         f"{where}: services[{i}].workers: {len(s.workers)} RPC workers; upstream reports deadlocks above "
         f"{MAX_QUIET_WORKERS}" for i, s in enumerate(cluster.services) if len(s.workers) > MAX_QUIET_WORKERS)
     warnings += tuple(line for line in unsafe if line)
-    return Loaded(path, cluster, processes, warnings)
+    return Loaded(path, cluster, processes, warnings, notes)

@@ -1,17 +1,18 @@
-"""Netboot for the services form of cluster.yaml (builder/cluster/model.py): each node's processes.
+"""Netboot from a cluster file (builder/cluster/model.py): each netbooted node's plan and boot files.
 
-A node of this form may run several processes: a llama-server per service it serves (a replica, or the head of
-a split with `--rpc` to its workers' addresses) and a ggml-rpc-server per split it works for. They do not fit a
-kernel command line (2 KiB on x86, and a service's `args` may hold spaces), so each node gets a plan: a small
-text file published as a blob, named on its command line with its sha256, which node-init fetches, checks and
-follows. Every service's GGUF is published as a blob too (a URL is fetched onto the control node first, checked
-against the service's sha256), so nodes fetch models only from the control node; a node with a cache disk
-keeps its models there (builder.models=SHA:SIZE,… tells the initramfs how much room to make).
+A netbooted node (one with a `mac`) may run several processes: a llama-server per service it serves (a replica,
+or the head of a split with `--rpc` to its workers' addresses), a ggml-rpc-server per split it works for, or
+a vLLM server or pipeline node. They do not fit a kernel command line (2 KiB on x86, and a service's `args`
+may hold spaces), so every node gets a plan (builder/netboot/plan.py: the lines and their one text form): a
+small file published as a blob, named on its command line with its sha256, which node-init fetches, checks
+and follows. Every model is published as a blob too (a GGUF given by URL is fetched onto the control node
+first, checked against the service's sha256; a vLLM model folder is checked against its content hash and
+packed into a squashfs), so nodes fetch models only from the control node; a node with a cache disk keeps its
+models there (builder.models=SHA:SIZE,… tells the initramfs how much room to make).
 
-The plan, one process a line, fields separated by tabs, `-` for none:
-
-    server      SERVICE  PORT  MODEL_URL  MODEL_SHA256  RPC  CTX  [LLAMA-SERVER ARGS…]
-    rpc-worker  SERVICE  PORT
+A node runs one root: the llama.cpp image of its target, or its vLLM image (the netboot set vllm-VARIANT)
+when it hosts vLLM services; a node hosting both kinds is refused. Nodes without a `mac` are not booted by
+builder: they get no files (`builder cluster commands` prints what to run on them).
 """
 
 import re
@@ -19,12 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from builder.cluster.firewall import for_services
-from builder.cluster.model import Loaded, Process, Service, load_cluster
+from builder.cluster.model import ClusterNode, Loaded, Process, Service, load_cluster
+from builder.cluster.vllm_service import MODELS, executor, launch, node_variant
 from builder.core.errors import RecipeError
 from builder.netboot.boards import board_args
 from builder.netboot.firewall import ruleset
-from builder.netboot.inventory import GGUF_MAGIC, Control, load_inventory
+from builder.netboot.inventory import GGUF_MAGIC, Control
 from builder.netboot.kernels import KERNELS
+from builder.netboot.models import pack_model
+from builder.netboot.plan import NONE, EnvLine, Line, NodePlan, RpcWorkerLine, ServerLine, VllmLine, serialize
 from builder.netboot.publish import (
     Artifacts,
     Manifests,
@@ -35,144 +39,214 @@ from builder.netboot.publish import (
     publish_generation,
     root_words,
 )
-from builder.recipe.load import display_path, load_yaml, select, validated
+from builder.recipe.load import display_path, load_yaml, validated
 
 Say = Callable[[str], None]
 KERNEL_LINE = 2047  # COMMAND_LINE_SIZE on x86, less its final NUL
-PLAN_HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | server SERVICE PORT MODEL_URL MODEL_SHA256 RPC "
-               "CTX [ARGS...] | rpc-worker SERVICE PORT\n")
 # Names that hold credentials by convention. Every file a netbooted node boots from (its plan included) is
 # served to the boot network, where any host can read it: such a value has no place in a node's `env`.
 _CREDENTIAL = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
-
-
-def is_services_form(path: Path) -> bool:
-    return "services" in load_yaml(path, "cluster", "pass the path of your cluster.yaml")
+# The node's plan executor sets these from the interface it leased its address on.
+_NODE_INTERFACE = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 def control_of(path: Path) -> Control:
-    """The control node of a published cluster.yaml of either form (what `pxe serve` needs from it)."""
-    data = load_yaml(path, "cluster", "pass the path of your cluster.yaml")
-    if "services" not in data:
-        return load_inventory(path).control
-    control = data.get("control")
+    """The control node of a published cluster.yaml (what `pxe serve` needs from it)."""
+    control = load_yaml(path, "cluster", "pass the path of your cluster.yaml").get("control")
     if not isinstance(control, dict):
         raise RecipeError(f"{display_path(path)}: control: netbooted nodes fetch their boot files from the control "
                           "node, and none is declared", "control: {address: 10.0.0.1} (this machine's address)")
     return validated(Control, path, control)
 
 
+def _engines(loaded: Loaded, node: str) -> set[str]:
+    return {loaded.service(p.service).engine for p in loaded.processes if p.node == node}
+
+
+def _check_node(loaded: Loaded, i: int, node: ClusterNode, where: str) -> None:
+    cluster = loaded.cluster
+    if node.target not in KERNELS:
+        raise RecipeError(f"{where}: nodes[{i}].target: {node.target} cannot be netbooted yet",
+                          f"netboot targets: {', '.join(KERNELS)}; leave out mac: to run it yourself "
+                          "(`builder cluster commands`)")
+    board_args(node.target, node.ram, [*cluster.kernel_args, *node.kernel_args], f"{where}: nodes[{i}]")
+    for name, value in node.env.items():
+        if _CREDENTIAL.search(name):
+            raise RecipeError(f"{where}: nodes[{i}].env.{name}: looks like a credential, and a netbooted node's "
+                              "plan (its env included) is served to the boot network, where any host can read it",
+                              "keep secrets off netbooted nodes (docs/security.md)")
+        if value == NONE:
+            raise RecipeError(f"{where}: nodes[{i}].env.{name}: '-' means an empty value in a node's plan",
+                              "give another value, or '' for an empty one")
+    if len(_engines(loaded, node.name)) > 1:
+        raise RecipeError(f"{where}: nodes[{i}]: {node.name} hosts llama.cpp and vLLM services, and a netbooted "
+                          "node boots one image", "place them on different nodes")
+
+
+def _needs_address(loaded: Loaded, node: str) -> str | None:
+    """Why a netbooted node's address must be in the file (peers, or its vLLM command line, name it)."""
+    for process in loaded.processes:
+        service = loaded.service(process.service)
+        if process.node == node and service.engine == "vllm":
+            return "its vLLM server binds that address"
+        if node in service.workers and service.head:
+            return f"the head of {service.name} connects to its workers there"
+        if node in service.nodes and service.topology == "pipeline":
+            return f"the nodes of the pipeline {service.name} reach each other there"
+    return None
+
+
 def load_for_netboot(path: Path) -> Loaded:
-    """A services-form cluster.yaml checked for netboot: a control node, netbootable targets, every node's address
-    (peers and the gateway reach it there; its firewall names it) and GGUF models only."""
+    """A cluster file checked for netboot: a control node, netbootable targets for the nodes with a `mac`,
+    an address where peers need one, GGUF files and model folders only."""
     loaded = load_cluster(path)
     where = display_path(path)
     cluster = loaded.cluster
     if cluster.control is None:
         raise RecipeError(f"{where}: control: netbooted nodes fetch their boot files from the control node, and "
                           "none is declared", "control: {address: 10.0.0.1} (the node that runs `builder pxe serve`)")
+    if not cluster.netbooted:
+        raise RecipeError(f"{where}: nodes: no node has a mac:, so builder boots none of them",
+                          "give the nodes to netboot their mac:; `builder cluster commands` prints what to run on "
+                          "the others")
+    booted = {node.name for node in cluster.netbooted}
     for i, node in enumerate(cluster.nodes):
-        if node.target not in KERNELS:
-            raise RecipeError(f"{where}: nodes[{i}].target: {node.target} cannot be netbooted yet",
-                              f"netboot targets: {', '.join(KERNELS)}")
-        board_args(node.target, node.ram, [*cluster.kernel_args, *node.kernel_args], f"{where}: nodes[{i}]")
-        for name in node.env:
-            if _CREDENTIAL.search(name):
-                raise RecipeError(f"{where}: nodes[{i}].env.{name}: looks like a credential, and a netbooted node's "
-                                  "plan (its env included) is served to the boot network, where any host can read it",
-                                  "keep secrets off netbooted nodes (docs/security.md)")
+        if node.name not in booted:
+            continue
+        _check_node(loaded, i, node, where)
+        why = _needs_address(loaded, node.name)
+        if why and not node.address:
+            raise RecipeError(f"{where}: nodes[{i}].address: {node.name} needs one: {why}",
+                              "reserve an address for the node in your DHCP server and write it here")
     for i, service in enumerate(cluster.services):
-        if service.engine != "llama.cpp":
-            raise RecipeError(f"{where}: services[{i}].engine: {service.engine} services do not netboot yet",
-                              "netbooted nodes serve llama.cpp services (a GGUF); try it with --local")
+        hosts = {p.node for p in loaded.processes if p.service == service.name} & booted
+        if not hosts:
+            continue
         for j, arg in enumerate(service.args):
             if not arg.strip():
                 raise RecipeError(f"{where}: services[{i}].args[{j}]: an empty argument does not reach a "
                                   "netbooted node", "remove it")
+        if service.engine == "vllm":
+            for name in service.nodes:
+                if not loaded.node(name).address:
+                    raise RecipeError(f"{where}: nodes[{[n.name for n in cluster.nodes].index(name)}].address: "
+                                      f"{name} needs one: the vLLM command lines of {service.name} name it",
+                                      "reserve an address for the node in your DHCP server and write it here")
+            first = loaded.node(service.nodes[0])
+            if service.topology == "pipeline" and executor(*node_variant(first)) != "mp":
+                raise RecipeError(f"{where}: services[{i}]: a Ray pipeline does not netboot yet (its nodes would "
+                                  "need the cluster's Ray token)", "run it with `builder cluster up --local`, "
+                                  "or on nodes builder does not boot")
+            continue
         model = loaded.model_file(service)
-        if model is not None:
+        if model is not None and service.model:
             # The file is published over HTTP to the nodes: only a model, never any other file of this machine.
             with model.open("rb") as f:
                 if f.read(4) != GGUF_MAGIC:
                     raise RecipeError(f"{where}: services[{i}].model: {service.model} is not a GGUF file",
                                       "give a .gguf model file; nothing else is published to the nodes")
-    for_services(loaded)  # every node's address, as the firewall needs it: one line now, before any build
+    for_services(loaded, leased=True)  # every address the firewall names: one line now, before any build
     return loaded
 
 
+def _netbooted_services(loaded: Loaded) -> list[tuple[int, Service]]:
+    """The services with a server on a netbooted node (the ones whose model is published)."""
+    booted = {node.name for node in loaded.cluster.netbooted}
+    served = {p.service for p in loaded.processes if p.node in booted and p.role != "rpc-worker"}
+    return [(i, s) for i, s in enumerate(loaded.cluster.services) if s.name in served]
+
+
 def models(loaded: Loaded, say: Say) -> dict[str, Path]:
-    """Every service's GGUF on this machine (a URL fetched into the cache), checked against its sha256."""
+    """What each netbooted service publishes: its GGUF (a URL fetched into the cache), or the squashfs of its
+    model folder; each checked against the service's sha256 first."""
     out: dict[str, Path] = {}
-    for i, service in enumerate(loaded.cluster.services):
-        out[service.name] = loaded.gguf(i, say)
+    for i, service in _netbooted_services(loaded):
+        if service.engine == "vllm":
+            out[service.name] = pack_model(loaded.model_folder(i, say))
+        else:
+            out[service.name] = loaded.gguf(i, say)
     return out
 
 
-def addresses(loaded: Loaded) -> dict[str, str]:
-    """Where peers and the gateway reach each node (its `address`; load_for_netboot made sure there is one)."""
-    return {node.name: str(node.address) for node in loaded.cluster.nodes}
+def netboot_set(loaded: Loaded, node: ClusterNode) -> tuple[str, str]:
+    """(target, variant) of the netboot set a node boots: its vLLM image's is spelt vllm-VARIANT."""
+    target, variant = node_variant(node)
+    return target, f"vllm-{variant}" if "vllm" in _engines(loaded, node.name) else variant
 
 
-def plan_line(loaded: Loaded, process: Process, model_url: str) -> str:
-    """One process of a node's plan (see the module's docstring)."""
-    service = loaded.service(process.service)
-    if process.role == "rpc-worker":
-        fields = ["rpc-worker", service.name, str(process.port)]
-    else:
-        where = addresses(loaded)
-        rpc = ",".join(f"{where[w]}:{service.rpc_port}" for w in service.workers) or "-"
-        fields = ["server", service.name, str(process.port), model_url, service.sha256, rpc,
-                  str(service.context or "-"), *service.args]
-    return "\t".join(fields) + "\n"
+def _no_ray_token() -> Path:
+    raise AssertionError("a netbooted pipeline runs vLLM's own executor (load_for_netboot refuses Ray)")
 
 
-def node_plan(loaded: Loaded, node: str, base: str) -> str:
-    """A node's plan: its RPC workers first (heads elsewhere wait for them), then its servers."""
+def _vllm_line(loaded: Loaded, process: Process, url: str, blob: str) -> VllmLine:
+    service, node = loaded.service(process.service), loaded.node(process.node)
+    addresses = {n.name: str(n.address) for n in loaded.cluster.nodes if n.address}
+    mount = f"{MODELS}/{service.name}"
+    started = launch(service, process, node, Path(mount), addresses, "-", _no_ray_token)
+    env: list[tuple[str, str]] = []
+    for flag, value in zip(started.flags, started.flags[1:], strict=False):
+        if flag == "--env":
+            name, _, setting = value.partition("=")
+            if name not in _NODE_INTERFACE:
+                env.append((name, setting))
+    port = process.port if process.role == "server" else None
+    return VllmLine(service.name, port, url, blob, mount, tuple(env), tuple(started.argv))
+
+
+def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> NodePlan:
+    """A node's plan: its environment, its RPC workers first (heads elsewhere wait for them), then its servers.
+    `blobs`: each service's published model, by sha256."""
+    lines: list[Line] = [EnvLine(name, value) for name, value in sorted(loaded.node(node).env.items())]
     mine = sorted((p for p in loaded.processes if p.node == node), key=lambda p: p.role != "rpc-worker")
-    lines = [f"# builder node plan for {node}, from cluster.yaml: regenerate it, do not edit.\n", PLAN_HEADER]
-    # the node's environment first: every process the node starts gets it (names and values were checked)
-    lines += [f"env\t{name}\t{value}\n" for name, value in sorted(loaded.node(node).env.items())]
+    where = {n.name: str(n.address) for n in loaded.cluster.nodes}
     for process in mine:
-        url = f"{base}/blobs/sha256/{loaded.service(process.service).sha256}"
-        lines.append(plan_line(loaded, process, url))
-    return "".join(lines)
+        service = loaded.service(process.service)
+        if process.role == "rpc-worker":
+            lines.append(RpcWorkerLine(service.name, process.port))
+            continue
+        url = f"{base}/blobs/sha256/{blobs[service.name]}"
+        if service.engine == "vllm":
+            lines.append(_vllm_line(loaded, process, url, blobs[service.name]))
+            continue
+        rpc = tuple(f"{where[w]}:{service.rpc_port}" for w in service.workers)
+        lines.append(ServerLine(service.name, process.port, url, service.sha256, rpc, service.context,
+                                tuple(service.args)))
+    return NodePlan(node, tuple(lines))
 
 
 def label(loaded: Loaded, node: str) -> str:
-    """What the node boots as, for its script's echo line: 'server chat, rpc-worker big'."""
+    """What the node runs, for its script's echo line: 'server chat, rpc-worker big'."""
     mine = [f"{p.role} {p.service}" for p in loaded.processes if p.node == node]
     return ", ".join(mine) or "no services"
 
 
-def _services_of(loaded: Loaded, node: str) -> list[Service]:
-    names = {p.service for p in loaded.processes if p.node == node and p.role == "server"}
-    return [s for s in loaded.cluster.services if s.name in names]
-
-
 def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Manifests
                ) -> tuple[dict[str, bytes], dict[str, object]]:
-    """Every node's script, plan and firewall rules (under nodes/), and nodes.json's entries."""
+    """Every netbooted node's script, plan and firewall rules (under nodes/), and nodes.json's entries."""
     cluster = loaded.cluster
     assert cluster.control is not None
     base = base_url(cluster.control)
-    for service in cluster.services:
-        add_blob(root, files[service.name], service.sha256)
-    firewalls = {f.node: f for f in for_services(loaded)}
+    blobs: dict[str, str] = {}
+    for _, service in _netbooted_services(loaded):
+        known = service.sha256 if service.engine == "llama.cpp" else None
+        blobs[service.name] = add_blob(root, files[service.name], known)
+    firewalls = {f.node: f for f in for_services(loaded, leased=True)}
     out: dict[str, bytes] = {}
     nodes: dict[str, object] = {}
-    for node in cluster.nodes:
-        key = f"{node.target}-{select(node.target, node.variant)[1].name}"
+    for node in cluster.netbooted:
+        key = "-".join(netboot_set(loaded, node))
         manifest = manifests[key]
         rules = ruleset(firewalls[node.name], "cluster.yaml").encode()
-        plan = node_plan(loaded, node.name, base).encode()
+        plan = serialize(node_plan(loaded, node.name, base, blobs)).encode()
         plan_sha256 = add_blob_bytes(root, plan)
         args = root_words(base, node, manifest, [f"builder.plan={base}/blobs/sha256/{plan_sha256}",
                                                  f"builder.plan_sha256={plan_sha256}"],
                           add_blob_bytes(root, rules), cluster.cache_of(node), cluster.ram_share)
-        served = _services_of(loaded, node.name)
+        mine = {p.service for p in loaded.processes if p.node == node.name and p.role != "rpc-worker"}
+        served = [s.name for s in cluster.services if s.name in mine]
         if served:
             # the initramfs makes room on the cache disk for these (a node without one ignores the word)
-            args.append("builder.models=" + ",".join(f"{s.sha256}:{files[s.name].stat().st_size}" for s in served))
+            args.append("builder.models=" + ",".join(f"{blobs[s]}:{files[s].stat().st_size}" for s in served))
         # the file's words, what the board needs (derived from its facts), then the node's own words
         board = board_args(node.target, node.ram, [*cluster.kernel_args, *node.kernel_args], node.name)
         args += [*cluster.kernel_args, *board.words, *node.kernel_args]
@@ -191,14 +265,20 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
 
 def publish_services(root: Path, loaded: Loaded, files: dict[str, Path], artifacts: Artifacts, keep: int
                      ) -> tuple[str, bool]:
-    """Write a generation for a services-form cluster file (`files`: its models, from models()) and make it
-    current; returns (id, whether it is new)."""
+    """Write a generation for a cluster file (`files`: its models, from models()) and make it current;
+    returns (id, whether it is new)."""
     assert loaded.cluster.control is not None
     return publish_generation(root, loaded.cluster.control, loaded.path, artifacts, keep,
                               lambda manifests: node_files(root, loaded, files, manifests))
 
 
 def summary(loaded: Loaded) -> list[str]:
-    """One line per node for `pxe publish`'s output."""
-    return [f"  {n.name:<12} {n.mac}  {label(loaded, n.name)}  {n.target}  nodes/{n.file_stem}.ipxe"
-            for n in loaded.cluster.nodes]
+    """One line per node for `pxe publish`'s output; a node builder does not boot says where its commands are."""
+    lines = []
+    for n in loaded.cluster.nodes:
+        if n.mac is None:
+            lines.append(f"  {n.name:<12} {'not netbooted':<17}  {label(loaded, n.name)}  {n.target}  "
+                         f"`builder cluster commands {display_path(loaded.path)}` prints what to run there")
+        else:
+            lines.append(f"  {n.name:<12} {n.mac}  {label(loaded, n.name)}  {n.target}  nodes/{n.file_stem}.ipxe")
+    return lines

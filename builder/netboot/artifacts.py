@@ -167,10 +167,12 @@ def _extract(tarball: Path, dest: Path) -> None:
 
 
 def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tuple[str, ...]) -> list[str]:
-    """node-init, busybox, the image's environment, accelerator modules and firmware; returns missing modules."""
+    """node-init and its plan executor, busybox, the image's environment, accelerator modules and firmware;
+    returns missing modules."""
     lib = root / "usr/lib/builder"
     lib.mkdir(parents=True, exist_ok=True)
     shutil.copy2(NODE_SCRIPTS / "node-init.sh", lib / "node-init")
+    shutil.copy2(NODE_SCRIPTS / "plan.sh", lib / "plan.sh")  # the plan executor node-init sources
     shutil.copy2(busybox(tree), lib / "busybox")
     (lib / "image.env").write_text("".join(f"{_env_line(item)}\n" for item in env))
     moddir = modules_dir(tree, kver)

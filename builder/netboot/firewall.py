@@ -1,5 +1,5 @@
 """A compute node's nftables rules: `Firewall` (plain data: who may connect) and `ruleset`, the file its
-initramfs loads before the root; and the firewalls of the netboot-only form's nodes.
+initramfs loads before the root (builder/cluster/firewall.py makes each node's Firewall from a cluster file).
 
 A compute node serves nobody but its cluster: only the gateway on the control node faces users. Its backends
 are unauthenticated (ggml RPC, llama-server without a key) or listen on more ports and addresses than they are
@@ -21,8 +21,6 @@ from pydantic import TypeAdapter, ValidationError
 from builder import PROJECT_ROOT
 from builder.core.errors import RecipeError
 from builder.core.types import HostName
-from builder.netboot.inventory import DEFAULT_PORTS
-from builder.netboot.inventory import Cluster as NetbootCluster
 
 TABLE = "builder_cluster"
 LEASED = "address leased"  # a node without an address in the file: its rules admit the lease it gets
@@ -56,22 +54,6 @@ def allowed_addresses(where: str, control: str | None, nodes: list[tuple[int, st
         allowed.add(str(_ip(address, where, f"nodes[{i}].address",
                             "reserve an IP address for every node in your DHCP server and write it here")))
     return sorted(allowed, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
-
-
-def for_inventory(cluster: NetbootCluster, where: str) -> list[Firewall]:
-    """Every node's firewall from the netboot-only form (nodes with roles)."""
-    nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
-    allowed = tuple(allowed_addresses(where, cluster.control.address, nodes))
-    return [Firewall(n.name, str(n.address), allowed, (n.port or DEFAULT_PORTS[n.role],)) for n in cluster.nodes]
-
-
-def for_netboot(cluster: NetbootCluster, where: str) -> dict[str, Firewall]:
-    """node name -> its firewall, for `pxe publish`. A node without an address leases one: its own rules admit
-    it at boot (the initramfs adds the leased address), but the other nodes' rules cannot name it."""
-    nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
-    allowed = tuple(allowed_addresses(where, cluster.control.address, nodes, every_node=False))
-    return {n.name: Firewall(n.name, str(n.address or LEASED), allowed, (n.port or DEFAULT_PORTS[n.role],))
-            for n in cluster.nodes}
 
 
 _HOST = TypeAdapter(HostName)

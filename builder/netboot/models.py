@@ -1,7 +1,8 @@
-"""A vllm-server node's model: a Hugging Face folder on the control node, packed into one read-only squashfs
-(fixed times and owners, so the same files give the same bytes) and published into pxe-root by its sha256.
+"""A vLLM service's model on netbooted nodes: a Hugging Face folder on the control node, packed into one
+read-only squashfs (fixed times and owners, so the same files give the same bytes) and published into
+pxe-root by its sha256.
 
-The node fetches it like the head's GGUF model (onto its cache disk when it has one, hashing it before use)
+The node fetches it like a GGUF model (onto its cache disk when it has one, hashing it before use)
 and mounts it read-only: no unpacking, so a model costs its size once on the disk and nothing in RAM.
 Packing is cached by the folder's file list (names, sizes, modification times): a second publish of an
 unchanged folder packs nothing.
@@ -17,7 +18,6 @@ from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
 from builder.core.run import run_logged
 from builder.engines.cleanup import temp_dir
-from builder.netboot.inventory import Cluster, Node
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -70,20 +70,3 @@ def pack_model(folder: Path) -> Path:
                    work / "mksquashfs.log", title=f"squashfs of the model {folder}")
         os.replace(work / "model.squashfs", out)
     return out
-
-
-def vllm_kernel_args(node: Node, model_url: str, model_sha256: str, model_size: int) -> list[str]:
-    """The words a vllm-server node's boot script adds: its model (by sha256) and how to serve it."""
-    assert node.vllm is not None
-    args = [f"builder.model={model_url}", f"builder.model_sha256={model_sha256}", f"builder.model_size={model_size}",
-            f"builder.served_name={node.vllm.served_name}"]
-    if node.vllm.args:
-        args.append(f"builder.vllm_args={','.join(node.vllm.args)}")
-    if node.vllm.kv_cache_gib:
-        args.append(f"builder.vllm_kv={node.vllm.kv_cache_gib}")
-    return args
-
-
-def vllm_models(cluster: Cluster, base: Path) -> dict[str, Path]:
-    """Each vllm-server node's packed model, by node name."""
-    return {node.name: pack_model(base / node.vllm.model) for node in cluster.nodes if node.vllm is not None}

@@ -9,10 +9,10 @@
       tftp/                       iPXE binaries and boot.ipxe for PXE ROMs that load over TFTP
 
 Node scripts name blobs by hash, so a node that is booting while `current` switches still gets one
-consistent set of files. Each node's firewall (nftables rules from the inventory, builder/cluster/firewall.py)
-is a blob too: its script names it with its sha256, which the initramfs checks before loading it.
-This module writes the netboot-only form's node scripts; builder/cluster/plans.py writes the services form's
-through publish_generation.
+consistent set of files. Each node's firewall (nftables rules, builder/cluster/firewall.py) and its plan
+(builder/netboot/plan.py) are blobs too: its script names them with their sha256, which the node checks before
+using them. This module takes plain data (a node, its image's manifest, its words); builder/cluster/plans.py
+makes those from a cluster file and writes every node's files through publish_generation.
 """
 
 import hashlib
@@ -29,9 +29,7 @@ from builder.core.errors import EngineError, RecipeError, raise_if_stopped
 from builder.core.locks import locked
 from builder.engines.cleanup import temp_dir, temp_path
 from builder.netboot.artifacts import LLAMA_FACTS, check_set_manifest
-from builder.netboot.firewall import for_netboot, ruleset
-from builder.netboot.inventory import Cache, Cluster, Control, Node
-from builder.netboot.models import vllm_kernel_args, vllm_models
+from builder.netboot.inventory import Cache, Control, Node
 from builder.recipe.load import display_path
 
 IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
@@ -93,14 +91,6 @@ def base_url(control: Control) -> str:
     return f"http://{control.address}:{control.http_port}"
 
 
-def _base_url(cluster: Cluster) -> str:
-    return base_url(cluster.control)
-
-
-def boot_script(cluster: Cluster) -> str:
-    return boot_script_for(cluster.control)
-
-
 def boot_script_for(control: Control) -> str:
     base = base_url(control)
     return (
@@ -114,14 +104,14 @@ def boot_script_for(control: Control) -> str:
     )
 
 
-def root_words(base: str, node: Node, manifest: dict[str, object], role_words: list[str],
+def root_words(base: str, node: Node, manifest: dict[str, object], plan_words: list[str],
                firewall_sha256: str | None, cache: Cache | None, ram_share: int) -> list[str]:
     """The kernel command-line words every node script starts with: its root image, name, firewall and cache."""
     files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
     initrd, squash = files["initrd.img"]["sha256"], files["root.squashfs"]["sha256"]
     args = [f"initrd={initrd}", "BOOTIF=01-${mac:hexhyp}", f"builder.root={base}/blobs/sha256/{squash}",
             f"builder.sha256={squash}", f"builder.size={files['root.squashfs']['size']}",
-            f"builder.name={node.name}", *role_words]
+            f"builder.name={node.name}", *plan_words]
     verity = manifest.get("verity")
     if isinstance(verity, dict):
         args += [f"builder.verity={verity['root_hash']}", f"builder.verity_salt={verity['salt']}",
@@ -149,28 +139,6 @@ def ipxe_script(base: str, node: Node, manifest: dict[str, object], label: str, 
         f"initrd {base}/blobs/sha256/{initrd}\n"
         "boot\n"
     )
-
-
-def node_script(cluster: Cluster, node: Node, manifest: dict[str, object], generation_note: str,
-                model_url: str | None, model_sha256: str | None = None, model_size: int = 0,
-                firewall_sha256: str | None = None, role_args: list[str] | None = None) -> str:
-    base = _base_url(cluster)
-    args = root_words(base, node, manifest, [f"builder.role={node.role}", f"builder.port={node.role_port}"],
-                      firewall_sha256, cluster.cache_of(node), cluster.ram_share)
-    if node.role == "head":
-        workers = [f"{n.address}:{n.role_port}" for n in cluster.nodes if n.role == "rpc-worker"]
-        if workers:
-            args.append(f"builder.rpc={','.join(workers)}")
-        if model_url:
-            args.append(f"builder.model={model_url}")
-        if model_sha256:
-            args.append(f"builder.model_sha256={model_sha256}")
-            if model_size:
-                args.append(f"builder.model_size={model_size}")
-        if cluster.context:
-            args.append(f"builder.ctx={cluster.context}")
-    args += [*(role_args or []), *cluster.kernel_args, *node.kernel_args]
-    return ipxe_script(base, node, manifest, str(node.role), generation_note, args)
 
 
 # A generation's id names a folder under generations/: hex only, so no id can point anywhere else.
@@ -240,52 +208,11 @@ def lock_of(root: Path) -> Path:
     return root / ".builder.lock"
 
 
-def publish(root: Path, cluster: Cluster, inventory: Path, artifacts: Artifacts, keep: int = 3) -> tuple[str, bool]:
-    """Write a generation for `cluster` and make it current; returns (id, whether it is new)."""
-    return publish_generation(root, cluster.control, inventory, artifacts, keep,
-                              lambda manifests: _netboot_nodes(root, cluster, inventory, manifests))
-
-
 def publish_generation(root: Path, control: Control, inventory: Path, artifacts: Artifacts, keep: int,
                        node_files: NodeFiles) -> tuple[str, bool]:
     """Add the artifacts, write a generation holding the inventory and `node_files`' scripts, make it current."""
     with locked(lock_of(root), f"publishing into {root}"):
         return _publish(root, control, inventory, artifacts, keep, node_files)
-
-
-def _netboot_nodes(root: Path, cluster: Cluster, inventory: Path, manifests: Manifests
-                   ) -> tuple[dict[str, bytes], dict[str, object]]:
-    model_url = model_sha256 = None
-    model_size = 0
-    if cluster.model:
-        if cluster.model.startswith("http://"):
-            model_url = cluster.model
-        else:
-            # A model on the control node is a blob like the root image, and the head checks its hash too.
-            model_sha256 = add_blob(root, inventory.parent / cluster.model)
-            model_size = (inventory.parent / cluster.model).stat().st_size
-            model_url = f"{_base_url(cluster)}/blobs/sha256/{model_sha256}"
-    vllm_blobs = {name: (add_blob(root, path), path.stat().st_size)
-                  for name, path in vllm_models(cluster, inventory.parent).items()}
-    firewalls = for_netboot(cluster, display_path(inventory))
-    files_out: dict[str, bytes] = {}
-    nodes: dict[str, object] = {}
-    for node in cluster.nodes:
-        key = "-".join(node.netboot_set)
-        manifest = manifests[key]
-        role_args = None
-        if node.name in vllm_blobs:
-            sha, size = vllm_blobs[node.name]
-            role_args = vllm_kernel_args(node, f"{_base_url(cluster)}/blobs/sha256/{sha}", sha, size)
-        note = f"image {manifest['image_digest']}"
-        # named after the generation's copy of the inventory: the user's file name never reaches the rules
-        rules = ruleset(firewalls[node.name], "cluster.yaml").encode()
-        files_out[f"nodes/{node.file_stem}.nft"] = rules  # for the reader; the node fetches the blob
-        files_out[f"nodes/{node.file_stem}.ipxe"] = node_script(cluster, node, manifest, note, model_url,
-                                                                 model_sha256, model_size,
-                                                                 add_blob_bytes(root, rules), role_args).encode()
-        nodes[node.name] = {"mac": node.mac, "role": node.role, "artifacts": key}
-    return files_out, nodes
 
 
 def _publish(root: Path, control: Control, inventory: Path, artifacts: Artifacts, keep: int,
@@ -388,7 +315,7 @@ def _prune(root: Path, keep: int) -> list[str]:
                       (json.dumps([h for h in history if h["id"] in kept], indent=2) + "\n").encode())
     used: set[str] = set()
     for gen in kept:
-        # node scripts name the root and firewall blobs; a services-form node's plan names its models
+        # node scripts name the root, firewall and plan blobs; a node's plan names its models
         for script in [*(root / "generations" / gen / "nodes").glob("*.ipxe"),
                        *(root / "generations" / gen / "nodes").glob("*.plan")]:
             used.update(word.rsplit("/", 1)[-1] for word in script.read_text().split() if "/blobs/sha256/" in word)

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 from builder.core.errors import CommandError, EngineError, RecipeError
 from builder.core.run import run
-from builder.netboot.inventory import Cluster, Control
+from builder.netboot.inventory import Control
 
 SERVED = ("/current/", "/blobs/sha256/", "/tftp/")
 # Of the current generation, only what iPXE fetches: the boot script and each node's script. The generation
@@ -85,13 +85,12 @@ def http_server(root: Path, bind: str, port: int) -> ThreadingHTTPServer:
     return server
 
 
-def dnsmasq_config(root: Path, cluster: Cluster | Control) -> str:
+def dnsmasq_config(root: Path, control: Control) -> str:
     """Proxy-DHCP (beside the site's DHCP server) + TFTP of iPXE, then HTTP for iPXE itself.
 
     Plain PXE ROMs get undionly.kpxe (BIOS) or ipxe.efi (UEFI) over TFTP; iPXE, recognised by its user
     class, is sent straight to boot.ipxe over HTTP, which chains the node's own script by MAC.
     """
-    control = cluster if isinstance(cluster, Control) else cluster.control
     if not control.subnet:
         raise RecipeError("cluster.yaml: control.subnet: needed for proxy-DHCP (the nodes' network, e.g. 192.168.50.0)")
     url = f"http://{control.address}:{control.http_port}/current/boot.ipxe"

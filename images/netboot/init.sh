@@ -25,7 +25,7 @@ give_up() {
 }
 
 ROOT_URL="" ROOT_SHA="" ROOT_SIZE=0 RETRIES=5 BOOTIF="" VERITY="" VERITY_SALT="" VERITY_BLOCKS=0
-CACHE="" CACHE_WIPE=0 RAM_SHARE=50 MODEL_SHA="" MODEL_SIZE=0 MODELS="" FIREWALL_URL="" FIREWALL_SHA=""
+CACHE="" CACHE_WIPE=0 RAM_SHARE=50 MODELS="" FIREWALL_URL="" FIREWALL_SHA=""
 read -r cmdline </proc/cmdline
 for word in $cmdline; do
     case "$word" in
@@ -38,8 +38,6 @@ for word in $cmdline; do
         builder.cache=*) CACHE=${word#*=} ;;
         builder.cache_wipe=*) CACHE_WIPE=${word#*=} ;;
         builder.ram_share=*) RAM_SHARE=${word#*=} ;;
-        builder.model_sha256=*) MODEL_SHA=${word#*=} ;;
-        builder.model_size=*) MODEL_SIZE=${word#*=} ;;
         builder.models=*) MODELS=${word#*=} ;;
         builder.retries=*) RETRIES=${word#*=} ;;
         builder.firewall=*) FIREWALL_URL=${word#*=} ;;
@@ -200,12 +198,10 @@ if ! open_root; then
     open_root || give_up "the root image failed dm-verity or does not mount"
 fi
 [ -n "$VERITY" ] && say "root opened through dm-verity: root hash $VERITY"
-# The node's models (published by sha256: the head's builder.model_sha256 and _size, or a services-form node's
-# builder.models=SHA:SIZE,...) are kept on the cache disk too, each when room can be made for it beside the
+# The node's models (published by sha256: builder.models=SHA:SIZE,... from its plan's publisher) are kept on the cache disk too, each when room can be made for it beside the
 # root and the models before it; node-init fetches them into the room made here.
 model_cached=""
 if [ "$mode" = cache ]; then
-    [ ${#MODEL_SHA} -eq 64 ] && [ "$MODEL_SIZE" -gt 0 ] && MODELS="$MODEL_SHA:$MODEL_SIZE${MODELS:+,$MODELS}"
     keep="" room=0
     for entry in $(echo "$MODELS" | tr ',' ' '); do
         sha=${entry%%:*} size=${entry#*:}

@@ -1,11 +1,10 @@
 #!/bin/bash
 # PID 1 of a netbooted node, inside the image's root (read-only squashfs under a tmpfs overlay).
-# It applies the hostname, loads the accelerator's modules, starts the node's role through the image's own
-# entrypoint, prints a ready line on the console once the role accepts connections, and restarts the role
-# if it exits. The role binds the node's own address, never a wildcard one.
-# A node of a cluster file with services: gets a plan instead of a role (builder.plan=URL, checked against
-# builder.plan_sha256): one line per process, RPC workers and llama-servers, each started, announced when ready
-# and restarted on its own (builder/cluster/plans.py writes the plan; its env lines are exported first).
+# It applies the hostname, loads the accelerator's modules and follows the node's plan (builder.plan=URL,
+# checked against builder.plan_sha256): one line per process, RPC workers, llama-servers and vLLM servers,
+# each started through the image's own entrypoint on the node's own address (never a wildcard one), announced
+# on the console once it accepts connections, and restarted on its own if it exits. The plan's lines and
+# their fields are documented in builder/netboot/plan.py, which writes them; its env lines are exported first.
 set -u
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -15,23 +14,13 @@ bb=/usr/lib/builder/busybox
 
 say() { echo "builder-node: $*"; }
 
-name=node role=rpc-worker port="" rpc="" model="" model_sha256="" ctx="" plan="" plan_sha256=""
-served_name="" vllm_args="" vllm_kv=""
+name=node plan="" plan_sha256=""
 read -r -a words </proc/cmdline
 for word in "${words[@]}"; do
     case "$word" in
         builder.name=*) name=${word#*=} ;;
-        builder.role=*) role=${word#*=} ;;
-        builder.port=*) port=${word#*=} ;;
-        builder.rpc=*) rpc=${word#*=} ;;
-        builder.model=*) model=${word#*=} ;;
-        builder.model_sha256=*) model_sha256=${word#*=} ;;
-        builder.ctx=*) ctx=${word#*=} ;;
         builder.plan=*) plan=${word#*=} ;;
         builder.plan_sha256=*) plan_sha256=${word#*=} ;;
-        builder.served_name=*) served_name=${word#*=} ;;
-        builder.vllm_args=*) vllm_args=${word#*=} ;;
-        builder.vllm_kv=*) vllm_kv=${word#*=} ;;
     esac
 done
 
@@ -39,6 +28,7 @@ done
 . /run/builder/net.env
 # ROOT_MODE (ram or cache), ROOT_BLOB, MODEL_CACHED (sha256s of the models kept on the cache disk, with room
 # made for them), VERITY_ERRORS
+# shellcheck disable=SC2034  # read by plan.sh, sourced below
 ROOT_MODE=ram ROOT_BLOB="" MODEL_CACHED="" VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache
 # shellcheck disable=SC1091  # written by the initramfs
 . /run/builder/root.env
@@ -59,253 +49,11 @@ if [ -s /usr/lib/builder/modules.load ]; then
     done </usr/lib/builder/modules.load
 fi
 
-# The model at URL $1 goes to the overlay's tmpfs; one published on the control node comes with its sha256 ($2)
-# and, on a node with a cache disk that has room for it (the initramfs made the room), is kept there by it.
-fetch_model() {
-    local model=$1 model_sha256=$2
-    local dest=/var/cache/llama.cpp/models/${model##*/} attempt got
-    if [ -n "$model_sha256" ] && [[ " $MODEL_CACHED " == *" $model_sha256 "* ]]; then
-        dest=$CACHE_DIR/blobs/sha256/$model_sha256
-        if [ -f "$dest" ]; then
-            # No dm-verity for a model: hash it (a local read) before serving from it
-            got=$(sha256sum "$dest") && got=${got%% *}
-            if [ "$got" = "$model_sha256" ]; then
-                touch "$dest"
-                say "model from the cache: sha256 $got (no download)" >&2
-                echo "$dest"
-                return 0
-            fi
-            say "cached model sha256 mismatch (got $got): dropping it and fetching it again" >&2
-            rm -f "$dest"
-        fi
-    fi
-    mkdir -p "${dest%/*}"
-    for attempt in 1 2 3 4 5; do
-        if "$bb" wget -q -O "$dest.part" "$model"; then
-            got=$(sha256sum "$dest.part") && got=${got%% *}
-            if [ -z "$model_sha256" ] || [ "$got" = "$model_sha256" ]; then
-                mv "$dest.part" "$dest"
-                sync  # on the cache disk, the model survives a power cut from here on
-                [ -n "$model_sha256" ] && say "model verified: sha256 $got" >&2
-                echo "$dest"
-                return 0
-            fi
-            say "model sha256 mismatch: got $got, expected $model_sha256 (attempt $attempt of 5)" >&2
-            rm -f "$dest.part"
-        else
-            say "download of $model failed (attempt $attempt of 5)" >&2
-        fi
-        sleep $((attempt * 2))
-    done
-    return 1
-}
+# shellcheck disable=SC1091  # the plan executor, images/netboot/plan.sh (checked on its own)
+. /usr/lib/builder/plan.sh
 
-# What the node has left for models once it is up (the benchmark reads this line).
-say_memory() {
-    local key value available="" total=""
-    while read -r key value _; do
-        case "$key" in
-            MemTotal:) total=$value ;;
-            MemAvailable:) available=$value ;;
-        esac
-    done </proc/meminfo
-    say "memory: MemAvailable $available kB of MemTotal $total kB"
-}
-
-# dm-verity fails the read of a corrupted block of the root (the kernel logs it); a cached root with one is
-# dropped from the cache disk and the node reboots to fetch it again.
-check_root() {
-    [ "$("$bb" dmesg | "$bb" grep -c 'verity.*corrupted')" -gt "$VERITY_ERRORS" ] || return 0
-    if [ "$ROOT_MODE" = cache ]; then
-        say "the cached root image failed dm-verity while running: dropping ${ROOT_BLOB##*/} and rebooting to fetch it"
-        rm -f "$ROOT_BLOB"
-        sync
-        "$bb" reboot -f
-    fi
-    say "the root image failed dm-verity while running: rebooting to fetch it again"
-    "$bb" reboot -f
-}
-
-# ggml-rpc-server's tensor cache (-c) survives reboots on the cache disk.
-rpc_cache() {
-    [ "$ROOT_MODE" = cache ] || return 0
-    mkdir -p "$CACHE_DIR/rpc" /var/cache/llama.cpp/rpc
-    mount --bind "$CACHE_DIR/rpc" /var/cache/llama.cpp/rpc &&
-        say "RPC tensor cache on the cache disk ($(find "$CACHE_DIR/rpc" -type f | wc -l) files kept)"
-}
-
-# vllm-server: the model is a squashfs of a Hugging Face folder (published by sha256, fetched and checked by
-# fetch_model), mounted read-only and served by the image's own entrypoint on the node's address.
-start_vllm() {
-    port=${port:-8000}
-    ready_tries=14400 # vLLM imports torch and loads its kernels first: minutes on a slow CPU
-    local path dir=/run/builder/model args=()
-    path=$(fetch_model "$model" "$model_sha256") || { say "no model: cannot start vLLM"; return 1; }
-    if ! grep -q " $dir squashfs " /proc/mounts; then
-        mkdir -p "$dir"
-        "$bb" mount -t squashfs -o ro,loop "$path" "$dir" || { say "the model ${path##*/} does not mount"; return 1; }
-    fi
-    # Python's multiprocessing (vLLM's engine process) needs a shared-memory folder
-    grep -q " /dev/shm " /proc/mounts || { mkdir -p /dev/shm && "$bb" mount -t tmpfs -o mode=1777 shm /dev/shm; }
-    [ -n "$vllm_args" ] && IFS=, read -r -a args <<<"$vllm_args"
-    [ -n "$vllm_kv" ] && export VLLM_CPU_KVCACHE_SPACE=$vllm_kv
-    say "starting vLLM: ${served_name:-model} from ${path##*/}"
-    HF_HUB_OFFLINE=1 /usr/local/bin/vllm-entrypoint serve "$dir" --host "$NODE_IP" --port "$port" \
-        ${served_name:+--served-model-name "$served_name"} "${args[@]}" &
-    child=$!
-}
-
-start_role() {
-    case "$role" in
-        vllm-server)
-            start_vllm || return 1
-            ;;
-        rpc-worker)
-            port=${port:-50052}
-            /usr/local/bin/llama-entrypoint rpc-worker --host "$NODE_IP" --port "$port" &
-            ;;
-        head | server)
-            port=${port:-8080}
-            local path args=()
-            path=$(fetch_model "$model" "$model_sha256") || { say "no model: cannot start the server"; return 1; }
-            [ -n "$rpc" ] && args+=(--rpc "$rpc" -ngl 999)
-            [ -n "$ctx" ] && args+=(-c "$ctx")
-            /usr/local/bin/llama-entrypoint server --model "$path" --host "$NODE_IP" --port "$port" "${args[@]}" &
-            ;;
-        *)
-            say "unknown role '$role'"
-            return 1
-            ;;
-    esac
-    child=$!
-}
-
-# Ready means the role ($1) on port $2 answers: a TCP connection for a worker, /health saying ok for a server.
-is_ready() {
-    if [ "$1" != rpc-worker ]; then
-        exec 3<>"/dev/tcp/$NODE_IP/$2" || return 1
-        printf 'GET /health HTTP/1.0\r\nHost: %s\r\n\r\n' "$NODE_IP" >&3
-        local status
-        read -r _ status _ <&3
-        exec 3<&-
-        [ "$status" = 200 ]
-    else
-        (exec 3<>"/dev/tcp/$NODE_IP/$2") 2>/dev/null
-    fi
-}
-
-# Poll every half second, at most TRIES times, until ROLE on PORT answers (then print "LABEL ready on …" and the
-# node's memory) or the process $child has exited.
-await_ready() {
-    local tries=$1 label=$2 role=$3 port=$4
-    for _ in $(seq 1 "$tries"); do
-        if is_ready "$role" "$port" 2>/dev/null; then
-            say "$label ready on $NODE_IP:$port"
-            say_memory
-            return 0
-        fi
-        kill -0 "$child" 2>/dev/null || return 1
-        sleep 0.5
-    done
-    return 1
-}
-
-# The node's plan, downloaded from the control node and checked against its sha256 (retried until it comes).
-fetch_plan() {
-    local attempt=1 got
-    while :; do
-        if "$bb" wget -q -O /run/builder/plan.part "$plan"; then
-            got=$(sha256sum /run/builder/plan.part) && got=${got%% *}
-            if [ "$got" = "$plan_sha256" ]; then
-                mv /run/builder/plan.part /run/builder/plan
-                say "node plan verified: sha256 $got"
-                return 0
-            fi
-            say "node plan sha256 mismatch: got $got, expected $plan_sha256 (attempt $attempt)"
-        else
-            say "download of the node plan failed (attempt $attempt)"
-        fi
-        rm -f /run/builder/plan.part
-        sleep $((attempt < 5 ? attempt * 2 : 10))
-        attempt=$((attempt + 1))
-    done
-}
-
-# One process of the plan, kept running: ROLE SERVICE PORT [MODEL-PATH RPC CTX ARGS...] ('-': none). It prints
-# its ready line once it answers and is restarted 5 s after it exits; every llama-server gets --metrics and the
-# service's name as its alias, as `builder cluster up --local` runs them.
-supervise() {
-    local role=$1 service=$2 port=$3 path=${4:--} rpc=${5:--} ctx=${6:--} child args
-    shift 6
-    while :; do
-        if [ "$role" = rpc-worker ]; then
-            /usr/local/bin/llama-entrypoint rpc-worker --host "$NODE_IP" --port "$port" &
-        else
-            args=(--model "$path" --host "$NODE_IP" --port "$port" --alias "$service" --metrics)
-            [ "$rpc" != - ] && args+=(--rpc "$rpc" -ngl 999)
-            [ "$ctx" != - ] && args+=(-c "$ctx")
-            /usr/local/bin/llama-entrypoint server "${args[@]}" "$@" &
-        fi
-        child=$!
-        await_ready 1200 "$name $role $service" "$role" "$port"
-        wait "$child"
-        say "$role $service exited with status $?; restarting in 5 s"
-        check_root
-        sleep 5
-    done
-}
-
-# Follow the plan: RPC workers first (heads on other nodes wait for them), then each server once its model is
-# here. PID 1 then only reaps: the supervisors run for as long as the node does.
-run_plan() {
-    local line fields path workers=0 servers=0
-    local -A fetched=()  # model sha256 -> its path: two services of one GGUF share one download
-    fetch_plan
-    mapfile -t lines </run/builder/plan
-    # The node's environment (from its `env` in the cluster file), for every process it starts; the values
-    # stay off the console.
-    for line in "${lines[@]}"; do
-        IFS=$'\t' read -r -a fields <<<"$line"
-        [ "${fields[0]:-}" = env ] || continue
-        export "${fields[1]}=${fields[2]:-}"
-        say "environment: ${fields[1]} set"
-    done
-    for line in "${lines[@]}"; do
-        IFS=$'\t' read -r -a fields <<<"$line"
-        [ "${fields[0]:-}" = rpc-worker ] || continue
-        [ "$workers" = 0 ] && rpc_cache
-        workers=$((workers + 1))
-        supervise rpc-worker "${fields[1]}" "${fields[2]}" - - - &
-    done
-    for line in "${lines[@]}"; do
-        IFS=$'\t' read -r -a fields <<<"$line"
-        [ "${fields[0]:-}" = server ] || continue
-        path=${fetched[${fields[4]}]:-}
-        until [ -n "$path" ] || path=$(fetch_model "${fields[3]}" "${fields[4]}"); do
-            say "no model for ${fields[1]}: trying again in 10 s"
-            sleep 10
-        done
-        fetched[${fields[4]}]=$path
-        servers=$((servers + 1))
-        supervise server "${fields[1]}" "${fields[2]}" "$path" "${fields[5]}" "${fields[6]}" "${fields[@]:7}" &
-    done
-    say "$name runs $servers server(s) and $workers RPC worker(s)"
-    while :; do
-        wait
-        sleep 1
-    done
-}
-
-[ -n "$plan" ] && run_plan
-[ "$role" = rpc-worker ] && rpc_cache
-
-while :; do
-    child=""
-    if start_role; then
-        await_ready "${ready_tries:-600}" "$name $role" "$role" "$port"
-        wait "$child"
-        say "$role exited with status $?; restarting in 5 s"
-        check_root
-    fi
-    sleep 5
-done
+if [ -z "$plan" ] || [ -z "$plan_sha256" ]; then
+    say "no builder.plan= and builder.plan_sha256= on the kernel command line: nothing to run (publish the node again)"
+    while :; do sleep 3600; done
+fi
+run_plan

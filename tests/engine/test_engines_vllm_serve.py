@@ -1,6 +1,13 @@
 """The cpu vLLM image serves tokens: a tiny random-weight llama model in Hugging Face format, made by the test,
-answers over vLLM's OpenAI API (`builder run --flavour vllm --target cpu serve DIR` on 127.0.0.1) with the
-text transformers computes on the same weights.
+answers over vLLM's OpenAI API on 127.0.0.1 with the text transformers computes on the same weights.
+
+How the server starts: as a netbooted node starts it. The node's plan executor (images/netboot/plan.sh, which
+node-init sources) runs in the image with the plan `builder pxe publish` makes for a one-node replicate vLLM
+service: it fetches the plan and the model's squashfs from `pxe serve`'s HTTP server on loopback, checks both
+against their sha256, exports the node's env and starts the image's entrypoint with the plan's `vllm serve`
+line (builder/cluster/vllm_service.py, the same as `cluster up --local`'s). One stand-in: a rootless container
+cannot loop-mount the squashfs, so the model folder is bind-mounted where the plan mounts it and the `mount`
+the executor calls checks that it is there (tests/qemu/test_netboot_vllm_qemu.py mounts it for real).
 
 Where transformers runs: in the cpu vLLM image itself (tests/support/tinyhf.py, in its own container without a
 network, before the server starts). The image carries torch, transformers, tokenizers and safetensors at the
@@ -24,6 +31,8 @@ docs/benchmarks.md); CI runs the eager path.
 """
 
 import json
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +40,16 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 
-from conftest import free_port
-from containers import container, wait_healthy
+from builder.cluster.hfmodel import folder_hash
+from builder.cluster.plans import load_for_netboot, models, node_plan
+from builder.engines import ENGINES
+from builder.netboot.plan import serialize
+from builder.netboot.publish import add_blob, add_blob_bytes
+from builder.netboot.serve import http_server
+from conftest import ROOT, free_port
+from containers import wait_healthy
 from vllm_fixtures import MAX_TOKENS, MESSAGES, PROMPT
 
 pytestmark = pytest.mark.engine
@@ -44,25 +60,76 @@ SERVED_NAME = "tiny-llama"
 GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0}
 STARTUP_SECONDS = 900
 # vLLM's CPU backend on a small shared machine: a 256-token context, a 1 GiB KV cache, few sequences.
-SERVE_ARGS = ("--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len", "256",
-              "--max-num-seqs", "4", "--enforce-eager")
-# HF_HUB_OFFLINE: anything vLLM tried to fetch from the hub would fail instead of reaching out.
-SERVE_ENV = ("VLLM_CPU_KVCACHE_SPACE=1", "HF_HUB_OFFLINE=1")
+SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager"]
+# busybox's applets the plan executor uses, for an image without busybox: wget (Python's urllib, no proxy) and
+# the stand-in for the loop mount (see the module's docstring)
+BUSYBOX = """#!/bin/bash
+case "$1" in
+    wget) exec python3 -c 'import sys, urllib.request as u
+open(sys.argv[1], "wb").write(u.build_opener(u.ProxyHandler({})).open(sys.argv[2], timeout=60).read())' "$4" "$5" ;;
+    mount) for last; do :; done; [ -f "$last/config.json" ] ;;
+    *) exit 1 ;;
+esac
+"""
+# node-init's part before the plan: what the initramfs and DHCP would have left it (RAM mode, no cache disk)
+NODE = ("set -u; mkdir -p /run/builder; say() {{ echo \"builder-node: $*\"; }}; name=ci plan={plan} "
+        "plan_sha256={sha} bb=/usr/lib/builder/busybox NODE_IP=127.0.0.1 NODE_IFACE=lo ROOT_MODE=ram ROOT_BLOB= "
+        "MODEL_CACHED= VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache; . /usr/lib/builder/plan.sh; run_plan")
 
 
 @pytest.fixture(scope="module")
 def server(cpu_image: str, tiny_hf: tuple[Path, dict[str, Any]],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`builder run --flavour vllm --target cpu serve MODEL_DIR` on 127.0.0.1; yields its base URL."""
-    logs = tmp_path_factory.mktemp("vllm-serve-logs")
-    port = free_port()
-    name = f"vllm-serve-{port}"
-    with container("podman", logs, name, "serve", str(tiny_hf[0]), *SERVE_ARGS, "--port", str(port),
-                   flavour="vllm", extra=("--shm-size", "1g"), env=SERVE_ENV) as proc:
+    """The tiny model served by the node's plan executor in the cpu vLLM image on 127.0.0.1 (see the module's
+    docstring); yields its base URL once /health answers and the executor said so."""
+    work = tmp_path_factory.mktemp("vllm-serve")
+    port, http = free_port(), free_port()
+    folder = tiny_hf[0]
+    cluster = work / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({
+        "control": {"address": "127.0.0.1", "http_port": http},
+        "nodes": [{"name": "ci", "mac": "52:54:00:12:34:56", "target": "cpu", "address": "127.0.0.1",
+                   "memory": "2GiB", "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}],
+        "services": [{"name": SERVED_NAME, "engine": "vllm", "model": str(folder), "port": port,
+                      "sha256": folder_hash(folder, "tiny_hf"), "nodes": ["ci"], "args": SERVE_ARGS}]}))
+    loaded = load_for_netboot(cluster)
+    root = work / "pxe-root"
+    (root / "current").mkdir(parents=True)
+    model = add_blob(root, models(loaded, print)[SERVED_NAME])
+    base = f"http://127.0.0.1:{http}"
+    plan = add_blob_bytes(root, serialize(node_plan(loaded, "ci", base, {SERVED_NAME: model})).encode())
+    (work / "busybox").write_text(BUSYBOX)
+    (work / "busybox").chmod(0o755)
+    files = http_server(root, "127.0.0.1", http)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    name = f"vllm-plan-{port}"
+    log = work / "node.log"
+    engine = ENGINES["podman"]()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([
+            *engine.run_argv(), "--rm", "--network", "host", "--shm-size", "1g", "--name", name,
+            "--volume", f"{ROOT / 'images' / 'netboot' / 'plan.sh'}:/usr/lib/builder/plan.sh:ro",
+            "--volume", f"{work / 'busybox'}:/usr/lib/builder/busybox:ro",
+            "--volume", f"{folder}:/models/{SERVED_NAME}:ro", cpu_image, "shell", "-c",
+            NODE.format(plan=f"{base}/blobs/sha256/{plan}", sha=plan)], stdout=out, stderr=subprocess.STDOUT)
+    try:
         started = time.monotonic()
-        wait_healthy(port, proc, logs / f"{name}.log", seconds=STARTUP_SECONDS)
+        wait_healthy(port, proc, log, seconds=STARTUP_SECONDS)
         print(f"vllm serve answered /health after {time.monotonic() - started:.0f} s")
+        for _ in range(20):  # the executor polls every half second
+            if "ready on" in log.read_text(errors="replace"):
+                break
+            time.sleep(0.5)
+        text = log.read_text(errors="replace")
+        assert f"builder-node: node plan verified: sha256 {plan}" in text, text[-3000:]
+        assert f"builder-node: model verified: sha256 {model}" in text and "environment: VLLM_CPU_KVCACHE_SPACE" in text
+        assert f"builder-node: ci server {SERVED_NAME} ready on 127.0.0.1:{port}" in text, text[-3000:]
         yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run([*engine.command(), "rm", "--force", name], capture_output=True)
+        proc.wait(timeout=60)
+        files.shutdown()
+        files.server_close()
 
 
 def _post(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:

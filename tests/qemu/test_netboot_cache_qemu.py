@@ -78,7 +78,7 @@ def test_cache_disk_first_boot_fetches_second_does_not_and_a_corrupt_block_is_re
                  "port": 8080},
                 {"name": "big", "model": "tiny.gguf", "sha256": digest, "topology": "split", "head": "head1",
                  "workers": ["node1"], "port": 9000}]
-    ready = (r"builder-node: node1 rpc-worker big ready on 10\.0\.2\.15:50052",
+    ready = (r"builder-node: node1 rpc-worker ready on 10\.0\.2\.15:50052 \(for big\)",
              r"builder-node: node1 server tiny ready on 10\.0\.2\.15:8080")
     disk = tmp_path / "disk.img"
     partition = gpt_disk(disk, 256, "builder-cache")
@@ -123,7 +123,9 @@ def test_netbooted_head_takes_its_model_from_the_cache_on_its_second_boot(
     tiny_model: Path, tmp_path: Path, artifacts: dict[str, object]
 ) -> None:
     """The head's model is published by sha256; with a cache disk the first boot keeps it there, and the
-    second boot hashes the cached copy and serves from it without fetching a byte of it."""
+    second boot hashes the cached copy and serves from it without fetching a byte of it. The file is in the
+    netboot-only form (a head node and a top-level model): it boots through the converter, as a split service
+    named after the model whose head's plan names the worker."""
     rpc, http, head = free_port(), free_port(), free_port()
     nodes: list[dict[str, object]] = [
         {"name": "head1", "mac": MAC, "target": "cpu", "role": "head"},
@@ -137,10 +139,12 @@ def test_netbooted_head_takes_its_model_from_the_cache_on_its_second_boot(
     disk = tmp_path / "disk.img"
     gpt_disk(disk, 256, "builder-cache")
     log = tmp_path / "serve.log"
-    ready = r"builder-node: head1 head ready on 10\.0\.2\.15:8080"
+    ready = r"builder-node: head1 server tiny ready on 10\.0\.2\.15:8080"
     with published(tmp_path, http, nodes, model=model, cache={"device": "PARTLABEL=builder-cache"}) as root, \
             container("podman", tmp_path, f"builder-netcache-worker-{rpc}", "rpc-worker", "--host", "127.0.0.1",
                       "--port", str(rpc)):
+        plan = (root / "current" / "nodes" / "52-54-00-12-34-56.plan").read_text().splitlines()[-1].split("\t")
+        assert plan[:3] == ["server", "tiny", "8080"] and plan[4:6] == [digest, f"10.0.2.2:{rpc}"]
         texts = []
         for nth in (1, 2):
             console = tmp_path / f"console-{nth}.log"

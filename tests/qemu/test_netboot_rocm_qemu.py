@@ -50,7 +50,8 @@ def test_netbooted_rocm_worker_serves_a_cpu_head_on_the_host(artifacts: dict[str
     port, rpc, head = free_port(), free_port(), free_port()
     expected = cpu_reference_text("podman", tmp_path, tiny_model)
     console = tmp_path / "console.log"
-    worker = [{"name": "halo1", "mac": MAC, "target": "strix-halo", "role": "rpc-worker"}]
+    # the board's RAM (its iGPU's share goes on the kernel command line; QEMU's guest has no iGPU to use it)
+    worker = [{"name": "halo1", "mac": MAC, "target": "strix-halo", "role": "rpc-worker", "ram": "32GiB"}]
     with published(tmp_path, port, worker) as root, \
             node(root / "tftp", MAC, console, forward=(rpc, 50052), memory_mb=MEMORY_MB) as vm:
         ready = wait_for(console, r"builder-node: halo1 rpc-worker ready on (\S+)", vm, BOOT_SECONDS * 3)

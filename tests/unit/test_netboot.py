@@ -1,4 +1,5 @@
-"""Netboot without booting: inventory validation, generations, rollback, the HTTP server, dnsmasq's config."""
+"""Netboot without booting: cluster files of the netboot-only form (read through the converter), generations,
+rollback, the HTTP server, dnsmasq's config."""
 
 import hashlib
 import json
@@ -11,12 +12,14 @@ import pytest
 import requests
 import yaml
 
+from builder.cluster.model import load_cluster
+from builder.cluster.plans import control_of, load_for_netboot, models, publish_services
 from builder.core.errors import RecipeError
 from builder.netboot import cpio
 from builder.netboot.artifacts import require_driver
-from builder.netboot.inventory import load_inventory
 from builder.netboot.modules import load_order
-from builder.netboot.publish import current_id, generations, publish, rollback
+from builder.netboot.plan import ServerLine, parse
+from builder.netboot.publish import Artifacts, current_id, generations, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config
 from conftest import free_port, run_cli_inproc
 
@@ -32,6 +35,12 @@ def inventory(tmp_path: Path, **changes: object) -> Path:
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def publish(root: Path, path: Path, artifacts: Artifacts, keep: int = 3) -> tuple[str, bool]:
+    """What `builder pxe publish FILE` does with netboot sets already made."""
+    loaded = load_for_netboot(path)
+    return publish_services(root, loaded, models(loaded, lambda _: None), artifacts, keep)
 
 
 def fake_artifacts(tmp_path: Path, seed: str) -> tuple[Path, dict[str, object]]:
@@ -66,7 +75,7 @@ def fake_artifacts(tmp_path: Path, seed: str) -> tuple[Path, dict[str, object]]:
     ({"model": "http://10.0.2.2:8000/m.gguf",
       "nodes": [{"name": "h", "mac": MAC, "target": "cpu", "role": "head"},
                 {"name": "w", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker"}]},
-     "nodes[1].address: the head needs every worker's address"),
+     "model: http://10.0.2.2:8000/m.gguf is a URL, and a service's model needs its sha256"),
     ({"control": {"address": "10.0.2.2", "http_port": 99999}}, "control.http_port:"),
     ({"extra": 1}, "extra: unknown key"),
 ])
@@ -84,7 +93,7 @@ def test_unquoted_digit_only_mac_survives_yaml(tmp_path: Path) -> None:
     path = tmp_path / "cluster.yaml"
     path.write_text("control: {address: 10.0.2.2}\n"
                     "nodes: [{name: n1, mac: 52:54:00:12:34:56, target: cpu, role: rpc-worker}]\n")
-    assert load_inventory(path).nodes[0].mac == MAC
+    assert load_cluster(path).cluster.nodes[0].mac == MAC
 
 
 def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
@@ -110,28 +119,28 @@ def test_cpio_archive_is_read_back_by_cpio(tmp_path: Path) -> None:
 
 def test_generations_switch_atomically_roll_back_and_prune(tmp_path: Path) -> None:
     root, path = tmp_path / "pxe-root", inventory(tmp_path)
-    cluster = load_inventory(path)
     ids = []
     for seed in ("a", "b", "c"):
         folder, manifest = fake_artifacts(tmp_path, seed)
-        gen, new = publish(root, cluster, path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+        gen, new = publish(root, path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
         assert new
         ids.append(gen)
         script = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text()
         squash = manifest["files"]["root.squashfs"]["sha256"]  # type: ignore[index]
-        assert f"builder.sha256={squash}" in script and "builder.role=rpc-worker" in script
+        assert f"builder.sha256={squash}" in script and "builder.plan_sha256=" in script
+        assert "builder.role=" not in script
         assert (root / "blobs" / "sha256" / squash).read_bytes() == f"root.squashfs {seed}".encode()
     assert len(set(ids)) == 3 and current_id(root) == ids[2]
     # keep=1: the current generation and one before it; the oldest and its blobs are gone
     assert [g.id for g in generations(root)] == ids[1:]
     assert not (root / "generations" / ids[0]).exists()
-    # two generations' kernel, initrd and root, and the node's firewall rules (the same in both)
-    assert len(list((root / "blobs" / "sha256").iterdir())) == 7
+    # two generations' kernel, initrd and root, and the node's firewall rules and plan (the same in both)
+    assert len(list((root / "blobs" / "sha256").iterdir())) == 8
 
     again = tmp_path / "again"
     again.mkdir()
     folder, manifest = fake_artifacts(again, "c")
-    gen, new = publish(root, cluster, path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+    gen, new = publish(root, path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
     assert (gen, new) == (ids[2], False)
 
     assert rollback(root) == ids[1] and current_id(root) == ids[1]
@@ -144,30 +153,28 @@ def test_generations_switch_atomically_roll_back_and_prune(tmp_path: Path) -> No
     assert f"* {ids[2]}" in listing and f"  {ids[1]}" in listing
 
 
-def test_head_script_names_the_workers_and_the_model_with_its_hash(tmp_path: Path) -> None:
+def test_head_plan_names_the_workers_and_the_model_with_its_hash(tmp_path: Path) -> None:
+    """The old form's head becomes the server of a split: its plan (not its kernel command line) names the
+    workers, the context and the model's blob, which is the GGUF itself."""
     (tmp_path / "m.gguf").write_bytes(b"GGUF tiny")
     nodes = [{"name": "head", "mac": MAC, "target": "cpu", "role": "head"},
              {"name": "w1", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker",
-              "address": "10.0.2.20"},
+              "address": "10.0.2.20", "port": 50100},
              {"name": "w2", "mac": "52:54:00:12:34:58", "target": "cpu", "role": "rpc-worker",
               "address": "10.0.2.21", "port": 50100}]
     root, path = tmp_path / "pxe-root", inventory(tmp_path, nodes=nodes, model="m.gguf", context=512)
     folder, manifest = fake_artifacts(tmp_path, "a")
-    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+    publish(root, path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
     words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
+    assert not any(w.startswith(("builder.role=", "builder.rpc=", "builder.model=", "builder.ctx=")) for w in words)
     digest = hashlib.sha256(b"GGUF tiny").hexdigest()
-    assert "builder.rpc=10.0.2.20:50052,10.0.2.21:50100" in words and "builder.ctx=512" in words
-    assert f"builder.model=http://10.0.2.2:8000/blobs/sha256/{digest}" in words
-    assert f"builder.model_sha256={digest}" in words and "builder.model_size=9" in words
+    assert f"builder.models={digest}:9" in words
+    plan = parse((root / "current" / "nodes" / "52-54-00-12-34-56.plan").read_text())
+    assert plan.lines == (ServerLine("m", 8080, f"http://10.0.2.2:8000/blobs/sha256/{digest}", digest,
+                                     ("10.0.2.20:50100", "10.0.2.21:50100"), 512),)
     assert (root / "blobs" / "sha256" / digest).read_bytes() == b"GGUF tiny"
-    worker = (root / "current" / "nodes" / "52-54-00-12-34-57.ipxe").read_text()
-    assert "builder.role=rpc-worker" in worker and "builder.model" not in worker
-    # A model given as a URL is fetched as it is: no hash to check it against.
-    path = inventory(tmp_path, nodes=nodes, model="http://10.0.2.2:9000/m.gguf")
-    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
-    words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
-    assert "builder.model=http://10.0.2.2:9000/m.gguf" in words
-    assert not any(word.startswith(("builder.model_sha256=", "builder.model_size=")) for word in words)
+    worker = (root / "current" / "nodes" / "52-54-00-12-34-57.plan").read_text()
+    assert worker.endswith("rpc-worker\tm\t50100\n")
 
 
 def test_node_scripts_carry_the_verity_root_hash_and_each_nodes_cache(tmp_path: Path) -> None:
@@ -179,7 +186,7 @@ def test_node_scripts_carry_the_verity_root_hash_and_each_nodes_cache(tmp_path: 
     path = inventory(tmp_path, nodes=nodes, cache={"device": "PARTLABEL=builder-cache"}, ram_share=30)
     folder, manifest = fake_artifacts(tmp_path, "a")
     manifest["verity"] = {"root_hash": "a" * 64, "salt": "b" * 64, "data_blocks": 9678, "algorithm": "sha256"}
-    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
+    publish(root, path, {("cpu", "cpu"): (folder, manifest)}, keep=1)
 
     def words(mac: str) -> list[str]:
         return (root / "current" / "nodes" / f"{mac.replace(':', '-')}.ipxe").read_text().split()
@@ -202,11 +209,11 @@ def test_each_node_gets_its_firewall_as_a_blob_named_by_sha256(tmp_path: Path) -
              {"name": "w1", "mac": "52:54:00:12:34:57", "target": "cpu", "role": "rpc-worker",
               "address": "10.0.2.20"},
              {"name": "w2", "mac": "52:54:00:12:34:58", "target": "cpu", "role": "rpc-worker",
-              "address": "10.0.2.21", "port": 50100}]
+              "address": "10.0.2.21"}]
     (tmp_path / "m.gguf").write_bytes(b"GGUF tiny")
     root, path = tmp_path / "pxe-root", inventory(tmp_path, nodes=nodes, model="m.gguf")
     folder, manifest = fake_artifacts(tmp_path, "a")
-    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)}, keep=0)
+    publish(root, path, {("cpu", "cpu"): (folder, manifest)}, keep=0)
     words = (root / "current" / "nodes" / "52-54-00-12-34-58.ipxe").read_text().split()
     digest = next(w for w in words if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
     assert f"builder.firewall=http://10.0.2.2:8000/blobs/sha256/{digest}" in words
@@ -214,11 +221,11 @@ def test_each_node_gets_its_firewall_as_a_blob_named_by_sha256(tmp_path: Path) -
     assert hashlib.sha256(rules).hexdigest() == digest
     assert rules == (root / "current" / "nodes" / "52-54-00-12-34-58.nft").read_bytes()
     text = rules.decode()
-    assert "for node w2 (10.0.2.21)" in text and "backend ports (50100)" in text
+    assert "for node w2 (10.0.2.21)" in text and "backend ports (50052)" in text
     assert "elements = { 10.0.2.2, 10.0.2.10, 10.0.2.20, 10.0.2.21 }" in text
     # a node that leases its address: left out of the set (the initramfs adds its own lease at boot)
     alone = inventory(tmp_path, nodes=[{"name": "n1", "mac": MAC, "target": "cpu", "role": "rpc-worker"}])
-    publish(root, load_inventory(alone), alone, {("cpu", "cpu"): (folder, manifest)}, keep=0)
+    publish(root, alone, {("cpu", "cpu"): (folder, manifest)}, keep=0)
     words = (root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
     digest = next(w for w in words if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
     text = (root / "blobs" / "sha256" / digest).read_text()
@@ -228,14 +235,14 @@ def test_each_node_gets_its_firewall_as_a_blob_named_by_sha256(tmp_path: Path) -
     # rules that nft would refuse never reach a node: a control address must be an IP address
     named = inventory(tmp_path, control={"address": "boot.lan"})
     proc = run_cli_inproc("pxe", "publish", str(named), "--root", str(root), "--artifacts", str(tmp_path))
-    assert proc.returncode == 2 and "control.address: the firewall admits addresses, and 'boot.lan' is a name" \
+    assert proc.returncode == 2 and "control.address: 'boot.lan' is a name; builder binds and admits IP addresses" \
         in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:
     root, path = tmp_path / "pxe-root", inventory(tmp_path)
     folder, manifest = fake_artifacts(tmp_path, "a")
-    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)})
+    publish(root, path, {("cpu", "cpu"): (folder, manifest)})
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root", str(root),
                                "--bind", "127.0.0.1", "--port", str(port)],
@@ -269,7 +276,7 @@ def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:
 
 def test_dnsmasq_config_chains_plain_pxe_to_ipxe_then_http(tmp_path: Path) -> None:
     path = inventory(tmp_path)
-    text = dnsmasq_config(tmp_path, load_inventory(path))
+    text = dnsmasq_config(tmp_path, control_of(path))
     assert "dhcp-range=10.0.2.0,proxy" in text and "port=0" in text
     assert 'pxe-service=tag:!ipxe,x86PC,"iPXE (BIOS)",undionly.kpxe' in text
     assert 'pxe-service=tag:!ipxe,X86-64_EFI,"iPXE (UEFI)",ipxe.efi' in text

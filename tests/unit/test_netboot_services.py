@@ -157,7 +157,7 @@ def _broken(tmp_path: Path, change: str) -> dict[str, object]:
 @pytest.mark.parametrize(("change", "message"), [
     ("no control", "control: netbooted nodes fetch their boot files from the control node"),
     ("not netbootable", "nodes[0].target: nvidia cannot be netbooted yet"),
-    ("no address", "nodes[2].address: the firewall admits addresses, and none is given"),
+    ("no address", "nodes[2].address: c needs one: the head of big connects to its workers there"),
     ("wrong sha256", "services[0].sha256: chat.gguf has sha256 "),
     ("not a gguf", "services[0].model: notes.txt is not a GGUF file"),
     ("empty arg", "services[0].args[1]: an empty argument does not reach a netbooted node"),
