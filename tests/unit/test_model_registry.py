@@ -4,8 +4,16 @@ crafted server on 127.0.0.1 refused in one line with nothing placed."""
 
 import hashlib
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,7 @@ from builder.cluster.modelpack import (
 )
 from builder.core.digests import sha256_digest
 from builder.registry.client import OCI_MANIFEST
-from conftest import run_cli_inproc
+from conftest import ROOT, run_cli_inproc
 from servers import Crafted, Reply
 
 ACCEPT = {"Accept": OCI_MANIFEST}
@@ -246,11 +254,17 @@ class CraftedModel:
             200, {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": sha256_digest(body)}, body)
 
 
-@pytest.fixture
-def crafted() -> Iterator[CraftedModel]:
+@pytest.fixture(scope="module")
+def crafted_server() -> Iterator[Crafted]:
     server = Crafted()
-    yield CraftedModel(server, b"GGUF\x03\x00\x00\x00" + random.Random(7).randbytes(20_000))
+    yield server
     server.close()
+
+
+@pytest.fixture
+def crafted(crafted_server: Crafted) -> CraftedModel:
+    crafted_server.routes.clear()
+    return CraftedModel(crafted_server, b"GGUF\x03\x00\x00\x00" + random.Random(7).randbytes(20_000))
 
 
 def spoil_layer(**fields: Any) -> Any:
@@ -293,3 +307,83 @@ def test_the_crafted_model_is_a_valid_one(crafted: CraftedModel, tmp_path: Path)
     proc = run_cli_inproc("model", "pull", f"{crafted.server.host}/m:v1", "--dest", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / f"{sha256_digest(crafted.model).split(':')[1]}.gguf").read_bytes() == crafted.model
+
+
+# --- interrupted pulls ---------------------------------------------------------------------------------
+
+@contextmanager
+def slow_registry(model: CraftedModel, delay: float) -> Iterator[tuple[str, threading.Event]]:
+    """Serves the crafted model's manifest and config at once and its weight 1 KiB per `delay` seconds;
+    the event is set once weight bytes have gone out."""
+    started = threading.Event()
+    body = json.dumps(model.manifest).encode()
+    blobs = {f"/v2/m/blobs/{sha256_digest(model.config)}": (model.config, 0.0),
+             f"/v2/m/blobs/{sha256_digest(model.model)}": (model.model, delay),
+             "/v2/m/manifests/v1": (body, 0.0)}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802
+            data, pause = blobs.get(self.path, (b"", 0.0))
+            self.send_response(200 if data else 404)
+            self.send_header("Content-Type", OCI_MANIFEST if "manifests" in self.path else "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for start in range(0, len(data), 1024):
+                    self.wfile.write(data[start:start + 1024])
+                    self.wfile.flush()
+                    if pause:
+                        started.set()
+                        time.sleep(pause)
+            except OSError:
+                pass  # the client went away: that is the point
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}/m:v1", started
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def start_pull(reference: str, dest: Path, cache: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "builder", "model", "pull", reference, "--dest", str(dest)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "BUILDER_CACHE": str(cache)})
+
+
+def test_a_terminated_pull_places_nothing(crafted: CraftedModel, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    with slow_registry(crafted, delay=0.1) as (reference, started):
+        proc = start_pull(reference, dest, tmp_path / "cache")
+        assert started.wait(60), "the weight's download never started"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err
+    assert list(dest.iterdir()) == []
+
+
+def test_a_killed_pull_leaves_nothing_usable_and_the_next_pull_cleans_up(crafted: CraftedModel,
+                                                                         tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    with slow_registry(crafted, delay=0.1) as (reference, started):
+        proc = start_pull(reference, dest, tmp_path / "cache")
+        assert started.wait(60), "the weight's download never started"
+        time.sleep(0.3)
+        proc.kill()
+        proc.communicate(timeout=30)
+    # Only a temporary folder, never a file under the model's name.
+    assert [p.name.startswith(".pull-") for p in dest.iterdir()] == [True]
+    crafted.serve()
+    proc = run_cli_inproc("model", "pull", f"{crafted.server.host}/m:v1", "--dest", str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in dest.iterdir()] == [f"{sha256_digest(crafted.model).split(':')[1]}.gguf"]
