@@ -23,7 +23,7 @@ Sha256Opt = Annotated[str | None, typer.Option(
 
 @model_app.command()
 def push(
-    source: Annotated[Path, typer.Argument(metavar="FILE_OR_DIR", help="A GGUF file or a Hugging Face model folder.")],
+    model: Annotated[Path, typer.Argument(metavar="FILE_OR_DIR", help="A GGUF file or a Hugging Face model folder.")],
     registry: Annotated[str, typer.Option("--registry", "-r", metavar="HOST/REPO[:TAG]",
                                           help="Where to push it, e.g. registry.lan:5000/models/qwen:q4.")],
     sha256: Sha256Opt = None,
@@ -35,8 +35,8 @@ def push(
     The model's sha256 is recorded in the artifact; `builder model pull` checks it.
     """
     expected = check_sha256(sha256) if sha256 is not None else None
-    check_input(source, "FILE_OR_DIR")
-    pushed = push_model(source, registry, expected)
+    check_input(model, "FILE_OR_DIR")
+    pushed = push_model(model, registry, expected)
     if as_json:
         typer.echo(json.dumps({"repository": pushed.repository, "digest": pushed.digest, "sha256": pushed.sha256,
                                "folder": pushed.folder, "tags": list(pushed.tags), "size": pushed.size}, indent=2))
