@@ -276,6 +276,11 @@ def pull_model(reference: str, dest: Path, expected: str | None = None) -> Pulle
                 raise RegistryError(f"{where}: layer {layer.path} is {path.stat().st_size} bytes, its manifest "
                                     f"says {layer.size}", "nothing was placed")
         placed = files if folder else files / layers[0].path
+        if not folder:
+            with open(placed, "rb") as f:
+                if f.read(4) != GGUF_MAGIC:
+                    raise RegistryError(f"{where}: {layers[0].path} is not a GGUF file (no GGUF magic)",
+                                        "nothing was placed")
         for path in [placed, *placed.rglob("*")] if folder else [placed]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         raise_if_stopped()

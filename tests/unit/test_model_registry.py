@@ -248,6 +248,15 @@ class CraftedModel:
         self.blob(config)
         self.manifest["config"].update(digest=sha256_digest(config), size=len(config))
 
+    def not_gguf(self) -> None:
+        page = b"<html>sign in</html>"
+        self.blob(page)
+        self.manifest["layers"][0].update(digest=sha256_digest(page), size=len(page))
+        self.manifest["annotations"][MODEL_SHA256] = sha256_digest(page).split(":")[1]
+        config = json.dumps({"modelfs": {"type": "layers", "diffIds": [sha256_digest(page)]}}).encode()
+        self.blob(config)
+        self.manifest["config"].update(digest=sha256_digest(config), size=len(config))
+
     def serve(self) -> None:
         body = json.dumps(self.manifest).encode()
         self.server.routes[("GET", "/v2/m/manifests/v1")] = Reply(
@@ -285,6 +294,7 @@ HOSTILE = {
                                            "annotation says"),
     "a weight whose bytes were altered": (lambda c: c.blob(c.model[:-1] + b"!", sha256_digest(c.model)),
                                           "arrived with another digest"),
+    "a .gguf that is not a GGUF": (lambda c: c.not_gguf(), "is not a GGUF file"),
     "a config that lists other layers": (lambda c: c.other_config(), "modelfs.diffIds disagree"),
 }
 
