@@ -29,6 +29,7 @@ from builder.cli.common import (
     prepared,
 )
 from builder.cli.conventions import BuilderGroup, State, check_input, check_output, err
+from builder.cli.model import model_app
 from builder.cli.pxe import pxe_app
 from builder.cli.run import EXTRA_ARGS, run, toolbox_app
 from builder.core.errors import BuilderError, RecipeError, Stopped, request_stop
@@ -65,6 +66,7 @@ IMAGES = "Images: plan, build, publish and their supply chain"
 app.command(context_settings=EXTRA_ARGS, rich_help_panel=OPERATE)(run)
 app.add_typer(cluster_app, name="cluster", rich_help_panel=OPERATE)
 app.add_typer(pxe_app, name="pxe", rich_help_panel=OPERATE)
+app.add_typer(model_app, name="model", rich_help_panel=OPERATE)
 app.add_typer(toolbox_app, name="toolbox", rich_help_panel=OPERATE)
 
 

@@ -89,7 +89,12 @@ def _raise(exc: OSError) -> None:
 
 def folder_hash(folder: Path, where: str, shown: str | None = None) -> str:
     """The folder's content hash (see the module docstring)."""
+    return hash_lines([(relative, sha256_file(folder / relative)) for relative, _ in scan(folder, where, shown).files])
+
+
+def hash_lines(files: list[tuple[str, str]]) -> str:
+    """The content hash from each file's (relative path, hex sha256); the order is the hash's own."""
     lines = hashlib.sha256()
-    for relative, _ in scan(folder, where, shown).files:
-        lines.update(f"{sha256_file(folder / relative)}  {relative}\n".encode())
+    for relative, sha in sorted(files, key=lambda item: item[0].encode()):
+        lines.update(f"{sha}  {relative}\n".encode())
     return lines.hexdigest()
