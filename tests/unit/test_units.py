@@ -12,18 +12,16 @@ from pathlib import Path
 
 import pytest
 from test_cluster import cluster_file, node
-from test_netboot import fake_artifacts, inventory
+from test_netboot import fake_artifacts, inventory, publish
 
 from builder.core.units import notify_ready
-from builder.netboot.inventory import load_inventory
-from builder.netboot.publish import publish
 from conftest import ROOT, require_tool, run_cli_inproc
 
 
 def published_root(tmp_path: Path) -> Path:
     root, path = tmp_path / "pxe-root", inventory(tmp_path)
     folder, manifest = fake_artifacts(tmp_path, "a")
-    publish(root, load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)})
+    publish(root, path, {("cpu", "cpu"): (folder, manifest)})
     return root
 
 
@@ -119,7 +117,7 @@ def test_a_root_systemd_would_read_differently_is_refused(tmp_path: Path, folder
     root = tmp_path / folder
     path = inventory(tmp_path)
     fake, manifest = fake_artifacts(tmp_path, "a")
-    publish(root, load_inventory(path), path, {("cpu", "cpu"): (fake, manifest)})
+    publish(root, path, {("cpu", "cpu"): (fake, manifest)})
     proc = run_cli_inproc("pxe", "serve", "--root", str(root), "--print")
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     assert "a systemd unit cannot hold" in proc.stderr and "hint: use a path of plain characters" in proc.stderr
