@@ -20,12 +20,10 @@ import pytest
 import yaml
 from systemd_box import SYSTEMD_BOX
 from test_cluster import MODEL, SHA
-from test_netboot import fake_artifacts
+from test_netboot import fake_artifacts, publish
 
 from builder.engines.podman import PodmanEngine
 from builder.fetch.bootstrap import ensure_base
-from builder.netboot.inventory import load_inventory
-from builder.netboot.publish import publish
 from conftest import ROOT, require_engine, require_tool
 
 pytestmark = pytest.mark.engine
@@ -131,7 +129,7 @@ def pxe_root(work: Path) -> Path:
         "control": {"address": "127.0.0.1", "http_port": 8000, "subnet": "127.0.0.0", "interface": "lo"},
         "nodes": [{"name": "node1", "mac": "52:54:00:12:34:56", "target": "cpu", "role": "rpc-worker"}]}))
     folder, manifest = fake_artifacts(work, "a")
-    publish(work / "pxe-root", load_inventory(path), path, {("cpu", "cpu"): (folder, manifest)})
+    publish(work / "pxe-root", path, {("cpu", "cpu"): (folder, manifest)})
     return work / "pxe-root"
 
 
