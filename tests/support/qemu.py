@@ -23,16 +23,16 @@ OVMF = Path("/usr/share/qemu/OVMF.fd")
 def node(tftp: Path, mac: str, console: Path, forward: tuple[int, int] | None = None,
          uefi: bool = False, memory_mb: int = 1024, disk: Path | None = None,
          serial: str = "cache0", hostfwd: tuple[str, ...] = (),
-         prefix: tuple[str, ...] = (), cpu: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+         prefix: tuple[str, ...] = (), cpu: str | None = None, cpus: int = 2) -> Iterator[subprocess.Popen[bytes]]:
     """A QEMU machine that netboots; `disk` is a raw image attached as a virtio disk with `serial`
     (/dev/disk/by-id/virtio-SERIAL to udev); `hostfwd` adds QEMU hostfwd rules as they are; `prefix` runs
     QEMU under a command (e.g. nsenter into a network namespace); `cpu` is QEMU's -cpu model (`max`: every
-    instruction TCG emulates, AVX2 included)."""
+    instruction TCG emulates, AVX2 included); `cpus` its -smp."""
     netdev = f"user,id=n0,tftp={tftp},bootfile=boot.ipxe"
     if forward:
         netdev += f",hostfwd=tcp:127.0.0.1:{forward[0]}-:{forward[1]}"
     netdev += "".join(f",hostfwd={rule}" for rule in hostfwd)
-    argv = [*prefix, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", "2", "-display", "none",
+    argv = [*prefix, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", str(cpus), "-display", "none",
             "-monitor", "none", "-no-reboot", "-boot", "n", "-netdev", netdev,
             "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-serial", f"file:{console}"]
     if uefi:
