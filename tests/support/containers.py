@@ -19,14 +19,15 @@ PROMPT = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "see
 @contextmanager
 def container(engine: str, logs: Path, name: str, role: str, *args: str, target: str = "cpu",
               variant: str | None = None, env: tuple[str, ...] = (), flavour: str | None = None,
-              extra: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[bytes]]:
-    """`builder run` in the foreground, as a user would, output to logs/<name>.log; removed afterwards."""
+              extra: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[bytes]]:
+    """`builder run` in the foreground, as a user would, output to logs/<name>.log; removed afterwards. `prefix`
+    runs it under a command (nsenter into a network namespace: the host network it gets is the namespace's)."""
     log = open(logs / f"{name}.log", "wb")
     options = ["--target", target, "--engine", engine, "--name", name, *extra]
     options += ["--variant", variant] if variant else []
     options += ["--flavour", flavour] if flavour else []
     options += [flag for item in env for flag in ("--env", item)]
-    proc = subprocess.Popen([sys.executable, "-m", "builder", "run", *options, role, *args],
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "builder", "run", *options, role, *args],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         yield proc

@@ -4,6 +4,7 @@ QEMU's user-mode network is private to the process: the guest reaches the host's
 its TFTP server is QEMU's own (tftp=), and hostfwd brings one guest port to the host's 127.0.0.1.
 """
 
+import os
 import re
 import struct
 import subprocess
@@ -17,22 +18,24 @@ from pathlib import Path
 import pytest
 
 OVMF = Path("/usr/share/qemu/OVMF.fd")
+# The nodes running now: console -> (QEMU's start, the boot's index in the time summary), until a ready line
+_BOOTING: dict[Path, tuple[float, int]] = {}
 
 
 @contextmanager
 def node(tftp: Path, mac: str, console: Path, forward: tuple[int, int] | None = None,
          uefi: bool = False, memory_mb: int = 1024, disk: Path | None = None,
          serial: str = "cache0", hostfwd: tuple[str, ...] = (),
-         prefix: tuple[str, ...] = (), cpu: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+         prefix: tuple[str, ...] = (), cpu: str | None = None, cpus: int = 2) -> Iterator[subprocess.Popen[bytes]]:
     """A QEMU machine that netboots; `disk` is a raw image attached as a virtio disk with `serial`
     (/dev/disk/by-id/virtio-SERIAL to udev); `hostfwd` adds QEMU hostfwd rules as they are; `prefix` runs
     QEMU under a command (e.g. nsenter into a network namespace); `cpu` is QEMU's -cpu model (`max`: every
-    instruction TCG emulates, AVX2 included)."""
+    instruction TCG emulates, AVX2 included); `cpus` its -smp."""
     netdev = f"user,id=n0,tftp={tftp},bootfile=boot.ipxe"
     if forward:
         netdev += f",hostfwd=tcp:127.0.0.1:{forward[0]}-:{forward[1]}"
     netdev += "".join(f",hostfwd={rule}" for rule in hostfwd)
-    argv = [*prefix, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", "2", "-display", "none",
+    argv = [*prefix, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", str(cpus), "-display", "none",
             "-monitor", "none", "-no-reboot", "-boot", "n", "-netdev", netdev,
             "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-serial", f"file:{console}"]
     if uefi:
@@ -42,16 +45,21 @@ def node(tftp: Path, mac: str, console: Path, forward: tuple[int, int] | None = 
     if disk:
         argv += ["-drive", f"file={disk},if=none,id=d0,format=raw",
                  "-device", f"virtio-blk-pci,drive=d0,serial={serial}"]
+    import timing  # the plugin pytest loaded (tests/conftest.py's pytest_plugins): the time summary counts boots
+
+    _BOOTING[console] = (time.monotonic(), timing.record_boot(os.environ.get("PYTEST_CURRENT_TEST", "?")))
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         yield proc
     finally:
+        _BOOTING.pop(console, None)
         proc.kill()
         proc.wait(timeout=30)
 
 
 def wait_for(console: Path, pattern: str, proc: subprocess.Popen[bytes], seconds: float) -> re.Match[str]:
-    """Poll the console file until `pattern` appears; fail with the console's tail otherwise."""
+    """Poll the console file until `pattern` appears; fail with the console's tail otherwise. The first match of
+    a pattern that names `ready` gives the boot's time to ready (the time summary's QEMU section)."""
     deadline = time.monotonic() + seconds
     regex = re.compile(pattern)
     text = ""
@@ -59,6 +67,11 @@ def wait_for(console: Path, pattern: str, proc: subprocess.Popen[bytes], seconds
         text = console.read_text(errors="replace") if console.exists() else ""
         found = regex.search(text)
         if found:
+            if "ready" in pattern and console in _BOOTING:
+                import timing
+
+                started, index = _BOOTING.pop(console)
+                timing.record_ready(index, time.monotonic() - started)
             return found
         if proc.poll() is not None:
             stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""

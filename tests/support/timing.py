@@ -11,10 +11,23 @@ import pytest
 _TIMES: dict[str, dict[str, float]] = defaultdict(lambda: {"setup": 0.0, "call": 0.0, "teardown": 0.0})
 # `builder build` / `builder pxe build` runs (tests/conftest.py's run_cli records them): seconds and count
 _BUILDS: dict[str, list[float]] = defaultdict(list)
+# QEMU boots (tests/support/qemu.py records them): the test, and seconds from QEMU's start to the node's first
+# ready line (None: it never printed one, as a boot that must fail)
+_BOOTS: list[tuple[str, float | None]] = []
 
 
 def record_build(label: str, seconds: float) -> None:
     _BUILDS[label].append(seconds)
+
+
+def record_boot(test: str) -> int:
+    """A QEMU boot began in `test`; returns its index for record_ready."""
+    _BOOTS.append((test, None))
+    return len(_BOOTS) - 1
+
+
+def record_ready(index: int, seconds: float) -> None:
+    _BOOTS[index] = (_BOOTS[index][0], seconds)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -45,7 +58,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             write(f"{label[:72]:<72} {len(runs):>5} {sum(runs):>8.1f} {max(runs):>8.1f}")
         write(f"{'all of them':<72} {sum(len(r) for r in _BUILDS.values()):>5} "
               f"{sum(sum(r) for r in _BUILDS.values()):>8.1f}")
+    if _BOOTS:
+        ready = [seconds for _, seconds in _BOOTS if seconds is not None]
+        terminalreporter.section(f"QEMU boots: {len(_BOOTS)}, {len(ready)} of them to a ready line "
+                                 f"({sum(ready):.0f} s from QEMU's start to the first ready line, all together)")
+        for test, seconds in _BOOTS:
+            write(f"{test[:100]:<100} {'no ready line' if seconds is None else f'{seconds:.1f}':>13}")
     out = os.environ.get("BUILDER_TEST_TIMES")
     if out:
-        Path(out).write_text(json.dumps({"folders": folders, "files": _TIMES, "builds": _BUILDS}, indent=1,
-                                        sort_keys=True))
+        Path(out).write_text(json.dumps({"folders": folders, "files": _TIMES, "builds": _BUILDS,
+                                         "boots": _BOOTS}, indent=1, sort_keys=True))

@@ -148,7 +148,7 @@ def test_netboot_only_form_is_read_as_services_with_a_note(tmp_path: Path) -> No
 
 def test_without_local_the_gateway_needs_the_nodes_addresses_and_a_control_node(tmp_path: Path) -> None:
     """Without --local the gateway runs on the control node and reaches the netbooted nodes at their addresses:
-    a missing one is one line before anything starts (tests/qemu/test_netboot_gateway_qemu.py runs it for real)."""
+    a missing one is one line before anything starts (tests/qemu/test_netboot_shared_qemu.py runs it for real)."""
     proc = run_cli_inproc("cluster", "up", str(cluster_file(tmp_path)))
     assert proc.returncode == 2 and "nodes[0].address: the gateway and the node's peers reach a there" \
         in proc.stderr and "Traceback" not in proc.stderr

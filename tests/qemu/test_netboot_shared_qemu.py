@@ -1,0 +1,329 @@
+"""One services-form cluster netbooted once, for the tests that only look at it (issue 17).
+
+A QEMU node (TCG, one vCPU, user-mode networking) boots from `builder pxe publish`'s generation and runs four
+processes from its plan: replicas of `tiny` and `tiny-b` (two llama-servers of one GGUF), the head of the split
+`tiny-split` (its RPC worker a container on the host, which the guest reaches as 10.0.2.2) and the RPC worker of
+the split `tiny-rpc` (its head a container on the host). The checks then run in order: what the boot printed,
+the firewall (before any head holds the node's RPC worker: ggml-rpc-server serves one client at a time), the
+gateway (`builder cluster up` without --local) in front of all four services, each service through it, and
+`cluster down` last. A failing check gets the node's console tail in its report (console_tail.py).
+
+Everything that talks to the node runs in a network namespace of the module's own (netns.py): `pxe serve`,
+QEMU, the containers, the gateway, `cluster status` and the tests' own requests. Its loopback holds 127.0.0.1,
+MEMBER and OUTSIDER. QEMU shows the guest a connection from a loopback address as coming from 10.0.2.2 and one
+from any other address as coming from that address, so the firewall test can knock on the node's RPC port from
+the control node, from a member of the cluster and from an address of no cluster, in one boot.
+
+The cluster file's addresses, as each side uses them: control 10.0.2.2 (the host as the guest sees it: `pxe
+serve`'s files); node1 127.0.0.1 (where the gateway and `cluster status` reach it: QEMU's hostfwd of each of its
+ports, same number; it binds its leased 10.0.2.15 whatever the file says); worker1 10.0.2.2 (the tiny-split
+worker container, as the node's head reaches it); host1 MEMBER (the tiny-rpc head container, listening there).
+Ports are fixed: nothing else listens in the namespace.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from netns import Namespace, network_namespace
+from test_netboot_qemu import BOOT_SECONDS, MAC, artifacts, published
+
+from conftest import run_cli
+from containers import PROMPT, container, cpu_reference_text
+from qemu import node, wait_for
+
+pytestmark = pytest.mark.engine
+pytest_plugins = ["console_tail"]
+__all__ = ["artifacts"]  # the fixture of test_netboot_qemu, which this module's fixture uses
+
+MEMBER = "192.0.2.2"  # TEST-NET-1 on the namespace's loopback: the node host1 of the cluster file
+OUTSIDER = "192.0.2.1"  # TEST-NET-1 on the namespace's loopback, in no cluster file
+HTTP, GATEWAY, METRICS = 8000, 8080, 8405
+TINY, TINY_B, SPLIT, RPC_HEAD = 8101, 8102, 8103, 8104  # the four services' server ports
+NODE_RPC, HOST_RPC = 50052, 50053  # node1's RPC worker (tiny-rpc), the host's container (tiny-split)
+# What node1 prints once each process answers, and the port it answers on.
+READY = {"rpc-worker tiny-rpc": NODE_RPC, "server tiny": TINY, "server tiny-b": TINY_B, "server tiny-split": SPLIT}
+FORWARDS = tuple(f"tcp:{address}:{port}-:{port}" for address, port in
+                 [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC)] + [(MEMBER, NODE_RPC),
+                                                                               (OUTSIDER, NODE_RPC)])
+PLAN_READY_SECONDS = 180  # after the first ready line, each further one (a model load under TCG)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The booted cluster the tests look at."""
+
+    ns: Namespace
+    folder: Path  # logs, the cluster file, the pxe-root
+    path: Path  # cluster.yaml
+    root: Path  # the pxe-root `pxe serve` serves
+    console: Path  # node1's console
+    digest: str  # the model's sha256
+    expected: str  # the cpu image's own greedy text for PROMPT
+    worker_log: Path  # the tiny-split worker container's output
+    ready: dict[str, str]  # READY's label -> the address node1 said it listens on
+    ready_s: float  # QEMU's start to the last ready line
+
+    def text(self) -> str:
+        return self.console.read_text(errors="replace")
+
+    def words(self) -> list[str]:
+        """node1's kernel command line words, from its iPXE script."""
+        return (self.root / "current" / "nodes" / "52-54-00-12-34-56.ipxe").read_text().split()
+
+    def blob(self, word: str) -> str:
+        """The blob a `builder.WORD=SHA256` kernel word names, as text."""
+        digest = next(w for w in self.words() if w.startswith(f"builder.{word}=")).split("=", 1)[1]
+        return (self.root / "blobs" / "sha256" / digest).read_text()
+
+
+def completion(ns: Namespace, url: str, model: str | None = None, key: str | None = None) -> requests.Response:
+    """PROMPT's completion from `url` (…/v1/completions), asked from inside the namespace."""
+    body: dict[str, Any] = {**PROMPT, **({"model": model} if model else {})}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with ns.inside():
+        return requests.post(url, json=body, headers=headers, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
+            artifacts: dict[str, object]) -> Iterator[Cluster]:
+    folder = tmp_path_factory.mktemp("shared-cluster")
+    expected = cpu_reference_text("podman", folder, tiny_model)
+    model = folder / "tiny.gguf"
+    shutil.copyfile(tiny_model, model)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    nodes: list[dict[str, object]] = [
+        {"name": "node1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "127.0.0.1"},
+        # these two stand for nodes that are containers on the host: nobody boots them
+        {"name": "worker1", "mac": "52:54:00:12:34:57", "target": "cpu", "memory": "512MiB", "address": "10.0.2.2"},
+        {"name": "host1", "mac": "52:54:00:12:34:58", "target": "cpu", "memory": "512MiB", "address": MEMBER}]
+    common = {"model": "tiny.gguf", "sha256": digest, "context": 256}
+    services: list[dict[str, object]] = [
+        {"name": "tiny", **common, "nodes": ["node1"], "port": TINY},
+        {"name": "tiny-b", **common, "nodes": ["node1"], "port": TINY_B},
+        {"name": "tiny-split", **common, "topology": "split", "head": "node1", "workers": ["worker1"],
+         "port": SPLIT, "rpc_port": HOST_RPC},
+        {"name": "tiny-rpc", **common, "topology": "split", "head": "host1", "workers": ["node1"],
+         "port": RPC_HEAD, "rpc_port": NODE_RPC}]
+    console = folder / "console.log"
+    worker = f"builder-shared-split-worker-{os.getpid()}"
+    with network_namespace(MEMBER, OUTSIDER) as ns, \
+            published(folder, HTTP, nodes, prefix=ns.enter, services=services,
+                      gateway={"address": "127.0.0.1", "port": GATEWAY, "metrics_port": METRICS}) as root, \
+            container("podman", folder, worker, "rpc-worker", "--host", "127.0.0.1", "--port", str(HOST_RPC),
+                      prefix=ns.enter):
+        started = time.monotonic()
+        with node(root / "tftp", MAC, console, hostfwd=FORWARDS, prefix=ns.enter, cpus=1) as vm:
+            ready: dict[str, str] = {}
+            for nth, label in enumerate(READY):
+                found = wait_for(console, rf"builder-node: node1 {label} ready on (\S+)", vm,
+                                 BOOT_SECONDS if nth == 0 else PLAN_READY_SECONDS)
+                ready[label] = found.group(1)
+            ready_s = time.monotonic() - started
+            print(f"node1 booted to its last ready line in {ready_s:.0f} s")
+            yield Cluster(ns, folder, folder / "cluster.yaml", root, console, digest, expected,
+                          folder / f"{worker}.log", ready, ready_s)
+
+
+@pytest.fixture(scope="module")
+def head(cluster: Cluster) -> Iterator[Path]:
+    """tiny-rpc's head: a container on the host (node host1, at MEMBER) with every layer on node1's RPC worker,
+    reached through QEMU's hostfwd. Yields its log."""
+    name = f"builder-shared-head-{os.getpid()}"
+    log = cluster.folder / f"{name}.log"
+    with container("podman", cluster.folder, name, "server", "-m", str(cluster.folder / "tiny.gguf"), "-c", "256",
+                   "-t", "2", "--host", MEMBER, "--port", str(RPC_HEAD), "--rpc", f"127.0.0.1:{NODE_RPC}",
+                   "-ngl", "99", "-lv", "4", prefix=cluster.ns.enter) as proc:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the head exited ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
+            try:
+                with cluster.ns.inside():
+                    if requests.get(f"http://{MEMBER}:{RPC_HEAD}/health", timeout=5).status_code == 200:
+                        break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the head is not healthy after 300 s:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(1)
+        yield log
+
+
+@dataclass(frozen=True)
+class Gateway:
+    lines: dict[str, str]  # what `cluster up` printed: first word -> the rest
+    key: str
+
+
+def cli(cluster: Cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`builder ARGS` inside the namespace."""
+    with cluster.ns.inside():
+        return run_cli(*args, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster: Cluster, head: Path) -> Iterator[Gateway]:
+    """`builder cluster up` (without --local) in front of the four services; `down` when the module ends (the
+    last test runs it first and checks it)."""
+    up = cli(cluster, "cluster", "up", str(cluster.path), "--timeout", "120", timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        lines = dict(line.split(None, 1) for line in up.stdout.splitlines() if line.strip())
+        yield Gateway(lines, Path(lines["key"].split()[0]).read_text().strip())
+    finally:
+        cli(cluster, "cluster", "down", str(cluster.path))
+
+
+def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artifacts: dict[str, object]) -> None:
+    """The node's script names a plan, not a role; the plan lists its RPC worker first, then its servers, the
+    split's head with `--rpc` to its worker at 10.0.2.2; every process listens on the node's own leased address,
+    never a wildcard; the model is fetched once for three servers and checked; the root is verified and opened
+    through dm-verity in RAM mode (no cache disk)."""
+    words = cluster.words()
+    assert not any(w.startswith("builder.role=") for w in words) and any(w.startswith("builder.plan=") for w in words)
+    plan = [line.split("\t") for line in cluster.blob("plan_sha256").splitlines() if not line.startswith("#")]
+    assert [fields[:3] for fields in plan] == [["rpc-worker", "tiny-rpc", str(NODE_RPC)], ["server", "tiny", str(TINY)],
+                                               ["server", "tiny-b", str(TINY_B)], ["server", "tiny-split", str(SPLIT)]]
+    assert [fields[5] for fields in plan[1:]] == ["-", "-", f"10.0.2.2:{HOST_RPC}"]  # the split head's --rpc
+    assert cluster.ready == {label: f"10.0.2.15:{port}" for label, port in READY.items()}
+    text = cluster.text()
+    assert "builder-node: node plan verified: sha256 " in text
+    assert text.count(f"builder-node: model verified: sha256 {cluster.digest}") == 1  # one download for all three
+    assert "download of" not in text and "mismatch" not in text  # the root and the model came on the first try
+    squash: str = artifacts["files"]["root.squashfs"]["sha256"]  # type: ignore[index]
+    assert f"root image verified: sha256 {squash}" in text
+    assert "root opened through dm-verity: root hash" in text and "builder-initrd: cache" not in text
+    memory = re.findall(r"builder-node: memory: MemAvailable (\d+) kB of MemTotal (\d+) kB", text)
+    print(f"node1: ready after {cluster.ready_s:.0f} s; MemAvailable {int(memory[-1][0]) // 1024} MiB "
+          f"of {int(memory[-1][1]) // 1024} MiB")
+
+
+# ggml RPC: | command (1 byte) | size (8 bytes) | data |, answered by | size (8 bytes) | data |. HELLO is command
+# 14 in every version; this protocol (v7) sends 24 bytes of transport capabilities and gets the version back.
+def rpc_hello(host: str, port: int) -> str:
+    """`version X.Y.Z` when the RPC server answers HELLO, `closed` when the connection ends without an answer,
+    else the error's name."""
+    try:
+        with socket.create_connection((host, port), timeout=60) as s:
+            s.sendall(bytes([14]) + struct.pack("<Q", 24) + bytes(24))
+            data = b""
+            while len(data) < 11:
+                more = s.recv(64)
+                if not more:
+                    break
+                data += more
+            return "version " + ".".join(str(b) for b in data[8:11]) if len(data) >= 11 else "closed"
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def test_firewall_admits_the_cluster_and_refuses_others(cluster: Cluster) -> None:
+    """The node's rules (from the cluster file: the control node and every node's address) are fetched, checked
+    and loaded before the root, so before any process listens. Its RPC worker's one port, forwarded from three
+    addresses: from loopback (the guest sees the control node, 10.0.2.2) and from MEMBER (host1's address,
+    passed through by QEMU as it is) it answers ggml RPC's HELLO; from OUTSIDER (passed through just as MEMBER,
+    but in no cluster file) the connection is closed at once. MEMBER and OUTSIDER differ only in the rules, so
+    the refusal is the firewall's, not QEMU's. Runs before the tiny-rpc head holds the worker."""
+    rules = cluster.blob("firewall_sha256")
+    assert "elements = { 10.0.2.2, 127.0.0.1, 192.0.2.2 }" in rules and OUTSIDER not in rules
+    digest = next(w for w in cluster.words() if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
+    text = cluster.text()
+    loaded = text.index(f"builder-initrd: firewall loaded: sha256 {digest}")
+    assert loaded < text.index("root image verified")  # before the root, so before any process listens
+    with cluster.ns.inside():
+        answers = {host: rpc_hello(host, NODE_RPC) for host in ("127.0.0.1", MEMBER, OUTSIDER)}
+    assert answers["127.0.0.1"].startswith("version 7.") and answers[MEMBER].startswith("version 7."), answers
+    assert answers[OUTSIDER] in ("closed", "ConnectionResetError"), answers
+
+
+def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gateway) -> None:
+    """`cluster up` returns once HAProxy's health checks pass for every server (three on the node, one on the
+    host); `status` shows each process as the gateway sees it, the node's RPC worker by a connection."""
+    assert gateway.lines["endpoint"] == f"http://127.0.0.1:{GATEWAY}/v1"
+    assert gateway.lines["models"] == "tiny, tiny-b, tiny-split, tiny-rpc"
+    status = cli(cluster, "cluster", "status", str(cluster.path), "--json")
+    assert status.returncode == 0, status.stderr
+    document = json.loads(status.stdout)
+    assert document["gateway"]["running"] is True
+    processes = {s["name"]: [(p["node"], p["role"], p["address"], p["health"], p.get("last_check"))
+                             for p in s["processes"]] for s in document["services"]}
+    assert processes["tiny"] == [("node1", "server", f"127.0.0.1:{TINY}", "UP", "L7OK")]
+    assert processes["tiny-b"] == [("node1", "server", f"127.0.0.1:{TINY_B}", "UP", "L7OK")]
+    assert processes["tiny-split"][0] == ("node1", "server", f"127.0.0.1:{SPLIT}", "UP", "L7OK")
+    # worker1's health is not asserted: it is the guest's 10.0.2.2, which the control node's probe cannot reach
+    assert processes["tiny-split"][1][:3] == ("worker1", "rpc-worker", f"10.0.2.2:{HOST_RPC}")
+    assert processes["tiny-rpc"] == [("host1", "server", f"{MEMBER}:{RPC_HEAD}", "UP", "L7OK"),
+                                     ("node1", "rpc-worker", f"127.0.0.1:{NODE_RPC}", "UP", None)]
+    assert document["nodes"] == [
+        {"name": "node1", "address": "127.0.0.1", "target": "cpu", "mac": MAC},
+        {"name": "worker1", "address": "10.0.2.2", "target": "cpu", "mac": "52:54:00:12:34:57"},
+        {"name": "host1", "address": MEMBER, "target": "cpu", "mac": "52:54:00:12:34:58"}]
+    text = cli(cluster, "cluster", "status", str(cluster.path)).stdout
+    assert "node     node1        127.0.0.1" in text and "  node1        server     127.0.0.1:" in text
+
+
+def test_replicas_answer_through_the_gateway(cluster: Cluster, gateway: Gateway) -> None:
+    """Each replica's name through the gateway gives the tiny model's greedy text; each llama-server runs as
+    local mode runs it (the service's name as alias, with metrics); the gateway lists the services and
+    refuses a request without the key."""
+    url = f"http://127.0.0.1:{GATEWAY}/v1"
+    for name, port in (("tiny", TINY), ("tiny-b", TINY_B)):
+        resp = completion(cluster.ns, f"{url}/completions", name, gateway.key)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["text"] == cluster.expected
+        with cluster.ns.inside():
+            direct = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+            metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        assert direct["data"][0]["id"] == name and "llamacpp:" in metrics
+    with cluster.ns.inside():
+        listed = requests.get(f"{url}/models", headers={"Authorization": f"Bearer {gateway.key}"}, timeout=30)
+    assert [m["id"] for m in listed.json()["data"]] == ["tiny", "tiny-b", "tiny-split", "tiny-rpc"]
+    refused = completion(cluster.ns, f"{url}/completions", "tiny")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_split_head_on_the_node_uses_its_worker_on_the_host(cluster: Cluster, gateway: Gateway) -> None:
+    """tiny-split: the node is the head (llama-server with --rpc from its plan), its RPC worker a container on
+    the host. Through the gateway the greedy text equals the single-node text, and the worker served the head."""
+    resp = completion(cluster.ns, f"http://127.0.0.1:{GATEWAY}/v1/completions", "tiny-split", gateway.key)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == cluster.expected
+    log = cluster.worker_log.read_text(errors="replace")
+    assert "Accepted client connection" in log, log[-2000:]
+
+
+def test_node_worker_serves_a_head_on_the_host(cluster: Cluster, head: Path, gateway: Gateway) -> None:
+    """tiny-rpc: the node's RPC worker holds every layer of a head on the host (BIOS firmware; UEFI boots in
+    test_netboot_qemu's corrupted-root test). The head's text, asked directly and through the gateway, equals
+    the single-node text."""
+    direct = completion(cluster.ns, f"http://{MEMBER}:{RPC_HEAD}/v1/completions")
+    assert direct.status_code == 200, direct.text
+    assert direct.json()["choices"][0]["text"] == cluster.expected
+    through = completion(cluster.ns, f"http://127.0.0.1:{GATEWAY}/v1/completions", "tiny-rpc", gateway.key)
+    assert through.status_code == 200, through.text
+    assert through.json()["choices"][0]["text"] == cluster.expected
+    log = head.read_text(errors="replace")
+    assert "offloaded 5/5 layers" in log and f"RPC0[127.0.0.1:{NODE_RPC}] model buffer size" in log, log[-3000:]
+
+
+def test_cluster_down_stops_the_gateway(cluster: Cluster, gateway: Gateway) -> None:
+    """Last: it changes the cluster. `down` stops the gateway (the node keeps running) and `status` says so."""
+    down = cli(cluster, "cluster", "down", str(cluster.path))
+    assert down.returncode == 0 and "removed gateway" in down.stdout, down.stdout + down.stderr
+    status = cli(cluster, "cluster", "status", str(cluster.path), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["gateway"]["running"] is False
