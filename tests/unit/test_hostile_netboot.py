@@ -229,8 +229,10 @@ def test_every_spelling_of_the_any_address_is_refused(role: str, address: str, t
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.5", "0.0.0.1", "::1", "fe80::1", "localhost"])
 def test_private_addresses_pass_the_wildcard_check(address: str, tmp_path: Path) -> None:
-    """Past the check the entrypoint execs ggml-rpc-server, which this host lacks: a refusal would say so first."""
-    proc = subprocess.run(["bash", str(ENTRYPOINTS["rpc-worker"]), "rpc-worker", "--host", address],
+    """Past the check the entrypoint execs ggml-rpc-server, which this host lacks: a refusal would say so first.
+    (--allow-fallback: the device check that comes next finds no llama.cpp on this host either.)"""
+    proc = subprocess.run(["bash", str(ENTRYPOINTS["rpc-worker"]), "rpc-worker", "--host", address,
+                           "--allow-fallback"],
                           capture_output=True, text=True, timeout=30, cwd=tmp_path,
                           env={"PATH": "/usr/bin:/bin", "LLAMA_CACHE": str(tmp_path)})
     assert "refusing" not in proc.stderr and f"ggml-rpc-server on {address}:50052" in proc.stderr
