@@ -28,7 +28,7 @@ from builder.recipe.load import display_path
 from builder.recipe.models import Strict
 
 LOCK_NAME = "cluster.lock"
-LOCK_VERSION = 1
+LOCK_VERSION: Literal[1] = 1
 SHA256 = r"^[0-9a-f]{64}$"
 
 

@@ -34,6 +34,7 @@ def sha(data: bytes) -> str:
 def cluster(folder: Path, services: list[dict[str, object]] | None = None) -> Path:
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump({
+        "control": {"address": "10.0.0.1"},
         "nodes": [{"name": "box1", "mac": "aa:bb:cc:00:00:01", "target": "cpu", "memory": "8GiB",
                    "address": "10.0.0.21"}],
         "services": services or [
