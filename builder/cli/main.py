@@ -285,7 +285,7 @@ def publish(
 @app.command(rich_help_panel=IMAGES)
 def lock(
     cluster_file: Annotated[Path | None, typer.Argument(
-        metavar="[CLUSTER]", help="A cluster file (cluster.yaml): lock its hf:// models in cluster.lock beside it "
+        metavar="CLUSTER", help="A cluster file (cluster.yaml): lock its hf:// models in cluster.lock beside it "
         "instead.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Exit 1 when recipes and lock disagree.")] = False,
     lock_path: LockOpt = lockfile.LOCK_FILE,

@@ -7,6 +7,7 @@ On a box builder does not boot the model is named by that sha256 alone (`<sha256
 so a file's identity on the box is its content, never its name.
 """
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,15 @@ class ModelRef:
         `builder lock` when there is none."""
         hub.parse(self.location, self.folder, where, f"{field}.model")
         return modellock.entry(base, self.location, where, f"{field}.model")
+
+    def download_line(self, base: Path, where: str, field: str) -> str | None:
+        """For an hf:// model, the `hf download` command that fetches the locked commit (for boxes builder does
+        not boot); None otherwise."""
+        if not self.is_hub:
+            return None
+        name = hub.parse(self.location, self.folder, where, f"{field}.model")
+        commit = self.locked(base, where, field).commit
+        return shlex.join(["hf", "download", name.repo_id, *([name.file] if name.file else []), "--revision", commit])
 
     def locked_sha256(self, base: Path, where: str, field: str) -> str:
         """The sha256 the service serves: its own, or for an hf:// name the lock's (which an own sha256, when

@@ -139,3 +139,13 @@ class LocalHub:
             headers["X-Linked-Etag"] = f'"{repo.etag(name)}"'
             headers["X-Linked-Size"] = str(len(repo.meta_bytes(name)))
         self._send(handler, 200, repo.files[name], headers, body)
+
+
+def placeholder_hub(hub: LocalHub, models: list[str]) -> None:
+    """Serve a placeholder GGUF (its own bytes per name) under each `hf://ORG/REPO@REV/FILE` name, at commit
+    0…0: what docs/examples/cluster.lock was made from (its values are not the real models')."""
+    for model in models:
+        repo, rest = model.removeprefix("hf://").split("@", 1)
+        file = rest.split("/", 1)[1]
+        hub.add(repo, {file: f"GGUF placeholder for {model}: run `builder lock FILE` yourself\n".encode()}, {file},
+                "0" * 40, refs=(rest.split("/", 1)[0],))

@@ -6,13 +6,15 @@ it is imported, so each process gets the stand-in's address and a cache of the t
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from hubserver import LocalHub
+from hubserver import LocalHub, placeholder_hub
 
 from conftest import ROOT, _check_hub_endpoint, loopback_url, run_cli, run_cli_inproc
 
@@ -44,7 +46,7 @@ def cluster(folder: Path, services: list[dict[str, object]] | None = None) -> Pa
 
 
 @pytest.fixture
-def hub() -> LocalHub:
+def hub() -> Iterator[LocalHub]:
     with LocalHub() as server:
         server.add("tiny-org/tiny-gguf", {"tiny.gguf": GGUF, "README.md": b"# tiny\n"}, {"tiny.gguf"}, COMMIT_GGUF)
         server.add("tiny-org/tiny-hf", FOLDER, {"model.safetensors"}, COMMIT_HF, refs=("main", "v1.0"))
@@ -63,7 +65,6 @@ def local_model(path: Path, index: int, environment: dict[str, str]) -> subproce
             "try:\n print(load_cluster(Path(sys.argv[1])).local_model(int(sys.argv[2]), "
             "lambda line: print(line, file=sys.stderr)))\n"
             "except BuilderError as exc:\n report(exc); sys.exit(exc.exit_code)")
-    import os
     return subprocess.run([sys.executable, "-c", code, str(path), str(index)], capture_output=True, text=True,
                           env={**os.environ, **environment}, cwd=ROOT, timeout=120)
 
@@ -93,6 +94,9 @@ def test_lock_records_commit_sizes_and_sha256s(hub: LocalHub, tmp_path: Path) ->
     assert commands.returncode == 0, commands.stderr
     argv = json.loads(commands.stdout)[0]["argv"][0]
     assert argv[argv.index("--model-sha256") + 1] == sha(GGUF)
+    text = run_cli_inproc("cluster", "commands", str(path)).stdout
+    assert (f"# tiny: {GGUF_NAME} -> /srv/models/{sha(GGUF)}.gguf (fetch it with: hf download tiny-org/tiny-gguf "
+            f"tiny.gguf --revision {COMMIT_GGUF})") in text, text
     check = run_cli("lock", str(path), "--check", env=env(hub, tmp_path))
     assert check.returncode == 0 and "matches the hub for 2 model(s)" in check.stdout, check.stderr
 
@@ -104,6 +108,9 @@ def test_download_is_checked_against_the_lock(hub: LocalHub, tmp_path: Path) -> 
     assert got.returncode == 0, got.stderr
     assert Path(got.stdout.strip()).read_bytes() == GGUF
     assert str(tmp_path / "hf-home") in got.stdout  # huggingface_hub's cache, under HF_HOME
+    asked = len(hub.requests)
+    again = local_model(path, 0, env(hub, tmp_path, HF_HUB_OFFLINE="1"))  # from the cache, checked, no request
+    assert again.returncode == 0 and again.stdout == got.stdout and len(hub.requests) == asked, again.stderr
     folder = local_model(path, 1, env(hub, tmp_path))
     assert folder.returncode == 0, folder.stderr
     made = Path(folder.stdout.strip())
@@ -185,7 +192,6 @@ def test_unknown_repository_is_one_line(hub: LocalHub, tmp_path: Path) -> None:
 
 def test_the_session_refuses_a_hub_off_loopback() -> None:
     """The guard every test runs under (conftest.py): telemetry off, and HF_ENDPOINT on loopback only."""
-    import os
     assert os.environ["HF_HUB_DISABLE_TELEMETRY"] == "1" and loopback_url(os.environ["HF_ENDPOINT"])
     assert loopback_url("http://127.0.0.1:8080") and loopback_url("http://[::1]:1") and loopback_url("http://localhost")
     for bad in ("https://huggingface.co", "http://10.0.0.1", "http://127.0.0.1.example.com", ""):
@@ -203,10 +209,7 @@ def test_example_lock_is_what_builder_lock_makes(tmp_path: Path) -> None:
     copy = tmp_path / example.name
     copy.write_text(example.read_text())
     with LocalHub() as server:
-        for name in yaml.safe_load(example.read_text())["services"]:
-            repo, rest = name["model"].removeprefix("hf://").split("@", 1)
-            server.add(repo, {rest.split("/", 1)[1]: b"GGUF placeholder: run `builder lock FILE` yourself\n"},
-                       {rest.split("/", 1)[1]}, "0" * 40)
+        placeholder_hub(server, [s["model"] for s in yaml.safe_load(example.read_text())["services"]])
         proc = run_cli("lock", str(copy), env=env(server, tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cluster.lock").read_text() == (ROOT / "docs" / "examples" / "cluster.lock").read_text()
