@@ -85,14 +85,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def hub_on_loopback(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fails any test whose HF_ENDPOINT (this process's, and huggingface_hub's if it is imported) is not loopback,
     and any test that turns telemetry back on."""
+    check_hub_session(request.node.nodeid)
     yield
-    _check_hub_endpoint(dict(os.environ), request.node.nodeid)
+    check_hub_session(request.node.nodeid)
+
+
+def check_hub_session(nodeid: str) -> None:
+    """What hub_on_loopback checks before and after every test."""
+    _check_hub_endpoint(dict(os.environ), nodeid)
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None and not loopback_url(str(getattr(hub, "ENDPOINT", ""))):
-        pytest.fail(f"{request.node.nodeid}: huggingface_hub's endpoint {hub.ENDPOINT!r} is not loopback",
-                    pytrace=False)
+        pytest.fail(f"{nodeid}: huggingface_hub's endpoint {hub.ENDPOINT!r} is not loopback", pytrace=False)
     if os.environ.get("HF_HUB_DISABLE_TELEMETRY") != "1":
-        pytest.fail(f"{request.node.nodeid}: HF_HUB_DISABLE_TELEMETRY is not 1", pytrace=False)
+        pytest.fail(f"{nodeid}: HF_HUB_DISABLE_TELEMETRY is not 1", pytrace=False)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

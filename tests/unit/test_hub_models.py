@@ -16,7 +16,7 @@ import pytest
 import yaml
 from hubserver import LocalHub, placeholder_hub
 
-from conftest import ROOT, _check_hub_endpoint, loopback_url, run_cli, run_cli_inproc
+from conftest import ROOT, _check_hub_endpoint, check_hub_session, loopback_url, run_cli, run_cli_inproc
 
 GGUF = b"GGUF" + bytes(range(256)) * 8
 SAFETENSORS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + bytes(64)
@@ -190,7 +190,7 @@ def test_unknown_repository_is_one_line(hub: LocalHub, tmp_path: Path) -> None:
     assert not (tmp_path / "cluster.lock").exists()
 
 
-def test_the_session_refuses_a_hub_off_loopback() -> None:
+def test_the_session_refuses_a_hub_off_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     """The guard every test runs under (conftest.py): telemetry off, and HF_ENDPOINT on loopback only."""
     assert os.environ["HF_HUB_DISABLE_TELEMETRY"] == "1" and loopback_url(os.environ["HF_ENDPOINT"])
     assert loopback_url("http://127.0.0.1:8080") and loopback_url("http://[::1]:1") and loopback_url("http://localhost")
@@ -200,6 +200,12 @@ def test_the_session_refuses_a_hub_off_loopback() -> None:
             _check_hub_endpoint({"HF_ENDPOINT": bad}, "test")
     with pytest.raises(pytest.fail.Exception):
         run_cli("lock", "x.yaml", env={"HF_ENDPOINT": "https://huggingface.co"})
+    for name, value in (("HF_ENDPOINT", "https://huggingface.co"), ("HF_HUB_DISABLE_TELEMETRY", "0")):
+        with monkeypatch.context() as patched:
+            patched.setenv(name, value)
+            with pytest.raises(pytest.fail.Exception):
+                check_hub_session("test")  # what the autouse fixture runs before and after every test
+    check_hub_session("test")
 
 
 def test_example_lock_is_what_builder_lock_makes(tmp_path: Path) -> None:
