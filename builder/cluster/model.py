@@ -305,7 +305,7 @@ def _need(service: Service, base: Path, where: str) -> float:
     if service.memory is not None:
         total = float(service.memory)
     elif service.ref.is_hub:
-        total = service.ref.locked(base, where, "services[?]").size * MEMORY_FACTOR
+        total = service.ref.locked(base, where, f"service {service.name}").size * MEMORY_FACTOR
     elif service.engine == "vllm":
         total = scan(base / service.model, where, service.model).size * MEMORY_FACTOR
     else:
