@@ -1,6 +1,7 @@
 """Shared fixtures: the CLI (a real process or in this one), the pinned llama.cpp source, a tiny model, engines."""
 
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +40,66 @@ from tinymodel import make_tiny_model  # noqa: E402
 pytest_plugins = ["timing", "vllm_fixtures"]
 
 
+def loopback_url(url: str) -> bool:
+    """An http(s) URL whose host is 127.0.0.0/8, ::1 or localhost."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return False
+    if parsed.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parsed.hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_hub_endpoint(env: dict[str, str], where: str) -> None:
+    """The network rule for huggingface_hub: a test reaches a hub on loopback only."""
+    endpoint = env.get("HF_ENDPOINT", "")
+    if not loopback_url(endpoint):
+        pytest.fail(f"{where}: HF_ENDPOINT={endpoint!r} is not a loopback URL: tests reach no hub but their own "
+                    "on 127.0.0.1 (tests/support/hubserver.py)", pytrace=False)
+
+
+_HF_SESSION: dict[str, str] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """For the whole session, before anything imports huggingface_hub (it reads its environment when imported):
+    no telemetry, no token of the user's, a cache of the session's own, and an endpoint on loopback where nothing
+    listens (a test that needs a hub starts one and names it)."""
+    _HF_SESSION["HF_HOME"] = tempfile.mkdtemp(prefix="builder-test-hf-")
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+                 "HF_XET_CACHE"):
+        os.environ.pop(name, None)
+    os.environ.update({"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": _HF_SESSION["HF_HOME"],
+                       "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "HF_HOME" in _HF_SESSION:
+        shutil.rmtree(_HF_SESSION.pop("HF_HOME"), ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def hub_on_loopback(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails any test whose HF_ENDPOINT (this process's, and huggingface_hub's if it is imported) is not loopback,
+    and any test that turns telemetry back on."""
+    check_hub_session(request.node.nodeid)
+    yield
+    check_hub_session(request.node.nodeid)
+
+
+def check_hub_session(nodeid: str) -> None:
+    """What hub_on_loopback checks before and after every test."""
+    _check_hub_endpoint(dict(os.environ), nodeid)
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None and not loopback_url(str(getattr(hub, "ENDPOINT", ""))):
+        pytest.fail(f"{nodeid}: huggingface_hub's endpoint {hub.ENDPOINT!r} is not loopback", pytrace=False)
+    if os.environ.get("HF_HUB_DISABLE_TELEMETRY") != "1":
+        pytest.fail(f"{nodeid}: HF_HUB_DISABLE_TELEMETRY is not 1", pytrace=False)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/data/golden from the renderer")
 
@@ -46,6 +108,7 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
             cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """`builder ARGS` as a user runs it: a separate process, its exit code and both streams."""
     full_env = {**os.environ, **(env or {})}
+    _check_hub_endpoint(full_env, f"builder {' '.join(args)[:80]}")
     started = time.monotonic()
     try:
         return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True,
@@ -68,6 +131,7 @@ def run_cli_inproc(*args: str, timeout: float = 120, env: dict[str, str] | None 
     back afterwards. An exception that escapes is printed as the interpreter would (a traceback, exit 1);
     past `timeout` (SIGALRM, main thread only) it raises subprocess.TimeoutExpired as subprocess.run does.
     Signals and the entry point itself need `run_cli`."""
+    _check_hub_endpoint({**os.environ, **(env or {})}, f"builder {' '.join(args)[:80]}")
     root_log = logging.getLogger()
     saved_log = root_log.handlers[:], root_log.level, logging.getLogger("builder.progress").level
     saved_env, saved_cwd = dict(os.environ), os.getcwd()

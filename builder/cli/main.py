@@ -32,6 +32,7 @@ from builder.cli.conventions import BuilderGroup, State, check_input, check_outp
 from builder.cli.model import model_app
 from builder.cli.pxe import pxe_app
 from builder.cli.run import EXTRA_ARGS, run, toolbox_app
+from builder.cluster.locking import lock_cluster
 from builder.core.errors import BuilderError, RecipeError, Stopped, request_stop
 from builder.engines import cleanup, get_engine
 from builder.fetch.pin import pin_recipe
@@ -285,6 +286,9 @@ def publish(
 
 @app.command(rich_help_panel=IMAGES)
 def lock(
+    cluster_file: Annotated[Path | None, typer.Argument(
+        metavar="CLUSTER", help="A cluster file (cluster.yaml): lock its hf:// models in cluster.lock beside it "
+        "instead.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Exit 1 when recipes and lock disagree.")] = False,
     lock_path: LockOpt = lockfile.LOCK_FILE,
     recipes: RecipesOpt = None,
@@ -308,7 +312,15 @@ def lock(
     and exit 1 if there is any.
     With --flavour vllm --target T: resolve that vLLM recipe's requirements for the image's Python and
     write its wheel lock beside it (exact versions + sha256, installed with pip's --require-hashes).
+    With a cluster file: resolve each of its hf:// models on the hub (HF_ENDPOINT; your token from
+    huggingface_hub) and record the commit and every file's size and sha256 in cluster.lock beside the file;
+    --check changes nothing and exits 1 when the hub now disagrees with the lock.
     """
+    if cluster_file is not None:
+        _lock_cluster(cluster_file, check, as_json,
+                      any((target, recipe, variant, recipes, refresh, refresh_netboot, lock_path != lockfile.LOCK_FILE,
+                           flavour != DEFAULT_FLAVOUR)))
+        return
     if flavour_named(flavour).name != "vllm" and (target or recipe or variant):
         raise RecipeError("builder lock: --target, --recipe and --variant choose a vLLM recipe's wheel lock",
                           "builder.lock covers every llama.cpp recipe: run `builder lock` alone, or add --flavour vllm")
@@ -342,6 +354,32 @@ def lock(
     typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s), {len(written['bases'])} bootstrapped "
                f"base(s), {packages} packages; netboot kernels: "
                f"{', '.join(f'{t} {v}' for t, v in kernels.items())})")
+
+
+def _lock_cluster(path: Path, check: bool, as_json: bool, image_options: bool) -> None:
+    if image_options:
+        raise RecipeError("builder lock CLUSTER: the image options (--target, --lock, --refresh …) belong to "
+                          "builder.lock", "run `builder lock CLUSTER` alone, or `builder lock` for the images")
+    check_input(path, "cluster file", folder=False)
+    result = lock_cluster(path, lambda line: err.print(line, markup=False), check=check)
+    if as_json:
+        typer.echo(json.dumps({"lock": str(result.lock), "matches": not result.changed if check else None,
+                               "changed": list(result.changed),
+                               "models": {name: entry.model_dump() for name, entry in result.models.items()}},
+                              indent=2))
+    elif check:
+        for name in result.changed:
+            typer.echo(f"{display_path(result.lock)}: {name} is not locked as the hub resolves it now")
+        if not result.changed:
+            typer.echo(f"{display_path(result.lock)}: matches the hub for {len(result.models)} model(s)")
+    elif not result.models:
+        typer.echo(f"{display_path(path)} names no hf:// model: nothing to lock")
+    else:
+        for name, entry in result.models.items():
+            typer.echo(f"locked {name} at {entry.commit} ({len(entry.files)} file(s), {entry.size} bytes)")
+        typer.echo(f"wrote {display_path(result.lock)}")
+    if check and result.changed:
+        raise typer.Exit(1)
 
 
 @app.command(rich_help_panel=IMAGES)

@@ -31,6 +31,7 @@ class BoxModel:
     source: str
     sha256: str
     path: str
+    download: str | None = None  # an hf:// model's `hf download` line at the locked commit
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def node_commands(loaded: Loaded, models: str) -> list[NodeCommands]:
         pipelines = any(loaded.service(p.service).topology == "pipeline" for p in listed)
         out.append(NodeCommands(
             node.name, str(node.address),
-            tuple(BoxModel(s.name, s.model, s.sha256, s.ref.on_box(models)) for s in served),
+            tuple(BoxModel(s.name, s.model, s.sha256, s.ref.on_box(models),
+                           s.ref.download_line(loaded.path.parent, str(loaded.path), s.name)) for s in served),
             tuple(_argv(loaded, p, models) for p in listed), INTERFACE_ENV if pipelines else (), tuple(skipped)))
     return out
 
@@ -120,7 +122,8 @@ def as_text(found: list[NodeCommands], models: str) -> list[str]:
                   "starts (builder run --model-sha256)."]
     for entry in found:
         lines.append(f"# {entry.node} ({entry.address})")
-        lines += [f"# {model.service}: {model.source} -> {model.path}" for model in entry.models]
+        lines += [f"# {model.service}: {model.source} -> {model.path}"
+                  + (f" (fetch it with: {model.download})" if model.download else "") for model in entry.models]
         if entry.environment:
             exports = " ".join(f"{name}=IFACE" for name in entry.environment)
             lines.append(f"# first: export {exports}, IFACE being the interface that holds {entry.address} "

@@ -74,11 +74,13 @@ class Service(Strict):
 
     name: str = Field(pattern=SERVICE_NAME, description="the name clients send as `model`")
     engine: Literal["llama.cpp", "vllm"] = Field("llama.cpp", description="what serves it")
-    model: OneLine = Field("", description="llama.cpp: the GGUF, a path (relative to this file) or an http(s) URL; "
-                           "vllm: a Hugging Face model folder, a path relative to this file (a split without "
-                           "head: may leave it out)")
+    model: OneLine = Field("", description="llama.cpp: the GGUF, a path (relative to this file), an http(s) URL or "
+                           "hf://ORG/REPO@REVISION/FILE.gguf; vllm: a Hugging Face model folder, a path relative to "
+                           "this file or hf://ORG/REPO@REVISION (hf:// names are locked in cluster.lock by "
+                           "`builder lock FILE`); a split without head: may leave it out")
     sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="llama.cpp: sha256 of the GGUF; vllm: the "
-                        "folder's content hash (`builder cluster hash-model DIR`); checked before serving")
+                        "folder's content hash (`builder cluster hash-model DIR`); checked before serving; an hf:// "
+                        "model may leave it out (cluster.lock carries it)")
     memory: ByteSize | None = Field(None, description="memory the model needs (default: 1.2 × its files' size)")
     topology: Literal["replicate", "split", "pipeline"] = Field(
         "replicate", description="replicate: a server per node; split: a head plus RPC workers (llama.cpp); "
@@ -318,6 +320,8 @@ def _need(service: Service, base: Path, where: str) -> float:
         total = float(service.memory)
     elif not service.model:
         return 0.0  # workers only: what they hold is the outside head's to say
+    elif service.ref.is_hub:
+        total = service.ref.locked(base, where, f"service {service.name}").size * MEMORY_FACTOR
     elif service.engine == "vllm":
         total = scan(base / service.model, where, service.model).size * MEMORY_FACTOR
     else:
@@ -413,6 +417,9 @@ def load_cluster(path: Path, converted: dict[str, Any] | None = None) -> Loaded:
                               f"services[{seen[service.name]}]",
                               "every service needs its own name: clients choose it by `model`")
         seen[service.name] = i
+        sha256 = service.ref.locked_sha256(path.parent, where, f"services[{i}]")  # an hf:// model's from the lock
+        if sha256 != service.sha256:
+            cluster.services[i] = service = service.model_copy(update={"sha256": sha256})
         unsafe.append(check_args(where, f"services[{i}]", service.engine, service.args, service.unsafe_args))
         _check_service(service, i, where, path.parent, index, cluster.nodes)
     processes = _place(cluster, where, path.parent, index)

@@ -25,6 +25,9 @@ EXPECTED = {
         *[("llama-3.1-8b", f"mini{i}", "server") for i in (1, 2, 3)],
         *[("qwen2.5-coder-7b", f"mini{i}", "server") for i in (1, 2, 3)]],
     "arc-a770-x2.yaml": [("qwen2.5-32b", "arc1", "server"), ("qwen2.5-32b", "arc2", "rpc-worker")],
+    "hf-mini-pc-x2.yaml": [
+        *[("llama-3.1-8b", f"mini{i}", "server") for i in (1, 2)],
+        *[("qwen2.5-coder-7b", f"mini{i}", "server") for i in (1, 2)]],
     "rtx-3060-x4.yaml": [
         ("qwen2.5-7b", "rtx1", "server"), ("llama-3.1-8b", "rtx1", "server"), ("llama-2-13b", "rtx2", "server"),
         ("codellama-34b", "rtx3", "server"), ("codellama-34b", "rtx4", "rpc-worker")],
