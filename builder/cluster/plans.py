@@ -282,7 +282,7 @@ def _bill(loaded: Loaded, blobs: dict[str, str], manifests: Manifests, nodes: di
                                 "source": bom.model_source(service.model, base),
                                 "revision": bom.model_revision(service.model)}
     return bom.render(loaded.path.read_bytes(), loaded.cluster.gateway.model_dump(mode="json"),
-                      {key: bom.set_entry(m) for key, m in manifests.items()}, models, nodes)
+                      {key: bom.set_entry(m, key) for key, m in manifests.items()}, models, nodes)
 
 
 def publish_services(root: Path, loaded: Loaded, files: dict[str, Path], artifacts: Artifacts, keep: int

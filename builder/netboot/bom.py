@@ -41,7 +41,7 @@ class _Strict(BaseModel):
 
 
 class SetEntry(_Strict):
-    image: Annotated[str, Field(pattern=r"^[^\s\x00-\x1f\x7f]{1,512}$")]
+    image: Annotated[str, Field(pattern=r"^[\x21-\x7e]{1,512}$")]
     image_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
     llama_cpp_commit: Annotated[str, Field(pattern=r"^[0-9a-f]{7,40}$")] | None = None
     ggml_rpc_protocol: Annotated[str, Field(pattern=r"^[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}$")] | None = None
@@ -106,8 +106,11 @@ def model_revision(location: str) -> str | None:
     return match.group(1) if match else None
 
 
-def set_entry(manifest: dict[str, object]) -> dict[str, object]:
-    """What bom.json holds of a netboot set, from its (checked) manifest."""
+_WORD = re.compile(r"^[A-Za-z0-9_+~][A-Za-z0-9._+~:-]{0,127}\Z")
+
+
+def set_entry(manifest: dict[str, object], where: str) -> dict[str, object]:
+    """What bom.json holds of a netboot set, from its (checked) manifest; `where` names the set in a refusal."""
     files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
     entry: dict[str, object] = {
         "image": manifest["image"], "image_digest": manifest["image_digest"],
@@ -115,8 +118,12 @@ def set_entry(manifest: dict[str, object]) -> dict[str, object]:
         "root_sha256": files["root.squashfs"]["sha256"], "kernel_sha256": files["vmlinuz"]["sha256"],
         "initrd_sha256": files["initrd.img"]["sha256"], "kernel_version": manifest["kernel_version"]}
     packages = manifest.get("kernel_packages")
-    if isinstance(packages, dict):
-        entry["kernel_packages"] = dict(sorted(packages.items()))
+    packages = packages if isinstance(packages, dict) else {}
+    for name, version in packages.items():
+        if not isinstance(version, str) or not _WORD.match(str(name)) or not _WORD.match(version):
+            raise RecipeError(f"{where}/manifest.json: kernel_packages: {str(name)[:60]!r}: expected a Debian "
+                              "package name and version", "rebuild or pull the netboot set again")
+    entry["kernel_packages"] = dict(sorted(packages.items()))
     return entry
 
 
@@ -206,7 +213,7 @@ def view(root: Path, generation: str) -> View:
         except (OSError, ValueError):
             raise RecipeError(f"{where}/manifests/{path.name}: cannot be read", "publish again") from None
         if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", path.stem):
-            sets[path.stem] = set_entry(manifest)
+            sets[path.stem] = set_entry(manifest, f"{where}/manifests/{path.stem}")
     try:
         nodes = json.loads((folder / "nodes.json").read_text())
     except (OSError, ValueError, RecursionError):
