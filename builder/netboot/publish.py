@@ -3,7 +3,7 @@
     pxe-root/
       blobs/sha256/<hex>          kernels, initrds, root squashfs images, models: by content
       generations/<id>/           boot.ipxe, nodes/<mac>.ipxe, .nft (and .plan), manifests/, cluster.yaml,
-                                  nodes.json
+                                  nodes.json, bom.json (builder/netboot/bom.py)
       current -> generations/<id> the live generation: one symlink, replaced with rename(2)
       history.json                generations in publish order (rollback goes back along it)
       tftp/                       iPXE binaries and boot.ipxe for PXE ROMs that load over TFTP
