@@ -192,3 +192,20 @@ def test_a_model_source_keeps_no_credentials_and_names_its_revision(tmp_path: Pa
     assert model_source("m.gguf", tmp_path) == "m.gguf"
     assert model_revision("hf://org/repo@0123abcd/file.gguf") == "0123abcd"
     assert model_revision("https://models.example/m.gguf") is None
+
+
+def test_a_new_root_reboots_every_node_that_boots_it(tmp_path: Path) -> None:
+    path = cluster_file(tmp_path)
+    publish(tmp_path, path)
+    root = tmp_path / "pxe-root"
+    folder, manifest = fake_artifacts(tmp_path, "rebuilt")  # the same image digest, another root (and kernel)
+    manifest["image_digest"] = "sha256:" + "1" * 64
+    loaded = load_for_netboot(path)
+    publish_services(root, loaded, models(loaded, print), {("cpu", "cpu"): (folder, manifest)}, keep=3)
+    lines = pxe(root, "diff", "previous", "current")[1].splitlines()
+    old_root = json.loads((tmp_path / "artifacts-same" / "manifest.json").read_text())["files"]["root.squashfs"]
+    assert lines[1].startswith(f"set cpu-cpu: image sha256:{'0' * 12} -> sha256:{'1' * 12}; "
+                               f"root {old_root['sha256'][:12]} -> {manifest['files']['root.squashfs']['sha256'][:12]}")
+    assert lines[-1] == "reboot: a, b, c"
+    assert lines[2:5] == [f"node {n}: must reboot ({mac}; changed: root, script)"
+                          for n, mac in zip("abc", MACS[:3], strict=True)]
