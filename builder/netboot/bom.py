@@ -33,6 +33,7 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Word = Annotated[str, Field(pattern=r"^[A-Za-z0-9_+~][A-Za-z0-9._+~:-]{0,127}$")]
 # one line of printable text: a model's source or revision as publish recorded it
 Text = Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f]{1,2000}$")]
+Version = Annotated[str, Field(pattern=r"^([A-Za-z0-9_+~][A-Za-z0-9._+~:-]{0,127})?$")]
 Mac = Annotated[str, Field(pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")]
 
 
@@ -49,7 +50,7 @@ class SetEntry(_Strict):
     kernel_sha256: Hex
     initrd_sha256: Hex
     kernel_version: Word
-    kernel_packages: dict[Word, Word] = {}
+    kernel_packages: dict[Word, Version] = {}  # "" where the set recorded no pinned version
 
 
 class ModelEntry(_Strict):
@@ -120,7 +121,7 @@ def set_entry(manifest: dict[str, object], where: str) -> dict[str, object]:
     packages = manifest.get("kernel_packages")
     packages = packages if isinstance(packages, dict) else {}
     for name, version in packages.items():
-        if not isinstance(version, str) or not _WORD.match(str(name)) or not _WORD.match(version):
+        if not isinstance(version, str) or not _WORD.match(str(name)) or (version and not _WORD.match(version)):
             raise RecipeError(f"{where}/manifest.json: kernel_packages: {str(name)[:60]!r}: expected a Debian "
                               "package name and version", "rebuild or pull the netboot set again")
     entry["kernel_packages"] = dict(sorted(packages.items()))

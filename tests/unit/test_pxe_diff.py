@@ -209,3 +209,23 @@ def test_a_new_root_reboots_every_node_that_boots_it(tmp_path: Path) -> None:
     assert lines[-1] == "reboot: a, b, c"
     assert lines[2:5] == [f"node {n}: must reboot ({mac}; changed: root, script)"
                           for n, mac in zip("abc", MACS[:3], strict=True)]
+
+
+def test_a_sets_kernel_packages_are_recorded_and_a_hostile_one_stops_the_publish(tmp_path: Path) -> None:
+    path = cluster_file(tmp_path)
+    folder, manifest = fake_artifacts(tmp_path, "pinned")
+    loaded = load_for_netboot(path)
+    root = tmp_path / "pxe-root"
+    manifest["kernel_packages"] = {"linux-image-amd64": "6.1.192-3", "firmware-misc-nonfree": ""}
+    gen, _ = publish_services(root, loaded, models(loaded, print), {("cpu", "cpu"): (folder, manifest)}, keep=3)
+    assert json.loads((root / "generations" / gen / "bom.json").read_text())["sets"]["cpu-cpu"]["kernel_packages"] \
+        == {"firmware-misc-nonfree": "", "linux-image-amd64": "6.1.192-3"}
+    (tmp_path / "sets").mkdir()
+    folder.rename(tmp_path / "sets" / "cpu-cpu")
+    (tmp_path / "sets" / "cpu-cpu" / "manifest.json").write_text(
+        json.dumps({**manifest, "kernel_packages": {"linux-image-amd64": "1\nrm -rf /"}}))
+    proc = run_cli_inproc("pxe", "publish", str(path), "--root", str(root), "--artifacts", str(tmp_path / "sets"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "kernel_packages: 'linux-image-amd64': expected a Debian package name and version" in \
+        proc.stderr.splitlines()[0]
+    assert current_id(root) == gen and len(list((root / "generations").iterdir())) == 1  # nothing half-written
