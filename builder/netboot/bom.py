@@ -29,7 +29,8 @@ from builder.recipe.load import display_path, format_validation_error
 
 BOM = "bom.json"
 Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # a node, service or netboot set
+Name = Annotated[str, Field(pattern=f"^{_NAME}$")]
 Word = Annotated[str, Field(pattern=r"^[A-Za-z0-9_+~][A-Za-z0-9._+~:-]{0,127}$")]
 # one line of printable text: a model's source or revision as publish recorded it
 Text = Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f]{1,2000}$")]
@@ -211,9 +212,9 @@ def view(root: Path, generation: str) -> View:
     for path in sorted((folder / "manifests").glob("*.json")):
         try:
             manifest = check_set_manifest(json.loads(path.read_text()), f"{where}/manifests/{path.stem}")
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             raise RecipeError(f"{where}/manifests/{path.name}: cannot be read", "publish again") from None
-        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", path.stem):
+        if re.fullmatch(_NAME, path.stem):
             sets[path.stem] = set_entry(manifest, f"{where}/manifests/{path.stem}")
     try:
         nodes = json.loads((folder / "nodes.json").read_text())
@@ -224,7 +225,7 @@ def view(root: Path, generation: str) -> View:
         mac = entry.get("mac") if isinstance(entry, dict) else None
         key = entry.get("artifacts") if isinstance(entry, dict) else None
         if not isinstance(mac, str) or not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) \
-                or not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", str(name)):
+                or not isinstance(key, str) or not all(re.fullmatch(_NAME, word) for word in (key, str(name))):
             raise RecipeError(f"{where}/nodes.json: {str(name)[:64]!r}: expected a node name with mac and artifacts",
                               "publish again: builder pxe publish")
         stem = folder / "nodes" / mac.replace(":", "-")

@@ -229,3 +229,15 @@ def test_a_sets_kernel_packages_are_recorded_and_a_hostile_one_stops_the_publish
     assert "kernel_packages: 'linux-image-amd64': expected a Debian package name and version" in \
         proc.stderr.splitlines()[0]
     assert current_id(root) == gen and len(list((root / "generations").iterdir())) == 1  # nothing half-written
+
+
+def test_a_generation_without_a_bill_of_materials_and_a_hand_edited_nodes_json_is_one_line(tmp_path: Path) -> None:
+    gen = publish(tmp_path, cluster_file(tmp_path))
+    folder = tmp_path / "pxe-root" / "generations" / gen
+    (folder / "bom.json").unlink()
+    nodes = json.loads((folder / "nodes.json").read_text())
+    nodes["a"]["artifacts"] = "\x1b[2Jcpu"
+    (folder / "nodes.json").write_text(json.dumps(nodes))
+    code, _, err = pxe(tmp_path / "pxe-root", "diff", "current", "current")
+    assert code == 2 and "Traceback" not in err and "\x1b" not in err, err
+    assert "nodes.json: 'a': expected a node name with mac and artifacts" in err.splitlines()[0]
