@@ -27,9 +27,10 @@ from builder.fetch.provenance import llama_commit, rpc_protocol
 from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import flavour_named, prepare, recipe_file
+from builder.netboot import bom
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts, record_llama_cpp
 from builder.netboot.kernels import kernel_spec, pinned_kernel
-from builder.netboot.publish import Artifacts, generation_sets, generations, rollback
+from builder.netboot.publish import Artifacts, generation_sets, generations, resolve, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
 from builder.netboot.units import BOOT_UNIT, boot_units
 from builder.pipeline.build import build
@@ -186,28 +187,61 @@ def _existing_root(root: Path) -> None:
 @pxe_app.command("list")
 def list_cmd(root: RootOpt = Path("pxe-root"), as_json: JsonOpt = False) -> None:
     """The generations in pxe-root/, oldest first; the current one is marked *. Under each, the netboot sets it
-    boots: the image, and for llama.cpp its commit and the ggml RPC protocol its workers and servers speak."""
+    boots (the image by digest, and for llama.cpp its commit and the ggml RPC protocol its workers and servers
+    speak) and, from its bill of materials, each service's model by sha256."""
     _existing_root(root)
-    found = [(g, generation_sets(root, g.id)) for g in generations(root)]
+    found = [(g, generation_sets(root, g.id), bom.read_bom(root, g.id)) for g in generations(root)]
     if as_json:
-        typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current, "sets": sets}
-                               for g, sets in found], indent=2))
+        typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current, "sets": sets,
+                                "models": None if bill is None else [
+                                    {"service": name, **m.model_dump()} for name, m in bill.models.items()]}
+                               for g, sets, bill in found], indent=2))
         return
     if not found:
         typer.echo(f"no generations in {root}")
-    for gen, sets in found:
+    for gen, sets, bill in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gen.published))
         typer.echo(f"{'*' if gen.current else ' '} {gen.id}  {when}")
         for entry in sets:
-            typer.echo(f"    {entry['set']:<24} {_llama_line(entry)}")
+            typer.echo(f"    {entry['set']:<24} image {str(entry['image_digest'])[:19]}{_llama_line(entry)}")
+        if bill is None:
+            typer.echo("    no bill of materials (published before builder recorded one)")
+        elif bill.models:
+            typer.echo("    models " + ", ".join(f"{name}: {m.sha256[:12]}" for name, m in bill.models.items()))
+        else:
+            typer.echo("    models none")
 
 
 def _llama_line(entry: dict[str, object]) -> str:
     if "llama_cpp_commit" not in entry:  # a vLLM set, or one made before sets recorded it
-        return f"image {str(entry['image_digest'])[:19]}"
+        return ""
     commit = entry["llama_cpp_commit"] or "not recorded by its source"
     protocol = entry["ggml_rpc_protocol"]
-    return f"llama.cpp {commit}, " + (f"ggml RPC protocol {protocol}" if protocol else "no ggml RPC header")
+    return f", llama.cpp {commit}, " + (f"ggml RPC protocol {protocol}" if protocol else "no ggml RPC header")
+
+
+@pxe_app.command("diff")
+def diff_cmd(
+    old: Annotated[str, typer.Argument(metavar="A", help="A generation id, `current` or `previous`.",
+                                       show_default=False)],
+    new: Annotated[str, typer.Argument(metavar="B", help="A generation id, `current` or `previous`.",
+                                       show_default=False)],
+    root: RootOpt = Path("pxe-root"),
+    as_json: JsonOpt = False,
+) -> None:
+    """What changed from generation A to B (netboot sets, models, nodes added or removed, each node's boot
+    script, plan and firewall), and which nodes must reboot to run B: those whose boot files differ.
+
+    A generation published before builder wrote bills of materials is compared by its node files."""
+    _existing_root(root)
+    a, b = resolve(root, old), resolve(root, new)
+    result = bom.diff(bom.view(root, a), bom.view(root, b))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"from {a} to {b}")
+    for line in bom.diff_lines(result):
+        typer.echo(line)
 
 
 @pxe_app.command("rollback")

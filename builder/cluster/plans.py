@@ -15,6 +15,7 @@ when it hosts vLLM services; a node hosting both kinds is refused. Nodes without
 builder: they get no files (`builder cluster commands` prints what to run on them).
 """
 
+import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from builder.cluster.firewall import for_services
 from builder.cluster.model import ClusterNode, Loaded, Process, Service, load_cluster
 from builder.cluster.vllm_service import MODELS, executor, launch, node_variant
 from builder.core.errors import RecipeError
+from builder.netboot import bom
 from builder.netboot.boards import board_args
 from builder.netboot.firewall import ruleset
 from builder.netboot.inventory import GGUF_MAGIC, Control
@@ -233,15 +235,16 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
     firewalls = {f.node: f for f in for_services(loaded, leased=True)}
     out: dict[str, bytes] = {}
     nodes: dict[str, object] = {}
+    listed: dict[str, dict[str, object]] = {}  # bom.json's nodes
     for node in cluster.netbooted:
         key = "-".join(netboot_set(loaded, node))
         manifest = manifests[key]
         rules = ruleset(firewalls[node.name], "cluster.yaml").encode()
         plan = serialize(node_plan(loaded, node.name, base, blobs)).encode()
-        plan_sha256 = add_blob_bytes(root, plan)
+        plan_sha256, rules_sha256 = add_blob_bytes(root, plan), add_blob_bytes(root, rules)
         args = root_words(base, node, manifest, [f"builder.plan={base}/blobs/sha256/{plan_sha256}",
                                                  f"builder.plan_sha256={plan_sha256}"],
-                          add_blob_bytes(root, rules), cluster.cache_of(node), cluster.ram_share)
+                          rules_sha256, cluster.cache_of(node), cluster.ram_share)
         mine = {p.service for p in loaded.processes if p.node == node.name and p.role != "rpc-worker"}
         served = [s.name for s in cluster.services if s.name in mine]
         if served:
@@ -256,11 +259,30 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
                               "place fewer services on the node, or shorten its kernel_args")
         out[f"nodes/{node.file_stem}.nft"] = rules
         out[f"nodes/{node.file_stem}.plan"] = plan
-        out[f"nodes/{node.file_stem}.ipxe"] = ipxe_script(base, node, manifest, label(loaded, node.name),
-                                                          f"image {manifest['image_digest']}", args).encode()
-        nodes[node.name] = {"mac": node.mac, "artifacts": key, "processes": [
-            {"service": p.service, "role": p.role, "port": p.port} for p in loaded.processes if p.node == node.name]}
+        script = ipxe_script(base, node, manifest, label(loaded, node.name), f"image {manifest['image_digest']}",
+                             args).encode()
+        out[f"nodes/{node.file_stem}.ipxe"] = script
+        processes = [{"service": p.service, "role": p.role, "port": p.port}
+                     for p in loaded.processes if p.node == node.name]
+        nodes[node.name] = {"mac": node.mac, "artifacts": key, "processes": processes}
+        listed[node.name] = {"mac": node.mac, "set": key, "script_sha256": hashlib.sha256(script).hexdigest(),
+                             "plan_sha256": plan_sha256, "firewall_sha256": rules_sha256, "processes": processes}
+    out[bom.BOM] = _bill(loaded, blobs, manifests, listed)
     return out, nodes
+
+
+def _bill(loaded: Loaded, blobs: dict[str, str], manifests: Manifests, nodes: dict[str, dict[str, object]]) -> bytes:
+    """bom.json: the generation's sets, models (by sha256, with where they came from) and nodes. The gateway's
+    HAProxy config is rendered by `builder cluster up`, not here: its settings' sha256 is what publish knows."""
+    base = loaded.path.parent
+    models: dict[str, dict[str, object]] = {}
+    for _, service in _netbooted_services(loaded):
+        models[service.name] = {"engine": service.engine, "sha256": service.sha256 or blobs[service.name],
+                                "blob_sha256": blobs[service.name],
+                                "source": bom.model_source(service.model, base),
+                                "revision": bom.model_revision(service.model)}
+    return bom.render(loaded.path.read_bytes(), loaded.cluster.gateway.model_dump(mode="json"),
+                      {key: bom.set_entry(m, key) for key, m in manifests.items()}, models, nodes)
 
 
 def publish_services(root: Path, loaded: Loaded, files: dict[str, Path], artifacts: Artifacts, keep: int

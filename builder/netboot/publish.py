@@ -3,7 +3,7 @@
     pxe-root/
       blobs/sha256/<hex>          kernels, initrds, root squashfs images, models: by content
       generations/<id>/           boot.ipxe, nodes/<mac>.ipxe, .nft (and .plan), manifests/, cluster.yaml,
-                                  nodes.json
+                                  nodes.json, bom.json (builder/netboot/bom.py)
       current -> generations/<id> the live generation: one symlink, replaced with rename(2)
       history.json                generations in publish order (rollback goes back along it)
       tftp/                       iPXE binaries and boot.ipxe for PXE ROMs that load over TFTP
@@ -31,6 +31,7 @@ from builder.engines.cleanup import temp_dir, temp_path
 from builder.netboot.artifacts import LLAMA_FACTS, check_set_manifest
 from builder.netboot.inventory import Cache, Control, Node
 from builder.recipe.load import display_path
+from builder.recipe.targets import did_you_mean
 
 IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
@@ -273,6 +274,31 @@ def generation_sets(root: Path, generation: str) -> list[dict[str, object]]:
         entry.update({key: manifest[key] for key in LLAMA_FACTS if key in manifest})
         out.append(entry)
     return out
+
+
+def resolve(root: Path, word: str) -> str:
+    """A generation named on the command line: its id (or a unique start of it), `current`, or `previous`
+    (the one published before the current one)."""
+    ids = [g.id for g in generations(root)]
+    live = current_id(root)
+    if word in ("current", "previous"):
+        if live not in ids:
+            raise RecipeError(f"{display_path(root)}: no current generation", "builder pxe publish cluster.yaml")
+        at = ids.index(live) - (word == "previous")
+        if at < 0:
+            raise RecipeError(f"{display_path(root)}: no generation before the current one ({live})",
+                              "see `builder pxe list`")
+        return ids[at]
+    starting = [i for i in ids if word and i.startswith(word)] if re.fullmatch(r"[0-9a-f]{4,16}", word) else []
+    if len(starting) == 1:
+        return starting[0]
+    shown = repr(word[:40])
+    if len(starting) > 1:
+        raise RecipeError(f"generation {shown} is the start of {len(starting)} generations in {display_path(root)}",
+                          "give more of its id (see `builder pxe list`)")
+    close = did_you_mean(word, [*ids, "current", "previous"])
+    raise RecipeError(f"no generation {shown} in {display_path(root)}{close}",
+                      f"generations: {', '.join(ids) or 'none'} (or current, previous)")
 
 
 def rollback(root: Path, to: str | None = None) -> str:

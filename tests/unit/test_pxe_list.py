@@ -21,7 +21,8 @@ def test_list_shows_each_sets_llama_cpp_commit_and_rpc_protocol(tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(f"* {gen}")
-    assert lines[1].split() == ["cpu-cpu", "llama.cpp", "0c1e57098,", "ggml", "RPC", "protocol", "7.0.0"]
+    assert lines[1].split() == ["cpu-cpu", "image", "sha256:" + "0" * 12 + ",", "llama.cpp", "0c1e57098,", "ggml",
+                                "RPC", "protocol", "7.0.0"]
     doc = json.loads(run_cli_inproc("pxe", "list", "--root", str(root), "--json").stdout)
     assert doc[0]["sets"] == [{"set": "cpu-cpu", "image": "localhost/builder/cpu:cpu",
                                "image_digest": "sha256:" + "0" * 64, "llama_cpp_commit": "0c1e57098",
@@ -38,7 +39,7 @@ def test_a_set_without_the_facts_shows_its_image_and_a_source_without_a_commit_s
     manifest = record_llama_cpp(folder, manifest, None, "7.0.0")  # an archive pin records no commit
     publish(root, path, {("cpu", "cpu"): (folder, manifest)}, keep=3)
     assert "llama.cpp not recorded by its source, ggml RPC protocol 7.0.0" in \
-        run_cli_inproc("pxe", "list", "--root", str(root)).stdout.splitlines()[-1]
+        run_cli_inproc("pxe", "list", "--root", str(root)).stdout.splitlines()[-2]
 
 
 def test_unchecked_values_never_reach_a_manifest_or_the_listing(tmp_path: Path) -> None:
