@@ -313,7 +313,8 @@ def status(loaded: Loaded, engine_name: str | None) -> dict[str, object]:
         "gateway": {"endpoint": local.endpoint, "running": stats is not None,
                     "key_file": str(_key_path(local)), "metrics": f"http://127.0.0.1:"
                     f"{loaded.cluster.gateway.metrics_port}/metrics"},
-        "nodes": [{"name": n.name, "address": address[n.name], "target": n.target} for n in loaded.cluster.nodes],
+        "nodes": [{"name": n.name, "address": address[n.name], "target": n.target, "devices": n.devices_json}
+                  for n in loaded.cluster.nodes],
         "services": services,
     }
 

@@ -86,6 +86,11 @@ class ClusterNode(Node):
             return [self.target] if self.target else []
         return list(dict.fromkeys(d.target for d in self.devices.values()))
 
+    @property
+    def devices_json(self) -> dict[str, dict[str, str | None]]:
+        """Its devices as `cluster status --json` gives them ({} for a node with one target)."""
+        return {name: device.model_dump() for name, device in self.devices.items()}
+
     def board(self, given: list[str], where: str) -> BoardArgs:
         """The kernel words the board needs (its RAM shared with an iGPU), whichever device's image it runs."""
         found = [board_args(target, None if self.ram is None else int(self.ram), given, where)
