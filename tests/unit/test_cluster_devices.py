@@ -176,3 +176,11 @@ def test_status_names_a_boards_devices(tmp_path: Path) -> None:
     assert nodes[0]["target"] is None and nodes[0]["devices"] == {
         "igpu": {"target": "intel-arc", "variant": "vulkan"}, "npu": {"target": "intel-npu", "variant": None}}
     assert nodes[2]["target"] == "cpu" and nodes[2]["devices"] == {}
+
+
+def test_the_mini_pc_example_runs_its_services_on_the_igpu_and_netboots_its_image() -> None:
+    from builder.cluster.plans import load_for_netboot, netboot_set
+
+    loaded = load_for_netboot(Path(__file__).resolve().parents[2] / "docs" / "examples" / "intel-mini-pc-x3.yaml")
+    assert {(p.device, p.target, p.variant) for p in loaded.processes} == {("igpu", "intel-arc", "vulkan")}
+    assert {netboot_set(loaded, node) for node in loaded.cluster.netbooted} == {("intel-arc", "vulkan")}
