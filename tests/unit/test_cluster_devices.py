@@ -184,3 +184,13 @@ def test_the_mini_pc_example_runs_its_services_on_the_igpu_and_netboots_its_imag
     loaded = load_for_netboot(Path(__file__).resolve().parents[2] / "docs" / "examples" / "intel-mini-pc-x3.yaml")
     assert {(p.device, p.target, p.variant) for p in loaded.processes} == {("igpu", "intel-arc", "vulkan")}
     assert {netboot_set(loaded, node) for node in loaded.cluster.netbooted} == {("intel-arc", "vulkan")}
+
+
+def test_kube_export_gives_each_devices_pod_its_image_and_device_plugin(tmp_path: Path) -> None:
+    out = tmp_path / "kube"
+    proc = run_cli_inproc("cluster", "export", "--format", "kube", "-o", str(out), str(cluster_file(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    chat = (out / "deployment-cluster-chat-mini1.yaml").read_text()
+    code = (out / "deployment-cluster-code-mini1.yaml").read_text()
+    assert "localhost/builder/intel-arc:vulkan" in chat and "gpu.intel.com/i915" in chat and "intel-npu" not in chat
+    assert "localhost/builder/intel-npu:openvino" in code and "npu.intel.com/accel" in code
