@@ -194,3 +194,13 @@ def test_kube_export_gives_each_devices_pod_its_image_and_device_plugin(tmp_path
     code = (out / "deployment-cluster-code-mini1.yaml").read_text()
     assert "localhost/builder/intel-arc:vulkan" in chat and "gpu.intel.com/i915" in chat and "intel-npu" not in chat
     assert "localhost/builder/intel-npu:openvino" in code and "npu.intel.com/accel" in code
+
+
+def test_a_netbooted_board_without_services_boots_its_first_device(tmp_path: Path) -> None:
+    from builder.cluster.plans import load_for_netboot, netboot_set
+
+    path = cluster_file(tmp_path, nodes=[mini("mini1", 21, mac="52:54:00:12:34:56"),
+                                         {"name": "box", "target": "cpu", "memory": "8GiB", "address": "10.0.0.30"}],
+                        services=[service("chat", nodes=["box"])])
+    loaded = load_for_netboot(path)
+    assert netboot_set(loaded, loaded.node("mini1")) == ("intel-arc", "vulkan")
