@@ -145,7 +145,8 @@ def status(
     gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
     typer.echo(f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}")
     for n in document["nodes"]:  # type: ignore[attr-defined]
-        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {n['target']}")
+        hardware = n["target"] or ", ".join(f"{name} {d['target']}" for name, d in n["devices"].items())
+        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}")
     for service in document["services"]:  # type: ignore[attr-defined]
         typer.echo(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:

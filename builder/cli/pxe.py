@@ -149,18 +149,21 @@ def publish_cmd(
     for line in loaded.notes:  # once published: a refusal above stays one line
         typer.echo(f"note: {line}", err=True)
     if as_json:
-        _print_published(generation, new, [(n, label(loaded, n.name)) for n in loaded.cluster.nodes])
+        _print_published(generation, new, [(n, label(loaded, n.name), netboot_set(loaded, n)[0] if n.mac else n.target)
+                                           for n in loaded.cluster.nodes])
         return
     typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
     for line in summary(loaded):
         typer.echo(line)
 
 
-def _print_published(generation: str, new: bool, nodes: Sequence[tuple[Any, str]]) -> None:
+def _print_published(generation: str, new: bool, nodes: Sequence[tuple[Any, str, str | None]]) -> None:
+    """`nodes`: each node, what it boots as, and the target whose root it boots (its device's, on a board with
+    several)."""
     typer.echo(json.dumps({"generation": generation, "published": new, "current": f"generations/{generation}",
-                           "nodes": [{"name": n.name, "mac": n.mac, "boots": boots, "target": n.target,
+                           "nodes": [{"name": n.name, "mac": n.mac, "boots": boots, "target": target,
                                       "script": f"nodes/{n.file_stem}.ipxe" if n.mac else None}
-                                     for n, boots in nodes]}, indent=2))
+                                     for n, boots, target in nodes]}, indent=2))
 
 
 def _wanted(wanted: list[tuple[str, str]], engine: str, compression: str, pulled: Path | None) -> Artifacts:

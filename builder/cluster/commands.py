@@ -46,7 +46,7 @@ class NodeCommands:
 
 def is_ray_pipeline(loaded: Loaded, service: Service) -> bool:
     return service.engine == "vllm" and service.topology == "pipeline" and \
-        executor(*node_variant(loaded.node(service.nodes[0]))) == "ray"
+        executor(*node_variant(loaded.node(service.nodes[0]), service.device)) == "ray"
 
 
 def _head(loaded: Loaded, process: Process) -> list[str]:
@@ -54,9 +54,11 @@ def _head(loaded: Loaded, process: Process) -> list[str]:
     service = loaded.service(process.service)
     node = loaded.node(process.node)
     flavour = ["--flavour", "vllm"] if service.engine == "vllm" else []
-    variant = ["--variant", node.variant] if node.variant else []
+    # the image of the device the service runs on (a node with several devices), else the node's one target
+    chosen = node.pick(process.device)
+    variant = ["--variant", chosen.variant] if chosen.variant else []
     env = [word for key, value in node.env.items() for word in ("--env", f"{key}={value}")]
-    return ["builder", "run", *flavour, "--target", node.target, *variant, *env, "--detach",
+    return ["builder", "run", *flavour, "--target", chosen.target, *variant, *env, "--detach",
             "--name", f"builder-{service.name}{_NAME_SUFFIX[process.role]}"]
 
 

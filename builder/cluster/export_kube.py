@@ -72,7 +72,7 @@ class Export:
     manifests: tuple[Manifest, ...]
     warnings: tuple[str, ...]
     steps: tuple[str, ...]  # what the user does before `kubectl apply`: the Secrets, the models
-    images: dict[str, str]  # node/flavour -> the image its pods run
+    images: dict[str, str]  # node/flavour(/device, on a node with several) -> the image its pods run
 
 
 def kube_name(*parts: str) -> str:
@@ -115,7 +115,7 @@ def _ray_argv(loaded: Loaded, process: Process, models: Models) -> tuple[str, ..
                      lambda: Path(RAY_TOKEN), mount=False)
     flags = started.flags
     kept = [w for i in range(0, len(flags), 2) if flags[i] != "--volume" for w in flags[i:i + 2]]
-    target, variant = node_variant(node)
+    target, variant = node_variant(node, service.device)
     return ("builder", "run", "--flavour", "vllm", "--target", target, "--variant", variant, "--detach", "--name",
             f"builder-{service.name}{_NAME_SUFFIX[process.role]}", *kept, "--model-sha256", service.sha256,
             *started.argv)
@@ -198,10 +198,10 @@ class _Builder:
         """The pod spec of one process: its node, its image, its devices, volumes and probes."""
         service = self.loaded.service(process.service)
         node = self.loaded.node(process.node)
-        target, variant = node_variant(node)
+        target, variant = node_variant(node, service.device)
         options, _ = split_run(self.lines[process])
         image = self.image(target, variant, service.engine)
-        self.images[f"{node.name}/{service.engine}"] = image
+        self.images[f"{node.name}/{service.engine}" + (f"/{process.device}" if process.device else "")] = image
         host = TARGETS[target].variants[variant].host
         env = [*env, *({"name": k, "value": v} for k, v in host.env.items())]
         volumes: list[Manifest] = []

@@ -81,24 +81,23 @@ def _engine_of(local: Local, engine_name: str | None) -> Engine:
     return engine
 
 
-def _images(loaded: Loaded, engine: Engine, say: Say) -> dict[tuple[str, str], str]:
-    """The images every node runs, by (node, engine of its services): the last build of the node's target and
-    variant in the service engine's flavour, built now if there is none."""
-    images: dict[tuple[str, str | None, str], str] = {}
-    out: dict[tuple[str, str], str] = {}
+def _images(loaded: Loaded, engine: Engine, say: Say) -> dict[Process, str]:
+    """The image of every process: the last build of its target and variant (the node's, or on a node with
+    several devices the one its service picks) in the service engine's flavour, built now if there is none."""
+    images: dict[tuple[str, str, str], str] = {}
+    out: dict[Process, str] = {}
     for process in loaded.processes:
-        node = loaded.node(process.node)
         kind = loaded.service(process.service).engine
-        key = (node.target, node.variant, kind)
+        key = (process.target, process.variant, kind)
         if key not in images:
             flavour = FLAVOURS["vllm" if kind == "vllm" else "llama.cpp"]
-            prep = prepare(recipe_file(node.target, None, flavour), node.variant, flavour=flavour)
+            prep = prepare(recipe_file(process.target, None, flavour), process.variant, flavour=flavour)
             try:
                 images[key] = image_for_run(engine, prep)
             except RecipeError:
-                say(f"building {node.target}/{prep.plan.variant} ({flavour.name}) for node {node.name} …")
+                say(f"building {process.target}/{prep.plan.variant} ({flavour.name}) for node {process.node} …")
                 images[key] = build(prep, engine).ref
-        out[(node.name, kind)] = images[key]
+        out[process] = images[key]
     return out
 
 
@@ -124,7 +123,7 @@ def process_argv(local: Local, engine: Engine, process: Process, image: str, mod
     address = node_addresses(loaded)
     service = loaded.service(process.service)
     node = loaded.node(process.node)
-    variant = TARGETS[node.target].variants[node.variant or TARGETS[node.target].default_variant]
+    variant = TARGETS[process.target].variants[process.variant]  # its devices, groups and environment
     argv = [*engine.run_argv(), "--detach", "--network", "host", "--name", local.container(process),
             "--label", f"{LABEL}={local.project}", *engine.device_flags(variant.host)]
     for key, value in node.env.items():
@@ -217,7 +216,7 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
             if name in existing:
                 _remove(engine, [name])
             say(f"starting {process.role} {process.service} on {process.node} ({address[process.node]}:{process.port})")
-            image = images[(process.node, loaded.service(process.service).engine)]
+            image = images[process]
             # counted before the run: a stop (Ctrl-C, SIGTERM) during it can leave the container created
             started.append(name)
             run(process_argv(local, engine, process, image, models[process.service]), timeout=120)
@@ -314,7 +313,8 @@ def status(loaded: Loaded, engine_name: str | None) -> dict[str, object]:
         "gateway": {"endpoint": local.endpoint, "running": stats is not None,
                     "key_file": str(_key_path(local)), "metrics": f"http://127.0.0.1:"
                     f"{loaded.cluster.gateway.metrics_port}/metrics"},
-        "nodes": [{"name": n.name, "address": address[n.name], "target": n.target} for n in loaded.cluster.nodes],
+        "nodes": [{"name": n.name, "address": address[n.name], "target": n.target, "devices": n.devices_json}
+                  for n in loaded.cluster.nodes],
         "services": services,
     }
 

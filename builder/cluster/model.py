@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as attribute
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -24,11 +25,12 @@ from builder.cluster.modelref import ModelRef
 from builder.cluster.vllm_service import check_vllm_service
 from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
-from builder.core.types import Address, EnvName, KernelArg, OneLine, is_wildcard
-from builder.netboot.boards import board_args, check_ram
+from builder.core.types import Address, EnvName, HostName, KernelArg, OneLine, is_wildcard
+from builder.netboot.boards import BoardArgs, board_args, check_ram
 from builder.netboot.inventory import Cache, Control, Node
 from builder.recipe.load import display_path, load_yaml, select, validated
 from builder.recipe.models import Strict
+from builder.recipe.targets import TARGETS, did_you_mean
 
 # A service name reaches HAProxy's config, JSON answers and container names: keep it to plain characters.
 SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -42,9 +44,23 @@ MEMORY_FACTOR = 1.2
 GIB = 1 << 30
 
 
+class Device(Strict):
+    """One accelerator of a board that has several (a Core Ultra's iGPU and NPU): the image its processes run."""
+
+    target: str = Field(description="target of this device's image (see `builder targets`)")
+    variant: str | None = Field(None, description="variant of the target (default: the target's default)")
+
+
 class ClusterNode(Node):
     """A node of the services form: its hardware facts; its roles come from the services placed on it."""
 
+    target: str | None = Field(None, description="target whose image the node runs (see `builder targets`); a "
+                               "board with several accelerators lists devices: instead")
+    variant: str | None = Field(None, description="variant of the target (default: the target's default)")
+    devices: dict[HostName, Device] = Field(
+        default_factory=dict, description="a board with several accelerators, instead of target: each device by "
+        "name, e.g. {igpu: {target: intel-arc, variant: vulkan}, npu: {target: intel-npu}}; a service picks one "
+        "with device: and its processes run that device's image")
     memory: ByteSize | None = Field(None, description="memory its models may use, e.g. 64GiB (needed to host one)")
     ram: ByteSize | None = Field(None, description="the RAM the board has, in GiB, e.g. 128GiB; netbooted "
                                  "strix-halo nodes need it (their iGPU's share of it goes on the kernel command line)")
@@ -53,6 +69,35 @@ class ClusterNode(Node):
         "GGML_VK_VISIBLE_DEVICES: '0' to use a software Vulkan device (device and thread variables only)")
     unsafe_env: bool = Field(False, description="let env names outside builder's list through (one warning line "
                              "names them): they can undo builder's bindings")
+
+    def pick(self, device: str | None) -> Device:
+        """What a service's processes run on this node: the device the service picks, or the node's one target
+        (which a service's pick leaves alone). Only for a checked file (load_cluster)."""
+        if self.devices:
+            assert device in self.devices, (self.name, device)
+            return self.devices[device]
+        assert self.target is not None, self.name
+        return Device(target=self.target, variant=self.variant)
+
+    @property
+    def targets(self) -> list[str]:
+        """The targets of the board's accelerators, each once, in the file's order."""
+        if not self.devices:
+            return [self.target] if self.target else []
+        return list(dict.fromkeys(d.target for d in self.devices.values()))
+
+    @property
+    def devices_json(self) -> dict[str, dict[str, str | None]]:
+        """Its devices as `cluster status --json` gives them ({} for a node with one target)."""
+        return {name: device.model_dump() for name, device in self.devices.items()}
+
+    def board(self, given: list[str], where: str) -> BoardArgs:
+        """The kernel words the board needs (its RAM shared with an iGPU), whichever device's image it runs."""
+        found = [board_args(target, None if self.ram is None else int(self.ram), given, where)
+                 for target in self.targets]
+        mappable = [b.gpu_memory for b in found if b.gpu_memory is not None]
+        words = list(dict.fromkeys(w for b in found for w in b.words))
+        return BoardArgs(tuple(words), min(mappable) if mappable else None)
 
 
 class Gateway(Strict):
@@ -74,6 +119,8 @@ class Service(Strict):
 
     name: str = Field(pattern=SERVICE_NAME, description="the name clients send as `model`")
     engine: Literal["llama.cpp", "vllm"] = Field("llama.cpp", description="what serves it")
+    device: HostName | None = Field(None, description="on nodes that list devices:, the one its processes use "
+                                    "(e.g. npu); nodes with one target run that")
     model: OneLine = Field("", description="llama.cpp: the GGUF, a path (relative to this file), an http(s) URL or "
                            "hf://ORG/REPO@REVISION/FILE.gguf; vllm: a Hugging Face model folder, a path relative to "
                            "this file or hf://ORG/REPO@REVISION (hf:// names are locked in cluster.lock by "
@@ -142,6 +189,11 @@ class Process:
     node: str
     role: Literal["server", "rpc-worker", "pipeline-worker"]
     port: int
+    # What it runs: the device the service picked on the node (None: the node's one target), that device's
+    # target and variant (its default filled in). Derived from the service and node, so left out of equality.
+    device: str | None = attribute(default=None, compare=False)
+    target: str = attribute(default="", compare=False)
+    variant: str = attribute(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -223,10 +275,48 @@ def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
         index[node.name] = i
         if node.mac is not None:
             macs[node.mac] = i
-        select(node.target, node.variant, f"{where}: nodes[{i}]")
-        if node.ram is not None:
-            check_ram(int(node.ram), node.target, f"{where}: nodes[{i}]")
+        _check_form(node, f"{where}: nodes[{i}]")
+        for target in node.targets if node.ram is not None else []:
+            check_ram(int(node.ram or 0), target, f"{where}: nodes[{i}]")
     return index
+
+
+def _check_form(node: ClusterNode, at: str) -> None:
+    """One target (the common case) or several devices, never both; every target and variant known."""
+    if node.devices and (node.target or node.variant):
+        raise RecipeError(f"{at}: gives both {'target' if node.target else 'variant'}: and devices:; a node has "
+                          "one target, or several devices", "keep devices: (each with its target and variant) "
+                          "and remove the node's own target: and variant:")
+    if not node.devices:
+        if node.target is None:
+            raise RecipeError(f"{at}.target: required", "target: NAME (see `builder targets`), or devices: for a "
+                              "board with several accelerators (docs/clusters.md)")
+        select(node.target, node.variant, at)
+        return
+    for name, device in node.devices.items():
+        select(device.target, device.variant, f"{at}.devices.{name}")
+
+
+def _check_device(service: Service, field: str, where: str, index: dict[str, int], nodes: list[ClusterNode]
+                  ) -> None:
+    """A service on a node with several devices picks one (device:), which every such node of it has."""
+    names = [*service.nodes, *([service.head] if service.head else []), *service.workers]
+    several = [nodes[index[name]] for name in names if nodes[index[name]].devices]
+    if service.device is None:
+        if several:
+            node = several[0]
+            raise RecipeError(f"{where}: {field}.device: node {node.name} has several devices "
+                              f"({', '.join(node.devices)}) and the service does not say which it runs on",
+                              f"device: {next(iter(node.devices))} (or another of them)")
+        return
+    if not several:
+        raise RecipeError(f"{where}: {field}.device: {service.device!r} picks one of a node's devices:, and none "
+                          "of the service's nodes lists any", "remove device:, or describe the boards with devices:")
+    for node in several:
+        if service.device not in node.devices:
+            raise RecipeError(f"{where}: {field}.device: node {node.name} (nodes[{index[node.name]}]) has no device "
+                              f"{service.device!r}{did_you_mean(service.device, node.devices)}",
+                              f"its devices: {', '.join(node.devices)}")
 
 
 def _check_addresses(cluster: ServiceCluster, where: str) -> None:
@@ -298,6 +388,7 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
             if name == service.head or name in service.workers[:j]:
                 raise RecipeError(f"{where}: {field}.workers[{j}]: {name!r} is already in this service",
                                   "a node is the head or one worker of a split, once")
+    _check_device(service, field, where, index, nodes)
     if service.topology == "split" and not service.head:
         return  # workers only: the head, and the model, are outside this file
     for name in ("model", "sha256"):
@@ -332,6 +423,15 @@ def _need(service: Service, base: Path, where: str) -> float:
     return total / len(service.nodes) if service.topology == "pipeline" else total
 
 
+def _with_device(cluster: ServiceCluster, process: Process, index: dict[str, int]) -> Process:
+    """The process with what it runs: the service's device on a node that has several, else the node's target."""
+    node = cluster.nodes[index[process.node]]
+    device = next(s for s in cluster.services if s.name == process.service).device if node.devices else None
+    chosen = node.pick(device)
+    variant = chosen.variant or TARGETS[chosen.target].default_variant
+    return Process(process.service, process.node, process.role, process.port, device, chosen.target, variant)
+
+
 def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int]) -> tuple[Process, ...]:
     processes: list[Process] = []
     rpc_of: dict[str, str] = {}
@@ -354,6 +454,7 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
                     "an RPC worker serves one head only: give this service its own worker nodes")
             rpc_of[worker] = service.name
             processes.append(Process(service.name, worker, "rpc-worker", service.rpc_port))
+    processes = [_with_device(cluster, p, index) for p in processes]
     ports: dict[tuple[str, int], str] = {}
     for process in processes:
         key = (process.node, process.port)
@@ -376,7 +477,7 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
                               "but its memory is not declared", "memory: e.g. 64GiB (what models may use)")
         given = [*cluster.kernel_args, *node.kernel_args]
         if node.ram is not None or any(w.startswith("amdgpu.gttsize=") for w in given):
-            mappable = board_args(node.target, node.ram, given, f"{where}: nodes[{i}]").gpu_memory
+            mappable = node.board(given, f"{where}: nodes[{i}]").gpu_memory
             if mappable is not None and node.memory > mappable:
                 raise RecipeError(
                     f"{where}: nodes[{i}].memory: {node.name} declares {_gib(node.memory)} for its models, but its "

@@ -11,8 +11,10 @@ packed into a squashfs), so nodes fetch models only from the control node; a nod
 models there (builder.models=SHA:SIZE,… tells the initramfs how much room to make).
 
 A node runs one root: the llama.cpp image of its target, or its vLLM image (the netboot set vllm-VARIANT)
-when it hosts vLLM services; a node hosting both kinds is refused. Nodes without a `mac` are not booted by
-builder: they get no files (`builder cluster commands` prints what to run on them).
+when it hosts vLLM services; a node hosting both kinds is refused. A board with several devices boots the
+image of the device its services pick; services on two of its devices are refused (docs/design.md says why).
+Nodes without a `mac` are not booted by builder: they get no files (`builder cluster commands` prints what to run
+on them).
 """
 
 import hashlib
@@ -25,7 +27,6 @@ from builder.cluster.model import ClusterNode, Loaded, Process, Service, load_cl
 from builder.cluster.vllm_service import MODELS, executor, launch, node_variant
 from builder.core.errors import RecipeError
 from builder.netboot import bom
-from builder.netboot.boards import board_args
 from builder.netboot.firewall import ruleset
 from builder.netboot.inventory import GGUF_MAGIC, Control
 from builder.netboot.kernels import KERNELS
@@ -65,13 +66,36 @@ def _engines(loaded: Loaded, node: str) -> set[str]:
     return {loaded.service(p.service).engine for p in loaded.processes if p.node == node}
 
 
+def booted(loaded: Loaded, node: ClusterNode) -> tuple[str | None, str, str]:
+    """(device, target, variant) whose image a netbooted node boots: what its processes run (load_for_netboot
+    refuses two), or on an idle node its one target or first device. `device` is None on a one-target node."""
+    runs = [p for p in loaded.processes if p.node == node.name]
+    if runs:
+        return runs[0].device, runs[0].target, runs[0].variant
+    device = next(iter(node.devices), None)
+    return (device, *node_variant(node, device))
+
+
+def _check_devices(loaded: Loaded, i: int, node: ClusterNode, where: str) -> None:
+    """A netbooted node boots one root, the image of one device: its services all run on that device."""
+    runs = {(p.device, p.target, p.variant) for p in loaded.processes if p.node == node.name}
+    if len(runs) > 1:
+        used = ", ".join(f"{d} ({t}/{v})" for d, t, v in sorted(runs, key=str))
+        raise RecipeError(f"{where}: nodes[{i}]: {node.name}'s services run on its devices {used}, and a netbooted "
+                          "node boots one device's image", "give its services one device:, or leave out mac: and "
+                          "start each device's processes with `builder cluster commands`")
+
+
 def _check_node(loaded: Loaded, i: int, node: ClusterNode, where: str) -> None:
     cluster = loaded.cluster
-    if node.target not in KERNELS:
-        raise RecipeError(f"{where}: nodes[{i}].target: {node.target} cannot be netbooted yet",
+    _check_devices(loaded, i, node, where)
+    device, target, _ = booted(loaded, node)
+    if target not in KERNELS:
+        field = f"devices.{device}" if device else "target"
+        raise RecipeError(f"{where}: nodes[{i}].{field}: {target} cannot be netbooted yet",
                           f"netboot targets: {', '.join(KERNELS)}; leave out mac: to run it yourself "
                           "(`builder cluster commands`)")
-    board_args(node.target, node.ram, [*cluster.kernel_args, *node.kernel_args], f"{where}: nodes[{i}]")
+    node.board([*cluster.kernel_args, *node.kernel_args], f"{where}: nodes[{i}]")
     for name, value in node.env.items():
         if _CREDENTIAL.search(name):
             raise RecipeError(f"{where}: nodes[{i}].env.{name}: looks like a credential, and a netbooted node's "
@@ -135,7 +159,7 @@ def load_for_netboot(path: Path) -> Loaded:
                                       f"{name} needs one: the vLLM command lines of {service.name} name it",
                                       "reserve an address for the node in your DHCP server and write it here")
             first = loaded.node(service.nodes[0])
-            if service.topology == "pipeline" and executor(*node_variant(first)) != "mp":
+            if service.topology == "pipeline" and executor(*node_variant(first, service.device)) != "mp":
                 raise RecipeError(f"{where}: services[{i}]: a Ray pipeline does not netboot yet (its nodes would "
                                   "need the cluster's Ray token)", "run it with `builder cluster up --local`, "
                                   "or on nodes builder does not boot")
@@ -171,8 +195,8 @@ def models(loaded: Loaded, say: Say) -> dict[str, Path]:
 
 
 def netboot_set(loaded: Loaded, node: ClusterNode) -> tuple[str, str]:
-    """(target, variant) of the netboot set a node boots: its vLLM image's is spelt vllm-VARIANT."""
-    target, variant = node_variant(node)
+    """(target, variant) of the netboot set a node boots (booted()): its vLLM image's is spelt vllm-VARIANT."""
+    _, target, variant = booted(loaded, node)
     return target, f"vllm-{variant}" if "vllm" in _engines(loaded, node.name) else variant
 
 
@@ -251,7 +275,7 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
             # the initramfs makes room on the cache disk for these (a node without one ignores the word)
             args.append("builder.models=" + ",".join(f"{blobs[s]}:{files[s].stat().st_size}" for s in served))
         # the file's words, what the board needs (derived from its facts), then the node's own words
-        board = board_args(node.target, node.ram, [*cluster.kernel_args, *node.kernel_args], node.name)
+        board = node.board([*cluster.kernel_args, *node.kernel_args], node.name)
         args += [*cluster.kernel_args, *board.words, *node.kernel_args]
         if len(" ".join(args)) > KERNEL_LINE:
             raise RecipeError(f"{display_path(loaded.path)}: nodes: {node.name}'s kernel command line would be "
@@ -299,8 +323,10 @@ def summary(loaded: Loaded) -> list[str]:
     lines = []
     for n in loaded.cluster.nodes:
         if n.mac is None:
-            lines.append(f"  {n.name:<12} {'not netbooted':<17}  {label(loaded, n.name)}  {n.target}  "
+            lines.append(f"  {n.name:<12} {'not netbooted':<17}  {label(loaded, n.name)}  {', '.join(n.targets)}  "
                          f"`builder cluster commands {display_path(loaded.path)}` prints what to run there")
         else:
-            lines.append(f"  {n.name:<12} {n.mac}  {label(loaded, n.name)}  {n.target}  nodes/{n.file_stem}.ipxe")
+            device, target, _ = booted(loaded, n)
+            lines.append(f"  {n.name:<12} {n.mac}  {label(loaded, n.name)}  {target}{f' ({device})' if device else ''}"
+                         f"  nodes/{n.file_stem}.ipxe")
     return lines

@@ -241,7 +241,8 @@ def status(loaded: Loaded) -> dict[str, object]:
         "cluster": str(loaded.path), "mode": "netboot",
         "gateway": {"endpoint": remote.endpoint, "running": running, "key_file": str(remote.key_file),
                     "metrics": f"http://127.0.0.1:{loaded.cluster.gateway.metrics_port}/metrics"},
-        "nodes": [{"name": n.name, "address": where[n.name], "target": n.target, "mac": n.mac}
+        "nodes": [{"name": n.name, "address": where[n.name], "target": n.target, "devices": n.devices_json,
+                   "mac": n.mac}
                   for n in loaded.cluster.nodes],
         "services": services,
     }

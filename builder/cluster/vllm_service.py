@@ -1,7 +1,8 @@
 """vLLM services of a cluster file: which image a node runs them with, how a pipeline spans nodes, and the
 `vllm serve` / Ray command lines of every process.
 
-A node says its hardware (target, variant); a service's engine picks the flavour: a vLLM service runs the
+A node says its hardware (target, variant, or several devices of which a service picks one); a service's engine
+picks the flavour: a vLLM service runs the
 node's target and variant with the vllm flavour (recipes/vllm/TARGET.yaml), a llama.cpp service the llama.cpp
 image of the same target and variant. A node that hosts both kinds runs both images.
 
@@ -41,9 +42,11 @@ SHM_SIZE = "1g"
 NO_RAY = {"cpu": "vLLM's CPU platform has no Ray executor ('current platform cpu does not support ray')"}
 
 
-def node_variant(node: "ClusterNode") -> tuple[str, str]:
-    """(target, variant) of a node, the variant's default filled in."""
-    return node.target, node.variant or TARGETS[node.target].default_variant
+def node_variant(node: "ClusterNode", device: str | None = None) -> tuple[str, str]:
+    """(target, variant) a service runs on a node (`device`: the service's pick on a node with several), the
+    variant's default filled in."""
+    chosen = node.pick(device)
+    return chosen.target, chosen.variant or TARGETS[chosen.target].default_variant
 
 
 def executor(target: str, variant: str) -> Executor | None:
@@ -55,8 +58,8 @@ def executor(target: str, variant: str) -> Executor | None:
     return "ray" if any(requirement_name(str(r)) == "ray" for r in section.requirements) else None
 
 
-def _check_node(node: "ClusterNode", at: int, field: str, where: str) -> None:
-    target, variant = node_variant(node)
+def _check_node(node: "ClusterNode", device: str | None, at: int, field: str, where: str) -> None:
+    target, variant = node_variant(node, device)
     path = vllm_recipes() / f"{target}.yaml"
     if (target, variant) not in VLLM_DEVICES or not path.is_file() or \
             variant not in load_vllm_recipe(path).variants:
@@ -70,10 +73,10 @@ def check_vllm_service(service: "Service", field: str, where: str, nodes: list["
                        at: list[int]) -> None:
     """A vLLM service's nodes (its model folder is checked as every service's model is: ModelRef.check)."""
     for j, node in enumerate(nodes):
-        _check_node(node, at[j], f"{field}.nodes[{j}]", where)
+        _check_node(node, service.device, at[j], f"{field}.nodes[{j}]", where)
     if service.topology != "pipeline":
         return
-    kinds = {node_variant(n) for n in nodes}
+    kinds = {node_variant(n, service.device) for n in nodes}
     if len(kinds) > 1:
         raise RecipeError(f"{where}: {field}.nodes: a pipeline runs one vLLM build on every node, these are "
                           f"{', '.join(sorted(f'{t}/{v}' for t, v in kinds))}",
@@ -128,7 +131,7 @@ def launch(service: "Service", process: "Process", node: "ClusterNode", model: P
     rank = service.nodes.index(process.node)
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         flags += ["--env", name if interface is None else f"{name}={interface}"]
-    kind = executor(*node_variant(node))
+    kind = executor(*node_variant(node, service.device))
     if kind == "mp":
         serve = [*_serve_args(service, served, address, None if rank else process.port),
                  "--pipeline-parallel-size", str(size), "--distributed-executor-backend", "mp",

@@ -1,5 +1,6 @@
-"""What netboot knows of a cluster file: the control node, a node's hardware facts (name, MAC, target, address,
-kernel words, cache disk), validated like recipes. The cluster file itself is builder/cluster/model.py's."""
+"""What netboot knows of a cluster file: the control node, a node's hardware facts (name, MAC, address, kernel
+words, cache disk), validated like recipes. The cluster file itself, with each node's target or devices, is
+builder/cluster/model.py's."""
 
 import re
 from typing import ClassVar, Literal
@@ -38,8 +39,6 @@ class Node(Strict):
     name: HostName = Field(description="host name (lowercase letters, digits, '-')")
     mac: str | None = Field(None, description="MAC address of the boot interface, e.g. 52:54:00:12:34:56; "
                             "without one builder does not boot the node (see `builder cluster commands`)")
-    target: str = Field(description="target whose image the node boots (see `builder targets`)")
-    variant: str | None = Field(None, description="variant of the target (default: the target's default)")
     address: Address | None = Field(None, description="the node's reserved address (peers, the gateway and the "
                                     "firewall reach it there)")
     kernel_args: list[KernelArg] = Field(default_factory=list, description="extra kernel command-line words")
