@@ -17,7 +17,7 @@ from conftest import ROOT, run_cli
 
 RECIPE = ROOT / "recipes" / "cpu.yaml"
 # What each parameter is, by its name. A new parameter that takes a path must be named here.
-CLUSTER_FILES = {"inventory", "file"}
+CLUSTER_FILES = {"inventory", "file", "cluster_file"}
 RECIPE_FILES = {"recipe"}
 INPUT_FILES = {"model"}
 INPUT_FOLDERS = {"folder", "driver_dir", "pulled", "recipes"}
