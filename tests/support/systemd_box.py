@@ -18,8 +18,9 @@ SYSTEMD_BOX = BootstrapBase(
     suite="trixie",
     packages=[
         "systemd", "systemd-sysv", "iproute2", "procps", "haproxy", "dnsmasq-base",
-        # podman 5.x with Quadlet (its systemd generator); conmon and an OCI runtime come with it
-        "podman",
+        # podman 5.x with Quadlet (its systemd generator) and crun, which runs the units' containers in the box;
+        # runc for `builder run --print` in the box, which refuses crun alone on a host with hybrid cgroups
+        "podman", "crun", "runc",
         # builder's own dependencies (pyproject.toml) that `python3 -m builder` imports when it starts, from Debian
         # (a new one shows as ModuleNotFoundError in tests/engine/test_control_units.py: add its package here)
         "python3", "python3-typer", "python3-pydantic", "python3-jinja2", "python3-requests", "python3-yaml",
