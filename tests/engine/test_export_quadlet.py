@@ -83,18 +83,19 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
                        timeout=120)
 
 
-def cluster_file(folder: Path, model: Path) -> Path:
-    """Nodes a and b (cpu) and amd (strix-halo/rocm) on the box's loopback: a server on a, a split with its
-    head on a and its RPC worker on b, and a server on amd."""
+def cluster_file(folder: Path, model: Path, args: tuple[str, ...] = (), env: str = "2") -> Path:
+    """Nodes a and b (cpu) and amd (strix-halo/rocm) on the box's loopback: a server on a (with `args`), a split
+    with its head on a and its RPC worker on b, and a server on amd; node a's OMP_NUM_THREADS is `env`."""
     sha = sha256_file(model)
     node = {"memory": "2GiB"}
     data = {"control": {"address": "127.0.0.1"}, "gateway": {"address": "127.0.0.1", "port": 8080},
             "nodes": [{"name": "a", "mac": "52:54:00:12:35:01", "target": "cpu", "address": "127.0.0.11",
-                       "env": {"OMP_NUM_THREADS": "2"}, **node},
+                       "env": {"OMP_NUM_THREADS": env}, **node},
                       {"name": "b", "mac": "52:54:00:12:35:02", "target": "cpu", "address": "127.0.0.12", **node},
                       {"name": "amd", "mac": "52:54:00:12:35:03", "target": "strix-halo", "variant": "rocm",
                        "address": "127.0.0.13", **node}],
-            "services": [{"name": "chat", "model": model.name, "sha256": sha, "nodes": ["a"], "port": 8189},
+            "services": [{"name": "chat", "model": model.name, "sha256": sha, "nodes": ["a"], "port": 8189,
+                          "args": list(args)},
                          {"name": "big", "model": model.name, "sha256": sha, "topology": "split", "head": "a",
                           "workers": ["b"], "port": 8190},
                          {"name": "rocm", "model": model.name, "sha256": sha, "nodes": ["amd"], "port": 8191}]}
@@ -142,7 +143,9 @@ def test_quadlet_renders_every_option_that_builder_run_gives(box: Box) -> None:
     work.mkdir()
     model = work / "tiny.gguf"
     model.write_bytes(b"GGUF" + bytes(2000))
-    path = cluster_file(work, model)
+    # words systemd and Quadlet would read otherwise: specifiers, variables, quotes, spaces, backslashes
+    template = """{% for m in messages %}{{ m['content'] }} $HOME ${X} "q" \\n 100%{% endfor %}"""
+    path = cluster_file(work, model, ("--chat-template", template), env="2 $X %n")
     export(path, work / "out")
     units = work / "units"
     units.mkdir()
@@ -178,7 +181,9 @@ def test_quadlet_renders_every_option_that_builder_run_gives(box: Box) -> None:
                     ("--group-add", "993"), ("--security-opt", "seccomp=unconfined"),
                     ("--volume", model_volume)} <= wanted
         if name == "builder-chat":
-            assert ("--env", "OMP_NUM_THREADS=2") in wanted
+            assert ("--env", "OMP_NUM_THREADS=2 $X %n") in wanted and template in printed
+            # as systemd reads the line: $ and % doubled, so it expands neither
+            assert "$$HOME $${X}" in start and "100%%" in start and "$X %n" not in start
     worker = systemd_command(next(line for line in services["builder-big-rpc"] if line.startswith("ExecStart=")
                                   ).removeprefix("ExecStart="))
     assert ("--volume", "systemd-builder-big-rpc-cache:/var/cache/llama.cpp/rpc") in options(
