@@ -9,7 +9,7 @@ by sha256, and checked against that sha256 before the container starts (`ExecSta
 --model-sha256` does); an RPC worker keeps its tensor cache in a named volume (a `.volume` unit), so it
 survives the container.
 
-The units use only keys podman 4.9 accepts (Ubuntu 24.04's podman; QUADLET_KEYS): `GroupAdd=` came in 5.1, so
+The units use only keys podman 4.9 accepts (Ubuntu 24.04's podman): `GroupAdd=` came in 5.1, so
 the device groups go through `PodmanArgs=`. The groups are the device nodes' own gids on the node, found when
 the unit starts (as `builder run` finds them): an `ExecStartPre=` writes them to an environment file and
 `PodmanArgs=$BUILDER_GROUPS` takes them. Ray pipelines (the GPU variants' vLLM) are left out, as `cluster
@@ -32,19 +32,8 @@ from builder.recipe.targets import TARGETS, Host
 
 # The oldest podman whose Quadlet accepts every key these units use.
 MIN_PODMAN = "4.9"
-# Every key the units use, by section; each is in podman 4.9's podman-systemd.unit(5) (tests/unit check the
-# files against its full list). [Unit], [Service] and [Install] are systemd's own and pass through Quadlet.
-QUADLET_KEYS = {
-    "Container": ("Image", "ContainerName", "Network", "Exec", "Environment", "AddDevice", "PodmanArgs",
-                  "SeccompProfile", "SecurityLabelDisable", "Volume", "ShmSize", "Label", "HealthCmd",
-                  "HealthInterval", "HealthTimeout", "HealthRetries", "HealthStartPeriod", "HealthOnFailure"),
-    "Volume": ("Label",),
-}
-SYSTEMD_KEYS = {
-    "Unit": ("Description", "Wants", "After"),
-    "Service": ("Restart", "RestartSec", "TimeoutStartSec", "EnvironmentFile", "ExecStartPre"),
-    "Install": ("WantedBy",),
-}
+# Every key the units write is in podman 4.9's podman-systemd.unit(5) ([Container], [Volume]) or systemd's own
+# sections, which pass through Quadlet (tests/unit/test_cluster_export_quadlet.py checks every file).
 HEADER = "# Written by `builder cluster export --format quadlet` from {source}: regenerate it, do not edit.\n"
 # Where a unit's ExecStartPre leaves the device groups it found, for PodmanArgs=$BUILDER_GROUPS.
 GROUPS_DIR = "/run/builder"
