@@ -16,6 +16,7 @@ from builder.cluster.commands import as_text, node_commands
 from builder.cluster.convert import convert as convert_form
 from builder.cluster.convert import is_old_form
 from builder.cluster.export_kube import Models, export_kube, published_images, write_export
+from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet, write_quadlet
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.cluster.wake import chosen
@@ -228,15 +229,15 @@ def commands(
 
 
 # `builder cluster export --format`: the formats it writes, and those planned (refused with one line for now).
-EXPORT_FORMATS = ("kube",)
-PLANNED_FORMATS = ("quadlet", "ansible")
+EXPORT_FORMATS = ("kube", "quadlet")
+PLANNED_FORMATS = ("ansible",)
 
 
 @cluster_app.command()
 def export(
     inventory: InventoryArg,
-    form: Annotated[str, typer.Option("--format", help="kube: Kubernetes manifests (quadlet and ansible: not "
-                                      "yet).")],
+    form: Annotated[str, typer.Option("--format", help="kube: Kubernetes manifests; quadlet: podman "
+                                      f"Quadlet units per node (podman {MIN_PODMAN}+); ansible: not yet.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The folder the files go into (created if missing).")],
     registry: Annotated[str | None, typer.Option(
         "--registry", "-r", metavar="HOST/REPO", help="Run the images `builder publish` pushed there, by digest "
@@ -256,12 +257,19 @@ def export(
     service, a LeaderWorkerSet per vLLM pipeline, and the gateway (HAProxy) as a Deployment with its config in
     a ConfigMap. The API key goes into a Secret you create (the command is printed; the key is in no file
     this writes). Every container runs the arguments `builder cluster commands` prints for it.
+
+    quadlet: per node a folder of units for /etc/containers/systemd/: a .container per server and RPC worker
+    (restarted by systemd, the model's sha256 checked before it starts, the variant's devices, groups and
+    security options), a .volume for each RPC worker's tensor cache.
     """
     if form in PLANNED_FORMATS:
         raise RecipeError(f"--format {form}: not yet", f"formats: {', '.join(EXPORT_FORMATS)}")
     if form not in EXPORT_FORMATS:
         raise RecipeError(f"--format: unknown format {form!r}{did_you_mean(form, EXPORT_FORMATS + PLANNED_FORMATS)}",
                           f"formats: {', '.join(EXPORT_FORMATS)}")
+    if form == "quadlet" and claim is not None:
+        raise RecipeError("--models-claim: a PersistentVolumeClaim is Kubernetes' (--format kube)",
+                          "quadlet units mount each node's --models folder: leave --models-claim out")
     check_output(out, "--out", folder=True)
     where = Models(models, claim)
     repo = Repository.parse(registry) if registry is not None else None
@@ -269,21 +277,30 @@ def export(
     netboot_gateway.addresses(loaded)  # every server's node needs its address (the gateway binds its pod's own)
     for warning in loaded.warnings:
         typer.echo(f"warning: {warning}", err=True)
+    if form == "quadlet":
+        units = export_quadlet(loaded, where, str(out), published_images(repo) if repo else None)
+        _report(form, out, write_quadlet(units, out), units.images, list(units.warnings), list(units.steps),
+                repo is None, as_json)
+        return
     done = export_kube(loaded, where, str(out), published_images(repo) if repo else None)
-    written = write_export(done, out)
-    warnings = list(done.warnings)
-    if repo is None:
-        warnings.append(f"images are the local tags ({', '.join(sorted(set(done.images.values())))}): every node "
+    _report(form, out, write_export(done, out), done.images, list(done.warnings), list(done.steps), repo is None,
+            as_json)
+
+
+def _report(form: str, out: Path, written: list[str], images: dict[str, str], warnings: list[str],
+            steps: list[str], local_tags: bool, as_json: bool) -> None:
+    if local_tags:
+        warnings.append(f"images are the local tags ({', '.join(sorted(set(images.values())))}): every node "
                         "must have them; `builder publish` them and pass --registry to run them by digest")
     if as_json:
-        typer.echo(json.dumps({"format": form, "out": str(out), "files": written, "images": done.images,
-                               "warnings": warnings, "steps": list(done.steps)}, indent=2))
+        typer.echo(json.dumps({"format": form, "out": str(out), "files": written, "images": images,
+                               "warnings": warnings, "steps": steps}, indent=2))
         return
     for line in warnings:
         typer.echo(f"warning: {line}", err=True)
     typer.echo(f"wrote {len(written)} files to {out}")
     typer.echo("then:")
-    for step in done.steps:
+    for step in steps:
         typer.echo(f"  {step}")
 
 

@@ -1,6 +1,9 @@
 """A small Debian root that boots systemd in a container, for the control node's units
 (tests/engine/test_control_units.py).
 
+It also carries podman (trixie's 5.x, with Quadlet: tests/engine/test_export_quadlet.py renders and runs the
+units `builder cluster export --format quadlet` writes, with the cpu image loaded into the box's own storage).
+
 It is bootstrapped by builder itself from Debian's archive (mmdebstrap, imported into podman, cached by its
 inputs like every bootstrapped base: the second run finds the tag and bootstraps nothing). It has what the
 control node runs and what `python3 -m builder` needs from Debian's packages.
@@ -15,6 +18,9 @@ SYSTEMD_BOX = BootstrapBase(
     suite="trixie",
     packages=[
         "systemd", "systemd-sysv", "iproute2", "procps", "haproxy", "dnsmasq-base",
+        # podman 5.x with Quadlet (its systemd generator) and crun, which runs the units' containers in the box;
+        # runc for `builder run --print` in the box, which refuses crun alone on a host with hybrid cgroups
+        "podman", "crun", "runc",
         # builder's own dependencies (pyproject.toml) that `python3 -m builder` imports when it starts, from Debian
         # (a new one shows as ModuleNotFoundError in tests/engine/test_control_units.py: add its package here)
         "python3", "python3-typer", "python3-pydantic", "python3-jinja2", "python3-requests", "python3-yaml",

@@ -241,7 +241,6 @@ def test_a_second_export_replaces_its_own_files_only(cpu_file: Path, tmp_path: P
 
 
 @pytest.mark.parametrize(("args", "first"), [
-    (["--format", "quadlet"], "error: --format quadlet: not yet"),
     (["--format", "ansible"], "error: --format ansible: not yet"),
     (["--format", "kubb"], "error: --format: unknown format 'kubb' (did you mean 'kube'?)"),
     (["--format", "kube", "--models", "srv/models"],

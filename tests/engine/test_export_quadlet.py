@@ -1,0 +1,252 @@
+"""The units `builder cluster export --format quadlet` writes, read by podman's own Quadlet and run by a real
+systemd: PID 1 of a privileged Debian trixie container (tests/support/systemd_box.py, with trixie's podman 5.x),
+whose podman has its own storage.
+
+1. Quadlet's generator (dry run) renders each unit's `podman run`: it carries every device, group, volume,
+   security option and variable that `builder run --print` gives for the same `cluster commands` line, and the
+   same image arguments. The device nodes are made in the box (mknod), with groups of their own.
+2. The units run: the cpu image loaded into the box's storage (`podman save | podman load` through a mounted
+   tar), a server, a split's RPC worker and head, and a strix-halo server (the cpu image under that tag: its
+   container gets the device nodes and their groups as systemd expands them): `systemctl is-active`, a
+   completion from each llama-server, a `kill -9` of a server and its restart by systemd, and a model that
+   differs from its sha256 stops its unit before the container starts.
+
+The box has no network but its loopback (`--network none`): every server binds 127.0.0.x.
+"""
+
+import json
+import shlex
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from systemd_box import SYSTEMD_BOX
+from test_control_units import PROBE, SETTLE, Box
+
+from builder.core.digests import sha256_file
+from builder.engines.podman import PodmanEngine
+from builder.fetch.bootstrap import ensure_base
+from conftest import ROOT, require_engine, require_tool, run_cli_inproc
+
+pytestmark = pytest.mark.engine
+
+# Device nodes made in the box for the strix-halo node: (path, major, minor, gid), as a ROCm host has them
+DEVICES = (("/dev/dri/card0", 226, 0, 44), ("/dev/dri/renderD128", 226, 128, 993), ("/dev/kfd", 235, 0, 993))
+# The options whose values must reach the container (`-v` and `-e` are Quadlet's spellings)
+COMPARED = {"--device": "--device", "--group-add": "--group-add", "--volume": "--volume", "-v": "--volume",
+            "--security-opt": "--security-opt", "--env": "--env", "-e": "--env", "--shm-size": "--shm-size"}
+COMPLETION = """
+import json, sys, urllib.request
+body = json.dumps({"prompt": "Once upon a time", "n_predict": 4, "temperature": 0}).encode()
+request = urllib.request.Request(sys.argv[1], data=body, headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        sys.stdout.write(json.loads(answer.read())["content"])
+except OSError as exc:
+    sys.exit(f"no answer: {exc}")
+"""
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    require_engine("podman")
+    require_tool("mmdebstrap", "mmdebstrap")
+    engine = PodmanEngine()
+    image = ensure_base(engine, SYSTEMD_BOX)  # cached by its inputs, shared with test_control_units
+    work = tmp_path_factory.mktemp("quadlet")
+    work.chmod(0o755)
+    (work / "probe.py").write_text(PROBE)
+    (work / "complete.py").write_text(COMPLETION)
+    name = f"builder-quadlet-{uuid.uuid4().hex[:8]}"
+    command = engine.command()
+    # privileged: the box's podman runs containers, and the box makes device nodes; its storage is a volume
+    # of its own (an anonymous one, removed with the box), not the layers of the box's own root
+    subprocess.run([*command, "run", "--detach", "--name", name, *engine.container_flags(), "--network", "none",
+                    "--privileged", "--systemd", "always", "--volume", "/var/lib/containers",
+                    "--env", "PODMAN_IGNORE_CGROUPSV1_WARNING=1",
+                    "--volume", f"{ROOT}:/src:ro", "--volume", f"{work}:/work", image, "/sbin/init"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        found = Box(name, work, command)
+        found.booted()
+        script = "; ".join(f"mknod -m 660 {path} c {major} {minor} && chgrp {gid} {path}"
+                           for path, major, minor, gid in DEVICES)
+        found.run("sh", "-c", f"mkdir -p /dev/dri /srv/models /etc/containers/systemd; {script}")
+        yield found
+    finally:
+        subprocess.run([*command, "rm", "--force", "--volumes", "--time", "5", name], capture_output=True,
+                       timeout=120)
+
+
+def cluster_file(folder: Path, model: Path, args: tuple[str, ...] = (), env: str = "2") -> Path:
+    """Nodes a and b (cpu) and amd (strix-halo/rocm) on the box's loopback: a server on a (with `args`), a split
+    with its head on a and its RPC worker on b, and a server on amd; node a's OMP_NUM_THREADS is `env`."""
+    sha = sha256_file(model)
+    node = {"memory": "2GiB"}
+    data = {"control": {"address": "127.0.0.1"}, "gateway": {"address": "127.0.0.1", "port": 8080},
+            "nodes": [{"name": "a", "mac": "52:54:00:12:35:01", "target": "cpu", "address": "127.0.0.11",
+                       "env": {"OMP_NUM_THREADS": env}, **node},
+                      {"name": "b", "mac": "52:54:00:12:35:02", "target": "cpu", "address": "127.0.0.12", **node},
+                      {"name": "amd", "mac": "52:54:00:12:35:03", "target": "strix-halo", "variant": "rocm",
+                       "address": "127.0.0.13", **node}],
+            "services": [{"name": "chat", "model": model.name, "sha256": sha, "nodes": ["a"], "port": 8189,
+                          "args": list(args)},
+                         {"name": "big", "model": model.name, "sha256": sha, "topology": "split", "head": "a",
+                          "workers": ["b"], "port": 8190},
+                         {"name": "rocm", "model": model.name, "sha256": sha, "nodes": ["amd"], "port": 8191}]}
+    path = folder / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def export(path: Path, out: Path) -> dict[str, Any]:
+    proc = run_cli_inproc("cluster", "export", str(path), "--format", "quadlet", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def rendered(box: Box, units: str) -> dict[str, list[str]]:
+    """Quadlet's dry run over a folder of units: each generated service's lines."""
+    out = box.run("env", f"QUADLET_UNIT_DIRS={units}", "/usr/libexec/podman/quadlet", "-dryrun").stdout
+    services: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in out.splitlines():
+        if line.startswith("---") and line.endswith(".service---"):
+            current = services.setdefault(line.strip("-").removesuffix(".service"), [])
+        else:
+            current.append(line)
+    return services
+
+
+def systemd_command(line: str) -> list[str]:
+    """An Exec*= value as the words systemd runs: unquoted, $$ and %% undoubled."""
+    return [w.replace("$$", "$").replace("%%", "%") for w in shlex.split(line)]
+
+
+def options(words: list[str], image: str) -> set[tuple[str, str]]:
+    """The compared options of a `podman run` command line, up to its image."""
+    found = set()
+    end = words.index(image)
+    for i, word in enumerate(words[:end]):
+        if word in COMPARED:
+            found.add((COMPARED[word], words[i + 1]))
+    return found
+
+
+def test_quadlet_renders_every_option_that_builder_run_gives(box: Box) -> None:
+    work = box.work / "dry"
+    work.mkdir()
+    model = work / "tiny.gguf"
+    model.write_bytes(b"GGUF" + bytes(2000))
+    # words systemd and Quadlet would read otherwise: specifiers, variables, quotes, spaces, backslashes
+    template = """{% for m in messages %}{{ m['content'] }} $HOME ${X} "q" \\n 100%{% endfor %}"""
+    path = cluster_file(work, model, ("--chat-template", template), env="2 $X %n")
+    export(path, work / "out")
+    units = work / "units"
+    units.mkdir()
+    for unit in (work / "out").glob("*/*"):
+        (units / unit.name).write_bytes(unit.read_bytes())
+    box.run("cp", f"/work/dry/{model.name}", f"/srv/models/{sha256_file(model)}.gguf")
+    services = rendered(box, "/work/dry/units")
+    proc = run_cli_inproc("cluster", "commands", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = [argv for entry in json.loads(proc.stdout) for argv in entry["argv"]]
+    assert len(lines) == 4 and sorted(services) == ["builder-big", "builder-big-rpc", "builder-big-rpc-cache-volume",
+                                                    "builder-chat", "builder-rocm"]
+    for argv in lines:
+        name = argv[argv.index("--name") + 1]
+        image = "localhost/builder/strix-halo:rocm" if "strix-halo" in argv else "localhost/builder/cpu:cpu"
+        # what builder run gives for the same line, on the box (its devices, their groups, the model file)
+        printed = json.loads(box.builder("run", "--print", "--json", "--image", image, *argv[2:]).stdout)
+        service = services[name]
+        start = next(line for line in service if line.startswith("ExecStart="))
+        words = systemd_command(start.removeprefix("ExecStart="))
+        if "$BUILDER_GROUPS" in words:  # the groups the unit's ExecStartPre finds when it starts, run here
+            finder = next(line for line in service if line.startswith("ExecStartPre=") and "--group-add" in line)
+            box.run(*systemd_command(finder.removeprefix("ExecStartPre=")))
+            found = box.run("cat", f"/run/builder/{name}.env").stdout.strip().split("=", 1)[1].split()
+            at = words.index("$BUILDER_GROUPS")
+            words[at:at + 1] = found
+        wanted = options(printed, image)
+        assert wanted <= options(words, image), (name, wanted - options(words, image))
+        assert printed[printed.index(image) + 1:] == words[words.index(image) + 1:], name
+        if name == "builder-rocm":  # the comparison is not empty: the devices, both groups, seccomp, the model
+            model_volume = f"/srv/models/{sha256_file(model)}.gguf:/models/{sha256_file(model)}.gguf:ro"
+            assert {("--device", "/dev/dri"), ("--device", "/dev/kfd"), ("--group-add", "44"),
+                    ("--group-add", "993"), ("--security-opt", "seccomp=unconfined"),
+                    ("--volume", model_volume)} <= wanted
+        if name == "builder-chat":
+            assert ("--env", "OMP_NUM_THREADS=2 $X %n") in wanted and template in printed
+            # as systemd reads the line: $ and % doubled, so it expands neither
+            assert "$$HOME $${X}" in start and "100%%" in start and "$X %n" not in start
+    worker = systemd_command(next(line for line in services["builder-big-rpc"] if line.startswith("ExecStart=")
+                                  ).removeprefix("ExecStart="))
+    assert ("--volume", "systemd-builder-big-rpc-cache:/var/cache/llama.cpp/rpc") in options(
+        worker, "localhost/builder/cpu:cpu")
+
+
+def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: str, tiny_model: Path) -> None:
+    work = box.work / "run"
+    work.mkdir()
+    model = work / "tiny.gguf"
+    model.write_bytes(tiny_model.read_bytes())
+    sha = sha256_file(model)
+    started = time.monotonic()
+    subprocess.run(["podman", "save", "-o", str(work / "cpu.tar"), llama_cpu_image],
+                   check=True, capture_output=True, timeout=300)
+    box.run("podman", "load", "--quiet", "--input", "/work/run/cpu.tar", timeout=300)
+    for tag in ("localhost/builder/cpu:cpu", "localhost/builder/strix-halo:rocm"):
+        box.run("podman", "tag", llama_cpu_image, tag)
+    print(f"\nthe cpu image into the box's storage: {time.monotonic() - started:.0f} s")
+    export(cluster_file(work, model), work / "out")
+    box.run("sh", "-c", f"cp /work/run/out/*/* /etc/containers/systemd/ && cp /work/run/tiny.gguf "
+                        f"/srv/models/{sha}.gguf && systemctl daemon-reload")
+    units = ["builder-big-rpc.service", "builder-chat.service", "builder-big.service", "builder-rocm.service"]
+    box.run("systemctl", "start", *units, timeout=300)
+
+    def complete(port: int) -> bool:
+        answer = box.run("python3", "/work/complete.py", f"http://127.0.0.{11 if port < 8191 else 13}:{port}"
+                         "/completion", check=False, timeout=60)
+        return answer.returncode == 0 and bool(answer.stdout)
+
+    # the split's head may start before its worker listens: it exits, and systemd starts it again
+    for unit in units:
+        box.wait(f"{unit} active", lambda unit=unit: box.state(unit) == "active")
+    for port in (8189, 8190, 8191):
+        box.wait(f"a completion on port {port}", lambda port=port: complete(port))
+    assert box.run("systemctl", "is-enabled", "builder-chat.service", check=False).stdout.strip() == "generated"
+
+    # the strix-halo container got the device nodes and their groups, as systemd expanded $BUILDER_GROUPS
+    inspected = json.loads(box.run("podman", "inspect", "builder-rocm").stdout)[0]["HostConfig"]
+    assert sorted(inspected["GroupAdd"]) == ["44", "993"]
+    assert sorted(d["PathOnHost"] for d in inspected["Devices"]) == sorted(p for p, *_ in DEVICES)
+    assert "seccomp=unconfined" in inspected["SecurityOpt"]
+
+    # a crash of the server: systemd starts the unit again, and it answers
+    def server_pid() -> int:
+        return int(box.run("podman", "inspect", "--format", "{{.State.Pid}}", "builder-chat", check=False).stdout
+                   .strip() or 0)
+
+    killed = server_pid()
+    assert box.run("ps", "-o", "comm=", "-p", str(killed)).stdout.strip() == "llama-server"
+    box.run("kill", "-9", str(killed))
+    box.wait("the server after kill -9", lambda: box.state("builder-chat.service") == "active"
+             and server_pid() not in (0, killed) and complete(8189))
+    restarts = box.run("systemctl", "show", "--property=NRestarts", "--value", "builder-chat.service").stdout
+    assert int(restarts) >= 1
+
+    # a model that is not the one the cluster file names: the unit stops before its container starts
+    box.run("sh", "-c", f"printf 'GGUF other' > /srv/models/{sha}.gguf")
+    assert box.run("systemctl", "restart", "builder-chat.service", check=False).returncode != 0
+    journal = box.run("journalctl", "--no-pager", "-u", "builder-chat.service", "-n", "20").stdout
+    assert f"the cluster file says {sha}" in journal
+    assert box.run("podman", "container", "exists", "builder-chat", check=False).returncode != 0
+    deadline = time.monotonic() + SETTLE
+    while box.state("builder-chat.service") == "active" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert box.state("builder-chat.service") != "active"
