@@ -58,3 +58,12 @@ def test_imports_flow_one_way_through_the_stages() -> None:
                 if there in STAGES and STAGES.index(there) > STAGES.index(here):
                     upward.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
     assert not upward, "\n".join(upward)
+
+
+def test_test_modules_have_unique_names_across_folders() -> None:
+    """pytest imports test modules by their base name (rootdir-based, no packages): two folders holding the same
+    name stop the whole run at collection, before any test runs."""
+    seen: dict[str, Path] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path.relative_to(ROOT)} and {seen[path.name].relative_to(ROOT)}"
+        seen[path.name] = path
