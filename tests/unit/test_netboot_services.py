@@ -12,6 +12,7 @@ from test_netboot import fake_artifacts
 
 from builder.cluster.plans import load_for_netboot, models, publish_services
 from builder.core.errors import RecipeError
+from builder.netboot.plan import AGENT_PORT
 from builder.netboot.publish import current_id
 from builder.netboot.serve import dnsmasq_config
 from conftest import free_port, run_cli, run_cli_inproc
@@ -232,3 +233,19 @@ def test_a_nodes_env_reaches_its_plan_and_a_credential_never_does(tmp_path: Path
         load_for_netboot(path)
     assert "cluster.yaml: nodes[1].env.HF_TOKEN: looks like a credential" in str(caught.value)
     assert "boot network" in str(caught.value)
+
+
+def test_a_service_on_the_agent_port_of_a_server_node_is_refused(tmp_path: Path) -> None:
+    """A node with a llama-server runs the gateway's agent on AGENT_PORT: a service there cannot take that port
+    (a worker-only node runs no agent, so its workers may)."""
+    path = cluster_file(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["services"][1]["rpc_port"] = AGENT_PORT  # c runs big's worker only
+    path.write_text(yaml.safe_dump(data))
+    load_for_netboot(path)
+    data["services"][1]["port"] = AGENT_PORT  # b runs big's head: a llama-server
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as caught:
+        load_for_netboot(path)
+    assert str(caught.value).endswith(f"cluster.yaml: services: a service on b uses port {AGENT_PORT}, where the "
+                                      "node's gateway agent listens")
