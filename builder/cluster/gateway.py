@@ -285,6 +285,7 @@ class ServerState:
     active: int  # requests in flight
     total: int  # requests sent so far
     last_check: str  # L7OK when the last /health answered 200; INI before the first check
+    why: str = ""  # what a netbooted node's agent said when it took the server out ("degraded: …")
 
     @property
     def healthy(self) -> bool:
@@ -295,7 +296,7 @@ class ServerState:
         """What `cluster status` shows of a server: its health ("starting" before the first check), the last
         check, and its requests in flight and so far."""
         return {"health": self.status if self.last_check != "INI" else "starting", "last_check": self.last_check,
-                "active": self.active, "requests": self.total}
+                "active": self.active, "requests": self.total, **({"why": self.why} if self.why else {})}
 
 
 def read_stats(metrics_port: int) -> list[ServerState]:
@@ -310,6 +311,10 @@ def read_stats(metrics_port: int) -> list[ServerState]:
     out = []
     for row in rows:
         if row["pxname"].startswith("svc_") and row["svname"] not in ("FRONTEND", "BACKEND"):
+            # the agent's `down #REASON` reads "via agent : down (REASON)"
+            agent = re.fullmatch(r"via agent : down \((.*)\)", row.get("last_agt") or "")
+            why = agent.group(1) if agent and "(agent)" in row["status"] else ""
             out.append(ServerState(row["pxname"][4:], row["svname"], row["status"].split()[0],
-                                   int(row["scur"] or 0), int(row["stot"] or 0), row["check_status"].strip("* ")))
+                                   int(row["scur"] or 0), int(row["stot"] or 0), row["check_status"].strip("* "),
+                                   why))
     return out

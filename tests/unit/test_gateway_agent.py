@@ -134,7 +134,11 @@ def test_the_agent_answers_per_server_port(node: Node) -> None:
 def test_a_degraded_server_leaves_the_rotation_and_comes_back(node: Node) -> None:
     node.say("down #degraded: no Vulkan device: llama.cpp lists CPU")
     # its /health passes all along: only the agent takes it out
-    assert node.wait_for("DOWN").last_check == "L7OK"
+    down = node.wait_for("DOWN")
+    assert down.last_check == "L7OK"
+    # `cluster status` says why
+    assert down.why == "degraded: no Vulkan device: llama.cpp lists CPU"
+    assert down.fields()["why"] == down.why
     body = {"model": "chat", "prompt": "hi"}
     headers = {"Authorization": f"Bearer {node.key}"}
     node.recorder.clear()
@@ -142,6 +146,6 @@ def test_a_degraded_server_leaves_the_rotation_and_comes_back(node: Node) -> Non
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "service_unavailable"
     assert node.recorder.paths() == []
     node.say("up")
-    node.wait_for("UP")
+    assert node.wait_for("UP").why == ""
     resp = requests.post(f"{node.url}/v1/completions", json=body, headers=headers, timeout=30)
     assert resp.status_code == 200 and node.recorder.paths() == [("POST", "/v1/completions")]
