@@ -10,7 +10,8 @@ ggml-vulkan ignores lavapipe (a CPU-type device) unless GGML_VK_VISIBLE_DEVICES=
 has no Vulkan device: the node says `degraded`, the RPC worker does not listen and the server's agent answers
 `down` (the gateway keeps it out of the rotation; test_gateway_agent.py shows HAProxy acting on that answer).
 With GGML_VK_VISIBLE_DEVICES=0 in the plan's env both are ready and the agent answers `up`; with
-LLAMA_ALLOW_FALLBACK=1 instead they serve on the CPU and say so.
+LLAMA_ALLOW_FALLBACK=1 instead they serve on the CPU and say so. The cpu image, whose device is the CPU, is
+ready at once and qualifies once per node, after its first ready line.
 """
 
 import json
@@ -99,6 +100,15 @@ def arc_vulkan() -> str:
     return image
 
 
+@pytest.fixture(scope="module")
+def cpu() -> str:
+    require_engine(ENGINE)
+    proc = run_cli("build", "--target", "cpu", "--engine", ENGINE, "--json", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    image: str = json.loads(proc.stdout)["image"]
+    return image
+
+
 @contextmanager
 def node(image: str, model: Path, work: Path, env: dict[str, str]) -> Iterator[Node]:
     """plan.sh in the image, running a plan with the node's `env`, an RPC worker of `big` and a server of `chat`."""
@@ -170,3 +180,13 @@ def test_the_allowed_fallback_serves_on_the_cpu_and_says_why(arc_vulkan: str, ti
         # the qualification runs once, after the first ready line: on the CPU it reports the missing device
         text = ci.wait_for("builder-node: ci not qualified: no Vulkan device")
         assert text.count("qualified") == 1
+
+
+def test_the_cpu_image_qualifies_once_after_it_is_ready(cpu: str, tiny_model: Path, tmp_path: Path) -> None:
+    """The cpu image's device is the CPU: ready at once, then one qualification for the node (not one per
+    process), which gives the ids its build recorded."""
+    with node(cpu, tiny_model, tmp_path, {}) as ci:
+        ci.wait_for(f"builder-node: ci server chat ready on 127.0.0.1:{ci.server}\n")
+        assert ci.ask_agent() == b"up\n"
+        text = ci.wait_for("builder-node: ci qualified on CPU: CPU gives the ids recorded on CPU\n")
+        assert text.count("qualified") == 1 and "degraded" not in text
