@@ -153,7 +153,8 @@ def status(
         for p in service["processes"]:
             extra = f"  {p['active']} active, {p['requests']} served" if "requests" in p else ""
             where = f"container {p['container']}" if "container" in p else ""
-            typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} {where}{extra}"
+            why = f"  ({p['why']})" if "why" in p else ""
+            typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} {where}{extra}{why}"
                        .rstrip())
     if problems:
         typer.echo(f"state    NOT SERVING: {'; '.join(problems)}")
@@ -167,7 +168,7 @@ def _problems(document: dict[str, object]) -> list[str]:
     found = [] if gateway["running"] else ["the gateway is not running"]
     for service in document["services"]:  # type: ignore[attr-defined]
         found += [f"{service['name']} {p['role']} on {p['node']} is {p['health']}"
-                  for p in service["processes"] if p["health"] != "UP"]
+                  + (f" ({p['why']})" if "why" in p else "") for p in service["processes"] if p["health"] != "UP"]
     return found
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from builder.cluster.model import Loaded, load_cluster
 from builder.core.errors import RecipeError
 from builder.netboot.firewall import LEASED, Firewall, allowed_addresses
+from builder.netboot.plan import AGENT_PORT
 from builder.recipe.load import display_path
 
 
@@ -19,10 +20,14 @@ def for_services(loaded: Loaded, leased: bool = False) -> list[Firewall]:
                           "control: {address: 10.0.0.1} (the node that runs the gateway)")
     nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
     allowed = tuple(allowed_addresses(where, cluster.control.address, nodes, every_node=not leased))
+    agents = loaded.agent_nodes()
     out = []
     for node in cluster.nodes:
         ports = sorted({p.port for p in loaded.processes if p.node == node.name})
-        out.append(Firewall(node.name, str(node.address or LEASED), allowed, tuple(ports)))
+        # the gateway's agent-check comes from the control node: no other node may ask the agent
+        control = (AGENT_PORT,) if node.name in agents else ()
+        out.append(Firewall(node.name, str(node.address or LEASED), allowed, tuple(ports),
+                            str(cluster.control.address), control))
     return out
 
 

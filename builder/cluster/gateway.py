@@ -28,6 +28,7 @@ from builder import PROJECT_ROOT
 from builder.cluster.model import SERVICE_NAME, Loaded
 from builder.core.errors import BuilderError, RecipeError
 from builder.core.run import run
+from builder.netboot.plan import AGENT_PORT
 
 # The whole request body must fit HAProxy's buffer (gateway.max_request, 1 MiB by default) to be routed by
 # `model` (and retried): 1 MiB holds the prompts of long-context agents; a larger body is refused with 413
@@ -48,6 +49,8 @@ POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 TEMPLATES = PROJECT_ROOT / "images" / "gateway"
 # The key as HAProxy reads it (a map from one word to the key), written from the key file, mode 0600.
 KEY_MAP = "api-key.map"
+# How often the gateway asks a netbooted node's agent whether a server may take requests (its device is there).
+AGENT_INTERVAL = "2s"
 # Paths that reach the config must be plain words: HAProxy splits its lines on blanks and reads quotes.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._+-]+")
 
@@ -122,9 +125,11 @@ def _template() -> jinja2.Template:
 
 
 def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], state: Path,
-                   drop: Drop | None = None) -> str:
+                   drop: Drop | None = None, agents: frozenset[str] = frozenset()) -> str:
     """The whole haproxy.cfg: users reach `bind`, backends are the services' servers at their nodes' addresses;
-    the key is read from `state`/api-key.map and the model list from `state`/models.json."""
+    the key is read from `state`/api-key.map and the model list from `state`/models.json. The llama-servers on
+    the nodes in `agents` (netbooted ones) are also asked by agent-check, on the node's AGENT_PORT, whether they
+    may take requests: a node whose device is missing answers `down` for them (images/netboot/plan.sh)."""
     gateway = loaded.cluster.gateway
     buffer_size = int(gateway.max_request)
     services = []
@@ -132,7 +137,9 @@ def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], stat
         # The model's pattern keeps names plain; the template interpolates them as words, so check again here.
         if not re.fullmatch(SERVICE_NAME, service.name):
             raise BuilderError(f"{loaded.path.name}: service name {service.name!r} is not plain", "rename it")
-        servers = [{"node": p.node, "address": f"{_ip_literal(addresses[p.node], 'node ' + p.node)}:{p.port}"}
+        agent = {"port": AGENT_PORT, "interval": AGENT_INTERVAL} if service.engine == "llama.cpp" else None
+        servers = [{"node": p.node, "address": f"{_ip_literal(addresses[p.node], 'node ' + p.node)}:{p.port}",
+                    "port": int(p.port), "agent": agent if p.node in agents else None}
                    for p in loaded.servers(service.name)]
         if not servers:
             continue  # workers only: their head, outside the file, is not behind this gateway
@@ -167,7 +174,6 @@ def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], stat
         models_file=_plain_path(state / "models.json"), drop=drop, bind=_ip_literal(bind, "the gateway's address"),
         port=gateway.port, metrics_port=gateway.metrics_port, services=services, answers=answers,
         http_errors=http_errors)
-
 
 
 def ensure_key(loaded: Loaded, state: Path) -> Path:
@@ -205,9 +211,10 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def write_gateway(loaded: Loaded, state: Path, bind: str, addresses: dict[str, str]) -> Path:
+def write_gateway(loaded: Loaded, state: Path, bind: str, addresses: dict[str, str],
+                  agents: frozenset[str] = frozenset()) -> Path:
     """haproxy.cfg, models.json and the key's map in `state` (a 0700 folder, 0600 files), checked with
-    `haproxy -c`; the config's path."""
+    `haproxy -c`; the config's path. `agents`: the nodes that answer agent-check (haproxy_config)."""
     state.chmod(0o700)
     key = ensure_key(loaded, state).read_text().strip()
     if not key.isprintable() or any(c.isspace() for c in key):
@@ -217,7 +224,7 @@ def write_gateway(loaded: Loaded, state: Path, bind: str, addresses: dict[str, s
     _write_private(state / "models.json", models_document(loaded, int(loaded.path.stat().st_mtime)))
     config = state / "haproxy.cfg"
     _write_private(config, haproxy_config(loaded, bind=bind, addresses=addresses, state=state,
-                                          drop=privilege_drop(state)))
+                                          drop=privilege_drop(state), agents=agents))
     run(["haproxy", "-c", "-q", "-f", config], timeout=30)
     return config
 
@@ -278,6 +285,7 @@ class ServerState:
     active: int  # requests in flight
     total: int  # requests sent so far
     last_check: str  # L7OK when the last /health answered 200; INI before the first check
+    why: str = ""  # what a netbooted node's agent said when it took the server out ("degraded: …")
 
     @property
     def healthy(self) -> bool:
@@ -288,7 +296,7 @@ class ServerState:
         """What `cluster status` shows of a server: its health ("starting" before the first check), the last
         check, and its requests in flight and so far."""
         return {"health": self.status if self.last_check != "INI" else "starting", "last_check": self.last_check,
-                "active": self.active, "requests": self.total}
+                "active": self.active, "requests": self.total, **({"why": self.why} if self.why else {})}
 
 
 def read_stats(metrics_port: int) -> list[ServerState]:
@@ -303,6 +311,10 @@ def read_stats(metrics_port: int) -> list[ServerState]:
     out = []
     for row in rows:
         if row["pxname"].startswith("svc_") and row["svname"] not in ("FRONTEND", "BACKEND"):
+            # the agent's `down #REASON` reads "via agent : down (REASON)"
+            agent = re.fullmatch(r"via agent : down \((.*)\)", row.get("last_agt") or "")
+            why = agent.group(1) if agent and "(agent)" in row["status"] else ""
             out.append(ServerState(row["pxname"][4:], row["svname"], row["status"].split()[0],
-                                   int(row["scur"] or 0), int(row["stot"] or 0), row["check_status"].strip("* ")))
+                                   int(row["scur"] or 0), int(row["stot"] or 0), row["check_status"].strip("* "),
+                                   why))
     return out

@@ -241,6 +241,13 @@ class Loaded:
     def servers(self, service: str) -> list[Process]:
         return [p for p in self.processes if p.service == service and p.role == "server"]
 
+    def agent_nodes(self) -> set[str]:
+        """The netbooted nodes that run a llama-server: each answers the gateway's agent-check (its device is
+        there, or not) on the plan's agent port (builder/netboot/plan.py)."""
+        booted = {node.name for node in self.cluster.netbooted}
+        return {p.node for p in self.processes if p.node in booted and p.role == "server"
+                and self.service(p.service).engine == "llama.cpp"}
+
 
 def _gib(size: float) -> str:
     return f"{size / GIB:.1f} GiB"

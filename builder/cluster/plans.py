@@ -31,7 +31,18 @@ from builder.netboot.firewall import ruleset
 from builder.netboot.inventory import GGUF_MAGIC, Control
 from builder.netboot.kernels import KERNELS
 from builder.netboot.models import pack_model
-from builder.netboot.plan import NONE, EnvLine, Line, NodePlan, RpcWorkerLine, ServerLine, VllmLine, serialize
+from builder.netboot.plan import (
+    AGENT_PORT,
+    NONE,
+    AgentLine,
+    EnvLine,
+    Line,
+    NodePlan,
+    RpcWorkerLine,
+    ServerLine,
+    VllmLine,
+    serialize,
+)
 from builder.netboot.publish import (
     Artifacts,
     Manifests,
@@ -140,6 +151,10 @@ def load_for_netboot(path: Path) -> Loaded:
         if node.name not in booted:
             continue
         _check_node(loaded, i, node, where)
+        if node.name in loaded.agent_nodes() and any(p.port == AGENT_PORT for p in loaded.processes
+                                                    if p.node == node.name):
+            raise RecipeError(f"{where}: services: a service on {node.name} uses port {AGENT_PORT}, where the node's "
+                              "gateway agent listens", f"give the service another port than {AGENT_PORT}")
         why = _needs_address(loaded, node.name)
         if why and not node.address:
             raise RecipeError(f"{where}: nodes[{i}].address: {node.name} needs one: {why}",
@@ -223,6 +238,8 @@ def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> No
     """A node's plan: its environment, its RPC workers first (heads elsewhere wait for them), then its servers.
     `blobs`: each service's published model, by sha256."""
     lines: list[Line] = [EnvLine(name, value) for name, value in sorted(loaded.node(node).env.items())]
+    if node in loaded.agent_nodes():
+        lines.append(AgentLine(AGENT_PORT))
     mine = sorted((p for p in loaded.processes if p.node == node), key=lambda p: p.role != "rpc-worker")
     where = {n.name: str(n.address) for n in loaded.cluster.nodes}
     for process in mine:

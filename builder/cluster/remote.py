@@ -95,7 +95,7 @@ def up(loaded: Loaded, timeout: float, say: Say, strict: bool = False, installed
     remote = Remote.of(loaded)
     where = addresses(loaded)
     previous = (remote.state / "haproxy.cfg").read_text() if (remote.state / "haproxy.cfg").is_file() else None
-    config = write_gateway(loaded, remote.state, remote.bind, where)
+    config = write_gateway(loaded, remote.state, remote.bind, where, frozenset(loaded.agent_nodes()))
     started = False
     if installed or (UNIT_DIR / gateway_unit_name(loaded)).is_file():  # systemd runs it; never stopped here
         _under_systemd(remote, config.read_text() != previous, say)

@@ -34,6 +34,8 @@ class Firewall:
     address: str
     allowed: tuple[str, ...]  # IP addresses, the node's own among them
     ports: tuple[int, ...]  # backend ports this node serves (for the reader; every port is closed to others)
+    control: str = ""  # the control node's address, the only one that may reach control_ports
+    control_ports: tuple[int, ...] = ()  # the node's gateway agent (builder/netboot/plan.py's AGENT_PORT)
 
 
 def _ip(value: str | None, where: str, field: str, fix: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -74,14 +76,17 @@ def ruleset(firewall: Firewall, source: str) -> str:
         allowed = [ipaddress.ip_address(a) for a in firewall.allowed]
         if firewall.address != LEASED:
             ipaddress.ip_address(firewall.address)
+        control = ipaddress.ip_address(firewall.control) if firewall.control_ports else None
     except ValueError as exc:
         raise RecipeError(f"firewall: {firewall.node}: {exc}", "addresses in the rules are IP literals") from None
-    if not all(isinstance(p, int) and 1 <= p <= 65535 for p in firewall.ports):
+    if not all(isinstance(p, int) and 1 <= p <= 65535 for p in (*firewall.ports, *firewall.control_ports)):
         raise RecipeError(f"firewall: {firewall.node}: ports {firewall.ports!r} are not port numbers")
     sets = [{"name": name, "family": family, "match": match, "members": [str(a) for a in allowed if a.version == v]}
             for v, name, family, match in ((4, "cluster4", "ipv4_addr", "ip"), (6, "cluster6", "ipv6_addr", "ip6"))]
     return _template().render(source=source, node=firewall.node, address=firewall.address, table=TABLE,
-                              ports=[str(p) for p in firewall.ports], sets=[s for s in sets if s["members"]])
+                              ports=[str(p) for p in firewall.ports], sets=[s for s in sets if s["members"]],
+                              control={"match": "ip" if control.version == 4 else "ip6", "address": str(control),
+                                       "ports": [str(p) for p in firewall.control_ports]} if control else None)
 
 
 def _template() -> jinja2.Template:

@@ -6,11 +6,14 @@ command line (`builder.plan=URL builder.plan_sha256=HEX`), which node-init fetch
 only knows the lines. One line per item, fields separated by one tab, `-` for a field that is empty:
 
     env         NAME     VALUE
+    agent       PORT
     rpc-worker  SERVICE  PORT
     server      SERVICE  PORT  MODEL_URL  MODEL_SHA256  RPC  CTX  [LLAMA-SERVER ARGS…]
     vllm        SERVICE  PORT  MODEL_URL  MODEL_SHA256  MOUNT  ENV  ARGV…
 
 * env: exported to every process the node starts (before any of them starts).
+* agent: the node's HAProxy agent on its address and PORT (AGENT_PORT): the gateway's agent-check asks it, per
+  llama-server, `up` or `down #degraded: …` (a server whose device is missing stays out of the rotation).
 * rpc-worker: ggml-rpc-server on the node's address and PORT.
 * server: llama-server on the node's address and PORT serving the GGUF at MODEL_URL (checked against
   MODEL_SHA256), `--rpc RPC` (HOST:PORT,… of its workers) and `-c CTX` when given, then the service's args.
@@ -25,14 +28,23 @@ splits on tabs would lose it); `serialize` refuses such a value, `parse` refuses
 from dataclasses import dataclass
 
 NONE = "-"
-HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | rpc-worker SERVICE PORT | server SERVICE PORT "
-          "MODEL_URL MODEL_SHA256 RPC CTX [ARGS...] | vllm SERVICE PORT MODEL_URL MODEL_SHA256 MOUNT ENV ARGV...\n")
+# The port of a node's agent (HAProxy's agent-check), on a node that runs a llama-server; the control node only
+# may connect to it (the node's firewall).
+AGENT_PORT = 7999
+HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | agent PORT | rpc-worker SERVICE PORT | server "
+          "SERVICE PORT MODEL_URL MODEL_SHA256 RPC CTX [ARGS...] | vllm SERVICE PORT MODEL_URL MODEL_SHA256 MOUNT ENV "
+          "ARGV...\n")
 
 
 @dataclass(frozen=True)
 class EnvLine:
     name: str
     value: str
+
+
+@dataclass(frozen=True)
+class AgentLine:
+    port: int
 
 
 @dataclass(frozen=True)
@@ -63,7 +75,7 @@ class VllmLine:
     argv: tuple[str, ...]
 
 
-Line = EnvLine | RpcWorkerLine | ServerLine | VllmLine
+Line = EnvLine | AgentLine | RpcWorkerLine | ServerLine | VllmLine
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ class NodePlan:
     def engines(self) -> set[str]:
         """The engines the node runs: llama.cpp (rpc-worker, server), vllm."""
         return {"vllm" if isinstance(line, VllmLine) else "llama.cpp" for line in self.lines
-                if not isinstance(line, EnvLine)}
+                if not isinstance(line, EnvLine | AgentLine)}
 
 
 def _field(value: str, what: str) -> str:
@@ -89,6 +101,8 @@ def _words(line: Line) -> list[str]:
         if line.value == NONE:
             raise ValueError(f"plan: env {line.name}: the value '-' reads back as empty")
         return ["env", line.name, line.value or NONE]
+    if isinstance(line, AgentLine):
+        return ["agent", str(_port(str(line.port)))]
     if isinstance(line, RpcWorkerLine):
         return ["rpc-worker", line.service, str(line.port)]
     if isinstance(line, ServerLine):
@@ -135,6 +149,8 @@ def parse(text: str) -> NodePlan:
         kind, *fields = raw.split("\t")
         if kind == "env" and len(fields) == 2:
             lines.append(EnvLine(fields[0], "" if fields[1] == NONE else fields[1]))
+        elif kind == "agent" and len(fields) == 1:
+            lines.append(AgentLine(_port(fields[0])))
         elif kind == "rpc-worker" and len(fields) == 2:
             lines.append(RpcWorkerLine(fields[0], _port(fields[1])))
         elif kind == "server" and len(fields) >= 6:

@@ -98,12 +98,12 @@ is_ready() {
 }
 
 # Poll every half second, at most TRIES times, until ROLE on PORT answers (then print "LABEL ready on ADDRESS:PORT"
-# and NOTE, and the node's memory) or the process $child has exited.
+# and NOTE, "answers on" instead of "ready on" with VERB, and the node's memory) or the process $child has exited.
 await_ready() {
-    local tries=$1 label=$2 role=$3 port=$4 note=${5:-}
+    local tries=$1 label=$2 role=$3 port=$4 note=${5:-} verb=${6:-ready on}
     for _ in $(seq 1 "$tries"); do
         if is_ready "$role" "$port" 2>/dev/null; then
-            say "$label ready on $NODE_IP:$port${note:+ $note}"
+            say "$label $verb $NODE_IP:$port${note:+ $note}"
             say_memory
             return 0
         fi
@@ -134,13 +134,155 @@ fetch_plan() {
     done
 }
 
+# --- ready means right: the device, the gateway's agent, the qualification ---
+
+# The string field NAME of the one JSON line $2 (llama-entrypoint's check-device and qualify), unescaped, on
+# one line; the list field with `list`.
+json_field() {
+    local value
+    if [ "${3:-}" = list ]; then
+        [[ $2 =~ \"$1\":\ \[([^]]*)\] ]] && echo "${BASH_REMATCH[1]}"
+        return 0
+    fi
+    [[ $2 =~ \"$1\":\ \"(([^\"\\]|\\.)*)\" ]] || return 0
+    value=${BASH_REMATCH[1]}
+    value=${value//\\n/ } value=${value//\\t/ } value=${value//\\r/}
+    value=${value//\\\"/\"}
+    echo "${value//\\\\/\\}"
+}
+
+# Does the image list the device it is built for? Sets device (ready, degraded or fallback: degraded, and the
+# node's env allows serving on what llama.cpp lists) and device_why (check-device's why, one line).
+check_device() {
+    local report
+    report=$(/usr/local/bin/llama-entrypoint check-device 2>/dev/null)
+    device_why=$(json_field why "$report")
+    if [ "$(json_field state "$report")" = ready ]; then
+        device=ready
+    elif [ "${LLAMA_ALLOW_FALLBACK:-0}" = 1 ]; then
+        device=fallback
+    else
+        device=degraded
+        [ -n "$device_why" ] || device_why="check-device gave no answer: ${report:-nothing}"
+    fi
+}
+
+# What the gateway's agent-check reads for the server on port $1: up, or down with a reason ($2...).
+agent_state() {
+    local port=$1
+    shift
+    [ -n "$AGENT_PORT" ] || return 0
+    printf '%s\n' "$*" | tr -d '\000-\011\013-\037' >"/run/builder/agent/$port.part"
+    mv "/run/builder/agent/$port.part" "/run/builder/agent/$port"
+}
+
+# HAProxy's agent-check protocol: the gateway connects to the node's agent port, sends the port of the server
+# it checks and a newline (its agent-send), and reads one line: `up`, or `down #reason` (the server leaves the
+# rotation while its /health check may still pass). Perl's core sockets (perl-base, in every Debian and Ubuntu
+# root) listen on the node's own address only; busybox's nc would listen on every address.
+# shellcheck disable=SC2016  # perl's own variables
+AGENT_SCRIPT='
+use strict; use warnings; use IO::Socket::IP; use IO::Select;
+my ($addr, $port, $dir) = @ARGV;
+$SIG{PIPE} = "IGNORE";
+my $listen = IO::Socket::IP->new(LocalHost => $addr, LocalPort => $port, Listen => 16, ReuseAddr => 1)
+    or die "cannot listen on $addr:$port: $@\n";
+while (1) {
+    my $client = $listen->accept or next;
+    my ($asked, $buffer) = ("", "");
+    my $ready = IO::Select->new($client);
+    while ($asked !~ /\n/ && length($asked) < 16 && $ready->can_read(2)) {
+        sysread($client, $buffer, 16) or last;
+        $asked .= $buffer;
+    }
+    my $answer = "down #the agent takes a port number and a newline\n";
+    if ($asked =~ /\A([0-9]{1,5})\r?\n/) {
+        $answer = "down #no server on port $1\n";
+        if (open(my $state, "<", "$dir/$1")) {
+            my $line = <$state>;
+            close $state;
+            $answer = $line if defined $line && $line =~ /\n\z/;
+        }
+    }
+    syswrite($client, $answer);
+    close $client;
+}'
+AGENT_PORT=""
+
+# The node's agent on its address and port $1 (restarted if it exits); without perl there is none, and a
+# degraded server is then not started at all (its /health check fails: the gateway says DOWN).
+start_agent() {
+    mkdir -p /run/builder/agent
+    if ! perl -MIO::Socket::IP -MIO::Select -e 1 2>/dev/null; then
+        say "no gateway agent on port $1: this root has no perl with IO::Socket::IP; a degraded server is not started"
+        return 0
+    fi
+    AGENT_PORT=$1
+    (
+        while :; do
+            perl -e "$AGENT_SCRIPT" "$NODE_IP" "$AGENT_PORT" /run/builder/agent
+            say "gateway agent exited with status $?; restarting in 5 s"
+            sleep 5
+        done
+    ) &
+    say "gateway agent on $NODE_IP:$AGENT_PORT"
+}
+
+# The qualification, once per boot (the node runs one image): in the background, after the first process is up.
+qualify_once() {
+    mkdir /run/builder/qualify 2>/dev/null || return 0
+    (
+        local report code
+        report=$(/usr/local/bin/llama-entrypoint qualify 2>/dev/null)
+        code=$?
+        case "$code" in
+            0) say "$name qualified on $(json_field device "$report"): $(json_field why "$report")" ;;
+            3) say "$name unqualified: $(json_field why "$report"); ids [$(json_field ids "$report" list)]," \
+                "recorded [$(json_field recorded "$report" list)] (a report: the node keeps serving)" ;;
+            *) say "$name not qualified: $(json_field why "$report" || true) (exit $code)" ;;
+        esac
+    ) &
+}
+
+# Hold a process whose device is missing: re-check every DEVICE_RECHECK seconds, saying so again only when the
+# reason changes, until the device is there (or the node's env allows the fallback).
+hold_degraded() {
+    local label=$1 said=""
+    while [ "$device" = degraded ]; do
+        if [ "$device_why" != "$said" ]; then
+            say "$label degraded: $device_why"
+            said=$device_why
+        fi
+        sleep "${DEVICE_RECHECK:-60}"
+        check_device
+    done
+}
+
 # One process of the plan, kept running: ROLE SERVICE PORT [MODEL-PATH RPC CTX ARGS...] ('-': none). It prints
 # its ready line once it answers and is restarted 5 s after it exits; every llama-server gets --metrics and the
-# service's name as its alias, as `builder cluster up --local` runs them.
+# service's name as its alias, as `builder cluster up --local` runs them. Before each start the device is
+# checked (check-device): a degraded RPC worker is not started (its head cannot use it), a degraded server is
+# started but its agent says down (out of the gateway's rotation), unless LLAMA_ALLOW_FALLBACK=1.
 supervise() {
-    local role=$1 service=$2 port=$3 path=${4:--} rpc=${5:--} ctx=${6:--} child args
+    local role=$1 service=$2 port=$3 path=${4:--} rpc=${5:--} ctx=${6:--} child args label note verb device device_why
     shift 6
+    label="$name $role $service"
     while :; do
+        check_device
+        if [ "$device" = degraded ] && { [ "$role" = rpc-worker ] || [ -z "$AGENT_PORT" ]; }; then
+            agent_state "$port" "down #degraded: $device_why"
+            hold_degraded "$label"
+        fi
+        note="" verb="ready on"
+        case "$device" in
+            ready) agent_state "$port" up ;;
+            fallback) agent_state "$port" up; note="(fallback: $device_why)" ;;
+            degraded)
+                agent_state "$port" "down #degraded: $device_why"
+                say "$label degraded: $device_why"
+                verb="answers on" note="(degraded: out of the gateway's rotation)"
+                ;;
+        esac
         if [ "$role" = rpc-worker ]; then
             /usr/local/bin/llama-entrypoint rpc-worker --host "$NODE_IP" --port "$port" &
         else
@@ -152,9 +294,9 @@ supervise() {
         child=$!
         # a server says its service (clients ask for it by name); a worker serves whichever head connects
         if [ "$role" = rpc-worker ]; then
-            await_ready 1200 "$name $role" "$role" "$port" "(for $service)"
+            await_ready 1200 "$name $role" "$role" "$port" "(for $service)${note:+ $note}" && qualify_once
         else
-            await_ready 1200 "$name $role $service" "$role" "$port"
+            await_ready 1200 "$label" "$role" "$port" "$note" "$verb" && [ "$device" != degraded ] && qualify_once
         fi
         wait "$child"
         say "$role $service exited with status $?; restarting in 5 s"
@@ -214,6 +356,10 @@ run_plan() {
         [ "${fields[2]:-}" = - ] && fields[2]=""
         export "${fields[1]}=${fields[2]:-}"
         say "environment: ${fields[1]} set"
+    done
+    for line in "${lines[@]}"; do
+        IFS=$'\t' read -r -a fields <<<"$line"
+        [ "${fields[0]:-}" = agent ] && start_agent "${fields[1]}"
     done
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"

@@ -13,6 +13,7 @@ import yaml
 
 from builder.cluster.firewall import firewalls
 from builder.netboot.firewall import ruleset
+from builder.netboot.plan import AGENT_PORT
 from conftest import require_tool, run_cli_inproc
 
 SHA = hashlib.sha256(b"x").hexdigest()
@@ -111,6 +112,30 @@ def test_a_port_is_refused_from_outside_the_cluster(tmp_path: Path) -> None:
     assert "table inet someone_else" in lines and lines.count("table inet builder_cluster") == 1
     assert lines[-5:] == [f"{NODE_B} connected", f"{CONTROL} connected", f"{NODE_A} connected",
                           f"{OUTSIDER} ConnectionRefusedError", "127.0.0.1 connected"]
+
+
+def test_the_agent_port_admits_the_control_node_only(tmp_path: Path) -> None:
+    """Node a runs a llama-server, so its gateway agent: in a namespace of its own, with a's rules loaded, only
+    the control node (and loopback) reach the agent port; another node of the cluster is refused like an
+    outsider. Node b (an RPC worker only) runs no agent and has no such rule."""
+    require_tool("nft", "nftables")
+    require_tool("unshare", "util-linux")
+    require_tool("ip", "iproute2")
+    rules = {f.node: ruleset(f, "cluster.yaml") for f in firewalls(services_file(tmp_path))}
+    assert f"agent's port ({AGENT_PORT}) from the control node only" in rules["a"]
+    assert str(AGENT_PORT) not in rules["b"]
+    (tmp_path / "a.nft").write_text(rules["a"])
+    (tmp_path / "connect.py").write_text(CONNECT)
+    script = "; ".join([
+        "set -e", "ip link set lo up", *(f"ip addr add {a}/24 dev lo" for a in (CONTROL, NODE_A, NODE_B, OUTSIDER)),
+        f"nft -f {tmp_path / 'a.nft'}",
+        f"{sys.executable} {tmp_path / 'connect.py'} {NODE_A} {AGENT_PORT} {CONTROL} {NODE_B} {OUTSIDER} 127.0.0.1",
+    ])
+    proc = subprocess.run(["unshare", "--net", "--", "sh", "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-4:] == [f"{CONTROL} connected", f"{NODE_B} ConnectionRefusedError",
+                                             f"{OUTSIDER} ConnectionRefusedError", "127.0.0.1 connected"]
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -19,6 +19,7 @@ from test_cluster import cluster_file, node
 from builder.cluster.gateway import write_gateway
 from builder.cluster.model import SERVICE_NAME, load_cluster
 from builder.core.errors import RecipeError
+from builder.netboot.plan import AGENT_PORT
 from conftest import require_tool
 
 MODEL = b"GGUF" + bytes(1000)
@@ -100,7 +101,10 @@ def test_the_config_has_exactly_the_structure_the_model_implies(data: dict[str, 
         loaded = load_cluster(base / "cluster.yaml")
         (base / "state").mkdir()
         addresses = {n["name"]: n["address"] for n in data["nodes"]}
-        config = write_gateway(loaded, base / "state", data["gateway"]["address"], addresses).read_text()
+        # every node is netbooted and serves llama.cpp: each answers the gateway's agent-check
+        assert loaded.agent_nodes() == {n for s in data["services"] for n in s["nodes"]}
+        config = write_gateway(loaded, base / "state", data["gateway"]["address"], addresses,
+                               agents=frozenset(loaded.agent_nodes())).read_text()
     found = sections(config)
     names = [s["name"] for s in data["services"]]
     assert list(found) == ["global", "defaults", "frontend api", "frontend metrics",
@@ -125,5 +129,6 @@ def test_the_config_has_exactly_the_structure_the_model_implies(data: dict[str, 
         for name in service["nodes"]:
             ip = ipaddress.ip_address(addresses[name])
             host = f"[{ip}]" if ip.version == 6 else str(ip)
-            expected.append(f"server {name} {host}:{service['port']} check")
+            expected.append(f"server {name} {host}:{service['port']} check agent-check agent-port {AGENT_PORT} "
+                            f"agent-inter 2s agent-send \"{service['port']}\\n\"")
         assert servers == expected

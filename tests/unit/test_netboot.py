@@ -18,7 +18,7 @@ from builder.core.errors import RecipeError
 from builder.netboot import cpio
 from builder.netboot.artifacts import require_driver
 from builder.netboot.modules import load_order
-from builder.netboot.plan import ServerLine, parse
+from builder.netboot.plan import AGENT_PORT, AgentLine, ServerLine, parse
 from builder.netboot.publish import Artifacts, current_id, generations, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config
 from conftest import free_port, run_cli_inproc
@@ -170,8 +170,9 @@ def test_head_plan_names_the_workers_and_the_model_with_its_hash(tmp_path: Path)
     digest = hashlib.sha256(b"GGUF tiny").hexdigest()
     assert f"builder.models={digest}:9" in words
     plan = parse((root / "current" / "nodes" / "52-54-00-12-34-56.plan").read_text())
-    assert plan.lines == (ServerLine("m", 8080, f"http://10.0.2.2:8000/blobs/sha256/{digest}", digest,
-                                     ("10.0.2.20:50100", "10.0.2.21:50100"), 512),)
+    assert plan.lines == (AgentLine(AGENT_PORT),
+                          ServerLine("m", 8080, f"http://10.0.2.2:8000/blobs/sha256/{digest}", digest,
+                                     ("10.0.2.20:50100", "10.0.2.21:50100"), 512))
     assert (root / "blobs" / "sha256" / digest).read_bytes() == b"GGUF tiny"
     worker = (root / "current" / "nodes" / "52-54-00-12-34-57.plan").read_text()
     assert worker.endswith("rpc-worker\tm\t50100\n")

@@ -12,6 +12,7 @@ from test_netboot import fake_artifacts
 
 from builder.cluster.plans import load_for_netboot, models, publish_services
 from builder.core.errors import RecipeError
+from builder.netboot.plan import AGENT_PORT
 from builder.netboot.publish import current_id
 from builder.netboot.serve import dnsmasq_config
 from conftest import free_port, run_cli, run_cli_inproc
@@ -75,9 +76,12 @@ def test_each_node_gets_a_plan_of_its_servers_and_workers(tmp_path: Path) -> Non
     chat, big = (hashlib.sha256(m).hexdigest() for m in (CHAT, BIG))
     base = "http://10.0.2.2:8000/blobs/sha256"
     args = ["--temp", "0", "--chat-template", "chatml  spaced"]  # an argument with spaces stays one argument
-    assert plan(root, MACS[0]) == [["server", "chat", "8189", f"{base}/{chat}", chat, "-", "256", *args]]
+    # a node with a llama-server runs the gateway's agent (agent-check) on the plan's agent port
+    assert plan(root, MACS[0]) == [["agent", "7999"],
+                                   ["server", "chat", "8189", f"{base}/{chat}", chat, "-", "256", *args]]
     # a node may run several processes: a replica of chat and the head of big, with --rpc to its worker
-    assert plan(root, MACS[1]) == [["server", "chat", "8189", f"{base}/{chat}", chat, "-", "256", *args],
+    assert plan(root, MACS[1]) == [["agent", "7999"],
+                                   ["server", "chat", "8189", f"{base}/{chat}", chat, "-", "256", *args],
                                    ["server", "big", "9000", f"{base}/{big}", big, "10.0.2.13:50100", "-"]]
     assert plan(root, MACS[2]) == [["rpc-worker", "big", "50100"]]
     # every model is a blob, fetched by sha256 from the control node
@@ -98,6 +102,13 @@ def test_each_node_gets_a_plan_of_its_servers_and_workers(tmp_path: Path) -> Non
     digest = next(w for w in c if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
     rules = (root / "blobs" / "sha256" / digest).read_text()
     assert "elements = { 10.0.2.2, 10.0.2.11, 10.0.2.12, 10.0.2.13 }" in rules and "ports (50100)" in rules
+    # a worker-only node runs no agent; a server's node admits its agent port from the control node only
+    assert "7999" not in rules
+    digest = next(w for w in b if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
+    rules = (root / "blobs" / "sha256" / digest).read_text()
+    agent = [line.strip() for line in rules.splitlines() if "dport { 7999 }" in line]
+    assert agent == ["tcp dport { 7999 } ip saddr 10.0.2.2 accept", "tcp dport { 7999 } reject with tcp reset"]
+    assert rules.index("dport { 7999 } reject") < rules.index("saddr @cluster4 accept")
     nodes = json.loads((root / "current" / "nodes.json").read_text())
     assert nodes["b"]["processes"] == [{"service": "chat", "role": "server", "port": 8189},
                                        {"service": "big", "role": "server", "port": 9000}]
@@ -215,10 +226,26 @@ def test_a_nodes_env_reaches_its_plan_and_a_credential_never_does(tmp_path: Path
     path.write_text(yaml.safe_dump(data))
     rows = plan(published(tmp_path, path), MACS[0])
     assert rows[:2] == [["env", "GGML_VK_VISIBLE_DEVICES", "0"], ["env", "OMP_NUM_THREADS", "4"]]
-    assert rows[2][0] == "server" and not any(row[0] == "env" for row in rows[2:])
+    assert [row[0] for row in rows[2:]] == ["agent", "server"]
     data["nodes"][1].update(env={"HF_TOKEN": "hf_x"}, unsafe_env=True)
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError) as caught:
         load_for_netboot(path)
     assert "cluster.yaml: nodes[1].env.HF_TOKEN: looks like a credential" in str(caught.value)
     assert "boot network" in str(caught.value)
+
+
+def test_a_service_on_the_agent_port_of_a_server_node_is_refused(tmp_path: Path) -> None:
+    """A node with a llama-server runs the gateway's agent on AGENT_PORT: a service there cannot take that port
+    (a worker-only node runs no agent, so its workers may)."""
+    path = cluster_file(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["services"][1]["rpc_port"] = AGENT_PORT  # c runs big's worker only
+    path.write_text(yaml.safe_dump(data))
+    load_for_netboot(path)
+    data["services"][1]["port"] = AGENT_PORT  # b runs big's head: a llama-server
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as caught:
+        load_for_netboot(path)
+    assert str(caught.value).endswith(f"cluster.yaml: services: a service on b uses port {AGENT_PORT}, where the "
+                                      "node's gateway agent listens")
