@@ -149,8 +149,8 @@ def publish_cmd(
     for line in loaded.notes:  # once published: a refusal above stays one line
         typer.echo(f"note: {line}", err=True)
     if as_json:
-        _print_published(generation, new, [(n, label(loaded, n.name), netboot_set(loaded, n)[0] if n.mac else n.target)
-                                           for n in loaded.cluster.nodes])
+        _print_published(generation, new, [
+            (n, label(loaded, n.name), netboot_set(loaded, n)[0] if n.mac else n.target) for n in loaded.cluster.nodes])
         return
     typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
     for line in summary(loaded):
