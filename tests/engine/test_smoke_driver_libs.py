@@ -5,7 +5,8 @@ then pass and say plainly that no device is present, but only when the driver's 
 any other missing library, or a missing device while the driver is there, fails it. The real CUDA image is
 checked in tests/engine/test_engines_cuda.py (slow); here the same entrypoint runs in the cpu recipe's toolchain base
 (trixie with gcc, built in CI anyway) against a module compiled on the spot that links a stand-in driver
-library, and stand-in binaries that list only a CPU device, as ggml does when its CUDA module cannot load.
+library, and stand-in binaries that list only a CPU device, as ggml does when its CUDA module cannot load (and a stand-in
+qualification program that gives its record back: the smoke compares the two).
 """
 
 import subprocess
@@ -30,7 +31,10 @@ gcc -shared -fPIC -o /opt/llama/bin/libggml-fake.so /tmp/module.c -L/tmp/driver 
 printf '#!/bin/sh\necho "version: 1 (test)"\n' > /opt/llama/bin/llama-server
 printf '#!/bin/sh\necho "usage: ggml-rpc-server"\necho "Available devices:"\necho "  CPU: stand-in"\n' \
     > /opt/llama/bin/ggml-rpc-server
-chmod +x /opt/llama/bin/llama-server /opt/llama/bin/ggml-rpc-server
+mkdir -p /usr/lib/builder
+echo '{"ids": [5, 9, 2]}' > /usr/lib/builder/qualify.json
+printf '#!/bin/sh\ncat /usr/lib/builder/qualify.json\n' > /opt/llama/bin/llama-qualify
+chmod +x /opt/llama/bin/llama-server /opt/llama/bin/ggml-rpc-server /opt/llama/bin/llama-qualify
 export PATH=/opt/llama/bin:$PATH LLAMA_SMOKE_DEVICE=FAKE LLAMA_DRIVER_LIBS=libfakedriver.so.1
 """
 
