@@ -5,8 +5,8 @@ then pass and say plainly that no device is present, but only when the driver's 
 any other missing library, or a missing device while the driver is there, fails it. The real CUDA image is
 checked in tests/engine/test_engines_cuda.py (slow); here the same entrypoint runs in the cpu recipe's toolchain base
 (trixie with gcc, built in CI anyway) against a module compiled on the spot that links a stand-in driver
-library, and stand-in binaries that list only a CPU device, as ggml does when its CUDA module cannot load (and a stand-in
-qualification program that gives its record back: the smoke compares the two).
+library, and stand-in binaries that list only a CPU device, as ggml does when its CUDA module cannot load (and a
+stand-in qualification program that gives its record back: the smoke compares the two).
 """
 
 import subprocess

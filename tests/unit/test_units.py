@@ -145,7 +145,8 @@ def test_install_needs_a_machine_that_runs_systemd(tmp_path: Path) -> None:
 def test_cluster_up_print_shows_the_gateway_unit(tmp_path: Path) -> None:
     addressed = [node(n, i + 1, address=f"10.0.0.{11 + i}") for i, n in enumerate("abcd")]
     path = cluster_file(tmp_path, nodes=addressed, control={"address": "10.0.0.1"})
-    proc = run_cli_inproc("cluster", "up", str(path), "--install", "--print", env={"BUILDER_CACHE": str(tmp_path / "builder")})
+    proc = run_cli_inproc("cluster", "up", str(path), "--install", "--print",
+                          env={"BUILDER_CACHE": str(tmp_path / "builder")})
     assert proc.returncode == 0, proc.stderr
     units = units_of(proc.stdout)
     [(name, text)] = units.items()
@@ -181,6 +182,7 @@ def test_a_cluster_file_path_systemd_would_read_differently_is_refused(tmp_path:
     addressed = [node(n, i + 1, address=f"10.0.0.{11 + i}") for i, n in enumerate("abcd")]
     (tmp_path / "my cluster").mkdir()
     path = cluster_file(tmp_path / "my cluster", nodes=addressed, control={"address": "10.0.0.1"})
-    proc = run_cli_inproc("cluster", "up", str(path), "--install", "--print", env={"BUILDER_CACHE": str(tmp_path / "builder")})
+    proc = run_cli_inproc("cluster", "up", str(path), "--install", "--print",
+                          env={"BUILDER_CACHE": str(tmp_path / "builder")})
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     assert f"error: the cluster file '{path}': a systemd unit cannot hold ' '" in proc.stderr
