@@ -1,6 +1,7 @@
 """A real OCI registry for tests (Debian's docker-registry: the CNCF distribution registry) on 127.0.0.1,
 optionally behind htpasswd, and a small fault-injecting proxy in front of it."""
 
+import hashlib
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 
+from builder.registry.client import RegistryClient, Repository
 from conftest import free_port, require_tool
 from servers import LoopbackListener
 
@@ -187,3 +189,17 @@ class Proxy:
         out.append(f"Content-Length: {len(content)}")
         client.sendall(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + (b"" if method == "HEAD" else content))
         return True
+
+
+def publish_empty_image(reg: Registry, repository: str, tag: str) -> str:
+    """An image with no layers pushed to `reg` under REPOSITORY:TAG (as `builder publish` leaves one); its
+    reference by digest, as the registry serves it."""
+    client = RegistryClient(Repository(reg.host, repository), push=True)
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    client.push_blob(digest, len(config), config)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": digest, "size": len(config)}, "layers": []}).encode()
+    client.put_manifest(tag, manifest, "application/vnd.oci.image.manifest.v1+json")
+    return f"{reg.host}/{repository}@{reg.digest(repository, tag)}"

@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from registry import start_registry
+from registry import publish_empty_image, start_registry
 
 from builder.cluster.export_quadlet import GROUPS_VARIABLE, groups_script
-from builder.registry.client import RegistryClient, Repository
 from conftest import ROOT, run_cli_inproc
 
 RTX = ROOT / "docs" / "examples" / "rtx-3060-x4.yaml"
@@ -233,15 +232,7 @@ def test_the_group_script_finds_the_device_nodes_gids(tmp_path: Path) -> None:
 
 def test_images_by_digest_from_a_registry(tmp_path: Path) -> None:
     with start_registry(tmp_path / "registry") as reg:
-        client = RegistryClient(Repository(reg.host, "team/builder"), push=True)
-        config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
-        digest = "sha256:" + hashlib.sha256(config).hexdigest()
-        client.push_blob(digest, len(config), config)
-        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                               "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                          "digest": digest, "size": len(config)}, "layers": []}).encode()
-        client.put_manifest("nvidia-cuda", manifest, "application/vnd.oci.image.manifest.v1+json")
-        published = f"{reg.host}/team/builder@{reg.digest('team/builder', 'nvidia-cuda')}"
+        published = publish_empty_image(reg, "team/builder", "nvidia-cuda")
         answer, units = _export(RTX, tmp_path / "out", "--registry", f"{reg.host}/team/builder")
         assert {v for entries in units.values() for v in values(entries, "Image")} == {published}
         assert not any("local tags" in w for w in answer["warnings"])
