@@ -215,6 +215,8 @@ def status(loaded: Loaded) -> dict[str, object]:
     by a connection from the control node), as one document."""
     remote = Remote.of(loaded)
     where = {n.name: n.address or "" for n in loaded.cluster.nodes}
+    # RPC workers listen on the data network when their node is on it (docs/netboot.md)
+    peers = {n.name: n.peer_address or "" for n in loaded.cluster.nodes}
     running = gateway_pid(remote.pidfile) is not None
     stats: dict[tuple[str, str], ServerState] = {}
     if running:
@@ -226,13 +228,14 @@ def status(loaded: Loaded) -> dict[str, object]:
     for service in loaded.cluster.services:
         processes = []
         for process in (p for p in loaded.processes if p.service == service.name):
+            address = (peers if process.role == "rpc-worker" else where)[process.node]
             entry: dict[str, object] = {"node": process.node, "role": process.role,
-                                        "address": f"{where[process.node]}:{process.port}"}
+                                        "address": f"{address}:{process.port}"}
             state = stats.get((process.service, process.node)) if process.role == "server" else None
             if state is not None:
                 entry.update(state.fields())
             elif process.role == "rpc-worker":
-                entry["health"] = "UP" if _port_open(where[process.node], process.port) else "DOWN"
+                entry["health"] = "UP" if _port_open(address, process.port) else "DOWN"
             else:
                 entry["health"] = "unknown"  # no gateway running to check it
             processes.append(entry)

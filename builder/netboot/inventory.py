@@ -1,6 +1,6 @@
 """What netboot knows of a cluster file: the control node, a node's hardware facts (name, MAC, address, kernel
-words, cache disk, MTU, its data interface), validated like recipes. The cluster file itself, with each node's target or devices, is
-builder/cluster/model.py's."""
+words, cache disk, MTU, its data interface), validated like recipes. The cluster file itself, with each node's
+target or devices, is builder/cluster/model.py's."""
 
 import ipaddress
 import re
