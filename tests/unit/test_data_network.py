@@ -4,6 +4,7 @@ RPC workers; the firewall rules admitting the data addresses, loaded in a namesp
 interface. The QEMU node that boots with two interfaces is tests/qemu/test_netboot_shared_qemu.py."""
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from netns import network_namespace
 from test_cluster_firewall import CONNECT
 from test_netboot_services import BIG, MACS, cluster_file, plan, published, words
 from test_netboot_vllm import model_folder
@@ -22,7 +24,7 @@ from builder.cluster.model import load_cluster
 from builder.cluster.plans import load_for_netboot, node_plan
 from builder.netboot.firewall import ruleset
 from builder.netboot.plan import VllmLine
-from conftest import require_tool, run_cli_inproc
+from conftest import require_tool, run_cli, run_cli_inproc
 
 DATA_C = {"mac": "52:54:00:aa:00:03", "address": "10.10.0.13/24", "mtu": 9000}
 DATA_B = {"name": "enp2s0f0", "address": "10.10.0.12/24", "mtu": 9000}
@@ -38,6 +40,9 @@ def with_data(tmp_path: Path, b: dict[str, Any] | None = DATA_B, c: dict[str, An
         if value is not None:
             entry["data_interface"] = copy.deepcopy(value)
     for node, fields in extra.items():
+        if node == "control":
+            data["control"] = fields
+            continue
         next(n for n in data["nodes"] if n["name"] == node).update(fields)
     path.write_text(yaml.safe_dump(data))
     return path
@@ -199,3 +204,19 @@ def test_firewall_covers_both_interfaces(tmp_path: Path) -> None:
     assert proc.stdout.splitlines()[-5:] == ["10.10.0.12 connected", "10.0.2.2 connected",
                                              "10.10.0.99 ConnectionRefusedError", "10.0.2.12 connected",
                                              "10.0.2.99 ConnectionRefusedError"]
+
+
+def test_status_leaves_a_worker_on_a_data_network_it_is_not_on_unchecked(tmp_path: Path) -> None:
+    """`cluster status` from a control node that is not on the data network (a namespace holding only loopback:
+    nothing leaves it) says c's RPC worker is unchecked, with why, and does not count it as a problem: the gateway
+    is what is down. On a machine that is on it, the worker is probed at its data address (the shared QEMU test)."""
+    path = with_data(tmp_path, control={"address": "127.0.0.1", "http_port": 8000})
+    with network_namespace() as ns, ns.inside():
+        proc = run_cli("cluster", "status", str(path), "--json", env={"BUILDER_CACHE": str(tmp_path / "cache")})
+    document = json.loads(proc.stdout)
+    worker = next(p for s in document["services"] if s["name"] == "big" for p in s["processes"]
+                  if p["role"] == "rpc-worker")
+    assert worker == {"node": "c", "role": "rpc-worker", "address": "10.10.0.13:50100", "health": "unchecked",
+                      "why": "on the data network 10.10.0.0/24, which this machine is not on"}
+    assert proc.returncode == 1 and document["problems"] == ["the gateway is not running"] + [
+        f"{s} server on {n} is unknown" for s, n in (("chat", "a"), ("chat", "b"), ("big", "b"))], document
