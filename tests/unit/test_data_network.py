@@ -220,3 +220,19 @@ def test_status_leaves_a_worker_on_a_data_network_it_is_not_on_unchecked(tmp_pat
                       "why": "on the data network 10.10.0.0/24, which this machine is not on"}
     assert proc.returncode == 1 and document["problems"] == ["the gateway is not running"] + [
         f"{s} server on {n} is unknown" for s, n in (("chat", "a"), ("chat", "b"), ("big", "b"))], document
+
+
+def test_exports_put_workers_on_the_data_network_and_refuse_a_pipeline_there(tmp_path: Path) -> None:
+    """The Kubernetes export probes c's RPC worker where it listens (its data address); a pipeline over the data
+    network is one line (a LeaderWorkerSet's workers know only their node's primary address)."""
+    out = tmp_path / "kube"
+    proc = run_cli_inproc("cluster", "export", str(with_data(tmp_path)), "--format", "kube", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    worker = next(d for p in sorted(out.rglob("*.yaml")) for d in yaml.safe_load_all(p.read_text())
+                  if d and d.get("kind") == "Deployment" and "rpc" in d["metadata"]["name"])
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][container["args"].index("--host") + 1] == "10.10.0.13", container["args"]
+    assert container["readinessProbe"]["tcpSocket"]["host"] == "10.10.0.13", container
+    err = run_cli_inproc("cluster", "export", str(pipeline_file(tmp_path / "p", y_data=True)), "--format", "kube",
+                         "--out", str(tmp_path / "kube-p"))
+    assert err.returncode == 2 and "the pipeline p joins over the data network" in err.stderr, err.stderr
