@@ -60,6 +60,7 @@ TINY, TINY_B, SPLIT, RPC_HEAD = 8101, 8102, 8103, 8104  # the four services' ser
 NODE_RPC, HOST_RPC = 50052, 50053  # node1's RPC worker (tiny-rpc), the host's container (tiny-split)
 # The data network: a tap in the namespace (QEMU's second NIC), node1's data interface at NODE_DATA.
 TAP, DATA_MAC, DATA_MTU = "bdata0", "52:54:00:12:34:66", 9000
+BOOT_MTU = 1400  # the boot interface's, below QEMU user networking's 1500
 NODE_DATA, HOST_DATA, DATA_OUTSIDER = "10.77.0.2", "10.77.0.1", "10.77.0.9"
 # What node1 prints once each process answers, and the address it answers on (its worker on the data network).
 READY = {"rpc-worker tiny-rpc": f"{NODE_DATA}:{NODE_RPC}", "server tiny": f"10.0.2.15:{TINY}",
@@ -114,7 +115,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
     shutil.copyfile(tiny_model, model)
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     nodes: list[dict[str, object]] = [
-        {"name": "node1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "127.0.0.1",
+        {"name": "node1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "127.0.0.1", "mtu": BOOT_MTU,
          "data_interface": {"mac": DATA_MAC, "address": f"{NODE_DATA}/24", "mtu": DATA_MTU}},
         # these two stand for nodes that are containers on the host: nobody boots them
         {"name": "worker1", "mac": "52:54:00:12:34:57", "target": "cpu", "memory": "512MiB", "address": "10.0.2.2"},
@@ -226,7 +227,7 @@ def gateway(cluster: Cluster, head: Path) -> Iterator[Gateway]:
 def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artifacts: dict[str, object]) -> None:
     """The node's script names a plan, not a role; the plan lists its RPC worker first, then its servers, the
     split's head with `--rpc` to its worker at 10.0.2.2; every server listens on the node's own leased address,
-    never a wildcard, its RPC worker on its data address; the data interface has its MTU; the boot lease is kept
+    never a wildcard, its RPC worker on its data address; both interfaces have their MTU; the boot lease is kept
     renewed; the model is fetched once for three servers and checked; the root is verified and opened through
     dm-verity in RAM mode (no cache disk)."""
     words = cluster.words()
@@ -241,6 +242,7 @@ def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artif
     assert f"builder.data_mac={DATA_MAC}" in words and f"builder.data_address={NODE_DATA}/24" in words
     text = cluster.text()
     assert re.search(rf"builder-initrd: data network: \S+ {NODE_DATA}/24 mtu {DATA_MTU}\n", text), text[-3000:]
+    assert f"builder-initrd: network: eth0 10.0.2.15/24 mtu {BOOT_MTU}\n" in text and f"builder.mtu={BOOT_MTU}" in words
     # node-init keeps udhcpc running, renewing the lease; its first answer keeps the address the node holds
     renewing = text.index("builder-node: DHCP: the lease of 10.0.2.15 on ")
     assert re.search(r"udhcpc: lease of 10\.0\.2\.15 obtained", text[renewing:]), text[renewing:renewing + 2000]
