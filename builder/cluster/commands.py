@@ -65,12 +65,13 @@ def _head(loaded: Loaded, process: Process) -> list[str]:
 def _vllm_argv(loaded: Loaded, process: Process, models: str) -> list[str]:
     service = loaded.service(process.service)
     addresses = {node.name: str(node.address) for node in loaded.cluster.nodes}
+    peers = {node.name: str(node.peer_address) for node in loaded.cluster.nodes}
 
     def no_token() -> Path:
         raise AssertionError("a Ray pipeline has no builder run line")
 
     started = launch(service, process, loaded.node(process.node), Path(service.ref.on_box(models)), addresses,
-                     None, no_token, mount=False)
+                     None, no_token, mount=False, peers=peers)
     flags = started.flags
     assert all(flag in ("--shm-size", "--env") for flag in flags[::2]), flags  # what `builder run` takes
     return [*_head(loaded, process), *flags, "--model-sha256", service.sha256, *started.argv]
@@ -83,13 +84,15 @@ def _argv(loaded: Loaded, process: Process, models: str) -> tuple[str, ...]:
     address = str(loaded.node(process.node).address)
     head = _head(loaded, process)
     if process.role == "rpc-worker":
-        return (*head, "rpc-worker", "--host", address, "--port", str(process.port))
+        # on the data network when the node has one (docs/netboot.md)
+        return (*head, "rpc-worker", "--host", str(loaded.node(process.node).peer_address), "--port",
+                str(process.port))
     args = ["server", "-m", service.ref.on_box(models), "--host", address, "--port", str(process.port),
             "--alias", service.name, "--metrics"]
     if service.context:
         args += ["-c", str(service.context)]
     if service.topology == "split":
-        workers = ",".join(f"{loaded.node(w).address}:{service.rpc_port}" for w in service.workers)
+        workers = ",".join(f"{loaded.node(w).peer_address}:{service.rpc_port}" for w in service.workers)
         args += ["--rpc", workers, "-ngl", "999"]
     return (*head, "--model-sha256", service.sha256, *args, *service.args)
 

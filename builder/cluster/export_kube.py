@@ -111,8 +111,9 @@ def _ray_argv(loaded: Loaded, process: Process, models: Models) -> tuple[str, ..
     service = loaded.service(process.service)
     node = loaded.node(process.node)
     addresses = {n.name: str(n.address) for n in loaded.cluster.nodes}
+    peers = {n.name: str(n.peer_address) for n in loaded.cluster.nodes}
     started = launch(service, process, node, Path(service.ref.on_box(models.path)), addresses, None,
-                     lambda: Path(RAY_TOKEN), mount=False)
+                     lambda: Path(RAY_TOKEN), mount=False, peers=peers)
     flags = started.flags
     kept = [w for i in range(0, len(flags), 2) if flags[i] != "--volume" for w in flags[i:i + 2]]
     target, variant = node_variant(node, service.device)
@@ -228,7 +229,8 @@ class _Builder:
         container: Manifest = {"name": process.role, "image": image, "args": args}
         if env:
             container["env"] = env
-        address = str(node.address)
+        # an RPC worker listens on its node's data network, when it has one (docs/netboot.md)
+        address = str(node.peer_address if process.role == "rpc-worker" else node.address)
         if process.role != "pipeline-worker":
             container["ports"] = [{"name": "rpc" if process.role == "rpc-worker" else "http",
                                    "containerPort": process.port, "protocol": "TCP"}]
@@ -313,6 +315,12 @@ class _Builder:
         """A pipeline: the leader is rank 0 on the first node; the workers, ranks 1… on the other nodes, share
         one template: LWS_WORKER_INDEX is their rank and the node's address comes from status.hostIP."""
         processes = [p for p in self.loaded.processes if p.service == service.name]
+        if any(self.loaded.node(p.node).data_interface for p in processes):
+            i = self.loaded.cluster.services.index(service)
+            raise RecipeError(f"{display_path(self.loaded.path)}: services[{i}]: the pipeline {service.name} joins "
+                              "over the data network, and a LeaderWorkerSet's workers know only their node's "
+                              "primary address (status.hostIP)", "export it without its nodes' data_interface:, "
+                              "or run it with `builder cluster commands` lines")
         leader, first = processes[0], processes[1]
         leader_labels = self.labels(service.name, "server", leader.node)
         worker_labels = self.labels(service.name, "pipeline-worker")

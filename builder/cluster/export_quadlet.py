@@ -166,7 +166,7 @@ class _Units:
         image = self.image(target, variant, service.engine)
         self.images[f"{node.name}/{service.engine}"] = image
         name = unit_name(service.name, process.role)
-        address = str(node.address)
+        address = str(node.peer_address if process.role == "rpc-worker" else node.address)
         role, role_args = args[0], args[1:]
         role_args, volumes = mount_model(role, role_args)
         files: dict[str, str] = {}

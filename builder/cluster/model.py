@@ -348,6 +348,51 @@ def _check_addresses(cluster: ServiceCluster, where: str) -> None:
                               "give its IP address (reserve it in your DHCP server)") from None
 
 
+def _check_data_network(cluster: ServiceCluster, where: str) -> None:
+    """Data interfaces: each its own address, never another node's boot address, never the boot interface; a
+    split whose workers listen on the data network has a head on it, in the same network (nothing routes there);
+    a vLLM pipeline's nodes are all on it, or none."""
+    seen: dict[str, str] = {}
+    boot = {node.address: node.name for node in cluster.nodes if node.address}
+    for i, node in enumerate(cluster.nodes):
+        data = node.data_interface
+        if data is None:
+            continue
+        field = f"nodes[{i}].data_interface"
+        if data.mac is not None and data.mac == node.mac:
+            raise RecipeError(f"{where}: {field}.mac: {data.mac} is {node.name}'s boot interface (its mac:)",
+                              "give the MAC (or name:) of its second interface")
+        if data.ip in seen or data.ip in boot:
+            other = seen.get(data.ip) or boot[data.ip]
+            raise RecipeError(f"{where}: {field}.address: {data.ip} is already {other}'s address",
+                              "give every node its own address on the data network")
+        seen[data.ip] = node.name
+    by_name = {node.name: (i, node) for i, node in enumerate(cluster.nodes)}
+    for s, service in enumerate(cluster.services):
+        if service.topology == "split" and service.head:
+            h, head = by_name[service.head]
+            for j, name in enumerate(service.workers):
+                worker = by_name[name][1].data_interface
+                if worker is None:
+                    continue
+                if head.data_interface is None:
+                    raise RecipeError(f"{where}: services[{s}].workers[{j}]: {name}'s RPC worker listens on the data "
+                                      f"network ({worker.ip}), and its head {head.name} is not on it",
+                                      f"give nodes[{h}] a data_interface: in {worker.network}")
+                if ipaddress.ip_address(worker.ip) not in head.data_interface.network:
+                    raise RecipeError(f"{where}: services[{s}].workers[{j}]: {name}'s data address {worker.ip} is "
+                                      f"outside {head.name}'s data network {head.data_interface.network}",
+                                      "put the head and its workers in one data network (nothing routes there)")
+        if service.topology == "pipeline":
+            on = [name for name in service.nodes if by_name[name][1].data_interface]
+            networks = {by_name[name][1].data_interface.network for name in on}  # type: ignore[union-attr]
+            if on and (len(on) != len(service.nodes) or len(networks) > 1):
+                raise RecipeError(f"{where}: services[{s}].nodes: a pipeline's nodes reach each other on the data "
+                                  f"network when all of them are on it, in one network; {', '.join(on)} of "
+                                  f"{', '.join(service.nodes)} are", "give every node of the pipeline a "
+                                  "data_interface: in one network, or none of them")
+
+
 def _known(where: str, field: str, name: str, index: dict[str, int]) -> None:
     if name not in index:
         raise RecipeError(f"{where}: {field}: no node named {name!r}", f"nodes: {', '.join(index)}")
@@ -530,6 +575,7 @@ def load_cluster(path: Path, converted: dict[str, Any] | None = None) -> Loaded:
             cluster.services[i] = service = service.model_copy(update={"sha256": sha256})
         unsafe.append(check_args(where, f"services[{i}]", service.engine, service.args, service.unsafe_args))
         _check_service(service, i, where, path.parent, index, cluster.nodes)
+    _check_data_network(cluster, where)
     processes = _place(cluster, where, path.parent, index)
     warnings = tuple(
         f"{where}: services[{i}].workers: {len(s.workers)} RPC workers; upstream reports deadlocks above "

@@ -126,7 +126,7 @@ def _needs_address(loaded: Loaded, node: str) -> str | None:
         service = loaded.service(process.service)
         if process.node == node and service.engine == "vllm":
             return "its vLLM server binds that address"
-        if node in service.workers and service.head:
+        if node in service.workers and service.head and not loaded.node(node).data_interface:
             return f"the head of {service.name} connects to its workers there"
         if node in service.nodes and service.topology == "pipeline":
             return f"the nodes of the pipeline {service.name} reach each other there"
@@ -222,8 +222,9 @@ def _no_ray_token() -> Path:
 def _vllm_line(loaded: Loaded, process: Process, url: str, blob: str) -> VllmLine:
     service, node = loaded.service(process.service), loaded.node(process.node)
     addresses = {n.name: str(n.address) for n in loaded.cluster.nodes if n.address}
+    peers = {n.name: str(n.peer_address) for n in loaded.cluster.nodes if n.peer_address}
     mount = f"{MODELS}/{service.name}"
-    started = launch(service, process, node, Path(mount), addresses, "-", _no_ray_token)
+    started = launch(service, process, node, Path(mount), addresses, "-", _no_ray_token, peers=peers)
     env: list[tuple[str, str]] = []
     for flag, value in zip(started.flags, started.flags[1:], strict=False):
         if flag == "--env":
@@ -241,7 +242,7 @@ def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> No
     if node in loaded.agent_nodes():
         lines.append(AgentLine(AGENT_PORT))
     mine = sorted((p for p in loaded.processes if p.node == node), key=lambda p: p.role != "rpc-worker")
-    where = {n.name: str(n.address) for n in loaded.cluster.nodes}
+    where = {n.name: str(n.peer_address) for n in loaded.cluster.nodes}  # a worker's data address, if it has one
     for process in mine:
         service = loaded.service(process.service)
         if process.role == "rpc-worker":

@@ -210,11 +210,26 @@ def _port_open(address: str, port: int) -> bool:
         return False
 
 
+def on_network(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Whether this machine reaches `address` from an address of its own in `network` (the data network): the
+    kernel's choice of source for a UDP socket connected there (nothing is sent)."""
+    family = socket.AF_INET6 if network.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 9))
+            source = probe.getsockname()[0]
+    except OSError:
+        return False
+    return ipaddress.ip_address(source) in network
+
+
 def status(loaded: Loaded) -> dict[str, object]:
     """Services, nodes and every process's health (servers as the gateway's health checks see them, RPC workers
     by a connection from the control node), as one document."""
     remote = Remote.of(loaded)
     where = {n.name: n.address or "" for n in loaded.cluster.nodes}
+    # RPC workers listen on the data network when their node is on it (docs/netboot.md)
+    peers = {n.name: n.peer_address or "" for n in loaded.cluster.nodes}
     running = gateway_pid(remote.pidfile) is not None
     stats: dict[tuple[str, str], ServerState] = {}
     if running:
@@ -226,13 +241,20 @@ def status(loaded: Loaded) -> dict[str, object]:
     for service in loaded.cluster.services:
         processes = []
         for process in (p for p in loaded.processes if p.service == service.name):
+            address = (peers if process.role == "rpc-worker" else where)[process.node]
             entry: dict[str, object] = {"node": process.node, "role": process.role,
-                                        "address": f"{where[process.node]}:{process.port}"}
+                                        "address": f"{address}:{process.port}"}
             state = stats.get((process.service, process.node)) if process.role == "server" else None
             if state is not None:
                 entry.update(state.fields())
             elif process.role == "rpc-worker":
-                entry["health"] = "UP" if _port_open(where[process.node], process.port) else "DOWN"
+                data = loaded.node(process.node).data_interface
+                if data is not None and not on_network(data.ip, data.network):
+                    # not a problem: this machine cannot see it; its head's health check covers it
+                    entry["health"] = "unchecked"
+                    entry["why"] = f"on the data network {data.network}, which this machine is not on"
+                else:
+                    entry["health"] = "UP" if _port_open(address, process.port) else "DOWN"
             else:
                 entry["health"] = "unknown"  # no gateway running to check it
             processes.append(entry)

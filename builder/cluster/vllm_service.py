@@ -112,13 +112,15 @@ def _serve_args(service: "Service", model: str, address: str, port: int | None) 
 
 def launch(service: "Service", process: "Process", node: "ClusterNode", model: Path,
            addresses: dict[str, str], interface: str | None, ray_token: Callable[[], Path],
-           mount: bool = True) -> Launch:
+           mount: bool = True, peers: dict[str, str] | None = None) -> Launch:
     """The flags and image arguments of one vLLM server or pipeline worker. `model` is the folder on the
     machine that runs it: mounted at /models/SERVICE, or with `mount` False named as it is (`builder run
     … serve FOLDER` mounts it itself). `interface` None: the socket interface variables come from the
-    caller's environment (`--env NAME` alone)."""
+    caller's environment (`--env NAME` alone). `peers`: where the pipeline's nodes reach each other (their data
+    addresses, docs/netboot.md), when not at `addresses`, where the API listens."""
     address = addresses[process.node]
-    flags = ["--shm-size", SHM_SIZE, "--env", f"VLLM_HOST_IP={address}", "--env", "HF_HUB_OFFLINE=1"]
+    peers = peers or addresses
+    flags = ["--shm-size", SHM_SIZE, "--env", f"VLLM_HOST_IP={peers[process.node]}", "--env", "HF_HUB_OFFLINE=1"]
     served = f"{MODELS}/{service.name}"
     if mount:
         flags += ["--volume", f"{model}:{served}:ro"]
@@ -127,7 +129,7 @@ def launch(service: "Service", process: "Process", node: "ClusterNode", model: P
     if service.topology != "pipeline":
         return Launch(flags, ["serve", *_serve_args(service, served, address, process.port)])
     size = len(service.nodes)
-    head = addresses[service.nodes[0]]
+    head = peers[service.nodes[0]]
     rank = service.nodes.index(process.node)
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         flags += ["--env", name if interface is None else f"{name}={interface}"]
@@ -140,8 +142,9 @@ def launch(service: "Service", process: "Process", node: "ClusterNode", model: P
         return Launch(flags, ["serve", *serve, *(["--headless"] if rank else [])])
     flags += ["--env", f"RAY_AUTH_TOKEN_PATH={RAY_TOKEN}", "--volume", f"{ray_token()}:{RAY_TOKEN}:ro"]
     if rank:
-        return Launch(flags, ["ray-worker", "--head", f"{head}:{service.pipeline_port}", "--host", address])
-    ray = ["ray", "start", "--head", "--node-ip-address", address, "--port", str(service.pipeline_port),
+        return Launch(flags, ["ray-worker", "--head", f"{head}:{service.pipeline_port}", "--host",
+                              peers[process.node]])
+    ray = ["ray", "start", "--head", "--node-ip-address", peers[process.node], "--port", str(service.pipeline_port),
            "--include-dashboard", "false", "--disable-usage-stats"]
     serve = ["vllm", "serve", *_serve_args(service, served, address, process.port), "--pipeline-parallel-size",
              str(size), "--distributed-executor-backend", "ray"]

@@ -173,6 +173,10 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     lib.mkdir(parents=True, exist_ok=True)
     shutil.copy2(NODE_SCRIPTS / "node-init.sh", lib / "node-init")
     shutil.copy2(NODE_SCRIPTS / "plan.sh", lib / "plan.sh")  # the plan executor node-init sources
+    # the DHCP event script of the udhcpc node-init keeps running (lease renewals), run by the root's busybox
+    script = (NODE_SCRIPTS / "udhcpc.sh").read_text().replace("#!/bin/busybox sh", "#!/usr/lib/builder/busybox sh", 1)
+    (lib / "udhcpc.sh").write_text(script)
+    (lib / "udhcpc.sh").chmod(0o755)
     shutil.copy2(busybox(tree), lib / "busybox")
     (lib / "image.env").write_text("".join(f"{_env_line(item)}\n" for item in env))
     moddir = modules_dir(tree, kver)

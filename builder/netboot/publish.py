@@ -107,12 +107,13 @@ def boot_script_for(control: Control) -> str:
 
 def root_words(base: str, node: Node, manifest: dict[str, object], plan_words: list[str],
                firewall_sha256: str | None, cache: Cache | None, ram_share: int) -> list[str]:
-    """The kernel command-line words every node script starts with: its root image, name, firewall and cache."""
+    """The kernel command-line words every node script starts with: its root image, name, networks (the boot
+    interface's MTU, the data interface), firewall and cache."""
     files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
     initrd, squash = files["initrd.img"]["sha256"], files["root.squashfs"]["sha256"]
     args = [f"initrd={initrd}", "BOOTIF=01-${mac:hexhyp}", f"builder.root={base}/blobs/sha256/{squash}",
             f"builder.sha256={squash}", f"builder.size={files['root.squashfs']['size']}",
-            f"builder.name={node.name}", *plan_words]
+            f"builder.name={node.name}", *node.network_words, *plan_words]
     verity = manifest.get("verity")
     if isinstance(verity, dict):
         args += [f"builder.verity={verity['root_hash']}", f"builder.verity_salt={verity['salt']}",

@@ -26,6 +26,7 @@ give_up() {
 
 ROOT_URL="" ROOT_SHA="" ROOT_SIZE=0 RETRIES=5 BOOTIF="" VERITY="" VERITY_SALT="" VERITY_BLOCKS=0
 CACHE="" CACHE_WIPE=0 RAM_SHARE=50 MODELS="" FIREWALL_URL="" FIREWALL_SHA=""
+BOOT_MTU="" DATA_IF="" DATA_MAC="" DATA_ADDRESS="" DATA_MTU=""
 read -r cmdline </proc/cmdline
 for word in $cmdline; do
     case "$word" in
@@ -42,9 +43,18 @@ for word in $cmdline; do
         builder.retries=*) RETRIES=${word#*=} ;;
         builder.firewall=*) FIREWALL_URL=${word#*=} ;;
         builder.firewall_sha256=*) FIREWALL_SHA=${word#*=} ;;
+        builder.mtu=*) BOOT_MTU=${word#*=} ;;
+        builder.data_if=*) DATA_IF=${word#*=} ;;
+        builder.data_mac=*) DATA_MAC=${word#*=} ;;
+        builder.data_address=*) DATA_ADDRESS=${word#*=} ;;
+        builder.data_mtu=*) DATA_MTU=${word#*=} ;;
         BOOTIF=*) BOOTIF=${word#*=} ;;
     esac
 done
+# builder checked these when it wrote them; the shapes are checked again before they reach `ip`
+case "$BOOT_MTU$DATA_MTU" in *[!0-9]*) give_up "builder.mtu= or builder.data_mtu= is not a number" ;; esac
+case "$DATA_IF$DATA_MAC" in *[!A-Za-z0-9_.:-]*) give_up "builder.data_if= or builder.data_mac= is not an interface" ;; esac
+case "$DATA_ADDRESS" in *[!0-9A-Fa-f.:/]*) give_up "builder.data_address= is not ADDRESS/PREFIX" ;; esac
 [ -n "$ROOT_URL" ] || give_up "no builder.root=URL on the kernel command line"
 [ ${#ROOT_SHA} -eq 64 ] || give_up "no builder.sha256=HEX (64 digits) on the kernel command line"
 say "kernel $(uname -r), root $ROOT_URL"
@@ -63,7 +73,10 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do
     for dev in /sys/class/net/*; do
         name=${dev##*/}
         [ "$name" = lo ] && continue
-        if [ -z "$want" ] || [ "$(cat "$dev/address")" = "$want" ]; then ifaces="$ifaces $name"; fi
+        mac=$(cat "$dev/address")
+        # without BOOTIF, every interface but the data network's
+        [ -z "$want" ] && { [ "$name" = "$DATA_IF" ] || [ "$mac" = "$DATA_MAC" ]; } && continue
+        if [ -z "$want" ] || [ "$mac" = "$want" ]; then ifaces="$ifaces $name"; fi
     done
     [ -n "$ifaces" ] && break
     sleep 1
@@ -80,7 +93,10 @@ done
 [ -f /run/builder/net.env ] || give_up "no DHCP lease on any of:$ifaces"
 # shellcheck disable=SC1091  # written by udhcpc.sh just above
 . /run/builder/net.env
-say "network: $NODE_IFACE $NODE_IP/$NODE_PREFIX"
+if [ -n "$BOOT_MTU" ]; then
+    ip link set dev "$NODE_IFACE" mtu "$BOOT_MTU" || give_up "$NODE_IFACE does not take the MTU $BOOT_MTU (builder.mtu)"
+fi
+say "network: $NODE_IFACE $NODE_IP/$NODE_PREFIX mtu $(cat "/sys/class/net/$NODE_IFACE/mtu")"
 
 # The firewall: downloaded with retries and checked against its sha256 (a bad download reboots, as for the
 # root); rules that nft refuses are one line and a node that waits, never starts its role. The rules admit the
@@ -104,6 +120,32 @@ if [ -n "$FIREWALL_URL" ]; then
     say "firewall loaded: sha256 $FIREWALL_SHA (new connections only from the cluster's addresses)"
 else
     say "no firewall on the kernel command line (a generation published before builder made one)"
+fi
+
+# The data network (a node's data_interface: in cluster.yaml): a static address and MTU on the second interface,
+# found by name or MAC, once the firewall is loaded. node-init binds the node's RPC worker there (data.env).
+if [ -n "$DATA_ADDRESS" ]; then
+    data=""
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        for dev in /sys/class/net/*; do
+            name=${dev##*/}
+            if [ "$name" = "$DATA_IF" ] || { [ -n "$DATA_MAC" ] && [ "$(cat "$dev/address")" = "$DATA_MAC" ]; }; then
+                data=$name
+            fi
+        done
+        [ -n "$data" ] && break
+        sleep 1
+    done
+    [ -n "$data" ] || give_up "no data interface ${DATA_IF:-with address $DATA_MAC} (data_interface: in cluster.yaml)"
+    [ "$data" = "$NODE_IFACE" ] && give_up "the data interface $data is the one the node booted from"
+    if [ -n "$DATA_MTU" ]; then
+        ip link set dev "$data" mtu "$DATA_MTU" || give_up "$data does not take the MTU $DATA_MTU (data_interface.mtu)"
+    fi
+    if ! ip link set dev "$data" up || ! ip addr add "$DATA_ADDRESS" dev "$data"; then
+        give_up "cannot give $data the address $DATA_ADDRESS"
+    fi
+    echo "DATA_IFACE=$data DATA_IP=${DATA_ADDRESS%/*} DATA_PREFIX=${DATA_ADDRESS#*/}" >/run/builder/data.env
+    say "data network: $data $DATA_ADDRESS mtu $(cat "/sys/class/net/$data/mtu")"
 fi
 
 # shellcheck disable=SC1091  # in the initramfs

@@ -26,6 +26,13 @@ done
 
 # shellcheck disable=SC1091
 . /run/builder/net.env
+# The data network, when the node has one (DATA_IFACE, DATA_IP, DATA_PREFIX): its RPC workers bind DATA_IP
+# shellcheck disable=SC2034  # DATA_IFACE and RPC_IP are read by plan.sh, sourced below
+DATA_IFACE="" DATA_IP=""
+# shellcheck disable=SC1091  # written by the initramfs
+[ -f /run/builder/data.env ] && . /run/builder/data.env
+# shellcheck disable=SC2034
+RPC_IP=${DATA_IP:-$NODE_IP}
 # ROOT_MODE (ram or cache), ROOT_BLOB, MODEL_CACHED (sha256s of the models kept on the cache disk, with room
 # made for them), VERITY_ERRORS
 # shellcheck disable=SC2034  # read by plan.sh, sourced below
@@ -48,6 +55,11 @@ if [ -s /usr/lib/builder/modules.load ]; then
         "$bb" insmod "/lib/modules/$module" 2>/dev/null || say "could not load ${module##*/}"
     done </usr/lib/builder/modules.load
 fi
+
+# The boot lease is renewed for as long as the node runs: udhcpc stays in the foreground as PID 1's child, asks
+# for the address the node holds, and its event script keeps that address (images/netboot/udhcpc.sh).
+"$bb" udhcpc -f -i "$NODE_IFACE" -r "$NODE_IP" -t 5 -T 3 -A 20 -s /usr/lib/builder/udhcpc.sh &
+say "DHCP: the lease of $NODE_IP on $NODE_IFACE is renewed for as long as the node runs (udhcpc pid $!)"
 
 # shellcheck disable=SC1091  # the plan executor, images/netboot/plan.sh (checked on its own)
 . /usr/lib/builder/plan.sh

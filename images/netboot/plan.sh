@@ -4,7 +4,8 @@
 # process it names, each kept running on its own (builder/netboot/plan.py writes the plan and documents its
 # lines). What it needs from the one that sources it: `say`; `name` (the node's), `plan` and `plan_sha256`;
 # `bb` (a busybox with wget, mount, dmesg, grep and reboot); NODE_IP and NODE_IFACE (the leased address and its
-# interface); ROOT_MODE, ROOT_BLOB, MODEL_CACHED, VERITY_ERRORS and CACHE_DIR (from the initramfs).
+# interface); RPC_IP (where RPC workers listen: the data network's address, else NODE_IP) and DATA_IFACE (the data
+# network's interface, or empty); ROOT_MODE, ROOT_BLOB, MODEL_CACHED, VERITY_ERRORS and CACHE_DIR (from the initramfs).
 # shellcheck disable=SC2154  # the variables above are set by node-init
 
 # The model at URL $1 goes to the overlay's tmpfs; one published on the control node comes with its sha256 ($2)
@@ -82,8 +83,8 @@ rpc_cache() {
         say "RPC tensor cache on the cache disk ($(find "$CACHE_DIR/rpc" -type f | wc -l) files kept)"
 }
 
-# Ready means the process ($1: its role) on port $2 answers: a TCP connection for a worker, /health saying ok
-# for a server.
+# Ready means the process ($1: its role) on port $2 answers: a TCP connection for a worker (on RPC_IP), /health
+# saying ok for a server.
 is_ready() {
     if [ "$1" != rpc-worker ]; then
         exec 3<>"/dev/tcp/$NODE_IP/$2" || return 1
@@ -93,17 +94,18 @@ is_ready() {
         exec 3<&-
         [ "$status" = 200 ]
     else
-        (exec 3<>"/dev/tcp/$NODE_IP/$2") 2>/dev/null
+        (exec 3<>"/dev/tcp/$RPC_IP/$2") 2>/dev/null
     fi
 }
 
 # Poll every half second, at most TRIES times, until ROLE on PORT answers (then print "LABEL ready on ADDRESS:PORT"
 # and NOTE, "answers on" instead of "ready on" with VERB, and the node's memory) or the process $child has exited.
 await_ready() {
-    local tries=$1 label=$2 role=$3 port=$4 note=${5:-} verb=${6:-ready on}
+    local tries=$1 label=$2 role=$3 port=$4 note=${5:-} verb=${6:-ready on} address=$NODE_IP
+    [ "$role" = rpc-worker ] && address=$RPC_IP
     for _ in $(seq 1 "$tries"); do
         if is_ready "$role" "$port" 2>/dev/null; then
-            say "$label $verb $NODE_IP:$port${note:+ $note}"
+            say "$label $verb $address:$port${note:+ $note}"
             say_memory
             return 0
         fi
@@ -284,7 +286,7 @@ supervise() {
                 ;;
         esac
         if [ "$role" = rpc-worker ]; then
-            /usr/local/bin/llama-entrypoint rpc-worker --host "$NODE_IP" --port "$port" &
+            /usr/local/bin/llama-entrypoint rpc-worker --host "$RPC_IP" --port "$port" &
         else
             args=(--model "$path" --host "$NODE_IP" --port "$port" --alias "$service" --metrics)
             [ "$rpc" != - ] && args+=(--rpc "$rpc" -ngl 999)
@@ -323,7 +325,8 @@ supervise_vllm() {
     while :; do
         say "starting vLLM: $service from ${path##*/}"
         (
-            export GLOO_SOCKET_IFNAME="$NODE_IFACE" NCCL_SOCKET_IFNAME="$NODE_IFACE"
+            # a pipeline's nodes are all on the data network or none (builder/cluster/model.py checks)
+            export GLOO_SOCKET_IFNAME="${DATA_IFACE:-$NODE_IFACE}" NCCL_SOCKET_IFNAME="${DATA_IFACE:-$NODE_IFACE}"
             for pair in "${pairs[@]}"; do export "${pair?}"; done
             exec /usr/local/bin/vllm-entrypoint "$@"
         ) &

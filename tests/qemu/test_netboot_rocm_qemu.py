@@ -1,13 +1,15 @@
 """The strix-halo/rocm image as a netboot set, booted under QEMU (TCG: there is no GPU and no KVM here).
 
-The node gets sid's kernel with amdgpu and its firmware, loads amdgpu (it finds no device: QEMU has none),
-and starts the rocm image's ggml-rpc-server, which falls back to its CPU backend. A cpu head on the host
-then runs the tiny model with every layer on that worker, and its greedy text equals the cpu image's own.
-Slow: it needs the built rocm image (a 1.5-2 hour hipcc compile here) and a root of about 0.5 GB.
+The node gets sid's kernel with amdgpu and its firmware and loads amdgpu, which finds no device (QEMU has none).
+Ready means right (issue 21): the rocm image's worker checks for its ROCm device before it listens, so the node
+says `degraded: no ROCm device …` and its RPC port stays closed (a head would otherwise run on a CPU fallback
+10-50x slower without a word). Slow: it needs the built rocm image (a 1.5-2 hour hipcc compile here) and a root of
+about 0.5 GB.
 """
 
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -15,7 +17,6 @@ import pytest
 from test_netboot_qemu import BOOT_SECONDS, MAC, published
 
 from conftest import free_port, require_engine, run_cli
-from containers import complete, container, cpu_reference_text, wait_healthy
 from qemu import node, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
@@ -45,25 +46,26 @@ def test_rocm_set_has_sid_kernel_with_amdgpu_and_its_firmware(artifacts: dict[st
     assert any("lib/firmware/amdgpu/gc_11_5_1" in p for p in listing)  # gfx1151's microcode
 
 
-def test_netbooted_rocm_worker_serves_a_cpu_head_on_the_host(artifacts: dict[str, object], tiny_model: Path,
-                                                              tmp_path: Path) -> None:
-    port, rpc, head = free_port(), free_port(), free_port()
-    expected = cpu_reference_text("podman", tmp_path, tiny_model)
+def test_netbooted_rocm_worker_without_its_device_is_degraded_and_does_not_listen(
+        artifacts: dict[str, object], tmp_path: Path) -> None:
+    port, rpc = free_port(), free_port()
     console = tmp_path / "console.log"
     # the board's RAM (its iGPU's share goes on the kernel command line; QEMU's guest has no iGPU to use it)
     worker = [{"name": "halo1", "mac": MAC, "target": "strix-halo", "role": "rpc-worker", "ram": "32GiB"}]
     with published(tmp_path, port, worker) as root, \
             node(root / "tftp", MAC, console, forward=(rpc, 50052), memory_mb=MEMORY_MB) as vm:
-        ready = wait_for(console, r"builder-node: halo1 rpc-worker ready on (\S+)", vm, BOOT_SECONDS * 3)
-        assert ready.group(1) == "10.0.2.15:50052"
+        degraded = wait_for(console, r"builder-node: halo1 rpc-worker \S+ degraded: (no ROCm device[^\n]*)", vm,
+                            BOOT_SECONDS * 3)
         text = console.read_text(errors="replace")
         assert "root image verified: sha256" in text
         assert "could not load amdgpu" not in text, text[-3000:]
-        name = f"builder-netboot-rocm-head-{head}"
-        with container("podman", tmp_path, name, "server", "-m", str(tiny_model), "-c", "256", "-t", "2",
-                       "--port", str(head), "--rpc", f"127.0.0.1:{rpc}", "-ngl", "99", "-lv", "4") as h:
-            wait_healthy(head, h, tmp_path / f"{name}.log", seconds=300)
-            assert complete(head, timeout=600) == expected
-            log = (tmp_path / f"{name}.log").read_text(errors="replace")
-            assert "offloaded 5/5 layers" in log and f"RPC0[127.0.0.1:{rpc}] model buffer size" in log, log[-3000:]
-        print(console.read_text(errors="replace")[-1500:])
+        assert "llama.cpp lists CPU" in degraded.group(1), degraded.group(1)
+        assert "rpc-worker ready on" not in text, text[-3000:]
+        # QEMU's forward accepts on the host, and the guest has nothing listening: the connection ends unanswered
+        with socket.create_connection(("127.0.0.1", rpc), timeout=30) as s:
+            s.settimeout(30)
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        print(text[-1500:])

@@ -3,22 +3,26 @@
 A QEMU node (TCG, one vCPU, user-mode networking) boots from `builder pxe publish`'s generation and runs four
 processes from its plan: replicas of `tiny` and `tiny-b` (two llama-servers of one GGUF), the head of the split
 `tiny-split` (its RPC worker a container on the host, which the guest reaches as 10.0.2.2) and the RPC worker of
-the split `tiny-rpc` (its head a container on the host). The checks then run in order: what the boot printed,
-the firewall (before any head holds the node's RPC worker: ggml-rpc-server serves one client at a time), the
-gateway (`builder cluster up` without --local) in front of all four services, each service through it, and
-`cluster down` last. A failing check gets the node's console tail in its report (console_tail.py).
+the split `tiny-rpc` (its head a container on the host). node1 has a second NIC, its data network (issue 21): a
+tap link with MTU 9000 to the module's namespace, where its RPC worker listens and the tiny-rpc head reaches it.
+The checks then run in order: what the boot printed, the firewall (before any head holds the node's RPC worker:
+ggml-rpc-server serves one client at a time), the gateway (`builder cluster up` without --local) in front of all
+four services, each service through it, and `cluster down` last. A failing check gets the node's console tail in
+its report (console_tail.py).
 
 Everything that talks to the node runs in a network namespace of the module's own (netns.py): `pxe serve`,
 QEMU, the containers, the gateway, `cluster status` and the tests' own requests. Its loopback holds 127.0.0.1,
-MEMBER and OUTSIDER. QEMU shows the guest a connection from a loopback address as coming from 10.0.2.2 and one
-from any other address as coming from that address, so the firewall test can knock on the node's RPC port from
-the control node, from a member of the cluster and from an address of no cluster, in one boot.
+MEMBER and OUTSIDER; its tap TAP (MTU 9000), QEMU's second NIC, holds HOST_DATA (host1's data address) and
+DATA_OUTSIDER. QEMU shows the guest a connection from a loopback address as coming from 10.0.2.2; on the tap,
+the guest sees each source as it is, so the firewall test knocks on the node's RPC port from a member of the
+cluster and from an address of no cluster, in one boot.
 
 The cluster file's addresses, as each side uses them: control 10.0.2.2 (the host as the guest sees it: `pxe
-serve`'s files); node1 127.0.0.1 (where the gateway and `cluster status` reach it: QEMU's hostfwd of each of its
-ports, same number; it binds its leased 10.0.2.15 whatever the file says); worker1 10.0.2.2 (the tiny-split
-worker container, as the node's head reaches it); host1 MEMBER (the tiny-rpc head container, listening there).
-Ports are fixed: nothing else listens in the namespace.
+serve`'s files); node1 127.0.0.1 (where the gateway and `cluster status` reach its servers: QEMU's hostfwd of
+each of its ports, same number; it binds its leased 10.0.2.15 whatever the file says), NODE_DATA on the data
+network (its RPC worker); worker1 10.0.2.2 (the tiny-split worker container, as the node's head reaches it);
+host1 MEMBER (the tiny-rpc head container, listening there; HOST_DATA on the data network, from where it reaches
+node1's RPC worker). Ports are fixed: nothing else listens in the namespace.
 """
 
 import hashlib
@@ -31,6 +35,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ import requests
 from netns import Namespace, network_namespace
 from test_netboot_qemu import BOOT_SECONDS, MAC, artifacts, published
 
-from conftest import run_cli
+from conftest import require_tool, run_cli
 from containers import PROMPT, container, cpu_reference_text
 from qemu import node, wait_for
 
@@ -53,11 +58,15 @@ OUTSIDER = "192.0.2.1"  # TEST-NET-1 on the namespace's loopback, in no cluster 
 HTTP, GATEWAY, METRICS = 8000, 8080, 8405
 TINY, TINY_B, SPLIT, RPC_HEAD = 8101, 8102, 8103, 8104  # the four services' server ports
 NODE_RPC, HOST_RPC = 50052, 50053  # node1's RPC worker (tiny-rpc), the host's container (tiny-split)
-# What node1 prints once each process answers, and the port it answers on.
-READY = {"rpc-worker tiny-rpc": NODE_RPC, "server tiny": TINY, "server tiny-b": TINY_B, "server tiny-split": SPLIT}
-FORWARDS = tuple(f"tcp:{address}:{port}-:{port}" for address, port in
-                 [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC)] + [(MEMBER, NODE_RPC),
-                                                                               (OUTSIDER, NODE_RPC)])
+# The data network: a tap in the namespace (QEMU's second NIC), node1's data interface at NODE_DATA.
+TAP, DATA_MAC, DATA_MTU = "bdata0", "52:54:00:12:34:66", 9000
+BOOT_MTU = 1400  # the boot interface's, below QEMU user networking's 1500
+NODE_DATA, HOST_DATA, DATA_OUTSIDER = "10.77.0.2", "10.77.0.1", "10.77.0.9"
+# What node1 prints once each process answers, and the address it answers on (its worker on the data network).
+READY = {"rpc-worker tiny-rpc": f"{NODE_DATA}:{NODE_RPC}", "server tiny": f"10.0.2.15:{TINY}",
+         "server tiny-b": f"10.0.2.15:{TINY_B}", "server tiny-split": f"10.0.2.15:{SPLIT}"}
+# the node's boot address, each port forwarded from 127.0.0.1 (its RPC port too: nothing may answer there)
+FORWARDS = tuple(f"tcp:127.0.0.1:{port}-:{port}" for port in (TINY, TINY_B, SPLIT, NODE_RPC))
 PLAN_READY_SECONDS = 180  # after the first ready line, each further one (a model load under TCG)
 
 
@@ -106,10 +115,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
     shutil.copyfile(tiny_model, model)
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     nodes: list[dict[str, object]] = [
-        {"name": "node1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "127.0.0.1"},
+        {"name": "node1", "mac": MAC, "target": "cpu", "memory": "512MiB", "address": "127.0.0.1", "mtu": BOOT_MTU,
+         "data_interface": {"mac": DATA_MAC, "address": f"{NODE_DATA}/24", "mtu": DATA_MTU}},
         # these two stand for nodes that are containers on the host: nobody boots them
         {"name": "worker1", "mac": "52:54:00:12:34:57", "target": "cpu", "memory": "512MiB", "address": "10.0.2.2"},
-        {"name": "host1", "mac": "52:54:00:12:34:58", "target": "cpu", "memory": "512MiB", "address": MEMBER}]
+        {"name": "host1", "mac": "52:54:00:12:34:58", "target": "cpu", "memory": "512MiB", "address": MEMBER,
+         "data_interface": {"name": TAP, "address": f"{HOST_DATA}/24", "mtu": DATA_MTU}}]
     common = {"model": "tiny.gguf", "sha256": digest, "context": 256}
     services: list[dict[str, object]] = [
         {"name": "tiny", **common, "nodes": ["node1"], "port": TINY},
@@ -120,13 +131,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
          "port": RPC_HEAD, "rpc_port": NODE_RPC}]
     console = folder / "console.log"
     worker = f"builder-shared-split-worker-{os.getpid()}"
-    with network_namespace(MEMBER, OUTSIDER) as ns, \
+    require_tool("ip", "iproute2")
+    with network_namespace(MEMBER, OUTSIDER) as ns, data_link(ns), \
             published(folder, HTTP, nodes, prefix=ns.enter, services=services,
                       gateway={"address": "127.0.0.1", "port": GATEWAY, "metrics_port": METRICS}) as root, \
             container("podman", folder, worker, "rpc-worker", "--host", "127.0.0.1", "--port", str(HOST_RPC),
                       prefix=ns.enter):
         started = time.monotonic()
-        with node(root / "tftp", MAC, console, hostfwd=FORWARDS, prefix=ns.enter, cpus=1) as vm:
+        with node(root / "tftp", MAC, console, hostfwd=FORWARDS, prefix=ns.enter, cpus=1,
+                  tap=(TAP, DATA_MAC)) as vm:
             ready: dict[str, str] = {}
             for nth, label in enumerate(READY):
                 role, service = label.split()
@@ -141,14 +154,34 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
                           folder / f"{worker}.log", ready, ready_s)
 
 
+@contextmanager
+def data_link(ns: Namespace) -> Iterator[None]:
+    """The tap TAP in the namespace, up with MTU 9000, holding HOST_DATA and DATA_OUTSIDER: QEMU opens it as the
+    node's second NIC (it goes with the namespace)."""
+    for command in (["ip", "tuntap", "add", "dev", TAP, "mode", "tap"],
+                    ["ip", "link", "set", TAP, "mtu", str(DATA_MTU), "up"],
+                    ["ip", "addr", "add", f"{HOST_DATA}/24", "dev", TAP],
+                    ["ip", "addr", "add", f"{DATA_OUTSIDER}/24", "dev", TAP]):
+        subprocess.run([*ns.enter, *command], check=True, timeout=30)
+    yield
+
+
+def tap_bytes(ns: Namespace) -> tuple[int, int, int]:
+    """(MTU, bytes sent to the node, bytes from it), from the host side of the tap."""
+    shown = subprocess.run([*ns.enter, "ip", "-s", "-j", "link", "show", TAP], capture_output=True, text=True,
+                           check=True, timeout=30)
+    link = json.loads(shown.stdout)[0]
+    return link["mtu"], link["stats64"]["tx"]["bytes"], link["stats64"]["rx"]["bytes"]
+
+
 @pytest.fixture(scope="module")
 def head(cluster: Cluster) -> Iterator[Path]:
     """tiny-rpc's head: a container on the host (node host1, at MEMBER) with every layer on node1's RPC worker,
-    reached through QEMU's hostfwd. Yields its log."""
+    reached on the data network (the tap). Yields its log."""
     name = f"builder-shared-head-{os.getpid()}"
     log = cluster.folder / f"{name}.log"
     with container("podman", cluster.folder, name, "server", "-m", str(cluster.folder / "tiny.gguf"), "-c", "256",
-                   "-t", "2", "--host", MEMBER, "--port", str(RPC_HEAD), "--rpc", f"127.0.0.1:{NODE_RPC}",
+                   "-t", "2", "--host", MEMBER, "--port", str(RPC_HEAD), "--rpc", f"{NODE_DATA}:{NODE_RPC}",
                    "-ngl", "99", "-lv", "4", prefix=cluster.ns.enter) as proc:
         deadline = time.monotonic() + 300
         while True:
@@ -193,9 +226,10 @@ def gateway(cluster: Cluster, head: Path) -> Iterator[Gateway]:
 
 def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artifacts: dict[str, object]) -> None:
     """The node's script names a plan, not a role; the plan lists its RPC worker first, then its servers, the
-    split's head with `--rpc` to its worker at 10.0.2.2; every process listens on the node's own leased address,
-    never a wildcard; the model is fetched once for three servers and checked; the root is verified and opened
-    through dm-verity in RAM mode (no cache disk)."""
+    split's head with `--rpc` to its worker at 10.0.2.2; every server listens on the node's own leased address,
+    never a wildcard, its RPC worker on its data address; both interfaces have their MTU; the boot lease is kept
+    renewed; the model is fetched once for three servers and checked; the root is verified and opened through
+    dm-verity in RAM mode (no cache disk)."""
     words = cluster.words()
     assert not any(w.startswith("builder.role=") for w in words) and any(w.startswith("builder.plan=") for w in words)
     lines = [line.split("\t") for line in cluster.blob("plan_sha256").splitlines() if not line.startswith("#")]
@@ -204,8 +238,15 @@ def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artif
     assert [fields[:3] for fields in plan] == [["rpc-worker", "tiny-rpc", str(NODE_RPC)], ["server", "tiny", str(TINY)],
                                                ["server", "tiny-b", str(TINY_B)], ["server", "tiny-split", str(SPLIT)]]
     assert [fields[5] for fields in plan[1:]] == ["-", "-", f"10.0.2.2:{HOST_RPC}"]  # the split head's --rpc
-    assert cluster.ready == {label: f"10.0.2.15:{port}" for label, port in READY.items()}
+    assert cluster.ready == READY
+    assert f"builder.data_mac={DATA_MAC}" in words and f"builder.data_address={NODE_DATA}/24" in words
     text = cluster.text()
+    assert re.search(rf"builder-initrd: data network: \S+ {NODE_DATA}/24 mtu {DATA_MTU}\n", text), text[-3000:]
+    assert f"builder-initrd: network: eth0 10.0.2.15/24 mtu {BOOT_MTU}\n" in text and f"builder.mtu={BOOT_MTU}" in words
+    # node-init keeps udhcpc running, renewing the lease; its first answer keeps the address the node holds
+    renewing = text.index("builder-node: DHCP: the lease of 10.0.2.15 on ")
+    assert re.search(r"udhcpc: lease of 10\.0\.2\.15 obtained", text[renewing:]), text[renewing:renewing + 2000]
+    assert "lease changed" not in text
     assert "builder-node: node plan verified: sha256 " in text
     assert text.count(f"builder-node: model verified: sha256 {cluster.digest}") == 1  # one download for all three
     assert "download of" not in text and "mismatch" not in text  # the root and the model came on the first try
@@ -219,11 +260,12 @@ def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artif
 
 # ggml RPC: | command (1 byte) | size (8 bytes) | data |, answered by | size (8 bytes) | data |. HELLO is command
 # 14 in every version; this protocol (v7) sends 24 bytes of transport capabilities and gets the version back.
-def rpc_hello(host: str, port: int) -> str:
-    """`version X.Y.Z` when the RPC server answers HELLO, `closed` when the connection ends without an answer,
-    else the error's name."""
+def rpc_hello(host: str, port: int, source: str | None = None) -> str:
+    """`version X.Y.Z` when the RPC server answers HELLO (asked from `source`, if given), `closed` when the
+    connection ends without an answer, else the error's name."""
     try:
-        with socket.create_connection((host, port), timeout=60) as s:
+        with socket.create_connection((host, port), timeout=60,
+                                      source_address=(source, 0) if source else None) as s:
             s.sendall(bytes([14]) + struct.pack("<Q", 24) + bytes(24))
             data = b""
             while len(data) < 11:
@@ -237,22 +279,28 @@ def rpc_hello(host: str, port: int) -> str:
 
 
 def test_firewall_admits_the_cluster_and_refuses_others(cluster: Cluster) -> None:
-    """The node's rules (from the cluster file: the control node and every node's address) are fetched, checked
-    and loaded before the root, so before any process listens. Its RPC worker's one port, forwarded from three
-    addresses: from loopback (the guest sees the control node, 10.0.2.2) and from MEMBER (host1's address,
-    passed through by QEMU as it is) it answers ggml RPC's HELLO; from OUTSIDER (passed through just as MEMBER,
-    but in no cluster file) the connection is closed at once. MEMBER and OUTSIDER differ only in the rules, so
-    the refusal is the firewall's, not QEMU's. Runs before the tiny-rpc head holds the worker."""
+    """The node's rules (from the cluster file: the control node and every node's address, the data addresses
+    among them) are fetched, checked and loaded before the root, so before any process listens; they match
+    sources, not interfaces, so they cover the data interface too. Its RPC worker listens on the data network
+    only: from HOST_DATA (host1's data address) it answers ggml RPC's HELLO, from DATA_OUTSIDER (on the same tap,
+    in no cluster file) the connection is refused at once, and on the boot address (QEMU's forward from the control
+    node) nothing answers. HOST_DATA and DATA_OUTSIDER differ only in the rules, so the refusal is the firewall's.
+    Runs before the tiny-rpc head holds the worker."""
     rules = cluster.blob("firewall_sha256")
-    assert "elements = { 10.0.2.2, 127.0.0.1, 192.0.2.2 }" in rules and OUTSIDER not in rules
+    assert f"elements = {{ 10.0.2.2, {HOST_DATA}, {NODE_DATA}, 127.0.0.1, 192.0.2.2 }}" in rules, rules
+    assert OUTSIDER not in rules and DATA_OUTSIDER not in rules
     digest = next(w for w in cluster.words() if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
     text = cluster.text()
     loaded = text.index(f"builder-initrd: firewall loaded: sha256 {digest}")
-    assert loaded < text.index("root image verified")  # before the root, so before any process listens
+    assert loaded < text.index("builder-initrd: data network:") < text.index("root image verified")
+    answers = {}
     with cluster.ns.inside():
-        answers = {host: rpc_hello(host, NODE_RPC) for host in ("127.0.0.1", MEMBER, OUTSIDER)}
-    assert answers["127.0.0.1"].startswith("version 7.") and answers[MEMBER].startswith("version 7."), answers
-    assert answers[OUTSIDER] in ("closed", "ConnectionResetError"), answers
+        for source in (HOST_DATA, DATA_OUTSIDER):
+            answers[source] = rpc_hello(NODE_DATA, NODE_RPC, source)
+        answers["boot address"] = rpc_hello("127.0.0.1", NODE_RPC)
+    assert answers[HOST_DATA].startswith("version 7."), answers
+    assert answers[DATA_OUTSIDER] in ("closed", "ConnectionResetError", "ConnectionRefusedError"), answers
+    assert answers["boot address"] in ("closed", "ConnectionResetError"), answers
 
 
 def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gateway) -> None:
@@ -273,8 +321,9 @@ def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gatew
     assert processes["tiny-split"][0] == ("node1", "server", f"127.0.0.1:{SPLIT}", "UP", "L7OK")
     # worker1's health is not asserted: it is the guest's 10.0.2.2, which the control node's probe cannot reach
     assert processes["tiny-split"][1][:3] == ("worker1", "rpc-worker", f"10.0.2.2:{HOST_RPC}")
+    # node1's RPC worker on the data network, which the control node (the namespace) is on: its tap
     assert processes["tiny-rpc"] == [("host1", "server", f"{MEMBER}:{RPC_HEAD}", "UP", "L7OK"),
-                                     ("node1", "rpc-worker", f"127.0.0.1:{NODE_RPC}", "UP", None)]
+                                     ("node1", "rpc-worker", f"{NODE_DATA}:{NODE_RPC}", "UP", None)]
     assert document["nodes"] == [
         {"name": "node1", "address": "127.0.0.1", "target": "cpu", "devices": {}, "mac": MAC},
         {"name": "worker1", "address": "10.0.2.2", "target": "cpu", "devices": {},
@@ -316,8 +365,9 @@ def test_split_head_on_the_node_uses_its_worker_on_the_host(cluster: Cluster, ga
 
 def test_node_worker_serves_a_head_on_the_host(cluster: Cluster, head: Path, gateway: Gateway) -> None:
     """tiny-rpc: the node's RPC worker holds every layer of a head on the host (BIOS firmware; UEFI boots in
-    test_netboot_qemu's corrupted-root test). The head's text, asked directly and through the gateway, equals
-    the single-node text."""
+    test_netboot_qemu's corrupted-root test), over the data network: the host side of the tap (MTU 9000) has
+    carried more bytes to the node than the worker's share of the model. The head's text, asked directly and
+    through the gateway, equals the single-node text."""
     direct = completion(cluster.ns, f"http://{MEMBER}:{RPC_HEAD}/v1/completions")
     assert direct.status_code == 200, direct.text
     assert direct.json()["choices"][0]["text"] == cluster.expected
@@ -325,7 +375,11 @@ def test_node_worker_serves_a_head_on_the_host(cluster: Cluster, head: Path, gat
     assert through.status_code == 200, through.text
     assert through.json()["choices"][0]["text"] == cluster.expected
     log = head.read_text(errors="replace")
-    assert "offloaded 5/5 layers" in log and f"RPC0[127.0.0.1:{NODE_RPC}] model buffer size" in log, log[-3000:]
+    share = re.search(rf"RPC0\[{re.escape(NODE_DATA)}:{NODE_RPC}\] model buffer size = +([0-9.]+) MiB", log)
+    assert "offloaded 5/5 layers" in log and share, log[-3000:]
+    mtu, sent, received = tap_bytes(cluster.ns)
+    print(f"data network: {sent} bytes to node1, {received} from it; the worker's share {share.group(1)} MiB")
+    assert mtu == DATA_MTU and sent > float(share.group(1)) * (1 << 20), (mtu, sent, share.group(1))
 
 
 def test_cluster_down_stops_the_gateway(cluster: Cluster, gateway: Gateway) -> None:

@@ -26,11 +26,13 @@ _BOOTING: dict[Path, tuple[float, int]] = {}
 def node(tftp: Path, mac: str, console: Path, forward: tuple[int, int] | None = None,
          uefi: bool = False, memory_mb: int = 1024, disk: Path | None = None,
          serial: str = "cache0", hostfwd: tuple[str, ...] = (),
-         prefix: tuple[str, ...] = (), cpu: str | None = None, cpus: int = 2) -> Iterator[subprocess.Popen[bytes]]:
+         prefix: tuple[str, ...] = (), cpu: str | None = None, cpus: int = 2,
+         tap: tuple[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """A QEMU machine that netboots; `disk` is a raw image attached as a virtio disk with `serial`
     (/dev/disk/by-id/virtio-SERIAL to udev); `hostfwd` adds QEMU hostfwd rules as they are; `prefix` runs
     QEMU under a command (e.g. nsenter into a network namespace); `cpu` is QEMU's -cpu model (`max`: every
-    instruction TCG emulates, AVX2 included); `cpus` its -smp."""
+    instruction TCG emulates, AVX2 included); `cpus` its -smp; `tap` (IFNAME, MAC) a second NIC on that existing tap
+    device (the data network; no boot ROM, so the node boots from its first NIC)."""
     netdev = f"user,id=n0,tftp={tftp},bootfile=boot.ipxe"
     if forward:
         netdev += f",hostfwd=tcp:127.0.0.1:{forward[0]}-:{forward[1]}"
@@ -38,6 +40,9 @@ def node(tftp: Path, mac: str, console: Path, forward: tuple[int, int] | None = 
     argv = [*prefix, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", str(cpus), "-display", "none",
             "-monitor", "none", "-no-reboot", "-boot", "n", "-netdev", netdev,
             "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-serial", f"file:{console}"]
+    if tap:
+        argv += ["-netdev", f"tap,id=n1,ifname={tap[0]},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=n1,mac={tap[1]},romfile="]
     if uefi:
         argv += ["-bios", str(OVMF)]
     if cpu:
