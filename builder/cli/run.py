@@ -41,8 +41,8 @@ EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, "allow_i
 
 
 def run(
-    role: Annotated[str, typer.Argument(help="rpc-worker, rpc-seed, server, bench, shell or smoke; vLLM: serve, ray-head, "
-                                             "ray-worker, shell or smoke.")],
+    role: Annotated[str, typer.Argument(help="rpc-worker, rpc-seed, server, bench, shell or smoke; vLLM: serve, "
+                                             "ray-head, ray-worker, shell or smoke.")],
     args: Annotated[list[str] | None, typer.Argument(help="Arguments for the role.")] = None,
     target: TargetOpt = None,
     recipe: RecipeOpt = None,

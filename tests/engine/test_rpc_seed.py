@@ -10,6 +10,7 @@ worker) and its token embeddings (kept on the head) pass ggml-rpc's 10 MiB thres
 import json
 import re
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +51,10 @@ def _large_tensors(model: Path) -> list[str]:
     return [t.name for t in gguf.GGUFReader(model).tensors if int(t.n_bytes) > THRESHOLD]
 
 
-def _wait_listening(port: int, proc: object, log: Path, seconds: float = 120) -> None:
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert getattr(proc, "poll")() is None, f"worker exited early:\n{log.read_text(errors='replace')[-3000:]}"
+        assert proc.poll() is None, f"worker exited early:\n{log.read_text(errors='replace')[-3000:]}"
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -90,7 +91,7 @@ def cold(llama_cpu_image: str, wide_model: Path, tmp_path_factory: pytest.TempPa
 def test_the_cache_rpc_server_writes_after_a_cold_load_equals_builders(
         cold: Load, wide_model: Path, tmp_path: Path) -> None:
     saved = SAVED.findall(cold.worker_log)
-    assert saved, f"the cold worker saved no tensor in /var/cache/llama.cpp/rpc: {FORMAT_HINT}\n{cold.worker_log[-2000:]}"
+    assert saved, f"the cold worker saved no tensor in its cache: {FORMAT_HINT}\n{cold.worker_log[-2000:]}"
     # The placement of this split: every layer and the output on the worker; the token embeddings stay on the head.
     placed = tmp_path / "placed.txt"
     placed.write_text("".join(f"{name}\n" for name in _large_tensors(wide_model) if name != "token_embd.weight"))
