@@ -91,6 +91,7 @@ def run(
                               "the unpacked .debs")
     if role not in kind.roles:
         raise RecipeError(f"unknown role {role!r}{did_you_mean(role, kind.roles)}", f"roles: {', '.join(kind.roles)}")
+    cache_flags = cache_volume(role, rpc_cache) if rpc_cache is not None else ()
     if model_sha256 is not None:
         served = kind.served_model(role, list(args or []))
         check_model(model_sha256, served if served is not None else named_model(list(args or []), role),
@@ -114,18 +115,19 @@ def run(
         if "=" not in item and item not in os.environ:
             raise RecipeError(f"--env {item!r}: expected KEY=VALUE, or KEY set in this environment")
     env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
-    if rpc_cache is not None:
-        env_flags += cache_volume(role, rpc_cache, print_only)
     argv = container_argv(chosen, image, role, role_args, name=name, detach=detach,
-                          run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *extra_flags))
+                          run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *cache_flags, *extra_flags))
     if print_only:
         typer.echo(json.dumps(list(argv)) if as_json else " ".join(argv))
         return
+    if rpc_cache is not None:
+        make_cache(rpc_cache)
     replace_process(argv)
 
 
-def cache_volume(role: str, folder: Path, print_only: bool) -> tuple[str, str]:
-    """--rpc-cache: the host folder mounted where the image keeps ggml-rpc-server's tensor cache."""
+def cache_volume(role: str, folder: Path) -> tuple[str, str]:
+    """--rpc-cache: the host folder mounted where the image keeps ggml-rpc-server's tensor cache (checked here,
+    made only when the container is about to start)."""
     if role not in RPC_CACHE_ROLES:
         raise RecipeError(f"--rpc-cache goes with the roles {' and '.join(RPC_CACHE_ROLES)}, not {role!r}",
                           "drop --rpc-cache, or run an RPC worker")
@@ -133,11 +135,18 @@ def cache_volume(role: str, folder: Path, print_only: bool) -> tuple[str, str]:
     if ":" in str(path) or "," in str(path):
         raise RecipeError(f"--rpc-cache {folder}: the engine's --volume cannot take a path with ':' or ','",
                           "pick a folder whose path has neither")
-    if path.exists() and not path.is_dir():
-        raise RecipeError(f"--rpc-cache {folder}: not a folder", "give a folder (it is made if missing)")
-    if not print_only:
-        path.mkdir(parents=True, exist_ok=True)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise RecipeError(f"--rpc-cache {folder}: {existing} is not a folder", "give a folder (it is made if missing)")
     return "--volume", f"{path}:{RPC_CACHE}"
+
+
+def make_cache(folder: Path) -> None:
+    try:
+        folder.expanduser().absolute().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecipeError(f"--rpc-cache {folder}: cannot make it ({exc.strerror})",
+                          "give a folder you can write, or make it first") from None
 
 
 def check_model(sha256: str, given: str | None, *, folder: bool, print_only: bool) -> None:

@@ -136,6 +136,16 @@ def test_bad_seed_options_are_one_line(tmp_path: Path, args: list[str], says: st
     assert says in proc.stderr.splitlines()[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("print_only", [["--print"], []])
+def test_a_cache_folder_under_a_file_is_refused_before_anything_starts(tmp_path: Path, print_only: list[str]) -> None:
+    (tmp_path / "a-file").write_text("not a folder\n")
+    proc = run_cli_inproc("run", "--image", "localhost/x:y", *print_only, "--rpc-cache",
+                          str(tmp_path / "a-file" / "rpc"), "rpc-worker")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[0] == f"error: --rpc-cache {tmp_path / 'a-file' / 'rpc'}: " \
+                                          f"{tmp_path / 'a-file'} is not a folder"
+
+
 def test_the_seed_file_is_what_model_sha256_checks(tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF other bytes")
