@@ -66,9 +66,10 @@ def _mount_models(args: list[str], role: str = "server") -> tuple[list[str], lis
         name = path.name
         if used.get(name, path.resolve()) != path.resolve():  # two files of one name: keep them apart
             name = f"{len(used)}-{name}"
-        used[name] = path.resolve()
         inside = f"/models/{name}"
-        volumes.append(f"{path.resolve()}:{inside}:ro")
+        if name not in used:  # a file named twice is mounted once (an engine refuses two mounts on one path)
+            used[name] = path.resolve()
+            volumes.append(f"{path.resolve()}:{inside}:ro")
         return inside
 
     positional = _positional(args) if role == "rpc-seed" else None

@@ -153,3 +153,18 @@ def test_the_seed_file_is_what_model_sha256_checks(tmp_path: Path) -> None:
                           str(model))
     assert proc.returncode == 2
     assert f"has sha256 {hashlib.sha256(model.read_bytes()).hexdigest()}, not {BIG_SHA}" in proc.stderr
+
+
+def test_files_of_one_name_are_kept_apart_and_one_file_is_mounted_once(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    model, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    model.write_bytes(BIG)
+    other.write_text("output.weight\n")
+    proc = run_cli_inproc("run", "--image", "localhost/x:y", "--print", "--json", "rpc-worker", "--seed", str(model),
+                          "--seed-tensors", str(other))
+    argv = json.loads(proc.stdout)
+    assert argv[-4:] == ["--seed", "/models/m.gguf", "--seed-tensors", "/models/1-m.gguf"]
+    same = json.loads(run_cli_inproc("run", "--image", "localhost/x:y", "--print", "--json", "server", "-m",
+                                     str(model), "-m", str(model)).stdout)
+    assert [word for word in same if word.endswith(":ro")] == [f"{model}:/models/m.gguf:ro"]
