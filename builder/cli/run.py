@@ -32,7 +32,7 @@ from builder.engines.host import driver_volumes
 from builder.flavours.prepare import flavour_named
 from builder.recipe.load import select
 from builder.recipe.targets import Host, did_you_mean
-from builder.use.launch import container_argv, image_for_run, named_model
+from builder.use.launch import RPC_CACHE, RPC_CACHE_ROLES, container_argv, image_for_run, named_model
 from builder.use.toolbox import TOOL_CHOICES, Box, check_tool, exists, pick_tool, run_steps, tool_of
 
 # vLLM's workers share tensors through /dev/shm; engines give containers 64 MB by default.
@@ -41,8 +41,8 @@ EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, "allow_i
 
 
 def run(
-    role: Annotated[str, typer.Argument(help="rpc-worker, server, bench, shell or smoke; vLLM: serve, ray-head, "
-                                             "ray-worker, shell or smoke.")],
+    role: Annotated[str, typer.Argument(help="rpc-worker, rpc-seed, server, bench, shell or smoke; vLLM: serve, "
+                                             "ray-head, ray-worker, shell or smoke.")],
     args: Annotated[list[str] | None, typer.Argument(help="Arguments for the role.")] = None,
     target: TargetOpt = None,
     recipe: RecipeOpt = None,
@@ -66,12 +66,17 @@ def run(
         "--model-sha256", help="The sha256 the model must have (-m FILE, or vLLM's serve FILE-OR-FOLDER: a "
         "folder's is `builder cluster hash-model`'s): checked before the container starts, not with --print; "
         "a missing or different model stops here (exit 2).")] = None,
+    rpc_cache: Annotated[Path | None, typer.Option(
+        "--rpc-cache", help="rpc-worker and rpc-seed: keep ggml-rpc-server's tensor cache in this folder of the "
+        "host (made if missing) instead of the container, so it outlasts the container.")] = None,
     recipes: RecipesOpt = None,
 ) -> None:
     """Run an image in a role on the host network (model files given with --model are mounted).
 
     Options go before ROLE; everything after ROLE is passed to the role.
     Example: builder run --target cpu rpc-worker --host 10.0.0.5 --port 50052
+    An RPC worker given its own copy of the model (rpc-worker --seed FILE.gguf) fills its tensor cache from
+    it before it listens, so the head's first load sends hashes instead of the large tensors.
     vLLM images (--flavour vllm) get a 16 GB /dev/shm (--shm-size); a host model folder given as
     `serve PATH` is mounted read-only under /models.
     """
@@ -86,9 +91,10 @@ def run(
                               "the unpacked .debs")
     if role not in kind.roles:
         raise RecipeError(f"unknown role {role!r}{did_you_mean(role, kind.roles)}", f"roles: {', '.join(kind.roles)}")
+    cache_flags = cache_volume(role, rpc_cache) if rpc_cache is not None else ()
     if model_sha256 is not None:
         served = kind.served_model(role, list(args or []))
-        check_model(model_sha256, served if served is not None else named_model(list(args or [])),
+        check_model(model_sha256, served if served is not None else named_model(list(args or []), role),
                     folder=served is not None, print_only=print_only)
     if image is None and target is None and recipe is None:
         _refuse_misplaced(role, list(args or []))
@@ -110,11 +116,37 @@ def run(
             raise RecipeError(f"--env {item!r}: expected KEY=VALUE, or KEY set in this environment")
     env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
     argv = container_argv(chosen, image, role, role_args, name=name, detach=detach,
-                          run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *extra_flags))
+                          run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *cache_flags, *extra_flags))
     if print_only:
         typer.echo(json.dumps(list(argv)) if as_json else " ".join(argv))
         return
+    if rpc_cache is not None:
+        make_cache(rpc_cache)
     replace_process(argv)
+
+
+def cache_volume(role: str, folder: Path) -> tuple[str, str]:
+    """--rpc-cache: the host folder mounted where the image keeps ggml-rpc-server's tensor cache (checked here,
+    made only when the container is about to start)."""
+    if role not in RPC_CACHE_ROLES:
+        raise RecipeError(f"--rpc-cache goes with the roles {' and '.join(RPC_CACHE_ROLES)}, not {role!r}",
+                          "drop --rpc-cache, or run an RPC worker")
+    path = folder.expanduser().absolute()
+    if ":" in str(path) or "," in str(path):
+        raise RecipeError(f"--rpc-cache {folder}: the engine's --volume cannot take a path with ':' or ','",
+                          "pick a folder whose path has neither")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise RecipeError(f"--rpc-cache {folder}: {existing} is not a folder", "give a folder (it is made if missing)")
+    return "--volume", f"{path}:{RPC_CACHE}"
+
+
+def make_cache(folder: Path) -> None:
+    try:
+        folder.expanduser().absolute().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecipeError(f"--rpc-cache {folder}: cannot make it ({exc.strerror})",
+                          "give a folder you can write, or make it first") from None
 
 
 def check_model(sha256: str, given: str | None, *, folder: bool, print_only: bool) -> None:
@@ -124,7 +156,8 @@ def check_model(sha256: str, given: str | None, *, folder: bool, print_only: boo
         raise RecipeError(f"--model-sha256: {sha256!r} is not a sha256", "give 64 lowercase hex digits")
     if given is None:
         raise RecipeError("--model-sha256: the role's arguments name no model",
-                          "name it after ROLE: server -m FILE, or (vLLM) serve FOLDER")
+                          "name it after ROLE: server -m FILE, rpc-worker --seed FILE, rpc-seed FILE, or (vLLM) "
+                          "serve FOLDER")
     if print_only:
         return
     path = Path(given).expanduser()
@@ -143,7 +176,7 @@ def check_model(sha256: str, given: str | None, *, folder: bool, print_only: boo
 # `builder run`'s own long options: after ROLE they reach the role, which is why no image was chosen.
 _RUN_OPTIONS = frozenset({"--target", "--recipe", "--recipes", "--variant", "--image", "--flavour", "--engine",
                           "--print", "--json", "--detach", "--name", "--env", "--shm-size", "--driver-dir",
-                          "--model-sha256"})
+                          "--model-sha256", "--rpc-cache"})
 
 
 def _refuse_misplaced(role: str, args: list[str]) -> None:

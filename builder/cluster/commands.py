@@ -5,7 +5,9 @@ The same processes as local mode and the netboot plans: RPC workers first (their
 then each llama-server bound to its node's address with `--alias SERVICE --metrics`, then each vLLM server
 and pipeline node as `vllm_service.launch` gives it (local mode's lines). A box keeps every model under one
 folder, named by its sha256 (`SHA256.gguf`, a model folder `SHA256/`), and every line that serves a model
-carries `--model-sha256`, so `builder run` checks the file before the container starts.
+carries `--model-sha256`, so `builder run` checks the file before the container starts. The RPC workers of a
+service with `preseed: true` get its model too: they fill their tensor cache (`--rpc-cache`, beside the models)
+from it before they listen (`rpc-worker --seed`).
 
 A Ray pipeline (the GPU variants' vLLM) is not listed: each of its nodes' Ray containers needs the model
 folder mounted, which a `builder run` line cannot say for the `ray-worker` role.
@@ -85,8 +87,12 @@ def _argv(loaded: Loaded, process: Process, models: str) -> tuple[str, ...]:
     head = _head(loaded, process)
     if process.role == "rpc-worker":
         # on the data network when the node has one (docs/netboot.md)
-        return (*head, "rpc-worker", "--host", str(loaded.node(process.node).peer_address), "--port",
-                str(process.port))
+        worker = ("rpc-worker", "--host", str(loaded.node(process.node).peer_address), "--port", str(process.port))
+        if not service.preseed:
+            return (*head, *worker)
+        # the worker's own copy of the model fills its tensor cache, kept beside the models across restarts
+        return (*head, "--rpc-cache", f"{models.rstrip('/')}/rpc-cache", "--model-sha256", service.sha256, *worker,
+                "--seed", service.ref.on_box(models))
     args = ["server", "-m", service.ref.on_box(models), "--host", address, "--port", str(process.port),
             "--alias", service.name, "--metrics"]
     if service.context:
@@ -109,7 +115,8 @@ def node_commands(loaded: Loaded, models: str) -> list[NodeCommands]:
             continue
         listed = [p for p in mine if not is_ray_pipeline(loaded, loaded.service(p.service))]
         skipped = sorted({p.service for p in mine if p not in listed})
-        served = [loaded.service(name) for name in dict.fromkeys(p.service for p in listed if p.role != "rpc-worker")]
+        served = [loaded.service(name) for name in dict.fromkeys(
+            p.service for p in listed if p.role != "rpc-worker" or loaded.service(p.service).preseed)]
         pipelines = any(loaded.service(p.service).topology == "pipeline" for p in listed)
         out.append(NodeCommands(
             node.name, str(node.address),

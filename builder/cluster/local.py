@@ -39,6 +39,7 @@ GATEWAY_ADDRESS = "127.0.0.1"
 LOOPBACK_INTERFACE = "lo"
 FIRST_NODE = 11
 LABEL = "dev.builder.cluster"
+SEED_WAIT = 600  # seconds a preseeding RPC worker may take to fill its tensor cache before it listens
 Say = Callable[[str], None]
 
 
@@ -131,9 +132,12 @@ def process_argv(local: Local, engine: Engine, process: Process, image: str, mod
     if service.engine == "vllm":
         started = launch(service, process, node, model, address, LOOPBACK_INTERFACE, lambda: ray_token(local))
         return [*argv, *started.flags, image, *started.argv]
-    if process.role == "rpc-worker":
-        return [*argv, image, "rpc-worker", "--host", address[process.node], "--port", str(process.port)]
     inside = f"/models/{process.service}.gguf"
+    if process.role == "rpc-worker":
+        # preseed: the worker fills its tensor cache from its own copy of the model before it listens
+        seed = ["--volume", f"{model}:{inside}:ro"] if service.preseed else []
+        return [*argv, *seed, image, "rpc-worker", "--host", address[process.node], "--port", str(process.port),
+                *(["--seed", inside] if service.preseed else [])]
     args = ["-m", inside, "--host", address[process.node], "--port", str(process.port),
             "--alias", service.name, "--metrics"]
     if service.context:
@@ -220,7 +224,9 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
             # counted before the run: a stop (Ctrl-C, SIGTERM) during it can leave the container created
             started.append(name)
             run(process_argv(local, engine, process, image, models[process.service]), timeout=120)
-            if process.role == "rpc-worker" and not _wait_port(address[process.node], process.port, 60):
+            # a preseeding worker hashes and copies its share of the model first
+            wait = SEED_WAIT if loaded.service(process.service).preseed else 60
+            if process.role == "rpc-worker" and not _wait_port(address[process.node], process.port, wait):
                 raise BuilderError(f"RPC worker {name} did not listen on {address[process.node]}:{process.port}",
                                    _log_tail(engine, name))
         previous = (local.state / "haproxy.cfg").read_text() if (local.state / "haproxy.cfg").is_file() else None

@@ -140,6 +140,9 @@ class Service(Strict):
     port: int | None = Field(None, ge=1, le=65535, description="the server's port (default: derived from the "
                              "service's name, 8100-8999, so it never moves when other services change)")
     rpc_port: int = Field(RPC_PORT, ge=1, le=65535, description="split: the workers' port")
+    preseed: bool = Field(False, description="split: give each RPC worker the model too; it fills its tensor "
+                          "cache from it before it listens, so the head's first load sends hashes instead of the "
+                          "large tensors (docs/clusters.md says when that pays)")
     pipeline_port: int = Field(PIPELINE_PORT, ge=1, le=65535, description="pipeline: the port on the first node "
                                "the others join (Ray's head, or torch.distributed's master on cpu)")
     context: int | None = Field(None, ge=64, description="context size (llama.cpp -c, vLLM --max-model-len)")
@@ -412,6 +415,11 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
                    nodes: list[ClusterNode]) -> None:
     field = f"services[{i}]"
     _check_topology(service, field, where)
+    if service.preseed and (service.topology != "split" or not service.head):
+        why = "a split's RPC workers" if service.topology != "split" else "workers whose head is in this file"
+        raise RecipeError(f"{where}: {field}.preseed: only {why} get the model to fill their tensor cache from",
+                          "remove preseed:" if service.topology != "split" else
+                          "add head: NODE and the model, or remove preseed:")
     if service.topology in ("replicate", "pipeline"):
         if service.head or service.workers:
             raise RecipeError(f"{where}: {field}: head and workers belong to topology: split",

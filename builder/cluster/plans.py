@@ -120,6 +120,19 @@ def _check_node(loaded: Loaded, i: int, node: ClusterNode, where: str) -> None:
                           "node boots one image", "place them on different nodes")
 
 
+def _check_preseed(loaded: Loaded, i: int, node: ClusterNode, where: str) -> None:
+    """A netbooted worker fills its tensor cache from a model kept on its cache disk: in RAM, the model and its
+    cached copy would take twice the memory the worker serves from."""
+    for process in loaded.processes:
+        service = loaded.service(process.service)
+        if process.node == node.name and process.role == "rpc-worker" and service.preseed \
+                and loaded.cluster.cache_of(node) is None:
+            index = [s.name for s in loaded.cluster.services].index(service.name)
+            raise RecipeError(f"{where}: services[{index}].preseed: the worker {node.name} (nodes[{i}]) has no cache "
+                              "disk, and a netbooted worker keeps the model it seeds from there",
+                              "give the node a cache: (docs/netboot.md), or remove preseed:")
+
+
 def _needs_address(loaded: Loaded, node: str) -> str | None:
     """Why a netbooted node's address must be in the file (peers, or its vLLM command line, name it)."""
     for process in loaded.processes:
@@ -155,6 +168,7 @@ def load_for_netboot(path: Path) -> Loaded:
                                                     if p.node == node.name):
             raise RecipeError(f"{where}: services: a service on {node.name} uses port {AGENT_PORT}, where the node's "
                               "gateway agent listens", f"give the service another port than {AGENT_PORT}")
+        _check_preseed(loaded, i, node, where)
         why = _needs_address(loaded, node.name)
         if why and not node.address:
             raise RecipeError(f"{where}: nodes[{i}].address: {node.name} needs one: {why}",
@@ -190,10 +204,15 @@ def load_for_netboot(path: Path) -> Loaded:
     return loaded
 
 
+def _has_model(loaded: Loaded, process: Process) -> bool:
+    """Whether the process gets its service's model: a server, or an RPC worker of a service with preseed."""
+    return process.role != "rpc-worker" or loaded.service(process.service).preseed
+
+
 def _netbooted_services(loaded: Loaded) -> list[tuple[int, Service]]:
-    """The services with a server on a netbooted node (the ones whose model is published)."""
+    """The services with a server, or a preseeding RPC worker, on a netbooted node (their model is published)."""
     booted = {node.name for node in loaded.cluster.netbooted}
-    served = {p.service for p in loaded.processes if p.node in booted and p.role != "rpc-worker"}
+    served = {p.service for p in loaded.processes if p.node in booted and _has_model(loaded, p)}
     return [(i, s) for i, s in enumerate(loaded.cluster.services) if s.name in served]
 
 
@@ -245,10 +264,11 @@ def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> No
     where = {n.name: str(n.peer_address) for n in loaded.cluster.nodes}  # a worker's data address, if it has one
     for process in mine:
         service = loaded.service(process.service)
+        url = f"{base}/blobs/sha256/{blobs[service.name]}" if service.name in blobs else ""
         if process.role == "rpc-worker":
-            lines.append(RpcWorkerLine(service.name, process.port))
+            seed = (url, service.sha256) if service.preseed else ()
+            lines.append(RpcWorkerLine(service.name, process.port, *seed))
             continue
-        url = f"{base}/blobs/sha256/{blobs[service.name]}"
         if service.engine == "vllm":
             lines.append(_vllm_line(loaded, process, url, blobs[service.name]))
             continue
@@ -287,7 +307,7 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
         args = root_words(base, node, manifest, [f"builder.plan={base}/blobs/sha256/{plan_sha256}",
                                                  f"builder.plan_sha256={plan_sha256}"],
                           rules_sha256, cluster.cache_of(node), cluster.ram_share)
-        mine = {p.service for p in loaded.processes if p.node == node.name and p.role != "rpc-worker"}
+        mine = {p.service for p in loaded.processes if p.node == node.name and _has_model(loaded, p)}
         served = [s.name for s in cluster.services if s.name in mine]
         if served:
             # the initramfs makes room on the cache disk for these (a node without one ignores the word)

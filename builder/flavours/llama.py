@@ -45,7 +45,7 @@ class LlamaCpp(Flavour):
     name = "llama.cpp"
     tag_prefix = ""
     serves = "llama"
-    roles = ("rpc-worker", "server", "bench", "shell", "smoke", "check-device", "qualify", "help")
+    roles = ("rpc-worker", "rpc-seed", "server", "bench", "shell", "smoke", "check-device", "qualify", "help")
     recipe_model = Recipe
 
     def recipe_path(self, target: str) -> Path:

@@ -7,14 +7,16 @@ only knows the lines. One line per item, fields separated by one tab, `-` for a 
 
     env         NAME     VALUE
     agent       PORT
-    rpc-worker  SERVICE  PORT
+    rpc-worker  SERVICE  PORT  [MODEL_URL  MODEL_SHA256]
     server      SERVICE  PORT  MODEL_URL  MODEL_SHA256  RPC  CTX  [LLAMA-SERVER ARGS…]
     vllm        SERVICE  PORT  MODEL_URL  MODEL_SHA256  MOUNT  ENV  ARGV…
 
 * env: exported to every process the node starts (before any of them starts).
 * agent: the node's HAProxy agent on its address and PORT (AGENT_PORT): the gateway's agent-check asks it, per
   llama-server, `up` or `down #degraded: …` (a server whose device is missing stays out of the rotation).
-* rpc-worker: ggml-rpc-server on the node's address and PORT.
+* rpc-worker: ggml-rpc-server on the node's address and PORT; with a model (a service's `preseed`), the GGUF at
+  MODEL_URL (checked against MODEL_SHA256) kept on the node's cache disk fills its tensor cache first
+  (`rpc-worker --seed`), so the head's first load sends hashes instead of the large tensors.
 * server: llama-server on the node's address and PORT serving the GGUF at MODEL_URL (checked against
   MODEL_SHA256), `--rpc RPC` (HOST:PORT,… of its workers) and `-c CTX` when given, then the service's args.
 * vllm: the image's entrypoint with ARGV (`serve …`, or a pipeline node's) once the squashfs of the model
@@ -31,7 +33,8 @@ NONE = "-"
 # The port of a node's agent (HAProxy's agent-check), on a node that runs a llama-server; the control node only
 # may connect to it (the node's firewall).
 AGENT_PORT = 7999
-HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | agent PORT | rpc-worker SERVICE PORT | server "
+HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | agent PORT | rpc-worker SERVICE PORT "
+          "[MODEL_URL MODEL_SHA256] | server "
           "SERVICE PORT MODEL_URL MODEL_SHA256 RPC CTX [ARGS...] | vllm SERVICE PORT MODEL_URL MODEL_SHA256 MOUNT ENV "
           "ARGV...\n")
 
@@ -51,6 +54,8 @@ class AgentLine:
 class RpcWorkerLine:
     service: str
     port: int
+    model_url: str | None = None  # preseed: the GGUF its tensor cache is filled from
+    model_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ def _words(line: Line) -> list[str]:
     if isinstance(line, AgentLine):
         return ["agent", str(_port(str(line.port)))]
     if isinstance(line, RpcWorkerLine):
-        return ["rpc-worker", line.service, str(line.port)]
+        model = [line.model_url, line.model_sha256 or NONE] if line.model_url else []
+        return ["rpc-worker", line.service, str(line.port), *model]
     if isinstance(line, ServerLine):
         return ["server", line.service, str(line.port), line.model_url, line.model_sha256,
                 ",".join(line.rpc) or NONE, str(line.context) if line.context else NONE, *line.args]
@@ -151,8 +157,9 @@ def parse(text: str) -> NodePlan:
             lines.append(EnvLine(fields[0], "" if fields[1] == NONE else fields[1]))
         elif kind == "agent" and len(fields) == 1:
             lines.append(AgentLine(_port(fields[0])))
-        elif kind == "rpc-worker" and len(fields) == 2:
-            lines.append(RpcWorkerLine(fields[0], _port(fields[1])))
+        elif kind == "rpc-worker" and len(fields) in (2, 4):
+            model = (fields[2], _optional(fields[3])) if len(fields) == 4 else ()
+            lines.append(RpcWorkerLine(fields[0], _port(fields[1]), *model))
         elif kind == "server" and len(fields) >= 6:
             rpc, ctx = _optional(fields[4]), _optional(fields[5])
             lines.append(ServerLine(fields[0], _port(fields[1]), fields[2], fields[3],

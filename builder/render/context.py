@@ -23,6 +23,7 @@ from builder.recipe.models import BuildPlan, ImageBase
 IMAGES_DIR = PROJECT_ROOT / "images"
 SOURCE_DIR = "llama.cpp"  # where the llama.cpp tree lands in the context
 QUALIFY_SOURCE = "qualify/llama-qualify.c"  # the qualification program, compiled by the toolchain stage
+RPC_SEED_SOURCE = "qualify/llama-rpc-seed.c"  # fills ggml-rpc-server's tensor cache from a GGUF, compiled there too
 APT_DIR = "apt"  # vendor apt sources (rendered) and their signing keys and .deb files (fetched at build time)
 # Folders of a context that `build` (and `render --with-source`) fill from pinned inputs; not in plain renders.
 STAGED_AT_BUILD = (SOURCE_DIR, SDK_DIR, APT_DIR)
@@ -99,7 +100,7 @@ def render_files(plan: BuildPlan) -> dict[str, bytes]:
     # Only the scripts this Containerfile uses: everything in a context is used (see .containerignore).
     scripts = ["build-llama.sh", "entrypoint.sh"] + (["apt-install.sh"] if apt_packages(plan) else [])
     containerfile = environment().get_template("Containerfile.j2").render(plan=plan)
-    qualify = {QUALIFY_SOURCE: (IMAGES_DIR / QUALIFY_SOURCE).read_bytes()}
+    qualify = {name: (IMAGES_DIR / name).read_bytes() for name in (QUALIFY_SOURCE, RPC_SEED_SOURCE)}
     return {**context_files(containerfile, [IMAGES_DIR / "scripts" / s for s in scripts]), **qualify,
             **_apt_sources(plan)}
 

@@ -260,7 +260,8 @@ hold_degraded() {
     done
 }
 
-# One process of the plan, kept running: ROLE SERVICE PORT [MODEL-PATH RPC CTX ARGS...] ('-': none). It prints
+# One process of the plan, kept running: ROLE SERVICE PORT [MODEL-PATH RPC CTX ARGS...] ('-': none; a worker's
+# MODEL-PATH is the GGUF it fills its tensor cache from before it listens). It prints
 # its ready line once it answers and is restarted 5 s after it exits; every llama-server gets --metrics and the
 # service's name as its alias, as `builder cluster up --local` runs them. Before each start the device is
 # checked (check-device): a degraded RPC worker is not started (its head cannot use it), a degraded server is
@@ -285,7 +286,9 @@ supervise() {
                 verb="answers on" note="(degraded: out of the gateway's rotation)"
                 ;;
         esac
-        if [ "$role" = rpc-worker ]; then
+        if [ "$role" = rpc-worker ] && [ "$path" != - ]; then
+            /usr/local/bin/llama-entrypoint rpc-worker --host "$RPC_IP" --port "$port" --seed "$path" &
+        elif [ "$role" = rpc-worker ]; then
             /usr/local/bin/llama-entrypoint rpc-worker --host "$RPC_IP" --port "$port" &
         else
             args=(--model "$path" --host "$NODE_IP" --port "$port" --alias "$service" --metrics)
@@ -369,7 +372,20 @@ run_plan() {
         [ "${fields[0]:-}" = rpc-worker ] || continue
         [ "$workers" = 0 ] && rpc_cache
         workers=$((workers + 1))
-        supervise rpc-worker "${fields[1]}" "${fields[2]}" - - - &
+        if [ -n "${fields[3]:-}" ] && [ "$ROOT_MODE" = cache ] && [[ " $MODEL_CACHED " == *" ${fields[4]} "* ]]; then
+            # preseed: the model, kept on the cache disk, fills the worker's tensor cache (also there) first
+            (
+                until path=$(fetch_model "${fields[3]}" "${fields[4]}"); do
+                    say "no model for the worker of ${fields[1]}: trying again in 10 s"
+                    sleep 10
+                done
+                supervise rpc-worker "${fields[1]}" "${fields[2]}" "$path" - -
+            ) &
+        else
+            [ -n "${fields[3]:-}" ] && say "the worker of ${fields[1]} is not preseeded: no room for its model on" \
+                "a cache disk (its head sends the large tensors)"
+            supervise rpc-worker "${fields[1]}" "${fields[2]}" - - - &
+        fi
     done
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"

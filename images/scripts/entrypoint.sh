@@ -11,13 +11,20 @@ usage() {
 usage: ROLE [ARGS...]
 
 roles:
-  rpc-worker [--host ADDR] [--port N] [--no-cache] [--allow-public-bind] [--allow-fallback]
-             [ggml-rpc-server args...]
+  rpc-worker [--host ADDR] [--port N] [--no-cache] [--seed MODEL.gguf [--seed-tensors FILE]]
+             [--allow-public-bind] [--allow-fallback] [ggml-rpc-server args...]
              ggml-rpc-server with its tensor cache (-c) in $LLAMA_CACHE/rpc.
              Default 127.0.0.1:50052. Wildcard addresses (0.0.0.0, ::) are refused unless
              --allow-public-bind is given: RPC is unauthenticated, keep it on a private network.
              Runs check-device first: without the image's device it prints the degraded line and
              exits 1 without listening, unless --allow-fallback (or LLAMA_ALLOW_FALLBACK=1) is given.
+             --seed MODEL.gguf [--seed-tensors FILE]: fill the cache from the worker's own copy of the
+             model first (rpc-seed), so the head's first load sends hashes instead of large tensors.
+  rpc-seed   MODEL.gguf [--cache DIR] [--tensors FILE] [--verify] [--dry-run] [--list]
+             write ggml-rpc-server's cache files for MODEL.gguf's tensors over 10 MiB into DIR
+             (default $LLAMA_CACHE/rpc), as the server names them; files already there are kept.
+             --tensors: only the tensors named in FILE (one a line: those placed on this worker).
+             One JSON line; exit 2 for a bad model or list, 1 for a write that failed.
   server     --model PATH [--rpc HOST:PORT,...] [llama-server args...]
              llama-server, default 127.0.0.1:8080.
   bench      [llama-bench args...]
@@ -64,7 +71,7 @@ is_wildcard() {
 
 rpc_worker() {
     local host=127.0.0.1 port=50052 cache=1 allow_public=${LLAMA_RPC_ALLOW_PUBLIC:-0}
-    local allow_fallback=${LLAMA_ALLOW_FALLBACK:-0} report
+    local allow_fallback=${LLAMA_ALLOW_FALLBACK:-0} report seed="" seed_tensors=""
     local extra=()
     while [ $# -gt 0 ]; do
         case "$1" in
@@ -75,9 +82,21 @@ rpc_worker() {
             --no-cache) cache=0; shift ;;
             --allow-public-bind) allow_public=1; shift ;;
             --allow-fallback) allow_fallback=1; shift ;;
+            --seed) seed=${2:?--seed needs a GGUF file}; shift 2 ;;
+            --seed=*) seed=${1#*=}; shift ;;
+            --seed-tensors) seed_tensors=${2:?--seed-tensors needs a file}; shift 2 ;;
+            --seed-tensors=*) seed_tensors=${1#*=}; shift ;;
             *) extra+=("$1"); shift ;;
         esac
     done
+    if [ -n "$seed" ] && [ "$cache" != 1 ]; then
+        echo "rpc-worker: --seed fills the tensor cache, which --no-cache turns off: drop one of them" >&2
+        exit 2
+    fi
+    if [ -n "$seed_tensors" ] && [ -z "$seed" ]; then
+        echo "rpc-worker: --seed-tensors names the tensors to take from --seed MODEL.gguf: add --seed" >&2
+        exit 2
+    fi
     if is_wildcard "$host" && [ "$allow_public" != 1 ]; then
         echo "rpc-worker: refusing to listen on '$host': ggml RPC is unauthenticated and would be open to every network;" \
             "bind a private address (--host 10.0.0.5) or pass --allow-public-bind" >&2
@@ -93,10 +112,51 @@ rpc_worker() {
         fi
         echo "rpc-worker: serving without its device, as allowed: $report" >&2
     fi
+    if [ -n "$seed" ]; then
+        local seeded rc=0 options=()
+        [ -n "$seed_tensors" ] && options+=(--tensors "$seed_tensors")
+        seeded=$(llama-rpc-seed "${options[@]}" -- "$seed" "$LLAMA_CACHE/rpc") || rc=$?
+        if [ "$rc" = 2 ] || [ -z "$seeded" ]; then
+            echo "rpc-worker: not listening: cannot seed the tensor cache from $seed (see above)" >&2
+            exit 2
+        fi
+        # A failed write leaves no file under a cache name: the head sends those tensors itself.
+        echo "rpc-worker: seeded $LLAMA_CACHE/rpc from $seed: $seeded" >&2
+    fi
     local args=(-H "$host" -p "$port")
     [ "$cache" = 1 ] && args+=(-c)
     echo "rpc-worker: ggml-rpc-server on $host:$port (cache: $([ "$cache" = 1 ] && echo "$LLAMA_CACHE/rpc" || echo off))" >&2
     exec ggml-rpc-server "${args[@]}" "${extra[@]}"
+}
+
+rpc_seed() {
+    local cache=$LLAMA_CACHE/rpc model="" options=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --cache) cache=${2:?--cache needs a folder}; shift 2 ;;
+            --cache=*) cache=${1#*=}; shift ;;
+            --tensors | --threads) options+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
+            --verify | --dry-run | --list) options+=("$1"); shift ;;
+            --) shift ;;
+            -*)
+                echo "rpc-seed: unknown option '$1' (--cache, --tensors, --threads, --verify, --dry-run, --list)" >&2
+                exit 2
+                ;;
+            *)
+                if [ -n "$model" ]; then
+                    echo "rpc-seed: one model at a time ('$model', then '$1'): run it once per GGUF file" >&2
+                    exit 2
+                fi
+                model=$1
+                shift
+                ;;
+        esac
+    done
+    if [ -z "$model" ]; then
+        echo "rpc-seed: name the model: rpc-seed MODEL.gguf [--cache DIR] [--tensors FILE]" >&2
+        exit 2
+    fi
+    exec llama-rpc-seed "${options[@]}" -- "$model" "$cache"
 }
 
 server() {
@@ -316,6 +376,7 @@ role=${1:-help}
 [ $# -gt 0 ] && shift
 case "$role" in
     rpc-worker) rpc_worker "$@" ;;
+    rpc-seed) rpc_seed "$@" ;;
     server) server "$@" ;;
     bench) exec llama-bench "$@" ;;
     shell) exec bash "$@" ;;

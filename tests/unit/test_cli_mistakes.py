@@ -21,7 +21,7 @@ CLUSTER_FILES = {"inventory", "file", "cluster_file"}
 RECIPE_FILES = {"recipe"}
 INPUT_FILES = {"model"}
 INPUT_FOLDERS = {"folder", "driver_dir", "pulled", "recipes"}
-OUTPUT_FOLDERS = {"out", "dest"}
+OUTPUT_FOLDERS = {"out", "dest", "rpc_cache"}
 OUTPUT_FILES = {("sbom", "out")}  # (verb, parameter): an output that is a file, not a folder
 # Paths that are read or written depending on the verb: `root` is written by pxe publish, read by the others.
 ROOT_WRITTEN = {("pxe", "publish")}

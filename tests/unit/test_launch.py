@@ -44,7 +44,7 @@ def test_unknown_role_lists_the_roles() -> None:
     proc = run_cli_inproc("run", "--image", "x", "serve")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[0] == "error: unknown role 'serve' (did you mean 'server'?)"
-    assert "rpc-worker, server, bench, shell, smoke" in proc.stderr
+    assert "rpc-worker, rpc-seed, server, bench, shell, smoke" in proc.stderr
 
 
 def test_device_flags_give_devices_by_group_id_security_and_env(tmp_path: Path) -> None:
