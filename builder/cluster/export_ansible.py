@@ -127,8 +127,8 @@ def export_ansible(loaded: Loaded, models: Models, quadlet: QuadletExport) -> An
     base = base_url(cluster.control)
     by_node: dict[str, list[str]] = {}
     for key in quadlet.files:
-        node, unit = key.split("/", 1)
-        by_node.setdefault(node, []).append(unit)
+        owner, unit = key.split("/", 1)
+        by_node.setdefault(owner, []).append(unit)
     installed = [n for n in cluster.nodes if n.mac is None]
     hosts = [n for n in installed if n.name in by_node]
     warnings = list(quadlet.warnings)
@@ -167,9 +167,8 @@ def export_ansible(loaded: Loaded, models: Models, quadlet: QuadletExport) -> An
             "builder_units": [u.removesuffix(".container") + ".service" for u in units],
             "builder_models": wanted})
         for process in mine:
-            target = group_name("target", process.target or str(node.target), taken)
-            service = group_name("service", process.service, taken)
-            for group in (target, service):
+            for group in (group_name("target", process.target or str(node.target), taken),
+                          group_name("service", process.service, taken)):
                 groups.setdefault(group, {"hosts": {}})["hosts"][node.name] = None
     inventory = {"all": {"children": {
         "builder_nodes": {"hosts": {n.name: {"ansible_host": str(n.address)} for n in hosts}}, **groups}}}
