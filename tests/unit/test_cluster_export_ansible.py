@@ -2,8 +2,8 @@
 inventory and playbook as ansible-core itself reads them (ansible-inventory, ansible-playbook --syntax-check),
 ansible-core's own modules only, each model fetched from the control node by sha256, the same units as
 `--format quadlet` and the same rules as `builder cluster firewall`; netbooted nodes left out; `cluster
-commands` lines that run the published image by digest. tests/engine/test_export_quadlet.py runs the playbook
-over ssh against a systemd box."""
+commands` lines and the playbook's units that run the published image by digest.
+tests/engine/test_export_quadlet.py runs the playbook over ssh against a systemd box."""
 
 import hashlib
 import json
@@ -160,6 +160,12 @@ def test_commands_run_the_published_image_by_digest(tmp_path: Path) -> None:
             assert argv[argv.index("--image") + 1] == published
         text = run_cli_inproc("cluster", "commands", str(RTX), "--registry", repo).stdout
         assert f"--image {shlex.quote(published)}" in text
+        # the playbook's units run the same image by digest
+        answer = export(RTX, tmp_path / "play", "--registry", repo)
+        assert set(answer["images"].values()) == {published}
+        assert not any("local tags" in w for w in answer["warnings"])
+        assert f"Image={published}\n" in (tmp_path / "play" / "units" / "rtx3" / "builder-codellama-34b.container"
+                                           ).read_text()
     # without --registry: the box's own build of the target, as before
     plain = json.loads(run_cli_inproc("cluster", "commands", str(RTX), "--json").stdout)
     assert not any("--image" in argv for entry in plain for argv in entry["argv"])
