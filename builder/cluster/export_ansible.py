@@ -140,7 +140,12 @@ def export_ansible(loaded: Loaded, models: Models, quadlet: QuadletExport) -> An
     if booted:
         warnings.append(f"{', '.join(booted)}: netbooted (mac:), left out of the playbook: `builder pxe publish` "
                         "gives them their plans")
-    rules = {f.node: f for f in for_services(loaded)}
+    for node in hosts:
+        if node.address is None:
+            i = cluster.nodes.index(node)
+            raise RecipeError(f"{where}: nodes[{i}].address: the playbook reaches {node.name} over ssh at its "
+                              "address, and none is given", "write the box's IP address (or host name) here")
+    rules = {f.node: f for f in for_services(loaded, leased=True)}  # a netbooted node may lease its address
     files: dict[str, str] = {}
     fetched: dict[str, str] = {}  # sha256 -> the model the control node serves under it
     groups: dict[str, dict[str, Any]] = {}
