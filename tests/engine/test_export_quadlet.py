@@ -119,6 +119,9 @@ def provision(box: Box, work: Path) -> str:
     """`ansible-playbook` with the exported inventory and playbook, over ssh into the box as root (a key made
     here, sudo for become); ssh's ProxyCommand carries the connection into the box's loopback, where its sshd
     listens. The play's recap."""
+    require_tool("ssh", "openssh-client")
+    playbook = Path(sys.executable).parent / "ansible-playbook"
+    assert playbook.is_file(), f"{playbook}: missing (pip install -e '.[test]' installs ansible-core)"
     key = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "builder-test", "-f", str(key)],
                    check=True, capture_output=True, timeout=60)
@@ -131,7 +134,6 @@ def provision(box: Box, work: Path) -> str:
                 "ansible_ssh_common_args": f"-o ProxyCommand={shlex.quote(proxy)} -o UserKnownHostsFile=/dev/null "
                                            "-o StrictHostKeyChecking=no"}
     (work / "ssh.json").write_text(json.dumps(settings))
-    playbook = Path(sys.executable).parent / "ansible-playbook"
     env = {**os.environ, "ANSIBLE_HOME": str(work / ".ansible"), "ANSIBLE_LOCAL_TEMP": str(work / ".ansible-tmp"),
            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0"}
     proc = subprocess.run([str(playbook), "-i", "inventory.yml", "-e", f"@{work / 'ssh.json'}", "site.yml"],
