@@ -11,8 +11,9 @@ whose podman has its own storage.
    each model fetched from the control node's `builder pxe serve` (in the box) by sha256, the node's firewall
    loaded, the units placed and started. Then: a server, a split's RPC worker and head, and a strix-halo server
    (the cpu image under that tag: its container gets the device nodes and their groups as systemd expands
-   them): `systemctl is-active`, a completion from each llama-server, a `kill -9` of a server and its restart
-   by systemd, and a model that differs from its sha256 stops its unit before the container starts.
+   them): `systemctl is-active`, a completion from each llama-server; the playbook run again restarts no unit
+   and fetches no model; a `kill -9` of a server and its restart by systemd, and a model that differs from its
+   sha256 stops its unit before the container starts.
 
 The box has no network but its loopback (`--network none`): every server binds 127.0.0.x, and ssh reaches the
 box's sshd on its own 127.0.0.1:22 through `podman exec … nc` (ssh's ProxyCommand), not through any network.
@@ -123,8 +124,9 @@ def provision(box: Box, work: Path) -> str:
     playbook = Path(sys.executable).parent / "ansible-playbook"
     assert playbook.is_file(), f"{playbook}: missing (pip install -e '.[test]' installs ansible-core)"
     key = work / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "builder-test", "-f", str(key)],
-                   check=True, capture_output=True, timeout=60)
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "builder-test", "-f", str(key)],
+                       check=True, capture_output=True, timeout=60)
     box.run("sh", "-c", "install -d -m 700 /root/.ssh && install -m 600 /work/run/id_ed25519.pub "
                         "/root/.ssh/authorized_keys")
     box.wait("sshd", lambda: box.state("ssh.service") == "active")
@@ -270,6 +272,16 @@ def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: st
     for port in (8189, 8190, 8191):
         box.wait(f"a completion on port {port}", lambda port=port: complete(port))
     assert box.run("systemctl", "is-enabled", "builder-chat.service", check=False).stdout.strip() == "generated"
+
+    # the playbook again: nothing restarted, no model fetched again (get_url keeps a file whose sha256 matches)
+    def fetches() -> int:
+        journal = box.run("journalctl", "--no-pager", "-o", "cat", "-u", "model-server.service").stdout
+        return journal.count(f"GET /blobs/sha256/{sha}")
+
+    before = ({unit: box.main_pid(unit) for unit in units}, fetches())
+    assert before[1] >= 1
+    provision(box, work)
+    assert ({unit: box.main_pid(unit) for unit in units}, fetches()) == before
 
     # the strix-halo container got the device nodes and their groups, as systemd expanded $BUILDER_GROUPS
     inspected = json.loads(box.run("podman", "inspect", "builder-rocm").stdout)[0]["HostConfig"]
