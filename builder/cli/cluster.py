@@ -15,6 +15,7 @@ from builder.cluster import remote as netboot_gateway
 from builder.cluster.commands import as_text, node_commands
 from builder.cluster.convert import convert as convert_form
 from builder.cluster.convert import is_old_form
+from builder.cluster.export_ansible import export_ansible, write_ansible
 from builder.cluster.export_kube import Models, export_kube, published_images, write_export
 from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet, write_quadlet
 from builder.cluster.hfmodel import folder_hash
@@ -198,6 +199,10 @@ def commands(
     node: Annotated[str | None, typer.Option("--node", help="Only this node's commands.")] = None,
     models: Annotated[str, typer.Option("--models", help="The folder where each node keeps its models, each named "
                                         "by its sha256 (SHA256.gguf, a model folder SHA256/).")] = "/srv/models",
+    registry: Annotated[str | None, typer.Option(
+        "--registry", "-r", metavar="HOST/REPO", help="Each line runs the image `builder publish` pushed there, by "
+        "digest (--image REPO@sha256:…), so no box builds one (default: the box's own build of the target).")
+    ] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One object per node: node, address, models (service, model, sha256, path on the box), "
         f"argv lists, environment (variables to export first), not_covered ({JSON_ERRORS}).")] = False,
@@ -210,11 +215,13 @@ def commands(
     them. Each box keeps its models under --models named by sha256: copy each file (or model folder) there
     under the name printed beside it; every line checks it with `builder run --model-sha256` before the
     container starts. A Ray pipeline (GPU variants) is not listed (each node's Ray container needs the model).
+    With --registry, every line runs the published image by digest (refused if it was never published).
     """
     if not models.startswith("/") or any(c in models for c in "\n\r\t\0"):
         raise RecipeError(f"--models: {models!r} is not an absolute folder path", "e.g. --models /srv/models")
+    repo = Repository.parse(registry) if registry is not None else None
     loaded = _loaded(inventory, is_local=False)
-    found = node_commands(loaded, models)
+    found = node_commands(loaded, models, published_images(repo) if repo else None)
     if node is not None:
         found = [entry for entry in found if entry.node == node]
         if not found:
@@ -231,16 +238,16 @@ def commands(
         typer.echo(line)
 
 
-# `builder cluster export --format`: the formats it writes, and those planned (refused with one line for now).
-EXPORT_FORMATS = ("kube", "quadlet")
-PLANNED_FORMATS = ("ansible",)
+# `builder cluster export --format`: the formats it writes.
+EXPORT_FORMATS = ("kube", "quadlet", "ansible")
 
 
 @cluster_app.command()
 def export(
     inventory: InventoryArg,
     form: Annotated[str, typer.Option("--format", help="kube: Kubernetes manifests; quadlet: podman "
-                                      f"Quadlet units per node (podman {MIN_PODMAN}+); ansible: not yet.")],
+                                      f"Quadlet units per node (podman {MIN_PODMAN}+); ansible: an inventory and "
+                                      "a playbook that place those units on the nodes without a mac.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The folder the files go into (created if missing).")],
     registry: Annotated[str | None, typer.Option(
         "--registry", "-r", metavar="HOST/REPO", help="Run the images `builder publish` pushed there, by digest "
@@ -264,15 +271,17 @@ def export(
     quadlet: per node a folder of units for /etc/containers/systemd/: a .container per server and RPC worker
     (restarted by systemd, the model's sha256 checked before it starts, the variant's devices, groups and
     security options), a .volume for each RPC worker's tensor cache.
+
+    ansible: inventory.yml (the nodes without a mac, at their addresses, grouped per target and per service)
+    and site.yml, which installs podman, fetches each model from the control node's `builder pxe serve` by
+    sha256, loads the node's firewall, places the quadlet units and starts them (ansible-core's own modules).
     """
-    if form in PLANNED_FORMATS:
-        raise RecipeError(f"--format {form}: not yet", f"formats: {', '.join(EXPORT_FORMATS)}")
     if form not in EXPORT_FORMATS:
-        raise RecipeError(f"--format: unknown format {form!r}{did_you_mean(form, EXPORT_FORMATS + PLANNED_FORMATS)}",
+        raise RecipeError(f"--format: unknown format {form!r}{did_you_mean(form, EXPORT_FORMATS)}",
                           f"formats: {', '.join(EXPORT_FORMATS)}")
-    if form == "quadlet" and claim is not None:
+    if form != "kube" and claim is not None:
         raise RecipeError("--models-claim: a PersistentVolumeClaim is Kubernetes' (--format kube)",
-                          "quadlet units mount each node's --models folder: leave --models-claim out")
+                          f"{form} mounts each node's --models folder: leave --models-claim out")
     check_output(out, "--out", folder=True)
     where = Models(models, claim)
     repo = Repository.parse(registry) if registry is not None else None
@@ -280,6 +289,12 @@ def export(
     netboot_gateway.addresses(loaded)  # every server's node needs its address (the gateway binds its pod's own)
     for warning in loaded.warnings:
         typer.echo(f"warning: {warning}", err=True)
+    if form == "ansible":
+        units = export_quadlet(loaded, where, str(out), published_images(repo) if repo else None)
+        play = export_ansible(loaded, where, units)
+        _report(form, out, write_ansible(play, out), play.images, list(play.warnings), list(play.steps),
+                repo is None, as_json)
+        return
     if form == "quadlet":
         units = export_quadlet(loaded, where, str(out), published_images(repo) if repo else None)
         _report(form, out, write_quadlet(units, out), units.images, list(units.warnings), list(units.steps),

@@ -14,6 +14,7 @@ folder mounted, which a `builder run` line cannot say for the `ray-worker` role.
 """
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,12 @@ def is_ray_pipeline(loaded: Loaded, service: Service) -> bool:
         executor(*node_variant(loaded.node(service.nodes[0]), service.device)) == "ray"
 
 
-def _head(loaded: Loaded, process: Process) -> list[str]:
-    """`builder run` and its options up to the container's name."""
+# The image a process runs, from its target, variant and engine (export_kube.published_images: by digest)
+Images = Callable[[str, str, str], str]
+
+
+def _head(loaded: Loaded, process: Process, image: Images | None = None) -> list[str]:
+    """`builder run` and its options up to the container's name (with `image`, --image REF: the published one)."""
     service = loaded.service(process.service)
     node = loaded.node(process.node)
     flavour = ["--flavour", "vllm"] if service.engine == "vllm" else []
@@ -60,11 +65,12 @@ def _head(loaded: Loaded, process: Process) -> list[str]:
     chosen = node.pick(process.device)
     variant = ["--variant", chosen.variant] if chosen.variant else []
     env = [word for key, value in node.env.items() for word in ("--env", f"{key}={value}")]
-    return ["builder", "run", *flavour, "--target", chosen.target, *variant, *env, "--detach",
+    ref = ["--image", image(process.target, process.variant, service.engine)] if image else []
+    return ["builder", "run", *flavour, "--target", chosen.target, *variant, *ref, *env, "--detach",
             "--name", f"builder-{service.name}{_NAME_SUFFIX[process.role]}"]
 
 
-def _vllm_argv(loaded: Loaded, process: Process, models: str) -> list[str]:
+def _vllm_argv(loaded: Loaded, process: Process, models: str, image: Images | None) -> list[str]:
     service = loaded.service(process.service)
     addresses = {node.name: str(node.address) for node in loaded.cluster.nodes}
     peers = {node.name: str(node.peer_address) for node in loaded.cluster.nodes}
@@ -76,15 +82,15 @@ def _vllm_argv(loaded: Loaded, process: Process, models: str) -> list[str]:
                      None, no_token, mount=False, peers=peers)
     flags = started.flags
     assert all(flag in ("--shm-size", "--env") for flag in flags[::2]), flags  # what `builder run` takes
-    return [*_head(loaded, process), *flags, "--model-sha256", service.sha256, *started.argv]
+    return [*_head(loaded, process, image), *flags, "--model-sha256", service.sha256, *started.argv]
 
 
-def _argv(loaded: Loaded, process: Process, models: str) -> tuple[str, ...]:
+def _argv(loaded: Loaded, process: Process, models: str, image: Images | None) -> tuple[str, ...]:
     service = loaded.service(process.service)
     if service.engine == "vllm":
-        return tuple(_vllm_argv(loaded, process, models))
+        return tuple(_vllm_argv(loaded, process, models, image))
     address = str(loaded.node(process.node).address)
-    head = _head(loaded, process)
+    head = _head(loaded, process, image)
     if process.role == "rpc-worker":
         # on the data network when the node has one (docs/netboot.md)
         worker = ("rpc-worker", "--host", str(loaded.node(process.node).peer_address), "--port", str(process.port))
@@ -106,8 +112,9 @@ def _argv(loaded: Loaded, process: Process, models: str) -> tuple[str, ...]:
 _ORDER = {"rpc-worker": 0, "server": 1, "pipeline-worker": 2}
 
 
-def node_commands(loaded: Loaded, models: str) -> list[NodeCommands]:
-    """Every node with processes, in the file's order; `models` is the folder where each node keeps its models."""
+def node_commands(loaded: Loaded, models: str, image: Images | None = None) -> list[NodeCommands]:
+    """Every node with processes, in the file's order; `models` is the folder where each node keeps its models;
+    `image`: each line runs that image (`--image`) instead of the target's local one."""
     out = []
     for node in loaded.cluster.nodes:
         mine = sorted((p for p in loaded.processes if p.node == node.name), key=lambda p: _ORDER[p.role])
@@ -122,7 +129,7 @@ def node_commands(loaded: Loaded, models: str) -> list[NodeCommands]:
             node.name, str(node.address),
             tuple(BoxModel(s.name, s.model, s.sha256, s.ref.on_box(models),
                            s.ref.download_line(loaded.path.parent, str(loaded.path), s.name)) for s in served),
-            tuple(_argv(loaded, p, models) for p in listed), INTERFACE_ENV if pipelines else (), tuple(skipped)))
+            tuple(_argv(loaded, p, models, image) for p in listed), INTERFACE_ENV if pipelines else (), tuple(skipped)))
     return out
 
 

@@ -5,18 +5,25 @@ whose podman has its own storage.
 1. Quadlet's generator (dry run) renders each unit's `podman run`: it carries every device, group, volume,
    security option and variable that `builder run --print` gives for the same `cluster commands` line, and the
    same image arguments. The device nodes are made in the box (mknod), with groups of their own.
-2. The units run: the cpu image loaded into the box's storage (`podman save | podman load` through a mounted
-   tar), a server, a split's RPC worker and head, and a strix-halo server (the cpu image under that tag: its
-   container gets the device nodes and their groups as systemd expands them): `systemctl is-active`, a
-   completion from each llama-server, a `kill -9` of a server and its restart by systemd, and a model that
-   differs from its sha256 stops its unit before the container starts.
+2. The units run, placed by the playbook `builder cluster export --format ansible` writes: the cpu image loaded
+   into the box's storage (`podman save | podman load` through a mounted tar), `ansible-playbook` provisions the
+   box over ssh (a key the test makes; root through sudo) as each of the file's three nodes: podman from apt,
+   each model fetched from the control node's `builder pxe serve` (in the box) by sha256, the node's firewall
+   loaded, the units placed and started. Then: a server, a split's RPC worker and head, and a strix-halo server
+   (the cpu image under that tag: its container gets the device nodes and their groups as systemd expands
+   them): `systemctl is-active`, a completion from each llama-server; the playbook run again restarts no unit
+   and fetches no model; a `kill -9` of a server and its restart by systemd, and a model that differs from its
+   sha256 stops its unit before the container starts.
 
-The box has no network but its loopback (`--network none`): every server binds 127.0.0.x.
+The box has no network but its loopback (`--network none`): every server binds 127.0.0.x, and ssh reaches the
+box's sshd on its own 127.0.0.1:22 through `podman exec … nc` (ssh's ProxyCommand), not through any network.
 """
 
 import json
+import os
 import shlex
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -87,13 +94,12 @@ def cluster_file(folder: Path, model: Path, args: tuple[str, ...] = (), env: str
     """Nodes a and b (cpu) and amd (strix-halo/rocm) on the box's loopback: a server on a (with `args`), a split
     with its head on a and its RPC worker on b, and a server on amd; node a's OMP_NUM_THREADS is `env`."""
     sha = sha256_file(model)
-    node = {"memory": "2GiB"}
-    data = {"control": {"address": "127.0.0.1"}, "gateway": {"address": "127.0.0.1", "port": 8080},
-            "nodes": [{"name": "a", "mac": "52:54:00:12:35:01", "target": "cpu", "address": "127.0.0.11",
-                       "env": {"OMP_NUM_THREADS": env}, **node},
-                      {"name": "b", "mac": "52:54:00:12:35:02", "target": "cpu", "address": "127.0.0.12", **node},
-                      {"name": "amd", "mac": "52:54:00:12:35:03", "target": "strix-halo", "variant": "rocm",
-                       "address": "127.0.0.13", **node}],
+    node = {"memory": "2GiB"}  # no mac: boxes builder does not boot, which the playbook provisions
+    data = {"control": {"address": "127.0.0.1", "http_port": 8000},
+            "gateway": {"address": "127.0.0.1", "port": 8080},
+            "nodes": [{"name": "a", "target": "cpu", "address": "127.0.0.11", "env": {"OMP_NUM_THREADS": env}, **node},
+                      {"name": "b", "target": "cpu", "address": "127.0.0.12", **node},
+                      {"name": "amd", "target": "strix-halo", "variant": "rocm", "address": "127.0.0.13", **node}],
             "services": [{"name": "chat", "model": model.name, "sha256": sha, "nodes": ["a"], "port": 8189,
                           "args": list(args)},
                          {"name": "big", "model": model.name, "sha256": sha, "topology": "split", "head": "a",
@@ -104,10 +110,38 @@ def cluster_file(folder: Path, model: Path, args: tuple[str, ...] = (), env: str
     return path
 
 
-def export(path: Path, out: Path) -> dict[str, Any]:
-    proc = run_cli_inproc("cluster", "export", str(path), "--format", "quadlet", "--out", str(out), "--json")
+def export(path: Path, out: Path, form: str = "quadlet") -> dict[str, Any]:
+    proc = run_cli_inproc("cluster", "export", str(path), "--format", form, "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout))
+
+
+def provision(box: Box, work: Path) -> str:
+    """`ansible-playbook` with the exported inventory and playbook, over ssh into the box as root (a key made
+    here, sudo for become); ssh's ProxyCommand carries the connection into the box's loopback, where its sshd
+    listens. The play's recap."""
+    require_tool("ssh", "openssh-client")
+    playbook = Path(sys.executable).parent / "ansible-playbook"
+    assert playbook.is_file(), f"{playbook}: missing (pip install -e '.[test]' installs ansible-core)"
+    key = work / "id_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "builder-test", "-f", str(key)],
+                       check=True, capture_output=True, timeout=60)
+    box.run("sh", "-c", "install -d -m 700 /root/.ssh && install -m 600 /work/run/id_ed25519.pub "
+                        "/root/.ssh/authorized_keys")
+    box.wait("sshd", lambda: box.state("ssh.service") == "active")
+    proxy = shlex.join([*box.command, "exec", "-i", box.name, "nc", "127.0.0.1", "22"])
+    settings = {"ansible_user": "root", "ansible_ssh_private_key_file": str(key),
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "ansible_ssh_common_args": f"-o ProxyCommand={shlex.quote(proxy)} -o UserKnownHostsFile=/dev/null "
+                                           "-o StrictHostKeyChecking=no"}
+    (work / "ssh.json").write_text(json.dumps(settings))
+    env = {**os.environ, "ANSIBLE_HOME": str(work / ".ansible"), "ANSIBLE_LOCAL_TEMP": str(work / ".ansible-tmp"),
+           "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0"}
+    proc = subprocess.run([str(playbook), "-i", "inventory.yml", "-e", f"@{work / 'ssh.json'}", "site.yml"],
+                          cwd=work / "play", env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    return proc.stdout.split("PLAY RECAP", 1)[1]
 
 
 def rendered(box: Box, units: str) -> dict[str, list[str]]:
@@ -203,11 +237,29 @@ def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: st
     for tag in ("localhost/builder/cpu:cpu", "localhost/builder/strix-halo:rocm"):
         box.run("podman", "tag", llama_cpu_image, tag)
     print(f"\nthe cpu image into the box's storage: {time.monotonic() - started:.0f} s")
-    export(cluster_file(work, model), work / "out")
-    box.run("sh", "-c", f"cp /work/run/out/*/* /etc/containers/systemd/ && cp /work/run/tiny.gguf "
-                        f"/srv/models/{sha}.gguf && systemctl daemon-reload")
+    path = cluster_file(work, model)
+    answer = export(path, work / "play", "ansible")
+    assert set(answer["images"].values()) == {"localhost/builder/cpu:cpu", "localhost/builder/strix-halo:rocm"}
+    # the control node's model server: `builder pxe serve`, its blobs by sha256 (as `pxe publish` leaves them)
+    root = work / "pxe-root"
+    (root / "generations" / "g1").mkdir(parents=True)
+    (root / "generations" / "g1" / "cluster.yaml").write_bytes(path.read_bytes())
+    (root / "current").symlink_to("generations/g1")
+    (root / "blobs" / "sha256").mkdir(parents=True)
+    (root / "blobs" / "sha256" / sha).write_bytes(model.read_bytes())
+    box.run("systemd-run", "--unit=model-server", "--property=WorkingDirectory=/src", "python3", "-m", "builder",
+            "pxe", "serve", "--root", "/work/run/pxe-root")
+    started = time.monotonic()
+    recap = provision(box, work)
+    print(f"\nansible-playbook over ssh: {time.monotonic() - started:.0f} s")
+    for host in ("a", "b", "amd"):  # every node's play ran, each changed something, none failed
+        line = next(line for line in recap.splitlines() if line.startswith(f"{host} "))
+        assert " failed=0 " in line and " unreachable=0 " in line and " changed=0 " not in line, line
     units = ["builder-big-rpc.service", "builder-chat.service", "builder-big.service", "builder-rocm.service"]
-    box.run("systemctl", "start", *units, timeout=300)
+    # what the play left: the model fetched by sha256, the firewall loaded (and enabled for the next boot)
+    assert box.run("sha256sum", f"/srv/models/{sha}.gguf").stdout.split()[0] == sha
+    assert "table inet builder_cluster" in box.run("nft", "list", "tables").stdout
+    assert box.state("builder-firewall.service") == "active"
 
     def complete(port: int) -> bool:
         answer = box.run("python3", "/work/complete.py", f"http://127.0.0.{11 if port < 8191 else 13}:{port}"
@@ -220,6 +272,16 @@ def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: st
     for port in (8189, 8190, 8191):
         box.wait(f"a completion on port {port}", lambda port=port: complete(port))
     assert box.run("systemctl", "is-enabled", "builder-chat.service", check=False).stdout.strip() == "generated"
+
+    # the playbook again: nothing restarted, no model fetched again (get_url keeps a file whose sha256 matches)
+    def fetches() -> int:
+        journal = box.run("journalctl", "--no-pager", "-o", "cat", "-u", "model-server.service").stdout
+        return journal.count(f"GET /blobs/sha256/{sha}")
+
+    before = ({unit: box.main_pid(unit) for unit in units}, fetches())
+    assert before[1] >= 1
+    provision(box, work)
+    assert ({unit: box.main_pid(unit) for unit in units}, fetches()) == before
 
     # the strix-halo container got the device nodes and their groups, as systemd expanded $BUILDER_GROUPS
     inspected = json.loads(box.run("podman", "inspect", "builder-rocm").stdout)[0]["HostConfig"]

@@ -4,6 +4,11 @@
 It also carries podman (trixie's 5.x, with Quadlet: tests/engine/test_export_quadlet.py renders and runs the
 units `builder cluster export --format quadlet` writes, with the cpu image loaded into the box's own storage).
 
+And an ssh server (openssh-server, started by systemd like on any Debian box): tests/engine/test_export_quadlet.py
+runs the playbook `builder cluster export --format ansible` writes against it over ssh, with ansible-core's apt
+module (python3-apt), become through sudo, and the nodes' firewall loaded with nft. The box has no network: ssh
+reaches its port 22 on the box's own loopback through `podman exec … nc` (ssh's ProxyCommand).
+
 It is bootstrapped by builder itself from Debian's archive (mmdebstrap, imported into podman, cached by its
 inputs like every bootstrapped base: the second run finds the tag and bootstraps nothing). It has what the
 control node runs and what `python3 -m builder` needs from Debian's packages.
@@ -21,6 +26,9 @@ SYSTEMD_BOX = BootstrapBase(
         # podman 5.x with Quadlet (its systemd generator) and crun, which runs the units' containers in the box;
         # runc for `builder run --print` in the box, which refuses crun alone on a host with hybrid cgroups
         "podman", "crun", "runc",
+        # what an Ansible-managed Debian box has: sshd, sudo, python3-apt for ansible.builtin.apt; nftables for the
+        # nodes' firewall; nc carries ssh into the box's loopback
+        "openssh-server", "sudo", "python3-apt", "nftables", "netcat-openbsd",
         # builder's own dependencies (pyproject.toml) that `python3 -m builder` imports when it starts, from Debian
         # (a new one shows as ModuleNotFoundError in tests/engine/test_control_units.py: add its package here)
         "python3", "python3-typer", "python3-pydantic", "python3-jinja2", "python3-requests", "python3-yaml",

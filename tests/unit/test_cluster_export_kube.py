@@ -232,7 +232,8 @@ def test_a_second_export_replaces_its_own_files_only(cpu_file: Path, tmp_path: P
 
 
 @pytest.mark.parametrize(("args", "first"), [
-    (["--format", "ansible"], "error: --format ansible: not yet"),
+    (["--format", "ansible", "--models-claim", "models"],
+     "error: --models-claim: a PersistentVolumeClaim is Kubernetes' (--format kube)"),
     (["--format", "kubb"], "error: --format: unknown format 'kubb' (did you mean 'kube'?)"),
     (["--format", "kube", "--models", "srv/models"],
      "error: --models: 'srv/models' is not an absolute folder path of plain characters"),
