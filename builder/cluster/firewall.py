@@ -21,13 +21,15 @@ def for_services(loaded: Loaded, leased: bool = False) -> list[Firewall]:
     nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
     allowed = tuple(allowed_addresses(where, cluster.control.address, nodes, every_node=not leased))
     agents = loaded.agent_nodes()
+    admins = cluster.admins
+    operators = (tuple(admins.addresses), admins.ports) if admins else ((), ())
     out = []
     for node in cluster.nodes:
         ports = sorted({p.port for p in loaded.processes if p.node == node.name})
         # the gateway's agent-check comes from the control node: no other node may ask the agent
         control = (AGENT_PORT,) if node.name in agents else ()
         out.append(Firewall(node.name, str(node.address or LEASED), allowed, tuple(ports),
-                            str(cluster.control.address), control))
+                            str(cluster.control.address), control, *operators))
     return out
 
 

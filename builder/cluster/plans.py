@@ -34,12 +34,14 @@ from builder.netboot.models import pack_model
 from builder.netboot.plan import (
     AGENT_PORT,
     NONE,
+    AdminKeyLine,
     AgentLine,
     EnvLine,
     Line,
     NodePlan,
     RpcWorkerLine,
     ServerLine,
+    SshLine,
     VllmLine,
     serialize,
 )
@@ -155,6 +157,9 @@ def load_for_netboot(path: Path) -> Loaded:
                                                     if p.node == node.name):
             raise RecipeError(f"{where}: services: a service on {node.name} uses port {AGENT_PORT}, where the node's "
                               "gateway agent listens", f"give the service another port than {AGENT_PORT}")
+        if cluster.admins and cluster.admins.ssh_port == AGENT_PORT and node.name in loaded.agent_nodes():
+            raise RecipeError(f"{where}: admins.ssh_port: {AGENT_PORT} is where {node.name}'s gateway agent listens",
+                              "give the ssh server another port (22 unless you need otherwise)")
         why = _needs_address(loaded, node.name)
         if why and not node.address:
             raise RecipeError(f"{where}: nodes[{i}].address: {node.name} needs one: {why}",
@@ -240,6 +245,10 @@ def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> No
     lines: list[Line] = [EnvLine(name, value) for name, value in sorted(loaded.node(node).env.items())]
     if node in loaded.agent_nodes():
         lines.append(AgentLine(AGENT_PORT))
+    admins = loaded.cluster.admins
+    if admins is not None:
+        lines += [AdminKeyLine(kind, blob) for kind, blob in admins.key_blobs]
+        lines.append(SshLine(admins.ssh_port))
     mine = sorted((p for p in loaded.processes if p.node == node), key=lambda p: p.role != "rpc-worker")
     where = {n.name: str(n.address) for n in loaded.cluster.nodes}
     for process in mine:

@@ -7,6 +7,8 @@ only knows the lines. One line per item, fields separated by one tab, `-` for a 
 
     env         NAME     VALUE
     agent       PORT
+    admin-key   TYPE     BASE64
+    ssh         PORT
     rpc-worker  SERVICE  PORT
     server      SERVICE  PORT  MODEL_URL  MODEL_SHA256  RPC  CTX  [LLAMA-SERVER ARGS…]
     vllm        SERVICE  PORT  MODEL_URL  MODEL_SHA256  MOUNT  ENV  ARGV…
@@ -14,6 +16,9 @@ only knows the lines. One line per item, fields separated by one tab, `-` for a 
 * env: exported to every process the node starts (before any of them starts).
 * agent: the node's HAProxy agent on its address and PORT (AGENT_PORT): the gateway's agent-check asks it, per
   llama-server, `up` or `down #degraded: …` (a server whose device is missing stays out of the rotation).
+* admin-key: an operator's SSH public key (a cluster file's admins:), one line each: public, never a secret.
+* ssh: the node's ssh server (images/netboot/sshd.sh) on its address and PORT, key-only login as root with
+  the admin-key lines as its authorized keys; its host key is made on the node (kept on its cache disk).
 * rpc-worker: ggml-rpc-server on the node's address and PORT.
 * server: llama-server on the node's address and PORT serving the GGUF at MODEL_URL (checked against
   MODEL_SHA256), `--rpc RPC` (HOST:PORT,… of its workers) and `-c CTX` when given, then the service's args.
@@ -25,13 +30,15 @@ Lines starting with `#` are comments. Nothing in a field may be a tab, a newline
 splits on tabs would lose it); `serialize` refuses such a value, `parse` refuses any line it cannot read.
 """
 
+import re
 from dataclasses import dataclass
 
 NONE = "-"
 # The port of a node's agent (HAProxy's agent-check), on a node that runs a llama-server; the control node only
 # may connect to it (the node's firewall).
 AGENT_PORT = 7999
-HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | agent PORT | rpc-worker SERVICE PORT | server "
+HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | agent PORT | admin-key TYPE BASE64 | ssh PORT "
+          "| rpc-worker SERVICE PORT | server "
           "SERVICE PORT MODEL_URL MODEL_SHA256 RPC CTX [ARGS...] | vllm SERVICE PORT MODEL_URL MODEL_SHA256 MOUNT ENV "
           "ARGV...\n")
 
@@ -44,6 +51,17 @@ class EnvLine:
 
 @dataclass(frozen=True)
 class AgentLine:
+    port: int
+
+
+@dataclass(frozen=True)
+class AdminKeyLine:
+    kind: str  # ssh-ed25519, ...
+    blob: str  # base64
+
+
+@dataclass(frozen=True)
+class SshLine:
     port: int
 
 
@@ -75,7 +93,7 @@ class VllmLine:
     argv: tuple[str, ...]
 
 
-Line = EnvLine | AgentLine | RpcWorkerLine | ServerLine | VllmLine
+Line = EnvLine | AgentLine | AdminKeyLine | SshLine | RpcWorkerLine | ServerLine | VllmLine
 
 
 @dataclass(frozen=True)
@@ -87,7 +105,7 @@ class NodePlan:
     def engines(self) -> set[str]:
         """The engines the node runs: llama.cpp (rpc-worker, server), vllm."""
         return {"vllm" if isinstance(line, VllmLine) else "llama.cpp" for line in self.lines
-                if not isinstance(line, EnvLine | AgentLine)}
+                if not isinstance(line, EnvLine | AgentLine | AdminKeyLine | SshLine)}
 
 
 def _field(value: str, what: str) -> str:
@@ -103,6 +121,12 @@ def _words(line: Line) -> list[str]:
         return ["env", line.name, line.value or NONE]
     if isinstance(line, AgentLine):
         return ["agent", str(_port(str(line.port)))]
+    if isinstance(line, AdminKeyLine):
+        if not re.fullmatch(r"[a-z0-9@.-]{1,64}", line.kind) or not re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", line.blob):
+            raise ValueError(f"plan: admin-key {line.kind[:40]!r}: not a key type and base64 blob")
+        return ["admin-key", line.kind, line.blob]
+    if isinstance(line, SshLine):
+        return ["ssh", str(_port(str(line.port)))]
     if isinstance(line, RpcWorkerLine):
         return ["rpc-worker", line.service, str(line.port)]
     if isinstance(line, ServerLine):
@@ -151,6 +175,10 @@ def parse(text: str) -> NodePlan:
             lines.append(EnvLine(fields[0], "" if fields[1] == NONE else fields[1]))
         elif kind == "agent" and len(fields) == 1:
             lines.append(AgentLine(_port(fields[0])))
+        elif kind == "admin-key" and len(fields) == 2:
+            lines.append(AdminKeyLine(fields[0], fields[1]))
+        elif kind == "ssh" and len(fields) == 1:
+            lines.append(SshLine(_port(fields[0])))
         elif kind == "rpc-worker" and len(fields) == 2:
             lines.append(RpcWorkerLine(fields[0], _port(fields[1])))
         elif kind == "server" and len(fields) >= 6:
