@@ -19,6 +19,7 @@ from builder.cluster.export_kube import Models, export_kube, published_images, w
 from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet, write_quadlet
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
+from builder.cluster.ssh import reboot as reboot_node
 from builder.cluster.wake import chosen
 from builder.cluster.wake import wake as wake_nodes
 from builder.core.errors import RecipeError
@@ -147,7 +148,8 @@ def status(
     typer.echo(f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}")
     for n in document["nodes"]:  # type: ignore[attr-defined]
         hardware = n["target"] or ", ".join(f"{name} {d['target']}" for name, d in n["devices"].items())
-        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}")
+        key = f"  ssh {n['ssh_host_key'] or 'host key not reported'}" if "ssh_host_key" in n else ""
+        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}{key}")
     for service in document["services"]:  # type: ignore[attr-defined]
         typer.echo(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:
@@ -397,3 +399,22 @@ def wake(
         return
     for w in woken:
         typer.echo(f"woke {w.node} ({w.mac}) on {w.interface}")
+
+
+@cluster_app.command()
+def reboot(
+    inventory: InventoryArg,
+    node: Annotated[str, typer.Argument(metavar="NODE", help="The netbooted node to reboot.")],
+    identity: Annotated[Path | None, typer.Option(
+        "--identity", "-i", help="Private key to log in with (default: your ssh agent's and ~/.ssh keys).")] = None,
+    recipes: RecipesOpt = None,
+) -> None:
+    """Reboot a netbooted node over ssh, as root with a key of admins: (the node netboots its current generation).
+
+    Your own ssh client and agent log in; builder sets every ssh option (no password, no prompt). The node's
+    host key is pinned on first contact from what its agent reports (its console prints the same fingerprint),
+    and checked from then on.
+    """
+    loaded = load_cluster(inventory)
+    t = reboot_node(loaded, node, identity, typer.echo)
+    typer.echo(f"rebooting {t.node} ({t.address}): it netboots its current generation")

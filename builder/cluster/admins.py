@@ -38,7 +38,7 @@ def _rsa_bits(blob: bytes, at: int) -> int:
     return len(value.lstrip(b"\0")) * 8
 
 
-def _ssh_key(value: str) -> str:
+def check_key(value: str) -> str:
     """One public key line, `TYPE BASE64 [COMMENT]`, checked: a known type, base64 that decodes to a blob of
     that type, a plain comment; options and line breaks are refused."""
     if any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
@@ -85,7 +85,7 @@ def _network(value: str) -> str:
     return str(network)
 
 
-SshKey = Annotated[str, AfterValidator(_ssh_key)]
+SshKey = Annotated[str, AfterValidator(check_key)]
 Network = Annotated[str, AfterValidator(_network)]
 
 

@@ -179,6 +179,7 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     shutil.copy2(NODE_SCRIPTS / "plan.sh", lib / "plan.sh")  # the plan executor node-init sources
     shutil.copy2(NODE_SCRIPTS / "sshd.sh", lib / "sshd")  # the ssh server of a plan's ssh line
     shutil.copy2(NODE_SCRIPTS / "sshd_config", lib / "sshd_config")
+    shutil.copy2(NODE_SCRIPTS / "reboot.sh", lib / "reboot")  # what `builder cluster reboot` runs over ssh
     shutil.copy2(busybox(tree), lib / "busybox")
     (lib / "image.env").write_text("".join(f"{_env_line(item)}\n" for item in env))
     moddir = modules_dir(tree, kver)
