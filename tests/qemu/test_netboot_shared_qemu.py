@@ -40,6 +40,7 @@ import requests
 from netns import Namespace, network_namespace
 from test_netboot_qemu import BOOT_SECONDS, MAC, artifacts, published
 
+from builder.cluster.ssh import fingerprint, host_key
 from conftest import run_cli
 from containers import PROMPT, container, cpu_reference_text
 from qemu import node, wait_for
@@ -50,14 +51,16 @@ __all__ = ["artifacts"]  # the fixture of test_netboot_qemu, which this module's
 
 MEMBER = "192.0.2.2"  # TEST-NET-1 on the namespace's loopback: the node host1 of the cluster file
 OUTSIDER = "192.0.2.1"  # TEST-NET-1 on the namespace's loopback, in no cluster file
+ADMIN = "192.0.2.3"  # TEST-NET-1 on the namespace's loopback: the operators' address (admins:), no node's
+SSH, AGENT = 22, 7999  # node1's ssh server (admins:) and its gateway agent
 HTTP, GATEWAY, METRICS = 8000, 8080, 8405
 TINY, TINY_B, SPLIT, RPC_HEAD = 8101, 8102, 8103, 8104  # the four services' server ports
 NODE_RPC, HOST_RPC = 50052, 50053  # node1's RPC worker (tiny-rpc), the host's container (tiny-split)
 # What node1 prints once each process answers, and the port it answers on.
 READY = {"rpc-worker tiny-rpc": NODE_RPC, "server tiny": TINY, "server tiny-b": TINY_B, "server tiny-split": SPLIT}
 FORWARDS = tuple(f"tcp:{address}:{port}-:{port}" for address, port in
-                 [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC)] + [(MEMBER, NODE_RPC),
-                                                                               (OUTSIDER, NODE_RPC)])
+                 [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC, AGENT)] +
+                 [(MEMBER, NODE_RPC), (OUTSIDER, NODE_RPC), (ADMIN, SSH), (OUTSIDER, SSH)])
 PLAN_READY_SECONDS = 180  # after the first ready line, each further one (a model load under TCG)
 
 
@@ -75,6 +78,7 @@ class Cluster:
     worker_log: Path  # the tiny-split worker container's output
     ready: dict[str, str]  # READY's label -> the address node1 said it listens on
     ready_s: float  # QEMU's start to the last ready line
+    admin_key: Path  # the private key of admins: (its .pub beside it)
 
     def text(self) -> str:
         return self.console.read_text(errors="replace")
@@ -118,11 +122,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
          "port": SPLIT, "rpc_port": HOST_RPC},
         {"name": "tiny-rpc", **common, "topology": "split", "head": "host1", "workers": ["node1"],
          "port": RPC_HEAD, "rpc_port": NODE_RPC}]
+    admin_key = folder / "admin_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin@test", "-f", str(admin_key)],
+                   check=True, timeout=60)
+    admins = {"keys": [admin_key.with_suffix(".pub").read_text().strip()], "addresses": [ADMIN]}
     console = folder / "console.log"
     worker = f"builder-shared-split-worker-{os.getpid()}"
-    with network_namespace(MEMBER, OUTSIDER) as ns, \
+    with network_namespace(MEMBER, OUTSIDER, ADMIN) as ns, \
             published(folder, HTTP, nodes, prefix=ns.enter, services=services,
-                      gateway={"address": "127.0.0.1", "port": GATEWAY, "metrics_port": METRICS}) as root, \
+                      gateway={"address": "127.0.0.1", "port": GATEWAY, "metrics_port": METRICS},
+                      admins=admins) as root, \
             container("podman", folder, worker, "rpc-worker", "--host", "127.0.0.1", "--port", str(HOST_RPC),
                       prefix=ns.enter):
         started = time.monotonic()
@@ -137,8 +146,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
                 ready[label] = found.group(1)
             ready_s = time.monotonic() - started
             print(f"node1 booted to its last ready line in {ready_s:.0f} s")
+            wait_for(console, r"builder-node: ssh server ready on ", vm, PLAN_READY_SECONDS)
             yield Cluster(ns, folder, folder / "cluster.yaml", root, console, digest, expected,
-                          folder / f"{worker}.log", ready, ready_s)
+                          folder / f"{worker}.log", ready, ready_s, admin_key)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +210,9 @@ def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artif
     assert not any(w.startswith("builder.role=") for w in words) and any(w.startswith("builder.plan=") for w in words)
     lines = [line.split("\t") for line in cluster.blob("plan_sha256").splitlines() if not line.startswith("#")]
     assert lines[0] == ["agent", "7999"]  # the gateway's agent-check asks the node whether its servers are right
-    plan = lines[1:]
+    blob = cluster.admin_key.with_suffix(".pub").read_text().split()[1]
+    assert lines[1:3] == [["admin-key", "ssh-ed25519", blob], ["ssh", str(SSH)]]  # admins:, public keys only
+    plan = lines[3:]
     assert [fields[:3] for fields in plan] == [["rpc-worker", "tiny-rpc", str(NODE_RPC)], ["server", "tiny", str(TINY)],
                                                ["server", "tiny-b", str(TINY_B)], ["server", "tiny-split", str(SPLIT)]]
     assert [fields[5] for fields in plan[1:]] == ["-", "-", f"10.0.2.2:{HOST_RPC}"]  # the split head's --rpc
@@ -255,6 +267,49 @@ def test_firewall_admits_the_cluster_and_refuses_others(cluster: Cluster) -> Non
     assert answers[OUTSIDER] in ("closed", "ConnectionResetError"), answers
 
 
+def host_fingerprint(cluster: Cluster) -> str:
+    """The fingerprint node1 printed on its console for the host key it made."""
+    found = re.search(r"builder-node: ssh host key (SHA256:\S+) \(ED25519\)", cluster.text())
+    assert found, cluster.text()[-3000:]
+    return found.group(1)
+
+
+def ssh(cluster: Cluster, host: str, key: Path, known_hosts: Path) -> subprocess.CompletedProcess[str]:
+    """`hostname` run on node1 over ssh from `host` (QEMU's forward there shows the guest that address), as root
+    with `key` only, the host key checked against `known_hosts`."""
+    with cluster.ns.inside():
+        return subprocess.run(["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", str(key),
+                               "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+                               "-o", "ConnectTimeout=60", "-p", str(SSH), "-l", "root", "--", host,
+                               "cat /proc/sys/kernel/hostname"], capture_output=True, text=True, timeout=180)
+
+
+def test_operators_get_in_by_key_from_admins_only(cluster: Cluster) -> None:
+    """admins: gives node1 an ssh server (Debian's openssh-server of the root's suite, unpacked at pxe build):
+    from ADMIN with the file's key, root runs a command there, the host key being the one the node made and
+    printed (its agent reports the same); from ADMIN with another key, refused at login (key-only); from
+    OUTSIDER with the file's key, refused by the firewall before ssh speaks (the rules admit ADMIN on port 22
+    only)."""
+    rules = cluster.blob("firewall_sha256")
+    assert f"elements = {{ {ADMIN} }}" in rules and f"tcp dport {{ {SSH} }} ip saddr @admins4 accept" in rules
+    text = cluster.text()
+    assert "builder-node: ssh host key made for this boot (no cache disk)" in text
+    with cluster.ns.inside():
+        key = host_key("127.0.0.1")  # the agent's answer, through QEMU's forward of its port
+    assert key is not None and fingerprint(key) == host_fingerprint(cluster)
+    known_hosts = cluster.folder / "known_hosts"
+    known_hosts.write_text(f"{ADMIN} {key}\n{OUTSIDER} {key}\n")
+    admitted = ssh(cluster, ADMIN, cluster.admin_key, known_hosts)
+    assert admitted.returncode == 0 and admitted.stdout.strip() == "node1", admitted.stdout + admitted.stderr
+    other = cluster.folder / "other_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True, timeout=60)
+    refused = ssh(cluster, ADMIN, other, known_hosts)
+    assert refused.returncode == 255 and "Permission denied (publickey)" in refused.stderr, refused.stderr
+    outside = ssh(cluster, OUTSIDER, cluster.admin_key, known_hosts)
+    assert outside.returncode == 255 and "Permission denied" not in outside.stderr, outside.stderr
+    assert re.search(r"Connection (closed|reset)|kex_exchange_identification", outside.stderr), outside.stderr
+
+
 def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gateway) -> None:
     """`cluster up` returns once HAProxy's health checks pass for every server (three on the node, one on the
     host); `status` shows each process as the gateway sees it, the node's RPC worker by a connection."""
@@ -275,11 +330,14 @@ def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gatew
     assert processes["tiny-split"][1][:3] == ("worker1", "rpc-worker", f"10.0.2.2:{HOST_RPC}")
     assert processes["tiny-rpc"] == [("host1", "server", f"{MEMBER}:{RPC_HEAD}", "UP", "L7OK"),
                                      ("node1", "rpc-worker", f"127.0.0.1:{NODE_RPC}", "UP", None)]
+    # node1's ssh host key as its agent reports it; the two nodes that are containers run no ssh server
     assert document["nodes"] == [
-        {"name": "node1", "address": "127.0.0.1", "target": "cpu", "devices": {}, "mac": MAC},
+        {"name": "node1", "address": "127.0.0.1", "target": "cpu", "devices": {}, "mac": MAC,
+         "ssh_host_key": host_fingerprint(cluster)},
         {"name": "worker1", "address": "10.0.2.2", "target": "cpu", "devices": {},
-         "mac": "52:54:00:12:34:57"},
-        {"name": "host1", "address": MEMBER, "target": "cpu", "devices": {}, "mac": "52:54:00:12:34:58"}]
+         "mac": "52:54:00:12:34:57", "ssh_host_key": None},
+        {"name": "host1", "address": MEMBER, "target": "cpu", "devices": {}, "mac": "52:54:00:12:34:58",
+         "ssh_host_key": None}]
     text = cli(cluster, "cluster", "status", str(cluster.path)).stdout
     assert "node     node1        127.0.0.1" in text and "  node1        server     127.0.0.1:" in text
 
