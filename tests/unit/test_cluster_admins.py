@@ -1,0 +1,175 @@
+"""admins: in a cluster file: hostile keys and addresses refused in one line, the plan's admin-key and ssh lines,
+the node's firewall admitting exactly the admins' addresses on exactly the ssh port (loaded in a network
+namespace of the test's own), the node's sshd config, and the ssh command line `cluster reboot` runs."""
+
+import base64
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_cluster_firewall import CONNECT, NODE_A, NODE_B, OUTSIDER, nft_check, services_file
+
+from builder.cluster.firewall import firewalls
+from builder.cluster.plans import node_plan
+from builder.cluster.ssh import Target, fingerprint, ssh_argv
+from builder.netboot.firewall import ruleset
+from builder.netboot.initramfs import NODE_SCRIPTS
+from builder.netboot.plan import AdminKeyLine, NodePlan, SshLine, parse, serialize
+from conftest import require_tool, run_cli_inproc
+
+ADMIN_NET = "192.168.7.0/24"
+ADMIN_HOST = "192.168.7.20"
+
+
+def blob(kind: str, *parts: bytes) -> str:
+    data = b"".join(struct.pack(">I", len(p)) + p for p in (kind.encode(), *parts))
+    return base64.b64encode(data).decode()
+
+
+RSA_1024 = f"ssh-rsa {blob('ssh-rsa', bytes([1, 0, 1]), bytes(1) + bytes([0x80]) + bytes(127))} x"
+ED25519 = f"ssh-ed25519 {blob('ssh-ed25519', bytes(range(32)))} alice@laptop"
+
+
+def admins_file(tmp_path: Path, **admins: Any) -> Path:
+    return services_file(tmp_path, admins={"keys": [ED25519], "addresses": [ADMIN_NET], **admins})
+
+
+def refusal(tmp_path: Path, path: Path) -> str:
+    proc = run_cli_inproc("cluster", "firewall", str(path), "--out", str(tmp_path / "rules"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "rules").exists()  # nothing half-written
+    return proc.stderr.splitlines()[0]
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    (f'command="/bin/sh" {ED25519}', "authorized_keys options (command=, from=, ...) are not taken"),
+    (f"from=\"10.0.0.1\" {ED25519}", "not a key type"),
+    (f"{ED25519}\nssh-ed25519 AAAA other", "one line without control characters"),
+    (f"{ED25519}\x00", "one line without control characters"),
+    ("ssh-ed25519 !!!notbase64 x", "second word must be its base64 blob"),
+    ("ssh-ed25519 QUJD x", "does not decode"),
+    (f"ssh-ed25519 {blob('ssh-rsa', bytes(40))} x", "is not a ssh-ed25519 key"),
+    (RSA_1024, "RSA key of 1024 bits is too weak"),
+    (f"ssh-dss {blob('ssh-dss', bytes(40))} x", "not a key type"),
+    ("ssh-ed25519", "second word must be its base64 blob"),
+])
+def test_a_hostile_key_is_one_line(tmp_path: Path, key: str, message: str) -> None:
+    first = refusal(tmp_path, services_file(tmp_path, admins={"keys": [key], "addresses": [ADMIN_NET]}))
+    assert first.startswith("error: ") and "admins.keys" in first and message in first, first
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("192.168.7.1/24", "has host bits set"),
+    ("0.0.0.0/0", "is every address"),
+    ("::/0", "is every address"),
+    ("admin.lan", "an IP address or network"),
+    ("fe80::1%eth0", "without spaces or zones"),
+    ("10.0.0.1 10.0.0.2", "without spaces or zones"),
+])
+def test_an_address_that_is_not_one_is_one_line(tmp_path: Path, address: str, message: str) -> None:
+    first = refusal(tmp_path, services_file(tmp_path, admins={"keys": [ED25519], "addresses": [address]}))
+    assert "admins.addresses" in first and message in first, first
+
+
+def test_the_ssh_port_is_the_ssh_servers_alone(tmp_path: Path) -> None:
+    first = refusal(tmp_path, admins_file(tmp_path, ssh_port=9000))
+    assert "admins.ssh_port: 9000 is also the port of chat's server on a" in first, first
+
+
+def test_the_plan_carries_public_keys_and_the_port_without_comments(tmp_path: Path) -> None:
+    from builder.cluster.model import load_cluster
+
+    loaded = load_cluster(admins_file(tmp_path, ssh_port=2222))
+    plan = node_plan(loaded, "b", "http://10.0.0.1:8000", {})
+    kind, data, _ = ED25519.split(" ")
+    assert plan.lines[:2] == (AdminKeyLine(kind, data), SshLine(2222))
+    text = serialize(plan)
+    assert "alice@laptop" not in text and f"admin-key\t{kind}\t{data}\n" in text and "ssh\t2222\n" in text
+    assert parse(text) == plan
+    for bad in (AdminKeyLine("ssh-ed25519", "AAAA\tx"), AdminKeyLine("ssh ed25519", "AAAA"), SshLine(0)):
+        with pytest.raises(ValueError):
+            serialize(NodePlan("b", (bad,)))
+
+
+def test_the_firewall_admits_the_admins_on_the_ssh_port_only(tmp_path: Path) -> None:
+    """Node b's rules loaded in a namespace of the test's own: ADMIN_HOST (in admins' network) reaches port 22
+    and not the RPC port; an outsider reaches neither; the cluster's own addresses reach both, as before."""
+    require_tool("nft", "nftables")
+    require_tool("unshare", "util-linux")
+    require_tool("ip", "iproute2")
+    rules = {f.node: ruleset(f, "cluster.yaml") for f in firewalls(admins_file(tmp_path))}
+    assert f"elements = {{ {ADMIN_NET} }}" in rules["b"] and "tcp dport { 22 } ip saddr @admins4 accept" in rules["b"]
+    (tmp_path / "b.nft").write_text(rules["b"])
+    assert nft_check(tmp_path / "b.nft").returncode == 0
+    (tmp_path / "connect.py").write_text(CONNECT)
+    connect = f"{sys.executable} {tmp_path / 'connect.py'} {NODE_B}"
+    script = "; ".join([
+        "set -e", "ip link set lo up",
+        *(f"ip addr add {a}/16 dev lo" for a in (NODE_A, NODE_B, OUTSIDER)), f"ip addr add {ADMIN_HOST}/24 dev lo",
+        f"nft -f {tmp_path / 'b.nft'}",
+        f"{connect} 22 {ADMIN_HOST} {OUTSIDER} {NODE_A}", f"{connect} 50052 {ADMIN_HOST} {OUTSIDER} {NODE_A}",
+    ])
+    proc = subprocess.run(["unshare", "--net", "--", "sh", "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-6:] == [
+        f"{ADMIN_HOST} connected", f"{OUTSIDER} ConnectionRefusedError", f"{NODE_A} connected",
+        f"{ADMIN_HOST} ConnectionRefusedError", f"{OUTSIDER} ConnectionRefusedError", f"{NODE_A} connected"]
+
+
+def test_without_admins_no_rule_and_no_ssh_line(tmp_path: Path) -> None:
+    from builder.cluster.model import load_cluster
+
+    path = services_file(tmp_path)
+    assert all("admins" not in ruleset(f, "cluster.yaml") for f in firewalls(path))
+    plan = node_plan(load_cluster(path), "b", "http://10.0.0.1:8000", {})
+    assert not any(isinstance(line, AdminKeyLine | SshLine) for line in plan.lines)
+
+
+def sshd_options() -> dict[str, str]:
+    lines = (NODE_SCRIPTS / "sshd_config").read_text().splitlines()
+    return dict(line.split(" ", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_the_nodes_sshd_takes_keys_only() -> None:
+    options = sshd_options()
+    assert options["PermitRootLogin"] == "prohibit-password" and options["AllowUsers"] == "root"
+    assert options["PasswordAuthentication"] == "no" and options["KbdInteractiveAuthentication"] == "no"
+    assert options["AuthenticationMethods"] == "publickey" and options["PermitEmptyPasswords"] == "no"
+    assert options["AuthorizedKeysFile"] == "/run/builder/ssh/authorized_keys"
+    assert all(options[name] == "no" for name in ("AllowTcpForwarding", "AllowAgentForwarding", "X11Forwarding",
+                                                    "PermitTunnel", "PermitUserEnvironment", "UsePAM"))
+    assert not any(name in options for name in ("ListenAddress", "HostKey", "Port"))  # sshd.sh gives these
+
+
+def test_reboot_runs_the_operators_ssh_with_builders_options_only(tmp_path: Path) -> None:
+    t = Target("node1", "10.0.0.11", 2222, tmp_path / "known_hosts")
+    argv = ssh_argv(t, "/usr/lib/builder/reboot", tmp_path / "id")
+    assert argv[:3] == ["ssh", "-F", "none"] and argv[-3:] == ["--", "10.0.0.11", "/usr/lib/builder/reboot"]
+    options = [argv[i + 1] for i, word in enumerate(argv) if word == "-o"]
+    assert {"BatchMode=yes", "StrictHostKeyChecking=yes", f"UserKnownHostsFile={t.known_hosts}",
+            "PasswordAuthentication=no", "IdentitiesOnly=yes", "ForwardAgent=no"} <= set(options)
+    assert argv[argv.index("-p") + 1] == "2222" and argv[argv.index("-l") + 1] == "root"
+
+
+def test_the_fingerprint_is_ssh_keygens(tmp_path: Path) -> None:
+    require_tool("ssh-keygen", "openssh-client")
+    (tmp_path / "key.pub").write_text(ED25519 + "\n")
+    out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(tmp_path / "key.pub")], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    assert out.split()[1] == fingerprint(ED25519)
+
+
+def test_reboot_without_admins_says_how(tmp_path: Path) -> None:
+    path = services_file(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(data))
+    proc = run_cli_inproc("cluster", "reboot", str(path), "a")
+    assert proc.returncode == 2 and "admins: none, so the nodes run no ssh server" in proc.stderr, proc.stderr
+    proc = run_cli_inproc("cluster", "reboot", str(admins_file(tmp_path)), "zz")
+    assert proc.returncode == 2 and "no netbooted node named 'zz'" in proc.stderr, proc.stderr
+
