@@ -407,6 +407,7 @@ def reboot(
     node: Annotated[str, typer.Argument(metavar="NODE", help="The netbooted node to reboot.")],
     identity: Annotated[Path | None, typer.Option(
         "--identity", "-i", help="Private key to log in with (default: your ssh agent's and ~/.ssh keys).")] = None,
+    as_json: JsonOpt = False,
     recipes: RecipesOpt = None,
 ) -> None:
     """Reboot a netbooted node over ssh, as root with a key of admins: (the node netboots its current generation).
@@ -416,5 +417,8 @@ def reboot(
     and checked from then on.
     """
     loaded = load_cluster(inventory)
-    t = reboot_node(loaded, node, identity, typer.echo)
+    t = reboot_node(loaded, node, identity, lambda line: typer.echo(line, err=as_json))
+    if as_json:
+        typer.echo(json.dumps({"node": t.node, "address": t.address, "port": t.port, "rebooting": True}, indent=2))
+        return
     typer.echo(f"rebooting {t.node} ({t.address}): it netboots its current generation")
