@@ -20,7 +20,7 @@ def for_services(loaded: Loaded, leased: bool = False) -> list[Firewall]:
                           "control: {address: 10.0.0.1} (the node that runs the gateway)")
     nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
     allowed = tuple(allowed_addresses(where, cluster.control.address, nodes, every_node=not leased))
-    agents = loaded.agent_nodes()
+    agents = loaded.agent_hosts()
     admins = cluster.admins
     operators = (tuple(admins.addresses), admins.ports) if admins else ((), ())
     out = []

@@ -251,6 +251,13 @@ class Loaded:
         return {p.node for p in self.processes if p.node in booted and p.role == "server"
                 and self.service(p.service).engine == "llama.cpp"}
 
+    def agent_hosts(self) -> set[str]:
+        """The netbooted nodes that run the agent: those of agent_nodes(), and with admins: every netbooted node
+        (the agent also reports the node's ssh host key to the control node)."""
+        if self.cluster.admins is None:
+            return self.agent_nodes()
+        return {node.name for node in self.cluster.netbooted}
+
 
 def _gib(size: float) -> str:
     return f"{size / GIB:.1f} GiB"

@@ -57,7 +57,7 @@ def host_keys(loaded: Loaded) -> dict[str, str]:
     if loaded.cluster.admins is None:
         return {}
     out = {}
-    for name in sorted(loaded.agent_nodes()):
+    for name in sorted(loaded.agent_hosts()):
         address = loaded.node(name).address
         key = host_key(address) if address else None
         if key:

@@ -59,7 +59,7 @@ NODE_RPC, HOST_RPC = 50052, 50053  # node1's RPC worker (tiny-rpc), the host's c
 # What node1 prints once each process answers, and the port it answers on.
 READY = {"rpc-worker tiny-rpc": NODE_RPC, "server tiny": TINY, "server tiny-b": TINY_B, "server tiny-split": SPLIT}
 FORWARDS = tuple(f"tcp:{address}:{port}-:{port}" for address, port in
-                 [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC, AGENT)] +
+                 [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC, AGENT, SSH)] +
                  [(MEMBER, NODE_RPC), (OUTSIDER, NODE_RPC), (ADMIN, SSH), (OUTSIDER, SSH)])
 PLAN_READY_SECONDS = 180  # after the first ready line, each further one (a model load under TCG)
 
@@ -79,6 +79,7 @@ class Cluster:
     ready: dict[str, str]  # READY's label -> the address node1 said it listens on
     ready_s: float  # QEMU's start to the last ready line
     admin_key: Path  # the private key of admins: (its .pub beside it)
+    vm: subprocess.Popen[bytes]  # node1's QEMU (started with -no-reboot: a reboot ends it)
 
     def text(self) -> str:
         return self.console.read_text(errors="replace")
@@ -148,7 +149,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
             print(f"node1 booted to its last ready line in {ready_s:.0f} s")
             wait_for(console, r"builder-node: ssh server ready on ", vm, PLAN_READY_SECONDS)
             yield Cluster(ns, folder, folder / "cluster.yaml", root, console, digest, expected,
-                          folder / f"{worker}.log", ready, ready_s, admin_key)
+                          folder / f"{worker}.log", ready, ready_s, admin_key, vm)
 
 
 @pytest.fixture(scope="module")
@@ -394,3 +395,17 @@ def test_cluster_down_stops_the_gateway(cluster: Cluster, gateway: Gateway) -> N
     document = json.loads(status.stdout)
     assert document["gateway"]["running"] is False
     assert status.returncode == 1 and document["problems"][0] == "the gateway is not running", status.stdout
+
+
+def test_cluster_reboot_goes_in_over_ssh(cluster: Cluster, gateway: Gateway) -> None:
+    """Very last: it ends the node. `cluster reboot` from the control node (node1's address in the file is
+    127.0.0.1, which the guest sees as the control node's 10.0.2.2) with the file's key: on first contact it
+    pins the host key the node's agent reports, the one the node printed, then the node reboots (QEMU runs with
+    -no-reboot, so the machine ends instead of booting again: no second boot)."""
+    proc = cli(cluster, "cluster", "reboot", str(cluster.path), "node1", "--identity", str(cluster.admin_key),
+               timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"first contact with node1: its host key {host_fingerprint(cluster)}" in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1] == "rebooting node1 (127.0.0.1): it netboots its current generation"
+    assert cluster.vm.wait(timeout=120) == 0
+    assert "reboot: Restarting system" in cluster.text()

@@ -18,7 +18,7 @@ from builder.cluster.plans import node_plan
 from builder.cluster.ssh import Target, fingerprint, ssh_argv
 from builder.netboot.firewall import ruleset
 from builder.netboot.initramfs import NODE_SCRIPTS
-from builder.netboot.plan import AdminKeyLine, NodePlan, SshLine, parse, serialize
+from builder.netboot.plan import AGENT_PORT, AdminKeyLine, AgentLine, NodePlan, SshLine, parse, serialize
 from conftest import require_tool, run_cli_inproc
 
 ADMIN_NET = "192.168.7.0/24"
@@ -86,7 +86,8 @@ def test_the_plan_carries_public_keys_and_the_port_without_comments(tmp_path: Pa
     loaded = load_cluster(admins_file(tmp_path, ssh_port=2222))
     plan = node_plan(loaded, "b", "http://10.0.0.1:8000", {})
     kind, data, _ = ED25519.split(" ")
-    assert plan.lines[:2] == (AdminKeyLine(kind, data), SshLine(2222))
+    # b runs an RPC worker only, and with admins: the agent all the same: it reports the host key
+    assert plan.lines[:3] == (AgentLine(AGENT_PORT), AdminKeyLine(kind, data), SshLine(2222))
     text = serialize(plan)
     assert "alice@laptop" not in text and f"admin-key\t{kind}\t{data}\n" in text and "ssh\t2222\n" in text
     assert parse(text) == plan
@@ -103,6 +104,7 @@ def test_the_firewall_admits_the_admins_on_the_ssh_port_only(tmp_path: Path) -> 
     require_tool("ip", "iproute2")
     rules = {f.node: ruleset(f, "cluster.yaml") for f in firewalls(admins_file(tmp_path))}
     assert f"elements = {{ {ADMIN_NET} }}" in rules["b"] and "tcp dport { 22 } ip saddr @admins4 accept" in rules["b"]
+    assert f"agent's port ({AGENT_PORT}) from the control node only" in rules["b"]
     (tmp_path / "b.nft").write_text(rules["b"])
     assert nft_check(tmp_path / "b.nft").returncode == 0
     (tmp_path / "connect.py").write_text(CONNECT)
@@ -173,3 +175,28 @@ def test_reboot_without_admins_says_how(tmp_path: Path) -> None:
     proc = run_cli_inproc("cluster", "reboot", str(admins_file(tmp_path)), "zz")
     assert proc.returncode == 2 and "no netbooted node named 'zz'" in proc.stderr, proc.stderr
 
+
+
+def test_publish_gives_every_node_the_keys_and_refuses_a_set_without_sshd(tmp_path: Path) -> None:
+    """`pxe publish` of a file with admins: every netbooted node's plan has the public keys and the ssh line;
+    a netboot set made without an ssh server (an older one, or a root builder pins none for) is refused in
+    one line, before anything is published."""
+    from test_netboot import fake_artifacts
+    from test_netboot_services import MACS, cluster_file, plan
+
+    from builder.cluster.plans import load_for_netboot, models, publish_services
+    from builder.core.errors import RecipeError
+
+    path = cluster_file(tmp_path, admins={"keys": [ED25519], "addresses": [ADMIN_NET]})
+    loaded = load_for_netboot(path)
+    folder, manifest = fake_artifacts(tmp_path, "without-ssh")
+    with pytest.raises(RecipeError, match="admins: a boots the netboot set cpu-cpu, which has no ssh server"):
+        publish_services(tmp_path / "pxe-root", loaded, models(loaded, print), {("cpu", "cpu"): (folder, manifest)},
+                         1)
+    assert not (tmp_path / "pxe-root" / "current").exists()
+    manifest = {**manifest, "ssh": {"suite": "trixie", "packages": {"openssh-server": "1:10.0p1-7"}}}
+    publish_services(tmp_path / "pxe-root", loaded, models(loaded, print), {("cpu", "cpu"): (folder, manifest)}, 1)
+    kind, data, _ = ED25519.split(" ")
+    for mac in MACS[:3]:
+        rows = plan(tmp_path / "pxe-root", mac)
+        assert ["admin-key", kind, data] in rows and ["ssh", "22"] in rows
