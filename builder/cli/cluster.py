@@ -16,6 +16,8 @@ from builder.cluster.commands import as_text, node_commands
 from builder.cluster.convert import convert as convert_form
 from builder.cluster.convert import is_old_form
 from builder.cluster.export_kube import Models, export_kube, published_images, write_export
+from builder.cluster.export_prometheus import FILE as PROMETHEUS_FILE
+from builder.cluster.export_prometheus import export_prometheus
 from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet, write_quadlet
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
@@ -232,7 +234,7 @@ def commands(
 
 
 # `builder cluster export --format`: the formats it writes, and those planned (refused with one line for now).
-EXPORT_FORMATS = ("kube", "quadlet")
+EXPORT_FORMATS = ("kube", "quadlet", "prometheus")
 PLANNED_FORMATS = ("ansible",)
 
 
@@ -240,7 +242,8 @@ PLANNED_FORMATS = ("ansible",)
 def export(
     inventory: InventoryArg,
     form: Annotated[str, typer.Option("--format", help="kube: Kubernetes manifests; quadlet: podman "
-                                      f"Quadlet units per node (podman {MIN_PODMAN}+); ansible: not yet.")],
+                                      f"Quadlet units per node (podman {MIN_PODMAN}+); prometheus: a scrape "
+                                      "config for the netbooted nodes' exporters (admins:); ansible: not yet.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The folder the files go into (created if missing).")],
     registry: Annotated[str | None, typer.Option(
         "--registry", "-r", metavar="HOST/REPO", help="Run the images `builder publish` pushed there, by digest "
@@ -264,6 +267,8 @@ def export(
     quadlet: per node a folder of units for /etc/containers/systemd/: a .container per server and RPC worker
     (restarted by systemd, the model's sha256 checked before it starts, the variant's devices, groups and
     security options), a .volume for each RPC worker's tensor cache.
+
+    prometheus: prometheus.yml, a scrape config with every netbooted node's exporter (admins.metrics_port).
     """
     if form in PLANNED_FORMATS:
         raise RecipeError(f"--format {form}: not yet", f"formats: {', '.join(EXPORT_FORMATS)}")
@@ -274,6 +279,9 @@ def export(
         raise RecipeError("--models-claim: a PersistentVolumeClaim is Kubernetes' (--format kube)",
                           "quadlet units mount each node's --models folder: leave --models-claim out")
     check_output(out, "--out", folder=True)
+    if form == "prometheus":
+        _prometheus(load_cluster(inventory), out, as_json)
+        return
     where = Models(models, claim)
     repo = Repository.parse(registry) if registry is not None else None
     loaded = load_cluster(inventory)
@@ -288,6 +296,22 @@ def export(
     done = export_kube(loaded, where, str(out), published_images(repo) if repo else None)
     _report(form, out, write_export(done, out), done.images, list(done.warnings), list(done.steps), repo is None,
             as_json)
+
+
+def _prometheus(loaded: Loaded, out: Path, as_json: bool) -> None:
+    text, steps = export_prometheus(loaded)
+    out.mkdir(parents=True, exist_ok=True)
+    staged = out / f".{PROMETHEUS_FILE}.tmp"
+    staged.write_text(text)
+    staged.replace(out / PROMETHEUS_FILE)
+    if as_json:
+        typer.echo(json.dumps({"format": "prometheus", "out": str(out), "files": [PROMETHEUS_FILE], "images": {},
+                               "warnings": [], "steps": steps}, indent=2))
+        return
+    typer.echo(f"wrote {PROMETHEUS_FILE} to {out}")
+    typer.echo("then:")
+    for step in steps:
+        typer.echo(f"  {step}")
 
 
 def _report(form: str, out: Path, written: list[str], images: dict[str, str], warnings: list[str],

@@ -1,7 +1,8 @@
-"""`admins:` of a cluster file: the operators' SSH public keys, the addresses they connect from, the port.
+"""`admins:` of a cluster file: the operators' SSH public keys, the addresses they connect from, their ports.
 
 With keys given, every netbooted node runs an ssh server (key-only login, as root) on its own address and
-port `ssh_port`, and its firewall admits exactly `addresses` on exactly that port (builder/netboot/firewall.py).
+port `ssh_port` and a Prometheus exporter on `metrics_port`, and its firewall admits exactly `addresses` on
+exactly those ports (builder/netboot/firewall.py).
 The keys reach the node in its plan, which is served to the boot network: public keys only, never a secret.
 
 A key is one line of an authorized_keys file without options: `TYPE BASE64 [COMMENT]`. Options (`command=`,
@@ -17,7 +18,7 @@ import re
 import struct
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from builder.recipe.models import Strict
 
@@ -98,6 +99,14 @@ class Admins(Strict):
                                      "192.168.1.20 or 192.168.1.0/24: the node's firewall admits exactly these on "
                                      "ssh_port")
     ssh_port: int = Field(22, ge=1, le=65535, description="the port each node's ssh server listens on")
+    metrics_port: int = Field(9100, ge=1, le=65535, description="the port each node's Prometheus exporter "
+                              "(prometheus-node-exporter: GPU use and memory, power, CPU, memory) listens on")
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> "Admins":
+        if self.metrics_port == self.ssh_port:
+            raise ValueError(f"ssh_port and metrics_port are both {self.ssh_port}: give each its own port")
+        return self
 
     @property
     def key_blobs(self) -> list[tuple[str, str]]:
@@ -106,5 +115,5 @@ class Admins(Strict):
 
     @property
     def ports(self) -> tuple[int, ...]:
-        """The ports the firewall opens to `addresses`."""
-        return (self.ssh_port,)
+        """The ports the firewall opens to `addresses`: the ssh server's and the exporter's."""
+        return (self.ssh_port, self.metrics_port)

@@ -510,13 +510,14 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
 
 
 def _check_admin_ports(cluster: ServiceCluster, processes: tuple[Process, ...], where: str) -> None:
-    """The admins' ports are the ssh server's alone on every node."""
+    """The admins' ports are the ssh server's and the exporter's alone on every node."""
     if cluster.admins is None:
         return
     for process in processes:
-        if process.port in cluster.admins.ports:
-            raise RecipeError(f"{where}: admins.ssh_port: {process.port} is also the port of {process.service}'s "
-                              f"{process.role} on {process.node}", "give the ssh server or the service another port")
+        for field in ("ssh_port", "metrics_port"):
+            if process.port == getattr(cluster.admins, field):
+                raise RecipeError(f"{where}: admins.{field}: {process.port} is also the port of {process.service}'s "
+                                  f"{process.role} on {process.node}", "give it or the service another port")
 
 
 def load_cluster(path: Path, converted: dict[str, Any] | None = None) -> Loaded:

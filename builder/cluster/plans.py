@@ -38,6 +38,7 @@ from builder.netboot.plan import (
     AgentLine,
     EnvLine,
     Line,
+    MetricsLine,
     NodePlan,
     RpcWorkerLine,
     ServerLine,
@@ -157,9 +158,10 @@ def load_for_netboot(path: Path) -> Loaded:
                                                     if p.node == node.name):
             raise RecipeError(f"{where}: services: a service on {node.name} uses port {AGENT_PORT}, where the node's "
                               "gateway agent listens", f"give the service another port than {AGENT_PORT}")
-        if cluster.admins and cluster.admins.ssh_port == AGENT_PORT and node.name in loaded.agent_hosts():
-            raise RecipeError(f"{where}: admins.ssh_port: {AGENT_PORT} is where {node.name}'s gateway agent listens",
-                              "give the ssh server another port (22 unless you need otherwise)")
+        for field, port in ((f, getattr(cluster.admins, f)) for f in ("ssh_port", "metrics_port") if cluster.admins):
+            if port == AGENT_PORT:
+                raise RecipeError(f"{where}: admins.{field}: {AGENT_PORT} is where {node.name}'s gateway agent "
+                                  "listens", f"give it another port (default {22 if field == 'ssh_port' else 9100})")
         why = _needs_address(loaded, node.name)
         if why and not node.address:
             raise RecipeError(f"{where}: nodes[{i}].address: {node.name} needs one: {why}",
@@ -248,7 +250,7 @@ def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> No
     admins = loaded.cluster.admins
     if admins is not None:
         lines += [AdminKeyLine(kind, blob) for kind, blob in admins.key_blobs]
-        lines.append(SshLine(admins.ssh_port))
+        lines += [SshLine(admins.ssh_port), MetricsLine(admins.metrics_port)]
     mine = sorted((p for p in loaded.processes if p.node == node), key=lambda p: p.role != "rpc-worker")
     where = {n.name: str(n.address) for n in loaded.cluster.nodes}
     for process in mine:

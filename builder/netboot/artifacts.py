@@ -1,8 +1,8 @@
 """The netboot flavour of an image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS and manifest.json.
 
 The root is the image's own filesystem (exported from the engine) plus node-init, busybox, the image's
-environment, the accelerator's kernel modules and firmware, and the ssh server of the root's Debian suite
-(pinned .debs, builder/netboot/sshlayer.py). Artifacts are cached by everything that
+environment, the accelerator's kernel modules and firmware, and the ssh server and metrics exporter of the
+root's Debian suite (pinned .debs, builder/netboot/adminlayer.py). Artifacts are cached by everything that
 goes into them, so a second `pxe build` of the same image is immediate.
 """
 
@@ -26,6 +26,7 @@ from builder.core.run import run, run_logged
 from builder.engines import Engine, ImageInfo
 from builder.engines.cleanup import temp_path
 from builder.engines.host import find_driver
+from builder.netboot.adminlayer import add_admin_layer, layers_key
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
     FIREWALL_MODULES,
@@ -42,7 +43,6 @@ from builder.netboot.kernels import (
     version_tuple,
 )
 from builder.netboot.modules import load_order, module_bytes, plain_name
-from builder.netboot.sshlayer import add_ssh_layer, layers_key
 from builder.recipe.load import select
 from builder.recipe.models import LockedBase
 
@@ -180,6 +180,7 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     shutil.copy2(NODE_SCRIPTS / "sshd.sh", lib / "sshd")  # the ssh server of a plan's ssh line
     shutil.copy2(NODE_SCRIPTS / "sshd_config", lib / "sshd_config")
     shutil.copy2(NODE_SCRIPTS / "reboot.sh", lib / "reboot")  # what `builder cluster reboot` runs over ssh
+    shutil.copy2(NODE_SCRIPTS / "metrics.sh", lib / "metrics")  # the exporter of a plan's metrics line
     shutil.copy2(busybox(tree), lib / "busybox")
     (lib / "image.env").write_text("".join(f"{_env_line(item)}\n" for item in env))
     moddir = modules_dir(tree, kver)
@@ -264,7 +265,7 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
                 return folder, manifest  # the run we waited for made it
         packages = {name: pinned_version(kernel, name) or "" for name in ("linux-image-amd64", *spec.firmware_packages)}
         return _make(engine, image, info, target, variant, spec, tree, kver, squash, key, folder, packages,
-                     lambda root: add_ssh_layer(root, ssh, where))
+                     lambda root: add_admin_layer(root, ssh, where))
 
 
 def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str, spec: KernelSpec, tree: Path,

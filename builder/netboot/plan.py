@@ -9,6 +9,7 @@ only knows the lines. One line per item, fields separated by one tab, `-` for a 
     agent       PORT
     admin-key   TYPE     BASE64
     ssh         PORT
+    metrics     PORT
     rpc-worker  SERVICE  PORT
     server      SERVICE  PORT  MODEL_URL  MODEL_SHA256  RPC  CTX  [LLAMA-SERVER ARGS…]
     vllm        SERVICE  PORT  MODEL_URL  MODEL_SHA256  MOUNT  ENV  ARGV…
@@ -19,6 +20,7 @@ only knows the lines. One line per item, fields separated by one tab, `-` for a 
 * admin-key: an operator's SSH public key (a cluster file's admins:), one line each: public, never a secret.
 * ssh: the node's ssh server (images/netboot/sshd.sh) on its address and PORT, key-only login as root with
   the admin-key lines as its authorized keys; its host key is made on the node (kept on its cache disk).
+* metrics: the node's Prometheus exporter (images/netboot/metrics.sh) on its address and PORT.
 * rpc-worker: ggml-rpc-server on the node's address and PORT.
 * server: llama-server on the node's address and PORT serving the GGUF at MODEL_URL (checked against
   MODEL_SHA256), `--rpc RPC` (HOST:PORT,… of its workers) and `-c CTX` when given, then the service's args.
@@ -38,7 +40,7 @@ NONE = "-"
 # may connect to it (the node's firewall).
 AGENT_PORT = 7999
 HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | agent PORT | admin-key TYPE BASE64 | ssh PORT "
-          "| rpc-worker SERVICE PORT | server "
+          "| metrics PORT | rpc-worker SERVICE PORT | server "
           "SERVICE PORT MODEL_URL MODEL_SHA256 RPC CTX [ARGS...] | vllm SERVICE PORT MODEL_URL MODEL_SHA256 MOUNT ENV "
           "ARGV...\n")
 
@@ -62,6 +64,11 @@ class AdminKeyLine:
 
 @dataclass(frozen=True)
 class SshLine:
+    port: int
+
+
+@dataclass(frozen=True)
+class MetricsLine:
     port: int
 
 
@@ -93,7 +100,7 @@ class VllmLine:
     argv: tuple[str, ...]
 
 
-Line = EnvLine | AgentLine | AdminKeyLine | SshLine | RpcWorkerLine | ServerLine | VllmLine
+Line = EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine | RpcWorkerLine | ServerLine | VllmLine
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,7 @@ class NodePlan:
     def engines(self) -> set[str]:
         """The engines the node runs: llama.cpp (rpc-worker, server), vllm."""
         return {"vllm" if isinstance(line, VllmLine) else "llama.cpp" for line in self.lines
-                if not isinstance(line, EnvLine | AgentLine | AdminKeyLine | SshLine)}
+                if not isinstance(line, EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine)}
 
 
 def _field(value: str, what: str) -> str:
@@ -127,6 +134,8 @@ def _words(line: Line) -> list[str]:
         return ["admin-key", line.kind, line.blob]
     if isinstance(line, SshLine):
         return ["ssh", str(_port(str(line.port)))]
+    if isinstance(line, MetricsLine):
+        return ["metrics", str(_port(str(line.port)))]
     if isinstance(line, RpcWorkerLine):
         return ["rpc-worker", line.service, str(line.port)]
     if isinstance(line, ServerLine):
@@ -179,6 +188,8 @@ def parse(text: str) -> NodePlan:
             lines.append(AdminKeyLine(fields[0], fields[1]))
         elif kind == "ssh" and len(fields) == 1:
             lines.append(SshLine(_port(fields[0])))
+        elif kind == "metrics" and len(fields) == 1:
+            lines.append(MetricsLine(_port(fields[0])))
         elif kind == "rpc-worker" and len(fields) == 2:
             lines.append(RpcWorkerLine(fields[0], _port(fields[1])))
         elif kind == "server" and len(fields) >= 6:

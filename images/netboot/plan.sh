@@ -272,6 +272,22 @@ start_ssh() {
     ) &
 }
 
+# The node's metrics exporter (a cluster file's admins:) on its address and port $1, restarted if it exits.
+start_metrics() {
+    local port=$1
+    if ! [ -x /usr/bin/prometheus-node-exporter ]; then
+        say "no metrics on port $port: this root has no exporter (pxe build adds it from the pinned .debs)"
+        return 0
+    fi
+    (
+        while :; do
+            /usr/lib/builder/metrics "$NODE_IP" "$port"
+            say "metrics exporter exited with status $?; restarting in 5 s"
+            sleep 5
+        done
+    ) &
+}
+
 # The qualification, once per boot (the node runs one image): in the background, after the first process is up.
 qualify_once() {
     mkdir /run/builder/qualify 2>/dev/null || return 0
@@ -408,6 +424,7 @@ run_plan() {
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"
         [ "${fields[0]:-}" = ssh ] && start_ssh "${fields[1]}"
+        [ "${fields[0]:-}" = metrics ] && start_metrics "${fields[1]}"
     done
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"

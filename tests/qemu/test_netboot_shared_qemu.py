@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import struct
@@ -52,7 +53,7 @@ __all__ = ["artifacts"]  # the fixture of test_netboot_qemu, which this module's
 MEMBER = "192.0.2.2"  # TEST-NET-1 on the namespace's loopback: the node host1 of the cluster file
 OUTSIDER = "192.0.2.1"  # TEST-NET-1 on the namespace's loopback, in no cluster file
 ADMIN = "192.0.2.3"  # TEST-NET-1 on the namespace's loopback: the operators' address (admins:), no node's
-SSH, AGENT = 22, 7999  # node1's ssh server (admins:) and its gateway agent
+SSH, NODE_METRICS, AGENT = 22, 9100, 7999  # node1's ssh server and exporter (admins:), its gateway agent
 HTTP, GATEWAY, METRICS = 8000, 8080, 8405
 TINY, TINY_B, SPLIT, RPC_HEAD = 8101, 8102, 8103, 8104  # the four services' server ports
 NODE_RPC, HOST_RPC = 50052, 50053  # node1's RPC worker (tiny-rpc), the host's container (tiny-split)
@@ -60,7 +61,8 @@ NODE_RPC, HOST_RPC = 50052, 50053  # node1's RPC worker (tiny-rpc), the host's c
 READY = {"rpc-worker tiny-rpc": NODE_RPC, "server tiny": TINY, "server tiny-b": TINY_B, "server tiny-split": SPLIT}
 FORWARDS = tuple(f"tcp:{address}:{port}-:{port}" for address, port in
                  [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC, AGENT, SSH)] +
-                 [(MEMBER, NODE_RPC), (OUTSIDER, NODE_RPC), (ADMIN, SSH), (OUTSIDER, SSH)])
+                 [(MEMBER, NODE_RPC), (OUTSIDER, NODE_RPC)] +
+                 [(host, port) for host in (ADMIN, OUTSIDER) for port in (SSH, NODE_METRICS)])
 PLAN_READY_SECONDS = 180  # after the first ready line, each further one (a model load under TCG)
 
 
@@ -148,6 +150,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
             ready_s = time.monotonic() - started
             print(f"node1 booted to its last ready line in {ready_s:.0f} s")
             wait_for(console, r"builder-node: ssh server ready on ", vm, PLAN_READY_SECONDS)
+            wait_for(console, r"builder-node: metrics ready on ", vm, PLAN_READY_SECONDS)
             yield Cluster(ns, folder, folder / "cluster.yaml", root, console, digest, expected,
                           folder / f"{worker}.log", ready, ready_s, admin_key, vm)
 
@@ -212,8 +215,9 @@ def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artif
     lines = [line.split("\t") for line in cluster.blob("plan_sha256").splitlines() if not line.startswith("#")]
     assert lines[0] == ["agent", "7999"]  # the gateway's agent-check asks the node whether its servers are right
     blob = cluster.admin_key.with_suffix(".pub").read_text().split()[1]
-    assert lines[1:3] == [["admin-key", "ssh-ed25519", blob], ["ssh", str(SSH)]]  # admins:, public keys only
-    plan = lines[3:]
+    # admins:, public keys only
+    assert lines[1:4] == [["admin-key", "ssh-ed25519", blob], ["ssh", str(SSH)], ["metrics", str(NODE_METRICS)]]
+    plan = lines[4:]
     assert [fields[:3] for fields in plan] == [["rpc-worker", "tiny-rpc", str(NODE_RPC)], ["server", "tiny", str(TINY)],
                                                ["server", "tiny-b", str(TINY_B)], ["server", "tiny-split", str(SPLIT)]]
     assert [fields[5] for fields in plan[1:]] == ["-", "-", f"10.0.2.2:{HOST_RPC}"]  # the split head's --rpc
@@ -275,14 +279,15 @@ def host_fingerprint(cluster: Cluster) -> str:
     return found.group(1)
 
 
-def ssh(cluster: Cluster, host: str, key: Path, known_hosts: Path) -> subprocess.CompletedProcess[str]:
-    """`hostname` run on node1 over ssh from `host` (QEMU's forward there shows the guest that address), as root
+def ssh(cluster: Cluster, host: str, key: Path, known_hosts: Path,
+        command: str = "cat /proc/sys/kernel/hostname") -> subprocess.CompletedProcess[str]:
+    """`command` run on node1 over ssh from `host` (QEMU's forward there shows the guest that address), as root
     with `key` only, the host key checked against `known_hosts`."""
     with cluster.ns.inside():
         return subprocess.run(["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", str(key),
                                "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
                                "-o", "ConnectTimeout=60", "-p", str(SSH), "-l", "root", "--", host,
-                               "cat /proc/sys/kernel/hostname"], capture_output=True, text=True, timeout=180)
+                               command], capture_output=True, text=True, timeout=180)
 
 
 def test_operators_get_in_by_key_from_admins_only(cluster: Cluster) -> None:
@@ -292,7 +297,8 @@ def test_operators_get_in_by_key_from_admins_only(cluster: Cluster) -> None:
     OUTSIDER with the file's key, refused by the firewall before ssh speaks (the rules admit ADMIN on port 22
     only)."""
     rules = cluster.blob("firewall_sha256")
-    assert f"elements = {{ {ADMIN} }}" in rules and f"tcp dport {{ {SSH} }} ip saddr @admins4 accept" in rules
+    assert f"elements = {{ {ADMIN} }}" in rules
+    assert f"tcp dport {{ {SSH}, {NODE_METRICS} }} ip saddr @admins4 accept" in rules
     text = cluster.text()
     assert "builder-node: ssh host key made for this boot (no cache disk)" in text
     with cluster.ns.inside():
@@ -309,6 +315,45 @@ def test_operators_get_in_by_key_from_admins_only(cluster: Cluster) -> None:
     outside = ssh(cluster, OUTSIDER, cluster.admin_key, known_hosts)
     assert outside.returncode == 255 and "Permission denied" not in outside.stderr, outside.stderr
     assert re.search(r"Connection (closed|reset)|kex_exchange_identification", outside.stderr), outside.stderr
+
+
+# A GPU's sysfs as amdgpu writes it (values of a Strix Halo card under load): the node has no GPU under QEMU, so
+# the exporter on the node reads this stand-in through --path.sysfs; everything else is the node's own.
+FAKE_GPU = {"class/drm/card0/device/uevent": "DRIVER=amdgpu\nPCI_ID=1002:1586",
+            "class/drm/card0/device/gpu_busy_percent": "37", "class/drm/card0/device/mem_busy_percent": "5",
+            "class/drm/card0/device/mem_info_vram_total": "68719476736",
+            "class/drm/card0/device/mem_info_vram_used": "1073741824",
+            "class/drm/card0/device/mem_info_gtt_total": "1000", "class/drm/card0/device/mem_info_gtt_used": "10",
+            "class/hwmon/hwmon0/name": "amdgpu", "class/hwmon/hwmon0/power1_average": "42500000"}
+
+
+def test_node_metrics_reach_the_admins_only(cluster: Cluster) -> None:
+    """The node's exporter (admins.metrics_port) answers ADMIN with the node's own metrics and is refused to
+    OUTSIDER by the firewall. The same script, run over ssh on the node against a stand-in GPU sysfs (QEMU has
+    no GPU), reports the GPU's use, memory and power as Prometheus metrics."""
+    with cluster.ns.inside():
+        metrics = requests.get(f"http://{ADMIN}:{NODE_METRICS}/metrics", timeout=60)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://{OUTSIDER}:{NODE_METRICS}/metrics", timeout=60)
+    assert metrics.status_code == 200
+    assert re.search(r"^node_memory_MemTotal_bytes \d", metrics.text, re.M), metrics.text[:2000]
+    assert 'node_scrape_collector_success{collector="drm"} 1' in metrics.text
+    with cluster.ns.inside():
+        key = host_key("127.0.0.1")
+    known_hosts = cluster.folder / "known_hosts_metrics"
+    known_hosts.write_text(f"{ADMIN} {key}\n")
+    files = "; ".join(f"mkdir -p /tmp/gpu/{Path(name).parent} && printf '%s\\n' {shlex.quote(value)} >/tmp/gpu/{name}"
+                      for name, value in FAKE_GPU.items())
+    script = (f"{files}; (/usr/lib/builder/metrics 127.0.0.1 9101 /tmp/gpu >/dev/null 2>&1 &); "
+              "for i in $(seq 1 60); do /usr/lib/builder/busybox wget -q -O - http://127.0.0.1:9101/metrics "
+              "2>/dev/null | grep -E '^node_(drm|hwmon)_' && break; sleep 1; done")
+    gpu = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, script)
+    assert gpu.returncode == 0, gpu.stdout + gpu.stderr
+    lines = gpu.stdout.splitlines()
+    assert 'node_drm_gpu_busy_percent{card="card0"} 37' in lines, gpu.stdout
+    assert 'node_drm_memory_vram_used_bytes{card="card0"} 1.073741824e+09' in lines, gpu.stdout
+    assert 'node_drm_memory_vram_size_bytes{card="card0"} 6.8719476736e+10' in lines, gpu.stdout
+    assert 'node_hwmon_power_average_watt{chip="amdgpu",sensor="power1"} 42.5' in lines, gpu.stdout
 
 
 def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gateway) -> None:

@@ -18,7 +18,7 @@ from builder.cluster.plans import node_plan
 from builder.cluster.ssh import Target, fingerprint, ssh_argv
 from builder.netboot.firewall import ruleset
 from builder.netboot.initramfs import NODE_SCRIPTS
-from builder.netboot.plan import AGENT_PORT, AdminKeyLine, AgentLine, NodePlan, SshLine, parse, serialize
+from builder.netboot.plan import AGENT_PORT, AdminKeyLine, AgentLine, MetricsLine, NodePlan, SshLine, parse, serialize
 from conftest import require_tool, run_cli_inproc
 
 ADMIN_NET = "192.168.7.0/24"
@@ -75,9 +75,13 @@ def test_an_address_that_is_not_one_is_one_line(tmp_path: Path, address: str, me
     assert "admins.addresses" in first and message in first, first
 
 
-def test_the_ssh_port_is_the_ssh_servers_alone(tmp_path: Path) -> None:
+def test_the_admins_ports_are_the_ssh_servers_and_the_exporters_alone(tmp_path: Path) -> None:
     first = refusal(tmp_path, admins_file(tmp_path, ssh_port=9000))
     assert "admins.ssh_port: 9000 is also the port of chat's server on a" in first, first
+    first = refusal(tmp_path, admins_file(tmp_path, metrics_port=9000))
+    assert "admins.metrics_port: 9000 is also the port of chat's server on a" in first, first
+    first = refusal(tmp_path, admins_file(tmp_path, ssh_port=2222, metrics_port=2222))
+    assert "ssh_port and metrics_port are both 2222" in first, first
 
 
 def test_the_plan_carries_public_keys_and_the_port_without_comments(tmp_path: Path) -> None:
@@ -87,23 +91,26 @@ def test_the_plan_carries_public_keys_and_the_port_without_comments(tmp_path: Pa
     plan = node_plan(loaded, "b", "http://10.0.0.1:8000", {})
     kind, data, _ = ED25519.split(" ")
     # b runs an RPC worker only, and with admins: the agent all the same: it reports the host key
-    assert plan.lines[:3] == (AgentLine(AGENT_PORT), AdminKeyLine(kind, data), SshLine(2222))
+    assert plan.lines[:4] == (AgentLine(AGENT_PORT), AdminKeyLine(kind, data), SshLine(2222), MetricsLine(9100))
     text = serialize(plan)
     assert "alice@laptop" not in text and f"admin-key\t{kind}\t{data}\n" in text and "ssh\t2222\n" in text
+    assert "metrics\t9100\n" in text
     assert parse(text) == plan
     for bad in (AdminKeyLine("ssh-ed25519", "AAAA\tx"), AdminKeyLine("ssh ed25519", "AAAA"), SshLine(0)):
         with pytest.raises(ValueError):
             serialize(NodePlan("b", (bad,)))
 
 
-def test_the_firewall_admits_the_admins_on_the_ssh_port_only(tmp_path: Path) -> None:
+def test_the_firewall_admits_the_admins_on_their_ports_only(tmp_path: Path) -> None:
     """Node b's rules loaded in a namespace of the test's own: ADMIN_HOST (in admins' network) reaches port 22
-    and not the RPC port; an outsider reaches neither; the cluster's own addresses reach both, as before."""
+    (and 9100, the exporter's) and not the RPC port; an outsider reaches none; the cluster's own addresses reach
+    them all, as before."""
     require_tool("nft", "nftables")
     require_tool("unshare", "util-linux")
     require_tool("ip", "iproute2")
     rules = {f.node: ruleset(f, "cluster.yaml") for f in firewalls(admins_file(tmp_path))}
-    assert f"elements = {{ {ADMIN_NET} }}" in rules["b"] and "tcp dport { 22 } ip saddr @admins4 accept" in rules["b"]
+    assert f"elements = {{ {ADMIN_NET} }}" in rules["b"]
+    assert "tcp dport { 22, 9100 } ip saddr @admins4 accept" in rules["b"]
     assert f"agent's port ({AGENT_PORT}) from the control node only" in rules["b"]
     (tmp_path / "b.nft").write_text(rules["b"])
     assert nft_check(tmp_path / "b.nft").returncode == 0
@@ -114,13 +121,15 @@ def test_the_firewall_admits_the_admins_on_the_ssh_port_only(tmp_path: Path) -> 
         *(f"ip addr add {a}/16 dev lo" for a in (NODE_A, NODE_B, OUTSIDER)), f"ip addr add {ADMIN_HOST}/24 dev lo",
         f"nft -f {tmp_path / 'b.nft'}",
         f"{connect} 22 {ADMIN_HOST} {OUTSIDER} {NODE_A}", f"{connect} 50052 {ADMIN_HOST} {OUTSIDER} {NODE_A}",
+        f"{connect} 9100 {ADMIN_HOST} {OUTSIDER}",
     ])
     proc = subprocess.run(["unshare", "--net", "--", "sh", "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-6:] == [
+    assert proc.stdout.splitlines()[-8:] == [
         f"{ADMIN_HOST} connected", f"{OUTSIDER} ConnectionRefusedError", f"{NODE_A} connected",
-        f"{ADMIN_HOST} ConnectionRefusedError", f"{OUTSIDER} ConnectionRefusedError", f"{NODE_A} connected"]
+        f"{ADMIN_HOST} ConnectionRefusedError", f"{OUTSIDER} ConnectionRefusedError", f"{NODE_A} connected",
+        f"{ADMIN_HOST} connected", f"{OUTSIDER} ConnectionRefusedError"]
 
 
 def test_without_admins_no_rule_and_no_ssh_line(tmp_path: Path) -> None:
@@ -199,4 +208,22 @@ def test_publish_gives_every_node_the_keys_and_refuses_a_set_without_sshd(tmp_pa
     kind, data, _ = ED25519.split(" ")
     for mac in MACS[:3]:
         rows = plan(tmp_path / "pxe-root", mac)
-        assert ["admin-key", kind, data] in rows and ["ssh", "22"] in rows
+        assert ["admin-key", kind, data] in rows and ["ssh", "22"] in rows and ["metrics", "9100"] in rows
+
+
+def test_export_prometheus_scrapes_every_netbooted_nodes_exporter(tmp_path: Path) -> None:
+    out = tmp_path / "prom"
+    proc = run_cli_inproc("cluster", "export", str(admins_file(tmp_path, metrics_port=9200)), "--format", "prometheus",
+                          "--out", str(out))
+    assert proc.returncode == 0 and proc.stdout.startswith(f"wrote prometheus.yml to {out}"), proc.stderr
+    config = yaml.safe_load((out / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    assert job["job_name"] == "builder-nodes-cluster"
+    assert job["static_configs"] == [
+        {"targets": [f"{NODE_A}:9200"], "labels": {"node": "a", "target": "cpu"}},
+        {"targets": [f"{NODE_B}:9200"], "labels": {"node": "b", "target": "cpu"}},
+        {"targets": ["[fd00::13]:9200"], "labels": {"node": "c", "target": "cpu"}}]
+    refused = run_cli_inproc("cluster", "export", str(services_file(tmp_path)), "--format", "prometheus", "--out",
+                             str(tmp_path / "none"))
+    assert refused.returncode == 2 and "admins: none, so the nodes run no exporter" in refused.stderr
+    assert not (tmp_path / "none").exists()
