@@ -11,7 +11,10 @@ address=$1 port=$2 sysfs=${3:-/sys}
 say() { echo "builder-node: $*"; }
 listen=$address:$port
 [[ $address == *:* ]] && listen="[$address]:$port"
-/usr/bin/prometheus-node-exporter --web.listen-address="$listen" --path.sysfs="$sysfs" \
+# it needs no privilege: run it as nobody where util-linux's setpriv is there (every Debian root has it)
+as=()
+command -v setpriv >/dev/null && as=(setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs --)
+"${as[@]}" /usr/bin/prometheus-node-exporter --web.listen-address="$listen" --path.sysfs="$sysfs" \
     --collector.disable-defaults --collector.drm --collector.hwmon --collector.thermal_zone \
     --collector.cpu --collector.meminfo --collector.loadavg --collector.pressure --collector.netdev \
     --collector.filesystem --log.level=warn &

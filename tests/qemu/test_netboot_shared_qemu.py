@@ -318,7 +318,7 @@ def test_operators_get_in_by_key_from_admins_only(cluster: Cluster) -> None:
 
 
 # A GPU's sysfs as amdgpu writes it (values of a Strix Halo card under load): the node has no GPU under QEMU, so
-# the exporter on the node reads this stand-in through --path.sysfs; everything else is the node's own.
+# the exporter on the node reads this stand-in through --path.sysfs; its devices/ (CPUs) is the node's own.
 FAKE_GPU = {"class/drm/card0/device/uevent": "DRIVER=amdgpu\nPCI_ID=1002:1586",
             "class/drm/card0/device/gpu_busy_percent": "37", "class/drm/card0/device/mem_busy_percent": "5",
             "class/drm/card0/device/mem_info_vram_total": "68719476736",
@@ -344,7 +344,8 @@ def test_node_metrics_reach_the_admins_only(cluster: Cluster) -> None:
     known_hosts.write_text(f"{ADMIN} {key}\n")
     files = "; ".join(f"mkdir -p /tmp/gpu/{Path(name).parent} && printf '%s\\n' {shlex.quote(value)} >/tmp/gpu/{name}"
                       for name, value in FAKE_GPU.items())
-    script = (f"{files}; (/usr/lib/builder/metrics 127.0.0.1 9101 /tmp/gpu >/dev/null 2>&1 &); "
+    script = (f"{files}; ln -s /sys/devices /tmp/gpu/devices; "
+              "(/usr/lib/builder/metrics 127.0.0.1 9101 /tmp/gpu >/dev/null 2>&1 &); "
               "for i in $(seq 1 60); do /usr/lib/builder/busybox wget -q -O - http://127.0.0.1:9101/metrics "
               "2>/dev/null | grep -E '^node_(drm|hwmon)_' && break; sleep 1; done")
     gpu = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, script)
