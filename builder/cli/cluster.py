@@ -8,7 +8,7 @@ import typer
 import yaml
 
 from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt
-from builder.cli.conventions import check_output
+from builder.cli.conventions import check_input, check_output
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
 from builder.cluster import remote as netboot_gateway
@@ -440,6 +440,8 @@ def reboot(
     host key is pinned on first contact from what its agent reports (its console prints the same fingerprint),
     and checked from then on.
     """
+    if identity is not None:
+        check_input(identity, "--identity", folder=False)
     loaded = load_cluster(inventory)
     t = reboot_node(loaded, node, identity, lambda line: typer.echo(line, err=as_json))
     if as_json:
