@@ -227,3 +227,27 @@ def test_export_prometheus_scrapes_every_netbooted_nodes_exporter(tmp_path: Path
                              str(tmp_path / "none"))
     assert refused.returncode == 2 and "admins: none, so the nodes run no exporter" in refused.stderr
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(("os_release", "outcome"), [
+    ('ID=debian\nVERSION_CODENAME=trixie\n', "netboot_admin.trixie: the ssh server and exporter of trixie roots are "
+                                             "not pinned"),
+    ('ID=ubuntu\nVERSION_CODENAME=noble\n', "the root is not Debian"),
+    ('ID=debian\nVERSION_CODENAME=forky\n', "no ssh server or exporter is pinned for forky roots"),
+])
+def test_pxe_build_adds_the_layer_of_the_roots_own_suite_or_says_why_not(tmp_path: Path, os_release: str,
+                                                                       outcome: str) -> None:
+    """A suite builder netboots must be pinned (one line naming `builder lock`); another distribution, or a
+    suite builder does not pin, gets no layer, and the set's manifest says why (pxe publish then refuses
+    admins: for it)."""
+    from builder.core.errors import LockError
+    from builder.netboot.adminlayer import add_admin_layer
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "os-release").write_text(os_release)
+    if "pinned for" in outcome or "not Debian" in outcome:
+        assert outcome in str(add_admin_layer(tmp_path, {}, "builder.lock")["missing"])
+        return
+    with pytest.raises(LockError, match=outcome) as raised:
+        add_admin_layer(tmp_path, {}, "builder.lock")
+    assert "builder lock" in raised.value.hint
