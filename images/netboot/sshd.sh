@@ -9,13 +9,13 @@
 set -eu
 address=$1 port=$2 state=$3
 say() { echo "builder-node: $*"; }
-umask 077
-mkdir -p "$state" /run/sshd /run/builder/ssh
+mkdir -p /run/sshd /run/builder/ssh
 chmod 0755 /run/sshd
+(umask 077 && mkdir -p "$state")
 key=$state/ssh_host_ed25519_key
 if [ ! -s "$key" ] || [ ! -s "$key.pub" ]; then
     rm -f "$key" "$key.pub"
-    ssh-keygen -q -t ed25519 -N '' -C "$(hostname)" -f "$key"
+    (umask 077 && ssh-keygen -q -t ed25519 -N '' -C "$(hostname)" -f "$key")
     sync
     say "ssh host key made"
 fi

@@ -345,9 +345,11 @@ def test_node_metrics_reach_the_admins_only(cluster: Cluster) -> None:
     files = "; ".join(f"mkdir -p /tmp/gpu/{Path(name).parent} && printf '%s\\n' {shlex.quote(value)} >/tmp/gpu/{name}"
                       for name, value in FAKE_GPU.items())
     script = (f"{files}; ln -s /sys/devices /tmp/gpu/devices; "
-              "(/usr/lib/builder/metrics 127.0.0.1 9101 /tmp/gpu >/dev/null 2>&1 &); "
+              "(/usr/lib/builder/metrics 127.0.0.1 9101 /tmp/gpu >/tmp/gpu.log 2>&1 &); "
               "for i in $(seq 1 60); do /usr/lib/builder/busybox wget -q -O - http://127.0.0.1:9101/metrics "
-              "2>/dev/null | grep -E '^node_(drm|hwmon)_' && break; sleep 1; done")
+              "2>/dev/null | grep -E '^node_(drm|hwmon)_' && exit 0; sleep 1; done; "
+              "cat /tmp/gpu.log >&2; /usr/lib/builder/busybox wget -O - http://127.0.0.1:9101/metrics 2>&1 "
+              "| head -c 2000 >&2; exit 1")
     gpu = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, script)
     assert gpu.returncode == 0, gpu.stdout + gpu.stderr
     lines = gpu.stdout.splitlines()
