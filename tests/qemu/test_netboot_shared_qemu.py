@@ -42,7 +42,7 @@ from netns import Namespace, network_namespace
 from test_netboot_qemu import BOOT_SECONDS, MAC, artifacts, published
 
 from builder.cluster.ssh import fingerprint, host_key
-from conftest import run_cli
+from conftest import require_tool, run_cli
 from containers import PROMPT, container, cpu_reference_text
 from qemu import node, wait_for
 
@@ -125,6 +125,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
          "port": SPLIT, "rpc_port": HOST_RPC},
         {"name": "tiny-rpc", **common, "topology": "split", "head": "host1", "workers": ["node1"],
          "port": RPC_HEAD, "rpc_port": NODE_RPC}]
+    require_tool("ssh", "openssh-client")
     admin_key = folder / "admin_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin@test", "-f", str(admin_key)],
                    check=True, timeout=60)
