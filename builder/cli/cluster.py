@@ -8,7 +8,7 @@ import typer
 import yaml
 
 from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt
-from builder.cli.conventions import check_output
+from builder.cli.conventions import check_input, check_output
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
 from builder.cluster import remote as netboot_gateway
@@ -17,9 +17,12 @@ from builder.cluster.convert import convert as convert_form
 from builder.cluster.convert import is_old_form
 from builder.cluster.export_ansible import export_ansible, write_ansible
 from builder.cluster.export_kube import Models, export_kube, published_images, write_export
+from builder.cluster.export_prometheus import FILE as PROMETHEUS_FILE
+from builder.cluster.export_prometheus import export_prometheus
 from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet, write_quadlet
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
+from builder.cluster.ssh import reboot as reboot_node
 from builder.cluster.wake import chosen
 from builder.cluster.wake import wake as wake_nodes
 from builder.core.errors import RecipeError
@@ -148,7 +151,8 @@ def status(
     typer.echo(f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}")
     for n in document["nodes"]:  # type: ignore[attr-defined]
         hardware = n["target"] or ", ".join(f"{name} {d['target']}" for name, d in n["devices"].items())
-        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}")
+        key = f"  ssh {n['ssh_host_key'] or 'host key not reported'}" if "ssh_host_key" in n else ""
+        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}{key}")
     for service in document["services"]:  # type: ignore[attr-defined]
         typer.echo(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:
@@ -239,7 +243,7 @@ def commands(
 
 
 # `builder cluster export --format`: the formats it writes.
-EXPORT_FORMATS = ("kube", "quadlet", "ansible")
+EXPORT_FORMATS = ("kube", "quadlet", "ansible", "prometheus")
 
 
 @cluster_app.command()
@@ -247,7 +251,8 @@ def export(
     inventory: InventoryArg,
     form: Annotated[str, typer.Option("--format", help="kube: Kubernetes manifests; quadlet: podman "
                                       f"Quadlet units per node (podman {MIN_PODMAN}+); ansible: an inventory and "
-                                      "a playbook that place those units on the nodes without a mac.")],
+                                      "a playbook that place those units on the nodes without a mac; prometheus: a "
+                                      "scrape config for the netbooted nodes' exporters (admins:).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The folder the files go into (created if missing).")],
     registry: Annotated[str | None, typer.Option(
         "--registry", "-r", metavar="HOST/REPO", help="Run the images `builder publish` pushed there, by digest "
@@ -275,6 +280,7 @@ def export(
     ansible: inventory.yml (the nodes without a mac, at their addresses, grouped per target and per service)
     and site.yml, which installs podman, fetches each model from the control node's `builder pxe serve` by
     sha256, loads the node's firewall, places the quadlet units and starts them (ansible-core's own modules).
+    prometheus: prometheus.yml, a scrape config with every netbooted node's exporter (admins.metrics_port).
     """
     if form not in EXPORT_FORMATS:
         raise RecipeError(f"--format: unknown format {form!r}{did_you_mean(form, EXPORT_FORMATS)}",
@@ -283,6 +289,9 @@ def export(
         raise RecipeError("--models-claim: a PersistentVolumeClaim is Kubernetes' (--format kube)",
                           f"{form} mounts each node's --models folder: leave --models-claim out")
     check_output(out, "--out", folder=True)
+    if form == "prometheus":
+        _prometheus(load_cluster(inventory), out, as_json)
+        return
     where = Models(models, claim)
     repo = Repository.parse(registry) if registry is not None else None
     loaded = load_cluster(inventory)
@@ -303,6 +312,22 @@ def export(
     done = export_kube(loaded, where, str(out), published_images(repo) if repo else None)
     _report(form, out, write_export(done, out), done.images, list(done.warnings), list(done.steps), repo is None,
             as_json)
+
+
+def _prometheus(loaded: Loaded, out: Path, as_json: bool) -> None:
+    text, steps = export_prometheus(loaded)
+    out.mkdir(parents=True, exist_ok=True)
+    staged = out / f".{PROMETHEUS_FILE}.tmp"
+    staged.write_text(text)
+    staged.replace(out / PROMETHEUS_FILE)
+    if as_json:
+        typer.echo(json.dumps({"format": "prometheus", "out": str(out), "files": [PROMETHEUS_FILE], "images": {},
+                               "warnings": [], "steps": steps}, indent=2))
+        return
+    typer.echo(f"wrote {PROMETHEUS_FILE} to {out}")
+    typer.echo("then:")
+    for step in steps:
+        typer.echo(f"  {step}")
 
 
 def _report(form: str, out: Path, written: list[str], images: dict[str, str], warnings: list[str],
@@ -414,3 +439,28 @@ def wake(
         return
     for w in woken:
         typer.echo(f"woke {w.node} ({w.mac}) on {w.interface}")
+
+
+@cluster_app.command()
+def reboot(
+    inventory: InventoryArg,
+    node: Annotated[str, typer.Argument(metavar="NODE", help="The netbooted node to reboot.")],
+    identity: Annotated[Path | None, typer.Option(
+        "--identity", "-i", help="Private key to log in with (default: your ssh agent's and ~/.ssh keys).")] = None,
+    as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
+) -> None:
+    """Reboot a netbooted node over ssh, as root with a key of admins: (the node netboots its current generation).
+
+    Your own ssh client and agent log in; builder sets every ssh option (no password, no prompt). The node's
+    host key is pinned on first contact from what its agent reports (its console prints the same fingerprint),
+    and checked from then on.
+    """
+    if identity is not None:
+        check_input(identity, "--identity", folder=False)
+    loaded = load_cluster(inventory)
+    t = reboot_node(loaded, node, identity, lambda line: typer.echo(line, err=as_json))
+    if as_json:
+        typer.echo(json.dumps({"node": t.node, "address": t.address, "port": t.port, "rebooting": True}, indent=2))
+        return
+    typer.echo(f"rebooting {t.node} ({t.address}): it netboots its current generation")

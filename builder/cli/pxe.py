@@ -60,7 +60,7 @@ def _artifacts(engine_name: str, target: str, variant: str | None, compression: 
     result = build(prep, engine)
     typer.echo(f"image   {result.ref} ({'built' if result.built else 'up to date'})", err=True)
     folder, manifest = build_artifacts(engine, result.ref, prep.plan.target, prep.plan.variant, spec, kernel, squash,
-                                       out, where=where)
+                                       out, where=where, ssh=lockfile.netboot_admin_entries(lock_path))
     if chosen.name != LLAMA_CPP.name or prep.tree is None:  # a vLLM image carries no llama.cpp
         return folder, manifest
     return folder, record_llama_cpp(folder, manifest, llama_commit(prep.tree.info, prep.tree.path),

@@ -24,14 +24,17 @@ def for_services(loaded: Loaded, leased: bool = False) -> list[Firewall]:
     data = {n.data_interface.ip for n in cluster.nodes if n.data_interface}
     allowed = tuple(sorted({*allowed_addresses(where, cluster.control.address, nodes, every_node=not leased), *data},
                            key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a))))
-    agents = loaded.agent_nodes()
+    agents = loaded.agent_hosts()
+    admins = cluster.admins
+    operators = (tuple(admins.addresses), admins.ports) if admins else ((), ())
+
     out = []
     for node in cluster.nodes:
         ports = sorted({p.port for p in loaded.processes if p.node == node.name})
         # the gateway's agent-check comes from the control node: no other node may ask the agent
         control = (AGENT_PORT,) if node.name in agents else ()
         out.append(Firewall(node.name, str(node.address or LEASED), allowed, tuple(ports),
-                            str(cluster.control.address), control))
+                            str(cluster.control.address), control, *operators))
     return out
 
 

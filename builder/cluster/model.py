@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ByteSize, Field
 
+from builder.cluster.admins import Admins
 from builder.cluster.args import check_args, check_env
 from builder.cluster.convert import convert, is_old_form, note
 from builder.cluster.hfmodel import scan
@@ -170,6 +171,8 @@ class ServiceCluster(Strict):
                                 "`cache` wins); without one a node holds its root in RAM")
     ram_share: int = Field(50, ge=1, le=100, description="netbooted nodes: a node in RAM mode warns when its root "
                            "is larger than this percentage of its memory")
+    admins: Admins | None = Field(None, description="operators: SSH public keys that may log in to the "
+                                  "netbooted nodes, the addresses they connect from, the ssh port (docs/clusters.md)")
     nodes: list[ClusterNode] = Field(min_length=1)
     services: list[Service] = Field(min_length=1)
 
@@ -250,6 +253,13 @@ class Loaded:
         booted = {node.name for node in self.cluster.netbooted}
         return {p.node for p in self.processes if p.node in booted and p.role == "server"
                 and self.service(p.service).engine == "llama.cpp"}
+
+    def agent_hosts(self) -> set[str]:
+        """The netbooted nodes that run the agent: those of agent_nodes(), and with admins: every netbooted node
+        (the agent also reports the node's ssh host key to the control node)."""
+        if self.cluster.admins is None:
+            return self.agent_nodes()
+        return {node.name for node in self.cluster.netbooted}
 
 
 def _gib(size: float) -> str:
@@ -552,6 +562,17 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
     return tuple(processes)
 
 
+def _check_admin_ports(cluster: ServiceCluster, processes: tuple[Process, ...], where: str) -> None:
+    """The admins' ports are the ssh server's and the exporter's alone on every node."""
+    if cluster.admins is None:
+        return
+    for process in processes:
+        for field in ("ssh_port", "metrics_port"):
+            if process.port == getattr(cluster.admins, field):
+                raise RecipeError(f"{where}: admins.{field}: {process.port} is also the port of {process.service}'s "
+                                  f"{process.role} on {process.node}", "give it or the service another port")
+
+
 def load_cluster(path: Path, converted: dict[str, Any] | None = None) -> Loaded:
     """A checked cluster.yaml (or `converted`: the services form of that file, from convert()); every problem is
     one line naming the file, the field and a fix."""
@@ -585,6 +606,7 @@ def load_cluster(path: Path, converted: dict[str, Any] | None = None) -> Loaded:
         _check_service(service, i, where, path.parent, index, cluster.nodes)
     _check_data_network(cluster, where)
     processes = _place(cluster, where, path.parent, index)
+    _check_admin_ports(cluster, processes, where)
     warnings = tuple(
         f"{where}: services[{i}].workers: {len(s.workers)} RPC workers; upstream reports deadlocks above "
         f"{MAX_QUIET_WORKERS}" for i, s in enumerate(cluster.services) if len(s.workers) > MAX_QUIET_WORKERS)

@@ -34,12 +34,15 @@ from builder.netboot.models import pack_model
 from builder.netboot.plan import (
     AGENT_PORT,
     NONE,
+    AdminKeyLine,
     AgentLine,
     EnvLine,
     Line,
+    MetricsLine,
     NodePlan,
     RpcWorkerLine,
     ServerLine,
+    SshLine,
     VllmLine,
     serialize,
 )
@@ -164,11 +167,15 @@ def load_for_netboot(path: Path) -> Loaded:
         if node.name not in booted:
             continue
         _check_node(loaded, i, node, where)
-        if node.name in loaded.agent_nodes() and any(p.port == AGENT_PORT for p in loaded.processes
+        if node.name in loaded.agent_hosts() and any(p.port == AGENT_PORT for p in loaded.processes
                                                     if p.node == node.name):
             raise RecipeError(f"{where}: services: a service on {node.name} uses port {AGENT_PORT}, where the node's "
                               "gateway agent listens", f"give the service another port than {AGENT_PORT}")
         _check_preseed(loaded, i, node, where)
+        for field, port in ((f, getattr(cluster.admins, f)) for f in ("ssh_port", "metrics_port") if cluster.admins):
+            if port == AGENT_PORT:
+                raise RecipeError(f"{where}: admins.{field}: {AGENT_PORT} is where {node.name}'s gateway agent "
+                                  "listens", f"give it another port (default {22 if field == 'ssh_port' else 9100})")
         why = _needs_address(loaded, node.name)
         if why and not node.address:
             raise RecipeError(f"{where}: nodes[{i}].address: {node.name} needs one: {why}",
@@ -258,8 +265,12 @@ def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> No
     """A node's plan: its environment, its RPC workers first (heads elsewhere wait for them), then its servers.
     `blobs`: each service's published model, by sha256."""
     lines: list[Line] = [EnvLine(name, value) for name, value in sorted(loaded.node(node).env.items())]
-    if node in loaded.agent_nodes():
+    if node in loaded.agent_hosts():
         lines.append(AgentLine(AGENT_PORT))
+    admins = loaded.cluster.admins
+    if admins is not None:
+        lines += [AdminKeyLine(kind, blob) for kind, blob in admins.key_blobs]
+        lines += [SshLine(admins.ssh_port), MetricsLine(admins.metrics_port)]
     mine = sorted((p for p in loaded.processes if p.node == node), key=lambda p: p.role != "rpc-worker")
     where = {n.name: str(n.peer_address) for n in loaded.cluster.nodes}  # a worker's data address, if it has one
     for process in mine:
@@ -301,6 +312,12 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
     for node in cluster.netbooted:
         key = "-".join(netboot_set(loaded, node))
         manifest = manifests[key]
+        ssh = manifest.get("ssh")
+        if cluster.admins is not None and not (isinstance(ssh, dict) and ssh.get("suite")):
+            why = ssh.get("missing") if isinstance(ssh, dict) else "it was made before builder added one"
+            raise RecipeError(f"{display_path(loaded.path)}: admins: {node.name} boots the netboot set {key}, which "
+                              f"has no ssh server ({why})", "make the set again with `builder pxe build`, or leave "
+                              "out admins: (docs/clusters.md)")
         rules = ruleset(firewalls[node.name], "cluster.yaml").encode()
         plan = serialize(node_plan(loaded, node.name, base, blobs)).encode()
         plan_sha256, rules_sha256 = add_blob_bytes(root, plan), add_blob_bytes(root, rules)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from builder.cluster.gateway import ServerState, gateway_pid, read_stats, start_gateway, stop_gateway, write_gateway
 from builder.cluster.model import Loaded, Process
+from builder.cluster.ssh import host_keys
 from builder.cluster.units import gateway_unit, gateway_unit_name
 from builder.core.errors import BuilderError, RecipeError
 from builder.core.units import UNIT_DIR, Unit, install, is_active, require_systemd, systemctl
@@ -237,6 +238,7 @@ def status(loaded: Loaded) -> dict[str, object]:
             stats = {(s.service, s.node): s for s in read_stats(loaded.cluster.gateway.metrics_port)}
         except BuilderError:
             running = False
+    keys = host_keys(loaded)  # each node's ssh host-key fingerprint, as its agent reports it (with admins:)
     services = []
     for service in loaded.cluster.services:
         processes = []
@@ -264,7 +266,7 @@ def status(loaded: Loaded) -> dict[str, object]:
         "gateway": {"endpoint": remote.endpoint, "running": running, "key_file": str(remote.key_file),
                     "metrics": f"http://127.0.0.1:{loaded.cluster.gateway.metrics_port}/metrics"},
         "nodes": [{"name": n.name, "address": where[n.name], "target": n.target, "devices": n.devices_json,
-                   "mac": n.mac}
+                   "mac": n.mac, **({"ssh_host_key": keys.get(n.name)} if loaded.cluster.admins else {})}
                   for n in loaded.cluster.nodes],
         "services": services,
     }

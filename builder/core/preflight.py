@@ -19,6 +19,7 @@ PACKAGES = {
     "dnsmasq": "dnsmasq-base",  # proxy-DHCP and TFTP
     "nft": "nftables",
     "etherwake": "etherwake",  # Wake-on-LAN on the boot interface
+    "ssh": "openssh-client",  # `cluster reboot`: the operator's own ssh client
 }
 # What each verb runs on this machine (the container engine is checked on its own: podman or docker).
 NETBOOT_SET = ("mmdebstrap", "mksquashfs", "veritysetup", "depmod", "zstd", "dpkg-deb")

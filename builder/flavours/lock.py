@@ -16,6 +16,10 @@ its version, suite and sha256, in the same shape as a base), resolved by `builde
 packages change and moved to the archive's current versions by `builder lock --refresh-netboot` (or
 `--refresh`). `builder pxe build` unpacks exactly these (builder/netboot/kernels.py). They are no input of any
 container image: changing them changes no image's fingerprint.
+
+`netboot_admin` holds, per Debian suite of the netbooted roots, openssh-server and prometheus-node-exporter
+with what they depend on, in the same shape; `builder pxe build` unpacks what a root of that suite lacks
+(builder/netboot/adminlayer.py).
 """
 
 import json
@@ -31,6 +35,7 @@ from builder.core.errors import LockError, RecipeError
 from builder.fetch.bootstrap import apt_preferences
 from builder.fetch.debian import resolve
 from builder.flavours.vllm import load_vllm_recipe, locked_sections, read_lock
+from builder.netboot.adminlayer import SPECS, AdminSpec, resolve_admin
 from builder.netboot.kernels import KERNELS, KernelSpec, resolve_kernel
 from builder.plan.bases import base_inputs, host_arch, lock_name
 from builder.plan.make import runtime_base
@@ -122,6 +127,22 @@ def compute_netboot(previous: dict[str, Any], *, refresh: bool,
     return out
 
 
+def compute_netboot_admin(previous: dict[str, Any], *, refresh: bool,
+                        specs: dict[str, AdminSpec] = SPECS) -> dict[str, Any]:
+    """The `netboot_admin` section: each suite's ssh server and exporter, kept while its inputs stay the same
+    (unless `refresh`)."""
+    out: dict[str, Any] = {}
+    for suite, spec in specs.items():
+        old = previous.get(suite)
+        if isinstance(old, dict) and old.get("inputs") == spec.lock_inputs() and not refresh:
+            out[suite] = old
+            continue
+        logging.getLogger("builder.progress").info("resolving the %s ssh server and exporter of netbooted nodes …",
+                                                   suite)
+        out[suite] = resolve_admin(spec).model_dump(mode="json")
+    return out
+
+
 def dumps(lock: dict[str, Any]) -> str:
     return json.dumps(lock, indent=2, sort_keys=True) + "\n"
 
@@ -168,6 +189,9 @@ def read(path: Path = LOCK_FILE) -> dict[str, Any] | None:
     if not isinstance(data.get("netboot", {}), dict):
         raise LockError(f"{where}: netboot: expected an object of pinned netboot kernels", HINT)
     _plain(data.get("netboot", {}), where, "netboot")
+    if not isinstance(data.get("netboot_admin", {}), dict):
+        raise LockError(f"{where}: netboot_admin: expected an object of pinned ssh servers and exporters", HINT)
+    _plain(data.get("netboot_admin", {}), where, "netboot_admin")
     return data
 
 
@@ -197,6 +221,23 @@ def netboot_entry(target: str, path: Path = LOCK_FILE) -> LockedBase | None:
         raise LockError(f"{display_path(path)}: netboot.{target}.{field}: {error['msg']}", HINT) from None
 
 
+def netboot_admin_entries(path: Path = LOCK_FILE) -> dict[str, LockedBase]:
+    """The lock's pinned ssh servers and exporters of netbooted roots, by Debian suite (those builder asks for)."""
+    out = {}
+    for suite, value in ((read(path) or {}).get("netboot_admin") or {}).items():
+        if suite not in SPECS:
+            continue
+        try:
+            entry = LockedBase.model_validate(value)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"])
+            raise LockError(f"{display_path(path)}: netboot_admin.{suite}.{field}: {error['msg']}", HINT) from None
+        if entry.inputs == SPECS[suite].lock_inputs():
+            out[suite] = entry
+    return out
+
+
 def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR, *, refresh: bool = False,
           refresh_netboot: bool = False) -> dict[str, Any]:
     """Rewrite the lock from the recipes; bases and netboot kernels are resolved against the archive where
@@ -206,6 +247,7 @@ def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR, *, refresh: b
     lock = compute(recipes_dir)
     lock["bases"] = compute_bases(recipes_dir, previous, refresh=refresh)
     lock["netboot"] = compute_netboot(old.get("netboot") or {}, refresh=refresh or refresh_netboot)
+    lock["netboot_admin"] = compute_netboot_admin(old.get("netboot_admin") or {}, refresh=refresh or refresh_netboot)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(dumps(lock))
     tmp.replace(path)
@@ -267,6 +309,12 @@ def check(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR) -> list[str]:
             lines.append(f"{where}: netboot.{target}: pinned for other packages than builder asks for")
     lines += [f"{where}: netboot.{name}: in the lock, but builder netboots no such target"
               for name in sorted(set(pinned) - set(KERNELS))]
+    ssh = lock.get("netboot_admin") or {}
+    for suite, ssh_spec in SPECS.items():
+        if not isinstance(ssh.get(suite), dict) or ssh[suite].get("inputs") != ssh_spec.lock_inputs():
+            lines.append(f"{where}: netboot_admin.{suite}: not pinned for the ssh server and exporter of {suite}")
+    lines += [f"{where}: netboot_admin.{name}: in the lock, but builder netboots no {name} root"
+              for name in sorted(set(ssh) - set(SPECS))]
     for path in sorted((recipes_dir / "vllm").glob("*.yaml")):  # vLLM wheel locks made from other inputs
         for name, section in load_vllm_recipe(path).variants.items():
             try:

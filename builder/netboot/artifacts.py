@@ -1,7 +1,8 @@
 """The netboot flavour of an image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS and manifest.json.
 
 The root is the image's own filesystem (exported from the engine) plus node-init, busybox, the image's
-environment, and the accelerator's kernel modules and firmware. Artifacts are cached by everything that
+environment, the accelerator's kernel modules and firmware, and the ssh server and metrics exporter of the
+root's Debian suite (pinned .debs, builder/netboot/adminlayer.py). Artifacts are cached by everything that
 goes into them, so a second `pxe build` of the same image is immediate.
 """
 
@@ -13,6 +14,7 @@ import re
 import shutil
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from builder.core.run import run, run_logged
 from builder.engines import Engine, ImageInfo
 from builder.engines.cleanup import temp_path
 from builder.engines.host import find_driver
+from builder.netboot.adminlayer import add_admin_layer, layers_key
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
     FIREWALL_MODULES,
@@ -153,10 +156,11 @@ class Squash:
         return self.algorithm if self.level is None else f"{self.algorithm}:{self.level}"
 
 
-def _artifact_key(image_id: str, spec: KernelSpec, tree: Path, squash: Squash) -> str:
+def _artifact_key(image_id: str, spec: KernelSpec, tree: Path, squash: Squash, ssh: dict[str, LockedBase]) -> str:
     scripts = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NODE_SCRIPTS.iterdir())}
     inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "tree": tree.name, "squash": str(squash),
-              "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES, *FIREWALL_MODULES]}
+              "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES, *FIREWALL_MODULES],
+              "ssh": layers_key(ssh)}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -177,6 +181,10 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     script = (NODE_SCRIPTS / "udhcpc.sh").read_text().replace("#!/bin/busybox sh", "#!/usr/lib/builder/busybox sh", 1)
     (lib / "udhcpc.sh").write_text(script)
     (lib / "udhcpc.sh").chmod(0o755)
+    shutil.copy2(NODE_SCRIPTS / "sshd.sh", lib / "sshd")  # the ssh server of a plan's ssh line
+    shutil.copy2(NODE_SCRIPTS / "sshd_config", lib / "sshd_config")
+    shutil.copy2(NODE_SCRIPTS / "reboot.sh", lib / "reboot")  # what `builder cluster reboot` runs over ssh
+    shutil.copy2(NODE_SCRIPTS / "metrics.sh", lib / "metrics")  # the exporter of a plan's metrics line
     shutil.copy2(busybox(tree), lib / "busybox")
     (lib / "image.env").write_text("".join(f"{_env_line(item)}\n" for item in env))
     moddir = modules_dir(tree, kver)
@@ -227,10 +235,11 @@ def _env_line(item: str) -> str:
 
 
 def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec: KernelSpec, kernel: LockedBase,
-                    squash: Squash, out: Path | None = None, where: str = "builder.lock"
-                    ) -> tuple[Path, dict[str, object]]:
+                    squash: Squash, out: Path | None = None, where: str = "builder.lock", *,
+                    ssh: dict[str, LockedBase]) -> tuple[Path, dict[str, object]]:
     """Make (or reuse) the netboot artifacts of `image` with the pinned `kernel` (checked by
-    kernels.pinned_kernel); returns their folder and manifest."""
+    kernels.pinned_kernel) and the pinned ssh servers by suite (`ssh`: the root's own is unpacked into it);
+    returns their folder and manifest."""
     info = engine.inspect(image)
     if info is None:
         raise RecipeError(f"no image {image} in {engine.name}", f"build it first: builder build --target {target}")
@@ -244,7 +253,7 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
     if version_tuple(kver) < spec.min_version:
         raise EngineError(f"kernel {kver} from {spec.suite} is older than {target} needs "
                           f"({'.'.join(map(str, spec.min_version))})", spec.why)
-    key = _artifact_key(info.id, spec, tree, squash)
+    key = _artifact_key(info.id, spec, tree, squash, ssh)
     folder = out or cache_subdir("netboot") / "artifacts" / f"{target}-{variant}-{key[:16]}"
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
@@ -259,12 +268,13 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
             if manifest.get("key") == key:
                 return folder, manifest  # the run we waited for made it
         packages = {name: pinned_version(kernel, name) or "" for name in ("linux-image-amd64", *spec.firmware_packages)}
-        return _make(engine, image, info, target, variant, spec, tree, kver, squash, key, folder, packages)
+        return _make(engine, image, info, target, variant, spec, tree, kver, squash, key, folder, packages,
+                     lambda root: add_admin_layer(root, ssh, where))
 
 
 def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str, spec: KernelSpec, tree: Path,
-          kver: str, squash: Squash, key: str, folder: Path, packages: dict[str, str]
-          ) -> tuple[Path, dict[str, object]]:
+          kver: str, squash: Squash, key: str, folder: Path, packages: dict[str, str],
+          add_ssh: Callable[[Path], dict[str, object]]) -> tuple[Path, dict[str, object]]:
     work = temp_path(folder.parent)
     work.mkdir()
     try:
@@ -278,6 +288,7 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
         (work / "rootfs.tar").unlink()
         require_driver(root, target, variant)
         missing = _add_node_files(root, tree, kver, spec, info.env)
+        ssh = add_ssh(root)
         squash_started = time.monotonic()
         run_logged(["mksquashfs", str(root), str(staged / "root.squashfs"), "-noappend", "-no-xattrs",
                     "-mkfs-time", "0", "-all-time", "0", "-no-progress", *squash.flags()],
@@ -292,7 +303,7 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
         manifest = {
             "schema": 1, "key": key, "target": target, "variant": variant, "image": image,
             "image_digest": info.id, "kernel_version": kver, "kernel_suite": spec.suite, "kernel_packages": packages,
-            "compression": str(squash), "files": files, "verity": verity,
+            "compression": str(squash), "files": files, "verity": verity, "ssh": ssh,
             "rootfs_bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()),
             "missing_modules": sorted(set(missing + initrd_missing)),
             "seconds": {"total": round(time.monotonic() - started, 1), "squashfs": round(squash_seconds, 1)},

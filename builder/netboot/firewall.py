@@ -5,8 +5,10 @@ A compute node serves nobody but its cluster: only the gateway on the control no
 are unauthenticated (ggml RPC, llama-server without a key) or listen on more ports and addresses than they are
 told (Ray), so a list of ports would not close them all. The node's firewall therefore refuses every new
 connection that does not come from the cluster's own addresses (its nodes and the control node); loopback,
-ICMP, DHCP's replies and the replies to the node's own connections pass. Refused means refused at once (a TCP
-reset, an ICMP port-unreachable), so a misplaced client fails fast instead of waiting for a timeout.
+ICMP, DHCP's replies and the replies to the node's own connections pass. The operators' addresses (a cluster
+file's `admins:`) reach exactly the admin ports (the node's ssh server) and nothing else. Refused means
+refused at once (a TCP reset, an ICMP port-unreachable), so a misplaced client fails fast instead of waiting
+for a timeout.
 
 The rules replace only builder's own table, so other rules on the node are left as they are.
 """
@@ -36,6 +38,8 @@ class Firewall:
     ports: tuple[int, ...]  # backend ports this node serves (for the reader; every port is closed to others)
     control: str = ""  # the control node's address, the only one that may reach control_ports
     control_ports: tuple[int, ...] = ()  # the node's gateway agent (builder/netboot/plan.py's AGENT_PORT)
+    admins: tuple[str, ...] = ()  # the operators' addresses and networks (a cluster file's admins:)
+    admin_ports: tuple[int, ...] = ()  # the only ports those may reach (the node's ssh server)
 
 
 def _ip(value: str | None, where: str, field: str, fix: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -79,14 +83,34 @@ def ruleset(firewall: Firewall, source: str) -> str:
         control = ipaddress.ip_address(firewall.control) if firewall.control_ports else None
     except ValueError as exc:
         raise RecipeError(f"firewall: {firewall.node}: {exc}", "addresses in the rules are IP literals") from None
-    if not all(isinstance(p, int) and 1 <= p <= 65535 for p in (*firewall.ports, *firewall.control_ports)):
-        raise RecipeError(f"firewall: {firewall.node}: ports {firewall.ports!r} are not port numbers")
+    ports = (*firewall.ports, *firewall.control_ports, *firewall.admin_ports)
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports):
+        raise RecipeError(f"firewall: {firewall.node}: ports {ports!r} are not port numbers")
+    admins = _admin_sets(firewall)
     sets = [{"name": name, "family": family, "match": match, "members": [str(a) for a in allowed if a.version == v]}
             for v, name, family, match in ((4, "cluster4", "ipv4_addr", "ip"), (6, "cluster6", "ipv6_addr", "ip6"))]
     return _template().render(source=source, node=firewall.node, address=firewall.address, table=TABLE,
                               ports=[str(p) for p in firewall.ports], sets=[s for s in sets if s["members"]],
                               control={"match": "ip" if control.version == 4 else "ip6", "address": str(control),
-                                       "ports": [str(p) for p in firewall.control_ports]} if control else None)
+                                       "ports": [str(p) for p in firewall.control_ports]} if control else None,
+                              admins=admins, admin_ports=[str(p) for p in firewall.admin_ports])
+
+
+def _admin_sets(firewall: Firewall) -> list[dict[str, object]]:
+    """The operators' networks as nftables interval sets, one per family (none without admin ports)."""
+    if not firewall.admins or not firewall.admin_ports:
+        return []
+    try:
+        networks = [ipaddress.ip_network(a, strict=True) for a in firewall.admins]
+    except ValueError as exc:
+        raise RecipeError(f"firewall: {firewall.node}: {exc}", "admins' addresses are IP networks") from None
+    if any(n.prefixlen == 0 for n in networks):
+        raise RecipeError(f"firewall: {firewall.node}: an admins network is every address")
+    return [{"name": name, "family": family, "match": match,
+             "members": [str(n.network_address) if n.num_addresses == 1 else str(n) for n in networks
+                         if n.version == v]}
+            for v, name, family, match in ((4, "admins4", "ipv4_addr", "ip"), (6, "admins6", "ipv6_addr", "ip6"))
+            if any(n.version == v for n in networks)]
 
 
 def _template() -> jinja2.Template:

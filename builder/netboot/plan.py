@@ -7,6 +7,9 @@ only knows the lines. One line per item, fields separated by one tab, `-` for a 
 
     env         NAME     VALUE
     agent       PORT
+    admin-key   TYPE     BASE64
+    ssh         PORT
+    metrics     PORT
     rpc-worker  SERVICE  PORT  [MODEL_URL  MODEL_SHA256]
     server      SERVICE  PORT  MODEL_URL  MODEL_SHA256  RPC  CTX  [LLAMA-SERVER ARGS…]
     vllm        SERVICE  PORT  MODEL_URL  MODEL_SHA256  MOUNT  ENV  ARGV…
@@ -14,6 +17,10 @@ only knows the lines. One line per item, fields separated by one tab, `-` for a 
 * env: exported to every process the node starts (before any of them starts).
 * agent: the node's HAProxy agent on its address and PORT (AGENT_PORT): the gateway's agent-check asks it, per
   llama-server, `up` or `down #degraded: …` (a server whose device is missing stays out of the rotation).
+* admin-key: an operator's SSH public key (a cluster file's admins:), one line each: public, never a secret.
+* ssh: the node's ssh server (images/netboot/sshd.sh) on its address and PORT, key-only login as root with
+  the admin-key lines as its authorized keys; its host key is made on the node (kept on its cache disk).
+* metrics: the node's Prometheus exporter (images/netboot/metrics.sh) on its address and PORT.
 * rpc-worker: ggml-rpc-server on the node's address and PORT; with a model (a service's `preseed`), the GGUF at
   MODEL_URL (checked against MODEL_SHA256) kept on the node's cache disk fills its tensor cache first
   (`rpc-worker --seed`), so the head's first load sends hashes instead of the large tensors.
@@ -27,14 +34,15 @@ Lines starting with `#` are comments. Nothing in a field may be a tab, a newline
 splits on tabs would lose it); `serialize` refuses such a value, `parse` refuses any line it cannot read.
 """
 
+import re
 from dataclasses import dataclass
 
 NONE = "-"
 # The port of a node's agent (HAProxy's agent-check), on a node that runs a llama-server; the control node only
 # may connect to it (the node's firewall).
 AGENT_PORT = 7999
-HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | agent PORT | rpc-worker SERVICE PORT "
-          "[MODEL_URL MODEL_SHA256] | server "
+HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | agent PORT | admin-key TYPE BASE64 | ssh PORT "
+          "| metrics PORT | rpc-worker SERVICE PORT [MODEL_URL MODEL_SHA256] | server "
           "SERVICE PORT MODEL_URL MODEL_SHA256 RPC CTX [ARGS...] | vllm SERVICE PORT MODEL_URL MODEL_SHA256 MOUNT ENV "
           "ARGV...\n")
 
@@ -47,6 +55,22 @@ class EnvLine:
 
 @dataclass(frozen=True)
 class AgentLine:
+    port: int
+
+
+@dataclass(frozen=True)
+class AdminKeyLine:
+    kind: str  # ssh-ed25519, ...
+    blob: str  # base64
+
+
+@dataclass(frozen=True)
+class SshLine:
+    port: int
+
+
+@dataclass(frozen=True)
+class MetricsLine:
     port: int
 
 
@@ -80,7 +104,7 @@ class VllmLine:
     argv: tuple[str, ...]
 
 
-Line = EnvLine | AgentLine | RpcWorkerLine | ServerLine | VllmLine
+Line = EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine | RpcWorkerLine | ServerLine | VllmLine
 
 
 @dataclass(frozen=True)
@@ -92,7 +116,7 @@ class NodePlan:
     def engines(self) -> set[str]:
         """The engines the node runs: llama.cpp (rpc-worker, server), vllm."""
         return {"vllm" if isinstance(line, VllmLine) else "llama.cpp" for line in self.lines
-                if not isinstance(line, EnvLine | AgentLine)}
+                if not isinstance(line, EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine)}
 
 
 def _field(value: str, what: str) -> str:
@@ -108,6 +132,14 @@ def _words(line: Line) -> list[str]:
         return ["env", line.name, line.value or NONE]
     if isinstance(line, AgentLine):
         return ["agent", str(_port(str(line.port)))]
+    if isinstance(line, AdminKeyLine):
+        if not re.fullmatch(r"[a-z0-9@.-]{1,64}", line.kind) or not re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", line.blob):
+            raise ValueError(f"plan: admin-key {line.kind[:40]!r}: not a key type and base64 blob")
+        return ["admin-key", line.kind, line.blob]
+    if isinstance(line, SshLine):
+        return ["ssh", str(_port(str(line.port)))]
+    if isinstance(line, MetricsLine):
+        return ["metrics", str(_port(str(line.port)))]
     if isinstance(line, RpcWorkerLine):
         model = [line.model_url, line.model_sha256 or NONE] if line.model_url else []
         return ["rpc-worker", line.service, str(line.port), *model]
@@ -157,6 +189,12 @@ def parse(text: str) -> NodePlan:
             lines.append(EnvLine(fields[0], "" if fields[1] == NONE else fields[1]))
         elif kind == "agent" and len(fields) == 1:
             lines.append(AgentLine(_port(fields[0])))
+        elif kind == "admin-key" and len(fields) == 2:
+            lines.append(AdminKeyLine(fields[0], fields[1]))
+        elif kind == "ssh" and len(fields) == 1:
+            lines.append(SshLine(_port(fields[0])))
+        elif kind == "metrics" and len(fields) == 1:
+            lines.append(MetricsLine(_port(fields[0])))
         elif kind == "rpc-worker" and len(fields) in (2, 4):
             model = (fields[2], _optional(fields[3])) if len(fields) == 4 else ()
             lines.append(RpcWorkerLine(fields[0], _port(fields[1]), *model))

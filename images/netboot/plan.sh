@@ -198,7 +198,15 @@ while (1) {
         $asked .= $buffer;
     }
     my $answer = "down #the agent takes a port number and a newline\n";
-    if ($asked =~ /\A([0-9]{1,5})\r?\n/) {
+    if ($asked =~ /\Assh\r?\n/) {
+        # the node ssh host key (public): builder cluster status shows it, cluster reboot checks it
+        $answer = "none #no ssh server\n";
+        if (open(my $key, "<", "/run/builder/ssh/host_key.pub")) {
+            my $line = <$key>;
+            close $key;
+            $answer = "$1 $2\n" if defined $line && $line =~ /\A([a-z0-9@.-]{1,64}) ([A-Za-z0-9+\/]+={0,2})[ \n]/;
+        }
+    } elsif ($asked =~ /\A([0-9]{1,5})\r?\n/) {
         $answer = "down #no server on port $1\n";
         if (open(my $state, "<", "$dir/$1")) {
             my $line = <$state>;
@@ -228,6 +236,58 @@ start_agent() {
         done
     ) &
     say "gateway agent on $NODE_IP:$AGENT_PORT"
+}
+
+# The node's ssh server (a cluster file's admins:) on its address and port $1, restarted if it exits: root's
+# authorized keys are the plan's admin-key lines (public keys), the host key is made on the node by sshd.sh
+# and kept on the cache disk when the node has one (else made again every boot).
+start_ssh() {
+    local port=$1 state=/run/builder/ssh/host line fields
+    if ! [ -x /usr/sbin/sshd ]; then
+        say "no ssh server on port $port: this root has none (pxe build adds it from the pinned .debs)"
+        return 0
+    fi
+    mkdir -p /run/builder/ssh
+    chmod 0755 /run/builder/ssh
+    : >/run/builder/ssh/authorized_keys.part
+    for line in "${lines[@]}"; do
+        IFS=$'\t' read -r -a fields <<<"$line"
+        [ "${fields[0]:-}" = admin-key ] && printf '%s %s\n' "${fields[1]}" "${fields[2]}" >>/run/builder/ssh/authorized_keys.part
+    done
+    chmod 0600 /run/builder/ssh/authorized_keys.part
+    mv /run/builder/ssh/authorized_keys.part /run/builder/ssh/authorized_keys
+    # sshd's privilege separation user (the package's maintainer scripts, which never ran, would add it)
+    grep -q '^sshd:' /etc/passwd || useradd --system --no-create-home --home-dir /run/sshd \
+        --shell /usr/sbin/nologin sshd 2>/dev/null || echo 'sshd:x:64999:65534::/run/sshd:/usr/sbin/nologin' >>/etc/passwd
+    if [ "$ROOT_MODE" = cache ]; then
+        state=$CACHE_DIR/ssh
+        say "ssh host key kept on the cache disk"
+    else
+        say "ssh host key made for this boot (no cache disk)"
+    fi
+    (
+        while :; do
+            /usr/lib/builder/sshd "$NODE_IP" "$port" "$state"
+            say "ssh server exited with status $?; restarting in 5 s"
+            sleep 5
+        done
+    ) &
+}
+
+# The node's metrics exporter (a cluster file's admins:) on its address and port $1, restarted if it exits.
+start_metrics() {
+    local port=$1
+    if ! [ -x /usr/bin/prometheus-node-exporter ]; then
+        say "no metrics on port $port: this root has no exporter (pxe build adds it from the pinned .debs)"
+        return 0
+    fi
+    (
+        while :; do
+            /usr/lib/builder/metrics "$NODE_IP" "$port"
+            say "metrics exporter exited with status $?; restarting in 5 s"
+            sleep 5
+        done
+    ) &
 }
 
 # The qualification, once per boot (the node runs one image): in the background, after the first process is up.
@@ -366,6 +426,11 @@ run_plan() {
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"
         [ "${fields[0]:-}" = agent ] && start_agent "${fields[1]}"
+    done
+    for line in "${lines[@]}"; do
+        IFS=$'\t' read -r -a fields <<<"$line"
+        [ "${fields[0]:-}" = ssh ] && start_ssh "${fields[1]}"
+        [ "${fields[0]:-}" = metrics ] && start_metrics "${fields[1]}"
     done
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import struct
@@ -45,6 +46,7 @@ import requests
 from netns import Namespace, network_namespace
 from test_netboot_qemu import BOOT_SECONDS, MAC, artifacts, published
 
+from builder.cluster.ssh import fingerprint, host_key
 from conftest import require_tool, run_cli
 from containers import PROMPT, container, cpu_reference_text
 from qemu import node, wait_for
@@ -55,6 +57,8 @@ __all__ = ["artifacts"]  # the fixture of test_netboot_qemu, which this module's
 
 MEMBER = "192.0.2.2"  # TEST-NET-1 on the namespace's loopback: the node host1 of the cluster file
 OUTSIDER = "192.0.2.1"  # TEST-NET-1 on the namespace's loopback, in no cluster file
+ADMIN = "192.0.2.3"  # TEST-NET-1 on the namespace's loopback: the operators' address (admins:), no node's
+SSH, NODE_METRICS, AGENT = 22, 9100, 7999  # node1's ssh server and exporter (admins:), its gateway agent
 HTTP, GATEWAY, METRICS = 8000, 8080, 8405
 TINY, TINY_B, SPLIT, RPC_HEAD = 8101, 8102, 8103, 8104  # the four services' server ports
 NODE_RPC, HOST_RPC = 50052, 50053  # node1's RPC worker (tiny-rpc), the host's container (tiny-split)
@@ -65,8 +69,11 @@ NODE_DATA, HOST_DATA, DATA_OUTSIDER = "10.77.0.2", "10.77.0.1", "10.77.0.9"
 # What node1 prints once each process answers, and the address it answers on (its worker on the data network).
 READY = {"rpc-worker tiny-rpc": f"{NODE_DATA}:{NODE_RPC}", "server tiny": f"10.0.2.15:{TINY}",
          "server tiny-b": f"10.0.2.15:{TINY_B}", "server tiny-split": f"10.0.2.15:{SPLIT}"}
-# the node's boot address, each port forwarded from 127.0.0.1 (its RPC port too: nothing may answer there)
-FORWARDS = tuple(f"tcp:127.0.0.1:{port}-:{port}" for port in (TINY, TINY_B, SPLIT, NODE_RPC))
+# the node's boot address, each port forwarded from 127.0.0.1 (its RPC port too: nothing may answer there),
+# its ssh and exporter ports from the admins' address and an outsider's too
+FORWARDS = tuple(f"tcp:{address}:{port}-:{port}" for address, port in
+                 [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC, AGENT, SSH)] +
+                 [(host, port) for host in (ADMIN, OUTSIDER) for port in (SSH, NODE_METRICS)])
 PLAN_READY_SECONDS = 180  # after the first ready line, each further one (a model load under TCG)
 
 
@@ -84,6 +91,8 @@ class Cluster:
     worker_log: Path  # the tiny-split worker container's output
     ready: dict[str, str]  # READY's label -> the address node1 said it listens on
     ready_s: float  # QEMU's start to the last ready line
+    admin_key: Path  # the private key of admins: (its .pub beside it)
+    vm: subprocess.Popen[bytes]  # node1's QEMU (started with -no-reboot: a reboot ends it)
 
     def text(self) -> str:
         return self.console.read_text(errors="replace")
@@ -129,12 +138,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
          "port": SPLIT, "rpc_port": HOST_RPC},
         {"name": "tiny-rpc", **common, "topology": "split", "head": "host1", "workers": ["node1"],
          "port": RPC_HEAD, "rpc_port": NODE_RPC}]
+    require_tool("ssh", "openssh-client")
+    admin_key = folder / "admin_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin@test", "-f", str(admin_key)],
+                   check=True, timeout=60)
+    admins = {"keys": [admin_key.with_suffix(".pub").read_text().strip()], "addresses": [ADMIN]}
     console = folder / "console.log"
     worker = f"builder-shared-split-worker-{os.getpid()}"
     require_tool("ip", "iproute2")
-    with network_namespace(MEMBER, OUTSIDER) as ns, data_link(ns), \
+    with network_namespace(MEMBER, OUTSIDER, ADMIN) as ns, data_link(ns), \
             published(folder, HTTP, nodes, prefix=ns.enter, services=services,
-                      gateway={"address": "127.0.0.1", "port": GATEWAY, "metrics_port": METRICS}) as root, \
+                      gateway={"address": "127.0.0.1", "port": GATEWAY, "metrics_port": METRICS},
+                      admins=admins) as root, \
             container("podman", folder, worker, "rpc-worker", "--host", "127.0.0.1", "--port", str(HOST_RPC),
                       prefix=ns.enter):
         started = time.monotonic()
@@ -150,8 +165,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
                 ready[label] = found.group(1)
             ready_s = time.monotonic() - started
             print(f"node1 booted to its last ready line in {ready_s:.0f} s")
+            wait_for(console, r"builder-node: ssh server ready on ", vm, PLAN_READY_SECONDS)
+            wait_for(console, r"builder-node: metrics ready on ", vm, PLAN_READY_SECONDS)
             yield Cluster(ns, folder, folder / "cluster.yaml", root, console, digest, expected,
-                          folder / f"{worker}.log", ready, ready_s)
+                          folder / f"{worker}.log", ready, ready_s, admin_key, vm)
 
 
 @contextmanager
@@ -234,7 +251,10 @@ def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artif
     assert not any(w.startswith("builder.role=") for w in words) and any(w.startswith("builder.plan=") for w in words)
     lines = [line.split("\t") for line in cluster.blob("plan_sha256").splitlines() if not line.startswith("#")]
     assert lines[0] == ["agent", "7999"]  # the gateway's agent-check asks the node whether its servers are right
-    plan = lines[1:]
+    blob = cluster.admin_key.with_suffix(".pub").read_text().split()[1]
+    # admins:, public keys only
+    assert lines[1:4] == [["admin-key", "ssh-ed25519", blob], ["ssh", str(SSH)], ["metrics", str(NODE_METRICS)]]
+    plan = lines[4:]
     assert [fields[:3] for fields in plan] == [["rpc-worker", "tiny-rpc", str(NODE_RPC)], ["server", "tiny", str(TINY)],
                                                ["server", "tiny-b", str(TINY_B)], ["server", "tiny-split", str(SPLIT)]]
     assert [fields[5] for fields in plan[1:]] == ["-", "-", f"10.0.2.2:{HOST_RPC}"]  # the split head's --rpc
@@ -303,6 +323,93 @@ def test_firewall_admits_the_cluster_and_refuses_others(cluster: Cluster) -> Non
     assert answers["boot address"] in ("closed", "ConnectionResetError"), answers
 
 
+def host_fingerprint(cluster: Cluster) -> str:
+    """The fingerprint node1 printed on its console for the host key it made."""
+    found = re.search(r"builder-node: ssh host key (SHA256:\S+) \(ED25519\)", cluster.text())
+    assert found, cluster.text()[-3000:]
+    return found.group(1)
+
+
+def ssh(cluster: Cluster, host: str, key: Path, known_hosts: Path,
+        command: str = "cat /proc/sys/kernel/hostname") -> subprocess.CompletedProcess[str]:
+    """`command` run on node1 over ssh from `host` (QEMU's forward there shows the guest that address), as root
+    with `key` only, the host key checked against `known_hosts`."""
+    with cluster.ns.inside():
+        return subprocess.run(["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", str(key),
+                               "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+                               "-o", "ConnectTimeout=60", "-p", str(SSH), "-l", "root", "--", host,
+                               command], capture_output=True, text=True, timeout=180)
+
+
+def test_operators_get_in_by_key_from_admins_only(cluster: Cluster) -> None:
+    """admins: gives node1 an ssh server (Debian's openssh-server of the root's suite, unpacked at pxe build):
+    from ADMIN with the file's key, root runs a command there, the host key being the one the node made and
+    printed (its agent reports the same); from ADMIN with another key, refused at login (key-only); from
+    OUTSIDER with the file's key, refused by the firewall before ssh speaks (the rules admit ADMIN on port 22
+    only)."""
+    rules = cluster.blob("firewall_sha256")
+    assert f"elements = {{ {ADMIN} }}" in rules
+    assert f"tcp dport {{ {SSH}, {NODE_METRICS} }} ip saddr @admins4 accept" in rules
+    text = cluster.text()
+    assert "builder-node: ssh host key made for this boot (no cache disk)" in text
+    with cluster.ns.inside():
+        key = host_key("127.0.0.1")  # the agent's answer, through QEMU's forward of its port
+    assert key is not None and fingerprint(key) == host_fingerprint(cluster)
+    known_hosts = cluster.folder / "known_hosts"
+    known_hosts.write_text(f"{ADMIN} {key}\n{OUTSIDER} {key}\n")
+    admitted = ssh(cluster, ADMIN, cluster.admin_key, known_hosts)
+    assert admitted.returncode == 0 and admitted.stdout.strip() == "node1", admitted.stdout + admitted.stderr
+    other = cluster.folder / "other_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True, timeout=60)
+    refused = ssh(cluster, ADMIN, other, known_hosts)
+    assert refused.returncode == 255 and "Permission denied (publickey)" in refused.stderr, refused.stderr
+    outside = ssh(cluster, OUTSIDER, cluster.admin_key, known_hosts)
+    assert outside.returncode == 255 and "Permission denied" not in outside.stderr, outside.stderr
+    assert re.search(r"Connection (closed|reset)|kex_exchange_identification", outside.stderr), outside.stderr
+
+
+# A GPU's sysfs as amdgpu writes it (values of a Strix Halo card under load): the node has no GPU under QEMU, so
+# the exporter on the node reads this stand-in through --path.sysfs; its devices/ (CPUs) is the node's own.
+FAKE_GPU = {"class/drm/card0/device/uevent": "DRIVER=amdgpu\nPCI_ID=1002:1586",
+            "class/drm/card0/device/gpu_busy_percent": "37", "class/drm/card0/device/mem_busy_percent": "5",
+            "class/drm/card0/device/mem_info_vram_total": "68719476736",
+            "class/drm/card0/device/mem_info_vram_used": "1073741824",
+            "class/drm/card0/device/mem_info_gtt_total": "1000", "class/drm/card0/device/mem_info_gtt_used": "10",
+            "class/hwmon/hwmon0/name": "amdgpu", "class/hwmon/hwmon0/power1_average": "42500000"}
+
+
+def test_node_metrics_reach_the_admins_only(cluster: Cluster) -> None:
+    """The node's exporter (admins.metrics_port) answers ADMIN with the node's own metrics and is refused to
+    OUTSIDER by the firewall. The same script, run over ssh on the node against a stand-in GPU sysfs (QEMU has
+    no GPU), reports the GPU's use, memory and power as Prometheus metrics."""
+    with cluster.ns.inside():
+        metrics = requests.get(f"http://{ADMIN}:{NODE_METRICS}/metrics", timeout=60)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://{OUTSIDER}:{NODE_METRICS}/metrics", timeout=60)
+    assert metrics.status_code == 200
+    assert re.search(r"^node_memory_MemTotal_bytes \d", metrics.text, re.M), metrics.text[:2000]
+    assert 'node_scrape_collector_success{collector="drm"} 1' in metrics.text
+    with cluster.ns.inside():
+        key = host_key("127.0.0.1")
+    known_hosts = cluster.folder / "known_hosts_metrics"
+    known_hosts.write_text(f"{ADMIN} {key}\n")
+    files = "; ".join(f"mkdir -p /tmp/gpu/{Path(name).parent} && printf '%s\\n' {shlex.quote(value)} >/tmp/gpu/{name}"
+                      for name, value in FAKE_GPU.items())
+    script = (f"{files}; ln -s /sys/devices /tmp/gpu/devices; "
+              "(/usr/lib/builder/metrics 127.0.0.1 9101 /tmp/gpu >/tmp/gpu.log 2>&1 &); "
+              "for i in $(seq 1 60); do /usr/lib/builder/busybox wget -q -O - http://127.0.0.1:9101/metrics "
+              "2>/dev/null | grep -E '^node_(drm|hwmon)_' && exit 0; sleep 1; done; "
+              "cat /tmp/gpu.log >&2; /usr/lib/builder/busybox wget -O - http://127.0.0.1:9101/metrics 2>&1 "
+              "| head -c 2000 >&2; exit 1")
+    gpu = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, script)
+    assert gpu.returncode == 0, gpu.stdout + gpu.stderr
+    lines = gpu.stdout.splitlines()
+    assert 'node_drm_gpu_busy_percent{card="card0"} 37' in lines, gpu.stdout
+    assert 'node_drm_memory_vram_used_bytes{card="card0"} 1.073741824e+09' in lines, gpu.stdout
+    assert 'node_drm_memory_vram_size_bytes{card="card0"} 6.8719476736e+10' in lines, gpu.stdout
+    assert 'node_hwmon_power_average_watt{chip="amdgpu",sensor="power1"} 42.5' in lines, gpu.stdout
+
+
 def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gateway) -> None:
     """`cluster up` returns once HAProxy's health checks pass for every server (three on the node, one on the
     host); `status` shows each process as the gateway sees it, the node's RPC worker by a connection."""
@@ -324,11 +431,14 @@ def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gatew
     # node1's RPC worker on the data network, which the control node (the namespace) is on: its tap
     assert processes["tiny-rpc"] == [("host1", "server", f"{MEMBER}:{RPC_HEAD}", "UP", "L7OK"),
                                      ("node1", "rpc-worker", f"{NODE_DATA}:{NODE_RPC}", "UP", None)]
+    # node1's ssh host key as its agent reports it; the two nodes that are containers run no ssh server
     assert document["nodes"] == [
-        {"name": "node1", "address": "127.0.0.1", "target": "cpu", "devices": {}, "mac": MAC},
+        {"name": "node1", "address": "127.0.0.1", "target": "cpu", "devices": {}, "mac": MAC,
+         "ssh_host_key": host_fingerprint(cluster)},
         {"name": "worker1", "address": "10.0.2.2", "target": "cpu", "devices": {},
-         "mac": "52:54:00:12:34:57"},
-        {"name": "host1", "address": MEMBER, "target": "cpu", "devices": {}, "mac": "52:54:00:12:34:58"}]
+         "mac": "52:54:00:12:34:57", "ssh_host_key": None},
+        {"name": "host1", "address": MEMBER, "target": "cpu", "devices": {}, "mac": "52:54:00:12:34:58",
+         "ssh_host_key": None}]
     text = cli(cluster, "cluster", "status", str(cluster.path)).stdout
     assert "node     node1        127.0.0.1" in text and "  node1        server     127.0.0.1:" in text
 
@@ -390,3 +500,17 @@ def test_cluster_down_stops_the_gateway(cluster: Cluster, gateway: Gateway) -> N
     document = json.loads(status.stdout)
     assert document["gateway"]["running"] is False
     assert status.returncode == 1 and document["problems"][0] == "the gateway is not running", status.stdout
+
+
+def test_cluster_reboot_goes_in_over_ssh(cluster: Cluster, gateway: Gateway) -> None:
+    """Very last: it ends the node. `cluster reboot` from the control node (node1's address in the file is
+    127.0.0.1, which the guest sees as the control node's 10.0.2.2) with the file's key: on first contact it
+    pins the host key the node's agent reports, the one the node printed, then the node reboots (QEMU runs with
+    -no-reboot, so the machine ends instead of booting again: no second boot)."""
+    proc = cli(cluster, "cluster", "reboot", str(cluster.path), "node1", "--identity", str(cluster.admin_key),
+               timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"first contact with node1: its host key {host_fingerprint(cluster)}" in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1] == "rebooting node1 (127.0.0.1): it netboots its current generation"
+    assert cluster.vm.wait(timeout=120) == 0
+    assert "reboot: Restarting system" in cluster.text()
