@@ -1,0 +1,148 @@
+"""Stand-ins for a model server on 127.0.0.0/8, behind the real HAProxy in the gateway tests: they answer
+`/health` and the OpenAI API's chat completions with OpenAI-shaped JSON, and can be told to hang (accept
+connections, answer nothing, health checks included) or to hold completions until released (requests in
+flight for drain and reload tests)."""
+
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+# the longest a stand-in holds a request (a hung or held one), so no test thread outlives its test for long
+HOLD_LIMIT = 120.0
+
+
+@dataclass
+class Backend:
+    host: str
+    port: int
+    name: str
+    hang: threading.Event = field(default_factory=threading.Event)  # set: answer nothing
+    hold: threading.Event = field(default_factory=threading.Event)  # set: completions wait for `release`
+    release: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    received: int = 0  # completions that reached it
+    answered: int = 0
+    held: int = 0  # completions waiting now (held or hung)
+    server: ThreadingHTTPServer | None = None
+
+    def count(self, what: str, delta: int = 1) -> None:
+        with self.lock:
+            setattr(self, what, getattr(self, what) + delta)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.hang.clear()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def completion(model: str, backend: str) -> bytes:
+    return json.dumps({"id": "chatcmpl-0", "object": "chat.completion", "created": 0, "model": model,
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": f"from {backend}"}}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}).encode()
+
+
+def start_backend(host: str, port: int, name: str) -> Backend:
+    backend = Backend(host, port, name)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _hung(self) -> bool:
+            """Accepted, answers nothing while the backend hangs; True when it hung."""
+            if not backend.hang.is_set():
+                return False
+            backend.count("held")
+            try:
+                backend.release.wait(HOLD_LIMIT)
+            finally:
+                backend.count("held", -1)
+            self.close_connection = True
+            return True
+
+        def do_GET(self) -> None:
+            if self._hung():
+                return
+            if self.path == "/health":
+                self._answer(200, b'{"status":"ok"}')
+            else:
+                self._answer(404, b'{"error":{"message":"not found","type":"invalid_request_error"}}')
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path != "/v1/chat/completions":
+                self._answer(404, b'{"error":{"message":"not found","type":"invalid_request_error"}}')
+                return
+            backend.count("received")
+            if self._hung():
+                return
+            if backend.hold.is_set():
+                backend.count("held")
+                try:
+                    backend.release.wait(HOLD_LIMIT)
+                finally:
+                    backend.count("held", -1)
+            model = json.loads(body or b"{}").get("model", "")
+            self._answer(200, completion(str(model), backend.name))
+            backend.count("answered")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # HAProxy closes check and killed connections without waiting
+
+    backend.server = Server((host, port), Handler)
+    threading.Thread(target=backend.server.serve_forever, daemon=True).start()
+    return backend
+
+
+@dataclass(frozen=True)
+class LoopbackGateway:
+    """The real HAProxy, configured by builder for a cluster file whose service `chat` runs on nodes a and b."""
+
+    url: str
+    key: str
+    state: Any  # Path
+    metrics_port: int
+    cluster: Any  # Path of the cluster file
+    backends: dict[str, Backend]
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def ask(self, timeout: float = 60) -> Any:
+        import requests
+        return requests.post(f"{self.url}/v1/chat/completions", headers=self.headers(), timeout=timeout,
+                             json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def cluster_file(folder: Any, port: int, gateway_port: int, metrics_port: int, nodes: tuple[str, ...]) -> Any:
+    """A cluster file with one llama.cpp service `chat` on `nodes`, its model a small file beside it."""
+    import hashlib
+
+    import yaml
+    model = b"GGUF" + bytes(1000)
+    (folder / "tiny.gguf").write_bytes(model)
+    data = {"gateway": {"port": gateway_port, "metrics_port": metrics_port},
+            "nodes": [{"name": n, "mac": f"52:54:00:12:34:0{i}", "target": "cpu", "memory": "4GiB"}
+                      for i, n in enumerate(nodes)],
+            "services": [{"name": "chat", "model": "tiny.gguf", "sha256": hashlib.sha256(model).hexdigest(),
+                          "nodes": list(nodes), "port": port}]}
+    path = folder / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

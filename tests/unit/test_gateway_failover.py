@@ -1,0 +1,108 @@
+"""A backend that hangs, and a gateway reload, with the real HAProxy on loopback: stand-ins for llama-server
+(tests/support/backends.py) on 127.0.0.1 (node a) and 127.0.0.2 (node b) behind the config builder writes.
+
+A server that accepts connections and answers nothing must leave the rotation within its health checks, and the
+requests already on it must end well before the gateway's server timeout (10 minutes): answered by the healthy
+server when no byte had come back (HAProxy retries them), else an OpenAI-style JSON error."""
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.backends import LoopbackGateway, cluster_file, start_backend
+
+from builder.cluster.gateway import apply_config, gateway_pid, read_stats, reload_gateway, stop_gateway, write_gateway
+from builder.cluster.model import load_cluster
+from builder.cluster.runtime import socket_path, worker_pid
+from conftest import free_port, require_tool
+
+
+def wait_for(what: str, check, limit: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {limit} s"
+        time.sleep(0.1)
+
+
+def states(gw: LoopbackGateway) -> dict[str, str]:
+    return {s.node: s.status for s in read_stats(gw.metrics_port) if s.service == "chat"}
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[LoopbackGateway]:
+    require_tool("haproxy", "haproxy")
+    port, gw_port, metrics = free_port(), free_port(), free_port()
+    backends = {"a": start_backend("127.0.0.1", port, "a"), "b": start_backend("127.0.0.2", port, "b")}
+    path = cluster_file(tmp_path, port, gw_port, metrics, ("a", "b"))
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    config = write_gateway(load_cluster(path), state, "127.0.0.1", {"a": "127.0.0.1", "b": "127.0.0.2"})
+    pidfile = state / "haproxy.pid"
+    apply_config(config, pidfile)
+    gw = LoopbackGateway(f"http://127.0.0.1:{gw_port}", (state / "api-key").read_text().strip(), state, metrics, path,
+                     backends)
+    try:
+        wait_for("both servers healthy", lambda: all(s.healthy for s in read_stats(metrics)))
+        yield gw
+    finally:
+        stop_gateway(pidfile)
+        for backend in backends.values():
+            backend.stop()
+
+
+def test_a_hung_backend_leaves_the_rotation_and_its_requests_end_quickly(gateway: LoopbackGateway) -> None:
+    hung = gateway.backends["b"]
+    hung.hang.set()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        # a client timeout far below the gateway's 10-minute server timeout: a request left waiting on the hung
+        # server until then would raise here
+        answers = list(pool.map(lambda _: gateway.ask(timeout=90), range(8)))
+    assert hung.received >= 1, "no request reached the hung server: the test proves nothing"
+    for resp in answers:
+        body = resp.json()
+        if resp.status_code == 200:
+            assert body["choices"][0]["message"]["content"] == "from a"
+        else:
+            assert resp.status_code in (502, 503, 504) and body["error"]["type"] == "server_error", resp.text
+    wait_for("b marked DOWN", lambda: states(gateway)["b"] == "DOWN")
+    # and new requests go to the healthy one only
+    resp = gateway.ask()
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "from a"
+
+
+def test_with_every_server_hung_the_client_gets_an_openai_error_not_a_wait(gateway: LoopbackGateway) -> None:
+    for backend in gateway.backends.values():
+        backend.hang.set()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: gateway.ask(timeout=90), range(2)))
+    assert sum(b.received for b in gateway.backends.values()) >= 1
+    for resp in answers:
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["Content-Type"] == "application/json"
+        error = resp.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "service_unavailable" and error["message"]
+    assert states(gateway) == {"a": "DOWN", "b": "DOWN"}
+
+
+def test_a_reload_finishes_the_requests_in_flight(gateway: LoopbackGateway) -> None:
+    pidfile = gateway.state / "haproxy.pid"
+    master, worker = gateway_pid(pidfile), worker_pid(socket_path(gateway.state))
+    for backend in gateway.backends.values():
+        backend.hold.set()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        flying = [pool.submit(gateway.ask, 90) for _ in range(4)]
+        wait_for("4 requests held by the servers", lambda: sum(b.held for b in gateway.backends.values()) == 4)
+        reload_gateway(gateway.state, pidfile)
+        assert gateway_pid(pidfile) == master and worker_pid(socket_path(gateway.state)) != worker
+        # the new worker serves while the old one still holds the four
+        gateway.backends["a"].hold.clear()
+        gateway.backends["b"].hold.clear()
+        fresh = gateway.ask()
+        assert fresh.status_code == 200, fresh.text
+        for backend in gateway.backends.values():
+            backend.release.set()
+        answers = [f.result() for f in flying]
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    assert all(r.json()["object"] == "chat.completion" for r in answers)
