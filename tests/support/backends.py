@@ -3,11 +3,21 @@
 connections, answer nothing, health checks included) or to hold completions until released (requests in
 flight for drain and reload tests)."""
 
+import contextlib
 import json
+import shutil
+import tempfile
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+from builder.cluster.gateway import apply_config, read_stats, stop_gateway, write_gateway
+from builder.cluster.local import Local
+from builder.cluster.model import load_cluster
 
 # the longest a stand-in holds a request (a hung or held one), so no test thread outlives its test for long
 HOLD_LIMIT = 120.0
@@ -117,9 +127,9 @@ class LoopbackGateway:
 
     url: str
     key: str
-    state: Any  # Path
+    state: Path
     metrics_port: int
-    cluster: Any  # Path of the cluster file
+    cluster: Path
     backends: dict[str, Backend]
 
     def headers(self) -> dict[str, str]:
@@ -131,7 +141,7 @@ class LoopbackGateway:
                              json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
 
 
-def cluster_file(folder: Any, port: int, gateway_port: int, metrics_port: int, nodes: tuple[str, ...]) -> Any:
+def cluster_file(folder: Path, port: int, gateway_port: int, metrics_port: int, nodes: tuple[str, ...]) -> Path:
     """A cluster file with one llama.cpp service `chat` on `nodes`, its model a small file beside it."""
     import hashlib
 
@@ -146,3 +156,45 @@ def cluster_file(folder: Any, port: int, gateway_port: int, metrics_port: int, n
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def wait_for(what: str, check: Callable[[], bool], limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {limit} s"
+        time.sleep(0.1)
+
+
+def states(gw: LoopbackGateway) -> dict[str, str]:
+    """Each node's server status in the gateway's stats (UP, DOWN, DRAIN, MAINT)."""
+    return {s.node: s.status for s in read_stats(gw.metrics_port) if s.service == "chat"}
+
+
+@contextlib.contextmanager
+def loopback_gateway(folder: Path, free_port: Callable[[], int], monkeypatch: Any,
+                     nodes: tuple[str, ...] = ("a", "b")) -> Iterator[LoopbackGateway]:
+    """The gateway builder writes for a cluster file whose `chat` runs on `nodes` (127.0.0.1, 127.0.0.2, …), in the
+    state folder `builder cluster … --local` uses for that file, with a stand-in backend on each node. BUILDER_CACHE
+    (set through pytest's `monkeypatch`, so commands run by the test see it) is a short folder: the runtime API's
+    socket path must fit in 107 bytes."""
+    cache = Path(tempfile.mkdtemp(prefix="bgw-"))
+    monkeypatch.setenv("BUILDER_CACHE", str(cache))
+    port, gw_port, metrics = free_port(), free_port(), free_port()
+    addresses = {n: f"127.0.0.{i + 1}" for i, n in enumerate(nodes)}
+    backends = {n: start_backend(addresses[n], port, n) for n in nodes}
+    path = cluster_file(folder, port, gw_port, metrics, nodes)
+    loaded = load_cluster(path)
+    state = Local.of(loaded).state
+    config = write_gateway(loaded, state, "127.0.0.1", addresses)
+    pidfile = state / "haproxy.pid"
+    try:
+        apply_config(config, pidfile)
+        gw = LoopbackGateway(f"http://127.0.0.1:{gw_port}", (state / "api-key").read_text().strip(), state,
+                             metrics, path, backends)
+        wait_for("every server healthy", lambda: all(s.healthy for s in read_stats(metrics)))
+        yield gw
+    finally:
+        stop_gateway(pidfile)
+        for backend in backends.values():
+            backend.stop()
+        shutil.rmtree(cache, ignore_errors=True)

@@ -6,50 +6,22 @@ requests already on it must end well before the gateway's server timeout (10 min
 server when no byte had come back (HAProxy retries them), else an OpenAI-style JSON error."""
 
 import concurrent.futures
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.backends import LoopbackGateway, cluster_file, start_backend
+from backends import LoopbackGateway, loopback_gateway, states, wait_for
 
-from builder.cluster.gateway import apply_config, gateway_pid, read_stats, reload_gateway, stop_gateway, write_gateway
-from builder.cluster.model import load_cluster
+from builder.cluster.gateway import gateway_pid, reload_gateway
 from builder.cluster.runtime import socket_path, worker_pid
 from conftest import free_port, require_tool
 
 
-def wait_for(what: str, check, limit: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while not check():
-        assert time.monotonic() < deadline, f"{what} did not happen within {limit} s"
-        time.sleep(0.1)
-
-
-def states(gw: LoopbackGateway) -> dict[str, str]:
-    return {s.node: s.status for s in read_stats(gw.metrics_port) if s.service == "chat"}
-
-
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[LoopbackGateway]:
+def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackGateway]:
     require_tool("haproxy", "haproxy")
-    port, gw_port, metrics = free_port(), free_port(), free_port()
-    backends = {"a": start_backend("127.0.0.1", port, "a"), "b": start_backend("127.0.0.2", port, "b")}
-    path = cluster_file(tmp_path, port, gw_port, metrics, ("a", "b"))
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    config = write_gateway(load_cluster(path), state, "127.0.0.1", {"a": "127.0.0.1", "b": "127.0.0.2"})
-    pidfile = state / "haproxy.pid"
-    apply_config(config, pidfile)
-    gw = LoopbackGateway(f"http://127.0.0.1:{gw_port}", (state / "api-key").read_text().strip(), state, metrics, path,
-                     backends)
-    try:
-        wait_for("both servers healthy", lambda: all(s.healthy for s in read_stats(metrics)))
+    with loopback_gateway(tmp_path, free_port, monkeypatch) as gw:
         yield gw
-    finally:
-        stop_gateway(pidfile)
-        for backend in backends.values():
-            backend.stop()
 
 
 def test_a_hung_backend_leaves_the_rotation_and_its_requests_end_quickly(gateway: LoopbackGateway) -> None:
