@@ -67,6 +67,12 @@ class Server:
     status: str  # UP, DOWN, DRAIN, MAINT, … (HAProxy's first word)
     active: int  # requests in flight
     queued: int
+    check: str = ""  # the last health check: L7OK when /health answered 200, INI before the first
+
+    @property
+    def serving(self) -> bool:
+        """Passes its health check (and its agent's): UP, or DRAIN when taken out of the rotation by hand."""
+        return self.status in ("UP", "DRAIN") and self.check == "L7OK"
 
 
 def servers(sock: Path) -> list[Server]:
@@ -74,7 +80,7 @@ def servers(sock: Path) -> list[Server]:
     text = command(sock, "show stat")
     rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
     return [Server(row["pxname"], row["svname"], (row["status"] or "?").split()[0], int(row["scur"] or 0),
-                   int(row["qcur"] or 0))
+                   int(row["qcur"] or 0), (row.get("check_status") or "").strip("* "))
             for row in rows if row.get("svname") not in (None, "FRONTEND", "BACKEND") and row["pxname"] != "stats"]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from builder.cluster.gateway import apply_config, read_stats, stop_gateway, write_gateway
 from builder.cluster.local import Local
 from builder.cluster.model import load_cluster
+from builder.cluster.remote import Remote
 
 # the longest a stand-in holds a request (a hung or held one), so no test thread outlives its test for long
 HOLD_LIMIT = 120.0
@@ -29,19 +30,23 @@ class Backend:
     port: int
     name: str
     hang: threading.Event = field(default_factory=threading.Event)  # set: answer nothing
+    down: threading.Event = field(default_factory=threading.Event)  # set: 503 to everything (booting, broken)
     hold: threading.Event = field(default_factory=threading.Event)  # set: completions wait for `release`
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)
     received: int = 0  # completions that reached it
     answered: int = 0
     held: int = 0  # completions waiting now (held or hung)
     server: ThreadingHTTPServer | None = None
+    booted: list[str] = field(default_factory=list)  # the root images it booted (a node's stand-in, see below)
 
     def count(self, what: str, delta: int = 1) -> None:
         with self.lock:
             setattr(self, what, getattr(self, what) + delta)
 
     def stop(self) -> None:
+        self.stopping.set()
         self.release.set()
         self.hang.clear()
         if self.server is not None:
@@ -84,7 +89,9 @@ def start_backend(host: str, port: int, name: str) -> Backend:
         def do_GET(self) -> None:
             if self._hung():
                 return
-            if self.path == "/health":
+            if backend.down.is_set():
+                self._answer(503, b'{"error":{"message":"Loading model","type":"unavailable_error","code":503}}')
+            elif self.path == "/health":
                 self._answer(200, b'{"status":"ok"}')
             else:
                 self._answer(404, b'{"error":{"message":"not found","type":"invalid_request_error"}}')
@@ -96,6 +103,9 @@ def start_backend(host: str, port: int, name: str) -> Backend:
                 return
             backend.count("received")
             if self._hung():
+                return
+            if backend.down.is_set():
+                self._answer(503, b'{"error":{"message":"Loading model","type":"unavailable_error","code":503}}')
                 return
             if backend.hold.is_set():
                 backend.count("held")
@@ -141,18 +151,23 @@ class LoopbackGateway:
                              json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
 
 
-def cluster_file(folder: Path, port: int, gateway_port: int, metrics_port: int, nodes: tuple[str, ...]) -> Path:
-    """A cluster file with one llama.cpp service `chat` on `nodes`, its model a small file beside it."""
+def cluster_file(folder: Path, port: int, gateway_port: int, metrics_port: int, nodes: tuple[str, ...],
+                 addresses: dict[str, str] | None = None) -> Path:
+    """A cluster file with one llama.cpp service `chat` on `nodes`, its model a small file beside it; with
+    `addresses`, the nodes are netbooted ones at those addresses and the control node is 127.0.0.1."""
     import hashlib
 
     import yaml
     model = b"GGUF" + bytes(1000)
     (folder / "tiny.gguf").write_bytes(model)
-    data = {"gateway": {"port": gateway_port, "metrics_port": metrics_port},
-            "nodes": [{"name": n, "mac": f"52:54:00:12:34:0{i}", "target": "cpu", "memory": "4GiB"}
-                      for i, n in enumerate(nodes)],
+    data: dict[str, Any] = {
+            "gateway": {"port": gateway_port, "metrics_port": metrics_port},
+            "nodes": [{"name": n, "mac": f"52:54:00:12:34:0{i}", "target": "cpu", "memory": "4GiB",
+                       **({"address": addresses[n]} if addresses else {})} for i, n in enumerate(nodes)],
             "services": [{"name": "chat", "model": "tiny.gguf", "sha256": hashlib.sha256(model).hexdigest(),
                           "nodes": list(nodes), "port": port}]}
+    if addresses:
+        data["control"] = {"address": "127.0.0.1", "http_port": 8000}
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -172,19 +187,20 @@ def states(gw: LoopbackGateway) -> dict[str, str]:
 
 @contextlib.contextmanager
 def loopback_gateway(folder: Path, free_port: Callable[[], int], monkeypatch: Any,
-                     nodes: tuple[str, ...] = ("a", "b")) -> Iterator[LoopbackGateway]:
+                     nodes: tuple[str, ...] = ("a", "b"), netboot: bool = False) -> Iterator[LoopbackGateway]:
     """The gateway builder writes for a cluster file whose `chat` runs on `nodes` (127.0.0.1, 127.0.0.2, …), in the
     state folder `builder cluster … --local` uses for that file, with a stand-in backend on each node. BUILDER_CACHE
     (set through pytest's `monkeypatch`, so commands run by the test see it) is a short folder: the runtime API's
-    socket path must fit in 107 bytes."""
+    socket path must fit in 107 bytes. With `netboot`, the nodes are netbooted ones (mac and address) and the
+    gateway is in the state folder of the netbooted nodes' gateway (`builder cluster … FILE` without --local)."""
     cache = Path(tempfile.mkdtemp(prefix="bgw-"))
     monkeypatch.setenv("BUILDER_CACHE", str(cache))
     port, gw_port, metrics = free_port(), free_port(), free_port()
     addresses = {n: f"127.0.0.{i + 1}" for i, n in enumerate(nodes)}
     backends = {n: start_backend(addresses[n], port, n) for n in nodes}
-    path = cluster_file(folder, port, gw_port, metrics, nodes)
+    path = cluster_file(folder, port, gw_port, metrics, nodes, addresses if netboot else None)
     loaded = load_cluster(path)
-    state = Local.of(loaded).state
+    state = Remote.of(loaded).state if netboot else Local.of(loaded).state
     config = write_gateway(loaded, state, "127.0.0.1", addresses)
     pidfile = state / "haproxy.pid"
     try:
@@ -198,3 +214,33 @@ def loopback_gateway(folder: Path, free_port: Callable[[], int], monkeypatch: An
         for backend in backends.values():
             backend.stop()
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def boot_from(root: Path, stem: str) -> str:
+    """The root image a node with this MAC stem boots, read the way its boot.ipxe chains: its pin's script, else
+    the current generation's (builder/netboot/publish.py)."""
+    pinned = root / "pins" / f"{stem}.ipxe"
+    script = pinned if pinned.exists() else root / "current" / "nodes" / f"{stem}.ipxe"
+    words = [w for w in script.read_text().split() if w.startswith("builder.sha256=")]
+    return words[0].split("=", 1)[1]
+
+
+def rebootable(backend: Backend, flag: Path, root: Path, stem: str, broken: set[str],
+               down_seconds: float = 3.0) -> None:
+    """Make `backend` stand for a netbooted node: when `flag` appears (what the test's reboot command makes), it
+    goes down (503, as llama-server while it loads) for `down_seconds`, boots the root image its boot files name
+    now, and serves again unless that image is in `broken` (a generation whose server never becomes healthy)."""
+    backend.booted.append(boot_from(root, stem))
+
+    def watch() -> None:
+        while not backend.stopping.is_set():
+            if flag.exists():
+                flag.unlink()
+                backend.down.set()
+                time.sleep(down_seconds)
+                image = boot_from(root, stem)
+                backend.booted.append(image)
+                if image not in broken:
+                    backend.down.clear()
+            time.sleep(0.05)
+    threading.Thread(target=watch, daemon=True).start()
