@@ -274,6 +274,8 @@ def pin_cmd(
     clear: Annotated[bool, typer.Option("--clear", help="Drop NODE's pin: it boots the current generation.")
                      ] = False,
     root: RootOpt = Path("pxe-root"),
+    as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Boot one node from GENERATION's files, whatever generation is current (one atomic switch of that node's
     pin; the node picks it up on its next boot). `pxe publish` and `pxe rollback` move the nodes without a pin;
@@ -289,6 +291,9 @@ def pin_cmd(
                           f"netbooted nodes: {', '.join(n.name for n in loaded.cluster.netbooted) or 'none'}")
     target = None if generation is None else resolve(root, generation)
     before = pin(root, match[0].file_stem, target)
+    if as_json:
+        typer.echo(json.dumps({"node": node, "mac": match[0].mac, "was": before, "pinned": target}))
+        return
     was = f"generations/{before}" if before else "current"
     typer.echo(f"{node}: {was} -> " + (f"generations/{target}" if target else "current (no pin)"))
 

@@ -1,6 +1,7 @@
 """`builder cluster drain|enable|roll`: take a node out of the gateway's rotation and back, and move nodes to a
 netboot generation one at a time (builder/cluster/roll.py)."""
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Annotated
 import typer
 
 from builder.cli.cluster import InventoryArg, LocalOpt, _loaded, cluster_app
+from builder.cli.common import JsonOpt, RecipesOpt
 from builder.cli.conventions import check_input
 from builder.cluster import roll as rolling
 from builder.core.errors import BuilderError, CommandError, RecipeError
@@ -34,6 +36,8 @@ def drain(
     is_local: LocalOpt = False,
     timeout: Annotated[float, typer.Option(
         help="Seconds to wait for the requests in flight on the node to finish.", min=1)] = 600,
+    as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Take NODE's servers out of the gateway's rotation: no new requests go to them, the ones in flight finish.
 
@@ -44,18 +48,27 @@ def drain(
     """
     loaded = _loaded(inventory, is_local)
     name = _node(loaded.path, [n.name for n in loaded.cluster.nodes], node)
-    backends = rolling.drain(rolling.gateway_state(loaded, is_local), name, timeout, typer.echo)
-    typer.echo(f"{name} drained ({', '.join(b.removeprefix('svc_') for b in backends)}): no requests in flight")
+    backends = rolling.drain(rolling.gateway_state(loaded, is_local), name, timeout,
+                             lambda line: typer.echo(line, err=as_json))
+    services = [b.removeprefix("svc_") for b in backends]
+    if as_json:
+        typer.echo(json.dumps({"node": name, "state": "drain", "services": services}))
+    else:
+        typer.echo(f"{name} drained ({', '.join(services)}): no requests in flight")
 
 
 @cluster_app.command()
-def enable(inventory: InventoryArg, node: NodeArg, is_local: LocalOpt = False) -> None:
+def enable(inventory: InventoryArg, node: NodeArg, is_local: LocalOpt = False, as_json: JsonOpt = False,
+           recipes: RecipesOpt = None) -> None:
     """Put NODE's servers back into the gateway's rotation (after `builder cluster drain`); a server that fails its
     health check still gets no requests until it passes."""
     loaded = _loaded(inventory, is_local)
     name = _node(loaded.path, [n.name for n in loaded.cluster.nodes], node)
-    backends = rolling.enable(rolling.gateway_state(loaded, is_local), name)
-    typer.echo(f"{name} enabled ({', '.join(b.removeprefix('svc_') for b in backends)})")
+    services = [b.removeprefix("svc_") for b in rolling.enable(rolling.gateway_state(loaded, is_local), name)]
+    if as_json:
+        typer.echo(json.dumps({"node": name, "state": "ready", "services": services}))
+    else:
+        typer.echo(f"{name} enabled ({', '.join(services)})")
 
 
 def _reboot_with(command: str | None) -> rolling.Reboot:
@@ -104,6 +117,7 @@ def roll(
         help="Seconds for a node to go down and serve again after its reboot.", min=1)] = 900,
     drain_timeout: Annotated[float, typer.Option(
         help="Seconds for the requests in flight on a node to finish.", min=1)] = 600,
+    recipes: RecipesOpt = None,
 ) -> None:
     """Move the netbooted nodes to a generation one at a time, without losing a request.
 

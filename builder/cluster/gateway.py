@@ -342,8 +342,9 @@ class ServerState:
 
     @property
     def healthy(self) -> bool:
-        # HAProxy counts a server UP before its first check; only a passed check says it serves.
-        return self.status == "UP" and self.last_check == "L7OK"
+        # HAProxy counts a server UP before its first check; only a passed check says it serves. A drained one
+        # (`builder cluster drain`) passes its checks too: it takes no new requests until enabled.
+        return self.status in ("UP", "DRAIN") and self.last_check == "L7OK"
 
     def fields(self) -> dict[str, object]:
         """What `cluster status` shows of a server: its health ("starting" before the first check), the last

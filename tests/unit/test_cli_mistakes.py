@@ -28,7 +28,7 @@ ROOT_WRITTEN = {("pxe", "publish")}
 NOT_PATHS_HERE = {"lock_path"}  # the lock: builder.lock of the project unless given; tests/unit/test_lock.py
 # Values for required parameters that are not under test (never reached: the wrong path stops the verb first).
 FILLERS = {"registry": "127.0.0.1:9/x", "role": "server", "reference": "127.0.0.1:9/x:t", "target": "cpu",
-           "form": "kube", "old": "previous", "new": "current"}
+           "form": "kube", "old": "previous", "new": "current", "node": "n1"}
 
 
 def leaves(command: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:

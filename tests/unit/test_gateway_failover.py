@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from backends import LoopbackGateway, loopback_gateway, states, wait_for
 
-from builder.cluster.gateway import gateway_pid, reload_gateway
+from builder.cluster.gateway import gateway_pid, read_stats, reload_gateway
 from builder.cluster.runtime import socket_path, worker_pid
 from conftest import free_port, require_tool
 
@@ -39,6 +39,8 @@ def test_a_hung_backend_leaves_the_rotation_and_its_requests_end_quickly(gateway
         else:
             assert resp.status_code in (502, 503, 504) and body["error"]["type"] == "server_error", resp.text
     wait_for("b marked DOWN", lambda: states(gateway)["b"] == "DOWN")
+    # what `builder cluster status` shows as its last check: a check that got no answer in time
+    assert {s.node: s.last_check for s in read_stats(gateway.metrics_port)}["b"] == "L7TOUT"
     # and new requests go to the healthy one only
     resp = gateway.ask()
     assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "from a"
