@@ -268,8 +268,12 @@ def apply_config(config: Path, pidfile: Path) -> bool:
 
 
 def save_server_state(state: Path) -> None:
-    """Each server's state (drained, in maintenance) where the next worker reads it (`server-state-file`)."""
-    answer = runtime.command(runtime.socket_path(state), "show servers state")
+    """Each server's state (drained, in maintenance) where the next worker reads it (`server-state-file`); nothing
+    when the running gateway has no runtime API (started by an older builder: it has no drains to keep)."""
+    sock = runtime.socket_path(state)
+    if not sock.is_socket():
+        return
+    answer = runtime.command(sock, "show servers state")
     tmp = state / f".{SERVER_STATE}.tmp"
     _write_private(tmp, answer)
     os.replace(tmp, state / SERVER_STATE)
