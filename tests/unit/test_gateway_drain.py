@@ -3,6 +3,7 @@ llama-server on node a (127.0.0.1) and node b (127.0.0.2) (tests/support/backend
 gateway through its runtime API, the socket file in the state folder `--local` uses for the cluster file."""
 
 import concurrent.futures
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 from backends import LoopbackGateway, loopback_gateway, states, wait_for
 
+from builder.cluster.gateway import reload_gateway
+from builder.cluster.runtime import socket_path, worker_pid
 from conftest import ROOT, free_port, require_tool, run_cli
 
 
@@ -101,3 +104,16 @@ def test_drain_without_a_running_gateway_says_how_to_start_it(gateway: LoopbackG
     done = run_cli("cluster", "drain", "--local", "--", str(other / "cluster.yaml"), "b")
     assert done.returncode == 1
     assert "the gateway's runtime API" in done.stderr and "builder cluster up" in done.stderr
+
+
+def test_a_drained_node_stays_drained_across_a_reload(gateway: LoopbackGateway) -> None:
+    done = run_cli("cluster", "drain", "--local", "--json", "--", str(gateway.cluster), "b")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"node": "b", "state": "drain", "services": ["chat"]}
+    worker = worker_pid(socket_path(gateway.state))
+    reload_gateway(gateway.state, gateway.state / "haproxy.pid")
+    assert worker_pid(socket_path(gateway.state)) != worker  # a new worker, which read the saved states
+    assert states(gateway) == {"a": "UP", "b": "DRAIN"}
+    assert set(answered_by(gateway, 4)) == {"a"}
+    done = run_cli("cluster", "enable", "--local", "--json", "--", str(gateway.cluster), "b")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"node": "b", "state": "ready", "services": ["chat"]}
+    assert states(gateway) == {"a": "UP", "b": "UP"}
