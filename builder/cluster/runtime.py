@@ -46,6 +46,9 @@ def command(sock: Path, line: str) -> str:
                 if len(out) > ANSWER_LIMIT:
                     raise BuilderError(f"{sock}: the gateway's answer to {line.split()[0]!r} is too long",
                                        "is this HAProxy's stats socket?")
+    except PermissionError:
+        raise BuilderError(f"the gateway's runtime API at {sock} is not yours to use (mode 0600)",
+                           "run it as the user that started the gateway (root for `cluster up --install`)") from None
     except OSError as exc:
         raise BuilderError(f"the gateway's runtime API at {sock} did not answer ({exc.strerror or exc})",
                            "is the gateway up? `builder cluster up FILE` (it makes the socket)") from None
