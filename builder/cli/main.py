@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from builder import __version__
+from builder.cli import rolling  # noqa: F401  (registers `cluster drain|enable|roll`)
 from builder.cli.cluster import cluster_app
 from builder.cli.common import (
     DEFAULT_FLAVOUR,

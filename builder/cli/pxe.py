@@ -30,7 +30,7 @@ from builder.flavours.prepare import flavour_named, prepare, recipe_file
 from builder.netboot import bom
 from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts, record_llama_cpp
 from builder.netboot.kernels import kernel_spec, pinned_kernel
-from builder.netboot.publish import Artifacts, generation_sets, generations, resolve, rollback
+from builder.netboot.publish import Artifacts, generation_sets, generations, pin, pins, resolve, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
 from builder.netboot.units import BOOT_UNIT, boot_units
 from builder.pipeline.build import build
@@ -194,8 +194,10 @@ def list_cmd(root: RootOpt = Path("pxe-root"), as_json: JsonOpt = False) -> None
     speak) and, from its bill of materials, each service's model by sha256."""
     _existing_root(root)
     found = [(g, generation_sets(root, g.id), bom.read_bom(root, g.id)) for g in generations(root)]
+    held = pins(root)
     if as_json:
         typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current, "sets": sets,
+                                "pinned": sorted(m.replace("-", ":") for m, i in held.items() if i == g.id),
                                 "models": None if bill is None else [
                                     {"service": name, **m.model_dump()} for name, m in bill.models.items()]}
                                for g, sets, bill in found], indent=2))
@@ -205,6 +207,9 @@ def list_cmd(root: RootOpt = Path("pxe-root"), as_json: JsonOpt = False) -> None
     for gen, sets, bill in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gen.published))
         typer.echo(f"{'*' if gen.current else ' '} {gen.id}  {when}")
+        pinned = sorted(stem.replace("-", ":") for stem, g in held.items() if g == gen.id)
+        if pinned:
+            typer.echo(f"    pinned {', '.join(pinned)}")
         for entry in sets:
             typer.echo(f"    {entry['set']:<24} image {str(entry['image_digest'])[:19]}{_llama_line(entry)}")
         if bill is None:
@@ -257,6 +262,40 @@ def rollback_cmd(
     _existing_root(root)
     current = rollback(root, to)
     typer.echo(json.dumps({"current": current}) if as_json else f"current -> generations/{current}")
+
+
+@pxe_app.command("pin")
+def pin_cmd(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The cluster file that names the node.")],
+    node: Annotated[str, typer.Argument(metavar="NODE", help="A netbooted node of the cluster file.")],
+    generation: Annotated[str | None, typer.Argument(
+        metavar="GENERATION", help="A generation id (or a unique start of it), `current` or `previous`.",
+        show_default=False)] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Drop NODE's pin: it boots the current generation.")
+                     ] = False,
+    root: RootOpt = Path("pxe-root"),
+    as_json: JsonOpt = False,
+    recipes: RecipesOpt = None,
+) -> None:
+    """Boot one node from GENERATION's files, whatever generation is current (one atomic switch of that node's
+    pin; the node picks it up on its next boot). `pxe publish` and `pxe rollback` move the nodes without a pin;
+    a generation a node is pinned to is never pruned. `builder cluster roll` pins nodes as it goes."""
+    _existing_root(root)
+    if clear == (generation is not None):
+        raise RecipeError("give either GENERATION or --clear", f"builder pxe pin {file} {node[:40]} current")
+    check_input(file, "FILE")
+    loaded = load_for_netboot(file)
+    match = [n for n in loaded.cluster.netbooted if n.name == node]
+    if not match:
+        raise RecipeError(f"{display_path(file)}: no netbooted node {node[:40]!r}",
+                          f"netbooted nodes: {', '.join(n.name for n in loaded.cluster.netbooted) or 'none'}")
+    target = None if generation is None else resolve(root, generation)
+    before = pin(root, match[0].file_stem, target)
+    if as_json:
+        typer.echo(json.dumps({"node": node, "mac": match[0].mac, "was": before, "pinned": target}))
+        return
+    was = f"generations/{before}" if before else "current"
+    typer.echo(f"{node}: {was} -> " + (f"generations/{target}" if target else "current (no pin)"))
 
 
 @pxe_app.command("serve")

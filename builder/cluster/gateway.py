@@ -25,6 +25,7 @@ import jinja2
 import requests
 
 from builder import PROJECT_ROOT
+from builder.cluster import runtime
 from builder.cluster.model import SERVICE_NAME, Loaded
 from builder.core.errors import BuilderError, RecipeError
 from builder.core.run import run
@@ -51,6 +52,10 @@ TEMPLATES = PROJECT_ROOT / "images" / "gateway"
 KEY_MAP = "api-key.map"
 # How often the gateway asks a netbooted node's agent whether a server may take requests (its device is there).
 AGENT_INTERVAL = "2s"
+# Where a reload finds each server's state as it was (`show servers state`, written just before).
+SERVER_STATE = "server-state"
+# How long a reload may take before its new worker answers on the runtime API.
+RELOAD_SECONDS = 20
 # Paths that reach the config must be plain words: HAProxy splits its lines on blanks and reads quotes.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._+-]+")
 
@@ -171,6 +176,7 @@ def haproxy_config(loaded: Loaded, *, bind: str, addresses: dict[str, str], stat
     source = "".join(c if c.isprintable() else "?" for c in loaded.path.name)
     return _template().render(
         source=source, limits=limits, key_map=_plain_path(state / KEY_MAP),
+        admin_socket=_plain_path(runtime.socket_path(state)), server_state=_plain_path(state / SERVER_STATE),
         models_file=_plain_path(state / "models.json"), drop=drop, bind=_ip_literal(bind, "the gateway's address"),
         port=gateway.port, metrics_port=gateway.metrics_port, services=services, answers=answers,
         http_errors=http_errors)
@@ -242,7 +248,58 @@ def gateway_env() -> dict[str, str]:
 
 
 def start_gateway(config: Path, pidfile: Path) -> None:
-    run(["haproxy", "-D", "-f", config, "-p", pidfile], timeout=30, env=gateway_env())
+    """HAProxy in master-worker mode (-W), in the background: the pid file names the master, which a reload
+    signals."""
+    run(["haproxy", "-W", "-D", "-f", config, "-p", pidfile], timeout=30, env=gateway_env())
+
+
+def apply_config(config: Path, pidfile: Path) -> bool:
+    """Run the gateway on `config` (written by write_gateway into its state folder): started when none runs,
+    else reloaded without dropping the requests in flight (a gateway without the runtime API, from an older
+    builder, is restarted). True when this call started it."""
+    state = config.parent
+    if gateway_pid(pidfile) is not None and runtime.socket_path(state).is_socket():
+        reload_gateway(state, pidfile)
+        return False
+    stop_gateway(pidfile)
+    (state / SERVER_STATE).unlink(missing_ok=True)  # a fresh start forgets drains (a reload keeps them)
+    start_gateway(config, pidfile)
+    return True
+
+
+def save_server_state(state: Path) -> None:
+    """Each server's state (drained, in maintenance) where the next worker reads it (`server-state-file`); nothing
+    when the running gateway has no runtime API (started by an older builder: it has no drains to keep)."""
+    sock = runtime.socket_path(state)
+    if not sock.is_socket():
+        return
+    answer = runtime.command(sock, "show servers state")
+    tmp = state / f".{SERVER_STATE}.tmp"
+    _write_private(tmp, answer)
+    os.replace(tmp, state / SERVER_STATE)
+
+
+def reload_gateway(state: Path, pidfile: Path) -> None:
+    """A new worker on the config in `state`, and the old one finishes the requests it holds (SIGUSR2 to the
+    master); returns once the new worker answers. Servers keep their state across it (save_server_state)."""
+    pid = gateway_pid(pidfile)
+    if pid is None:
+        raise BuilderError(f"no gateway is running from {pidfile}", "builder cluster up FILE")
+    sock = runtime.socket_path(state)
+    before = runtime.worker_pid(sock)
+    save_server_state(state)
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + RELOAD_SECONDS
+    while True:
+        try:
+            if runtime.worker_pid(sock) != before:
+                return
+        except BuilderError:
+            pass  # the socket moves from the old worker to the new one
+        if time.monotonic() > deadline:
+            raise BuilderError(f"the gateway did not start a new worker within {RELOAD_SECONDS} s of its reload",
+                               f"check the config: haproxy -c -f {state / 'haproxy.cfg'}")
+        time.sleep(0.1)
 
 
 def gateway_pid(pidfile: Path) -> int | None:
@@ -289,8 +346,9 @@ class ServerState:
 
     @property
     def healthy(self) -> bool:
-        # HAProxy counts a server UP before its first check; only a passed check says it serves.
-        return self.status == "UP" and self.last_check == "L7OK"
+        # HAProxy counts a server UP before its first check; only a passed check says it serves. A drained one
+        # (`builder cluster drain`) passes its checks too: it takes no new requests until enabled.
+        return self.status in ("UP", "DRAIN") and self.last_check == "L7OK"
 
     def fields(self) -> dict[str, object]:
         """What `cluster status` shows of a server: its health ("starting" before the first check), the last

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from builder.cluster.gateway import (
     ServerState,
+    apply_config,
     gateway_pid,
     read_stats,
-    start_gateway,
     stop_gateway,
     write_gateway,
 )
@@ -231,11 +231,11 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
                                    _log_tail(engine, name))
         previous = (local.state / "haproxy.cfg").read_text() if (local.state / "haproxy.cfg").is_file() else None
         config = write_gateway(loaded, local.state, GATEWAY_ADDRESS, address)
-        # A running gateway with the same config keeps serving: restarting it would cut requests in flight.
+        # A running gateway with the same config keeps serving; a changed one is reloaded (requests in flight
+        # finish on the old worker).
         if gateway_pid(local.pidfile) is None or config.read_text() != previous:
-            stop_gateway(local.pidfile)
-            gateway_started = True  # before the start, for the same reason
-            start_gateway(config, local.pidfile)
+            gateway_started = gateway_pid(local.pidfile) is None  # before the start: a stop during it cleans up
+            gateway_started = apply_config(config, local.pidfile) or gateway_started
         _wait_healthy(local, engine, timeout)
     except BaseException:
         if gateway_started:

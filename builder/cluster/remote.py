@@ -15,7 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.cluster.gateway import ServerState, gateway_pid, read_stats, start_gateway, stop_gateway, write_gateway
+from builder.cluster.gateway import (
+    ServerState,
+    apply_config,
+    gateway_pid,
+    read_stats,
+    save_server_state,
+    stop_gateway,
+    write_gateway,
+)
 from builder.cluster.model import Loaded, Process
 from builder.cluster.ssh import host_keys
 from builder.cluster.units import gateway_unit, gateway_unit_name
@@ -100,13 +108,15 @@ def up(loaded: Loaded, timeout: float, say: Say, strict: bool = False, installed
     started = False
     if installed or (UNIT_DIR / gateway_unit_name(loaded)).is_file():  # systemd runs it; never stopped here
         _under_systemd(remote, config.read_text() != previous, say)
-    # A running gateway with the same config keeps serving: restarting it would cut requests in flight.
+    # A running gateway with the same config keeps serving; a changed one is reloaded (requests in flight
+    # finish on the old worker).
     elif gateway_pid(remote.pidfile) is None or config.read_text() != previous:
-        stop_gateway(remote.pidfile)
-        _can_bind(loaded, remote.bind)
-        say(f"starting the gateway on {remote.bind}:{loaded.cluster.gateway.port}")
-        start_gateway(config, remote.pidfile)
-        started = True
+        if gateway_pid(remote.pidfile) is None:
+            _can_bind(loaded, remote.bind)
+            say(f"starting the gateway on {remote.bind}:{loaded.cluster.gateway.port}")
+        started = apply_config(config, remote.pidfile)
+        if not started:
+            say("reloaded the gateway with the new config")
     try:
         waiting, servers = _wait_healthy(remote, where, timeout, strict)
     except BaseException:
@@ -142,6 +152,7 @@ def _under_systemd(remote: Remote, changed: bool, say: Say) -> None:
         _can_bind(remote.loaded, remote.bind)
     [done] = install([unit])
     if done.state == "unchanged" and was_active and changed:
+        save_server_state(remote.state)  # a drained node stays drained
         systemctl("reload", "--", unit.name)  # new workers on the new config; the old ones finish their requests
         say(f"reloaded {unit.name} with the new config")
     else:

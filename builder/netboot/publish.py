@@ -5,8 +5,14 @@
       generations/<id>/           boot.ipxe, nodes/<mac>.ipxe, .nft (and .plan), manifests/, cluster.yaml,
                                   nodes.json, bom.json (builder/netboot/bom.py)
       current -> generations/<id> the live generation: one symlink, replaced with rename(2)
+      pins/<mac>.ipxe             a node held on another generation (`builder pxe pin`, `builder cluster roll`):
+                                  a symlink to generations/<id>/nodes/<mac>.ipxe, replaced with rename(2)
       history.json                generations in publish order (rollback goes back along it)
       tftp/                       iPXE binaries and boot.ipxe for PXE ROMs that load over TFTP
+
+boot.ipxe chains a node's pin first and the current generation's script when it has none, so a pinned node
+boots its pinned generation whatever `current` is: `pxe publish` and `pxe rollback` move `current` (the nodes
+without a pin), never a pin; pruning keeps every generation a pin points at.
 
 Node scripts name blobs by hash, so a node that is booting while `current` switches still gets one
 consistent set of files. Each node's firewall (nftables rules, builder/cluster/firewall.py) and its plan
@@ -96,8 +102,9 @@ def boot_script_for(control: Control) -> str:
     base = base_url(control)
     return (
         "#!ipxe\n"
-        "# builder netboot: each node chains its own script, named by the MAC address it booted from\n"
-        f"chain {base}/current/nodes/${{mac:hexhyp}}.ipxe || goto unknown\n"
+        "# builder netboot: each node chains its own script, named by the MAC address it booted from: its pin's\n"
+        "# generation when it has one (pins/), else the current one\n"
+        f"chain {base}/pins/${{mac:hexhyp}}.ipxe || chain {base}/current/nodes/${{mac:hexhyp}}.ipxe || goto unknown\n"
         ":unknown\n"
         "echo builder: no node with MAC ${mac} in this generation; add it to cluster.yaml and publish\n"
         "sleep 30\n"
@@ -333,7 +340,8 @@ def _prune(root: Path, keep: int) -> list[str]:
     ids = [str(h["id"]) for h in history]
     live = current_id(root)
     upto = ids.index(live) + 1 if live in ids else len(ids)
-    kept = set(ids[max(0, upto - 1 - keep):upto]) | ({live} if live else set())
+    # a generation a node is pinned to is what that node boots: never pruned
+    kept = set(ids[max(0, upto - 1 - keep):upto]) | ({live} if live else set()) | set(pins(root).values())
     removed = [g for g in ids if g not in kept]
     for gen in removed:
         shutil.rmtree(root / "generations" / gen, ignore_errors=True)
@@ -350,3 +358,48 @@ def _prune(root: Path, keep: int) -> list[str]:
         if blob.name not in used and not blob.name.startswith("."):
             blob.unlink()
     return removed
+
+
+PIN_STEM = re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){5}")
+
+
+def pins(root: Path) -> dict[str, str]:
+    """Each pinned node's MAC stem (52-54-00-…) and the generation its pin points at."""
+    folder = root / "pins"
+    out = {}
+    for link in sorted(folder.glob("*.ipxe")) if folder.is_dir() else []:
+        target = os.readlink(link) if link.is_symlink() else ""
+        parts = target.split("/")
+        # ../generations/<id>/nodes/<stem>.ipxe, as pin() writes it; anything else is not builder's pin
+        if PIN_STEM.fullmatch(link.stem) and len(parts) == 5 and parts[:2] == ["..", "generations"] \
+                and GENERATION_ID.fullmatch(parts[2]) and parts[3:] == ["nodes", f"{link.stem}.ipxe"]:
+            out[link.stem] = parts[2]
+    return out
+
+
+def pin(root: Path, stem: str, generation: str | None) -> str | None:
+    """Point one node (its MAC stem) at `generation`'s boot files with one rename, or drop its pin (None): it then
+    boots the current generation. Returns the generation it was pinned to before."""
+    with locked(lock_of(root), f"pinning a node in {root}"):
+        return _pin(root, stem, generation)
+
+
+def _pin(root: Path, stem: str, generation: str | None) -> str | None:
+    if not PIN_STEM.fullmatch(stem):
+        raise RecipeError(f"{stem!r} is not a MAC address as a node's boot file names it", "e.g. 52-54-00-12-34-56")
+    before = pins(root).get(stem)
+    link = root / "pins" / f"{stem}.ipxe"
+    if generation is None:
+        link.unlink(missing_ok=True)
+        return before
+    script = root / "generations" / generation / "nodes" / f"{stem}.ipxe"
+    if not GENERATION_ID.fullmatch(generation) or not script.is_file():
+        raise RecipeError(f"generation {generation[:40]!r} in {display_path(root)} has no boot script for the node "
+                          f"with MAC {stem.replace('-', ':')}",
+                          "pin it to a generation published with that node (see `builder pxe list`)")
+    link.parent.mkdir(exist_ok=True)
+    tmp = temp_path(link.parent)
+    os.symlink(f"../generations/{generation}/nodes/{stem}.ipxe", tmp)
+    raise_if_stopped()
+    os.replace(tmp, link)
+    return before

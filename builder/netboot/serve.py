@@ -14,11 +14,13 @@ from builder.core.errors import CommandError, EngineError, RecipeError
 from builder.core.run import run
 from builder.netboot.inventory import Control
 
-SERVED = ("/current/", "/blobs/sha256/", "/tftp/")
+SERVED = ("/current/", "/pins/", "/blobs/sha256/", "/tftp/")
 # Of the current generation, only what iPXE fetches: the boot script and each node's script. The generation
 # also keeps the cluster file, nodes.json and the manifests for builder on the control node; the boot network
 # (anyone on it can ask) gets none of them.
 _CURRENT = re.compile(r"/current/(boot\.ipxe|nodes/[0-9a-f]{2}(-[0-9a-f]{2}){5}\.ipxe)")
+# a pinned node's script (builder/netboot/publish.py: pins)
+_PINS = re.compile(r"/pins/[0-9a-f]{2}(-[0-9a-f]{2}){5}\.ipxe")
 
 
 def served_file(root: Path, request_path: str) -> Path | None:
@@ -31,6 +33,8 @@ def served_file(root: Path, request_path: str) -> Path | None:
     if not normal.startswith(SERVED) or normal != path:
         return None
     if normal.startswith("/current/") and not _CURRENT.fullmatch(normal):
+        return None
+    if normal.startswith("/pins/") and not _PINS.fullmatch(normal):
         return None
     base = root.resolve()
     try:

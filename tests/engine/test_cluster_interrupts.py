@@ -81,16 +81,18 @@ class Held:
         return proc.stdout.split()
 
     def gateways(self) -> list[int]:
-        """Every HAProxy process running this cluster's config, pidfile or not."""
-        found = []
+        """Every HAProxy running this cluster's config, pidfile or not: its master (master-worker mode), whose
+        worker is its child and not counted."""
+        found = {}
         for entry in Path("/proc").iterdir():
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
             if argv and argv[0].endswith(b"haproxy") and self.config.encode() in argv:
-                found.append(int(entry.name))
-        return found
+                found[int(entry.name)] = ppid
+        return sorted(pid for pid, ppid in found.items() if ppid not in found)
 
     def status(self) -> dict[str, Any]:
         proc = self.cli("status", "--json", timeout=120)

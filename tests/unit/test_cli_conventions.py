@@ -119,7 +119,9 @@ def test_pxe_push_dir_short_option_is_deprecated(tmp_path: Path) -> None:
 NO_JSON = {("schema",): "prints a JSON Schema", ("cluster", "schema"): "prints a JSON Schema",
            ("matrix",): "prints JSON", ("sbom",): "prints an SPDX JSON document",
            ("cluster", "logs"): "streams containers' output", ("cluster", "firewall"): "prints nftables rules",
-           ("pxe", "serve"): "serves until stopped"}
+           ("pxe", "serve"): "serves until stopped",
+           ("cluster", "roll"): "reports each step as it goes and may ask you to reboot a node; its exit status is "
+                                "the result"}
 
 
 def test_every_verb_that_reports_something_has_json_and_says_errors_are_not_json() -> None:

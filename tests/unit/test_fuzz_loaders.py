@@ -198,7 +198,7 @@ def test_cluster_loader_never_crashes_and_plans_and_scripts_keep_their_shape(tex
         if loaded is None:
             return
         assert loaded.cluster.control is not None
-        assert len(boot_script_for(loaded.cluster.control).splitlines()) == 7
+        assert len(boot_script_for(loaded.cluster.control).splitlines()) == 8
         base = "http://10.0.2.2:8000"
         for node in loaded.cluster.netbooted:
             plan = node_plan(loaded, node.name, base, {s.name: "4" * 64 for s in loaded.cluster.services})

@@ -26,6 +26,7 @@ import yaml
 
 from builder.cluster.gateway import gateway_pid, read_stats, start_gateway, stop_gateway, write_gateway
 from builder.cluster.model import load_cluster
+from builder.cluster.runtime import worker_pid
 from conftest import ROOT, free_port, require_tool
 
 MODEL = b"GGUF" + bytes(1000)
@@ -331,14 +332,20 @@ def test_too_many_or_too_large_headers_are_refused_before_the_key(gateway: Gatew
 def test_haproxy_runs_as_its_own_user_and_its_files_are_private(gateway: Gateway) -> None:
     if os.geteuid() != 0:
         pytest.skip("the privilege drop happens when the gateway is started as root")
-    pid = gateway_pid(gateway.state / "haproxy.pid")
-    assert pid is not None
+    master = gateway_pid(gateway.state / "haproxy.pid")
+    assert master is not None
+    # the master (root, to bind and read the key again on a reload) starts the worker that serves
+    pid = worker_pid(gateway.state / "admin.sock")
+    assert pid != master and f"{pid}" in Path(f"/proc/{master}/task/{master}/children").read_text().split()
     status = Path(f"/proc/{pid}/status").read_text()
     uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
     assert uids and all(int(u) != 0 for u in uids.group(1).split()), status
     root = os.readlink(f"/proc/{pid}/root")
     assert root == str(gateway.state / "empty") and not os.listdir(root)
     assert stat.S_IMODE(gateway.state.stat().st_mode) == 0o700
+    # the runtime API is a socket file only its owner can use, in that folder
+    assert stat.S_ISSOCK((gateway.state / "admin.sock").stat().st_mode)
+    assert stat.S_IMODE((gateway.state / "admin.sock").stat().st_mode) == 0o600
     for name in ("haproxy.cfg", "api-key", "api-key.map", "models.json"):
         assert stat.S_IMODE((gateway.state / name).stat().st_mode) == 0o600, name
     assert gateway.key not in (gateway.state / "haproxy.cfg").read_text()
