@@ -11,9 +11,12 @@ whose podman has its own storage.
    each model fetched from the control node's `builder pxe serve` (in the box) by sha256, the node's firewall
    loaded, the units placed and started. Then: a server, a split's RPC worker and head, and a strix-halo server
    (the cpu image under that tag: its container gets the device nodes and their groups as systemd expands
-   them): `systemctl is-active`, a completion from each llama-server; the playbook run again restarts no unit
-   and fetches no model; a `kill -9` of a server and its restart by systemd, and a model that differs from its
-   sha256 stops its unit before the container starts.
+   them): `systemctl is-active`, a completion from each llama-server; the control node's gateway started in front
+   of them as an operator starts it (`builder cluster up FILE`, in the box), a completion through it with its key
+   for each model equal to the server's own (greedy), and `builder cluster status` shows every server and worker
+   UP; the playbook run again restarts no unit and fetches no model; a `kill -9` of a server and its restart by
+   systemd, the gateway serving it again, and a model that differs from its sha256 stops its unit before the
+   container starts.
 
 The box has no network but its loopback (`--network none`): every server binds 127.0.0.x, and ssh reaches the
 box's sshd on its own 127.0.0.1:22 through `podman exec … nc` (ssh's ProxyCommand), not through any network.
@@ -57,6 +60,24 @@ try:
 except OSError as exc:
     sys.exit(f"no answer: {exc}")
 """
+# A greedy completion from an OpenAI-style endpoint, a server's own or the gateway's (with the key in the file
+# argv[3] names): URL MODEL [KEY_FILE]; its text
+OPENAI = """
+import json, sys, urllib.request
+url, model = sys.argv[1], sys.argv[2]
+body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+                   "seed": 42}).encode()
+headers = {"Content-Type": "application/json"}
+if sys.argv[3:]:
+    with open(sys.argv[3]) as key:
+        headers["Authorization"] = "Bearer " + key.read().strip()
+try:
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60) as answer:
+        sys.stdout.write(json.loads(answer.read())["choices"][0]["text"])
+except OSError as exc:
+    sys.exit(f"no answer: {exc}")
+"""
+GATEWAY = "http://127.0.0.1:8080/v1/completions"  # the cluster file's gateway: on the box's loopback
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +90,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     work.chmod(0o755)
     (work / "probe.py").write_text(PROBE)
     (work / "complete.py").write_text(COMPLETION)
+    (work / "openai.py").write_text(OPENAI)
     name = f"builder-quadlet-{uuid.uuid4().hex[:8]}"
     command = engine.command()
     # privileged: the box's podman runs containers, and the box makes device nodes; its storage is a volume
@@ -273,6 +295,29 @@ def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: st
         box.wait(f"a completion on port {port}", lambda port=port: complete(port))
     assert box.run("systemctl", "is-enabled", "builder-chat.service", check=False).stdout.strip() == "generated"
 
+    # the control node's gateway in front of the units' servers, as an operator starts it there (the nodes are
+    # not netbooted: it only checks their servers' health)
+    started = time.monotonic()
+    up = box.builder("cluster", "up", "/work/run/cluster.yaml", "--timeout", "120")
+    key_file = next(line.split()[1] for line in up.stdout.splitlines() if line.startswith("key "))
+    assert "endpoint  http://127.0.0.1:8080/v1" in up.stdout and "DOWN" not in up.stderr, up.stderr
+
+    def openai(url: str, model: str, *key: str) -> subprocess.CompletedProcess[str]:
+        return box.run("python3", "/work/openai.py", url, model, *key, check=False, timeout=90)
+
+    for service, server in (("chat", "127.0.0.11:8189"), ("big", "127.0.0.11:8190"), ("rocm", "127.0.0.13:8191")):
+        direct = openai(f"http://{server}/v1/completions", service)
+        through = openai(GATEWAY, service, key_file)
+        assert direct.returncode == 0 and direct.stdout, (service, direct.stderr)
+        assert through.returncode == 0 and through.stdout == direct.stdout, (service, through.stderr, direct.stdout)
+    assert "401" in openai(GATEWAY, "chat").stderr  # without the key: refused
+    status = json.loads(box.builder("cluster", "status", "/work/run/cluster.yaml", "--json").stdout)
+    health = {(s["name"], p["node"], p["role"]): p["health"] for s in status["services"] for p in s["processes"]}
+    assert status["ok"] and status["gateway"]["running"] and health == {
+        ("chat", "a", "server"): "UP", ("big", "a", "server"): "UP", ("big", "b", "rpc-worker"): "UP",
+        ("rocm", "amd", "server"): "UP"}, health
+    print(f"\nthe gateway in front of the units: {time.monotonic() - started:.0f} s")
+
     # the playbook again: nothing restarted, no model fetched again (get_url keeps a file whose sha256 matches)
     def fetches() -> int:
         journal = box.run("journalctl", "--no-pager", "-o", "cat", "-u", "model-server.service").stdout
@@ -299,6 +344,7 @@ def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: st
     box.run("kill", "-9", str(killed))
     box.wait("the server after kill -9", lambda: box.state("builder-chat.service") == "active"
              and server_pid() not in (0, killed) and complete(8189))
+    box.wait("the restarted server through the gateway", lambda: openai(GATEWAY, "chat", key_file).stdout != "")
     restarts = box.run("systemctl", "show", "--property=NRestarts", "--value", "builder-chat.service").stdout
     assert int(restarts) >= 1
 
