@@ -4,7 +4,8 @@ whose podman has its own storage.
 
 1. Quadlet's generator (dry run) renders each unit's `podman run`: it carries every device, group, volume,
    security option and variable that `builder run --print` gives for the same `cluster commands` line, and the
-   same image arguments. The device nodes are made in the box (mknod), with groups of their own.
+   same image arguments. The device nodes are made in the box (mknod), with groups of their own. The same for
+   docs/examples/rtx-3060-x4.yaml: each container gets the GPUs through CDI as `builder run --target nvidia` does.
 2. The units run, placed by the playbook `builder cluster export --format ansible` writes: the cpu image loaded
    into the box's storage (`podman save | podman load` through a mounted tar), `ansible-playbook` provisions the
    box over ssh (a key the test makes; root through sudo) as each of the file's three nodes: podman from apt,
@@ -194,6 +195,42 @@ def options(words: list[str], image: str) -> set[tuple[str, str]]:
     return found
 
 
+def render_and_compare(box: Box, path: Path, folder: Path) -> dict[str, tuple[list[str], list[str], str]]:
+    """`path` exported as Quadlet units into `folder`, rendered by Quadlet's dry run in the box, and each
+    `cluster commands` line given to `builder run --print` in the box (its devices, their groups, the model
+    file): every compared option it prints is in the rendered ExecStart, and the image's arguments are the same.
+    Per container: (what builder run prints, the ExecStart's words, the image)."""
+    answer = export(path, folder / "out")
+    units = folder / "units"
+    units.mkdir()
+    for unit in (folder / "out").glob("*/*"):
+        (units / unit.name).write_bytes(unit.read_bytes())
+    services = rendered(box, f"/work/{units.relative_to(box.work)}")
+    proc = run_cli_inproc("cluster", "commands", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = [(entry["node"], argv) for entry in json.loads(proc.stdout) for argv in entry["argv"]]
+    assert {argv[argv.index("--name") + 1] for _, argv in lines} <= set(services)
+    found = {}
+    for node, argv in lines:
+        name = argv[argv.index("--name") + 1]
+        image = next(image for key, image in answer["images"].items() if key.startswith(f"{node}/"))
+        printed = json.loads(box.builder("run", "--print", "--json", "--image", image, *argv[2:]).stdout)
+        service = services[name]
+        start = next(line for line in service if line.startswith("ExecStart="))
+        words = systemd_command(start.removeprefix("ExecStart="))
+        if "$BUILDER_GROUPS" in words:  # the groups the unit's ExecStartPre finds when it starts, run here
+            finder = next(line for line in service if line.startswith("ExecStartPre=") and "--group-add" in line)
+            box.run(*systemd_command(finder.removeprefix("ExecStartPre=")))
+            groups = box.run("cat", f"/run/builder/{name}.env").stdout.strip().split("=", 1)[1].split()
+            at = words.index("$BUILDER_GROUPS")
+            words[at:at + 1] = groups
+        wanted = options(printed, image)
+        assert wanted <= options(words, image), (name, wanted - options(words, image))
+        assert printed[printed.index(image) + 1:] == words[words.index(image) + 1:], name
+        found[name] = (printed, words, image)
+    return found
+
+
 def test_quadlet_renders_every_option_that_builder_run_gives(box: Box) -> None:
     work = box.work / "dry"
     work.mkdir()
@@ -202,48 +239,43 @@ def test_quadlet_renders_every_option_that_builder_run_gives(box: Box) -> None:
     # words systemd and Quadlet would read otherwise: specifiers, variables, quotes, spaces, backslashes
     template = """{% for m in messages %}{{ m['content'] }} $HOME ${X} "q" \\n 100%{% endfor %}"""
     path = cluster_file(work, model, ("--chat-template", template), env="2 $X %n")
-    export(path, work / "out")
-    units = work / "units"
-    units.mkdir()
-    for unit in (work / "out").glob("*/*"):
-        (units / unit.name).write_bytes(unit.read_bytes())
     box.run("cp", f"/work/dry/{model.name}", f"/srv/models/{sha256_file(model)}.gguf")
+    found = render_and_compare(box, path, work)
     services = rendered(box, "/work/dry/units")
-    proc = run_cli_inproc("cluster", "commands", str(path), "--json")
-    assert proc.returncode == 0, proc.stderr
-    lines = [argv for entry in json.loads(proc.stdout) for argv in entry["argv"]]
-    assert len(lines) == 4 and sorted(services) == ["builder-big", "builder-big-rpc", "builder-big-rpc-cache-volume",
-                                                    "builder-chat", "builder-rocm"]
-    for argv in lines:
-        name = argv[argv.index("--name") + 1]
-        image = "localhost/builder/strix-halo:rocm" if "strix-halo" in argv else "localhost/builder/cpu:cpu"
-        # what builder run gives for the same line, on the box (its devices, their groups, the model file)
-        printed = json.loads(box.builder("run", "--print", "--json", "--image", image, *argv[2:]).stdout)
-        service = services[name]
-        start = next(line for line in service if line.startswith("ExecStart="))
-        words = systemd_command(start.removeprefix("ExecStart="))
-        if "$BUILDER_GROUPS" in words:  # the groups the unit's ExecStartPre finds when it starts, run here
-            finder = next(line for line in service if line.startswith("ExecStartPre=") and "--group-add" in line)
-            box.run(*systemd_command(finder.removeprefix("ExecStartPre=")))
-            found = box.run("cat", f"/run/builder/{name}.env").stdout.strip().split("=", 1)[1].split()
-            at = words.index("$BUILDER_GROUPS")
-            words[at:at + 1] = found
-        wanted = options(printed, image)
-        assert wanted <= options(words, image), (name, wanted - options(words, image))
-        assert printed[printed.index(image) + 1:] == words[words.index(image) + 1:], name
-        if name == "builder-rocm":  # the comparison is not empty: the devices, both groups, seccomp, the model
-            model_volume = f"/srv/models/{sha256_file(model)}.gguf:/models/{sha256_file(model)}.gguf:ro"
-            assert {("--device", "/dev/dri"), ("--device", "/dev/kfd"), ("--group-add", "44"),
-                    ("--group-add", "993"), ("--security-opt", "seccomp=unconfined"),
-                    ("--volume", model_volume)} <= wanted
-        if name == "builder-chat":
-            assert ("--env", "OMP_NUM_THREADS=2 $X %n") in wanted and template in printed
-            # as systemd reads the line: $ and % doubled, so it expands neither
-            assert "$$HOME $${X}" in start and "100%%" in start and "$X %n" not in start
-    worker = systemd_command(next(line for line in services["builder-big-rpc"] if line.startswith("ExecStart=")
-                                  ).removeprefix("ExecStart="))
-    assert ("--volume", "systemd-builder-big-rpc-cache:/var/cache/llama.cpp/rpc") in options(
-        worker, "localhost/builder/cpu:cpu")
+    assert sorted(found) == ["builder-big", "builder-big-rpc", "builder-chat", "builder-rocm"]
+    assert "builder-big-rpc-cache-volume" in services
+    # the comparison is not empty: the devices, both groups, seccomp, the model
+    printed, _, image = found["builder-rocm"]
+    model_volume = f"/srv/models/{sha256_file(model)}.gguf:/models/{sha256_file(model)}.gguf:ro"
+    assert {("--device", "/dev/dri"), ("--device", "/dev/kfd"), ("--group-add", "44"), ("--group-add", "993"),
+            ("--security-opt", "seccomp=unconfined"), ("--volume", model_volume)} <= options(printed, image)
+    printed, _, image = found["builder-chat"]
+    assert ("--env", "OMP_NUM_THREADS=2 $X %n") in options(printed, image) and template in printed
+    # as systemd reads the line: $ and % doubled, so it expands neither
+    start = next(line for line in services["builder-chat"] if line.startswith("ExecStart="))
+    assert "$$HOME $${X}" in start and "100%%" in start and "$X %n" not in start
+    _, worker, image = found["builder-big-rpc"]
+    assert ("--volume", "systemd-builder-big-rpc-cache:/var/cache/llama.cpp/rpc") in options(worker, image)
+
+
+def test_quadlet_renders_the_rtx_example_as_builder_run_gives(box: Box) -> None:
+    """docs/examples/rtx-3060-x4.yaml (four NVIDIA boxes on an installed OS): every unit renders, and each
+    container gets the GPUs through CDI as `builder run --target nvidia` gives them, with its model."""
+    work = box.work / "rtx"
+    work.mkdir()
+    path = work / "rtx-3060-x4.yaml"
+    path.write_bytes((ROOT / "docs" / "examples" / "rtx-3060-x4.yaml").read_bytes())
+    zeros = "0" * 64  # the example's placeholder sha256: a file there, for builder run's model volume
+    box.run("sh", "-c", f"printf GGUF > /srv/models/{zeros}.gguf")
+    found = render_and_compare(box, path, work)
+    assert sorted(found) == ["builder-codellama-34b", "builder-codellama-34b-rpc", "builder-llama-2-13b",
+                             "builder-llama-3.1-8b", "builder-qwen2.5-7b"]
+    for name, (printed, words, image) in found.items():
+        assert ("--device", "nvidia.com/gpu=all") in options(printed, image), name
+        if name != "builder-codellama-34b-rpc":
+            assert ("--volume", f"/srv/models/{zeros}.gguf:/models/{zeros}.gguf:ro") in options(words, image), name
+    _, worker, image = found["builder-codellama-34b-rpc"]
+    assert ("--volume", "systemd-builder-codellama-34b-rpc-cache:/var/cache/llama.cpp/rpc") in options(worker, image)
 
 
 def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: str, tiny_model: Path) -> None:
