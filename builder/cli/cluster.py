@@ -75,12 +75,12 @@ def up(
 ) -> None:
     """Start every service's servers and RPC workers and the gateway; print the endpoint and the key's file.
 
-    Without --local the nodes are netbooted (`builder pxe publish`) and start their own servers: `up` starts
-    only the gateway, on this (the control) node, and waits until every server is healthy behind it.
-    A netbooted node that is off or broken does not hold the others back: after --timeout the gateway serves
-    the healthy servers and each one still DOWN is a warning line (an error only when none is healthy, or with
-    --strict). With --local every container must come up. Running it again starts only what is not running. If
-    it fails, what it started is removed again.
+    Without --local the nodes start their own servers (netbooted by `builder pxe publish`, or on an installed OS
+    from `cluster commands` lines or `cluster export` units): `up` starts only the gateway, on this (the
+    control) node, and waits until every server is healthy behind it. A node that is off or broken does not
+    hold the others back: after --timeout the gateway serves the healthy servers and each one still DOWN is a
+    warning line (an error only when none is healthy, or with --strict). With --local every container must
+    come up. Running it again starts only what is not running. If it fails, what it started is removed again.
     """
     if (install or show) and is_local:
         raise RecipeError("builder cluster up --install: --local clusters are containers on this machine; the "

@@ -4,16 +4,20 @@ whose podman has its own storage.
 
 1. Quadlet's generator (dry run) renders each unit's `podman run`: it carries every device, group, volume,
    security option and variable that `builder run --print` gives for the same `cluster commands` line, and the
-   same image arguments. The device nodes are made in the box (mknod), with groups of their own.
+   same image arguments. The device nodes are made in the box (mknod), with groups of their own. The same for
+   docs/examples/rtx-3060-x4.yaml: each container gets the GPUs through CDI as `builder run --target nvidia` does.
 2. The units run, placed by the playbook `builder cluster export --format ansible` writes: the cpu image loaded
    into the box's storage (`podman save | podman load` through a mounted tar), `ansible-playbook` provisions the
    box over ssh (a key the test makes; root through sudo) as each of the file's three nodes: podman from apt,
    each model fetched from the control node's `builder pxe serve` (in the box) by sha256, the node's firewall
    loaded, the units placed and started. Then: a server, a split's RPC worker and head, and a strix-halo server
    (the cpu image under that tag: its container gets the device nodes and their groups as systemd expands
-   them): `systemctl is-active`, a completion from each llama-server; the playbook run again restarts no unit
-   and fetches no model; a `kill -9` of a server and its restart by systemd, and a model that differs from its
-   sha256 stops its unit before the container starts.
+   them): `systemctl is-active`, a completion from each llama-server; the control node's gateway started in front
+   of them as an operator starts it (`builder cluster up FILE`, in the box), a completion through it with its key
+   for each model equal to the server's own (greedy), and `builder cluster status` shows every server and worker
+   UP; the playbook run again restarts no unit and fetches no model; a `kill -9` of a server and its restart by
+   systemd, the gateway serving it again, and a model that differs from its sha256 stops its unit before the
+   container starts.
 
 The box has no network but its loopback (`--network none`): every server binds 127.0.0.x, and ssh reaches the
 box's sshd on its own 127.0.0.1:22 through `podman exec … nc` (ssh's ProxyCommand), not through any network.
@@ -57,6 +61,24 @@ try:
 except OSError as exc:
     sys.exit(f"no answer: {exc}")
 """
+# A greedy completion from an OpenAI-style endpoint, a server's own or the gateway's (with the key in the file
+# argv[3] names): URL MODEL [KEY_FILE]; its text
+OPENAI = """
+import json, sys, urllib.request
+url, model = sys.argv[1], sys.argv[2]
+body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+                   "seed": 42}).encode()
+headers = {"Content-Type": "application/json"}
+if sys.argv[3:]:
+    with open(sys.argv[3]) as key:
+        headers["Authorization"] = "Bearer " + key.read().strip()
+try:
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60) as answer:
+        sys.stdout.write(json.loads(answer.read())["choices"][0]["text"])
+except OSError as exc:
+    sys.exit(f"no answer: {exc}")
+"""
+GATEWAY = "http://127.0.0.1:8080/v1/completions"  # the cluster file's gateway: on the box's loopback
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +91,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     work.chmod(0o755)
     (work / "probe.py").write_text(PROBE)
     (work / "complete.py").write_text(COMPLETION)
+    (work / "openai.py").write_text(OPENAI)
     name = f"builder-quadlet-{uuid.uuid4().hex[:8]}"
     command = engine.command()
     # privileged: the box's podman runs containers, and the box makes device nodes; its storage is a volume
@@ -172,6 +195,42 @@ def options(words: list[str], image: str) -> set[tuple[str, str]]:
     return found
 
 
+def render_and_compare(box: Box, path: Path, folder: Path) -> dict[str, tuple[list[str], list[str], str]]:
+    """`path` exported as Quadlet units into `folder`, rendered by Quadlet's dry run in the box, and each
+    `cluster commands` line given to `builder run --print` in the box (its devices, their groups, the model
+    file): every compared option it prints is in the rendered ExecStart, and the image's arguments are the same.
+    Per container: (what builder run prints, the ExecStart's words, the image)."""
+    answer = export(path, folder / "out")
+    units = folder / "units"
+    units.mkdir()
+    for unit in (folder / "out").glob("*/*"):
+        (units / unit.name).write_bytes(unit.read_bytes())
+    services = rendered(box, f"/work/{units.relative_to(box.work)}")
+    proc = run_cli_inproc("cluster", "commands", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = [(entry["node"], argv) for entry in json.loads(proc.stdout) for argv in entry["argv"]]
+    assert {argv[argv.index("--name") + 1] for _, argv in lines} <= set(services)
+    found = {}
+    for node, argv in lines:
+        name = argv[argv.index("--name") + 1]
+        image = next(image for key, image in answer["images"].items() if key.startswith(f"{node}/"))
+        printed = json.loads(box.builder("run", "--print", "--json", "--image", image, *argv[2:]).stdout)
+        service = services[name]
+        start = next(line for line in service if line.startswith("ExecStart="))
+        words = systemd_command(start.removeprefix("ExecStart="))
+        if "$BUILDER_GROUPS" in words:  # the groups the unit's ExecStartPre finds when it starts, run here
+            finder = next(line for line in service if line.startswith("ExecStartPre=") and "--group-add" in line)
+            box.run(*systemd_command(finder.removeprefix("ExecStartPre=")))
+            groups = box.run("cat", f"/run/builder/{name}.env").stdout.strip().split("=", 1)[1].split()
+            at = words.index("$BUILDER_GROUPS")
+            words[at:at + 1] = groups
+        wanted = options(printed, image)
+        assert wanted <= options(words, image), (name, wanted - options(words, image))
+        assert printed[printed.index(image) + 1:] == words[words.index(image) + 1:], name
+        found[name] = (printed, words, image)
+    return found
+
+
 def test_quadlet_renders_every_option_that_builder_run_gives(box: Box) -> None:
     work = box.work / "dry"
     work.mkdir()
@@ -180,48 +239,43 @@ def test_quadlet_renders_every_option_that_builder_run_gives(box: Box) -> None:
     # words systemd and Quadlet would read otherwise: specifiers, variables, quotes, spaces, backslashes
     template = """{% for m in messages %}{{ m['content'] }} $HOME ${X} "q" \\n 100%{% endfor %}"""
     path = cluster_file(work, model, ("--chat-template", template), env="2 $X %n")
-    export(path, work / "out")
-    units = work / "units"
-    units.mkdir()
-    for unit in (work / "out").glob("*/*"):
-        (units / unit.name).write_bytes(unit.read_bytes())
     box.run("cp", f"/work/dry/{model.name}", f"/srv/models/{sha256_file(model)}.gguf")
+    found = render_and_compare(box, path, work)
     services = rendered(box, "/work/dry/units")
-    proc = run_cli_inproc("cluster", "commands", str(path), "--json")
-    assert proc.returncode == 0, proc.stderr
-    lines = [argv for entry in json.loads(proc.stdout) for argv in entry["argv"]]
-    assert len(lines) == 4 and sorted(services) == ["builder-big", "builder-big-rpc", "builder-big-rpc-cache-volume",
-                                                    "builder-chat", "builder-rocm"]
-    for argv in lines:
-        name = argv[argv.index("--name") + 1]
-        image = "localhost/builder/strix-halo:rocm" if "strix-halo" in argv else "localhost/builder/cpu:cpu"
-        # what builder run gives for the same line, on the box (its devices, their groups, the model file)
-        printed = json.loads(box.builder("run", "--print", "--json", "--image", image, *argv[2:]).stdout)
-        service = services[name]
-        start = next(line for line in service if line.startswith("ExecStart="))
-        words = systemd_command(start.removeprefix("ExecStart="))
-        if "$BUILDER_GROUPS" in words:  # the groups the unit's ExecStartPre finds when it starts, run here
-            finder = next(line for line in service if line.startswith("ExecStartPre=") and "--group-add" in line)
-            box.run(*systemd_command(finder.removeprefix("ExecStartPre=")))
-            found = box.run("cat", f"/run/builder/{name}.env").stdout.strip().split("=", 1)[1].split()
-            at = words.index("$BUILDER_GROUPS")
-            words[at:at + 1] = found
-        wanted = options(printed, image)
-        assert wanted <= options(words, image), (name, wanted - options(words, image))
-        assert printed[printed.index(image) + 1:] == words[words.index(image) + 1:], name
-        if name == "builder-rocm":  # the comparison is not empty: the devices, both groups, seccomp, the model
-            model_volume = f"/srv/models/{sha256_file(model)}.gguf:/models/{sha256_file(model)}.gguf:ro"
-            assert {("--device", "/dev/dri"), ("--device", "/dev/kfd"), ("--group-add", "44"),
-                    ("--group-add", "993"), ("--security-opt", "seccomp=unconfined"),
-                    ("--volume", model_volume)} <= wanted
-        if name == "builder-chat":
-            assert ("--env", "OMP_NUM_THREADS=2 $X %n") in wanted and template in printed
-            # as systemd reads the line: $ and % doubled, so it expands neither
-            assert "$$HOME $${X}" in start and "100%%" in start and "$X %n" not in start
-    worker = systemd_command(next(line for line in services["builder-big-rpc"] if line.startswith("ExecStart=")
-                                  ).removeprefix("ExecStart="))
-    assert ("--volume", "systemd-builder-big-rpc-cache:/var/cache/llama.cpp/rpc") in options(
-        worker, "localhost/builder/cpu:cpu")
+    assert sorted(found) == ["builder-big", "builder-big-rpc", "builder-chat", "builder-rocm"]
+    assert "builder-big-rpc-cache-volume" in services
+    # the comparison is not empty: the devices, both groups, seccomp, the model
+    printed, _, image = found["builder-rocm"]
+    model_volume = f"/srv/models/{sha256_file(model)}.gguf:/models/{sha256_file(model)}.gguf:ro"
+    assert {("--device", "/dev/dri"), ("--device", "/dev/kfd"), ("--group-add", "44"), ("--group-add", "993"),
+            ("--security-opt", "seccomp=unconfined"), ("--volume", model_volume)} <= options(printed, image)
+    printed, _, image = found["builder-chat"]
+    assert ("--env", "OMP_NUM_THREADS=2 $X %n") in options(printed, image) and template in printed
+    # as systemd reads the line: $ and % doubled, so it expands neither
+    start = next(line for line in services["builder-chat"] if line.startswith("ExecStart="))
+    assert "$$HOME $${X}" in start and "100%%" in start and "$X %n" not in start
+    _, worker, image = found["builder-big-rpc"]
+    assert ("--volume", "systemd-builder-big-rpc-cache:/var/cache/llama.cpp/rpc") in options(worker, image)
+
+
+def test_quadlet_renders_the_rtx_example_as_builder_run_gives(box: Box) -> None:
+    """docs/examples/rtx-3060-x4.yaml (four NVIDIA boxes on an installed OS): every unit renders, and each
+    container gets the GPUs through CDI as `builder run --target nvidia` gives them, with its model."""
+    work = box.work / "rtx"
+    work.mkdir()
+    path = work / "rtx-3060-x4.yaml"
+    path.write_bytes((ROOT / "docs" / "examples" / "rtx-3060-x4.yaml").read_bytes())
+    zeros = "0" * 64  # the example's placeholder sha256: a file there, for builder run's model volume
+    box.run("sh", "-c", f"printf GGUF > /srv/models/{zeros}.gguf")
+    found = render_and_compare(box, path, work)
+    assert sorted(found) == ["builder-codellama-34b", "builder-codellama-34b-rpc", "builder-llama-2-13b",
+                             "builder-llama-3.1-8b", "builder-qwen2.5-7b"]
+    for name, (printed, words, image) in found.items():
+        assert ("--device", "nvidia.com/gpu=all") in options(printed, image), name
+        if name != "builder-codellama-34b-rpc":
+            assert ("--volume", f"/srv/models/{zeros}.gguf:/models/{zeros}.gguf:ro") in options(words, image), name
+    _, worker, image = found["builder-codellama-34b-rpc"]
+    assert ("--volume", "systemd-builder-codellama-34b-rpc-cache:/var/cache/llama.cpp/rpc") in options(worker, image)
 
 
 def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: str, tiny_model: Path) -> None:
@@ -273,6 +327,29 @@ def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: st
         box.wait(f"a completion on port {port}", lambda port=port: complete(port))
     assert box.run("systemctl", "is-enabled", "builder-chat.service", check=False).stdout.strip() == "generated"
 
+    # the control node's gateway in front of the units' servers, as an operator starts it there (the nodes are
+    # not netbooted: it only checks their servers' health)
+    started = time.monotonic()
+    up = box.builder("cluster", "up", "/work/run/cluster.yaml", "--timeout", "120")
+    key_file = next(line.split()[1] for line in up.stdout.splitlines() if line.startswith("key "))
+    assert "endpoint  http://127.0.0.1:8080/v1" in up.stdout and "DOWN" not in up.stderr, up.stderr
+
+    def openai(url: str, model: str, *key: str) -> subprocess.CompletedProcess[str]:
+        return box.run("python3", "/work/openai.py", url, model, *key, check=False, timeout=90)
+
+    for service, server in (("chat", "127.0.0.11:8189"), ("big", "127.0.0.11:8190"), ("rocm", "127.0.0.13:8191")):
+        direct = openai(f"http://{server}/v1/completions", service)
+        through = openai(GATEWAY, service, key_file)
+        assert direct.returncode == 0 and direct.stdout, (service, direct.stderr)
+        assert through.returncode == 0 and through.stdout == direct.stdout, (service, through.stderr, direct.stdout)
+    assert "401" in openai(GATEWAY, "chat").stderr  # without the key: refused
+    status = json.loads(box.builder("cluster", "status", "/work/run/cluster.yaml", "--json").stdout)
+    health = {(s["name"], p["node"], p["role"]): p["health"] for s in status["services"] for p in s["processes"]}
+    assert status["ok"] and status["gateway"]["running"] and health == {
+        ("chat", "a", "server"): "UP", ("big", "a", "server"): "UP", ("big", "b", "rpc-worker"): "UP",
+        ("rocm", "amd", "server"): "UP"}, health
+    print(f"\nthe gateway in front of the units: {time.monotonic() - started:.0f} s")
+
     # the playbook again: nothing restarted, no model fetched again (get_url keeps a file whose sha256 matches)
     def fetches() -> int:
         journal = box.run("journalctl", "--no-pager", "-o", "cat", "-u", "model-server.service").stdout
@@ -299,6 +376,7 @@ def test_the_units_run_under_systemd_and_come_back(box: Box, llama_cpu_image: st
     box.run("kill", "-9", str(killed))
     box.wait("the server after kill -9", lambda: box.state("builder-chat.service") == "active"
              and server_pid() not in (0, killed) and complete(8189))
+    box.wait("the restarted server through the gateway", lambda: openai(GATEWAY, "chat", key_file).stdout != "")
     restarts = box.run("systemctl", "show", "--property=NRestarts", "--value", "builder-chat.service").stdout
     assert int(restarts) >= 1
 
