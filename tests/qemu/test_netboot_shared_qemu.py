@@ -502,6 +502,32 @@ def test_cluster_down_stops_the_gateway(cluster: Cluster, gateway: Gateway) -> N
     assert status.returncode == 1 and document["problems"][0] == "the gateway is not running", status.stdout
 
 
+def test_cluster_logs_reads_the_node_over_ssh(cluster: Cluster) -> None:
+    """Before the reboot: `cluster logs FILE node1` (without --local), over ssh as `cluster reboot` logs in (the
+    file's key, from the control node, the host key pinned through the agent on first contact), shows the node's
+    own log (its `builder-node:` lines, the ssh server's among them); `cluster logs FILE node1 tiny` shows that
+    llama-server's output, its listening line included; the same lines are on the console. A service the node
+    does not run is one line, exit 2, before any ssh."""
+    # a copy of the file: builder pins node1's host key per file, and the reboot test below checks its first contact
+    path = cluster.folder / "cluster-logs.yaml"
+    shutil.copyfile(cluster.path, path)
+    identity = ("--identity", str(cluster.admin_key))
+    node_log = cli(cluster, "cluster", "logs", str(path), "node1", "-n", "500", *identity, timeout=180)
+    assert node_log.returncode == 0, node_log.stdout + node_log.stderr
+    assert f"first contact with node1: its host key {host_fingerprint(cluster)}" in node_log.stderr, node_log.stderr
+    assert "builder-node: node1 server tiny ready on 10.0.2.15:8101" in node_log.stdout, node_log.stdout
+    assert re.search(r"^builder-node: ssh server ready on 10\.0\.2\.15:22", node_log.stdout, re.M), node_log.stdout
+    assert "srv " not in node_log.stdout  # the servers' own output is in their logs, not the node's
+    tiny = cli(cluster, "cluster", "logs", str(path), "node1", "tiny", "-n", "2000", *identity, timeout=180)
+    assert tiny.returncode == 0, tiny.stdout + tiny.stderr
+    listening = f"server is listening on http://10.0.2.15:{TINY}"
+    assert listening in tiny.stdout and "builder-node:" not in tiny.stdout, tiny.stdout[-3000:]
+    assert f"server is listening on http://10.0.2.15:{TINY_B}" not in tiny.stdout  # tiny-b's is its own
+    assert listening in cluster.text()  # the console keeps it too
+    missing = cli(cluster, "cluster", "logs", str(path), "node1", "tiny-rpc-nope", *identity)
+    assert missing.returncode == 2 and "no service named 'tiny-rpc-nope'" in missing.stderr, missing.stderr
+
+
 def test_cluster_reboot_goes_in_over_ssh(cluster: Cluster, gateway: Gateway) -> None:
     """Very last: it ends the node. `cluster reboot` from the control node (node1's address in the file is
     127.0.0.1, which the guest sees as the control node's 10.0.2.2) with the file's key: on first contact it
