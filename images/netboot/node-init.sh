@@ -23,6 +23,7 @@ say() {
 
 # shellcheck disable=SC1091  # the plan executor, images/netboot/plan.sh (checked on its own)
 . /usr/lib/builder/plan.sh
+mkdir -p "$LOG_DIR"
 
 name=node plan="" plan_sha256=""
 read -r -a words </proc/cmdline

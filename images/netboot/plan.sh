@@ -13,11 +13,11 @@
 # /run/builder/logs holds node.log (the node's own `builder-node:` lines, and the output of its agent, ssh
 # server and exporter) and SERVICE-ROLE.log per process of the plan (e.g. tiny-server.log, tiny-rpc-worker.log).
 # Each file is moved aside to FILE.1 once it holds LOG_BYTES, so a process keeps at most twice that.
-# `builder cluster logs FILE NODE [SERVICE]` reads them over ssh (builder/cluster/nodelogs.py).
+# `builder cluster logs FILE NODE [SERVICE]` reads them over ssh (builder/cluster/nodelogs.py). node-init makes
+# the folder once it has sourced this file.
 LOG_DIR=/run/builder/logs LOG_BYTES=1048576
 NODE_LOG=$LOG_DIR/node.log
 IN_LOG=""  # set in a subshell whose output keep_log copies to the node log: say then leaves the copy to it
-mkdir -p "$LOG_DIR"
 
 # Append the line $1 to the node log (several processes write it: its size is read each time).
 node_log() {
