@@ -24,6 +24,8 @@ say() {
 # shellcheck disable=SC1091  # the plan executor, images/netboot/plan.sh (checked on its own)
 . /usr/lib/builder/plan.sh
 mkdir -p "$LOG_DIR"
+# bash's process substitution (keep_log's pipes) opens /dev/fd/N, which a devtmpfs without udev lacks
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 
 name=node plan="" plan_sha256=""
 read -r -a words </proc/cmdline
