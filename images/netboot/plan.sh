@@ -33,6 +33,7 @@ keep_log() {
     local file=$1 line size=0 LC_ALL=C
     [ -f "$file" ] && size=$("$bb" stat -c %s "$file" 2>/dev/null)
     while IFS= read -r -n 4096 line || [ -n "$line" ]; do
+        line=${line%$'\r'}  # sshd -e ends its lines with CR LF
         printf '%s\n' "$line"
         if [ "$file" = "$NODE_LOG" ] || [[ $line == "builder-node: "* ]]; then
             node_log "$line"

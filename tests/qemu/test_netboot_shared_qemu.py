@@ -524,9 +524,9 @@ def test_cluster_logs_reads_the_node_over_ssh(cluster: Cluster) -> None:
     assert "srv " not in node_log.stdout  # the servers' own output is in their logs, not the node's
     tiny = cli(cluster, "cluster", "logs", str(path), "node1", "tiny", "-n", "2000", *identity, timeout=180)
     assert tiny.returncode == 0, tiny.stdout + tiny.stderr
-    listening = f"server is listening on http://10.0.2.15:{TINY}"
+    listening = f"listening on http://10.0.2.15:{TINY}"  # llama-server's line once it accepts requests
     assert listening in tiny.stdout and "builder-node:" not in tiny.stdout, tiny.stdout[-3000:]
-    assert f"server is listening on http://10.0.2.15:{TINY_B}" not in tiny.stdout  # tiny-b's is its own
+    assert f"listening on http://10.0.2.15:{TINY_B}" not in tiny.stdout  # tiny-b's is its own
     assert listening in cluster.text()  # the console keeps it too
     missing = cli(cluster, "cluster", "logs", str(path), "node1", "tiny-rpc-nope", *identity)
     assert missing.returncode == 2 and "no service named 'tiny-rpc-nope'" in missing.stderr, missing.stderr
