@@ -22,6 +22,7 @@ from builder.cluster.export_prometheus import export_prometheus
 from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet, write_quadlet
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
+from builder.cluster.nodelogs import MAX_LINES, read_logs
 from builder.cluster.ssh import reboot as reboot_node
 from builder.cluster.wake import chosen
 from builder.cluster.wake import wake as wake_nodes
@@ -182,19 +183,41 @@ def _problems(document: dict[str, object]) -> list[str]:
 @cluster_app.command()
 def logs(
     inventory: InventoryArg,
+    node: Annotated[str | None, typer.Argument(
+        metavar="NODE", help="The netbooted node to read (with --local: only containers whose name contains "
+        "this, e.g. a node or NODE-SERVICE).")] = None,
+    service: Annotated[str | None, typer.Argument(
+        metavar="SERVICE", help="A service the node runs: its processes' output (default: the node's own log).")
+                       ] = None,
     is_local: LocalOpt = False,
     engine: EngineOpt = None,
-    only: Annotated[str | None, typer.Argument(help="Only containers whose name contains this (node, service).")
-                    ] = None,
-    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines per container.")] = 50,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines per log (per container with --local).",
+                                       min=0, max=MAX_LINES)] = 50,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until Ctrl-C "
+                                         "(netbooted nodes).")] = False,
+    identity: Annotated[Path | None, typer.Option(
+        "--identity", "-i", help="Private key to log in with (default: your ssh agent's and ~/.ssh keys).")] = None,
     recipes: RecipesOpt = None,
 ) -> None:
-    """The last lines of every server's and worker's output (--local; netbooted nodes print to their consoles)."""
-    if not is_local:
-        load_cluster(inventory)  # a wrong file is the first thing to say
-        raise RecipeError("builder cluster logs: netbooted nodes print their servers' output on their consoles",
-                          "read the node's serial console (`builder-node:` lines), or try the cluster with --local")
-    local.logs(_loaded(inventory, is_local), engine, only, lines)
+    """The last lines of a netbooted node's log, or of a service's processes on it, over ssh (needs admins:).
+
+    builder logs in as `cluster reboot` does (a key of admins:, the node's host key pinned) and runs `tail` on
+    the logs the node keeps in RAM under /run/builder/logs; its console has the same lines. With --local, every
+    container's output (NODE filters by name).
+    """
+    if is_local:
+        if follow or identity is not None:
+            raise RecipeError("builder cluster logs --local: --follow and --identity are for netbooted nodes",
+                              "use your engine's `logs -f` on a container that `cluster status --local` lists")
+        only = node if service is None else f"{node}-{service}"
+        local.logs(_loaded(inventory, is_local), engine, only, lines)
+        return
+    if identity is not None:
+        check_input(identity, "--identity", folder=False)
+    loaded = load_cluster(inventory)
+    text = read_logs(loaded, node, service, lines, follow, identity, lambda line: typer.echo(line, err=True))
+    if text is not None:
+        typer.echo(text, nl=False)
 
 
 @cluster_app.command()

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from builder.core.errors import CommandError, EngineError
+from builder.core.errors import CommandError, EngineError, Stopped
 
 log = logging.getLogger("builder")
 TAIL_LINES = 30
@@ -221,6 +221,30 @@ def replace_process(argv: Argv, env: Mapping[str, str] | None = None) -> None:
         os.execvpe(args[0], args, dict(env) if env is not None else os.environ)
     except FileNotFoundError:
         raise EngineError(f"command not found: {args[0]}", "install it or put it on PATH") from None
+
+
+def follow(argv: Argv) -> int | None:
+    """Run a command whose output streams to builder's own until it ends (a `tail -F` over ssh): its exit code, or
+    None when builder is stopped (Ctrl-C, SIGTERM), which ends it cleanly. Its stdin is a pipe builder holds open
+    and closes first on the way out, so a remote command that reads it sees the session end."""
+    log.debug("$ %s", _fmt(argv))
+    sys.stdout.flush()
+    proc, held = _start(argv, stdin=subprocess.PIPE, text=True)
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return proc.wait()
+    except (KeyboardInterrupt, Stopped):
+        return None
+    finally:
+        if proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            stop(proc)
 
 
 def start_server(argv: Argv) -> "subprocess.Popen[str]":

@@ -5,6 +5,8 @@
 # each started through the image's own entrypoint on the node's own address (never a wildcard one), announced
 # on the console once it accepts connections, and restarted on its own if it exits. The plan's lines and
 # their fields are documented in builder/netboot/plan.py, which writes them; its env lines are exported first.
+# Every process's output stays on /dev/console and is also kept, bounded, under /run/builder/logs (plan.sh's
+# keep_log), with the node's own `builder-node:` lines in node.log: `builder cluster logs` reads them over ssh.
 set -u
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -12,7 +14,18 @@ mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
 bb=/usr/lib/builder/busybox
 
-say() { echo "builder-node: $*"; }
+# Each line on the console, and in the node log (/run/builder/logs/node.log, keep_log in plan.sh) unless this
+# runs where keep_log copies the output there already.
+say() {
+    echo "builder-node: $*"
+    [ -n "$IN_LOG" ] || node_log "builder-node: $*"
+}
+
+# shellcheck disable=SC1091  # the plan executor, images/netboot/plan.sh (checked on its own)
+. /usr/lib/builder/plan.sh
+mkdir -p "$LOG_DIR"
+# bash's process substitution (keep_log's pipes) opens /dev/fd/N, which a devtmpfs without udev lacks
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 
 name=node plan="" plan_sha256=""
 read -r -a words </proc/cmdline
@@ -60,9 +73,6 @@ fi
 # for the address the node holds, and its event script keeps that address (images/netboot/udhcpc.sh).
 "$bb" udhcpc -f -i "$NODE_IFACE" -r "$NODE_IP" -t 5 -T 3 -A 20 -s /usr/lib/builder/udhcpc.sh &
 say "DHCP: the lease of $NODE_IP on $NODE_IFACE is renewed for as long as the node runs (udhcpc pid $!)"
-
-# shellcheck disable=SC1091  # the plan executor, images/netboot/plan.sh (checked on its own)
-. /usr/lib/builder/plan.sh
 
 if [ -z "$plan" ] || [ -z "$plan_sha256" ]; then
     say "no builder.plan= and builder.plan_sha256= on the kernel command line: nothing to run (publish the node again)"

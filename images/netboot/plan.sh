@@ -8,6 +8,50 @@
 # network's interface, or empty); ROOT_MODE, ROOT_BLOB, MODEL_CACHED, VERITY_ERRORS and CACHE_DIR (from the initramfs).
 # shellcheck disable=SC2154  # the variables above are set by node-init
 
+# --- logs: every process's output stays on the console and is kept in RAM, bounded ---
+
+# /run/builder/logs holds node.log (the node's own `builder-node:` lines, and the output of its agent, ssh
+# server and exporter) and SERVICE-ROLE.log per process of the plan (e.g. tiny-server.log, tiny-rpc-worker.log).
+# Each file is moved aside to FILE.1 once it holds LOG_BYTES, so a process keeps at most twice that.
+# `builder cluster logs FILE NODE [SERVICE]` reads them over ssh (builder/cluster/nodelogs.py). node-init makes
+# the folder once it has sourced this file.
+LOG_DIR=/run/builder/logs LOG_BYTES=1048576
+NODE_LOG=$LOG_DIR/node.log
+IN_LOG=""  # set in a subshell whose output keep_log copies to the node log: say then leaves the copy to it
+
+# Append the line $1 to the node log (several processes write it: its size is read each time).
+node_log() {
+    local size
+    printf '%s\n' "$1" >>"$NODE_LOG" 2>/dev/null || return 0
+    size=$("$bb" stat -c %s "$NODE_LOG" 2>/dev/null) || return 0
+    [ "$size" -lt "$LOG_BYTES" ] || mv -f "$NODE_LOG" "$NODE_LOG.1"
+}
+
+# Copy stdin, line by line, to stdout (the console) and to the log $1 (a line longer than 4096 bytes is cut in
+# pieces); `builder-node:` lines also reach the node log. The one reader of a process's output: it ends with it.
+keep_log() {
+    local file=$1 line size=0 LC_ALL=C
+    [ -f "$file" ] && size=$("$bb" stat -c %s "$file" 2>/dev/null)
+    while IFS= read -r -n 4096 line || [ -n "$line" ]; do
+        line=${line%$'\r'}  # sshd -e ends its lines with CR LF
+        printf '%s\n' "$line"
+        if [ "$file" = "$NODE_LOG" ] || [[ $line == "builder-node: "* ]]; then
+            node_log "$line"
+            [ "$file" = "$NODE_LOG" ] && continue
+        fi
+        printf '%s\n' "$line" >>"$file"
+        size=$((size + ${#line} + 1))
+        if [ "$size" -ge "$LOG_BYTES" ]; then
+            mv -f "$file" "$file.1"
+            size=0
+        fi
+    done 2>/dev/null
+}
+
+# llama.cpp's programs write through C stdio: line-buffered on a pipe too, as on the console (coreutils' stdbuf)
+LINEBUF=()
+command -v stdbuf >/dev/null && LINEBUF=(stdbuf -oL -eL)
+
 # The model at URL $1 goes to the overlay's tmpfs; one published on the control node comes with its sha256 ($2)
 # and, on a node with a cache disk that has room for it (the initramfs made the room), is kept there by it.
 fetch_model() {
@@ -229,12 +273,14 @@ start_agent() {
     fi
     AGENT_PORT=$1
     (
+        # shellcheck disable=SC2034  # read by say (node-init)
+        IN_LOG=1
         while :; do
             perl -e "$AGENT_SCRIPT" "$NODE_IP" "$AGENT_PORT" /run/builder/agent
             say "gateway agent exited with status $?; restarting in 5 s"
             sleep 5
         done
-    ) &
+    ) > >(keep_log "$NODE_LOG") 2>&1 &
     say "gateway agent on $NODE_IP:$AGENT_PORT"
 }
 
@@ -266,12 +312,14 @@ start_ssh() {
         say "ssh host key made for this boot (no cache disk)"
     fi
     (
+        # shellcheck disable=SC2034  # read by say (node-init)
+        IN_LOG=1
         while :; do
             /usr/lib/builder/sshd "$NODE_IP" "$port" "$state"
             say "ssh server exited with status $?; restarting in 5 s"
             sleep 5
         done
-    ) &
+    ) > >(keep_log "$NODE_LOG") 2>&1 &
 }
 
 # The node's metrics exporter (a cluster file's admins:) on its address and port $1, restarted if it exits.
@@ -282,12 +330,14 @@ start_metrics() {
         return 0
     fi
     (
+        # shellcheck disable=SC2034  # read by say (node-init)
+        IN_LOG=1
         while :; do
             /usr/lib/builder/metrics "$NODE_IP" "$port"
             say "metrics exporter exited with status $?; restarting in 5 s"
             sleep 5
         done
-    ) &
+    ) > >(keep_log "$NODE_LOG") 2>&1 &
 }
 
 # The qualification, once per boot (the node runs one image): in the background, after the first process is up.
@@ -328,6 +378,7 @@ hold_degraded() {
 # started but its agent says down (out of the gateway's rotation), unless LLAMA_ALLOW_FALLBACK=1.
 supervise() {
     local role=$1 service=$2 port=$3 path=${4:--} rpc=${5:--} ctx=${6:--} child args label note verb device device_why
+    local log=$LOG_DIR/$service-$role.log
     shift 6
     label="$name $role $service"
     while :; do
@@ -347,14 +398,16 @@ supervise() {
                 ;;
         esac
         if [ "$role" = rpc-worker ] && [ "$path" != - ]; then
-            /usr/local/bin/llama-entrypoint rpc-worker --host "$RPC_IP" --port "$port" --seed "$path" &
+            "${LINEBUF[@]}" /usr/local/bin/llama-entrypoint rpc-worker --host "$RPC_IP" --port "$port" \
+                --seed "$path" > >(keep_log "$log") 2>&1 &
         elif [ "$role" = rpc-worker ]; then
-            /usr/local/bin/llama-entrypoint rpc-worker --host "$RPC_IP" --port "$port" &
+            "${LINEBUF[@]}" /usr/local/bin/llama-entrypoint rpc-worker --host "$RPC_IP" --port "$port" \
+                > >(keep_log "$log") 2>&1 &
         else
             args=(--model "$path" --host "$NODE_IP" --port "$port" --alias "$service" --metrics)
             [ "$rpc" != - ] && args+=(--rpc "$rpc" -ngl 999)
             [ "$ctx" != - ] && args+=(-c "$ctx")
-            /usr/local/bin/llama-entrypoint server "${args[@]}" "$@" &
+            "${LINEBUF[@]}" /usr/local/bin/llama-entrypoint server "${args[@]}" "$@" > >(keep_log "$log") 2>&1 &
         fi
         child=$!
         # a server says its service (clients ask for it by name); a worker serves whichever head connects
@@ -376,8 +429,9 @@ supervise() {
 # makes for every vLLM process), with ENV (NAME=VALUE,…) and the interface the node's address is on. PORT '-' is a
 # pipeline node that serves no API: it is started, never probed.
 supervise_vllm() {
-    local service=$1 port=$2 path=$3 mount=$4 env=$5 child pair pairs=()
+    local service=$1 port=$2 path=$3 mount=$4 env=$5 child pair pairs=() log=$LOG_DIR/$1-server.log
     shift 5
+    [ "$port" = - ] && log=$LOG_DIR/$service-pipeline-worker.log
     if ! grep -q " $mount squashfs " /proc/mounts; then
         mkdir -p "$mount"
         "$bb" mount -t squashfs -o ro,loop "$path" "$mount" || { say "the model ${path##*/} does not mount"; return 1; }
@@ -391,8 +445,9 @@ supervise_vllm() {
             # a pipeline's nodes are all on the data network or none (builder/cluster/model.py checks)
             export GLOO_SOCKET_IFNAME="${DATA_IFACE:-$NODE_IFACE}" NCCL_SOCKET_IFNAME="${DATA_IFACE:-$NODE_IFACE}"
             for pair in "${pairs[@]}"; do export "${pair?}"; done
+            export PYTHONUNBUFFERED=1  # its output reaches the console as it comes, through keep_log
             exec /usr/local/bin/vllm-entrypoint "$@"
-        ) &
+        ) > >(keep_log "$log") 2>&1 &
         child=$!
         if [ "$port" = - ]; then
             say "$name pipeline-worker $service started"

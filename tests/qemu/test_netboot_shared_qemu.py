@@ -31,9 +31,12 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +50,7 @@ from netns import Namespace, network_namespace
 from test_netboot_qemu import BOOT_SECONDS, MAC, artifacts, published
 
 from builder.cluster.ssh import fingerprint, host_key
-from conftest import require_tool, run_cli
+from conftest import ROOT, require_tool, run_cli
 from containers import PROMPT, container, cpu_reference_text
 from qemu import node, wait_for
 
@@ -500,6 +503,62 @@ def test_cluster_down_stops_the_gateway(cluster: Cluster, gateway: Gateway) -> N
     document = json.loads(status.stdout)
     assert document["gateway"]["running"] is False
     assert status.returncode == 1 and document["problems"][0] == "the gateway is not running", status.stdout
+
+
+def test_cluster_logs_reads_the_node_over_ssh(cluster: Cluster) -> None:
+    """Before the reboot: `cluster logs FILE node1` (without --local), over ssh as `cluster reboot` logs in (the
+    file's key, from the control node, the host key pinned through the agent on first contact), shows the node's
+    own log (its `builder-node:` lines, the ssh server's among them); `cluster logs FILE node1 tiny` shows that
+    llama-server's output, its listening line included; the same lines are on the console. A service the node
+    does not run is one line, exit 2, before any ssh. `-f` follows until Ctrl-C, which ends it with exit 0 and
+    stops the `tail` it ran on the node."""
+    # a copy of the file: builder pins node1's host key per file, and the reboot test below checks its first contact
+    path = cluster.folder / "cluster-logs.yaml"
+    shutil.copyfile(cluster.path, path)
+    identity = ("--identity", str(cluster.admin_key))
+    node_log = cli(cluster, "cluster", "logs", str(path), "node1", "-n", "500", *identity, timeout=180)
+    assert node_log.returncode == 0, node_log.stdout + node_log.stderr
+    assert f"first contact with node1: its host key {host_fingerprint(cluster)}" in node_log.stderr, node_log.stderr
+    assert "builder-node: node1 server tiny ready on 10.0.2.15:8101" in node_log.stdout, node_log.stdout
+    assert re.search(r"^builder-node: ssh server ready on 10\.0\.2\.15:22", node_log.stdout, re.M), node_log.stdout
+    assert "srv " not in node_log.stdout  # the servers' own output is in their logs, not the node's
+    tiny = cli(cluster, "cluster", "logs", str(path), "node1", "tiny", "-n", "2000", *identity, timeout=180)
+    assert tiny.returncode == 0, tiny.stdout + tiny.stderr
+    listening = f"listening on http://10.0.2.15:{TINY}"  # llama-server's line once it accepts requests
+    assert listening in tiny.stdout and "builder-node:" not in tiny.stdout, tiny.stdout[-3000:]
+    assert f"listening on http://10.0.2.15:{TINY_B}" not in tiny.stdout  # tiny-b's is its own
+    assert listening in cluster.text()  # the console keeps it too
+    missing = cli(cluster, "cluster", "logs", str(path), "node1", "tiny-rpc-nope", *identity)
+    assert missing.returncode == 2 and "no service named 'tiny-rpc-nope'" in missing.stderr, missing.stderr
+    # -f: the lines come as they are, Ctrl-C (SIGINT) ends it with exit 0 and no error, and the node's tail ends too
+    with cluster.ns.inside():
+        follow = subprocess.Popen([sys.executable, "-m", "builder", "cluster", "logs", str(path), "node1", "tiny",
+                                   "-f", "-n", "2000", *identity], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, cwd=ROOT)
+    watchdog = threading.Timer(180, follow.kill)  # bounds the reading below: a killed process ends its output
+    watchdog.start()
+    try:
+        assert follow.stdout is not None
+        seen = ""
+        while listening not in seen and (line := follow.stdout.readline()):
+            seen += line
+        assert listening in seen, seen[-3000:]
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=60) == 0
+        assert follow.stderr is not None and "Traceback" not in follow.stderr.read()
+    finally:
+        watchdog.cancel()
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    with cluster.ns.inside():
+        key = host_key("127.0.0.1")
+    known_hosts = cluster.folder / "known_hosts_logs"
+    known_hosts.write_text(f"{ADMIN} {key}\n")
+    gone = ssh(cluster, ADMIN, cluster.admin_key, known_hosts,
+               "for i in $(seq 1 30); do /usr/lib/builder/busybox ps -o args | grep -q '^tail -n 2000 -F' || exit 0; "
+               "sleep 1; done; /usr/lib/builder/busybox ps -o args >&2; exit 1")
+    assert gone.returncode == 0, gone.stdout + gone.stderr
 
 
 def test_cluster_reboot_goes_in_over_ssh(cluster: Cluster, gateway: Gateway) -> None:

@@ -118,7 +118,7 @@ def test_pxe_push_dir_short_option_is_deprecated(tmp_path: Path) -> None:
 # Verbs whose output is already a document, a stream or a long-running server: no --json.
 NO_JSON = {("schema",): "prints a JSON Schema", ("cluster", "schema"): "prints a JSON Schema",
            ("matrix",): "prints JSON", ("sbom",): "prints an SPDX JSON document",
-           ("cluster", "logs"): "streams containers' output", ("cluster", "firewall"): "prints nftables rules",
+           ("cluster", "logs"): "streams logs", ("cluster", "firewall"): "prints nftables rules",
            ("pxe", "serve"): "serves until stopped",
            ("cluster", "roll"): "reports each step as it goes and may ask you to reboot a node; its exit status is "
                                 "the result"}
