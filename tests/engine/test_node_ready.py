@@ -51,8 +51,9 @@ case "$1" in
 esac
 """
 NODE = ("set -u; mkdir -p /run/builder; say() {{ echo \"builder-node: $*\"; }}; name=ci plan={plan} "
-        "plan_sha256={sha} bb=/usr/lib/builder/busybox NODE_IP=127.0.0.1 NODE_IFACE=lo ROOT_MODE=ram ROOT_BLOB= "
-        "MODEL_CACHED= VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache; . /usr/lib/builder/plan.sh; run_plan")
+        "plan_sha256={sha} bb=/usr/lib/builder/busybox NODE_IP=127.0.0.1 NODE_IFACE=lo RPC_IP=127.0.0.1 DATA_IFACE= "
+        "ROOT_MODE=ram ROOT_BLOB= MODEL_CACHED= VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache; "
+        ". /usr/lib/builder/plan.sh; mkdir -p \"$LOG_DIR\"; run_plan")
 
 
 @dataclass(frozen=True)
