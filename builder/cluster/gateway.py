@@ -7,8 +7,6 @@ checks, is docs/security.md's. The key is read by HAProxy from a 0600 map file w
 it is in no config, argv or log, and compared in constant time (`secure_memcmp`).
 """
 
-import csv
-import io
 import ipaddress
 import json
 import os
@@ -346,9 +344,8 @@ class ServerState:
 
     @property
     def healthy(self) -> bool:
-        # HAProxy counts a server UP before its first check; only a passed check says it serves. A drained one
-        # (`builder cluster drain`) passes its checks too: it takes no new requests until enabled.
-        return self.status in ("UP", "DRAIN") and self.last_check == "L7OK"
+        # a drained one (`builder cluster drain`) passes its checks too: it takes no new requests until enabled
+        return runtime.serving(self.status, self.last_check)
 
     def fields(self) -> dict[str, object]:
         """What `cluster status` shows of a server: its health ("starting" before the first check), the last
@@ -365,14 +362,5 @@ def read_stats(metrics_port: int) -> list[ServerState]:
     except requests.RequestException as exc:
         raise BuilderError(f"the gateway's stats on 127.0.0.1:{metrics_port} did not answer ({type(exc).__name__})",
                            "is the cluster up? `builder cluster up --local FILE`") from None
-    rows = csv.DictReader(io.StringIO(resp.text.lstrip("# ")))
-    out = []
-    for row in rows:
-        if row["pxname"].startswith("svc_") and row["svname"] not in ("FRONTEND", "BACKEND"):
-            # the agent's `down #REASON` reads "via agent : down (REASON)"
-            agent = re.fullmatch(r"via agent : down \((.*)\)", row.get("last_agt") or "")
-            why = agent.group(1) if agent and "(agent)" in row["status"] else ""
-            out.append(ServerState(row["pxname"][4:], row["svname"], row["status"].split()[0],
-                                   int(row["scur"] or 0), int(row["stot"] or 0), row["check_status"].strip("* "),
-                                   why))
-    return out
+    return [ServerState(s.backend[len(backend_name("")):], s.node, s.status, s.active, s.total, s.check, s.why)
+            for s in runtime.parse_stats(resp.text) if s.backend.startswith(backend_name(""))]

@@ -8,6 +8,7 @@ checks go on) or back to `ready`. One command per connection, as HAProxy's non-i
 
 import csv
 import io
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -63,6 +64,12 @@ def worker_pid(sock: Path) -> int:
     raise BuilderError(f"{sock}: `show info` names no Pid", "is this HAProxy's stats socket?")
 
 
+def serving(status: str, check: str) -> bool:
+    """A server passes its health check (and its agent's): UP, or DRAIN when taken out of the rotation by hand.
+    HAProxy counts a server UP before its first check; only a passed check (L7OK) says it serves."""
+    return status in ("UP", "DRAIN") and check == "L7OK"
+
+
 @dataclass(frozen=True)
 class Server:
     backend: str
@@ -71,20 +78,32 @@ class Server:
     active: int  # requests in flight
     queued: int
     check: str = ""  # the last health check: L7OK when /health answered 200, INI before the first
+    total: int = 0  # requests sent so far
+    why: str = ""  # what a netbooted node's agent said when it took the server out ("degraded: …")
 
     @property
     def serving(self) -> bool:
-        """Passes its health check (and its agent's): UP, or DRAIN when taken out of the rotation by hand."""
-        return self.status in ("UP", "DRAIN") and self.check == "L7OK"
+        return serving(self.status, self.check)
+
+
+def parse_stats(text: str) -> list[Server]:
+    """Every backend server in HAProxy's CSV stats (`show stat` here, `/stats;csv` on the stats port)."""
+    out = []
+    for row in csv.DictReader(io.StringIO(text.lstrip("# "))):
+        if row.get("svname") in (None, "FRONTEND", "BACKEND") or row["pxname"] == "stats":
+            continue
+        # the agent's `down #REASON` reads "via agent : down (REASON)"
+        agent = re.fullmatch(r"via agent : down \((.*)\)", row.get("last_agt") or "")
+        why = agent.group(1) if agent and "(agent)" in (row["status"] or "") else ""
+        out.append(Server(row["pxname"], row["svname"], (row["status"] or "?").split()[0], int(row["scur"] or 0),
+                          int(row["qcur"] or 0), (row.get("check_status") or "").strip("* "),
+                          int(row.get("stot") or 0), why))
+    return out
 
 
 def servers(sock: Path) -> list[Server]:
     """Every backend server of the gateway (`show stat`)."""
-    text = command(sock, "show stat")
-    rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
-    return [Server(row["pxname"], row["svname"], (row["status"] or "?").split()[0], int(row["scur"] or 0),
-                   int(row["qcur"] or 0), (row.get("check_status") or "").strip("* "))
-            for row in rows if row.get("svname") not in (None, "FRONTEND", "BACKEND") and row["pxname"] != "stats"]
+    return parse_stats(command(sock, "show stat"))
 
 
 def node_servers(sock: Path, node: str) -> list[Server]:

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -240,22 +242,34 @@ def test_each_node_gets_its_firewall_as_a_blob_named_by_sha256(tmp_path: Path) -
         in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:
-    root, path = tmp_path / "pxe-root", inventory(tmp_path)
-    folder, manifest = fake_artifacts(tmp_path, "a")
-    publish(root, path, {("cpu", "cpu"): (folder, manifest)})
+@contextmanager
+def served_root(root: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`builder pxe serve` of `root` on a loopback port, once its boot script answers: its base URL and process
+    (stopped on leaving; its output stays readable)."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root", str(root),
                                "--bind", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
     try:
-        base = f"http://127.0.0.1:{port}"
         for _ in range(100):
             try:
-                boot = requests.get(f"{base}/current/boot.ipxe", timeout=2)
+                requests.get(f"{base}/current/boot.ipxe", timeout=2)
                 break
             except requests.ConnectionError:
                 time.sleep(0.1)
+        yield base, server
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:
+    root, path = tmp_path / "pxe-root", inventory(tmp_path)
+    folder, manifest = fake_artifacts(tmp_path, "a")
+    publish(root, path, {("cpu", "cpu"): (folder, manifest)})
+    with served_root(root) as (base, server):
+        boot = requests.get(f"{base}/current/boot.ipxe", timeout=5)
         assert boot.status_code == 200 and "${mac:hexhyp}.ipxe" in boot.text
         assert "http://10.0.2.2:8000/current/nodes/" in boot.text
         node = requests.get(f"{base}/current/nodes/52-54-00-12-34-56.ipxe", timeout=5)
@@ -268,9 +282,6 @@ def test_http_server_serves_boot_files_only(tmp_path: Path) -> None:
                        "/current/nodes/52-54-00-12-34-56.nft"):
             assert requests.get(base + hidden, timeout=5).status_code == 404, hidden
         assert (root / "current" / "cluster.yaml").is_file()  # kept for builder on the control node
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     assert "dnsmasq config" in server.stderr.read().decode()  # type: ignore[union-attr]
     check_dnsmasq(root / "dnsmasq.conf")
 

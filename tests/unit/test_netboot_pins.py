@@ -2,16 +2,13 @@
 `current` is, `pxe publish` and `pxe rollback` move only the nodes without a pin, and pruning keeps a pinned
 generation and its blobs. The files are served by the real `builder pxe serve` on loopback."""
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import requests
-from test_netboot import MAC, fake_artifacts, inventory, publish
+from test_netboot import MAC, fake_artifacts, inventory, publish, served_root
 
 from builder.netboot.publish import current_id, generations, rollback
-from conftest import free_port, run_cli_inproc
+from conftest import run_cli_inproc
 
 STEM = MAC.replace(":", "-")
 
@@ -33,18 +30,8 @@ def test_a_pinned_node_boots_its_generation_and_keeps_it_from_pruning(tmp_path: 
     listing = run_cli_inproc("pxe", "list", "--root", str(root)).stdout
     assert f"  {old_id}" in listing and f"    pinned {MAC}" in listing
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "builder", "pxe", "serve", "--root", str(root),
-                               "--bind", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                boot = requests.get(f"{base}/current/boot.ipxe", timeout=2)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+    with served_root(root) as (base, _):
+        boot = requests.get(f"{base}/current/boot.ipxe", timeout=5)
         # the boot script asks for the node's pin first, then the current generation's script
         lines = boot.text.splitlines()
         chain = next(line for line in lines if line.startswith("chain "))
@@ -72,9 +59,6 @@ def test_a_pinned_node_boots_its_generation_and_keeps_it_from_pruning(tmp_path: 
         done = run_cli_inproc("pxe", "pin", "--root", str(root), "--clear", "--", str(path), "node1")
         assert done.returncode == 0 and done.stdout == f"node1: generations/{old_id} -> current (no pin)\n"
         assert requests.get(f"{base}/pins/{STEM}.ipxe", timeout=5).status_code == 404
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     # unpinned, the old generation is pruned at the next publish
     publish(root, path, {("cpu", "cpu"): (third_folder, third)}, keep=0)
     assert [g.id for g in generations(root)] == [third_id]
