@@ -38,7 +38,7 @@ from builder.flavours.vllm import load_vllm_recipe, locked_sections, read_lock
 from builder.netboot.adminlayer import SPECS, AdminSpec, resolve_admin
 from builder.netboot.kernels import KERNELS, KernelSpec, resolve_kernel
 from builder.plan.bases import base_inputs, host_arch, lock_name
-from builder.plan.make import runtime_base
+from builder.plan.make import variant_bases
 from builder.recipe.load import RECIPES_DIR, SHARED_PIN, display_path, load_recipe
 from builder.recipe.models import BootstrapBase, ImageBase, LockedBase, Recipe
 
@@ -50,7 +50,10 @@ HINT = "run `builder lock` to record the recipes' pins, review the diff and comm
 def entry(recipe: Recipe, variant: str) -> dict[str, Any]:
     """The pinned inputs of one image: the variant section (bases, flags, vendor pins) and llama.cpp."""
     assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
+    # A field at its default is left out (`rpc_rdma: false`), so entries locked before it stay as they are.
     section = recipe.variants[variant].model_dump(mode="json")
+    if not section["rpc_rdma"]:
+        del section["rpc_rdma"]
     for base in section["base"].values():
         if base.get("kind") == "bootstrap":
             base["packages"] = sorted(set(base["packages"]))
@@ -80,8 +83,8 @@ def compute(recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
 
 def image_bases(recipe: Recipe, variant: str) -> list[tuple[str, ImageBase | BootstrapBase]]:
     """(stage, base) as the image is built: a bootstrapped runtime base carries Toolbx's packages too."""
-    section = recipe.variants[variant]
-    return [("toolchain", section.base.toolchain), ("runtime", runtime_base(section.base.runtime))]
+    toolchain, runtime = variant_bases(recipe.variants[variant])
+    return [("toolchain", toolchain), ("runtime", runtime)]
 
 
 def used_bases(recipes_dir: Path = RECIPES_DIR) -> dict[str, tuple[BootstrapBase, str]]:

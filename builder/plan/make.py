@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 from builder.plan.bases import LockedBases, base_ref
 from builder.recipe.load import choose_variant
-from builder.recipe.models import BootstrapBase, BuildPlan, ImageBase, Recipe, SourceInfo
+from builder.recipe.models import BootstrapBase, BuildPlan, ImageBase, Recipe, SourceInfo, VariantRecipe
 from builder.recipe.targets import COMMON_CMAKE, TOOLBOX_PACKAGES
 
 LABEL_PREFIX = "dev.builder"
@@ -32,6 +32,27 @@ def runtime_base(spec: ImageBase | BootstrapBase) -> ImageBase | BootstrapBase:
     return spec.model_copy(update={"packages": packages})
 
 
+# RPC over RDMA (a variant's `rpc_rdma: true`): ggml-rpc compiles its RDMA transport when CMake finds libibverbs,
+# and the image then needs the library and the user-space drivers of the NICs (mlx5, irdma, bnxt_re, rxe …).
+RDMA_BUILD_PACKAGES: tuple[str, ...] = ("libibverbs-dev",)
+RDMA_RUN_PACKAGES: tuple[str, ...] = ("libibverbs1", "ibverbs-providers")
+RDMA_LABEL = f"{LABEL_PREFIX}.rpc.rdma"
+
+
+def _with_packages(spec: ImageBase | BootstrapBase, extra: tuple[str, ...]) -> ImageBase | BootstrapBase:
+    return spec.model_copy(update={"packages": spec.packages + [p for p in extra if p not in spec.packages]})
+
+
+def variant_bases(section: VariantRecipe) -> tuple[ImageBase | BootstrapBase, ImageBase | BootstrapBase]:
+    """(toolchain, runtime) as the variant is built: Toolbx's packages in a bootstrapped runtime, and with
+    `rpc_rdma` libibverbs in both (its headers in the toolchain, the library and NIC providers at run time)."""
+    toolchain, runtime = section.base.toolchain, runtime_base(section.base.runtime)
+    if section.rpc_rdma:
+        toolchain = _with_packages(toolchain, RDMA_BUILD_PACKAGES)
+        runtime = _with_packages(runtime, RDMA_RUN_PACKAGES)
+    return toolchain, runtime
+
+
 def make_plan(
     recipe: Recipe,
     recipe_path: str,
@@ -46,8 +67,10 @@ def make_plan(
     `provenance`: what the source tree records of itself (`commit`, `rpc_protocol`), each a label where known."""
     target, chosen, section = choose_variant(recipe.target, recipe.variants, variant, recipe_path)
     assert recipe.llama_cpp is not None, "load_recipe fills in the shared pin"
-    runtime = runtime_base(section.base.runtime)
+    toolchain, runtime = variant_bases(section)
     cmake = {**COMMON_CMAKE, **chosen.cmake, **recipe.llama_cpp.cmake, **section.cmake}
+    if section.rpc_rdma:  # stated, so a toolchain without libibverbs fails the build instead of dropping RDMA
+        cmake["GGML_RPC_RDMA"] = "ON"
     # Shown by `--version` of every binary, so a node tells which source it runs.
     cmake["LLAMA_BUILD_COMMIT"] = source.identity.split(":")[-1][:12]
     labels = image_labels(
@@ -58,16 +81,17 @@ def make_plan(
          # what people look a build up by; absent, never made up, when the pin does not record it
          **{f"{LABEL_PREFIX}.{label}": value for key, label in PROVENANCE_LABELS.items()
             if (value := (provenance or {}).get(key))},
-         **{f"{LABEL_PREFIX}.sdk.{name}": f"{sdk.file} sha256:{sdk.sha256}" for name, sdk in section.sdks.items()}},
+         **{f"{LABEL_PREFIX}.sdk.{name}": f"{sdk.file} sha256:{sdk.sha256}" for name, sdk in section.sdks.items()},
+         **({RDMA_LABEL: "true"} if section.rpc_rdma else {})},
         recipe.labels)
     return BuildPlan(
         recipe=recipe_path,
         target=target.name,
         variant=chosen.name,
         description=recipe.description or target.description,
-        toolchain_ref=base_ref(section.base.toolchain, locked),
+        toolchain_ref=base_ref(toolchain, locked),
         runtime_ref=base_ref(runtime, locked),
-        toolchain=section.base.toolchain,
+        toolchain=toolchain,
         runtime=runtime,
         source=source,
         cmake=cmake,
@@ -82,4 +106,5 @@ def make_plan(
              **chosen.host.env, **section.env},
         ship=[f"/opt/sdk/{name}/{pattern}" for name, sdk in section.sdks.items() for pattern in sdk.ship]
         + list(section.ship),
+        rpc_rdma=section.rpc_rdma,
     )

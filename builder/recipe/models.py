@@ -5,7 +5,16 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 from urllib.parse import unquote
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from builder.core.errors import RecipeError
 from builder.core.types import (
@@ -262,6 +271,8 @@ class VariantRecipe(Strict):
         default_factory=dict, description="environment of the runtime image (on top of the target's)")
     ship: list[ShipGlob] = Field(
         default_factory=list, description="globs of files in the toolchain stage the runtime image needs")
+    rpc_rdma: StrictBool = Field(
+        False, description="RPC over RDMA (RoCE/InfiniBand): build ggml-rpc against libibverbs and ship it")
 
 
 # Target and variant names come from the table in recipe/targets.py; the charset keeps a wrong one printable.
@@ -353,6 +364,9 @@ class BuildPlan(Strict):
     sdks: dict[str, SdkSpec] = Field(default_factory=dict)
     env: dict[EnvName, OneLine] = Field(default_factory=dict, description="image environment defaults of the variant")
     ship: list[ShipGlob] = Field(default_factory=list, description="toolchain-stage globs installed with the binaries")
+    # Left out of a dump when off, so the plan.json of every image planned before the field stays byte for byte.
+    rpc_rdma: bool = Field(False, exclude_if=lambda on: not on,
+                           description="ggml-rpc carries RDMA (libibverbs built in and shipped)")
 
 
 DebVersion = Annotated[str, Field(pattern=r"^[A-Za-z0-9.+~:-]+$")]

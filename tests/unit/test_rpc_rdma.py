@@ -1,0 +1,96 @@
+"""RPC over RDMA as a recipe option (`rpc_rdma: true`): what the opt-in renders, and that it stays opt-in."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder.flavours import lock as lockfile
+from builder.recipe.load import load_recipe
+from conftest import ROOT, run_cli_inproc
+
+RDMA_LINE = "-DGGML_RPC_RDMA=ON"
+
+
+def rdma_recipes(tmp_path: Path, value: object = True) -> Path:
+    """A copy of the shipped recipes whose cpu variant sets `rpc_rdma` to `value`."""
+    folder = tmp_path / "recipes"
+    shutil.copytree(ROOT / "recipes", folder)
+    data = yaml.safe_load((folder / "cpu.yaml").read_text())
+    data["variants"]["cpu"]["rpc_rdma"] = value
+    (folder / "cpu.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+def plan_json(*args: str) -> dict[str, object]:
+    proc = run_cli_inproc("plan", "--target", "cpu", "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    doc: dict[str, object] = json.loads(proc.stdout)
+    return doc
+
+
+def packages(doc: dict[str, object], stage: str) -> list[str]:
+    base = doc[stage]
+    assert isinstance(base, dict)
+    names: list[str] = base["packages"]
+    return names
+
+
+def test_the_option_adds_libibverbs_the_cmake_flag_and_the_label(tmp_path: Path) -> None:
+    default, rdma = plan_json(), plan_json("--recipes", str(rdma_recipes(tmp_path)))
+    assert "libibverbs-dev" in packages(rdma, "toolchain")
+    assert {"libibverbs1", "ibverbs-providers"} <= set(packages(rdma, "runtime"))
+    assert rdma["cmake"]["GGML_RPC_RDMA"] == "ON"  # type: ignore[index]
+    assert rdma["labels"]["dev.builder.rpc.rdma"] == "true"  # type: ignore[index]
+    assert rdma["rpc_rdma"] is True
+    # another image: its own content tag and its own bases
+    assert rdma["image"] != default["image"]
+    assert rdma["toolchain_ref"] != default["toolchain_ref"] and rdma["runtime_ref"] != default["runtime_ref"]
+
+    out = tmp_path / "ctx"
+    proc = run_cli_inproc("render", "--recipes", str(rdma_recipes(tmp_path / "again")), "--target", "cpu",
+                          "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    containerfile = (out / "Containerfile").read_text()
+    assert f"    {RDMA_LINE} " in containerfile
+    assert '"dev.builder.rpc.rdma"="true"' in containerfile
+
+
+def test_without_the_option_nothing_mentions_rdma() -> None:
+    """The shipped recipes leave it off: no RDMA flag, package, label or plan key (the goldens hold the bytes)."""
+    doc = plan_json()
+    assert "rpc_rdma" not in doc
+    assert "GGML_RPC_RDMA" not in doc["cmake"]  # type: ignore[operator]
+    assert not [p for stage in ("toolchain", "runtime") for p in packages(doc, stage) if "ibverbs" in p]
+    assert not [k for k in doc["labels"] if "rdma" in k]  # type: ignore[union-attr]
+    for path in sorted((ROOT / "tests" / "data" / "golden").glob("*/*/Containerfile")):
+        assert "RDMA" not in path.read_text() and "ibverbs" not in path.read_text(), path
+
+
+def test_explicit_false_is_the_default_image(tmp_path: Path) -> None:
+    assert plan_json("--recipes", str(rdma_recipes(tmp_path, False)))["image"] == plan_json()["image"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "true", None, ["on"]])
+def test_a_value_other_than_true_or_false_is_one_line(tmp_path: Path, value: object) -> None:
+    proc = run_cli_inproc("plan", "--recipes", str(rdma_recipes(tmp_path, value)), "--target", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    first = proc.stderr.splitlines()[0]
+    assert "cpu.yaml" in first and "variants.cpu.rpc_rdma" in first, first
+
+
+def test_lock_sees_the_rdma_bases_and_leaves_old_entries_alone(tmp_path: Path) -> None:
+    """`builder lock` locks the bases the image is built on (libibverbs included); with the option off an image's
+    lock entry has no new key, so builder.lock as it is still agrees with the shipped recipes."""
+    folder = rdma_recipes(tmp_path)
+    recipe = load_recipe(folder / "cpu.yaml", folder / "llama-cpp.yaml")
+    stages = dict(lockfile.image_bases(recipe, "cpu"))
+    assert "libibverbs-dev" in stages["toolchain"].packages
+    assert "ibverbs-providers" in stages["runtime"].packages
+    assert lockfile.entry(recipe, "cpu")["rpc_rdma"] is True
+    shipped = load_recipe(ROOT / "recipes" / "cpu.yaml")
+    assert "rpc_rdma" not in lockfile.entry(shipped, "cpu")
+    assert lockfile.check() == []
