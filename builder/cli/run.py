@@ -32,7 +32,7 @@ from builder.engines.host import driver_volumes
 from builder.flavours.prepare import flavour_named
 from builder.recipe.load import select
 from builder.recipe.targets import Host, did_you_mean
-from builder.use.launch import RPC_CACHE, RPC_CACHE_ROLES, container_argv, image_for_run, named_model
+from builder.use.launch import RPC_CACHE, RPC_CACHE_ROLES, container_argv, image_for_run, named_model, rdma_flags
 from builder.use.toolbox import TOOL_CHOICES, Box, check_tool, exists, pick_tool, run_steps, tool_of
 
 # vLLM's workers share tensors through /dev/shm; engines give containers 64 MB by default.
@@ -116,7 +116,8 @@ def run(
             raise RecipeError(f"--env {item!r}: expected KEY=VALUE, or KEY set in this environment")
     env_flags = tuple(flag for item in env or [] for flag in ("--env", item))
     argv = container_argv(chosen, image, role, role_args, name=name, detach=detach,
-                          run_flags=(*chosen.device_flags(host, driver_dirs), *env_flags, *cache_flags, *extra_flags))
+                          run_flags=(*chosen.device_flags(host, driver_dirs), *rdma_flags(chosen, image),
+                                     *env_flags, *cache_flags, *extra_flags))
     if print_only:
         typer.echo(json.dumps(list(argv)) if as_json else " ".join(argv))
         return

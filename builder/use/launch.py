@@ -7,6 +7,7 @@ from builder.core.errors import RecipeError
 from builder.engines import Engine
 from builder.flavours.llama import LLAMA_CPP
 from builder.pipeline.flavour import Prepared
+from builder.plan.make import RDMA_LABEL
 
 _MODEL_FLAGS = ("-m", "--model")
 # Host files other roles name, mounted read-only under /models like a model: the GGUF an RPC worker fills its
@@ -15,6 +16,20 @@ _FILE_FLAGS = {"rpc-worker": ("--seed", "--seed-tensors"), "rpc-seed": ("--tenso
 _RPC_SEED_VALUED = ("--cache", "--tensors", "--threads")  # rpc-seed's options that take a value
 RPC_CACHE = "/var/cache/llama.cpp/rpc"  # ggml-rpc-server's tensor cache in the image ($LLAMA_CACHE/rpc)
 RPC_CACHE_ROLES = ("rpc-worker", "rpc-seed")
+# The RDMA devices of the host (uverbs*, rdma_cm), where rdma-core's udev rules put them.
+RDMA_DEVICES = Path("/dev/infiniband")
+
+
+def rdma_flags(engine: Engine, image: str, devices: Path = RDMA_DEVICES) -> list[str]:
+    """An image built with `rpc_rdma` (its label says so) on a host with RDMA devices: the devices, and no cap on
+    locked memory (ggml-rpc registers its send and receive buffers with the NIC, which pins them). Otherwise
+    nothing, and the image is not even looked at: its RPC then stays on TCP."""
+    if not devices.is_dir():
+        return []
+    info = engine.inspect(image)  # None: not in the engine's storage yet (the engine pulls it), so unknown
+    if info is None or info.labels.get(RDMA_LABEL) != "true":
+        return []
+    return ["--device", str(devices), "--ulimit", "memlock=-1:-1"]
 
 
 def _positional(args: list[str]) -> int | None:

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builder.engines.base import ImageInfo
 from builder.flavours import lock as lockfile
 from builder.recipe.load import load_recipe
+from builder.use.launch import rdma_flags
 from conftest import ROOT, run_cli_inproc
 
 RDMA_LINE = "-DGGML_RPC_RDMA=ON"
@@ -94,3 +96,34 @@ def test_lock_sees_the_rdma_bases_and_leaves_old_entries_alone(tmp_path: Path) -
     shipped = load_recipe(ROOT / "recipes" / "cpu.yaml")
     assert "rpc_rdma" not in lockfile.entry(shipped, "cpu")
     assert lockfile.check() == []
+
+
+class _Engine:
+    """Stands for podman's image store (only `inspect` is asked); the flags are tested as the engine receives them
+    in tests/engine/test_rpc_rdma_image.py."""
+
+    def __init__(self, labels: dict[str, str] | None) -> None:
+        self.labels, self.asked = labels, 0
+
+    def inspect(self, ref: str) -> ImageInfo | None:
+        self.asked += 1
+        return None if self.labels is None else ImageInfo(ref, "sha256:" + "1" * 64, self.labels, 1)
+
+
+@pytest.mark.parametrize(("labels", "has_devices", "wanted"), [
+    ({"dev.builder.rpc.rdma": "true"}, True, ["--device", "{dev}", "--ulimit", "memlock=-1:-1"]),
+    ({"dev.builder.rpc.rdma": "true"}, False, []),  # no RDMA NIC on the host: RPC stays on TCP
+    ({}, True, []),  # an image without RDMA gets no device
+    (None, True, []),  # not pulled yet: unknown, nothing added
+])
+def test_run_passes_the_rdma_devices_and_memlock_only_to_an_rdma_image_on_an_rdma_host(
+        tmp_path: Path, labels: dict[str, str] | None, has_devices: bool, wanted: list[str]) -> None:
+    devices = tmp_path / "infiniband"
+    if has_devices:
+        devices.mkdir()
+        (devices / "uverbs0").touch()
+    engine = _Engine(labels)
+    flags = rdma_flags(engine, "localhost/builder/cpu:cpu", devices)  # type: ignore[arg-type]
+    assert flags == [word.format(dev=devices) for word in wanted]
+    assert engine.asked == (1 if has_devices else 0)
+

@@ -1,0 +1,72 @@
+"""The cpu image built with `rpc_rdma: true` (slow: it bootstraps two bases of its own and recompiles ggml-rpc).
+
+No RDMA traffic runs here: the test machine's kernel has no soft-RoCE (rdma_rxe) and no RDMA NIC, so the check
+is what a user sees without one: the worker says it will negotiate RDMA, and a head still gets its answers over
+TCP, the same text the default cpu image gives.
+"""
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, free_port, run_cli
+from containers import complete, container, cpu_reference_text, wait_healthy
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+RDMA_LINE = "transport      : TCP (RDMA auto-negotiate enabled)"
+
+
+def _size(image: str) -> int:
+    out = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", image],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+def test_rdma_cpu_image_negotiates_rdma_and_serves_over_tcp(llama_cpu_image: str, tiny_model: Path,
+                                                            tmp_path: Path) -> None:
+    folder = tmp_path / "recipes"
+    shutil.copytree(ROOT / "recipes", folder)
+    data = yaml.safe_load((folder / "cpu.yaml").read_text())
+    data["variants"]["cpu"]["rpc_rdma"] = True
+    (folder / "cpu.yaml").write_text(yaml.safe_dump(data))
+
+    started = time.monotonic()
+    try:
+        proc = run_cli("build", "--recipes", str(folder), "--target", "cpu", "--engine", "podman", "--json",
+                       timeout=5400)
+    finally:  # the build moved the floating tag cpu:cpu to the RDMA image: give it back to the default one
+        subprocess.run(["podman", "tag", llama_cpu_image, "localhost/builder/cpu:cpu"], check=True)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    image = str(json.loads(proc.stdout)["image"])
+    print(f"rdma cpu image: built in {time.monotonic() - started:.0f} s, {_size(image)} bytes "
+          f"(default cpu image {_size(llama_cpu_image)} bytes)")
+    assert image != llama_cpu_image
+    labels = json.loads(subprocess.run(["podman", "image", "inspect", "--format", "{{json .Labels}}", image],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert labels["dev.builder.rpc.rdma"] == "true"
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    reference = cpu_reference_text("podman", logs, tiny_model)
+    worker, head = free_port(), free_port()
+    recipes = ("--recipes", str(folder))
+    with container("podman", logs, f"builder-test-rdma-w-{worker}", "rpc-worker", "--port", str(worker),
+                   extra=recipes) as w:
+        log = logs / f"builder-test-rdma-w-{worker}.log"
+        deadline = time.monotonic() + 120
+        while RDMA_LINE not in log.read_text(errors="replace"):
+            assert w.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        with container("podman", logs, f"builder-test-rdma-h-{head}", "server", "-m", str(tiny_model), "-c", "256",
+                       "-t", "2", "--port", str(head), "--rpc", f"127.0.0.1:{worker}", "-ngl", "99",
+                       extra=recipes) as h:
+            wait_healthy(head, h, logs / f"builder-test-rdma-h-{head}.log")
+            assert complete(head) == reference
+        worker_log = log.read_text(errors="replace")
+    assert "RDMA activated" not in worker_log  # no RDMA device here: the connection stayed on TCP
