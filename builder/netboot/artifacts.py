@@ -30,7 +30,9 @@ from builder.netboot.adminlayer import add_admin_layer, layers_key
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
     FIREWALL_MODULES,
+    INITRD_FIRMWARE,
     NET_MODULES,
+    RDMA_MODULES,
     ROOT_MODULES,
     KernelSpec,
     busybox,
@@ -43,6 +45,7 @@ from builder.netboot.kernels import (
     version_tuple,
 )
 from builder.netboot.modules import load_order, module_bytes, plain_name
+from builder.plan.make import RDMA_LABEL
 from builder.recipe.load import select
 from builder.recipe.models import LockedBase
 
@@ -160,6 +163,7 @@ def _artifact_key(image_id: str, spec: KernelSpec, tree: Path, squash: Squash, s
     scripts = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NODE_SCRIPTS.iterdir())}
     inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "tree": tree.name, "squash": str(squash),
               "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES, *FIREWALL_MODULES],
+              "initrd_firmware": list(INITRD_FIRMWARE),
               "ssh": layers_key(ssh)}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -170,9 +174,10 @@ def _extract(tarball: Path, dest: Path) -> None:
         archive.extractall(dest, filter="fully_trusted" if os.geteuid() == 0 else "tar")
 
 
-def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tuple[str, ...]) -> list[str]:
-    """node-init and its plan executor, busybox, the image's environment, accelerator modules and firmware;
-    returns missing modules."""
+def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tuple[str, ...],
+                    rdma: bool = False) -> list[str]:
+    """node-init and its plan executor, busybox, the image's environment, accelerator modules and firmware (and
+    with `rdma`, the RDMA modules of the data NICs); returns missing modules."""
     lib = root / "usr/lib/builder"
     lib.mkdir(parents=True, exist_ok=True)
     shutil.copy2(NODE_SCRIPTS / "node-init.sh", lib / "node-init")
@@ -192,6 +197,9 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     if missing:
         raise EngineError(f"kernel {kver} ({spec.suite}) has no {', '.join(missing)} module, which the accelerator "
                           "of these nodes needs", "pin a kernel that builds it: builder lock --refresh-netboot")
+    if rdma:  # an image built with rpc_rdma: its RDMA drivers, those the kernel has (the others are reported)
+        extra, missing = load_order(moddir, RDMA_MODULES)
+        order += [path for path in extra if path not in order]
     target_modules = root / "lib/modules"
     target_modules.mkdir(parents=True, exist_ok=True)
     names = []
@@ -287,7 +295,7 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
         _extract(work / "rootfs.tar", root)
         (work / "rootfs.tar").unlink()
         require_driver(root, target, variant)
-        missing = _add_node_files(root, tree, kver, spec, info.env)
+        missing = _add_node_files(root, tree, kver, spec, info.env, rdma=info.labels.get(RDMA_LABEL) == "true")
         ssh = add_ssh(root)
         squash_started = time.monotonic()
         run_logged(["mksquashfs", str(root), str(staged / "root.squashfs"), "-noappend", "-no-xattrs",

@@ -13,7 +13,14 @@ from pathlib import Path
 from builder.core.errors import EngineError
 from builder.netboot import cpio
 from builder.netboot.elf import closure
-from builder.netboot.kernels import FIREWALL_MODULES, NET_MODULES, ROOT_MODULES, busybox
+from builder.netboot.kernels import (
+    FIREWALL_MODULES,
+    INITRD_FIRMWARE,
+    NET_MODULES,
+    ROOT_MODULES,
+    busybox,
+    firmware_dir,
+)
 from builder.netboot.modules import load_order, module_bytes, plain_name
 from builder.render.context import IMAGES_DIR
 
@@ -44,6 +51,7 @@ def initramfs(kernel_tree: Path, moddir: Path) -> tuple[bytes, list[str]]:
         entries.append(cpio.file(f"lib/modules/{name}", module_bytes(moddir / path)))
         names.append(name)
     entries.append(cpio.file("etc/builder/modules", "".join(f"{n}\n" for n in names).encode()))
+    entries += _firmware(firmware_dir(kernel_tree))
     return cpio.gzipped(cpio.archive(entries)), missing
 
 
@@ -62,3 +70,23 @@ def _programs(tree: Path, names: tuple[str, ...]) -> list[cpio.Entry]:
         folder = "lib64" if soname.startswith("ld-linux") else "lib/x86_64-linux-gnu"
         entries.append(cpio.file(f"{folder}/{soname}", path.read_bytes(), 0o755))
     return entries
+
+
+def _firmware(source: Path) -> list[cpio.Entry]:
+    """lib/firmware/<name> for each of INITRD_FIRMWARE the kernel tree holds (a link read as the file it names),
+    with the folders above it."""
+    entries: list[cpio.Entry] = []
+    folders: set[str] = set()
+    for name in INITRD_FIRMWARE:
+        blob = source / name
+        if not blob.is_file():
+            continue
+        parts = f"lib/firmware/{name}".split("/")
+        for depth in range(2, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder not in folders:
+                folders.add(folder)
+                entries.append(cpio.directory(folder))
+        entries.append(cpio.file(f"lib/firmware/{name}", blob.read_bytes()))
+    return entries
+

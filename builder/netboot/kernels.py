@@ -27,11 +27,26 @@ from builder.recipe.models import LockedBase
 
 KERNEL_VERSION = "5"  # bump when the way kernel trees are made changes
 
-# Loaded by the initramfs: enough to reach the control node and mount the root. Missing ones are skipped,
-# so one list serves every kernel. Ethernet drivers are those of the boards in our clusters (Realtek,
-# Intel, Aquantia/Marvell 5/10 GbE, Mellanox ConnectX) plus virtio for virtual machines.
+# Loaded by the initramfs: enough to reach the control node, bring up a node's data network and mount the root.
+# Missing ones are skipped, so one list serves every kernel. Ethernet drivers are those of the boards and data
+# NICs the field uses: Realtek 1/2.5/5 GbE (r8169), Intel 1/2.5 GbE (e1000e, igb, igc), 10 GbE (ixgbe), 10/25/40 GbE
+# X710/XXV710 (i40e) and 25/50/100 GbE E810 (ice), Aquantia/Marvell 5/10 GbE (atlantic), Broadcom NetXtreme-E
+# 10–200 GbE (bnxt_en), Mellanox/NVIDIA ConnectX-4 and later (mlx5_core), Thunderbolt/USB4 networking
+# (thunderbolt_net), plus virtio for virtual machines. Every one is loaded on every node: they bind only to the
+# hardware they drive, and together they cost the initrd about a megabyte (docs/netboot.md).
 NET_MODULES = ("virtio_pci", "virtio_net", "e1000", "e1000e", "igb", "igc", "r8169", "atlantic", "ixgbe",
-               "mlx5_core", "thunderbolt_net")
+               "i40e", "ice", "bnxt_en", "mlx5_core", "thunderbolt_net")
+# Firmware the initramfs carries for those drivers, when the kernel tree has it (under lib/firmware): ice asks
+# for its DDP package as it probes, in the initramfs, and without it runs in Safe Mode (one queue, no RSS) until
+# the driver is loaded again. It comes from Debian's firmware-intel-misc, which only the kernels that pin that
+# package carry (intel-npu's); i40e, bnxt_en, mlx5_core and the others need no file (their firmware is on the NIC).
+INITRD_FIRMWARE = ("intel/ice/ddp/ice.pkg",)
+# RPC over RDMA (an image built with `rpc_rdma: true`): the verbs interface (/dev/infiniband/uverbs*, rdma_cm)
+# and the RDMA drivers of the data NICs above: ConnectX (mlx5_ib), E810 and X722 (irdma), Broadcom (bnxt_re).
+# Loaded in the root after the NIC drivers, only in the netboot sets of such images; ones a kernel lacks are
+# listed in the set's report (bookworm's 6.1 has no bnxt_re). Soft-RoCE (rdma_rxe) is left out: it turns any
+# Ethernet NIC into a slow RDMA device, which is for tests, not for the data network.
+RDMA_MODULES = ("ib_uverbs", "rdma_ucm", "mlx5_ib", "irdma", "bnxt_re")
 # The root: a squashfs on a loop device, opened through dm-verity, under an overlay; the cache disk: ext4
 # (which mounts the ext2 that busybox's mke2fs writes) on virtio, NVMe or SATA.
 # (ext4 asks the crypto API for crc32c, which no modprobe can load in the initramfs: load it first)
