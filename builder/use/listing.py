@@ -3,6 +3,7 @@ the recipes, by the same rules `builder build` applies) and, apart, how builder'
 
 from pathlib import Path
 
+from builder.flavours.lock import built_images
 from builder.netboot.kernels import KERNELS
 from builder.recipe.load import recipes_dir
 from builder.recipe.targets import TARGETS, UNSUPPORTED, state_of
@@ -35,6 +36,8 @@ def target_entries(recipes: Path | None = None) -> list[dict[str, object]]:
     build, render_only = jobs(recipes or recipes_dir())
     known: dict[tuple[str, str, str], str | None] = {(j["flavour"], j["target"], j["variant"]): None for j in build}
     known |= {(j["flavour"], j["target"], j["variant"]): j["why"] for j in render_only}
+    rdma = {(recipe.target, variant) for _, recipe, variant in built_images(recipes or recipes_dir())
+            if recipe.variants[variant].rpc_rdma}
     entries: list[dict[str, object]] = []
     for target in TARGETS.values():
         for variant in target.variants.values():
@@ -51,6 +54,7 @@ def target_entries(recipes: Path | None = None) -> list[dict[str, object]]:
                 "llama_cpp_step": _word(can["llama.cpp"]), "vllm_step": _word(can["vllm"]),
                 "tested": state.kind, "tested_text": state.text(), "ran_on": state.ran_on,
                 "description": variant.description, "target_description": target.description,
+                "rpc_rdma": (target.name, variant.name) in rdma,
             })
     return entries
 
@@ -78,6 +82,9 @@ def target_rows(entries: list[dict[str, object]]) -> list[str]:
     if steps:
         lines += ["", "before building:", *steps]
     lines += ["", *vllm_scope(entries)]
+    rdma = [f"{e['target']}/{e['variant']}" for e in entries if e["rpc_rdma"]]
+    lines += ["", f"RPC over RDMA (a variant's rpc_rdma: true; docs/recipes.md): {', '.join(rdma)}" if rdma else
+              "RPC over RDMA: off in every recipe (a variant's rpc_rdma: true builds it; docs/recipes.md)"]
     lines += ["", "not supported:", *(f"  {name}: {why}" for name, why in UNSUPPORTED.items())]
     return lines
 

@@ -7,6 +7,7 @@ TCP, the same text the default cpu image gives.
 
 import json
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -56,11 +57,11 @@ def test_rdma_cpu_image_negotiates_rdma_and_serves_over_tcp(llama_cpu_image: str
     reference = cpu_reference_text("podman", logs, tiny_model)
     worker, head = free_port(), free_port()
     recipes = ("--recipes", str(folder))
+    log = logs / f"builder-test-rdma-w-{worker}.log"
     with container("podman", logs, f"builder-test-rdma-w-{worker}", "rpc-worker", "--port", str(worker),
                    extra=recipes) as w:
-        log = logs / f"builder-test-rdma-w-{worker}.log"
         deadline = time.monotonic() + 120
-        while RDMA_LINE not in log.read_text(errors="replace"):
+        while not _listening(worker):
             assert w.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
         with container("podman", logs, f"builder-test-rdma-h-{head}", "server", "-m", str(tiny_model), "-c", "256",
@@ -68,5 +69,15 @@ def test_rdma_cpu_image_negotiates_rdma_and_serves_over_tcp(llama_cpu_image: str
                        extra=recipes) as h:
             wait_healthy(head, h, logs / f"builder-test-rdma-h-{head}.log")
             assert complete(head) == reference
+        # ggml-rpc-server flushes what it printed (the transport line among it) when a client connects
         worker_log = log.read_text(errors="replace")
+    assert RDMA_LINE in worker_log and "Accepted client connection" in worker_log, worker_log[-3000:]
     assert "RDMA activated" not in worker_log  # no RDMA device here: the connection stayed on TCP
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -127,3 +127,13 @@ def test_run_passes_the_rdma_devices_and_memlock_only_to_an_rdma_image_on_an_rdm
     assert flags == [word.format(dev=devices) for word in wanted]
     assert engine.asked == (1 if has_devices else 0)
 
+
+
+def test_builder_targets_names_the_variants_built_with_rdma(tmp_path: Path) -> None:
+    shipped = run_cli_inproc("targets")
+    assert "RPC over RDMA: off in every recipe" in shipped.stdout
+    folder = rdma_recipes(tmp_path)
+    text = run_cli_inproc("targets", "--recipes", str(folder))
+    assert "RPC over RDMA (a variant's rpc_rdma: true; docs/recipes.md): cpu/cpu" in text.stdout.splitlines()
+    entries = json.loads(run_cli_inproc("targets", "--recipes", str(folder), "--json").stdout)
+    assert [(e["target"], e["variant"]) for e in entries if e["rpc_rdma"]] == [("cpu", "cpu")]
