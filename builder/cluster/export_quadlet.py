@@ -27,8 +27,9 @@ from builder.cluster.export_kube import RPC_CACHE, Models, local_image, run_line
 from builder.cluster.model import Loaded, Process, Service
 from builder.cluster.vllm_service import node_variant
 from builder.core.errors import RecipeError
-from builder.recipe.load import display_path
+from builder.recipe.load import builds_rpc_rdma, display_path
 from builder.recipe.targets import TARGETS, Host
+from builder.use.launch import RDMA_DEVICES
 
 # The oldest podman whose Quadlet accepts every key these units use.
 MIN_PODMAN = "4.9"
@@ -181,6 +182,10 @@ class _Units:
         if host.cdi:
             box.append(("AddDevice", host.cdi))
         box += security_keys(host)
+        if service.engine == "llama.cpp" and builds_rpc_rdma(target, variant):
+            # what `builder run` adds for an RDMA image: the RDMA devices where the node has them (the leading
+            # '-': Quadlet leaves the line out on a node without /dev/infiniband), and no cap on locked memory
+            box += [("AddDevice", f"-{RDMA_DEVICES}"), ("Ulimit", "memlock=-1:-1")]
         env = dict(host.env)
         for item in options.get("--env", []):
             key, has_value, value = item.partition("=")

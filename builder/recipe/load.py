@@ -168,3 +168,10 @@ def select(target: str, variant: str | None, where: str = "", variant_from_cli: 
         raise RecipeError(f"{field}: {target} has no variant {name!r}{did_you_mean(name, entry.variants)}",
                           why_not(entry, name))
     return entry, entry.variants[name]
+
+
+def builds_rpc_rdma(target: str, variant: str) -> bool:
+    """Whether the recipes folder of this run builds the llama.cpp image of target/variant with `rpc_rdma`."""
+    section = load_recipe(recipe_path_for(target), shared_pin()).variants.get(variant)
+    return section is not None and section.rpc_rdma
+

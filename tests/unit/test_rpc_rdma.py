@@ -1,5 +1,6 @@
 """RPC over RDMA as a recipe option (`rpc_rdma: true`): what the opt-in renders, and that it stays opt-in."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -137,3 +138,30 @@ def test_builder_targets_names_the_variants_built_with_rdma(tmp_path: Path) -> N
     assert "RPC over RDMA (a variant's rpc_rdma: true; docs/recipes.md): cpu/cpu" in text.stdout.splitlines()
     entries = json.loads(run_cli_inproc("targets", "--recipes", str(folder), "--json").stdout)
     assert [(e["target"], e["variant"]) for e in entries if e["rpc_rdma"]] == [("cpu", "cpu")]
+
+
+def _split_cluster(tmp_path: Path) -> Path:
+    gguf = tmp_path / "chat.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(500))
+    nodes = [{"name": name, "mac": f"52:54:00:00:03:{last:02x}", "target": "cpu", "memory": "1GiB",
+              "address": f"10.0.0.{last}"} for name, last in (("head", 11), ("worker", 12))]
+    data = {"control": {"address": "10.0.0.1"}, "nodes": nodes,
+            "services": [{"name": "big", "model": "chat.gguf", "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
+                          "topology": "split", "head": "head", "workers": ["worker"]}]}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("rdma", [True, False])
+def test_quadlet_units_of_an_rdma_image_add_the_rdma_devices_where_the_node_has_them(tmp_path: Path,
+                                                                                    rdma: bool) -> None:
+    """Installed nodes run what `builder run` runs: an RDMA image gets /dev/infiniband (Quadlet's optional form,
+    '-': left out on a node without it) and no memlock cap, on the head and on the worker."""
+    cluster, out = _split_cluster(tmp_path), tmp_path / "out"
+    recipes = ("--recipes", str(rdma_recipes(tmp_path))) if rdma else ()
+    proc = run_cli_inproc("cluster", "export", str(cluster), "--format", "quadlet", "--out", str(out), *recipes)
+    assert proc.returncode == 0, proc.stderr
+    for unit in ("head/builder-big.container", "worker/builder-big-rpc.container"):
+        lines = (out / unit).read_text().splitlines()
+        assert ("AddDevice=-/dev/infiniband" in lines) is rdma and ("Ulimit=memlock=-1:-1" in lines) is rdma, unit
