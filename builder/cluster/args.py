@@ -8,6 +8,7 @@ last cannot switch off what builder never sets. So anything outside these tables
 the service (`unsafe_env: true` on the node), which loads with one warning line naming what it lets through.
 """
 
+import re
 from collections.abc import Iterable, Mapping
 
 from builder.core.errors import RecipeError
@@ -48,6 +49,14 @@ VLLM_FLAGS: dict[str, bool] = {
 }
 ENGINE_FLAGS = {"llama.cpp": LLAMA_CPP_FLAGS, "vllm": VLLM_FLAGS}
 
+# The environment of RPC over RDMA, each name with the values it takes and what they are, checked even with
+# unsafe_env (ggml-rpc reads them with getenv and atoi).
+RDMA_ENV: dict[str, tuple[str, str]] = {
+    "GGML_RDMA_DEV": (r"[A-Za-z0-9_.-]{1,64}", "an RDMA device name as `rdma link` shows it, e.g. mlx5_0"),
+    "GGML_RDMA_GID": (r"[0-9]{1,3}", "a GID index, e.g. 3 (`show_gids` lists them)"),
+    # ggml-rpc reads only whether it is set: "0" would switch RDMA off too
+    "GGML_RPC_NO_RDMA": (r"1", "1, to keep RPC on TCP (leave it out otherwise)"),
+}
 # Which devices and how many threads a node's servers use.
 ENV_NAMES = frozenset((
     "GGML_VK_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES",
@@ -59,6 +68,8 @@ ENV_NAMES = frozenset((
     # "1": a node's RPC worker serves on what llama.cpp lists when its image's device is missing, instead of
     # refusing to listen (the image's rpc-worker role; its check-device line still says degraded)
     "LLAMA_ALLOW_FALLBACK",
+    # RPC over RDMA (an image built with rpc_rdma): which RDMA device and GID index ggml-rpc uses, or TCP only
+    *RDMA_ENV,
 ))
 # These set a server's arguments (llama.cpp reads LLAMA_ARG_*, vLLM VLLM_*, Ray RAY_*, llama-server's Vertex AI
 # mode AIP_* adds routes): they are args by another name.
@@ -117,7 +128,11 @@ def check_args(where: str, field: str, engine: str, args: list[str], unsafe: boo
 
 
 def check_env(where: str, field: str, env: Mapping[str, str], unsafe: bool) -> str | None:
-    """As check_args, for a node's environment names."""
+    """As check_args, for a node's environment names (and the values of RDMA_ENV's, always checked)."""
+    for name, value in env.items():
+        if name in RDMA_ENV and not re.fullmatch(RDMA_ENV[name][0], value):
+            raise RecipeError(f"{where}: {field}.env.{name}: {value[:40]!r} is not {RDMA_ENV[name][1]}",
+                              "see docs/clusters.md, RPC over RDMA")
     refused = refused_env(env)
     if not refused:
         return None

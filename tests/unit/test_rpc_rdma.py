@@ -165,3 +165,37 @@ def test_quadlet_units_of_an_rdma_image_add_the_rdma_devices_where_the_node_has_
     for unit in ("head/builder-big.container", "worker/builder-big-rpc.container"):
         lines = (out / unit).read_text().splitlines()
         assert ("AddDevice=-/dev/infiniband" in lines) is rdma and ("Ulimit=memlock=-1:-1" in lines) is rdma, unit
+
+
+def _with_worker_env(tmp_path: Path, env: dict[str, object]) -> Path:
+    path = _split_cluster(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["nodes"][1]["env"] = env
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_nodes_rdma_settings_reach_its_worker(tmp_path: Path) -> None:
+    path = _with_worker_env(tmp_path, {"GGML_RDMA_DEV": "mlx5_0", "GGML_RDMA_GID": "3"})
+    proc = run_cli_inproc("cluster", "commands", str(path), "--node", "worker")
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if " rpc-worker " in line)
+    assert "--env GGML_RDMA_DEV=mlx5_0" in line and "--env GGML_RDMA_GID=3" in line
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"GGML_RDMA_GID": "three"}, "nodes[1].env.GGML_RDMA_GID: 'three' is not a GID index"),
+    ({"GGML_RDMA_GID": "-1"}, "nodes[1].env.GGML_RDMA_GID"),
+    ({"GGML_RDMA_DEV": "mlx5_0 --x"}, "nodes[1].env.GGML_RDMA_DEV: 'mlx5_0 --x' is not an RDMA device name"),
+    ({"GGML_RDMA_DEV": ""}, "nodes[1].env.GGML_RDMA_DEV"),
+    ({"GGML_RPC_NO_RDMA": "0"}, "nodes[1].env.GGML_RPC_NO_RDMA: '0' is not 1"),
+])
+def test_a_bad_rdma_setting_is_one_line(tmp_path: Path, env: dict[str, object], needle: str) -> None:
+    path = _with_worker_env(tmp_path, env)
+    data = yaml.safe_load(path.read_text())
+    data["nodes"][1]["unsafe_env"] = True  # checked all the same: these values reach ggml-rpc's atoi
+    path.write_text(yaml.safe_dump(data))
+    proc = run_cli_inproc("cluster", "commands", str(path))
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert "cluster.yaml" in first and needle in first, first
