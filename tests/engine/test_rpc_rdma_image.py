@@ -74,6 +74,21 @@ def test_rdma_cpu_image_negotiates_rdma_and_serves_over_tcp(llama_cpu_image: str
     assert RDMA_LINE in worker_log and "Accepted client connection" in worker_log, worker_log[-3000:]
     assert "RDMA activated" not in worker_log  # no RDMA device here: the connection stayed on TCP
 
+    # its netboot set: the root loads the RDMA modules of the data NICs, after their drivers
+    sets = tmp_path / "set"
+    proc = run_cli("pxe", "build", "--recipes", str(folder), "--target", "cpu", "--engine", "podman", "--json",
+                   "--out", str(sets), timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads(proc.stdout)
+    root = next(sets.rglob("root.squashfs"))
+    subprocess.run(["unsquashfs", "-d", str(tmp_path / "root"), "-no-progress", str(root),
+                    "usr/lib/builder/modules.load"], capture_output=True, check=True)
+    loaded = (tmp_path / "root/usr/lib/builder/modules.load").read_text().split()
+    for module in ("ib_uverbs.ko", "rdma_ucm.ko", "mlx5_ib.ko", "irdma.ko"):
+        assert module in loaded, loaded
+    assert loaded.index("mlx5_core.ko") < loaded.index("mlx5_ib.ko")
+    assert not {"ib_uverbs", "rdma_ucm", "mlx5_ib", "irdma"} & set(manifest["missing_modules"])
+
 
 def _listening(port: int) -> bool:
     try:
