@@ -658,8 +658,8 @@ def test_cluster_roll_moves_node1_to_a_new_generation(cluster: Cluster, gateway:
                 time.sleep(0.5)
             assert cluster.vm.poll() == 0, "\n".join(line for _, line in lines)
             powered = time.monotonic()
-            stack.enter_context(node(cluster.root / "tftp", MAC, cluster.folder / "console-roll.log",
-                                     hostfwd=FORWARDS, prefix=cluster.ns.enter, cpus=1, tap=(TAP, DATA_MAC)))
+            again = stack.enter_context(node(cluster.root / "tftp", MAC, cluster.folder / "console-roll.log",
+                                             hostfwd=FORWARDS, prefix=cluster.ns.enter, cpus=1, tap=(TAP, DATA_MAC)))
             roll.wait(timeout=1200)
             reader.join(timeout=60)
         finally:
@@ -679,6 +679,7 @@ def test_cluster_roll_moves_node1_to_a_new_generation(cluster: Cluster, gateway:
         assert "node1: rebooting" in output and "node1: serving, enabled" in output, output
         assert output[-1] == f"every node runs generation {second}: it is current, the pins are cleared", output
         assert "reboot: Restarting system" in cluster.text()
+        wait_for(cluster.folder / "console-roll.log", r"builder-node: node1 server tiny ready on ", again, 60)
         assert publish.current_id(cluster.root) == second and publish.pins(cluster.root) == {}
         # zero failed requests; one at least answered while node1 was out of the rotation
         assert answers and all(status == 200 for _, _, status in answers), answers
