@@ -331,10 +331,11 @@ def test_firewall_admits_the_cluster_and_refuses_others(cluster: Cluster) -> Non
     assert answers["boot address"] in ("closed", "ConnectionResetError"), answers
 
 
-def host_fingerprint(cluster: Cluster) -> str:
-    """The fingerprint node1 printed on its console for the host key it made."""
-    found = re.search(r"builder-node: ssh host key (SHA256:\S+) \(ED25519\)", cluster.text())
-    assert found, cluster.text()[-3000:]
+def host_fingerprint(cluster: Cluster, console: Path | None = None) -> str:
+    """The fingerprint node1 printed on its console (its first boot's, or `console`) for the host key it made."""
+    text = (console or cluster.console).read_text(errors="replace")
+    found = re.search(r"builder-node: ssh host key (SHA256:\S+) \(ED25519\)", text)
+    assert found, text[-3000:]
     return found.group(1)
 
 
@@ -583,7 +584,7 @@ def test_cluster_roll_moves_node1_to_a_new_generation(cluster: Cluster, gateway:
     roll waits until its servers pass their health checks, enables it, makes the generation current and clears
     the pins. Meanwhile a bounded loop of requests for tiny through the gateway: none fails, at least one completes
     while node1 is out of the rotation, which takes no request from the drain to the enable, and every sample of
-    the gateway has a replica of tiny in the rotation."""
+    the gateway has a replica of tiny in the rotation. Last, `builder cluster reboot` ends the node for good."""
     first = publish.current_id(cluster.root)
     old_plan = next(w for w in cluster.words() if w.startswith("builder.plan_sha256="))
     doc = yaml.safe_load(cluster.path.read_text())
@@ -708,3 +709,15 @@ def test_cluster_roll_moves_node1_to_a_new_generation(cluster: Cluster, gateway:
         known_hosts.write_text(f"{ADMIN} {host}\n")
         cmdline = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, "cat /proc/cmdline")
         assert cmdline.returncode == 0 and new_plan in cmdline.stdout.split(), cmdline.stdout + cmdline.stderr
+        # `cluster reboot` ends the rolled node (no third boot): from the control node with the file's key, through a
+        # copy of the file (builder pins a host key per file, and the roll pinned the first boot's), it pins on first
+        # contact the key the node printed at this boot, then reboots it
+        path = cluster.folder / "cluster-reboot.yaml"
+        shutil.copyfile(cluster.path, path)
+        printed = host_fingerprint(cluster, cluster.folder / "console-roll.log")
+        proc = cli(cluster, "cluster", "reboot", str(path), "node1", "--identity", str(cluster.admin_key), timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"first contact with node1: its host key {printed}" in proc.stdout, proc.stdout
+        assert proc.stdout.splitlines()[-1] == "rebooting node1 (127.0.0.1): it netboots its current generation"
+        assert again.wait(timeout=120) == 0
+        assert "reboot: Restarting system" in (cluster.folder / "console-roll.log").read_text(errors="replace")
