@@ -28,7 +28,7 @@ from builder.flavours import lock as lockfile
 from builder.flavours.llama import LLAMA_CPP
 from builder.flavours.prepare import flavour_named, prepare, recipe_file
 from builder.netboot import bom
-from builder.netboot.artifacts import Squash, build_artifacts, read_artifacts, record_llama_cpp
+from builder.netboot.artifacts import DEFAULT_COMPRESSION, Squash, build_artifacts, read_artifacts, record_llama_cpp
 from builder.netboot.kernels import kernel_spec, pinned_kernel
 from builder.netboot.publish import Artifacts, generation_sets, generations, pin, pins, resolve, rollback
 from builder.netboot.serve import check_dnsmasq, dnsmasq_config, http_server
@@ -42,7 +42,9 @@ pxe_app = typer.Typer(help="Netboot compute nodes: build boot artifacts, publish
                       no_args_is_help=True)
 
 RootOpt = Annotated[Path, typer.Option("--root", help="The pxe-root folder the control node serves.")]
-CompressionOpt = Annotated[str, typer.Option(help="squashfs compression: zstd, zstd:LEVEL, xz, gzip, lz4, lzo.")]
+CompressionOpt = Annotated[str, typer.Option(
+    help="squashfs compression: zstd:LEVEL (1-22), gzip:LEVEL (1-9), lzo:LEVEL (1-9), xz or lz4; an algorithm alone "
+    "takes mksquashfs's default level (zstd: 15). The default zstd:3 is chosen by measurement (docs/benchmarks.md).")]
 
 
 def _artifacts(engine_name: str, target: str, variant: str | None, compression: str,
@@ -72,7 +74,7 @@ def build_cmd(
     target: Annotated[str, typer.Option("--target", "-t", help="Target whose image nodes boot.")],
     variant: Annotated[str | None, typer.Option(help="Variant (default: the target's default).")] = None,
     engine: EngineOpt = "auto",
-    compression: CompressionOpt = "zstd",
+    compression: CompressionOpt = DEFAULT_COMPRESSION,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the artifacts here (default: the cache).")
                    ] = None,
     as_json: JsonOpt = False,
@@ -113,7 +115,7 @@ def publish_cmd(
     root: RootOpt = Path("pxe-root"),
     keep: Annotated[int, typer.Option(help="Previous generations to keep for rollback.")] = 3,
     engine: EngineOpt = "auto",
-    compression: CompressionOpt = "zstd",
+    compression: CompressionOpt = DEFAULT_COMPRESSION,
     pulled: Annotated[Path | None, typer.Option(
         "--artifacts", help="Use netboot sets pulled here by `builder pxe pull` (DIR/TARGET-VARIANT) "
         "instead of building images on this machine.")] = None,

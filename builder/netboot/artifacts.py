@@ -52,6 +52,11 @@ from builder.recipe.models import LockedBase
 NETBOOT_VERSION = "3"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")
 COMPRESSORS = ("zstd", "xz", "gzip", "lzo", "lz4")
+# The levels mksquashfs takes for each algorithm (-Xcompression-level); xz and lz4 take none.
+LEVELS = {"zstd": range(1, 23), "gzip": range(1, 10), "lzo": range(1, 10)}
+# `pxe build`'s default: zstd at level 3, chosen by measurement (docs/benchmarks.md, "squashfs compression"):
+# on a home cluster a roll spends far more time in mksquashfs at higher levels than it saves on the wire.
+DEFAULT_COMPRESSION = "zstd:3"
 SET_FILES = (*FILES, "SHA256SUMS", "manifest.json")  # every file name a netboot set may have
 # Target, variant, kernel version, suite: one plain path component (no "/", no leading dot), and a word
 # that cannot break a boot script or a kernel command line.
@@ -135,19 +140,27 @@ def check_verity(verity: object, where: str, error: type[BuilderError] = RecipeE
 
 @dataclass(frozen=True)
 class Squash:
-    """mksquashfs compression: `zstd`, `zstd:19`, `xz`, ..."""
+    """mksquashfs compression: `zstd:3` (the default), `zstd:19`, `xz`, ...; an algorithm without a level gets
+    mksquashfs's own default level for it (zstd: 15, gzip: 9)."""
 
     algorithm: str = "zstd"
-    level: int | None = None
+    level: int | None = 3
 
     @classmethod
     def parse(cls, text: str) -> "Squash":
-        algorithm, _, level = text.partition(":")
+        algorithm, colon, level = text.partition(":")
         if algorithm not in COMPRESSORS:
-            raise RecipeError(f"--compression {text!r}: unknown algorithm", f"one of {', '.join(COMPRESSORS)}")
-        if level and not level.isdigit():
-            raise RecipeError(f"--compression {text!r}: the level must be a number, e.g. zstd:15")
-        return cls(algorithm, int(level) if level else None)
+            raise RecipeError(f"--compression {text[:40]!r}: unknown algorithm", f"one of {', '.join(COMPRESSORS)}")
+        if not colon:
+            return cls(algorithm, None)
+        levels = LEVELS.get(algorithm)
+        if levels is None:
+            raise RecipeError(f"--compression {text[:40]!r}: {algorithm} takes no level",
+                              f"give {algorithm} alone, or a level with zstd, gzip or lzo (e.g. zstd:3)")
+        if not (level.isascii() and level.isdigit()) or int(level) not in levels:
+            raise RecipeError(f"--compression {text[:40]!r}: the level of {algorithm} is a number from {levels.start} "
+                              f"to {levels.stop - 1}", f"e.g. {algorithm}:{min(3, levels.stop - 1)}")
+        return cls(algorithm, int(level))
 
     def flags(self) -> list[str]:
         flags = ["-comp", self.algorithm]

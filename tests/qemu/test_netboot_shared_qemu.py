@@ -39,17 +39,22 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import yaml
 from netns import Namespace, network_namespace
 from test_netboot_qemu import BOOT_SECONDS, MAC, artifacts, published
 
+from builder.cluster import runtime
+from builder.cluster.model import load_cluster
+from builder.cluster.remote import Remote
 from builder.cluster.ssh import fingerprint, host_key
+from builder.netboot import publish
 from conftest import ROOT, require_tool, run_cli
 from containers import PROMPT, container, cpu_reference_text
 from qemu import node, wait_for
@@ -326,10 +331,11 @@ def test_firewall_admits_the_cluster_and_refuses_others(cluster: Cluster) -> Non
     assert answers["boot address"] in ("closed", "ConnectionResetError"), answers
 
 
-def host_fingerprint(cluster: Cluster) -> str:
-    """The fingerprint node1 printed on its console for the host key it made."""
-    found = re.search(r"builder-node: ssh host key (SHA256:\S+) \(ED25519\)", cluster.text())
-    assert found, cluster.text()[-3000:]
+def host_fingerprint(cluster: Cluster, console: Path | None = None) -> str:
+    """The fingerprint node1 printed on its console (its first boot's, or `console`) for the host key it made."""
+    text = (console or cluster.console).read_text(errors="replace")
+    found = re.search(r"builder-node: ssh host key (SHA256:\S+) \(ED25519\)", text)
+    assert found, text[-3000:]
     return found.group(1)
 
 
@@ -561,15 +567,157 @@ def test_cluster_logs_reads_the_node_over_ssh(cluster: Cluster) -> None:
     assert gone.returncode == 0, gone.stdout + gone.stderr
 
 
-def test_cluster_reboot_goes_in_over_ssh(cluster: Cluster, gateway: Gateway) -> None:
-    """Very last: it ends the node. `cluster reboot` from the control node (node1's address in the file is
-    127.0.0.1, which the guest sees as the control node's 10.0.2.2) with the file's key: on first contact it
-    pins the host key the node's agent reports, the one the node printed, then the node reboots (QEMU runs with
-    -no-reboot, so the machine ends instead of booting again: no second boot)."""
-    proc = cli(cluster, "cluster", "reboot", str(cluster.path), "node1", "--identity", str(cluster.admin_key),
-               timeout=180)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"first contact with node1: its host key {host_fingerprint(cluster)}" in proc.stdout, proc.stdout
-    assert proc.stdout.splitlines()[-1] == "rebooting node1 (127.0.0.1): it netboots its current generation"
-    assert cluster.vm.wait(timeout=120) == 0
-    assert "reboot: Restarting system" in cluster.text()
+@dataclass(frozen=True)
+class Sample:
+    at: float
+    tiny: dict[str, tuple[str, str, int]]  # tiny's servers: node -> (status, last check, requests so far)
+
+
+def test_cluster_roll_moves_node1_to_a_new_generation(cluster: Cluster, gateway: Gateway) -> None:
+    """Very last: it reboots the node. A second generation is published from a changed file: tiny-b's context
+    256 -> 512, tiny gets a second replica (a container on the host, at host1), and the two nodes that are
+    containers lose their mac (nobody boots them: the roll moves node1 alone). The gateway is started again for it
+    (the test before took it down). `builder cluster roll FILE --canary node1 --generation ID` drains node1, pins it
+    to the new generation and reboots it over ssh with the file's key (admins:): on first contact it pins the host
+    key the node's agent reports, the one the node printed. QEMU runs with -no-reboot, so the machine ends; the
+    test powers it on again (same NICs, a fresh console) and node1 netboots the generation it is pinned to; the
+    roll waits until its servers pass their health checks, enables it, makes the generation current and clears
+    the pins. Meanwhile a bounded loop of requests for tiny through the gateway: none fails, at least one completes
+    while node1 is out of the rotation, which takes no request from the drain to the enable, and every sample of
+    the gateway has a replica of tiny in the rotation. Last, `builder cluster reboot` ends the node for good."""
+    first = publish.current_id(cluster.root)
+    old_plan = next(w for w in cluster.words() if w.startswith("builder.plan_sha256="))
+    doc = yaml.safe_load(cluster.path.read_text())
+    for entry in doc["nodes"]:
+        if entry["name"] != "node1":
+            del entry["mac"]
+    for service in doc["services"]:
+        if service["name"] == "tiny-b":
+            service["context"] = 512
+        if service["name"] == "tiny":
+            service["nodes"] = ["node1", "host1"]
+    cluster.path.write_text(yaml.safe_dump(doc))
+    publishing = cli(cluster, "pxe", "publish", str(cluster.path), "--root", str(cluster.root), "--engine", "podman",
+                     timeout=1800)
+    assert publishing.returncode == 0, publishing.stdout + publishing.stderr
+    second = publish.current_id(cluster.root)
+    assert second is not None and second != first
+    new_plan = next(w for w in cluster.words() if w.startswith("builder.plan_sha256="))
+    assert new_plan != old_plan
+    replica = f"builder-shared-tiny-host-{os.getpid()}"
+    with container("podman", cluster.folder, replica, "server", "-m", str(cluster.folder / "tiny.gguf"), "-c", "256",
+                   "-t", "2", "--alias", "tiny", "--host", MEMBER, "--port", str(TINY), prefix=cluster.ns.enter), \
+            ExitStack() as stack:
+        up = cli(cluster, "cluster", "up", str(cluster.path), "--timeout", "300", timeout=400)
+        assert up.returncode == 0, up.stdout + up.stderr
+        key = Path(dict(line.split(None, 1) for line in up.stdout.splitlines() if line.strip())["key"].split()[0]
+                   ).read_text().strip()
+        sock = runtime.socket_path(Remote.of(load_cluster(cluster.path)).state)
+        url = f"http://127.0.0.1:{GATEWAY}/v1/completions"
+        samples: list[Sample] = []
+        answers: list[tuple[float, float, int]] = []  # (sent, answered, HTTP status; 0: no answer)
+        lines: list[tuple[float, str]] = []
+        done = threading.Event()
+        deadline = time.monotonic() + 1500
+
+        def sample() -> None:
+            while not done.is_set() and time.monotonic() < deadline and len(samples) < 5000:
+                tiny = {s.node: (s.status, s.check, s.total) for s in runtime.servers(sock) if s.backend == "svc_tiny"}
+                samples.append(Sample(time.monotonic(), tiny))
+                time.sleep(0.5)
+
+        def ask() -> None:
+            while not done.is_set() and time.monotonic() < deadline and len(answers) < 3000:
+                sent = time.monotonic()
+                try:
+                    status = completion(cluster.ns, url, "tiny", key).status_code
+                except requests.RequestException:
+                    status = 0
+                answers.append((sent, time.monotonic(), status))
+                time.sleep(0.2)
+
+        threads = [threading.Thread(target=sample), threading.Thread(target=ask)]
+        for thread in threads:
+            thread.start()
+        started = time.monotonic()
+        try:
+            with cluster.ns.inside():
+                roll = subprocess.Popen([sys.executable, "-m", "builder", "cluster", "roll", str(cluster.path),
+                                         "--canary", "node1", "--generation", second, "--root", str(cluster.root),
+                                         "--identity", str(cluster.admin_key), "--timeout", "900"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+            stack.callback(lambda: roll.poll() is None and roll.kill())
+
+            def read() -> None:
+                assert roll.stdout is not None
+                for line in roll.stdout:
+                    lines.append((time.monotonic(), line.rstrip("\n")))
+            reader = threading.Thread(target=read)
+            reader.start()
+            # the ssh reboot ends node1's QEMU (-no-reboot); power it on again, as the board's button would
+            while cluster.vm.poll() is None and roll.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert cluster.vm.poll() == 0, "\n".join(line for _, line in lines)
+            powered = time.monotonic()
+            again = stack.enter_context(node(cluster.root / "tftp", MAC, cluster.folder / "console-roll.log",
+                                             hostfwd=FORWARDS, prefix=cluster.ns.enter, cpus=1, tap=(TAP, DATA_MAC)))
+            roll.wait(timeout=1200)
+            reader.join(timeout=60)
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join(timeout=400)
+        output = [line for _, line in lines]
+        assert roll.returncode == 0, "\n".join(output)
+        at = {line: t for t, line in reversed(lines)}
+        print(f"roll of node1: {at['node1: rebooting'] - at['node1: draining']:.1f} s drain and pin, QEMU ended "
+              f"{powered - at['node1: rebooting']:.1f} s after the reboot command, down -> serving and enabled "
+              f"{at['node1: serving, enabled'] - powered:.1f} s after power-on, {time.monotonic() - started:.0f} s in "
+              f"all; {len(answers)} requests, {len(samples)} samples")
+        assert f"first contact with node1: its host key {host_fingerprint(cluster)}" in "\n".join(output), output
+        assert f"== node1: generation {first} -> {second}" in output, output
+        assert f"node1: boots generation {second} from its next boot" in output, output
+        assert "node1: rebooting" in output and "node1: serving, enabled" in output, output
+        assert output[-1] == f"every node runs generation {second}: it is current, the pins are cleared", output
+        assert "reboot: Restarting system" in cluster.text()
+        wait_for(cluster.folder / "console-roll.log", r"builder-node: node1 server tiny ready on ", again, 60)
+        assert publish.current_id(cluster.root) == second and publish.pins(cluster.root) == {}
+        # zero failed requests; one at least answered while node1 was out of the rotation
+        assert answers and all(status == 200 for _, _, status in answers), answers
+        drained = [s for s in samples if s.tiny["node1"][0] != "UP"]
+        assert drained and any(s.tiny["node1"][0] == "DOWN" for s in drained), samples[-5:]
+        out_from, out_to = drained[0].at, drained[-1].at
+        assert all(s.tiny["node1"][0] != "UP" for s in samples if out_from <= s.at <= out_to), "enabled mid-roll"
+        assert len({s.tiny["node1"][2] for s in drained}) == 1, "node1 took a request while drained"
+        assert any(out_from <= sent and answered <= out_to for sent, answered, _ in answers), (out_from, out_to)
+        # at every sample a replica of tiny was in the rotation and passed its health check
+        assert all(any(status == "UP" and check == "L7OK" for status, check, _ in s.tiny.values())
+                   for s in samples), [s for s in samples if not any(v[0] == "UP" for v in s.tiny.values())][:3]
+        # node1 is back in the rotation: it takes requests again (least connections: it gets the next ones)
+        before = runtime.node_servers(sock, "node1")
+        assert all(s.status == "UP" and s.check == "L7OK" for s in before), before
+        for _ in range(6):
+            assert completion(cluster.ns, url, "tiny", key).status_code == 200
+        taken = {s.backend: s.total for s in runtime.node_servers(sock, "node1")}["svc_tiny"]
+        assert taken > next(s.total for s in before if s.backend == "svc_tiny"), taken
+        # node1 runs the new generation: its kernel command line names the new plan, and tiny-b serves its context
+        with cluster.ns.inside():
+            props = requests.get(f"http://127.0.0.1:{TINY_B}/props", timeout=60).json()
+            host = host_key("127.0.0.1")
+        assert props["default_generation_settings"]["n_ctx"] == 512, props
+        known_hosts = cluster.folder / "known_hosts_roll"
+        known_hosts.write_text(f"{ADMIN} {host}\n")
+        cmdline = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, "cat /proc/cmdline")
+        assert cmdline.returncode == 0 and new_plan in cmdline.stdout.split(), cmdline.stdout + cmdline.stderr
+        # `cluster reboot` ends the rolled node (no third boot): from the control node with the file's key, through a
+        # copy of the file (builder pins a host key per file, and the roll pinned the first boot's), it pins on first
+        # contact the key the node printed at this boot, then reboots it
+        path = cluster.folder / "cluster-reboot.yaml"
+        shutil.copyfile(cluster.path, path)
+        printed = host_fingerprint(cluster, cluster.folder / "console-roll.log")
+        proc = cli(cluster, "cluster", "reboot", str(path), "node1", "--identity", str(cluster.admin_key), timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"first contact with node1: its host key {printed}" in proc.stdout, proc.stdout
+        assert proc.stdout.splitlines()[-1] == "rebooting node1 (127.0.0.1): it netboots its current generation"
+        assert again.wait(timeout=120) == 0
+        assert "reboot: Restarting system" in (cluster.folder / "console-roll.log").read_text(errors="replace")
