@@ -4,8 +4,9 @@ The node makes its host key itself (images/netboot/sshd.sh) and prints its finge
 control node never holds a node's private key. The node's agent (plan.py's AGENT_PORT, which its firewall
 admits from the control node only) answers `ssh` with the public key, so `cluster status` shows the
 fingerprint and `cluster reboot` pins it on first contact in a known_hosts file of builder's own for the
-cluster; from then on a changed key is refused. ssh runs as the operator's own client, with their agent or the
-key given by --identity; its options come from builder only (no password, no prompt, the pinned host key).
+cluster; from then on a changed key is refused. A node without a cache disk makes a new host key at every boot
+(it has nowhere to keep one): for it, builder pins again what its agent reports, and says so. ssh runs as the
+operator's own client, with their agent or the key given by --identity; its options come from builder only (no password, no prompt, the pinned host key).
 """
 
 import base64
@@ -71,6 +72,7 @@ class Target:
     address: str
     port: int
     known_hosts: Path
+    keeps_key: bool = True  # the node keeps its host key on its cache disk across boots
 
 
 def target(loaded: Loaded, name: str) -> Target:
@@ -90,7 +92,8 @@ def target(loaded: Loaded, name: str) -> Target:
         raise RecipeError(f"{where}: {name}: no address: in the file, so ssh cannot find it",
                           "reserve an address for the node in your DHCP server and write it here")
     _, state = loaded.state_folder("ssh-")
-    return Target(name, address, admins.ssh_port, state / "known_hosts")
+    keeps_key = loaded.cluster.cache_of(loaded.node(name)) is not None
+    return Target(name, address, admins.ssh_port, state / "known_hosts", keeps_key)
 
 
 def _host(t: Target) -> str:
@@ -98,19 +101,29 @@ def _host(t: Target) -> str:
 
 
 def pin_host_key(t: Target, say: Say) -> None:
-    """On first contact, write the node's host key (from its agent) into builder's known_hosts for the cluster."""
+    """On first contact, write the node's host key (from its agent) into builder's known_hosts for the cluster;
+    for a node without a cache disk (a new key every boot), again whenever its agent reports another one."""
     known = t.known_hosts.read_text().splitlines() if t.known_hosts.is_file() else []
-    if any(line.split(" ")[0] == _host(t) for line in known):
+    pinned = [line for line in known if line.split(" ")[0] == _host(t)]
+    if pinned and t.keeps_key:
         return
     key = host_key(t.address)
     if key is None:
-        raise EngineError(f"{t.node}: its agent on {t.address}:{AGENT_PORT} reports no ssh host key, so its first "
-                          "contact cannot be checked", "check that the node booted a generation with admins: "
-                          "(its console prints `ssh host key SHA256:…`), then try again")
+        raise EngineError(f"{t.node}: its agent on {t.address}:{AGENT_PORT} reports no ssh host key, so its "
+                          f"{'key' if pinned else 'first contact'} cannot be checked",
+                          "check that the node booted a generation with admins: (its console prints "
+                          "`ssh host key SHA256:…`), then try again")
+    if pinned and pinned[0] == f"{_host(t)} {key}":
+        return
     t.known_hosts.parent.mkdir(parents=True, exist_ok=True)
     staged = t.known_hosts.with_suffix(".part")
-    staged.write_text("".join(f"{line}\n" for line in known) + f"{_host(t)} {key}\n")
+    kept = [line for line in known if line.split(" ")[0] != _host(t)]
+    staged.write_text("".join(f"{line}\n" for line in kept) + f"{_host(t)} {key}\n")
     staged.replace(t.known_hosts)
+    if pinned:
+        say(f"{t.node} has no cache disk, so it made a new ssh host key when it booted: {fingerprint(key)} (as its "
+            "agent reports it; its console printed the same) is pinned now")
+        return
     say(f"first contact with {t.node}: its host key {fingerprint(key)} (as its agent reports it; its console "
         "printed the same) is pinned for later connections")
 

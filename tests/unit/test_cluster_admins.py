@@ -3,9 +3,11 @@ the node's firewall admitting exactly the admins' addresses on exactly the ssh p
 namespace of the test's own), the node's sshd config, and the ssh command line `cluster reboot` runs."""
 
 import base64
+import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from test_cluster_firewall import CONNECT, NODE_A, NODE_B, OUTSIDER, nft_check, 
 
 from builder.cluster.firewall import firewalls
 from builder.cluster.plans import node_plan
-from builder.cluster.ssh import Target, fingerprint, ssh_argv
+from builder.cluster.ssh import Target, fingerprint, pin_host_key, ssh_argv
 from builder.netboot.firewall import ruleset
 from builder.netboot.initramfs import NODE_SCRIPTS
 from builder.netboot.plan import AGENT_PORT, AdminKeyLine, AgentLine, MetricsLine, NodePlan, SshLine, parse, serialize
@@ -173,6 +175,47 @@ def test_the_fingerprint_is_ssh_keygens(tmp_path: Path) -> None:
     out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(tmp_path / "key.pub")], capture_output=True,
                          text=True, timeout=30, check=True).stdout
     assert out.split()[1] == fingerprint(ED25519)
+
+
+def _agent(address: str, key: str) -> socket.socket:
+    """A node's agent on ADDRESS:AGENT_PORT answering `ssh` with KEY, for the connections of one test."""
+    listener = socket.create_server((address, AGENT_PORT))
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(16)
+                conn.sendall(f"{key}\n".encode())
+
+    threading.Thread(target=answer, daemon=True).start()
+    return listener
+
+
+def test_a_node_without_a_cache_disk_is_pinned_again_when_its_key_changed(tmp_path: Path) -> None:
+    """A node that keeps its key (a cache disk) is never asked again once pinned: a changed key is ssh's refusal.
+    One without a cache disk makes a key every boot: its new key replaces the pinned one, and builder says so."""
+    old = f"ssh-ed25519 {blob('ssh-ed25519', bytes(32))}"
+    new = ED25519.rsplit(" ", 1)[0]
+    address = "127.0.0.57"
+    said: list[str] = []
+    known = tmp_path / "known_hosts"
+    known.write_text(f"10.0.0.9 {old}\n{address} {old}\n")
+    listener = _agent(address, new)
+    try:
+        pin_host_key(Target("node1", address, 22, known, keeps_key=True), said.append)
+        assert known.read_text() == f"10.0.0.9 {old}\n{address} {old}\n" and said == []
+        pin_host_key(Target("node1", address, 22, known, keeps_key=False), said.append)
+        assert known.read_text() == f"10.0.0.9 {old}\n{address} {new}\n"
+        assert said == [f"node1 has no cache disk, so it made a new ssh host key when it booted: {fingerprint(new)} "
+                        "(as its agent reports it; its console printed the same) is pinned now"]
+        pin_host_key(Target("node1", address, 22, known, keeps_key=False), said.append)
+        assert len(said) == 1  # the same key again: nothing to say
+    finally:
+        listener.close()
 
 
 def test_reboot_without_admins_says_how(tmp_path: Path) -> None:
