@@ -6,7 +6,8 @@ admits from the control node only) answers `ssh` with the public key, so `cluste
 fingerprint and `cluster reboot` pins it on first contact in a known_hosts file of builder's own for the
 cluster; from then on a changed key is refused. A node without a cache disk makes a new host key at every boot
 (it has nowhere to keep one): for it, builder pins again what its agent reports, and says so. ssh runs as the
-operator's own client, with their agent or the key given by --identity; its options come from builder only (no password, no prompt, the pinned host key).
+operator's own client, with their agent or the key given by --identity; its options come from builder only (no
+password, no prompt, the pinned host key).
 """
 
 import base64
