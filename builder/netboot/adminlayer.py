@@ -27,13 +27,11 @@ from builder.netboot.elf import needed
 from builder.plan.bases import host_arch
 from builder.recipe.models import LockedBase
 
-PACKAGES = ("openssh-server", "prometheus-node-exporter")
+PACKAGES = ("openssh-server", "prometheus-node-exporter", "systemd", "systemd-journal-remote")
 # The Debian suites whose roots builder netboots today; `builder lock` pins the layer of each.
 SUITES = ("bookworm", "trixie")
-# Dependencies that serve only maintainer scripts (which never run here) or an init system the node does not run
-# yet: not unpacked. libsystemd-shared and systemd arrive with the systemd nodes (docs/design.md).
-NOT_UNPACKED = ("adduser", "debconf", "lsb-base", "runit-helper", "sensible-utils", "systemd", "libsystemd-shared",
-                "ucf", "usrmerge")
+# Dependencies that serve only maintainer scripts (which never run on the node): not unpacked.
+NOT_UNPACKED = ("adduser", "debconf", "lsb-base", "runit-helper", "sensible-utils", "ucf", "usrmerge")
 # What the node runs: their libraries must be in the root.
 PROGRAMS = ("usr/sbin/sshd", "usr/bin/ssh-keygen", "usr/bin/prometheus-node-exporter")
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib", "lib")
