@@ -38,6 +38,7 @@ from builder.netboot.plan import (
     AgentLine,
     EnvLine,
     Line,
+    MemoryLine,
     MetricsLine,
     NodePlan,
     RpcWorkerLine,
@@ -272,6 +273,10 @@ def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> No
         lines += [AdminKeyLine(kind, blob) for kind, blob in admins.key_blobs]
         lines += [SshLine(admins.ssh_port), MetricsLine(admins.metrics_port)]
     mine = sorted((p for p in loaded.processes if p.node == node), key=lambda p: p.role != "rpc-worker")
+    for name in dict.fromkeys(p.service for p in mine):  # a service's memory: bounds each of its processes
+        memory = loaded.service(name).memory
+        if memory is not None:
+            lines.append(MemoryLine(name, int(memory)))
     where = {n.name: str(n.peer_address) for n in loaded.cluster.nodes}  # a worker's data address, if it has one
     for process in mine:
         service = loaded.service(process.service)

@@ -1,8 +1,9 @@
 """The netboot flavour of an image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS and manifest.json.
 
-The root is the image's own filesystem (exported from the engine) plus node-init, busybox, the image's
-environment, the accelerator's kernel modules and firmware, and the ssh server and metrics exporter of the
-root's Debian suite (pinned .debs, builder/netboot/adminlayer.py). Artifacts are cached by everything that
+The root is the image's own filesystem (exported from the engine) plus the node's scripts, busybox, the image's
+environment, the accelerator's kernel modules and firmware, and systemd (the node's PID 1, its units from
+builder/netboot/nodeunits.py), the ssh server and the metrics exporter of the root's Debian suite (pinned .debs,
+builder/netboot/adminlayer.py). Artifacts are cached by everything that
 goes into them, so a second `pxe build` of the same image is immediate.
 """
 
@@ -26,6 +27,7 @@ from builder.core.run import run, run_logged
 from builder.engines import Engine, ImageInfo
 from builder.engines.cleanup import temp_path
 from builder.engines.host import find_driver
+from builder.netboot import nodeunits
 from builder.netboot.adminlayer import add_admin_layer, layers_key
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
@@ -43,10 +45,11 @@ from builder.netboot.kernels import (
     version_tuple,
 )
 from builder.netboot.modules import load_order, module_bytes, plain_name
+from builder.netboot.nodeunits import install_node_units
 from builder.recipe.load import select
 from builder.recipe.models import LockedBase
 
-NETBOOT_VERSION = "3"  # bump when the artifacts' layout or node scripts' contract changes
+NETBOOT_VERSION = "4"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")
 COMPRESSORS = ("zstd", "xz", "gzip", "lzo", "lz4")
 SET_FILES = (*FILES, "SHA256SUMS", "manifest.json")  # every file name a netboot set may have
@@ -160,7 +163,7 @@ def _artifact_key(image_id: str, spec: KernelSpec, tree: Path, squash: Squash, s
     scripts = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(NODE_SCRIPTS.iterdir())}
     inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "tree": tree.name, "squash": str(squash),
               "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES, *FIREWALL_MODULES],
-              "ssh": layers_key(ssh)}
+              "ssh": layers_key(ssh), "units": hashlib.sha256(Path(nodeunits.__file__).read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -171,13 +174,13 @@ def _extract(tarball: Path, dest: Path) -> None:
 
 
 def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tuple[str, ...]) -> list[str]:
-    """node-init and its plan executor, busybox, the image's environment, accelerator modules and firmware;
+    """The scripts the node's units run, busybox, the image's environment, accelerator modules and firmware;
     returns missing modules."""
     lib = root / "usr/lib/builder"
     lib.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(NODE_SCRIPTS / "node-init.sh", lib / "node-init")
-    shutil.copy2(NODE_SCRIPTS / "plan.sh", lib / "plan.sh")  # the plan executor node-init sources
-    # the DHCP event script of the udhcpc node-init keeps running (lease renewals), run by the root's busybox
+    shutil.copy2(NODE_SCRIPTS / "node.sh", lib / "node")  # what the node's units run (nodeunits.py)
+    shutil.copy2(NODE_SCRIPTS / "plan.sh", lib / "plan.sh")  # what they have in common, sourced by node
+    # the DHCP event script of builder-dhcp.service's udhcpc (lease renewals), run by the root's busybox
     script = (NODE_SCRIPTS / "udhcpc.sh").read_text().replace("#!/bin/busybox sh", "#!/usr/lib/builder/busybox sh", 1)
     (lib / "udhcpc.sh").write_text(script)
     (lib / "udhcpc.sh").chmod(0o755)
@@ -289,6 +292,10 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
         require_driver(root, target, variant)
         missing = _add_node_files(root, tree, kver, spec, info.env)
         ssh = add_ssh(root)
+        if not (root / "lib/systemd/systemd").is_file():
+            raise EngineError(f"the root of {image} has no /lib/systemd/systemd after the pinned layer",
+                              "pin the layer again: builder lock --refresh-netboot")
+        ssh["systemd"] = install_node_units(root)
         squash_started = time.monotonic()
         run_logged(["mksquashfs", str(root), str(staged / "root.squashfs"), "-noappend", "-no-xattrs",
                     "-mkfs-time", "0", "-all-time", "0", "-no-progress", *squash.flags()],
