@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_netboot import MAC, fake_artifacts, inventory, publish
 
-from builder.netboot.plan import AgentLine, EnvLine, MemoryLine, NodePlan, RpcWorkerLine, ServerLine, VllmLine, parse, serialize
+from builder.netboot.plan import (
+    AgentLine,
+    EnvLine,
+    MemoryLine,
+    NodePlan,
+    RpcWorkerLine,
+    ServerLine,
+    VllmLine,
+    parse,
+    serialize,
+)
 
 # A field is one word of anything but tabs and newlines (args may hold spaces, quotes, '-').
 WORD = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\t\n\r\x0b\x0c\x1c\x1d\x1e\x85"
