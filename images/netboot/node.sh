@@ -59,7 +59,7 @@ plan_line() {
 
 # The node's environment (its `env` in the cluster file), for the process about to start; values stay unsaid.
 plan_env() {
-    local line
+    local line fields
     for line in "${lines[@]}"; do
         IFS=$'\t' read -r -a fields <<<"$line"
         [ "${fields[0]:-}" = env ] || continue
@@ -215,9 +215,15 @@ process() {
 # ExecStartPost: the unit is active once its process answers; its `ready on` line then (MAINPID: the process).
 ready() {
     # shellcheck disable=SC2034  # child: read by await_ready (plan.sh)
-    local verb note child=${MAINPID:-}
+    local verb="ready on" note="" child=${MAINPID:-} tries=2400
     instance "$1"
-    IFS='|' read -r verb note <"/run/builder/units/$1" 2>/dev/null || verb="ready on" note=""
+    # the process says how it runs (ready, fallback, degraded) once its device is checked
+    until [ -f "/run/builder/units/$1" ]; do
+        tries=$((tries - 1))
+        { [ "$tries" -gt 0 ] && kill -0 "$child"; } 2>/dev/null || return 1
+        sleep 0.5
+    done
+    IFS='|' read -r verb note <"/run/builder/units/$1"
     if [ "$role" = pipeline-worker ]; then
         say "$name pipeline-worker $service started"
     elif [ "$kind" = vllm ]; then
@@ -232,6 +238,7 @@ ready() {
 
 stopped() {
     instance "$1"
+    rm -f "/run/builder/units/$1"
     say "$role $service exited (${SERVICE_RESULT:-}: ${EXIT_CODE:-} ${EXIT_STATUS:-}); systemd restarts it"
     check_root
 }
