@@ -195,29 +195,22 @@ def logs(
                                        min=0, max=MAX_LINES)] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until Ctrl-C "
                                          "(netbooted nodes).")] = False,
-    identity: Annotated[Path | None, typer.Option(
-        "--identity", "-i", help="Private key to log in with (default: your ssh agent's and ~/.ssh keys).")] = None,
     recipes: RecipesOpt = None,
 ) -> None:
-    """The last lines of a netbooted node's log, or of a service's processes on it, over ssh (needs admins:).
+    """The last lines of a netbooted node's journal: its own units', or a service's processes' on it.
 
-    builder logs in as `cluster reboot` does (a key of admins:, the node's host key pinned) and runs `tail` on
-    the logs the node keeps in RAM under /run/builder/logs; its console has the same lines. With --local, every
+    builder reads the node's journal over HTTP (systemd-journal-gatewayd on the node's address, port 19531, which
+    the node's firewall admits from the control node only); its console has the same lines. With --local, every
     container's output (NODE filters by name).
     """
     if is_local:
-        if follow or identity is not None:
-            raise RecipeError("builder cluster logs --local: --follow and --identity are for netbooted nodes",
+        if follow:
+            raise RecipeError("builder cluster logs --local: --follow is for netbooted nodes",
                               "use your engine's `logs -f` on a container that `cluster status --local` lists")
         only = node if service is None else f"{node}-{service}"
         local.logs(_loaded(inventory, is_local), engine, only, lines)
         return
-    if identity is not None:
-        check_input(identity, "--identity", folder=False)
-    loaded = load_cluster(inventory)
-    text = read_logs(loaded, node, service, lines, follow, identity, lambda line: typer.echo(line, err=True))
-    if text is not None:
-        typer.echo(text, nl=False)
+    read_logs(load_cluster(inventory), node, service, lines, follow)
 
 
 @cluster_app.command()

@@ -9,7 +9,9 @@ and one instance of the template builder-process@.service per process (`SERVICE-
 line from the verified plan: no plan string passes through systemd's quoting. The unit is active once the
 process answers (ExecStartPost polls it and prints the `ready on` line), is restarted alone when it exits (with
 back-off, and failed after too many restarts in a row), and writes to the journal and the console. Every script
-is images/netboot/node.sh; the plan's lines are builder/netboot/plan.py's.
+is images/netboot/node.sh; the plan's lines are builder/netboot/plan.py's. The journal is kept in RAM, bounded, and
+systemd-journal-gatewayd serves it on the node's own address (JOURNAL_PORT; its socket bound at boot, the node's
+firewall admitting the control node only): `builder cluster logs` reads it over HTTP.
 """
 
 import os
@@ -35,6 +37,11 @@ MASKED = ("getty.target", "getty@.service", "serial-getty@.service", "console-ge
 # Generators that would scan for what a node does not have (gettys, SysV scripts, GPT partitions).
 MASKED_GENERATORS = ("systemd-getty-generator", "systemd-sysv-generator", "systemd-rc-local-generator",
                      "systemd-gpt-auto-generator", "systemd-hibernate-resume-generator")
+JOURNAL_PORT = 19531  # systemd-journal-gatewayd, on the node's own address: the control node reads the journal
+# The journal identifiers of the node's own units (`builder cluster logs FILE NODE` without a service), systemd's
+# own lines (a unit started, failed, restarted) among them; a process's is builder-SERVICE-ROLE.
+NODE_IDENTIFIERS = ("builder-setup", "builder-plan", "builder-qualify", "builder-dhcp", "builder-agent",
+                    "builder-sshd", "builder-metrics", "systemd")
 JOURNAL_MAX = "64M"  # the node's journal, in RAM (/run/log/journal)
 RESTART_SECONDS = 5
 # A process that exits this many times in START_LIMIT_SECONDS is left failed (`cluster status` says so).
@@ -47,7 +54,8 @@ def _oneshot(description: str, command: str, after: str = "", success: str = "")
     unit = [("Description", description), ("PartOf", TARGET)]
     if after:
         unit += [("Requires", after), ("After", after)]
-    service = [("Type", "oneshot"), ("RemainAfterExit", "yes"), ("ExecStart", f"{NODE} {command}"), *_OUTPUT]
+    service = [("Type", "oneshot"), ("RemainAfterExit", "yes"), ("ExecStart", f"{NODE} {command}"),
+               ("SyslogIdentifier", f"builder-{command}"), *_OUTPUT]
     if success:
         service.append(("SuccessExitStatus", success))
     return [("Unit", unit), ("Service", service)]
@@ -121,6 +129,21 @@ def _link(path: Path, target: str) -> None:
     os.symlink(target, path)
 
 
+def _add_group(root: Path, name: str) -> None:
+    """A system group in the root's /etc/group (and gshadow), as the package's maintainer scripts would add it."""
+    group = root / "etc/group"
+    text = group.read_text() if group.is_file() else ""
+    if any(line.split(":", 1)[0] == name for line in text.splitlines()):
+        return
+    used = {int(f[2]) for f in (line.split(":") for line in text.splitlines()) if len(f) > 2 and f[2].isdigit()}
+    gid = next(g for g in range(999, 99, -1) if g not in used)
+    group.write_text(text + ("" if not text or text.endswith("\n") else "\n") + f"{name}:x:{gid}:\n")
+    shadow = root / "etc/gshadow"
+    if shadow.is_file():
+        body = shadow.read_text()
+        shadow.write_text(body + ("" if not body or body.endswith("\n") else "\n") + f"{name}:!::\n")
+
+
 def install_node_units(root: Path) -> int:
     """Write the node's units, its default target, the journal's and manager's settings and the masks into
     `root`; returns the root's systemd version."""
@@ -137,6 +160,8 @@ def install_node_units(root: Path) -> int:
     for folder, text in (("journald.conf.d", JOURNALD), ("system.conf.d", SYSTEM)):
         (root / "etc/systemd" / folder).mkdir(parents=True, exist_ok=True)
         (root / "etc/systemd" / folder / "builder.conf").write_text(text)
+    # the group that may read the journal (systemd-journal-gatewayd runs in it), there before journald starts
+    _add_group(root, "systemd-journal")
     # an empty machine-id: systemd makes one per boot in RAM (a node keeps no state of its own)
     machine_id = root / "etc/machine-id"
     if machine_id.is_symlink():

@@ -89,6 +89,11 @@ setup() {
     # the users the packages' maintainer scripts would add (sysusers.d: journal gateway, sshd on newer suites)
     systemd-sysusers >/dev/null 2>&1 || say "systemd-sysusers failed"
     grep -q '^sshd:' /etc/passwd || echo 'sshd:x:64999:65534::/run/sshd:/usr/sbin/nologin' >>/etc/passwd
+    # the journal's HTTP server on the node's own address only (never a wildcard), started with the plan
+    [[ $NODE_IP =~ ^[0-9.]+$ ]] || { say "the leased address $NODE_IP is not IPv4: no journal server"; return 0; }
+    mkdir -p /run/systemd/system/systemd-journal-gatewayd.socket.d
+    printf '[Socket]\nListenStream=\nListenStream=%s:19531\nFreeBind=yes\n' "$NODE_IP" \
+        >/run/systemd/system/systemd-journal-gatewayd.socket.d/builder.conf
     if [ -s /usr/lib/builder/modules.load ]; then
         while read -r module; do
             loaded=${module%.ko}
@@ -147,7 +152,9 @@ start_plan() {
             [ -n "${memory[$service]:-}" ] && printf '[Service]\nMemoryMax=%s\n' "${memory[$service]}"
         } >"$folder/builder.conf"
     done
-    [ ${#units[@]} -gt 0 ] && systemctl daemon-reload
+    systemctl daemon-reload
+    [ -f /run/systemd/system/systemd-journal-gatewayd.socket.d/builder.conf ] &&
+        units+=(systemd-journal-gatewayd.socket)
     say "$name runs ${#servers[@]} server(s) and ${#workers[@]} RPC worker(s)"
     [ ${#units[@]} -eq 0 ] || systemctl start --no-block -- "${units[@]}"
 }

@@ -224,6 +224,18 @@ while (1) {
             close $key;
             $answer = "$1 $2\n" if defined $line && $line =~ /\A([a-z0-9@.-]{1,64}) ([A-Za-z0-9+\/]+={0,2})[ \n]/;
         }
+    } elsif ($asked =~ /\Aunits\r?\n/) {
+        # builder cluster status: each unit of builder on the node, NAME=ACTIVE/SUB, on one line
+        $answer = "none\n";
+        if (open(my $list, "-|", "systemctl", "list-units", "--all", "--plain", "--no-legend", "--no-pager",
+                 "builder-*", "systemd-journal-gatewayd.socket")) {
+            my @units;
+            while (my $line = <$list>) {
+                push @units, "$1=$2/$3" if $line =~ /\A\s*([A-Za-z0-9@._:-]{1,120})\s+\S+\s+([a-z-]{1,20})\s+([a-z-]{1,20})\s/;
+            }
+            close $list;
+            $answer = join(" ", @units[0 .. ($#units < 63 ? $#units : 63)]) . "\n" if @units;
+        }
     } elsif ($asked =~ /\A([0-9]{1,5})\r?\n/) {
         $answer = "down #no server on port $1\n";
         if (open(my $state, "<", "$dir/$1")) {
