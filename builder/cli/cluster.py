@@ -137,8 +137,9 @@ def status(
 ) -> None:
     """Every service, its servers and workers, and their health as the gateway sees it.
 
-    Exits 1 when the gateway is not running or a server or worker is not UP (the last line says which), so a
-    script or a monitoring check can act on it; 0 when everything serves.
+    Exits 1 when the gateway is not running, a server or worker is not UP, or a unit of a netbooted node is not
+    active (failed, restarting, stopped: as the node's agent reports them; the last line says which), so a script
+    or a monitoring check can act on it; 0 when everything serves.
     """
     loaded = _loaded(inventory, is_local)
     document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded)
@@ -154,6 +155,8 @@ def status(
         hardware = n["target"] or ", ".join(f"{name} {d['target']}" for name, d in n["devices"].items())
         key = f"  ssh {n['ssh_host_key'] or 'host key not reported'}" if "ssh_host_key" in n else ""
         typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}{key}")
+        for unit, state in (n.get("units") or {}).items():
+            typer.echo(f"  {n['name']:<12} unit       {unit:<40} {state}")
     for service in document["services"]:  # type: ignore[attr-defined]
         typer.echo(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:
@@ -173,6 +176,12 @@ def _problems(document: dict[str, object]) -> list[str]:
     the control node is not on is `unchecked`: not a problem, its head's health check covers it)."""
     gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
     found = [] if gateway["running"] else ["the gateway is not running"]
+    for n in document["nodes"]:  # type: ignore[attr-defined]
+        # a netbooted node's units (its agent's report): each must be active; none reported is a problem too
+        if "units" in n and n["units"] is None:
+            found.append(f"{n['name']} reports no units (its agent does not answer `units`)")
+        found += [f"{unit} on {n['name']} is {state}" for unit, state in (n.get("units") or {}).items()
+                  if not state.startswith("active/")]
     for service in document["services"]:  # type: ignore[attr-defined]
         found += [f"{service['name']} {p['role']} on {p['node']} is {p['health']}"
                   + (f" ({p['why']})" if "why" in p else "") for p in service["processes"]

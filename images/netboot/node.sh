@@ -156,6 +156,8 @@ start_plan() {
     [ -f /run/systemd/system/systemd-journal-gatewayd.socket.d/builder.conf ] &&
         units+=(systemd-journal-gatewayd.socket)
     say "$name runs ${#servers[@]} server(s) and ${#workers[@]} RPC worker(s)"
+    [ ${#servers[@]} -gt 0 ] && printf '%s\n' builder-qualify.service >/run/builder/units.list
+    printf '%s\n' builder-dhcp.service "${units[@]}" >>/run/builder/units.list
     [ ${#units[@]} -eq 0 ] || systemctl start --no-block -- "${units[@]}"
 }
 

@@ -225,16 +225,28 @@ while (1) {
             $answer = "$1 $2\n" if defined $line && $line =~ /\A([a-z0-9@.-]{1,64}) ([A-Za-z0-9+\/]+={0,2})[ \n]/;
         }
     } elsif ($asked =~ /\Aunits\r?\n/) {
-        # builder cluster status: each unit of builder on the node, NAME=ACTIVE/SUB, on one line
+        # builder cluster status: the state of each unit the plan started (their names in units.list), as
+        # NAME=ACTIVE/SUB on one line
         $answer = "none\n";
-        if (open(my $list, "-|", "systemctl", "list-units", "--all", "--plain", "--no-legend", "--no-pager",
-                 "builder-*", "systemd-journal-gatewayd.socket")) {
-            my @units;
-            while (my $line = <$list>) {
-                push @units, "$1=$2/$3" if $line =~ /\A\s*([A-Za-z0-9@._:-]{1,120})\s+\S+\s+([a-z-]{1,20})\s+([a-z-]{1,20})\s/;
-            }
+        my @names;
+        if (open(my $list, "<", "/run/builder/units.list")) {
+            @names = grep { /\A[A-Za-z0-9@._-]{1,120}\z/ } map { s/\s+\z//r } <$list>;
             close $list;
-            $answer = join(" ", @units[0 .. ($#units < 63 ? $#units : 63)]) . "\n" if @units;
+        }
+        splice(@names, 64) if @names > 64;
+        if (@names && open(my $show, "-|", "systemctl", "show", "--property=Id,ActiveState,SubState", "--", @names)) {
+            my (@units, %unit);
+            while (my $line = <$show>) {
+                if ($line =~ /\A(Id|ActiveState|SubState)=([A-Za-z0-9@._-]{1,120})\n?\z/) {
+                    $unit{$1} = $2;
+                } elsif ($line =~ /\A\s*\z/) {
+                    push @units, "$unit{Id}=$unit{ActiveState}/$unit{SubState}" if keys %unit == 3;
+                    %unit = ();
+                }
+            }
+            push @units, "$unit{Id}=$unit{ActiveState}/$unit{SubState}" if keys %unit == 3;
+            close $show;
+            $answer = join(" ", @units) . "\n" if @units;
         }
     } elsif ($asked =~ /\A([0-9]{1,5})\r?\n/) {
         $answer = "down #no server on port $1\n";
