@@ -103,13 +103,14 @@ def _unreachable(req: Request, why: object) -> EngineError:
                        "publish`, then reboot it")
 
 
-def _print(lines: list[str] | str, out: IO[str]) -> None:
+def _print(lines: list[str] | str, out: IO[str] | None) -> None:
+    out = out or sys.stdout
     out.write("".join(f"{line}\n" for line in lines) if isinstance(lines, list) else lines)
     out.flush()
 
 
 def read_logs(loaded: Loaded, node: str | None, service: str | None, lines: int, follow: bool,
-              out: IO[str] = sys.stdout) -> None:
+              out: IO[str] | None = None) -> None:
     """Print the last `lines` entries of the node's units (or SERVICE's processes there); with `follow`, then every
     new one until the user stops builder (Ctrl-C)."""
     req = request(loaded, node, service)
@@ -119,13 +120,14 @@ def read_logs(loaded: Loaded, node: str | None, service: str | None, lines: int,
     try:
         conn.request("GET", path(req, follow), headers={"Accept": "application/json",
                                                         "Range": entries_range(lines, follow)})
-        resp = conn.getresponse()
+        sock = conn.sock  # the response reads from it (http.client lets go of it for a response that ends the
+        resp = conn.getresponse()  # connection)
         if resp.status != 200:
             raise EngineError(f"{req.node}: its journal at {req.address}:{JOURNAL_PORT} answered {resp.status} "
                               f"{resp.reason}", "the node's systemd-journal-gatewayd refused the request")
         if follow:
-            assert conn.sock is not None
-            conn.sock.settimeout(None)  # the node sends nothing while nothing is logged: as long as it takes
+            assert sock is not None
+            sock.settimeout(None)  # the node sends nothing while nothing is logged: wait as long as it takes
             skip = 1 if lines == 0 else 0  # for none of the old ones, `:-1:` asked for the last one: not shown
             while line := resp.readline(MAX_ENTRY):
                 if skip:
