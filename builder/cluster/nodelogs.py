@@ -5,15 +5,19 @@ systemd-journal-gatewayd serves it on the node's own address, port JOURNAL_PORT,
 from the control node only. builder asks for the entries of the node's own units (their journal identifiers,
 NODE_IDENTIFIERS: setup, plan, DHCP, agent, ssh server, exporter, qualification, and systemd's own lines), or of
 the units of SERVICE's processes on that node (`builder-SERVICE-ROLE`), the last N of them (`Range: entries=`),
-as JSON, and prints each entry's message; with --follow it keeps the request open (`follow`) until Ctrl-C.
+as JSON, and prints each entry's message; with --follow it then asks for every entry after the last one shown
+and keeps that request open (`follow`) until Ctrl-C.
 Nothing the user types reaches the request but names checked against the cluster file and a number; every read
 is bounded in time (but a follow's) and size.
 """
 
 import http.client
 import json
+import re
 import sys
 import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
@@ -27,6 +31,8 @@ MAX_LINES = 1_000_000
 READ_SECONDS = 60  # one request without --follow, and a follow's connection
 MAX_BYTES = 256 << 20  # what one request without --follow may return
 MAX_ENTRY = 1 << 20  # one journal entry (a JSON line)
+FOLLOW_ENTRIES = 1 << 62  # a follow's count of entries: no end
+_CURSOR = re.compile(r"[A-Za-z0-9=;_-]{1,512}")
 
 
 @dataclass(frozen=True)
@@ -77,23 +83,33 @@ def path(req: Request, follow: bool) -> str:
     return f"/entries?{query}" + ("&follow" if follow else "")
 
 
-def entries_range(lines: int, follow: bool) -> str:
-    """The Range header: the last `lines` entries (and, following, everything after them)."""
-    if not 0 <= lines <= MAX_LINES:
-        raise ValueError(f"lines: {lines} is not between 0 and {MAX_LINES}")
-    return f"entries=:-{max(lines, 1)}:" if follow else f"entries=:-{lines}:{lines}"
+def last_range(lines: int) -> str:
+    """The Range header for the last `lines` entries. gatewayd seeks back from the end one entry further than asked
+    (`-N` lands on the (N+1)-th last), so N+1 are asked for and the first of N+1 answers is left out."""
+    if not 1 <= lines <= MAX_LINES:
+        raise ValueError(f"lines: {lines} is not between 1 and {MAX_LINES}")
+    return f"entries=:-{lines}:{lines + 1}"
 
 
-def message(line: bytes) -> str | None:
-    """One entry (a JSON line) as the line it printed; None for what is not an entry with a message."""
+def after_range(cursor: str | None) -> str:
+    """The Range header of a follow: every entry after `cursor` (the last one shown), or every one."""
+    if cursor is not None and not _CURSOR.fullmatch(cursor):
+        raise ValueError("a journal cursor holds characters a cursor does not")
+    return f"entries={cursor}:1:{FOLLOW_ENTRIES}" if cursor else f"entries=:0:{FOLLOW_ENTRIES}"
+
+
+def entry(line: bytes) -> tuple[str, str] | None:
+    """One entry (a JSON line) as its cursor and the line it printed; None for what is not an entry with both."""
     try:
-        entry = json.loads(line)
+        fields = json.loads(line)
     except ValueError:
         return None
-    text = entry.get("MESSAGE") if isinstance(entry, dict) else None
+    if not isinstance(fields, dict) or not isinstance(fields.get("__CURSOR"), str):
+        return None
+    text = fields.get("MESSAGE")
     if isinstance(text, list) and all(isinstance(b, int) and 0 <= b < 256 for b in text):
         text = bytes(text).decode("utf-8", "replace")  # a message that is not UTF-8 comes as its bytes
-    return text.rstrip("\n") if isinstance(text, str) else None
+    return (fields["__CURSOR"], text.rstrip("\n")) if isinstance(text, str) else None
 
 
 def _unreachable(req: Request, why: object) -> EngineError:
@@ -103,10 +119,31 @@ def _unreachable(req: Request, why: object) -> EngineError:
                        "publish`, then reboot it")
 
 
-def _print(lines: list[str] | str, out: IO[str] | None) -> None:
+def _print(lines: list[str], out: IO[str] | None) -> None:
     out = out or sys.stdout
-    out.write("".join(f"{line}\n" for line in lines) if isinstance(lines, list) else lines)
+    out.write("".join(f"{line}\n" for line in lines))
     out.flush()
+
+
+@contextmanager
+def _entries(req: Request, range_: str, follow: bool) -> Iterator[Callable[[], bytes]]:
+    """The node's answer to one request, line by line (a reader of one JSON line); following, without a time
+    limit once it answers (the node sends nothing while nothing is logged)."""
+    conn = http.client.HTTPConnection(req.address, JOURNAL_PORT, timeout=READ_SECONDS)
+    try:
+        conn.request("GET", path(req, follow), headers={"Accept": "application/json", "Range": range_})
+        sock = conn.sock  # the response reads from it (http.client lets go of it for a response that ends the
+        resp = conn.getresponse()  # connection)
+        if resp.status != 200:
+            raise EngineError(f"{req.node}: its journal at {req.address}:{JOURNAL_PORT} answered {resp.status} "
+                              f"{resp.reason}", "the node's systemd-journal-gatewayd refused the request")
+        if follow and sock is not None:
+            sock.settimeout(None)
+        yield lambda: resp.readline(MAX_ENTRY)
+    except (OSError, http.client.HTTPException) as exc:
+        raise _unreachable(req, exc) from None
+    finally:
+        conn.close()
 
 
 def read_logs(loaded: Loaded, node: str | None, service: str | None, lines: int, follow: bool,
@@ -116,34 +153,24 @@ def read_logs(loaded: Loaded, node: str | None, service: str | None, lines: int,
     req = request(loaded, node, service)
     if lines == 0 and not follow:
         return
-    conn = http.client.HTTPConnection(req.address, JOURNAL_PORT, timeout=READ_SECONDS)
+    shown: list[tuple[str, str]] = []
+    size = 0
     try:
-        conn.request("GET", path(req, follow), headers={"Accept": "application/json",
-                                                        "Range": entries_range(lines, follow)})
-        sock = conn.sock  # the response reads from it (http.client lets go of it for a response that ends the
-        resp = conn.getresponse()  # connection)
-        if resp.status != 200:
-            raise EngineError(f"{req.node}: its journal at {req.address}:{JOURNAL_PORT} answered {resp.status} "
-                              f"{resp.reason}", "the node's systemd-journal-gatewayd refused the request")
-        if follow:
-            assert sock is not None
-            sock.settimeout(None)  # the node sends nothing while nothing is logged: wait as long as it takes
-            skip = 1 if lines == 0 else 0  # for none of the old ones, `:-1:` asked for the last one: not shown
-            while line := resp.readline(MAX_ENTRY):
-                if skip:
-                    skip -= 1
-                    continue
-                if (text := message(line)) is not None:
-                    _print([text], out)
+        with _entries(req, last_range(max(lines, 1)), False) as readline:
+            while (line := readline()) and len(shown) <= lines + 1:
+                size += len(line)
+                if size > MAX_BYTES:
+                    raise EngineError(f"{req.node}: more than {MAX_BYTES >> 20} MiB of journal for {lines} entries",
+                                      "ask for fewer lines (-n)")
+                if (found := entry(line)) is not None:
+                    shown.append(found)
+        shown = shown[-max(lines, 1):]  # with -n 0, the last entry only marks where the follow starts
+        _print([text for _, text in shown] if lines else [], out)
+        if not follow:
             return
-        got = resp.read(MAX_BYTES + 1)
+        with _entries(req, after_range(shown[-1][0] if shown else None), True) as readline:
+            while line := readline():
+                if (found := entry(line)) is not None:
+                    _print([found[1]], out)
     except KeyboardInterrupt:
         return
-    except (OSError, http.client.HTTPException) as exc:
-        raise _unreachable(req, exc) from None
-    finally:
-        conn.close()
-    if len(got) > MAX_BYTES:
-        raise EngineError(f"{req.node}: more than {MAX_BYTES >> 20} MiB of journal for {lines} entries",
-                          "ask for fewer lines (-n)")
-    _print([text for line in got.splitlines() if (text := message(line)) is not None], out)

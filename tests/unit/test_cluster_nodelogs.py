@@ -15,7 +15,7 @@ from test_cluster_firewall import services_file
 
 from builder.cluster import nodelogs
 from builder.cluster.model import load_cluster
-from builder.cluster.nodelogs import entries_range, identifiers, message
+from builder.cluster.nodelogs import after_range, entry, identifiers, last_range
 from builder.netboot.nodeunits import NODE_IDENTIFIERS
 from conftest import free_port, run_cli_inproc
 
@@ -29,18 +29,22 @@ def test_each_process_of_the_service_on_that_node_has_its_identifier(tmp_path: P
 
 
 def test_the_range_is_the_last_entries_and_a_number_only() -> None:
-    assert entries_range(50, False) == "entries=:-50:50"
-    assert entries_range(0, True) == "entries=:-1:"
-    assert entries_range(20, True) == "entries=:-20:"
-    for lines in (-1, 10**7):
+    assert last_range(50) == "entries=:-50:51"  # gatewayd lands one further back: the first of 51 is left out
+    assert after_range(None) == f"entries=:0:{1 << 62}"
+    assert after_range("s=ab12;i=3f;b=cd") == f"entries=s=ab12;i=3f;b=cd:1:{1 << 62}"
+    for lines in (0, -1, 10**7):
         with pytest.raises(ValueError):
-            entries_range(lines, False)
+            last_range(lines)
+    with pytest.raises(ValueError):
+        after_range("x\r\nHost: elsewhere")
 
 
 def test_an_entry_prints_its_message() -> None:
-    assert message(b'{"MESSAGE": "builder-node: ready", "_PID": "1"}') == "builder-node: ready"
-    assert message(json.dumps({"MESSAGE": list(b"caf\xc3\xa9 \xff")}).encode()) == "caf\u00e9 \ufffd"
-    assert message(b'{"_PID": "1"}') is None and message(b"not json") is None and message(b"[1]") is None
+    assert entry(b'{"__CURSOR": "c1", "MESSAGE": "builder-node: ready", "_PID": "1"}') == ("c1", "builder-node: ready")
+    raw = json.dumps({"__CURSOR": "c", "MESSAGE": list(b"caf\xc3\xa9 \xff")}).encode()  # not UTF-8: its bytes
+    assert entry(raw) == ("c", "caf\u00e9 \ufffd")
+    assert entry(b'{"__CURSOR": "c", "_PID": "1"}') is None and entry(b'{"MESSAGE": "x"}') is None
+    assert entry(b"not json") is None and entry(b"[1]") is None
 
 
 @pytest.mark.parametrize(("words", "text"), [
@@ -57,19 +61,23 @@ def test_a_wrong_node_or_service_is_one_line_before_any_request(tmp_path: Path, 
 
 
 class Gatewayd(BaseHTTPRequestHandler):
-    """Answers /entries as systemd-journal-gatewayd does with Accept: application/json: one entry per line."""
+    """Answers /entries as systemd-journal-gatewayd does with Accept: application/json (one entry per line) for a
+    journal of three entries: `entries=:-N:M` from the (N+1)-th last entry, at most M; `CURSOR:1:M` after it."""
 
     seen: list[tuple[str, str | None, str | None]] = []
     status = 200
+    journal = ("srv  line zero", "srv  line one", "srv  line two")
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         Gatewayd.seen.append((self.path, self.headers.get("Range"), self.headers.get("Accept")))
         self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
-        for text in ("srv  line one", "srv  line two"):
-            self.wfile.write(json.dumps({"MESSAGE": text, "SYSLOG_IDENTIFIER": "builder-chat-server"}).encode()
-                             + b"\n")
+        cursor, skip, count = (self.headers.get("Range") or "entries=:0:99").removeprefix("entries=").split(":")
+        first = int(cursor[1:]) + 1 if cursor else max(0, len(self.journal) + int(skip) - 1) if int(skip) < 0 else 0
+        for i in range(first, min(len(self.journal), first + int(count))):
+            line = {"__CURSOR": f"c{i}", "MESSAGE": self.journal[i], "SYSLOG_IDENTIFIER": "builder-chat-server"}
+            self.wfile.write(json.dumps(line).encode() + b"\n")
 
     def log_message(self, *args: object) -> None:
         pass
@@ -97,19 +105,18 @@ def loopback_file(tmp_path: Path) -> Path:
 
 def test_it_asks_the_nodes_journal_and_prints_the_messages(tmp_path: Path, gatewayd: int) -> None:
     path = loopback_file(tmp_path)
-    proc = run_cli_inproc("cluster", "logs", str(path), "a", "chat", "-n", "20")
+    proc = run_cli_inproc("cluster", "logs", str(path), "a", "chat", "-n", "2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "srv  line one\nsrv  line two\n"
-    assert Gatewayd.seen == [("/entries?SYSLOG_IDENTIFIER=builder-chat-server", "entries=:-20:20",
-                              "application/json")]
-    node = run_cli_inproc("cluster", "logs", str(path), "a")
-    assert node.returncode == 0 and node.stdout == "srv  line one\nsrv  line two\n", node.stderr
+    assert Gatewayd.seen == [("/entries?SYSLOG_IDENTIFIER=builder-chat-server", "entries=:-2:3", "application/json")]
+    node = run_cli_inproc("cluster", "logs", str(path), "a")  # fewer entries than asked for: all of them
+    assert node.returncode == 0 and node.stdout == "srv  line zero\nsrv  line one\nsrv  line two\n", node.stderr
     query = "&".join(f"SYSLOG_IDENTIFIER={name}" for name in NODE_IDENTIFIERS)
-    assert Gatewayd.seen[-1] == (f"/entries?{query}", "entries=:-50:50", "application/json")
-    follow = run_cli_inproc("cluster", "logs", str(path), "a", "chat", "-f", "-n", "0")
-    # the stand-in ends its answer: the follow ends too; `:-1:` asked for the last old entry, which is not shown
+    assert Gatewayd.seen[-1] == (f"/entries?{query}", "entries=:-50:51", "application/json")
+    follow = run_cli_inproc("cluster", "logs", str(path), "a", "chat", "-f", "-n", "1")
+    # the last entry, then a follow after its cursor (the stand-in has nothing newer and ends its answer)
     assert follow.returncode == 0 and follow.stdout == "srv  line two\n", follow.stderr
-    assert Gatewayd.seen[-1][:2] == ("/entries?SYSLOG_IDENTIFIER=builder-chat-server&follow", "entries=:-1:")
+    assert Gatewayd.seen[-1][:2] == ("/entries?SYSLOG_IDENTIFIER=builder-chat-server&follow", f"entries=c2:1:{1 << 62}")
 
 
 def test_a_node_that_does_not_answer_is_one_line(tmp_path: Path, gatewayd: int,
