@@ -17,7 +17,7 @@ say() { echo "builder-node: $*"; }
 . /usr/lib/builder/plan.sh
 
 name=node plan="" plan_sha256=""
-read -r -a words </proc/cmdline
+read -r -a words <"${NODE_CMDLINE:-/proc/cmdline}"  # NODE_CMDLINE: tests/support/nodeharness.py's stand-in
 for word in "${words[@]}"; do
     case "$word" in
         builder.name=*) name=${word#*=} ;;
@@ -39,7 +39,7 @@ ROOT_MODE=ram ROOT_BLOB="" MODEL_CACHED="" VERITY_ERRORS=0 CACHE_DIR=/run/builde
 . /run/builder/root.env
 set -a
 # shellcheck disable=SC1091
-. /usr/lib/builder/image.env
+[ -f /usr/lib/builder/image.env ] && . /usr/lib/builder/image.env
 set +a
 # llama.cpp's programs write through C stdio: line-buffered on a pipe too, as on the console (coreutils' stdbuf)
 LINEBUF=()

@@ -95,6 +95,7 @@ check_root() {
 # ggml-rpc-server's tensor cache (-c) survives reboots on the cache disk.
 rpc_cache() {
     [ "$ROOT_MODE" = cache ] || return 0
+    grep -q " /var/cache/llama.cpp/rpc " /proc/mounts && return 0  # a restart of the worker: bound already
     mkdir -p "$CACHE_DIR/rpc" /var/cache/llama.cpp/rpc
     mount --bind "$CACHE_DIR/rpc" /var/cache/llama.cpp/rpc &&
         say "RPC tensor cache on the cache disk ($(find "$CACHE_DIR/rpc" -type f | wc -l) files kept)"
