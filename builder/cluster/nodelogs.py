@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from builder.cluster.model import Loaded
-from builder.core.errors import EngineError, RecipeError
+from builder.core.errors import EngineError, RecipeError, Stopped
 from builder.netboot.nodeunits import JOURNAL_PORT, NODE_IDENTIFIERS
 from builder.recipe.load import display_path
 from builder.recipe.targets import did_you_mean
@@ -172,5 +172,5 @@ def read_logs(loaded: Loaded, node: str | None, service: str | None, lines: int,
             while line := readline():
                 if (found := entry(line)) is not None:
                     _print([found[1]], out)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):  # Ctrl-C or SIGTERM ends a follow: what the user asked for
         return
