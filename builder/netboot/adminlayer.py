@@ -37,8 +37,8 @@ NOT_UNPACKED = ("adduser", "debconf", "lsb-base", "runit-helper", "sensible-util
 PROGRAMS = ("usr/sbin/sshd", "usr/bin/ssh-keygen", "usr/bin/prometheus-node-exporter", "lib/systemd/systemd",
             "lib/systemd/systemd-journal-gatewayd")
 # systemd's own libraries (libsystemd-shared-NNN.so) are in its private folder, found through its RUNPATH
-LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib", "lib", "usr/lib/x86_64-linux-gnu/systemd",
-                "usr/lib/systemd", "lib/systemd")
+LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib", "lib",
+                "usr/lib/x86_64-linux-gnu/systemd", "usr/lib/systemd", "lib/systemd")
 HINT = "run `builder lock` to pin it (resolved from Debian's archive), review the diff and commit builder.lock"
 
 
