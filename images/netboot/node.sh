@@ -104,11 +104,11 @@ setup() {
     say_memory
 }
 
-# Each line of the plan becomes a unit: the workers' units first, each server unit after the node's own workers
-# (systemd's After=, a drop-in written here: names checked by the cluster file, in plain characters) and after the
-# qualification; then every unit is started without waiting: systemd starts them in that order.
+# Each line of the plan becomes a unit: each server's unit after the qualification, a split head's after the node's
+# own RPC workers too (systemd's After=, a drop-in written here: names checked by the cluster file, in plain
+# characters); then every unit is started without waiting: systemd starts them in that order.
 start_plan() {
-    local units=() workers=() servers=() unit folder
+    local units=() workers=() servers=() heads=() unit folder
     local -A memory=()  # SERVICE -> bytes (its memory line): each of its units' MemoryMax=
     if [ -z "$plan" ] || [ -z "$plan_sha256" ]; then
         say "no builder.plan= and builder.plan_sha256= on the kernel command line: nothing to run (publish the node again)"
@@ -126,7 +126,8 @@ start_plan() {
             metrics) units+=(builder-metrics.service) ;;
             memory) [[ ${fields[2]} =~ ^[0-9]+$ ]] && memory[${fields[1]}]=${fields[2]} ;;
             rpc-worker) unit=builder-process@${fields[1]}-rpc-worker.service workers+=("$unit") ;;
-            server) unit=builder-process@${fields[1]}-server.service servers+=("$unit") ;;
+            server) unit=builder-process@${fields[1]}-server.service servers+=("$unit")
+                    [ "${fields[5]:-}" != - ] && heads+=("$unit") ;;
             vllm) if [ "${fields[2]}" = - ]; then unit=builder-process@${fields[1]}-pipeline-worker.service
                   else unit=builder-process@${fields[1]}-server.service; fi
                   servers+=("$unit") ;;
@@ -147,7 +148,10 @@ start_plan() {
         esac
         {
             if [[ " ${servers[*]} " == *" $unit "* ]]; then
-                printf '[Unit]\nWants=builder-qualify.service\nAfter=builder-qualify.service %s\n' "${workers[*]}"
+                printf '[Unit]\nWants=builder-qualify.service\nAfter=builder-qualify.service'
+                # a split's head (a server with --rpc) after the node's RPC workers
+                [[ " ${heads[*]} " == *" $unit "* ]] && printf ' %s' "${workers[@]}"
+                printf '\n'
             fi
             [ -n "${memory[$service]:-}" ] && printf '[Service]\nMemoryMax=%s\n' "${memory[$service]}"
         } >"$folder/builder.conf"
