@@ -27,6 +27,7 @@ MASKED = ("getty.target", "getty@.service", "serial-getty@.service", "console-ge
           "systemd-firstboot.service", "systemd-hwdb-update.service", "systemd-journal-flush.service",
           "systemd-journal-catalog-update.service", "ldconfig.service", "systemd-update-done.service",
           "systemd-random-seed.service", "systemd-pstore.service", "systemd-binfmt.service",
+          "systemd-modules-load.service",  # no modules.dep in the root: builder-node.service loads the modules
           "proc-sys-fs-binfmt_misc.automount", "dev-hugepages.mount", "dev-mqueue.mount", "sys-kernel-debug.mount",
           "sys-kernel-tracing.mount", "sys-kernel-config.mount", "sys-fs-fuse-connections.mount",
           "systemd-logind.service", "systemd-networkd.service", "systemd-resolved.service",
