@@ -137,7 +137,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
          "data_interface": {"name": TAP, "address": f"{HOST_DATA}/24", "mtu": DATA_MTU}}]
     common = {"model": "tiny.gguf", "sha256": digest, "context": 256}
     services: list[dict[str, object]] = [
-        {"name": "tiny", **common, "nodes": ["node1"], "port": TINY},
+        {"name": "tiny", **common, "nodes": ["node1"], "port": TINY, "memory": "256MiB"},
         {"name": "tiny-b", **common, "nodes": ["node1"], "port": TINY_B},
         {"name": "tiny-split", **common, "topology": "split", "head": "node1", "workers": ["worker1"],
          "port": SPLIT, "rpc_port": HOST_RPC},
@@ -259,7 +259,8 @@ def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artif
     blob = cluster.admin_key.with_suffix(".pub").read_text().split()[1]
     # admins:, public keys only
     assert lines[1:4] == [["admin-key", "ssh-ed25519", blob], ["ssh", str(SSH)], ["metrics", str(NODE_METRICS)]]
-    plan = lines[4:]
+    assert lines[4] == ["memory", "tiny", str(256 << 20)]  # tiny's memory: its unit's MemoryMax=
+    plan = lines[5:]
     assert [fields[:3] for fields in plan] == [["rpc-worker", "tiny-rpc", str(NODE_RPC)], ["server", "tiny", str(TINY)],
                                                ["server", "tiny-b", str(TINY_B)], ["server", "tiny-split", str(SPLIT)]]
     assert [fields[5] for fields in plan[1:]] == ["-", "-", f"10.0.2.2:{HOST_RPC}"]  # the split head's --rpc
@@ -597,10 +598,10 @@ def wait_units(cluster: Cluster, known_hosts: Path, want: str, *units: str) -> d
 
 
 def test_a_killed_process_restarts_only_its_unit_and_status_sees_a_stopped_one(cluster: Cluster) -> None:
-    """Each process of the plan is a unit of its own: llama-server of tiny killed on the node (over ssh) comes back
-    in its unit alone (its restart count 1, the others' 0; the node says so and it is ready again). A unit stopped
-    by hand makes `cluster status` exit 1 naming it; started again, it is back in the report (and serving, for
-    the tests after this one)."""
+    """Each process of the plan is a unit of its own, tiny's bounded by its service's memory (MemoryMax=):
+    llama-server of tiny killed on the node (over ssh) comes back in its unit alone (its restart count 1, the
+    others' 0; the node says so and it is ready again). A unit stopped by hand makes `cluster status` exit 1
+    naming it; started again, it is back in the report (and serving, for the tests after this one)."""
     with cluster.ns.inside():
         key = host_key("127.0.0.1")
     known_hosts = cluster.folder / "known_hosts_units"
@@ -609,6 +610,9 @@ def test_a_killed_process_restarts_only_its_unit_and_status_sees_a_stopped_one(c
                                                       "tiny-rpc-rpc-worker")]
     before = unit_show(cluster, known_hosts, *names)
     assert all(before[n]["ActiveState"] == "active" for n in names), before
+    limits = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, f"systemctl show --property=MemoryMax -- {names[0]} "
+                 f"{names[1]}")  # the plan's memory line: tiny's unit only
+    assert limits.stdout.split() == [f"MemoryMax={256 << 20}", "MemoryMax=infinity"], limits.stdout + limits.stderr
     ready_lines = cluster.text().count(f"builder-node: node1 server tiny ready on 10.0.2.15:{TINY}")
     killed = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, f"kill -9 {before[names[0]]['MainPID']}")
     assert killed.returncode == 0, killed.stderr
