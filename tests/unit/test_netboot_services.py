@@ -61,7 +61,7 @@ def words(root: Path, mac: str) -> list[str]:
 
 
 def plan(root: Path, mac: str) -> list[list[str]]:
-    """The node's plan as node-init reads it: the blob its command line names, checked against its sha256."""
+    """The node's plan as the node reads it: the blob its command line names, checked against its sha256."""
     line = words(root, mac)
     digest = next(w for w in line if w.startswith("builder.plan_sha256=")).split("=", 1)[1]
     assert f"builder.plan=http://10.0.2.2:8000/blobs/sha256/{digest}" in line
