@@ -137,8 +137,9 @@ def status(
 ) -> None:
     """Every service, its servers and workers, and their health as the gateway sees it.
 
-    Exits 1 when the gateway is not running or a server or worker is not UP (the last line says which), so a
-    script or a monitoring check can act on it; 0 when everything serves.
+    Exits 1 when the gateway is not running, a server or worker is not UP, or a unit of a netbooted node is not
+    active (failed, restarting, stopped: as the node's agent reports them; the last line says which), so a script
+    or a monitoring check can act on it; 0 when everything serves.
     """
     loaded = _loaded(inventory, is_local)
     document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded)
@@ -154,6 +155,8 @@ def status(
         hardware = n["target"] or ", ".join(f"{name} {d['target']}" for name, d in n["devices"].items())
         key = f"  ssh {n['ssh_host_key'] or 'host key not reported'}" if "ssh_host_key" in n else ""
         typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}{key}")
+        for unit, state in (n.get("units") or {}).items():
+            typer.echo(f"  {n['name']:<12} unit       {unit:<40} {state}")
     for service in document["services"]:  # type: ignore[attr-defined]
         typer.echo(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:
@@ -173,6 +176,11 @@ def _problems(document: dict[str, object]) -> list[str]:
     the control node is not on is `unchecked`: not a problem, its head's health check covers it)."""
     gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
     found = [] if gateway["running"] else ["the gateway is not running"]
+    for n in document["nodes"]:  # type: ignore[attr-defined]
+        # a netbooted node's units (its agent's report): each must be active (a node that does not answer has
+        # its processes' health said below)
+        found += [f"{unit} on {n['name']} is {state}" for unit, state in (n.get("units") or {}).items()
+                  if not state.startswith("active/")]
     for service in document["services"]:  # type: ignore[attr-defined]
         found += [f"{service['name']} {p['role']} on {p['node']} is {p['health']}"
                   + (f" ({p['why']})" if "why" in p else "") for p in service["processes"]
@@ -195,29 +203,22 @@ def logs(
                                        min=0, max=MAX_LINES)] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until Ctrl-C "
                                          "(netbooted nodes).")] = False,
-    identity: Annotated[Path | None, typer.Option(
-        "--identity", "-i", help="Private key to log in with (default: your ssh agent's and ~/.ssh keys).")] = None,
     recipes: RecipesOpt = None,
 ) -> None:
-    """The last lines of a netbooted node's log, or of a service's processes on it, over ssh (needs admins:).
+    """The last lines of a netbooted node's journal: its own units', or a service's processes' on it.
 
-    builder logs in as `cluster reboot` does (a key of admins:, the node's host key pinned) and runs `tail` on
-    the logs the node keeps in RAM under /run/builder/logs; its console has the same lines. With --local, every
+    builder reads the node's journal over HTTP (systemd-journal-gatewayd on the node's address, port 19531, which
+    the node's firewall admits from the control node only); its console has the same lines. With --local, every
     container's output (NODE filters by name).
     """
     if is_local:
-        if follow or identity is not None:
-            raise RecipeError("builder cluster logs --local: --follow and --identity are for netbooted nodes",
+        if follow:
+            raise RecipeError("builder cluster logs --local: --follow is for netbooted nodes",
                               "use your engine's `logs -f` on a container that `cluster status --local` lists")
         only = node if service is None else f"{node}-{service}"
         local.logs(_loaded(inventory, is_local), engine, only, lines)
         return
-    if identity is not None:
-        check_input(identity, "--identity", folder=False)
-    loaded = load_cluster(inventory)
-    text = read_logs(loaded, node, service, lines, follow, identity, lambda line: typer.echo(line, err=True))
-    if text is not None:
-        typer.echo(text, nl=False)
+    read_logs(load_cluster(inventory), node, service, lines, follow)
 
 
 @cluster_app.command()

@@ -86,7 +86,7 @@ def build_cmd(
 
     The image is built first if needed. The kernel and firmware are the Debian packages pinned in builder.lock
     for the target (each .deb checked by sha256; versions known to be bad for the target are refused); the
-    root is the image's filesystem plus node-init and the accelerator's modules and firmware.
+    root is the image's filesystem plus systemd and the node's units, and the accelerator's modules and firmware.
     """
     if out is not None:
         check_output(out, "--out", folder=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 from builder.cluster.model import Loaded, load_cluster
 from builder.core.errors import RecipeError
 from builder.netboot.firewall import LEASED, Firewall, allowed_addresses
+from builder.netboot.nodeunits import JOURNAL_PORT
 from builder.netboot.plan import AGENT_PORT
 from builder.recipe.load import display_path
 
@@ -31,8 +32,9 @@ def for_services(loaded: Loaded, leased: bool = False) -> list[Firewall]:
     out = []
     for node in cluster.nodes:
         ports = sorted({p.port for p in loaded.processes if p.node == node.name})
-        # the gateway's agent-check comes from the control node: no other node may ask the agent
-        control = (AGENT_PORT,) if node.name in agents else ()
+        # the gateway's agent-check and the journal's reader (`cluster logs`) are the control node: no other node
+        # may ask the agent or read the node's journal
+        control = (AGENT_PORT, JOURNAL_PORT) if node.name in agents else (JOURNAL_PORT,)
         out.append(Firewall(node.name, str(node.address or LEASED), allowed, tuple(ports),
                             str(cluster.control.address), control, *operators))
     return out

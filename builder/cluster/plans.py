@@ -4,7 +4,7 @@ A netbooted node (one with a `mac`) may run several processes: a llama-server pe
 or the head of a split with `--rpc` to its workers' addresses), a ggml-rpc-server per split it works for, or
 a vLLM server or pipeline node. They do not fit a kernel command line (2 KiB on x86, and a service's `args`
 may hold spaces), so every node gets a plan (builder/netboot/plan.py: the lines and their one text form): a
-small file published as a blob, named on its command line with its sha256, which node-init fetches, checks
+small file published as a blob, named on its command line with its sha256, which the node fetches, checks
 and follows. Every model is published as a blob too (a GGUF given by URL is fetched onto the control node
 first, checked against the service's sha256; a vLLM model folder is checked against its content hash and
 packed into a squashfs), so nodes fetch models only from the control node; a node with a cache disk keeps its
@@ -38,6 +38,7 @@ from builder.netboot.plan import (
     AgentLine,
     EnvLine,
     Line,
+    MemoryLine,
     MetricsLine,
     NodePlan,
     RpcWorkerLine,
@@ -63,7 +64,7 @@ KERNEL_LINE = 2047  # COMMAND_LINE_SIZE on x86, less its final NUL
 # Names that hold credentials by convention. Every file a netbooted node boots from (its plan included) is
 # served to the boot network, where any host can read it: such a value has no place in a node's `env`.
 _CREDENTIAL = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
-# The node's plan executor sets these from the interface it leased its address on.
+# The node's process units set these from the interface it leased its address on.
 _NODE_INTERFACE = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
@@ -272,6 +273,10 @@ def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> No
         lines += [AdminKeyLine(kind, blob) for kind, blob in admins.key_blobs]
         lines += [SshLine(admins.ssh_port), MetricsLine(admins.metrics_port)]
     mine = sorted((p for p in loaded.processes if p.node == node), key=lambda p: p.role != "rpc-worker")
+    for name in dict.fromkeys(p.service for p in mine):  # a service's memory: bounds each of its processes
+        memory = loaded.service(name).memory
+        if memory is not None:
+            lines.append(MemoryLine(name, int(memory)))
     where = {n.name: str(n.peer_address) for n in loaded.cluster.nodes}  # a worker's data address, if it has one
     for process in mine:
         service = loaded.service(process.service)

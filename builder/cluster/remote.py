@@ -25,7 +25,7 @@ from builder.cluster.gateway import (
     write_gateway,
 )
 from builder.cluster.model import Loaded, Process
-from builder.cluster.ssh import host_keys
+from builder.cluster.ssh import host_keys, node_units
 from builder.cluster.units import gateway_unit, gateway_unit_name
 from builder.core.errors import BuilderError, RecipeError
 from builder.core.units import UNIT_DIR, Unit, install, is_active, require_systemd, systemctl
@@ -250,6 +250,8 @@ def status(loaded: Loaded) -> dict[str, object]:
         except BuilderError:
             running = False
     keys = host_keys(loaded)  # each node's ssh host-key fingerprint, as its agent reports it (with admins:)
+    agents = loaded.agent_hosts()
+    units = {n.name: node_units(str(n.address)) for n in loaded.cluster.netbooted if n.address and n.name in agents}
     services = []
     for service in loaded.cluster.services:
         processes = []
@@ -277,7 +279,8 @@ def status(loaded: Loaded) -> dict[str, object]:
         "gateway": {"endpoint": remote.endpoint, "running": running, "key_file": str(remote.key_file),
                     "metrics": f"http://127.0.0.1:{loaded.cluster.gateway.metrics_port}/metrics"},
         "nodes": [{"name": n.name, "address": where[n.name], "target": n.target, "devices": n.devices_json,
-                   "mac": n.mac, **({"ssh_host_key": keys.get(n.name)} if loaded.cluster.admins else {})}
+                   "mac": n.mac, **({"ssh_host_key": keys.get(n.name)} if loaded.cluster.admins else {}),
+                   **({"units": units[n.name]} if n.name in units else {})}
                   for n in loaded.cluster.nodes],
         "services": services,
     }

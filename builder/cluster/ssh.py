@@ -12,6 +12,7 @@ password, no prompt, the pinned host key).
 
 import base64
 import hashlib
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,20 +39,38 @@ def fingerprint(key: str) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
+def ask_agent(address: str, word: str, seconds: float = AGENT_SECONDS) -> str | None:
+    """The node agent's one-line answer to `word` (ASCII, at most 16 KiB); None without one."""
+    try:
+        with socket.create_connection((address, AGENT_PORT), timeout=seconds) as conn:
+            conn.sendall(f"{word}\n".encode())
+            answer = b""
+            while len(answer) < 16384 and (chunk := conn.recv(4096)):
+                answer += chunk
+        return answer.decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def host_key(address: str) -> str | None:
     """The node's ssh host key (`TYPE BASE64`) as its agent reports it; None without an answer or a key."""
+    answer = ask_agent(address, "ssh")
     try:
-        with socket.create_connection((address, AGENT_PORT), timeout=AGENT_SECONDS) as conn:
-            conn.sendall(b"ssh\n")
-            answer = b""
-            while len(answer) < 4096 and (chunk := conn.recv(1024)):
-                answer += chunk
-    except OSError:
+        return check_key(answer) if answer else None
+    except ValueError:
         return None
-    try:
-        return check_key(answer.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
+
+
+_UNIT = re.compile(r"(builder-[A-Za-z0-9@._-]+|systemd-journal-gatewayd\.socket)=([a-z-]+)/([a-z-]+)")
+
+
+def node_units(address: str) -> dict[str, str] | None:
+    """The state of each unit the node's plan started (`ACTIVE/SUB`, e.g. `active/running`, `failed/failed`,
+    `activating/auto-restart`), as its agent reports them; None without an answer."""
+    answer = ask_agent(address, "units", seconds=10)  # the node runs `systemctl show` for it
+    if answer is None or answer == "none":
         return None
+    return {m.group(1): f"{m.group(2)}/{m.group(3)}" for word in answer.split() if (m := _UNIT.fullmatch(word))}
 
 
 def host_keys(loaded: Loaded) -> dict[str, str]:

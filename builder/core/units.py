@@ -59,14 +59,16 @@ def plain_argv(argv: Sequence[str | Path], what: str) -> str:
     return " ".join(plain(word, what) for word in argv)
 
 
-def render(sections: Sequence[Section]) -> str:
+def render(sections: Sequence[Section], *, instance: bool = False) -> str:
     """A unit file: a header line, then each section's settings in the order given. A last guard: no value
-    holds a control character or a `%` (the values were checked by `plain` or their type before)."""
+    holds a control character or a `%` (the values were checked by `plain` or their type before); a template
+    unit (`instance`) may hold `%i`, its instance name, and no other specifier."""
     lines = ["# Written by builder: regenerate it with the same command, do not edit."]
     for title, settings in sections:
         lines += ["", f"[{title}]"]
         for key, value in settings:
-            if "%" in value or not value.isprintable():
+            bare = value.replace("%i", "") if instance else value
+            if "%" in bare or not value.isprintable():
                 raise RecipeError(f"{key}={value!r}: a unit setting must be one line without %")
             lines.append(f"{key}={value}")
     return "\n".join(lines) + "\n"

@@ -1,14 +1,15 @@
-"""What operators reach on a netbooted root, added at `pxe build`: Debian's openssh-server and
-prometheus-node-exporter of the root's own suite.
+"""What every netbooted root gets from its own Debian suite at `pxe build`: systemd (the node's PID 1) and
+systemd-journal-remote (systemd-journal-gatewayd: the journal for `builder cluster logs`), and what operators
+reach, openssh-server and prometheus-node-exporter.
 
-Pinned in builder.lock (`netboot_admin.<suite>`: the two packages and everything they depend on, each .deb with
+Pinned in builder.lock (`netboot_admin.<suite>`: the four packages and everything they depend on, each .deb with
 its version and sha256, resolved by `builder lock` like a netboot kernel). `pxe build` reads the root's suite from
 its /etc/os-release, fetches that suite's pinned .debs and unpacks into the root those packages its dpkg
-database does not list (no maintainer scripts run: the node's plan executor adds the privilege-separation
-user and makes the host key on the node). Packages that only serve maintainer scripts or another init system
+database does not list (no maintainer scripts run: builder/netboot/nodeunits.py adds the journal's group, the
+node makes the users at boot and the ssh host key on first start). Packages that only serve maintainer scripts
 are left out. The image itself is untouched: adding them changes no image's fingerprint, only the netboot set
-(docs/design.md says why). The node runs them only when its plan says so (a cluster file's `admins:`).
-"""
+(docs/design.md says why). The node runs the ssh server and the exporter only when its plan says so (a cluster
+file's `admins:`)"""
 
 import hashlib
 import json
@@ -27,16 +28,17 @@ from builder.netboot.elf import needed
 from builder.plan.bases import host_arch
 from builder.recipe.models import LockedBase
 
-PACKAGES = ("openssh-server", "prometheus-node-exporter")
+PACKAGES = ("openssh-server", "prometheus-node-exporter", "systemd", "systemd-journal-remote")
 # The Debian suites whose roots builder netboots today; `builder lock` pins the layer of each.
 SUITES = ("bookworm", "trixie")
-# Dependencies that serve only maintainer scripts (which never run here) or an init system the node does not run
-# yet: not unpacked. libsystemd-shared and systemd arrive with the systemd nodes (docs/design.md).
-NOT_UNPACKED = ("adduser", "debconf", "lsb-base", "runit-helper", "sensible-utils", "systemd", "libsystemd-shared",
-                "ucf", "usrmerge")
+# Dependencies that serve only maintainer scripts (which never run on the node): not unpacked.
+NOT_UNPACKED = ("adduser", "debconf", "lsb-base", "runit-helper", "sensible-utils", "ucf", "usrmerge")
 # What the node runs: their libraries must be in the root.
-PROGRAMS = ("usr/sbin/sshd", "usr/bin/ssh-keygen", "usr/bin/prometheus-node-exporter")
-LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib", "lib")
+PROGRAMS = ("usr/sbin/sshd", "usr/bin/ssh-keygen", "usr/bin/prometheus-node-exporter", "lib/systemd/systemd",
+            "lib/systemd/systemd-journal-gatewayd")
+# systemd's own libraries (libsystemd-shared-NNN.so) are in its private folder, found through its RUNPATH
+LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib", "lib",
+                "usr/lib/x86_64-linux-gnu/systemd", "usr/lib/systemd", "lib/systemd")
 HINT = "run `builder lock` to pin it (resolved from Debian's archive), review the diff and commit builder.lock"
 
 

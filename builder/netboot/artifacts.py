@@ -1,8 +1,9 @@
 """The netboot flavour of an image: vmlinuz, initrd.img, root.squashfs, SHA256SUMS and manifest.json.
 
-The root is the image's own filesystem (exported from the engine) plus node-init, busybox, the image's
-environment, the accelerator's kernel modules and firmware, and the ssh server and metrics exporter of the
-root's Debian suite (pinned .debs, builder/netboot/adminlayer.py). Artifacts are cached by everything that
+The root is the image's own filesystem (exported from the engine) plus the node's scripts, busybox, the image's
+environment, the accelerator's kernel modules and firmware, and systemd (the node's PID 1, its units from
+builder/netboot/nodeunits.py), the ssh server and the metrics exporter of the root's Debian suite (pinned .debs,
+builder/netboot/adminlayer.py). Artifacts are cached by everything that
 goes into them, so a second `pxe build` of the same image is immediate.
 """
 
@@ -26,6 +27,7 @@ from builder.core.run import run, run_logged
 from builder.engines import Engine, ImageInfo
 from builder.engines.cleanup import temp_path
 from builder.engines.host import find_driver
+from builder.netboot import nodeunits
 from builder.netboot.adminlayer import add_admin_layer, layers_key
 from builder.netboot.initramfs import NODE_SCRIPTS, initramfs
 from builder.netboot.kernels import (
@@ -45,11 +47,12 @@ from builder.netboot.kernels import (
     version_tuple,
 )
 from builder.netboot.modules import load_order, module_bytes, plain_name
+from builder.netboot.nodeunits import install_node_units
 from builder.plan.make import RDMA_LABEL
 from builder.recipe.load import select
 from builder.recipe.models import LockedBase
 
-NETBOOT_VERSION = "3"  # bump when the artifacts' layout or node scripts' contract changes
+NETBOOT_VERSION = "4"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")
 COMPRESSORS = ("zstd", "xz", "gzip", "lzo", "lz4")
 # The levels mksquashfs takes for each algorithm (-Xcompression-level); xz and lz4 take none.
@@ -177,7 +180,7 @@ def _artifact_key(image_id: str, spec: KernelSpec, tree: Path, squash: Squash, s
     inputs = {"v": NETBOOT_VERSION, "image": image_id, "kernel": spec.key(), "tree": tree.name, "squash": str(squash),
               "scripts": scripts, "initrd_modules": [*NET_MODULES, *ROOT_MODULES, *FIREWALL_MODULES],
               "initrd_firmware": list(INITRD_FIRMWARE),
-              "ssh": layers_key(ssh)}
+              "ssh": layers_key(ssh), "units": hashlib.sha256(Path(nodeunits.__file__).read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -189,13 +192,13 @@ def _extract(tarball: Path, dest: Path) -> None:
 
 def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tuple[str, ...],
                     rdma: bool = False) -> list[str]:
-    """node-init and its plan executor, busybox, the image's environment, accelerator modules and firmware (and
+    """The scripts the node's units run, busybox, the image's environment, accelerator modules and firmware (and
     with `rdma`, the RDMA modules of the data NICs); returns missing modules."""
     lib = root / "usr/lib/builder"
     lib.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(NODE_SCRIPTS / "node-init.sh", lib / "node-init")
-    shutil.copy2(NODE_SCRIPTS / "plan.sh", lib / "plan.sh")  # the plan executor node-init sources
-    # the DHCP event script of the udhcpc node-init keeps running (lease renewals), run by the root's busybox
+    shutil.copy2(NODE_SCRIPTS / "node.sh", lib / "node")  # what the node's units run (nodeunits.py)
+    shutil.copy2(NODE_SCRIPTS / "plan.sh", lib / "plan.sh")  # what they have in common, sourced by node
+    # the DHCP event script of builder-dhcp.service's udhcpc (lease renewals), run by the root's busybox
     script = (NODE_SCRIPTS / "udhcpc.sh").read_text().replace("#!/bin/busybox sh", "#!/usr/lib/builder/busybox sh", 1)
     (lib / "udhcpc.sh").write_text(script)
     (lib / "udhcpc.sh").chmod(0o755)
@@ -310,6 +313,10 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
         require_driver(root, target, variant)
         missing = _add_node_files(root, tree, kver, spec, info.env, rdma=info.labels.get(RDMA_LABEL) == "true")
         ssh = add_ssh(root)
+        if not (root / "lib/systemd/systemd").is_file():
+            raise EngineError(f"the root of {image} has no /lib/systemd/systemd after the pinned layer",
+                              "pin the layer again: builder lock --refresh-netboot")
+        ssh["systemd"] = install_node_units(root)
         squash_started = time.monotonic()
         run_logged(["mksquashfs", str(root), str(staged / "root.squashfs"), "-noappend", "-no-xattrs",
                     "-mkfs-time", "0", "-all-time", "0", "-no-progress", *squash.flags()],

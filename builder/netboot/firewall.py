@@ -37,7 +37,7 @@ class Firewall:
     allowed: tuple[str, ...]  # IP addresses, the node's own among them
     ports: tuple[int, ...]  # backend ports this node serves (for the reader; every port is closed to others)
     control: str = ""  # the control node's address, the only one that may reach control_ports
-    control_ports: tuple[int, ...] = ()  # the node's gateway agent (builder/netboot/plan.py's AGENT_PORT)
+    control_ports: tuple[int, ...] = ()  # the node's gateway agent (plan.py's AGENT_PORT), its journal (JOURNAL_PORT)
     admins: tuple[str, ...] = ()  # the operators' addresses and networks (a cluster file's admins:)
     admin_ports: tuple[int, ...] = ()  # the only ports those may reach (the node's ssh server)
 

@@ -1,15 +1,17 @@
-"""A netbooted node's plan: what it runs, as plain data, and the one text form its node-init reads.
+"""A netbooted node's plan: what it runs, as plain data, and the one text form its units read.
 
 Every netbooted node boots from a plan: a small text file published as a blob and named on its kernel
-command line (`builder.plan=URL builder.plan_sha256=HEX`), which node-init fetches, checks and follows
-(images/netboot/plan.sh). builder/cluster/plans.py makes each node's plan from a cluster file; this module
-only knows the lines. One line per item, fields separated by one tab, `-` for a field that is empty:
+command line (`builder.plan=URL builder.plan_sha256=HEX`), which builder-plan.service fetches, checks and turns
+into one systemd unit per line (images/netboot/node.sh, builder/netboot/nodeunits.py). builder/cluster/plans.py
+makes each node's plan from a cluster file; this module only knows the lines. One line per item, fields separated
+by one tab, `-` for a field that is empty:
 
     env         NAME     VALUE
     agent       PORT
     admin-key   TYPE     BASE64
     ssh         PORT
     metrics     PORT
+    memory      SERVICE  BYTES
     rpc-worker  SERVICE  PORT  [MODEL_URL  MODEL_SHA256]
     server      SERVICE  PORT  MODEL_URL  MODEL_SHA256  RPC  CTX  [LLAMA-SERVER ARGS…]
     vllm        SERVICE  PORT  MODEL_URL  MODEL_SHA256  MOUNT  ENV  ARGV…
@@ -21,6 +23,8 @@ only knows the lines. One line per item, fields separated by one tab, `-` for a 
 * ssh: the node's ssh server (images/netboot/sshd.sh) on its address and PORT, key-only login as root with
   the admin-key lines as its authorized keys; its host key is made on the node (kept on its cache disk).
 * metrics: the node's Prometheus exporter (images/netboot/metrics.sh) on its address and PORT.
+* memory: the most memory each process of SERVICE on this node may use (the cluster file's service `memory:`,
+  when it gives one): its unit's MemoryMax= (the kernel ends the process beyond it, and systemd restarts it).
 * rpc-worker: ggml-rpc-server on the node's address and PORT; with a model (a service's `preseed`), the GGUF at
   MODEL_URL (checked against MODEL_SHA256) kept on the node's cache disk fills its tensor cache first
   (`rpc-worker --seed`), so the head's first load sends hashes instead of the large tensors.
@@ -42,7 +46,7 @@ NONE = "-"
 # may connect to it (the node's firewall).
 AGENT_PORT = 7999
 HEADER = ("# fields, tab-separated, '-' for none: env NAME VALUE | agent PORT | admin-key TYPE BASE64 | ssh PORT "
-          "| metrics PORT | rpc-worker SERVICE PORT [MODEL_URL MODEL_SHA256] | server "
+          "| metrics PORT | memory SERVICE BYTES | rpc-worker SERVICE PORT [MODEL_URL MODEL_SHA256] | server "
           "SERVICE PORT MODEL_URL MODEL_SHA256 RPC CTX [ARGS...] | vllm SERVICE PORT MODEL_URL MODEL_SHA256 MOUNT ENV "
           "ARGV...\n")
 
@@ -75,6 +79,12 @@ class MetricsLine:
 
 
 @dataclass(frozen=True)
+class MemoryLine:
+    service: str
+    bytes: int
+
+
+@dataclass(frozen=True)
 class RpcWorkerLine:
     service: str
     port: int
@@ -104,7 +114,7 @@ class VllmLine:
     argv: tuple[str, ...]
 
 
-Line = EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine | RpcWorkerLine | ServerLine | VllmLine
+Line = EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine | MemoryLine | RpcWorkerLine | ServerLine | VllmLine
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,7 @@ class NodePlan:
     def engines(self) -> set[str]:
         """The engines the node runs: llama.cpp (rpc-worker, server), vllm."""
         return {"vllm" if isinstance(line, VllmLine) else "llama.cpp" for line in self.lines
-                if not isinstance(line, EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine)}
+                if not isinstance(line, EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine | MemoryLine)}
 
 
 def _field(value: str, what: str) -> str:
@@ -140,6 +150,10 @@ def _words(line: Line) -> list[str]:
         return ["ssh", str(_port(str(line.port)))]
     if isinstance(line, MetricsLine):
         return ["metrics", str(_port(str(line.port)))]
+    if isinstance(line, MemoryLine):
+        if line.bytes < 1:
+            raise ValueError(f"plan: memory {line.service}: {line.bytes} is not a number of bytes")
+        return ["memory", line.service, str(line.bytes)]
     if isinstance(line, RpcWorkerLine):
         model = [line.model_url, line.model_sha256 or NONE] if line.model_url else []
         return ["rpc-worker", line.service, str(line.port), *model]
@@ -152,7 +166,7 @@ def _words(line: Line) -> list[str]:
 
 
 def serialize(plan: NodePlan) -> str:
-    """The plan as node-init reads it: a comment naming the node, the fields' header, one line per item."""
+    """The plan as the node reads it: a comment naming the node, the fields' header, one line per item."""
     out = [f"# builder node plan for {_field(plan.node, 'node')}, from cluster.yaml: regenerate it, do not edit.\n",
            HEADER]
     for line in plan.lines:
@@ -195,6 +209,8 @@ def parse(text: str) -> NodePlan:
             lines.append(SshLine(_port(fields[0])))
         elif kind == "metrics" and len(fields) == 1:
             lines.append(MetricsLine(_port(fields[0])))
+        elif kind == "memory" and len(fields) == 2 and fields[1].isdigit() and fields[1].isascii():
+            lines.append(MemoryLine(fields[0], int(fields[1])))
         elif kind == "rpc-worker" and len(fields) in (2, 4):
             model = (fields[2], _optional(fields[3])) if len(fields) == 4 else ()
             lines.append(RpcWorkerLine(fields[0], _port(fields[1]), *model))

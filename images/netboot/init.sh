@@ -3,7 +3,7 @@
 # /init of builder's netboot initramfs (busybox). It brings up the network, takes the root squashfs from
 # the node's cache disk or fetches it over HTTP (hashed on the way in against the sha256 the node's boot
 # script names), opens it through dm-verity with the script's root hash, mounts it read-only under a tmpfs
-# overlay and hands over to the root's node-init. Bad data is never booted: a download that mismatches is
+# overlay and hands over to the root's systemd (builder/netboot/nodeunits.py: the node's units). Bad data is never booted: a download that mismatches is
 # retried, a cached root that fails dm-verity is dropped and fetched again; after builder.retries attempts
 # the node reboots. Without a cache disk the root is held in RAM (tmpfs), as before. Before any of that, the
 # node's firewall (nftables rules from the inventory, named by sha256 like the root) is fetched, checked and
@@ -123,7 +123,7 @@ else
 fi
 
 # The data network (a node's data_interface: in cluster.yaml): a static address and MTU on the second interface,
-# found by name or MAC, once the firewall is loaded. node-init binds the node's RPC worker there (data.env).
+# found by name or MAC, once the firewall is loaded. The node's RPC workers bind there (data.env).
 if [ -n "$DATA_ADDRESS" ]; then
     data=""
     for _ in 1 2 3 4 5 6 7 8 9 10; do
@@ -241,7 +241,7 @@ if ! open_root; then
 fi
 [ -n "$VERITY" ] && say "root opened through dm-verity: root hash $VERITY"
 # The node's models (published by sha256: builder.models=SHA:SIZE,... from its plan's publisher) are kept on the cache disk too, each when room can be made for it beside the
-# root and the models before it; node-init fetches them into the room made here.
+# root and the models before it; the node's units fetch them into the room made here.
 model_cached=""
 if [ "$mode" = cache ]; then
     keep="" room=0
@@ -267,7 +267,7 @@ if [ "$mode" = cache ]; then
         fi
     done
 fi
-# node-init looks for dm-verity errors after this point: those of a root dropped above are not its root's
+# the node looks for dm-verity errors after this point: those of a root dropped above are not its root's
 echo "ROOT_MODE=$mode ROOT_BLOB=$image MODEL_CACHED='${model_cached# }'" \
     "VERITY_ERRORS=$(dmesg | grep -c 'verity.*corrupted')" >/run/builder/root.env
 mount -t overlay overlay \
@@ -277,4 +277,4 @@ mkdir -p /newroot/dev /newroot/run /newroot/proc /newroot/sys
 mount --move /dev /newroot/dev
 mount --move /run /newroot/run
 umount /proc /sys
-exec switch_root /newroot /usr/lib/builder/node-init
+exec switch_root /newroot /lib/systemd/systemd

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The metrics exporter of a netbooted node (its plan's metrics line): `metrics.sh ADDRESS PORT [SYSFS]`. One
-# process, run in the foreground by whatever supervises it (the plan executor now, a unit later): Debian's
+# process, run in the foreground by its unit (builder-metrics.service): Debian's
 # prometheus-node-exporter on the node's own address and PORT (never a wildcard one), with the collectors an
 # operator of an inference node reads: the GPUs' use and memory from the kernel's sysfs (drm: amdgpu's
 # gpu_busy_percent and mem_info_*), power, temperatures and fans where the hardware exposes them (hwmon: e.g.

@@ -1,7 +1,7 @@
 #!/bin/bash
 # `builder cluster reboot` runs this on the node over ssh: the node reboots a second later (so the ssh session
-# ends cleanly first) and netboots its current generation. The node's PID 1 is node-init (bash), which has no
-# reboot of its own: busybox's forced reboot, after a sync.
+# ends cleanly first) and netboots its current generation: busybox's forced reboot, after a sync (the root is a
+# tmpfs overlay and the cache disk is synced on every write: nothing needs systemd's slower clean shutdown).
 (
     sleep 1
     sync

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The ssh server of a netbooted node (its plan's ssh line): `sshd.sh ADDRESS PORT STATE`. One process, run in
-# the foreground by whatever supervises it (the plan executor now, a unit later). ADDRESS and PORT: where it
+# the foreground by its unit (builder-sshd.service). ADDRESS and PORT: where it
 # listens (the node's own address, never a wildcard one); STATE: the folder of its host key, made here on first
 # start (on the node's cache disk when it has one, so the key survives reboots; else in /run, made per boot).
 # The authorized keys are root's, /run/builder/ssh/authorized_keys (from the plan's admin-key lines); the

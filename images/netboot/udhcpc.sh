@@ -1,8 +1,8 @@
 #!/bin/busybox sh
 # shellcheck shell=sh
 # shellcheck disable=SC2154  # udhcpc sets interface, ip, mask, router, dns and serverid
-# udhcpc's event script on a netbooted node: configure the leased address and remember it for node-init. The
-# initramfs runs udhcpc once for the first lease; node-init then keeps one running for as long as the node runs,
+# udhcpc's event script on a netbooted node: configure the leased address and remember it for the node's units.
+# The initramfs runs udhcpc once for the first lease; builder-dhcp.service then keeps one running while the node runs,
 # which renews the lease (a copy of this script in the root, its first line naming the root's busybox). Once the
 # node holds a lease its address stays: the processes are bound to it, so a restart of udhcpc (deconfig), a lost
 # server (leasefail, nak) or a renewal of the same address changes nothing; a server that hands out another

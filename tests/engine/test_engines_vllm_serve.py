@@ -1,13 +1,13 @@
 """The cpu vLLM image serves tokens: a tiny random-weight llama model in Hugging Face format, made by the test,
 answers over vLLM's OpenAI API on 127.0.0.1 with the text transformers computes on the same weights.
 
-How the server starts: as a netbooted node starts it. The node's plan executor (images/netboot/plan.sh, which
-node-init sources) runs in the image with the plan `builder pxe publish` makes for a one-node replicate vLLM
-service: it fetches the plan and the model's squashfs from `pxe serve`'s HTTP server on loopback, checks both
-against their sha256, exports the node's env and starts the image's entrypoint with the plan's `vllm serve`
-line (builder/cluster/vllm_service.py, the same as `cluster up --local`'s). One stand-in: a rootless container
-cannot loop-mount the squashfs, so the model folder is bind-mounted where the plan mounts it and the `mount`
-the executor calls checks that it is there (tests/qemu/test_netboot_vllm_qemu.py mounts it for real).
+How the server starts: as a netbooted node starts it. The node's units (images/netboot/node.sh, run in the image
+by tests/support/nodeharness.py with a stand-in for systemctl) follow the plan `builder pxe publish` makes for a
+one-node replicate vLLM service: they fetch the plan and the model's squashfs from `pxe serve`'s HTTP server on
+loopback, check both against their sha256, export the node's env and start the image's entrypoint with the
+plan's `vllm serve` line (builder/cluster/vllm_service.py, the same as `cluster up --local`'s). One stand-in: a
+rootless container cannot loop-mount the squashfs, so the model folder is bind-mounted where the plan mounts it
+and the `mount` the unit calls checks that it is there (tests/qemu/test_netboot_vllm_qemu.py mounts it for real).
 
 Where transformers runs: in the cpu vLLM image itself (tests/support/tinyhf.py, in its own container without a
 network, before the server starts). The image carries torch, transformers, tokenizers and safetensors at the
@@ -41,6 +41,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from nodeharness import node_command, node_volumes
 
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.plans import load_for_netboot, models, node_plan
@@ -48,7 +49,7 @@ from builder.engines import ENGINES
 from builder.netboot.plan import serialize
 from builder.netboot.publish import add_blob, add_blob_bytes
 from builder.netboot.serve import http_server
-from conftest import ROOT, free_port
+from conftest import free_port
 from containers import wait_healthy
 from vllm_fixtures import MAX_TOKENS, MESSAGES, PROMPT
 
@@ -61,7 +62,7 @@ GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0}
 STARTUP_SECONDS = 900
 # vLLM's CPU backend on a small shared machine: a 256-token context, a 1 GiB KV cache, few sequences.
 SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager"]
-# busybox's applets the plan executor uses, for an image without busybox: wget (Python's urllib, no proxy) and
+# busybox's applets the node's scripts use, for an image without busybox: wget (Python's urllib, no proxy) and
 # the stand-in for the loop mount (see the module's docstring)
 BUSYBOX = """#!/bin/bash
 case "$1" in
@@ -71,12 +72,6 @@ open(sys.argv[1], "wb").write(u.build_opener(u.ProxyHandler({})).open(sys.argv[2
     *) exit 1 ;;
 esac
 """
-# node-init's part before the plan: what the initramfs and DHCP would have left it (RAM mode, no cache disk)
-NODE = ("set -u; mkdir -p /run/builder; say() {{ echo \"builder-node: $*\"; }}; name=ci plan={plan} "
-        "plan_sha256={sha} bb=/usr/lib/builder/busybox NODE_IP=127.0.0.1 NODE_IFACE=lo RPC_IP=127.0.0.1 DATA_IFACE= "
-        "ROOT_MODE=ram ROOT_BLOB= MODEL_CACHED= VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache; "
-        ". /usr/lib/builder/plan.sh; mkdir -p \"$LOG_DIR\"; run_plan")
-
 
 @pytest.fixture(scope="module")
 def server(cpu_image: str, tiny_hf: tuple[Path, dict[str, Any]],
@@ -99,8 +94,6 @@ def server(cpu_image: str, tiny_hf: tuple[Path, dict[str, Any]],
     model = add_blob(root, models(loaded, print)[SERVED_NAME])
     base = f"http://127.0.0.1:{http}"
     plan = add_blob_bytes(root, serialize(node_plan(loaded, "ci", base, {SERVED_NAME: model})).encode())
-    (work / "busybox").write_text(BUSYBOX)
-    (work / "busybox").chmod(0o755)
     files = http_server(root, "127.0.0.1", http)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     name = f"vllm-plan-{port}"
@@ -109,10 +102,8 @@ def server(cpu_image: str, tiny_hf: tuple[Path, dict[str, Any]],
     with log.open("wb") as out:
         proc = subprocess.Popen([
             *engine.run_argv(), "--rm", "--network", "host", "--shm-size", "1g", "--name", name,
-            "--volume", f"{ROOT / 'images' / 'netboot' / 'plan.sh'}:/usr/lib/builder/plan.sh:ro",
-            "--volume", f"{work / 'busybox'}:/usr/lib/builder/busybox:ro",
-            "--volume", f"{folder}:/models/{SERVED_NAME}:ro", cpu_image, "shell", "-c",
-            NODE.format(plan=f"{base}/blobs/sha256/{plan}", sha=plan)], stdout=out, stderr=subprocess.STDOUT)
+            *node_volumes(work, BUSYBOX), "--volume", f"{folder}:/models/{SERVED_NAME}:ro", cpu_image,
+            "shell", "-c", node_command(f"{base}/blobs/sha256/{plan}", plan)], stdout=out, stderr=subprocess.STDOUT)
     try:
         started = time.monotonic()
         wait_healthy(port, proc, log, seconds=STARTUP_SECONDS)

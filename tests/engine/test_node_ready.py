@@ -1,17 +1,19 @@
-"""Ready means right on a netbooted node: the node's plan executor (images/netboot/plan.sh) checks the device
-before it announces a llama.cpp process, in the intel-arc/vulkan image on Mesa's software Vulkan device.
+"""Ready means right on a netbooted node: a process's unit (images/netboot/node.sh) checks the device before it
+announces a llama.cpp process, in the intel-arc/vulkan image on Mesa's software Vulkan device.
 
-How the node runs: as tests/engine/test_engines_vllm_serve.py runs it. plan.sh runs in the image with a plan
-of one agent line, one rpc-worker line and one server line, fetched (with the model) from `pxe serve`'s HTTP
-server on loopback and checked against their sha256. The image has no busybox: a bash stand-in gives the
-executor the applets it calls (wget as an HTTP/1.0 GET over bash's /dev/tcp, loopback only).
+How the node runs: as tests/engine/test_engines_vllm_serve.py runs it (tests/support/nodeharness.py: the node's
+scripts in the image, a stand-in for systemctl). `node plan` fetches a plan of one agent line, one rpc-worker
+line and one server line (with the model) from `pxe serve`'s HTTP server on loopback, checks their sha256 and
+starts their units. The image has no busybox: a bash stand-in gives the scripts the applets they call (wget as
+an HTTP/1.0 GET over bash's /dev/tcp, loopback only).
 
 ggml-vulkan ignores lavapipe (a CPU-type device) unless GGML_VK_VISIBLE_DEVICES=0, so by default the image
 has no Vulkan device: the node says `degraded`, the RPC worker does not listen and the server's agent answers
 `down` (the gateway keeps it out of the rotation; test_gateway_agent.py shows HAProxy acting on that answer).
 With GGML_VK_VISIBLE_DEVICES=0 in the plan's env both are ready and the agent answers `up`; with
 LLAMA_ALLOW_FALLBACK=1 instead they serve on the CPU and say so. The cpu image, whose device is the CPU, is
-ready at once and qualifies once per node, after its first ready line.
+ready at once and qualifies once per node, before its server starts (the server's unit wants the
+qualification's).
 """
 
 import json
@@ -25,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from nodeharness import node_command, node_volumes
 
 from builder.engines import ENGINES
 from builder.netboot.plan import AgentLine, EnvLine, NodePlan, RpcWorkerLine, ServerLine, serialize
 from builder.netboot.publish import add_blob, add_blob_bytes
 from builder.netboot.serve import http_server
-from conftest import ROOT, free_port, require_engine, run_cli
+from conftest import free_port, require_engine, run_cli
 
 pytestmark = pytest.mark.engine
 ENGINE = "podman"
@@ -50,10 +53,6 @@ case "$1" in
     *) exit 1 ;;
 esac
 """
-NODE = ("set -u; mkdir -p /run/builder; say() {{ echo \"builder-node: $*\"; }}; name=ci plan={plan} "
-        "plan_sha256={sha} bb=/usr/lib/builder/busybox NODE_IP=127.0.0.1 NODE_IFACE=lo RPC_IP=127.0.0.1 DATA_IFACE= "
-        "ROOT_MODE=ram ROOT_BLOB= MODEL_CACHED= VERITY_ERRORS=0 CACHE_DIR=/run/builder/cache; "
-        ". /usr/lib/builder/plan.sh; mkdir -p \"$LOG_DIR\"; run_plan")
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,8 @@ def cpu() -> str:
 
 @contextmanager
 def node(image: str, model: Path, work: Path, env: dict[str, str]) -> Iterator[Node]:
-    """plan.sh in the image, running a plan with the node's `env`, an RPC worker of `big` and a server of `chat`."""
+    """The node's units in the image (nodeharness.py), from a plan with the node's `env`, an RPC worker of `big`
+    and a server of `chat`."""
     agent, worker, server, http = free_port(), free_port(), free_port(), free_port()
     root = work / "pxe-root"
     (root / "current").mkdir(parents=True)
@@ -121,8 +121,6 @@ def node(image: str, model: Path, work: Path, env: dict[str, str]) -> Iterator[N
     lines = [*(EnvLine(k, v) for k, v in env.items()), AgentLine(agent), RpcWorkerLine("big", worker),
              ServerLine("chat", server, f"{base}/blobs/sha256/{sha}", sha, (), 256, ("-t", "2"))]
     plan = add_blob_bytes(root, serialize(NodePlan("ci", tuple(lines))).encode())
-    (work / "busybox").write_text(BUSYBOX)
-    (work / "busybox").chmod(0o755)
     files = http_server(root, "127.0.0.1", http)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     name = f"node-ready-{server}"
@@ -130,10 +128,8 @@ def node(image: str, model: Path, work: Path, env: dict[str, str]) -> Iterator[N
     log = work / "node.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([
-            *engine.run_argv(), "--rm", "--network", "host", "--name", name,
-            "--volume", f"{ROOT / 'images' / 'netboot' / 'plan.sh'}:/usr/lib/builder/plan.sh:ro",
-            "--volume", f"{work / 'busybox'}:/usr/lib/builder/busybox:ro", image, "shell", "-c",
-            NODE.format(plan=f"{base}/blobs/sha256/{plan}", sha=plan)], stdout=out, stderr=subprocess.STDOUT)
+            *engine.run_argv(), "--rm", "--network", "host", "--name", name, *node_volumes(work, BUSYBOX), image,
+            "shell", "-c", node_command(f"{base}/blobs/sha256/{plan}", plan)], stdout=out, stderr=subprocess.STDOUT)
     try:
         yield Node(log, agent, worker, server)
     finally:
@@ -178,13 +174,13 @@ def test_the_allowed_fallback_serves_on_the_cpu_and_says_why(arc_vulkan: str, ti
                            f"builder-node: ci server chat ready on 127.0.0.1:{ci.server} (fallback: no Vulkan device")
         assert ci.ask_agent() == b"up\n"
         assert listens(ci.worker)
-        # the qualification runs once, after the first ready line: on the CPU it reports the missing device
+        # the qualification runs once, before the server: on the CPU it reports the missing device
         text = ci.wait_for("builder-node: ci not qualified: no Vulkan device")
         assert text.count("qualified") == 1
 
 
 def test_the_cpu_image_qualifies_once_after_it_is_ready(cpu: str, tiny_model: Path, tmp_path: Path) -> None:
-    """The cpu image's device is the CPU: ready at once, then one qualification for the node (not one per
+    """The cpu image's device is the CPU: ready at once, and one qualification for the node (not one per
     process), which gives the ids its build recorded."""
     with node(cpu, tiny_model, tmp_path, {}) as ci:
         ci.wait_for(f"builder-node: ci server chat ready on 127.0.0.1:{ci.server}\n")

@@ -67,6 +67,7 @@ MEMBER = "192.0.2.2"  # TEST-NET-1 on the namespace's loopback: the node host1 o
 OUTSIDER = "192.0.2.1"  # TEST-NET-1 on the namespace's loopback, in no cluster file
 ADMIN = "192.0.2.3"  # TEST-NET-1 on the namespace's loopback: the operators' address (admins:), no node's
 SSH, NODE_METRICS, AGENT = 22, 9100, 7999  # node1's ssh server and exporter (admins:), its gateway agent
+JOURNAL = 19531  # node1's systemd-journal-gatewayd (the control node only)
 HTTP, GATEWAY, METRICS = 8000, 8080, 8405
 TINY, TINY_B, SPLIT, RPC_HEAD = 8101, 8102, 8103, 8104  # the four services' server ports
 NODE_RPC, HOST_RPC = 50052, 50053  # node1's RPC worker (tiny-rpc), the host's container (tiny-split)
@@ -78,10 +79,11 @@ NODE_DATA, HOST_DATA, DATA_OUTSIDER = "10.77.0.2", "10.77.0.1", "10.77.0.9"
 READY = {"rpc-worker tiny-rpc": f"{NODE_DATA}:{NODE_RPC}", "server tiny": f"10.0.2.15:{TINY}",
          "server tiny-b": f"10.0.2.15:{TINY_B}", "server tiny-split": f"10.0.2.15:{SPLIT}"}
 # the node's boot address, each port forwarded from 127.0.0.1 (its RPC port too: nothing may answer there),
-# its ssh and exporter ports from the admins' address and an outsider's too
+# its ssh and exporter ports from the admins' address and an outsider's too, its journal from an outsider's too
 FORWARDS = tuple(f"tcp:{address}:{port}-:{port}" for address, port in
-                 [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC, AGENT, SSH)] +
-                 [(host, port) for host in (ADMIN, OUTSIDER) for port in (SSH, NODE_METRICS)])
+                 [("127.0.0.1", p) for p in (TINY, TINY_B, SPLIT, NODE_RPC, AGENT, SSH, JOURNAL)] +
+                 [(host, port) for host in (ADMIN, OUTSIDER) for port in (SSH, NODE_METRICS)] +
+                 [(OUTSIDER, JOURNAL)])
 PLAN_READY_SECONDS = 180  # after the first ready line, each further one (a model load under TCG)
 
 
@@ -140,7 +142,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
          "data_interface": {"name": TAP, "address": f"{HOST_DATA}/24", "mtu": DATA_MTU}}]
     common = {"model": "tiny.gguf", "sha256": digest, "context": 256}
     services: list[dict[str, object]] = [
-        {"name": "tiny", **common, "nodes": ["node1"], "port": TINY},
+        {"name": "tiny", **common, "nodes": ["node1"], "port": TINY, "memory": "256MiB"},
         {"name": "tiny-b", **common, "nodes": ["node1"], "port": TINY_B},
         {"name": "tiny-split", **common, "topology": "split", "head": "node1", "workers": ["worker1"],
          "port": SPLIT, "rpc_port": HOST_RPC},
@@ -262,7 +264,8 @@ def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artif
     blob = cluster.admin_key.with_suffix(".pub").read_text().split()[1]
     # admins:, public keys only
     assert lines[1:4] == [["admin-key", "ssh-ed25519", blob], ["ssh", str(SSH)], ["metrics", str(NODE_METRICS)]]
-    plan = lines[4:]
+    assert lines[4] == ["memory", "tiny", str(256 << 20)]  # tiny's memory: its unit's MemoryMax=
+    plan = lines[5:]
     assert [fields[:3] for fields in plan] == [["rpc-worker", "tiny-rpc", str(NODE_RPC)], ["server", "tiny", str(TINY)],
                                                ["server", "tiny-b", str(TINY_B)], ["server", "tiny-split", str(SPLIT)]]
     assert [fields[5] for fields in plan[1:]] == ["-", "-", f"10.0.2.2:{HOST_RPC}"]  # the split head's --rpc
@@ -440,16 +443,22 @@ def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gatew
     # node1's RPC worker on the data network, which the control node (the namespace) is on: its tap
     assert processes["tiny-rpc"] == [("host1", "server", f"{MEMBER}:{RPC_HEAD}", "UP", "L7OK"),
                                      ("node1", "rpc-worker", f"{NODE_DATA}:{NODE_RPC}", "UP", None)]
-    # node1's ssh host key as its agent reports it; the two nodes that are containers run no ssh server
+    # node1's ssh host key and units as its agent reports them; the two nodes that are containers run neither
+    # (the two containers standing for nodes are asked too: they have no agent)
+    units = {f"builder-process@{name}.service": "active/running"
+             for name in ("tiny-rpc-rpc-worker", "tiny-server", "tiny-b-server", "tiny-split-server")}
+    units.update({f"builder-{name}.service": "active/running" for name in ("dhcp", "agent", "sshd", "metrics")})
+    units.update({"builder-qualify.service": "active/exited", "systemd-journal-gatewayd.socket": "active/listening"})
     assert document["nodes"] == [
         {"name": "node1", "address": "127.0.0.1", "target": "cpu", "devices": {}, "mac": MAC,
-         "ssh_host_key": host_fingerprint(cluster)},
+         "ssh_host_key": host_fingerprint(cluster), "units": units},
         {"name": "worker1", "address": "10.0.2.2", "target": "cpu", "devices": {},
-         "mac": "52:54:00:12:34:57", "ssh_host_key": None},
+         "mac": "52:54:00:12:34:57", "ssh_host_key": None, "units": None},
         {"name": "host1", "address": MEMBER, "target": "cpu", "devices": {}, "mac": "52:54:00:12:34:58",
-         "ssh_host_key": None}]
+         "ssh_host_key": None, "units": None}]
     text = cli(cluster, "cluster", "status", str(cluster.path)).stdout
     assert "node     node1        127.0.0.1" in text and "  node1        server     127.0.0.1:" in text
+    assert re.search(r"^  node1 +unit +builder-process@tiny-server\.service +active/running$", text, re.M), text
 
 
 def test_replicas_answer_through_the_gateway(cluster: Cluster, gateway: Gateway) -> None:
@@ -511,35 +520,46 @@ def test_cluster_down_stops_the_gateway(cluster: Cluster, gateway: Gateway) -> N
     assert status.returncode == 1 and document["problems"][0] == "the gateway is not running", status.stdout
 
 
-def test_cluster_logs_reads_the_node_over_ssh(cluster: Cluster) -> None:
-    """Before the reboot: `cluster logs FILE node1` (without --local), over ssh as `cluster reboot` logs in (the
-    file's key, from the control node, the host key pinned through the agent on first contact), shows the node's
-    own log (its `builder-node:` lines, the ssh server's among them); `cluster logs FILE node1 tiny` shows that
-    llama-server's output, its listening line included; the same lines are on the console. A service the node
-    does not run is one line, exit 2, before any ssh. `-f` follows until Ctrl-C, which ends it with exit 0 and
-    stops the `tail` it ran on the node."""
-    # a copy of the file: builder pins node1's host key per file, and the reboot test below checks its first contact
-    path = cluster.folder / "cluster-logs.yaml"
-    shutil.copyfile(cluster.path, path)
-    identity = ("--identity", str(cluster.admin_key))
-    node_log = cli(cluster, "cluster", "logs", str(path), "node1", "-n", "500", *identity, timeout=180)
+def journal_answer(cluster: Cluster, source: str, host: str) -> str:
+    """What node1's journal port answers a GET from `source` to `host` (QEMU's forward): `HTTP/1.1 200 OK` or the
+    first line of another answer, `closed` when the connection ends without one, else the error's name."""
+    try:
+        with cluster.ns.inside(), socket.create_connection((host, JOURNAL), timeout=60,
+                                                           source_address=(source, 0)) as conn:
+            conn.sendall(b"GET /machine HTTP/1.0\r\n\r\n")
+            first = conn.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+            return first or "closed"
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def test_cluster_logs_reads_the_node_journal(cluster: Cluster) -> None:
+    """Before the reboot: `cluster logs FILE node1` (without --local, without ssh) reads node1's journal over HTTP
+    (systemd-journal-gatewayd on the node's address, port 19531): the node's own units' lines (the ssh server's
+    ready line, systemd's own lines); `cluster logs FILE node1 tiny` shows that llama-server's unit, its listening
+    line and its ready line, not tiny-b's; the same lines are on the console. A service the node does not run is
+    one line, exit 2. `-f` follows until Ctrl-C, which ends it with exit 0. The journal port answers the control
+    node (127.0.0.1, which the guest sees as 10.0.2.2) and refuses OUTSIDER at once (the node's firewall)."""
+    node_log = cli(cluster, "cluster", "logs", str(cluster.path), "node1", "-n", "500", timeout=180)
     assert node_log.returncode == 0, node_log.stdout + node_log.stderr
-    assert f"first contact with node1: its host key {host_fingerprint(cluster)}" in node_log.stderr, node_log.stderr
-    assert "builder-node: node1 server tiny ready on 10.0.2.15:8101" in node_log.stdout, node_log.stdout
     assert re.search(r"^builder-node: ssh server ready on 10\.0\.2\.15:22", node_log.stdout, re.M), node_log.stdout
-    assert "srv " not in node_log.stdout  # the servers' own output is in their logs, not the node's
-    tiny = cli(cluster, "cluster", "logs", str(path), "node1", "tiny", "-n", "2000", *identity, timeout=180)
+    assert re.search(r"^Started builder-process@tiny-server\.service", node_log.stdout, re.M) or \
+        "Started builder process tiny-server" in node_log.stdout, node_log.stdout
+    assert "srv " not in node_log.stdout  # the servers' own output is in their units' entries, not the node's
+    tiny = cli(cluster, "cluster", "logs", str(cluster.path), "node1", "tiny", "-n", "2000", timeout=180)
     assert tiny.returncode == 0, tiny.stdout + tiny.stderr
     listening = f"listening on http://10.0.2.15:{TINY}"  # llama-server's line once it accepts requests
-    assert listening in tiny.stdout and "builder-node:" not in tiny.stdout, tiny.stdout[-3000:]
+    assert listening in tiny.stdout and f"builder-node: node1 server tiny ready on 10.0.2.15:{TINY}" in tiny.stdout
     assert f"listening on http://10.0.2.15:{TINY_B}" not in tiny.stdout  # tiny-b's is its own
     assert listening in cluster.text()  # the console keeps it too
-    missing = cli(cluster, "cluster", "logs", str(path), "node1", "tiny-rpc-nope", *identity)
+    last = cli(cluster, "cluster", "logs", str(cluster.path), "node1", "tiny", "-n", "3", timeout=180)
+    assert last.returncode == 0 and len(last.stdout.splitlines()) <= 3, last.stdout
+    missing = cli(cluster, "cluster", "logs", str(cluster.path), "node1", "tiny-rpc-nope")
     assert missing.returncode == 2 and "no service named 'tiny-rpc-nope'" in missing.stderr, missing.stderr
-    # -f: the lines come as they are, Ctrl-C (SIGINT) ends it with exit 0 and no error, and the node's tail ends too
+    # -f: the lines come as they are, Ctrl-C (SIGINT) ends it with exit 0 and no error
     with cluster.ns.inside():
-        follow = subprocess.Popen([sys.executable, "-m", "builder", "cluster", "logs", str(path), "node1", "tiny",
-                                   "-f", "-n", "2000", *identity], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        follow = subprocess.Popen([sys.executable, "-m", "builder", "cluster", "logs", str(cluster.path), "node1",
+                                   "tiny", "-f", "-n", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, cwd=ROOT)
     watchdog = threading.Timer(180, follow.kill)  # bounds the reading below: a killed process ends its output
     watchdog.start()
@@ -557,14 +577,74 @@ def test_cluster_logs_reads_the_node_over_ssh(cluster: Cluster) -> None:
         if follow.poll() is None:
             follow.kill()
             follow.wait()
+    assert journal_answer(cluster, "127.0.0.1", "127.0.0.1") == "HTTP/1.1 200 OK"
+    assert journal_answer(cluster, OUTSIDER, OUTSIDER) in ("closed", "ConnectionResetError", "ConnectionRefusedError")
+
+
+def unit_show(cluster: Cluster, known_hosts: Path, *units: str) -> dict[str, dict[str, str]]:
+    """`systemctl show` of node1's `units` over ssh: unit -> {ActiveState, SubState, NRestarts, MainPID}."""
+    shown = ssh(cluster, ADMIN, cluster.admin_key, known_hosts,
+                "systemctl show --property=Id,ActiveState,SubState,NRestarts,MainPID -- " + " ".join(units))
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    out = {}
+    for block in shown.stdout.strip().split("\n\n"):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        out[fields["Id"]] = fields
+    return out
+
+
+def wait_units(cluster: Cluster, known_hosts: Path, want: str, *units: str) -> dict[str, dict[str, str]]:
+    """Poll until each unit's ActiveState is `want` (bounded: 90 tries, 2 s apart)."""
+    for _ in range(90):
+        states = unit_show(cluster, known_hosts, *units)
+        if all(states[u]["ActiveState"] == want for u in units):
+            return states
+        time.sleep(2)
+    pytest.fail(f"{units} not {want}: {states}\n{cluster.text()[-3000:]}")
+
+
+def test_a_killed_process_restarts_only_its_unit_and_status_sees_a_stopped_one(cluster: Cluster) -> None:
+    """Each process of the plan is a unit of its own, tiny's bounded by its service's memory (MemoryMax=):
+    llama-server of tiny killed on the node (over ssh) comes back in its unit alone (its restart count 1, the
+    others' 0; the node says so and it is ready again). A unit stopped by hand makes `cluster status` exit 1
+    naming it; started again, it is back in the report (and serving, for the tests after this one)."""
     with cluster.ns.inside():
         key = host_key("127.0.0.1")
-    known_hosts = cluster.folder / "known_hosts_logs"
+    known_hosts = cluster.folder / "known_hosts_units"
     known_hosts.write_text(f"{ADMIN} {key}\n")
-    gone = ssh(cluster, ADMIN, cluster.admin_key, known_hosts,
-               "for i in $(seq 1 30); do /usr/lib/builder/busybox ps -o args | grep -q '^tail -n 2000 -F' || exit 0; "
-               "sleep 1; done; /usr/lib/builder/busybox ps -o args >&2; exit 1")
-    assert gone.returncode == 0, gone.stdout + gone.stderr
+    names = [f"builder-process@{n}.service" for n in ("tiny-server", "tiny-b-server", "tiny-split-server",
+                                                      "tiny-rpc-rpc-worker")]
+    before = unit_show(cluster, known_hosts, *names)
+    assert all(before[n]["ActiveState"] == "active" for n in names), before
+    limits = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, f"systemctl show --property=MemoryMax -- {names[0]} "
+                 f"{names[1]}")  # the plan's memory line: tiny's unit only
+    assert limits.stdout.split() == [f"MemoryMax={256 << 20}", "MemoryMax=infinity"], limits.stdout + limits.stderr
+    ready_lines = cluster.text().count(f"builder-node: node1 server tiny ready on 10.0.2.15:{TINY}")
+    killed = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, f"kill -9 {before[names[0]]['MainPID']}")
+    assert killed.returncode == 0, killed.stderr
+    for _ in range(90):
+        after = unit_show(cluster, known_hosts, *names)
+        if after[names[0]]["NRestarts"] == "1" and after[names[0]]["ActiveState"] == "active":
+            break
+        time.sleep(2)
+    assert after[names[0]]["NRestarts"] == "1" and after[names[0]]["MainPID"] != before[names[0]]["MainPID"], after
+    assert [after[n]["NRestarts"] for n in names[1:]] == [before[n]["NRestarts"] for n in names[1:]], after
+    assert [after[n]["MainPID"] for n in names[1:]] == [before[n]["MainPID"] for n in names[1:]], after
+    wait_for(cluster.console, r"builder-node: server tiny exited \(signal: killed KILL\)", cluster.vm, 60)
+    assert cluster.text().count(f"builder-node: node1 server tiny ready on 10.0.2.15:{TINY}") == ready_lines + 1
+    stopped = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, f"systemctl stop {names[1]}")
+    assert stopped.returncode == 0, stopped.stderr
+    try:
+        status = cli(cluster, "cluster", "status", str(cluster.path), "--json")
+        document = json.loads(status.stdout)
+        assert status.returncode == 1 and f"{names[1]} on node1 is inactive/dead" in document["problems"], \
+            status.stdout
+    finally:
+        started = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, f"systemctl start {names[1]}")
+        assert started.returncode == 0, started.stderr
+    wait_units(cluster, known_hosts, "active", names[1])
+    status = cli(cluster, "cluster", "status", str(cluster.path), "--json")
+    assert not [p for p in json.loads(status.stdout)["problems"] if ".service on node1 is" in p], status.stdout
 
 
 @dataclass(frozen=True)

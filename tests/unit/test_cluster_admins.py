@@ -20,6 +20,7 @@ from builder.cluster.plans import node_plan
 from builder.cluster.ssh import Target, fingerprint, pin_host_key, ssh_argv
 from builder.netboot.firewall import ruleset
 from builder.netboot.initramfs import NODE_SCRIPTS
+from builder.netboot.nodeunits import JOURNAL_PORT
 from builder.netboot.plan import AGENT_PORT, AdminKeyLine, AgentLine, MetricsLine, NodePlan, SshLine, parse, serialize
 from conftest import require_tool, run_cli_inproc
 
@@ -113,7 +114,7 @@ def test_the_firewall_admits_the_admins_on_their_ports_only(tmp_path: Path) -> N
     rules = {f.node: ruleset(f, "cluster.yaml") for f in firewalls(admins_file(tmp_path))}
     assert f"elements = {{ {ADMIN_NET} }}" in rules["b"]
     assert "tcp dport { 22, 9100 } ip saddr @admins4 accept" in rules["b"]
-    assert f"agent's port ({AGENT_PORT}) from the control node only" in rules["b"]
+    assert f"the control node's ports ({AGENT_PORT}, {JOURNAL_PORT}: gateway agent, journal)" in rules["b"]
     (tmp_path / "b.nft").write_text(rules["b"])
     assert nft_check(tmp_path / "b.nft").returncode == 0
     (tmp_path / "connect.py").write_text(CONNECT)

@@ -13,6 +13,7 @@ import yaml
 
 from builder.cluster.firewall import firewalls
 from builder.netboot.firewall import ruleset
+from builder.netboot.nodeunits import JOURNAL_PORT
 from builder.netboot.plan import AGENT_PORT
 from conftest import require_tool, run_cli_inproc
 
@@ -114,28 +115,32 @@ def test_a_port_is_refused_from_outside_the_cluster(tmp_path: Path) -> None:
                           f"{OUTSIDER} ConnectionRefusedError", "127.0.0.1 connected"]
 
 
-def test_the_agent_port_admits_the_control_node_only(tmp_path: Path) -> None:
+def test_the_agent_and_journal_ports_admit_the_control_node_only(tmp_path: Path) -> None:
     """Node a runs a llama-server, so its gateway agent: in a namespace of its own, with a's rules loaded, only
     the control node (and loopback) reach the agent port; another node of the cluster is refused like an
-    outsider. Node b (an RPC worker only) runs no agent and has no such rule."""
+    outsider; the same for the journal's port (systemd-journal-gatewayd: `cluster logs`). Node b (an RPC worker
+    only) runs no agent and has no agent rule, only the journal's."""
     require_tool("nft", "nftables")
     require_tool("unshare", "util-linux")
     require_tool("ip", "iproute2")
     rules = {f.node: ruleset(f, "cluster.yaml") for f in firewalls(services_file(tmp_path))}
-    assert f"agent's port ({AGENT_PORT}) from the control node only" in rules["a"]
-    assert str(AGENT_PORT) not in rules["b"]
+    assert f"the control node's ports ({AGENT_PORT}, {JOURNAL_PORT}: gateway agent, journal) from the control " \
+        "node only" in rules["a"]
+    assert str(AGENT_PORT) not in rules["b"] and f"ports ({JOURNAL_PORT}: gateway agent, journal)" in rules["b"]
     (tmp_path / "a.nft").write_text(rules["a"])
     (tmp_path / "connect.py").write_text(CONNECT)
     script = "; ".join([
         "set -e", "ip link set lo up", *(f"ip addr add {a}/24 dev lo" for a in (CONTROL, NODE_A, NODE_B, OUTSIDER)),
         f"nft -f {tmp_path / 'a.nft'}",
         f"{sys.executable} {tmp_path / 'connect.py'} {NODE_A} {AGENT_PORT} {CONTROL} {NODE_B} {OUTSIDER} 127.0.0.1",
+        f"{sys.executable} {tmp_path / 'connect.py'} {NODE_A} {JOURNAL_PORT} {CONTROL} {NODE_B} {OUTSIDER} 127.0.0.1",
     ])
     proc = subprocess.run(["unshare", "--net", "--", "sh", "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-4:] == [f"{CONTROL} connected", f"{NODE_B} ConnectionRefusedError",
-                                             f"{OUTSIDER} ConnectionRefusedError", "127.0.0.1 connected"]
+    once = [f"{CONTROL} connected", f"{NODE_B} ConnectionRefusedError", f"{OUTSIDER} ConnectionRefusedError",
+            "127.0.0.1 connected"]
+    assert proc.stdout.splitlines()[-8:] == once + once  # the agent's port, then the journal's
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -145,7 +145,7 @@ def test_a_pipeline_joins_over_the_data_network(tmp_path: Path) -> None:
 def test_kernel_line_and_plan_carry_the_data_network(tmp_path: Path) -> None:
     """c's command line names its data interface by MAC, its address and MTU; b's by name; a (no data interface)
     carries its boot MTU only; b's plan points its split head at c's data address, and c's RPC worker line is
-    unchanged (node-init binds it on the data address the initramfs configured)."""
+    unchanged (the node binds it on the data address the initramfs configured)."""
     root = published(tmp_path, with_data(tmp_path, a={"mtu": 1400}))
     c, b, a = words(root, MACS[2]), words(root, MACS[1]), words(root, MACS[0])
     assert [w for w in c if w.startswith(("builder.data", "builder.mtu"))] == [

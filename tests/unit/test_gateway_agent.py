@@ -1,6 +1,7 @@
 """A netbooted node keeps a server whose device is missing out of the gateway's rotation: the real HAProxy asks
-the node's agent (the one images/netboot/plan.sh starts, run here from that file on loopback) with agent-check,
-and the agent answers `down #degraded: …` or `up` from the state plan.sh writes for that server's port.
+the node's agent (builder-agent.service runs it from images/netboot/plan.sh; here from that file on loopback)
+with agent-check, and the agent answers `down #degraded: …` or `up` from the state a process's unit writes for
+that server's port.
 
 The backend is test_gateway_boundary's recorder (it stands for llama-server and passes /health throughout), so
 only the agent's answer can take the server out of the rotation.
@@ -69,7 +70,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     states.mkdir()
     recorder, server = start_recorder()
     agent_port, port, metrics = free_port(), free_port(), free_port()
-    # the agent of the node's plan executor, as node-init starts it (on the node's address)
+    # the node's agent, as builder-agent.service starts it (on the node's address)
     agent = subprocess.Popen(["bash", "-c", '. "$1" && exec perl -e "$AGENT_SCRIPT" 127.0.0.1 "$2" "$3"', "agent",
                               str(ROOT / "images" / "netboot" / "plan.sh"), str(agent_port), str(states)])
     deadline = time.monotonic() + 20

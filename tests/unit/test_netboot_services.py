@@ -61,7 +61,7 @@ def words(root: Path, mac: str) -> list[str]:
 
 
 def plan(root: Path, mac: str) -> list[list[str]]:
-    """The node's plan as node-init reads it: the blob its command line names, checked against its sha256."""
+    """The node's plan as the node reads it: the blob its command line names, checked against its sha256."""
     line = words(root, mac)
     digest = next(w for w in line if w.startswith("builder.plan_sha256=")).split("=", 1)[1]
     assert f"builder.plan=http://10.0.2.2:8000/blobs/sha256/{digest}" in line
@@ -102,13 +102,15 @@ def test_each_node_gets_a_plan_of_its_servers_and_workers(tmp_path: Path) -> Non
     digest = next(w for w in c if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
     rules = (root / "blobs" / "sha256" / digest).read_text()
     assert "elements = { 10.0.2.2, 10.0.2.11, 10.0.2.12, 10.0.2.13 }" in rules and "ports (50100)" in rules
-    # a worker-only node runs no agent; a server's node admits its agent port from the control node only
-    assert "7999" not in rules
+    # a worker-only node runs no agent, only its journal's server; a server's node admits its agent port and its
+    # journal's from the control node only
+    assert "7999" not in rules and "tcp dport { 19531 } ip saddr 10.0.2.2 accept" in rules
     digest = next(w for w in b if w.startswith("builder.firewall_sha256=")).split("=", 1)[1]
     rules = (root / "blobs" / "sha256" / digest).read_text()
-    agent = [line.strip() for line in rules.splitlines() if "dport { 7999 }" in line]
-    assert agent == ["tcp dport { 7999 } ip saddr 10.0.2.2 accept", "tcp dport { 7999 } reject with tcp reset"]
-    assert rules.index("dport { 7999 } reject") < rules.index("saddr @cluster4 accept")
+    agent = [line.strip() for line in rules.splitlines() if "dport { 7999, 19531 }" in line]
+    assert agent == ["tcp dport { 7999, 19531 } ip saddr 10.0.2.2 accept",
+                     "tcp dport { 7999, 19531 } reject with tcp reset"]
+    assert rules.index("dport { 7999, 19531 } reject") < rules.index("saddr @cluster4 accept")
     nodes = json.loads((root / "current" / "nodes.json").read_text())
     assert nodes["b"]["processes"] == [{"service": "chat", "role": "server", "port": 8189},
                                        {"service": "big", "role": "server", "port": 9000}]

@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_netboot import MAC, fake_artifacts, inventory, publish
 
-from builder.netboot.plan import AgentLine, EnvLine, NodePlan, RpcWorkerLine, ServerLine, VllmLine, parse, serialize
+from builder.netboot.plan import (
+    AgentLine,
+    EnvLine,
+    MemoryLine,
+    NodePlan,
+    RpcWorkerLine,
+    ServerLine,
+    VllmLine,
+    parse,
+    serialize,
+)
 
 # A field is one word of anything but tabs and newlines (args may hold spaces, quotes, '-').
 WORD = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\t\n\r\x0b\x0c\x1c\x1d\x1e\x85"
@@ -25,6 +35,7 @@ LINES = st.one_of(
     st.builds(EnvLine, st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True), WORD.filter(lambda w: w != "-")
               | st.just("")),
     st.builds(AgentLine, PORT),
+    st.builds(MemoryLine, NAME, st.integers(1, 1 << 44)),
     st.builds(RpcWorkerLine, NAME, PORT),
     st.builds(ServerLine, NAME, PORT, URL, SHA, st.lists(NAME.map(lambda h: f"{h}:50052"), max_size=3).map(tuple),
               st.none() | st.integers(64, 1 << 20), st.lists(WORD, max_size=5).map(tuple)),
