@@ -30,7 +30,7 @@ from builder.recipe.models import LockedBase
 
 PACKAGES = ("openssh-server", "prometheus-node-exporter", "systemd", "systemd-journal-remote")
 # The Debian suites whose roots builder netboots today; `builder lock` pins the layer of each.
-SUITES = ("bookworm", "trixie")
+SUITES = ("bookworm", "trixie", "forky")
 # Dependencies that serve only maintainer scripts (which never run on the node): not unpacked.
 NOT_UNPACKED = ("adduser", "debconf", "lsb-base", "runit-helper", "sensible-utils", "ucf", "usrmerge")
 # What the node runs: their libraries must be in the root.

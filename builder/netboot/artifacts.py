@@ -314,6 +314,10 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
         missing = _add_node_files(root, tree, kver, spec, info.env, rdma=info.labels.get(RDMA_LABEL) == "true")
         ssh = add_ssh(root)
         if not (root / "lib/systemd/systemd").is_file():
+            if ssh.get("missing"):  # a root of another distribution, or of a suite builder pins no layer for
+                raise EngineError(f"the root of {image} cannot netboot: {ssh['missing']}, and its nodes run under "
+                                  "the systemd of that layer", "netboot an image built on Debian bookworm, trixie "
+                                  "or forky (sid)")
             raise EngineError(f"the root of {image} has no /lib/systemd/systemd after the pinned layer",
                               "pin the layer again: builder lock --refresh-netboot")
         ssh["systemd"] = install_node_units(root)

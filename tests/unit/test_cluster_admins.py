@@ -277,7 +277,9 @@ def test_export_prometheus_scrapes_every_netbooted_nodes_exporter(tmp_path: Path
     ('ID=debian\nVERSION_CODENAME=trixie\n', "netboot_admin.trixie: the ssh server and exporter of trixie roots are "
                                              "not pinned"),
     ('ID=ubuntu\nVERSION_CODENAME=noble\n', "the root is not Debian"),
-    ('ID=debian\nVERSION_CODENAME=forky\n', "no ssh server or exporter is pinned for forky roots"),
+    ('ID=debian\nVERSION_CODENAME=forky\n', "netboot_admin.forky: the ssh server and exporter of forky roots are "
+                                            "not pinned"),
+    ('ID=debian\nVERSION_CODENAME=duke\n', "no ssh server or exporter is pinned for duke roots"),
 ])
 def test_pxe_build_adds_the_layer_of_the_roots_own_suite_or_says_why_not(tmp_path: Path, os_release: str,
                                                                        outcome: str) -> None:
