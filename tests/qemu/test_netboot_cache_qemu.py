@@ -166,7 +166,7 @@ def test_foreign_disk_is_left_alone_and_the_node_boots_in_ram(tmp_path: Path,
     data.mkdir()
     (data / "keep.txt").write_text("someone else's data\n")
     disk = tmp_path / "foreign.img"
-    subprocess.run(["mkfs.ext4", "-q", "-L", "data", "-d", str(data), str(disk), "128M"], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-L", "data", "-d", str(data), str(disk), "256M"], check=True)
     before = hashlib.sha256(disk.read_bytes()).hexdigest()
     squash: str = artifacts["files"]["root.squashfs"]["sha256"]  # type: ignore[index]
     with published(tmp_path, free_port(), WORKER, cache={"device": "/dev/disk/by-id/virtio-cache0"},
