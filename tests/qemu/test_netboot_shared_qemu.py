@@ -274,7 +274,7 @@ def test_node_boots_from_its_plan_and_runs_every_process(cluster: Cluster, artif
     text = cluster.text()
     assert re.search(rf"builder-initrd: data network: \S+ {NODE_DATA}/24 mtu {DATA_MTU}\n", text), text[-3000:]
     assert f"builder-initrd: network: eth0 10.0.2.15/24 mtu {BOOT_MTU}\n" in text and f"builder.mtu={BOOT_MTU}" in words
-    # node-init keeps udhcpc running, renewing the lease; its first answer keeps the address the node holds
+    # builder-dhcp.service keeps udhcpc running, renewing the lease; its first answer keeps the address the node holds
     renewing = text.index("builder-node: DHCP: the lease of 10.0.2.15 on ")
     assert re.search(r"udhcpc: lease of 10\.0\.2\.15 obtained", text[renewing:]), text[renewing:renewing + 2000]
     assert "lease changed" not in text

@@ -220,7 +220,7 @@ def test_gateway_up_for_a_node_that_never_gets_healthy_is_one_line_and_leaves_no
 
 
 def test_a_nodes_env_reaches_its_plan_and_a_credential_never_does(tmp_path: Path) -> None:
-    """A node's `env` is in its plan, ahead of its processes (node-init exports it for each of them); a name that
+    """A node's `env` is in its plan, ahead of its processes (the node exports it for each of them); a name that
     holds a credential is refused for a netbooted node, even with unsafe_env: the boot network reads plans."""
     path = cluster_file(tmp_path)
     data = yaml.safe_load(path.read_text())
