@@ -153,8 +153,8 @@ def status(
     elif not is_local and Path("pxe-root").is_dir():
         root = Path("pxe-root")
     elif not is_local and loaded.cluster.netbooted:
-        typer.echo("note: no pxe-root folder in the current directory: which generation each node runs is not checked (give --root)",
-                   err=True)
+        typer.echo("note: no pxe-root folder in the current directory: which generation each node runs is not "
+                   "checked (give --root)", err=True)
     document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded, root)
     problems = _problems(document)
     if as_json:
