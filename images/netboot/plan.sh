@@ -231,15 +231,15 @@ my ($addr, $port, $dir, $statedir, $cmdline, $imagefile) = @ARGV;
 $statedir //= "/run/builder/state";
 $cmdline //= "/proc/cmdline";
 $imagefile //= "/usr/lib/builder/image.digest";
-# The first line of a small file, or undef.
+# The first line of a small file (at most $max characters, 400 by default), or undef.
 sub first_line {
-    my ($path) = @_;
+    my ($path, $max) = @_;
     open(my $in, "<", $path) or return undef;
     my $line = <$in>;
     close $in;
     return undef unless defined $line;
     $line =~ s/[\r\n]+\z//;
-    return substr($line, 0, 400);
+    return substr($line, 0, $max // 400);
 }
 # KEY=VALUE, the value percent-encoded: the answer stays one line of plain ASCII whatever a file holds.
 sub token {
@@ -297,7 +297,7 @@ while (1) {
         # the node does not know is left out
         my (@tokens, %seen);
         my %named = (sha256 => "root", plan_sha256 => "plan", firewall_sha256 => "firewall");
-        for my $word (split / /, first_line($cmdline) // "") {
+        for my $word (split / /, first_line($cmdline, 8192) // "") {
             next unless $word =~ /\Abuilder\.(sha256|plan_sha256|firewall_sha256)=([0-9a-f]{64})\z/;
             push @tokens, token($named{$1}, $2) unless $seen{$1}++;
         }

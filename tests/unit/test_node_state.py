@@ -46,8 +46,10 @@ def test_the_node_agent_answers_state_from_what_the_node_wrote(tmp_path: Path,
     state, agent_dir = tmp_path / "state", tmp_path / "agent"
     agent_dir.mkdir()
     cmdline, image = tmp_path / "cmdline", tmp_path / "image.digest"
-    cmdline.write_text(f"initrd=x builder.sha256={H1} builder.name=n1 builder.plan_sha256={H2} "
-                       f"builder.firewall_sha256={H3} builder.sha256={'4' * 64} quiet\n")
+    # a real node's command line is long (its root, firewall and plan URLs, its networks): the words come late
+    cmdline.write_text(f"initrd=x builder.sha256={H1} builder.root=http://10.0.2.2:8000/{'x' * 2000} "
+                       f"builder.name=n1 builder.plan_sha256={H2} builder.firewall_sha256={H3} "
+                       f"builder.sha256={'4' * 64} quiet\n")
     image.write_text(f"sha256:{'5' * 64}\n")
     # what the node's scripts write (plan.sh's node_state and say_error), control characters and all
     script = ('. "$1"; say() { echo "builder-node: $*"; }; node_state device degraded; '
