@@ -166,9 +166,9 @@ def node_document(answer: Answer, root: Path | None, stem: str) -> dict[str, obj
 
 
 def problems(name: str, entry: dict[str, object]) -> list[str]:
-    """What the user must act on in a node's state: a degraded device, a failed qualification (not where the
-    node runs on the fallback its file allows), a generation other than the one it should boot, an answer builder
-    cannot read."""
+    """What the user must act on in a node's state: a degraded device, a qualification unqualified or failed on a
+    device that is there (not on a degraded one: that is said once, nor on the fallback its file allows), a
+    generation other than the one it should boot, an answer builder cannot read."""
     if entry.get("state_malformed"):
         return [f"{name}: {entry['state_why']}"]
     state = entry.get("state")
@@ -179,8 +179,11 @@ def problems(name: str, entry: dict[str, object]) -> list[str]:
     if device.get("state") == "degraded":
         found.append(f"{name}'s device is degraded ({device.get('why') or 'no reason given'})")
     qualification = state.get("qualification") or {}
-    if qualification.get("state") in ("unqualified", "failed") and device.get("state") != "fallback":
-        found.append(f"{name} is {qualification['state']} by its qualification "
+    # on a degraded device the qualification fails for the same reason (said once, above); on an allowed
+    # fallback it cannot pass
+    if qualification.get("state") in ("unqualified", "failed") and device.get("state") not in ("fallback",
+                                                                                               "degraded"):
+        found.append(f"{name}'s qualification: {qualification['state']} "
                      f"({qualification.get('why') or 'no reason given'})")
     gen = state.get("generation")
     if isinstance(gen, dict) and gen.get("expected") and gen.get("running") != gen["expected"]:

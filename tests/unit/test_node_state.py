@@ -209,8 +209,10 @@ def test_status_shows_each_node_state_and_exits_0_when_all_is_right(nodes: Nodes
 
 def test_status_names_what_the_user_must_act_on(nodes: Nodes) -> None:
     """A degraded device, a failed qualification and a node on another generation than the current one are
-    problems (exit 1, one line each); the last error is shown, not counted."""
-    nodes.answer("a", f"{nodes.boots('a', 'new')} {GOOD} error=tiny%20server%20exited%20%28exit-code%3A%201%29")
+    problems (exit 1, one line each; a degraded device's failed qualification is the device's problem, said once);
+    the last error is shown, not counted."""
+    nodes.answer("a", f"{nodes.boots('a', 'new')} {GOOD.replace('qualify=qualified', 'qualify=unqualified')} "
+                      "error=tiny%20server%20exited%20%28exit-code%3A%201%29")
     nodes.answer("b", f"{nodes.boots('b', 'old')} device=degraded devices=CPU "
                       "device_why=no%20Vulkan0%20device%3A%20llama.cpp%20lists%20CPU qualify=failed "
                       "qualify_why=no%20Vulkan0%20device")
@@ -218,14 +220,15 @@ def test_status_names_what_the_user_must_act_on(nodes: Nodes) -> None:
     document = json.loads(done.stdout)
     old, new = nodes.generations["old"], nodes.generations["new"]
     assert done.returncode == 1 and document["problems"] == [
+        "a's qualification: unqualified (CPU gives the ids recorded)",
         "b's device is degraded (no Vulkan0 device: llama.cpp lists CPU)",
-        "b is failed by its qualification (no Vulkan0 device)",
         f"b runs generation {old}, not {new} (the current one): reboot it"], done.stdout
     text = nodes.status()
     assert text.returncode == 1, text.stdout
     assert "  a            last error tiny server exited (exit-code: 1)" in text.stdout.splitlines()
     assert f"  b            generation {old} (current {new})" in text.stdout.splitlines()
-    assert text.stdout.splitlines()[-1].startswith("state    NOT SERVING: b's device is degraded"), text.stdout
+    assert text.stdout.splitlines()[-1].startswith("state    NOT SERVING: a's qualification: unqualified"), \
+        text.stdout
 
 
 def test_a_pinned_node_and_an_allowed_fallback_are_no_problem(nodes: Nodes) -> None:
