@@ -23,6 +23,7 @@ from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet, write_qua
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.cluster.nodelogs import MAX_LINES, read_logs
+from builder.cluster.nodestate import problems as state_problems
 from builder.cluster.ssh import reboot as reboot_node
 from builder.cluster.wake import chosen
 from builder.cluster.wake import wake as wake_nodes
@@ -134,15 +135,27 @@ def status(
     engine: EngineOpt = None,
     as_json: JsonOpt = False,
     recipes: RecipesOpt = None,
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="The pxe-root folder the control node serves: which generation each netbooted node should "
+        "run (default: pxe-root, when there is one).")] = None,
 ) -> None:
-    """Every service, its servers and workers, and their health as the gateway sees it.
+    """Every service, its servers and workers, and their health as the gateway sees it; each netbooted node's
+    units and state (device check, image, generation, qualification, last error) as its agent reports them.
 
-    Exits 1 when the gateway is not running, a server or worker is not UP, or a unit of a netbooted node is not
-    active (failed, restarting, stopped: as the node's agent reports them; the last line says which), so a script
-    or a monitoring check can act on it; 0 when everything serves.
+    Exits 1 when the gateway is not running, a server or worker is not UP, a unit of a netbooted node is not
+    active (failed, restarting, stopped), a node's device is degraded (unless its env allows the fallback), its
+    qualification failed, or it runs another generation than its pin's or the current one (the last line says
+    which), so a script or a monitoring check can act on it; 0 when everything serves.
     """
     loaded = _loaded(inventory, is_local)
-    document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded)
+    if root is not None:
+        check_input(root, "--root", folder=True)
+    elif not is_local and Path("pxe-root").is_dir():
+        root = Path("pxe-root")
+    elif not is_local and loaded.cluster.netbooted:
+        typer.echo("note: no pxe-root folder in the current directory: which generation each node runs is not "
+                   "checked (give --root)", err=True)
+    document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded, root)
     problems = _problems(document)
     if as_json:
         typer.echo(json.dumps({**document, "ok": not problems, "problems": problems}, indent=2))
@@ -157,6 +170,8 @@ def status(
         typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}{key}")
         for unit, state in (n.get("units") or {}).items():
             typer.echo(f"  {n['name']:<12} unit       {unit:<40} {state}")
+        for label, value in _state_lines(n):
+            typer.echo(f"  {n['name']:<12} {label:<10} {value}")
     for service in document["services"]:  # type: ignore[attr-defined]
         typer.echo(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:
@@ -171,6 +186,36 @@ def status(
     typer.echo("state    serving")
 
 
+def _state_lines(n: dict[str, object]) -> list[tuple[str, str]]:
+    """A netbooted node's state as `cluster status` prints it: (label, value) lines."""
+    if "state" not in n:
+        return []
+    state = n["state"]
+    if not isinstance(state, dict):
+        return [("state", f"not reported: {n['state_why']}")]
+    out = []
+    gen = state.get("generation")
+    if isinstance(gen, dict):
+        should = f"{'pinned to' if gen['pinned'] else 'current'} {gen['expected'] or 'none'}"
+        out.append(("generation", f"{gen['running'] or 'unknown'} ({should})"))
+    boot = state["boot"]
+    out.append(("booted", f"root {str(boot['root'] or '?')[:16]}  plan {str(boot['plan'] or '?')[:16]}"))
+    if "image" in state:
+        name = state["image"].get("name")
+        out.append(("image", state["image"]["digest"] + (f" ({name})" if name else "")))
+    if "device" in state:
+        device = state["device"]
+        listed = ", ".join(device["devices"]) or "none"
+        out.append(("device", f"{device['state']} (lists {listed}){': ' + device['why'] if device['why'] else ''}"))
+    if "qualification" in state:
+        q = state["qualification"]
+        on = f" on {q['device']}" if q["device"] else ""
+        out.append(("qualify", f"{q['state']}{on}{': ' + q['why'] if q['why'] else ''}"))
+    if state.get("last_error"):
+        out.append(("last error", state["last_error"]))
+    return out
+
+
 def _problems(document: dict[str, object]) -> list[str]:
     """What is not serving: the gateway, and every process whose health is not UP (an RPC worker on a data network
     the control node is not on is `unchecked`: not a problem, its head's health check covers it)."""
@@ -181,6 +226,7 @@ def _problems(document: dict[str, object]) -> list[str]:
         # its processes' health said below)
         found += [f"{unit} on {n['name']} is {state}" for unit, state in (n.get("units") or {}).items()
                   if not state.startswith("active/")]
+        found += state_problems(n["name"], n)  # its device, qualification and generation (its agent's report)
     for service in document["services"]:  # type: ignore[attr-defined]
         found += [f"{service['name']} {p['role']} on {p['node']} is {p['health']}"
                   + (f" ({p['why']})" if "why" in p else "") for p in service["processes"]

@@ -25,6 +25,7 @@ from builder.cluster.gateway import (
     write_gateway,
 )
 from builder.cluster.model import Loaded, Process
+from builder.cluster.nodestate import node_document, read_state
 from builder.cluster.ssh import host_keys, node_units
 from builder.cluster.units import gateway_unit, gateway_unit_name
 from builder.core.errors import BuilderError, RecipeError
@@ -235,9 +236,10 @@ def on_network(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Netw
     return ipaddress.ip_address(source) in network
 
 
-def status(loaded: Loaded) -> dict[str, object]:
+def status(loaded: Loaded, root: Path | None = None) -> dict[str, object]:
     """Services, nodes and every process's health (servers as the gateway's health checks see them, RPC workers
-    by a connection from the control node), as one document."""
+    by a connection from the control node), and each netbooted node's units and state as its agent reports them
+    (with `root`, the pxe-root: which generation it runs and which it should), as one document."""
     remote = Remote.of(loaded)
     where = {n.name: n.address or "" for n in loaded.cluster.nodes}
     # RPC workers listen on the data network when their node is on it (docs/netboot.md)
@@ -251,7 +253,9 @@ def status(loaded: Loaded) -> dict[str, object]:
             running = False
     keys = host_keys(loaded)  # each node's ssh host-key fingerprint, as its agent reports it (with admins:)
     agents = loaded.agent_hosts()
-    units = {n.name: node_units(str(n.address)) for n in loaded.cluster.netbooted if n.address and n.name in agents}
+    asked = [n for n in loaded.cluster.netbooted if n.address and n.name in agents]
+    units = {n.name: node_units(str(n.address)) for n in asked}
+    states = {n.name: node_document(read_state(str(n.address)), root, n.file_stem) for n in asked}
     services = []
     for service in loaded.cluster.services:
         processes = []
@@ -280,7 +284,7 @@ def status(loaded: Loaded) -> dict[str, object]:
                     "metrics": f"http://127.0.0.1:{loaded.cluster.gateway.metrics_port}/metrics"},
         "nodes": [{"name": n.name, "address": where[n.name], "target": n.target, "devices": n.devices_json,
                    "mac": n.mac, **({"ssh_host_key": keys.get(n.name)} if loaded.cluster.admins else {}),
-                   **({"units": units[n.name]} if n.name in units else {})}
+                   **({"units": units[n.name]} if n.name in units else {}), **states.get(n.name, {})}
                   for n in loaded.cluster.nodes],
         "services": services,
     }

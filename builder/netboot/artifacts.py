@@ -52,7 +52,7 @@ from builder.plan.make import RDMA_LABEL
 from builder.recipe.load import select
 from builder.recipe.models import LockedBase
 
-NETBOOT_VERSION = "4"  # bump when the artifacts' layout or node scripts' contract changes
+NETBOOT_VERSION = "5"  # bump when the artifacts' layout or node scripts' contract changes
 FILES = ("vmlinuz", "initrd.img", "root.squashfs")
 COMPRESSORS = ("zstd", "xz", "gzip", "lzo", "lz4")
 # The levels mksquashfs takes for each algorithm (-Xcompression-level); xz and lz4 take none.
@@ -191,9 +191,9 @@ def _extract(tarball: Path, dest: Path) -> None:
 
 
 def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tuple[str, ...],
-                    rdma: bool = False) -> list[str]:
-    """The scripts the node's units run, busybox, the image's environment, accelerator modules and firmware (and
-    with `rdma`, the RDMA modules of the data NICs); returns missing modules."""
+                    rdma: bool = False, image_id: str = "") -> list[str]:
+    """The scripts the node's units run, busybox, the image's environment and id, accelerator modules and firmware
+    (and with `rdma`, the RDMA modules of the data NICs); returns missing modules."""
     lib = root / "usr/lib/builder"
     lib.mkdir(parents=True, exist_ok=True)
     shutil.copy2(NODE_SCRIPTS / "node.sh", lib / "node")  # what the node's units run (nodeunits.py)
@@ -208,6 +208,8 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     shutil.copy2(NODE_SCRIPTS / "metrics.sh", lib / "metrics")  # the exporter of a plan's metrics line
     shutil.copy2(busybox(tree), lib / "busybox")
     (lib / "image.env").write_text("".join(f"{_env_line(item)}\n" for item in env))
+    if re.fullmatch(r"(sha256:)?[0-9a-f]{64}", image_id):  # the agent's `state` answer reports it
+        (lib / "image.digest").write_text(f"sha256:{image_id.removeprefix('sha256:')}\n")
     moddir = modules_dir(tree, kver)
     order, missing = load_order(moddir, spec.accel_modules)
     if missing:
@@ -311,7 +313,8 @@ def _make(engine: Engine, image: str, info: ImageInfo, target: str, variant: str
         _extract(work / "rootfs.tar", root)
         (work / "rootfs.tar").unlink()
         require_driver(root, target, variant)
-        missing = _add_node_files(root, tree, kver, spec, info.env, rdma=info.labels.get(RDMA_LABEL) == "true")
+        missing = _add_node_files(root, tree, kver, spec, info.env, rdma=info.labels.get(RDMA_LABEL) == "true",
+                                  image_id=info.id)
         ssh = add_ssh(root)
         if not (root / "lib/systemd/systemd").is_file():
             if ssh.get("missing"):  # a root of another distribution, or of a suite builder pins no layer for

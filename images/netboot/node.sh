@@ -160,7 +160,8 @@ start_plan() {
     [ -f /run/systemd/system/systemd-journal-gatewayd.socket.d/builder.conf ] &&
         units+=(systemd-journal-gatewayd.socket)
     say "$name runs ${#servers[@]} server(s) and ${#workers[@]} RPC worker(s)"
-    [ ${#servers[@]} -gt 0 ] && printf '%s\n' builder-qualify.service >/run/builder/units.list
+    [ ${#servers[@]} -gt 0 ] && printf '%s\n' builder-qualify.service >/run/builder/units.list &&
+        node_state qualify pending
     printf '%s\n' builder-dhcp.service "${units[@]}" >>/run/builder/units.list
     [ ${#units[@]} -eq 0 ] || systemctl start --no-block -- "${units[@]}"
 }
@@ -183,7 +184,7 @@ process() {
         fallback) agent_state "$port" up; echo "ready on|(fallback: $device_why)" >"/run/builder/units/$1" ;;
         degraded)
             agent_state "$port" "down #degraded: $device_why"
-            say "$name $role $service degraded: $device_why"
+            say_error "$name $role $service degraded: $device_why"
             echo "answers on|(degraded: out of the gateway's rotation)" >"/run/builder/units/$1"
             ;;
     esac
@@ -252,19 +253,29 @@ ready() {
 stopped() {
     instance "$1"
     rm -f "/run/builder/units/$1"
-    say "$role $service exited (${SERVICE_RESULT:-}: ${EXIT_CODE:-} ${EXIT_STATUS:-}); systemd restarts it"
+    local line="$role $service exited (${SERVICE_RESULT:-}: ${EXIT_CODE:-} ${EXIT_STATUS:-}); systemd restarts it"
+    # a stop asked for (systemctl stop, a reboot) is no error
+    if [ "${SERVICE_RESULT:-success}" = success ]; then say "$line"; else say_error "$line"; fi
     check_root
 }
 
+# The qualification's result is kept for the agent's `state` answer: qualified, unqualified or failed (the
+# device missing, or the run failing), the device it ran on and why (pending until it has run).
 qualify() {
-    local report code
+    local report code device why
     report=$(/usr/local/bin/llama-entrypoint qualify 2>/dev/null)
     code=$?
+    device=$(json_field device "$report") why=$(json_field why "$report")
+    node_state qualify_device "$device"
+    node_state qualify_why "$why"
     case "$code" in
-        0) say "$name qualified on $(json_field device "$report"): $(json_field why "$report")" ;;
-        3) say "$name unqualified: $(json_field why "$report"); ids [$(json_field ids "$report" list)]," \
+        0) node_state qualify qualified
+           say "$name qualified on $device: $why" ;;
+        3) node_state qualify unqualified
+           say_error "$name unqualified: $why; ids [$(json_field ids "$report" list)]," \
             "recorded [$(json_field recorded "$report" list)] (a report: the node keeps serving)" ;;
-        *) say "$name not qualified: $(json_field why "$report" || true) (exit $code)" ;;
+        *) node_state qualify failed
+           say_error "$name not qualified: $why (exit $code)" ;;
     esac
     return "$code"
 }
@@ -288,7 +299,8 @@ case "${1:-}" in
             exec sleep infinity
         fi
         say "gateway agent on $NODE_IP:${fields[1]}"
-        exec perl -e "$AGENT_SCRIPT" "$NODE_IP" "${fields[1]}" /run/builder/agent ;;
+        exec perl -e "$AGENT_SCRIPT" "$NODE_IP" "${fields[1]}" /run/builder/agent /run/builder/state \
+            "${NODE_CMDLINE:-/proc/cmdline}" /usr/lib/builder/image.digest ;;
     sshd)
         plan_line ssh || exit 0
         port=${fields[1]} state=/run/builder/ssh/host

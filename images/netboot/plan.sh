@@ -41,7 +41,7 @@ fetch_model_once() {
                 echo "$dest"
                 return 0
             fi
-            say "cached model sha256 mismatch (got $got): dropping it and fetching it again" >&2
+            say_error "cached model sha256 mismatch (got $got): dropping it and fetching it again" >&2
             rm -f "$dest"
         fi
     fi
@@ -56,10 +56,10 @@ fetch_model_once() {
                 echo "$dest"
                 return 0
             fi
-            say "model sha256 mismatch: got $got, expected $model_sha256 (attempt $attempt of 5)" >&2
+            say_error "model sha256 mismatch: got $got, expected $model_sha256 (attempt $attempt of 5)" >&2
             rm -f "$dest.part"
         else
-            say "download of $model failed (attempt $attempt of 5)" >&2
+            say_error "download of $model failed (attempt $attempt of 5)" >&2
         fi
         sleep $((attempt * 2))
     done
@@ -83,12 +83,12 @@ say_memory() {
 check_root() {
     [ "$("$bb" dmesg | "$bb" grep -c 'verity.*corrupted')" -gt "$VERITY_ERRORS" ] || return 0
     if [ "$ROOT_MODE" = cache ]; then
-        say "the cached root image failed dm-verity while running: dropping ${ROOT_BLOB##*/} and rebooting to fetch it"
+        say_error "the cached root image failed dm-verity while running: dropping ${ROOT_BLOB##*/} and rebooting to fetch it"
         rm -f "$ROOT_BLOB"
         sync
         "$bb" reboot -f
     fi
-    say "the root image failed dm-verity while running: rebooting to fetch it again"
+    say_error "the root image failed dm-verity while running: rebooting to fetch it again"
     "$bb" reboot -f
 }
 
@@ -145,9 +145,9 @@ fetch_plan() {
                 say "node plan verified: sha256 $got"
                 return 0
             fi
-            say "node plan sha256 mismatch: got $got, expected $plan_sha256 (attempt $attempt)"
+            say_error "node plan sha256 mismatch: got $got, expected $plan_sha256 (attempt $attempt)"
         else
-            say "download of the node plan failed (attempt $attempt)"
+            say_error "download of the node plan failed (attempt $attempt)"
         fi
         rm -f /run/builder/plan.part
         sleep $((attempt < 5 ? attempt * 2 : 10))
@@ -186,6 +186,29 @@ check_device() {
         device=degraded
         [ -n "$device_why" ] || device_why="check-device gave no answer: ${report:-nothing}"
     fi
+    # what the agent's `state` answer reports: the latest check's result, the devices it saw, its why
+    local listed
+    listed=$(json_field devices "$report" list)
+    listed=${listed//\"/} listed=${listed// /}
+    node_state device "$device"
+    node_state devices "$listed"
+    node_state device_why "$device_why"
+}
+
+# The node's state for the agent's `state` answer (builder cluster status): one value per file under
+# NODE_STATE_DIR, its first line only, written whole (the agent bounds and encodes it).
+node_state() {
+    local folder=${NODE_STATE_DIR:-/run/builder/state}
+    mkdir -p "$folder"
+    printf '%s\n' "${2:0:400}" | tr -d '\000-\011\013-\037\177' >"$folder/$1.part"
+    mv "$folder/$1.part" "$folder/$1"
+}
+
+# The last error the node printed (a process exited, a device degraded, a checksum mismatch, a failed
+# qualification): said on the console and kept for `builder cluster status`.
+say_error() {
+    say "$*"
+    node_state error "$*"
 }
 
 # What the gateway's agent-check reads for the server on port $1: up, or down with a reason ($2...).
@@ -204,7 +227,26 @@ agent_state() {
 # shellcheck disable=SC2016,SC2034  # perl's own variables; run by node.sh
 AGENT_SCRIPT='
 use strict; use warnings; use IO::Socket::IP; use IO::Select;
-my ($addr, $port, $dir) = @ARGV;
+my ($addr, $port, $dir, $statedir, $cmdline, $imagefile) = @ARGV;
+$statedir //= "/run/builder/state";
+$cmdline //= "/proc/cmdline";
+$imagefile //= "/usr/lib/builder/image.digest";
+# The first line of a small file (at most $max characters, 400 by default), or undef.
+sub first_line {
+    my ($path, $max) = @_;
+    open(my $in, "<", $path) or return undef;
+    my $line = <$in>;
+    close $in;
+    return undef unless defined $line;
+    $line =~ s/[\r\n]+\z//;
+    return substr($line, 0, $max // 400);
+}
+# KEY=VALUE, the value percent-encoded: the answer stays one line of plain ASCII whatever a file holds.
+sub token {
+    my ($key, $value) = @_;
+    $value =~ s/([^A-Za-z0-9._~:\/\@+,-])/sprintf("%%%02X", ord($1))/ge;
+    return "$key=$value";
+}
 $SIG{PIPE} = "IGNORE";
 my $listen = IO::Socket::IP->new(LocalHost => $addr, LocalPort => $port, Listen => 16, ReuseAddr => 1)
     or die "cannot listen on $addr:$port: $@\n";
@@ -249,6 +291,23 @@ while (1) {
             close $show;
             $answer = join(" ", @units) . "\n" if @units;
         }
+    } elsif ($asked =~ /\Astate\r?\n/) {
+        # builder cluster status: the root, plan and firewall the node booted (its kernel command line), the
+        # image its root was made from, the latest device check, the qualification and the last error; what
+        # the node does not know is left out
+        my (@tokens, %seen);
+        my %named = (sha256 => "root", plan_sha256 => "plan", firewall_sha256 => "firewall");
+        for my $word (split / /, first_line($cmdline, 8192) // "") {
+            next unless $word =~ /\Abuilder\.(sha256|plan_sha256|firewall_sha256)=([0-9a-f]{64})\z/;
+            push @tokens, token($named{$1}, $2) unless $seen{$1}++;
+        }
+        my $image = first_line($imagefile);
+        push @tokens, token("image", $image) if defined $image && $image =~ /\Asha256:[0-9a-f]{64}\z/;
+        for my $key (qw(device devices device_why qualify qualify_device qualify_why error)) {
+            my $value = first_line("$statedir/$key");
+            push @tokens, token($key, $value) if defined $value && length $value;
+        }
+        $answer = (@tokens ? join(" ", @tokens) : "none") . "\n";
     } elsif ($asked =~ /\A([0-9]{1,5})\r?\n/) {
         $answer = "down #no server on port $1\n";
         if (open(my $state, "<", "$dir/$1")) {
@@ -268,7 +327,7 @@ hold_degraded() {
     local label=$1 said=""
     while [ "$device" = degraded ]; do
         if [ "$device_why" != "$said" ]; then
-            say "$label degraded: $device_why"
+            say_error "$label degraded: $device_why"
             said=$device_why
         fi
         sleep "${DEVICE_RECHECK:-60}"

@@ -25,10 +25,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nodeharness import node_command, node_volumes
 
+import builder.cluster.ssh as ssh_module
+from builder.cluster.nodestate import node_document, problems, read_state
 from builder.engines import ENGINES
 from builder.netboot.plan import AgentLine, EnvLine, NodePlan, RpcWorkerLine, ServerLine, serialize
 from builder.netboot.publish import add_blob, add_blob_bytes
@@ -71,6 +74,12 @@ class Node:
             assert time.monotonic() < deadline, text[-4000:]
             time.sleep(0.5)
         return text
+
+    def state(self, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+        """The node's state as `builder cluster status` reads it from the agent, and what it counts as problems."""
+        monkeypatch.setattr(ssh_module, "AGENT_PORT", self.agent)
+        entry = node_document(read_state("127.0.0.1"), None, "")
+        return {**entry, "problems": problems("ci", entry)}
 
     def ask_agent(self) -> bytes:
         """The agent's answer for the server, as the gateway's agent-check asks it."""
@@ -140,7 +149,7 @@ def node(image: str, model: Path, work: Path, env: dict[str, str]) -> Iterator[N
 
 
 def test_without_its_device_the_worker_does_not_listen_and_the_server_is_out_of_rotation(
-        arc_vulkan: str, tiny_model: Path, tmp_path: Path) -> None:
+        arc_vulkan: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with node(arc_vulkan, tiny_model, tmp_path, {}) as ci:
         text = ci.wait_for("builder-node: ci rpc-worker big degraded: no Vulkan device: llama.cpp lists CPU (",
                            f"builder-node: ci server chat answers on 127.0.0.1:{ci.server} (degraded: out of the "
@@ -154,6 +163,14 @@ def test_without_its_device_the_worker_does_not_listen_and_the_server_is_out_of_
         assert "ready on" not in ci.text() and "ggml-rpc-server on" not in ci.text()
         # said once, not once per restart
         assert ci.text().count("ci rpc-worker big degraded:") == 1
+        # `cluster status` reads the degraded device from the node's agent, and counts it as a problem
+        got = ci.state(monkeypatch)
+        state: Any = got["state"]
+        assert state["device"]["state"] == "degraded" and state["device"]["devices"] == ["CPU"], got
+        assert str(state["device"]["why"]).startswith("no Vulkan device: llama.cpp lists CPU ("), got
+        assert str(state["last_error"]).startswith("ci "), got
+        assert " degraded: no Vulkan device: llama.cpp lists CPU (" in str(state["last_error"]), got
+        assert got["problems"] == [f"ci's device is degraded ({state['device']['why']})"], got
 
 
 def test_with_lavapipe_visible_both_are_ready_and_the_agent_says_up(arc_vulkan: str, tiny_model: Path,
@@ -167,7 +184,7 @@ def test_with_lavapipe_visible_both_are_ready_and_the_agent_says_up(arc_vulkan: 
 
 
 def test_the_allowed_fallback_serves_on_the_cpu_and_says_why(arc_vulkan: str, tiny_model: Path,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with node(arc_vulkan, tiny_model, tmp_path, {"LLAMA_ALLOW_FALLBACK": "1"}) as ci:
         text = ci.wait_for(f"builder-node: ci rpc-worker ready on 127.0.0.1:{ci.worker} (for big) (fallback: "
                            "no Vulkan device: llama.cpp lists CPU (",
@@ -177,6 +194,14 @@ def test_the_allowed_fallback_serves_on_the_cpu_and_says_why(arc_vulkan: str, ti
         # the qualification runs once, before the server: on the CPU it reports the missing device
         text = ci.wait_for("builder-node: ci not qualified: no Vulkan device")
         assert text.count("qualified") == 1
+        # `cluster status`: the fallback the node's env allows, and a qualification that cannot pass there, are
+        # shown and not counted
+        got = ci.state(monkeypatch)
+        state: Any = got["state"]
+        assert state["device"]["state"] == "fallback", got
+        assert state["qualification"]["state"] == "failed", got
+        assert str(state["qualification"]["why"]).startswith("no Vulkan device"), got
+        assert got["problems"] == [], got
 
 
 def test_the_cpu_image_qualifies_once_after_it_is_ready(cpu: str, tiny_model: Path, tmp_path: Path) -> None:

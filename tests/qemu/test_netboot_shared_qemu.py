@@ -422,12 +422,14 @@ def test_node_metrics_reach_the_admins_only(cluster: Cluster) -> None:
     assert 'node_hwmon_power_average_watt{chip="amdgpu",sensor="power1"} 42.5' in lines, gpu.stdout
 
 
-def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gateway) -> None:
+def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gateway,
+                                               artifacts: dict[str, object]) -> None:
     """`cluster up` returns once HAProxy's health checks pass for every server (three on the node, one on the
-    host); `status` shows each process as the gateway sees it, the node's RPC worker by a connection."""
+    host); `status` shows each process as the gateway sees it, the node's RPC worker by a connection, and the
+    node's state as its agent reports it: the current generation, the cpu image, its device and qualification."""
     assert gateway.lines["endpoint"] == f"http://127.0.0.1:{GATEWAY}/v1"
     assert gateway.lines["models"] == "tiny, tiny-b, tiny-split, tiny-rpc"
-    status = cli(cluster, "cluster", "status", str(cluster.path), "--json")
+    status = cli(cluster, "cluster", "status", str(cluster.path), "--json", "--root", str(cluster.root))
     document = json.loads(status.stdout)
     assert document["gateway"]["running"] is True
     # exit 1 for the one process the control node cannot see here: worker1 is the guest's 10.0.2.2 (below)
@@ -449,16 +451,35 @@ def test_gateway_puts_every_service_in_rotation(cluster: Cluster, gateway: Gatew
              for name in ("tiny-rpc-rpc-worker", "tiny-server", "tiny-b-server", "tiny-split-server")}
     units.update({f"builder-{name}.service": "active/running" for name in ("dhcp", "agent", "sshd", "metrics")})
     units.update({"builder-qualify.service": "active/exited", "systemd-journal-gatewayd.socket": "active/listening"})
+    state = document["nodes"][0].pop("state")
+    no_agent = {"state": None, "state_why": "its agent does not answer", "state_malformed": False}
     assert document["nodes"] == [
         {"name": "node1", "address": "127.0.0.1", "target": "cpu", "devices": {}, "mac": MAC,
          "ssh_host_key": host_fingerprint(cluster), "units": units},
         {"name": "worker1", "address": "10.0.2.2", "target": "cpu", "devices": {},
-         "mac": "52:54:00:12:34:57", "ssh_host_key": None, "units": None},
+         "mac": "52:54:00:12:34:57", "ssh_host_key": None, "units": None, **no_agent},
         {"name": "host1", "address": MEMBER, "target": "cpu", "devices": {}, "mac": "52:54:00:12:34:58",
-         "ssh_host_key": None, "units": None}]
-    text = cli(cluster, "cluster", "status", str(cluster.path)).stdout
+         "ssh_host_key": None, "units": None, **no_agent}]
+    # node1's state: the generation `pxe publish` made current (its boot files' root, plan and firewall), the
+    # image its root was made from, the CPU device ready and the qualification passed on it
+    current = publish.current_id(cluster.root)
+    words = dict(w.split("=", 1) for w in cluster.words() if "=" in w)
+    assert state["generation"] == {"expected": current, "pinned": False, "running": current}, state
+    assert state["boot"] == {"root": words["builder.sha256"], "plan": words["builder.plan_sha256"],
+                             "firewall": words["builder.firewall_sha256"]}, state
+    digest = str(artifacts["image_digest"])
+    assert state["image"] == {"digest": digest, "name": artifacts["image"]}, state
+    assert state["device"]["state"] == "ready" and state["device"]["devices"] == ["CPU"], state
+    assert state["device"]["why"].startswith("llama.cpp lists CPU ("), state
+    assert state["qualification"] == {"state": "qualified", "device": "CPU",
+                                      "why": "CPU gives the ids recorded on CPU"}, state
+    text = cli(cluster, "cluster", "status", str(cluster.path), "--root", str(cluster.root)).stdout
     assert "node     node1        127.0.0.1" in text and "  node1        server     127.0.0.1:" in text
     assert re.search(r"^  node1 +unit +builder-process@tiny-server\.service +active/running$", text, re.M), text
+    assert f"  node1        generation {current} (current {current})" in text.splitlines(), text
+    assert f"  node1        image      {digest} ({artifacts['image']})" in text.splitlines(), text
+    assert re.search(r"^  node1 +device +ready \(lists CPU\): llama\.cpp lists CPU \(", text, re.M), text
+    assert "  node1        qualify    qualified on CPU: CPU gives the ids recorded on CPU" in text.splitlines(), text
 
 
 def test_replicas_answer_through_the_gateway(cluster: Cluster, gateway: Gateway) -> None:
@@ -639,6 +660,9 @@ def test_a_killed_process_restarts_only_its_unit_and_status_sees_a_stopped_one(c
         document = json.loads(status.stdout)
         assert status.returncode == 1 and f"{names[1]} on node1 is inactive/dead" in document["problems"], \
             status.stdout
+        # the node's last error is the kill (a stop asked for is none), as the node printed it
+        assert document["nodes"][0]["state"]["last_error"] == \
+            "server tiny exited (signal: killed KILL); systemd restarts it", document["nodes"][0]
     finally:
         started = ssh(cluster, ADMIN, cluster.admin_key, known_hosts, f"systemctl start {names[1]}")
         assert started.returncode == 0, started.stderr
@@ -684,6 +708,10 @@ def test_cluster_roll_moves_node1_to_a_new_generation(cluster: Cluster, gateway:
     assert second is not None and second != first
     new_plan = next(w for w in cluster.words() if w.startswith("builder.plan_sha256="))
     assert new_plan != old_plan
+    # published, not yet rolled: node1 still runs the first generation, which `status` counts as a problem
+    status = cli(cluster, "cluster", "status", str(cluster.path), "--json", "--root", str(cluster.root))
+    assert status.returncode == 1 and f"node1 runs generation {first}, not {second} (the current one): reboot it" \
+        in json.loads(status.stdout)["problems"], status.stdout
     replica = f"builder-shared-tiny-host-{os.getpid()}"
     with container("podman", cluster.folder, replica, "server", "-m", str(cluster.folder / "tiny.gguf"), "-c", "256",
                    "-t", "2", "--alias", "tiny", "--host", MEMBER, "--port", str(TINY), prefix=cluster.ns.enter), \
@@ -762,6 +790,11 @@ def test_cluster_roll_moves_node1_to_a_new_generation(cluster: Cluster, gateway:
         assert "reboot: Restarting system" in cluster.text()
         wait_for(cluster.folder / "console-roll.log", r"builder-node: node1 server tiny ready on ", again, 60)
         assert publish.current_id(cluster.root) == second and publish.pins(cluster.root) == {}
+        status = cli(cluster, "cluster", "status", str(cluster.path), "--json", "--root", str(cluster.root))
+        rolled = json.loads(status.stdout)
+        assert rolled["nodes"][0]["state"]["generation"] == {"expected": second, "pinned": False,
+                                                             "running": second}, rolled["nodes"][0]
+        assert not [p for p in rolled["problems"] if p.startswith("node1")], rolled["problems"]
         # zero failed requests; one at least answered while node1 was out of the rotation
         assert answers and all(status == 200 for _, _, status in answers), answers
         drained = [s for s in samples if s.tiny["node1"][0] != "UP"]
