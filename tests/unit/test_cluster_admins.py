@@ -3,6 +3,7 @@ the node's firewall admitting exactly the admins' addresses on exactly the ssh p
 namespace of the test's own), the node's sshd config, and the ssh command line `cluster reboot` runs."""
 
 import base64
+import random
 import socket
 import struct
 import subprocess
@@ -178,9 +179,17 @@ def test_the_fingerprint_is_ssh_keygens(tmp_path: Path) -> None:
     assert out.split()[1] == fingerprint(ED25519)
 
 
-def _agent(address: str, key: str) -> socket.socket:
-    """A node's agent on ADDRESS:AGENT_PORT answering `ssh` with KEY, for the connections of one test."""
-    listener = socket.create_server((address, AGENT_PORT))
+def _agent(key: str) -> tuple[str, socket.socket]:
+    """A node's agent on a loopback address of its own, at AGENT_PORT, answering `ssh` with KEY."""
+    for _ in range(20):
+        address = f"127.{random.randrange(1, 255)}.{random.randrange(1, 255)}.{random.randrange(2, 255)}"
+        try:
+            listener = socket.create_server((address, AGENT_PORT))
+            break
+        except OSError:
+            continue
+    else:
+        raise AssertionError(f"no free loopback address for an agent on port {AGENT_PORT}")
 
     def answer() -> None:
         while True:
@@ -193,7 +202,7 @@ def _agent(address: str, key: str) -> socket.socket:
                 conn.sendall(f"{key}\n".encode())
 
     threading.Thread(target=answer, daemon=True).start()
-    return listener
+    return address, listener
 
 
 def test_a_node_without_a_cache_disk_is_pinned_again_when_its_key_changed(tmp_path: Path) -> None:
@@ -201,11 +210,10 @@ def test_a_node_without_a_cache_disk_is_pinned_again_when_its_key_changed(tmp_pa
     One without a cache disk makes a key every boot: its new key replaces the pinned one, and builder says so."""
     old = f"ssh-ed25519 {blob('ssh-ed25519', bytes(32))}"
     new = ED25519.rsplit(" ", 1)[0]
-    address = "127.0.0.57"
+    address, listener = _agent(new)
     said: list[str] = []
     known = tmp_path / "known_hosts"
     known.write_text(f"10.0.0.9 {old}\n{address} {old}\n")
-    listener = _agent(address, new)
     try:
         pin_host_key(Target("node1", address, 22, known, keeps_key=True), said.append)
         assert known.read_text() == f"10.0.0.9 {old}\n{address} {old}\n" and said == []
