@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from builder.cluster.model import Loaded
+from builder.cluster.ssh import netbooted_address
 from builder.core.errors import EngineError, RecipeError, Stopped
 from builder.netboot.nodeunits import JOURNAL_PORT, NODE_IDENTIFIERS
 from builder.recipe.load import display_path
@@ -67,14 +68,8 @@ def request(loaded: Loaded, node: str | None, service: str | None) -> Request:
         raise RecipeError("builder cluster logs: name the node to read (a netbooted node's logs are on the node)",
                           f"netbooted nodes: {', '.join(names) or 'none'}; e.g. builder cluster logs "
                           f"{where} {names[0] if names else 'NODE'}")
-    if node not in names:
-        raise RecipeError(f"{where}: no netbooted node named {node!r}{did_you_mean(node, names)}",
-                          f"netbooted nodes: {', '.join(names) or 'none'}")
-    address = loaded.node(node).address
-    if not address:
-        raise RecipeError(f"{where}: {node}: no address: in the file, so builder cannot reach its journal",
-                          "reserve an address for the node in your DHCP server and write it here")
-    return Request(node, str(address), identifiers(loaded, node, service))
+    address = netbooted_address(loaded, node, "builder cannot reach its journal")
+    return Request(node, address, identifiers(loaded, node, service))
 
 
 def path(req: Request, follow: bool) -> str:

@@ -147,8 +147,9 @@ def node_document(answer: Answer, root: Path | None, stem: str) -> dict[str, obj
     if fields is None:
         return {"state": None, "state_why": answer.why, "state_malformed": answer.bad}
     state: dict[str, object] = {}
-    if "image" in fields:
-        state["image"] = {"digest": fields["image"]}
+    image: dict[str, str | None] | None = {"digest": fields["image"]} if "image" in fields else None
+    if image is not None:
+        state["image"] = image
     if "device" in fields:
         state["device"] = {"state": fields["device"], "devices": fields.get("devices", "").split(",")
                            if fields.get("devices") else [], "why": fields.get("device_why")}
@@ -159,8 +160,9 @@ def node_document(answer: Answer, root: Path | None, stem: str) -> dict[str, obj
     if root is not None:
         gen = generation(root, stem, fields)
         state["generation"] = gen
-        if "image" in state:
-            state["image"]["name"] = image_name(root, gen["running"], fields["image"])  # type: ignore[index,arg-type]
+        running = gen["running"]
+        if image is not None:
+            image["name"] = image_name(root, running if isinstance(running, str) else None, fields["image"])
     state["last_error"] = fields.get("error")
     return {"state": state}
 

@@ -103,17 +103,25 @@ def target(loaded: Loaded, name: str) -> Target:
         raise RecipeError(f"{where}: admins: none, so the nodes run no ssh server",
                           "add admins: with your SSH public key and address (docs/clusters.md), then "
                           "`builder pxe publish` and reboot the nodes once by hand")
+    address = netbooted_address(loaded, name, "ssh cannot find it")
+    _, state = loaded.state_folder("ssh-")
+    keeps_key = loaded.cluster.cache_of(loaded.node(name)) is not None
+    return Target(name, address, admins.ssh_port, state / "known_hosts", keeps_key)
+
+
+def netbooted_address(loaded: Loaded, name: str, without: str) -> str:
+    """The address of the netbooted node `name`, checked: one line naming the file's netbooted nodes for a name
+    that is not one, or saying what cannot happen (`without`) for a node with no address."""
+    where = display_path(loaded.path)
     names = [n.name for n in loaded.cluster.netbooted]
     if name not in names:
         raise RecipeError(f"{where}: no netbooted node named {name!r}{did_you_mean(name, names)}",
                           f"netbooted nodes: {', '.join(names) or 'none'}")
     address = loaded.node(name).address
     if not address:
-        raise RecipeError(f"{where}: {name}: no address: in the file, so ssh cannot find it",
+        raise RecipeError(f"{where}: {name}: no address: in the file, so {without}",
                           "reserve an address for the node in your DHCP server and write it here")
-    _, state = loaded.state_folder("ssh-")
-    keeps_key = loaded.cluster.cache_of(loaded.node(name)) is not None
-    return Target(name, address, admins.ssh_port, state / "known_hosts", keeps_key)
+    return str(address)
 
 
 def _host(t: Target) -> str:
