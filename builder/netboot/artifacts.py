@@ -221,11 +221,9 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
         order += [path for path in extra if path not in order]
     target_modules = root / "lib/modules"
     target_modules.mkdir(parents=True, exist_ok=True)
-    names = []
-    for path in order:
-        name = plain_name(path)
+    names = [plain_name(path) for path in order]
+    for path, name in zip(order, names, strict=True):
         (target_modules / name).write_bytes(module_bytes(moddir / path))
-        names.append(name)
     (lib / "modules.load").write_text("".join(f"{n}\n" for n in names))
     source = firmware_dir(tree)
     if spec.firmware_globs and source.is_dir():
