@@ -165,6 +165,9 @@ def _words(line: Line) -> list[str]:
     if isinstance(line, ServerLine):
         return ["server", line.service, str(line.port), line.model_url, line.model_sha256,
                 ",".join(line.rpc) or NONE, str(line.context) if line.context else NONE, *line.args]
+    for name, value in line.env:
+        if "," in name + value or "=" in name:
+            raise ValueError(f"plan: vllm env {name}={value} holds a comma or a second '='")
     env = ",".join(f"{name}={value}" for name, value in line.env)
     return ["vllm", line.service, str(line.port) if line.port else NONE, line.model_url, line.model_sha256,
             line.mount, env or NONE, *line.argv]
@@ -174,12 +177,7 @@ def serialize(plan: NodePlan) -> str:
     """The plan as the node reads it: a comment naming the node, the fields' header, one line per item."""
     out = [f"# builder node plan for {_field(plan.node, 'node')}, from cluster.yaml: regenerate it, do not edit.\n",
            HEADER]
-    for line in plan.lines:
-        if isinstance(line, VllmLine):
-            for name, value in line.env:
-                if "," in name + value or "=" in name:
-                    raise ValueError(f"plan: vllm env {name}={value} holds a comma or a second '='")
-        out.append("\t".join(_field(word, type(line).__name__) for word in _words(line)) + "\n")
+    out += ["\t".join(_field(word, type(line).__name__) for word in _words(line)) + "\n" for line in plan.lines]
     return "".join(out)
 
 
