@@ -52,8 +52,7 @@ def _ip(value: str | None, where: str, field: str, fix: str) -> ipaddress.IPv4Ad
 
 def allowed_addresses(where: str, control: str | None, nodes: list[tuple[int, str | None]],
                       every_node: bool = True, extra: set[str] | None = None) -> list[str]:
-    """The control node's and the nodes' addresses (with `every_node`, a node without one is an error), and
-    `extra`, in order: IPv4 first."""
+    """The control node's and the nodes' addresses (each node needs one with `every_node`) and `extra`, sorted."""
     allowed = {str(_ip(control, where, "control.address",
                        "give the control node's IP address (it runs the gateway and serves the boot files)"))}
     allowed.update(extra or ())
