@@ -201,8 +201,8 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     (and with `rdma`, the RDMA modules of the data NICs); returns missing modules."""
     lib = root / "usr/lib/builder"
     lib.mkdir(parents=True, exist_ok=True)
-    for script, name in ROOT_SCRIPTS:
-        shutil.copy2(NODE_SCRIPTS / script, lib / name)
+    for shipped, name in ROOT_SCRIPTS:
+        shutil.copy2(NODE_SCRIPTS / shipped, lib / name)
     # the DHCP event script of builder-dhcp.service's udhcpc (lease renewals), run by the root's busybox
     script = (NODE_SCRIPTS / "udhcpc.sh").read_text().replace("#!/bin/busybox sh", "#!/usr/lib/builder/busybox sh", 1)
     (lib / "udhcpc.sh").write_text(script)
