@@ -1,6 +1,5 @@
 """Every node's firewall from a cluster file (the rules themselves: builder/netboot/firewall.py)."""
 
-import ipaddress
 from pathlib import Path
 
 from builder.cluster.model import Loaded, load_cluster
@@ -20,11 +19,10 @@ def for_services(loaded: Loaded, leased: bool = False) -> list[Firewall]:
     if cluster.control is None:
         raise RecipeError(f"{where}: control: the firewall admits the control node, and none is declared",
                           "control: {address: 10.0.0.1} (the node that runs the gateway)")
-    nodes = [(i, n.name, n.address) for i, n in enumerate(cluster.nodes)]
+    nodes = [(i, n.address) for i, n in enumerate(cluster.nodes)]
     # the data network's addresses too: the rules match sources, not interfaces, so they cover both
     data = {n.data_interface.ip for n in cluster.nodes if n.data_interface}
-    allowed = tuple(sorted({*allowed_addresses(where, cluster.control.address, nodes, every_node=not leased), *data},
-                           key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a))))
+    allowed = tuple(allowed_addresses(where, cluster.control.address, nodes, every_node=not leased, extra=data))
     agents = loaded.agent_hosts()
     admins = cluster.admins
     operators = (tuple(admins.addresses), admins.ports) if admins else ((), ())

@@ -107,13 +107,6 @@ def entry(line: bytes) -> tuple[str, str] | None:
     return (fields["__CURSOR"], text.rstrip("\n")) if isinstance(text, str) else None
 
 
-def _unreachable(req: Request, why: object) -> EngineError:
-    return EngineError(f"{req.node}: its journal at {req.address}:{JOURNAL_PORT} does not answer ({why})",
-                       "run this on the control node (the node's firewall admits its address only); a node that "
-                       "boots a generation from before nodes ran systemd has no journal server: `builder pxe "
-                       "publish`, then reboot it")
-
-
 def _print(lines: list[str], out: IO[str] | None) -> None:
     out = out or sys.stdout
     out.write("".join(f"{line}\n" for line in lines))
@@ -136,7 +129,10 @@ def _entries(req: Request, range_: str, follow: bool) -> Iterator[Callable[[], b
             sock.settimeout(None)
         yield lambda: resp.readline(MAX_ENTRY)
     except (OSError, http.client.HTTPException) as exc:
-        raise _unreachable(req, exc) from None
+        raise EngineError(f"{req.node}: its journal at {req.address}:{JOURNAL_PORT} does not answer ({exc})",
+                          "run this on the control node (the node's firewall admits its address only); a node that "
+                          "boots a generation from before nodes ran systemd has no journal server: `builder pxe "
+                          "publish`, then reboot it") from None
     finally:
         conn.close()
 

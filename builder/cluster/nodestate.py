@@ -120,15 +120,11 @@ def generation(root: Path, stem: str, fields: dict[str, str]) -> dict[str, objec
     whose boot files it booted (`running`: None when none in `root` matches)."""
     pinned = publish.pins(root).get(stem)
     expected = pinned or publish.current_id(root)
-    out: dict[str, object] = {"expected": expected, "pinned": pinned is not None, "running": None}
-    if expected and _matches(boot_words(root, expected, stem), fields):
-        out["running"] = expected
-        return out
-    for known in reversed(publish.generations(root)):
-        if _matches(boot_words(root, known.id, stem), fields):
-            out["running"] = known.id
-            break
-    return out
+    running = expected if expected and _matches(boot_words(root, expected, stem), fields) else None
+    if running is None:
+        running = next((known.id for known in reversed(publish.generations(root))
+                        if _matches(boot_words(root, known.id, stem), fields)), None)
+    return {"expected": expected, "pinned": pinned is not None, "running": running}
 
 
 def image_name(root: Path, gen: str | None, digest: str) -> str | None:

@@ -127,8 +127,7 @@ def set_state(sock: Path, node: str, state: str) -> list[str]:
     return changed
 
 
-def drain(sock: Path, node: str, timeout: float, say: Callable[[str], None],
-          interval: float = 0.5) -> None:
+def drain(sock: Path, node: str, timeout: float, say: Callable[[str], None]) -> None:
     """No new requests to `node`'s servers; returns once the requests in flight on them are done (an error
     after `timeout`, the node left drained)."""
     set_state(sock, node, "drain")
@@ -145,4 +144,4 @@ def drain(sock: Path, node: str, timeout: float, say: Callable[[str], None],
             raise BuilderError(f"{node} still has {busy} request(s) in flight after {timeout:.0f} s; it stays "
                                "drained (no new requests)",
                                f"wait and run drain again, or `builder cluster enable FILE {node}` to put it back")
-        time.sleep(interval)
+        time.sleep(0.5)

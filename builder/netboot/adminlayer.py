@@ -92,10 +92,6 @@ def installed(root: Path) -> set[str]:
     return out
 
 
-def _library(root: Path, soname: str) -> bool:
-    return any(os.path.lexists(root / folder / soname) for folder in LIBRARY_DIRS)
-
-
 def add_admin_layer(root: Path, entries: dict[str, LockedBase], where: str) -> dict[str, object]:
     """Unpack the root's suite's pinned ssh server and metrics exporter into `root`; returns what the manifest
     records of them (`suite`, `packages` unpacked with their versions), or why there are none (`missing`)."""
@@ -116,7 +112,8 @@ def add_admin_layer(root: Path, entries: dict[str, LockedBase], where: str) -> d
     for program in PROGRAMS:
         if not (root / program).is_file():
             raise EngineError(f"the pinned packages of {suite} have no /{program}", HINT)
-        absent = [soname for soname in needed(root / program) if not _library(root, soname)]
+        absent = [soname for soname in needed(root / program)
+                  if not any(os.path.lexists(root / folder / soname) for folder in LIBRARY_DIRS)]
         if absent:
             raise EngineError(f"/{program} (pinned for {suite}) needs {', '.join(absent)}, which the root lacks",
                               "pin the ssh server again: builder lock --refresh-netboot")

@@ -60,12 +60,17 @@ LEVELS = {"zstd": range(1, 23), "gzip": range(1, 10), "lzo": range(1, 10)}
 # `pxe build`'s default: zstd at level 3, chosen by measurement (docs/benchmarks.md, "squashfs compression"):
 # on a home cluster a roll spends far more time in mksquashfs at higher levels than it saves on the wire.
 DEFAULT_COMPRESSION = "zstd:3"
-SET_FILES = (*FILES, "SHA256SUMS", "manifest.json")  # every file name a netboot set may have
 # Target, variant, kernel version, suite: one plain path component (no "/", no leading dot), and a word
 # that cannot break a boot script or a kernel command line.
 _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+~-]{0,127}\Z")
 _IMAGE = re.compile(r"^[\x21-\x7e]{1,512}\Z")
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+# images/netboot/'s files in the root's /usr/lib/builder, by the name there
+ROOT_SCRIPTS = (("node.sh", "node"),  # what the node's units run (nodeunits.py)
+                ("plan.sh", "plan.sh"),  # what they have in common, sourced by node
+                ("sshd.sh", "sshd"), ("sshd_config", "sshd_config"),  # the ssh server of a plan's ssh line
+                ("reboot.sh", "reboot"),  # what `builder cluster reboot` runs over ssh
+                ("metrics.sh", "metrics"))  # the exporter of a plan's metrics line
 VERITY_BLOCK = 4096  # dm-verity data and hash block size; mksquashfs pads its output to 4 KiB too
 # What people look up about a llama.cpp set (builder/fetch/provenance.py): recorded by `pxe build`, shown by
 # `pxe list`; null where the source records no commit. Not part of the set's key: the image fixes both.
@@ -196,16 +201,12 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
     (and with `rdma`, the RDMA modules of the data NICs); returns missing modules."""
     lib = root / "usr/lib/builder"
     lib.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(NODE_SCRIPTS / "node.sh", lib / "node")  # what the node's units run (nodeunits.py)
-    shutil.copy2(NODE_SCRIPTS / "plan.sh", lib / "plan.sh")  # what they have in common, sourced by node
+    for shipped, name in ROOT_SCRIPTS:
+        shutil.copy2(NODE_SCRIPTS / shipped, lib / name)
     # the DHCP event script of builder-dhcp.service's udhcpc (lease renewals), run by the root's busybox
     script = (NODE_SCRIPTS / "udhcpc.sh").read_text().replace("#!/bin/busybox sh", "#!/usr/lib/builder/busybox sh", 1)
     (lib / "udhcpc.sh").write_text(script)
     (lib / "udhcpc.sh").chmod(0o755)
-    shutil.copy2(NODE_SCRIPTS / "sshd.sh", lib / "sshd")  # the ssh server of a plan's ssh line
-    shutil.copy2(NODE_SCRIPTS / "sshd_config", lib / "sshd_config")
-    shutil.copy2(NODE_SCRIPTS / "reboot.sh", lib / "reboot")  # what `builder cluster reboot` runs over ssh
-    shutil.copy2(NODE_SCRIPTS / "metrics.sh", lib / "metrics")  # the exporter of a plan's metrics line
     shutil.copy2(busybox(tree), lib / "busybox")
     (lib / "image.env").write_text("".join(f"{_env_line(item)}\n" for item in env))
     if re.fullmatch(r"(sha256:)?[0-9a-f]{64}", image_id):  # the agent's `state` answer reports it
@@ -220,11 +221,9 @@ def _add_node_files(root: Path, tree: Path, kver: str, spec: KernelSpec, env: tu
         order += [path for path in extra if path not in order]
     target_modules = root / "lib/modules"
     target_modules.mkdir(parents=True, exist_ok=True)
-    names = []
-    for path in order:
-        name = plain_name(path)
+    names = [plain_name(path) for path in order]
+    for path, name in zip(order, names, strict=True):
         (target_modules / name).write_bytes(module_bytes(moddir / path))
-        names.append(name)
     (lib / "modules.load").write_text("".join(f"{n}\n" for n in names))
     source = firmware_dir(tree)
     if spec.firmware_globs and source.is_dir():
@@ -382,23 +381,11 @@ def read_artifacts(folder: Path) -> tuple[Path, dict[str, object]]:
         raise RecipeError(f"{folder}: no readable manifest.json ({exc})",
                           "pull the set first: builder pxe pull HOST/REPO:netboot-TARGET-VARIANT --dest DIR") from None
     missing = [name for name in FILES if not (folder / name).is_file()]
-    if missing or not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise RecipeError(f"{folder}: incomplete netboot set (missing {', '.join(missing) or 'files in manifest'})")
-    _check_manifest(manifest, f"{folder}/manifest.json")
-    return folder.resolve(), manifest
-
-
-def _check_manifest(manifest: dict[str, object], where: str) -> None:
-    """The fields publish puts into paths, URLs and iPXE lines: exactly the three files, plain values."""
-    files = manifest["files"]
-    assert isinstance(files, dict)
-    if sorted(files) != sorted(FILES):
-        raise RecipeError(f"{where}: files: expected exactly {', '.join(FILES)}")
-    for name in FILES:
-        entry = files[name]
-        if not isinstance(entry, dict) or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256"))):
-            raise RecipeError(f"{where}: files.{name}.sha256: expected 64 hex digits")
+    if missing:
+        raise RecipeError(f"{folder}: incomplete netboot set (missing {', '.join(missing)})")
+    # what publish puts into paths, URLs and iPXE lines, stricter than check_set_manifest
     for field, pattern in (("target", r"[a-z0-9][a-z0-9-]*"), ("variant", r"[a-z0-9][a-z0-9-]*"),
                            ("image_digest", r"(sha256:)?[0-9a-f]{64}")):
-        if not isinstance(manifest.get(field), str) or not re.fullmatch(pattern, str(manifest[field])):
-            raise RecipeError(f"{where}: {field}: not a plain {field.replace('_', ' ')}")
+        if not re.fullmatch(pattern, str(manifest[field])):
+            raise RecipeError(f"{folder}/manifest.json: {field}: not a plain {field.replace('_', ' ')}")
+    return folder.resolve(), manifest

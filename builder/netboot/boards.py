@@ -40,6 +40,7 @@ def board_args(target: str, ram: int | None, given: list[str], where: str) -> Bo
     if target != "strix-halo":
         return BoardArgs((), None)
     gtt, ttm = _value(given, GTT), _value(given, TTM)
+    iommu = () if _value(given, "iommu") or _value(given, "amd_iommu") else ("iommu=pt",)
     if (gtt is None) != (ttm is None):
         raise RecipeError(f"{where}.kernel_args: {GTT if gtt else TTM} is set without {TTM if gtt else GTT}: the two "
                           "must describe the same size (MiB and 4 KiB pages)",
@@ -48,18 +49,13 @@ def board_args(target: str, ram: int | None, given: list[str], where: str) -> Bo
         if not (gtt.isdigit() and ttm.isdigit()) or int(gtt) * MIB != int(ttm) * PAGE:
             raise RecipeError(f"{where}.kernel_args: {GTT}={gtt} MiB and {TTM}={ttm} pages describe different "
                               "sizes", f"{TTM} must be {GTT} × 256 (e.g. {GTT}=126976 {TTM}=32505856)")
-        mapped = int(gtt) * MIB
-        extra = () if _value(given, "iommu") or _value(given, "amd_iommu") else ("iommu=pt",)
-        return BoardArgs(extra, mapped)
+        return BoardArgs(iommu, int(gtt) * MIB)
     if ram is None:
         raise RecipeError(f"{where}.ram: a Strix Halo board's iGPU maps only part of its memory unless the kernel "
                           "is told how much, and builder derives that from the board's RAM",
                           "ram: 128GiB (or 64GiB, 32GiB: what the board has)")
     mapped = ram - OS_RESERVE
-    words = [f"{GTT}={mapped // MIB}", f"{TTM}={mapped // PAGE}"]
-    if not (_value(given, "iommu") or _value(given, "amd_iommu")):
-        words.append("iommu=pt")
-    return BoardArgs(tuple(words), mapped)
+    return BoardArgs((f"{GTT}={mapped // MIB}", f"{TTM}={mapped // PAGE}", *iommu), mapped)
 
 
 def check_ram(ram: int, target: str, where: str) -> None:

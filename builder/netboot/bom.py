@@ -237,6 +237,7 @@ def view(root: Path, generation: str) -> View:
 
 _SET_FIELDS = ("image_digest", "llama_cpp_commit", "ggml_rpc_protocol", "root_sha256", "kernel_version",
                "kernel_sha256", "initrd_sha256", "kernel_packages")
+_MODEL_FIELDS = ("sha256", "source", "revision", "engine")
 _NODE_FIELDS = ("mac", "set", "root", "plan", "firewall", "script")
 
 
@@ -244,25 +245,26 @@ def _changed(old: dict[str, object], new: dict[str, object], keys: tuple[str, ..
     return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
 
 
+def _entries(a: dict[str, dict[str, object]], b: dict[str, dict[str, object]], label: str, keys: tuple[str, ...],
+             shown: tuple[str, ...] = ()) -> list[dict[str, object]]:
+    """Each entry added, removed (with its `shown` fields) or changed (its `keys` that differ) from `a` to `b`."""
+    out: list[dict[str, object]] = []
+    for name in sorted(a.keys() | b.keys()):
+        if name not in a or name not in b:
+            entry = b.get(name) or a[name]
+            out.append({label: name, "change": "added" if name in b else "removed", **{k: entry[k] for k in shown}})
+        elif changed := _changed(a[name], b[name], keys):
+            out.append({label: name, "change": "changed", "fields": changed})
+    return out
+
+
 def diff(a: View, b: View) -> dict[str, object]:
     """What changed from generation `a` to `b`, and which nodes must reboot: a node in both whose MAC, set, root,
     plan, firewall or boot script differs (a node only in `b` boots it when it is powered on)."""
-    sets: list[dict[str, object]] = []
-    for key in sorted(a.sets.keys() | b.sets.keys()):
-        if key not in a.sets or key not in b.sets:
-            sets.append({"set": key, "change": "added" if key in b.sets else "removed"})
-        elif changed := _changed(a.sets[key], b.sets[key], _SET_FIELDS):
-            sets.append({"set": key, "change": "changed", "fields": changed})
-    models: list[dict[str, object]] | None = None
+    sets = _entries(a.sets, b.sets, "set", _SET_FIELDS)
+    models = None
     if a.models is not None and b.models is not None:
-        models = []
-        for name in sorted(a.models.keys() | b.models.keys()):
-            if name not in a.models or name not in b.models:
-                entry = b.models.get(name) or a.models[name]
-                models.append({"service": name, "change": "added" if name in b.models else "removed",
-                               "sha256": entry["sha256"], "source": entry["source"]})
-            elif changed := _changed(a.models[name], b.models[name], ("sha256", "source", "revision", "engine")):
-                models.append({"service": name, "change": "changed", "fields": changed})
+        models = _entries(a.models, b.models, "service", _MODEL_FIELDS, ("sha256", "source"))
     added = [{"name": n, "mac": b.nodes[n].mac, "set": b.nodes[n].set} for n in sorted(b.nodes.keys() - a.nodes)]
     removed = [{"name": n, "mac": a.nodes[n].mac} for n in sorted(a.nodes.keys() - b.nodes)]
     changed_nodes = []

@@ -50,11 +50,13 @@ def _ip(value: str | None, where: str, field: str, fix: str) -> ipaddress.IPv4Ad
                           + (f"{value!r} is a name" if value else "none is given"), fix) from None
 
 
-def allowed_addresses(where: str, control: str | None, nodes: list[tuple[int, str, str | None]],
-             every_node: bool = True) -> list[str]:
+def allowed_addresses(where: str, control: str | None, nodes: list[tuple[int, str | None]],
+                      every_node: bool = True, extra: set[str] | None = None) -> list[str]:
+    """The control node's and the nodes' addresses (each node needs one with `every_node`) and `extra`, sorted."""
     allowed = {str(_ip(control, where, "control.address",
                        "give the control node's IP address (it runs the gateway and serves the boot files)"))}
-    for i, _name, address in nodes:
+    allowed.update(extra or ())
+    for i, address in nodes:
         if not every_node and not address:
             continue
         allowed.add(str(_ip(address, where, f"nodes[{i}].address",

@@ -33,11 +33,11 @@ def initramfs(kernel_tree: Path, moddir: Path) -> tuple[bytes, list[str]]:
     entries = [cpio.directory(d) for d in ("bin", "dev", "etc", "etc/builder", "lib", "lib/modules", "proc",
                                            "run", "sys", "tmp", "newroot", "sbin", "lib64",
                                            "lib/x86_64-linux-gnu")]
-    entries += [cpio.chardev("dev/console", 5, 1), cpio.chardev("dev/null", 1, 3, 0o666)]
-    entries.append(cpio.file("bin/busybox", busybox(kernel_tree).read_bytes(), 0o755))
-    entries.append(cpio.file("init", (NODE_SCRIPTS / "init.sh").read_bytes(), 0o755))
-    entries.append(cpio.file("etc/builder/udhcpc.sh", (NODE_SCRIPTS / "udhcpc.sh").read_bytes(), 0o755))
-    entries.append(cpio.file("etc/builder/cache.sh", (NODE_SCRIPTS / "cache.sh").read_bytes(), 0o644))
+    entries += [cpio.chardev("dev/console", 5, 1), cpio.chardev("dev/null", 1, 3, 0o666),
+                cpio.file("bin/busybox", busybox(kernel_tree).read_bytes(), 0o755),
+                cpio.file("init", (NODE_SCRIPTS / "init.sh").read_bytes(), 0o755),
+                cpio.file("etc/builder/udhcpc.sh", (NODE_SCRIPTS / "udhcpc.sh").read_bytes(), 0o755),
+                cpio.file("etc/builder/cache.sh", (NODE_SCRIPTS / "cache.sh").read_bytes(), 0o644)]
     entries += _programs(kernel_tree, ("dmsetup", "nft"))
     # nft resolves protocol names (icmp, ipv6-icmp) through /etc/protocols (Debian's netbase)
     protocols = kernel_tree / "etc/protocols"
@@ -45,11 +45,9 @@ def initramfs(kernel_tree: Path, moddir: Path) -> tuple[bytes, list[str]]:
         raise EngineError(f"no etc/protocols in {kernel_tree}",
                           "remove the kernel tree from the cache to fetch it again")
     entries.append(cpio.file("etc/protocols", protocols.read_bytes()))
-    names = []
-    for path in order:
-        name = plain_name(path)
-        entries.append(cpio.file(f"lib/modules/{name}", module_bytes(moddir / path)))
-        names.append(name)
+    names = [plain_name(path) for path in order]
+    entries += [cpio.file(f"lib/modules/{name}", module_bytes(moddir / path))
+                for path, name in zip(order, names, strict=True)]
     entries.append(cpio.file("etc/builder/modules", "".join(f"{n}\n" for n in names).encode()))
     entries += _firmware(firmware_dir(kernel_tree))
     return cpio.gzipped(cpio.archive(entries)), missing

@@ -84,7 +84,7 @@ class DataInterface(Strict):
         except ValueError:
             raise ValueError("must be an IP address with its prefix length, e.g. 10.10.0.11/24") from None
         ip, network = interface.ip, interface.network
-        if ip.is_unspecified or ip.is_loopback or ip.is_multicast or "%" in value:
+        if ip.is_unspecified or ip.is_loopback or ip.is_multicast:
             raise ValueError(f"{ip} is not an address a network interface can hold")
         if network.num_addresses > 2 and ip in (network.network_address, network.broadcast_address):
             raise ValueError(f"{ip} is the {'network' if ip == network.network_address else 'broadcast'} address of "

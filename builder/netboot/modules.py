@@ -9,16 +9,10 @@ from builder.core.paths import cache_subdir
 from builder.core.run import run
 from builder.engines.cleanup import temp_dir
 
-_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
-
 
 def _name(path: str) -> str:
-    base = path.rsplit("/", 1)[-1]
-    for suffix in _SUFFIXES:
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return base.replace("-", "_")
+    """A module's name as the kernel spells it: the file's, without .ko and compression, `-` as `_`."""
+    return plain_name(path).removesuffix(".ko").replace("-", "_")
 
 
 def read_deps(moddir: Path) -> dict[str, tuple[str, list[str]]]:

@@ -40,6 +40,7 @@ splits on tabs would lose it); `serialize` refuses such a value, `parse` refuses
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 NONE = "-"
 # The port of a node's agent (HAProxy's agent-check), on a node that runs a llama-server; the control node only
@@ -58,24 +59,32 @@ class EnvLine:
 
 
 @dataclass(frozen=True)
-class AgentLine:
+class PortLine:
+    """`WORD PORT`: what listens there is its subclass's."""
+
     port: int
+    word: ClassVar[str]
+
+
+class AgentLine(PortLine):
+    word = "agent"
+
+
+class SshLine(PortLine):
+    word = "ssh"
+
+
+class MetricsLine(PortLine):
+    word = "metrics"
+
+
+_PORT_LINES: dict[str, type[PortLine]] = {cls.word: cls for cls in (AgentLine, SshLine, MetricsLine)}
 
 
 @dataclass(frozen=True)
 class AdminKeyLine:
     kind: str  # ssh-ed25519, ...
     blob: str  # base64
-
-
-@dataclass(frozen=True)
-class SshLine:
-    port: int
-
-
-@dataclass(frozen=True)
-class MetricsLine:
-    port: int
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ class VllmLine:
     argv: tuple[str, ...]
 
 
-Line = EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine | MemoryLine | RpcWorkerLine | ServerLine | VllmLine
+Line = EnvLine | PortLine | AdminKeyLine | MemoryLine | RpcWorkerLine | ServerLine | VllmLine
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,7 @@ class NodePlan:
     def engines(self) -> set[str]:
         """The engines the node runs: llama.cpp (rpc-worker, server), vllm."""
         return {"vllm" if isinstance(line, VllmLine) else "llama.cpp" for line in self.lines
-                if not isinstance(line, EnvLine | AgentLine | AdminKeyLine | SshLine | MetricsLine | MemoryLine)}
+                if not isinstance(line, EnvLine | PortLine | AdminKeyLine | MemoryLine)}
 
 
 def _field(value: str, what: str) -> str:
@@ -140,16 +149,12 @@ def _words(line: Line) -> list[str]:
         if line.value == NONE:
             raise ValueError(f"plan: env {line.name}: the value '-' reads back as empty")
         return ["env", line.name, line.value or NONE]
-    if isinstance(line, AgentLine):
-        return ["agent", str(_port(str(line.port)))]
+    if isinstance(line, PortLine):
+        return [line.word, str(_port(str(line.port)))]
     if isinstance(line, AdminKeyLine):
         if not re.fullmatch(r"[a-z0-9@.-]{1,64}", line.kind) or not re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", line.blob):
             raise ValueError(f"plan: admin-key {line.kind[:40]!r}: not a key type and base64 blob")
         return ["admin-key", line.kind, line.blob]
-    if isinstance(line, SshLine):
-        return ["ssh", str(_port(str(line.port)))]
-    if isinstance(line, MetricsLine):
-        return ["metrics", str(_port(str(line.port)))]
     if isinstance(line, MemoryLine):
         if line.bytes < 1:
             raise ValueError(f"plan: memory {line.service}: {line.bytes} is not a number of bytes")
@@ -160,6 +165,9 @@ def _words(line: Line) -> list[str]:
     if isinstance(line, ServerLine):
         return ["server", line.service, str(line.port), line.model_url, line.model_sha256,
                 ",".join(line.rpc) or NONE, str(line.context) if line.context else NONE, *line.args]
+    for name, value in line.env:
+        if "," in name + value or "=" in name:
+            raise ValueError(f"plan: vllm env {name}={value} holds a comma or a second '='")
     env = ",".join(f"{name}={value}" for name, value in line.env)
     return ["vllm", line.service, str(line.port) if line.port else NONE, line.model_url, line.model_sha256,
             line.mount, env or NONE, *line.argv]
@@ -169,12 +177,7 @@ def serialize(plan: NodePlan) -> str:
     """The plan as the node reads it: a comment naming the node, the fields' header, one line per item."""
     out = [f"# builder node plan for {_field(plan.node, 'node')}, from cluster.yaml: regenerate it, do not edit.\n",
            HEADER]
-    for line in plan.lines:
-        if isinstance(line, VllmLine):
-            for name, value in line.env:
-                if "," in name + value or "=" in name:
-                    raise ValueError(f"plan: vllm env {name}={value} holds a comma or a second '='")
-        out.append("\t".join(_field(word, type(line).__name__) for word in _words(line)) + "\n")
+    out += ["\t".join(_field(word, type(line).__name__) for word in _words(line)) + "\n" for line in plan.lines]
     return "".join(out)
 
 
@@ -201,14 +204,10 @@ def parse(text: str) -> NodePlan:
         kind, *fields = raw.split("\t")
         if kind == "env" and len(fields) == 2:
             lines.append(EnvLine(fields[0], "" if fields[1] == NONE else fields[1]))
-        elif kind == "agent" and len(fields) == 1:
-            lines.append(AgentLine(_port(fields[0])))
+        elif kind in _PORT_LINES and len(fields) == 1:
+            lines.append(_PORT_LINES[kind](_port(fields[0])))
         elif kind == "admin-key" and len(fields) == 2:
             lines.append(AdminKeyLine(fields[0], fields[1]))
-        elif kind == "ssh" and len(fields) == 1:
-            lines.append(SshLine(_port(fields[0])))
-        elif kind == "metrics" and len(fields) == 1:
-            lines.append(MetricsLine(_port(fields[0])))
         elif kind == "memory" and len(fields) == 2 and fields[1].isdigit() and fields[1].isascii():
             lines.append(MemoryLine(fields[0], int(fields[1])))
         elif kind == "rpc-worker" and len(fields) in (2, 4):

@@ -221,44 +221,39 @@ def publish_generation(root: Path, control: Control, inventory: Path, artifacts:
                        node_files: NodeFiles) -> tuple[str, bool]:
     """Add the artifacts, write a generation holding the inventory and `node_files`' scripts, make it current."""
     with locked(lock_of(root), f"publishing into {root}"):
-        return _publish(root, control, inventory, artifacts, keep, node_files)
-
-
-def _publish(root: Path, control: Control, inventory: Path, artifacts: Artifacts, keep: int,
-             node_files: NodeFiles) -> tuple[str, bool]:
-    manifests: Manifests = {}
-    for (target, variant), (folder, manifest) in sorted(artifacts.items()):
-        files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
-        for name, entry in files.items():
-            add_blob(root, folder / name, entry["sha256"])
-        manifests[f"{target}-{variant}"] = manifest
-    files_out: dict[str, bytes] = {"boot.ipxe": boot_script_for(control).encode(),
-                                   "cluster.yaml": inventory.read_bytes()}
-    for key, manifest in manifests.items():
-        files_out[f"manifests/{key}.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
-    scripts, nodes = node_files(manifests)
-    files_out.update(scripts)
-    files_out["nodes.json"] = (json.dumps(nodes, indent=2, sort_keys=True) + "\n").encode()
-    digest = hashlib.sha256()
-    for name in sorted(files_out):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(files_out[name]).digest())
-    generation = digest.hexdigest()[:16]
-    target_dir = root / "generations" / generation
-    new = not target_dir.is_dir()
-    if new:
-        with temp_dir(target_dir.parent) as staging:
-            for name, data in files_out.items():
-                (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                (staging / name).write_bytes(data)
-            staging.chmod(0o755)
-            os.replace(staging, target_dir)
-    _install_tftp(root, control)
-    history = [h for h in _history(root) if h["id"] != generation]
-    history.append({"id": generation, "published": time.time()})
-    _write_atomic(root / "history.json", (json.dumps(history, indent=2) + "\n").encode())
-    switch(root, generation)
-    _prune(root, keep)
-    return generation, new
+        manifests: Manifests = {}
+        for (target, variant), (folder, manifest) in sorted(artifacts.items()):
+            files: dict[str, dict[str, str]] = manifest["files"]  # type: ignore[assignment]
+            for name, entry in files.items():
+                add_blob(root, folder / name, entry["sha256"])
+            manifests[f"{target}-{variant}"] = manifest
+        files_out: dict[str, bytes] = {"boot.ipxe": boot_script_for(control).encode(),
+                                       "cluster.yaml": inventory.read_bytes()}
+        for key, manifest in manifests.items():
+            files_out[f"manifests/{key}.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+        scripts, nodes = node_files(manifests)
+        files_out.update(scripts)
+        files_out["nodes.json"] = (json.dumps(nodes, indent=2, sort_keys=True) + "\n").encode()
+        digest = hashlib.sha256()
+        for name in sorted(files_out):
+            digest.update(name.encode() + b"\0" + hashlib.sha256(files_out[name]).digest())
+        generation = digest.hexdigest()[:16]
+        target_dir = root / "generations" / generation
+        new = not target_dir.is_dir()
+        if new:
+            with temp_dir(target_dir.parent) as staging:
+                for name, data in files_out.items():
+                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                    (staging / name).write_bytes(data)
+                staging.chmod(0o755)
+                os.replace(staging, target_dir)
+        _install_tftp(root, control)
+        history = [h for h in _history(root) if h["id"] != generation]
+        history.append({"id": generation, "published": time.time()})
+        _write_atomic(root / "history.json", (json.dumps(history, indent=2) + "\n").encode())
+        switch(root, generation)
+        _prune(root, keep)
+        return generation, new
 
 
 def generations(root: Path) -> list[Generation]:
@@ -312,21 +307,17 @@ def resolve(root: Path, word: str) -> str:
 def rollback(root: Path, to: str | None = None) -> str:
     """Make the generation published before the current one (or `to`) current again."""
     with locked(lock_of(root), f"switching generations in {root}"):
-        return _rollback(root, to)
-
-
-def _rollback(root: Path, to: str | None) -> str:
-    ids = [g.id for g in generations(root)]
-    live = current_id(root)
-    if to is None:
-        if live not in ids or ids.index(live) == 0:
-            raise RecipeError(f"no generation before {live or 'the current one'} in {root}",
-                              "see `builder pxe list`")
-        to = ids[ids.index(live) - 1]
-    elif to not in ids:
-        raise RecipeError(f"no generation {to} in {root}", f"generations: {', '.join(ids) or 'none'}")
-    switch(root, to)
-    return to
+        ids = [g.id for g in generations(root)]
+        live = current_id(root)
+        if to is None:
+            if live not in ids or ids.index(live) == 0:
+                raise RecipeError(f"no generation before {live or 'the current one'} in {root}",
+                                  "see `builder pxe list`")
+            to = ids[ids.index(live) - 1]
+        elif to not in ids:
+            raise RecipeError(f"no generation {to} in {root}", f"generations: {', '.join(ids) or 'none'}")
+        switch(root, to)
+        return to
 
 
 def prune(root: Path, keep: int) -> list[str]:
@@ -381,25 +372,21 @@ def pin(root: Path, stem: str, generation: str | None) -> str | None:
     """Point one node (its MAC stem) at `generation`'s boot files with one rename, or drop its pin (None): it then
     boots the current generation. Returns the generation it was pinned to before."""
     with locked(lock_of(root), f"pinning a node in {root}"):
-        return _pin(root, stem, generation)
-
-
-def _pin(root: Path, stem: str, generation: str | None) -> str | None:
-    if not PIN_STEM.fullmatch(stem):
-        raise RecipeError(f"{stem!r} is not a MAC address as a node's boot file names it", "e.g. 52-54-00-12-34-56")
-    before = pins(root).get(stem)
-    link = root / "pins" / f"{stem}.ipxe"
-    if generation is None:
-        link.unlink(missing_ok=True)
+        if not PIN_STEM.fullmatch(stem):
+            raise RecipeError(f"{stem!r} is not a MAC address as a node's boot file names it", "e.g. 52-54-00-12-34-56")
+        before = pins(root).get(stem)
+        link = root / "pins" / f"{stem}.ipxe"
+        if generation is None:
+            link.unlink(missing_ok=True)
+            return before
+        script = root / "generations" / generation / "nodes" / f"{stem}.ipxe"
+        if not GENERATION_ID.fullmatch(generation) or not script.is_file():
+            raise RecipeError(f"generation {generation[:40]!r} in {display_path(root)} has no boot script for the node "
+                              f"with MAC {stem.replace('-', ':')}",
+                              "pin it to a generation published with that node (see `builder pxe list`)")
+        link.parent.mkdir(exist_ok=True)
+        tmp = temp_path(link.parent)
+        os.symlink(f"../generations/{generation}/nodes/{stem}.ipxe", tmp)
+        raise_if_stopped()
+        os.replace(tmp, link)
         return before
-    script = root / "generations" / generation / "nodes" / f"{stem}.ipxe"
-    if not GENERATION_ID.fullmatch(generation) or not script.is_file():
-        raise RecipeError(f"generation {generation[:40]!r} in {display_path(root)} has no boot script for the node "
-                          f"with MAC {stem.replace('-', ':')}",
-                          "pin it to a generation published with that node (see `builder pxe list`)")
-    link.parent.mkdir(exist_ok=True)
-    tmp = temp_path(link.parent)
-    os.symlink(f"../generations/{generation}/nodes/{stem}.ipxe", tmp)
-    raise_if_stopped()
-    os.replace(tmp, link)
-    return before

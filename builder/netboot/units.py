@@ -33,9 +33,8 @@ def _owner(root: Path) -> str:
     return name if _USER.fullmatch(name) else str(uid)
 
 
-def _restart() -> list[tuple[str, str]]:
-    # Retried for as long as it takes: after a reboot the control address may come up after the unit starts.
-    return [("Restart", "on-failure"), ("RestartSec", f"{RESTART_SECONDS}s")]
+# Retried for as long as it takes: after a reboot the control address may come up after the unit starts.
+_RESTART = [("Restart", "on-failure"), ("RestartSec", f"{RESTART_SECONDS}s")]
 
 
 def _unit_head(description: str, after: str = "network-online.target") -> list[tuple[str, str]]:
@@ -57,7 +56,7 @@ def boot_server_unit(root: Path, bind: Address, port: int) -> Unit:
     above = python_path()
     if above is not None:  # a checkout run from its folder: the unit's interpreter must find it too
         service.append(("Environment", f"PYTHONPATH={plain(above, 'the builder package folder')}"))
-    service += [("ExecStart", plain_argv(argv, "the boot server's command")), *_restart(),
+    service += [("ExecStart", plain_argv(argv, "the boot server's command")), *_RESTART,
                 # it writes pxe-root/dnsmasq.conf when it starts, and reads the rest
                 ("ReadWritePaths", where)]
     if port < 1024:
@@ -100,7 +99,7 @@ def dnsmasq_unit(root: Path, dnsmasq: str) -> Unit:
         ("ExecStartPre", f"{program} --test --conf-file={config}"),
         ("ExecStart", f"{program} --conf-file={config} --pid-file={run_dir}/dnsmasq.pid "
                       f"--dhcp-leasefile={run_dir}/leases"),
-        *_restart(),
+        *_RESTART,
         # root only to bind 67/69, answer DHCP and hand its pid file over; dnsmasq then becomes its own user
         ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE CAP_NET_RAW CAP_NET_ADMIN CAP_SETUID CAP_SETGID CAP_CHOWN"),
         *HARDENING,

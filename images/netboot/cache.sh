@@ -76,18 +76,17 @@ cache_open() {
         say "cache device $dev ($((bytes / 1048576)) MiB) is too small for the root ($(($2 / 1048576)) MiB): RAM mode"
         return 1
     fi
-    if cache_is_ours "$dev"; then
-        :
-    elif cache_is_empty "$dev"; then
-        say "cache device $dev is empty: formatting it"
+    if ! cache_is_ours "$dev"; then
+        if cache_is_empty "$dev"; then
+            say "cache device $dev is empty: formatting it"
+        elif [ "$3" = 1 ]; then
+            say "cache device $dev holds other data and the inventory says wipe: formatting it"
+        else
+            say "cache device $dev holds other data (not builder's cache); leaving it untouched: RAM mode" \
+                "(set cache.wipe: true in the inventory to let builder format it)"
+            return 1
+        fi
         mke2fs -q -F -m 0 -L "$CACHE_LABEL" "$dev" >/dev/null || { say "cannot format $dev: RAM mode"; return 1; }
-    elif [ "$3" = 1 ]; then
-        say "cache device $dev holds other data and the inventory says wipe: formatting it"
-        mke2fs -q -F -m 0 -L "$CACHE_LABEL" "$dev" >/dev/null || { say "cannot format $dev: RAM mode"; return 1; }
-    else
-        say "cache device $dev holds other data (not builder's cache); leaving it untouched: RAM mode" \
-            "(set cache.wipe: true in the inventory to let builder format it)"
-        return 1
     fi
     mkdir -p "$CACHE_DIR"
     mount -t ext4 "$dev" "$CACHE_DIR" || { say "cannot mount the cache device $dev: RAM mode"; return 1; }

@@ -108,8 +108,9 @@ setup() {
 # own RPC workers too (systemd's After=, a drop-in written here: names checked by the cluster file, in plain
 # characters); then every unit is started without waiting: systemd starts them in that order.
 start_plan() {
-    local units=() workers=() servers=() heads=() unit folder
-    local -A memory=()  # SERVICE -> bytes (its memory line): each of its units' MemoryMax=
+    local units=() workers=() servers=() unit bytes
+    # SERVICE -> bytes (its memory line): each of its units' MemoryMax=; a unit -> its SERVICE; the split heads
+    local -A memory=() service_of=() head=()
     if [ -z "$plan" ] || [ -z "$plan_sha256" ]; then
         say "no builder.plan= and builder.plan_sha256= on the kernel command line: nothing to run (publish the node again)"
         return 0
@@ -127,34 +128,28 @@ start_plan() {
             memory) [[ ${fields[2]} =~ ^[0-9]+$ ]] && memory[${fields[1]}]=${fields[2]} ;;
             rpc-worker) unit=builder-process@${fields[1]}-rpc-worker.service workers+=("$unit") ;;
             server) unit=builder-process@${fields[1]}-server.service servers+=("$unit")
-                    [ "${fields[5]:-}" != - ] && heads+=("$unit") ;;
+                    [ "${fields[5]:-}" != - ] && head[$unit]=1 ;;
             vllm) if [ "${fields[2]}" = - ]; then unit=builder-process@${fields[1]}-pipeline-worker.service
                   else unit=builder-process@${fields[1]}-server.service; fi
                   servers+=("$unit") ;;
         esac
         if [ -n "$unit" ]; then
             [[ $unit =~ ^builder-process@[A-Za-z0-9][A-Za-z0-9._-]*\.service$ ]] || { say "bad service name in the plan"; exit 1; }
-            units+=("$unit")
+            units+=("$unit") service_of[$unit]=${fields[1]}
         fi
     done
     for unit in "${workers[@]}" "${servers[@]}"; do
-        folder=/run/systemd/system/$unit.d
-        mkdir -p "$folder"
-        service=${unit#builder-process@} service=${service%.service}
-        case "$service" in
-            *-rpc-worker) service=${service%-rpc-worker} ;;
-            *-pipeline-worker) service=${service%-pipeline-worker} ;;
-            *) service=${service%-server} ;;
-        esac
+        mkdir -p "/run/systemd/system/$unit.d"
         {
-            if [[ " ${servers[*]} " == *" $unit "* ]]; then
+            if [[ $unit != *-rpc-worker.service ]]; then
                 printf '[Unit]\nWants=builder-qualify.service\nAfter=builder-qualify.service'
                 # a split's head (a server with --rpc) after the node's RPC workers
-                [[ " ${heads[*]} " == *" $unit "* ]] && printf ' %s' "${workers[@]}"
+                [ -n "${head[$unit]:-}" ] && printf ' %s' "${workers[@]}"
                 printf '\n'
             fi
-            [ -n "${memory[$service]:-}" ] && printf '[Service]\nMemoryMax=%s\n' "${memory[$service]}"
-        } >"$folder/builder.conf"
+            bytes=${memory[${service_of[$unit]}]:-}
+            [ -n "$bytes" ] && printf '[Service]\nMemoryMax=%s\n' "$bytes"
+        } >"/run/systemd/system/$unit.d/builder.conf"
     done
     systemctl daemon-reload
     [ -f /run/systemd/system/systemd-journal-gatewayd.socket.d/builder.conf ] &&

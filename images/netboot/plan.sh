@@ -11,21 +11,20 @@
 # The model at URL $1 goes to the overlay's tmpfs; one published on the control node comes with its sha256 ($2)
 # and, on a node with a cache disk that has room for it (the initramfs made the room), is kept there by it.
 # Several units may ask for one model at once: the first fetches it, the others wait on its lock and take it.
-fetch_model() {
-    local model=$1 model_sha256=$2 dest=/var/cache/llama.cpp/models/${1##*/}
+# A subshell: the lock goes with it.
+fetch_model() (
+    local model=$1 model_sha256=$2 dest
     mkdir -p /run/builder/models
     exec 8>"/run/builder/models/${model_sha256:-${model##*/}}.lock"
     flock 8
     if [ -n "$model_sha256" ] && [ -s "/run/builder/models/$model_sha256" ]; then
         cat "/run/builder/models/$model_sha256"  # fetched and checked by another unit in this boot
-        exec 8>&-
         return 0
     fi
-    dest=$(fetch_model_once "$model" "$model_sha256") || { exec 8>&-; return 1; }
+    dest=$(fetch_model_once "$model" "$model_sha256") || return 1
     [ -n "$model_sha256" ] && echo "$dest" >"/run/builder/models/$model_sha256"
-    exec 8>&-
     echo "$dest"
-}
+)
 
 fetch_model_once() {
     local model=$1 model_sha256=$2
