@@ -286,8 +286,8 @@ def build_artifacts(engine: Engine, image: str, target: str, variant: str, spec:
         if manifest.get("key") == key:
             return folder, manifest
     folder.parent.mkdir(parents=True, exist_ok=True)
-    where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    with locked(lock_file(f"netboot-{where}"), f"making the netboot set {folder}"):
+    folder_id = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    with locked(lock_file(f"netboot-{folder_id}"), f"making the netboot set {folder}"):
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
             if manifest.get("key") == key:
