@@ -15,11 +15,10 @@ from builder.cluster import remote as netboot_gateway
 from builder.cluster.commands import as_text, node_commands
 from builder.cluster.convert import convert as convert_form
 from builder.cluster.convert import is_old_form
-from builder.cluster.export_ansible import export_ansible, write_ansible
-from builder.cluster.export_kube import Models, export_kube, published_images, write_export
-from builder.cluster.export_prometheus import FILE as PROMETHEUS_FILE
+from builder.cluster.export_ansible import export_ansible
+from builder.cluster.export_kube import Export, Models, export_kube, published_images
 from builder.cluster.export_prometheus import export_prometheus
-from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet, write_quadlet
+from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.cluster.nodelogs import MAX_LINES, read_logs
@@ -360,7 +359,7 @@ def export(
                           f"{form} mounts each node's --models folder: leave --models-claim out")
     check_output(out, "--out", folder=True)
     if form == "prometheus":
-        _prometheus(load_cluster(inventory), out, as_json)
+        _report(form, out, export_prometheus(load_cluster(inventory)), False, as_json)
         return
     where = Models(models, claim)
     repo = Repository.parse(registry) if registry is not None else None
@@ -368,52 +367,32 @@ def export(
     netboot_gateway.addresses(loaded)  # every server's node needs its address (the gateway binds its pod's own)
     for warning in loaded.warnings:
         typer.echo(f"warning: {warning}", err=True)
-    if form == "ansible":
-        units = export_quadlet(loaded, where, str(out), published_images(repo) if repo else None)
-        play = export_ansible(loaded, where, units)
-        _report(form, out, write_ansible(play, out), play.images, list(play.warnings), list(play.steps),
-                repo is None, as_json)
-        return
-    if form == "quadlet":
-        units = export_quadlet(loaded, where, str(out), published_images(repo) if repo else None)
-        _report(form, out, write_quadlet(units, out), units.images, list(units.warnings), list(units.steps),
-                repo is None, as_json)
-        return
-    done = export_kube(loaded, where, str(out), published_images(repo) if repo else None)
-    _report(form, out, write_export(done, out), done.images, list(done.warnings), list(done.steps), repo is None,
-            as_json)
+    image = published_images(repo) if repo else None
+    if form == "kube":
+        done = export_kube(loaded, where, str(out), image)
+    else:
+        done = export_quadlet(loaded, where, str(out), image)
+        if form == "ansible":
+            done = export_ansible(loaded, where, done)
+    _report(form, out, done, repo is None, as_json)
 
 
-def _prometheus(loaded: Loaded, out: Path, as_json: bool) -> None:
-    text, steps = export_prometheus(loaded)
-    out.mkdir(parents=True, exist_ok=True)
-    staged = out / f".{PROMETHEUS_FILE}.tmp"
-    staged.write_text(text)
-    staged.replace(out / PROMETHEUS_FILE)
-    if as_json:
-        typer.echo(json.dumps({"format": "prometheus", "out": str(out), "files": [PROMETHEUS_FILE], "images": {},
-                               "warnings": [], "steps": steps}, indent=2))
-        return
-    typer.echo(f"wrote {PROMETHEUS_FILE} to {out}")
-    typer.echo("then:")
-    for step in steps:
-        typer.echo(f"  {step}")
-
-
-def _report(form: str, out: Path, written: list[str], images: dict[str, str], warnings: list[str],
-            steps: list[str], local_tags: bool, as_json: bool) -> None:
+def _report(form: str, out: Path, done: Export, local_tags: bool, as_json: bool) -> None:
+    written = done.write(out)
+    warnings = list(done.warnings)
     if local_tags:
-        warnings.append(f"images are the local tags ({', '.join(sorted(set(images.values())))}): every node "
+        warnings.append(f"images are the local tags ({', '.join(sorted(set(done.images.values())))}): every node "
                         "must have them; `builder publish` them and pass --registry to run them by digest")
     if as_json:
-        typer.echo(json.dumps({"format": form, "out": str(out), "files": written, "images": images,
-                               "warnings": warnings, "steps": steps}, indent=2))
+        typer.echo(json.dumps({"format": form, "out": str(out), "files": written, "images": done.images,
+                               "warnings": warnings, "steps": list(done.steps)}, indent=2))
         return
     for line in warnings:
         typer.echo(f"warning: {line}", err=True)
-    typer.echo(f"wrote {len(written)} files to {out}")
+    # prometheus writes one file, which the line names
+    typer.echo(f"wrote {written[0] if form == 'prometheus' else f'{len(written)} files'} to {out}")
     typer.echo("then:")
-    for step in steps:
+    for step in done.steps:
         typer.echo(f"  {step}")
 
 

@@ -22,15 +22,14 @@ publishes it as a squashfs): it is copied by hand, as `cluster commands` says.
 """
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from builder.cluster.commands import is_ray_pipeline
-from builder.cluster.export_kube import Models
-from builder.cluster.export_quadlet import QuadletExport, render
+from builder.cluster.export_kube import Export, Models
+from builder.cluster.export_quadlet import render
 from builder.cluster.firewall import for_services
 from builder.cluster.model import Loaded
 from builder.core.errors import RecipeError
@@ -39,21 +38,10 @@ from builder.netboot.publish import base_url
 from builder.recipe.load import display_path
 
 HEADER = "# Written by `builder cluster export --format ansible` from {source}: regenerate it, do not edit.\n"
-# Files any of builder's exports wrote (an older export's files that this one does not write are removed)
-_MARK = "# Written by "
 RULES = "/etc/builder/firewall.nft"
 FIREWALL_UNIT = "builder-firewall.service"
 QUADLET_DIR = "/etc/containers/systemd"
 _SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-@dataclass(frozen=True)
-class AnsibleExport:
-    files: dict[str, str]  # path under the folder -> its text
-    hosts: tuple[str, ...]
-    warnings: tuple[str, ...]
-    steps: tuple[str, ...]
-    images: dict[str, str]
 
 
 def group_name(kind: str, name: str, taken: dict[str, str]) -> str:
@@ -115,7 +103,7 @@ def playbook(source: str, models: Models) -> list[dict[str, Any]]:
              "hosts": "builder_nodes", "become": True, "gather_facts": False, "tasks": tasks}]
 
 
-def export_ansible(loaded: Loaded, models: Models, quadlet: QuadletExport) -> AnsibleExport:
+def export_ansible(loaded: Loaded, models: Models, quadlet: Export) -> Export:
     """The folder's files, in memory: `quadlet` is `export_quadlet`'s units for the same file and models."""
     where = display_path(loaded.path)
     cluster = loaded.cluster
@@ -188,22 +176,7 @@ def export_ansible(loaded: Loaded, models: Models, quadlet: QuadletExport) -> An
                  "(become: true)")
     steps += [s for s in quadlet.steps if s.startswith("# NVIDIA")]
     steps.append("builder cluster up CLUSTER-FILE   # on the control node: the gateway in front of them")
-    return AnsibleExport(files, tuple(h.name for h in hosts), tuple(dict.fromkeys(warnings)), tuple(steps),
-                         {k: v for k, v in quadlet.images.items() if k.split("/")[0] in {h.name for h in hosts}})
-
-
-def write_ansible(export: AnsibleExport, out: Path) -> list[str]:
-    """The files into `out` (created if missing), each written whole then renamed; files an earlier export
-    wrote that this one does not are removed. The names written."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in export.files.items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.parent / f".{path.name}.part"
-        part.write_text(text)
-        part.replace(path)
-    for old in [*out.glob("units/*/*"), *out.glob("host_vars/*.yml"), *out.glob("firewall/*.nft")]:
-        relative = old.relative_to(out).as_posix()
-        if relative not in export.files and old.is_file() and old.read_text(errors="replace").startswith(_MARK):
-            old.unlink()
-    return sorted(export.files)
+    # an older export's files that this one does not write are removed, whichever of builder's exports wrote them
+    return Export(files, tuple(dict.fromkeys(warnings)), tuple(steps),
+                  {k: v for k, v in quadlet.images.items() if k.split("/")[0] in {h.name for h in hosts}},
+                  ("units/*/*", "host_vars/*.yml", "firewall/*.nft"))
