@@ -4,9 +4,8 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from pydantic import TypeAdapter, ValidationError
@@ -150,22 +149,16 @@ def publish_cmd(
     generation, new = publish_services(root, loaded, files, artifacts, keep)
     for line in loaded.notes:  # once published: a refusal above stays one line
         typer.echo(f"note: {line}", err=True)
-    if as_json:
-        _print_published(generation, new, [
-            (n, label(loaded, n.name), netboot_set(loaded, n)[0] if n.mac else n.target) for n in loaded.cluster.nodes])
+    if as_json:  # "target": the target whose root the node boots (its device's, on a board with several)
+        typer.echo(json.dumps({"generation": generation, "published": new, "current": f"generations/{generation}",
+                               "nodes": [{"name": n.name, "mac": n.mac, "boots": label(loaded, n.name),
+                                          "target": netboot_set(loaded, n)[0] if n.mac else n.target,
+                                          "script": f"nodes/{n.file_stem}.ipxe" if n.mac else None}
+                                         for n in loaded.cluster.nodes]}, indent=2))
         return
     typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
     for line in summary(loaded):
         typer.echo(line)
-
-
-def _print_published(generation: str, new: bool, nodes: Sequence[tuple[Any, str, str | None]]) -> None:
-    """`nodes`: each node, what it boots as, and the target whose root it boots (its device's, on a board with
-    several)."""
-    typer.echo(json.dumps({"generation": generation, "published": new, "current": f"generations/{generation}",
-                           "nodes": [{"name": n.name, "mac": n.mac, "boots": boots, "target": target,
-                                      "script": f"nodes/{n.file_stem}.ipxe" if n.mac else None}
-                                     for n, boots, target in nodes]}, indent=2))
 
 
 def _wanted(wanted: list[tuple[str, str]], engine: str, compression: str, pulled: Path | None) -> Artifacts:
@@ -195,21 +188,20 @@ def list_cmd(root: RootOpt = Path("pxe-root"), as_json: JsonOpt = False) -> None
     boots (the image by digest, and for llama.cpp its commit and the ggml RPC protocol its workers and servers
     speak) and, from its bill of materials, each service's model by sha256."""
     _existing_root(root)
-    found = [(g, generation_sets(root, g.id), bom.read_bom(root, g.id)) for g in generations(root)]
     held = pins(root)
+    found = [(g, generation_sets(root, g.id), bom.read_bom(root, g.id),
+              sorted(stem.replace("-", ":") for stem, i in held.items() if i == g.id)) for g in generations(root)]
     if as_json:
         typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current, "sets": sets,
-                                "pinned": sorted(m.replace("-", ":") for m, i in held.items() if i == g.id),
-                                "models": None if bill is None else [
+                                "pinned": pinned, "models": None if bill is None else [
                                     {"service": name, **m.model_dump()} for name, m in bill.models.items()]}
-                               for g, sets, bill in found], indent=2))
+                               for g, sets, bill, pinned in found], indent=2))
         return
     if not found:
         typer.echo(f"no generations in {root}")
-    for gen, sets, bill in found:
+    for gen, sets, bill, pinned in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gen.published))
         typer.echo(f"{'*' if gen.current else ' '} {gen.id}  {when}")
-        pinned = sorted(stem.replace("-", ":") for stem, g in held.items() if g == gen.id)
         if pinned:
             typer.echo(f"    pinned {', '.join(pinned)}")
         for entry in sets:

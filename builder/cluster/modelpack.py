@@ -30,6 +30,7 @@ from builder.cluster.hfmodel import hash_lines, scan
 from builder.core.digests import sha256_digest, sha256_file
 from builder.core.errors import RecipeError, RegistryError, raise_if_stopped
 from builder.core.paths import inside
+from builder.publish.artifacts import tag_artifact
 from builder.registry.client import OCI_MANIFEST, RegistryClient, Repository, at, check_tag, parse_reference
 
 MANIFEST_TYPE = "application/vnd.cncf.model.manifest.v1+json"  # the artifactType
@@ -145,15 +146,9 @@ def push_model(source: Path, target: str, expected: str | None = None) -> Pushed
                 "layers": descriptors, "annotations": {MODEL_SHA256: sha}}
     data = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
     digest = client.put_manifest(sha256_digest(data), data, OCI_MANIFEST)
-    if client.manifest_digest(digest) != digest:
-        raise RegistryError(f"registry {repo.host} does not serve the model artifact {digest} just pushed")
-    tags = tuple(t for t in (tag, f"sha256-{sha}") if t)
+    tags = tuple(t for t in (tag, f"sha256-{sha}") if t)  # the content tag last
     raise_if_stopped()
-    for name in tags:  # the content tag last: it existing means the rest is there
-        client.put_manifest(name, data, OCI_MANIFEST)
-    for name in tags:
-        if client.manifest_digest(name) != digest:
-            raise RegistryError(f"registry {repo.host}: {repo.name}:{name} does not serve {digest}")
+    tag_artifact(client, "model", digest, data, tags)
     return Pushed(str(repo), digest, sha, folder, tags, total)
 
 
