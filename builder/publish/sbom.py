@@ -233,9 +233,7 @@ def _image_package(image: str, digest: str, comment: str) -> dict[str, Any]:
     return {"SPDXID": "SPDXRef-image", "name": image.rsplit(":", 1)[0], "versionInfo": digest,
             "downloadLocation": "NOASSERTION", "filesAnalyzed": False, "primaryPackagePurpose": "CONTAINER",
             "comment": comment,
-            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
-                              "referenceLocator": f"pkg:oci/{_spdx_id(image.rsplit('/', 1)[-1].split(':')[0])}"
-                                                  f"@{digest.replace(':', '%3A')}"}]}
+            "externalRefs": [_purl("oci", "", _spdx_id(image.rsplit("/", 1)[-1].split(":")[0]), digest)]}
 
 
 def _document(name: str, namespace: str, created: str, image: dict[str, Any], debian: dict[str, Any],
