@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt
+from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt, emit
 from builder.cli.conventions import check_input, check_output
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
@@ -102,15 +102,13 @@ def up(
     else:
         state = netboot_gateway.up(loaded, timeout, say, strict, installed=install).state
         document = netboot_gateway.status(loaded)
-    if as_json:
-        typer.echo(json.dumps({"state": state, **document}, indent=2))
-        return
     gateway: dict[str, str] = document["gateway"]  # type: ignore[assignment]
-    typer.echo(f"endpoint  {gateway['endpoint']}")
-    typer.echo(f"key       {gateway['key_file']}  (send Authorization: Bearer $(cat FILE))")
-    typer.echo(f"models    {', '.join(s.name for s in loaded.cluster.services)}")
-    typer.echo(f"metrics   {gateway['metrics']}")
-    typer.echo(f"state     {state}")
+    emit(as_json, {"state": state, **document}, [
+        f"endpoint  {gateway['endpoint']}",
+        f"key       {gateway['key_file']}  (send Authorization: Bearer $(cat FILE))",
+        f"models    {', '.join(s.name for s in loaded.cluster.services)}",
+        f"metrics   {gateway['metrics']}",
+        f"state     {state}"])
 
 
 @cluster_app.command()
@@ -121,10 +119,7 @@ def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt 
     Without --local: stop the gateway; netbooted nodes keep running."""
     loaded = _loaded(inventory, is_local)
     removed = local.down(loaded, engine) if is_local else netboot_gateway.down(loaded)
-    if as_json:
-        typer.echo(json.dumps({"removed": list(removed)}, indent=2))
-        return
-    typer.echo(f"removed {', '.join(removed)}" if removed else "nothing was running")
+    emit(as_json, {"removed": list(removed)}, [f"removed {', '.join(removed)}" if removed else "nothing was running"])
 
 
 @cluster_app.command()
@@ -300,15 +295,11 @@ def commands(
         if not found:
             raise RecipeError(f"{inventory}: no node named {node!r} runs a service",
                               f"nodes: {', '.join(e.node for e in node_commands(loaded, models))}")
-    if as_json:
-        typer.echo(json.dumps([{"node": e.node, "address": e.address,
-                                "models": [{"service": m.service, "model": m.source, "sha256": m.sha256,
-                                            "path": m.path} for m in e.models],
-                                "argv": [list(a) for a in e.argv], "environment": list(e.environment),
-                                "not_covered": list(e.skipped)} for e in found], indent=2))
-        return
-    for line in as_text(found, models):
-        typer.echo(line)
+    emit(as_json, [{"node": e.node, "address": e.address,
+                    "models": [{"service": m.service, "model": m.source, "sha256": m.sha256, "path": m.path}
+                               for m in e.models],
+                    "argv": [list(a) for a in e.argv], "environment": list(e.environment),
+                    "not_covered": list(e.skipped)} for e in found], as_text(found, models))
 
 
 # `builder cluster export --format`: the formats it writes.
@@ -383,17 +374,14 @@ def _report(form: str, out: Path, done: Export, local_tags: bool, as_json: bool)
     if local_tags:
         warnings.append(f"images are the local tags ({', '.join(sorted(set(done.images.values())))}): every node "
                         "must have them; `builder publish` them and pass --registry to run them by digest")
-    if as_json:
-        typer.echo(json.dumps({"format": form, "out": str(out), "files": written, "images": done.images,
-                               "warnings": warnings, "steps": list(done.steps)}, indent=2))
-        return
-    for line in warnings:
-        typer.echo(f"warning: {line}", err=True)
+    if not as_json:
+        for line in warnings:
+            typer.echo(f"warning: {line}", err=True)
     # prometheus writes one file, which the line names
-    typer.echo(f"wrote {written[0] if form == 'prometheus' else f'{len(written)} files'} to {out}")
-    typer.echo("then:")
-    for step in done.steps:
-        typer.echo(f"  {step}")
+    emit(as_json, {"format": form, "out": str(out), "files": written, "images": done.images, "warnings": warnings,
+                   "steps": list(done.steps)},
+         [f"wrote {written[0] if form == 'prometheus' else f'{len(written)} files'} to {out}", "then:",
+          *(f"  {step}" for step in done.steps)])
 
 
 @cluster_app.command()
@@ -483,11 +471,8 @@ def wake(
     """
     loaded = load_cluster(inventory)
     woken = wake_nodes(loaded, chosen(loaded, list(nodes or []), every))
-    if as_json:
-        typer.echo(json.dumps([{"node": w.node, "mac": w.mac, "interface": w.interface} for w in woken], indent=2))
-        return
-    for w in woken:
-        typer.echo(f"woke {w.node} ({w.mac}) on {w.interface}")
+    emit(as_json, [{"node": w.node, "mac": w.mac, "interface": w.interface} for w in woken],
+         [f"woke {w.node} ({w.mac}) on {w.interface}" for w in woken])
 
 
 @cluster_app.command()
@@ -509,7 +494,5 @@ def reboot(
         check_input(identity, "--identity", folder=False)
     loaded = load_cluster(inventory)
     t = reboot_node(loaded, node, identity, lambda line: typer.echo(line, err=as_json))
-    if as_json:
-        typer.echo(json.dumps({"node": t.node, "address": t.address, "port": t.port, "rebooting": True}, indent=2))
-        return
-    typer.echo(f"rebooting {t.node} ({t.address}): it netboots its current generation")
+    emit(as_json, {"node": t.node, "address": t.address, "port": t.port, "rebooting": True},
+         [f"rebooting {t.node} ({t.address}): it netboots its current generation"])

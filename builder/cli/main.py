@@ -27,6 +27,7 @@ from builder.cli.common import (
     SourceOpt,
     TargetOpt,
     VariantOpt,
+    emit,
     prepared,
 )
 from builder.cli.conventions import BuilderGroup, State, check_input, check_output, err
@@ -164,25 +165,16 @@ def render(
     changed = prep.write(out)
     if with_source:
         prep.flavour.fetch(prep, out)
-    if as_json:
-        typer.echo(json.dumps({"target": prep.name, "context": str(out), "changed": changed, "image": prep.tag},
-                              indent=2))
-        return
-    typer.echo(f"rendered {prep.name} into {out} ({len(changed)} file(s) changed); image tag {prep.tag}")
+    emit(as_json, {"target": prep.name, "context": str(out), "changed": changed, "image": prep.tag},
+         [f"rendered {prep.name} into {out} ({len(changed)} file(s) changed); image tag {prep.tag}"])
 
 
 def _print_build(result: BuildResult, as_json: bool) -> None:
     doc = {"image": result.ref, "digest": result.digest, "size": result.size, "built": result.built,
            "seconds": round(result.seconds, 1), "log": str(result.log) if result.log else None}
-    if as_json:
-        typer.echo(json.dumps(doc, indent=2))
-        return
     state = f"built in {result.seconds:.0f} s" if result.built else "up to date, nothing to build"
-    typer.echo(f"image   {result.ref} ({state})")
-    typer.echo(f"digest  {result.digest}")
-    typer.echo(f"size    {result.size / 1e6:.1f} MB")
-    if result.log:
-        typer.echo(f"log     {result.log}")
+    emit(as_json, doc, [f"image   {result.ref} ({state})", f"digest  {result.digest}",
+                        f"size    {result.size / 1e6:.1f} MB", *([f"log     {result.log}"] if result.log else [])])
 
 
 @app.command("build", rich_help_panel=IMAGES)
@@ -274,15 +266,9 @@ def publish(
     doc = {"repository": result.repository, "digest": result.digest, "reference": result.reference,
            "tags": list(result.tags), "pushed": result.pushed, "built": result.built, "sbom": result.sbom,
            "seconds": round(result.seconds, 1)}
-    if as_json:
-        typer.echo(json.dumps(doc, indent=2))
-        return
     state = "published" if result.pushed else "already published, nothing built or pushed"
-    typer.echo(f"{state}: {result.reference}")
-    for tag in result.tags:
-        typer.echo(f"tag     {result.repository}:{tag}")
-    if result.sbom:
-        typer.echo(f"sbom    {result.sbom}")
+    emit(as_json, doc, [f"{state}: {result.reference}", *(f"tag     {result.repository}:{tag}" for tag in result.tags),
+                        *([f"sbom    {result.sbom}"] if result.sbom else [])])
 
 
 @app.command(rich_help_panel=IMAGES)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, LockOpt, RecipesOpt
+from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, LockOpt, RecipesOpt, emit
 from builder.cli.conventions import check_input, check_output, cluster_file, deprecated
 from builder.cluster.plans import control_of, label, load_for_netboot, models, netboot_set, publish_services, summary
 from builder.core.errors import RecipeError, Stopped
@@ -149,16 +149,13 @@ def publish_cmd(
     generation, new = publish_services(root, loaded, files, artifacts, keep)
     for line in loaded.notes:  # once published: a refusal above stays one line
         typer.echo(f"note: {line}", err=True)
-    if as_json:  # "target": the target whose root the node boots (its device's, on a board with several)
-        typer.echo(json.dumps({"generation": generation, "published": new, "current": f"generations/{generation}",
-                               "nodes": [{"name": n.name, "mac": n.mac, "boots": label(loaded, n.name),
-                                          "target": netboot_set(loaded, n)[0] if n.mac else n.target,
-                                          "script": f"nodes/{n.file_stem}.ipxe" if n.mac else None}
-                                         for n in loaded.cluster.nodes]}, indent=2))
-        return
-    typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
-    for line in summary(loaded):
-        typer.echo(line)
+    # "target": the target whose root the node boots (its device's, on a board with several)
+    emit(as_json, {"generation": generation, "published": new, "current": f"generations/{generation}",
+                   "nodes": [{"name": n.name, "mac": n.mac, "boots": label(loaded, n.name),
+                              "target": netboot_set(loaded, n)[0] if n.mac else n.target,
+                              "script": f"nodes/{n.file_stem}.ipxe" if n.mac else None} for n in loaded.cluster.nodes]},
+         [f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}",
+          *summary(loaded)])
 
 
 def _wanted(wanted: list[tuple[str, str]], engine: str, compression: str, pulled: Path | None) -> Artifacts:
@@ -238,12 +235,7 @@ def diff_cmd(
     _existing_root(root)
     a, b = resolve(root, old), resolve(root, new)
     result = bom.diff(bom.view(root, a), bom.view(root, b))
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-        return
-    typer.echo(f"from {a} to {b}")
-    for line in bom.diff_lines(result):
-        typer.echo(line)
+    emit(as_json, result, [f"from {a} to {b}", *bom.diff_lines(result)])
 
 
 @pxe_app.command("rollback")
@@ -381,12 +373,8 @@ def push(
     check_input(folder, "--dir", folder=True)
     repo = Repository.parse(registry)
     digest, tags = push_netboot(folder, repo)
-    if as_json:
-        typer.echo(json.dumps({"repository": str(repo), "digest": digest, "tags": list(tags)}, indent=2))
-        return
-    typer.echo(f"pushed: {repo}@{digest}")
-    for tag in tags:
-        typer.echo(f"tag     {repo}:{tag}")
+    emit(as_json, {"repository": str(repo), "digest": digest, "tags": list(tags)},
+         [f"pushed: {repo}@{digest}", *(f"tag     {repo}:{tag}" for tag in tags)])
 
 
 @pxe_app.command()
@@ -406,7 +394,4 @@ def pull(
         for leftover in [*(dest / "sets").glob(".pull-*"), *dest.glob(".*.link")]:
             remove_path(leftover)
         final = pull_netboot(reference, dest)
-    if as_json:
-        typer.echo(json.dumps({"reference": reference, "folder": str(final)}, indent=2))
-        return
-    typer.echo(f"pulled {reference} into {final}")
+    emit(as_json, {"reference": reference, "folder": str(final)}, [f"pulled {reference} into {final}"])
