@@ -313,10 +313,8 @@ def lock(
                           "builder.lock covers every llama.cpp recipe: run `builder lock` alone, or add --flavour vllm")
     if flavour_named(flavour).name == "vllm" and not check:
         path, pinned = lock_variant(recipe_file(target, recipe, flavour_named(flavour)), variant)
-        if as_json:
-            typer.echo(json.dumps({"lock": str(path), "packages": len(pinned.pins)}, indent=2))
-            return
-        typer.echo(f"locked {len(pinned.pins)} packages into {display_path(path)}")
+        emit(as_json, {"lock": str(path), "packages": len(pinned.pins)},
+             [f"locked {len(pinned.pins)} packages into {display_path(path)}"])
         return
     recipes = recipes or recipes_dir()
     if check:
@@ -334,13 +332,10 @@ def lock(
     packages = sum(len(base["resolved"]) for base in written["bases"].values())
     kernels = {target: pinned_version(LockedBase.model_validate(entry), "linux-image-amd64")
                for target, entry in written["netboot"].items()}
-    if as_json:
-        typer.echo(json.dumps({"lock": str(lock_path), "images": len(written["images"]),
-                               "bases": len(written["bases"]), "packages": packages, "netboot": kernels}, indent=2))
-        return
-    typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s), {len(written['bases'])} bootstrapped "
-               f"base(s), {packages} packages; netboot kernels: "
-               f"{', '.join(f'{t} {v}' for t, v in kernels.items())})")
+    emit(as_json, {"lock": str(lock_path), "images": len(written["images"]), "bases": len(written["bases"]),
+                   "packages": packages, "netboot": kernels},
+         [f"wrote {lock_path} ({len(written['images'])} image(s), {len(written['bases'])} bootstrapped base(s), "
+          f"{packages} packages; netboot kernels: {', '.join(f'{t} {v}' for t, v in kernels.items())})"])
 
 
 def _lock_cluster(path: Path, check: bool, as_json: bool, image_options: bool) -> None:
@@ -464,17 +459,10 @@ def doctor(
     checks = diagnose(entry, chosen, root=root, model=model)
     failed = sum(1 for c in checks if c.required and not c.ok)
     warned = sum(1 for c in checks if not c.required and not c.ok)
-    if as_json:
-        typer.echo(json.dumps({"target": entry.name, "variant": chosen.name, "root": str(root),
-                               "ok": sum(c.ok for c in checks), "failing": failed, "warnings": warned,
-                               "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
-        if failed:
-            raise typer.Exit(1)
-        return
-    typer.echo(f"doctor: {entry.name}/{chosen.name} on {root}")
-    for check in checks:
-        typer.echo(check.line())
-    typer.echo(f"doctor: {sum(c.ok for c in checks)} ok, {failed} failing, {warned} warning(s)")
+    emit(as_json, {"target": entry.name, "variant": chosen.name, "root": str(root), "ok": sum(c.ok for c in checks),
+                   "failing": failed, "warnings": warned, "checks": [dataclasses.asdict(c) for c in checks]},
+         [f"doctor: {entry.name}/{chosen.name} on {root}", *(check.line() for check in checks),
+          f"doctor: {sum(c.ok for c in checks)} ok, {failed} failing, {warned} warning(s)"])
     if failed:
         raise typer.Exit(1)
 
