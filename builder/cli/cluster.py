@@ -151,33 +151,26 @@ def status(
                    "checked (give --root)", err=True)
     document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded, root)
     problems = _problems(document)
-    if as_json:
-        typer.echo(json.dumps({**document, "ok": not problems, "problems": problems}, indent=2))
-        if problems:
-            raise typer.Exit(1)
-        return
     gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
-    typer.echo(f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}")
+    lines = [f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}"]
     for n in document["nodes"]:  # type: ignore[attr-defined]
         hardware = n["target"] or ", ".join(f"{name} {d['target']}" for name, d in n["devices"].items())
         key = f"  ssh {n['ssh_host_key'] or 'host key not reported'}" if "ssh_host_key" in n else ""
-        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}{key}")
-        for unit, state in (n.get("units") or {}).items():
-            typer.echo(f"  {n['name']:<12} unit       {unit:<40} {state}")
-        for label, value in _state_lines(n):
-            typer.echo(f"  {n['name']:<12} {label:<10} {value}")
+        lines.append(f"node     {n['name']:<12} {n['address']:<21} {hardware}{key}")
+        lines += [f"  {n['name']:<12} unit       {unit:<40} {state}" for unit, state in (n.get("units") or {}).items()]
+        lines += [f"  {n['name']:<12} {label:<10} {value}" for label, value in _state_lines(n)]
     for service in document["services"]:  # type: ignore[attr-defined]
-        typer.echo(f"service  {service['name']} ({service['topology']})")
+        lines.append(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:
             extra = f"  {p['active']} active, {p['requests']} served" if "requests" in p else ""
             where = f"container {p['container']}" if "container" in p else ""
             why = f"  ({p['why']})" if "why" in p else ""
-            typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} {where}{extra}{why}"
-                       .rstrip())
+            lines.append(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} {where}{extra}{why}"
+                         .rstrip())
+    lines.append(f"state    NOT SERVING: {'; '.join(problems)}" if problems else "state    serving")
+    emit(as_json, {**document, "ok": not problems, "problems": problems}, lines)
     if problems:
-        typer.echo(f"state    NOT SERVING: {'; '.join(problems)}")
         raise typer.Exit(1)
-    typer.echo("state    serving")
 
 
 def _state_lines(n: dict[str, object]) -> list[tuple[str, str]]:

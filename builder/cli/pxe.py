@@ -188,27 +188,22 @@ def list_cmd(root: RootOpt = Path("pxe-root"), as_json: JsonOpt = False) -> None
     held = pins(root)
     found = [(g, generation_sets(root, g.id), bom.read_bom(root, g.id),
               sorted(stem.replace("-", ":") for stem, i in held.items() if i == g.id)) for g in generations(root)]
-    if as_json:
-        typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current, "sets": sets,
-                                "pinned": pinned, "models": None if bill is None else [
-                                    {"service": name, **m.model_dump()} for name, m in bill.models.items()]}
-                               for g, sets, bill, pinned in found], indent=2))
-        return
-    if not found:
-        typer.echo(f"no generations in {root}")
+    lines = [] if found else [f"no generations in {root}"]
     for gen, sets, bill, pinned in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gen.published))
-        typer.echo(f"{'*' if gen.current else ' '} {gen.id}  {when}")
-        if pinned:
-            typer.echo(f"    pinned {', '.join(pinned)}")
-        for entry in sets:
-            typer.echo(f"    {entry['set']:<24} image {str(entry['image_digest'])[:19]}{_llama_line(entry)}")
+        lines.append(f"{'*' if gen.current else ' '} {gen.id}  {when}")
+        lines += [f"    pinned {', '.join(pinned)}"] if pinned else []
+        lines += [f"    {entry['set']:<24} image {str(entry['image_digest'])[:19]}{_llama_line(entry)}"
+                  for entry in sets]
         if bill is None:
-            typer.echo("    no bill of materials (published before builder recorded one)")
-        elif bill.models:
-            typer.echo("    models " + ", ".join(f"{name}: {m.sha256[:12]}" for name, m in bill.models.items()))
+            lines.append("    no bill of materials (published before builder recorded one)")
         else:
-            typer.echo("    models none")
+            lines.append("    models " + (", ".join(f"{name}: {m.sha256[:12]}" for name, m in bill.models.items())
+                                         or "none"))
+    emit(as_json, [{"id": g.id, "published": g.published, "current": g.current, "sets": sets, "pinned": pinned,
+                    "models": None if bill is None else [
+                        {"service": name, **m.model_dump()} for name, m in bill.models.items()]}
+                   for g, sets, bill, pinned in found], lines)
 
 
 def _llama_line(entry: dict[str, object]) -> str:
