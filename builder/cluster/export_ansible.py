@@ -117,14 +117,14 @@ def export_ansible(loaded: Loaded, models: Models, quadlet: Export) -> Export:
     for key in quadlet.files:
         owner, unit = key.split("/", 1)
         by_node.setdefault(owner, []).append(unit)
-    installed = [n for n in cluster.nodes if n.mac is None]
-    hosts = [n for n in installed if n.name in by_node]
+    hosts = [n for n in cluster.nodes if n.mac is None and n.name in by_node]
+    names = {h.name for h in hosts}
     warnings = list(quadlet.warnings)
     if not hosts:
         raise RecipeError(f"{where}: no node without a mac: runs a unit, and the playbook is for those (netbooted "
                           "nodes follow the plans `builder pxe publish` writes)",
                           "--format quadlet writes the units of every node")
-    booted = sorted(n for n in by_node if n not in {h.name for h in hosts})
+    booted = sorted(n for n in by_node if n not in names)
     if booted:
         warnings.append(f"{', '.join(booted)}: netbooted (mac:), left out of the playbook: `builder pxe publish` "
                         "gives them their plans")
@@ -178,5 +178,5 @@ def export_ansible(loaded: Loaded, models: Models, quadlet: Export) -> Export:
     steps.append("builder cluster up CLUSTER-FILE   # on the control node: the gateway in front of them")
     # an older export's files that this one does not write are removed, whichever of builder's exports wrote them
     return Export(files, tuple(dict.fromkeys(warnings)), tuple(steps),
-                  {k: v for k, v in quadlet.images.items() if k.split("/")[0] in {h.name for h in hosts}},
+                  {k: v for k, v in quadlet.images.items() if k.split("/")[0] in names},
                   ("units/*/*", "host_vars/*.yml", "firewall/*.nft"))

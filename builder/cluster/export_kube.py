@@ -230,6 +230,18 @@ class Exporter:
         self.images[f"{process.node}/{service.engine}" + (f"/{process.device}" if process.device else "")] = image
         return image
 
+    def address(self, process: Process) -> str:
+        """Where the process listens: an RPC worker on its node's data network, when it has one (docs/netboot.md)."""
+        node = self.loaded.node(process.node)
+        return str(node.peer_address if process.role == "rpc-worker" else node.address)
+
+
+def line_env(options: dict[str, list[str]]) -> tuple[dict[str, str], list[str]]:
+    """A run line's --env NAME=VALUE, and the bare --env NAMEs (a box's line takes them from its environment)."""
+    pairs = [item.partition("=") for item in options.get("--env", [])]
+    return ({name: value for name, has_value, value in pairs if has_value},
+            [name for name, has_value, _ in pairs if not has_value])
+
 
 class _Builder(Exporter):
     def __init__(self, loaded: Loaded, models: Models, image: Callable[[str, str, str], str] | None) -> None:
@@ -283,8 +295,7 @@ class _Builder(Exporter):
         container: Manifest = {"name": process.role, "image": image, "args": args}
         if env:
             container["env"] = env
-        # an RPC worker listens on its node's data network, when it has one (docs/netboot.md)
-        address = str(node.peer_address if process.role == "rpc-worker" else node.address)
+        address = self.address(process)
         if process.role != "pipeline-worker":
             container["ports"] = [{"name": "rpc" if process.role == "rpc-worker" else "http",
                                    "containerPort": process.port, "protocol": "TCP"}]
@@ -322,20 +333,12 @@ class _Builder(Exporter):
 
     def container_env(self, process: Process) -> list[Manifest]:
         """The line's --env NAME=VALUE; a bare --env NAME (a box's interface) is left out with one warning."""
-        options, _ = split_run(self.lines[process])
-        env = []
-        from_box = []
-        for item in options.get("--env", []):
-            name, has_value, value = item.partition("=")
-            if has_value:
-                env.append({"name": name, "value": value})
-            else:
-                from_box.append(name)
+        env, from_box = line_env(split_run(self.lines[process])[0])
         if from_box:
             self.warnings.append(f"{process.service}: {' and '.join(from_box)} left out (a box's line takes them "
                                  "from the box's environment): gloo and NCCL then use the interface of the node's "
                                  "hostname; add them to the pods' env if that one does not hold the node's address")
-        return env
+        return [{"name": name, "value": value} for name, value in env.items()]
 
     def deployment(self, process: Process) -> Manifest:
         role = "rpc-worker" if process.role == "rpc-worker" else "server"

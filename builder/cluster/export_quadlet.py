@@ -27,6 +27,7 @@ from builder.cluster.export_kube import (
     Export,
     Exporter,
     Models,
+    line_env,
     model_check,
     source_name,
     split_run,
@@ -140,7 +141,7 @@ class _Units(Exporter):
         options, args = split_run(self.lines[process])
         image = self.image_of(process)
         name = unit_name(service.name, process.role)
-        address = str(node.peer_address if process.role == "rpc-worker" else node.address)
+        address = self.address(process)
         role, role_args = args[0], args[1:]
         role_args, volumes = mount_model(role, role_args)
         files: dict[str, str] = {}
@@ -159,16 +160,11 @@ class _Units(Exporter):
             # what `builder run` adds for an RDMA image: the RDMA devices where the node has them (the leading
             # '-': Quadlet leaves the line out on a node without /dev/infiniband), and no cap on locked memory
             box += [("AddDevice", f"-{RDMA_DEVICES}"), ("Ulimit", "memlock=-1:-1")]
-        env = dict(host.env)
-        for item in options.get("--env", []):
-            key, has_value, value = item.partition("=")
-            if has_value:
-                env[key] = value
-            else:
-                self.warnings.append(f"{node.name}: {name} takes {key} from the box's environment on a `builder "
-                                     "run` line; a unit does not: gloo and NCCL then use the interface of the "
-                                     f"node's hostname (add Environment={key}=IFACE if it does not hold {address})")
-        box += [("Environment", systemd_word(f"{key}={value}")) for key, value in env.items()]
+        env, from_box = line_env(options)
+        self.warnings += [f"{node.name}: {name} takes {key} from the box's environment on a `builder run` line; a "
+                          "unit does not: gloo and NCCL then use the interface of the node's hostname (add "
+                          f"Environment={key}=IFACE if it does not hold {address})" for key in from_box]
+        box += [("Environment", systemd_word(f"{key}={value}")) for key, value in {**host.env, **env}.items()]
         for size in options.get("--shm-size", []):
             box.append(("ShmSize", size))
         box += [("Volume", volume) for volume in volumes]
