@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from builder.cluster.commands import is_ray_pipeline, node_commands
 from builder.cluster.gateway import KEY_MAP, MALLOC_TUNABLES, haproxy_config, models_document
 from builder.cluster.model import Loaded, Process, Service
@@ -479,29 +481,22 @@ def _steps(builder: _Builder, out: str) -> list[str]:
     return steps
 
 
-class _Literal(str):
-    """A multi-line string YAML writes as a block (haproxy.cfg in its ConfigMap)."""
+class _Dumper(yaml.SafeDumper):
+    """A multi-line string (haproxy.cfg in its ConfigMap) as a block; a dict used twice (a Deployment's labels)
+    written out twice, never as an alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+    def block_str(self, value: str) -> yaml.Node:
+        return self.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _Dumper.block_str)
 
 
 def to_yaml(document: Manifest, source: str) -> str:
-    import yaml
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    def literal(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
-
-    Dumper.add_representer(_Literal, literal)
-
-    def blocks(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: blocks(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [blocks(v) for v in value]
-        return _Literal(value) if isinstance(value, str) and "\n" in value else value
-
-    text = yaml.dump(blocks(document), Dumper=Dumper, sort_keys=False, width=1000, allow_unicode=False)
+    text = yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=1000, allow_unicode=False)
     return HEADER.format(source=source) + text
 
 
