@@ -1,24 +1,8 @@
 """`builder cluster export --format ansible`: an inventory and a playbook that put a cluster file's services on
 the boxes builder does not boot (nodes without a `mac`), with nothing but ansible-core's own modules.
 
-The folder it writes:
-
-    inventory.yml           every installed node that runs a unit, at its address (`ansible_host`), in the
-                            group builder_nodes, in one group per target (target_nvidia) and one per service
-                            (service_chat)
-    site.yml                the playbook: podman and nftables from the node's apt (ansible.builtin.apt), the
-                            models fetched from the control node by sha256 (ansible.builtin.get_url with
-                            checksum:), the node's firewall loaded by a oneshot unit (also at every boot), the
-                            Quadlet units placed, systemd reloaded and the units started
-    host_vars/NODE.yml      what the play reads per node: its units and its models (URL, sha256, path)
-    units/NODE/             the node's Quadlet units, as `--format quadlet` writes them (export_quadlet)
-    firewall/NODE.nft       the node's nftables rules, as `builder cluster firewall` and netboot write them
-    builder-firewall.service  the oneshot unit that loads /etc/builder/firewall.nft
-
-Models come from the control node's `builder pxe serve`, which serves every file under pxe-root/blobs/sha256/
-by its sha256 (as netbooted nodes fetch theirs): `http://CONTROL:HTTP_PORT/blobs/sha256/SHA256`. A GGUF's
-blob is the file itself, so its sha256 is the service's. A vLLM model folder is no single file (netboot
-publishes it as a squashfs): it is copied by hand, as `cluster commands` says.
+The files it writes, and why the models come from the control node's `builder pxe serve` by sha256 (a vLLM
+model folder, no single file, is copied by hand): docs/clusters.md, "An Ansible playbook".
 """
 
 import re

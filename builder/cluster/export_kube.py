@@ -1,15 +1,9 @@
 """`builder cluster export --format kube`: Kubernetes manifests for a cluster file's processes.
 
-Every process of `Loaded.processes` becomes a pod pinned to its node (nodeSelector kubernetes.io/hostname) on
-the node's own network (hostNetwork), running the same image arguments as the `builder run` line that
-`builder cluster commands` prints for it (its options become the pod's env, volumes, devices and an init
-container that checks the model's sha256):
-- a llama.cpp or vLLM server (replicate, or the head of a split) and an RPC worker: a Deployment of one
-  replica each, and a Service per service in front of its servers;
-- a vLLM pipeline: one LeaderWorkerSet (leader = rank 0 on the first node, workers = the other ranks);
-- the gateway: a Deployment of HAProxy with its haproxy.cfg in a ConfigMap and the API key in a Secret the
-  user creates (its name is in the manifests, its value never in a file builder writes).
-Why pods on the host network, Deployments of one and no Secret manifest: docs/design.md.
+Every process of `Loaded.processes` becomes a pod pinned to its node on the node's own network, running the
+same image arguments as the `builder run` line that `builder cluster commands` prints for it (its options become
+the pod's env, volumes, devices and an init container that checks the model's sha256). What each becomes:
+docs/clusters.md; why pods on the host network, Deployments of one and no Secret manifest: docs/design.md.
 """
 
 import hashlib

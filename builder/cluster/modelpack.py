@@ -1,20 +1,8 @@
 """Models in an OCI registry, in the CNCF ModelPack layout: `builder model push` and `builder model pull`.
 
-A model is one artifact: a config blob (`application/vnd.cncf.model.config.v1+json`: `descriptor`, `config`
-with its `format`, `modelfs` listing every layer's digest) and one raw layer per file, each annotated with its
-path in the model (`org.cncf.model.filepath`, and `org.opencontainers.image.title` so that generic OCI tools
-write the same names). A GGUF is one weight layer; a Hugging Face folder is one layer per file, weights as
-weight layers, config and tokenizer files as weight-config layers, README and licence files as doc layers and
-Python files as code layers. The manifest's `artifactType` is the ModelPack manifest type, and it records the
-model's own sha256 (a GGUF's file sha256, a folder's content hash: hfmodel.py) under `dev.builder.model.sha256`.
-
-That sha256 follows from the layers alone (a GGUF's is its one layer's digest; a folder's is the hash of the
-lines `DIGEST  PATH`), so `pull` knows what it must get before it fetches a byte, checks each blob's digest while
-streaming it into a temporary name beside the destination, and renames the result into `DIR/<sha256>.gguf` or
-`DIR/<sha256>/` (the names `builder cluster commands` uses on boxes) only when everything matched.
-
-Pushed by digest, checked by digest, tagged last (the content tag `sha256-<model sha256>` after any tag the user
-named), like images and netboot sets (publish/artifacts.py).
+The layout (a config blob, one raw layer per file annotated with its path, the model's sha256 as an annotation),
+and the order of a push (by digest, checked, tagged last) and a pull (the model's sha256 known from the layers
+before a byte is fetched, every blob checked, one rename into DIR/<sha256>[.gguf]): docs/publishing.md.
 """
 
 import json
