@@ -2,18 +2,9 @@
 
 Per node a folder of units for /etc/containers/systemd/: one `.container` per process (its server, RPC
 worker or pipeline rank), running the same image arguments as the `builder run` line `builder cluster
-commands` prints for it, with what `builder run` adds for the node's variant (devices, device groups, security
-options, environment), on the host network, bound to the node's address; systemd restarts it (`Restart=always`)
-and starts it at boot. A server's model is mounted read-only from the node's models folder, where it is named
-by sha256, and checked against that sha256 before the container starts (`ExecStartPre=`, as `builder run
---model-sha256` does); an RPC worker keeps its tensor cache in a named volume (a `.volume` unit), so it
-survives the container.
-
-The units use only keys podman 4.9 accepts (Ubuntu 24.04's podman): `GroupAdd=` came in 5.1, so
-the device groups go through `PodmanArgs=`. The groups are the device nodes' own gids on the node, found when
-the unit starts (as `builder run` finds them): an `ExecStartPre=` writes them to an environment file and
-`PodmanArgs=$BUILDER_GROUPS` takes them. Ray pipelines (the GPU variants' vLLM) are left out, as `cluster
-commands` leaves them out.
+commands` prints for it, with what `builder run` adds for the node's variant; Ray pipelines are left out, as
+`cluster commands` leaves them out. What the units hold: docs/clusters.md, "Quadlet units"; why podman 4.9's
+keys only and device groups found when the unit starts: docs/design.md.
 """
 
 import re
