@@ -344,22 +344,18 @@ def _lock_cluster(path: Path, check: bool, as_json: bool, image_options: bool) -
                           "builder.lock", "run `builder lock CLUSTER` alone, or `builder lock` for the images")
     check_input(path, "cluster file", folder=False)
     result = lock_cluster(path, lambda line: err.print(line, markup=False), check=check)
-    if as_json:
-        typer.echo(json.dumps({"lock": str(result.lock), "matches": not result.changed if check else None,
-                               "changed": list(result.changed),
-                               "models": {name: entry.model_dump() for name, entry in result.models.items()}},
-                              indent=2))
-    elif check:
-        for name in result.changed:
-            typer.echo(f"{display_path(result.lock)}: {name} is not locked as the hub resolves it now")
-        if not result.changed:
-            typer.echo(f"{display_path(result.lock)}: matches the hub for {len(result.models)} model(s)")
+    where = display_path(result.lock)
+    if check:
+        lines = [f"{where}: {name} is not locked as the hub resolves it now" for name in result.changed] \
+            or [f"{where}: matches the hub for {len(result.models)} model(s)"]
     elif not result.models:
-        typer.echo(f"{display_path(path)} names no hf:// model: nothing to lock")
+        lines = [f"{display_path(path)} names no hf:// model: nothing to lock"]
     else:
-        for name, entry in result.models.items():
-            typer.echo(f"locked {name} at {entry.commit} ({len(entry.files)} file(s), {entry.size} bytes)")
-        typer.echo(f"wrote {display_path(result.lock)}")
+        lines = [f"locked {name} at {entry.commit} ({len(entry.files)} file(s), {entry.size} bytes)"
+                 for name, entry in result.models.items()] + [f"wrote {where}"]
+    emit(as_json, {"lock": str(result.lock), "matches": not result.changed if check else None,
+                   "changed": list(result.changed),
+                   "models": {name: entry.model_dump() for name, entry in result.models.items()}}, lines)
     if check and result.changed:
         raise typer.Exit(1)
 
@@ -381,22 +377,17 @@ def pin(
     """
     path = recipe_file(target, recipe)
     values = pin_recipe(path, variant, dry_run)
-    if as_json:
-        typer.echo(json.dumps({"recipe": display_path(path), "written": bool(values) and not dry_run,
-                               "pins": [{"field": p.field, "source": p.source, "sha256": v}
-                                        for p, v in values.items()]}, indent=2))
-        return
+    lines = [f"{placeholder.field}: {placeholder.source} -> sha256:{value}" for placeholder, value in values.items()]
     if not values:
-        typer.echo(f"{display_path(path)}: no placeholder pins")
-        return
-    for placeholder, value in values.items():
-        typer.echo(f"{placeholder.field}: {placeholder.source} -> sha256:{value}")
-    if dry_run:
-        typer.echo(f"{len(values)} value(s) read; --dry-run: {display_path(path)} unchanged")
-        return
-    typer.echo(f"wrote {len(values)} pin(s) into {display_path(path)}")
-    if path.resolve().parent == RECIPES_DIR.resolve():
-        typer.echo(f"next: review the diff, then {lockfile.HINT.removeprefix('run ')}")
+        lines = [f"{display_path(path)}: no placeholder pins"]
+    elif dry_run:
+        lines.append(f"{len(values)} value(s) read; --dry-run: {display_path(path)} unchanged")
+    else:
+        lines.append(f"wrote {len(values)} pin(s) into {display_path(path)}")
+        if path.resolve().parent == RECIPES_DIR.resolve():
+            lines.append(f"next: review the diff, then {lockfile.HINT.removeprefix('run ')}")
+    emit(as_json, {"recipe": display_path(path), "written": bool(values) and not dry_run,
+                   "pins": [{"field": p.field, "source": p.source, "sha256": v} for p, v in values.items()]}, lines)
 
 
 @app.command(rich_help_panel=IMAGES)
