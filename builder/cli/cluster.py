@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt
+from builder.cli.common import JSON_ERRORS, JsonOpt, RecipesOpt, emit
 from builder.cli.conventions import check_input, check_output
 from builder.cluster import firewall as node_firewall
 from builder.cluster import local
@@ -15,11 +15,10 @@ from builder.cluster import remote as netboot_gateway
 from builder.cluster.commands import as_text, node_commands
 from builder.cluster.convert import convert as convert_form
 from builder.cluster.convert import is_old_form
-from builder.cluster.export_ansible import export_ansible, write_ansible
-from builder.cluster.export_kube import Models, export_kube, published_images, write_export
-from builder.cluster.export_prometheus import FILE as PROMETHEUS_FILE
+from builder.cluster.export_ansible import export_ansible
+from builder.cluster.export_kube import Export, Models, export_kube, published_images
 from builder.cluster.export_prometheus import export_prometheus
-from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet, write_quadlet
+from builder.cluster.export_quadlet import MIN_PODMAN, export_quadlet
 from builder.cluster.hfmodel import folder_hash
 from builder.cluster.model import Loaded, ServiceCluster, load_cluster
 from builder.cluster.nodelogs import MAX_LINES, read_logs
@@ -103,15 +102,13 @@ def up(
     else:
         state = netboot_gateway.up(loaded, timeout, say, strict, installed=install).state
         document = netboot_gateway.status(loaded)
-    if as_json:
-        typer.echo(json.dumps({"state": state, **document}, indent=2))
-        return
     gateway: dict[str, str] = document["gateway"]  # type: ignore[assignment]
-    typer.echo(f"endpoint  {gateway['endpoint']}")
-    typer.echo(f"key       {gateway['key_file']}  (send Authorization: Bearer $(cat FILE))")
-    typer.echo(f"models    {', '.join(s.name for s in loaded.cluster.services)}")
-    typer.echo(f"metrics   {gateway['metrics']}")
-    typer.echo(f"state     {state}")
+    emit(as_json, {"state": state, **document}, [
+        f"endpoint  {gateway['endpoint']}",
+        f"key       {gateway['key_file']}  (send Authorization: Bearer $(cat FILE))",
+        f"models    {', '.join(s.name for s in loaded.cluster.services)}",
+        f"metrics   {gateway['metrics']}",
+        f"state     {state}"])
 
 
 @cluster_app.command()
@@ -122,10 +119,7 @@ def down(inventory: InventoryArg, is_local: LocalOpt = False, engine: EngineOpt 
     Without --local: stop the gateway; netbooted nodes keep running."""
     loaded = _loaded(inventory, is_local)
     removed = local.down(loaded, engine) if is_local else netboot_gateway.down(loaded)
-    if as_json:
-        typer.echo(json.dumps({"removed": list(removed)}, indent=2))
-        return
-    typer.echo(f"removed {', '.join(removed)}" if removed else "nothing was running")
+    emit(as_json, {"removed": list(removed)}, [f"removed {', '.join(removed)}" if removed else "nothing was running"])
 
 
 @cluster_app.command()
@@ -157,33 +151,26 @@ def status(
                    "checked (give --root)", err=True)
     document = local.status(loaded, engine) if is_local else netboot_gateway.status(loaded, root)
     problems = _problems(document)
-    if as_json:
-        typer.echo(json.dumps({**document, "ok": not problems, "problems": problems}, indent=2))
-        if problems:
-            raise typer.Exit(1)
-        return
     gateway: dict[str, object] = document["gateway"]  # type: ignore[assignment]
-    typer.echo(f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}")
+    lines = [f"gateway  {gateway['endpoint']}  {'running' if gateway['running'] else 'DOWN'}"]
     for n in document["nodes"]:  # type: ignore[attr-defined]
         hardware = n["target"] or ", ".join(f"{name} {d['target']}" for name, d in n["devices"].items())
         key = f"  ssh {n['ssh_host_key'] or 'host key not reported'}" if "ssh_host_key" in n else ""
-        typer.echo(f"node     {n['name']:<12} {n['address']:<21} {hardware}{key}")
-        for unit, state in (n.get("units") or {}).items():
-            typer.echo(f"  {n['name']:<12} unit       {unit:<40} {state}")
-        for label, value in _state_lines(n):
-            typer.echo(f"  {n['name']:<12} {label:<10} {value}")
+        lines.append(f"node     {n['name']:<12} {n['address']:<21} {hardware}{key}")
+        lines += [f"  {n['name']:<12} unit       {unit:<40} {state}" for unit, state in (n.get("units") or {}).items()]
+        lines += [f"  {n['name']:<12} {label:<10} {value}" for label, value in _state_lines(n)]
     for service in document["services"]:  # type: ignore[attr-defined]
-        typer.echo(f"service  {service['name']} ({service['topology']})")
+        lines.append(f"service  {service['name']} ({service['topology']})")
         for p in service["processes"]:
             extra = f"  {p['active']} active, {p['requests']} served" if "requests" in p else ""
             where = f"container {p['container']}" if "container" in p else ""
             why = f"  ({p['why']})" if "why" in p else ""
-            typer.echo(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} {where}{extra}{why}"
-                       .rstrip())
+            lines.append(f"  {p['node']:<12} {p['role']:<10} {p['address']:<21} {p['health']:<8} {where}{extra}{why}"
+                         .rstrip())
+    lines.append(f"state    NOT SERVING: {'; '.join(problems)}" if problems else "state    serving")
+    emit(as_json, {**document, "ok": not problems, "problems": problems}, lines)
     if problems:
-        typer.echo(f"state    NOT SERVING: {'; '.join(problems)}")
         raise typer.Exit(1)
-    typer.echo("state    serving")
 
 
 def _state_lines(n: dict[str, object]) -> list[tuple[str, str]]:
@@ -301,15 +288,11 @@ def commands(
         if not found:
             raise RecipeError(f"{inventory}: no node named {node!r} runs a service",
                               f"nodes: {', '.join(e.node for e in node_commands(loaded, models))}")
-    if as_json:
-        typer.echo(json.dumps([{"node": e.node, "address": e.address,
-                                "models": [{"service": m.service, "model": m.source, "sha256": m.sha256,
-                                            "path": m.path} for m in e.models],
-                                "argv": [list(a) for a in e.argv], "environment": list(e.environment),
-                                "not_covered": list(e.skipped)} for e in found], indent=2))
-        return
-    for line in as_text(found, models):
-        typer.echo(line)
+    emit(as_json, [{"node": e.node, "address": e.address,
+                    "models": [{"service": m.service, "model": m.source, "sha256": m.sha256, "path": m.path}
+                               for m in e.models],
+                    "argv": [list(a) for a in e.argv], "environment": list(e.environment),
+                    "not_covered": list(e.skipped)} for e in found], as_text(found, models))
 
 
 # `builder cluster export --format`: the formats it writes.
@@ -360,7 +343,7 @@ def export(
                           f"{form} mounts each node's --models folder: leave --models-claim out")
     check_output(out, "--out", folder=True)
     if form == "prometheus":
-        _prometheus(load_cluster(inventory), out, as_json)
+        _report(form, out, export_prometheus(load_cluster(inventory)), False, as_json)
         return
     where = Models(models, claim)
     repo = Repository.parse(registry) if registry is not None else None
@@ -368,53 +351,30 @@ def export(
     netboot_gateway.addresses(loaded)  # every server's node needs its address (the gateway binds its pod's own)
     for warning in loaded.warnings:
         typer.echo(f"warning: {warning}", err=True)
-    if form == "ansible":
-        units = export_quadlet(loaded, where, str(out), published_images(repo) if repo else None)
-        play = export_ansible(loaded, where, units)
-        _report(form, out, write_ansible(play, out), play.images, list(play.warnings), list(play.steps),
-                repo is None, as_json)
-        return
-    if form == "quadlet":
-        units = export_quadlet(loaded, where, str(out), published_images(repo) if repo else None)
-        _report(form, out, write_quadlet(units, out), units.images, list(units.warnings), list(units.steps),
-                repo is None, as_json)
-        return
-    done = export_kube(loaded, where, str(out), published_images(repo) if repo else None)
-    _report(form, out, write_export(done, out), done.images, list(done.warnings), list(done.steps), repo is None,
-            as_json)
+    image = published_images(repo) if repo else None
+    if form == "kube":
+        done = export_kube(loaded, where, str(out), image)
+    else:
+        done = export_quadlet(loaded, where, str(out), image)
+        if form == "ansible":
+            done = export_ansible(loaded, where, done)
+    _report(form, out, done, repo is None, as_json)
 
 
-def _prometheus(loaded: Loaded, out: Path, as_json: bool) -> None:
-    text, steps = export_prometheus(loaded)
-    out.mkdir(parents=True, exist_ok=True)
-    staged = out / f".{PROMETHEUS_FILE}.tmp"
-    staged.write_text(text)
-    staged.replace(out / PROMETHEUS_FILE)
-    if as_json:
-        typer.echo(json.dumps({"format": "prometheus", "out": str(out), "files": [PROMETHEUS_FILE], "images": {},
-                               "warnings": [], "steps": steps}, indent=2))
-        return
-    typer.echo(f"wrote {PROMETHEUS_FILE} to {out}")
-    typer.echo("then:")
-    for step in steps:
-        typer.echo(f"  {step}")
-
-
-def _report(form: str, out: Path, written: list[str], images: dict[str, str], warnings: list[str],
-            steps: list[str], local_tags: bool, as_json: bool) -> None:
+def _report(form: str, out: Path, done: Export, local_tags: bool, as_json: bool) -> None:
+    written = done.write(out)
+    warnings = list(done.warnings)
     if local_tags:
-        warnings.append(f"images are the local tags ({', '.join(sorted(set(images.values())))}): every node "
+        warnings.append(f"images are the local tags ({', '.join(sorted(set(done.images.values())))}): every node "
                         "must have them; `builder publish` them and pass --registry to run them by digest")
-    if as_json:
-        typer.echo(json.dumps({"format": form, "out": str(out), "files": written, "images": images,
-                               "warnings": warnings, "steps": steps}, indent=2))
-        return
-    for line in warnings:
-        typer.echo(f"warning: {line}", err=True)
-    typer.echo(f"wrote {len(written)} files to {out}")
-    typer.echo("then:")
-    for step in steps:
-        typer.echo(f"  {step}")
+    if not as_json:
+        for line in warnings:
+            typer.echo(f"warning: {line}", err=True)
+    # prometheus writes one file, which the line names
+    emit(as_json, {"format": form, "out": str(out), "files": written, "images": done.images, "warnings": warnings,
+                   "steps": list(done.steps)},
+         [f"wrote {written[0] if form == 'prometheus' else f'{len(written)} files'} to {out}", "then:",
+          *(f"  {step}" for step in done.steps)])
 
 
 @cluster_app.command()
@@ -504,11 +464,8 @@ def wake(
     """
     loaded = load_cluster(inventory)
     woken = wake_nodes(loaded, chosen(loaded, list(nodes or []), every))
-    if as_json:
-        typer.echo(json.dumps([{"node": w.node, "mac": w.mac, "interface": w.interface} for w in woken], indent=2))
-        return
-    for w in woken:
-        typer.echo(f"woke {w.node} ({w.mac}) on {w.interface}")
+    emit(as_json, [{"node": w.node, "mac": w.mac, "interface": w.interface} for w in woken],
+         [f"woke {w.node} ({w.mac}) on {w.interface}" for w in woken])
 
 
 @cluster_app.command()
@@ -530,7 +487,5 @@ def reboot(
         check_input(identity, "--identity", folder=False)
     loaded = load_cluster(inventory)
     t = reboot_node(loaded, node, identity, lambda line: typer.echo(line, err=as_json))
-    if as_json:
-        typer.echo(json.dumps({"node": t.node, "address": t.address, "port": t.port, "rebooting": True}, indent=2))
-        return
-    typer.echo(f"rebooting {t.node} ({t.address}): it netboots its current generation")
+    emit(as_json, {"node": t.node, "address": t.address, "port": t.port, "rebooting": True},
+         [f"rebooting {t.node} ({t.address}): it netboots its current generation"])

@@ -1,5 +1,7 @@
 """Options and helpers the `builder` verbs share (cli/main.py, cli/run.py, cli/pxe.py)."""
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +46,15 @@ def _use_recipes(folder: Path | None) -> Path | None:
 RecipesOpt = Annotated[Path | None, typer.Option(
     "--recipes", metavar="DIR", envvar="BUILDER_RECIPES", callback=_use_recipes, show_default=False,
     help="Your own recipes folder (NAME.yaml, vllm/NAME.yaml, llama-cpp.yaml) instead of the shipped recipes/.")]
+
+
+def emit(as_json: bool, document: object, lines: Iterable[str]) -> None:
+    """What a verb prints: with --json the document (indented), else the lines."""
+    if as_json:
+        typer.echo(json.dumps(document, indent=2))
+        return
+    for line in lines:
+        typer.echo(line)
 
 
 def prepared(flavour: str, target: str | None, recipe: Path | None, variant: str | None,

@@ -27,6 +27,7 @@ from builder.cli.common import (
     SourceOpt,
     TargetOpt,
     VariantOpt,
+    emit,
     prepared,
 )
 from builder.cli.conventions import BuilderGroup, State, check_input, check_output, err
@@ -164,25 +165,16 @@ def render(
     changed = prep.write(out)
     if with_source:
         prep.flavour.fetch(prep, out)
-    if as_json:
-        typer.echo(json.dumps({"target": prep.name, "context": str(out), "changed": changed, "image": prep.tag},
-                              indent=2))
-        return
-    typer.echo(f"rendered {prep.name} into {out} ({len(changed)} file(s) changed); image tag {prep.tag}")
+    emit(as_json, {"target": prep.name, "context": str(out), "changed": changed, "image": prep.tag},
+         [f"rendered {prep.name} into {out} ({len(changed)} file(s) changed); image tag {prep.tag}"])
 
 
 def _print_build(result: BuildResult, as_json: bool) -> None:
     doc = {"image": result.ref, "digest": result.digest, "size": result.size, "built": result.built,
            "seconds": round(result.seconds, 1), "log": str(result.log) if result.log else None}
-    if as_json:
-        typer.echo(json.dumps(doc, indent=2))
-        return
     state = f"built in {result.seconds:.0f} s" if result.built else "up to date, nothing to build"
-    typer.echo(f"image   {result.ref} ({state})")
-    typer.echo(f"digest  {result.digest}")
-    typer.echo(f"size    {result.size / 1e6:.1f} MB")
-    if result.log:
-        typer.echo(f"log     {result.log}")
+    emit(as_json, doc, [f"image   {result.ref} ({state})", f"digest  {result.digest}",
+                        f"size    {result.size / 1e6:.1f} MB", *([f"log     {result.log}"] if result.log else [])])
 
 
 @app.command("build", rich_help_panel=IMAGES)
@@ -274,15 +266,9 @@ def publish(
     doc = {"repository": result.repository, "digest": result.digest, "reference": result.reference,
            "tags": list(result.tags), "pushed": result.pushed, "built": result.built, "sbom": result.sbom,
            "seconds": round(result.seconds, 1)}
-    if as_json:
-        typer.echo(json.dumps(doc, indent=2))
-        return
     state = "published" if result.pushed else "already published, nothing built or pushed"
-    typer.echo(f"{state}: {result.reference}")
-    for tag in result.tags:
-        typer.echo(f"tag     {result.repository}:{tag}")
-    if result.sbom:
-        typer.echo(f"sbom    {result.sbom}")
+    emit(as_json, doc, [f"{state}: {result.reference}", *(f"tag     {result.repository}:{tag}" for tag in result.tags),
+                        *([f"sbom    {result.sbom}"] if result.sbom else [])])
 
 
 @app.command(rich_help_panel=IMAGES)
@@ -327,10 +313,8 @@ def lock(
                           "builder.lock covers every llama.cpp recipe: run `builder lock` alone, or add --flavour vllm")
     if flavour_named(flavour).name == "vllm" and not check:
         path, pinned = lock_variant(recipe_file(target, recipe, flavour_named(flavour)), variant)
-        if as_json:
-            typer.echo(json.dumps({"lock": str(path), "packages": len(pinned.pins)}, indent=2))
-            return
-        typer.echo(f"locked {len(pinned.pins)} packages into {display_path(path)}")
+        emit(as_json, {"lock": str(path), "packages": len(pinned.pins)},
+             [f"locked {len(pinned.pins)} packages into {display_path(path)}"])
         return
     recipes = recipes or recipes_dir()
     if check:
@@ -348,13 +332,10 @@ def lock(
     packages = sum(len(base["resolved"]) for base in written["bases"].values())
     kernels = {target: pinned_version(LockedBase.model_validate(entry), "linux-image-amd64")
                for target, entry in written["netboot"].items()}
-    if as_json:
-        typer.echo(json.dumps({"lock": str(lock_path), "images": len(written["images"]),
-                               "bases": len(written["bases"]), "packages": packages, "netboot": kernels}, indent=2))
-        return
-    typer.echo(f"wrote {lock_path} ({len(written['images'])} image(s), {len(written['bases'])} bootstrapped "
-               f"base(s), {packages} packages; netboot kernels: "
-               f"{', '.join(f'{t} {v}' for t, v in kernels.items())})")
+    emit(as_json, {"lock": str(lock_path), "images": len(written["images"]), "bases": len(written["bases"]),
+                   "packages": packages, "netboot": kernels},
+         [f"wrote {lock_path} ({len(written['images'])} image(s), {len(written['bases'])} bootstrapped base(s), "
+          f"{packages} packages; netboot kernels: {', '.join(f'{t} {v}' for t, v in kernels.items())})"])
 
 
 def _lock_cluster(path: Path, check: bool, as_json: bool, image_options: bool) -> None:
@@ -363,22 +344,18 @@ def _lock_cluster(path: Path, check: bool, as_json: bool, image_options: bool) -
                           "builder.lock", "run `builder lock CLUSTER` alone, or `builder lock` for the images")
     check_input(path, "cluster file", folder=False)
     result = lock_cluster(path, lambda line: err.print(line, markup=False), check=check)
-    if as_json:
-        typer.echo(json.dumps({"lock": str(result.lock), "matches": not result.changed if check else None,
-                               "changed": list(result.changed),
-                               "models": {name: entry.model_dump() for name, entry in result.models.items()}},
-                              indent=2))
-    elif check:
-        for name in result.changed:
-            typer.echo(f"{display_path(result.lock)}: {name} is not locked as the hub resolves it now")
-        if not result.changed:
-            typer.echo(f"{display_path(result.lock)}: matches the hub for {len(result.models)} model(s)")
+    where = display_path(result.lock)
+    if check:
+        lines = [f"{where}: {name} is not locked as the hub resolves it now" for name in result.changed] \
+            or [f"{where}: matches the hub for {len(result.models)} model(s)"]
     elif not result.models:
-        typer.echo(f"{display_path(path)} names no hf:// model: nothing to lock")
+        lines = [f"{display_path(path)} names no hf:// model: nothing to lock"]
     else:
-        for name, entry in result.models.items():
-            typer.echo(f"locked {name} at {entry.commit} ({len(entry.files)} file(s), {entry.size} bytes)")
-        typer.echo(f"wrote {display_path(result.lock)}")
+        lines = [f"locked {name} at {entry.commit} ({len(entry.files)} file(s), {entry.size} bytes)"
+                 for name, entry in result.models.items()] + [f"wrote {where}"]
+    emit(as_json, {"lock": str(result.lock), "matches": not result.changed if check else None,
+                   "changed": list(result.changed),
+                   "models": {name: entry.model_dump() for name, entry in result.models.items()}}, lines)
     if check and result.changed:
         raise typer.Exit(1)
 
@@ -400,22 +377,17 @@ def pin(
     """
     path = recipe_file(target, recipe)
     values = pin_recipe(path, variant, dry_run)
-    if as_json:
-        typer.echo(json.dumps({"recipe": display_path(path), "written": bool(values) and not dry_run,
-                               "pins": [{"field": p.field, "source": p.source, "sha256": v}
-                                        for p, v in values.items()]}, indent=2))
-        return
+    lines = [f"{placeholder.field}: {placeholder.source} -> sha256:{value}" for placeholder, value in values.items()]
     if not values:
-        typer.echo(f"{display_path(path)}: no placeholder pins")
-        return
-    for placeholder, value in values.items():
-        typer.echo(f"{placeholder.field}: {placeholder.source} -> sha256:{value}")
-    if dry_run:
-        typer.echo(f"{len(values)} value(s) read; --dry-run: {display_path(path)} unchanged")
-        return
-    typer.echo(f"wrote {len(values)} pin(s) into {display_path(path)}")
-    if path.resolve().parent == RECIPES_DIR.resolve():
-        typer.echo(f"next: review the diff, then {lockfile.HINT.removeprefix('run ')}")
+        lines = [f"{display_path(path)}: no placeholder pins"]
+    elif dry_run:
+        lines.append(f"{len(values)} value(s) read; --dry-run: {display_path(path)} unchanged")
+    else:
+        lines.append(f"wrote {len(values)} pin(s) into {display_path(path)}")
+        if path.resolve().parent == RECIPES_DIR.resolve():
+            lines.append(f"next: review the diff, then {lockfile.HINT.removeprefix('run ')}")
+    emit(as_json, {"recipe": display_path(path), "written": bool(values) and not dry_run,
+                   "pins": [{"field": p.field, "source": p.source, "sha256": v} for p, v in values.items()]}, lines)
 
 
 @app.command(rich_help_panel=IMAGES)
@@ -478,17 +450,10 @@ def doctor(
     checks = diagnose(entry, chosen, root=root, model=model)
     failed = sum(1 for c in checks if c.required and not c.ok)
     warned = sum(1 for c in checks if not c.required and not c.ok)
-    if as_json:
-        typer.echo(json.dumps({"target": entry.name, "variant": chosen.name, "root": str(root),
-                               "ok": sum(c.ok for c in checks), "failing": failed, "warnings": warned,
-                               "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
-        if failed:
-            raise typer.Exit(1)
-        return
-    typer.echo(f"doctor: {entry.name}/{chosen.name} on {root}")
-    for check in checks:
-        typer.echo(check.line())
-    typer.echo(f"doctor: {sum(c.ok for c in checks)} ok, {failed} failing, {warned} warning(s)")
+    emit(as_json, {"target": entry.name, "variant": chosen.name, "root": str(root), "ok": sum(c.ok for c in checks),
+                   "failing": failed, "warnings": warned, "checks": [dataclasses.asdict(c) for c in checks]},
+         [f"doctor: {entry.name}/{chosen.name} on {root}", *(check.line() for check in checks),
+          f"doctor: {sum(c.ok for c in checks)} ok, {failed} failing, {warned} warning(s)"])
     if failed:
         raise typer.Exit(1)
 

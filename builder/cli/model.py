@@ -1,13 +1,12 @@
 """`builder model …`: a locked model to and from an OCI registry (the CNCF ModelPack layout)."""
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from builder.cli.common import JsonOpt
+from builder.cli.common import JsonOpt, emit
 from builder.cli.conventions import check_input, check_output
 from builder.cluster.modelpack import check_sha256, leftovers, pull_model, push_model
 from builder.core.locks import lock_file, locked
@@ -37,14 +36,11 @@ def push(
     expected = check_sha256(sha256) if sha256 is not None else None
     check_input(model, "FILE_OR_DIR")
     pushed = push_model(model, registry, expected)
-    if as_json:
-        typer.echo(json.dumps({"repository": pushed.repository, "digest": pushed.digest, "sha256": pushed.sha256,
-                               "folder": pushed.folder, "tags": list(pushed.tags), "size": pushed.size}, indent=2))
-        return
-    typer.echo(f"pushed: {pushed.repository}@{pushed.digest}")
-    typer.echo(f"model   sha256 {pushed.sha256} ({'folder' if pushed.folder else 'GGUF'}, {pushed.size} bytes)")
-    for tag in pushed.tags:
-        typer.echo(f"tag     {pushed.repository}:{tag}")
+    emit(as_json, {"repository": pushed.repository, "digest": pushed.digest, "sha256": pushed.sha256,
+                   "folder": pushed.folder, "tags": list(pushed.tags), "size": pushed.size},
+         [f"pushed: {pushed.repository}@{pushed.digest}",
+          f"model   sha256 {pushed.sha256} ({'folder' if pushed.folder else 'GGUF'}, {pushed.size} bytes)",
+          *(f"tag     {pushed.repository}:{tag}" for tag in pushed.tags)])
 
 
 @model_app.command()
@@ -69,10 +65,7 @@ def pull(
         for leftover in leftovers(dest):
             remove_path(leftover)
         pulled = pull_model(reference, dest, expected)
-    if as_json:
-        typer.echo(json.dumps({"reference": pulled.reference, "digest": pulled.digest, "sha256": pulled.sha256,
-                               "folder": pulled.folder, "path": str(pulled.path), "fetched": pulled.fetched},
-                              indent=2))
-        return
     state = "pulled" if pulled.fetched else "already there, nothing fetched:"
-    typer.echo(f"{state} {reference} -> {pulled.path}")
+    emit(as_json, {"reference": pulled.reference, "digest": pulled.digest, "sha256": pulled.sha256,
+                   "folder": pulled.folder, "path": str(pulled.path), "fetched": pulled.fetched},
+         [f"{state} {reference} -> {pulled.path}"])

@@ -4,14 +4,13 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, LockOpt, RecipesOpt
+from builder.cli.common import EngineOpt, FlavourOpt, JsonOpt, LockOpt, RecipesOpt, emit
 from builder.cli.conventions import check_input, check_output, cluster_file, deprecated
 from builder.cluster.plans import control_of, label, load_for_netboot, models, netboot_set, publish_services, summary
 from builder.core.errors import RecipeError, Stopped
@@ -150,22 +149,13 @@ def publish_cmd(
     generation, new = publish_services(root, loaded, files, artifacts, keep)
     for line in loaded.notes:  # once published: a refusal above stays one line
         typer.echo(f"note: {line}", err=True)
-    if as_json:
-        _print_published(generation, new, [
-            (n, label(loaded, n.name), netboot_set(loaded, n)[0] if n.mac else n.target) for n in loaded.cluster.nodes])
-        return
-    typer.echo(f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}")
-    for line in summary(loaded):
-        typer.echo(line)
-
-
-def _print_published(generation: str, new: bool, nodes: Sequence[tuple[Any, str, str | None]]) -> None:
-    """`nodes`: each node, what it boots as, and the target whose root it boots (its device's, on a board with
-    several)."""
-    typer.echo(json.dumps({"generation": generation, "published": new, "current": f"generations/{generation}",
-                           "nodes": [{"name": n.name, "mac": n.mac, "boots": boots, "target": target,
-                                      "script": f"nodes/{n.file_stem}.ipxe" if n.mac else None}
-                                     for n, boots, target in nodes]}, indent=2))
+    # "target": the target whose root the node boots (its device's, on a board with several)
+    emit(as_json, {"generation": generation, "published": new, "current": f"generations/{generation}",
+                   "nodes": [{"name": n.name, "mac": n.mac, "boots": label(loaded, n.name),
+                              "target": netboot_set(loaded, n)[0] if n.mac else n.target,
+                              "script": f"nodes/{n.file_stem}.ipxe" if n.mac else None} for n in loaded.cluster.nodes]},
+         [f"generation {generation} {'published' if new else 'unchanged'}; current -> generations/{generation}",
+          *summary(loaded)])
 
 
 def _wanted(wanted: list[tuple[str, str]], engine: str, compression: str, pulled: Path | None) -> Artifacts:
@@ -195,31 +185,25 @@ def list_cmd(root: RootOpt = Path("pxe-root"), as_json: JsonOpt = False) -> None
     boots (the image by digest, and for llama.cpp its commit and the ggml RPC protocol its workers and servers
     speak) and, from its bill of materials, each service's model by sha256."""
     _existing_root(root)
-    found = [(g, generation_sets(root, g.id), bom.read_bom(root, g.id)) for g in generations(root)]
     held = pins(root)
-    if as_json:
-        typer.echo(json.dumps([{"id": g.id, "published": g.published, "current": g.current, "sets": sets,
-                                "pinned": sorted(m.replace("-", ":") for m, i in held.items() if i == g.id),
-                                "models": None if bill is None else [
-                                    {"service": name, **m.model_dump()} for name, m in bill.models.items()]}
-                               for g, sets, bill in found], indent=2))
-        return
-    if not found:
-        typer.echo(f"no generations in {root}")
-    for gen, sets, bill in found:
+    found = [(g, generation_sets(root, g.id), bom.read_bom(root, g.id),
+              sorted(stem.replace("-", ":") for stem, i in held.items() if i == g.id)) for g in generations(root)]
+    lines = [] if found else [f"no generations in {root}"]
+    for gen, sets, bill, pinned in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gen.published))
-        typer.echo(f"{'*' if gen.current else ' '} {gen.id}  {when}")
-        pinned = sorted(stem.replace("-", ":") for stem, g in held.items() if g == gen.id)
-        if pinned:
-            typer.echo(f"    pinned {', '.join(pinned)}")
-        for entry in sets:
-            typer.echo(f"    {entry['set']:<24} image {str(entry['image_digest'])[:19]}{_llama_line(entry)}")
+        lines.append(f"{'*' if gen.current else ' '} {gen.id}  {when}")
+        lines += [f"    pinned {', '.join(pinned)}"] if pinned else []
+        lines += [f"    {entry['set']:<24} image {str(entry['image_digest'])[:19]}{_llama_line(entry)}"
+                  for entry in sets]
         if bill is None:
-            typer.echo("    no bill of materials (published before builder recorded one)")
-        elif bill.models:
-            typer.echo("    models " + ", ".join(f"{name}: {m.sha256[:12]}" for name, m in bill.models.items()))
+            lines.append("    no bill of materials (published before builder recorded one)")
         else:
-            typer.echo("    models none")
+            lines.append("    models " + (", ".join(f"{name}: {m.sha256[:12]}" for name, m in bill.models.items())
+                                         or "none"))
+    emit(as_json, [{"id": g.id, "published": g.published, "current": g.current, "sets": sets, "pinned": pinned,
+                    "models": None if bill is None else [
+                        {"service": name, **m.model_dump()} for name, m in bill.models.items()]}
+                   for g, sets, bill, pinned in found], lines)
 
 
 def _llama_line(entry: dict[str, object]) -> str:
@@ -246,12 +230,7 @@ def diff_cmd(
     _existing_root(root)
     a, b = resolve(root, old), resolve(root, new)
     result = bom.diff(bom.view(root, a), bom.view(root, b))
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-        return
-    typer.echo(f"from {a} to {b}")
-    for line in bom.diff_lines(result):
-        typer.echo(line)
+    emit(as_json, result, [f"from {a} to {b}", *bom.diff_lines(result)])
 
 
 @pxe_app.command("rollback")
@@ -389,12 +368,8 @@ def push(
     check_input(folder, "--dir", folder=True)
     repo = Repository.parse(registry)
     digest, tags = push_netboot(folder, repo)
-    if as_json:
-        typer.echo(json.dumps({"repository": str(repo), "digest": digest, "tags": list(tags)}, indent=2))
-        return
-    typer.echo(f"pushed: {repo}@{digest}")
-    for tag in tags:
-        typer.echo(f"tag     {repo}:{tag}")
+    emit(as_json, {"repository": str(repo), "digest": digest, "tags": list(tags)},
+         [f"pushed: {repo}@{digest}", *(f"tag     {repo}:{tag}" for tag in tags)])
 
 
 @pxe_app.command()
@@ -414,7 +389,4 @@ def pull(
         for leftover in [*(dest / "sets").glob(".pull-*"), *dest.glob(".*.link")]:
             remove_path(leftover)
         final = pull_netboot(reference, dest)
-    if as_json:
-        typer.echo(json.dumps({"reference": reference, "folder": str(final)}, indent=2))
-        return
-    typer.echo(f"pulled {reference} into {final}")
+    emit(as_json, {"reference": reference, "folder": str(final)}, [f"pulled {reference} into {final}"])

@@ -1,36 +1,19 @@
 """`builder cluster export --format ansible`: an inventory and a playbook that put a cluster file's services on
 the boxes builder does not boot (nodes without a `mac`), with nothing but ansible-core's own modules.
 
-The folder it writes:
-
-    inventory.yml           every installed node that runs a unit, at its address (`ansible_host`), in the
-                            group builder_nodes, in one group per target (target_nvidia) and one per service
-                            (service_chat)
-    site.yml                the playbook: podman and nftables from the node's apt (ansible.builtin.apt), the
-                            models fetched from the control node by sha256 (ansible.builtin.get_url with
-                            checksum:), the node's firewall loaded by a oneshot unit (also at every boot), the
-                            Quadlet units placed, systemd reloaded and the units started
-    host_vars/NODE.yml      what the play reads per node: its units and its models (URL, sha256, path)
-    units/NODE/             the node's Quadlet units, as `--format quadlet` writes them (export_quadlet)
-    firewall/NODE.nft       the node's nftables rules, as `builder cluster firewall` and netboot write them
-    builder-firewall.service  the oneshot unit that loads /etc/builder/firewall.nft
-
-Models come from the control node's `builder pxe serve`, which serves every file under pxe-root/blobs/sha256/
-by its sha256 (as netbooted nodes fetch theirs): `http://CONTROL:HTTP_PORT/blobs/sha256/SHA256`. A GGUF's
-blob is the file itself, so its sha256 is the service's. A vLLM model folder is no single file (netboot
-publishes it as a squashfs): it is copied by hand, as `cluster commands` says.
+The files it writes, and why the models come from the control node's `builder pxe serve` by sha256 (a vLLM
+model folder, no single file, is copied by hand): docs/clusters.md, "An Ansible playbook".
 """
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from builder.cluster.commands import is_ray_pipeline
-from builder.cluster.export_kube import Models
-from builder.cluster.export_quadlet import QuadletExport, render
+from builder.cluster.export_kube import Export, Models
+from builder.cluster.export_quadlet import render
 from builder.cluster.firewall import for_services
 from builder.cluster.model import Loaded
 from builder.core.errors import RecipeError
@@ -39,21 +22,10 @@ from builder.netboot.publish import base_url
 from builder.recipe.load import display_path
 
 HEADER = "# Written by `builder cluster export --format ansible` from {source}: regenerate it, do not edit.\n"
-# Files any of builder's exports wrote (an older export's files that this one does not write are removed)
-_MARK = "# Written by "
 RULES = "/etc/builder/firewall.nft"
 FIREWALL_UNIT = "builder-firewall.service"
 QUADLET_DIR = "/etc/containers/systemd"
 _SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-@dataclass(frozen=True)
-class AnsibleExport:
-    files: dict[str, str]  # path under the folder -> its text
-    hosts: tuple[str, ...]
-    warnings: tuple[str, ...]
-    steps: tuple[str, ...]
-    images: dict[str, str]
 
 
 def group_name(kind: str, name: str, taken: dict[str, str]) -> str:
@@ -115,7 +87,7 @@ def playbook(source: str, models: Models) -> list[dict[str, Any]]:
              "hosts": "builder_nodes", "become": True, "gather_facts": False, "tasks": tasks}]
 
 
-def export_ansible(loaded: Loaded, models: Models, quadlet: QuadletExport) -> AnsibleExport:
+def export_ansible(loaded: Loaded, models: Models, quadlet: Export) -> Export:
     """The folder's files, in memory: `quadlet` is `export_quadlet`'s units for the same file and models."""
     where = display_path(loaded.path)
     cluster = loaded.cluster
@@ -129,14 +101,14 @@ def export_ansible(loaded: Loaded, models: Models, quadlet: QuadletExport) -> An
     for key in quadlet.files:
         owner, unit = key.split("/", 1)
         by_node.setdefault(owner, []).append(unit)
-    installed = [n for n in cluster.nodes if n.mac is None]
-    hosts = [n for n in installed if n.name in by_node]
+    hosts = [n for n in cluster.nodes if n.mac is None and n.name in by_node]
+    names = {h.name for h in hosts}
     warnings = list(quadlet.warnings)
     if not hosts:
         raise RecipeError(f"{where}: no node without a mac: runs a unit, and the playbook is for those (netbooted "
                           "nodes follow the plans `builder pxe publish` writes)",
                           "--format quadlet writes the units of every node")
-    booted = sorted(n for n in by_node if n not in {h.name for h in hosts})
+    booted = sorted(n for n in by_node if n not in names)
     if booted:
         warnings.append(f"{', '.join(booted)}: netbooted (mac:), left out of the playbook: `builder pxe publish` "
                         "gives them their plans")
@@ -188,22 +160,7 @@ def export_ansible(loaded: Loaded, models: Models, quadlet: QuadletExport) -> An
                  "(become: true)")
     steps += [s for s in quadlet.steps if s.startswith("# NVIDIA")]
     steps.append("builder cluster up CLUSTER-FILE   # on the control node: the gateway in front of them")
-    return AnsibleExport(files, tuple(h.name for h in hosts), tuple(dict.fromkeys(warnings)), tuple(steps),
-                         {k: v for k, v in quadlet.images.items() if k.split("/")[0] in {h.name for h in hosts}})
-
-
-def write_ansible(export: AnsibleExport, out: Path) -> list[str]:
-    """The files into `out` (created if missing), each written whole then renamed; files an earlier export
-    wrote that this one does not are removed. The names written."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in export.files.items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.parent / f".{path.name}.part"
-        part.write_text(text)
-        part.replace(path)
-    for old in [*out.glob("units/*/*"), *out.glob("host_vars/*.yml"), *out.glob("firewall/*.nft")]:
-        relative = old.relative_to(out).as_posix()
-        if relative not in export.files and old.is_file() and old.read_text(errors="replace").startswith(_MARK):
-            old.unlink()
-    return sorted(export.files)
+    # an older export's files that this one does not write are removed, whichever of builder's exports wrote them
+    return Export(files, tuple(dict.fromkeys(warnings)), tuple(steps),
+                  {k: v for k, v in quadlet.images.items() if k.split("/")[0] in names},
+                  ("units/*/*", "host_vars/*.yml", "firewall/*.nft"))

@@ -1,15 +1,9 @@
 """`builder cluster export --format kube`: Kubernetes manifests for a cluster file's processes.
 
-Every process of `Loaded.processes` becomes a pod pinned to its node (nodeSelector kubernetes.io/hostname) on
-the node's own network (hostNetwork), running the same image arguments as the `builder run` line that
-`builder cluster commands` prints for it (its options become the pod's env, volumes, devices and an init
-container that checks the model's sha256):
-- a llama.cpp or vLLM server (replicate, or the head of a split) and an RPC worker: a Deployment of one
-  replica each, and a Service per service in front of its servers;
-- a vLLM pipeline: one LeaderWorkerSet (leader = rank 0 on the first node, workers = the other ranks);
-- the gateway: a Deployment of HAProxy with its haproxy.cfg in a ConfigMap and the API key in a Secret the
-  user creates (its name is in the manifests, its value never in a file builder writes).
-Why pods on the host network, Deployments of one and no Secret manifest: docs/design.md.
+Every process of `Loaded.processes` becomes a pod pinned to its node on the node's own network, running the
+same image arguments as the `builder run` line that `builder cluster commands` prints for it (its options become
+the pod's env, volumes, devices and an init container that checks the model's sha256). What each becomes:
+docs/clusters.md; why pods on the host network, Deployments of one and no Secret manifest: docs/design.md.
 """
 
 import hashlib
@@ -19,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from builder.cluster.commands import is_ray_pipeline, node_commands
 from builder.cluster.gateway import KEY_MAP, MALLOC_TUNABLES, haproxy_config, models_document
@@ -68,11 +64,59 @@ class Models:
 
 @dataclass(frozen=True)
 class Export:
-    files: dict[str, str]  # file name -> its YAML
-    manifests: tuple[Manifest, ...]
+    """What `cluster export` writes, in any format, in memory."""
+
+    files: dict[str, str]  # path under the folder -> its text
     warnings: tuple[str, ...]
-    steps: tuple[str, ...]  # what the user does before `kubectl apply`: the Secrets, the models
-    images: dict[str, str]  # node/flavour(/device, on a node with several) -> the image its pods run
+    steps: tuple[str, ...]  # what the user does with the files (kube: the Secrets and models before applying)
+    images: dict[str, str]  # node/engine(/device, on a node with several) -> the image it runs
+    stale: tuple[str, ...] = ()  # globs of the files an earlier export of this format may have left
+    mark: str = "# Written by "  # how such a file starts
+
+    def write(self, out: Path) -> list[str]:
+        """The files into `out` (created if missing), each written whole then renamed; files an earlier export
+        wrote that this one does not are removed. The names written."""
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in self.files.items():
+            path = out / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.parent / f".{path.name}.part"
+            part.write_text(text)
+            part.replace(path)
+        for old in (path for pattern in self.stale for path in out.glob(pattern)):
+            if old.relative_to(out).as_posix() not in self.files and old.is_file() \
+                    and old.read_text(errors="replace").startswith(self.mark):
+                old.unlink()
+        return sorted(self.files)
+
+
+def source_name(path: Path) -> str:
+    """The cluster file's name as a header names it (unprintable characters as '?')."""
+    return "".join(c if c.isprintable() else "?" for c in path.name)
+
+
+def plain_stem(path: Path) -> str:
+    """The cluster file's stem in lowercase letters, digits and '-' (`cluster` when none is left)."""
+    return re.sub(r"[^a-z0-9-]+", "-", path.stem.lower()).strip("-") or "cluster"
+
+
+def unit_name(service: str, role: str) -> str:
+    """The container's (and a unit's) name: builder-SERVICE[-rpc|-pipeline], as `cluster commands` names it
+    (a service's name is letters, digits, '.', '_' and '-': a unit name as it is)."""
+    return f"builder-{service}{_NAME_SUFFIX[role]}"
+
+
+def model_check(service: Service, path: str) -> str:
+    """The shell check of the model's sha256 before the container starts (a folder: `cluster hash-model`'s
+    content hash); its message names the file and both hashes."""
+    quoted = shlex.quote(path)
+    if service.ref.folder:
+        digest = f"$(cd {quoted} && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum " \
+                 "| sha256sum | cut -d' ' -f1)"
+    else:
+        digest = f"$(sha256sum < {quoted} | cut -d' ' -f1)"
+    return (f"found={digest}; [ \"$found\" = {service.sha256} ] || {{ echo \"{path}: sha256 $found, the "
+            f"cluster file says {service.sha256}\" >&2; exit 1; }}")
 
 
 def kube_name(*parts: str) -> str:
@@ -118,7 +162,7 @@ def _ray_argv(loaded: Loaded, process: Process, models: Models) -> tuple[str, ..
     kept = [w for i in range(0, len(flags), 2) if flags[i] != "--volume" for w in flags[i:i + 2]]
     target, variant = node_variant(node, service.device)
     return ("builder", "run", "--flavour", "vllm", "--target", target, "--variant", variant, "--detach", "--name",
-            f"builder-{service.name}{_NAME_SUFFIX[process.role]}", *kept, "--model-sha256", service.sha256,
+            unit_name(service.name, process.role), *kept, "--model-sha256", service.sha256,
             *started.argv)
 
 
@@ -133,7 +177,7 @@ def run_lines(loaded: Loaded, models: Models) -> dict[Process, tuple[str, ...]]:
         if is_ray_pipeline(loaded, loaded.service(process.service)):
             out[process] = _ray_argv(loaded, process, models)
         else:
-            out[process] = lines[(process.node, f"builder-{process.service}{_NAME_SUFFIX[process.role]}")]
+            out[process] = lines[(process.node, unit_name(process.service, process.role))]
     return out
 
 
@@ -164,15 +208,41 @@ def published_images(repo: Repository) -> Callable[[str, str, str], str]:
     return image
 
 
-class _Builder:
-    def __init__(self, loaded: Loaded, models: Models, image: Callable[[str, str, str], str]) -> None:
+class Exporter:
+    """What an export of the processes keeps while it goes: their run lines, the images the nodes run, warnings."""
+
+    def __init__(self, loaded: Loaded, models: Models, image: Callable[[str, str, str], str] | None) -> None:
         self.loaded = loaded
         self.models = models
-        self.image = image
-        self.prefix = kube_name(re.sub(r"[^a-z0-9-]+", "-", loaded.path.stem.lower()).strip("-") or "cluster")
+        self.image = image or local_image
         self.warnings: list[str] = []
         self.images: dict[str, str] = {}
         self.lines = run_lines(loaded, models)
+
+    def image_of(self, process: Process) -> str:
+        """The image the process runs on its node (recorded for the report)."""
+        service = self.loaded.service(process.service)
+        image = self.image(process.target, process.variant, service.engine)
+        self.images[f"{process.node}/{service.engine}" + (f"/{process.device}" if process.device else "")] = image
+        return image
+
+    def address(self, process: Process) -> str:
+        """Where the process listens: an RPC worker on its node's data network, when it has one (docs/netboot.md)."""
+        node = self.loaded.node(process.node)
+        return str(node.peer_address if process.role == "rpc-worker" else node.address)
+
+
+def line_env(options: dict[str, list[str]]) -> tuple[dict[str, str], list[str]]:
+    """A run line's --env NAME=VALUE, and the bare --env NAMEs (a box's line takes them from its environment)."""
+    pairs = [item.partition("=") for item in options.get("--env", [])]
+    return ({name: value for name, has_value, value in pairs if has_value},
+            [name for name, has_value, _ in pairs if not has_value])
+
+
+class _Builder(Exporter):
+    def __init__(self, loaded: Loaded, models: Models, image: Callable[[str, str, str], str] | None) -> None:
+        super().__init__(loaded, models, image)
+        self.prefix = kube_name(plain_stem(loaded.path))
 
     def labels(self, service: str, role: str, node: str | None = None) -> dict[str, str]:
         out = {"app.kubernetes.io/managed-by": "builder", "app.kubernetes.io/part-of": self.prefix,
@@ -184,14 +254,7 @@ class _Builder:
 
     def check_init(self, service: Service, image: str) -> Manifest:
         """An init container that checks the model's sha256 before the server starts (`--model-sha256`)."""
-        path = shlex.quote(service.ref.on_box(self.models.path))
-        if service.ref.folder:
-            digest = f"$(cd {path} && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum " \
-                     "| sha256sum | cut -d' ' -f1)"
-        else:
-            digest = f"$(sha256sum < {path} | cut -d' ' -f1)"
-        script = (f"set -eu; found={digest}; [ \"$found\" = {service.sha256} ] || "
-                  f"{{ echo \"{path}: sha256 $found, the cluster file says {service.sha256}\" >&2; exit 1; }}")
+        script = "set -eu; " + model_check(service, service.ref.on_box(self.models.path))
         return {"name": "check-model", "image": image, "args": ["shell", "-c", script],
                 "volumeMounts": [{"name": "models", "mountPath": self.models.path, "readOnly": True}]}
 
@@ -199,10 +262,9 @@ class _Builder:
         """The pod spec of one process: its node, its image, its devices, volumes and probes."""
         service = self.loaded.service(process.service)
         node = self.loaded.node(process.node)
-        target, variant = node_variant(node, service.device)
+        target, variant = process.target, process.variant
         options, _ = split_run(self.lines[process])
-        image = self.image(target, variant, service.engine)
-        self.images[f"{node.name}/{service.engine}" + (f"/{process.device}" if process.device else "")] = image
+        image = self.image_of(process)
         host = TARGETS[target].variants[variant].host
         env = [*env, *({"name": k, "value": v} for k, v in host.env.items())]
         volumes: list[Manifest] = []
@@ -229,8 +291,7 @@ class _Builder:
         container: Manifest = {"name": process.role, "image": image, "args": args}
         if env:
             container["env"] = env
-        # an RPC worker listens on its node's data network, when it has one (docs/netboot.md)
-        address = str(node.peer_address if process.role == "rpc-worker" else node.address)
+        address = self.address(process)
         if process.role != "pipeline-worker":
             container["ports"] = [{"name": "rpc" if process.role == "rpc-worker" else "http",
                                    "containerPort": process.port, "protocol": "TCP"}]
@@ -268,20 +329,12 @@ class _Builder:
 
     def container_env(self, process: Process) -> list[Manifest]:
         """The line's --env NAME=VALUE; a bare --env NAME (a box's interface) is left out with one warning."""
-        options, _ = split_run(self.lines[process])
-        env = []
-        from_box = []
-        for item in options.get("--env", []):
-            name, has_value, value = item.partition("=")
-            if has_value:
-                env.append({"name": name, "value": value})
-            else:
-                from_box.append(name)
+        env, from_box = line_env(split_run(self.lines[process])[0])
         if from_box:
             self.warnings.append(f"{process.service}: {' and '.join(from_box)} left out (a box's line takes them "
                                  "from the box's environment): gloo and NCCL then use the interface of the node's "
                                  "hostname; add them to the pods' env if that one does not hold the node's address")
-        return env
+        return [{"name": name, "value": value} for name, value in env.items()]
 
     def deployment(self, process: Process) -> Manifest:
         role = "rpc-worker" if process.role == "rpc-worker" else "server"
@@ -422,36 +475,29 @@ def _steps(builder: _Builder, out: str) -> list[str]:
     return steps
 
 
-class _Literal(str):
-    """A multi-line string YAML writes as a block (haproxy.cfg in its ConfigMap)."""
+class _Dumper(yaml.SafeDumper):
+    """A multi-line string (haproxy.cfg in its ConfigMap) as a block; a dict used twice (a Deployment's labels)
+    written out twice, never as an alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+    def block_str(self, value: str) -> yaml.Node:
+        return self.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _Dumper.block_str)
 
 
 def to_yaml(document: Manifest, source: str) -> str:
-    import yaml
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    def literal(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
-
-    Dumper.add_representer(_Literal, literal)
-
-    def blocks(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: blocks(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [blocks(v) for v in value]
-        return _Literal(value) if isinstance(value, str) and "\n" in value else value
-
-    text = yaml.dump(blocks(document), Dumper=Dumper, sort_keys=False, width=1000, allow_unicode=False)
+    text = yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=1000, allow_unicode=False)
     return HEADER.format(source=source) + text
 
 
 def export_kube(loaded: Loaded, models: Models, out: str, image: Callable[[str, str, str], str] | None = None
                 ) -> Export:
     """Every manifest of the cluster file, in memory: nothing is written here."""
-    builder = _Builder(loaded, models, image or local_image)
+    builder = _Builder(loaded, models, image)
     manifests: list[Manifest] = []
     for service in loaded.cluster.services:
         if service.topology == "pipeline":
@@ -463,7 +509,7 @@ def export_kube(loaded: Loaded, models: Models, out: str, image: Callable[[str, 
         front = builder.service_object(service)
         manifests += [front] if front else []
     manifests += builder.gateway()
-    source = "".join(c if c.isprintable() else "?" for c in loaded.path.name)
+    source = source_name(loaded.path)
     files: dict[str, str] = {}
     for manifest in manifests:
         name = f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
@@ -472,19 +518,5 @@ def export_kube(loaded: Loaded, models: Models, out: str, image: Callable[[str, 
                               f"{manifest['metadata']['name']} (a service's name meets the gateway's or another "
                               "service's)", "rename the service (e.g. a service named gateway)")
         files[name] = to_yaml(manifest, source)
-    return Export(files, tuple(manifests), tuple(dict.fromkeys(builder.warnings)), tuple(_steps(builder, out)),
-                  builder.images)
-
-
-def write_export(export: Export, out: Path) -> list[str]:
-    """The files into `out` (created if missing), each written whole then renamed; files an earlier export
-    wrote that this one does not are removed. The names written."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in export.files.items():
-        part = out / f".{name}.part"
-        part.write_text(text)
-        part.replace(out / name)
-    for old in out.glob("*.yaml"):
-        if old.name not in export.files and old.read_text(errors="replace").startswith(HEADER.split("{")[0]):
-            old.unlink()
-    return sorted(export.files)
+    return Export(files, tuple(dict.fromkeys(builder.warnings)), tuple(_steps(builder, out)), builder.images,
+                  ("*.yaml",), HEADER.split("{")[0])

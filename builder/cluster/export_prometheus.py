@@ -7,10 +7,9 @@ port only, so the Prometheus that uses this file runs on one of those hosts or o
 for the cluster, one target per node, labelled with the node's name and what it runs.
 """
 
-import re
-
 import yaml
 
+from builder.cluster.export_kube import Export, plain_stem
 from builder.cluster.model import Loaded
 from builder.core.errors import RecipeError
 from builder.recipe.load import display_path
@@ -19,14 +18,8 @@ FILE = "prometheus.yml"
 SCRAPE_INTERVAL = "15s"
 
 
-def job_name(loaded: Loaded) -> str:
-    """The cluster's job: builder-nodes-<the file's stem, plain>."""
-    stem = re.sub(r"[^a-z0-9-]+", "-", loaded.path.stem.lower()).strip("-") or "cluster"
-    return f"builder-nodes-{stem}"
-
-
-def export_prometheus(loaded: Loaded) -> tuple[str, list[str]]:
-    """prometheus.yml's text, and the steps to use it."""
+def export_prometheus(loaded: Loaded) -> Export:
+    """prometheus.yml, and the steps to use it."""
     where = display_path(loaded.path)
     admins = loaded.cluster.admins
     if admins is None:
@@ -46,11 +39,11 @@ def export_prometheus(loaded: Loaded) -> tuple[str, list[str]]:
         host = f"[{node.address}]" if ":" in node.address else node.address
         labels = {"node": node.name, "target": ", ".join(node.targets)}
         targets.append({"targets": [f"{host}:{admins.metrics_port}"], "labels": labels})
-    config = {"scrape_configs": [{"job_name": job_name(loaded), "scrape_interval": SCRAPE_INTERVAL,
-                                  "static_configs": targets}]}
+    config = {"scrape_configs": [{"job_name": f"builder-nodes-{plain_stem(loaded.path)}",
+                                  "scrape_interval": SCRAPE_INTERVAL, "static_configs": targets}]}
     head = (f"# Written by builder from {loaded.path.name}: regenerate it with `builder cluster export "
             f"{loaded.path.name} --format prometheus`.\n# The nodes' firewall admits this port from admins.addresses "
             "and the cluster's own addresses only.\n")
     steps = [f"merge scrape_configs into your Prometheus config on a host in admins.addresses "
              f"({', '.join(admins.addresses)}) or on the control node, then reload Prometheus"]
-    return head + yaml.safe_dump(config, sort_keys=False), steps
+    return Export({FILE: head + yaml.safe_dump(config, sort_keys=False)}, (), tuple(steps), {})

@@ -2,30 +2,29 @@
 
 Per node a folder of units for /etc/containers/systemd/: one `.container` per process (its server, RPC
 worker or pipeline rank), running the same image arguments as the `builder run` line `builder cluster
-commands` prints for it, with what `builder run` adds for the node's variant (devices, device groups, security
-options, environment), on the host network, bound to the node's address; systemd restarts it (`Restart=always`)
-and starts it at boot. A server's model is mounted read-only from the node's models folder, where it is named
-by sha256, and checked against that sha256 before the container starts (`ExecStartPre=`, as `builder run
---model-sha256` does); an RPC worker keeps its tensor cache in a named volume (a `.volume` unit), so it
-survives the container.
-
-The units use only keys podman 4.9 accepts (Ubuntu 24.04's podman): `GroupAdd=` came in 5.1, so
-the device groups go through `PodmanArgs=`. The groups are the device nodes' own gids on the node, found when
-the unit starts (as `builder run` finds them): an `ExecStartPre=` writes them to an environment file and
-`PodmanArgs=$BUILDER_GROUPS` takes them. Ray pipelines (the GPU variants' vLLM) are left out, as `cluster
-commands` leaves them out.
+commands` prints for it, with what `builder run` adds for the node's variant; Ray pipelines are left out, as
+`cluster commands` leaves them out. What the units hold: docs/clusters.md, "Quadlet units"; why podman 4.9's
+keys only and device groups found when the unit starts: docs/design.md.
 """
 
 import re
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cluster.commands import is_ray_pipeline
-from builder.cluster.export_kube import RPC_CACHE, Models, local_image, run_lines, split_run
-from builder.cluster.model import Loaded, Process, Service
-from builder.cluster.vllm_service import node_variant
+from builder.cluster.export_kube import (
+    RPC_CACHE,
+    Export,
+    Exporter,
+    Models,
+    line_env,
+    model_check,
+    source_name,
+    split_run,
+    unit_name,
+)
+from builder.cluster.model import Loaded, Process
 from builder.core.errors import RecipeError
 from builder.recipe.load import builds_rpc_rdma, display_path
 from builder.recipe.targets import TARGETS, Host
@@ -41,17 +40,8 @@ GROUPS_DIR = "/run/builder"
 GROUPS_VARIABLE = "BUILDER_GROUPS"
 # A model loads for a long time (a 34B GGUF from a slow disk): health checks count only after this.
 START_PERIOD = "1h"
-_NAME_SUFFIX = {"server": "", "rpc-worker": "-rpc", "pipeline-worker": "-pipeline"}
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 _MODEL_FLAGS = ("-m", "--model")
-
-
-@dataclass(frozen=True)
-class QuadletExport:
-    files: dict[str, str]  # NODE/FILE -> its text
-    warnings: tuple[str, ...]
-    steps: tuple[str, ...]  # what the user does on each node
-    images: dict[str, str]  # node/engine -> the image its units run
 
 
 def systemd_word(word: str) -> str:
@@ -74,12 +64,6 @@ def shell_script(script: str) -> str:
     return f"/bin/sh -c {systemd_word(script)}"
 
 
-def unit_name(service: str, role: str) -> str:
-    """The container's (and the unit's) name: builder-SERVICE[-rpc|-pipeline], as `cluster commands` names it
-    (a service's name is letters, digits, '.', '_' and '-': a unit name as it is)."""
-    return f"builder-{service}{_NAME_SUFFIX[role]}"
-
-
 def mount_model(role: str, args: list[str]) -> tuple[list[str], list[str]]:
     """The model the role's arguments name (-m FILE, or vLLM's serve PATH) mounted read-only under /models and
     the path rewritten, as `builder run` mounts it: the arguments and the Volume= values."""
@@ -95,19 +79,6 @@ def mount_model(role: str, args: list[str]) -> tuple[list[str], list[str]]:
         volumes.append(f"{out[0]}:{inside}:ro")
         out[0] = inside
     return out, volumes
-
-
-def model_check(service: Service, path: str) -> str:
-    """The shell check of the model's sha256 before the container starts (a folder: `cluster hash-model`'s
-    content hash); its message names the file and both hashes."""
-    quoted = shlex.quote(path)
-    if service.ref.folder:
-        digest = f"$(cd {quoted} && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum " \
-                 "| sha256sum | cut -d' ' -f1)"
-    else:
-        digest = f"$(sha256sum < {quoted} | cut -d' ' -f1)"
-    return (f"found={digest}; [ \"$found\" = {service.sha256} ] || {{ echo \"{path}: sha256 $found, the "
-            f"cluster file says {service.sha256}\" >&2; exit 1; }}")
 
 
 def groups_script(devices: tuple[str, ...], env_file: str) -> str:
@@ -144,15 +115,10 @@ def security_keys(host: Host) -> list[tuple[str, str]]:
     return keys
 
 
-class _Units:
-    def __init__(self, loaded: Loaded, models: Models, image: Callable[[str, str, str], str], source: str) -> None:
-        self.loaded = loaded
-        self.models = models
-        self.image = image
-        self.source = source
-        self.warnings: list[str] = []
-        self.images: dict[str, str] = {}
-        self.lines = run_lines(loaded, models)
+class _Units(Exporter):
+    def __init__(self, loaded: Loaded, models: Models, image: Callable[[str, str, str], str] | None) -> None:
+        super().__init__(loaded, models, image)
+        self.source = source_name(loaded.path)
 
     def header(self, kind: str) -> str:
         return HEADER.format(source=self.source) + f"# podman {MIN_PODMAN} or later (Quadlet); {kind}\n"
@@ -161,13 +127,12 @@ class _Units:
         """The process's .container unit and, for an RPC worker, its cache's .volume: file name -> text."""
         service = self.loaded.service(process.service)
         node = self.loaded.node(process.node)
-        target, variant = node_variant(node)
+        target, variant = process.target, process.variant
         host = TARGETS[target].variants[variant].host
         options, args = split_run(self.lines[process])
-        image = self.image(target, variant, service.engine)
-        self.images[f"{node.name}/{service.engine}"] = image
+        image = self.image_of(process)
         name = unit_name(service.name, process.role)
-        address = str(node.peer_address if process.role == "rpc-worker" else node.address)
+        address = self.address(process)
         role, role_args = args[0], args[1:]
         role_args, volumes = mount_model(role, role_args)
         files: dict[str, str] = {}
@@ -186,16 +151,11 @@ class _Units:
             # what `builder run` adds for an RDMA image: the RDMA devices where the node has them (the leading
             # '-': Quadlet leaves the line out on a node without /dev/infiniband), and no cap on locked memory
             box += [("AddDevice", f"-{RDMA_DEVICES}"), ("Ulimit", "memlock=-1:-1")]
-        env = dict(host.env)
-        for item in options.get("--env", []):
-            key, has_value, value = item.partition("=")
-            if has_value:
-                env[key] = value
-            else:
-                self.warnings.append(f"{node.name}: {name} takes {key} from the box's environment on a `builder "
-                                     "run` line; a unit does not: gloo and NCCL then use the interface of the "
-                                     f"node's hostname (add Environment={key}=IFACE if it does not hold {address})")
-        box += [("Environment", systemd_word(f"{key}={value}")) for key, value in env.items()]
+        env, from_box = line_env(options)
+        self.warnings += [f"{node.name}: {name} takes {key} from the box's environment on a `builder run` line; a "
+                          "unit does not: gloo and NCCL then use the interface of the node's hostname (add "
+                          f"Environment={key}=IFACE if it does not hold {address})" for key in from_box]
+        box += [("Environment", systemd_word(f"{key}={value}")) for key, value in {**host.env, **env}.items()]
         for size in options.get("--shm-size", []):
             box.append(("ShmSize", size))
         box += [("Volume", volume) for volume in volumes]
@@ -252,10 +212,9 @@ def _steps(loaded: Loaded, models: Models, out: str, nodes: list[str], nvidia: b
 
 
 def export_quadlet(loaded: Loaded, models: Models, out: str, image: Callable[[str, str, str], str] | None = None
-                   ) -> QuadletExport:
-    """Every node's units, in memory: nothing is written here."""
-    source = "".join(c if c.isprintable() else "?" for c in loaded.path.name)
-    units = _Units(loaded, models, image or local_image, source)
+                   ) -> Export:
+    """Every node's units (NODE/FILE), in memory: nothing is written here."""
+    units = _Units(loaded, models, image)
     files: dict[str, str] = {}
     skipped: list[str] = []
     nvidia = False
@@ -264,8 +223,7 @@ def export_quadlet(loaded: Loaded, models: Models, out: str, image: Callable[[st
         if is_ray_pipeline(loaded, service):
             skipped.append(service.name)
             continue
-        target, variant = node_variant(loaded.node(process.node))
-        nvidia = nvidia or TARGETS[target].variants[variant].host.cdi is not None
+        nvidia = nvidia or TARGETS[process.target].variants[process.variant].host.cdi is not None
         for name, text in units.container(process).items():
             key = f"{process.node}/{name}"
             if key in files:
@@ -277,22 +235,5 @@ def export_quadlet(loaded: Loaded, models: Models, out: str, image: Callable[[st
                  "folder and a shared token): use topology: replicate, or --format kube"
                  for name in dict.fromkeys(skipped)]
     nodes = list(dict.fromkeys(key.split("/")[0] for key in files))
-    return QuadletExport(files, tuple(warnings), tuple(_steps(loaded, models, out, nodes, nvidia)), units.images)
-
-
-def write_quadlet(export: QuadletExport, out: Path) -> list[str]:
-    """The files into `out`/NODE/ (created if missing), each written whole then renamed; units an earlier
-    export wrote that this one does not are removed. The names written."""
-    out.mkdir(parents=True, exist_ok=True)
-    mark = HEADER.split("{")[0]
-    for name, text in export.files.items():
-        path = out / name
-        path.parent.mkdir(exist_ok=True)
-        part = path.parent / f".{path.name}.part"
-        part.write_text(text)
-        part.replace(path)
-    for old in [*out.glob("*/*.container"), *out.glob("*/*.volume")]:
-        relative = f"{old.parent.name}/{old.name}"
-        if relative not in export.files and old.read_text(errors="replace").startswith(mark):
-            old.unlink()
-    return sorted(export.files)
+    return Export(files, tuple(warnings), tuple(_steps(loaded, models, out, nodes, nvidia)), units.images,
+                  ("*/*.container", "*/*.volume"), HEADER.split("{")[0])

@@ -239,16 +239,12 @@ def write_gateway(loaded: Loaded, state: Path, bind: str, addresses: dict[str, s
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864"
 
 
-def gateway_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES)))
-    return env
-
-
 def start_gateway(config: Path, pidfile: Path) -> None:
     """HAProxy in master-worker mode (-W), in the background: the pid file names the master, which a reload
     signals."""
-    run(["haproxy", "-W", "-D", "-f", config, "-p", pidfile], timeout=30, env=gateway_env())
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES)))
+    run(["haproxy", "-W", "-D", "-f", config, "-p", pidfile], timeout=30, env=env)
 
 
 def apply_config(config: Path, pidfile: Path) -> bool:

@@ -1,20 +1,8 @@
 """Models in an OCI registry, in the CNCF ModelPack layout: `builder model push` and `builder model pull`.
 
-A model is one artifact: a config blob (`application/vnd.cncf.model.config.v1+json`: `descriptor`, `config`
-with its `format`, `modelfs` listing every layer's digest) and one raw layer per file, each annotated with its
-path in the model (`org.cncf.model.filepath`, and `org.opencontainers.image.title` so that generic OCI tools
-write the same names). A GGUF is one weight layer; a Hugging Face folder is one layer per file, weights as
-weight layers, config and tokenizer files as weight-config layers, README and licence files as doc layers and
-Python files as code layers. The manifest's `artifactType` is the ModelPack manifest type, and it records the
-model's own sha256 (a GGUF's file sha256, a folder's content hash: hfmodel.py) under `dev.builder.model.sha256`.
-
-That sha256 follows from the layers alone (a GGUF's is its one layer's digest; a folder's is the hash of the
-lines `DIGEST  PATH`), so `pull` knows what it must get before it fetches a byte, checks each blob's digest while
-streaming it into a temporary name beside the destination, and renames the result into `DIR/<sha256>.gguf` or
-`DIR/<sha256>/` (the names `builder cluster commands` uses on boxes) only when everything matched.
-
-Pushed by digest, checked by digest, tagged last (the content tag `sha256-<model sha256>` after any tag the user
-named), like images and netboot sets (publish/artifacts.py).
+The layout (a config blob, one raw layer per file annotated with its path, the model's sha256 as an annotation),
+and the order of a push (by digest, checked, tagged last) and a pull (the model's sha256 known from the layers
+before a byte is fetched, every blob checked, one rename into DIR/<sha256>[.gguf]): docs/publishing.md.
 """
 
 import json
@@ -30,6 +18,7 @@ from builder.cluster.hfmodel import hash_lines, scan
 from builder.core.digests import sha256_digest, sha256_file
 from builder.core.errors import RecipeError, RegistryError, raise_if_stopped
 from builder.core.paths import inside
+from builder.publish.artifacts import tag_artifact
 from builder.registry.client import OCI_MANIFEST, RegistryClient, Repository, at, check_tag, parse_reference
 
 MANIFEST_TYPE = "application/vnd.cncf.model.manifest.v1+json"  # the artifactType
@@ -145,15 +134,9 @@ def push_model(source: Path, target: str, expected: str | None = None) -> Pushed
                 "layers": descriptors, "annotations": {MODEL_SHA256: sha}}
     data = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
     digest = client.put_manifest(sha256_digest(data), data, OCI_MANIFEST)
-    if client.manifest_digest(digest) != digest:
-        raise RegistryError(f"registry {repo.host} does not serve the model artifact {digest} just pushed")
-    tags = tuple(t for t in (tag, f"sha256-{sha}") if t)
+    tags = tuple(t for t in (tag, f"sha256-{sha}") if t)  # the content tag last
     raise_if_stopped()
-    for name in tags:  # the content tag last: it existing means the rest is there
-        client.put_manifest(name, data, OCI_MANIFEST)
-    for name in tags:
-        if client.manifest_digest(name) != digest:
-            raise RegistryError(f"registry {repo.host}: {repo.name}:{name} does not serve {digest}")
+    tag_artifact(client, "model", digest, data, tags)
     return Pushed(str(repo), digest, sha, folder, tags, total)
 
 

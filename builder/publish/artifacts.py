@@ -129,11 +129,6 @@ def check_netboot(folder: Path, where: str | None = None, error: type[BuilderErr
     return NetbootSet(folder, manifest)
 
 
-def netboot_tags(nb: NetbootSet) -> tuple[str, str]:
-    """(immutable: names the image digest, floating: target-variant)."""
-    return (check_tag(f"netboot-{nb.name}-{nb.image_digest.split(':')[1][:16]}"), check_tag(f"netboot-{nb.name}"))
-
-
 def push_netboot(folder: Path, repo: Repository) -> tuple[str, tuple[str, ...]]:
     """Push a netboot folder as one artifact; verified, then tagged. Returns (digest, tags)."""
     nb = check_netboot(folder)
@@ -144,15 +139,23 @@ def push_netboot(folder: Path, repo: Repository) -> tuple[str, tuple[str, ...]]:
                    f"{ANNOTATION}.kernel-version": str(m["kernel_version"])}
     files: list[tuple[Content, str, str]] = [(folder / name, media, name) for name, media in NETBOOT_FILES.items()]
     digest, data = push_artifact(client, NETBOOT_TYPE, files, annotations=annotations)
+    # the immutable tag names the image digest, the floating one target-variant
+    tags = (check_tag(f"netboot-{nb.name}-{nb.image_digest.split(':')[1][:16]}"), check_tag(f"netboot-{nb.name}"))
+    tag_artifact(client, "netboot", digest, data, tags[::-1])
+    return digest, tags
+
+
+def tag_artifact(client: RegistryClient, what: str, digest: str, data: bytes, tags: tuple[str, ...]) -> None:
+    """Once the registry serves the artifact just pushed by digest: `tags` in order (the last one last: it
+    existing means the rest is there), each checked."""
+    repo = client.repo
     if client.manifest_digest(digest) != digest:
-        raise RegistryError(f"registry {repo.host} does not serve the netboot artifact {digest} just pushed")
-    tags = netboot_tags(nb)
-    for tag in reversed(tags):  # the immutable tag last: it existing means the rest is there
+        raise RegistryError(f"registry {repo.host} does not serve the {what} artifact {digest} just pushed")
+    for tag in tags:
         client.put_manifest(tag, data, OCI_MANIFEST)
     for tag in tags:
         if client.manifest_digest(tag) != digest:
             raise RegistryError(f"registry {repo.host}: {repo.name}:{tag} does not serve {digest}")
-    return digest, tags
 
 
 def _netboot_layers(data: bytes, reference: str) -> dict[str, dict[str, Any]]:

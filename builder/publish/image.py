@@ -40,11 +40,6 @@ class Published:
         return f"{self.repository}@{self.digest}"
 
 
-def sbom_tag(digest: str) -> str:
-    """Where the SBOM is found on registries without the referrers API."""
-    return digest.replace(":", "-") + ".sbom"
-
-
 def verify(client: RegistryClient, ref: str, digest: str) -> None:
     served = client.manifest_digest(ref)
     if served != digest:
@@ -79,7 +74,7 @@ def _attach_sbom(client: RegistryClient, image: LocalImage, document: bytes) -> 
     without the referrers API (Debian's distribution 2.8 has none)."""
     subject = {"mediaType": image.media_type, "digest": image.digest, "size": len(image.manifest)}
     digest, manifest = push_artifact(client, SBOM_TYPE, [(document, SBOM_TYPE, "sbom.spdx.json")], subject=subject)
-    tag = sbom_tag(image.digest)
+    tag = image.digest.replace(":", "-") + ".sbom"
     client.put_manifest(tag, manifest, OCI_MANIFEST)
     verify(client, tag, digest)
     return f"{client.repo}:{tag}"

@@ -1,15 +1,7 @@
-"""An SPDX 2.3 (JSON) bill of materials per image, from what the image itself holds.
-
-The Debian half comes from debsbom (PyPI: `debsbom generate` on the image's dpkg database, its
-`/var/lib/apt/extended_states` and `/var/lib/dpkg/arch-native`): every installed binary package, the source
-package that built it (`GENERATES`) and the dependency edges between them (`DEPENDS_ON`). The operating
-system is named from the image's /etc/os-release (an Ubuntu base is Ubuntu, its packages
-`pkg:deb/ubuntu/...`). builder adds what debsbom cannot see: Python packages from the dist-info folders of
-its site-packages (vLLM's virtual environment, each with the sha256 of the wheel its lock pinned), and what
-the recipe says the image cannot: llama.cpp or vLLM, the SDK wheels and vendor .deb files with their
-sha256. The merged document is parsed and validated by spdx-tools before it is returned, and written in
-spdx-tools' JSON form. It is deterministic for one image: its date comes from the image's `created` label
-and its namespace from the image digest.
+"""An SPDX 2.3 (JSON) bill of materials per image, from what the image itself holds: debsbom's document of its
+dpkg database, merged with what builder adds (the image, llama.cpp or vLLM, the Python distributions of its
+site-packages, SDK wheels and vendor .debs), validated by spdx-tools (docs/design.md, "The SBOM"). It is
+deterministic for one image: its date comes from the image's `created` label and its namespace from the digest.
 """
 
 import json
@@ -233,9 +225,7 @@ def _image_package(image: str, digest: str, comment: str) -> dict[str, Any]:
     return {"SPDXID": "SPDXRef-image", "name": image.rsplit(":", 1)[0], "versionInfo": digest,
             "downloadLocation": "NOASSERTION", "filesAnalyzed": False, "primaryPackagePurpose": "CONTAINER",
             "comment": comment,
-            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
-                              "referenceLocator": f"pkg:oci/{_spdx_id(image.rsplit('/', 1)[-1].split(':')[0])}"
-                                                  f"@{digest.replace(':', '%3A')}"}]}
+            "externalRefs": [_purl("oci", "", _spdx_id(image.rsplit("/", 1)[-1].split(":")[0]), digest)]}
 
 
 def _document(name: str, namespace: str, created: str, image: dict[str, Any], debian: dict[str, Any],

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -115,6 +116,10 @@ def find_credentials(repo: Repository) -> Credentials | None:
 _TOKEN = re.compile(r"^[\x21-\x7e]{1,65536}\Z")  # what may stand after "Bearer " in a header
 
 
+def _basic(creds: Credentials) -> str:
+    return "Basic " + base64.b64encode(f"{creds.user}:{creds.secret}".encode()).decode()
+
+
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.partition(" ")
     return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', rest))
@@ -136,16 +141,11 @@ class RegistryClient:
         self.origin = origin_of(repo.base_url)
         self._auth: str | None = None
         self._bearer: _Bearer | None = None
-        self._looked = False
-        self._found: Credentials | None = None
 
-    @property
+    @cached_property
     def _creds(self) -> Credentials | None:
         """Looked up when a registry first asks, so a helper runs only where it is needed."""
-        if not self._looked:
-            self._found = find_credentials(self.repo)
-            self._looked = True
-        return self._found
+        return find_credentials(self.repo)
 
     # Requests ------------------------------------------------------------------------------------------
 
@@ -161,7 +161,7 @@ class RegistryClient:
                     f"registry {self.repo.host} needs credentials for {self.repo.name} and none were found",
                     f"log in first (podman login {self.repo.host}); looked in: "
                     + ", ".join(str(p) for p in auth_files()))
-            self._auth = "Basic " + base64.b64encode(f"{creds.user}:{creds.secret}".encode()).decode()
+            self._auth = _basic(creds)
             return
         if scheme == "bearer" and params.get("realm"):
             self._fetch_token(params)
@@ -193,8 +193,7 @@ class RegistryClient:
             method, body = "GET", None
             url = realm + ("&" if "?" in realm else "?") + urlencode(query)
             if creds is not None:
-                headers["Authorization"] = "Basic " + base64.b64encode(
-                    f"{creds.user}:{creds.secret}".encode()).decode()
+                headers["Authorization"] = _basic(creds)
         resp = self.http.send(method, url, headers=headers, body=body.encode() if isinstance(body, str) else None,
                               stream=True, credentials_for=origin_of(realm))
         if resp.status_code >= 500 or resp.status_code == 429:

@@ -32,9 +32,8 @@ def auth_files() -> list[Path]:
     files: list[Path] = []
     if env.get("REGISTRY_AUTH_FILE"):
         files.append(Path(env["REGISTRY_AUTH_FILE"]))
-    runtime = env.get("XDG_RUNTIME_DIR") or f"/run/containers/{os.getuid()}"
-    files.append(Path(runtime) / "containers" / "auth.json" if env.get("XDG_RUNTIME_DIR")
-                 else Path(runtime) / "auth.json")
+    files.append(Path(env["XDG_RUNTIME_DIR"], "containers", "auth.json") if env.get("XDG_RUNTIME_DIR")
+                 else Path(f"/run/containers/{os.getuid()}", "auth.json"))
     config = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else Path.home() / ".config"
     files.append(config / "containers" / "auth.json")
     docker = Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else Path.home() / ".docker"

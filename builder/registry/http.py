@@ -9,6 +9,7 @@ travel to a host other than the one they were meant for.
 import ipaddress
 import os
 import ssl
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -137,12 +138,9 @@ class Http:
                    stream: bool) -> requests.Response:
         proxies = get_environ_proxies(url)  # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY
         try:
-            if isinstance(body, Path):
-                with open(body, "rb") as data:
-                    return self.session.request(method, url, headers=headers, data=data, stream=stream,
-                                                timeout=TIMEOUT, allow_redirects=False, proxies=proxies)
-            return self.session.request(method, url, headers=headers, data=body, stream=stream, timeout=TIMEOUT,
-                                        allow_redirects=False, proxies=proxies)
+            with open(body, "rb") if isinstance(body, Path) else nullcontext(body) as data:
+                return self.session.request(method, url, headers=headers, data=data, stream=stream,
+                                            timeout=TIMEOUT, allow_redirects=False, proxies=proxies)
         except requests.exceptions.SSLError as exc:
             if "CERTIFICATE_VERIFY_FAILED" in str(exc):
                 raise RegistryError(

@@ -141,6 +141,19 @@ def test_the_rtx_example_uses_podman_4_9_keys_and_cdi(tmp_path: Path) -> None:
     assert any("local tags" in w for w in answer["warnings"])
 
 
+def test_a_board_with_several_accelerators_runs_the_device_its_service_picks(tmp_path: Path) -> None:
+    """intel-mini-pc-x3: each board lists an iGPU and an NPU under devices:, every service picks the iGPU; each
+    unit runs the iGPU's image with the iGPU's device, and nothing of the NPU's (the export used to stop with a
+    traceback on such a board)."""
+    answer, units = _export(ROOT / "docs" / "examples" / "intel-mini-pc-x3.yaml", tmp_path / "out")
+    _check_keys(units)
+    assert answer["images"] == {f"mini{i}/llama.cpp/igpu": "localhost/builder/intel-arc:vulkan" for i in (1, 2, 3)}
+    assert len(units) == 6
+    for entries in units.values():
+        assert values(entries, "Image") == ["localhost/builder/intel-arc:vulkan"]
+        assert values(entries, "AddDevice") == ["/dev/dri"]
+
+
 def _tail(argv: list[str]) -> list[str]:
     return argv[next(i for i, w in enumerate(argv) if w in ("server", "rpc-worker", "serve")
                      and argv[i - 1] not in ("--name", "--flavour")):]
