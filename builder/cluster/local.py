@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.cluster.commands import server_args
 from builder.cluster.gateway import (
     ServerState,
     apply_config,
@@ -138,13 +139,8 @@ def process_argv(local: Local, engine: Engine, process: Process, image: str, mod
         seed = ["--volume", f"{model}:{inside}:ro"] if service.preseed else []
         return [*argv, *seed, image, "rpc-worker", "--host", address[process.node], "--port", str(process.port),
                 *(["--seed", inside] if service.preseed else [])]
-    args = ["-m", inside, "--host", address[process.node], "--port", str(process.port),
-            "--alias", service.name, "--metrics"]
-    if service.context:
-        args += ["-c", str(service.context)]
-    if service.topology == "split":
-        args += ["--rpc", ",".join(f"{address[w]}:{service.rpc_port}" for w in service.workers), "-ngl", "999"]
-    return [*argv, "--volume", f"{model}:{inside}:ro", image, "server", *args, *service.args]
+    args = server_args(service, inside, address[process.node], process.port, address)
+    return [*argv, "--volume", f"{model}:{inside}:ro", image, "server", *args]
 
 
 def containers(local: Local, engine: Engine) -> dict[str, str]:

@@ -23,7 +23,7 @@ from builder.cluster.args import check_args, check_env
 from builder.cluster.convert import convert, is_old_form, note
 from builder.cluster.hfmodel import scan
 from builder.cluster.modelref import ModelRef
-from builder.cluster.vllm_service import check_vllm_service
+from builder.cluster.vllm_service import check_vllm_service, node_variant
 from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
 from builder.core.types import Address, EnvName, HostName, KernelArg, OneLine, is_wildcard
@@ -31,7 +31,7 @@ from builder.netboot.boards import BoardArgs, board_args, check_ram
 from builder.netboot.inventory import Cache, Control, Node
 from builder.recipe.load import display_path, load_yaml, select, validated
 from builder.recipe.models import Strict
-from builder.recipe.targets import TARGETS, did_you_mean
+from builder.recipe.targets import did_you_mean
 
 # A service name reaches HAProxy's config, JSON answers and container names: keep it to plain characters.
 SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -212,23 +212,11 @@ class Loaded:
     warnings: tuple[str, ...]
     notes: tuple[str, ...] = ()  # e.g. that the file was converted from the netboot-only form
 
-    def model_file(self, service: Service) -> Path | None:
-        """The GGUF or model folder on this machine, or None for a URL."""
-        return service.ref.path(self.path.parent)
-
-    def gguf(self, index: int, say: Callable[[str], None]) -> Path:
-        """services[index]'s GGUF on this machine (a URL fetched into the cache), checked against its sha256."""
-        return self.local_model(index, say)
-
     def local_model(self, index: int, say: Callable[[str], None], where: str | None = None) -> Path:
         """services[index]'s GGUF or model folder on this machine (a URL fetched into the cache), checked against
         its sha256; `where` names the file in a refusal (default: its path as given)."""
         return self.cluster.services[index].ref.local(self.path.parent, where or display_path(self.path),
                                                       f"services[{index}]", say)
-
-    def model_folder(self, index: int, say: Callable[[str], None]) -> Path:
-        """services[index]'s model folder (a vLLM service's) on this machine, checked against its content hash."""
-        return self.local_model(index, say)
 
     def state_folder(self, kind: str) -> tuple[str, Path]:
         """A name for this cluster file's `kind` of run (e.g. local containers, a netboot gateway), unique per
@@ -277,28 +265,20 @@ def server_port(service: Service) -> int:
 
 
 def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
-    index: dict[str, int] = {}
-    macs: dict[str, int] = {}
-    addresses: dict[str, int] = {}
+    seen: dict[tuple[str, str], int] = {}  # (field, value) → the node that gave it first
     for i, node in enumerate(cluster.nodes):
-        if node.address and node.address in addresses:
-            raise RecipeError(f"{where}: nodes[{i}].address: {node.address} is already "
-                              f"nodes[{addresses[node.address]}]", "every node has its own address")
-        if node.address:
-            addresses[node.address] = i
-        if node.name in index:
-            raise RecipeError(f"{where}: nodes[{i}].name: {node.name!r} is already nodes[{index[node.name]}]",
-                              "give every node its own name")
-        if node.mac is not None and node.mac in macs:
-            raise RecipeError(f"{where}: nodes[{i}].mac: {node.mac} is already nodes[{macs[node.mac]}]",
-                              "every node boots from its own network interface")
-        index[node.name] = i
-        if node.mac is not None:
-            macs[node.mac] = i
+        for field, shown, fix in (("address", node.address, "every node has its own address"),
+                                  ("name", repr(node.name), "give every node its own name"),
+                                  ("mac", node.mac, "every node boots from its own network interface")):
+            value = getattr(node, field)
+            if value and (field, value) in seen:
+                raise RecipeError(f"{where}: nodes[{i}].{field}: {shown} is already nodes[{seen[field, value]}]", fix)
+            if value:
+                seen[field, value] = i
         _check_form(node, f"{where}: nodes[{i}]")
         for target in node.targets if node.ram is not None else []:
             check_ram(int(node.ram or 0), target, f"{where}: nodes[{i}]")
-    return index
+    return {node.name: i for i, node in enumerate(cluster.nodes)}
 
 
 def _check_form(node: ClusterNode, at: str) -> None:
@@ -497,9 +477,7 @@ def _with_device(cluster: ServiceCluster, process: Process, index: dict[str, int
     """The process with what it runs: the service's device on a node that has several, else the node's target."""
     node = cluster.nodes[index[process.node]]
     device = next(s for s in cluster.services if s.name == process.service).device if node.devices else None
-    chosen = node.pick(device)
-    variant = chosen.variant or TARGETS[chosen.target].default_variant
-    return Process(process.service, process.node, process.role, process.port, device, chosen.target, variant)
+    return Process(process.service, process.node, process.role, process.port, device, *node_variant(node, device))
 
 
 def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int]) -> tuple[Process, ...]:

@@ -201,7 +201,7 @@ def load_for_netboot(path: Path) -> Loaded:
                                   "need the cluster's Ray token)", "run it with `builder cluster up --local`, "
                                   "or on nodes builder does not boot")
             continue
-        model = loaded.model_file(service)
+        model = service.ref.path(loaded.path.parent)
         if model is not None and service.model:
             # The file is published over HTTP to the nodes: only a model, never any other file of this machine.
             with model.open("rb") as f:
@@ -229,10 +229,8 @@ def models(loaded: Loaded, say: Say) -> dict[str, Path]:
     model folder; each checked against the service's sha256 first."""
     out: dict[str, Path] = {}
     for i, service in _netbooted_services(loaded):
-        if service.engine == "vllm":
-            out[service.name] = pack_model(loaded.model_folder(i, say))
-        else:
-            out[service.name] = loaded.gguf(i, say)
+        path = loaded.local_model(i, say)
+        out[service.name] = pack_model(path) if service.engine == "vllm" else path
     return out
 
 
@@ -242,16 +240,12 @@ def netboot_set(loaded: Loaded, node: ClusterNode) -> tuple[str, str]:
     return target, f"vllm-{variant}" if "vllm" in _engines(loaded, node.name) else variant
 
 
-def _no_ray_token() -> Path:
-    raise AssertionError("a netbooted pipeline runs vLLM's own executor (load_for_netboot refuses Ray)")
-
-
 def _vllm_line(loaded: Loaded, process: Process, url: str, blob: str) -> VllmLine:
     service, node = loaded.service(process.service), loaded.node(process.node)
     addresses = {n.name: str(n.address) for n in loaded.cluster.nodes if n.address}
     peers = {n.name: str(n.peer_address) for n in loaded.cluster.nodes if n.peer_address}
     mount = f"{MODELS}/{service.name}"
-    started = launch(service, process, node, Path(mount), addresses, "-", _no_ray_token, peers=peers)
+    started = launch(service, process, node, Path(mount), addresses, "-", None, peers=peers)
     env: list[tuple[str, str]] = []
     for flag, value in zip(started.flags, started.flags[1:], strict=False):
         if flag == "--env":

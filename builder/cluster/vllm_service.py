@@ -111,13 +111,14 @@ def _serve_args(service: "Service", model: str, address: str, port: int | None) 
 
 
 def launch(service: "Service", process: "Process", node: "ClusterNode", model: Path,
-           addresses: dict[str, str], interface: str | None, ray_token: Callable[[], Path],
+           addresses: dict[str, str], interface: str | None, ray_token: Callable[[], Path] | None,
            mount: bool = True, peers: dict[str, str] | None = None) -> Launch:
     """The flags and image arguments of one vLLM server or pipeline worker. `model` is the folder on the
     machine that runs it: mounted at /models/SERVICE, or with `mount` False named as it is (`builder run
     … serve FOLDER` mounts it itself). `interface` None: the socket interface variables come from the
-    caller's environment (`--env NAME` alone). `peers`: where the pipeline's nodes reach each other (their data
-    addresses, docs/netboot.md), when not at `addresses`, where the API listens."""
+    caller's environment (`--env NAME` alone). `ray_token` None: the caller refuses Ray pipelines (netboot,
+    `builder run` lines). `peers`: where the pipeline's nodes reach each other (their data addresses,
+    docs/netboot.md), when not at `addresses`, where the API listens."""
     address = addresses[process.node]
     peers = peers or addresses
     flags = ["--shm-size", SHM_SIZE, "--env", f"VLLM_HOST_IP={peers[process.node]}", "--env", "HF_HUB_OFFLINE=1"]
@@ -140,6 +141,7 @@ def launch(service: "Service", process: "Process", node: "ClusterNode", model: P
                  "--nnodes", str(size), "--node-rank", str(rank), "--master-addr", head,
                  "--master-port", str(service.pipeline_port)]
         return Launch(flags, ["serve", *serve, *(["--headless"] if rank else [])])
+    assert ray_token is not None, "a Ray pipeline where its caller refuses them"
     flags += ["--env", f"RAY_AUTH_TOKEN_PATH={RAY_TOKEN}", "--volume", f"{ray_token()}:{RAY_TOKEN}:ro"]
     if rank:
         return Launch(flags, ["ray-worker", "--head", f"{head}:{service.pipeline_port}", "--host",
