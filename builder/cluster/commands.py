@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cluster.model import Loaded, Process, Service
-from builder.cluster.vllm_service import executor, launch, node_variant
+from builder.cluster.vllm_service import SOCKET_ENV, executor, launch, node_variant
 
-# What a cpu pipeline's lines take from the box's environment: the interface that holds the node's address.
-INTERFACE_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 _NAME_SUFFIX = {"server": "", "rpc-worker": "-rpc", "pipeline-worker": "-pipeline"}
 
 
@@ -132,7 +130,7 @@ def node_commands(loaded: Loaded, models: str, image: Images | None = None) -> l
             node.name, str(node.address),
             tuple(BoxModel(s.name, s.model, s.sha256, s.ref.on_box(models),
                            s.ref.download_line(loaded.path.parent, str(loaded.path), s.name)) for s in served),
-            tuple(_argv(loaded, p, models, image) for p in listed), INTERFACE_ENV if pipelines else (), tuple(skipped)))
+            tuple(_argv(loaded, p, models, image) for p in listed), SOCKET_ENV if pipelines else (), tuple(skipped)))
     return out
 
 

@@ -92,7 +92,7 @@ def _images(loaded: Loaded, engine: Engine, say: Say) -> dict[Process, str]:
         kind = loaded.service(process.service).engine
         key = (process.target, process.variant, kind)
         if key not in images:
-            flavour = FLAVOURS["vllm" if kind == "vllm" else "llama.cpp"]
+            flavour = FLAVOURS[kind]
             prep = prepare(recipe_file(process.target, None, flavour), process.variant, flavour=flavour)
             try:
                 images[key] = image_for_run(engine, prep)
@@ -304,8 +304,7 @@ def status(loaded: Loaded, engine_name: str | None) -> dict[str, object]:
             elif process.role == "pipeline-worker":
                 entry["health"] = "UP" if entry["container"] == "running" else "DOWN"
             elif process.role == "rpc-worker":
-                up_now = _wait_port(address[process.node], process.port, 0.5)
-                entry["health"] = "UP" if up_now else "DOWN"
+                entry["health"] = "UP" if _wait_port(address[process.node], process.port, 0.5) else "DOWN"
             else:
                 entry["health"] = "unknown"
             processes.append(entry)

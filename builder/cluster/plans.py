@@ -24,7 +24,7 @@ from pathlib import Path
 
 from builder.cluster.firewall import for_services
 from builder.cluster.model import ClusterNode, Loaded, Process, Service, load_cluster
-from builder.cluster.vllm_service import MODELS, executor, launch, node_variant
+from builder.cluster.vllm_service import MODELS, SOCKET_ENV, executor, launch, node_variant
 from builder.core.errors import RecipeError
 from builder.netboot import bom
 from builder.netboot.firewall import ruleset
@@ -64,8 +64,6 @@ KERNEL_LINE = 2047  # COMMAND_LINE_SIZE on x86, less its final NUL
 # Names that hold credentials by convention. Every file a netbooted node boots from (its plan included) is
 # served to the boot network, where any host can read it: such a value has no place in a node's `env`.
 _CREDENTIAL = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
-# The node's process units set these from the interface it leased its address on.
-_NODE_INTERFACE = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 def control_of(path: Path) -> Control:
@@ -246,14 +244,12 @@ def _vllm_line(loaded: Loaded, process: Process, url: str, blob: str) -> VllmLin
     peers = {n.name: str(n.peer_address) for n in loaded.cluster.nodes if n.peer_address}
     mount = f"{MODELS}/{service.name}"
     started = launch(service, process, node, Path(mount), addresses, "-", None, peers=peers)
-    env: list[tuple[str, str]] = []
-    for flag, value in zip(started.flags, started.flags[1:], strict=False):
-        if flag == "--env":
-            name, _, setting = value.partition("=")
-            if name not in _NODE_INTERFACE:
-                env.append((name, setting))
+    # SOCKET_ENV are left to the node's process units: they set them from the interface it leased its address on
+    flags = zip(started.flags[::2], started.flags[1::2], strict=True)
+    pairs = (value.partition("=") for flag, value in flags if flag == "--env")
+    env = tuple((name, setting) for name, _, setting in pairs if name not in SOCKET_ENV)
     port = process.port if process.role == "server" else None
-    return VllmLine(service.name, port, url, blob, mount, tuple(env), tuple(started.argv))
+    return VllmLine(service.name, port, url, blob, mount, env, tuple(started.argv))
 
 
 def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> NodePlan:

@@ -40,6 +40,8 @@ RAY_TOKEN = "/run/builder/ray-token"
 SHM_SIZE = "1g"
 # Platforms whose vLLM cannot run the Ray executor, with what it says when asked to.
 NO_RAY = {"cpu": "vLLM's CPU platform has no Ray executor ('current platform cpu does not support ray')"}
+# A pipeline's processes find the interface that holds their node's address in these.
+SOCKET_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 def node_variant(node: "ClusterNode", device: str | None = None) -> tuple[str, str]:
@@ -132,7 +134,7 @@ def launch(service: "Service", process: "Process", node: "ClusterNode", model: P
     size = len(service.nodes)
     head = peers[service.nodes[0]]
     rank = service.nodes.index(process.node)
-    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+    for name in SOCKET_ENV:
         flags += ["--env", name if interface is None else f"{name}={interface}"]
     kind = executor(*node_variant(node, service.device))
     if kind == "mp":
