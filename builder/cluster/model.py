@@ -43,6 +43,7 @@ MAX_QUIET_WORKERS = 2
 # Weights plus room for the KV cache and compute buffers, when a service does not say what it needs.
 MEMORY_FACTOR = 1.2
 GIB = 1 << 30
+Role = Literal["server", "rpc-worker", "pipeline-worker"]
 
 
 class Device(Strict):
@@ -193,7 +194,7 @@ class Process:
 
     service: str
     node: str
-    role: Literal["server", "rpc-worker", "pipeline-worker"]
+    role: Role
     port: int
     # What it runs: the device the service picked on the node (None: the node's one target), that device's
     # target and variant (its default filled in). Derived from the service and node, so left out of equality.
@@ -473,36 +474,28 @@ def _need(service: Service, base: Path, where: str) -> float:
     return total / len(service.nodes) if service.topology == "pipeline" else total
 
 
-def _with_device(cluster: ServiceCluster, process: Process, index: dict[str, int]) -> Process:
-    """The process with what it runs: the service's device on a node that has several, else the node's target."""
-    node = cluster.nodes[index[process.node]]
-    device = next(s for s in cluster.services if s.name == process.service).device if node.devices else None
-    return Process(process.service, process.node, process.role, process.port, device, *node_variant(node, device))
-
-
 def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int]) -> tuple[Process, ...]:
     processes: list[Process] = []
     rpc_of: dict[str, str] = {}
     for i, service in enumerate(cluster.services):
         port = server_port(service)
-        if service.topology == "replicate":
-            processes += [Process(service.name, node, "server", port) for node in service.nodes]
-            continue
-        if service.topology == "pipeline":
-            processes.append(Process(service.name, service.nodes[0], "server", port))
-            processes += [Process(service.name, node, "pipeline-worker", service.pipeline_port)
-                          for node in service.nodes[1:]]
-            continue
-        if service.head is not None:
-            processes.append(Process(service.name, service.head, "server", port))
-        for j, worker in enumerate(service.workers):
-            if worker in rpc_of:
-                raise RecipeError(
-                    f"{where}: services[{i}].workers[{j}]: {worker!r} is already an RPC worker of {rpc_of[worker]!r}",
-                    "an RPC worker serves one head only: give this service its own worker nodes")
-            rpc_of[worker] = service.name
-            processes.append(Process(service.name, worker, "rpc-worker", service.rpc_port))
-    processes = [_with_device(cluster, p, index) for p in processes]
+        placed: list[tuple[str, Role, int]] = [(node, "server", port) for node in service.nodes]
+        if service.topology == "pipeline":  # the other nodes join the first, which serves
+            placed[1:] = [(node, "pipeline-worker", service.pipeline_port) for node in service.nodes[1:]]
+        if service.topology == "split":
+            placed = [(service.head, "server", port)] if service.head else []
+            for j, worker in enumerate(service.workers):
+                if worker in rpc_of:
+                    raise RecipeError(f"{where}: services[{i}].workers[{j}]: {worker!r} is already an RPC worker of "
+                                      f"{rpc_of[worker]!r}", "an RPC worker serves one head only: give this service "
+                                      "its own worker nodes")
+                rpc_of[worker] = service.name
+                placed.append((worker, "rpc-worker", service.rpc_port))
+        for name, role, at in placed:
+            # what it runs: the service's device on a node that has several, else the node's one target
+            node = cluster.nodes[index[name]]
+            device = service.device if node.devices else None
+            processes.append(Process(service.name, name, role, at, device, *node_variant(node, device)))
     ports: dict[tuple[str, int], str] = {}
     for process in processes:
         key = (process.node, process.port)

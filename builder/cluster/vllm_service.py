@@ -60,22 +60,18 @@ def executor(target: str, variant: str) -> Executor | None:
     return "ray" if any(requirement_name(str(r)) == "ray" for r in section.requirements) else None
 
 
-def _check_node(node: "ClusterNode", device: str | None, at: int, field: str, where: str) -> None:
-    target, variant = node_variant(node, device)
-    path = vllm_recipes() / f"{target}.yaml"
-    if (target, variant) not in VLLM_DEVICES or not path.is_file() or \
-            variant not in load_vllm_recipe(path).variants:
-        runs_on = ", ".join(f"{t}/{v}" for t, v in VLLM_DEVICES)
-        raise RecipeError(f"{where}: {field}: node {node.name} is {target}/{variant}, which has no vLLM recipe "
-                          f"(nodes[{at}])", f"vLLM runs on {runs_on}: place the service on such a node, or "
-                          "serve a GGUF with engine: llama.cpp")
-
-
 def check_vllm_service(service: "Service", field: str, where: str, nodes: list["ClusterNode"],
                        at: list[int]) -> None:
     """A vLLM service's nodes (its model folder is checked as every service's model is: ModelRef.check)."""
     for j, node in enumerate(nodes):
-        _check_node(node, service.device, at[j], f"{field}.nodes[{j}]", where)
+        target, variant = node_variant(node, service.device)
+        path = vllm_recipes() / f"{target}.yaml"
+        if (target, variant) not in VLLM_DEVICES or not path.is_file() or \
+                variant not in load_vllm_recipe(path).variants:
+            runs_on = ", ".join(f"{t}/{v}" for t, v in VLLM_DEVICES)
+            raise RecipeError(f"{where}: {field}.nodes[{j}]: node {node.name} is {target}/{variant}, which has no "
+                              f"vLLM recipe (nodes[{at[j]}])", f"vLLM runs on {runs_on}: place the service on such "
+                              "a node, or serve a GGUF with engine: llama.cpp")
     if service.topology != "pipeline":
         return
     kinds = {node_variant(n, service.device) for n in nodes}
