@@ -505,11 +505,10 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
             raise RecipeError(f"{where}: services[{i}].port: {process.port}{derived} on node {process.node!r} is "
                               f"already used by service {ports[key]!r}", "give one of the services a port: of its own")
         ports[key] = process.service
-    for node in cluster.nodes:
+    for i, node in enumerate(cluster.nodes):
         hosted = {p.service for p in processes if p.node == node.name}
         if not hosted:
             continue
-        i = index[node.name]
         needs = {s.name: _need(s, base, where) for s in cluster.services if s.name in hosted}
         if node.memory is None and not any(needs.values()):
             continue  # only workers of heads outside the file

@@ -2,9 +2,8 @@
 `vllm serve` / Ray command lines of every process.
 
 A node says its hardware (target, variant, or several devices of which a service picks one); a service's engine
-picks the flavour: a vLLM service runs the
-node's target and variant with the vllm flavour (recipes/vllm/TARGET.yaml), a llama.cpp service the llama.cpp
-image of the same target and variant. A node that hosts both kinds runs both images.
+picks the flavour: a vLLM service runs them with the vllm flavour (recipes/vllm/TARGET.yaml), a llama.cpp service
+with the llama.cpp one. A node that hosts both kinds runs both images.
 
 A pipeline splits the model's layers over its nodes (`--pipeline-parallel-size` = the number of nodes), the
 first node serving the API. How the nodes join depends on what the variant's vLLM can do:
@@ -120,11 +119,8 @@ def launch(service: "Service", process: "Process", node: "ClusterNode", model: P
     address = addresses[process.node]
     peers = peers or addresses
     flags = ["--shm-size", SHM_SIZE, "--env", f"VLLM_HOST_IP={peers[process.node]}", "--env", "HF_HUB_OFFLINE=1"]
-    served = f"{MODELS}/{service.name}"
-    if mount:
-        flags += ["--volume", f"{model}:{served}:ro"]
-    else:
-        served = str(model)
+    served = f"{MODELS}/{service.name}" if mount else str(model)
+    flags += ["--volume", f"{model}:{served}:ro"] if mount else []
     if service.topology != "pipeline":
         return Launch(flags, ["serve", *_serve_args(service, served, address, process.port)])
     size = len(service.nodes)
