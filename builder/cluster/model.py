@@ -178,9 +178,7 @@ class ServiceCluster(Strict):
     services: list[Service] = Field(min_length=1)
 
     def cache_of(self, node: Node) -> Cache | None:
-        if node.cache is False:
-            return None
-        return node.cache or self.cache
+        return None if node.cache is False else node.cache or self.cache
 
     @property
     def netbooted(self) -> list[ClusterNode]:
@@ -346,8 +344,7 @@ def _check_data_network(cluster: ServiceCluster, where: str) -> None:
     """Data interfaces: each its own address, never another node's boot address, never the boot interface; a
     split whose workers listen on the data network has a head on it, in the same network (nothing routes there);
     a vLLM pipeline's nodes are all on it, or none."""
-    seen: dict[str, str] = {}
-    boot = {node.address: node.name for node in cluster.nodes if node.address}
+    taken = {node.address: node.name for node in cluster.nodes if node.address}  # address → its node
     for i, node in enumerate(cluster.nodes):
         data = node.data_interface
         if data is None:
@@ -356,11 +353,10 @@ def _check_data_network(cluster: ServiceCluster, where: str) -> None:
         if data.mac is not None and data.mac == node.mac:
             raise RecipeError(f"{where}: {field}.mac: {data.mac} is {node.name}'s boot interface (its mac:)",
                               "give the MAC (or name:) of its second interface")
-        if data.ip in seen or data.ip in boot:
-            other = seen.get(data.ip) or boot[data.ip]
-            raise RecipeError(f"{where}: {field}.address: {data.ip} is already {other}'s address",
+        if data.ip in taken:
+            raise RecipeError(f"{where}: {field}.address: {data.ip} is already {taken[data.ip]}'s address",
                               "give every node its own address on the data network")
-        seen[data.ip] = node.name
+        taken[data.ip] = node.name
     by_name = {node.name: (i, node) for i, node in enumerate(cluster.nodes)}
     for s, service in enumerate(cluster.services):
         if service.topology == "split" and service.head:
@@ -379,7 +375,7 @@ def _check_data_network(cluster: ServiceCluster, where: str) -> None:
                                       "put the head and its workers in one data network (nothing routes there)")
         if service.topology == "pipeline":
             on = [name for name in service.nodes if by_name[name][1].data_interface]
-            networks = {by_name[name][1].data_interface.network for name in on}  # type: ignore[union-attr]
+            networks = {data.network for name in on if (data := by_name[name][1].data_interface)}
             if on and (len(on) != len(service.nodes) or len(networks) > 1):
                 raise RecipeError(f"{where}: services[{s}].nodes: a pipeline's nodes reach each other on the data "
                                   f"network when all of them are on it, in one network; {', '.join(on)} of "
@@ -442,11 +438,10 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
     _check_device(service, field, where, index, nodes)
     if service.topology == "split" and not service.head:
         return  # workers only: the head, and the model, are outside this file
-    for name in ("model", "sha256"):
-        if not getattr(service, name):
-            raise RecipeError(f"{where}: {field}.{name}: required (only a split without head: leaves it out)",
-                              "model: the GGUF or model folder, sha256: its hash (`sha256sum FILE`, "
-                              "`builder cluster hash-model DIR`)")
+    if not service.model:  # (a model without its sha256 was refused by ModelRef.locked_sha256)
+        raise RecipeError(f"{where}: {field}.model: required (only a split without head: leaves it out)",
+                          "model: the GGUF or model folder, sha256: its hash (`sha256sum FILE`, "
+                          "`builder cluster hash-model DIR`)")
     service.ref.check(base, where, f"{field}.model")
     if service.engine == "vllm":
         check_vllm_service(service, field, where, [nodes[index[n]] for n in service.nodes],
