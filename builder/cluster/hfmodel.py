@@ -45,8 +45,7 @@ def scan(folder: Path, where: str, shown: str | None = None) -> ModelFolder:
                           "give the folder itself (the link's target, or a copy made with cp -rL)")
     if not stat.S_ISDIR(top.st_mode):
         raise RecipeError(f"{where}: {name} is not a folder",
-                          "a vLLM service serves a Hugging Face model folder (config.json, *.safetensors, "
-                          "tokenizer)")
+                          "a vLLM service serves a Hugging Face model folder (config.json, *.safetensors, tokenizer)")
     try:
         found = _regular_files(folder, where, name)
     except OSError as exc:
@@ -65,9 +64,8 @@ def _regular_files(folder: Path, where: str, name: str) -> list[tuple[str, int]]
             path = Path(root) / entry
             relative = path.relative_to(folder).as_posix()
             if any(c in relative for c in "\\\n\r") or not relative.isprintable():
-                raise RecipeError(f"{where}: {relative!r} in {name} has a control character or backslash in "
-                                  "its name",
-                                  "rename the file (sha256sum would escape its name)")
+                raise RecipeError(f"{where}: {relative!r} in {name} has a control character or backslash in its "
+                                  "name", "rename the file (sha256sum would escape its name)")
             info = os.lstat(path)
             if stat.S_ISLNK(info.st_mode):
                 raise RecipeError(f"{where}: {relative} in {name} is a symbolic link (to {os.readlink(path)})",
