@@ -216,10 +216,9 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
             if name in existing:
                 _remove(engine, [name])
             say(f"starting {process.role} {process.service} on {process.node} ({address[process.node]}:{process.port})")
-            image = images[process]
             # counted before the run: a stop (Ctrl-C, SIGTERM) during it can leave the container created
             started.append(name)
-            run(process_argv(local, engine, process, image, models[process.service]), timeout=120)
+            run(process_argv(local, engine, process, images[process], models[process.service]), timeout=120)
             # a preseeding worker hashes and copies its share of the model first
             wait = SEED_WAIT if loaded.service(process.service).preseed else 60
             if process.role == "rpc-worker" and not _wait_port(address[process.node], process.port, wait):

@@ -22,9 +22,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from builder.cluster.commands import is_ray_pipeline
 from builder.cluster.firewall import for_services
 from builder.cluster.model import ClusterNode, Loaded, Process, Service, load_cluster
-from builder.cluster.vllm_service import MODELS, SOCKET_ENV, executor, launch, node_variant
+from builder.cluster.vllm_service import MODELS, SOCKET_ENV, launch, node_variant
 from builder.core.errors import RecipeError
 from builder.netboot import bom
 from builder.netboot.firewall import ruleset
@@ -193,8 +194,7 @@ def load_for_netboot(path: Path) -> Loaded:
                     raise RecipeError(f"{where}: nodes[{[n.name for n in cluster.nodes].index(name)}].address: "
                                       f"{name} needs one: the vLLM command lines of {service.name} name it",
                                       "reserve an address for the node in your DHCP server and write it here")
-            first = loaded.node(service.nodes[0])
-            if service.topology == "pipeline" and executor(*node_variant(first, service.device)) != "mp":
+            if is_ray_pipeline(loaded, service):
                 raise RecipeError(f"{where}: services[{i}]: a Ray pipeline does not netboot yet (its nodes would "
                                   "need the cluster's Ray token)", "run it with `builder cluster up --local`, "
                                   "or on nodes builder does not boot")
@@ -296,10 +296,8 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
     cluster = loaded.cluster
     assert cluster.control is not None
     base = base_url(cluster.control)
-    blobs: dict[str, str] = {}
-    for _, service in _netbooted_services(loaded):
-        known = service.sha256 if service.engine == "llama.cpp" else None
-        blobs[service.name] = add_blob(root, files[service.name], known)
+    blobs = {s.name: add_blob(root, files[s.name], s.sha256 if s.engine == "llama.cpp" else None)
+             for _, s in _netbooted_services(loaded)}
     firewalls = {f.node: f for f in for_services(loaded, leased=True)}
     out: dict[str, bytes] = {}
     nodes: dict[str, object] = {}
