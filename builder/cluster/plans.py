@@ -126,11 +126,11 @@ def _check_node(loaded: Loaded, i: int, node: ClusterNode, where: str) -> None:
 def _check_preseed(loaded: Loaded, i: int, node: ClusterNode, where: str) -> None:
     """A netbooted worker fills its tensor cache from a model kept on its cache disk: in RAM, the model and its
     cached copy would take twice the memory the worker serves from."""
+    if loaded.cluster.cache_of(node) is not None:
+        return
     for process in loaded.processes:
-        service = loaded.service(process.service)
-        if process.node == node.name and process.role == "rpc-worker" and service.preseed \
-                and loaded.cluster.cache_of(node) is None:
-            index = [s.name for s in loaded.cluster.services].index(service.name)
+        if process.node == node.name and process.role == "rpc-worker" and loaded.service(process.service).preseed:
+            index = [s.name for s in loaded.cluster.services].index(process.service)
             raise RecipeError(f"{where}: services[{index}].preseed: the worker {node.name} (nodes[{i}]) has no cache "
                               "disk, and a netbooted worker keeps the model it seeds from there",
                               "give the node a cache: (docs/netboot.md), or remove preseed:")
