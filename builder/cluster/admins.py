@@ -81,9 +81,7 @@ def _network(value: str) -> str:
         raise ValueError(f"an IP address or network (e.g. 192.168.1.20 or 192.168.1.0/24): {exc}") from None
     if network.prefixlen == 0:
         raise ValueError("is every address: name the operators' hosts or their network")
-    if network.num_addresses == 1:
-        return str(network.network_address)
-    return str(network)
+    return str(network.network_address if network.num_addresses == 1 else network)
 
 
 SshKey = Annotated[str, AfterValidator(check_key)]

@@ -101,15 +101,9 @@ def refused_args(engine: str, args: Iterable[str]) -> list[tuple[int, str, str]]
 
 def refused_env(names: Iterable[str]) -> list[tuple[str, str]]:
     """(name, why) for each environment name outside the allow-list."""
-    out = []
-    for name in names:
-        if name in ENV_NAMES:
-            continue
-        if name.startswith(ARG_PREFIXES):
-            out.append((name, f"{name} sets the server's arguments, which builder chooses"))
-        elif name not in ENV_NAMES:
-            out.append((name, f"{name} is not on builder's list of device and thread variables"))
-    return out
+    return [(name, f"{name} sets the server's arguments, which builder chooses" if name.startswith(ARG_PREFIXES)
+             else f"{name} is not on builder's list of device and thread variables")
+            for name in names if name not in ENV_NAMES]
 
 
 def check_args(where: str, field: str, engine: str, args: list[str], unsafe: bool) -> str | None:

@@ -14,15 +14,13 @@ folder mounted, which a `builder run` line cannot say for the `ray-worker` role.
 """
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cluster.model import Loaded, Process, Service
-from builder.cluster.vllm_service import executor, launch, node_variant
+from builder.cluster.vllm_service import SOCKET_ENV, executor, launch, node_variant
 
-# What a cpu pipeline's lines take from the box's environment: the interface that holds the node's address.
-INTERFACE_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 _NAME_SUFFIX = {"server": "", "rpc-worker": "-rpc", "pipeline-worker": "-pipeline"}
 
 
@@ -74,12 +72,8 @@ def _vllm_argv(loaded: Loaded, process: Process, models: str, image: Images | No
     service = loaded.service(process.service)
     addresses = {node.name: str(node.address) for node in loaded.cluster.nodes}
     peers = {node.name: str(node.peer_address) for node in loaded.cluster.nodes}
-
-    def no_token() -> Path:
-        raise AssertionError("a Ray pipeline has no builder run line")
-
     started = launch(service, process, loaded.node(process.node), Path(service.ref.on_box(models)), addresses,
-                     None, no_token, mount=False, peers=peers)
+                     None, None, mount=False, peers=peers)
     flags = started.flags
     assert all(flag in ("--shm-size", "--env") for flag in flags[::2]), flags  # what `builder run` takes
     return [*_head(loaded, process, image), *flags, "--model-sha256", service.sha256, *started.argv]
@@ -99,14 +93,21 @@ def _argv(loaded: Loaded, process: Process, models: str, image: Images | None) -
         # the worker's own copy of the model fills its tensor cache, kept beside the models across restarts
         return (*head, "--rpc-cache", f"{models.rstrip('/')}/rpc-cache", "--model-sha256", service.sha256, *worker,
                 "--seed", service.ref.on_box(models))
-    args = ["server", "-m", service.ref.on_box(models), "--host", address, "--port", str(process.port),
-            "--alias", service.name, "--metrics"]
+    peers = {node.name: node.peer_address for node in loaded.cluster.nodes}
+    args = server_args(service, service.ref.on_box(models), address, process.port, peers)
+    return (*head, "--model-sha256", service.sha256, "server", *args)
+
+
+def server_args(service: Service, model: str, address: str, port: int, workers: Mapping[str, str | None]
+                ) -> list[str]:
+    """llama-server's arguments for a service's server: its model, where it listens, its RPC workers (each
+    worker node's address in `workers`), the service's own args last."""
+    args = ["-m", model, "--host", address, "--port", str(port), "--alias", service.name, "--metrics"]
     if service.context:
         args += ["-c", str(service.context)]
     if service.topology == "split":
-        workers = ",".join(f"{loaded.node(w).peer_address}:{service.rpc_port}" for w in service.workers)
-        args += ["--rpc", workers, "-ngl", "999"]
-    return (*head, "--model-sha256", service.sha256, *args, *service.args)
+        args += ["--rpc", ",".join(f"{workers[w]}:{service.rpc_port}" for w in service.workers), "-ngl", "999"]
+    return [*args, *service.args]
 
 
 _ORDER = {"rpc-worker": 0, "server": 1, "pipeline-worker": 2}
@@ -129,7 +130,7 @@ def node_commands(loaded: Loaded, models: str, image: Images | None = None) -> l
             node.name, str(node.address),
             tuple(BoxModel(s.name, s.model, s.sha256, s.ref.on_box(models),
                            s.ref.download_line(loaded.path.parent, str(loaded.path), s.name)) for s in served),
-            tuple(_argv(loaded, p, models, image) for p in listed), INTERFACE_ENV if pipelines else (), tuple(skipped)))
+            tuple(_argv(loaded, p, models, image) for p in listed), SOCKET_ENV if pipelines else (), tuple(skipped)))
     return out
 
 

@@ -30,6 +30,7 @@ from builder.core.digests import sha256_file
 from builder.core.errors import RecipeError
 from builder.core.types import OneLine, http_url, one_line
 from builder.recipe.load import display_path, validated
+from builder.recipe.models import Strict
 
 PORTS = {"head": 8080, "rpc-worker": 50052, "vllm-server": 8000}
 WORKERS_ONLY = "rpc-workers"  # the name of a workers-only file's service
@@ -42,9 +43,7 @@ def _model(value: str) -> str:
     return http_url(value) if value.startswith("http://") else one_line(value)
 
 
-class _Vllm(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Vllm(Strict):
     model: OneLine
     served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
     args: list[OneLine] = Field(default_factory=list)

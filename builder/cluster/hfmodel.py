@@ -31,10 +31,6 @@ class ModelFolder:
         return sum(size for _, size in self.files)
 
 
-def _refuse(where: str, problem: str, fix: str) -> RecipeError:
-    return RecipeError(f"{where}: {problem}", fix)
-
-
 def scan(folder: Path, where: str, shown: str | None = None) -> ModelFolder:
     """The folder's regular files; one line naming `where` (file and field) for anything else in it. `shown` is
     how the folder is named in those lines (as the user wrote it)."""
@@ -42,22 +38,22 @@ def scan(folder: Path, where: str, shown: str | None = None) -> ModelFolder:
     try:
         top = os.lstat(folder)
     except OSError as exc:
-        raise _refuse(where, f"{name} does not exist ({exc.strerror})",
-                      "give the Hugging Face model folder's path relative to the cluster file") from None
+        raise RecipeError(f"{where}: {name} does not exist ({exc.strerror})",
+                          "give the Hugging Face model folder's path relative to the cluster file") from None
     if stat.S_ISLNK(top.st_mode):
-        raise _refuse(where, f"{name} is a symbolic link",
-                      "give the folder itself (the link's target, or a copy made with cp -rL)")
+        raise RecipeError(f"{where}: {name} is a symbolic link",
+                          "give the folder itself (the link's target, or a copy made with cp -rL)")
     if not stat.S_ISDIR(top.st_mode):
-        raise _refuse(where, f"{name} is not a folder",
-                      "a vLLM service serves a Hugging Face model folder (config.json, *.safetensors, tokenizer)")
+        raise RecipeError(f"{where}: {name} is not a folder",
+                          "a vLLM service serves a Hugging Face model folder (config.json, *.safetensors, tokenizer)")
     try:
         found = _regular_files(folder, where, name)
     except OSError as exc:
-        raise _refuse(where, f"cannot read {name}: {exc.strerror} ({exc.filename})",
-                      "make the model folder readable") from None
+        raise RecipeError(f"{where}: cannot read {name}: {exc.strerror} ({exc.filename})",
+                          "make the model folder readable") from None
     if not any(file == "config.json" for file, _ in found):
-        raise _refuse(where, f"{name} has no config.json: not a Hugging Face model folder",
-                      "give the folder that holds config.json, the weights and the tokenizer")
+        raise RecipeError(f"{where}: {name} has no config.json: not a Hugging Face model folder",
+                          "give the folder that holds config.json, the weights and the tokenizer")
     return ModelFolder(tuple(sorted(found, key=lambda item: item[0].encode())))
 
 
@@ -68,18 +64,18 @@ def _regular_files(folder: Path, where: str, name: str) -> list[tuple[str, int]]
             path = Path(root) / entry
             relative = path.relative_to(folder).as_posix()
             if any(c in relative for c in "\\\n\r") or not relative.isprintable():
-                raise _refuse(where, f"{relative!r} in {name} has a control character or backslash in its name",
-                              "rename the file (sha256sum would escape its name)")
+                raise RecipeError(f"{where}: {relative!r} in {name} has a control character or backslash in its "
+                                  "name", "rename the file (sha256sum would escape its name)")
             info = os.lstat(path)
             if stat.S_ISLNK(info.st_mode):
-                raise _refuse(where, f"{relative} in {name} is a symbolic link (to {os.readlink(path)})",
-                              "copy the model without links: cp -rL SRC DEST (Hugging Face cache snapshots "
-                              "are links into blobs/)")
+                raise RecipeError(f"{where}: {relative} in {name} is a symbolic link (to {os.readlink(path)})",
+                                  "copy the model without links: cp -rL SRC DEST (Hugging Face cache snapshots "
+                                  "are links into blobs/)")
             if stat.S_ISREG(info.st_mode):
                 found.append((relative, info.st_size))
             elif not stat.S_ISDIR(info.st_mode):
-                raise _refuse(where, f"{relative} in {name} is not a regular file or folder",
-                              "remove it from the model folder")
+                raise RecipeError(f"{where}: {relative} in {name} is not a regular file or folder",
+                                  "remove it from the model folder")
     return found
 
 

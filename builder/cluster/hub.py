@@ -168,11 +168,6 @@ def _download(name: HubName, commit: str, path: str, where: str) -> Path:
                           "check HF_ENDPOINT, your token (`hf auth login`) and the disk space of HF_HOME") from None
 
 
-def _cached(name: HubName, commit: str, path: str) -> Path | None:
-    found = _hub().try_to_load_from_cache(name.repo_id, path, revision=commit)
-    return Path(found) if isinstance(found, str) else None
-
-
 def _check_before(name: HubName, commit: str, file: HubFile, where: str) -> None:
     """What the hub says about the file now (size, and an LFS file's sha256 as its ETag) against the lock: a
     disagreement is refused before a byte is downloaded."""
@@ -196,7 +191,8 @@ def fetch(name: HubName, commit: str, files: tuple[HubFile, ...], where: str,
     its size and sha256; a download that disagrees is refused and removed from the cache again."""
     out = []
     for file in files:
-        path = _cached(name, commit, file.path)
+        found = _hub().try_to_load_from_cache(name.repo_id, file.path, revision=commit)
+        path = Path(found) if isinstance(found, str) else None
         fresh = path is None
         if path is None:
             _check_before(name, commit, file, where)

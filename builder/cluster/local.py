@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.cluster.commands import server_args
 from builder.cluster.gateway import (
     ServerState,
     apply_config,
@@ -91,7 +92,7 @@ def _images(loaded: Loaded, engine: Engine, say: Say) -> dict[Process, str]:
         kind = loaded.service(process.service).engine
         key = (process.target, process.variant, kind)
         if key not in images:
-            flavour = FLAVOURS["vllm" if kind == "vllm" else "llama.cpp"]
+            flavour = FLAVOURS[kind]
             prep = prepare(recipe_file(process.target, None, flavour), process.variant, flavour=flavour)
             try:
                 images[key] = image_for_run(engine, prep)
@@ -138,13 +139,8 @@ def process_argv(local: Local, engine: Engine, process: Process, image: str, mod
         seed = ["--volume", f"{model}:{inside}:ro"] if service.preseed else []
         return [*argv, *seed, image, "rpc-worker", "--host", address[process.node], "--port", str(process.port),
                 *(["--seed", inside] if service.preseed else [])]
-    args = ["-m", inside, "--host", address[process.node], "--port", str(process.port),
-            "--alias", service.name, "--metrics"]
-    if service.context:
-        args += ["-c", str(service.context)]
-    if service.topology == "split":
-        args += ["--rpc", ",".join(f"{address[w]}:{service.rpc_port}" for w in service.workers), "-ngl", "999"]
-    return [*argv, "--volume", f"{model}:{inside}:ro", image, "server", *args, *service.args]
+    args = server_args(service, inside, address[process.node], process.port, address)
+    return [*argv, "--volume", f"{model}:{inside}:ro", image, "server", *args]
 
 
 def containers(local: Local, engine: Engine) -> dict[str, str]:
@@ -220,10 +216,9 @@ def up(loaded: Loaded, engine_name: str | None, timeout: float, say: Say) -> Loc
             if name in existing:
                 _remove(engine, [name])
             say(f"starting {process.role} {process.service} on {process.node} ({address[process.node]}:{process.port})")
-            image = images[process]
             # counted before the run: a stop (Ctrl-C, SIGTERM) during it can leave the container created
             started.append(name)
-            run(process_argv(local, engine, process, image, models[process.service]), timeout=120)
+            run(process_argv(local, engine, process, images[process], models[process.service]), timeout=120)
             # a preseeding worker hashes and copies its share of the model first
             wait = SEED_WAIT if loaded.service(process.service).preseed else 60
             if process.role == "rpc-worker" and not _wait_port(address[process.node], process.port, wait):
@@ -308,8 +303,7 @@ def status(loaded: Loaded, engine_name: str | None) -> dict[str, object]:
             elif process.role == "pipeline-worker":
                 entry["health"] = "UP" if entry["container"] == "running" else "DOWN"
             elif process.role == "rpc-worker":
-                up_now = _wait_port(address[process.node], process.port, 0.5)
-                entry["health"] = "UP" if up_now else "DOWN"
+                entry["health"] = "UP" if _wait_port(address[process.node], process.port, 0.5) else "DOWN"
             else:
                 entry["health"] = "unknown"
             processes.append(entry)

@@ -18,20 +18,19 @@ class Locked:
     changed: tuple[str, ...]  # names whose entry is new or differs from the lock's
 
 
-def _hub_models(path: Path) -> dict[str, bool]:
-    """The file's hf:// models (name → is a folder), each name checked; only the file's shape is checked here,
-    since the rest of the checks need the lock this makes."""
+def _hub_models(path: Path) -> dict[str, hub.HubName]:
+    """The file's hf:// models, each name checked; only the file's shape is checked here, since the rest of the
+    checks need the lock this makes."""
     where = display_path(path)
     data = load_yaml(path, "cluster", "pass the path of your cluster.yaml")
     if "services" not in data:
         raise RecipeError(f"{where}: services: only the services form names models by hf://",
                           "add services: (see docs/clusters.md)")
     cluster = validated(ServiceCluster, path, data)
-    found: dict[str, bool] = {}
+    found: dict[str, hub.HubName] = {}
     for i, service in enumerate(cluster.services):
         if service.ref.is_hub:
-            hub.parse(service.model, service.ref.folder, where, f"services[{i}].model")
-            found[service.model] = service.ref.folder
+            found[service.model] = hub.parse(service.model, service.ref.folder, where, f"services[{i}].model")
     return found
 
 
@@ -41,9 +40,9 @@ def lock_cluster(path: Path, say: Callable[[str], None], *, check: bool = False)
     wanted = _hub_models(path)
     before = modellock.read(modellock.lock_path(path))
     models: dict[str, modellock.LockedModel] = {}
-    for name, folder in wanted.items():
-        parsed = hub.parse(name, folder, where, "model")
+    for name, parsed in wanted.items():
         commit, files = hub.resolve(parsed, where, say)
+        folder = parsed.file is None  # a vLLM model folder: the whole repository
         models[name] = modellock.LockedModel(
             repo=parsed.repo_id, revision=parsed.revision, commit=commit, sha256=modellock.content_hash(files, folder),
             files=[modellock.LockedFile(path=f.path, size=f.size, sha256=f.sha256) for f in files])

@@ -23,7 +23,7 @@ from builder.cluster.args import check_args, check_env
 from builder.cluster.convert import convert, is_old_form, note
 from builder.cluster.hfmodel import scan
 from builder.cluster.modelref import ModelRef
-from builder.cluster.vllm_service import check_vllm_service
+from builder.cluster.vllm_service import check_vllm_service, node_variant
 from builder.core.errors import RecipeError
 from builder.core.paths import cache_subdir
 from builder.core.types import Address, EnvName, HostName, KernelArg, OneLine, is_wildcard
@@ -31,7 +31,7 @@ from builder.netboot.boards import BoardArgs, board_args, check_ram
 from builder.netboot.inventory import Cache, Control, Node
 from builder.recipe.load import display_path, load_yaml, select, validated
 from builder.recipe.models import Strict
-from builder.recipe.targets import TARGETS, did_you_mean
+from builder.recipe.targets import did_you_mean
 
 # A service name reaches HAProxy's config, JSON answers and container names: keep it to plain characters.
 SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -43,6 +43,7 @@ MAX_QUIET_WORKERS = 2
 # Weights plus room for the KV cache and compute buffers, when a service does not say what it needs.
 MEMORY_FACTOR = 1.2
 GIB = 1 << 30
+Role = Literal["server", "rpc-worker", "pipeline-worker"]
 
 
 class Device(Strict):
@@ -177,9 +178,7 @@ class ServiceCluster(Strict):
     services: list[Service] = Field(min_length=1)
 
     def cache_of(self, node: Node) -> Cache | None:
-        if node.cache is False:
-            return None
-        return node.cache or self.cache
+        return None if node.cache is False else node.cache or self.cache
 
     @property
     def netbooted(self) -> list[ClusterNode]:
@@ -193,7 +192,7 @@ class Process:
 
     service: str
     node: str
-    role: Literal["server", "rpc-worker", "pipeline-worker"]
+    role: Role
     port: int
     # What it runs: the device the service picked on the node (None: the node's one target), that device's
     # target and variant (its default filled in). Derived from the service and node, so left out of equality.
@@ -212,23 +211,11 @@ class Loaded:
     warnings: tuple[str, ...]
     notes: tuple[str, ...] = ()  # e.g. that the file was converted from the netboot-only form
 
-    def model_file(self, service: Service) -> Path | None:
-        """The GGUF or model folder on this machine, or None for a URL."""
-        return service.ref.path(self.path.parent)
-
-    def gguf(self, index: int, say: Callable[[str], None]) -> Path:
-        """services[index]'s GGUF on this machine (a URL fetched into the cache), checked against its sha256."""
-        return self.local_model(index, say)
-
     def local_model(self, index: int, say: Callable[[str], None], where: str | None = None) -> Path:
         """services[index]'s GGUF or model folder on this machine (a URL fetched into the cache), checked against
         its sha256; `where` names the file in a refusal (default: its path as given)."""
         return self.cluster.services[index].ref.local(self.path.parent, where or display_path(self.path),
                                                       f"services[{index}]", say)
-
-    def model_folder(self, index: int, say: Callable[[str], None]) -> Path:
-        """services[index]'s model folder (a vLLM service's) on this machine, checked against its content hash."""
-        return self.local_model(index, say)
 
     def state_folder(self, kind: str) -> tuple[str, Path]:
         """A name for this cluster file's `kind` of run (e.g. local containers, a netboot gateway), unique per
@@ -277,28 +264,20 @@ def server_port(service: Service) -> int:
 
 
 def _check_nodes(cluster: ServiceCluster, where: str) -> dict[str, int]:
-    index: dict[str, int] = {}
-    macs: dict[str, int] = {}
-    addresses: dict[str, int] = {}
+    seen: dict[tuple[str, str], int] = {}  # (field, value) → the node that gave it first
     for i, node in enumerate(cluster.nodes):
-        if node.address and node.address in addresses:
-            raise RecipeError(f"{where}: nodes[{i}].address: {node.address} is already "
-                              f"nodes[{addresses[node.address]}]", "every node has its own address")
-        if node.address:
-            addresses[node.address] = i
-        if node.name in index:
-            raise RecipeError(f"{where}: nodes[{i}].name: {node.name!r} is already nodes[{index[node.name]}]",
-                              "give every node its own name")
-        if node.mac is not None and node.mac in macs:
-            raise RecipeError(f"{where}: nodes[{i}].mac: {node.mac} is already nodes[{macs[node.mac]}]",
-                              "every node boots from its own network interface")
-        index[node.name] = i
-        if node.mac is not None:
-            macs[node.mac] = i
+        for field, shown, fix in (("address", node.address, "every node has its own address"),
+                                  ("name", repr(node.name), "give every node its own name"),
+                                  ("mac", node.mac, "every node boots from its own network interface")):
+            value = getattr(node, field)
+            if value and (field, value) in seen:
+                raise RecipeError(f"{where}: nodes[{i}].{field}: {shown} is already nodes[{seen[field, value]}]", fix)
+            if value:
+                seen[field, value] = i
         _check_form(node, f"{where}: nodes[{i}]")
         for target in node.targets if node.ram is not None else []:
             check_ram(int(node.ram or 0), target, f"{where}: nodes[{i}]")
-    return index
+    return {node.name: i for i, node in enumerate(cluster.nodes)}
 
 
 def _check_form(node: ClusterNode, at: str) -> None:
@@ -365,8 +344,7 @@ def _check_data_network(cluster: ServiceCluster, where: str) -> None:
     """Data interfaces: each its own address, never another node's boot address, never the boot interface; a
     split whose workers listen on the data network has a head on it, in the same network (nothing routes there);
     a vLLM pipeline's nodes are all on it, or none."""
-    seen: dict[str, str] = {}
-    boot = {node.address: node.name for node in cluster.nodes if node.address}
+    taken = {node.address: node.name for node in cluster.nodes if node.address}  # address → its node
     for i, node in enumerate(cluster.nodes):
         data = node.data_interface
         if data is None:
@@ -375,11 +353,10 @@ def _check_data_network(cluster: ServiceCluster, where: str) -> None:
         if data.mac is not None and data.mac == node.mac:
             raise RecipeError(f"{where}: {field}.mac: {data.mac} is {node.name}'s boot interface (its mac:)",
                               "give the MAC (or name:) of its second interface")
-        if data.ip in seen or data.ip in boot:
-            other = seen.get(data.ip) or boot[data.ip]
-            raise RecipeError(f"{where}: {field}.address: {data.ip} is already {other}'s address",
+        if data.ip in taken:
+            raise RecipeError(f"{where}: {field}.address: {data.ip} is already {taken[data.ip]}'s address",
                               "give every node its own address on the data network")
-        seen[data.ip] = node.name
+        taken[data.ip] = node.name
     by_name = {node.name: (i, node) for i, node in enumerate(cluster.nodes)}
     for s, service in enumerate(cluster.services):
         if service.topology == "split" and service.head:
@@ -398,7 +375,7 @@ def _check_data_network(cluster: ServiceCluster, where: str) -> None:
                                       "put the head and its workers in one data network (nothing routes there)")
         if service.topology == "pipeline":
             on = [name for name in service.nodes if by_name[name][1].data_interface]
-            networks = {by_name[name][1].data_interface.network for name in on}  # type: ignore[union-attr]
+            networks = {data.network for name in on if (data := by_name[name][1].data_interface)}
             if on and (len(on) != len(service.nodes) or len(networks) > 1):
                 raise RecipeError(f"{where}: services[{s}].nodes: a pipeline's nodes reach each other on the data "
                                   f"network when all of them are on it, in one network; {', '.join(on)} of "
@@ -461,11 +438,10 @@ def _check_service(service: Service, i: int, where: str, base: Path, index: dict
     _check_device(service, field, where, index, nodes)
     if service.topology == "split" and not service.head:
         return  # workers only: the head, and the model, are outside this file
-    for name in ("model", "sha256"):
-        if not getattr(service, name):
-            raise RecipeError(f"{where}: {field}.{name}: required (only a split without head: leaves it out)",
-                              "model: the GGUF or model folder, sha256: its hash (`sha256sum FILE`, "
-                              "`builder cluster hash-model DIR`)")
+    if not service.model:  # (a model without its sha256 was refused by ModelRef.locked_sha256)
+        raise RecipeError(f"{where}: {field}.model: required (only a split without head: leaves it out)",
+                          "model: the GGUF or model folder, sha256: its hash (`sha256sum FILE`, "
+                          "`builder cluster hash-model DIR`)")
     service.ref.check(base, where, f"{field}.model")
     if service.engine == "vllm":
         check_vllm_service(service, field, where, [nodes[index[n]] for n in service.nodes],
@@ -493,38 +469,28 @@ def _need(service: Service, base: Path, where: str) -> float:
     return total / len(service.nodes) if service.topology == "pipeline" else total
 
 
-def _with_device(cluster: ServiceCluster, process: Process, index: dict[str, int]) -> Process:
-    """The process with what it runs: the service's device on a node that has several, else the node's target."""
-    node = cluster.nodes[index[process.node]]
-    device = next(s for s in cluster.services if s.name == process.service).device if node.devices else None
-    chosen = node.pick(device)
-    variant = chosen.variant or TARGETS[chosen.target].default_variant
-    return Process(process.service, process.node, process.role, process.port, device, chosen.target, variant)
-
-
 def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int]) -> tuple[Process, ...]:
     processes: list[Process] = []
     rpc_of: dict[str, str] = {}
     for i, service in enumerate(cluster.services):
         port = server_port(service)
-        if service.topology == "replicate":
-            processes += [Process(service.name, node, "server", port) for node in service.nodes]
-            continue
-        if service.topology == "pipeline":
-            processes.append(Process(service.name, service.nodes[0], "server", port))
-            processes += [Process(service.name, node, "pipeline-worker", service.pipeline_port)
-                          for node in service.nodes[1:]]
-            continue
-        if service.head is not None:
-            processes.append(Process(service.name, service.head, "server", port))
-        for j, worker in enumerate(service.workers):
-            if worker in rpc_of:
-                raise RecipeError(
-                    f"{where}: services[{i}].workers[{j}]: {worker!r} is already an RPC worker of {rpc_of[worker]!r}",
-                    "an RPC worker serves one head only: give this service its own worker nodes")
-            rpc_of[worker] = service.name
-            processes.append(Process(service.name, worker, "rpc-worker", service.rpc_port))
-    processes = [_with_device(cluster, p, index) for p in processes]
+        placed: list[tuple[str, Role, int]] = [(node, "server", port) for node in service.nodes]
+        if service.topology == "pipeline":  # the other nodes join the first, which serves
+            placed[1:] = [(node, "pipeline-worker", service.pipeline_port) for node in service.nodes[1:]]
+        if service.topology == "split":
+            placed = [(service.head, "server", port)] if service.head else []
+            for j, worker in enumerate(service.workers):
+                if worker in rpc_of:
+                    raise RecipeError(f"{where}: services[{i}].workers[{j}]: {worker!r} is already an RPC worker of "
+                                      f"{rpc_of[worker]!r}", "an RPC worker serves one head only: give this service "
+                                      "its own worker nodes")
+                rpc_of[worker] = service.name
+                placed.append((worker, "rpc-worker", service.rpc_port))
+        for name, role, at in placed:
+            # what it runs: the service's device on a node that has several, else the node's one target
+            node = cluster.nodes[index[name]]
+            device = service.device if node.devices else None
+            processes.append(Process(service.name, name, role, at, device, *node_variant(node, device)))
     ports: dict[tuple[str, int], str] = {}
     for process in processes:
         key = (process.node, process.port)
@@ -534,11 +500,10 @@ def _place(cluster: ServiceCluster, where: str, base: Path, index: dict[str, int
             raise RecipeError(f"{where}: services[{i}].port: {process.port}{derived} on node {process.node!r} is "
                               f"already used by service {ports[key]!r}", "give one of the services a port: of its own")
         ports[key] = process.service
-    for node in cluster.nodes:
+    for i, node in enumerate(cluster.nodes):
         hosted = {p.service for p in processes if p.node == node.name}
         if not hosted:
             continue
-        i = index[node.name]
         needs = {s.name: _need(s, base, where) for s in cluster.services if s.name in hosted}
         if node.memory is None and not any(needs.values()):
             continue  # only workers of heads outside the file

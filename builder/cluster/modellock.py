@@ -13,7 +13,6 @@ name as the file writes it):
 The lock holds names, commits, sizes and digests only: never a token or anything else from the environment.
 """
 
-import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError
 
+from builder.cluster.hfmodel import hash_lines
 from builder.cluster.hub import HubFile, valid_file
 from builder.core.errors import RecipeError
 from builder.recipe.load import display_path
@@ -66,12 +66,7 @@ def lock_path(cluster_file: Path) -> Path:
 
 def content_hash(files: tuple[HubFile, ...], folder: bool) -> str:
     """A GGUF's sha256, or a folder's content hash computed from its files' sha256s (hfmodel.py's format)."""
-    if not folder:
-        return files[0].sha256
-    lines = hashlib.sha256()
-    for file in sorted(files, key=lambda f: f.path.encode()):
-        lines.update(f"{file.sha256}  {file.path}\n".encode())
-    return lines.hexdigest()
+    return hash_lines([(f.path, f.sha256) for f in files]) if folder else files[0].sha256
 
 
 def read(path: Path) -> dict[str, LockedModel]:

@@ -22,9 +22,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from builder.cluster.commands import is_ray_pipeline
 from builder.cluster.firewall import for_services
 from builder.cluster.model import ClusterNode, Loaded, Process, Service, load_cluster
-from builder.cluster.vllm_service import MODELS, executor, launch, node_variant
+from builder.cluster.vllm_service import MODELS, SOCKET_ENV, launch, node_variant
 from builder.core.errors import RecipeError
 from builder.netboot import bom
 from builder.netboot.firewall import ruleset
@@ -64,8 +65,6 @@ KERNEL_LINE = 2047  # COMMAND_LINE_SIZE on x86, less its final NUL
 # Names that hold credentials by convention. Every file a netbooted node boots from (its plan included) is
 # served to the boot network, where any host can read it: such a value has no place in a node's `env`.
 _CREDENTIAL = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
-# The node's process units set these from the interface it leased its address on.
-_NODE_INTERFACE = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 def control_of(path: Path) -> Control:
@@ -127,11 +126,11 @@ def _check_node(loaded: Loaded, i: int, node: ClusterNode, where: str) -> None:
 def _check_preseed(loaded: Loaded, i: int, node: ClusterNode, where: str) -> None:
     """A netbooted worker fills its tensor cache from a model kept on its cache disk: in RAM, the model and its
     cached copy would take twice the memory the worker serves from."""
+    if loaded.cluster.cache_of(node) is not None:
+        return
     for process in loaded.processes:
-        service = loaded.service(process.service)
-        if process.node == node.name and process.role == "rpc-worker" and service.preseed \
-                and loaded.cluster.cache_of(node) is None:
-            index = [s.name for s in loaded.cluster.services].index(service.name)
+        if process.node == node.name and process.role == "rpc-worker" and loaded.service(process.service).preseed:
+            index = [s.name for s in loaded.cluster.services].index(process.service)
             raise RecipeError(f"{where}: services[{index}].preseed: the worker {node.name} (nodes[{i}]) has no cache "
                               "disk, and a netbooted worker keeps the model it seeds from there",
                               "give the node a cache: (docs/netboot.md), or remove preseed:")
@@ -195,13 +194,12 @@ def load_for_netboot(path: Path) -> Loaded:
                     raise RecipeError(f"{where}: nodes[{[n.name for n in cluster.nodes].index(name)}].address: "
                                       f"{name} needs one: the vLLM command lines of {service.name} name it",
                                       "reserve an address for the node in your DHCP server and write it here")
-            first = loaded.node(service.nodes[0])
-            if service.topology == "pipeline" and executor(*node_variant(first, service.device)) != "mp":
+            if is_ray_pipeline(loaded, service):
                 raise RecipeError(f"{where}: services[{i}]: a Ray pipeline does not netboot yet (its nodes would "
                                   "need the cluster's Ray token)", "run it with `builder cluster up --local`, "
                                   "or on nodes builder does not boot")
             continue
-        model = loaded.model_file(service)
+        model = service.ref.path(loaded.path.parent)
         if model is not None and service.model:
             # The file is published over HTTP to the nodes: only a model, never any other file of this machine.
             with model.open("rb") as f:
@@ -229,10 +227,8 @@ def models(loaded: Loaded, say: Say) -> dict[str, Path]:
     model folder; each checked against the service's sha256 first."""
     out: dict[str, Path] = {}
     for i, service in _netbooted_services(loaded):
-        if service.engine == "vllm":
-            out[service.name] = pack_model(loaded.model_folder(i, say))
-        else:
-            out[service.name] = loaded.gguf(i, say)
+        path = loaded.local_model(i, say)
+        out[service.name] = pack_model(path) if service.engine == "vllm" else path
     return out
 
 
@@ -242,24 +238,18 @@ def netboot_set(loaded: Loaded, node: ClusterNode) -> tuple[str, str]:
     return target, f"vllm-{variant}" if "vllm" in _engines(loaded, node.name) else variant
 
 
-def _no_ray_token() -> Path:
-    raise AssertionError("a netbooted pipeline runs vLLM's own executor (load_for_netboot refuses Ray)")
-
-
 def _vllm_line(loaded: Loaded, process: Process, url: str, blob: str) -> VllmLine:
     service, node = loaded.service(process.service), loaded.node(process.node)
     addresses = {n.name: str(n.address) for n in loaded.cluster.nodes if n.address}
     peers = {n.name: str(n.peer_address) for n in loaded.cluster.nodes if n.peer_address}
     mount = f"{MODELS}/{service.name}"
-    started = launch(service, process, node, Path(mount), addresses, "-", _no_ray_token, peers=peers)
-    env: list[tuple[str, str]] = []
-    for flag, value in zip(started.flags, started.flags[1:], strict=False):
-        if flag == "--env":
-            name, _, setting = value.partition("=")
-            if name not in _NODE_INTERFACE:
-                env.append((name, setting))
+    started = launch(service, process, node, Path(mount), addresses, "-", None, peers=peers)
+    # SOCKET_ENV are left to the node's process units: they set them from the interface it leased its address on
+    flags = zip(started.flags[::2], started.flags[1::2], strict=True)
+    pairs = (value.partition("=") for flag, value in flags if flag == "--env")
+    env = tuple((name, setting) for name, _, setting in pairs if name not in SOCKET_ENV)
     port = process.port if process.role == "server" else None
-    return VllmLine(service.name, port, url, blob, mount, tuple(env), tuple(started.argv))
+    return VllmLine(service.name, port, url, blob, mount, env, tuple(started.argv))
 
 
 def node_plan(loaded: Loaded, node: str, base: str, blobs: dict[str, str]) -> NodePlan:
@@ -306,10 +296,8 @@ def node_files(root: Path, loaded: Loaded, files: dict[str, Path], manifests: Ma
     cluster = loaded.cluster
     assert cluster.control is not None
     base = base_url(cluster.control)
-    blobs: dict[str, str] = {}
-    for _, service in _netbooted_services(loaded):
-        known = service.sha256 if service.engine == "llama.cpp" else None
-        blobs[service.name] = add_blob(root, files[service.name], known)
+    blobs = {s.name: add_blob(root, files[s.name], s.sha256 if s.engine == "llama.cpp" else None)
+             for _, s in _netbooted_services(loaded)}
     firewalls = {f.node: f for f in for_services(loaded, leased=True)}
     out: dict[str, bytes] = {}
     nodes: dict[str, object] = {}

@@ -2,9 +2,8 @@
 `vllm serve` / Ray command lines of every process.
 
 A node says its hardware (target, variant, or several devices of which a service picks one); a service's engine
-picks the flavour: a vLLM service runs the
-node's target and variant with the vllm flavour (recipes/vllm/TARGET.yaml), a llama.cpp service the llama.cpp
-image of the same target and variant. A node that hosts both kinds runs both images.
+picks the flavour: a vLLM service runs them with the vllm flavour (recipes/vllm/TARGET.yaml), a llama.cpp service
+with the llama.cpp one. A node that hosts both kinds runs both images.
 
 A pipeline splits the model's layers over its nodes (`--pipeline-parallel-size` = the number of nodes), the
 first node serving the API. How the nodes join depends on what the variant's vLLM can do:
@@ -40,6 +39,8 @@ RAY_TOKEN = "/run/builder/ray-token"
 SHM_SIZE = "1g"
 # Platforms whose vLLM cannot run the Ray executor, with what it says when asked to.
 NO_RAY = {"cpu": "vLLM's CPU platform has no Ray executor ('current platform cpu does not support ray')"}
+# A pipeline's processes find the interface that holds their node's address in these.
+SOCKET_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 def node_variant(node: "ClusterNode", device: str | None = None) -> tuple[str, str]:
@@ -58,22 +59,18 @@ def executor(target: str, variant: str) -> Executor | None:
     return "ray" if any(requirement_name(str(r)) == "ray" for r in section.requirements) else None
 
 
-def _check_node(node: "ClusterNode", device: str | None, at: int, field: str, where: str) -> None:
-    target, variant = node_variant(node, device)
-    path = vllm_recipes() / f"{target}.yaml"
-    if (target, variant) not in VLLM_DEVICES or not path.is_file() or \
-            variant not in load_vllm_recipe(path).variants:
-        runs_on = ", ".join(f"{t}/{v}" for t, v in VLLM_DEVICES)
-        raise RecipeError(f"{where}: {field}: node {node.name} is {target}/{variant}, which has no vLLM recipe "
-                          f"(nodes[{at}])", f"vLLM runs on {runs_on}: place the service on such a node, or "
-                          "serve a GGUF with engine: llama.cpp")
-
-
 def check_vllm_service(service: "Service", field: str, where: str, nodes: list["ClusterNode"],
                        at: list[int]) -> None:
     """A vLLM service's nodes (its model folder is checked as every service's model is: ModelRef.check)."""
     for j, node in enumerate(nodes):
-        _check_node(node, service.device, at[j], f"{field}.nodes[{j}]", where)
+        target, variant = node_variant(node, service.device)
+        path = vllm_recipes() / f"{target}.yaml"
+        if (target, variant) not in VLLM_DEVICES or not path.is_file() or \
+                variant not in load_vllm_recipe(path).variants:
+            runs_on = ", ".join(f"{t}/{v}" for t, v in VLLM_DEVICES)
+            raise RecipeError(f"{where}: {field}.nodes[{j}]: node {node.name} is {target}/{variant}, which has no "
+                              f"vLLM recipe (nodes[{at[j]}])", f"vLLM runs on {runs_on}: place the service on such "
+                              "a node, or serve a GGUF with engine: llama.cpp")
     if service.topology != "pipeline":
         return
     kinds = {node_variant(n, service.device) for n in nodes}
@@ -111,27 +108,25 @@ def _serve_args(service: "Service", model: str, address: str, port: int | None) 
 
 
 def launch(service: "Service", process: "Process", node: "ClusterNode", model: Path,
-           addresses: dict[str, str], interface: str | None, ray_token: Callable[[], Path],
+           addresses: dict[str, str], interface: str | None, ray_token: Callable[[], Path] | None,
            mount: bool = True, peers: dict[str, str] | None = None) -> Launch:
     """The flags and image arguments of one vLLM server or pipeline worker. `model` is the folder on the
     machine that runs it: mounted at /models/SERVICE, or with `mount` False named as it is (`builder run
     … serve FOLDER` mounts it itself). `interface` None: the socket interface variables come from the
-    caller's environment (`--env NAME` alone). `peers`: where the pipeline's nodes reach each other (their data
-    addresses, docs/netboot.md), when not at `addresses`, where the API listens."""
+    caller's environment (`--env NAME` alone). `ray_token` None: the caller refuses Ray pipelines (netboot,
+    `builder run` lines). `peers`: where the pipeline's nodes reach each other (their data addresses,
+    docs/netboot.md), when not at `addresses`, where the API listens."""
     address = addresses[process.node]
     peers = peers or addresses
     flags = ["--shm-size", SHM_SIZE, "--env", f"VLLM_HOST_IP={peers[process.node]}", "--env", "HF_HUB_OFFLINE=1"]
-    served = f"{MODELS}/{service.name}"
-    if mount:
-        flags += ["--volume", f"{model}:{served}:ro"]
-    else:
-        served = str(model)
+    served = f"{MODELS}/{service.name}" if mount else str(model)
+    flags += ["--volume", f"{model}:{served}:ro"] if mount else []
     if service.topology != "pipeline":
         return Launch(flags, ["serve", *_serve_args(service, served, address, process.port)])
     size = len(service.nodes)
     head = peers[service.nodes[0]]
     rank = service.nodes.index(process.node)
-    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+    for name in SOCKET_ENV:
         flags += ["--env", name if interface is None else f"{name}={interface}"]
     kind = executor(*node_variant(node, service.device))
     if kind == "mp":
@@ -140,6 +135,7 @@ def launch(service: "Service", process: "Process", node: "ClusterNode", model: P
                  "--nnodes", str(size), "--node-rank", str(rank), "--master-addr", head,
                  "--master-port", str(service.pipeline_port)]
         return Launch(flags, ["serve", *serve, *(["--headless"] if rank else [])])
+    assert ray_token is not None, "a Ray pipeline where its caller refuses them"
     flags += ["--env", f"RAY_AUTH_TOKEN_PATH={RAY_TOKEN}", "--volume", f"{ray_token()}:{RAY_TOKEN}:ro"]
     if rank:
         return Launch(flags, ["ray-worker", "--head", f"{head}:{service.pipeline_port}", "--host",
