@@ -136,8 +136,8 @@ class Service(Strict):
         "pipeline: one vLLM over the nodes, in order (vllm)")
     nodes: list[str] = Field(default_factory=list, description="replicate: the nodes that each run a server; "
                              "pipeline: the nodes the layers are spread over, the first one serving")
-    head: str | None = Field(None, description="split: the node running llama-server; leave it out for workers "
-                             "only (the head runs outside this file)")
+    head: str | None = Field(None, min_length=1, description="split: the node running llama-server; leave it out "
+                             "for workers only (the head runs outside this file)")
     workers: list[str] = Field(default_factory=list, description="split: the nodes running ggml-rpc-server")
     port: int | None = Field(None, ge=1, le=65535, description="the server's port (default: derived from the "
                              "service's name, 8100-8999, so it never moves when other services change)")

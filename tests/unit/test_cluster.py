@@ -86,6 +86,8 @@ def test_a_services_port_does_not_move_when_services_are_added_removed_or_reorde
     ({"services": [service("chat", nodes=["a"], head="b")]}, "services[0]: head and workers belong to topology: split"),
     ({"services": [service("chat", topology="split")]}, "services[0].workers: split needs at least one"),
     ({"services": [service("chat", topology="split", head="a")]}, "services[0].workers: split needs at least one"),
+    ({"services": [service("chat", topology="split", head="", workers=["b"])]},
+     "services[0].head: String should have at least 1 character"),
     ({"services": [service("chat", topology="split", head="a", workers=["a"])]},
      "services[0].workers[0]: 'a' is already in this service"),
     ({"services": [service("chat", topology="split", head="a", nodes=["b"])]},

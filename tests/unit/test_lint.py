@@ -67,3 +67,10 @@ def test_test_modules_have_unique_names_across_folders() -> None:
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         assert path.name not in seen, f"{path.relative_to(ROOT)} and {seen[path.name].relative_to(ROOT)}"
         seen[path.name] = path
+
+
+def test_modules_stay_under_six_hundred_lines() -> None:
+    """A module past 600 lines holds more than one idea (docs/architecture.md): split it by what it does."""
+    long = {str(path.relative_to(ROOT)): n for path in sorted((ROOT / "builder").rglob("*.py"))
+            if (n := len(path.read_text().splitlines())) > 600}
+    assert not long, long
