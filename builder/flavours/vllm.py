@@ -75,12 +75,6 @@ def load_vllm_recipe(path: Path) -> VllmRecipe:
     return recipe
 
 
-def vllm_variants(target: str) -> list[str]:
-    """Variants the shipped vLLM recipe of a target builds (for `builder targets`)."""
-    path = vllm_recipes() / f"{target}.yaml"
-    return list(load_vllm_recipe(path).variants) if path.is_file() else []
-
-
 def locked_sections(recipes_dir: Path) -> list[tuple[VllmRecipe, str, VllmVariant]]:
     """(recipe, variant, section) of every vLLM variant with a wheel lock: the ones that build here."""
     return [(recipe, name, section) for path in sorted((recipes_dir / "vllm").glob("*.yaml"))
