@@ -230,11 +230,15 @@ def resolve(spec: GitSource | ArchiveSource | PypiSource) -> SourceTree:
         locator, version = spec.url, PurePosixPath(spec.url).name
     if spec.subdir:
         locator += f"#{spec.subdir}"
-    with locked(lock_file(f"source-tree-{spec.sha256}"), f"extracting {locator}"):
-        root = _extract(archive, spec.sha256, spec.subdir)
-        epoch = _tar_epoch(archive, spec.sha256)
-    return SourceTree(SourceInfo(locator=locator, identity=f"sha256:{spec.sha256}", version=version,
-                                 epoch=epoch), root)
+    return _archive_tree(archive, spec.sha256, spec.subdir, locator, version)
+
+
+def _archive_tree(archive: Path, sha256: str, subdir: str, locator: str, version: str) -> SourceTree:
+    """The llama.cpp tree of an archive, extracted once (and its date read once) per sha256."""
+    with locked(lock_file(f"source-tree-{sha256}"), f"extracting {locator}"):
+        root = _extract(archive, sha256, subdir)
+        epoch = _tar_epoch(archive, sha256)
+    return SourceTree(SourceInfo(locator=locator, identity=f"sha256:{sha256}", version=version, epoch=epoch), root)
 
 
 def resolve_override(path_or_archive: str) -> SourceTree:
@@ -246,11 +250,6 @@ def resolve_override(path_or_archive: str) -> SourceTree:
         info = SourceInfo(locator=str(root), identity=f"tree:{tree_hash(root)}", version="local", epoch=epoch)
         return SourceTree(info, root)
     if path.is_file():
-        digest = sha256_file(path)
-        with locked(lock_file(f"source-tree-{digest}"), f"extracting {path}"):
-            root = _extract(path, digest, "")
-            epoch = _tar_epoch(path, digest)
-        info = SourceInfo(locator=str(path), identity=f"sha256:{digest}", version=path.name, epoch=epoch)
-        return SourceTree(info, root)
+        return _archive_tree(path, sha256_file(path), "", str(path), path.name)
     raise SourceError(f"--llama-cpp-source: {path_or_archive}: no such file or directory")
 

@@ -134,14 +134,10 @@ def pins_from_lines(lines: list[str]) -> tuple[Pin, ...]:
     return tuple(pins)
 
 
-def _platform_flags(arch: str) -> list[str]:
-    """pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself."""
-    return [flag for tag in platforms(arch) for flag in ("--platform", tag)]
-
-
 def _target_flags(python: str, arch: str) -> list[str]:
+    # pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself.
     return ["--only-binary", ":all:", "--python-version", python, "--implementation", "cp",
-            *_platform_flags(arch)]
+            *(flag for tag in platforms(arch) for flag in ("--platform", tag))]
 
 
 def resolve_lock(python: str, requirements: list[str], index: str | None, arch: str, header: dict[str, str],

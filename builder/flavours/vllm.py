@@ -256,13 +256,14 @@ class Vllm(Flavour):
         return [plan.base] + ([plan.toolchain] if plan.toolchain is not None else [])
 
     def fetch(self, prep: Prepared, context: Path) -> AbstractContextManager[BuildArgs]:
-        plan = plan_of(prep)
-        wheels = fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
-        return _wheel_index(wheels)
+        return _wheel_index(self._wheels(prep))
 
     def prefetch(self, prep: Prepared) -> None:
+        self._wheels(prep)
+
+    def _wheels(self, prep: Prepared) -> Path:
         plan = plan_of(prep)
-        fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
+        return fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
 
     def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]:
         return make_vllm_sbom(plan_of(prep), image, digest, contents)
