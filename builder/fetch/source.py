@@ -199,12 +199,15 @@ def _fetch_pypi(spec: PypiSource) -> Path:
     return cache_verified(archives / f"{spec.sha256}.tar", spec.sha256, f"{spec.package}=={spec.version}", fetch)
 
 
+def git_checkout(spec: GitSource) -> Path:
+    """Where a git pin is checked out in the cache (one folder per URL and ref)."""
+    return cache_subdir("sources/git") / hashlib.sha256(f"{spec.url}\0{spec.ref}".encode()).hexdigest()[:24]
+
+
 def _fetch_git(spec: GitSource) -> SourceTree:
-    trees = cache_subdir("sources/git")
-    key = hashlib.sha256(f"{spec.url}\0{spec.ref}".encode()).hexdigest()[:24]
-    checkout = trees / key
+    checkout = git_checkout(spec)
     if not (checkout / ".git").is_dir():
-        with locked(lock_file(f"git-{key}"), f"fetching {spec.url}"), temp_dir(trees) as tmp:
+        with locked(lock_file(f"git-{checkout.name}"), f"fetching {spec.url}"), temp_dir(checkout.parent) as tmp:
             if not (checkout / ".git").is_dir():
                 run(["git", "init", "-q", "--", tmp])
                 # `--`: a URL or ref that looks like an option (--upload-pack=…) must stay an argument.
