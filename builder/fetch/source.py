@@ -55,11 +55,6 @@ def tree_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_llama_tree(path: Path) -> bool:
-    cmake = path / "CMakeLists.txt"
-    return cmake.is_file() and "llama.cpp" in cmake.read_text(errors="replace")[:4000]
-
-
 def find_llama_root(path: Path) -> Path:
     """The llama.cpp tree at or under `path` (itself, one top folder, or a vendor/llama.cpp inside)."""
     candidates = [path, path / "vendor" / "llama.cpp"]
@@ -67,7 +62,8 @@ def find_llama_root(path: Path) -> Path:
     if len(subdirs) == 1:
         candidates += [subdirs[0], subdirs[0] / "vendor" / "llama.cpp"]
     for candidate in candidates:
-        if _is_llama_tree(candidate):
+        cmake = candidate / "CMakeLists.txt"
+        if cmake.is_file() and "llama.cpp" in cmake.read_text(errors="replace")[:4000]:
             return candidate
     raise SourceError(f"{path}: no llama.cpp source tree found", "expected CMakeLists.txt of llama.cpp")
 
@@ -140,15 +136,6 @@ def download(url: str, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check(path: Path, sha256: str, what: str) -> None:
-    actual = sha256_file(path)
-    if actual != sha256:
-        raise SourceError(
-            f"{what}: sha256 mismatch: expected {sha256}, got {actual}",
-            "the pin in the recipe is wrong or the download was altered",
-        )
-
-
 def cache_verified(cached: Path, sha256: str, what: str, fetch: Callable[[Path], None]) -> Path:
     """`cached`, named by its sha256, made by `fetch` into a temp name beside it, checked, then renamed.
 
@@ -163,7 +150,10 @@ def cache_verified(cached: Path, sha256: str, what: str, fetch: Callable[[Path],
         tmp = temp_path(cached.parent)
         try:
             fetch(tmp)
-            _check(tmp, sha256, what)
+            actual = sha256_file(tmp)
+            if actual != sha256:
+                raise SourceError(f"{what}: sha256 mismatch: expected {sha256}, got {actual}",
+                                  "the pin in the recipe is wrong or the download was altered")
             raise_if_stopped()
             os.replace(tmp, cached)
         finally:

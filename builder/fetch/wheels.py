@@ -153,10 +153,6 @@ def resolve_lock(python: str, requirements: list[str], index: str | None, arch: 
     return Lock({**header, "locked": stamp}, tuple(sorted(pins, key=lambda p: canonical(p.name))))
 
 
-def wheel_cache() -> Path:
-    return cache_subdir("wheels")
-
-
 def _wheel_key(file: Path) -> tuple[str, str] | None:
     """(canonical name, version) from a wheel's file name: NAME-VERSION(-BUILD)?-PY-ABI-PLATFORM.whl."""
     parts = file.name.removesuffix(".whl").split("-")
@@ -180,7 +176,7 @@ def fetch_wheels(lock: Lock, python: str, arch: str, index: str | None) -> Path:
     pip downloads into a temp folder beside the cache; each wheel enters the cache (one rename) only once
     its sha256 matches its pin, so a download cut short never sits in the cache under a wheel's name.
     """
-    cache = wheel_cache()
+    cache = cache_subdir("wheels")
     marker = cache / f".complete-{lock.digest[:24]}"
     if marker.is_file():
         return cache
