@@ -61,14 +61,10 @@ def entry(recipe: Recipe, variant: str) -> dict[str, Any]:
     return {**section, "llama_cpp": recipe.llama_cpp.model_dump(mode="json")}
 
 
-def recipe_files(recipes_dir: Path = RECIPES_DIR) -> list[Path]:
-    return sorted(p for p in recipes_dir.glob("*.yaml") if p.name != SHARED_PIN.name)
-
-
 def built_images(recipes_dir: Path = RECIPES_DIR) -> list[tuple[Path, Recipe, str]]:
     """(recipe file, recipe, variant) for every image the recipes build."""
     out = []
-    for path in recipe_files(recipes_dir.resolve()):
+    for path in sorted(p for p in recipes_dir.resolve().glob("*.yaml") if p.name != SHARED_PIN.name):
         own = recipes_dir / SHARED_PIN.name
         recipe = load_recipe(path, own if own.is_file() else SHARED_PIN)
         out += [(path, recipe, variant) for variant in recipe.variants]
@@ -144,10 +140,6 @@ def compute_netboot_admin(previous: dict[str, Any], *, refresh: bool,
     (unless `refresh`)."""
     return _kept_or_resolved(previous, specs, refresh,
                              "resolving the {name} ssh server and exporter of netbooted nodes …", resolve_admin)
-
-
-def dumps(lock: dict[str, Any]) -> str:
-    return json.dumps(lock, indent=2, sort_keys=True) + "\n"
 
 
 def _plain(value: Any, where: str, field: str, depth: int = 0) -> None:
@@ -241,7 +233,7 @@ def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR, *, refresh: b
     lock["netboot"] = compute_netboot(old.get("netboot") or {}, refresh=refresh or refresh_netboot)
     lock["netboot_admin"] = compute_netboot_admin(old.get("netboot_admin") or {}, refresh=refresh or refresh_netboot)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dumps(lock))
+    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return lock
 
