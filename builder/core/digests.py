@@ -11,12 +11,9 @@ def sha256_digest(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file, read 1 MiB at a time."""
-    digest = hashlib.sha256()
+    """The hex sha256 of a file, read in blocks."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def json_hash(doc: Any) -> str:

@@ -3,7 +3,8 @@
 from collections.abc import Callable
 
 from builder.core.errors import EngineError
-from builder.engines.base import Engine, ImageInfo
+from builder.engines.base import ImageInfo
+from builder.engines.cli import Engine
 from builder.engines.docker import DockerEngine
 from builder.engines.podman import PodmanEngine
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from builder.core.paths import cache_subdir
 
 if TYPE_CHECKING:
-    from builder.engines.base import Engine
+    from builder.engines.cli import Engine
 
 TEMP_PREFIX = ".tmp-"  # every temp entry builder makes next to its final place starts with this
 _NEW_CLAIM_GRACE = 60.0  # seconds a claim file may stay half-made before a sweep removes it

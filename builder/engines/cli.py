@@ -1,4 +1,5 @@
-"""What podman and docker share: their build and run CLIs take the same flags for what we use."""
+"""The engine interface, and what podman and docker share: their build and run CLIs take the same flags for what
+we use."""
 
 import os
 import secrets
@@ -6,16 +7,28 @@ import shutil
 from pathlib import Path
 
 from builder.core.run import LOCAL_TIMEOUT, run, run_logged
+from builder.engines.base import ImageInfo
 from builder.engines.cleanup import forget_container, record_container, temp_path
 from builder.engines.host import driver_volumes
 from builder.recipe.targets import Host
 
 
-class CliEngine:
+class Engine:
+    """A container engine driven through its CLI (builds) and its API or CLI (inspection)."""
+
     name = ""
     binary = ""
 
+    def inspect(self, ref: str) -> ImageInfo | None:
+        """The image's id, labels and size, or None when the engine has no such image."""
+        raise NotImplementedError
+
+    def export_oci(self, ref: str, layout: Path) -> None:
+        """Write the image as an OCI layout (index.json, blobs/) into the empty folder `layout`."""
+        raise NotImplementedError
+
     def command(self) -> list[str]:
+        """argv prefix of the engine's CLI, e.g. ['podman'], for `stop`, `logs` and friends."""
         return [self.binary]
 
     def container_flags(self) -> list[str]:
@@ -58,9 +71,11 @@ class CliEngine:
         return ["--device", name]
 
     def run_argv(self) -> list[str]:
+        """argv prefix that starts a container, with the flags this host needs."""
         return [*self.command(), "run", *self.container_flags()]
 
     def available(self) -> str | None:
+        """None when usable now, else the reason it is not."""
         return self._works() if shutil.which(self.binary) else f"{self.binary} is not installed"
 
     def _works(self) -> str | None:
@@ -72,6 +87,11 @@ class CliEngine:
 
     def build(self, context: Path, tag: str, *, build_args: dict[str, str], labels: dict[str, str], log: Path,
               no_cache: bool = False, env_args: dict[str, str] | None = None) -> None:
+        """Build context/Containerfile into `tag` on the host network; output goes to `log`.
+
+        `env_args` are build arguments whose values go through the engine's environment, never its
+        command line (which any local user can read): secrets.
+        """
         argv = [*self.command(), "build", *self.container_flags(), "--network", "host",
                 "-f", str(context / "Containerfile"), "-t", tag]
         for key, value in build_args.items():
@@ -92,6 +112,7 @@ class CliEngine:
         run([*self.command(), "import", "--change", 'CMD ["/bin/bash"]', "--", str(tarball), ref], timeout=600)
 
     def export_rootfs(self, ref: str, tarball: Path) -> None:
+        """Write the image's flattened root filesystem to a tarball (for netboot roots)."""
         # Named and recorded before it exists, so a killed run's container is removed by the next run.
         container = record_container(self.name, f"builder-export-{secrets.token_hex(6)}")
         partial = temp_path(tarball.parent)
@@ -114,4 +135,6 @@ class CliEngine:
         run([*self.command(), "rmi", "--force", "--", ref], check=False)
 
     def repair(self) -> None:
-        """Nothing by default: docker's daemon finishes or rolls back its own writes."""
+        """Remove what a killed engine command left half-written in the engine's storage.
+
+        Nothing by default: docker's daemon finishes or rolls back its own writes."""

@@ -8,11 +8,11 @@ import docker.errors
 
 from builder.core.run import run
 from builder.engines.base import ImageInfo
-from builder.engines.cli import CliEngine
+from builder.engines.cli import Engine
 from builder.engines.oci import layout_from_docker_archive
 
 
-class DockerEngine(CliEngine):
+class DockerEngine(Engine):
     name = "docker"
     binary = "docker"
 

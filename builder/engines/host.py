@@ -60,10 +60,7 @@ def _conf_dirs(root: Path, conf: str, seen: set[str]) -> list[str]:
 def library_dirs(root: Path, extra: tuple[Path, ...] = ()) -> list[Path]:
     """Where to look, in order: folders given by the user, ld.so.conf's, then the standard ones (inside root)."""
     names = _conf_dirs(root, "/etc/ld.so.conf", set()) + list(STANDARD_DIRS)
-    out = list(extra)
-    for name in dict.fromkeys(names):
-        out.append(_inside(root, name))
-    return out
+    return [*extra, *(_inside(root, name) for name in dict.fromkeys(names))]
 
 
 def _resolve(root: Path, path: Path) -> Path:
@@ -86,13 +83,8 @@ def find_driver(driver: HostDriver, root: Path = Path("/"), extra: tuple[Path, .
     dirs = library_dirs(root, extra)
     found: dict[str, Found | None] = {}
     for name in driver.libraries:
-        found[name] = None
-        for folder in dirs:
-            candidate = folder / name
-            real = _resolve(root, candidate)
-            if real.is_file():
-                found[name] = Found(name, real, _version(name, real))
-                break
+        real = next((path for path in (_resolve(root, folder / name) for folder in dirs) if path.is_file()), None)
+        found[name] = Found(name, real, _version(name, real)) if real else None
     return found
 
 

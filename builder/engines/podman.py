@@ -11,7 +11,7 @@ from pathlib import Path
 
 from builder.core.run import run
 from builder.engines.base import ImageInfo
-from builder.engines.cli import CliEngine
+from builder.engines.cli import Engine
 
 # Podman raises these limits in every container by default; a host with lower hard limits (and no
 # CAP_SYS_RESOURCE) makes the OCI runtime fail with "setrlimit: Operation not permitted".
@@ -64,7 +64,7 @@ def quirk_containers_conf() -> str | None:
     return "\n".join(["# written by builder toolbox: this host's podman quirks", *lines, ""]) if lines else None
 
 
-class PodmanEngine(CliEngine):
+class PodmanEngine(Engine):
     name = "podman"
     binary = "podman"
 

@@ -111,6 +111,12 @@ class _Apt:
     def __call__(self, *argv: str, timeout: float = 120) -> str:
         return run(argv, env=self.env, timeout=timeout).stdout
 
+    def update(self, where: str, hint: str) -> None:
+        try:
+            self("apt-get", "update", "--error-on=any", timeout=900)
+        except CommandError as exc:
+            raise LockError(f"cannot read the package index of {where}: {exc.last_line}", hint) from None
+
     def installs(self, installed: dict[str, str], *patterns: str) -> dict[str, str]:
         """name -> version of what `apt-get install PATTERNS` would install on top of `installed` (stanzas)."""
         self.status.write_text("\n".join(installed.values()))
@@ -124,6 +130,16 @@ class _Apt:
         for fields in stanzas(text):
             found.setdefault(fields["Package"], fields)
         return found
+
+    def locked(self, chosen: dict[str, str], suite: str) -> list[LockedDeb]:
+        """The chosen versions as lock entries, sorted by name; `suite` for those madison names no suite of."""
+        found = self.show(chosen)
+        origins = self.origins(chosen)
+        return [LockedDeb(name=name, version=version, arch=found[name]["Architecture"],
+                          suite=origins.get(name, suite), filename=found[name]["Filename"],
+                          sha256=found[name]["SHA256"], size=int(found[name]["Size"]),
+                          priority=found[name].get("Priority", "optional"))
+                for name, version in sorted(chosen.items())]
 
     def origins(self, chosen: dict[str, str]) -> dict[str, str]:
         """name -> the suite (as the sources name it) its chosen version comes from."""
@@ -156,12 +172,7 @@ def resolve(spec: BootstrapBase, arch: str, preferences: str = "") -> list[Locke
     narrow = f"?or(?archive(^{spec.suite}$),?codename(^{spec.suite}$)),?architecture({arch})"
     with tempfile.TemporaryDirectory(prefix="builder-resolve-") as tmp:
         apt = _Apt(Path(tmp), sources, arch, preferences)
-        try:
-            apt("apt-get", "update", "--error-on=any", timeout=900)
-        except CommandError as exc:
-            raise LockError(f"cannot read the package index of {where}: {exc.last_line}",
-                            "check the suite, components and mirror of the base, and that the mirror is reachable"
-                            ) from None
+        apt.update(where, "check the suite, components and mirror of the base, and that the mirror is reachable")
         merged_usr = run(["apt-cache", "show", "--no-all-versions", "--", "usr-is-merged"], env=apt.env,
                          check=False).returncode == 0
         status = {"usr-is-merged": _DUMMY_USR_IS_MERGED} if merged_usr else {}
@@ -180,13 +191,7 @@ def resolve(spec: BootstrapBase, arch: str, preferences: str = "") -> list[Locke
             chosen.update(new)
             text = apt("apt-cache", "show", "--", *(f"{n}={v}" for n, v in sorted(new.items())))
             status.update(_installed(new, text))
-        stanzas = apt.show(chosen)
-        origins = apt.origins(chosen)
-    return [LockedDeb(name=name, version=version, arch=stanzas[name]["Architecture"],
-                      suite=origins.get(name, spec.suite), filename=stanzas[name]["Filename"],
-                      sha256=stanzas[name]["SHA256"], size=int(stanzas[name]["Size"]),
-                      priority=stanzas[name].get("Priority", "optional"))
-            for name, version in sorted(chosen.items())]
+        return apt.locked(chosen, spec.suite)
 
 
 def resolve_packages(sources: list[AptSource], arch: str, packages: tuple[str, ...]) -> list[LockedDeb]:
@@ -195,20 +200,10 @@ def resolve_packages(sources: list[AptSource], arch: str, packages: tuple[str, .
     where = f"{sources[0].suite} from {sources[0].uri}"
     with tempfile.TemporaryDirectory(prefix="builder-resolve-") as tmp:
         apt = _Apt(Path(tmp), sources, arch)
-        try:
-            apt("apt-get", "update", "--error-on=any", timeout=900)
-        except CommandError as exc:
-            raise LockError(f"cannot read the package index of {where}: {exc.last_line}",
-                            "check the suite, components and mirror, and that the mirror is reachable") from None
+        apt.update(where, "check the suite, components and mirror, and that the mirror is reachable")
         try:
             chosen = apt.installs({}, *packages)
         except CommandError as exc:
             raise LockError(f"{', '.join(packages)} cannot be installed together from {where}: {exc.last_line}",
                             "check the packages against the suite (apt-cache policy NAME)") from None
-        found = apt.show(chosen)
-        origins = apt.origins(chosen)
-    return [LockedDeb(name=name, version=version, arch=found[name]["Architecture"],
-                      suite=origins.get(name, sources[0].suite), filename=found[name]["Filename"],
-                      sha256=found[name]["SHA256"], size=int(found[name]["Size"]),
-                      priority=found[name].get("Priority", "optional"))
-            for name, version in sorted(chosen.items())]
+        return apt.locked(chosen, sources[0].suite)

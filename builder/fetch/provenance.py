@@ -4,13 +4,12 @@ Only what the pinned source records is shown: a git pin's commit; for the llama-
 CHANGELOG names for that release. Nothing is made up where the source says nothing (no build number: no pin has one).
 """
 
-import hashlib
 import re
 from pathlib import Path
 
 from builder.core.errors import SourceError
 from builder.core.paths import cache_subdir
-from builder.fetch.source import find_llama_root
+from builder.fetch.source import find_llama_root, git_checkout
 from builder.recipe.models import ArchiveSource, GitSource, PypiSource, SourceInfo
 
 _RPC_DEFINE = re.compile(r"^#define\s+RPC_PROTO_(MAJOR|MINOR|PATCH)_VERSION\s+(\d+)\s*$", re.M)
@@ -58,8 +57,7 @@ def llama_commit(info: SourceInfo, root: Path) -> str | None:
 def cached_root(spec: GitSource | ArchiveSource | PypiSource) -> Path | None:
     """The llama.cpp root of a pin already fetched into the cache; None when it is not (nothing is fetched)."""
     if isinstance(spec, GitSource):
-        key = hashlib.sha256(f"{spec.url}\0{spec.ref}".encode()).hexdigest()[:24]
-        checkout = cache_subdir("sources/git") / key
+        checkout = git_checkout(spec)
         base = checkout / spec.subdir if spec.subdir else checkout
         candidates = [base] if (checkout / ".git").is_dir() else []
     else:

@@ -55,11 +55,6 @@ def tree_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_llama_tree(path: Path) -> bool:
-    cmake = path / "CMakeLists.txt"
-    return cmake.is_file() and "llama.cpp" in cmake.read_text(errors="replace")[:4000]
-
-
 def find_llama_root(path: Path) -> Path:
     """The llama.cpp tree at or under `path` (itself, one top folder, or a vendor/llama.cpp inside)."""
     candidates = [path, path / "vendor" / "llama.cpp"]
@@ -67,7 +62,8 @@ def find_llama_root(path: Path) -> Path:
     if len(subdirs) == 1:
         candidates += [subdirs[0], subdirs[0] / "vendor" / "llama.cpp"]
     for candidate in candidates:
-        if _is_llama_tree(candidate):
+        cmake = candidate / "CMakeLists.txt"
+        if cmake.is_file() and "llama.cpp" in cmake.read_text(errors="replace")[:4000]:
             return candidate
     raise SourceError(f"{path}: no llama.cpp source tree found", "expected CMakeLists.txt of llama.cpp")
 
@@ -140,15 +136,6 @@ def download(url: str, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check(path: Path, sha256: str, what: str) -> None:
-    actual = sha256_file(path)
-    if actual != sha256:
-        raise SourceError(
-            f"{what}: sha256 mismatch: expected {sha256}, got {actual}",
-            "the pin in the recipe is wrong or the download was altered",
-        )
-
-
 def cache_verified(cached: Path, sha256: str, what: str, fetch: Callable[[Path], None]) -> Path:
     """`cached`, named by its sha256, made by `fetch` into a temp name beside it, checked, then renamed.
 
@@ -163,7 +150,10 @@ def cache_verified(cached: Path, sha256: str, what: str, fetch: Callable[[Path],
         tmp = temp_path(cached.parent)
         try:
             fetch(tmp)
-            _check(tmp, sha256, what)
+            actual = sha256_file(tmp)
+            if actual != sha256:
+                raise SourceError(f"{what}: sha256 mismatch: expected {sha256}, got {actual}",
+                                  "the pin in the recipe is wrong or the download was altered")
             raise_if_stopped()
             os.replace(tmp, cached)
         finally:
@@ -199,12 +189,15 @@ def _fetch_pypi(spec: PypiSource) -> Path:
     return cache_verified(archives / f"{spec.sha256}.tar", spec.sha256, f"{spec.package}=={spec.version}", fetch)
 
 
+def git_checkout(spec: GitSource) -> Path:
+    """Where a git pin is checked out in the cache (one folder per URL and ref)."""
+    return cache_subdir("sources/git") / hashlib.sha256(f"{spec.url}\0{spec.ref}".encode()).hexdigest()[:24]
+
+
 def _fetch_git(spec: GitSource) -> SourceTree:
-    trees = cache_subdir("sources/git")
-    key = hashlib.sha256(f"{spec.url}\0{spec.ref}".encode()).hexdigest()[:24]
-    checkout = trees / key
+    checkout = git_checkout(spec)
     if not (checkout / ".git").is_dir():
-        with locked(lock_file(f"git-{key}"), f"fetching {spec.url}"), temp_dir(trees) as tmp:
+        with locked(lock_file(f"git-{checkout.name}"), f"fetching {spec.url}"), temp_dir(checkout.parent) as tmp:
             if not (checkout / ".git").is_dir():
                 run(["git", "init", "-q", "--", tmp])
                 # `--`: a URL or ref that looks like an option (--upload-pack=…) must stay an argument.
@@ -230,11 +223,15 @@ def resolve(spec: GitSource | ArchiveSource | PypiSource) -> SourceTree:
         locator, version = spec.url, PurePosixPath(spec.url).name
     if spec.subdir:
         locator += f"#{spec.subdir}"
-    with locked(lock_file(f"source-tree-{spec.sha256}"), f"extracting {locator}"):
-        root = _extract(archive, spec.sha256, spec.subdir)
-        epoch = _tar_epoch(archive, spec.sha256)
-    return SourceTree(SourceInfo(locator=locator, identity=f"sha256:{spec.sha256}", version=version,
-                                 epoch=epoch), root)
+    return _archive_tree(archive, spec.sha256, spec.subdir, locator, version)
+
+
+def _archive_tree(archive: Path, sha256: str, subdir: str, locator: str, version: str) -> SourceTree:
+    """The llama.cpp tree of an archive, extracted once (and its date read once) per sha256."""
+    with locked(lock_file(f"source-tree-{sha256}"), f"extracting {locator}"):
+        root = _extract(archive, sha256, subdir)
+        epoch = _tar_epoch(archive, sha256)
+    return SourceTree(SourceInfo(locator=locator, identity=f"sha256:{sha256}", version=version, epoch=epoch), root)
 
 
 def resolve_override(path_or_archive: str) -> SourceTree:
@@ -246,11 +243,6 @@ def resolve_override(path_or_archive: str) -> SourceTree:
         info = SourceInfo(locator=str(root), identity=f"tree:{tree_hash(root)}", version="local", epoch=epoch)
         return SourceTree(info, root)
     if path.is_file():
-        digest = sha256_file(path)
-        with locked(lock_file(f"source-tree-{digest}"), f"extracting {path}"):
-            root = _extract(path, digest, "")
-            epoch = _tar_epoch(path, digest)
-        info = SourceInfo(locator=str(path), identity=f"sha256:{digest}", version=path.name, epoch=epoch)
-        return SourceTree(info, root)
+        return _archive_tree(path, sha256_file(path), "", str(path), path.name)
     raise SourceError(f"--llama-cpp-source: {path_or_archive}: no such file or directory")
 

@@ -134,14 +134,10 @@ def pins_from_lines(lines: list[str]) -> tuple[Pin, ...]:
     return tuple(pins)
 
 
-def _platform_flags(arch: str) -> list[str]:
-    """pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself."""
-    return [flag for tag in platforms(arch) for flag in ("--platform", tag)]
-
-
 def _target_flags(python: str, arch: str) -> list[str]:
+    # pip takes one platform tag per --platform and does not widen manylinux_2_N to older N itself.
     return ["--only-binary", ":all:", "--python-version", python, "--implementation", "cp",
-            *_platform_flags(arch)]
+            *(flag for tag in platforms(arch) for flag in ("--platform", tag))]
 
 
 def resolve_lock(python: str, requirements: list[str], index: str | None, arch: str, header: dict[str, str],
@@ -155,10 +151,6 @@ def resolve_lock(python: str, requirements: list[str], index: str | None, arch: 
             if canonical(r.name) not in dropped]
     stamp = datetime.now(UTC).strftime(_STAMP)
     return Lock({**header, "locked": stamp}, tuple(sorted(pins, key=lambda p: canonical(p.name))))
-
-
-def wheel_cache() -> Path:
-    return cache_subdir("wheels")
 
 
 def _wheel_key(file: Path) -> tuple[str, str] | None:
@@ -184,7 +176,7 @@ def fetch_wheels(lock: Lock, python: str, arch: str, index: str | None) -> Path:
     pip downloads into a temp folder beside the cache; each wheel enters the cache (one rename) only once
     its sha256 matches its pin, so a download cut short never sits in the cache under a wheel's name.
     """
-    cache = wheel_cache()
+    cache = cache_subdir("wheels")
     marker = cache / f".complete-{lock.digest[:24]}"
     if marker.is_file():
         return cache

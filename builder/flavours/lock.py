@@ -25,6 +25,7 @@ with what they depend on, in the same shape; `builder pxe build` unpacks what a 
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,10 @@ def entry(recipe: Recipe, variant: str) -> dict[str, Any]:
     return {**section, "llama_cpp": recipe.llama_cpp.model_dump(mode="json")}
 
 
-def recipe_files(recipes_dir: Path = RECIPES_DIR) -> list[Path]:
-    return sorted(p for p in recipes_dir.glob("*.yaml") if p.name != SHARED_PIN.name)
-
-
 def built_images(recipes_dir: Path = RECIPES_DIR) -> list[tuple[Path, Recipe, str]]:
     """(recipe file, recipe, variant) for every image the recipes build."""
     out = []
-    for path in recipe_files(recipes_dir.resolve()):
+    for path in sorted(p for p in recipes_dir.resolve().glob("*.yaml") if p.name != SHARED_PIN.name):
         own = recipes_dir / SHARED_PIN.name
         recipe = load_recipe(path, own if own.is_file() else SHARED_PIN)
         out += [(path, recipe, variant) for variant in recipe.variants]
@@ -116,38 +113,33 @@ def compute_bases(recipes_dir: Path, previous: dict[str, Any], *, refresh: bool)
     return out
 
 
+def _kept_or_resolved(previous: dict[str, Any], specs: dict[str, Any], refresh: bool, what: str,
+                      resolve_one: Callable[[Any], LockedBase]) -> dict[str, Any]:
+    """Each spec's old entry while it still has the same inputs (unless `refresh`), else resolved now."""
+    out: dict[str, Any] = {}
+    for name, spec in specs.items():
+        old = previous.get(name)
+        if isinstance(old, dict) and old.get("inputs") == spec.lock_inputs() and not refresh:
+            out[name] = old
+            continue
+        logging.getLogger("builder.progress").info(what.format(suite=spec.suite, name=name))
+        out[name] = resolve_one(spec).model_dump(mode="json")
+    return out
+
+
 def compute_netboot(previous: dict[str, Any], *, refresh: bool,
                     kernels: dict[str, KernelSpec] = KERNELS) -> dict[str, Any]:
     """The `netboot` section: entries whose target still asks for the same packages kept (unless `refresh`)."""
-    out: dict[str, Any] = {}
-    for target, spec in kernels.items():
-        old = previous.get(target)
-        if isinstance(old, dict) and old.get("inputs") == spec.lock_inputs() and not refresh:
-            out[target] = old
-            continue
-        logging.getLogger("builder.progress").info("resolving the %s netboot kernel of %s …", spec.suite, target)
-        out[target] = resolve_kernel(spec).model_dump(mode="json")
-    return out
+    return _kept_or_resolved(previous, kernels, refresh, "resolving the {suite} netboot kernel of {name} …",
+                             resolve_kernel)
 
 
 def compute_netboot_admin(previous: dict[str, Any], *, refresh: bool,
-                        specs: dict[str, AdminSpec] = SPECS) -> dict[str, Any]:
+                          specs: dict[str, AdminSpec] = SPECS) -> dict[str, Any]:
     """The `netboot_admin` section: each suite's ssh server and exporter, kept while its inputs stay the same
     (unless `refresh`)."""
-    out: dict[str, Any] = {}
-    for suite, spec in specs.items():
-        old = previous.get(suite)
-        if isinstance(old, dict) and old.get("inputs") == spec.lock_inputs() and not refresh:
-            out[suite] = old
-            continue
-        logging.getLogger("builder.progress").info("resolving the %s ssh server and exporter of netbooted nodes …",
-                                                   suite)
-        out[suite] = resolve_admin(spec).model_dump(mode="json")
-    return out
-
-
-def dumps(lock: dict[str, Any]) -> str:
-    return json.dumps(lock, indent=2, sort_keys=True) + "\n"
+    return _kept_or_resolved(previous, specs, refresh,
+                             "resolving the {name} ssh server and exporter of netbooted nodes …", resolve_admin)
 
 
 def _plain(value: Any, where: str, field: str, depth: int = 0) -> None:
@@ -187,41 +179,35 @@ def read(path: Path = LOCK_FILE) -> dict[str, Any] | None:
         if not isinstance(item, dict):
             raise LockError(f"{where}: images.{image[:40]!r}: expected a mapping of pinned inputs", HINT)
     _plain(data["images"], where, "images")
-    if not isinstance(data.get("bases", {}), dict):
-        raise LockError(f"{where}: bases: expected an object of locked bases", HINT)
-    if not isinstance(data.get("netboot", {}), dict):
-        raise LockError(f"{where}: netboot: expected an object of pinned netboot kernels", HINT)
-    _plain(data.get("netboot", {}), where, "netboot")
-    if not isinstance(data.get("netboot_admin", {}), dict):
-        raise LockError(f"{where}: netboot_admin: expected an object of pinned ssh servers and exporters", HINT)
-    _plain(data.get("netboot_admin", {}), where, "netboot_admin")
+    for section, what in (("bases", "locked bases"), ("netboot", "pinned netboot kernels"),
+                          ("netboot_admin", "pinned ssh servers and exporters")):
+        if not isinstance(data.get(section, {}), dict):
+            raise LockError(f"{where}: {section}: expected an object of {what}", HINT)
+        if section != "bases":
+            _plain(data.get(section, {}), where, section)
     return data
+
+
+def _entry(value: Any, path: Path, field: str) -> LockedBase:
+    """One locked package set of the lock file; LockError naming its field when it is malformed."""
+    try:
+        return LockedBase.model_validate(value)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = ".".join(str(part) for part in error["loc"])
+        raise LockError(f"{display_path(path)}: {field}.{loc}: {error['msg']}", HINT) from None
 
 
 def locked_bases(path: Path = LOCK_FILE) -> dict[str, LockedBase]:
     """The lock's package sets of bootstrapped bases, by lock name; empty when there is no lock file."""
-    out = {}
-    for name, value in ((read(path) or {}).get("bases") or {}).items():
-        try:
-            out[name] = LockedBase.model_validate(value)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(part) for part in error["loc"])
-            raise LockError(f"{display_path(path)}: bases.{name}.{field}: {error['msg']}", HINT) from None
-    return out
+    return {name: _entry(value, path, f"bases.{name}")
+            for name, value in ((read(path) or {}).get("bases") or {}).items()}
 
 
 def netboot_entry(target: str, path: Path = LOCK_FILE) -> LockedBase | None:
     """The lock's pinned netboot kernel and firmware of `target`; None when the lock has none."""
     value = ((read(path) or {}).get("netboot") or {}).get(target)
-    if value is None:
-        return None
-    try:
-        return LockedBase.model_validate(value)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"])
-        raise LockError(f"{display_path(path)}: netboot.{target}.{field}: {error['msg']}", HINT) from None
+    return None if value is None else _entry(value, path, f"netboot.{target}")
 
 
 def netboot_admin_entries(path: Path = LOCK_FILE) -> dict[str, LockedBase]:
@@ -230,12 +216,7 @@ def netboot_admin_entries(path: Path = LOCK_FILE) -> dict[str, LockedBase]:
     for suite, value in ((read(path) or {}).get("netboot_admin") or {}).items():
         if suite not in SPECS:
             continue
-        try:
-            entry = LockedBase.model_validate(value)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(part) for part in error["loc"])
-            raise LockError(f"{display_path(path)}: netboot_admin.{suite}.{field}: {error['msg']}", HINT) from None
+        entry = _entry(value, path, f"netboot_admin.{suite}")
         if entry.inputs == SPECS[suite].lock_inputs():
             out[suite] = entry
     return out
@@ -252,7 +233,7 @@ def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR, *, refresh: b
     lock["netboot"] = compute_netboot(old.get("netboot") or {}, refresh=refresh or refresh_netboot)
     lock["netboot_admin"] = compute_netboot_admin(old.get("netboot_admin") or {}, refresh=refresh or refresh_netboot)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dumps(lock))
+    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return lock
 

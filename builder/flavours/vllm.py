@@ -75,12 +75,6 @@ def load_vllm_recipe(path: Path) -> VllmRecipe:
     return recipe
 
 
-def vllm_variants(target: str) -> list[str]:
-    """Variants the shipped vLLM recipe of a target builds (for `builder targets`)."""
-    path = vllm_recipes() / f"{target}.yaml"
-    return list(load_vllm_recipe(path).variants) if path.is_file() else []
-
-
 def locked_sections(recipes_dir: Path) -> list[tuple[VllmRecipe, str, VllmVariant]]:
     """(recipe, variant, section) of every vLLM variant with a wheel lock: the ones that build here."""
     return [(recipe, name, section) for path in sorted((recipes_dir / "vllm").glob("*.yaml"))
@@ -262,13 +256,14 @@ class Vllm(Flavour):
         return [plan.base] + ([plan.toolchain] if plan.toolchain is not None else [])
 
     def fetch(self, prep: Prepared, context: Path) -> AbstractContextManager[BuildArgs]:
-        plan = plan_of(prep)
-        wheels = fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
-        return _wheel_index(wheels)
+        return _wheel_index(self._wheels(prep))
 
     def prefetch(self, prep: Prepared) -> None:
+        self._wheels(prep)
+
+    def _wheels(self, prep: Prepared) -> Path:
         plan = plan_of(prep)
-        fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
+        return fetch_wheels(Lock({}, pins_from_lines(plan.lock_pins)), plan.python, _pip_arch(), plan.index)
 
     def sbom(self, prep: Prepared, image: str, digest: str, contents: Any) -> dict[str, Any]:
         return make_vllm_sbom(plan_of(prep), image, digest, contents)

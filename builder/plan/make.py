@@ -26,10 +26,7 @@ def image_labels(title: str, description: str, source: str, revision: str, versi
 
 def runtime_base(spec: ImageBase | BootstrapBase) -> ImageBase | BootstrapBase:
     """A bootstrapped runtime base with the packages Toolbx needs; a registry base is taken as it is."""
-    if isinstance(spec, ImageBase):
-        return spec
-    packages = spec.packages + [p for p in TOOLBOX_PACKAGES if p not in spec.packages]
-    return spec.model_copy(update={"packages": packages})
+    return spec if isinstance(spec, ImageBase) else _with_packages(spec, TOOLBOX_PACKAGES)
 
 
 # RPC over RDMA (a variant's `rpc_rdma: true`): ggml-rpc compiles its RDMA transport when CMake finds libibverbs,

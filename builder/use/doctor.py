@@ -43,12 +43,16 @@ def _read(root: Path, path: str) -> str:
         return ""
 
 
+def _major_minor(version: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def _kernel(root: Path, need: tuple[int, int]) -> Check:
     release = _read(root, "/proc/sys/kernel/osrelease").strip()
-    match = re.match(r"(\d+)\.(\d+)", release)
-    if not match:
+    have = _major_minor(release)
+    if have is None:
         return Check("kernel", False, "cannot read /proc/sys/kernel/osrelease")
-    have = (int(match.group(1)), int(match.group(2)))
     want = f"{need[0]}.{need[1]}"
     return Check("kernel", have >= need, f"{release} (need >= {want})",
                  f"install a kernel >= {want} (Debian: linux-image-amd64 from backports) and reboot")
@@ -81,10 +85,9 @@ def _kernel_driver(root: Path, module: str, need: tuple[int, int]) -> Check:
     version = _read(root, f"/sys/module/{module}/version").strip()
     want = f"{need[0]}.{need[1]}"
     fix = f"install {module} driver >= {want} on the host (Debian: nvidia-driver from non-free) and reboot"
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if not match:
+    have = _major_minor(version)
+    if have is None:
         return Check(f"{module} driver", False, f"no version in /sys/module/{module}/version (not loaded?)", fix)
-    have = (int(match.group(1)), int(match.group(2)))
     return Check(f"{module} driver", have >= need, f"{version} (need >= {want})", fix)
 
 
