@@ -4,6 +4,7 @@ we use."""
 import os
 import secrets
 import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from builder.core.run import LOCAL_TIMEOUT, run, run_logged
@@ -13,19 +14,19 @@ from builder.engines.host import driver_volumes
 from builder.recipe.targets import Host
 
 
-class Engine:
+class Engine(ABC):
     """A container engine driven through its CLI (builds) and its API or CLI (inspection)."""
 
     name = ""
     binary = ""
 
+    @abstractmethod
     def inspect(self, ref: str) -> ImageInfo | None:
         """The image's id, labels and size, or None when the engine has no such image."""
-        raise NotImplementedError
 
+    @abstractmethod
     def export_oci(self, ref: str, layout: Path) -> None:
         """Write the image as an OCI layout (index.json, blobs/) into the empty folder `layout`."""
-        raise NotImplementedError
 
     def command(self) -> list[str]:
         """argv prefix of the engine's CLI, e.g. ['podman'], for `stop`, `logs` and friends."""
@@ -138,3 +139,4 @@ class Engine:
         """Remove what a killed engine command left half-written in the engine's storage.
 
         Nothing by default: docker's daemon finishes or rolls back its own writes."""
+        return None
