@@ -21,6 +21,7 @@ from builder.cluster.gateway import KEY_MAP, MALLOC_TUNABLES, haproxy_config, mo
 from builder.cluster.model import Loaded, Process, Service
 from builder.cluster.vllm_service import RAY_TOKEN, launch, node_variant
 from builder.core.errors import RecipeError
+from builder.core.files import write_atomically
 from builder.recipe.load import display_path
 from builder.recipe.targets import DEVICE_PLUGINS, TARGETS
 from builder.registry.client import RegistryClient, Repository
@@ -80,9 +81,7 @@ class Export:
         for name, text in self.files.items():
             path = out / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            part = path.parent / f".{path.name}.part"
-            part.write_text(text)
-            part.replace(path)
+            write_atomically(path, text)
         for old in (path for pattern in self.stale for path in out.glob(pattern)):
             if old.relative_to(out).as_posix() not in self.files and old.is_file() \
                     and old.read_text(errors="replace").startswith(self.mark):

@@ -21,6 +21,7 @@ from pathlib import Path
 from builder.cluster.admins import check_key
 from builder.cluster.model import Loaded
 from builder.core.errors import CommandError, EngineError, RecipeError
+from builder.core.files import write_atomically
 from builder.core.preflight import require_tools
 from builder.core.run import run
 from builder.netboot.plan import AGENT_PORT
@@ -144,10 +145,8 @@ def pin_host_key(t: Target, say: Say) -> None:
     if pinned and pinned[0] == f"{_host(t)} {key}":
         return
     t.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    staged = t.known_hosts.with_suffix(".part")
     kept = [line for line in known if line.split(" ")[0] != _host(t)]
-    staged.write_text("".join(f"{line}\n" for line in kept) + f"{_host(t)} {key}\n")
-    staged.replace(t.known_hosts)
+    write_atomically(t.known_hosts, "".join(f"{line}\n" for line in kept) + f"{_host(t)} {key}\n")
     if pinned:
         say(f"{t.node} has no cache disk, so it made a new ssh host key when it booted: {fingerprint(key)} (as its "
             "agent reports it; its console printed the same) is pinned now")

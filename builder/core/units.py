@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.core.errors import CommandError, EngineError, RecipeError
+from builder.core.files import write_atomically
 from builder.core.run import run
 
 UNIT_DIR = Path("/etc/systemd/system")
@@ -106,16 +107,6 @@ def require_systemd(verb: str) -> None:
         raise EngineError(f"{verb} --install writes {UNIT_DIR} and needs root", f"sudo {verb} --install …")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(partial, 0o644)
-    os.replace(partial, path)
-
-
 def install(units: Sequence[Unit], unit_dir: Path = UNIT_DIR) -> list[Installed]:
     """Write each unit (only where its text changed, atomically), reload systemd, enable and start them all,
     and restart the ones that were rewritten. Running again with the same units changes nothing."""
@@ -126,7 +117,7 @@ def install(units: Sequence[Unit], unit_dir: Path = UNIT_DIR) -> list[Installed]
         path = unit_dir / unit.name
         old = path.read_text() if path.is_file() else None
         if old != unit.text:
-            _write_atomically(path, unit.text)
+            write_atomically(path, unit.text)
         results.append(Installed(unit.name, "unchanged" if old == unit.text else
                                  "installed" if old is None else "updated"))
     names = [unit.name for unit in units]

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from builder import PROJECT_ROOT
 from builder.core.errors import LockError, RecipeError
+from builder.core.files import write_atomically
 from builder.fetch.bootstrap import apt_preferences
 from builder.fetch.debian import resolve
 from builder.flavours.vllm import load_vllm_recipe, locked_sections, read_lock
@@ -232,9 +233,7 @@ def write(path: Path = LOCK_FILE, recipes_dir: Path = RECIPES_DIR, *, refresh: b
     lock["bases"] = compute_bases(recipes_dir, previous, refresh=refresh)
     lock["netboot"] = compute_netboot(old.get("netboot") or {}, refresh=refresh or refresh_netboot)
     lock["netboot_admin"] = compute_netboot_admin(old.get("netboot_admin") or {}, refresh=refresh or refresh_netboot)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(lock, indent=2, sort_keys=True) + "\n")
     return lock
 
 
