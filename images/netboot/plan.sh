@@ -107,7 +107,7 @@ is_ready() {
         exec 3<>"/dev/tcp/$NODE_IP/$2" || return 1
         printf 'GET /health HTTP/1.0\r\nHost: %s\r\n\r\n' "$NODE_IP" >&3
         local status
-        read -r _ status _ <&3
+        read -r -t 10 _ status _ <&3  # bounded: a process that accepts and never answers is not ready
         exec 3<&-
         [ "$status" = 200 ]
     else

@@ -80,9 +80,21 @@ def wait_for(console: Path, pattern: str, proc: subprocess.Popen[bytes], seconds
             return found
         if proc.poll() is not None:
             stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            pytest.fail(f"QEMU exited ({proc.returncode}) before {pattern!r}: {stderr}\n{text[-3000:]}")
+            pytest.fail(f"QEMU exited ({proc.returncode}) before {pattern!r}: {stderr}\n{console_summary(text)}")
         time.sleep(0.5)
-    pytest.fail(f"no {pattern!r} on the console after {seconds:.0f} s:\n{text[-3000:]}")
+    pytest.fail(f"no {pattern!r} on the console after {seconds:.0f} s:\n{console_summary(text)}")
+
+
+# What a failing boot's message shows first: the node's own lines and the kernel's alerts (a lockup, a stall, a
+# hung task, an oops), whose headers a stack trace pushes out of the console's tail.
+NOTABLE = re.compile(r"builder-node|BUG:|WARNING:|INFO:|Oops|stall|lockup|blocked for more than|Out of memory|"
+                     r"segfault|Kernel panic|systemd\[1\]: .*(Failed|failed)")
+
+
+def console_summary(text: str) -> str:
+    """The console's notable lines (the last 60) and then its tail."""
+    notable = [line for line in text.splitlines() if NOTABLE.search(line)][-60:]
+    return "notable lines:\n" + "\n".join(notable) + "\n--- the console's tail:\n" + text[-2000:]
 
 
 SECTOR = 512

@@ -273,7 +273,10 @@ class ConnectProxy:
                     if not ready:
                         return
                     for sock in ready:
-                        data = sock.recv(65536)
+                        try:
+                            data = sock.recv(65536)
+                        except ConnectionResetError:  # a side that resets ends the tunnel, as a closed one does
+                            return
                         if not data:
                             return
                         pair[sock].sendall(data)
