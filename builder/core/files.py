@@ -1,15 +1,17 @@
 """Files replaced whole: a reader sees the old text or the new one, never part of either."""
 
 import os
+import tempfile
 from pathlib import Path
 
 
 def write_atomically(path: Path, data: str | bytes) -> None:
-    """Write `data` beside `path` (a hidden `.NAME.part`), flush it to disk, then rename it over `path`
-    (mode 0644). The partial file is removed when the write fails."""
-    partial = path.with_name(f".{path.name}.part")
+    """Write `data` beside `path` (a hidden `.NAME.*.part` of its own, so two writers never share one), flush it to
+    disk, then rename it over `path` (mode 0644). The partial file is removed when the write fails."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    partial = Path(name)
     try:
-        with open(partial, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())

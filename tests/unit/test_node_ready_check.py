@@ -5,13 +5,13 @@ instead of holding its unit's start forever (the unit's start has no timeout: vL
 
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
 from conftest import ROOT
+from servers import LoopbackListener
 
 PLAN_SH = ROOT / "images" / "netboot" / "plan.sh"
 
@@ -20,35 +20,24 @@ PLAN_SH = ROOT / "images" / "netboot" / "plan.sh"
 def server(answer: bytes | None) -> Iterator[int]:
     """A loopback listener that reads a request and sends `answer`, or with None holds every connection open and
     silent until the test ends; yields its port."""
-    listener = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
-    done = threading.Event()
 
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not done.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            if answer is None:
-                held.append(conn)
-                continue
-            with conn:
-                conn.settimeout(5)
-                conn.recv(4096)
-                conn.sendall(answer)
+    def handle(conn: socket.socket) -> None:
+        if answer is None:
+            held.append(conn)
+            return
+        with conn:
+            conn.settimeout(5)
+            conn.recv(4096)
+            conn.sendall(answer)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    listener = LoopbackListener(handle)
     try:
-        yield listener.getsockname()[1]
+        yield listener.port
     finally:
-        done.set()
-        thread.join(timeout=5)
+        listener.close()
         for conn in held:
             conn.close()
-        listener.close()
 
 
 def is_ready(port: int) -> int:
